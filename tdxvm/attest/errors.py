@@ -1,0 +1,72 @@
+"""Error types of the attestation package.
+
+Every failure the verifier can report is an :class:`AttestError`. Input that cannot be
+used at all (a truncated quote, malformed collateral, a bad policy file) raises one of
+the *input* errors; a well-formed quote that does not pass verification is not an
+exception but a :class:`~tdxvm.attest.result.Reason` in the verification result.
+"""
+
+from __future__ import annotations
+
+
+class AttestError(Exception):
+    """Base of every error raised by :mod:`tdxvm.attest`.
+
+    ``code`` is a stable, machine-readable identifier (used in ``-o json`` output and
+    for exit codes); ``str(err)`` is the human message.
+    """
+
+    code = "attest-error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class QuoteFormatError(AttestError):
+    """The quote bytes are not a well-formed TDX quote.
+
+    ``field`` names the structure field and ``offset`` its byte offset in the quote.
+    """
+
+    code = "quote-format"
+
+    def __init__(self, message: str, *, field: str, offset: int) -> None:
+        super().__init__(f"{field} at byte offset {offset}: {message}")
+        self.field = field
+        self.offset = offset
+
+
+class CollateralError(AttestError):
+    """Collateral (TCB info, QE identity, CRLs, issuer chains) is missing or malformed."""
+
+    code = "collateral"
+
+
+class CollateralFetchError(CollateralError):
+    """Collateral could not be fetched from the PCS/PCCS and no usable cached copy exists."""
+
+    code = "collateral-fetch"
+
+
+class CertificateError(AttestError):
+    """A certificate or CRL could not be parsed."""
+
+    code = "certificate"
+
+
+class PolicyFileError(AttestError):
+    """An attestation policy file is malformed; the message names file, line and key."""
+
+    code = "policy-file"
+
+
+class EventLogError(AttestError):
+    """A CCEL table or TCG event log is malformed; the message names the byte offset."""
+
+    code = "event-log"

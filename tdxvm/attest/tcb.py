@@ -1,0 +1,146 @@
+"""TCB evaluation as Intel's Quote Verification Library does it.
+
+Sources: Intel's SGX-TDX-DCAP-QuoteVerificationLibrary (``TcbLevelCheck.cpp``,
+``TdxModuleCheck.cpp``, ``QuoteVerifier.cpp``) and the PCS API v4 documentation of
+TCB info v3:
+
+* TCB levels are tried from the highest down (sorted by SGX components, then PCESVN,
+  then TDX components); the first level whose SGX components and PCESVN are all ≤ the
+  PCK certificate's and whose TDX components are all ≤ the quote's TEE_TCB_SVN wins.
+* TEE_TCB_SVN bytes 0 and 1 are the TDX module's minor SVN and major version. When
+  byte 1 is ≥ 1, those two bytes are not compared with the TCB level; the module is
+  matched instead against ``tdxModuleIdentities`` entry ``TDX_<byte1 as %02X>``
+  (MRSIGNER, masked attributes, and its own TCB levels by ISVSVN = byte 0).
+* Statuses converge: an OutOfDate TDX module or QE makes an UpToDate or
+  SWHardeningNeeded platform OutOfDate, and a ConfigurationNeeded or
+  ConfigurationAndSWHardeningNeeded one OutOfDateConfigurationNeeded; a Revoked module
+  makes it Revoked. Advisory IDs of every matched level are merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tdxvm.attest.pck import PckExtension
+from tdxvm.attest.quote import EnclaveReport, TdReport
+from tdxvm.attest.result import Reason
+from tdxvm.attest.tcbinfo import QeIdentity, TcbInfo, TcbLevel
+
+
+@dataclass(frozen=True, slots=True)
+class Matched:
+    status: str
+    advisory_ids: tuple[str, ...]
+
+
+class TcbMismatch(Exception):
+    """Internal: carries the reason why no level matched."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.message)
+        self.reason = reason
+
+
+def _sort_key(level: TcbLevel) -> tuple:
+    return (level.sgx_components, level.pce_svn, level.tdx_components)
+
+
+def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: bytes) -> TcbLevel:
+    skip = 2 if tee_tcb_svn[1] > 0 else 0
+    for level in sorted(tcb_info.tcb_levels, key=_sort_key, reverse=True):
+        if pck.pce_svn < level.pce_svn:
+            continue
+        if any(p < l for p, l in zip(pck.tcb_components, level.sgx_components)):
+            continue
+        if any(tee_tcb_svn[i] < level.tdx_components[i] for i in range(skip, 16)):
+            continue
+        return level
+    raise TcbMismatch(
+        Reason(
+            "tcb-level-not-found",
+            "no TCB level of the TCB info matches this platform (PCK TCB components "
+            f"{list(pck.tcb_components)}, PCESVN {pck.pce_svn}, TEE_TCB_SVN {tee_tcb_svn.hex()})",
+        )
+    )
+
+
+def match_tdx_module(tcb_info: TcbInfo, body: TdReport) -> Matched | None:
+    """Check the TDX module's identity; return its TCB level's status, if it has one."""
+    minor, major = body.tee_tcb_svn[0], body.tee_tcb_svn[1]
+    identity = tcb_info.tdx_module
+    levels = ()
+    if major > 0 and tcb_info.tdx_module_identities:
+        wanted = f"TDX_{major:02X}"
+        found = [m for m in tcb_info.tdx_module_identities if m.id.upper() == wanted]
+        if not found:
+            raise TcbMismatch(Reason("tdx-module-unknown", f"TCB info has no TDX module identity {wanted}"))
+        identity = found[0]
+        levels = identity.tcb_levels
+    if body.mr_signer_seam != identity.mrsigner:
+        raise TcbMismatch(
+            Reason(
+                "tdx-module-mrsigner",
+                f"quote field MR_SIGNER_SEAM is {body.mr_signer_seam.hex()}, expected {identity.mrsigner.hex()}",
+            )
+        )
+    mask = identity.attributes_mask
+    got = bytes(a & m for a, m in zip(body.seam_attributes, mask))
+    want = bytes(a & m for a, m in zip(identity.attributes, mask))
+    if got != want:
+        raise TcbMismatch(
+            Reason(
+                "tdx-module-attributes",
+                f"quote field SEAM_ATTRIBUTES is {body.seam_attributes.hex()}, expected {identity.attributes.hex()} under mask {mask.hex()}",
+            )
+        )
+    if not levels:
+        return None
+    for level in levels:
+        if minor >= level.isv_svn:
+            return Matched(level.status, level.advisory_ids)
+    raise TcbMismatch(
+        Reason("tdx-module-tcb-level-not-found", f"TDX module {identity.id} SVN {minor} is below every TCB level")
+    )
+
+
+def match_qe(qe_identity: QeIdentity, report: EnclaveReport) -> Matched:
+    checks = []
+    if report.mr_signer != qe_identity.mrsigner:
+        checks.append(("qe-mrsigner", f"QE report MRSIGNER is {report.mr_signer.hex()}, expected {qe_identity.mrsigner.hex()}"))
+    if report.isv_prod_id != qe_identity.isv_prod_id:
+        checks.append(("qe-isvprodid", f"QE report ISVPRODID is {report.isv_prod_id}, expected {qe_identity.isv_prod_id}"))
+    if report.misc_select & qe_identity.miscselect_mask != qe_identity.miscselect & qe_identity.miscselect_mask:
+        checks.append(("qe-miscselect", f"QE report MISCSELECT is {report.misc_select:08x}, expected {qe_identity.miscselect:08x} under mask {qe_identity.miscselect_mask:08x}"))
+    mask = qe_identity.attributes_mask
+    if bytes(a & m for a, m in zip(report.attributes, mask)) != bytes(a & m for a, m in zip(qe_identity.attributes, mask)):
+        checks.append(("qe-attributes", f"QE report ATTRIBUTES is {report.attributes.hex()}, expected {qe_identity.attributes.hex()} under mask {mask.hex()}"))
+    if checks:
+        code, message = checks[0]
+        raise TcbMismatch(Reason(code, "; ".join(m for _, m in checks)))
+    for level in qe_identity.tcb_levels:
+        if report.isv_svn >= level.isv_svn:
+            if level.status == "Revoked":
+                raise TcbMismatch(Reason("qe-revoked", f"QE ISVSVN {report.isv_svn} is revoked"))
+            return Matched(level.status, level.advisory_ids)
+    raise TcbMismatch(Reason("qe-tcb-level-not-found", f"QE ISVSVN {report.isv_svn} is below every QE identity TCB level"))
+
+
+def converge(platform: str, other: str | None) -> str:
+    """Intel QVL's convergence of the platform status with a module or QE status."""
+    if other == "Revoked":
+        return "Revoked"
+    if other == "OutOfDate":
+        if platform in ("UpToDate", "SWHardeningNeeded"):
+            return "OutOfDate"
+        if platform in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
+            return "OutOfDateConfigurationNeeded"
+    return platform
+
+
+def merge_advisories(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for group in groups:
+        for a in group:
+            if a not in out:
+                out.append(a)
+    return tuple(out)

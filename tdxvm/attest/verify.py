@@ -1,0 +1,293 @@
+"""Quote verification: signatures, PCK chain, CRLs, collateral and TCB, at a given time.
+
+The steps follow Intel's QVL (``QuoteVerifier.cpp``) and the "TDX DCAP Quoting Library
+API" appendix on quote verification:
+
+1. the collateral: TCB info and QE identity signed (over their exact JSON bytes) by the
+   TCB signing certificate, whose chain ends in the trust anchor; root CA CRL and PCK CRL
+   signed by their issuers; everything inside its validity window at ``at``;
+2. the PCK chain in the quote ends in the trust anchor, each certificate valid at ``at``
+   and not revoked;
+3. the QE report is signed by the PCK leaf, and its REPORTDATA is
+   SHA-256(attestation key ‖ QE auth data) ‖ 32 zero bytes;
+4. the quote (header ‖ body) is signed by the attestation key;
+5. the QE matches the QE identity, and the platform, TDX module and QE are matched to
+   TCB levels, giving the merged TCB status and advisories.
+
+Failures are collected as :class:`~tdxvm.attest.result.Reason` values rather than
+raised. Only unusable input raises (:class:`~tdxvm.attest.errors.AttestError`).
+
+:class:`QuoteVerifier` remembers the time-independent work (certificate and collateral
+signatures, parsed JSON) so that verifying many quotes against the same collateral is
+cheap; the time checks always run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from tdxvm.attest.chain import (
+    CheckedChain,
+    CertStore,
+    CheckedCrl,
+    TrustAnchor,
+    load_crl,
+)
+from tdxvm.attest.collateral import Collateral
+from tdxvm.attest.errors import AttestError, CertificateError
+from tdxvm.attest.pck import PckExtension, parse_pck_extension
+from tdxvm.attest.quote import INTEL_QE_VENDOR_ID, Quote, parse_quote
+from tdxvm.attest.result import Reason, TcbEvaluation, VerificationResult
+from tdxvm.attest.tcb import (
+    TcbMismatch,
+    converge,
+    match_platform_level,
+    match_qe,
+    match_tdx_module,
+    merge_advisories,
+)
+from tdxvm.attest.tcbinfo import QeIdentity, TcbInfo, parse_qe_identity, parse_tcb_info
+
+_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def _raw_sig_to_der(raw: bytes) -> bytes:
+    return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+
+def _ecdsa_ok(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
+    if len(raw_sig) != 64:
+        return False
+    try:
+        key.verify(_raw_sig_to_der(raw_sig), data, _SHA256)
+        return True
+    except InvalidSignature:
+        return False
+
+
+def _p256_key(raw: bytes) -> ec.EllipticCurvePublicKey | None:
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+    except ValueError:
+        return None
+
+
+def _window(what: str, issue: datetime, next_update: datetime, at: datetime) -> list[Reason]:
+    if at < issue:
+        return [Reason("collateral-not-yet-valid", f"{what} is not valid before {issue.isoformat()} (verification time {at.isoformat()})")]
+    if at > next_update:
+        return [Reason("collateral-expired", f"{what} expired at {next_update.isoformat()} (verification time {at.isoformat()})")]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckedCollateral:
+    tcb_chain: CheckedChain
+    qe_chain: CheckedChain
+    pck_crl_chain: CheckedChain
+    root_crl: CheckedCrl | None
+    pck_crl: x509.CertificateRevocationList
+    tcb_info: TcbInfo | None
+    qe_identity: QeIdentity | None
+    reasons: tuple[Reason, ...]
+
+    def time_reasons(self, at: datetime) -> list[Reason]:
+        out: list[Reason] = []
+        for chain in (self.tcb_chain, self.qe_chain, self.pck_crl_chain):
+            out += chain.time_reasons(at)
+        if self.root_crl is not None:
+            out += self.root_crl.time_reasons(at)
+            for chain in (self.tcb_chain, self.qe_chain, self.pck_crl_chain):
+                out += chain.revocation_reasons([self.root_crl])
+        if self.tcb_info is not None:
+            out += _window("TCB info", self.tcb_info.issue_date, self.tcb_info.next_update, at)
+        if self.qe_identity is not None:
+            out += _window("QE identity", self.qe_identity.issue_date, self.qe_identity.next_update, at)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckedPck:
+    chain: CheckedChain
+    extension: PckExtension | None
+    pck_crl: CheckedCrl
+    reasons: tuple[Reason, ...]
+
+
+def _check_signed_json(text: str, signature: bytes, chain: CheckedChain, what: str) -> list[Reason]:
+    key = chain.leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not _ecdsa_ok(key, signature, text.encode()):
+        return [Reason(f"{what.replace(' ', '-').lower()}-signature", f"{what} signature does not verify with {chain.leaf.subject.rfc4514_string()}")]
+    return []
+
+
+class QuoteVerifier:
+    """Verifies TDX quotes against collateral; reuse one instance to verify many quotes."""
+
+    def __init__(self, *, trust_anchor: TrustAnchor | None = None) -> None:
+        self.trust_anchor = trust_anchor or TrustAnchor.intel()
+        self._collateral: dict[Collateral, _CheckedCollateral] = {}
+        self._pck: dict[tuple[bytes, bytes], _CheckedPck] = {}
+        self._qe_reports: dict[tuple[bytes, bytes, bytes], bool] = {}
+        self._certs = CertStore()
+
+    # -- time-independent checks, cached -------------------------------------------
+
+    def _check_collateral(self, c: Collateral) -> _CheckedCollateral:
+        cached = self._collateral.get(c)
+        if cached is not None:
+            return cached
+        anchor = self.trust_anchor
+        tcb_chain = self._certs.check_chain(self._certs.load_chain(c.tcb_info_issuer_chain, "TCB info issuer chain"), anchor=anchor, what="TCB info issuer chain")
+        qe_chain = self._certs.check_chain(self._certs.load_chain(c.qe_identity_issuer_chain, "QE identity issuer chain"), anchor=anchor, what="QE identity issuer chain")
+        pck_crl_chain = self._certs.check_chain(self._certs.load_chain(c.pck_crl_issuer_chain, "PCK CRL issuer chain"), anchor=anchor, what="PCK CRL issuer chain")
+        reasons = list(tcb_chain.reasons + qe_chain.reasons + pck_crl_chain.reasons)
+        root_crl = None
+        if tcb_chain.hashes[-1] == anchor.sha256:
+            root_crl = self._certs.check_crl(load_crl(c.root_ca_crl, "root CA CRL"), tcb_chain.root, "root CA CRL")
+            reasons += root_crl.reasons
+        tcb_reasons = _check_signed_json(c.tcb_info, c.tcb_info_signature, tcb_chain, "TCB info")
+        qe_reasons = _check_signed_json(c.qe_identity, c.qe_identity_signature, qe_chain, "QE identity")
+        reasons += tcb_reasons + qe_reasons
+        tcb_info = None if tcb_reasons else parse_tcb_info(c.tcb_info)
+        qe_identity = None if qe_reasons else parse_qe_identity(c.qe_identity)
+        if tcb_info is not None and (tcb_info.id != "TDX" or tcb_info.version != 3):
+            reasons.append(Reason("tcb-info-type", f"TCB info is {tcb_info.id} version {tcb_info.version}, expected TDX version 3"))
+        if qe_identity is not None and (qe_identity.id != "TD_QE" or qe_identity.version not in (2, 3)):
+            reasons.append(Reason("qe-identity-type", f"QE identity is {qe_identity.id} version {qe_identity.version}, expected TD_QE version 2"))
+        checked = _CheckedCollateral(
+            tcb_chain=tcb_chain,
+            qe_chain=qe_chain,
+            pck_crl_chain=pck_crl_chain,
+            root_crl=root_crl,
+            pck_crl=load_crl(c.pck_crl, "PCK CRL"),
+            tcb_info=tcb_info,
+            qe_identity=qe_identity,
+            reasons=tuple(reasons),
+        )
+        self._collateral[c] = checked
+        return checked
+
+    def _check_pck(self, pem: bytes, coll: _CheckedCollateral, c: Collateral) -> _CheckedPck:
+        key = (pem, c.pck_crl)
+        cached = self._pck.get(key)
+        if cached is not None:
+            return cached
+        certs = self._certs.load_chain(pem, "PCK certificate chain in the quote")
+        reasons: list[Reason] = []
+        if len(certs) < 2:
+            raise CertificateError("PCK certificate chain in the quote: needs the PCK leaf, its CA and the root")
+        chain = self._certs.check_chain(certs, anchor=self.trust_anchor, what="PCK certificate chain")
+        reasons += chain.reasons
+        pck_crl = self._certs.check_crl(coll.pck_crl, certs[1], "PCK CRL")
+        reasons += pck_crl.reasons
+        try:
+            extension: PckExtension | None = parse_pck_extension(certs[0])
+        except CertificateError as exc:
+            extension = None
+            reasons.append(Reason("pck-extension", str(exc)))
+        checked = _CheckedPck(chain=chain, extension=extension, pck_crl=pck_crl, reasons=tuple(reasons))
+        self._pck[key] = checked
+        return checked
+
+    def _qe_report_signed(self, leaf: x509.Certificate, quote: Quote) -> bool:
+        sig = quote.signature
+        key = (self._certs.sha256(leaf), sig.qe_report.raw, sig.qe_report_signature)
+        ok = self._qe_reports.get(key)
+        if ok is None:
+            pub = leaf.public_key()
+            ok = isinstance(pub, ec.EllipticCurvePublicKey) and _ecdsa_ok(pub, sig.qe_report_signature, sig.qe_report.raw)
+            self._qe_reports[key] = ok
+        return ok
+
+    # -- verification ----------------------------------------------------------------
+
+    def verify(self, quote: bytes | Quote, collateral: Collateral, *, at: datetime) -> VerificationResult:
+        """Verify ``quote`` against ``collateral`` as of ``at`` (timezone-aware)."""
+        if at.tzinfo is None:
+            raise AttestError("verification time must be timezone-aware", code="usage")
+        at = at.astimezone(timezone.utc)
+        q = quote if isinstance(quote, Quote) else parse_quote(quote)
+        reasons: list[Reason] = []
+        if q.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
+            reasons.append(Reason("qe-vendor", f"QE vendor ID {q.header.qe_vendor_id.hex()} is not Intel's"))
+
+        coll = self._check_collateral(collateral)
+        reasons += coll.reasons
+        reasons += coll.time_reasons(at)
+
+        try:
+            pck = self._check_pck(q.signature.pck_chain_pem, coll, collateral)
+        except CertificateError as exc:
+            reasons.append(Reason("pck-chain", str(exc)))
+            return VerificationResult(quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons))
+        reasons += pck.reasons
+        reasons += pck.chain.time_reasons(at)
+        reasons += pck.pck_crl.time_reasons(at)
+        crls = [pck.pck_crl] + ([coll.root_crl] if coll.root_crl is not None else [])
+        reasons += pck.chain.revocation_reasons(crls)
+
+        sig = q.signature
+        if not self._qe_report_signed(pck.chain.leaf, q):
+            reasons.append(Reason("qe-report-signature", "QE report signature does not verify with the PCK certificate"))
+        expected = hashlib.sha256(sig.attestation_key + sig.qe_auth_data).digest() + bytes(32)
+        if sig.qe_report.report_data != expected:
+            reasons.append(Reason("qe-report-data", "QE report data is not SHA-256(attestation key ‖ QE auth data) ‖ zeros"))
+        att_key = _p256_key(sig.attestation_key)
+        if att_key is None:
+            reasons.append(Reason("attestation-key", "attestation key is not a P-256 point"))
+        elif not _ecdsa_ok(att_key, sig.signature, q.signed_data):
+            reasons.append(Reason("quote-signature", "quote signature does not verify with the attestation key"))
+
+        fmspc = pck.extension.fmspc.hex().upper() if pck.extension else None
+        tcb = None
+        if coll.tcb_info is not None and coll.qe_identity is not None and pck.extension is not None:
+            tcb_reasons, tcb = _evaluate_tcb(coll.tcb_info, coll.qe_identity, pck.extension, q)
+            reasons += tcb_reasons
+        return VerificationResult(quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons))
+
+
+def _evaluate_tcb(tcb_info: TcbInfo, qe_identity: QeIdentity, pck: PckExtension, q: Quote) -> tuple[list[Reason], TcbEvaluation | None]:
+    reasons = []
+    if tcb_info.fmspc != pck.fmspc:
+        reasons.append(Reason("fmspc-mismatch", f"TCB info is for FMSPC {tcb_info.fmspc.hex().upper()}, the PCK certificate has {pck.fmspc.hex().upper()}"))
+    if tcb_info.pce_id != pck.pce_id:
+        reasons.append(Reason("pce-id-mismatch", f"TCB info is for PCE-ID {tcb_info.pce_id.hex()}, the PCK certificate has {pck.pce_id.hex()}"))
+    if reasons:
+        return reasons, None
+    try:
+        qe = match_qe(qe_identity, q.signature.qe_report)
+        level = match_platform_level(tcb_info, pck, q.body.tee_tcb_svn)
+        module = match_tdx_module(tcb_info, q.body)
+    except TcbMismatch as exc:
+        return [exc.reason], None
+    status = converge(level.status, module.status if module else None)
+    status = converge(status, qe.status)
+    return [], TcbEvaluation(
+        status=status,
+        advisory_ids=merge_advisories(level.advisory_ids, module.advisory_ids if module else (), qe.advisory_ids),
+        platform_status=level.status,
+        tdx_module_status=module.status if module else None,
+        qe_status=qe.status,
+        tcb_date=level.tcb_date,
+        tcb_evaluation_data_number=tcb_info.tcb_evaluation_data_number,
+    )
+
+
+def verify_quote(
+    quote: bytes | Quote,
+    collateral: Collateral,
+    *,
+    at: datetime,
+    trust_anchor: TrustAnchor | None = None,
+) -> VerificationResult:
+    """One-shot verification; see :class:`QuoteVerifier`."""
+    return QuoteVerifier(trust_anchor=trust_anchor).verify(quote, collateral, at=at)

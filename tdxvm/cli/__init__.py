@@ -1,0 +1,35 @@
+"""The ``tdxvm`` command. Thin: every command calls one of the stage packages.
+
+Exit codes (stable; scripts depend on them):
+0 accepted / success, 1 refused (verification or policy), 2 unusable input or usage,
+3 network (collateral could not be fetched), 4 internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tdxvm import __version__
+from tdxvm.cli.attest import collateral, eventlog, verify_quote
+from tdxvm.cli.output import run_guarded
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tdxvm")
+def cli() -> None:
+    """Run private foundation models in Intel TDX Trust Domains on hosts you do not trust."""
+
+
+cli.add_command(verify_quote)
+cli.add_command(collateral)
+cli.add_command(eventlog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_guarded(cli, argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

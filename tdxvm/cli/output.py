@@ -1,0 +1,105 @@
+"""Output and error plumbing shared by the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+
+from tdxvm.attest.errors import AttestError, CollateralFetchError
+from tdxvm.yamlfile import SpecError
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_INPUT = 2
+EXIT_NETWORK = 3
+EXIT_INTERNAL = 4
+
+OUTPUT_OPTION = click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text for people, json for scripts (one object on stdout).",
+)
+
+
+class CliError(Exception):
+    """A usage or input problem found by the CLI itself."""
+
+    code = "usage"
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def parse_time(value: str | None) -> datetime:
+    """``--at``: ISO 8601 (``Z`` or an offset; naive means UTC) or UNIX seconds."""
+    if value is None:
+        return datetime.now(timezone.utc)
+    text = value.strip()
+    try:
+        if text.lstrip("-").replace(".", "", 1).isdigit():
+            return datetime.fromtimestamp(float(text), timezone.utc)
+        at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise CliError(f"--at: {value!r} is neither an ISO 8601 time nor UNIX seconds") from None
+    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+
+
+def _error_exit(exc: Exception) -> int:
+    if isinstance(exc, CollateralFetchError):
+        return EXIT_NETWORK
+    return EXIT_INPUT
+
+
+def run_guarded(cli: click.Group, argv: list[str]) -> int:
+    """Run the click group; turn our errors into one clear line (or JSON) and an exit code."""
+    want_json = _wants_json(argv)
+    try:
+        cli.main(args=argv, prog_name="tdxvm", standalone_mode=False)
+        return EXIT_OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_INPUT
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_INPUT
+    except SystemExit as exc:  # commands exit with their verdict
+        return exc.code if isinstance(exc.code, int) else EXIT_INPUT
+    except (AttestError, SpecError, CliError) as exc:
+        code = getattr(exc, "code", "error")
+        if want_json:
+            emit_json({"error": {"code": code, "message": str(exc)}})
+        else:
+            click.echo(f"error: {exc}", err=True)
+        return _error_exit(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception:  # a bug: say so plainly, keep the trace for the report
+        click.echo("internal error (please report it with the lines below):", err=True)
+        click.echo(traceback.format_exc(), err=True)
+        return EXIT_INTERNAL
+
+
+def _wants_json(argv: list[str]) -> bool:
+    for i, arg in enumerate(argv):
+        if arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == "json":
+            return True
+        if arg in ("-ojson", "--output=json"):
+            return True
+    return False
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()

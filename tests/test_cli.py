@@ -1,0 +1,132 @@
+"""The tdxvm command: exit codes, JSON contract, clear errors (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tdxvm.cli import main
+
+V4_AT = "2025-06-20T00:00:00Z"
+MEASUREMENT_KEYS = {"mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner", "mr_owner_config", "mr_seam", "td_attributes", "xfam", "report_data"}
+
+
+def run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_verify_quote_accepts_real_v4_json(capsys, testdata):
+    d = testdata / "dcap-qvl-v4"
+    code, out, err = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", V4_AT, "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["verdict"] == "accept"
+    assert doc["tcb_status"] == "UpToDate"
+    assert doc["advisory_ids"] == [] and doc["reasons"] == []
+    assert doc["quote_version"] == 4
+    assert MEASUREMENT_KEYS <= set(doc["measurements"])
+    assert all(v == v.lower() for v in doc["measurements"].values() if v)
+
+
+def test_verify_quote_human_summary(capsys, testdata):
+    d = testdata / "dcap-qvl-v4"
+    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "1750377600")
+    assert code == 0
+    assert "ACCEPTED" in out and "UpToDate" in out and "mrtd" in out
+
+
+def test_verify_quote_hex_input(capsys, testdata, tmp_path):
+    d = testdata / "dcap-qvl-v4"
+    hexfile = tmp_path / "quote.hex"
+    hexfile.write_text((d / "quote.bin").read_bytes().hex())
+    code, _, _ = run(capsys, "verify-quote", hexfile, "--collateral", d / "collateral.json", "--at", V4_AT)
+    assert code == 0
+
+
+def test_verify_quote_refused_exit_1_with_reasons(capsys, testdata):
+    d = testdata / "dcap-qvl-v4"
+    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2025-07-21T00:00:00Z", "-o", "json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["verdict"] == "reject" and doc["tcb_status"] is None
+    assert "collateral-expired" in {r["code"] for r in doc["reasons"]}
+
+
+def test_no_tcb_level_refused(capsys, testdata):
+    d = testdata / "dcap-qvl-v5-no-tcb-level"
+    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2026-03-01T00:00:00Z", "-o", "json")
+    assert code == 1
+    assert [r["code"] for r in json.loads(out)["reasons"]] == ["tcb-level-not-found"]
+
+
+def test_policy_file_mismatch(capsys, testdata, tmp_path):
+    d = testdata / "dcap-qvl-v4"
+    policy = tmp_path / "p.yaml"
+    policy.write_text("mrtd: " + "00" * 48 + "\n")
+    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", V4_AT, "--policy", policy, "-o", "json")
+    assert code == 1
+    reasons = json.loads(out)["reasons"]
+    assert reasons[0]["code"] == "measurement-mismatch" and "MR_TD" in reasons[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["verify-quote", "/nonexistent/quote.bin", "--collateral", "x"], "quote /nonexistent/quote.bin"),
+        (["verify-quote", "{q}", "--collateral", "{q}"], "not UTF-8"),
+        (["verify-quote", "{q}", "--collateral", "{c}", "--at", "yesterday"], "--at"),
+        (["verify-quote", "{c}", "--collateral", "{c}"], "byte offset"),
+        (["verify-quote", "{q}", "--collateral", "{c}", "--policy", "{c}"], "policy"),
+    ],
+)
+def test_unusable_input_exit_2_one_line(capsys, testdata, args, needle):
+    d = testdata / "dcap-qvl-v4"
+    argv = [a.format(q=d / "quote.bin", c=d / "collateral.json") for a in args]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "Traceback" not in err
+    assert needle in err, err
+    code, out, _ = run(capsys, *argv, "-o", "json")
+    assert code == 2
+    assert json.loads(out)["error"]["message"]
+
+
+def test_eventlog_replay_matches_quote(capsys, testdata):
+    d = testdata / "go-tdx-guest-ccel"
+    code, out, _ = run(capsys, "eventlog", "replay", d / "ccel_data.bin", "--quote", d / "quote.bin", "--ccel-table", d / "ccel_table.bin", "-o", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["matches"] is True and all(c["matches"] for c in doc["comparison"])
+
+
+def test_eventlog_replay_names_differing_register(capsys, testdata):
+    d = testdata / "cc-api-preprod-root"
+    code, out, _ = run(capsys, "eventlog", "replay", d / "ccel_data.bin", "--quote", d / "quote.bin")
+    assert code == 1
+    assert "RTMR2" in out and "DIFFERS" in out
+    assert out.count("matches quote") == 3
+
+
+def test_eventlog_replay_dstack_json(capsys, testdata):
+    code, out, _ = run(capsys, "eventlog", "replay", testdata / "dstack-eventlog" / "getquote.json", "-o", "json")
+    assert code == 0
+    assert json.loads(out)["matches"] is True
+
+
+def test_console_script_and_no_guest_dependencies():
+    """The installed command works, and the controller never imports torch/transformers."""
+    code = (
+        "import sys; from tdxvm.cli import main; rc = main(['--help']);"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules];"
+        "sys.exit(3 if bad else rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "verify-quote" in proc.stdout
+    exe = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "tdxvm"), "--version"], capture_output=True, text=True)
+    assert exe.returncode == 0 and "tdxvm" in exe.stdout

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -119,7 +119,10 @@ class CertStore:
 
     def __init__(self) -> None:
         self._certs: dict[bytes, x509.Certificate] = {}
-        self._hashes: dict[bytes, bytes] = {}
+        # id(cert) -> (cert, SHA-256 of its whole DER). Holding the cert pins its id.
+        # Every cache is keyed by that hash: two certificates that share a signature
+        # value but differ anywhere else are different certificates.
+        self._hashes: dict[int, tuple[x509.Certificate, bytes]] = {}
         self._issued: dict[tuple[bytes, bytes], str | None] = {}
 
     def load_chain(self, pem: bytes | str, what: str) -> list[x509.Certificate]:
@@ -132,13 +135,13 @@ class CertStore:
         return out
 
     def sha256(self, cert: x509.Certificate) -> bytes:
-        h = self._hashes.get(cert.signature)
-        if h is None:
-            h = self._hashes[cert.signature] = der_sha256(cert)
-        return h
+        entry = self._hashes.get(id(cert))
+        if entry is None or entry[0] is not cert:
+            entry = self._hashes[id(cert)] = (cert, der_sha256(cert))
+        return entry[1]
 
     def issuance_problem(self, cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
-        key = (cert.signature, issuer.signature)
+        key = (self.sha256(cert), self.sha256(issuer))
         if key not in self._issued:
             self._issued[key] = _issuance_problem(cert, issuer)
         return self._issued[key]
@@ -205,10 +208,15 @@ class CheckedCrl:
 
 
 def load_crl(der: bytes, what: str) -> x509.CertificateRevocationList:
+    """Load a DER (or PEM) CRL and every field the verifier reads from it."""
     try:
-        return x509.load_der_x509_crl(der)
-    except ValueError:
         try:
-            return x509.load_pem_x509_crl(der)
-        except ValueError as exc:
-            raise CertificateError(f"{what}: not a DER or PEM CRL: {exc}") from None
+            crl = x509.load_der_x509_crl(der)
+        except ValueError:
+            crl = x509.load_pem_x509_crl(der)
+        crl.issuer, crl.last_update_utc, crl.next_update_utc
+        for entry in crl:
+            entry.serial_number
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CertificateError(f"{what}: not a usable DER or PEM CRL: {exc}") from None
+    return crl

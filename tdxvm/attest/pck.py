@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
 from tdxvm.attest.errors import CertificateError
@@ -51,10 +52,20 @@ def pem_blocks(pem: bytes | str, what: str = "certificate chain") -> list[bytes]
 
 
 def load_pem_block(block: bytes, what: str, index: int) -> x509.Certificate:
+    """Load one certificate and every field the verifier reads from it.
+
+    ``cryptography`` decodes some fields lazily; touching them here turns a malformed
+    field into a :class:`CertificateError` now rather than a ``ValueError`` later.
+    """
     try:
-        return x509.load_pem_x509_certificate(block)
-    except ValueError as exc:
+        cert = x509.load_pem_x509_certificate(block)
+        cert.extensions, cert.subject, cert.issuer, cert.public_key()
+        cert.not_valid_before_utc, cert.not_valid_after_utc
+        if cert.serial_number < 0:
+            raise ValueError("negative serial number (RFC 5280 4.1.2.2)")
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CertificateError(f"{what}: certificate {index} is malformed: {exc}") from None
+    return cert
 
 
 def parse_pem_chain(pem: bytes | str, what: str = "certificate chain") -> list[x509.Certificate]:

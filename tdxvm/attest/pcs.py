@@ -6,8 +6,7 @@ Requests follow "Intel SGX and Intel TDX PCS API v4" (a PCCS serves the same pat
   ``{"tcbInfo": {…}, "signature": "hex"}``, issuer chain in ``TCB-Info-Issuer-Chain``
   (``SGX-TCB-Info-Issuer-Chain`` from older services).
 - "Get TDX Quoting Enclave Identity": ``GET /tdx/certification/v4/qe/identity``; body
-  ``{"enclaveIdentity": {…}, "signature": "hex"}``, chain in
-  ``SGX-Enclave-Identity-Issuer-Chain``.
+  ``{"enclaveIdentity": {…}, "signature": "hex"}``, chain in ``SGX-Enclave-Identity-Issuer-Chain``.
 - "Get PCK Cert CRL": ``GET /sgx/certification/v4/pckcrl?ca=platform|processor&encoding=der``;
   chain in ``SGX-PCK-CRL-Issuer-Chain``; body DER (some PCCS versions send hex or PEM).
 - The Intel SGX Root CA CRL: from Intel's PCS, at the CRL distribution point of the root
@@ -68,6 +67,11 @@ class _Reply(NamedTuple):
         return pem
 
 
+def _check_key(fmspc: bytes, ca: str) -> None:
+    if len(fmspc) != 6 or ca not in CA_TYPES:
+        raise ValueError(f"need a 6-byte FMSPC and CA type 'platform' or 'processor', got {fmspc.hex()!r}, {ca!r}")
+
+
 def quote_fmspc_ca(quote: Quote) -> tuple[bytes, str]:
     """FMSPC and PCK CA type (``"platform"``/``"processor"``) from the quote's PCK chain."""
     chain = parse_pem_chain(quote.signature.pck_chain_pem, "PCK certificate chain")
@@ -102,10 +106,7 @@ class PcsClient:
 
     def fetch(self, *, fmspc: bytes, ca: str) -> Collateral:
         """Fetch TCB info, QE identity, PCK CRL and root CA CRL for one platform type."""
-        if len(fmspc) != 6:
-            raise ValueError(f"FMSPC must be 6 bytes, got {len(fmspc)}")
-        if ca not in CA_TYPES:
-            raise ValueError(f"CA type must be 'platform' or 'processor', got {ca!r}")
+        _check_key(fmspc, ca)
         tdx, sgx = f"{self.base_url}/tdx/certification/v4", f"{self.base_url}/sgx/certification/v4"
         r = self._get("TCB info", f"{tdx}/tcb?fmspc={fmspc.hex().upper()}")
         tcb_chain = r.chain("TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain")
@@ -227,6 +228,7 @@ class CollateralCache:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
 
     def path_for(self, *, base_url: str, fmspc: bytes, ca: str) -> Path:
+        _check_key(fmspc, ca)
         service = hashlib.sha256(base_url.encode()).hexdigest()[:16]
         return self.directory / f"{fmspc.hex().upper()}-{ca}-{service}.json"
 
@@ -281,7 +283,6 @@ def get_collateral(
 def _cached(
     err: CollateralFetchError, cache: CollateralCache, base_url: str, fmspc: bytes, ca: str, at: datetime
 ) -> Collateral:
-    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
     try:
         cached = cache.load(base_url=base_url, fmspc=fmspc, ca=ca)
         window = validity(cached) if cached is not None else None
@@ -291,7 +292,7 @@ def _cached(
         raise CollateralFetchError(f"{err}; no cached copy in {cache.directory}") from err
     if window.contains(at):
         return cached
-    if at >= window.not_after:
+    if at.replace(tzinfo=at.tzinfo or timezone.utc) >= window.not_after:
         why = f"the cached copy expired at {window.not_after:%Y-%m-%dT%H:%M:%SZ} ({window.expires_first} nextUpdate)"
     else:
         why = f"the cached copy is not valid before {window.not_before:%Y-%m-%dT%H:%M:%SZ}"

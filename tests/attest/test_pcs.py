@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -269,10 +270,13 @@ def test_body_size_cap(pcs, monkeypatch):
 
 
 def test_bad_arguments(pcs):
-    with pytest.raises(ValueError, match="6 bytes"):
+    with pytest.raises(ValueError, match="need a 6-byte FMSPC"):
         client(pcs).fetch(fmspc=b"\x00", ca="platform")
-    with pytest.raises(ValueError, match="'platform' or 'processor'"):
+    with pytest.raises(ValueError, match="CA type 'platform' or 'processor', got 'b0c06f000000', 'Platform'"):
         client(pcs).fetch(fmspc=FMSPC, ca="Platform")
+    with pytest.raises(ValueError, match="CA type"):
+        CollateralCache(directory=Path("/nonexistent")).path_for(base_url="u", fmspc=FMSPC, ca="../x")
+    assert pcs.seen == []
 
 
 def test_quote_without_issuer(v4_quote):

@@ -153,3 +153,42 @@ def test_naive_time_is_rejected(testdata):
     quote, coll = _load(testdata, "dcap-qvl-v4")
     with pytest.raises(AttestError):
         appraise(quote, coll, at=V4_FROM.replace(tzinfo=None))
+
+
+def test_warm_cache_is_keyed_by_whole_certificate(testdata):
+    """A PCK leaf with its original signature value but an altered TBS must be refused,
+    even by a verifier that already accepted the genuine certificate (regression: the
+    caches were once keyed by the signature value alone)."""
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from tdxvm.attest.pck import parse_pem_chain
+
+    raw, coll = _load(testdata, "dcap-qvl-v4")
+    q = parse_quote(raw)
+    chain = parse_pem_chain(q.signature.pck_chain_pem)
+    leaf_der = bytearray(chain[0].public_bytes(Encoding.DER))
+    tbs = chain[0].tbs_certificate_bytes
+    start = bytes(leaf_der).index(tbs)
+    # Change one byte of the subject's text, keeping the DER well-formed.
+    subject_pos = start + tbs.index(b"Intel SGX PCK Certificate") + 6
+    leaf_der[subject_pos] ^= 0x20
+    forged_pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(leaf_der)) + b"-----END CERTIFICATE-----\n"
+    old_pem = q.signature.pck_chain_pem
+    first_end = old_pem.index(b"-----END CERTIFICATE-----") + len(b"-----END CERTIFICATE-----\n")
+    new_pem = forged_pem + old_pem[first_end:]
+    cert_data_end = raw.index(old_pem) + len(old_pem)
+    size_at = raw.index(old_pem) - 4
+    forged = bytearray(raw[:size_at] + struct.pack("<I", len(new_pem)) + new_pem + raw[cert_data_end:])
+    delta = len(new_pem) - len(old_pem)
+    # Fix the enclosing lengths: certification data (type 6) and signature data.
+    outer_size_at = 636 + 64 + 64 + 2
+    struct.pack_into("<I", forged, outer_size_at, struct.unpack_from("<I", forged, outer_size_at)[0] + delta)
+    struct.pack_into("<I", forged, 632, struct.unpack_from("<I", forged, 632)[0] + delta)
+    verifier = QuoteVerifier()
+    assert appraise(raw, coll, at=V4_FROM, verifier=verifier).accepted
+    v = appraise(bytes(forged), coll, at=V4_FROM, verifier=verifier)
+    assert parse_pem_chain(v.result.quote.signature.pck_chain_pem)[0].signature == chain[0].signature
+    assert not v.accepted
+    assert "cert-signature" in codes(v)

@@ -209,14 +209,12 @@ class CheckedCrl:
 
 def load_crl(der: bytes, what: str) -> x509.CertificateRevocationList:
     """Load a DER (or PEM) CRL and every field the verifier reads from it."""
+    pem = der.lstrip().startswith(b"-----BEGIN")
     try:
-        try:
-            crl = x509.load_der_x509_crl(der)
-        except ValueError:
-            crl = x509.load_pem_x509_crl(der)
+        crl = x509.load_pem_x509_crl(der) if pem else x509.load_der_x509_crl(der)
         crl.issuer, crl.last_update_utc, crl.next_update_utc
         for entry in crl:
             entry.serial_number
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise CertificateError(f"{what}: not a usable DER or PEM CRL: {exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        raise CertificateError(f"{what}: not a usable {'PEM' if pem else 'DER'} CRL: {exc}") from None
     return crl

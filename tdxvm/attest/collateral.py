@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cryptography import x509
-
-from tdxvm.attest.errors import CollateralError
+from tdxvm.attest.chain import load_crl
+from tdxvm.attest.errors import CertificateError, CollateralError
 
 SIGNATURE_SIZE = 64
 
@@ -180,7 +179,10 @@ def crl_der(data: bytes) -> bytes:
             der = None
     if der is None:
         raise ValueError("neither DER, PEM nor hex")
-    x509.load_der_x509_crl(der)
+    try:
+        load_crl(der, "CRL")
+    except CertificateError as exc:
+        raise ValueError(str(exc)) from None
     return der
 
 
@@ -282,9 +284,9 @@ def _date(doc: dict[str, object], key: str, name: str) -> datetime:
 
 def _crl_dates(der: bytes, key: str) -> tuple[datetime, datetime]:
     try:
-        crl = x509.load_der_x509_crl(der)
-    except ValueError as exc:
-        raise CollateralError(f"collateral {key}: not a DER CRL: {exc}") from None
+        crl = load_crl(der, f"collateral {key}")
+    except CertificateError as exc:
+        raise CollateralError(str(exc)) from None
     if crl.next_update_utc is None:
         raise CollateralError(f"collateral {key}: CRL has no nextUpdate")
     return crl.last_update_utc, crl.next_update_utc

@@ -63,7 +63,7 @@ def load_pem_block(block: bytes, what: str, index: int) -> x509.Certificate:
         cert.not_valid_before_utc, cert.not_valid_after_utc
         if cert.serial_number < 0:
             raise ValueError("negative serial number (RFC 5280 4.1.2.2)")
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CertificateError(f"{what}: certificate {index} is malformed: {exc}") from None
     return cert
 

@@ -173,7 +173,7 @@ def test_validity_errors_name_the_item(testdata):
         validity(replace(c, tcb_info=json.dumps(tcb)))
     with pytest.raises(CollateralError, match=r"qe_identity\.issueDate: 'yesterday' is not an ISO 8601"):
         validity(replace(c, qe_identity=c.qe_identity.replace('"2025-06-19T10:32:27Z"', '"yesterday"', 1)))
-    with pytest.raises(CollateralError, match="pck_crl: not a DER CRL"):
+    with pytest.raises(CollateralError, match="pck_crl: not a usable DER CRL"):
         validity(replace(c, pck_crl=b"\x30\x00"))
     with pytest.raises(CollateralError, match="qe_identity: expected a JSON object"):
         validity(replace(c, qe_identity="[]"))

@@ -1,0 +1,321 @@
+"""The emulated TDX platform: keys, certificates, collateral and a quote signer in one.
+
+:class:`EmulatedPlatform` plays Intel's part for tests, CI and emulated guests: its root
+CA is the trust anchor a verifier is given instead of Intel's, its collateral is in the
+formats of "Intel SGX and Intel TDX PCS API v4", and its quotes are laid out like a real
+TD Quoting Enclave's. Every keyword of the constructor is one knob a verifier test may
+turn to get deliberately broken material (``tests/emulate/test_dcap_qvl.py`` shows
+each one and the verdict dcap-qvl gives).
+
+The platform is immutable; :meth:`EmulatedPlatform.variant` gives a copy with other
+options and the same keys, so a test can compare a good and a broken case that differ
+in that one thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tdxvm.emulate import collateral as coll
+from tdxvm.emulate import pki
+from tdxvm.emulate.keys import ROOT_CA_CERT_FILE, PlatformKeys, write_private_file
+from tdxvm.emulate.quote import DEFAULT_QE_AUTH_DATA, QuoteSigner, TdReportFields
+from tdxvm.emulate.sgxext import SgxExtension
+from tdxvm.emulate.tcb import (
+    DEFAULT_FMSPC,
+    DEFAULT_PCE_ID,
+    DEFAULT_QE,
+    DEFAULT_TCB_LEVELS,
+    QeProfile,
+    TcbLevel,
+    TdxModuleIdentity,
+    module_identities_for,
+)
+
+_DAY = timedelta(days=1)
+# Default windows relative to ``at``: (days before, days after).
+_WINDOWS = {
+    "root_ca_validity": (365, 20 * 365),
+    "pck_ca_validity": (365, 10 * 365),
+    "tcb_signing_validity": (365, 7 * 365),
+    "pck_validity": (30, 7 * 365),
+    "crl_validity": (1, 29),
+    "tcb_info_validity": (1, 29),
+    "qe_identity_validity": (1, 29),
+}
+
+
+def _digest16(label: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """16 stable bytes (PPID, platform instance ID) derived from a platform key."""
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(label.encode() + spki).digest()[:16]
+
+
+class EmulatedPlatform:
+    """An emulated Intel TDX platform (root CA, PCK chain, collateral, quote signer).
+
+    ``at`` is the time everything is issued for (default: now, read once); certificate,
+    CRL and collateral windows default to spans around it and may each be set as a
+    :class:`~tdxvm.emulate.pki.Validity` (defaults: certificates from a year before ``at``,
+    the PCK 30 days, to 7-20 years after; CRLs, TCB info and QE identity issued a day
+    before ``at`` with the next update 29 days after it, Intel's 30-day cycle). Keys
+    come from ``keys``, else from ``seed``
+    (reproducible), else are random. The PCK certificate's TCB defaults to the first
+    UpToDate level of ``tcb_levels`` and so does the quote's TEE_TCB_SVN.
+
+    Broken material: ``revoke_pck``/``revoke_pck_ca`` (or ``revoked_pck_serials``,
+    ``revoked_ca_serials``), ``*_validity`` windows that are over or not begun,
+    ``tcb_info_fmspc`` different from ``fmspc``, ``pck_tcb_components``/``pck_pce_svn``
+    below a level, ``tcb_levels`` with advisories or other statuses, ``qe_identity``
+    different from ``qe`` (what the QE report carries), another ``seed`` for a
+    different root, and ``td_attributes`` with DEBUG in :meth:`sign_quote`.
+    """
+
+    def __init__(
+        self,
+        *,
+        at: datetime | None = None,
+        seed: bytes | str | None = None,
+        keys: PlatformKeys | None = None,
+        root_ca_cert: x509.Certificate | None = None,
+        fmspc: bytes = DEFAULT_FMSPC,
+        pce_id: bytes = DEFAULT_PCE_ID,
+        pck_ca_kind: str = "platform",
+        tcb_levels: Sequence[TcbLevel] = DEFAULT_TCB_LEVELS,
+        tdx_module_identities: Sequence[TdxModuleIdentity] | None = None,
+        pck_tcb_components: Sequence[int] | None = None,
+        pck_pce_svn: int | None = None,
+        pck_cpu_svn: bytes | None = None,
+        ppid: bytes | None = None,
+        qe: QeProfile = DEFAULT_QE,
+        qe_identity: QeProfile | None = None,
+        qe_auth_data: bytes = DEFAULT_QE_AUTH_DATA,
+        tcb_info_fmspc: bytes | None = None,
+        tcb_evaluation_data_number: int = 17,
+        root_ca_validity: pki.Validity | None = None,
+        pck_ca_validity: pki.Validity | None = None,
+        pck_validity: pki.Validity | None = None,
+        tcb_signing_validity: pki.Validity | None = None,
+        crl_validity: pki.Validity | None = None,
+        tcb_info_validity: pki.Validity | None = None,
+        qe_identity_validity: pki.Validity | None = None,
+        revoked_pck_serials: Sequence[int] = (),
+        revoked_ca_serials: Sequence[int] = (),
+        revoke_pck: bool = False,
+        revoke_pck_ca: bool = False,
+    ) -> None:
+        options = dict(locals())
+        del options["self"]
+        if keys is not None and seed is not None:
+            raise ValueError("give either keys or seed, not both")
+        at = pki.ensure_utc(at if at is not None else datetime.now(timezone.utc), "at")
+        self.at = at
+        self.keys = keys or (
+            PlatformKeys.from_seed(seed) if seed is not None else PlatformKeys.generate()
+        )
+        options.update(at=at, keys=self.keys, seed=None)
+        self._options = options
+        self.tcb_levels = tuple(tcb_levels)
+        if not self.tcb_levels:
+            raise ValueError("tcb_levels must not be empty")
+        self.reference_level = next(
+            (lv for lv in self.tcb_levels if lv.status == "UpToDate"), self.tcb_levels[0]
+        )
+        self.module_identities = (
+            tuple(tdx_module_identities)
+            if tdx_module_identities is not None
+            else module_identities_for(self.tcb_levels)
+        )
+        self.fmspc, self.pce_id, self.qe = bytes(fmspc), bytes(pce_id), qe
+        self.qe_identity = qe_identity if qe_identity is not None else qe
+        self.tcb_info_fmspc = bytes(tcb_info_fmspc) if tcb_info_fmspc is not None else self.fmspc
+        self.tcb_evaluation_data_number = tcb_evaluation_data_number
+        self.windows = {
+            name: options[name] or pki.Validity.around(at, before=b * _DAY, after=a * _DAY)
+            for name, (b, a) in _WINDOWS.items()
+        }
+        k = self.keys
+        if root_ca_cert is not None:
+            if root_ca_cert.public_key() != k.root_ca.public_key():
+                raise ValueError("root_ca_cert does not belong to the root CA key")
+            self.root_ca_cert = root_ca_cert
+        else:
+            self.root_ca_cert = pki.issue_root_ca(
+                key=k.root_ca, validity=self.windows["root_ca_validity"]
+            )
+        self.pck_ca_cert = pki.issue_pck_ca(
+            key=k.pck_ca.public_key(),
+            root=self.root_ca_cert,
+            root_key=k.root_ca,
+            validity=self.windows["pck_ca_validity"],
+            kind=pck_ca_kind,
+        )
+        platform_ca = pck_ca_kind == "platform"
+        self.pck_extension = SgxExtension(
+            ppid=ppid if ppid is not None else _digest16("ppid", k.attestation),
+            tcb_components=tuple(
+                pck_tcb_components
+                if pck_tcb_components is not None
+                else self.reference_level.sgx_components
+            ),
+            pce_svn=pck_pce_svn if pck_pce_svn is not None else self.reference_level.pce_svn,
+            cpu_svn=pck_cpu_svn,
+            pce_id=self.pce_id,
+            fmspc=self.fmspc,
+            platform_instance_id=_digest16("instance", k.pck) if platform_ca else None,
+        )
+        self.pck_cert = pki.issue_pck_cert(
+            key=k.pck.public_key(),
+            ca=self.pck_ca_cert,
+            ca_key=k.pck_ca,
+            validity=self.windows["pck_validity"],
+            extension=self.pck_extension,
+        )
+        self.tcb_signing_cert = pki.issue_tcb_signing_cert(
+            key=k.tcb_signing.public_key(),
+            root=self.root_ca_cert,
+            root_key=k.root_ca,
+            validity=self.windows["tcb_signing_validity"],
+        )
+        self.revoked_pck_serials = tuple(revoked_pck_serials) + (
+            (self.pck_cert.serial_number,) if revoke_pck else ()
+        )
+        self.revoked_ca_serials = tuple(revoked_ca_serials) + (
+            (self.pck_ca_cert.serial_number,) if revoke_pck_ca else ()
+        )
+        self.signer = QuoteSigner(
+            attestation_key=k.attestation,
+            pck_key=k.pck,
+            pck_chain_pem=self.pck_chain_pem,
+            qe=qe,
+            cpu_svn=self.pck_extension.effective_cpu_svn,
+            pce_svn=self.pck_extension.pce_svn,
+            qe_auth_data=qe_auth_data,
+        )
+
+    # -- certificates -------------------------------------------------------------
+
+    @property
+    def root_ca_der(self) -> bytes:
+        """The trust anchor to give a verifier (DER)."""
+        return self.root_ca_cert.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def root_ca_pem(self) -> str:
+        return pki.pem(self.root_ca_cert)
+
+    @property
+    def pck_chain_pem(self) -> bytes:
+        """The PCK chain a quote carries: leaf, PCK CA, root."""
+        return pki.pem_chain(self.pck_cert, self.pck_ca_cert, self.root_ca_cert).encode("ascii")
+
+    @property
+    def unix_time(self) -> int:
+        """``at`` as whole seconds since the epoch (what dcap-qvl takes)."""
+        return int(self.at.timestamp())
+
+    @property
+    def tee_tcb_svn(self) -> bytes:
+        """The TEE_TCB_SVN quotes carry by default (the reference level's TDX components)."""
+        return self.reference_level.tee_tcb_svn
+
+    # -- collateral ---------------------------------------------------------------
+
+    @cached_property
+    def _collateral(self) -> coll.EmulatedCollateral:
+        w, k = self.windows, self.keys
+        return coll.build_collateral(
+            root=self.root_ca_cert,
+            root_key=k.root_ca,
+            pck_ca=self.pck_ca_cert,
+            pck_ca_key=k.pck_ca,
+            tcb_signing=self.tcb_signing_cert,
+            tcb_signing_key=k.tcb_signing,
+            crl_validity=w["crl_validity"],
+            revoked_ca_serials=self.revoked_ca_serials,
+            revoked_pck_serials=self.revoked_pck_serials,
+            tcb_info=coll.tcb_info_json(
+                fmspc=self.tcb_info_fmspc,
+                pce_id=self.pce_id,
+                validity=w["tcb_info_validity"],
+                levels=self.tcb_levels,
+                module_identities=self.module_identities,
+                tcb_evaluation_data_number=self.tcb_evaluation_data_number,
+            ),
+            qe_identity=coll.qe_identity_json(
+                qe=self.qe_identity,
+                validity=w["qe_identity_validity"],
+                tcb_evaluation_data_number=self.tcb_evaluation_data_number,
+            ),
+        )
+
+    def collateral(self) -> coll.EmulatedCollateral:
+        """The quote collateral, in dcap-qvl's ``QuoteCollateralV3`` layout."""
+        return self._collateral
+
+    # -- quotes -------------------------------------------------------------------
+
+    def sign_quote(
+        self,
+        *,
+        version: int = 4,
+        body_type: int | None = None,
+        report: TdReportFields | None = None,
+        **fields: Any,
+    ) -> bytes:
+        """A signed TDX quote. ``fields`` are :class:`~tdxvm.emulate.quote.TdReportFields`
+        (``mr_td``, ``rtmrs``, ``report_data``, ``td_attributes``, …) with TEE_TCB_SVN
+        defaulting to :attr:`tee_tcb_svn`; or ``report`` is used as given, with
+        ``fields`` replacing some of its values. v4 carries TD report 1.0; v5 takes
+        ``body_type`` 2, 3 (default) or 4."""
+        if report is None:
+            report = TdReportFields(
+                tee_tcb_svn=fields.pop("tee_tcb_svn", self.tee_tcb_svn), **fields
+            )
+        elif fields:
+            report = dataclasses.replace(report, **fields)
+        return self.signer.sign(report, version=version, body_type=body_type)
+
+    def sign_body(self, body: bytes, *, version: int = 4, body_type: int | None = None) -> bytes:
+        """A signed quote around a TD report body the caller laid out (e.g. a guest's)."""
+        return self.signer.sign_body(body, version=version, body_type=body_type)
+
+    # -- variants and persistence -------------------------------------------------
+
+    def variant(self, **changes: Any) -> EmulatedPlatform:
+        """A platform with these options changed and everything else (keys included) kept."""
+        options = {**self._options, "root_ca_cert": self.root_ca_cert, **changes}
+        if changes.get("seed") is not None:
+            options["keys"] = None
+        if {"seed", "keys", "root_ca_validity"} & changes.keys():
+            options["root_ca_cert"] = changes.get("root_ca_cert")
+        return EmulatedPlatform(**options)
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Save the keys and the root CA certificate (all files 0600) so that a restarted
+        quote service keeps the same trust anchor; see :meth:`load`."""
+        path = self.keys.save(folder)
+        write_private_file(path / ROOT_CA_CERT_FILE, self.root_ca_pem.encode("ascii"))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], **options: Any) -> EmulatedPlatform:
+        """A platform from :meth:`save`'s folder: same keys and root CA certificate; the
+        other certificates and the collateral are issued again for ``options`` (``at``…)."""
+        path = Path(folder)
+        keys = PlatformKeys.load(path)
+        root = x509.load_pem_x509_certificate((path / ROOT_CA_CERT_FILE).read_bytes())
+        return cls(keys=keys, root_ca_cert=root, **options)

@@ -16,11 +16,13 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tdxvm.attest.der import DerReader, tbs_certificate_names, tbs_crl_issuer
 from tdxvm.attest.errors import CertificateError
-from tdxvm.attest.pck import load_pem_block, parse_pem_chain, pem_blocks
+from tdxvm.attest.pck import load_der_certificate, parse_pem_chain, pem_block_der, pem_blocks
 from tdxvm.attest.result import Reason
 
 INTEL_SGX_ROOT_CA_SHA256 = bytes.fromhex(
@@ -54,21 +56,26 @@ class TrustAnchor:
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> TrustAnchor:
-        return cls(sha256=der_sha256(cert), name=cert.subject.rfc4514_string())
+        return cls(sha256=der_sha256(cert), name=cert_name(cert))
 
 
 def der_sha256(cert: x509.Certificate) -> bytes:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
 
 
-def _cn(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+def cert_name(cert: x509.Certificate) -> str:
+    """The subject for messages; never raises, even on a malformed name."""
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "<certificate with a malformed subject>"
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    """Whether the certificate's basic constraints say CA (malformed extensions: no)."""
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, ValueError):
         return False
 
 
@@ -93,9 +100,9 @@ class CheckedChain:
         out = []
         for cert in self.certs:
             if at < cert.not_valid_before_utc:
-                out.append(Reason("cert-not-yet-valid", f"{self.what}: {_cn(cert)} is not valid before {cert.not_valid_before_utc.isoformat()}"))
+                out.append(Reason("cert-not-yet-valid", f"{self.what}: {cert_name(cert)} is not valid before {cert.not_valid_before_utc.isoformat()}"))
             elif at > cert.not_valid_after_utc:
-                out.append(Reason("cert-expired", f"{self.what}: {_cn(cert)} expired at {cert.not_valid_after_utc.isoformat()}"))
+                out.append(Reason("cert-expired", f"{self.what}: {cert_name(cert)} expired at {cert.not_valid_after_utc.isoformat()}"))
         return out
 
     def revocation_reasons(self, crls: list[CheckedCrl]) -> list[Reason]:
@@ -104,10 +111,30 @@ class CheckedChain:
         for cert, issuer, issuer_hash in zip(self.certs, self.certs[1:], self.hashes[1:]):
             crl = next((c for c in crls if c.issuer_sha256 == issuer_hash), None)
             if crl is None:
-                out.append(Reason("crl-missing", f"{self.what}: no CRL from {_cn(issuer)} to check {_cn(cert)}"))
-            elif crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-                out.append(Reason("cert-revoked", f"{self.what}: {_cn(cert)} (serial {cert.serial_number:x}) is revoked"))
+                out.append(Reason("crl-missing", f"{self.what}: no CRL from {cert_name(issuer)} to check {cert_name(cert)}"))
+            elif crl.revokes(cert):
+                out.append(Reason("cert-revoked", f"{self.what}: {cert_name(cert)} (serial {cert.serial_number:x}) is revoked"))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class _CertInfo:
+    """What the verifier reads from one certificate, decoded once."""
+
+    cert: x509.Certificate
+    sha256: bytes
+    tbs: bytes
+    issuer_name: bytes
+    subject_name: bytes
+    key: ec.EllipticCurvePublicKey | None
+
+
+def _outer_first(der: bytes, what: str) -> bytes:
+    """The first element of a DER SEQUENCE (the signed body of a certificate or CRL)."""
+    tag, body = DerReader(der, what).read()
+    if tag != 0x30:
+        raise CertificateError(f"{what}: not a DER SEQUENCE")
+    return DerReader(body, what).read_tlv()[1]
 
 
 class CertStore:
@@ -115,36 +142,76 @@ class CertStore:
 
     The same root, PCK CA and TCB signing certificates appear in several chains of the
     collateral and in every quote: each is parsed, hashed and signature-checked once.
+    Every cache is keyed by the SHA-256 of a certificate's whole DER: two certificates
+    that share a signature value but differ anywhere else are different certificates.
     """
 
     def __init__(self) -> None:
-        self._certs: dict[bytes, x509.Certificate] = {}
-        # id(cert) -> (cert, SHA-256 of its whole DER). Holding the cert pins its id.
-        # Every cache is keyed by that hash: two certificates that share a signature
-        # value but differ anywhere else are different certificates.
-        self._hashes: dict[int, tuple[x509.Certificate, bytes]] = {}
+        self._blocks: dict[bytes, x509.Certificate] = {}
+        self._info: dict[int, _CertInfo] = {}  # id(cert); the entry holds the cert, pinning its id
         self._issued: dict[tuple[bytes, bytes], str | None] = {}
 
     def load_chain(self, pem: bytes | str, what: str) -> list[x509.Certificate]:
         out = []
         for i, block in enumerate(pem_blocks(pem, what)):
-            cert = self._certs.get(block)
+            cert = self._blocks.get(block)
             if cert is None:
-                cert = self._certs[block] = load_pem_block(block, what, i)
+                der = pem_block_der(block, what, i)
+                cert = load_der_certificate(der, what, i)
+                self._remember(cert, der, f"{what}: certificate {i}")
+                self._blocks[block] = cert
             out.append(cert)
         return out
 
+    def _remember(self, cert: x509.Certificate, der: bytes, what: str) -> _CertInfo:
+        tbs = _outer_first(der, what)
+        issuer_name, subject_name = tbs_certificate_names(tbs)
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise CertificateError(f"{what}: malformed public key: {exc}") from None
+        info = _CertInfo(
+            cert=cert,
+            sha256=hashlib.sha256(der).digest(),
+            tbs=tbs,
+            issuer_name=issuer_name,
+            subject_name=subject_name,
+            key=key if isinstance(key, ec.EllipticCurvePublicKey) else None,
+        )
+        self._info[id(cert)] = info
+        return info
+
+    def info(self, cert: x509.Certificate) -> _CertInfo:
+        info = self._info.get(id(cert))
+        if info is None or info.cert is not cert:
+            info = self._remember(cert, cert.public_bytes(Encoding.DER), cert_name(cert))
+        return info
+
     def sha256(self, cert: x509.Certificate) -> bytes:
-        entry = self._hashes.get(id(cert))
-        if entry is None or entry[0] is not cert:
-            entry = self._hashes[id(cert)] = (cert, der_sha256(cert))
-        return entry[1]
+        return self.info(cert).sha256
+
+    def public_key(self, cert: x509.Certificate) -> ec.EllipticCurvePublicKey | None:
+        """The certificate's EC public key (None for any other kind of key)."""
+        return self.info(cert).key
 
     def issuance_problem(self, cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
-        key = (self.sha256(cert), self.sha256(issuer))
+        c, i = self.info(cert), self.info(issuer)
+        key = (c.sha256, i.sha256)
         if key not in self._issued:
-            self._issued[key] = _issuance_problem(cert, issuer)
+            self._issued[key] = self._issuance_problem(c, i)
         return self._issued[key]
+
+    @staticmethod
+    def _issuance_problem(c: _CertInfo, i: _CertInfo) -> str | None:
+        if not _is_ca(i.cert):
+            return f"{cert_name(i.cert)} issued {cert_name(c.cert)} but is not a CA"
+        if i.key is None:
+            return f"{cert_name(i.cert)} does not have an EC key"
+        if c.issuer_name != i.subject_name:
+            return f"{cert_name(c.cert)} names another issuer than {cert_name(i.cert)}"
+        if not _ecdsa_signed(i.key, c.cert.signature, c.tbs, c.cert.signature_algorithm_oid):
+            return f"{cert_name(c.cert)} is not validly issued by {cert_name(i.cert)} (bad signature)"
+        return None
 
     def check_chain(self, certs: list[x509.Certificate], *, anchor: TrustAnchor, what: str) -> CheckedChain:
         """Check issuer names, CA flags and ECDSA signatures up to the anchor.
@@ -156,7 +223,7 @@ class CertStore:
         hashes = tuple(self.sha256(c) for c in certs)
         if hashes[-1] != anchor.sha256:
             root = certs[-1]
-            reasons.append(Reason("untrusted-root", f"{what}: ends in {_cn(root)} (SHA-256 {hashes[-1].hex()}), not the trust anchor {anchor.name}"))
+            reasons.append(Reason("untrusted-root", f"{what}: ends in {cert_name(root)} (SHA-256 {hashes[-1].hex()}), not the trust anchor {anchor.name}"))
         for cert, issuer in zip(certs, certs[1:]):
             problem = self.issuance_problem(cert, issuer)
             if problem is not None:
@@ -164,28 +231,34 @@ class CertStore:
                 reasons.append(Reason(code, f"{what}: {problem}"))
         return CheckedChain(what=what, certs=tuple(certs), hashes=hashes, reasons=tuple(reasons))
 
-    def check_crl(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate, what: str) -> CheckedCrl:
+    def check_crl(self, crl: Crl, issuer: x509.Certificate, what: str) -> CheckedCrl:
         """Check that ``issuer`` issued and signed ``crl`` (its time window is separate)."""
+        i = self.info(issuer)
         reasons = []
-        if crl.issuer != issuer.subject:
-            reasons.append(Reason("crl-issuer", f"{what} is issued by {crl.issuer.rfc4514_string()}, expected {_cn(issuer)}"))
-        else:
-            key = issuer.public_key()
-            if not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
-                reasons.append(Reason("crl-signature", f"{what}: signature does not verify with {_cn(issuer)}"))
-        return CheckedCrl(what=what, crl=crl, issuer_sha256=self.sha256(issuer), reasons=tuple(reasons))
+        if crl.issuer_name != i.subject_name:
+            reasons.append(Reason("crl-issuer", f"{what} is not issued by {cert_name(issuer)}"))
+        elif i.key is None or not _ecdsa_signed(i.key, crl.crl.signature, crl.tbs, crl.crl.signature_algorithm_oid):
+            reasons.append(Reason("crl-signature", f"{what}: signature does not verify with {cert_name(issuer)}"))
+        return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=i.sha256, reasons=tuple(reasons))
 
 
-def _issuance_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
-    if not _is_ca(issuer):
-        return f"{_cn(issuer)} issued {_cn(cert)} but is not a CA"
+_ECDSA_HASHES = {
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256,
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384,
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512,
+}
+
+
+def _ecdsa_signed(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes, oid: x509.ObjectIdentifier) -> bool:
+    """Whether ``signature`` (DER ECDSA, algorithm ``oid``) over ``data`` verifies with ``key``."""
+    hash_type = _ECDSA_HASHES.get(oid)
+    if hash_type is None:
+        return False
     try:
-        if not isinstance(issuer.public_key(), ec.EllipticCurvePublicKey):
-            return f"{_cn(issuer)} does not have an EC key"
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        return f"{_cn(cert)} is not validly issued by {_cn(issuer)} ({exc or 'bad signature'})"
-    return None
+        key.verify(signature, data, ec.ECDSA(hash_type()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +270,13 @@ class CheckedCrl:
     issuer_sha256: bytes
     reasons: tuple[Reason, ...]
 
+    def revokes(self, cert: x509.Certificate) -> bool:
+        """Whether the CRL lists ``cert``; a CRL whose entries cannot be read revokes all."""
+        try:
+            return self.crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+        except ValueError:
+            return True
+
     def time_reasons(self, at: datetime) -> list[Reason]:
         last, nxt = self.crl.last_update_utc, self.crl.next_update_utc
         if at < last:
@@ -207,14 +287,23 @@ class CheckedCrl:
         return []
 
 
-def load_crl(der: bytes, what: str) -> x509.CertificateRevocationList:
+@dataclass(frozen=True, slots=True)
+class Crl:
+    """A parsed CRL with its signed body and issuer name as DER."""
+
+    crl: x509.CertificateRevocationList
+    tbs: bytes
+    issuer_name: bytes
+
+
+def load_crl(der: bytes, what: str) -> Crl:
     """Load a DER (or PEM) CRL and every field the verifier reads from it."""
     pem = der.lstrip().startswith(b"-----BEGIN")
     try:
         crl = x509.load_pem_x509_crl(der) if pem else x509.load_der_x509_crl(der)
-        crl.issuer, crl.last_update_utc, crl.next_update_utc
-        for entry in crl:
-            entry.serial_number
+        crl.last_update_utc, crl.next_update_utc, crl.signature, crl.signature_algorithm_oid
+        raw = crl.public_bytes(Encoding.DER) if pem else der
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CertificateError(f"{what}: not a usable {'PEM' if pem else 'DER'} CRL: {exc}") from None
-    return crl
+    tbs = _outer_first(raw, what)
+    return Crl(crl=crl, tbs=tbs, issuer_name=tbs_crl_issuer(tbs))

@@ -284,7 +284,7 @@ def _date(doc: dict[str, object], key: str, name: str) -> datetime:
 
 def _crl_dates(der: bytes, key: str) -> tuple[datetime, datetime]:
     try:
-        crl = load_crl(der, f"collateral {key}")
+        crl = load_crl(der, f"collateral {key}").crl
     except CertificateError as exc:
         raise CollateralError(str(exc)) from None
     if crl.next_update_utc is None:

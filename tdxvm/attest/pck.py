@@ -9,16 +9,20 @@ instance ID and configuration flags.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
+from tdxvm.attest.der import DerReader, der_elements
 from tdxvm.attest.errors import CertificateError
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
 _SGX = SGX_EXTENSION_OID
+_SGX_OID = x509.ObjectIdentifier(SGX_EXTENSION_OID)
 
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
 _END = b"-----END CERTIFICATE-----"
@@ -51,16 +55,28 @@ def pem_blocks(pem: bytes | str, what: str = "certificate chain") -> list[bytes]
     return blocks
 
 
-def load_pem_block(block: bytes, what: str, index: int) -> x509.Certificate:
+def pem_block_der(block: bytes, what: str, index: int) -> bytes:
+    """The DER inside one ``-----BEGIN CERTIFICATE-----`` block."""
+    lines = block.split(b"\n")
+    body = b"".join(line.strip() for line in lines[1:-1])
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise CertificateError(f"{what}: certificate {index} is not valid base64") from None
+
+
+def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
     """Load one certificate and every field the verifier reads from it.
 
     ``cryptography`` decodes some fields lazily; touching them here turns a malformed
     field into a :class:`CertificateError` now rather than a ``ValueError`` later.
+    Names, extensions and the public key are decoded where they are used, and those
+    places handle malformed ones: decoding them here for every certificate would cost
+    more than the rest of this function.
     """
     try:
-        cert = x509.load_pem_x509_certificate(block)
-        cert.extensions, cert.subject, cert.issuer, cert.public_key()
-        cert.not_valid_before_utc, cert.not_valid_after_utc
+        cert = x509.load_der_x509_certificate(der)
+        cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature, cert.signature_algorithm_oid
         if cert.serial_number < 0:
             raise ValueError("negative serial number (RFC 5280 4.1.2.2)")
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
@@ -70,7 +86,7 @@ def load_pem_block(block: bytes, what: str, index: int) -> x509.Certificate:
 
 def parse_pem_chain(pem: bytes | str, what: str = "certificate chain") -> list[x509.Certificate]:
     """Parse concatenated PEM certificates, leaf first (see :func:`pem_blocks`)."""
-    return [load_pem_block(b, what, i) for i, b in enumerate(pem_blocks(pem, what))]
+    return [load_der_certificate(pem_block_der(b, what, i), what, i) for i, b in enumerate(pem_blocks(pem, what))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,36 +106,6 @@ class PckExtension:
     smt_enabled: bool | None = None
 
 
-class _Der:
-    """Just enough DER to walk Intel's SGX extension."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def done(self) -> bool:
-        return self.pos >= len(self.data)
-
-    def read(self) -> tuple[int, bytes]:
-        d = self.data
-        if self.pos + 2 > len(d):
-            raise CertificateError("SGX extension: truncated DER element")
-        tag = d[self.pos]
-        length = d[self.pos + 1]
-        self.pos += 2
-        if length & 0x80:
-            n = length & 0x7F
-            if n == 0 or n > 4 or self.pos + n > len(d):
-                raise CertificateError("SGX extension: bad DER length")
-            length = int.from_bytes(d[self.pos : self.pos + n], "big")
-            self.pos += n
-        if self.pos + length > len(d):
-            raise CertificateError("SGX extension: DER element runs past its container")
-        value = d[self.pos : self.pos + length]
-        self.pos += length
-        return tag, value
-
-
 # DER content of the extension's OID; every field's OID is it plus small arcs (< 128).
 _SGX_DER = bytes.fromhex("2a864886f84d010d01")
 
@@ -131,16 +117,11 @@ def _oid(*arcs: int) -> bytes:
 def _pairs(data: bytes) -> dict[bytes, tuple[int, bytes]]:
     """Decode SEQUENCE OF SEQUENCE { OID, value } into {raw OID: (tag, value)}."""
     out: dict[bytes, tuple[int, bytes]] = {}
-    outer = _Der(data)
-    while not outer.done():
-        tag, seq = outer.read()
-        if tag != 0x30:
+    for tag, seq in der_elements(data, "SGX extension"):
+        pair = der_elements(seq, "SGX extension") if tag == 0x30 else ()
+        if len(pair) != 2 or pair[0][0] != 0x06:
             raise CertificateError("SGX extension: expected SEQUENCE { OID, value }")
-        inner = _Der(seq)
-        otag, oid = inner.read()
-        if otag != 0x06:
-            raise CertificateError("SGX extension: expected an OID")
-        out[oid] = inner.read()
+        out[pair[0][1]] = pair[1]
     return out
 
 
@@ -170,11 +151,13 @@ def _need(fields: dict[bytes, tuple[int, bytes]], name: str, *arcs: int) -> tupl
 def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     """Read Intel's SGX extension from a PCK leaf certificate."""
     try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(_SGX))
+        ext = cert.extensions.get_extension_for_oid(_SGX_OID)
     except x509.ExtensionNotFound:
         raise CertificateError("PCK certificate has no Intel SGX extension") from None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise CertificateError(f"PCK certificate has malformed extensions: {exc}") from None
     raw = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else b""
-    outer = _Der(raw)
+    outer = DerReader(raw, "SGX extension")
     tag, body = outer.read()
     if tag != 0x30 or not outer.done():
         raise CertificateError("SGX extension: value is not a single SEQUENCE")
@@ -213,7 +196,10 @@ def pck_ca_type(issuer: x509.Certificate) -> str:
 
     PCS serves a separate PCK CRL per CA; the CA's common name says which it is.
     """
-    names = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        names = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        raise CertificateError("PCK CA certificate has a malformed subject") from None
     cn = str(names[0].value) if names else ""
     lowered = cn.lower()
     if "platform" in lowered:

@@ -88,12 +88,15 @@ class _Obj:
 
 
 def _svns(obj: _Obj, key: str) -> tuple[int, ...]:
-    comps = obj.objs(key)
-    if len(comps) != 16:
-        raise CollateralError(f"{obj.path}.{key}: expected 16 components, got {len(comps)}")
-    out = tuple(c.get("svn", int) for c in comps)
-    if any(not 0 <= v <= 255 for v in out):
-        raise CollateralError(f"{obj.path}.{key}: SVN out of range")
+    comps = obj.get(key, list)
+    try:
+        out = tuple(c["svn"] for c in comps)
+    except (TypeError, KeyError):
+        raise CollateralError(f"{obj.path}.{key}: expected objects with an 'svn'") from None
+    if len(out) != 16:
+        raise CollateralError(f"{obj.path}.{key}: expected 16 components, got {len(out)}")
+    if not all(type(v) is int and 0 <= v <= 255 for v in out):
+        raise CollateralError(f"{obj.path}.{key}: SVN is not an integer in 0..255")
     return out
 
 

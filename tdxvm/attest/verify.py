@@ -38,7 +38,9 @@ from tdxvm.attest.chain import (
     CheckedChain,
     CertStore,
     CheckedCrl,
+    Crl,
     TrustAnchor,
+    cert_name,
     load_crl,
 )
 from tdxvm.attest.collateral import Collateral
@@ -94,7 +96,7 @@ class _CheckedCollateral:
     qe_chain: CheckedChain
     pck_crl_chain: CheckedChain
     root_crl: CheckedCrl | None
-    pck_crl: x509.CertificateRevocationList
+    pck_crl: Crl
     tcb_info: TcbInfo | None
     qe_identity: QeIdentity | None
     reasons: tuple[Reason, ...]
@@ -122,10 +124,9 @@ class _CheckedPck:
     reasons: tuple[Reason, ...]
 
 
-def _check_signed_json(text: str, signature: bytes, chain: CheckedChain, what: str) -> list[Reason]:
-    key = chain.leaf.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not _ecdsa_ok(key, signature, text.encode()):
-        return [Reason(f"{what.replace(' ', '-').lower()}-signature", f"{what} signature does not verify with {chain.leaf.subject.rfc4514_string()}")]
+def _check_signed_json(text: str, signature: bytes, key: ec.EllipticCurvePublicKey | None, chain: CheckedChain, what: str) -> list[Reason]:
+    if key is None or not _ecdsa_ok(key, signature, text.encode()):
+        return [Reason(f"{what.replace(' ', '-').lower()}-signature", f"{what} signature does not verify with {cert_name(chain.leaf)}")]
     return []
 
 
@@ -154,8 +155,8 @@ class QuoteVerifier:
         if tcb_chain.hashes[-1] == anchor.sha256:
             root_crl = self._certs.check_crl(load_crl(c.root_ca_crl, "root CA CRL"), tcb_chain.root, "root CA CRL")
             reasons += root_crl.reasons
-        tcb_reasons = _check_signed_json(c.tcb_info, c.tcb_info_signature, tcb_chain, "TCB info")
-        qe_reasons = _check_signed_json(c.qe_identity, c.qe_identity_signature, qe_chain, "QE identity")
+        tcb_reasons = _check_signed_json(c.tcb_info, c.tcb_info_signature, self._certs.public_key(tcb_chain.leaf), tcb_chain, "TCB info")
+        qe_reasons = _check_signed_json(c.qe_identity, c.qe_identity_signature, self._certs.public_key(qe_chain.leaf), qe_chain, "QE identity")
         reasons += tcb_reasons + qe_reasons
         tcb_info = None if tcb_reasons else parse_tcb_info(c.tcb_info)
         qe_identity = None if qe_reasons else parse_qe_identity(c.qe_identity)
@@ -203,8 +204,8 @@ class QuoteVerifier:
         key = (self._certs.sha256(leaf), sig.qe_report.raw, sig.qe_report_signature)
         ok = self._qe_reports.get(key)
         if ok is None:
-            pub = leaf.public_key()
-            ok = isinstance(pub, ec.EllipticCurvePublicKey) and _ecdsa_ok(pub, sig.qe_report_signature, sig.qe_report.raw)
+            pub = self._certs.public_key(leaf)
+            ok = pub is not None and _ecdsa_ok(pub, sig.qe_report_signature, sig.qe_report.raw)
             self._qe_reports[key] = ok
         return ok
 

@@ -1,0 +1,100 @@
+"""Just enough DER (X.690) to walk the few structures the verifier reads by hand:
+Intel's SGX extension and the names inside signed certificate and CRL bodies."""
+
+from __future__ import annotations
+
+from tdxvm.attest.errors import CertificateError
+
+
+class DerReader:
+    """Reads tag-length-value elements in sequence from ``data``."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.what = what
+        self.pos = 0
+
+    def done(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def _header(self) -> tuple[int, int, int]:
+        d, pos = self.data, self.pos
+        if pos + 2 > len(d):
+            raise CertificateError(f"{self.what}: truncated DER element at offset {pos}")
+        tag, length = d[pos], d[pos + 1]
+        pos += 2
+        if length & 0x80:
+            n = length & 0x7F
+            if n == 0 or n > 4 or pos + n > len(d):
+                raise CertificateError(f"{self.what}: bad DER length at offset {self.pos}")
+            length = int.from_bytes(d[pos : pos + n], "big")
+            pos += n
+        if pos + length > len(d):
+            raise CertificateError(f"{self.what}: DER element at offset {self.pos} runs past its container")
+        return tag, pos, length
+
+    def read(self) -> tuple[int, bytes]:
+        """The next element's tag and contents."""
+        tag, start, length = self._header()
+        self.pos = start + length
+        return tag, self.data[start : start + length]
+
+    def read_tlv(self) -> tuple[int, bytes]:
+        """The next element's tag and its whole encoding (tag, length and contents)."""
+        begin = self.pos
+        tag, start, length = self._header()
+        self.pos = start + length
+        return tag, self.data[begin : self.pos]
+
+
+def _body(der: bytes, what: str) -> DerReader:
+    tag, body = DerReader(der, what).read()
+    if tag != 0x30:
+        raise CertificateError(f"{what}: not a DER SEQUENCE")
+    return DerReader(body, what)
+
+
+def tbs_certificate_names(tbs: bytes) -> tuple[bytes, bytes]:
+    """(issuer, subject) of a TBSCertificate (RFC 5280 4.1), each as its DER encoding."""
+    r = _body(tbs, "certificate")
+    tag, _ = r.read_tlv()
+    if tag == 0xA0:  # [0] EXPLICIT version
+        r.read_tlv()  # serialNumber
+    r.read_tlv()  # signature AlgorithmIdentifier
+    _, issuer = r.read_tlv()
+    r.read_tlv()  # validity
+    _, subject = r.read_tlv()
+    return issuer, subject
+
+
+def tbs_crl_issuer(tbs: bytes) -> bytes:
+    """The issuer of a TBSCertList (RFC 5280 5.1), as its DER encoding."""
+    r = _body(tbs, "CRL")
+    tag, _ = r.read_tlv()
+    if tag == 0x02:  # version INTEGER
+        r.read_tlv()  # signature AlgorithmIdentifier
+    _, issuer = r.read_tlv()
+    return issuer
+
+
+def der_elements(data: bytes, what: str) -> list[tuple[int, bytes]]:
+    """Every (tag, contents) element laid end to end in ``data``, in one pass."""
+    out = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 2 > end:
+            raise CertificateError(f"{what}: truncated DER element at offset {pos}")
+        tag, length = data[pos], data[pos + 1]
+        start = pos + 2
+        if length & 0x80:
+            n = length & 0x7F
+            if n == 0 or n > 4 or start + n > end:
+                raise CertificateError(f"{what}: bad DER length at offset {pos}")
+            length = int.from_bytes(data[start : start + n], "big")
+            start += n
+        stop = start + length
+        if stop > end:
+            raise CertificateError(f"{what}: DER element at offset {pos} runs past its container")
+        out.append((tag, data[start:stop]))
+        pos = stop
+    return out

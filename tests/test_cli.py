@@ -130,3 +130,42 @@ def test_console_script_and_no_guest_dependencies():
     assert "verify-quote" in proc.stdout
     exe = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "tdxvm"), "--version"], capture_output=True, text=True)
     assert exe.returncode == 0 and "tdxvm" in exe.stdout
+
+
+def test_emulated_platform_end_to_end(capsys, tmp_path):
+    """init → collateral → quote → verify-quote with the emulated root; forgeries refused."""
+    plat = tmp_path / "platform"
+    assert run(capsys, "emulate", "init", plat)[0] == 0
+    assert oct((plat / "root-ca.key").stat().st_mode & 0o777) == "0o600"
+    at = "2026-01-15T00:00:00Z"
+    assert run(capsys, "emulate", "collateral", plat, "-o", tmp_path / "bundle.json", "--at", at)[0] == 0
+    mrtd = "ab" * 48
+    assert run(capsys, "emulate", "quote", plat, "-o", tmp_path / "q.bin", "--version", "5", "--mrtd", mrtd, "--report-data", "cd" * 64, "--at", at)[0] == 0
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"mrtd: {mrtd}\nreport_data: {'cd' * 64}\n")
+    common = ["--collateral", tmp_path / "bundle.json", "--root-ca", plat / "root-ca.pem", "--at", at, "--policy", policy, "-o", "json"]
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", *common)
+    assert code == 0, out
+    assert json.loads(out)["measurements"]["mrtd"] == mrtd
+    # Intel's root does not vouch for the emulated platform.
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--at", at, "-o", "json")
+    assert code == 1 and "untrusted-root" in {r["code"] for r in json.loads(out)["reasons"]}
+    # A DEBUG TD and a tampered quote are refused.
+    run(capsys, "emulate", "quote", plat, "-o", tmp_path / "d.bin", "--mrtd", mrtd, "--report-data", "cd" * 64, "--debug", "--at", at)
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "d.bin", *common)
+    assert code == 1 and [r["code"] for r in json.loads(out)["reasons"]] == ["debug-td"]
+    raw = bytearray((tmp_path / "q.bin").read_bytes())
+    raw[48 + 6 + 200] ^= 1
+    (tmp_path / "t.bin").write_bytes(bytes(raw))
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "t.bin", *common)
+    assert code == 1 and "quote-signature" in {r["code"] for r in json.loads(out)["reasons"]}
+
+
+def test_emulate_errors_are_clear(capsys, tmp_path):
+    code, _, err = run(capsys, "emulate", "quote", tmp_path / "none", "-o", tmp_path / "q.bin")
+    assert code == 2 and "no emulated platform here" in err
+    run(capsys, "emulate", "init", tmp_path / "p")
+    code, _, err = run(capsys, "emulate", "quote", tmp_path / "p", "-o", tmp_path / "q.bin", "--mrtd", "abc")
+    assert code == 2 and "--mrtd" in err
+    code, _, err = run(capsys, "emulate", "init", tmp_path / "p")
+    assert code == 2 and "not empty" in err

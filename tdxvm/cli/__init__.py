@@ -13,6 +13,7 @@ import click
 
 from tdxvm import __version__
 from tdxvm.cli.attest import collateral, eventlog, verify_quote
+from tdxvm.cli.emulate import emulate
 from tdxvm.cli.output import run_guarded
 
 
@@ -25,6 +26,7 @@ def cli() -> None:
 cli.add_command(verify_quote)
 cli.add_command(collateral)
 cli.add_command(eventlog)
+cli.add_command(emulate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from datetime import datetime, timezone
@@ -64,7 +65,9 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
     """Run the click group; turn our errors into one clear line (or JSON) and an exit code."""
     want_json = _wants_json(argv)
     try:
-        cli.main(args=argv, prog_name="tdxvm", standalone_mode=False)
+        # NO_COLOR (https://no-color.org): no ANSI colours even on a terminal.
+        color = False if os.environ.get("NO_COLOR") else None
+        cli.main(args=argv, prog_name="tdxvm", standalone_mode=False, color=color)
         return EXIT_OK
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -377,3 +377,24 @@ def test_corrupt_cache_load_names_file(tmp_path):
     path.write_text("[]")
     with pytest.raises(CollateralError, match=f"{path}: expected a JSON object"):
         cache.load(base_url="u", fmspc=FMSPC, ca="platform")
+
+
+def test_cli_fetch_and_verify_through_pccs(pcs, v4, testdata, tmp_path, monkeypatch, capsys):
+    """`tdxvm collateral fetch` and `verify-quote --pccs`: fetched, then from the cache
+    once the PCCS is gone, and exit 3 once the cached copy has expired."""
+    from tdxvm.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quote = testdata / "dcap-qvl-v4" / "quote.bin"
+    bundle = tmp_path / "bundle.json"
+    assert main(["collateral", "fetch", str(quote), "-o", str(bundle), "--pccs", pcs.base_url]) == 0
+    assert load_bundle(bundle) == v4
+    args = ["verify-quote", str(quote), "--pccs", pcs.base_url, "-o", "json"]
+    assert main([*args, "--at", INSIDE.isoformat()]) == 0
+    cached = list((tmp_path / "cache" / "tdxvm" / "collateral").iterdir())
+    assert len(cached) == 1 and cached[0].stat().st_mode & 0o777 == 0o600
+    pcs.stop()
+    capsys.readouterr()
+    assert main([*args, "--at", INSIDE.isoformat()]) == 0
+    assert main([*args, "--at", AFTER.isoformat()]) == 3
+    assert "expired" in capsys.readouterr().out

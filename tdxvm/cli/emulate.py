@@ -66,7 +66,7 @@ def emulate_init(folder: str, output: str) -> None:
 def emulate_collateral(folder: str, out: str, at_text: str | None) -> None:
     """Write the platform's collateral (dcap-qvl QuoteCollateralV3 JSON), valid around --at."""
     platform = _load(folder, at_text)
-    Path(out).write_text(platform.collateral().to_json(indent=2) + "\n")
+    Path(out).write_text(platform.collateral().to_json() + "\n")
     click.echo(f"wrote {out}", err=True)
 
 

@@ -15,7 +15,7 @@ platform's quotes with exactly the code it uses for Intel's.
 'UpToDate'
 """
 
-from tdxvm.emulate.collateral import EmulatedCollateral, intel_time, sign_json
+from tdxvm.emulate.collateral import intel_time, pcs_qe_identity_body, pcs_tcb_info_body, sign_json
 from tdxvm.emulate.keys import PlatformKeys
 from tdxvm.emulate.pki import Validity
 from tdxvm.emulate.platform import EmulatedPlatform
@@ -46,7 +46,6 @@ __all__ = [
     "DEFAULT_TD_ATTRIBUTES",
     "DEFAULT_XFAM",
     "TCB_STATUSES",
-    "EmulatedCollateral",
     "EmulatedPlatform",
     "IsvTcbLevel",
     "PlatformKeys",
@@ -58,5 +57,7 @@ __all__ = [
     "TdxModuleIdentity",
     "Validity",
     "intel_time",
+    "pcs_qe_identity_body",
+    "pcs_tcb_info_body",
     "sign_json",
 ]

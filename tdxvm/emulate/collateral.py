@@ -7,8 +7,8 @@
   bytes, the signature given as raw r‖s (64 bytes) in hex.
 - CRLs (root CA CRL, PCK CRL) as DER, issued by :mod:`tdxvm.emulate.pki`.
 
-:class:`EmulatedCollateral` is laid out like dcap-qvl's ``QuoteCollateralV3`` (the
-offline bundle of :mod:`tdxvm.attest.collateral`); :meth:`~EmulatedCollateral.to_json`
+:class:`Collateral` is laid out like dcap-qvl's ``QuoteCollateralV3`` (the
+offline bundle of :mod:`tdxvm.attest.collateral`); :meth:`~Collateral.to_json`
 gives what ``dcap_qvl.QuoteCollateralV3.from_json`` reads.
 """
 
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from tdxvm.attest.collateral import Collateral
 from tdxvm.emulate.pki import Validity, issue_crl, pem_chain
 from tdxvm.emulate.tcb import IsvTcbLevel, QeProfile, TcbLevel, TdxModuleIdentity
 
@@ -165,51 +166,17 @@ def qe_identity_json(*, qe: QeProfile, validity: Validity, tcb_evaluation_data_n
     return compact_json(doc)
 
 
-@dataclass(frozen=True, slots=True)
-class EmulatedCollateral:
-    """Collateral in the layout of dcap-qvl's ``QuoteCollateralV3`` (field order kept).
+def pcs_tcb_info_body(collateral: Collateral) -> str:
+    """The body of PCS "Get TDX TCB Info": ``{"tcbInfo":…,"signature":"…"}``; the chain
+    goes in the ``TCB-Info-Issuer-Chain`` header (URL-encoded)."""
+    return f'{{"tcbInfo":{collateral.tcb_info},"signature":"{collateral.tcb_info_signature.hex()}"}}'
 
-    Issuer chains are PEM text (issuer first, root last), ``tcb_info`` and
-    ``qe_identity`` the exact signed JSON text, CRLs DER and signatures raw r‖s.
-    """
 
-    pck_crl_issuer_chain: str
-    root_ca_crl: bytes
-    pck_crl: bytes
-    tcb_info_issuer_chain: str
-    tcb_info: str
-    tcb_info_signature: bytes
-    qe_identity_issuer_chain: str
-    qe_identity: str
-    qe_identity_signature: bytes
-
-    def to_dict(self) -> dict[str, str]:
-        """The bundle as JSON values: PEM and JSON text as is, bytes as lower-case hex."""
-        return {
-            "pck_crl_issuer_chain": self.pck_crl_issuer_chain,
-            "root_ca_crl": self.root_ca_crl.hex(),
-            "pck_crl": self.pck_crl.hex(),
-            "tcb_info_issuer_chain": self.tcb_info_issuer_chain,
-            "tcb_info": self.tcb_info,
-            "tcb_info_signature": self.tcb_info_signature.hex(),
-            "qe_identity_issuer_chain": self.qe_identity_issuer_chain,
-            "qe_identity": self.qe_identity,
-            "qe_identity_signature": self.qe_identity_signature.hex(),
-        }
-
-    def to_json(self, *, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def pcs_tcb_info_body(self) -> str:
-        """The body of PCS "Get TDX TCB Info": ``{"tcbInfo":…,"signature":"…"}``; the chain
-        goes in the ``TCB-Info-Issuer-Chain`` header (URL-encoded)."""
-        return f'{{"tcbInfo":{self.tcb_info},"signature":"{self.tcb_info_signature.hex()}"}}'
-
-    def pcs_qe_identity_body(self) -> str:
-        """The body of PCS "Get TDX QE Identity": ``{"enclaveIdentity":…,"signature":"…"}``;
-        the chain goes in ``SGX-Enclave-Identity-Issuer-Chain``."""
-        sig = self.qe_identity_signature.hex()
-        return f'{{"enclaveIdentity":{self.qe_identity},"signature":"{sig}"}}'
+def pcs_qe_identity_body(collateral: Collateral) -> str:
+    """The body of PCS "Get TDX QE Identity": ``{"enclaveIdentity":…,"signature":"…"}``;
+    the chain goes in ``SGX-Enclave-Identity-Issuer-Chain``."""
+    sig = collateral.qe_identity_signature.hex()
+    return f'{{"enclaveIdentity":{collateral.qe_identity},"signature":"{sig}"}}'
 
 
 def build_collateral(
@@ -225,14 +192,14 @@ def build_collateral(
     crl_validity: Validity,
     revoked_ca_serials: Sequence[int] = (),
     revoked_pck_serials: Sequence[int] = (),
-) -> EmulatedCollateral:
+) -> Collateral:
     """Sign ``tcb_info`` and ``qe_identity``, issue both CRLs and assemble the bundle.
 
     The root CA CRL lists ``revoked_ca_serials`` (certificates the root issued: PCK CA,
     TCB signing), the PCK CRL ``revoked_pck_serials``; both share ``crl_validity``.
     """
     signing_chain = pem_chain(tcb_signing, root)
-    return EmulatedCollateral(
+    return Collateral(
         pck_crl_issuer_chain=pem_chain(pck_ca, root),
         root_ca_crl=issue_crl(
             issuer=root,

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tdxvm.attest.collateral import Collateral
 from tdxvm.emulate import collateral as coll
 from tdxvm.emulate import pki
 from tdxvm.emulate.keys import ROOT_CA_CERT_FILE, PlatformKeys, write_private_file
@@ -235,7 +236,7 @@ class EmulatedPlatform:
     # -- collateral ---------------------------------------------------------------
 
     @cached_property
-    def _collateral(self) -> coll.EmulatedCollateral:
+    def _collateral(self) -> Collateral:
         w, k = self.windows, self.keys
         return coll.build_collateral(
             root=self.root_ca_cert,
@@ -262,7 +263,7 @@ class EmulatedPlatform:
             ),
         )
 
-    def collateral(self) -> coll.EmulatedCollateral:
+    def collateral(self) -> Collateral:
         """The quote collateral, in dcap-qvl's ``QuoteCollateralV3`` layout."""
         return self._collateral
 

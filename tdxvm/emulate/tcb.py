@@ -13,15 +13,8 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
-TCB_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
+from tdxvm.attest.tcbinfo import TCB_STATUSES
+
 # Statuses a TDX module identity's levels may carry (dcap-qvl rejects the others).
 MODULE_TCB_STATUSES = ("UpToDate", "OutOfDate", "Revoked")
 

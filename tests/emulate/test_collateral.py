@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.pck import parse_pem_chain
+from tdxvm.emulate.collateral import pcs_qe_identity_body, pcs_tcb_info_body
 from tdxvm.emulate import EmulatedPlatform, TcbLevel
 
 from .conftest import AT
@@ -34,7 +35,7 @@ def _real(testdata) -> dict[str, str]:
 
 
 def test_bundle_has_dcap_qvl_layout(platform: EmulatedPlatform, testdata) -> None:
-    ours = platform.collateral().to_dict()
+    ours = json.loads(platform.collateral().to_json())
     assert list(ours) == list(_real(testdata))
     assert all(isinstance(v, str) for v in ours.values())
     parsed = dcap_qvl.QuoteCollateralV3.from_json(platform.collateral().to_json())
@@ -92,10 +93,10 @@ def test_signatures_cover_the_exact_json_bytes(platform: EmulatedPlatform) -> No
 
 def test_pcs_bodies_wrap_the_signed_text(platform: EmulatedPlatform) -> None:
     coll = platform.collateral()
-    body = json.loads(coll.pcs_tcb_info_body())
+    body = json.loads(pcs_tcb_info_body(coll))
     assert body["signature"] == coll.tcb_info_signature.hex()
-    assert coll.pcs_tcb_info_body().startswith('{"tcbInfo":' + coll.tcb_info)
-    assert json.loads(coll.pcs_qe_identity_body())["enclaveIdentity"]["id"] == "TD_QE"
+    assert pcs_tcb_info_body(coll).startswith('{"tcbInfo":' + coll.tcb_info)
+    assert json.loads(pcs_qe_identity_body(coll))["enclaveIdentity"]["id"] == "TD_QE"
 
 
 def test_levels_with_explicit_dates_and_advisories(platform: EmulatedPlatform) -> None:

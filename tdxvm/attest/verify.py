@@ -131,10 +131,20 @@ def _check_signed_json(text: str, signature: bytes, key: ec.EllipticCurvePublicK
 
 
 class QuoteVerifier:
-    """Verifies TDX quotes against collateral; reuse one instance to verify many quotes."""
+    """Verifies TDX quotes against collateral; reuse one instance to verify many quotes.
 
-    def __init__(self, *, trust_anchor: TrustAnchor | None = None) -> None:
+    The caches hold checks of collateral, PCK chains and QE reports (one entry per
+    platform, roughly); they are dropped whole once one holds ``cache_limit`` entries,
+    so a long-running verifier's memory stays bounded.
+    """
+
+    def __init__(self, *, trust_anchor: TrustAnchor | None = None, cache_limit: int = 1024) -> None:
         self.trust_anchor = trust_anchor or TrustAnchor.intel()
+        self.cache_limit = cache_limit
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every cached check (done when the caches reach ``cache_limit``)."""
         self._collateral: dict[Collateral, _CheckedCollateral] = {}
         self._pck: dict[tuple[bytes, bytes], _CheckedPck] = {}
         self._qe_reports: dict[tuple[bytes, bytes, bytes], bool] = {}
@@ -216,6 +226,8 @@ class QuoteVerifier:
         if at.tzinfo is None:
             raise AttestError("verification time must be timezone-aware", code="usage")
         at = at.astimezone(timezone.utc)
+        if max(len(self._collateral), len(self._pck), len(self._qe_reports)) >= self.cache_limit:
+            self._reset()
         q = quote if isinstance(quote, Quote) else parse_quote(quote)
         reasons: list[Reason] = []
         if q.header.qe_vendor_id != INTEL_QE_VENDOR_ID:

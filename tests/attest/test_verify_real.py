@@ -192,3 +192,15 @@ def test_warm_cache_is_keyed_by_whole_certificate(testdata):
     assert parse_pem_chain(v.result.quote.signature.pck_chain_pem)[0].signature == chain[0].signature
     assert not v.accepted
     assert "cert-signature" in codes(v)
+
+
+def test_caches_stay_bounded(testdata):
+    quote, coll = _load(testdata, "dcap-qvl-v4")
+    verifier = QuoteVerifier(cache_limit=2)
+    for _ in range(5):
+        assert appraise(quote + b"", coll, at=V4_FROM, verifier=verifier).accepted
+    other = (testdata / "go-tdx-guest-ccel" / "quote.bin").read_bytes()
+    for q in (other, quote, other, quote):
+        appraise(q, coll, at=V4_FROM, verifier=verifier)
+        assert len(verifier._pck) <= 2 and len(verifier._qe_reports) <= 2
+    assert appraise(quote, coll, at=V4_FROM, verifier=verifier).accepted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -169,3 +170,30 @@ def test_emulate_errors_are_clear(capsys, tmp_path):
     assert code == 2 and "--mrtd" in err
     code, _, err = run(capsys, "emulate", "init", tmp_path / "p")
     assert code == 2 and "not empty" in err
+
+
+def test_weights_encrypt_decrypt(capsys, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(os.urandom(300_000))
+    store = tmp_path / "secrets"
+    code, out, _ = run(capsys, "weights", "encrypt", model, "-o", tmp_path / "enc", "--secrets", store, "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["key"] == "weights/enc" and doc["files"] == 2
+    key = (store / "weights" / "enc").read_bytes()
+    assert len(key) == 32
+    # The key is in no file of the encrypted folder and was printed nowhere.
+    assert key.hex() not in out and all(key not in p.read_bytes() for p in (tmp_path / "enc").rglob("*") if p.is_file())
+    code, out, _ = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out", "--secrets", store)
+    assert code == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out2", "--secrets", store, "--key-name", "other")
+    assert code == 2 and "weights/other is not in" in err
+    blob = next((tmp_path / "enc" / "files").iterdir())
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out3", "--secrets", store)
+    assert code == 2 and "fails authentication" in err and not (tmp_path / "out3").exists()

@@ -20,6 +20,9 @@ EXIT_INPUT = 2
 EXIT_NETWORK = 3
 EXIT_INTERNAL = 4
 
+# For commands whose -o names an output path (as `weights encrypt -o ENC_DIR` does).
+JSON_FLAG = click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts instead of text.")
+
 OUTPUT_OPTION = click.option(
     "-o",
     "--output",
@@ -99,7 +102,7 @@ def _wants_json(argv: list[str]) -> bool:
     for i, arg in enumerate(argv):
         if arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == "json":
             return True
-        if arg in ("-ojson", "--output=json"):
+        if arg in ("-ojson", "--output=json", "--json"):
             return True
     return False
 

@@ -1,0 +1,98 @@
+"""``tdxvm weights``: encrypt a Hugging Face model folder for an attested guest, and back."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from tdxvm.cli.output import JSON_FLAG, CliError, emit_json
+from tdxvm.guest.weights import WeightsError, decrypt_model, encrypt_model, generate_model_key
+from tdxvm.secretstore import SecretStore, SecretStoreError
+
+STORE_OPTION = click.option("--secrets", "secrets_dir", metavar="DIR", help="Secret store folder [default: ~/.local/share/tdxvm/secrets].")
+
+
+class _Meter:
+    """Bytes done and throughput on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
+        self.done, self.start, self.shown = 0, time.monotonic(), 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.shown > 0.2 or self.done >= self.total):
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-9) / 2**20
+            pct = 100 * self.done / self.total if self.total else 100
+            click.echo(f"\r{self.label}: {pct:5.1f}%  {self.done / 2**20:,.0f} MiB  {rate:,.0f} MiB/s", err=True, nl=self.done >= self.total)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@click.group()
+def weights() -> None:
+    """Encrypted model weights (chunked AES-256-GCM; the key stays in the secret store)."""
+
+
+@weights.command("encrypt")
+@click.argument("model_dir", metavar="MODEL_DIR")
+@click.option("-o", "--out", "enc_dir", required=True, metavar="ENC_DIR", help="New folder for the encrypted model.")
+@click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
+@STORE_OPTION
+@JSON_FLAG
+def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_dir: str | None, as_json: bool) -> None:
+    """Encrypt MODEL_DIR into ENC_DIR with a new model key kept in the secret store."""
+    src, dst = Path(model_dir), Path(enc_dir)
+    name = f"weights/{key_name or dst.resolve().name}"
+    store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
+    try:
+        if store.exists(name):
+            raise CliError(f"secret {name} already exists; choose another --key-name")
+        if not src.is_dir():
+            raise CliError(f"{model_dir}: not a folder")
+        key = generate_model_key()
+        meter = _Meter(_size(src), "encrypting", not as_json)
+        started = time.monotonic()
+        entries = encrypt_model(src, dst, key, progress=meter)
+        store.put(name, key)
+    except (WeightsError, SecretStoreError) as exc:
+        raise CliError(str(exc)) from None
+    seconds = time.monotonic() - started
+    total = sum(e.size for e in entries)
+    if as_json:
+        emit_json({"encrypted": str(dst), "key": name, "files": len(entries), "bytes": total, "seconds": round(seconds, 3)})
+    else:
+        click.echo(f"encrypted {len(entries)} files ({total / 2**20:,.1f} MiB) into {dst} in {seconds:.1f} s; key: {name} in {store.directory}")
+
+
+@weights.command("decrypt")
+@click.argument("enc_dir", metavar="ENC_DIR")
+@click.option("-o", "--out", "out_dir", required=True, metavar="OUT_DIR", help="New folder for the decrypted model.")
+@click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
+@STORE_OPTION
+@JSON_FLAG
+def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_dir: str | None, as_json: bool) -> None:
+    """Decrypt and authenticate ENC_DIR into OUT_DIR (all files or none)."""
+    src = Path(enc_dir)
+    name = f"weights/{key_name or src.resolve().name}"
+    store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
+    try:
+        key = store.get(name)
+        meter = _Meter(_size(src), "decrypting", not as_json)
+        started = time.monotonic()
+        entries = decrypt_model(src, Path(out_dir), key, progress=meter)
+    except (WeightsError, SecretStoreError) as exc:
+        raise CliError(str(exc)) from None
+    seconds = time.monotonic() - started
+    total = sum(e.size for e in entries)
+    if as_json:
+        emit_json({"decrypted": out_dir, "files": len(entries), "bytes": total, "seconds": round(seconds, 3)})
+    else:
+        click.echo(f"decrypted and authenticated {len(entries)} files ({total / 2**20:,.1f} MiB) into {out_dir} in {seconds:.1f} s")

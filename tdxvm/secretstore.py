@@ -1,0 +1,84 @@
+"""The controller's secret store: disk and model keys, never anywhere else in the clear.
+
+A folder under the user's data directory (``$XDG_DATA_HOME/tdxvm/secrets``, else
+``~/.local/share/tdxvm/secrets``) or one the user names; folders are mode 0700 and
+files 0600, written atomically. Names are ``kind/name`` (``disk/smoke``,
+``weights/llama2-7b``) so one store holds every kind of key. Keys are never logged;
+errors name the secret, never its value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SecretStoreError(Exception):
+    code = "secret-store"
+
+
+def default_directory() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tdxvm" / "secrets"
+
+
+class SecretStore:
+    def __init__(self, *, directory: Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_directory()
+
+    def _path(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise SecretStoreError(f"secret name {name!r} must look like kind/name (letters, digits, '.', '_', '-')")
+        return self.directory / name
+
+    def _private_dir(self, path: Path) -> None:
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        for d in (self.directory, path):
+            d.mkdir(mode=0o700, exist_ok=True)
+            mode = d.stat().st_mode
+            if mode & 0o077:
+                raise SecretStoreError(f"{d}: secret folder mode is {stat.filemode(mode)}; it must be private (chmod 700)")
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def put(self, name: str, value: bytes, *, replace: bool = False) -> Path:
+        """Store ``value`` under ``name`` (refused if it exists, unless ``replace``)."""
+        path = self._path(name)
+        self._private_dir(path.parent)
+        if path.exists() and not replace:
+            raise SecretStoreError(f"secret {name} already exists in {self.directory}")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def get(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise SecretStoreError(f"secret {name} is not in {self.directory}") from None
+        except OSError as exc:
+            raise SecretStoreError(f"secret {name}: cannot open: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                raise SecretStoreError(f"secret {name}: file mode is {stat.filemode(mode)}; it must be private (chmod 600)")
+            return f.read()
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)

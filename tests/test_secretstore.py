@@ -1,0 +1,57 @@
+"""The controller's secret store: private modes, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tdxvm.secretstore import SecretStore, SecretStoreError, default_directory
+
+
+def test_put_get_modes(tmp_path):
+    store = SecretStore(directory=tmp_path / "s")
+    path = store.put("weights/llama", b"\x01" * 32)
+    assert store.get("weights/llama") == b"\x01" * 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "s" / "weights").stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in (tmp_path / "s" / "weights").iterdir()] == ["llama"]
+
+
+def test_no_silent_overwrite(tmp_path):
+    store = SecretStore(directory=tmp_path)
+    store.put("disk/a", b"1")
+    with pytest.raises(SecretStoreError, match="already exists"):
+        store.put("disk/a", b"2")
+    store.put("disk/a", b"2", replace=True)
+    assert store.get("disk/a") == b"2"
+
+
+@pytest.mark.parametrize("name", ["noslash", "../x/y", "a/../b", "a/b/c", "/abs/x", "a/", "a/.hidden"])
+def test_bad_names(tmp_path, name):
+    with pytest.raises(SecretStoreError, match="kind/name"):
+        SecretStore(directory=tmp_path).put(name, b"x")
+
+
+def test_refuses_readable_files_and_folders(tmp_path):
+    store = SecretStore(directory=tmp_path / "s")
+    path = store.put("disk/a", b"k")
+    os.chmod(path, 0o644)
+    with pytest.raises(SecretStoreError, match="chmod 600"):
+        store.get("disk/a")
+    os.chmod(tmp_path / "s", 0o755)
+    with pytest.raises(SecretStoreError, match="chmod 700"):
+        store.put("disk/b", b"k")
+
+
+def test_missing_secret_names_it_not_its_value(tmp_path):
+    with pytest.raises(SecretStoreError, match="secret disk/nope is not in"):
+        SecretStore(directory=tmp_path).get("disk/nope")
+
+
+def test_default_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_directory() == tmp_path / "tdxvm" / "secrets"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert str(default_directory()).endswith(".local/share/tdxvm/secrets")

@@ -108,7 +108,7 @@ class CheckedChain:
     def revocation_reasons(self, crls: list[CheckedCrl]) -> list[Reason]:
         """Every certificate below the root must be covered by a CRL of its issuer."""
         out = []
-        for cert, issuer, issuer_hash in zip(self.certs, self.certs[1:], self.hashes[1:]):
+        for cert, issuer, issuer_hash in zip(self.certs[:-1], self.certs[1:], self.hashes[1:], strict=True):
             crl = next((c for c in crls if c.issuer_sha256 == issuer_hash), None)
             if crl is None:
                 out.append(Reason("crl-missing", f"{self.what}: no CRL from {cert_name(issuer)} to check {cert_name(cert)}"))
@@ -224,7 +224,7 @@ class CertStore:
         if hashes[-1] != anchor.sha256:
             root = certs[-1]
             reasons.append(Reason("untrusted-root", f"{what}: ends in {cert_name(root)} (SHA-256 {hashes[-1].hex()}), not the trust anchor {anchor.name}"))
-        for cert, issuer in zip(certs, certs[1:]):
+        for cert, issuer in zip(certs[:-1], certs[1:], strict=True):
             problem = self.issuance_problem(cert, issuer)
             if problem is not None:
                 code = "cert-not-ca" if "is not a CA" in problem else "cert-signature"
@@ -242,20 +242,20 @@ class CertStore:
         return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=i.sha256, reasons=tuple(reasons))
 
 
-_ECDSA_HASHES = {
-    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256: hashes.SHA256,
-    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384: hashes.SHA384,
-    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512: hashes.SHA512,
+_ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512()),
 }
 
 
 def _ecdsa_signed(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes, oid: x509.ObjectIdentifier) -> bool:
     """Whether ``signature`` (DER ECDSA, algorithm ``oid``) over ``data`` verifies with ``key``."""
-    hash_type = _ECDSA_HASHES.get(oid)
-    if hash_type is None:
+    algorithm = _ECDSA.get(oid)
+    if algorithm is None:
         return False
     try:
-        key.verify(signature, data, ec.ECDSA(hash_type()))
+        key.verify(signature, data, algorithm)
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -301,7 +301,7 @@ def load_crl(der: bytes, what: str) -> Crl:
     pem = der.lstrip().startswith(b"-----BEGIN")
     try:
         crl = x509.load_pem_x509_crl(der) if pem else x509.load_der_x509_crl(der)
-        crl.last_update_utc, crl.next_update_utc, crl.signature, crl.signature_algorithm_oid
+        _ = (crl.last_update_utc, crl.next_update_utc, crl.signature, crl.signature_algorithm_oid)
         raw = crl.public_bytes(Encoding.DER) if pem else der
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CertificateError(f"{what}: not a usable {'PEM' if pem else 'DER'} CRL: {exc}") from None

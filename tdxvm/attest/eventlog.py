@@ -385,5 +385,5 @@ def compare_rtmrs(replayed: Sequence[bytes], quoted_rtmrs: Sequence[bytes]) -> l
         raise EventLogError(f"expected {RTMR_COUNT} RTMR values, got {len(replayed)} and {len(quoted_rtmrs)}")
     return [
         RtmrComparison(i, bytes(a), bytes(b), bytes(a) == bytes(b))
-        for i, (a, b) in enumerate(zip(replayed, quoted_rtmrs))
+        for i, (a, b) in enumerate(zip(replayed, quoted_rtmrs, strict=True))
     ]

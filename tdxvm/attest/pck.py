@@ -76,7 +76,7 @@ def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
     """
     try:
         cert = x509.load_der_x509_certificate(der)
-        cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature, cert.signature_algorithm_oid
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature, cert.signature_algorithm_oid)
         if cert.serial_number < 0:
             raise ValueError("negative serial number (RFC 5280 4.1.2.2)")
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:

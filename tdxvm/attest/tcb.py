@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from tdxvm.attest.pck import PckExtension
 from tdxvm.attest.quote import EnclaveReport, TdReport
 from tdxvm.attest.result import Reason
-from tdxvm.attest.tcbinfo import QeIdentity, TcbInfo, TcbLevel
+from tdxvm.attest.tcbinfo import ModuleTcbLevel, QeIdentity, TcbInfo, TcbLevel
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: byte
     for level in sorted(tcb_info.tcb_levels, key=_sort_key, reverse=True):
         if pck.pce_svn < level.pce_svn:
             continue
-        if any(p < l for p, l in zip(pck.tcb_components, level.sgx_components)):
+        if any(have < need for have, need in zip(pck.tcb_components, level.sgx_components, strict=True)):
             continue
         if any(tee_tcb_svn[i] < level.tdx_components[i] for i in range(skip, 16)):
             continue
@@ -68,7 +68,7 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport) -> Matched | None:
     """Check the TDX module's identity; return its TCB level's status, if it has one."""
     minor, major = body.tee_tcb_svn[0], body.tee_tcb_svn[1]
     identity = tcb_info.tdx_module
-    levels = ()
+    levels: tuple[ModuleTcbLevel, ...] = ()
     if major > 0 and tcb_info.tdx_module_identities:
         wanted = f"TDX_{major:02X}"
         found = [m for m in tcb_info.tdx_module_identities if m.id.upper() == wanted]
@@ -84,8 +84,8 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport) -> Matched | None:
             )
         )
     mask = identity.attributes_mask
-    got = bytes(a & m for a, m in zip(body.seam_attributes, mask))
-    want = bytes(a & m for a, m in zip(identity.attributes, mask))
+    got = bytes(a & m for a, m in zip(body.seam_attributes, mask, strict=True))
+    want = bytes(a & m for a, m in zip(identity.attributes, mask, strict=True))
     if got != want:
         raise TcbMismatch(
             Reason(
@@ -112,7 +112,7 @@ def match_qe(qe_identity: QeIdentity, report: EnclaveReport) -> Matched:
     if report.misc_select & qe_identity.miscselect_mask != qe_identity.miscselect & qe_identity.miscselect_mask:
         checks.append(("qe-miscselect", f"QE report MISCSELECT is {report.misc_select:08x}, expected {qe_identity.miscselect:08x} under mask {qe_identity.miscselect_mask:08x}"))
     mask = qe_identity.attributes_mask
-    if bytes(a & m for a, m in zip(report.attributes, mask)) != bytes(a & m for a, m in zip(qe_identity.attributes, mask)):
+    if bytes(a & m for a, m in zip(report.attributes, mask, strict=True)) != bytes(a & m for a, m in zip(qe_identity.attributes, mask, strict=True)):
         checks.append(("qe-attributes", f"QE report ATTRIBUTES is {report.attributes.hex()}, expected {qe_identity.attributes.hex()} under mask {mask.hex()}"))
     if checks:
         code, message = checks[0]

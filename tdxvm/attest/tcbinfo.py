@@ -151,7 +151,7 @@ class TcbInfo:
 
 
 def _module(obj: _Obj, *, with_levels: bool) -> TdxModuleIdentity:
-    levels = ()
+    levels: tuple[ModuleTcbLevel, ...] = ()
     if with_levels:
         levels = tuple(
             ModuleTcbLevel(

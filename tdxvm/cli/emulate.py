@@ -7,6 +7,7 @@ against its own root CA (``--root-ca DIR/root-ca.pem``), never against Intel's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -92,7 +93,7 @@ def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mr
     from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
 
     platform = _load(folder, at_text)
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
     if (v := _hex(mrtd, 48, "--mrtd")) is not None:
         fields["mr_td"] = v
     rtmrs = [_hex(r, 48, f"--rtmr{i}") for i, r in enumerate((rtmr0, rtmr1, rtmr2, rtmr3))]

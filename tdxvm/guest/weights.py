@@ -42,7 +42,9 @@ the same code to decrypt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -221,7 +223,7 @@ def _safe_relative(path: str, where: str) -> PurePosixPath:
     return p
 
 
-def _write_atomic(target: Path, write: Callable[[BinaryIO], None], mode: int = 0o644) -> None:
+def _write_atomic(target: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
     tmp = target.with_name(f".{target.name}.partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -251,7 +253,7 @@ def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int
         size, digest = _sha256_of(src, chunk_size)
         entry = FileEntry(path=rel, file_id=secrets.token_bytes(16), size=size, sha256=digest)
         with src.open("rb") as f:
-            _write_atomic(enc_dir / entry.blob, lambda out: encrypt_stream(f, out, key=key, path=rel, size=size, sha256=digest, chunk_size=chunk_size, file_id=entry.file_id, progress=progress))
+            _write_atomic(enc_dir / entry.blob, functools.partial(encrypt_stream, f, key=key, path=rel, size=size, sha256=digest, chunk_size=chunk_size, file_id=entry.file_id, progress=progress))
         entries.append(entry)
     index = json.dumps(
         {"format": VERSION, "files": [{"path": e.path, "file_id": e.file_id.hex(), "size": e.size, "sha256": e.sha256.hex()} for e in entries]},
@@ -260,19 +262,9 @@ def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int
     index_digest = hashlib.sha256(index).digest()
     _write_atomic(
         enc_dir / INDEX_NAME,
-        lambda out: encrypt_stream(_Bytes(index), out, key=key, path=_INDEX_PATH, size=len(index), sha256=index_digest, chunk_size=chunk_size),
+        functools.partial(encrypt_stream, io.BytesIO(index), key=key, path=_INDEX_PATH, size=len(index), sha256=index_digest, chunk_size=chunk_size),
     )
     return entries
-
-
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        out, self.pos = self.data[self.pos : end], min(end, len(self.data))
-        return out
 
 
 def read_index(enc_dir: Path, key: bytes) -> list[FileEntry]:

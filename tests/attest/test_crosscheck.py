@@ -10,14 +10,13 @@ every TCB status but Revoked, and compares the TCB status and advisories too.
 from __future__ import annotations
 
 import dataclasses
-import struct
 from datetime import datetime, timedelta, timezone
 
 import dcap_qvl
 import pytest
 
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral, load_bundle
+from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
 from tdxvm.attest.tcbinfo import TCB_STATUSES

@@ -39,6 +39,7 @@ from tdxvm.attest.eventtext import describe_event, event_text, event_type_name, 
 from tdxvm.attest.quote import parse_quote
 
 from ..conftest import TESTDATA as TDX
+import contextlib
 
 ZERO48 = bytes(48)
 
@@ -128,7 +129,7 @@ def test_dstack_json_replays_all_four_rtmrs():
 def test_dstack_runtime_event_digests_recompute():
     entries = json.loads(_dstack()["event_log"])
     events = parse_json_event_log(entries)
-    runtime = [(e, ev) for e, ev in zip(entries, events) if e["event_type"] == EV_RUNTIME_EVENT]
+    runtime = [(e, ev) for e, ev in zip(entries, events, strict=True) if e["event_type"] == EV_RUNTIME_EVENT]
     assert [ev.name for _, ev in runtime][:2] == ["system-preparing", "app-id"]
     assert all(ev.mr_index == 3 for _, ev in runtime) and len(runtime) == 9
     for entry, ev in runtime:
@@ -161,7 +162,7 @@ def test_flipping_a_digest_byte_changes_exactly_one_rtmr():
         pos = ev.offset + 12 + 2 + 17  # a byte inside the SHA-384 digest
         mutated = bytearray(raw)
         mutated[pos] ^= 0x01
-        changed = [i for i, (a, b) in enumerate(zip(base, replay(parse_tcg_event_log(bytes(mutated))))) if a != b]
+        changed = [i for i, (a, b) in enumerate(zip(base, replay(parse_tcg_event_log(bytes(mutated))), strict=True)) if a != b]
         assert changed == [mr]
 
 
@@ -321,10 +322,8 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 
 def _only_event_log_error(fn, arg) -> None:
-    try:
+    with contextlib.suppress(EventLogError):
         fn(arg)
-    except EventLogError:
-        pass
 
 
 @FUZZ
@@ -351,10 +350,8 @@ def test_fuzz_mutated_real_log(data, flips, cut):
     ev = data.draw(st.sampled_from(events[1:]))
     field = data.draw(st.sampled_from([0, 4, 8, 12, 14 + 48]))
     buf[ev.offset + field : ev.offset + field + 4] = struct.pack("<I", data.draw(st.integers(0, 2**32 - 1)))
-    try:
+    with contextlib.suppress(EventLogError):
         replay(parse_tcg_event_log(bytes(buf[:cut])))
-    except EventLogError:
-        pass
 
 
 _json_scalar = st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.floats(allow_nan=False)
@@ -379,7 +376,5 @@ def test_fuzz_json(obj):
         text = json.dumps(obj)
     except (ValueError, TypeError):
         return
-    try:
+    with contextlib.suppress(EventLogError):
         replay(parse_json_event_log(text))
-    except EventLogError:
-        pass

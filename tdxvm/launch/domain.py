@@ -1,0 +1,186 @@
+"""libvirt domain XML for a Trust Domain, or for the same guest emulated without TDX.
+
+One typed description (:class:`DomainSpec`) renders to either backend:
+
+* ``tdx``: ``<domain type='kvm'>``, q35, TDVF as the loader, direct kernel boot,
+  private anonymous memory, no SMM, split IOAPIC, and upstream libvirt's
+  ``<launchSecurity type='tdx'>`` (policy with SEPT_VE_DISABLE, MRCONFIGID, MROWNER,
+  MROWNERCONFIG as base64 SHA-384 values, the QGS socket). Validated against the
+  schema of libvirt 12.8 (Debian's ``libvirt-common``).
+* ``emulated``: ``<domain type='qemu'>`` (TCG: KVM is unusable on the hosts this runs
+  on in CI), the same kernel, initramfs, command line and disk; user-mode networking
+  with host port forwards through ``<qemu:commandline>``, since libvirt's own
+  ``portForward`` needs passt.
+
+Elements are written in a fixed order, so the output for a spec is stable (the tests
+compare it with saved files). Inputs are checked here with plain messages ("TDX needs a
+TDVF firmware path"); the host's capabilities are checked by the launch preflight.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Literal
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+TDXVM_NS = "https://tdxvm.dev/xmlns/domain/1"
+DEFAULT_QGS_SOCKET = "/var/run/tdx-qgs/qgs.socket"
+TD_ATTR_DEBUG = 1 << 0
+TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class DomainSpecError(ValueError):
+    code = "domain-spec"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortForward:
+    host_port: int
+    guest_port: int
+    host_address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DomainSpec:
+    """What tdxvm asks libvirt to run. Paths are as the libvirt host sees them."""
+
+    name: str
+    uuid: str
+    backend: Literal["tdx", "emulated"]
+    vcpus: int
+    memory_mib: int
+    kernel: str
+    initrd: str
+    cmdline: str
+    disk: str
+    firmware: str | None = None
+    vcpu_pins: tuple[str, ...] = ()  # host cpuset per vCPU, e.g. ("2", "3")
+    numa_nodeset: str | None = None  # strict memory binding, e.g. "0"
+    port_forwards: tuple[PortForward, ...] = ()
+    mr_config_id: bytes | None = None
+    mr_owner: bytes | None = None
+    mr_owner_config: bytes | None = None
+    qgs_socket: str = DEFAULT_QGS_SOCKET
+    serial_log: str | None = None
+    owner: dict[str, str] = field(default_factory=dict)  # tdxvm metadata (fleet, template…)
+
+    def check(self) -> None:
+        if not _NAME.match(self.name):
+            raise DomainSpecError(f"domain name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
+        try:
+            uuidlib.UUID(self.uuid)
+        except ValueError:
+            raise DomainSpecError(f"domain uuid {self.uuid!r} is not a UUID") from None
+        if self.vcpus < 1 or self.memory_mib < 256:
+            raise DomainSpecError("a guest needs at least 1 vCPU and 256 MiB of memory")
+        if self.vcpu_pins and len(self.vcpu_pins) != self.vcpus:
+            raise DomainSpecError(f"{len(self.vcpu_pins)} vCPU pins given for {self.vcpus} vCPUs")
+        for path in (self.kernel, self.initrd, self.disk):
+            if not path.startswith("/"):
+                raise DomainSpecError(f"{path!r} must be an absolute path on the libvirt host")
+        if self.backend == "tdx" and not (self.firmware or "").startswith("/"):
+            raise DomainSpecError("TDX needs the absolute path of a TDVF firmware (e.g. OVMF.inteltdx.fd) on the host")
+        if self.backend == "tdx" and self.port_forwards:
+            raise DomainSpecError("port forwards are for the emulated backend; a TD's network comes from its interface")
+        for name, value in (("mr_config_id", self.mr_config_id), ("mr_owner", self.mr_owner), ("mr_owner_config", self.mr_owner_config)):
+            if value is not None and len(value) != 48:
+                raise DomainSpecError(f"{name} must be 48 bytes (a SHA-384 value), got {len(value)}")
+        for pf in self.port_forwards:
+            if not (0 < pf.host_port < 65536 and 0 < pf.guest_port < 65536):
+                raise DomainSpecError(f"port forward {pf.host_port}->{pf.guest_port} is out of range")
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    e = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        e.text = text
+    return e
+
+
+def td_policy() -> int:
+    """TD attributes tdxvm launches with: SEPT_VE_DISABLE set, never DEBUG."""
+    return TD_ATTR_SEPT_VE_DISABLE
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """The domain XML for ``spec`` (checked first)."""
+    spec.check()
+    tdx = spec.backend == "tdx"
+    ET.register_namespace("qemu", QEMU_NS)
+    ET.register_namespace("tdxvm", TDXVM_NS)
+    dom = ET.Element("domain", {"type": "kvm" if tdx else "qemu"})
+    _sub(dom, "name", spec.name)
+    _sub(dom, "uuid", spec.uuid)
+    meta = _sub(dom, "metadata")
+    owner = ET.SubElement(meta, f"{{{TDXVM_NS}}}owner", {"backend": spec.backend})
+    for key in sorted(spec.owner):
+        ET.SubElement(owner, f"{{{TDXVM_NS}}}label", {"name": key}).text = spec.owner[key]
+    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
+    if tdx:
+        mb = _sub(dom, "memoryBacking")
+        _sub(mb, "source", type="anonymous")
+        _sub(mb, "access", mode="private")
+    _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+    if spec.vcpu_pins:
+        tune = _sub(dom, "cputune")
+        for i, cpus in enumerate(spec.vcpu_pins):
+            _sub(tune, "vcpupin", vcpu=str(i), cpuset=cpus)
+    if spec.numa_nodeset is not None:
+        _sub(_sub(dom, "numatune"), "memory", mode="strict", nodeset=spec.numa_nodeset)
+    os_ = _sub(dom, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine="q35")
+    if tdx:
+        _sub(os_, "loader", spec.firmware)
+    _sub(os_, "kernel", spec.kernel)
+    _sub(os_, "initrd", spec.initrd)
+    _sub(os_, "cmdline", spec.cmdline)
+    feats = _sub(dom, "features")
+    _sub(feats, "acpi")
+    _sub(feats, "apic")
+    if tdx:
+        _sub(feats, "ioapic", driver="qemu")
+    _sub(feats, "smm", state="off")
+    _sub(dom, "cpu", mode="host-passthrough" if tdx else "maximum", check="none")
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "destroy" if tdx else "restart")
+    _sub(dom, "on_crash", "destroy")
+    devs = _sub(dom, "devices")
+    disk = _sub(devs, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type="raw", cache="none" if tdx else "unsafe")
+    _sub(disk, "source", file=spec.disk)
+    _sub(disk, "target", dev="vda", bus="virtio")
+    serial = _sub(devs, "serial", type="file" if spec.serial_log else "pty")
+    if spec.serial_log:
+        _sub(serial, "source", path=spec.serial_log)
+    _sub(serial, "target", port="0")
+    console = _sub(devs, "console", type="file" if spec.serial_log else "pty")
+    if spec.serial_log:
+        _sub(console, "source", path=spec.serial_log)
+    _sub(console, "target", type="serial", port="0")
+    _sub(devs, "memballoon", model="none")
+    if tdx:
+        sec = _sub(dom, "launchSecurity", type="tdx")
+        _sub(sec, "policy", f"{td_policy():#x}")
+        for tag, value in (("mrConfigId", spec.mr_config_id), ("mrOwner", spec.mr_owner), ("mrOwnerConfig", spec.mr_owner_config)):
+            if value is not None:
+                _sub(sec, tag, base64.b64encode(value).decode())
+        _sub(sec, "quoteGenerationService", path=spec.qgs_socket)
+    else:
+        _qemu_user_network(dom, spec.port_forwards)
+    ET.indent(dom, "  ")
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _qemu_user_network(dom: ET.Element, forwards: tuple[PortForward, ...]) -> None:
+    """QEMU user-mode networking with host forwards (no passt on these hosts)."""
+    netdev = "user,id=tdxvm0" + "".join(f",hostfwd=tcp:{pf.host_address}:{pf.host_port}-:{pf.guest_port}" for pf in forwards)
+    cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-netdev", netdev, "-device", "virtio-net-pci,netdev=tdxvm0"):
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})

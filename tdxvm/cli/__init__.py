@@ -14,6 +14,7 @@ import click
 from tdxvm import __version__
 from tdxvm.cli.attest import collateral, eventlog, verify_quote
 from tdxvm.cli.emulate import emulate
+from tdxvm.cli.image import image
 from tdxvm.cli.weights import weights
 from tdxvm.cli.output import run_guarded
 
@@ -28,6 +29,7 @@ cli.add_command(verify_quote)
 cli.add_command(collateral)
 cli.add_command(eventlog)
 cli.add_command(emulate)
+cli.add_command(image)
 cli.add_command(weights)
 
 

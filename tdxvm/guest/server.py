@@ -1,0 +1,327 @@
+"""The OpenAI-compatible HTTP API over one :class:`~tdxvm.guest.engine.Engine`.
+
+Endpoints, as vLLM and llama.cpp's server have them: ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true`` gives server-sent events in OpenAI's
+chunk format, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503
+until the model is loaded) and ``GET /metrics`` (Prometheus text).
+
+Every client error is a 4xx in OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``: bad JSON, missing or ill-typed fields, out-of-range or unsupported values
+(400), an unknown model (404), a prompt plus ``max_tokens`` beyond the context (400,
+``context_length_exceeded``). Bodies are validated strictly (no ``"5"`` for 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, SamplingParams, Token
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions", "response_format")
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+# -- request bodies ----------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[int] | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    errs = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errs[0] if errs else {"loc": (), "msg": str(exc), "type": ""}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        ctx = first.get("ctx")
+        return error(400, f"request body is not valid JSON: {ctx.get('error') if isinstance(ctx, dict) else first['msg']}", code="invalid_json")
+    if not loc:
+        return error(400, "request body must be a JSON object", code="invalid_body")
+    field = ".".join(loc)
+    return error(400, f"{field}: {first['msg']}", param=field, code="missing_field" if first.get("type") == "missing" else "invalid_value")
+
+
+def _handlers() -> dict[type[Exception], Callable[[Request, Any], Response]]:
+    return {
+        RequestValidationError: _validation_error,
+        RequestError: lambda _, e: error(e.status, e.message, type=e.type, param=e.param, code=e.code),
+        HTTPException: lambda _, e: error(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else "invalid_request_error"),
+        Exception: lambda _, e: error(500, f"internal error: {type(e).__name__}", type="server_error"),
+    }
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several apps may live in one process)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, waiting: Callable[[], int]) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tdxvm_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("tdxvm_request_duration_seconds", "Time from request to end of response", ["endpoint"], buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("tdxvm_time_to_first_token_seconds", "Time from request to first generated token", ["endpoint"], buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("tdxvm_time_per_output_token_seconds", "Mean time per generated token after the first", ["endpoint"], buckets=_PER_TOKEN, registry=r)
+        self.prompt_tokens = Counter("tdxvm_prompt_tokens", "Prompt tokens of finished requests", ["endpoint"], registry=r)
+        self.completion_tokens = Counter("tdxvm_completion_tokens", "Generated tokens of finished requests", ["endpoint"], registry=r)
+        Gauge("tdxvm_requests_waiting", "Requests queued behind the running one", registry=r).set_function(waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def generation(self, endpoint: str, prompt_tokens: int) -> Callable[[Event], None]:
+        """An observer for one request's events: TTFT, time per token, token counts."""
+        t0, first = time.perf_counter(), 0.0
+
+        def observe(ev: Event) -> None:
+            nonlocal first
+            now = time.perf_counter()
+            if isinstance(ev, Token) and not first:
+                first = now
+                self.ttft.labels(endpoint).observe(now - t0)
+            elif isinstance(ev, Done):
+                self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
+                self.completion_tokens.labels(endpoint).inc(ev.completion_tokens)
+                if ev.completion_tokens > 1:
+                    self.tpot.labels(endpoint).observe((now - first) / (ev.completion_tokens - 1))
+
+        return observe
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """ASGI middleware counting every HTTP request by endpoint and status, with its duration."""
+
+        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            t0, status, endpoint = time.perf_counter(), 500, scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+            async def watch(msg: Message) -> None:
+                nonlocal status
+                status = msg["status"] if msg["type"] == "http.response.start" else status
+                await send(msg)
+
+            try:
+                await app(scope, receive, watch)
+            finally:
+                self.requests.labels(endpoint, str(status)).inc()
+                self.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+        return counted
+
+
+# -- the app -----------------------------------------------------------------------------
+
+
+class ModelHolder:
+    """The served model's name, and its engine once loaded (``/health`` reports which)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.created = name, int(time.time())
+        self.engine: Engine | None = None
+        self.error: str | None = None
+
+    def require(self, body: _Body) -> Engine:
+        if self.engine is None:
+            raise RequestError(f"model {self.name} is {'not loaded: ' + self.error if self.error else 'still loading'}", status=503, type="service_unavailable")
+        if body.model != self.name:
+            raise RequestError(f"The model `{body.model}` does not exist.", status=404, param="model", code="model_not_found", type="not_found_error")
+        for name in _UNSUPPORTED:
+            if (body.model_extra or {}).get(name) not in (None, False, 0, "", [], {}):
+                raise RequestError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        return self.engine
+
+
+def _params(body: _Body, engine: Engine, prompt: list[int], max_tokens: int | None, param: str) -> SamplingParams:
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > 4 or not all(stops):
+        raise RequestError("stop: up to 4 non-empty strings", param="stop")
+    t, p = body.temperature, body.top_p
+    return SamplingParams(max_tokens=engine.check_length(prompt, max_tokens, param=param), temperature=1.0 if t is None else t, top_p=1.0 if p is None else p, stop=tuple(stops), seed=body.seed)
+
+
+def _completion_ids(engine: Engine, prompt: str | list[int] | list[str]) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.encode(prompt)
+    if prompt and all(isinstance(x, str) for x in prompt):
+        if len(prompt) != 1:
+            raise RequestError("prompt: batched prompts are not supported; send one prompt per request", param="prompt")
+        return engine.encode(str(prompt[0]))
+    if not prompt or not all(isinstance(t, int) and 0 <= t < len(engine.tokenizer) for t in prompt):
+        raise RequestError("prompt: token ids must be a non-empty list of ids in the vocabulary", param="prompt")
+    return [int(t) for t in prompt]
+
+
+def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content or ""
+        if isinstance(content, list):
+            if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+                raise RequestError(f"messages.{i}.content: only text parts are supported", param=f"messages.{i}.content")
+            content = "".join(part["text"] for part in content)
+        out.append({"role": m.role, "content": content})
+    return out
+
+
+def create_app(holder: ModelHolder) -> FastAPI:
+    """The API for ``holder``'s model; whoever loads the model sets ``holder.engine``."""
+    metrics = Metrics(waiting=lambda: holder.engine.waiting() if holder.engine else 0)
+    app = FastAPI(title="tdxvm inference", docs_url=None, redoc_url=None)
+    for kind, handler in _handlers().items():
+        app.add_exception_handler(kind, handler)
+    app.add_middleware(metrics.middleware)  # type: ignore[arg-type]
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        if holder.engine is not None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "error", "message": holder.error} if holder.error else {"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        ctx = holder.engine.context_length if holder.engine else None
+        return {"object": "list", "data": [{"id": holder.name, "object": "model", "created": holder.created, "owned_by": "tdxvm", "max_model_len": ctx}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        engine = holder.require(body)
+        ids = _completion_ids(engine, body.prompt)
+        params = _params(body, engine, ids, 16 if body.max_tokens is None else body.max_tokens, "prompt")
+        return await _respond(engine, body, ids, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest) -> Response:
+        engine = holder.require(body)
+        ids = engine.encode_chat(_chat_messages(body))
+        params = _params(body, engine, ids, body.max_completion_tokens or body.max_tokens, "messages")
+        return await _respond(engine, body, ids, params, chat=True)
+
+    async def _respond(engine: Engine, body: _Body, ids: list[int], params: SamplingParams, *, chat: bool) -> Response:
+        observe = metrics.generation("/v1/chat/completions" if chat else "/v1/completions", len(ids))
+        gen = _Generation(engine, ids, params, chat=chat, observe=observe)  # refused here if the queue is full
+        if not body.stream:
+            return await gen.whole()
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(gen.sse(usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+class _Generation:
+    """One request on the event loop: the engine's events in, OpenAI's response objects out."""
+
+    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, *, chat: bool, observe: Callable[[Event], None]) -> None:
+        self.chat, self.prompt_tokens = chat, len(ids)
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": engine.name}
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue[Event]()
+
+        def sink(ev: Event) -> None:  # on the engine's worker thread: counted even if the client left
+            observe(ev)
+            loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+        self.job = engine.submit(ids, params, sink)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Token events, then one Done or Failed; the job is cancelled if the consumer leaves."""
+        try:
+            while True:
+                ev = await self.queue.get()
+                yield ev
+                if not isinstance(ev, Token):
+                    return
+        finally:
+            self.job.cancel()
+
+    def usage(self, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+
+    async def whole(self) -> Response:
+        parts: list[str] = []
+        async for ev in self.events():
+            if isinstance(ev, Failed):
+                return error(500, ev.message, type="server_error")
+            parts.append(ev.text)
+            if isinstance(ev, Done):
+                text = "".join(parts)
+                choice = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+                return JSONResponse({**self.head, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": ev.finish_reason}], "usage": self.usage(ev.completion_tokens)})
+        return error(500, "generation ended without a result", type="server_error")
+
+    def _chunk(self, text: str | None, finish: str | None = None, *, role: bool = False, usage: int | None = None) -> bytes:
+        head = {**self.head, "object": "chat.completion.chunk"} if self.chat else self.head
+        if usage is not None:
+            return _data({**head, "choices": [], "usage": self.usage(usage)})
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            return _data({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        return _data({**head, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]})
+
+    async def sse(self, usage: bool) -> AsyncIterator[bytes]:
+        if self.chat:
+            yield self._chunk(None, role=True)
+        async for ev in self.events():
+            if isinstance(ev, Failed):
+                yield _data({"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}})
+            elif ev.text:
+                yield self._chunk(ev.text)
+            if isinstance(ev, Done):
+                yield self._chunk(None, ev.finish_reason)
+                if usage:
+                    yield self._chunk(None, usage=ev.completion_tokens)
+        yield b"data: [DONE]\n\n"
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"

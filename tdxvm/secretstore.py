@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import stat
 from pathlib import Path
+
+from tdxvm.fileio import write_atomic
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -53,17 +54,7 @@ class SecretStore:
         self._private_dir(path.parent)
         if path.exists() and not replace:
             raise SecretStoreError(f"secret {name} already exists in {self.directory}")
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(value)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, value, mode=0o600)
         return path
 
     def get(self, name: str) -> bytes:

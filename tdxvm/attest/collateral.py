@@ -19,13 +19,13 @@ import base64
 import binascii
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tdxvm.attest.chain import load_crl
 from tdxvm.attest.errors import CertificateError, CollateralError
+from tdxvm.fileio import write_atomic
 
 SIGNATURE_SIZE = 64
 
@@ -201,29 +201,6 @@ def save_bundle(collateral: Collateral, path: str | os.PathLike[str]) -> None:
         write_atomic(Path(path), (collateral.to_json() + "\n").encode("utf-8"), mode=0o644)
     except OSError as exc:
         raise CollateralError(f"{path}: cannot write collateral bundle: {exc.strerror or exc}") from None
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    The temporary file is created with ``mode`` (``O_EXCL``, never wider than ``mode``),
-    so a reader sees the old file or the new one, never a part of either.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True, slots=True)

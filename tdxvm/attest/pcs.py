@@ -33,7 +33,8 @@ from cryptography import x509
 from requests.structures import CaseInsensitiveDict
 
 from tdxvm.attest.collateral import SIGNATURE_SIZE, Collateral, crl_der, load_bundle
-from tdxvm.attest.collateral import raw_members, validity, write_atomic
+from tdxvm.attest.collateral import raw_members, validity
+from tdxvm.fileio import write_atomic
 from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError
 from tdxvm.attest.pck import parse_pck_extension, parse_pem_chain, pck_ca_type
 from tdxvm.attest.quote import Quote

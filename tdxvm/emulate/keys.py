@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tdxvm.emulate.pki import derive_key, generate_key
+from tdxvm.fileio import write_atomic
 
 ROOT_CA_CERT_FILE = "root-ca.pem"
 _FILES = {
@@ -29,13 +30,8 @@ _FILES = {
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 (also when the file existed)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    """Write ``data`` to ``path`` with mode 0600 (also when the file existed), atomically."""
+    write_atomic(path, data, mode=0o600)
 
 
 def read_private_file(path: Path) -> bytes:

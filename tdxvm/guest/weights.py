@@ -60,6 +60,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tdxvm.fileio import write_atomic_with
+
 MAGIC = b"TDXVMW\x00\x01"
 VERSION = 1
 HEADER_SIZE = 96
@@ -223,20 +225,6 @@ def _safe_relative(path: str, where: str) -> PurePosixPath:
     return p
 
 
-def _write_atomic(target: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
-    tmp = target.with_name(f".{target.name}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None) -> list[FileEntry]:
     """Encrypt every file under ``model_dir`` into ``enc_dir`` (which must be new or empty)."""
     model_dir, enc_dir = Path(model_dir), Path(enc_dir)
@@ -253,16 +241,17 @@ def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int
         size, digest = _sha256_of(src, chunk_size)
         entry = FileEntry(path=rel, file_id=secrets.token_bytes(16), size=size, sha256=digest)
         with src.open("rb") as f:
-            _write_atomic(enc_dir / entry.blob, functools.partial(encrypt_stream, f, key=key, path=rel, size=size, sha256=digest, chunk_size=chunk_size, file_id=entry.file_id, progress=progress))
+            write_atomic_with(enc_dir / entry.blob, functools.partial(encrypt_stream, f, key=key, path=rel, size=size, sha256=digest, chunk_size=chunk_size, file_id=entry.file_id, progress=progress), mode=0o644)
         entries.append(entry)
     index = json.dumps(
         {"format": VERSION, "files": [{"path": e.path, "file_id": e.file_id.hex(), "size": e.size, "sha256": e.sha256.hex()} for e in entries]},
         sort_keys=True,
     ).encode()
     index_digest = hashlib.sha256(index).digest()
-    _write_atomic(
+    write_atomic_with(
         enc_dir / INDEX_NAME,
         functools.partial(encrypt_stream, io.BytesIO(index), key=key, path=_INDEX_PATH, size=len(index), sha256=index_digest, chunk_size=chunk_size),
+        mode=0o644,
     )
     return entries
 

@@ -1,0 +1,38 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a part of either.
+
+Standard library only, so that every part of tdxvm (the guest's included) can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], *, mode: int) -> None:
+    """Call ``write`` on a new temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    The temporary file is created with ``O_EXCL | O_NOFOLLOW`` and ``mode`` (set again with
+    fchmod, so the umask cannot widen or narrow it); on any failure it is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`write_atomic_with`)."""
+    write_atomic_with(path, lambda f: f.write(data), mode=mode)

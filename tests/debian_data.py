@@ -9,12 +9,11 @@ cache (``~/.cache/tdxvm-test/debian``, or ``$TDXVM_TEST_CACHE``), and reused.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-MIRROR = "http://deb.debian.org/debian"
+from tdxvm.image.debian import MIRROR, package_files
+
+__all__ = ["MIRROR", "cache_dir", "unstable_package"]
 
 
 def cache_dir() -> Path:
@@ -24,35 +23,4 @@ def cache_dir() -> Path:
 
 def unstable_package(package: str) -> Path:
     """The unpacked root of ``package`` from Debian unstable (downloaded once)."""
-    root = cache_dir() / package
-    if (root / ".complete").exists():
-        return root
-    work = Path(tempfile.mkdtemp(prefix="tdxvm-apt-"))
-    try:
-        (work / "lists" / "partial").mkdir(parents=True)
-        (work / "cache" / "archives" / "partial").mkdir(parents=True)
-        sources = work / "sources.list"
-        sources.write_text(f"deb {MIRROR} unstable main\n")
-        opts = [
-            f"-oDir::Etc::SourceList={sources}",
-            "-oDir::Etc::SourceParts=/dev/null",
-            f"-oDir::State::Lists={work / 'lists'}",
-            f"-oDir::Cache={work / 'cache'}",
-            "-oAPT::Sandbox::User=root",
-            "-qq",
-        ]
-        subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True)
-        subprocess.run(["apt-get", *opts, "download", package], check=True, capture_output=True, cwd=work)
-        debs = list(work.glob(f"{package}_*.deb"))
-        if len(debs) != 1:
-            raise RuntimeError(f"apt-get download {package} gave {debs}")
-        staging = root.with_name(root.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True)
-        (staging / ".complete").write_text(debs[0].name + "\n")
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)
-        return root
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return package_files(package, cache=cache_dir())

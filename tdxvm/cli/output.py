@@ -82,7 +82,11 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         return EXIT_INPUT
     except SystemExit as exc:  # commands exit with their verdict
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT
-    except (AttestError, SpecError, CliError) as exc:
+    except Exception as exc:
+        if not _typed(exc):  # a bug: say so plainly, keep the trace for the report
+            click.echo("internal error (please report it with the lines below):", err=True)
+            click.echo(traceback.format_exc(), err=True)
+            return EXIT_INTERNAL
         code = getattr(exc, "code", "error")
         if want_json:
             emit_json({"error": {"code": code, "message": str(exc)}})
@@ -92,10 +96,13 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    except Exception:  # a bug: say so plainly, keep the trace for the report
-        click.echo("internal error (please report it with the lines below):", err=True)
-        click.echo(traceback.format_exc(), err=True)
-        return EXIT_INTERNAL
+
+
+def _typed(exc: Exception) -> bool:
+    """One of tdxvm's own errors (they carry a ``code``), as opposed to a bug."""
+    return isinstance(exc, (AttestError, SpecError, CliError)) or (
+        type(exc).__module__.startswith("tdxvm.") and isinstance(getattr(type(exc), "code", None), str)
+    )
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -10,6 +10,8 @@ its bytes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from pathlib import Path
 
@@ -18,12 +20,24 @@ from tdxvm.secretstore import SecretStore, SecretStoreError
 VOLUME_KEY_BYTES = 64  # aes-xts-plain64 with two AES-256 keys
 KIND = "disk"
 
-__all__ = ["VOLUME_KEY_BYTES", "SecretStoreError", "generate_volume_key", "load", "store"]
+KEYSLOT_INFO = b"tdxvm luks2 keyslot v1"
+
+__all__ = ["VOLUME_KEY_BYTES", "SecretStoreError", "generate_volume_key", "keyslot_passphrase", "load", "store"]
 
 
 def generate_volume_key() -> bytes:
     """A fresh 512-bit volume key from the operating system's CSPRNG."""
     return secrets.token_bytes(VOLUME_KEY_BYTES)
+
+
+def keyslot_passphrase(volume_key: bytes) -> bytes:
+    """The LUKS2 keyslot passphrase for ``volume_key``: what the controller releases to
+    the attested guest's unlock step. ASCII hex of HKDF-SHA256(volume key, info
+    "tdxvm luks2 keyslot v1") (RFC 5869, no salt, 32 bytes): a second secret is not
+    needed, and the volume key itself never leaves the controller."""
+    prk = hmac.new(bytes(32), volume_key, hashlib.sha256).digest()
+    okm = hmac.new(prk, KEYSLOT_INFO + b"\x01", hashlib.sha256).digest()
+    return okm.hex().encode()
 
 
 def _store(directory: Path | None) -> SecretStore:

@@ -1,0 +1,146 @@
+"""Make a Debian rootfs folder into a tdxvm guest: agent, unlock step, first-boot keys.
+
+What every image gets (the tree under ``tdxvm/image/overlay/``):
+
+* ``/etc/crypttab``: the root filesystem is the LUKS2 volume on ``/dev/vda``, unlocked in
+  the initramfs by ``/usr/lib/tdxvm/keyscript``, which brings the network up and runs
+  ``python3 -m tdxvm.guest.unlock``: the passphrase arrives only wrapped to a key bound
+  into this TD's attestation quote (the launch handshake). An initramfs hook carries
+  Python, ``cryptography`` and the tdxvm guest modules into the initramfs.
+* systemd units: ``tdxvm-ssh-keygen`` makes the SSH host keys at first boot, inside the
+  TD (none exist in the image); ``tdxvm-agent`` answers re-attestation and receives
+  secrets; systemd-networkd with DHCP.
+* sshd: keys only. ``root`` has no password (Debian's locked ``*``); the controller's
+  public key goes into ``/root/.ssh/authorized_keys``.
+
+Then the recipe's own files, the initramfs (``mkinitramfs`` with ``SOURCE_DATE_EPOCH``),
+and a clean-up of everything that must not ship or would differ between builds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import tdxvm
+from tdxvm.image import rootfs
+from tdxvm.image.ext4 import ImageStepError
+from tdxvm.image.recipe import LoadedRecipe
+
+OVERLAY = Path(__file__).with_name("overlay")
+GUEST_PYTHON = "/usr/lib/tdxvm/python"
+_PACKAGE_ROOT = Path(tdxvm.__file__).parent
+# What of tdxvm ships into the guest: the guest package and the REPORTDATA binding.
+GUEST_MODULES = ("__init__.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
+_EXECUTABLE = {"etc/initramfs-tools/hooks/tdxvm", "usr/lib/tdxvm/keyscript"}
+
+
+@dataclass(frozen=True, slots=True)
+class BootFiles:
+    kernel: Path
+    initrd: Path
+    version: str
+
+
+def guest_module_files() -> list[tuple[Path, str]]:
+    """(source, path under the guest's Python folder) for each shipped tdxvm module."""
+    out = []
+    for pattern in GUEST_MODULES:
+        for src in sorted(_PACKAGE_ROOT.glob(pattern)):
+            out.append((src, "tdxvm/" + src.relative_to(_PACKAGE_ROOT).as_posix()))
+    return out
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        path.unlink()
+    path.write_bytes(data)
+    path.chmod(mode)
+
+
+def apply_overlay(root: Path, *, agent_port: int) -> None:
+    for src in sorted(p for p in OVERLAY.rglob("*") if p.is_file()):
+        rel = src.relative_to(OVERLAY).as_posix()
+        data = src.read_bytes().replace(b"@AGENT_PORT@", str(agent_port).encode())
+        _write(root / rel, data, 0o755 if rel in _EXECUTABLE else 0o644)
+    for src, rel in guest_module_files():
+        _write(root / GUEST_PYTHON.lstrip("/") / rel, src.read_bytes(), 0o644)
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for unit in ("tdxvm-ssh-keygen.service", "tdxvm-agent.service"):
+        _symlink(wants / unit, f"/etc/systemd/system/{unit}")
+    _symlink(wants / "systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service")
+
+
+def _symlink(link: Path, target: str) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
+
+
+def add_recipe_files(root: Path, loaded: LoadedRecipe) -> None:
+    for entry in loaded.recipe.files:
+        _write(root / entry.dest.lstrip("/"), loaded.file_source(entry).read_bytes(), int(entry.mode, 8))
+
+
+def authorize(root: Path, public_key_line: str) -> None:
+    """Let the controller's key log in as root (the only way in: no passwords)."""
+    ssh = root / "root/.ssh"
+    ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ssh.chmod(0o700)
+    _write(ssh / "authorized_keys", public_key_line.strip().encode() + b"\n", 0o600)
+
+
+def set_hostname(root: Path, name: str) -> None:
+    (root / "etc/hostname").write_text(f"{name}\n")
+    (root / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+
+
+def omit_modules(root: Path, folders: tuple[str, ...]) -> None:
+    for version_dir in sorted((root / "lib/modules").glob("*")):
+        for folder in folders:
+            target = version_dir / "kernel" / folder
+            if ".." in Path(folder).parts or not target.resolve().is_relative_to(version_dir.resolve()):
+                raise ImageStepError("omit modules", [], f"kernel.omit_modules: {folder!r} is outside the module tree")
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def kernel_version(root: Path) -> str:
+    versions = sorted(p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*"))
+    if len(versions) != 1:
+        raise ImageStepError("find kernel", [], f"expected one kernel in /boot of the rootfs, found {versions or 'none'}"
+                             " (is kernel.package a linux-image package?)")  # fmt: skip
+    return versions[0]
+
+
+def make_initramfs(root: Path, *, epoch: int) -> BootFiles:
+    """Run ``mkinitramfs`` in the rootfs (reproducible with ``SOURCE_DATE_EPOCH``)."""
+    version = kernel_version(root)
+    if not re.match(r"^[0-9A-Za-z.+_-]+$", version):
+        raise ImageStepError("mkinitramfs", [], f"unexpected kernel version {version!r}")
+    initrd = f"/boot/initrd.img-{version}"
+    depmod = f"depmod -a {version}\n"  # modules may have been omitted: refresh the index first
+    rootfs.in_root(root, depmod + f"mkinitramfs -o {initrd} {version}", step="mkinitramfs",
+                   env=(f"SOURCE_DATE_EPOCH={epoch}",))  # fmt: skip
+    return BootFiles(kernel=root / f"boot/vmlinuz-{version}", initrd=root / initrd.lstrip("/"), version=version)
+
+
+def configure(root: Path, loaded: LoadedRecipe, *, authorized_key: str, epoch: int) -> BootFiles:
+    """Everything after the cached package steps; deterministic for the same inputs."""
+    recipe = loaded.recipe
+    omit_modules(root, recipe.kernel.omit_modules)
+    apply_overlay(root, agent_port=recipe.agent_port)
+    add_recipe_files(root, loaded)
+    authorize(root, authorized_key)
+    set_hostname(root, recipe.name)
+    rootfs.clean(root)
+    boot = make_initramfs(root, epoch=epoch)
+    rootfs.clean(root)  # mkinitramfs and depmod may have written logs
+    rootfs.clamp_mtimes(root, epoch)
+    os.sync()
+    return boot

@@ -1,0 +1,184 @@
+"""Image recipes: the YAML in ``images/`` that says what goes into a guest image.
+
+A recipe names the Debian suite and mirror, the packages, the kernel (a package, often
+from a newer suite: Linux 6.9 or later measures the command line and initrd into RTMR2),
+files to add, the profile (``smoke``: the guest agent only; ``model-server``: plus the
+Python inference stack), the kernel command line, the disk size and the TDVF firmware
+whose MRTD the manifest predicts. Unknown keys are errors; every error names the file,
+line and field (:mod:`tdxvm.yamlfile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from tdxvm.yamlfile import SpecError, load_yaml
+
+# What every image needs, whatever the recipe adds: systemd, the SSH server, Python with
+# `cryptography` for the guest agent, cryptsetup and initramfs-tools for the unlock step.
+BASE_PACKAGES = (
+    "systemd-sysv", "udev", "kmod", "iproute2", "openssh-server", "python3", "python3-cryptography",
+    "cryptsetup-bin", "cryptsetup-initramfs", "initramfs-tools", "busybox", "ca-certificates",
+)  # fmt: skip
+_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+class RecipeError(Exception):
+    code = "recipe"
+
+
+def parse_size(value: object) -> int:
+    """``"2GiB"`` → bytes. Binary units only, so a size means one thing."""
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size like 512MiB or 2GiB")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _packages(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of Debian package names")
+    for name in value:
+        if not isinstance(name, str) or not _PACKAGE.match(name):
+            raise ValueError(f"{name!r} is not a Debian package name")
+    return tuple(value)
+
+
+def _suite(value: object) -> str:
+    if not isinstance(value, str) or not _SUITE.match(value):
+        raise ValueError(f"{value!r} is not a Debian suite name (bookworm, bookworm-backports, …)")
+    return value
+
+
+Suite = Annotated[str, BeforeValidator(_suite)]
+
+
+class Kernel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str = "linux-image-cloud-amd64"
+    suite: Suite | None = None  # None: the recipe's suite
+    # Module folders (under /lib/modules/VERSION/kernel) left out of the image: a VM needs
+    # no sound, GPU or wireless drivers, and a smaller disk builds and encrypts faster.
+    omit_modules: tuple[str, ...] = ()
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    src: str  # relative to the recipe's folder
+    dest: str
+    mode: str = "0644"
+
+    @field_validator("dest")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError(f"{v!r} must be an absolute path inside the guest, without '..'")
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if not re.match(r"^0?[0-7]{3,4}$", v):
+            raise ValueError(f"{v!r} is not an octal file mode like 0644")
+        return v
+
+
+class Python(BaseModel):
+    """Python packages installed into the guest with the host's pip (``--target``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requirements: tuple[str, ...] = ()
+    index_url: str | None = None
+    find_links: tuple[str, ...] = ()
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+    suite: Suite = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    profile: Literal["smoke", "model-server"] = "smoke"
+    kernel: Kernel = Kernel()
+    packages: Annotated[tuple[str, ...], BeforeValidator(_packages)] = ()
+    files: tuple[FileEntry, ...] = ()
+    python: Python = Python()
+    cmdline: str = "console=ttyS0 root=/dev/mapper/root ro ip=dhcp panic=-1"
+    disk_size: Annotated[int, BeforeValidator(parse_size)] = 1 << 30
+    # The TDVF whose MRTD the manifest predicts: a path, or "debian:PACKAGE/PATH" for a
+    # file from a Debian unstable package fetched as data (never installed).
+    firmware: str | None = None
+    agent_port: Annotated[int, Field(ge=1, le=65535)] = 7300
+    service_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    epoch: Annotated[int, Field(ge=0)] | None = None  # SOURCE_DATE_EPOCH; default: the debootstrap time
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, v: str) -> str:
+        if "root=" not in v:
+            raise ValueError("the command line must name the root device (root=/dev/mapper/root)")
+        if not re.search(r"(^|\s)panic=-?\d+(\s|$)", v):
+            raise ValueError("the command line must set panic= (e.g. panic=-1): without it a failed boot drops to an "
+                             "initramfs shell on the host's console, from which the host could ask the TD for quotes")
+        if len(v.encode()) > 2048:
+            raise ValueError("the command line is longer than 2048 bytes")
+        return v
+
+    @field_validator("disk_size")
+    @classmethod
+    def _disk(cls, v: int) -> int:
+        if v < 64 << 20 or v % 4096:
+            raise ValueError("the disk must be at least 64MiB and a multiple of 4KiB")
+        return v
+
+    def model_post_init(self, _context: object) -> None:
+        if self.profile == "model-server" and self.service_port is None:
+            object.__setattr__(self, "service_port", 8443)
+
+
+class LoadedRecipe(BaseModel):
+    """A recipe and where it came from (relative file paths resolve against ``folder``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recipe: Recipe
+    path: Path
+    sha256: str
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def file_source(self, entry: FileEntry) -> Path:
+        return (self.folder / entry.src).resolve()
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Load and check a recipe; the files it adds must exist."""
+    p = Path(path)
+    try:
+        recipe = load_yaml(p, Recipe)
+    except SpecError as exc:
+        raise RecipeError(f"image recipe is not valid:\n{exc}") from None
+    loaded = LoadedRecipe(recipe=recipe, path=p.resolve(), sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+    for i, entry in enumerate(recipe.files):
+        if not loaded.file_source(entry).is_file():
+            raise RecipeError(f"{p}: files.{i}.src: {entry.src} does not exist (relative to {loaded.folder})")
+    return loaded
+
+
+def canonical(obj: object) -> bytes:
+    """Stable bytes for hashing step inputs."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()

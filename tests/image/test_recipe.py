@@ -1,0 +1,80 @@
+"""Image recipes: the shipped ones load; errors name the file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tdxvm.image.cache import StepCache, step_key
+from tdxvm.image.recipe import RecipeError, load_recipe, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["smoke", "llama2"])
+def test_shipped_recipes_load(name):
+    loaded = load_recipe(ROOT / "images" / f"{name}.yaml")
+    assert loaded.recipe.name == name
+    assert "root=/dev/mapper/root" in loaded.recipe.cmdline
+    assert loaded.recipe.kernel.suite == "bookworm-backports"  # Linux >= 6.9 measures into RTMR2
+
+
+def test_llama2_is_a_model_server():
+    recipe = load_recipe(ROOT / "images/llama2.yaml").recipe
+    assert recipe.profile == "model-server" and recipe.service_port == 8443
+    assert any(r.startswith("torch==") for r in recipe.python.requirements)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("name: x\ndisk_size: 2GB\n", "r.yaml:2: disk_size: '2GB' is not a size"),
+        ("name: x\npackages: [ok, 'Bad Name']\n", "r.yaml:2: packages: 'Bad Name' is not a Debian package name"),
+        ("name: x\nkernel:\n  pakage: linux\n", "r.yaml:3: kernel.pakage: unknown key"),
+        ("name: x\nfiles:\n  - src: a\n    dest: etc/x\n", "r.yaml:4: files.0.dest: 'etc/x' must be an absolute path"),
+        ("name: x\ncmdline: console=ttyS0\n", "r.yaml:2: cmdline: the command line must name the root device"),
+        ("name: x\ncmdline: root=/dev/mapper/root\n", "r.yaml:2: cmdline: the command line must set panic="),
+        ("name: x\nprofile: big\n", "r.yaml:2: profile: Input should be 'smoke' or 'model-server'"),
+        ("name: X Y\n", "r.yaml:1: name: String should match pattern"),
+        ("name: x\ndisk_size: 1MiB\n", "r.yaml:2: disk_size: the disk must be at least 64MiB"),
+        ("name: [x\n", "r.yaml:2: not valid YAML"),
+    ],
+)
+def test_recipe_errors_name_file_line_field(tmp_path, text, where):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, text))
+    assert where in str(err.value)
+
+
+def test_missing_file_named(tmp_path):
+    with pytest.raises(RecipeError, match=r"files\.0\.src: nothere does not exist"):
+        load_recipe(_write(tmp_path, "name: x\nfiles:\n  - {src: nothere, dest: /etc/x}\n"))
+
+
+def test_sizes():
+    assert parse_size("512MiB") == 512 << 20 and parse_size("2GiB") == 2 << 30
+    with pytest.raises(ValueError):
+        parse_size("2G")
+
+
+def test_step_cache_publishes_only_finished_entries(tmp_path):
+    cache = StepCache(tmp_path)
+    inputs = {"suite": "bookworm", "packages": ["a", "b"]}
+    key = step_key("rootfs", inputs)
+    assert key != step_key("rootfs", {**inputs, "packages": ["a"]})
+    assert key != step_key("python", inputs)
+    with pytest.raises(RuntimeError), cache.put("rootfs", key, inputs) as staging:
+        (staging / "rootfs.tar").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert cache.get("rootfs", key) is None
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left
+    with cache.put("rootfs", key, inputs) as staging:
+        (staging / "rootfs.tar").write_bytes(b"whole")
+    assert (cache.get("rootfs", key) / "rootfs.tar").read_bytes() == b"whole"

@@ -14,7 +14,9 @@ import click
 from tdxvm import __version__
 from tdxvm.cli.attest import collateral, eventlog, verify_quote
 from tdxvm.cli.emulate import emulate
+from tdxvm.cli.endpoint import verify_endpoint_cmd
 from tdxvm.cli.image import image
+from tdxvm.cli.vm import console_cmd, destroy_cmd, launch_cmd, status_cmd, stop_cmd
 from tdxvm.cli.weights import weights
 from tdxvm.cli.output import run_guarded
 
@@ -26,10 +28,16 @@ def cli() -> None:
 
 
 cli.add_command(verify_quote)
+cli.add_command(verify_endpoint_cmd)
 cli.add_command(collateral)
 cli.add_command(eventlog)
 cli.add_command(emulate)
 cli.add_command(image)
+cli.add_command(launch_cmd)
+cli.add_command(status_cmd)
+cli.add_command(stop_cmd)
+cli.add_command(destroy_cmd)
+cli.add_command(console_cmd)
 cli.add_command(weights)
 
 

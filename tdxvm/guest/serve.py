@@ -3,6 +3,12 @@
 The HTTP server starts at once and loads the model in a background thread, so
 ``/health`` answers 503 until the model is ready, then 200. If loading fails the
 process exits with status 1 (for systemd to report or restart it).
+
+With ``--tls-dir DIR`` the service speaks HTTPS only, with a P-256 key made inside the
+guest on first start (:mod:`tdxvm.guest.tls`), and answers ``GET /v1/attestation``
+with quotes that bind that key (:mod:`tdxvm.guest.attestation`). Quotes come from
+configfs-tsm or ``/dev/tdx_guest``, or in an emulated guest from the quote service at
+``--qgs HOST:PORT`` (:func:`tdxvm.guest.tdquote.detect`).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from pathlib import Path
 
 import uvicorn
 
+from tdxvm.guest.attestation import CCEL_DATA, Attester
 from tdxvm.guest.engine import DTYPES, Engine, EngineConfig
 from tdxvm.guest.server import ModelHolder, create_app
+from tdxvm.guest.tls import TlsIdentity, ensure_identity
 
 log = logging.getLogger("tdxvm.guest.serve")
 
@@ -48,7 +56,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 503")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tls-dir", type=Path, help="serve HTTPS with the attested key kept here (made on first start)")
+    p.add_argument("--tls-name", action="append", default=None, metavar="NAME", help="DNS name or IP for the certificate (repeat; default: --host and localhost)")
+    p.add_argument("--qgs", metavar="HOST:PORT", help="emulated quote service, used when the guest has no TDX quote device")
     return p.parse_args(argv)
+
+
+def attested_tls(args: argparse.Namespace) -> tuple[TlsIdentity, Attester]:
+    """The TLS identity in ``--tls-dir`` and an attester for it, with the quote provider this guest has."""
+    names = args.tls_name or [n for n in dict.fromkeys([args.host, "localhost"]) if n not in ("0.0.0.0", "::")]
+    identity = ensure_identity(args.tls_dir, names)
+    from tdxvm.guest.tdquote import detect  # the guest's quote devices; only an attested service needs them
+
+    return identity, Attester(detect(args.qgs), {"tls": identity.spki}, event_log=CCEL_DATA)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,8 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.model.is_dir():
         log.error("%s: not a folder", args.model)
         return 2
+    identity = attester = None
+    if args.tls_dir is not None:
+        try:
+            identity, attester = attested_tls(args)
+        except Exception as exc:  # TlsError, or the quote provider's typed error (no TDX device, no --qgs)
+            log.error("cannot serve on an attested TLS key: %s: %s", getattr(exc, "code", type(exc).__name__), exc)
+            return 2
+        log.info("HTTPS with TLS key SPKI SHA-256 %s; quotes from %s", identity.spki_sha256, attester.provider.name)
     holder = ModelHolder(args.name)
-    server = uvicorn.Server(uvicorn.Config(create_app(holder), host=args.host, port=args.port, log_level=args.log_level, access_log=False))
+    app = create_app(holder, attester=attester)
+    keyfile, certfile = (identity.key_path, identity.cert_path) if identity else (None, None)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, ssl_keyfile=keyfile, ssl_certfile=certfile))
     failed = threading.Event()
     config = EngineConfig(model_dir=args.model, name=args.name, dtype=args.dtype, threads=args.threads, max_waiting=args.max_waiting)
     load_in_background(holder, config, failed)

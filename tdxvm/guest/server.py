@@ -3,7 +3,8 @@
 Endpoints, as vLLM and llama.cpp's server have them: ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events in OpenAI's
 chunk format, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503
-until the model is loaded) and ``GET /metrics`` (Prometheus text).
+until the model is loaded), ``GET /metrics`` (Prometheus text) and, on an attested TLS
+key, ``GET /v1/attestation?nonce=HEX`` (:mod:`tdxvm.guest.attestation`).
 
 Every client error is a 4xx in OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``: bad JSON, missing or ill-typed fields, out-of-range or unsupported values
@@ -28,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tdxvm.guest.attestation import Attester
 from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, SamplingParams, Token
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics")
 _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions", "response_format")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -210,8 +212,11 @@ def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
     return out
 
 
-def create_app(holder: ModelHolder) -> FastAPI:
-    """The API for ``holder``'s model; whoever loads the model sets ``holder.engine``."""
+def create_app(holder: ModelHolder, *, attester: Attester | None = None) -> FastAPI:
+    """The API for ``holder``'s model; whoever loads the model sets ``holder.engine``.
+
+    With ``attester`` (a service on an attested TLS key) ``GET /v1/attestation`` answers
+    quotes; without, it is a 404 that says so."""
     metrics = Metrics(waiting=lambda: holder.engine.waiting() if holder.engine else 0)
     app = FastAPI(title="tdxvm inference", docs_url=None, redoc_url=None)
     for kind, handler in _handlers().items():
@@ -227,6 +232,12 @@ def create_app(holder: ModelHolder) -> FastAPI:
     @app.get("/metrics")
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/attestation")
+    def attestation(nonce: str | None = None) -> JSONResponse:  # sync: FastAPI runs it on a worker thread
+        if attester is None:
+            raise RequestError("this server has no attested TLS key (start it with --tls-dir)", status=404, type="not_found_error", code="attestation_unavailable")
+        return JSONResponse(attester.attest(nonce), headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

@@ -6,11 +6,21 @@ One typed description (:class:`DomainSpec`) renders to either backend:
   private anonymous memory, no SMM, split IOAPIC, and upstream libvirt's
   ``<launchSecurity type='tdx'>`` (policy with SEPT_VE_DISABLE, MRCONFIGID, MROWNER,
   MROWNERCONFIG as base64 SHA-384 values, the QGS socket). Validated against the
-  schema of libvirt 12.8 (Debian's ``libvirt-common``).
+  schema of libvirt 12.8 (Debian's ``libvirt-common``). ``qgs_form="vsock"`` writes the
+  quote service the way Canonical's TDX builds of libvirt 10.x take it instead
+  (``<quoteGenerationService><SocketAddress type='vsock' cid='2' port='4050'/>``, from
+  canonical/tdx ``guest-tools/trust_domain.xml.template`` since commit af97a22); upstream
+  libvirt's schema refuses that form.
 * ``emulated``: ``<domain type='qemu'>`` (TCG: KVM is unusable on the hosts this runs
-  on in CI), the same kernel, initramfs, command line and disk; user-mode networking
-  with host port forwards through ``<qemu:commandline>``, since libvirt's own
-  ``portForward`` needs passt.
+  on in CI), the same kernel, initramfs, command line and disk. Its TDVF is not booted;
+  when ``firmware`` is given it is recorded as ``<tdxvm:firmware path='…'/>`` in the
+  tdxvm metadata, where the emulated quote service (:mod:`tdxvm.emulate.qgs`) finds the
+  firmware whose MRTD the emulated TD reports.
+
+Both backends get QEMU user-mode networking with host port forwards through
+``<qemu:commandline>`` (libvirt's own ``portForward`` needs passt; Canonical's TD
+template networks its TDs the same way). The disk is raw, or a qcow2 overlay
+(``disk_format="qcow2"``) whose backing file QEMU reads from the qcow2 header.
 
 Elements are written in a fixed order, so the output for a spec is stable (the tests
 compare it with saved files). Inputs are checked here with plain messages ("TDX needs a
@@ -26,6 +36,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tdxvm.launch.errors import LaunchError
+
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 TDXVM_NS = "https://tdxvm.dev/xmlns/domain/1"
 DEFAULT_QGS_SOCKET = "/var/run/tdx-qgs/qgs.socket"
@@ -35,7 +47,7 @@ TD_ATTR_SEPT_VE_DISABLE = 1 << 28
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-class DomainSpecError(ValueError):
+class DomainSpecError(LaunchError, ValueError):
     code = "domain-spec"
 
 
@@ -59,6 +71,7 @@ class DomainSpec:
     initrd: str
     cmdline: str
     disk: str
+    disk_format: Literal["raw", "qcow2"] = "raw"
     firmware: str | None = None
     vcpu_pins: tuple[str, ...] = ()  # host cpuset per vCPU, e.g. ("2", "3")
     numa_nodeset: str | None = None  # strict memory binding, e.g. "0"
@@ -67,6 +80,8 @@ class DomainSpec:
     mr_owner: bytes | None = None
     mr_owner_config: bytes | None = None
     qgs_socket: str = DEFAULT_QGS_SOCKET
+    qgs_form: Literal["socket", "vsock"] = "socket"  # vsock: Canonical's libvirt 10.x TDX builds
+    qgs_vsock_port: int = 4050  # the host's QGS vsock port (CID 2, the host)
     serial_log: str | None = None
     owner: dict[str, str] = field(default_factory=dict)  # tdxvm metadata (fleet, template…)
 
@@ -86,8 +101,12 @@ class DomainSpec:
                 raise DomainSpecError(f"{path!r} must be an absolute path on the libvirt host")
         if self.backend == "tdx" and not (self.firmware or "").startswith("/"):
             raise DomainSpecError("TDX needs the absolute path of a TDVF firmware (e.g. OVMF.inteltdx.fd) on the host")
-        if self.backend == "tdx" and self.port_forwards:
-            raise DomainSpecError("port forwards are for the emulated backend; a TD's network comes from its interface")
+        if self.firmware is not None and not self.firmware.startswith("/"):
+            raise DomainSpecError(f"firmware {self.firmware!r} must be an absolute path on the host")
+        if self.qgs_form == "socket" and not self.qgs_socket.startswith("/"):
+            raise DomainSpecError(f"QGS socket {self.qgs_socket!r} must be an absolute path on the host")
+        if not 0 < self.qgs_vsock_port < 1 << 32:
+            raise DomainSpecError(f"QGS vsock port {self.qgs_vsock_port} is out of range")
         for name, value in (("mr_config_id", self.mr_config_id), ("mr_owner", self.mr_owner), ("mr_owner_config", self.mr_owner_config)):
             if value is not None and len(value) != 48:
                 raise DomainSpecError(f"{name} must be 48 bytes (a SHA-384 value), got {len(value)}")
@@ -121,6 +140,8 @@ def domain_xml(spec: DomainSpec) -> str:
     owner = ET.SubElement(meta, f"{{{TDXVM_NS}}}owner", {"backend": spec.backend})
     for key in sorted(spec.owner):
         ET.SubElement(owner, f"{{{TDXVM_NS}}}label", {"name": key}).text = spec.owner[key]
+    if not tdx and spec.firmware is not None:
+        ET.SubElement(owner, f"{{{TDXVM_NS}}}firmware", {"path": spec.firmware})
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     if tdx:
         mb = _sub(dom, "memoryBacking")
@@ -153,7 +174,7 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "on_crash", "destroy")
     devs = _sub(dom, "devices")
     disk = _sub(devs, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="raw", cache="none" if tdx else "unsafe")
+    _sub(disk, "driver", name="qemu", type=spec.disk_format, cache="none" if tdx else "unsafe")
     _sub(disk, "source", file=spec.disk)
     _sub(disk, "target", dev="vda", bus="virtio")
     serial = _sub(devs, "serial", type="file" if spec.serial_log else "pty")
@@ -171,8 +192,12 @@ def domain_xml(spec: DomainSpec) -> str:
         for tag, value in (("mrConfigId", spec.mr_config_id), ("mrOwner", spec.mr_owner), ("mrOwnerConfig", spec.mr_owner_config)):
             if value is not None:
                 _sub(sec, tag, base64.b64encode(value).decode())
-        _sub(sec, "quoteGenerationService", path=spec.qgs_socket)
-    else:
+        if spec.qgs_form == "vsock":
+            qgs = _sub(sec, "quoteGenerationService")
+            _sub(qgs, "SocketAddress", type="vsock", cid="2", port=str(spec.qgs_vsock_port))
+        else:
+            _sub(sec, "quoteGenerationService", path=spec.qgs_socket)
+    if spec.port_forwards or not tdx:
         _qemu_user_network(dom, spec.port_forwards)
     ET.indent(dom, "  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
@@ -182,5 +207,5 @@ def _qemu_user_network(dom: ET.Element, forwards: tuple[PortForward, ...]) -> No
     """QEMU user-mode networking with host forwards (no passt on these hosts)."""
     netdev = "user,id=tdxvm0" + "".join(f",hostfwd=tcp:{pf.host_address}:{pf.host_port}-:{pf.guest_port}" for pf in forwards)
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-    for arg in ("-netdev", netdev, "-device", "virtio-net-pci,netdev=tdxvm0"):
+    for arg in ("-netdev", netdev, "-device", "virtio-net-pci,netdev=tdxvm0,bus=pcie.0,addr=0x10"):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})

@@ -100,7 +100,7 @@ def test_td_policy_never_debug():
         ({"vcpu_pins": ("1",)}, "vCPU pins"),
         ({"kernel": "vmlinuz"}, "absolute path"),
         ({"mr_owner": b"short"}, "48 bytes"),
-        ({"port_forwards": (PortForward(host_port=1, guest_port=22),)}, "emulated backend"),
+        ({"qgs_socket": "qgs.socket"}, "QGS socket"),
         ({"memory_mib": 64}, "256 MiB"),
     ],
 )

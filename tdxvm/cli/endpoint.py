@@ -1,0 +1,110 @@
+"""``tdxvm verify-endpoint``: attest an inference endpoint and show the TLS key to pin."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from tdxvm.attest.chain import TrustAnchor
+from tdxvm.attest.collateral import Collateral, load_bundle
+from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_collateral
+from tdxvm.attest.policy import Policy, load_policy
+from tdxvm.attest.quote import Quote
+from tdxvm.cli.attest import _print_verdict, read_file
+from tdxvm.cli.output import EXIT_NETWORK, EXIT_OK, EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json, parse_time
+from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnreachable, verify_endpoint
+
+
+@click.command("verify-endpoint")
+@click.argument("url", metavar="URL")
+@click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML; must name mrtd, rtmr1 and rtmr2.")
+@click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
+@click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
+@click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
+@click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds to wait for the endpoint.")
+@OUTPUT_OPTION
+def verify_endpoint_cmd(url: str, policy_path: str | None, bundle: str | None, pccs: str | None, root_ca: str | None, at_text: str | None, timeout: float, output: str) -> None:
+    """Attest the inference endpoint at URL (https://HOST:PORT) and print the TLS key to pin.
+
+    Sends a fresh nonce to URL/v1/attestation on the TLS connection it checks, and
+    accepts only a genuine quote that passes the policy and whose REPORTDATA binds the
+    nonce and the key that connection presented. Exit 0 when accepted, 1 when refused,
+    2 when the input is unusable, 3 when the endpoint or collateral cannot be reached.
+    """
+    if bundle and pccs:
+        raise CliError("give either --collateral or --pccs, not both")
+    at = parse_time(at_text)
+    policy = load_policy(policy_path) if policy_path else Policy()
+    anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
+    sources: list[str] = []
+    collateral: Collateral | Any
+    if bundle:
+        collateral = load_bundle(bundle)
+        sources.append(f"bundle {bundle}")
+    else:
+        client = PcsClient(base_url=pccs or INTEL_PCS_URL)
+
+        def collateral(quote: Quote) -> Collateral:
+            coll, how = get_collateral(quote, client=client, cache=CollateralCache(), at=at)
+            sources.append(f"{how} from {client.base_url}")
+            return coll
+
+    try:
+        endpoint = verify_endpoint(url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout)
+    except EndpointRefused as exc:
+        _report_refused(exc, sources, output)
+        sys.exit(EXIT_REFUSED)
+    except EndpointUnreachable as exc:
+        _error(exc, output)
+        sys.exit(EXIT_NETWORK)
+    except EndpointError as exc:  # a URL we cannot use
+        raise CliError(str(exc)) from None
+    if output == "json":
+        emit_json({**endpoint.to_dict(), "reasons": [], "collateral": sources[0] if sources else None})
+    else:
+        _print_verdict(endpoint.verdict, sources[0] if sources else "-")
+        _print_endpoint(endpoint.url, endpoint.tls_spki_sha256, endpoint.provider, pinned=True)
+        log = endpoint.event_log_check()
+        if log is not None:
+            match = log.get("rtmrs_match")
+            click.echo(f"     event log: {log['bytes']} bytes, " + (f"{log['events']} events, replay matches RTMR " + ",".join(str(i) for i, ok in enumerate(match) if ok) if match is not None else log["error"]))
+    sys.exit(EXIT_OK)
+
+
+def _print_endpoint(url: str, spki_sha256: str | None, provider: str | None, *, pinned: bool) -> None:
+    click.echo(f"      endpoint: {url}")
+    click.echo(f"       TLS key: SPKI SHA-256 {spki_sha256 or '?'}" + (" (pin this)" if pinned else " (presented, not trusted)"))
+    click.echo(f"quote provider: {provider or '?'}")
+
+
+def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> None:
+    if output == "json":
+        emit_json(
+            {
+                "url": exc.url,
+                "verdict": "reject",
+                "tls_spki_sha256": exc.tls_spki_sha256,
+                "provider": exc.provider,
+                "reasons": [r.to_dict() for r in exc.reasons],
+                "attestation": exc.verdict.to_dict() if exc.verdict else None,
+                "collateral": sources[0] if sources else None,
+            }
+        )
+        return
+    if exc.verdict is not None:
+        _print_verdict(exc.verdict, sources[0] if sources else "-")
+    else:
+        click.echo(click.style("REFUSED", fg="red", bold=True) + "  the endpoint gave no quote to verify")
+        for r in exc.reasons:
+            click.echo(f"  - [{r.code}] {r.message}")
+    _print_endpoint(exc.url, exc.tls_spki_sha256, exc.provider, pinned=False)
+
+
+def _error(exc: EndpointError, output: str) -> None:
+    if output == "json":
+        emit_json({"error": {"code": exc.code, "message": str(exc)}})
+    else:
+        click.echo(f"error: {exc}", err=True)

@@ -1,0 +1,215 @@
+"""``tdxvm launch|status|stop|destroy|console``: VMs on local or remote libvirt.
+
+``--uri`` (or ``$TDXVM_URI``) names the libvirt host; ``launch`` takes it from the VM
+spec unless given. Verbs say precisely what they do: ``stop`` shuts the guest down
+(powering it off after a timeout) and keeps it defined; ``destroy`` powers it off,
+undefines it and deletes its disk overlay and log. Only VMs tdxvm created are touched.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import yaml
+
+from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
+
+DEFAULT_URI = "qemu:///system"
+
+
+def _uri_option(default_note: str) -> Any:
+    return click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI",
+                        help=f"libvirt URI, e.g. qemu+ssh://user@host/system [default: $TDXVM_URI, {default_note}].")  # fmt: skip
+
+
+@click.command("launch")
+@click.argument("spec_path", metavar="VM.yaml", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the domain XML and the effective policy; contact nothing.")
+@_uri_option("else the spec's uri")
+@OUTPUT_OPTION
+def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> None:
+    """Launch the VM described by VM.yaml: preflight, define, boot, attest, provision.
+
+    With --dry-run, print the libvirt domain XML it would define and the effective
+    attestation policy (the spec's keys, with MRTD/RTMR1/RTMR2 from the image manifest),
+    without contacting libvirt or changing anything.
+    """
+    from tdxvm.launch.spec import load_vm_spec
+
+    vm = load_vm_spec(spec_path)
+    if uri:
+        vm = vm.model_copy(update={"uri": uri})
+    if dry_run:
+        _dry_run(vm, output)
+        return
+    from tdxvm.provision import bringup
+
+    code = bringup.launch(vm, output=output)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _dry_run(vm: Any, output: str) -> None:
+    from tdxvm.launch.connection import is_local
+    from tdxvm.launch.lifecycle import render_domain
+    from tdxvm.launch.manifest import load_manifest
+    from tdxvm.launch.ports import choose_forwards
+    from tdxvm.launch.spec import effective_policy, filled_from_manifest
+    from tdxvm.launch.volumes import POOL_PATH, planned
+
+    manifest = load_manifest(vm.image)
+    policy = effective_policy(vm, manifest)
+    forwards = choose_forwards(vm, manifest, taken=set(), local=is_local(vm.uri))
+    volumes = planned(manifest, vm.name)
+    xml = render_domain(vm, manifest, volumes=volumes, forwards=forwards, policy=policy)
+    filled = list(filled_from_manifest(vm, manifest))
+    policy_doc = policy.model_dump(mode="json", exclude_none=True)
+    if output == "json":
+        emit_json({
+            "dry_run": True,
+            "name": vm.name,
+            "uri": vm.uri,
+            "backend": vm.backend,
+            "manifest": str(manifest.path),
+            "domain_xml": xml,
+            "policy": policy_doc,
+            "policy_from_manifest": filled,
+            "policy_exceptions": policy.loosened(),
+            "forwards": [{"address": f.host_address, "host": f.host_port, "guest": f.guest_port} for f in forwards],
+        })  # fmt: skip
+        return
+    click.echo(f"<!-- tdxvm launch --dry-run: VM {vm.name} ({vm.backend}) on {vm.uri}, image {manifest.name} "
+               f"({manifest.path}). Nothing was defined or uploaded and libvirt was not contacted: volume paths "
+               f"assume the tdxvm pool at {POOL_PATH}, and host ports are picked again at launch. -->")  # fmt: skip
+    click.echo(xml, nl=False)
+    note = f" ({', '.join(filled)} from the image manifest)" if filled else ""
+    click.echo(f"\n# effective attestation policy{note}:")
+    click.echo(yaml.safe_dump(policy_doc, sort_keys=False, default_flow_style=None, width=200), nl=False)
+    for line in policy.loosened():
+        click.echo(f"# looser than the strict default: {line}")
+
+
+def _uptime(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _attestation(att: dict[str, Any] | None) -> str:
+    if not att:
+        return "none yet"
+    return f"{att.get('verdict')} ({att.get('recorded_at') or att.get('verified_at') or '?'})"
+
+
+@click.command("status")
+@click.argument("name", required=False)
+@_uri_option(DEFAULT_URI)
+@OUTPUT_OPTION
+def status_cmd(name: str | None, uri: str | None, output: str) -> None:
+    """Show tdxvm's VMs on the host (or VM NAME in detail): state, ports, attestation."""
+    from tdxvm.launch.connection import connection
+    from tdxvm.launch.lifecycle import status
+
+    with connection(uri or DEFAULT_URI) as conn:
+        vms = status(conn, name)
+    if output == "json":
+        emit_json(vms[0].to_dict() if name else {"uri": uri or DEFAULT_URI, "vms": [v.to_dict() for v in vms]})
+        return
+    if name:
+        v = vms[0]
+        rows = [("name", v.name), ("uri", v.uri), ("state", v.state), ("backend", v.backend), ("image", v.image or "-"),
+                ("uptime", _uptime(v.uptime_s)), ("agent", v.agent_endpoint or "-"),
+                ("forwards", ", ".join(f"{f.host_address}:{f.host_port} -> {f.guest_port}" for f in v.forwards) or "-"),
+                ("serial log", v.serial_log or "-"), ("attestation", _attestation(v.attestation))]  # fmt: skip
+        for key, value in rows:
+            click.echo(f"{key:<12} {value}")
+        for reason in (v.attestation or {}).get("reasons") or []:
+            click.echo(f"{'':<12} - {reason.get('code')}: {reason.get('message')}")
+        click.echo(f"{'policy':<12} {'strict defaults' if not v.policy_exceptions else 'LOOSENED:'}")
+        for line in v.policy_exceptions:
+            click.echo(f"{'':<12} - {line}")
+        return
+    if not vms:
+        click.echo(f"no tdxvm VMs on {uri or DEFAULT_URI}")
+        return
+    table = [("NAME", "STATE", "BACKEND", "IMAGE", "AGENT", "UPTIME", "ATTESTATION", "POLICY")]
+    for v in vms:
+        policy = "strict" if not v.policy_exceptions else f"{len(v.policy_exceptions)} loosened"
+        table.append((v.name, v.state, v.backend, v.image or "-", v.agent_endpoint or "-", _uptime(v.uptime_s),
+                      _attestation(v.attestation), policy))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@click.command("stop")
+@click.argument("name")
+@click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
+              help="Wait this long for the guest to shut down before powering it off.")  # fmt: skip
+@_uri_option(DEFAULT_URI)
+@OUTPUT_OPTION
+def stop_cmd(name: str, timeout: float, uri: str | None, output: str) -> None:
+    """Shut VM NAME down (ACPI), power it off if it does not stop in time; it stays defined."""
+    from tdxvm.launch.connection import connection
+    from tdxvm.launch.lifecycle import stop
+
+    with connection(uri or DEFAULT_URI) as conn:
+        result = stop(conn, name, timeout=timeout)
+    if output == "json":
+        emit_json({"name": name, "result": result})
+    else:
+        click.echo(f"{name}: {result}")
+
+
+@click.command("destroy")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@_uri_option(DEFAULT_URI)
+@OUTPUT_OPTION
+def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
+    """Power VM NAME off, undefine it, and delete its disk overlay and serial log.
+
+    The shared image volumes stay. Domains not created by tdxvm are refused.
+    """
+    from tdxvm.launch.connection import connection
+    from tdxvm.launch.lifecycle import destroy, lookup
+
+    target = uri or DEFAULT_URI
+    with connection(target) as conn:
+        lookup(conn, name)  # refuse unknown and foreign domains before asking
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CliError(f"destroy deletes VM {name} and its disk overlay on {target}; pass --yes to confirm "
+                               "(there is no terminal to ask on)")  # fmt: skip
+            click.confirm(f"Destroy VM {name} on {target} (power off, undefine, delete its disk overlay)?", abort=True)
+        report = destroy(conn, name)
+    if output == "json":
+        emit_json({"name": name, "was_running": report.was_running, "deleted_volumes": list(report.deleted_volumes)})
+        return
+    done = ("powered off, " if report.was_running else "") + "undefined"
+    if report.deleted_volumes:
+        done += "; deleted " + ", ".join(report.deleted_volumes)
+    click.echo(f"{name}: {done}")
+
+
+@click.command("console")
+@click.argument("name")
+@click.option("--lines", "-n", default=50, show_default=True, type=click.IntRange(min=0), help="How many lines.")
+@_uri_option(DEFAULT_URI)
+@OUTPUT_OPTION
+def console_cmd(name: str, lines: int, uri: str | None, output: str) -> None:
+    """Print the last lines of VM NAME's serial console log (escape sequences removed)."""
+    from tdxvm.launch.connection import connection
+    from tdxvm.launch.console import serial_log_tail
+
+    with connection(uri or DEFAULT_URI) as conn:
+        text = serial_log_tail(conn, name, lines=lines)
+    if output == "json":
+        emit_json({"name": name, "lines": text.splitlines()})
+    else:
+        click.echo(text, nl=False)

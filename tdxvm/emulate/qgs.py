@@ -1,0 +1,332 @@
+"""The emulated quote service: signs TD reports for guests of the ``emulated`` backend.
+
+An emulated guest has no TDX module, so it cannot measure itself. This service plays the
+TDX module and the quoting enclave for one launched domain: it knows the artifacts the
+domain really boots (:class:`LaunchArtifacts`: kernel, initrd, command line, the TDVF the
+TD stands for) and puts into each quote the measurements a real TD booting them would
+have, computed by :func:`tdxvm.image.measure.predict` from those bytes — never copied
+from a manifest. The guest sends only REPORTDATA.
+
+Register by register:
+
+* MRTD: the TDVF's, from the firmware file (zero when no firmware is known, which a
+  policy naming an MRTD refuses).
+* RTMR1, RTMR2: as predicted for direct kernel boot (kernel Authenticode; load options
+  and initrd), under ``profile`` (default ``upstream``). A kernel whose RTMR2 cannot be
+  predicted is refused: the service would have to make a value up.
+* RTMR0: a real TD's holds the TD HOB, the firmware's variable store and QEMU's ACPI
+  tables, which are not predicted. The emulated TD's RTMR0 is, honestly, something
+  else: one extend with the SHA-384 of :func:`rtmr0_event` — the tag
+  ``"tdxvm emulated TD v1\\0"`` and the canonical JSON of the domain's memory size and
+  vCPU count. It tells emulated layouts apart and can never equal a real TD's.
+* RTMR3: zero (nothing extends it).
+* TD_ATTRIBUTES: SEPT_VE_DISABLE (the launch's policy); DEBUG is refused. XFAM and
+  MRCONFIGID/MROWNER/MROWNERCONFIG from the launch (defaults: the platform's usual XFAM,
+  zeros).
+
+Anyone who can reach the port gets quotes for these measurements with any REPORTDATA:
+it binds 127.0.0.1 and stands in for hardware only where the host is trusted (tests, CI,
+demos), with its own root CA as the verifier's trust anchor.
+
+Wire: TCP, one JSON object per line (at most :data:`MAX_REQUEST` bytes):
+``{"report_data": "<128 hex>"}`` → ``{"quote": "<b64>"}`` or ``{"error": "<message>"}``.
+A guest behind QEMU user networking reaches it at ``10.0.2.2:<port>``.
+
+Domain XML: :meth:`LaunchArtifacts.from_domain_xml` reads ``<os><kernel>``, ``<initrd>``,
+``<cmdline>``, ``<memory>``, ``<vcpu>``, ``<launchSecurity type='tdx'>`` (policy and the
+MR* values) and the firmware: the tdxvm metadata element ``<tdxvm:firmware path='/abs/
+OVMF.inteltdx.fd'/>`` (namespace :data:`tdxvm.launch.domain.TDXVM_NS`), which the emulated
+backend records because its TDVF is not the loader; else ``<os><loader>`` (the TDX
+backend). libvirt keeps one metadata element per namespace, so the element belongs inside
+``<tdxvm:owner>``; it is found anywhere under ``<metadata>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import socketserver
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
+from tdxvm.emulate.platform import EmulatedPlatform
+from tdxvm.emulate.quote import DEFAULT_XFAM, TdReportFields
+from tdxvm.image.measure import DEFAULT_PROFILE, Measurements, predict, replay, sha384
+from tdxvm.launch.domain import TDXVM_NS
+
+MAX_REQUEST = 4096
+IDLE_TIMEOUT = 30.0
+GUEST_GATEWAY = "10.0.2.2"  # the host as a guest on QEMU user networking sees it
+RTMR0_EVENT_TAG = b"tdxvm emulated TD v1\x00"
+FIRMWARE_ELEMENT = f"{{{TDXVM_NS}}}firmware"
+_UNITS = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+
+class QuoteServiceError(Exception):
+    """The service cannot stand for this launch; the message names the element or file."""
+
+    code = "qgs"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+def rtmr0_event(memory_mib: int | None, vcpus: int | None) -> bytes:
+    """The one event the emulated TD's RTMR0 is extended with (see the module doc)."""
+    layout = json.dumps({"memory_mib": memory_mib, "vcpus": vcpus}, sort_keys=True, separators=(",", ":"))
+    return RTMR0_EVENT_TAG + layout.encode("ascii")
+
+
+def emulated_rtmr0(memory_mib: int | None, vcpus: int | None) -> bytes:
+    return replay([sha384(rtmr0_event(memory_mib, vcpus))])
+
+
+def _read_local(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchArtifacts:
+    """What an emulated TD boots, as bytes, and the launch settings its quotes report."""
+
+    kernel: bytes
+    initrd: bytes
+    cmdline: str
+    firmware: bytes | None
+    td_attributes: int = TD_ATTR_SEPT_VE_DISABLE
+    xfam: bytes = DEFAULT_XFAM
+    mr_config_id: bytes = bytes(48)
+    mr_owner: bytes = bytes(48)
+    mr_owner_config: bytes = bytes(48)
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    profile: str = DEFAULT_PROFILE
+
+    def __post_init__(self) -> None:
+        if self.td_attributes & TD_ATTR_DEBUG:
+            raise QuoteServiceError("the emulated quote service never signs for a DEBUG TD (TD_ATTRIBUTES bit 0)", code="debug-td")
+        if len(self.xfam) != 8:
+            raise QuoteServiceError(f"XFAM must be 8 bytes, got {len(self.xfam)}", code="launch")
+        for name in ("mr_config_id", "mr_owner", "mr_owner_config"):
+            if len(getattr(self, name)) != 48:
+                raise QuoteServiceError(f"{name} must be 48 bytes, got {len(getattr(self, name))}", code="launch")
+
+    @classmethod
+    def from_domain_xml(cls, xml_text: str, *, read: Callable[[str], bytes] = _read_local, profile: str = DEFAULT_PROFILE) -> LaunchArtifacts:
+        """The artifacts a libvirt domain boots; ``read(path)`` gives a file's bytes as the
+        libvirt host has it (default: this machine's file)."""
+        try:
+            dom = ET.fromstring(xml_text)
+        except ET.ParseError as exc:
+            raise QuoteServiceError(f"domain XML: {exc}", code="domain-xml") from None
+        name = dom.findtext("name") or "?"
+        where = f"domain {name}"
+
+        def file(element: str, path: str | None) -> bytes:
+            if not path or not path.startswith("/"):
+                raise QuoteServiceError(f"{where}: {element} needs an absolute path, got {path!r}", code="domain-xml")
+            try:
+                return read(path)
+            except OSError as exc:
+                raise QuoteServiceError(f"{where}: cannot read {element} {path}: {exc.strerror or exc}", code="domain-file") from None
+
+        kernel_path = dom.findtext("os/kernel")
+        if kernel_path is None:
+            raise QuoteServiceError(f"{where}: no <os><kernel> (the emulated TD boots a kernel directly)", code="domain-xml")
+        initrd_path = dom.findtext("os/initrd")
+        fw_element = dom.find(f"metadata//{FIRMWARE_ELEMENT}")
+        if fw_element is not None:
+            firmware: bytes | None = file(f"<tdxvm:firmware path=...> ({TDXVM_NS})", fw_element.get("path"))
+        elif dom.findtext("os/loader"):
+            firmware = file("<os><loader>", dom.findtext("os/loader"))
+        else:
+            firmware = None
+        settings: dict[str, Any] = {}
+        sec = dom.find("launchSecurity")
+        if sec is not None and sec.get("type") == "tdx":
+            settings.update(_launch_security(sec, where))
+        return cls(
+            kernel=file("<os><kernel>", kernel_path),
+            initrd=file("<os><initrd>", initrd_path) if initrd_path else b"",
+            cmdline=dom.findtext("os/cmdline") or "",
+            firmware=firmware,
+            memory_mib=_memory_mib(dom.find("memory"), where),
+            vcpus=_int(dom.findtext("vcpu"), f"{where}: <vcpu>"),
+            profile=profile,
+            **settings,
+        )
+
+    def measurements(self) -> Measurements:
+        return predict(firmware=self.firmware, kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, profile=self.profile)
+
+    def report(self, measured: Measurements, report_data: bytes) -> TdReportFields:
+        """The TD report fields of a quote with ``report_data`` (see the module doc)."""
+        for register in ("rtmr1", "rtmr2"):
+            if measured.value(register) is None:
+                raise QuoteServiceError(f"cannot emulate this TD: {register.upper()} is {measured.notes[register]}", code="unpredictable")
+        return TdReportFields(
+            td_attributes=self.td_attributes,
+            xfam=self.xfam,
+            mr_td=bytes.fromhex(measured.mrtd) if measured.mrtd else bytes(48),
+            mr_config_id=self.mr_config_id,
+            mr_owner=self.mr_owner,
+            mr_owner_config=self.mr_owner_config,
+            rtmrs=(emulated_rtmr0(self.memory_mib, self.vcpus), bytes.fromhex(measured.rtmr1 or ""),
+                   bytes.fromhex(measured.rtmr2 or ""), bytes(48)),  # fmt: skip
+            report_data=report_data,
+        )
+
+
+def _int(text: str | None, where: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text.strip(), 0)
+    except ValueError:
+        raise QuoteServiceError(f"{where} is {text!r}, not a number", code="domain-xml") from None
+
+
+def _memory_mib(element: ET.Element | None, where: str) -> int | None:
+    if element is None:
+        return None
+    amount = _int(element.text, f"{where}: <memory>") or 0
+    unit = (element.get("unit") or "KiB").lower()  # libvirt's default unit is KiB
+    if unit not in _UNITS:
+        raise QuoteServiceError(f"{where}: <memory unit={unit!r}> is not a libvirt unit", code="domain-xml")
+    return amount * _UNITS[unit] // (1 << 20)
+
+
+def _launch_security(sec: ET.Element, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    policy = _int(sec.findtext("policy"), f"{where}: <launchSecurity><policy>")
+    if policy is not None:
+        out["td_attributes"] = policy
+    for tag, key in (("mrConfigId", "mr_config_id"), ("mrOwner", "mr_owner"), ("mrOwnerConfig", "mr_owner_config")):
+        text = sec.findtext(tag)
+        if text:
+            try:
+                out[key] = base64.b64decode(text.strip(), validate=True)
+            except ValueError:
+                raise QuoteServiceError(f"{where}: <launchSecurity><{tag}> is not base64", code="domain-xml") from None
+    return out
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(IDLE_TIMEOUT)
+
+    def handle(self) -> None:
+        while True:
+            try:
+                line = self.rfile.readline(MAX_REQUEST + 1)
+            except OSError:
+                return
+            if not line:
+                return
+            if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
+                self._send({"error": f"request longer than {MAX_REQUEST} bytes or cut short"})
+                return
+            self._send(self.server.service.answer(line))
+
+    def _send(self, answer: dict[str, str]) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, service: QuoteService, address: tuple[str, int]) -> None:
+        self.service = service
+        super().__init__(address, _Handler)
+
+
+class QuoteService:
+    """Signs quotes for one launch with ``platform``'s keys; serves them on ``host:port``
+    (default 127.0.0.1 and a free port) while used as a context manager."""
+
+    def __init__(self, platform: EmulatedPlatform, launch: LaunchArtifacts, *, host: str = "127.0.0.1", port: int = 0,
+                 version: int = 4) -> None:  # fmt: skip
+        self.platform, self.launch, self.version = platform, launch, version
+        self.measurements = launch.measurements()
+        launch.report(self.measurements, bytes(64))  # refuse an unpredictable launch now, not per request
+        self._bind = (host, port)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def sign(self, report_data: bytes) -> bytes:
+        """A quote over this launch's measurements with ``report_data`` (64 bytes)."""
+        if len(report_data) != 64:
+            raise QuoteServiceError(f"REPORTDATA must be 64 bytes, got {len(report_data)}", code="report-data")
+        report = self.launch.report(self.measurements, report_data)
+        return self.platform.sign_quote(version=self.version, report=report, tee_tcb_svn=self.platform.tee_tcb_svn)
+
+    def answer(self, line: bytes) -> dict[str, str]:
+        """The answer to one request line (see the module doc)."""
+        try:
+            request = json.loads(line)
+            text = request["report_data"] if isinstance(request, dict) else None
+            if not isinstance(text, str) or len(text) != 128:
+                raise ValueError
+            report_data = bytes.fromhex(text)
+        except (ValueError, KeyError):
+            return {"error": 'expected {"report_data": "<128 hex digits>"}'}
+        quote = self.sign(report_data)
+        log.info("signed a quote for REPORTDATA %s…", text[:16])
+        return {"quote": base64.b64encode(quote).decode("ascii")}
+
+    # -- serving ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise QuoteServiceError("the quote service is not running", code="qgs-stopped")
+        return int(self._server.server_address[1])
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT`` where it listens (for a guest on this machine's loopback)."""
+        return f"{self._bind[0]}:{self.port}"
+
+    def guest_address(self, gateway: str = GUEST_GATEWAY) -> str:
+        """Where a guest on QEMU user networking reaches it."""
+        return f"{gateway}:{self.port}"
+
+    def start(self) -> QuoteService:
+        if self._server is None:
+            self._server = _Server(self, self._bind)
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name="tdxvm-qgs", daemon=True)  # fmt: skip
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            self._server = self._thread = None
+
+    def __enter__(self) -> QuoteService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,280 @@
+"""The VM spec (``configs/*.yaml``): what to run, where, and which TD to trust.
+
+Loaded through :mod:`tdxvm.yamlfile`, so every problem names the file, line and field::
+
+    name: llama-0
+    uri: qemu+ssh://admin@tdx-host/system   # default qemu:///system
+    image: ../build/llama2/manifest.json     # relative to this file's folder
+    backend: tdx                             # or emulated (TCG, no TDX)
+    vcpus: 8
+    memory: 32GiB
+    pinning: {vcpus: ["2", "3", ...], numa_node: 0}
+    network: {forwards: [{host: 8443, guest: 8443}]}
+    firmware: /usr/share/ovmf/OVMF.inteltdx.ms.fd   # default: the manifest's firmware (see below)
+    qgs_socket: /var/run/tdx-qgs/qgs.socket
+    policy: policy.yaml                      # or an inline mapping of Policy keys
+
+Relative paths (``image``, ``policy``, ``model``) are resolved against the YAML file's
+folder; ``firmware`` and ``qgs_socket`` are paths on the libvirt host and must be
+absolute. ``firmware`` is the TDVF a TD boots; an emulated guest boots no TDVF, and
+there it names the firmware the emulated TD stands for (the emulated quote service takes
+its MRTD from it). :func:`effective_policy` completes the policy with the manifest's
+predicted measurements.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from tdxvm.attest.errors import PolicyFileError
+from tdxvm.attest.policy import Policy, load_policy
+from tdxvm.launch.connection import DEFAULT_URI
+from tdxvm.launch.errors import LaunchPolicyError
+from tdxvm.launch.manifest import ImageManifest
+from tdxvm.yamlfile import load_yaml, parse_yaml
+
+FILLED_FROM_MANIFEST = ("mrtd", "rtmr1", "rtmr2")
+REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")
+_TDX_ONLY = ("qgs_socket", "qgs_form", "qgs_vsock_port", "mr_config_id", "mr_owner", "mr_owner_config")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_CPUSET = re.compile(r"^\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
+_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+_base_dir: ContextVar[Path | None] = ContextVar("tdxvm_vm_spec_base", default=None)
+
+
+def _resolve(value: Any) -> Path:
+    """A local path; relative ones are taken from the VM spec's folder."""
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a path")
+    p = Path(value).expanduser()
+    base = _base_dir.get()
+    if not p.is_absolute():
+        p = (base or Path.cwd()) / p
+    return Path(p.resolve(strict=False))
+
+
+def _memory_mib(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):  # from code: MiB
+        return value
+    text = str(value)
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size: write e.g. 2GiB or 1024MiB (units KiB, MiB, GiB, TiB)")
+    size = int(m.group(1)) * _UNITS[m.group(2)]
+    if size % (1 << 20):
+        raise ValueError(f"{text} is not a whole number of MiB")
+    return size >> 20
+
+
+def _hex48(value: Any) -> bytes:
+    text = str(value).strip().lower().removeprefix("0x")
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not hex") from None
+    if len(raw) != 48:
+        raise ValueError(f"expected 48 bytes (96 hex digits, a SHA-384 value), got {len(raw)}")
+    return raw
+
+
+def _host_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path on the libvirt host")
+    return value
+
+
+def _policy(value: Any) -> Any:
+    """A path to a policy YAML (loaded here, its own errors kept) or an inline mapping."""
+    if isinstance(value, str):
+        path = _resolve(value)
+        try:
+            return load_policy(path)
+        except PolicyFileError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+Hex48 = Annotated[bytes, BeforeValidator(_hex48)]
+LocalPath = Annotated[Path, BeforeValidator(_resolve)]
+HostPath = Annotated[str, BeforeValidator(_host_path)]
+PortNumber = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Forward(BaseModel):
+    """Host ``address:host`` → guest port ``guest``. ``host`` left out: a free port is chosen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    guest: PortNumber
+    host: PortNumber | None = None
+    address: str = "127.0.0.1"
+
+    @field_validator("address")
+    @classmethod
+    def _ipv4(cls, value: str) -> str:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address (QEMU user networking forwards IPv4)") from None
+        return value
+
+
+class Network(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    forwards: tuple[Forward, ...] = ()
+
+    @field_validator("forwards")
+    @classmethod
+    def _distinct(cls, forwards: tuple[Forward, ...]) -> tuple[Forward, ...]:
+        seen_guest: set[int] = set()
+        seen_host: set[tuple[str, int]] = set()
+        for f in forwards:
+            if f.guest in seen_guest:
+                raise ValueError(f"guest port {f.guest} is forwarded twice")
+            seen_guest.add(f.guest)
+            if f.host is not None:
+                if (f.address, f.host) in seen_host:
+                    raise ValueError(f"host port {f.address}:{f.host} is used by two forwards")
+                seen_host.add((f.address, f.host))
+        return forwards
+
+
+class Pinning(BaseModel):
+    """``vcpus``: the host cpuset of each vCPU, in order; ``numa_node``: strict memory binding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vcpus: tuple[str, ...] = ()
+    numa_node: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("vcpus")
+    @classmethod
+    def _cpusets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cpus in value:
+            if not _CPUSET.match(cpus):
+                raise ValueError(f"{cpus!r} is not a host cpuset (e.g. \"2\", \"2-3\", \"0-7,^4\")")
+        return value
+
+
+class VmSpec(BaseModel):
+    """A VM spec. Load with :func:`load_vm_spec`; construct with keywords in code."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    uri: str = DEFAULT_URI
+    image: LocalPath
+    backend: Literal["tdx", "emulated"] = "tdx"
+    vcpus: Annotated[int, Field(ge=1, le=512)] = 2
+    memory: Annotated[int, BeforeValidator(_memory_mib), Field(ge=256)] = 2048  # MiB
+    pinning: Pinning | None = None
+    network: Network = Network()
+    firmware: HostPath | None = None
+    qgs_socket: HostPath | None = None
+    qgs_form: Literal["socket", "vsock"] = "socket"
+    qgs_vsock_port: PortNumber = 4050
+    mr_config_id: Hex48 | None = None
+    mr_owner: Hex48 | None = None
+    mr_owner_config: Hex48 | None = None
+    policy: Annotated[Policy | None, BeforeValidator(_policy)] = None
+    model: LocalPath | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r}: use letters, digits, '.', '_' and '-' (at most 63, first a letter or digit)")
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9+]*://", value):
+            raise ValueError(f"{value!r} is not a libvirt URI (e.g. qemu:///system, qemu+ssh://user@host/system)")
+        return value
+
+    @field_validator("pinning")
+    @classmethod
+    def _pins_match_vcpus(cls, value: Pinning | None, info: ValidationInfo) -> Pinning | None:
+        vcpus = info.data.get("vcpus")
+        if value is not None and value.vcpus and vcpus is not None and len(value.vcpus) != vcpus:
+            raise ValueError(f"vcpus lists {len(value.vcpus)} host cpusets for {vcpus} vCPUs; give one per vCPU")
+        return value
+
+    @field_validator(*_TDX_ONLY)
+    @classmethod
+    def _tdx_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.data.get("backend") == "emulated":
+            raise ValueError("a TDX launch setting; the emulated backend (no TDX) takes none (remove it, or use "
+                             "backend: tdx)")  # fmt: skip
+        return value
+
+    @property
+    def memory_mib(self) -> int:
+        return self.memory
+
+
+def load_vm_spec(path: str | Path) -> VmSpec:
+    """Load a VM spec YAML; raise :class:`tdxvm.yamlfile.SpecError` (file:line: field: problem)."""
+    token = _base_dir.set(Path(path).resolve().parent)
+    try:
+        return load_yaml(path, VmSpec)
+    finally:
+        _base_dir.reset(token)
+
+
+def parse_vm_spec(text: str, *, source: str = "<vm spec>", base_dir: str | Path | None = None) -> VmSpec:
+    token = _base_dir.set(Path(base_dir).resolve() if base_dir is not None else None)
+    try:
+        return parse_yaml(text, VmSpec, source=source)
+    finally:
+        _base_dir.reset(token)
+
+
+def firmware_path(spec: VmSpec, manifest: ImageManifest) -> str | None:
+    """The TDVF the TD boots (emulated: stands for): the spec's, else the one the manifest's MRTD was predicted for."""
+    return spec.firmware or manifest.firmware_path
+
+
+def filled_from_manifest(spec: VmSpec, manifest: ImageManifest) -> tuple[str, ...]:
+    """Policy keys the spec leaves out and the manifest predicts (taken from the manifest)."""
+    given = spec.policy.model_fields_set if spec.policy is not None else set()
+    return tuple(k for k in FILLED_FROM_MANIFEST if k not in given and manifest.measurements.get(k) is not None)
+
+
+def effective_policy(spec: VmSpec, manifest: ImageManifest) -> Policy:
+    """The policy a launch appraises with: the spec's keys, plus MRTD/RTMR1/RTMR2 from the manifest.
+
+    For the tdx backend, MR_CONFIG_ID/MR_OWNER/MR_OWNER_CONFIG given to the TD are
+    expected in its quote too, unless the policy says otherwise. A policy that ends up
+    without an expected MRTD, RTMR1 or RTMR2 is refused: it would trust any firmware,
+    kernel or command line.
+    """
+    given = spec.policy.model_dump(exclude_unset=True) if spec.policy is not None else {}
+    values: dict[str, Any] = dict(given)
+    for key in filled_from_manifest(spec, manifest):
+        values[key] = manifest.measurements[key]
+    if spec.backend == "tdx":
+        for key in ("mr_config_id", "mr_owner", "mr_owner_config"):
+            launched = getattr(spec, key)
+            if launched is not None and key not in values:
+                values[key] = launched.hex()
+    missing = [k for k in REQUIRED_MEASUREMENTS if values.get(k) is None]
+    if missing:
+        raise LaunchPolicyError(
+            f"VM {spec.name}: the attestation policy has no expected {', '.join(m.upper() for m in missing)}, and "
+            f"the image manifest {manifest.path} predicts none (an image built without --firmware predicts no MRTD); "
+            "rebuild the image with its firmware, or give the values under policy: in the VM spec"
+        )
+    return Policy(**values)

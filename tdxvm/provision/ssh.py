@@ -1,0 +1,72 @@
+"""SSH to an attested guest: the host key must be the one its quote binds.
+
+paramiko is given no known-hosts file and a host-key policy that accepts exactly the
+key the guest bound into its attestation (``ssh-host``: the OpenSSH wire-format blob of
+``/etc/ssh/ssh_host_ed25519_key.pub``, made inside the TD). Any other key, such as a
+man in the middle's, ends the connection before authentication, so nothing is sent to
+it. Never AutoAdd. The controller logs in with its own key (``ssh/controller``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import socket
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+
+class SshError(Exception):
+    code = "ssh"
+
+
+class HostKeyMismatch(SshError):
+    code = "ssh-host-key"
+
+
+class AttestedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Accept the server's key only if it is the attested one."""
+
+    def __init__(self, attested_blob: bytes) -> None:
+        self.attested_blob = attested_blob
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        if not hmac.compare_digest(key.asbytes(), self.attested_blob):
+            raise HostKeyMismatch(f"{hostname}: the SSH host key ({key.get_name()} {key.fingerprint}) is not the key "
+                                  "this guest bound into its attestation quote: refusing (a man in the middle?)")  # fmt: skip
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _paramiko_key(key: Ed25519PrivateKey) -> paramiko.PKey:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
+
+
+def connect(address: tuple[str, int], *, host_key: bytes, client_key: Ed25519PrivateKey, user: str = "root",
+            timeout: float = 30.0) -> paramiko.SSHClient:  # fmt: skip
+    """An SSH session to ``address`` whose server proved to hold ``host_key``."""
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(AttestedHostKeyPolicy(host_key))
+    where = f"{address[0]}:{address[1]}"
+    try:
+        client.connect(address[0], port=address[1], username=user, pkey=_paramiko_key(client_key), timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout, allow_agent=False, look_for_keys=False)  # fmt: skip
+    except HostKeyMismatch:
+        client.close()
+        raise
+    except (paramiko.SSHException, OSError, socket.timeout) as exc:
+        client.close()
+        raise SshError(f"ssh {user}@{where}: {exc}") from None
+    return client
+
+
+def run(client: paramiko.SSHClient, command: str, *, timeout: float = 60.0) -> str:
+    """Run ``command``; its stdout, or :class:`SshError` with its stderr and exit status."""
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode(errors="replace")
+    status = stdout.channel.recv_exit_status()
+    if status != 0:
+        raise SshError(f"`{command}` exited {status}: {stderr.read().decode(errors='replace').strip()}")
+    return out

@@ -1,0 +1,78 @@
+"""What the controller trusts when it attests a guest: Intel's root, or the emulated one.
+
+* ``tdx`` backend: Intel's SGX root CA (pinned in :mod:`tdxvm.attest.chain`) and
+  collateral from Intel's PCS (or a PCCS), cached on disk.
+* ``emulated`` backend: the controller's emulated platform (``tdxvm emulate``), kept in
+  ``$XDG_DATA_HOME/tdxvm/emulated`` (keys mode 0600) and made on first use. Its quote
+  service signs for emulated guests; its private root CA is the trust anchor, so a quote
+  from any other signer is refused. The verification code is the same.
+
+For an emulated guest the trust also starts the quote service for one attestation:
+it measures the kernel, initramfs and command line the domain really boots (read back
+through libvirt) and the firmware named in the domain's tdxvm metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tdxvm.attest import Collateral, TrustAnchor
+from tdxvm.attest.quote import Quote
+
+
+def emulated_platform_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tdxvm" / "emulated"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Collateral source and trust anchor for one backend; :meth:`quote_service` is the
+    emulated quote service for one domain (a no-op for TDX, whose quotes come from the host's QGS)."""
+
+    backend: str
+    collateral: Collateral | Callable[[Quote], Collateral]
+    trust_anchor: TrustAnchor | None
+    platform: Any = None  # EmulatedPlatform for the emulated backend
+
+    @contextmanager
+    def quote_service(self, domain_xml: str, read: Callable[[str], bytes]) -> Iterator[str | None]:
+        """Yields the address the guest asks for its quote (None: the guest uses its own TDX)."""
+        if self.platform is None:
+            with nullcontext():
+                yield None
+            return
+        from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
+
+        artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read)
+        with QuoteService(self.platform, artifacts) as service:
+            yield service.guest_address()
+
+
+def for_backend(backend: str, *, emulated_dir: Path | None = None, pccs_url: str | None = None) -> Trust:
+    if backend == "emulated":
+        from tdxvm.emulate import EmulatedPlatform
+
+        folder = emulated_dir or emulated_platform_dir()
+        now = datetime.now(timezone.utc)
+        if (folder / "root-ca.pem").is_file():
+            platform = EmulatedPlatform.load(folder, at=now)
+        else:
+            platform = EmulatedPlatform(at=now)
+            platform.save(folder)
+        return Trust("emulated", platform.collateral(), TrustAnchor.from_der(platform.root_ca_der), platform)
+    from tdxvm.attest.pcs import CollateralCache, PcsClient, get_collateral
+
+    client = PcsClient(base_url=pccs_url) if pccs_url else PcsClient()
+    cache = CollateralCache()
+
+    def collateral(quote: Quote) -> Collateral:
+        return get_collateral(quote, client=client, cache=cache, at=datetime.now(timezone.utc))[0]
+
+    return Trust("tdx", collateral, None)

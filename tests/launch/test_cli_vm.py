@@ -1,0 +1,134 @@
+"""``tdxvm launch --dry-run``, ``status``, ``stop``, ``destroy``, ``console`` through the CLI.
+
+Each command opens its own connection; a test-driver host file gives every invocation
+the same starting host (one tdxvm VM, running, and one foreign domain).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tdxvm.cli import main
+from tdxvm.launch.domain import PortForward
+from tdxvm.launch.lifecycle import render_domain
+from tdxvm.launch.spec import effective_policy, parse_vm_spec
+from tdxvm.launch.volumes import planned, serial_log_name
+
+from .conftest import host_xml, image_volumes
+from .test_lifecycle import FOREIGN
+
+UNREACHABLE = "qemu+ssh://nobody@no-such-host.invalid/system"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def vm_file(tmp_path, image):
+    path = tmp_path / "vm.yaml"
+    path.write_text(f"name: smoke\nuri: {UNREACHABLE}\nimage: build/smoke/manifest.json\nbackend: emulated\n"
+                    "vcpus: 1\nmemory: 1GiB\npolicy:\n  accepted_tcb_statuses: [UpToDate, SWHardeningNeeded]\n")  # fmt: skip
+    return path
+
+
+def test_dry_run_prints_domain_and_policy_without_contacting_libvirt(capsys, vm_file, image):
+    # The URI names a host that does not resolve: any contact would fail the command.
+    code, out, err = run(capsys, "launch", "--dry-run", vm_file)
+    assert code == 0, err
+    xml_text, _, policy_text = out.partition("\n# effective attestation policy")
+    root = ET.fromstring(xml_text.split("-->", 1)[1])
+    assert root.get("type") == "qemu" and root.findtext("name") == "smoke"
+    assert root.find("devices/disk/driver").get("type") == "qcow2"
+    assert root.find("devices/serial/source").get("path").endswith("/smoke.serial.log")
+    manifest = image.manifest()
+    assert root.findtext("os/cmdline") == manifest.cmdline
+    assert "nothing was defined" in out.lower() and "libvirt was not contacted" in out
+    assert "(mrtd, rtmr1, rtmr2 from the image manifest)" in policy_text
+    assert manifest.measurements["mrtd"] in policy_text and "SWHardeningNeeded" in policy_text
+    assert "# looser than the strict default: accepted_tcb_statuses" in policy_text
+
+
+def test_dry_run_json(capsys, vm_file, image):
+    code, out, _ = run(capsys, "launch", "--dry-run", vm_file, "--uri", "qemu+ssh://other@host.invalid/system", "-o", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["dry_run"] is True and doc["uri"] == "qemu+ssh://other@host.invalid/system"
+    assert doc["policy"]["rtmr2"] == [image.manifest().measurements["rtmr2"]]
+    assert doc["policy_from_manifest"] == ["mrtd", "rtmr1", "rtmr2"]
+    assert sorted(f["guest"] for f in doc["forwards"]) == [22, 7300]
+    assert ET.fromstring(doc["domain_xml"]).findtext("name") == "smoke"
+
+
+def test_dry_run_errors_are_one_clear_line(capsys, tmp_path):
+    bad = tmp_path / "vm.yaml"
+    bad.write_text("name: smoke\nimage: nowhere/manifest.json\nmemory: lots\n")
+    code, _, err = run(capsys, "launch", "--dry-run", bad)
+    assert code == 2 and f"{bad}:3: memory: " in err and "Traceback" not in err
+    bad.write_text("name: smoke\nimage: nowhere/manifest.json\n")
+    code, out, _ = run(capsys, "launch", "--dry-run", bad, "-o", "json")
+    assert code == 2 and json.loads(out)["error"]["code"] == "manifest"
+
+
+@pytest.fixture
+def host_uri(image, make_host):
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
+    m = image.manifest()
+    forwards = (PortForward(host_port=20001, guest_port=7300), PortForward(host_port=20002, guest_port=22))
+    dom = render_domain(spec, m, volumes=planned(m, "smoke"), forwards=forwards, policy=effective_policy(spec, m))
+    vols = image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)]
+    return make_host(host_xml(pool_volumes=vols, domains=[dom, FOREIGN]))
+
+
+def test_status_table_and_detail(capsys, host_uri):
+    code, out, _ = run(capsys, "status", "--uri", host_uri)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "STATE", "BACKEND", "IMAGE", "AGENT", "UPTIME", "ATTESTATION", "POLICY"]
+    assert row.split()[:5] == ["smoke", "running", "emulated", "smoke", "127.0.0.1:20001"] and "theirs" not in out
+    code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
+    assert code == 0 and "127.0.0.1:20002 -> 22" in out and "strict defaults" in out and "none yet" in out
+    code, out, _ = run(capsys, "status", "--uri", host_uri, "-o", "json")
+    doc = json.loads(out)
+    assert [v["name"] for v in doc["vms"]] == ["smoke"] and doc["vms"][0]["agent"] == "127.0.0.1:20001"
+
+
+def test_status_env_uri_and_refusals(capsys, host_uri, monkeypatch):
+    monkeypatch.setenv("TDXVM_URI", host_uri)
+    code, _, err = run(capsys, "status", "theirs")
+    assert code == 2 and "not created by tdxvm" in err
+    code, out, _ = run(capsys, "status", "nope", "-o", "json")
+    assert code == 2 and json.loads(out)["error"]["code"] == "no-such-vm"
+
+
+def test_stop(capsys, host_uri):
+    code, out, _ = run(capsys, "stop", "smoke", "--uri", host_uri)
+    assert code == 0 and out == "smoke: shut down\n"
+    code, _, err = run(capsys, "stop", "theirs", "--uri", host_uri)
+    assert code == 2 and "never stops, changes or deletes it" in err
+
+
+def test_destroy_needs_yes_without_a_terminal(capsys, host_uri):
+    code, _, err = run(capsys, "destroy", "smoke", "--uri", host_uri)
+    assert code == 2 and "pass --yes" in err
+    code, out, _ = run(capsys, "destroy", "smoke", "--uri", host_uri, "--yes", "-o", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["was_running"] is True and [p.rsplit("/", 1)[1] for p in doc["deleted_volumes"]] == ["smoke.qcow2", "smoke.serial.log"]
+    code, _, err = run(capsys, "destroy", "theirs", "--uri", host_uri, "--yes")
+    assert code == 2 and "not created by tdxvm" in err
+
+
+def test_console_on_test_driver(capsys, host_uri):
+    code, out, err = run(capsys, "console", "smoke", "--uri", host_uri, "--lines", "5")
+    assert code == 0 and out == ""  # the log exists and the test driver never writes to it
+
+
+def test_connection_refusal_through_cli(capsys):
+    code, _, err = run(capsys, "status", "--uri", "qemu:///system?socket=/nonexistent/sock")
+    assert code == 2 and "systemctl start libvirtd" in err and "Traceback" not in err

@@ -1,0 +1,59 @@
+"""Connection refusals name the URI and the fix; libvirt itself prints nothing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tdxvm.launch.connection import is_local, open_connection
+from tdxvm.launch.errors import ConnectError, LibvirtdNotRunningError, LibvirtPermissionError, SshTransportError
+
+
+def test_daemon_not_running():
+    uri = "qemu:///system?socket=/nonexistent/libvirt-sock"
+    with pytest.raises(LibvirtdNotRunningError) as info:
+        open_connection(uri)
+    text = str(info.value)
+    assert uri in text and "/nonexistent/libvirt-sock" in text and "systemctl start libvirtd" in text
+    assert "libvirtd -d" in text and info.value.code == "libvirtd-not-running"
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the ssh client libvirt's ssh transport runs")
+def test_ssh_transport_failure():
+    uri = "qemu+ssh://nobody@127.0.0.1:1/system?no_tty=1"
+    with pytest.raises(SshTransportError) as info:
+        open_connection(uri)
+    assert uri in str(info.value) and "Connection refused" in str(info.value) and "runs sshd" in str(info.value)
+
+
+def test_unknown_driver_and_missing_test_file(tmp_path):
+    with pytest.raises(ConnectError, match="no connection driver") as info:
+        open_connection("nosuchdriver:///x")
+    assert "qemu:///system" in str(info.value)
+    with pytest.raises(ConnectError, match="no such file"):
+        open_connection(f"test://{tmp_path}/missing.xml")
+    with pytest.raises(ConnectError, match="not a libvirt URI"):
+        open_connection("localhost")
+
+
+def test_permission_error_type_is_a_connect_error():
+    assert issubclass(LibvirtPermissionError, ConnectError) and LibvirtPermissionError.code == "libvirt-permission"
+
+
+def test_libvirt_prints_nothing_to_stderr(tmp_path):
+    code = ("from tdxvm.launch.connection import open_connection\n"
+            "try:\n    open_connection('qemu:///system?socket=/nonexistent/sock')\nexcept Exception:\n    pass\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [("qemu:///system", True), ("qemu+unix:///system", True), ("test:///default", True),
+     ("qemu+ssh://user@host/system", False), ("qemu+ssh://localhost/system", False), ("qemu+tcp://h/system", False)],
+)  # fmt: skip
+def test_is_local(uri, local):
+    assert is_local(uri) is local

@@ -1,0 +1,187 @@
+"""Volumes and VM lifecycle on libvirt's test driver: a private host per test, nothing booted."""
+
+from __future__ import annotations
+
+import libvirt
+import pytest
+
+from tdxvm.launch import lifecycle
+from tdxvm.launch.connection import open_connection
+from tdxvm.launch.console import serial_log_tail
+from tdxvm.launch.errors import DomainError, NoSuchVmError, NotOurDomainError, VmExistsError, VolumeError
+from tdxvm.launch.lifecycle import StepEvent
+from tdxvm.launch.metadata import from_domain_xml
+from tdxvm.launch.spec import parse_vm_spec
+from tdxvm.launch.volumes import POOL_PATH, VolumeEvent, content_name, ensure_pool, prepare_volumes
+
+from .conftest import host_xml, image_volumes
+
+FOREIGN = """<domain type='test'><name>theirs</name><uuid>11111111-2222-4333-8444-555555555555</uuid>
+<memory>524288</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>"""
+
+
+def spec_for(image, uri, **extra):
+    text = f"name: smoke\nuri: {uri}\nimage: {image.manifest_path}\nbackend: emulated\nvcpus: 1\nmemory: 1GiB\n"
+    return parse_vm_spec(text + "".join(f"{k}: {v}\n" for k, v in extra.items()))
+
+
+def volume_names(conn):
+    return sorted(v.name() for v in conn.storagePoolLookupByName("tdxvm").listAllVolumes())
+
+
+def test_prepare_defines_vm_with_metadata_and_reuses_image_volumes(image, host):
+    conn = open_connection(host)
+    events = []
+    handle = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn, events.append)
+    manifest = image.manifest()
+    # Image volumes were there (named by hash, right size): skipped; the VM's own were created.
+    assert [e.status for e in events if isinstance(e, VolumeEvent) and e.role in ("kernel", "initrd", "disk")] == ["skip"] * 3
+    assert volume_names(conn) == sorted([n for n, _ in image_volumes(manifest)] + ["smoke.qcow2", "smoke.serial.log"])
+    assert [e.step for e in events if isinstance(e, StepEvent) and e.status == "done"] == ["preflight", "volumes", "define"]
+    dom = conn.lookupByName("smoke")
+    assert not dom.isActive() and dom.UUIDString() == handle.uuid
+    xml = dom.XMLDesc(0)
+    assert f"{POOL_PATH}/{content_name('kernel', manifest.kernel.sha256)}" in xml
+    assert "smoke.qcow2" in xml and "type='qcow2'" in xml and "smoke.serial.log" in xml
+    meta = from_domain_xml(xml)
+    assert meta.backend == "emulated" and meta.labels["image"] == "smoke"
+    assert meta.firmware == manifest.firmware_path  # where the emulated quote service finds the TDVF
+    assert meta.forwards() == handle.forwards
+    guests = sorted(f.guest_port for f in handle.forwards)
+    assert guests == [22, 7300] and len({f.host_port for f in handle.forwards}) == 2
+    assert handle.agent == ("127.0.0.1", handle.forward(7300).host_port)
+    assert handle.policy.mrtd == (manifest.measurements["mrtd"],)
+
+
+def test_full_lifecycle(image, host):
+    conn = open_connection(host)
+    handle = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    lifecycle.start(handle)
+    [st] = lifecycle.status(conn)
+    assert st.state == "running" and st.name == "smoke" and st.started_at and st.uptime_s is not None
+    assert st.attestation is None and st.agent_endpoint == f"127.0.0.1:{handle.agent[1]}"
+    assert st.policy == handle.policy and st.manifest == str(image.manifest_path)  # for `tdxvm attest NAME`
+    verdict = {"verdict": "reject", "tcb_status": "OutOfDate", "reasons": [{"code": "tcb-status", "message": "m"}],
+               "verified_at": "2026-01-15T00:00:00Z", "quote_version": 4, "measurements": {"mrtd": "00"}}  # fmt: skip
+    lifecycle.record_attestation(handle.domain(), verdict)
+    got = lifecycle.status(conn, "smoke")[0].attestation
+    assert got["verdict"] == "reject" and got["reasons"][0]["code"] == "tcb-status" and got["recorded_at"]
+    assert "measurements" not in got  # only what status shows is kept
+    assert from_domain_xml(handle.domain().XMLDesc(0)).firmware == image.manifest().firmware_path  # kept
+    # The record survives in the persistent definition too.
+    assert from_domain_xml(handle.domain().XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).attestation["verdict"] == "reject"
+    assert serial_log_tail(conn, "smoke") == ""  # the test driver writes no console output
+    assert lifecycle.stop(conn, "smoke", timeout=5) == "shut down"
+    assert lifecycle.stop(conn, "smoke") == "was not running"
+    report = lifecycle.destroy(conn, "smoke")
+    assert report.deleted_volumes == (f"{POOL_PATH}/smoke.qcow2", f"{POOL_PATH}/smoke.serial.log")
+    assert lifecycle.status(conn) == []
+    assert volume_names(conn) == sorted(n for n, _ in image_volumes(image.manifest()))  # shared volumes stay
+    with pytest.raises(NoSuchVmError, match="no VM named smoke"):
+        lifecycle.destroy(conn, "smoke")
+
+
+def test_destroy_running_vm(image, host):
+    conn = open_connection(host)
+    handle = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    lifecycle.start(handle)
+    report = lifecycle.destroy(conn, "smoke")
+    assert report.was_running and not [d.name() for d in conn.listAllDomains()]
+
+
+def test_never_touches_domains_tdxvm_did_not_create(image, make_host):
+    uri = make_host(host_xml(pool_volumes=image_volumes(image.manifest()), domains=[FOREIGN]))
+    conn = open_connection(uri)
+    for verb in (lifecycle.destroy, lifecycle.stop, lambda c, n: lifecycle.status(c, n), serial_log_tail):
+        with pytest.raises(NotOurDomainError, match="theirs .* not created by tdxvm"):
+            verb(conn, "theirs")
+    assert conn.lookupByName("theirs").isActive()  # still running, still defined
+    with pytest.raises(NotOurDomainError):
+        lifecycle.record_attestation(conn.lookupByName("theirs"), {"verdict": "accept"})
+    assert lifecycle.status(conn) == []  # not listed either
+    with pytest.raises(VmExistsError, match="not created by tdxvm"):
+        lifecycle.prepare_domain(spec_for(image, uri).model_copy(update={"name": "theirs"}), image.manifest(), conn)
+
+
+def test_second_launch_of_same_name_refused(image, host):
+    conn = open_connection(host)
+    lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    before = volume_names(conn)
+    with pytest.raises(VmExistsError, match="VM smoke already exists .*tdxvm destroy smoke"):
+        lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    assert volume_names(conn) == before
+
+
+def test_define_refused_by_libvirt_leaves_nothing(image, host):
+    conn = open_connection(host)
+    before = volume_names(conn)
+    # A cpuset libvirt cannot parse: the spec is well-formed, libvirt refuses at define time.
+    spec = spec_for(image, host, pinning='{vcpus: ["99999"]}')
+    with pytest.raises(DomainError, match=r"refused to define VM smoke: .*99999"):
+        lifecycle.prepare_domain(spec, image.manifest(), conn)
+    assert conn.listAllDomains() == [] and volume_names(conn) == before
+
+
+def test_interrupted_after_define_leaves_nothing(image, host):
+    conn = open_connection(host)
+    before = volume_names(conn)
+
+    def progress(event):
+        if isinstance(event, StepEvent) and event.step == "define" and event.status == "done":
+            assert [d.name() for d in conn.listAllDomains()] == ["smoke"]  # it was defined
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn, progress)
+    assert conn.listAllDomains() == [] and volume_names(conn) == before
+
+
+def test_missing_pool_is_created_then_upload_refused_cleanly(image, make_host):
+    """The test driver cannot upload: the refusal is clear and leaves no partial volume."""
+    uri = make_host(host_xml(pool=False))
+    conn = open_connection(uri)
+    with pytest.raises(VolumeError, match="cannot upload volumes"):
+        prepare_volumes(conn, image.manifest(), "smoke")
+    pool = conn.storagePoolLookupByName("tdxvm")
+    assert pool.isActive() and pool.autostart() and "/var/lib/tdxvm/pool" in pool.XMLDesc()
+    assert pool.listAllVolumes() == []
+    assert ensure_pool(conn).name() == "tdxvm"  # idempotent
+
+
+def test_short_leftover_volume_is_not_reused(image, make_host):
+    manifest = image.manifest()
+    vols = image_volumes(manifest)
+    vols[2] = (vols[2][0], vols[2][1] - 100)  # disk volume cut short by an interrupted upload
+    conn = open_connection(make_host(host_xml(pool_volumes=vols)))
+    events = []
+    with pytest.raises(VolumeError, match="cannot upload"):
+        prepare_volumes(conn, manifest, "smoke", events.append)
+    assert [e.role for e in events if e.status == "skip"] == ["kernel", "initrd"]
+    assert content_name("disk", manifest.disk.sha256) not in volume_names(conn)  # the short one is gone
+
+
+def test_start_failure_removes_the_vm(image, host):
+    conn = open_connection(host)
+    handle = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    handle.domain().create()  # already running: a second start is refused by libvirt
+    with pytest.raises(DomainError, match="could not start VM smoke.*removed again"):
+        lifecycle.start(handle)
+    assert conn.listAllDomains() == [] and "smoke.qcow2" not in volume_names(conn)
+
+
+def test_ports_avoid_other_tdxvm_vms(image, host):
+    conn = open_connection(host)
+    first = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    taken = {f.host_port for f in first.forwards}
+    second = lifecycle.prepare_domain(spec_for(image, host).model_copy(update={"name": "smoke2"}), image.manifest(), conn)
+    assert not taken & {f.host_port for f in second.forwards}
+    assert lifecycle.ports_in_use(conn) == taken | {f.host_port for f in second.forwards}
+
+
+def test_another_pool(image, make_host):
+    uri = make_host(host_xml(pool_volumes=image_volumes(image.manifest()), pool_name="vms", pool_path="/srv/vms"))
+    conn = open_connection(uri)
+    handle = lifecycle.prepare_domain(spec_for(image, uri), image.manifest(), conn, pool="vms", pool_path="/srv/vms")
+    assert handle.volumes.overlay == "/srv/vms/smoke.qcow2" and handle.volumes.pool == "vms"
+    assert "tdxvm" not in [p.name() for p in conn.listAllStoragePools()]
+    assert lifecycle.destroy(conn, "smoke").deleted_volumes == ("/srv/vms/smoke.qcow2", "/srv/vms/smoke.serial.log")

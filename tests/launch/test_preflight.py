@@ -1,0 +1,223 @@
+"""Host preflight: real domain capabilities XML and fake sysfs folders, every failure with a fix.
+
+``data/domcaps-qemu-7.2-libvirt-9.0-{kvm,tcg}.xml`` are ``virsh domcapabilities`` of this
+project's Debian 12 host (libvirt 9.0, QEMU 7.2; see data/README.md). The TDX-capable
+variants are made from the kvm one by adding the elements libvirt 12.x reports, and the
+test checks them against libvirt 12.8's domaincaps schema, so they have the real shape.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tdxvm.launch.errors import PreflightError
+from tdxvm.launch.preflight import HostFacts, evaluate, require, tdx_advertised
+from tdxvm.launch.spec import parse_vm_spec
+
+from ..debian_data import unstable_package
+
+DATA = Path(__file__).parent / "data"
+KVM_9 = (DATA / "domcaps-qemu-7.2-libvirt-9.0-kvm.xml").read_text()
+TCG_9 = (DATA / "domcaps-qemu-7.2-libvirt-9.0-tcg.xml").read_text()
+TDX_FEATURE = "    <tdx supported='yes'/>\n"
+LAUNCH_SECURITY = ("    <launchSecurity supported='yes'>\n      <enum name='sectype'>\n        <value>tdx</value>\n"
+                   "      </enum>\n    </launchSecurity>\n")  # fmt: skip
+
+
+def with_tdx(xml: str, *, feature: bool = True, launch_security: bool = True, supported: str = "yes") -> str:
+    """A libvirt 12.x shape: <tdx/> before <sev/>, <launchSecurity/> last in <features>."""
+    if feature:
+        xml = xml.replace("    <sev supported='no'/>\n", TDX_FEATURE.replace("yes", supported) + "    <sev supported='no'/>\n")
+    if launch_security:
+        ls = LAUNCH_SECURITY if supported == "yes" else "    <launchSecurity supported='no'/>\n"
+        xml = xml.replace("  </features>", ls + "  </features>")
+    return xml.replace("pc-q35-7.2", "pc-q35-10.1")
+
+
+V = {"libvirt-9.0": 9_000_000, "libvirt-12.8": 12_008_000, "qemu-7.2": 7_002_022, "qemu-10.1": 10_001_000}
+
+
+def facts(*, domcaps: dict[str, str] | None = None, errors: dict[str, str] | None = None, libvirt: int = V["libvirt-12.8"],
+          qemu: int = V["qemu-10.1"], local: bool = True, memory_mib: int | None = 65536, driver: str = "QEMU") -> HostFacts:  # fmt: skip
+    return HostFacts(uri="qemu:///system" if local else "qemu+ssh://admin@tdx-host/system", driver=driver, local=local,
+                     libvirt_version=libvirt, hypervisor_version=qemu, domcaps=domcaps or {}, domcaps_errors=errors or {},
+                     available_memory=None if memory_mib is None else memory_mib << 20, memory_source="free")  # fmt: skip
+
+
+def sysfs(tmp_path: Path, tdx: str | None, *, module: str = "kvm_intel") -> Path:
+    root = tmp_path / "sys"
+    params = root / "module" / module / "parameters"
+    params.mkdir(parents=True)
+    if tdx is not None:
+        (params / "tdx").write_text(tdx + "\n")
+    return root
+
+
+@pytest.fixture
+def qgs(tmp_path):
+    path = tmp_path / "qgs.socket"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    yield path
+    s.close()
+
+
+def tdx_spec(image, qgs_path, **extra) -> object:
+    lines = [f"name: td\nimage: {image.manifest_path}\nbackend: tdx\nmemory: 4GiB\nqgs_socket: {qgs_path}"]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    return parse_vm_spec("\n".join(lines) + "\n")
+
+
+def by_check(findings):
+    return {f.check: f for f in findings}
+
+
+def test_tdx_capable_variants_fit_libvirt_12_8_schema(tmp_path):
+    schema = unstable_package("libvirt-common") / "usr" / "share" / "libvirt" / "schemas" / "domaincaps.rng"
+    for i, xml in enumerate((with_tdx(KVM_9), with_tdx(KVM_9, supported="no"), KVM_9, TCG_9)):
+        f = tmp_path / f"caps{i}.xml"
+        f.write_text(xml)
+        proc = subprocess.run(["xmllint", "--noout", "--relaxng", str(schema), str(f)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_tdx_advertised_by_either_element():
+    assert tdx_advertised(with_tdx(KVM_9))[0]
+    assert tdx_advertised(with_tdx(KVM_9, launch_security=False)) == (True, "<tdx supported='yes'/>")
+    assert tdx_advertised(with_tdx(KVM_9, feature=False)) == (True, "<launchSecurity> sectype tdx")
+    assert tdx_advertised(with_tdx(KVM_9, supported="no")) == (False, "the domain capabilities list TDX as unsupported")
+    ok, why = tdx_advertised(KVM_9)
+    assert not ok and "does not know it" in why
+
+
+def test_tdx_host_that_is_ready(tmp_path, image, qgs):
+    found = evaluate(tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}),
+                     sysfs_root=sysfs(tmp_path, "Y"))  # fmt: skip
+    assert [f.status for f in found] == ["ok"] * 5, [str(f) for f in found]
+    assert require(found) == found
+
+
+def test_this_hosts_libvirt_9_and_qemu_7_2_refused_with_versions(tmp_path, image, qgs):
+    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(),
+                              facts(domcaps={"kvm": KVM_9}, libvirt=V["libvirt-9.0"], qemu=V["qemu-7.2"]),
+                              sysfs_root=sysfs(tmp_path, "N")))  # fmt: skip
+    lv = found["libvirt-tdx"]
+    assert lv.status == "fail"
+    assert "libvirt 9.0.0 is older than 11.8.0" in lv.message and "QEMU 7.2.22 is older than 10.1.0" in lv.message
+    assert "QEMU >= 10.1.0" in lv.fix and "backend: emulated" in lv.fix
+    kvm = found["kvm-tdx"]
+    assert kvm.status == "fail" and "'N'" in kvm.message and "kvm_intel.tdx=1" in kvm.fix
+
+
+def test_new_stack_without_kernel_tdx_blames_the_kernel(image, qgs, tmp_path):
+    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(),
+                              facts(domcaps={"kvm": with_tdx(KVM_9, supported="no")}), sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    assert found["libvirt-tdx"].status == "fail"
+    assert "kernel's KVM does not offer TDX" in found["libvirt-tdx"].message
+
+
+def test_canonical_vsock_form_only_warns_when_tdx_not_advertised(image, tmp_path):
+    spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nqgs_form: vsock\n")
+    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"kvm": KVM_9}, libvirt=10_000_000, qemu=8_002_002),
+                              sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    assert found["libvirt-tdx"].status == "warn" and "Canonical" in found["libvirt-tdx"].message
+    assert found["qgs"].status == "skip" and "vsock" in found["qgs"].message
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle", "fix"),
+    [
+        (lambda t: sysfs(t, None), "no TDX support", "Linux >= 6.16"),
+        (lambda t: sysfs(t, None, module="kvm_amd"), "runs kvm_amd", "backend: emulated"),
+        (lambda t: t / "empty-sys", "kvm_intel is not loaded", "modprobe kvm_intel tdx=1"),
+    ],
+)
+def test_kvm_tdx_sysfs_cases(tmp_path, image, qgs, setup, needle, fix):
+    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}),
+                              sysfs_root=setup(tmp_path)))  # fmt: skip
+    f = found["kvm-tdx"]
+    assert f.status == "fail" and needle in f.message and fix in f.fix
+
+
+def test_remote_host_skips_local_files_and_sysfs(tmp_path, image):
+    spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nqgs_socket: /nonexistent/qgs\n")
+    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}, local=False),
+                              sysfs_root=tmp_path / "nothing"))  # fmt: skip
+    assert found["kvm-tdx"].status == "skip" and "remote" in found["kvm-tdx"].message
+    assert found["qgs"].status == "skip" and found["libvirt-tdx"].status == "ok"
+    assert found["firmware"].status == "warn" and "build machine" in found["firmware"].message
+
+
+def test_all_failures_raised_together_each_with_its_fix(tmp_path, image):
+    spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nmemory: 64GiB\nfirmware: /nonexistent/TDVF.fd\n"
+                         f"qgs_socket: {tmp_path / 'no-qgs'}\n")  # fmt: skip
+    found = evaluate(spec, image.manifest(), facts(domcaps={"kvm": KVM_9}, libvirt=V["libvirt-9.0"], memory_mib=8192),
+                     sysfs_root=sysfs(tmp_path, "N"))  # fmt: skip
+    with pytest.raises(PreflightError) as info:
+        require(found, vm="td")
+    text = str(info.value)
+    assert text.startswith("host preflight refused VM td (5 problems):")
+    for needle in ("TDX is not enabled in KVM", "does not offer TDX", "TDVF firmware /nonexistent/TDVF.fd does not exist",
+                   "QGS socket", "needs 65536 MiB", "fix: lower memory"):  # fmt: skip
+        assert needle in text, text
+    assert text.count("fix: ") == 5
+    assert {f.check for f in info.value.findings} == {"kvm-tdx", "libvirt-tdx", "firmware", "qgs", "memory"}
+
+
+def test_qgs_path_that_is_not_a_socket(tmp_path, image):
+    spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nqgs_socket: {image.manifest_path}\n")
+    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=sysfs(tmp_path, "Y")))
+    assert found["qgs"].status == "fail" and "not a socket" in found["qgs"].message
+
+
+def test_firmware_other_than_the_predicted_one_warns(tmp_path, image, qgs):
+    other = tmp_path / "other.fd"
+    other.write_bytes(b"another TDVF")
+    found = by_check(evaluate(tdx_spec(image, qgs, firmware=str(other)), image.manifest(),
+                              facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    assert found["firmware"].status == "warn" and "MRTD" in found["firmware"].message
+
+
+def test_kvm_unusable(tmp_path, image, qgs):
+    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(),
+                              facts(errors={"kvm": "unsupported configuration: KVM is not supported on this host"}),
+                              sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    assert found["libvirt-tdx"].status == "fail" and "KVM is not supported" in found["libvirt-tdx"].message
+
+
+def test_emulated_on_this_host(image):
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
+    found = evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, memory_mib=4096))
+    assert [(f.check, f.status) for f in found] == [("qemu-tcg", "ok"), ("firmware", "ok"), ("memory", "ok")]
+    assert "/usr/bin/qemu-system-x86_64" in found[0].message and "pc-q35-7.2" in found[0].message
+
+
+def test_emulated_firmware_record(image):
+    data = image.data()
+    data["firmware"] = None
+    data["measurements"]["mrtd"] = None
+    image.write(data)
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\n")
+    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9})))
+    assert found["firmware"].status == "skip" and "zero MRTD" in found["firmware"].message
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nfirmware: /nonexistent/TDVF.fd\n")
+    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9})))
+    assert found["firmware"].status == "fail" and "emulated quote service" in found["firmware"].message
+
+
+def test_emulated_without_qemu(image):
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
+    err = "invalid argument: unable to find any emulator to serve 'x86_64' architecture"
+    found = evaluate(spec, image.manifest(), facts(errors={"qemu": err}))
+    assert found[0].status == "fail" and err in found[0].message and "apt-get install qemu-system-x86" in found[0].fix
+
+
+def test_test_driver_skips_what_it_cannot_know(image):
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\n")
+    found = evaluate(spec, image.manifest(), facts(driver="TEST", memory_mib=0))
+    assert {f.status for f in found} == {"skip"}
+    assert require(found) == found

@@ -16,7 +16,7 @@ from tdxvm.cli.attest import collateral, eventlog, verify_quote
 from tdxvm.cli.emulate import emulate
 from tdxvm.cli.endpoint import verify_endpoint_cmd
 from tdxvm.cli.image import image
-from tdxvm.cli.vm import console_cmd, destroy_cmd, launch_cmd, status_cmd, stop_cmd
+from tdxvm.cli.vm import attest_cmd, console_cmd, destroy_cmd, launch_cmd, status_cmd, stop_cmd
 from tdxvm.cli.weights import weights
 from tdxvm.cli.output import run_guarded
 
@@ -35,6 +35,7 @@ cli.add_command(emulate)
 cli.add_command(image)
 cli.add_command(launch_cmd)
 cli.add_command(status_cmd)
+cli.add_command(attest_cmd)
 cli.add_command(stop_cmd)
 cli.add_command(destroy_cmd)
 cli.add_command(console_cmd)

@@ -1,4 +1,4 @@
-"""``tdxvm launch|status|stop|destroy|console``: VMs on local or remote libvirt.
+"""``tdxvm launch|status|attest|stop|destroy|console``: VMs on local or remote libvirt.
 
 ``--uri`` (or ``$TDXVM_URI``) names the libvirt host; ``launch`` takes it from the VM
 spec unless given. Verbs say precisely what they do: ``stop`` shuts the guest down
@@ -145,6 +145,40 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@click.command("attest")
+@click.argument("name")
+@_uri_option(DEFAULT_URI)
+@OUTPUT_OPTION
+def attest_cmd(name: str, uri: str | None, output: str) -> None:
+    """Attest running VM NAME again with a fresh nonce, against its launch policy.
+
+    Exit 0 if accepted, 1 if refused (every reason is printed); the verdict is kept in
+    the VM's metadata (`tdxvm status NAME`).
+    """
+    from tdxvm.launch.connection import connection
+    from tdxvm.provision import bringup, handshake
+
+    with connection(uri or DEFAULT_URI) as conn:
+        try:
+            guest = bringup.reattest(conn, name)
+        except handshake.AttestationRefused as refused:
+            if output == "json":
+                emit_json({"name": name, "verdict": "reject", "reasons": [
+                    {"code": r.code, "message": r.message} for r in refused.reasons]})
+            else:
+                click.echo(f"{name}: refused", err=True)
+                for r in refused.reasons:
+                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+            sys.exit(1)
+    with guest:
+        verdict = guest.verdict.to_dict()
+    if output == "json":
+        emit_json({"name": name, **verdict})
+    else:
+        click.echo(f"{name}: {verdict['verdict']}ed, TCB {verdict['tcb_status']}, provider {guest.provider}, "
+                   f"keys {', '.join(sorted(guest.keys))}")
 
 
 @click.command("stop")

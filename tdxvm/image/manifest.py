@@ -18,10 +18,6 @@ FORMAT = "tdxvm-image-manifest/1"
 ARTIFACTS = ("disk.img", "vmlinuz", "initrd.img")
 
 
-class ManifestError(Exception):
-    code = "manifest"
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -36,26 +32,6 @@ def artifact_entry(path: Path) -> dict[str, Any]:
 
 def dump(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a manifest and check its format and the fields a launch relies on."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{p}: cannot read the image manifest: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{p}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{p}: not a tdxvm image manifest (format must be {FORMAT!r})")
-    for key in ("name", "cmdline", "artifacts", "luks", "measurements"):
-        if key not in data:
-            raise ManifestError(f"{p}: field {key!r} is missing")
-    for name in ARTIFACTS:
-        if name not in data["artifacts"]:
-            raise ManifestError(f"{p}: artifacts.{name} is missing")
-    return data
 
 
 def verify_artifacts(manifest: dict[str, Any], folder: Path) -> list[str]:

@@ -276,3 +276,28 @@ def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = 
         click.echo(f"{spec.name} is ready: attested ({result.verdict['tcb_status'] if result.verdict else '?'}), "
                    f"disk unlocked, ssh root@{result.ssh[0]} -p {result.ssh[1]}" if result.ssh else f"{spec.name} is ready")  # fmt: skip
     return 0
+
+
+def reattest(conn: libvirt.virConnect, name: str, *, trust: Trust | None = None) -> handshake.AttestedGuest:
+    """``tdxvm attest NAME``: attest the running guest again with a fresh nonce, against the
+    policy it was launched with; the verdict goes into its metadata either way."""
+    from tdxvm.launch.lifecycle import status
+
+    vm = status(conn, name)[0]
+    if vm.state != "running":
+        raise BringUpError(f"{name} is {vm.state}, not running", phase="attest")
+    if vm.agent_port is None or vm.policy is None:
+        raise BringUpError(f"{name}'s metadata names no agent port or policy (not launched by this tdxvm?)", phase="attest")
+    address = next(((f.host_address, f.host_port) for f in vm.forwards if f.guest_port == vm.agent_port), None)
+    if address is None:
+        raise BringUpError(f"{name} has no forward to its agent port {vm.agent_port}", phase="attest")
+    trust = trust or for_backend(vm.backend)
+    dom = conn.lookupByName(name)
+    try:
+        guest = attest(conn, name, address, trust, vm.policy, require_keys=("x25519", "ssh-host"))
+    except handshake.AttestationRefused as refused:
+        if refused.verdict is not None:
+            record_attestation(dom, refused.verdict.to_dict())
+        raise
+    record_attestation(dom, guest.verdict.to_dict())
+    return guest

@@ -1,0 +1,83 @@
+"""The built initramfs's own unlock step, run from the unpacked initramfs itself (its
+Python, its `cryptography`, its tdxvm modules, under chroot), unlocks with a key given
+to it through the real handshake; the LUKS2 keyslot opens with what it prints."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tdxvm.attest import Policy, TrustAnchor
+from tdxvm.emulate import EmulatedPlatform
+from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
+from tdxvm.image import luks
+from tdxvm.image.secrets import keyslot_passphrase, load
+from tdxvm.provision import handshake
+
+
+@pytest.fixture(scope="module")
+def initramfs_root(smoke_build, tmp_path_factory):
+    root = tmp_path_factory.mktemp("initramfs")
+    data = (smoke_build.folder / "initrd.img").read_bytes()
+    subprocess.run("gzip -dc | cpio -idm --quiet", shell=True, input=data, cwd=root, check=True)
+    return root
+
+
+def test_initramfs_carries_the_unlock_step(initramfs_root):
+    crypttab = (initramfs_root / "cryptroot/crypttab").read_text()
+    assert re.search(r"^root /dev/vda none .*keyscript=/usr/lib/tdxvm/keyscript", crypttab, re.M)
+    assert (initramfs_root / "usr/lib/tdxvm/keyscript").is_file()
+    assert (initramfs_root / "usr/lib/tdxvm/python/tdxvm/guest/unlock.py").is_file()
+    assert list(initramfs_root.glob("usr/lib/modules/*/kernel/drivers/net/virtio_net.ko*")) or list(
+        initramfs_root.glob("lib/modules/*/kernel/drivers/net/virtio_net.ko*")
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unlock_step_receives_the_key_after_attestation(smoke_build, initramfs_root):
+    m = smoke_build.manifest
+    folder = smoke_build.folder
+    launch = LaunchArtifacts(kernel=(folder / "vmlinuz").read_bytes(), initrd=(folder / "initrd.img").read_bytes(),
+                             cmdline=m["cmdline"], firmware=Path(m["firmware"]["path"]).read_bytes())  # fmt: skip
+    platform = EmulatedPlatform()
+    policy = Policy(mrtd=m["measurements"]["mrtd"], rtmr1=m["measurements"]["rtmr1"], rtmr2=m["measurements"]["rtmr2"])
+    volume_key = load(m["luks"]["uuid"], directory=smoke_build.secrets)
+    port = _free_port()
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/usr/lib/tdxvm/python:/usr/lib/python3/dist-packages"}
+    proc = subprocess.Popen(["chroot", str(initramfs_root), "/usr/bin/python3", "-S", "-m", "tdxvm.guest.unlock",
+                             "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        with QuoteService(platform, launch) as qgs:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    handshake.hello(("127.0.0.1", port), timeout=5)
+                    break
+                except handshake.HandshakeError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.2)
+            with handshake.attest_guest(("127.0.0.1", port), collateral=platform.collateral(), policy=policy,
+                                        trust_anchor=TrustAnchor.from_der(platform.root_ca_der),
+                                        qgs_address=qgs.address) as guest:  # fmt: skip
+                assert guest.verdict.accepted and sorted(guest.keys) == ["x25519"]
+                guest.release("disk", keyslot_passphrase(volume_key))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert out == keyslot_passphrase(volume_key)  # exactly the key on stdout, for cryptsetup
+    assert luks.open_keyslot(folder / "disk.img", out) == volume_key
+    assert out not in err

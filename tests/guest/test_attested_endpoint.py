@@ -371,7 +371,7 @@ def test_serve_command_with_attested_tls(td, tiny_model, tmp_path):
             requests.get(f"http://127.0.0.1:{port}/health", timeout=5)  # HTTPS only
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=75)  # asyncio may wait its 30 s TLS-close timeout on a kept-alive connection
         qgs.stop()
     if not Path("/sys/kernel/config/tsm/report").exists() and not Path("/dev/tdx_guest").exists():
         broken = subprocess.run([*cmd, "--tls-dir", str(tmp_path / "tls2")], capture_output=True, text=True, timeout=60)

@@ -167,10 +167,19 @@ def domain_xml(spec: DomainSpec) -> str:
     if tdx:
         _sub(feats, "ioapic", driver="qemu")
     _sub(feats, "smm", state="off")
-    _sub(dom, "cpu", mode="host-passthrough" if tdx else "maximum", check="none")
+    if tdx:
+        _sub(dom, "cpu", mode="host-passthrough", check="none")
+    else:
+        # TCG: Westmere has AES-NI (dm-crypt at speed) and no AVX, and CMPXCHG16B is off.
+        # With "maximum" (QEMU 7.2) or plain Westmere, Linux 6.12 now and then crashed in
+        # the slab allocator's cmpxchg16b fast path (double faults, NULL calls in path
+        # lookups) under TCG; without CX16 the kernel takes its locked fallback.
+        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
+        _sub(cpu, "model", "Westmere", fallback="forbid")
+        _sub(cpu, "feature", policy="disable", name="cx16")
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", "destroy")
-    _sub(dom, "on_reboot", "destroy" if tdx else "restart")
+    _sub(dom, "on_reboot", "destroy")  # a guest that reboots must be attested again: it stops instead
     _sub(dom, "on_crash", "destroy")
     devs = _sub(dom, "devices")
     disk = _sub(devs, "disk", type="file", device="disk")

@@ -2,7 +2,8 @@
 
 Exit codes (stable; scripts depend on them):
 0 accepted / success, 1 refused (verification or policy), 2 unusable input or usage,
-3 network (collateral could not be fetched), 4 internal error.
+3 network (collateral could not be fetched), 4 internal error, 5 partial (a fleet command
+could not handle some hosts or VMs; see ``cli/fleet.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tdxvm import __version__
 from tdxvm.cli.attest import collateral, eventlog, verify_quote
 from tdxvm.cli.emulate import emulate
 from tdxvm.cli.endpoint import verify_endpoint_cmd
+from tdxvm.cli.fleet import NameOrFile, apply_cmd, fleet_destroy_cmd, fleet_status_cmd, plan_cmd
 from tdxvm.cli.image import image
 from tdxvm.cli.vm import attest_cmd, console_cmd, destroy_cmd, launch_cmd, status_cmd, stop_cmd
 from tdxvm.cli.weights import weights
@@ -34,10 +36,12 @@ cli.add_command(eventlog)
 cli.add_command(emulate)
 cli.add_command(image)
 cli.add_command(launch_cmd)
-cli.add_command(status_cmd)
+cli.add_command(NameOrFile(status_cmd, fleet_status_cmd, short_help="Show tdxvm's VMs on a host, one VM, or a fleet's (-f)."))
 cli.add_command(attest_cmd)
 cli.add_command(stop_cmd)
-cli.add_command(destroy_cmd)
+cli.add_command(NameOrFile(destroy_cmd, fleet_destroy_cmd, short_help="Destroy VM NAME, or every VM of a fleet (-f)."))
+cli.add_command(plan_cmd)
+cli.add_command(apply_cmd)
 cli.add_command(console_cmd)
 cli.add_command(weights)
 

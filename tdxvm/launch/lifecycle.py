@@ -212,9 +212,17 @@ def metadata_labels(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes
 
 
 def render_domain(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, forwards: tuple[PortForward, ...],
-                  policy: Policy, uuid: str | None = None) -> str:  # fmt: skip
-    """The domain XML a launch defines (also what ``tdxvm launch --dry-run`` prints)."""
+                  policy: Policy, uuid: str | None = None, extra_labels: dict[str, str] | None = None) -> str:  # fmt: skip
+    """The domain XML a launch defines (also what ``tdxvm launch --dry-run`` prints).
+
+    ``extra_labels`` (e.g. a fleet's ownership labels) go into tdxvm's metadata beside
+    the launch's own; a name the launch itself sets is refused."""
     labels = metadata_labels(spec, manifest, volumes=volumes, forwards=forwards, policy=policy)
+    clash = sorted(set(extra_labels or ()) & set(labels))
+    if clash:
+        raise LaunchError(f"VM {spec.name}: labels {', '.join(clash)} are set by the launch itself and cannot be given",
+                          code="labels")  # fmt: skip
+    labels.update(extra_labels or {})
     ds = build_domain_spec(spec, manifest, volumes=volumes, forwards=forwards, uuid=uuid or str(uuidlib.uuid4()),
                            labels=labels)  # fmt: skip
     return domain_xml(ds)
@@ -222,11 +230,13 @@ def render_domain(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, 
 
 def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect,
                    progress: LaunchProgress | None = None, *, preflight: bool = True, sysfs_root: Path = Path("/sys"),
-                   pool: str = POOL_NAME, pool_path: str = POOL_PATH) -> DomainHandle:  # fmt: skip
+                   pool: str = POOL_NAME, pool_path: str = POOL_PATH,
+                   labels: dict[str, str] | None = None) -> DomainHandle:  # fmt: skip
     """Preflight, upload volumes and define (not start) the VM; all or nothing.
 
     ``progress`` gets :class:`StepEvent` and :class:`~tdxvm.launch.volumes.VolumeEvent`
-    values; if it raises, the launch is undone and the exception propagates.
+    values; if it raises, the launch is undone and the exception propagates. ``labels``
+    are extra metadata labels defined with the domain (a fleet's ownership).
     """
     progress = progress or _quiet
     uri = conn.getURI()
@@ -245,7 +255,8 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
     try:
         progress(StepEvent("define", "start"))
         vm_uuid = str(uuidlib.uuid4())
-        xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid)
+        xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
+                            extra_labels=labels)  # fmt: skip
         try:
             dom = conn.defineXML(xml)
         except libvirt.libvirtError as exc:
@@ -398,6 +409,19 @@ def destroy(conn: libvirt.virConnect, name: str) -> DestroyReport:
     pool = meta.labels.get("pool", POOL_NAME)
     deleted = tuple(p for p in paths if delete_vm_volume(conn, p, pool_name=pool))
     return DestroyReport(name=name, was_running=was_running, deleted_volumes=deleted)
+
+
+def set_labels(dom: libvirt.virDomain, labels: dict[str, str]) -> None:
+    """Add or change labels in the domain's tdxvm metadata (the persistent definition, and
+    the running one if active). Refuses domains tdxvm did not create."""
+    meta = md.from_domain_xml(_xml(dom, inactive=True))
+    if meta is None:
+        raise NotOurDomainError(f"domain {dom.name()} was not created by tdxvm; its metadata is not changed")
+    meta.labels.update(labels)
+    try:
+        _write_metadata(dom, meta)
+    except libvirt.libvirtError as exc:
+        raise DomainError(f"cannot write the labels of {dom.name()}: {libvirt_message(exc)}") from None
 
 
 def record_attestation(dom: libvirt.virDomain, verdict: dict[str, Any], *, at: datetime | None = None) -> None:

@@ -20,19 +20,24 @@ reported; a guest that never answers times out with the tail of its serial log.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import libvirt
 
 from tdxvm.image.secrets import keyslot_passphrase
+from tdxvm.launch.connection import is_test_driver
 from tdxvm.launch.console import read_host_file, serial_log_tail
-from tdxvm.launch.errors import LaunchError
+from tdxvm.launch.errors import ConsoleError, LaunchError
 from tdxvm.launch.lifecycle import DomainHandle, lookup, prepare_domain, record_attestation, start
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.spec import VmSpec
+from tdxvm.launch.volumes import content_name
 from tdxvm.provision import handshake, ssh
 from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
@@ -105,7 +110,7 @@ class _Phases:
 
 
 def _wait_for_agent(conn: libvirt.virConnect, name: str, address: tuple[str, int], *, needs: str, deadline: float,
-                    phase: str) -> None:  # fmt: skip
+                    phase: str, poll: float = 1.0) -> None:  # fmt: skip
     """Until the agent at ``address`` answers and would bind ``needs`` (the initramfs'
     unlock step binds only x25519; the booted system's agent also its SSH host key)."""
     dom = conn.lookupByName(name)
@@ -120,18 +125,58 @@ def _wait_for_agent(conn: libvirt.virConnect, name: str, address: tuple[str, int
             last = f"the agent binds only {', '.join(keys)} so far"
         except handshake.HandshakeError as exc:
             last = exc
-        time.sleep(1.0)
+        time.sleep(poll)
     raise BringUpError(f"the guest agent at {address[0]}:{address[1]} did not answer in time ({last})", phase=phase,
                        serial_tail=_tail(conn, name))  # fmt: skip
 
 
 def attest(conn: libvirt.virConnect, name: str, address: tuple[str, int], trust: Trust, policy: Any, *,
-           require_keys: tuple[str, ...]) -> handshake.AttestedGuest:  # fmt: skip
-    """One attestation of the running domain ``name`` (emulated: with its quote service up)."""
+           require_keys: tuple[str, ...], manifest: ImageManifest | None = None) -> handshake.AttestedGuest:  # fmt: skip
+    """One attestation of the running domain ``name`` (emulated: with its quote service up).
+
+    On libvirt's test driver (``test:///``), which keeps no file contents and runs no
+    guest, the emulated quote service reads what the domain boots from ``manifest``'s
+    local artifacts (checked against their hashes), and the guest's agent runs on this
+    machine, so it is sent the service's loopback address. Every other URI reads the
+    files through libvirt as the host has them.
+    """
+    uri = conn.getURI()
     xml = conn.lookupByName(name).XMLDesc()
-    with trust.quote_service(xml, lambda path: read_host_file(conn, path)) as qgs:
+    test_host = is_test_driver(uri)
+    if test_host and manifest is not None:
+        read = _test_driver_reader(manifest)
+    else:
+        read = lambda path: read_host_file(conn, path)  # noqa: E731
+    with trust.quote_service(xml, read, guest_on_host=test_host) as qgs:
         return handshake.attest_guest(address, collateral=trust.collateral, policy=policy, trust_anchor=trust.trust_anchor,
                                       qgs_address=qgs, timeout=120, require_keys=require_keys)  # fmt: skip
+
+
+def _test_driver_reader(manifest: ImageManifest) -> Callable[[str], bytes]:
+    """For ``test:///`` hosts only: the domain's kernel, initrd and firmware paths mapped to
+    the manifest's local files (volumes are named by the artifact's SHA-256; each file is
+    checked against it before it is measured)."""
+    by_name = {content_name(role, a.sha256): a for role, a in (("kernel", manifest.kernel), ("initrd", manifest.initrd),
+                                                               ("disk", manifest.disk))}  # fmt: skip
+
+    def read(path: str) -> bytes:
+        artifact = by_name.get(path.rpartition("/")[2])
+        if artifact is not None:
+            try:
+                data = artifact.path.read_bytes()
+            except OSError as exc:
+                raise ConsoleError(f"{artifact.path}: {exc.strerror or exc}") from None
+            if hashlib.sha256(data).hexdigest() != artifact.sha256:
+                raise ConsoleError(f"{artifact.path} differs from its manifest {manifest.path} (sha256)")
+            return data
+        if manifest.firmware_path is not None and path == manifest.firmware_path:
+            data = Path(path).read_bytes()
+            if manifest.firmware_sha256 is not None and hashlib.sha256(data).hexdigest() != manifest.firmware_sha256:
+                raise ConsoleError(f"firmware {path} differs from its manifest {manifest.path} (sha256)")
+            return data
+        raise ConsoleError(f"{path} is not an artifact of image manifest {manifest.path} (test driver host)")
+
+    return read
 
 
 def _tail(conn: libvirt.virConnect, name: str) -> str:
@@ -152,8 +197,18 @@ def _power_off(conn: libvirt.virConnect, name: str) -> None:
 
 def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *, trust: Trust,
              secrets: SecretStore, progress: Progress = _quiet, boot_timeout: float = BOOT_TIMEOUT,
-             ready_timeout: float = READY_TIMEOUT) -> LaunchResult:  # fmt: skip
-    """Launch ``spec`` on ``conn`` and take it through every phase (see the module doc)."""
+             ready_timeout: float = READY_TIMEOUT, labels: dict[str, str] | None = None,
+             define_lock: AbstractContextManager[Any] | None = None, login_check: bool = True,
+             poll: float = 1.0) -> LaunchResult:  # fmt: skip
+    """Launch ``spec`` on ``conn`` and take it through every phase (see the module doc).
+
+    For callers that launch many VMs (:mod:`tdxvm.fleet`): ``labels`` go into the
+    domain's tdxvm metadata at define time; ``define_lock`` is held around the define
+    phase (volumes and port choice on one host, one VM at a time); ``login_check=False``
+    skips the final SSH login where no sshd can answer (libvirt's test driver runs no
+    guest) — the SSH host key is still attested; ``poll`` is the interval of the
+    agent's readiness checks.
+    """
     result = LaunchResult(name=spec.name, uri=conn.getURI())
     phases = _Phases(progress, result.timings)
     disk_secret = manifest.raw.get("luks", {}).get("key_secret")
@@ -162,7 +217,8 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     volume_key = secrets.get(disk_secret)  # refuse before defining anything if the key is not here
 
     t = phases.begin("define")
-    handle: DomainHandle = prepare_domain(spec, manifest, conn)
+    with define_lock if define_lock is not None else nullcontext():
+        handle: DomainHandle = prepare_domain(spec, manifest, conn, labels=labels)
     phases.end("define", t, f"{handle.backend}, {spec.vcpus} vCPU, {spec.memory_mib} MiB")
 
     t = phases.begin("boot")
@@ -170,10 +226,11 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     agent = handle.agent
     result.agent = agent
     try:
-        _wait_for_agent(conn, spec.name, agent, needs="x25519", deadline=time.monotonic() + boot_timeout, phase="boot")
+        _wait_for_agent(conn, spec.name, agent, needs="x25519", deadline=time.monotonic() + boot_timeout, phase="boot",
+                        poll=poll)  # fmt: skip
         phases.end("boot", t, "the unlock step answers")
         t = phases.begin("quote")
-        unlock = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519",))
+        unlock = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519",), manifest=manifest)
     except handshake.AttestationRefused as refused:
         _refused(conn, spec.name, refused)
         raise
@@ -191,8 +248,10 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
 
     t = phases.begin("ready")
     try:
-        _wait_for_agent(conn, spec.name, agent, needs="ssh-host", deadline=time.monotonic() + ready_timeout, phase="ready")
-        system = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519", "ssh-host"))
+        _wait_for_agent(conn, spec.name, agent, needs="ssh-host", deadline=time.monotonic() + ready_timeout, phase="ready",
+                        poll=poll)  # fmt: skip
+        system = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519", "ssh-host"),
+                        manifest=manifest)  # fmt: skip
     except handshake.AttestationRefused as refused:
         _refused(conn, spec.name, refused)
         raise
@@ -203,9 +262,10 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     ssh_forward = handle.forward(manifest.ssh_port)
     if ssh_forward is not None:
         result.ssh = (ssh_forward.host_address, ssh_forward.host_port)
-        client = _ssh_until(result.ssh, host_key, secrets, deadline=time.monotonic() + ready_timeout)
-        with client:
-            ssh.run(client, "true")
+        if login_check:
+            client = _ssh_until(result.ssh, host_key, secrets, deadline=time.monotonic() + ready_timeout)
+            with client:
+                ssh.run(client, "true")
     if manifest.service_port and (fwd := handle.forward(manifest.service_port)) is not None:
         result.service = (fwd.host_address, fwd.host_port)
     result.ssh_host_key = base64.b64encode(host_key).decode()

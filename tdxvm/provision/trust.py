@@ -42,8 +42,12 @@ class Trust:
     platform: Any = None  # EmulatedPlatform for the emulated backend
 
     @contextmanager
-    def quote_service(self, domain_xml: str, read: Callable[[str], bytes]) -> Iterator[str | None]:
-        """Yields the address the guest asks for its quote (None: the guest uses its own TDX)."""
+    def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False) -> Iterator[str | None]:
+        """Yields the address the guest asks for its quote (None: the guest uses its own TDX).
+
+        A guest on QEMU user networking reaches the service at the gateway address;
+        ``guest_on_host`` (libvirt's test driver, where the guest's agent runs on this
+        machine) gives its loopback address instead."""
         if self.platform is None:
             with nullcontext():
                 yield None
@@ -52,7 +56,7 @@ class Trust:
 
         artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read)
         with QuoteService(self.platform, artifacts) as service:
-            yield service.guest_address()
+            yield service.address if guest_on_host else service.guest_address()
 
 
 def for_backend(backend: str, *, emulated_dir: Path | None = None, pccs_url: str | None = None) -> Trust:

@@ -1,0 +1,7 @@
+"""Fleets: many attested VMs across libvirt hosts, from one YAML file (``tdxvm apply -f``).
+
+:mod:`~tdxvm.fleet.spec` (the file), :mod:`~tdxvm.fleet.inventory` (what exists),
+:mod:`~tdxvm.fleet.plan` (the difference, pure), :mod:`~tdxvm.fleet.state` (state file,
+lock), :mod:`~tdxvm.fleet.reconcile` (apply, destroy), :mod:`~tdxvm.fleet.report`
+(status, text).
+"""

@@ -1,0 +1,204 @@
+"""What tdxvm keeps about a fleet on the controller, and the lock that serialises applies.
+
+The fleet's VMs carry their ownership in libvirt's domain metadata (labels ``fleet``,
+``deployment``, ``spec_hash``, ``image_sha``…), which is the record of what exists. The
+state file keeps what libvirt cannot:
+
+* the URI of every host the fleet has VMs on, so that a host removed from the file is
+  still found and emptied;
+* VMs an apply started and did not finish (``phase: creating``): a crash can leave one
+  with no domain but with volumes, which the next apply removes;
+* the spec each VM was last applied with, so a plan can say which keys changed;
+* the last outcome per VM (ready, refused with its reasons, failed with the error).
+
+Nothing secret is ever written here. The file is JSON, written atomically (mode 0600)
+after every change, at ``<state dir>/<fleet>.json``; the state dir is ``--state-dir``,
+``$TDXVM_STATE_DIR``, or ``$XDG_STATE_HOME/tdxvm/fleets`` (``~/.local/state/…``).
+
+:class:`FleetLock` is an exclusive ``flock`` on ``<fleet>.lock`` beside it, held for a
+whole apply or destroy. A second one is refused at once with who holds it (pid, host,
+command, since when). The kernel drops the lock when its holder exits, crash included,
+so a stale lock cannot block anyone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tdxvm.fileio import write_atomic
+
+FORMAT = "tdxvm-fleet-state/1"
+
+
+class FleetStateError(Exception):
+    """The state file or lock cannot be used; the message names the file."""
+
+    code = "fleet-state"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class FleetLocked(FleetStateError):
+    """Another apply or destroy of the same fleet is running."""
+
+    code = "fleet-locked"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("TDXVM_STATE_DIR"):
+        return Path(os.environ["TDXVM_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tdxvm" / "fleets"
+
+
+class FleetLock:
+    """``with FleetLock(folder, fleet, "apply"):`` — held for one apply or destroy."""
+
+    def __init__(self, folder: Path, fleet: str, command: str) -> None:
+        self.path = Path(folder) / f"{fleet}.lock"
+        self.fleet, self.command = fleet, command
+        self._fd: int | None = None
+
+    def acquire(self) -> FleetLock:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise FleetStateError(f"cannot open the lock file {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise FleetStateError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+            raise FleetLocked(f"fleet {self.fleet} is locked: another {holder.get('command', 'apply')} holds {self.path} "
+                              f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+                              f"{holder.get('since', '?')}); wait for it to finish. The lock goes away with its "
+                              "process, so it is never stale") from None  # fmt: skip
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "command": f"tdxvm {self.command}"}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FleetLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class FleetState:
+    """The state file of one fleet; thread-safe (the reconcile's workers update it)."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self._data = data
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: Path, fleet: str) -> FleetState:
+        path = Path(folder) / f"{fleet}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(path, {"format": FORMAT, "fleet": fleet, "hosts": {}, "vms": {}})
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FleetStateError(f"fleet state {path} cannot be read ({exc}); move it away to start from what libvirt "
+                                  "holds (VMs that are still defined are found by their labels)") from None  # fmt: skip
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("fleet") != fleet:
+            raise FleetStateError(f"fleet state {path} is not the state of fleet {fleet} (format {FORMAT})")
+        data.setdefault("hosts", {})
+        data.setdefault("vms", {})
+        return cls(path, data)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def hosts(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._data["hosts"])
+
+    def vms(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._data["vms"].items()}
+
+    def vm(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._data["vms"].get(name)
+            return dict(entry) if entry is not None else None
+
+    # -- changing (each change is saved at once) -------------------------------------------
+
+    def remember_host(self, name: str, uri: str) -> None:
+        with self._lock:
+            if self._data["hosts"].get(name) == uri:
+                return
+            self._data["hosts"][name] = uri
+            self._save()
+
+    def forget_host(self, name: str) -> None:
+        with self._lock:
+            if self._data["hosts"].pop(name, None) is not None:
+                self._save()
+
+    def update_vm(self, name: str, **fields: Any) -> None:
+        with self._lock:
+            entry = self._data["vms"].setdefault(name, {})
+            entry.update(fields)
+            entry["updated_at"] = now()
+            self._save()
+
+    def replace_vm(self, name: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._data["vms"][name] = {**entry, "updated_at": now()}
+            self._save()
+
+    def drop_vm(self, name: str) -> None:
+        with self._lock:
+            if self._data["vms"].pop(name, None) is not None:
+                self._save()
+
+    def save(self, **top: Any) -> None:
+        with self._lock:
+            self._data.update(top)
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._data["updated_at"] = now()
+            write_atomic(self.path, (json.dumps(self._data, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+        except OSError as exc:
+            raise FleetStateError(f"cannot write fleet state {self.path}: {exc.strerror or exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ class SmokeBuild:
 
 
 @pytest.fixture(scope="session")
-def smoke_build(tmp_path_factory) -> SmokeBuild:
+def smoke_build(tmp_path_factory) -> Iterator[SmokeBuild]:
     from tdxvm.image.build import build
     from tdxvm.image.cache import StepCache
     from tdxvm.image.recipe import load_recipe
@@ -61,4 +62,32 @@ def smoke_build(tmp_path_factory) -> SmokeBuild:
     manifest = build(load_recipe(REPO / "images" / "smoke.yaml"), output=base / "smoke",
                      cache=StepCache(test_cache_root() / "image"), secret_store=SecretStore(directory=secrets),
                      progress=events.append)  # fmt: skip
-    return SmokeBuild(base / "smoke", secrets, manifest, events)
+    yield SmokeBuild(base / "smoke", secrets, manifest, events)
+    _remove_uploaded_volumes(manifest)
+
+
+def _remove_uploaded_volumes(manifest: dict) -> None:
+    """The launches uploaded this build's kernel, initrd and 1 GiB disk into libvirt's
+    tdxvm pool (content-addressed, kept for later launches); a test build is never
+    launched again, so its volumes go (unless a domain still uses them)."""
+    import libvirt
+
+    from tdxvm.launch.connection import open_connection
+    from tdxvm.launch.volumes import POOL_NAME, content_name
+
+    try:
+        conn = open_connection("qemu:///system")
+    except Exception:  # noqa: BLE001 - no libvirtd: nothing was uploaded
+        return
+    try:
+        pool = conn.storagePoolLookupByName(POOL_NAME)
+        in_use = "".join(d.XMLDesc() for d in conn.listAllDomains())
+        artifacts = manifest["artifacts"]
+        for role, name in (("kernel", "vmlinuz"), ("initrd", "initrd.img"), ("disk", "disk.img")):
+            volume = content_name(role, artifacts[name]["sha256"])
+            if volume in pool.listVolumes() and volume not in in_use:
+                pool.storageVolLookupByName(volume).delete(0)
+    except libvirt.libvirtError:
+        pass
+    finally:
+        conn.close()

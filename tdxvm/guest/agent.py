@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import secrets
 import socket
 import socketserver
 import sys
@@ -40,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, report_data
+from tdxvm.fileio import write_atomic
 from tdxvm.guest import agentwire as wire
 from tdxvm.guest.envelope import EnvelopeError, open_sealed
 from tdxvm.guest.tdquote import QuoteError, detect
@@ -134,19 +133,7 @@ class SecretsDir:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.folder.is_symlink() or not self.folder.is_dir():
             raise SecretRefused(f"secrets folder {self.folder} is not a folder")
-        path = self.folder / wire.check_secret_name(name)
-        tmp = self.folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(self.folder / wire.check_secret_name(name), data, mode=0o600)
 
 
 # -- the protocol ------------------------------------------------------------------------

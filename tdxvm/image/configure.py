@@ -33,8 +33,9 @@ from tdxvm.image.recipe import LoadedRecipe
 OVERLAY = Path(__file__).with_name("overlay")
 GUEST_PYTHON = "/usr/lib/tdxvm/python"
 _PACKAGE_ROOT = Path(tdxvm.__file__).parent
-# What of tdxvm ships into the guest: the guest package and the REPORTDATA binding.
-GUEST_MODULES = ("__init__.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
+# What of tdxvm ships into the guest: the guest package, the REPORTDATA binding and the
+# atomic-write helper (both standard library only).
+GUEST_MODULES = ("__init__.py", "fileio.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
 _EXECUTABLE = {"etc/initramfs-tools/hooks/tdxvm", "usr/lib/tdxvm/keyscript"}
 
 

@@ -78,3 +78,28 @@ def test_step_cache_publishes_only_finished_entries(tmp_path):
     with cache.put("rootfs", key, inputs) as staging:
         (staging / "rootfs.tar").write_bytes(b"whole")
     assert (cache.get("rootfs", key) / "rootfs.tar").read_bytes() == b"whole"
+
+
+def test_every_tdxvm_module_the_guest_imports_ships_with_it():
+    """tdxvm/image/configure.GUEST_MODULES is what the image carries: a guest module that
+    imports another tdxvm module not in it would fail inside the guest."""
+    import ast
+
+    from tdxvm.image.configure import guest_module_files
+
+    shipped = {rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for _, rel in guest_module_files()}
+    shipped |= {m.rsplit(".", 1)[0] for m in shipped}  # tdxvm.guest is a namespace package (a folder)
+    def imports(tree):  # every import statement, except those only for type checkers
+        for node in ast.iter_child_nodes(tree):
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                continue
+            yield node
+            yield from imports(node)
+
+    for src, rel in guest_module_files():
+        for node in imports(ast.parse(src.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])  # fmt: skip
+            for name in names:
+                if name.startswith("tdxvm"):
+                    assert name in shipped, f"{rel} imports {name}, which the guest image does not carry"

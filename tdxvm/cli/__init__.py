@@ -18,6 +18,7 @@ from tdxvm.cli.emulate import emulate
 from tdxvm.cli.endpoint import verify_endpoint_cmd
 from tdxvm.cli.fleet import NameOrFile, apply_cmd, fleet_destroy_cmd, fleet_status_cmd, plan_cmd
 from tdxvm.cli.image import image
+from tdxvm.cli.provision import provision_cmd
 from tdxvm.cli.vm import attest_cmd, console_cmd, destroy_cmd, launch_cmd, status_cmd, stop_cmd
 from tdxvm.cli.weights import weights
 from tdxvm.cli.output import run_guarded
@@ -36,6 +37,7 @@ cli.add_command(eventlog)
 cli.add_command(emulate)
 cli.add_command(image)
 cli.add_command(launch_cmd)
+cli.add_command(provision_cmd)
 cli.add_command(NameOrFile(status_cmd, fleet_status_cmd, short_help="Show tdxvm's VMs on a host, one VM, or a fleet's (-f)."))
 cli.add_command(attest_cmd)
 cli.add_command(stop_cmd)

@@ -109,3 +109,27 @@ def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mr
     quote = platform.sign_quote(version=int(version), body_type=kind, **fields)
     Path(out).write_bytes(quote)
     click.echo(f"wrote {out} ({len(quote)} bytes)", err=True)
+
+
+@emulate.command("tiny-llama")
+@click.argument("out", metavar="OUT_DIR")
+@click.option("--layers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--hidden", type=click.IntRange(8, 8192), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def emulate_tiny_llama(out: str, layers: int, hidden: int, seed: int) -> None:
+    """Write a tiny random Llama-architecture model (Hugging Face format) into OUT_DIR.
+
+    Random weights and a small byte-level BPE tokenizer with a chat template: a stand-in
+    for a real checkpoint where none can be downloaded (needs the guest extra: torch,
+    transformers).
+    """
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise CliError(f"{out}: exists and is not empty")
+    try:
+        from tdxvm.emulate.tinyllama import build_tiny_model
+    except ImportError as exc:
+        raise CliError(f"needs torch and transformers (pip install -e '.[guest]'): {exc}") from None
+    if hidden % 4:
+        raise CliError("--hidden must be a multiple of 4 (4 attention heads)")
+    build_tiny_model(Path(out), layers=layers, hidden=hidden, intermediate=2 * hidden, seed=seed)
+    click.echo(f"wrote a {layers}-layer Llama model (hidden size {hidden}) to {out}", err=True)

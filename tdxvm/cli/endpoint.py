@@ -18,30 +18,51 @@ from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnr
 
 
 @click.command("verify-endpoint")
-@click.argument("url", metavar="URL")
+@click.argument("url", metavar="URL", required=False)
+@click.option("--vm", "vm_name", metavar="NAME", help="The service of tdxvm VM NAME: its URL, launch policy and backend's trust anchor.")
+@click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", help="libvirt URI of --vm's host [default: $TDXVM_URI, qemu:///system].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML; must name mrtd, rtmr1 and rtmr2.")
 @click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
 @click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds to wait for the endpoint.")
+@click.option("--complete", "prompt", metavar="PROMPT", help="Once accepted, ask for a completion of PROMPT on the pinned connection.")
+@click.option("--chat", "chat", metavar="MESSAGE", help="Once accepted, send MESSAGE as a chat and stream the answer (pinned).")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="For --complete and --chat.")
 @OUTPUT_OPTION
-def verify_endpoint_cmd(url: str, policy_path: str | None, bundle: str | None, pccs: str | None, root_ca: str | None, at_text: str | None, timeout: float, output: str) -> None:
+def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, policy_path: str | None, bundle: str | None,
+                        pccs: str | None, root_ca: str | None, at_text: str | None, timeout: float, prompt: str | None,
+                        chat: str | None, max_tokens: int, output: str) -> None:  # fmt: skip
     """Attest the inference endpoint at URL (https://HOST:PORT) and print the TLS key to pin.
 
     Sends a fresh nonce to URL/v1/attestation on the TLS connection it checks, and
     accepts only a genuine quote that passes the policy and whose REPORTDATA binds the
-    nonce and the key that connection presented. Exit 0 when accepted, 1 when refused,
-    2 when the input is unusable, 3 when the endpoint or collateral cannot be reached.
+    nonce and the key that connection presented. With --vm NAME instead of URL, the
+    endpoint, the policy and the trust anchor are those tdxvm launched NAME with. Then
+    --complete / --chat talk to the API only on the attested key. Exit 0 when accepted,
+    1 when refused, 2 when the input is unusable, 3 when the endpoint or collateral
+    cannot be reached.
     """
     if bundle and pccs:
         raise CliError("give either --collateral or --pccs, not both")
+    if (url is None) == (vm_name is None):
+        raise CliError("give the endpoint's URL or --vm NAME (one of them)")
     at = parse_time(at_text)
     policy = load_policy(policy_path) if policy_path else Policy()
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
     sources: list[str] = []
     collateral: Collateral | Any
-    if bundle:
+    trust = None
+    if vm_name is not None:
+        url, vm_policy, trust = _vm_endpoint(vm_name, uri)
+        policy = policy if policy_path else vm_policy
+        anchor = anchor or trust.trust_anchor
+    assert url is not None
+    if trust is not None and trust.backend == "emulated" and not (bundle or pccs):
+        collateral = trust.collateral
+        sources.append("the emulated platform's")
+    elif bundle:
         collateral = load_bundle(bundle)
         sources.append(f"bundle {bundle}")
     else:
@@ -63,7 +84,8 @@ def verify_endpoint_cmd(url: str, policy_path: str | None, bundle: str | None, p
     except EndpointError as exc:  # a URL we cannot use
         raise CliError(str(exc)) from None
     if output == "json":
-        emit_json({**endpoint.to_dict(), "reasons": [], "collateral": sources[0] if sources else None})
+        answer = _talk(endpoint, prompt, chat, max_tokens, output) if (prompt or chat) else {}
+        emit_json({**endpoint.to_dict(), "reasons": [], "collateral": sources[0] if sources else None, **answer})
     else:
         _print_verdict(endpoint.verdict, sources[0] if sources else "-")
         _print_endpoint(endpoint.url, endpoint.tls_spki_sha256, endpoint.provider, pinned=True)
@@ -71,7 +93,48 @@ def verify_endpoint_cmd(url: str, policy_path: str | None, bundle: str | None, p
         if log is not None:
             match = log.get("rtmrs_match")
             click.echo(f"     event log: {log['bytes']} bytes, " + (f"{log['events']} events, replay matches RTMR " + ",".join(str(i) for i, ok in enumerate(match) if ok) if match is not None else log["error"]))
+        if prompt or chat:
+            _talk(endpoint, prompt, chat, max_tokens, output)
     sys.exit(EXIT_OK)
+
+
+def _vm_endpoint(name: str, uri: str | None) -> tuple[str, Policy, Any]:
+    from tdxvm.launch.connection import connection
+    from tdxvm.launch.lifecycle import status
+    from tdxvm.provision.model import service_url
+    from tdxvm.provision.trust import for_backend
+
+    with connection(uri or "qemu:///system") as conn:
+        vm = status(conn, name)[0]
+    if vm.policy is None:
+        raise CliError(f"{name}'s metadata holds no policy (not launched by this tdxvm?); give URL and --policy")
+    return service_url(vm), vm.policy, for_backend(vm.backend)
+
+
+def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, output: str) -> dict[str, Any]:
+    """--complete / --chat on the pinned session; printed as it streams for people."""
+    from tdxvm.provision.client import ApiClient
+
+    out: dict[str, Any] = {}
+    with ApiClient(endpoint) as client:
+        if prompt is not None:
+            doc = client.complete(prompt, max_tokens=max_tokens)
+            out["completion"] = doc["choices"][0]["text"]
+            out["usage"] = doc.get("usage")
+            if output == "text":
+                click.echo(f"    completion: ({doc.get('model')}, pinned) {prompt}" + click.style(out["completion"], bold=True))
+        if chat is not None:
+            if output == "text":
+                click.echo("          chat: (streamed, pinned) ", nl=False)
+            pieces = []
+            for piece in client.chat_stream([{"role": "user", "content": chat}], max_tokens=max_tokens):
+                pieces.append(piece)
+                if output == "text":
+                    click.echo(piece, nl=False)
+            if output == "text":
+                click.echo()
+            out["chat"] = "".join(pieces)
+    return out
 
 
 def _print_endpoint(url: str, spki_sha256: str | None, provider: str | None, *, pinned: bool) -> None:

@@ -92,6 +92,9 @@ def _resolve_paths(data: Any) -> Any:
         value = out.get(key)
         if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
             out[key] = str(folder / Path(value).expanduser())
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str) and not Path(model["path"]).expanduser().is_absolute():
+        out["model"] = {**model, "path": str(folder / Path(model["path"]).expanduser())}
     return out
 
 

@@ -10,6 +10,9 @@ What every image gets (the tree under ``tdxvm/image/overlay/``):
 * systemd units: ``tdxvm-ssh-keygen`` makes the SSH host keys at first boot, inside the
   TD (none exist in the image); ``tdxvm-agent`` answers re-attestation and receives
   secrets; systemd-networkd with DHCP.
+* ``model-server`` profile (``tdxvm/image/overlay-model-server/``): the ``tdxvm-serve``
+  unit, which runs the inference service once ``tdxvm provision`` has installed a model
+  and written its arguments (it does not start before).
 * sshd: keys only. ``root`` has no password (Debian's locked ``*``); the controller's
   public key goes into ``/root/.ssh/authorized_keys``.
 
@@ -31,6 +34,7 @@ from tdxvm.image.ext4 import ImageStepError
 from tdxvm.image.recipe import LoadedRecipe
 
 OVERLAY = Path(__file__).with_name("overlay")
+PROFILE_OVERLAYS = {"model-server": (Path(__file__).with_name("overlay-model-server"), ("tdxvm-serve.service",))}
 GUEST_PYTHON = "/usr/lib/tdxvm/python"
 _PACKAGE_ROOT = Path(tdxvm.__file__).parent
 # What of tdxvm ships into the guest: the guest package, the REPORTDATA binding and the
@@ -63,16 +67,29 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     path.chmod(mode)
 
 
-def apply_overlay(root: Path, *, agent_port: int) -> None:
-    for src in sorted(p for p in OVERLAY.rglob("*") if p.is_file()):
-        rel = src.relative_to(OVERLAY).as_posix()
-        data = src.read_bytes().replace(b"@AGENT_PORT@", str(agent_port).encode())
+def _copy_tree(root: Path, tree: Path, values: dict[bytes, int | None]) -> None:
+    for src in sorted(p for p in tree.rglob("*") if p.is_file()):
+        rel = src.relative_to(tree).as_posix()
+        data = src.read_bytes()
+        for placeholder, value in values.items():
+            if placeholder in data:
+                if value is None:
+                    raise ImageStepError("overlay", [], f"{src} needs {placeholder.decode()}, which the recipe does not set")
+                data = data.replace(placeholder, str(value).encode())
         _write(root / rel, data, 0o755 if rel in _EXECUTABLE else 0o644)
+
+
+def apply_overlay(root: Path, *, agent_port: int, profile: str = "smoke", service_port: int | None = None) -> None:
+    values = {b"@AGENT_PORT@": agent_port, b"@SERVICE_PORT@": service_port}
+    _copy_tree(root, OVERLAY, values)
+    extra_tree, extra_units = PROFILE_OVERLAYS.get(profile, (None, ()))
+    if extra_tree is not None:
+        _copy_tree(root, extra_tree, values)
     for src, rel in guest_module_files():
         _write(root / GUEST_PYTHON.lstrip("/") / rel, src.read_bytes(), 0o644)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    for unit in ("tdxvm-ssh-keygen.service", "tdxvm-agent.service"):
+    for unit in ("tdxvm-ssh-keygen.service", "tdxvm-agent.service", *extra_units):
         _symlink(wants / unit, f"/etc/systemd/system/{unit}")
     _symlink(wants / "systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service")
 
@@ -135,7 +152,7 @@ def configure(root: Path, loaded: LoadedRecipe, *, authorized_key: str, epoch: i
     """Everything after the cached package steps; deterministic for the same inputs."""
     recipe = loaded.recipe
     omit_modules(root, recipe.kernel.omit_modules)
-    apply_overlay(root, agent_port=recipe.agent_port)
+    apply_overlay(root, agent_port=recipe.agent_port, profile=recipe.profile, service_port=recipe.service_port)
     add_recipe_files(root, loaded)
     authorize(root, authorized_key)
     set_hostname(root, recipe.name)

@@ -63,6 +63,9 @@ class _Manifest(BaseModel):
     service_port: Port | None = None
 
 
+UPLOAD_PORT = 7301  # the guest's weights receiver (tdxvm.guest.receiver) during `tdxvm provision`
+
+
 @dataclass(frozen=True, slots=True)
 class Artifact:
     name: str  # disk.img, vmlinuz, initrd.img
@@ -95,10 +98,12 @@ class ImageManifest:
         return self.path.parent
 
     def guest_ports(self) -> dict[str, int]:
-        """The guest ports a launch forwards by default: agent, ssh, and the service if any."""
+        """The guest ports a launch forwards by default: agent, ssh, and for a model server
+        its service and the weights receiver (``tdxvm provision``'s bulk streams)."""
         ports = {"agent": self.guest_agent_port, "ssh": self.ssh_port}
         if self.service_port is not None:
             ports["service"] = self.service_port
+            ports["upload"] = UPLOAD_PORT
         return ports
 
 

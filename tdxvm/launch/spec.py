@@ -13,6 +13,8 @@ Loaded through :mod:`tdxvm.yamlfile`, so every problem names the file, line and 
     firmware: /usr/share/ovmf/OVMF.inteltdx.ms.fd   # default: the manifest's firmware (see below)
     qgs_socket: /var/run/tdx-qgs/qgs.socket
     policy: policy.yaml                      # or an inline mapping of Policy keys
+    model: ../build/llama2-7b.enc            # provisioned once the VM is up (tdxvm provision)
+    # or: model: {path: ..., name: llama-2-7b, key: llama2-7b, dtype: bfloat16, threads: 8}
 
 Relative paths (``image``, ``policy``, ``model``) are resolved against the YAML file's
 folder; ``firmware`` and ``qgs_socket`` are paths on the libvirt host and must be
@@ -104,6 +106,10 @@ def _policy(value: Any) -> Any:
     return value
 
 
+def _model_ref(value: Any) -> Any:
+    return {"path": value} if isinstance(value, (str, Path)) else value
+
+
 Hex48 = Annotated[bytes, BeforeValidator(_hex48)]
 LocalPath = Annotated[Path, BeforeValidator(_resolve)]
 HostPath = Annotated[str, BeforeValidator(_host_path)]
@@ -167,6 +173,27 @@ class Pinning(BaseModel):
         return value
 
 
+class ModelRef(BaseModel):
+    """``model:`` an encrypted model folder (``tdxvm weights encrypt``) to provision after the
+    launch, and how to serve it; a plain path stands for ``{path: PATH}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: LocalPath
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")] | None = None  # default: the folder's name
+    key: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None  # secret weights/KEY; default: the folder's name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.path.name
+
+    @property
+    def key_name(self) -> str:
+        return self.key or self.path.name
+
+
 class VmSpec(BaseModel):
     """A VM spec. Load with :func:`load_vm_spec`; construct with keywords in code."""
 
@@ -188,7 +215,7 @@ class VmSpec(BaseModel):
     mr_owner: Hex48 | None = None
     mr_owner_config: Hex48 | None = None
     policy: Annotated[Policy | None, BeforeValidator(_policy)] = None
-    model: LocalPath | None = None
+    model: Annotated[ModelRef | None, BeforeValidator(_model_ref)] = None
 
     @field_validator("name")
     @classmethod

@@ -78,14 +78,15 @@ class LaunchResult:
     agent: tuple[str, int] | None = None
     service: tuple[str, int] | None = None
     ssh_host_key: str | None = None
+    provision: dict[str, Any] | None = None  # ProvisionResult.to_dict() when the spec names a model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "uri": self.uri, "state": "ready",
+        return {"name": self.name, "uri": self.uri, "state": "serving" if self.provision else "ready",
                 "timings": {k: round(v, 3) for k, v in self.timings.items()},
                 "ssh": f"{self.ssh[0]}:{self.ssh[1]}" if self.ssh else None,
                 "agent": f"{self.agent[0]}:{self.agent[1]}" if self.agent else None,
                 "service": f"{self.service[0]}:{self.service[1]}" if self.service else None,
-                "ssh_host_key": self.ssh_host_key, "attestation": self.verdict}  # fmt: skip
+                "ssh_host_key": self.ssh_host_key, "attestation": self.verdict, "provision": self.provision}  # fmt: skip
 
 
 Progress = Callable[[PhaseEvent], None]
@@ -215,6 +216,12 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     if not disk_secret:
         raise BringUpError("the image manifest names no disk key (luks.key_secret)", phase="define")
     volume_key = secrets.get(disk_secret)  # refuse before defining anything if the key is not here
+    if spec.model is not None:
+        if manifest.service_port is None:
+            raise BringUpError(f"model: image {manifest.name} serves no model (build it with profile: model-server)", phase="define")
+        if is_test_driver(conn.getURI()):
+            raise BringUpError("model: provisioning needs a running guest, and libvirt's test driver runs none", phase="define")
+        secrets.get(f"weights/{spec.model.key_name}")  # the model key too
 
     t = phases.begin("define")
     with define_lock if define_lock is not None else nullcontext():
@@ -270,6 +277,13 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
         result.service = (fwd.host_address, fwd.host_port)
     result.ssh_host_key = base64.b64encode(host_key).decode()
     phases.end("ready", t, f"ssh {result.ssh[0]}:{result.ssh[1]}" if result.ssh else "")
+    if spec.model is not None:
+        from tdxvm.provision.model import provision  # it builds on this module (reattest)
+
+        t = phases.begin("provision")
+        served = provision(conn, spec.name, spec.model, trust=trust, secrets=secrets)
+        result.provision = served.to_dict()
+        phases.end("provision", t, f"{served.model} at {served.url}")
     return result
 
 
@@ -335,6 +349,9 @@ def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = 
     else:
         click.echo(f"{spec.name} is ready: attested ({result.verdict['tcb_status'] if result.verdict else '?'}), "
                    f"disk unlocked, ssh root@{result.ssh[0]} -p {result.ssh[1]}" if result.ssh else f"{spec.name} is ready")  # fmt: skip
+        if result.provision:
+            click.echo(f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
+                       f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'")  # fmt: skip
     return 0
 
 

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import paramiko
 
+from tdxvm.launch.manifest import UPLOAD_PORT
 from tdxvm.guest.transferwire import (
     DEFAULT_BLOCK_SIZE,
     END_OF_STREAM,
@@ -51,7 +52,7 @@ from tdxvm.guest.transferwire import (
 )
 
 DEFAULT_DEST = "/var/lib/tdxvm/uploads"
-GUEST_PORT = 7301  # the receiver's port when a forward must reach it: listen=f"0.0.0.0:{GUEST_PORT}" (the agent has 7300)
+GUEST_PORT = UPLOAD_PORT  # the receiver's port when a forward must reach it: listen=f"0.0.0.0:{GUEST_PORT}" (the agent has 7300)
 DEFAULT_STREAMS = 2
 PIECE_BLOCKS = 16  # work is handed to streams in runs of at most this many blocks
 SSH_WINDOW = 16 << 20

@@ -165,5 +165,5 @@ def test_manifest_missing_or_not_json(tmp_path):
 
 def test_manifest_with_service_port(tmp_path):
     img = make_image(tmp_path / "llama", name="llama2", service_port=8443)
-    assert img.manifest().guest_ports() == {"agent": 7300, "ssh": 22, "service": 8443}
+    assert img.manifest().guest_ports() == {"agent": 7300, "ssh": 22, "service": 8443, "upload": 7301}
     assert json.loads(img.manifest_path.read_text())["service_port"] == 8443

@@ -1,0 +1,109 @@
+"""``tdxvm provision NAME --model ENC_DIR``: encrypted weights, key and service into an attested VM."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.vm import DEFAULT_URI, _uri_option
+from tdxvm.guest.install import DTYPES
+
+
+class _Progress:
+    """Phase lines and an upload meter on stderr for people; nothing with ``-o json``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self.shown = 0.0
+
+    def __call__(self, phase: str, details: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if phase == "upload":
+            held, total, secs = details["held"], details["total"], details["seconds"]
+            now = time.monotonic()
+            if self.tty and (now - self.shown > 0.2 or held >= total):
+                self.shown = now
+                pct = 100 * held / total if total else 100.0
+                click.echo(f"\r  upload   {pct:5.1f}%  {held / 2**20:,.0f} of {total / 2**20:,.0f} MiB  "
+                           f"{held / max(secs, 1e-9) / 2**20:,.0f} MiB/s", err=True, nl=held >= total)  # fmt: skip
+        elif phase == "retry":
+            click.echo(f"\n  upload interrupted ({details['error']}); resuming (try {details['attempt'] + 1})", err=True)
+        elif phase == "install" and details.get("skipped"):
+            click.echo("  install  this model is already installed in the guest; skipping the upload", err=True)
+        elif phase == "service":
+            if details.get("restart"):
+                click.echo(f"  service  starting; waiting for {details['url']} to attest and load the model", err=True)
+            else:
+                click.echo(f"  service  running with these settings; attesting {details['url']}", err=True)
+        else:
+            click.echo(f"  {phase}", err=True)
+
+
+@click.command("provision")
+@click.argument("name")
+@click.option("--model", "enc_dir", required=True, metavar="ENC_DIR", help="Encrypted model folder (tdxvm weights encrypt).")
+@click.option("--model-name", metavar="NAME", help="The `model` clients ask for [default: ENC_DIR's name].")
+@click.option("--key-name", metavar="NAME", help="Model key in the secret store, weights/NAME [default: ENC_DIR's name].")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Weights dtype in the guest.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads in the guest [default: torch's choice].")
+@click.option("--via", type=click.Choice(["tcp", "ssh"]), help="Bulk streams on plain TCP through the VM's forward, or inside "
+              "the SSH session [default: tcp when the VM forwards the receiver port].")  # fmt: skip
+@click.option("--streams", type=click.IntRange(1, 16), default=2, show_default=True, help="Parallel bulk streams.")
+@click.option("--timeout", "service_timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
+              help="Seconds to wait for the service to load the model.")  # fmt: skip
+@_uri_option(DEFAULT_URI)
+@OUTPUT_OPTION
+def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str | None, dtype: str, threads: int | None,
+                  via: str | None, streams: int, service_timeout: float, uri: str | None, output: str) -> None:  # fmt: skip
+    """Give running VM NAME the model in ENC_DIR and start its inference service.
+
+    Attests NAME again, releases the model key sealed to its attested key, uploads the
+    encrypted weights (resumable: run it again after an interruption), has the guest
+    decrypt and verify them all or nothing, starts the service and attests it on its TLS
+    key. Exit 0 when serving, 1 when an attestation was refused, 2 on bad input or a
+    failed step.
+    """
+    from tdxvm.launch.connection import connection
+    from tdxvm.provision import handshake
+    from tdxvm.provision.endpoint import EndpointRefused
+    from pydantic import ValidationError
+
+    from tdxvm.launch.spec import ModelRef
+    from tdxvm.provision.model import provision
+
+    try:
+        spec = ModelRef(path=enc_dir, name=model_name, key=key_name, dtype=dtype, threads=threads)
+    except ValidationError as exc:
+        options = {"path": "--model", "name": "--model-name", "key": "--key-name"}
+        raise CliError("; ".join(f"{options.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())) from None
+    show = output == "text"
+    with connection(uri or DEFAULT_URI) as conn:
+        try:
+            result = provision(conn, name, spec, progress=_Progress(show), via=via, streams=streams, service_timeout=service_timeout)
+        except (handshake.AttestationRefused, EndpointRefused) as refused:
+            what = "the service's endpoint" if isinstance(refused, EndpointRefused) else name
+            if output == "json":
+                emit_json({"name": name, "state": "refused", "reasons": [{"code": r.code, "message": r.message} for r in refused.reasons]})
+            else:
+                click.echo(f"refused: {what} did not attest; the model key was not released to it", err=True)
+                for r in refused.reasons:
+                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+            sys.exit(EXIT_REFUSED)
+    if output == "json":
+        emit_json(result.to_dict())
+        return
+    up = result.upload
+    if up:
+        click.echo(f"uploaded {up['sent_bytes'] / 2**20:,.1f} MiB via {up['via']} ×{up['streams']} in {up['seconds']:.1f} s "
+                   f"({up['bytes_per_second'] / 2**20:,.0f} MiB/s)" + (f", {up['resumed_bytes'] / 2**20:,.1f} MiB resumed" if up["resumed_bytes"] else ""))  # fmt: skip
+    inst = result.install or {}
+    if "files" in inst:
+        click.echo(f"installed {inst['files']} files ({inst['bytes'] / 2**20:,.1f} MiB) decrypted and verified in {inst['seconds']:.1f} s")
+    ep = result.endpoint or {}
+    click.echo(f"{name} serves {result.model} at {result.url}, TLS key SPKI SHA-256 {ep.get('tls_spki_sha256', '?')} (attested)")
+    click.echo(f"try: tdxvm verify-endpoint --vm {name} --complete 'Once upon a time'")

@@ -1,0 +1,147 @@
+"""Install a received model and set the inference service up: the guest's half of ``tdxvm provision``.
+
+    python3 -m tdxvm.guest.install --upload DEST/<upload id> --name NAME [--dtype D]
+        [--threads N] [--qgs HOST:PORT]
+
+Run by the controller over its SSH session to the attested guest, after the model key
+arrived through the agent (sealed to this TD's attested key, kept in
+``/run/tdxvm/secrets/model``, in TD memory only). It
+
+1. decrypts and authenticates the upload into ``/var/lib/tdxvm/model`` all or nothing
+   (:func:`tdxvm.guest.staging.install_model`; a model already there is swapped out
+   only once the new one is complete), and records the upload id in
+   :data:`INSTALLED` so a repeated provision of the same weights skips the work;
+2. removes the key file and the upload (the decrypted model is on the encrypted root
+   filesystem; the ciphertext is not needed again);
+3. writes ``/etc/tdxvm/serve.env``, the arguments of the ``tdxvm-serve`` unit.
+
+It prints one JSON line, ``{"ok": true, "installed": ..., "files": N, "bytes": N,
+"seconds": S}`` or ``{"ok": false, "code": ..., "error": ...}``; exit status 0, 1
+(failed) or 2 (bad arguments). ``--check UPLOAD_ID`` prints whether that upload is
+the installed model and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tdxvm.fileio import write_atomic
+from tdxvm.guest.staging import StagingError, install_model
+from tdxvm.guest.weights import WeightsError
+
+MODEL_DIR = Path("/var/lib/tdxvm/model")
+INSTALLED = Path("/var/lib/tdxvm/model.installed")  # the upload id of the model in MODEL_DIR
+KEY_FILE = Path("/run/tdxvm/secrets/model")
+SERVE_ENV = Path("/etc/tdxvm/serve.env")
+DTYPES = ("float32", "bfloat16", "float16")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+_QGS = re.compile(r"[A-Za-z0-9.-]+:[0-9]{1,5}")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class InstallError(Exception):
+    code = "install"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+def serve_env(name: str, dtype: str, threads: int | None, qgs: str | None) -> bytes:
+    """The ``tdxvm-serve`` unit's environment file (every value checked: systemd splits on spaces)."""
+    if not _NAME.fullmatch(name):
+        raise InstallError(f"model name {name!r}: use letters, digits and . _ : / - (at most 128)", code="usage")
+    if dtype not in DTYPES:
+        raise InstallError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}", code="usage")
+    args = ["--name", name, "--dtype", dtype]
+    if threads is not None:
+        if not 0 < threads <= 1024:
+            raise InstallError(f"threads {threads}: expected 1 to 1024", code="usage")
+        args += ["--threads", str(threads)]
+    if qgs is not None:
+        if not _QGS.fullmatch(qgs):
+            raise InstallError(f"qgs {qgs!r}: expected HOST:PORT", code="usage")
+        args += ["--qgs", qgs]
+    return f"TDXVM_SERVE_ARGS={' '.join(args)}\n".encode()
+
+
+def installed_upload(marker: Path = INSTALLED, model_dir: Path = MODEL_DIR) -> str | None:
+    try:
+        text = marker.read_text().strip()
+    except OSError:
+        return None
+    return text if (model_dir / "config.json").is_file() else None
+
+
+def install(upload: Path, *, name: str, dtype: str, threads: int | None, qgs: str | None, key_file: Path = KEY_FILE,
+            model_dir: Path = MODEL_DIR, marker: Path = INSTALLED, env_file: Path = SERVE_ENV) -> dict:  # fmt: skip
+    env = serve_env(name, dtype, threads, qgs)  # refuse bad arguments before touching anything
+    started = time.monotonic()
+    try:
+        key = key_file.read_bytes()
+    except FileNotFoundError:
+        raise InstallError(f"{key_file}: no model key (the controller releases it through the agent first)", code="no-key") from None
+    if len(key) != 32:
+        raise InstallError(f"{key_file}: {len(key)} bytes, expected a 32-byte model key", code="no-key")
+    marker.unlink(missing_ok=True)  # from here until the new marker, no upload counts as installed
+    entries = install_model(upload, model_dir, key, replace=True)
+    write_atomic(marker, upload.name.encode() + b"\n", mode=0o644)
+    key_file.unlink(missing_ok=True)
+    shutil.rmtree(upload, ignore_errors=True)
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(env_file, env, mode=0o644)
+    return {"ok": True, "installed": str(model_dir), "upload": upload.name, "files": len(entries),
+            "bytes": sum(e.size for e in entries), "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+
+
+def configure(*, name: str, dtype: str, threads: int | None, qgs: str | None, env_file: Path = SERVE_ENV) -> dict:
+    """Only rewrite the service's arguments (the installed model stays); ``changed`` says if they differ."""
+    env = serve_env(name, dtype, threads, qgs)
+    try:
+        changed = env_file.read_bytes() != env
+    except OSError:
+        changed = True
+    if changed:
+        env_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(env_file, env, mode=0o644)
+    return {"ok": True, "configured": str(env_file), "changed": changed}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.install", description="Install a received model (see the module doc).")
+    p.add_argument("--upload", type=Path, help="a complete upload folder (DEST/<upload id>)")
+    p.add_argument("--check", metavar="UPLOAD_ID", help="only say whether this upload is the installed model")
+    p.add_argument("--name", help="model name clients pass as `model`")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--qgs", help="emulated quote service for the service's attestations (emulated guests)")
+    args = p.parse_args(argv)
+    try:
+        if args.check is not None:
+            result: dict = {"ok": True, "installed": installed_upload() == args.check}
+        elif args.name is None:
+            raise InstallError("--name is required", code="usage")
+        elif args.upload is None:
+            if installed_upload() is None:
+                raise InstallError(f"no model is installed in {MODEL_DIR}", code="no-model")
+            result = configure(name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
+        else:
+            result = install(args.upload, name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
+    except (InstallError, StagingError, WeightsError, OSError) as exc:
+        code = getattr(exc, "code", "os-error") if not isinstance(exc, WeightsError) else "weights"
+        print(json.dumps({"ok": False, "code": code, "error": str(exc)}), flush=True)
+        return EXIT_USAGE if code == "usage" else EXIT_FAILED
+    print(json.dumps(result), flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Talk to an attested endpoint's OpenAI-compatible API through its pinned session.
+
+    endpoint = verify_endpoint(url, collateral=..., policy=...)   # attest, learn the TLS key
+    client = ApiClient(endpoint)                                  # every request pinned to it
+    client.complete("Once upon a time", max_tokens=16)["choices"][0]["text"]
+    for piece in client.chat_stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
+
+Errors the service answers (4xx/5xx with an OpenAI-style ``{"error": {...}}``) raise
+:class:`ApiError` with its message; a connection to any other TLS key fails before a
+byte of the prompt is sent (:class:`tdxvm.provision.pinning.PinMismatchError`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from tdxvm.provision.endpoint import AttestedEndpoint
+
+
+class ApiError(Exception):
+    code = "api"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _raise_for(r: requests.Response, what: str) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        err = r.json().get("error", {})
+        message = err.get("message") if isinstance(err, dict) else str(err)
+    except ValueError:
+        message = r.text[:300]
+    raise ApiError(f"{what}: HTTP {r.status_code}: {message}", status=r.status_code)
+
+
+class ApiClient:
+    """The API of one attested endpoint (its ``session`` is pinned to the attested TLS key)."""
+
+    def __init__(self, endpoint: AttestedEndpoint, *, timeout: Any = (10, 600)) -> None:
+        self.endpoint = endpoint
+        self.session = endpoint.session(timeout=timeout)
+
+    def _url(self, path: str) -> str:
+        return f"{self.endpoint.url}{path}"
+
+    def models(self) -> list[str]:
+        r = self.session.get(self._url("/v1/models"))
+        _raise_for(r, "GET /v1/models")
+        return [m["id"] for m in r.json().get("data", [])]
+
+    def model(self, model: str | None) -> str:
+        if model is not None:
+            return model
+        names = self.models()
+        if not names:
+            raise ApiError("the endpoint serves no model yet")
+        return names[0]
+
+    def complete(self, prompt: str, *, model: str | None = None, max_tokens: int = 32, **params: Any) -> dict[str, Any]:
+        body = {"model": self.model(model), "prompt": prompt, "max_tokens": max_tokens, **params}
+        r = self.session.post(self._url("/v1/completions"), json=body)
+        _raise_for(r, "POST /v1/completions")
+        return r.json()
+
+    def chat_stream(self, messages: list[dict[str, str]], *, model: str | None = None, max_tokens: int = 32,
+                    **params: Any) -> Iterator[str]:  # fmt: skip
+        """The streamed chat completion's text pieces as they arrive (server-sent events)."""
+        body = {"model": self.model(model), "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
+        with self.session.post(self._url("/v1/chat/completions"), json=body, stream=True) as r:
+            _raise_for(r, "POST /v1/chat/completions")
+            for raw in r.iter_lines():
+                line = raw.decode("utf-8", "replace")
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise ApiError(f"stream: {event['error'].get('message', event['error'])}")
+                for choice in event.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+        raise ApiError("stream ended without [DONE]")
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,262 @@
+"""``tdxvm provision``: the encrypted model into an attested guest, its key, the service.
+
+For a running VM launched by tdxvm from a ``model-server`` image:
+
+1. attest: a fresh quote over a fresh nonce, the guest's X25519 key and its SSH host
+   key, checked against the policy the VM was launched with (:func:`bringup.reattest`);
+2. release the model key (secret store ``weights/<name>``) sealed to that attested
+   X25519 key: the guest agent keeps it in ``/run/tdxvm/secrets/model``, in TD memory;
+3. SSH in, with only the attested host key accepted, and upload the encrypted folder
+   (:mod:`tdxvm.provision.transfer`: the bulk bytes on plain TCP through the VM's
+   forward to the receiver port, else on ``direct-tcpip`` channels of that SSH
+   session); an interrupted upload resumes from what the guest verified, and is
+   retried here a few times before giving up;
+4. in the guest, decrypt and authenticate all or nothing into the service's model
+   folder (:mod:`tdxvm.guest.install`), then (re)start ``tdxvm-serve``;
+5. attest the service itself as a client would (:func:`verify_endpoint`: a quote that
+   binds its TLS key, checked against the same policy) once it answers.
+
+Provisioning the weights already installed skips 2–4 (the guest records the upload id).
+Emulated VMs get their service's quotes from a per-VM emulated quote daemon
+(:mod:`tdxvm.emulate.qgsd`) on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from tdxvm.guest.transferwire import WireError, build_manifest
+from tdxvm.guest.weights import WeightsError, read_index
+from tdxvm.launch.lifecycle import VmStatus, status
+from tdxvm.launch.spec import ModelRef
+from tdxvm.provision import bringup, ssh, transfer
+from tdxvm.provision.endpoint import AttestedEndpoint, EndpointError, EndpointRefused, verify_endpoint
+from tdxvm.provision.trust import Trust, emulated_platform_dir, for_backend
+from tdxvm.secretstore import SecretStore
+from tdxvm.sshkey import controller_key
+
+GUEST_PYTHON = ("env", "PYTHONPATH=/usr/lib/tdxvm/python", "python3")
+SERVICE_UNIT = "tdxvm-serve.service"
+MODEL_SECRET = "model"  # the agent's name for it: /run/tdxvm/secrets/model
+UPLOAD_TRIES = 3
+SERVICE_TIMEOUT = 900.0  # loading torch and the model in a TCG guest takes minutes
+
+Progress = Callable[[str, dict[str, Any]], None]  # (phase, details): "attest", "upload", "install", "service"
+
+
+class ProvisionError(Exception):
+    """Provisioning stopped; ``phase`` says where, the message says why."""
+
+    code = "provision"
+
+    def __init__(self, message: str, *, phase: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.phase = phase
+        if code is not None:
+            self.code = code
+
+
+@dataclass
+class ProvisionResult:
+    name: str
+    model: str
+    upload: dict[str, Any] | None = None  # TransferReport.to_dict(); None when already installed
+    install: dict[str, Any] | None = None
+    endpoint: dict[str, Any] | None = None  # AttestedEndpoint.to_dict()
+    url: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "url": self.url, "upload": self.upload, "install": self.install,
+                "endpoint": self.endpoint, "timings": {k: round(v, 3) for k, v in self.timings.items()}}  # fmt: skip
+
+
+def _quiet(_phase: str, _details: dict[str, Any]) -> None:
+    pass
+
+
+def _forward(vm: VmStatus, guest_port: int | None) -> tuple[str, int] | None:
+    f = next((f for f in vm.forwards if guest_port is not None and f.guest_port == guest_port), None)
+    return (f.host_address, f.host_port) if f else None
+
+
+def _port_label(vm: VmStatus, label: str) -> int | None:
+    value = vm.labels.get(label, "")
+    return int(value) if value.isdigit() else None
+
+
+def _guest_json(client: Any, args: list[str], *, phase: str, timeout: float) -> dict[str, Any]:
+    command = shlex.join([*GUEST_PYTHON, "-m", "tdxvm.guest.install", *args])
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode(errors="replace").strip()
+    code = stdout.channel.recv_exit_status()
+    try:
+        doc = json.loads(out.splitlines()[-1]) if out else {}
+    except ValueError:
+        doc = {}
+    if code != 0 or not doc.get("ok"):
+        err = doc.get("error") or stderr.read().decode(errors="replace").strip()[-1500:] or out[-500:]
+        raise ProvisionError(f"guest install step failed (exit {code}): {err}", phase=phase, code=doc.get("code") or "guest")
+    return doc
+
+
+def _active(client: Any) -> bool:
+    try:
+        return ssh.run(client, f"systemctl is-active {SERVICE_UNIT}", timeout=30).strip() == "active"
+    except ssh.SshError:
+        return False
+
+
+def _journal(client: Any, lines: int = 25) -> str:
+    try:
+        return ssh.run(client, f"journalctl -u {SERVICE_UNIT} -n {lines} --no-pager -o cat", timeout=30).strip()
+    except (ssh.SshError, OSError) as exc:
+        return f"(journal unavailable: {exc})"
+
+
+def service_url(vm: VmStatus) -> str:
+    fwd = _forward(vm, _port_label(vm, "service_port"))
+    if fwd is None:
+        raise ProvisionError(f"{vm.name} forwards no service port (is its image a model-server profile?)", phase="check",
+                             code="no-service")  # fmt: skip
+    return f"https://{fwd[0]}:{fwd[1]}"
+
+
+def attest_service(vm: VmStatus, trust: Trust, *, timeout: float = 30.0) -> AttestedEndpoint:
+    """The VM's inference endpoint, attested against the policy it was launched with."""
+    if vm.policy is None:
+        raise ProvisionError(f"{vm.name}'s metadata holds no policy (not launched by this tdxvm?)", phase="service")
+    return verify_endpoint(service_url(vm), collateral=trust.collateral, policy=vm.policy, trust_anchor=trust.trust_anchor,
+                           timeout=timeout)  # fmt: skip
+
+
+def wait_for_service(vm: VmStatus, trust: Trust, *, deadline: float, poll: float = 2.0) -> AttestedEndpoint:
+    """Attest the endpoint and wait until it reports the model loaded (``/health`` 200)."""
+    last: Exception | str = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            endpoint = attest_service(vm, trust, timeout=30.0)
+        except EndpointRefused:
+            raise
+        except EndpointError as exc:
+            last = exc
+            time.sleep(poll)
+            continue
+        with endpoint.session(timeout=(10, 30)) as session:
+            while time.monotonic() < deadline:
+                try:
+                    r = session.get(f"{endpoint.url}/health")
+                except Exception as exc:  # the service restarting under us: attest it again
+                    last = exc
+                    break
+                if r.status_code == 200:
+                    return endpoint
+                last = f"/health {r.status_code}: {r.text[:200]}"
+                time.sleep(poll)
+    raise ProvisionError(f"the service of {vm.name} did not become ready in time ({last})", phase="service", code="timeout")
+
+
+def _upload(enc_dir: Path, client: Any, vm: VmStatus, progress: Progress, *, via: str | None, streams: int) -> transfer.TransferReport:
+    fwd = _forward(vm, transfer.GUEST_PORT)
+    chosen = via or ("tcp" if fwd else "ssh")
+    if chosen == "tcp" and fwd is None:
+        raise ProvisionError(f"{vm.name} has no forward to the receiver port {transfer.GUEST_PORT}; use via ssh", phase="upload",
+                             code="no-forward")  # fmt: skip
+    kwargs: dict[str, Any] = {"guest_address": fwd, "listen": f"0.0.0.0:{transfer.GUEST_PORT}"} if chosen == "tcp" else {"guest_address": None}
+    started = time.monotonic()
+
+    def report(held: int, total: int) -> None:
+        progress("upload", {"held": held, "total": total, "seconds": time.monotonic() - started})
+
+    last: transfer.TransferError | None = None
+    for attempt in range(1, UPLOAD_TRIES + 1):
+        try:
+            return transfer.upload(enc_dir, ssh_client=client, via=chosen, streams=streams, python=GUEST_PYTHON,
+                                   progress=report, **kwargs)  # fmt: skip
+        except transfer.TransferError as exc:
+            if exc.code in ("bad-folder", "changed", "refused"):
+                raise
+            last = exc
+            progress("retry", {"attempt": attempt, "error": str(exc)})
+            time.sleep(1.0)
+    assert last is not None
+    raise last
+
+
+def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Trust | None = None,
+              secrets: SecretStore | None = None, progress: Progress = _quiet, via: str | None = None,
+              streams: int = transfer.DEFAULT_STREAMS, service_timeout: float = SERVICE_TIMEOUT) -> ProvisionResult:  # fmt: skip
+    """Provision ``model`` into the running VM ``name``; see the module doc."""
+    secrets = secrets or SecretStore()
+    result = ProvisionResult(name=name, model=model.served_name)
+    vm = status(conn, name)[0]
+    if vm.state != "running":
+        raise ProvisionError(f"{name} is {vm.state}, not running", phase="check", code="not-running")
+    url = service_url(vm)
+    ssh_addr = _forward(vm, _port_label(vm, "ssh_port"))
+    if ssh_addr is None:
+        raise ProvisionError(f"{name} forwards no SSH port", phase="check", code="no-ssh")
+    key = secrets.get(f"weights/{model.key_name}")  # refuse before anything is sent if the key is not here
+    try:  # the key opens this folder's index, and the folder is a model: checked before anything is sent
+        files = [e.path for e in read_index(model.path, key)]
+        upload_id = build_manifest(model.path).upload_id
+    except (WeightsError, WireError) as exc:
+        raise ProvisionError(f"{exc} (key weights/{model.key_name})", phase="check", code="bad-folder") from None
+    except OSError as exc:
+        raise ProvisionError(f"{model.path}: {exc.strerror or exc}", phase="check", code="bad-folder") from None
+    if "config.json" not in files:
+        raise ProvisionError(f"{model.path}: the encrypted model has no config.json (not a Hugging Face model folder)",
+                             phase="check", code="bad-folder")  # fmt: skip
+    trust = trust or for_backend(vm.backend)
+    qgs = None
+    if vm.backend == "emulated":
+        from tdxvm.emulate.qgsd import ensure
+
+        qgs = ensure(conn.getURI(), vm.uuid, emulated_platform_dir())
+
+    t = time.monotonic()
+    progress("attest", {})
+    guest = bringup.reattest(conn, name, trust=trust)
+    result.timings["attest"] = time.monotonic() - t
+    with guest, contextlib.closing(ssh.connect(ssh_addr, host_key=guest.keys["ssh-host"], client_key=controller_key(secrets))) as client:
+        serve_args = ["--name", model.served_name, "--dtype", model.dtype]
+        serve_args += ["--threads", str(model.threads)] if model.threads else []
+        serve_args += ["--qgs", qgs] if qgs else []
+        installed = _guest_json(client, ["--check", upload_id], phase="install", timeout=120)["installed"]
+        if installed:
+            progress("install", {"skipped": True})
+            result.install = _guest_json(client, serve_args, phase="install", timeout=120) | {"skipped": True}
+        else:
+            guest.release(MODEL_SECRET, key)
+            t = time.monotonic()
+            report = _upload(model.path, client, vm, progress, via=via, streams=streams)
+            result.upload = report.to_dict()
+            result.timings["upload"] = time.monotonic() - t
+            t = time.monotonic()
+            progress("install", {})
+            result.install = _guest_json(client, ["--upload", report.remote_path, *serve_args], phase="install",
+                                         timeout=600 + report.total_bytes / 20e6)  # fmt: skip
+            result.timings["install"] = time.monotonic() - t
+        del key
+        t = time.monotonic()
+        restart = not (result.install.get("skipped") and not result.install.get("changed") and _active(client))
+        progress("service", {"url": url, "restart": restart})
+        try:
+            if restart:
+                ssh.run(client, f"systemctl restart {SERVICE_UNIT}", timeout=120)
+            endpoint = wait_for_service(vm, trust, deadline=time.monotonic() + service_timeout)
+        except (ssh.SshError, ProvisionError) as exc:
+            raise ProvisionError(f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service",
+                                 code=getattr(exc, "code", "service")) from None  # fmt: skip
+    result.timings["service"] = time.monotonic() - t
+    result.endpoint, result.url = endpoint.to_dict(), endpoint.url
+    return result

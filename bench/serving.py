@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.guest.conftest import SENTENCES, build_tiny_model  # noqa: E402
+from tdxvm.emulate.tinyllama import SENTENCES, build_tiny_model  # noqa: E402
 
 Timing = tuple[float, float, int]  # TTFT seconds, total seconds, completion tokens
 

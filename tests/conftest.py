@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,7 @@ class SmokeBuild:
         self.folder, self.secrets, self.manifest, self.events = folder, secrets, manifest, events
 
 
-@pytest.fixture(scope="session")
-def smoke_build(tmp_path_factory) -> Iterator[SmokeBuild]:
+def _build_recipe(recipe: str, base: Path) -> tuple[SmokeBuild, dict]:
     from tdxvm.image.build import build
     from tdxvm.image.cache import StepCache
     from tdxvm.image.recipe import load_recipe
@@ -56,14 +56,30 @@ def smoke_build(tmp_path_factory) -> Iterator[SmokeBuild]:
 
     if os.geteuid() != 0:
         pytest.fail("the image build needs root (debootstrap, chroot); CI runs as root")
-    base = tmp_path_factory.mktemp("smoke-build")
     secrets = base / "secrets"
     events: list = []
-    manifest = build(load_recipe(REPO / "images" / "smoke.yaml"), output=base / "smoke",
+    name = Path(recipe).stem
+    manifest = build(load_recipe(REPO / "images" / recipe), output=base / name,
                      cache=StepCache(test_cache_root() / "image"), secret_store=SecretStore(directory=secrets),
                      progress=events.append)  # fmt: skip
-    yield SmokeBuild(base / "smoke", secrets, manifest, events)
+    return SmokeBuild(base / name, secrets, manifest, events), manifest
+
+
+@pytest.fixture(scope="session")
+def smoke_build(tmp_path_factory) -> Iterator[SmokeBuild]:
+    built, manifest = _build_recipe("smoke.yaml", tmp_path_factory.mktemp("smoke-build"))
+    yield built
     _remove_uploaded_volumes(manifest)
+
+
+@pytest.fixture(scope="session")
+def model_smoke_build(tmp_path_factory) -> Iterator[SmokeBuild]:
+    """``images/model-smoke.yaml``: the smoke image with the model-server profile (torch,
+    transformers, the service); its pip step is cached like the others."""
+    built, manifest = _build_recipe("model-smoke.yaml", tmp_path_factory.mktemp("model-smoke-build"))
+    yield built
+    _remove_uploaded_volumes(manifest)
+    shutil.rmtree(built.folder, ignore_errors=True)  # 3 GiB
 
 
 def _remove_uploaded_volumes(manifest: dict) -> None:

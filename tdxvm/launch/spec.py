@@ -32,7 +32,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tdxvm.attest.errors import PolicyFileError
 from tdxvm.attest.policy import Policy, load_policy
@@ -45,6 +45,8 @@ FILLED_FROM_MANIFEST = ("mrtd", "rtmr1", "rtmr2")
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")
 _TDX_ONLY = ("qgs_socket", "qgs_form", "qgs_vsock_port", "mr_config_id", "mr_owner", "mr_owner_config")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CPUSET = re.compile(r"^\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
 _UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
@@ -180,10 +182,19 @@ class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: LocalPath
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")] | None = None  # default: the folder's name
-    key: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None  # secret weights/KEY; default: the folder's name
+    name: Annotated[str, Field(pattern=_MODEL_NAME.pattern)] | None = None  # default: the folder's name
+    key: Annotated[str, Field(pattern=_KEY_NAME.pattern)] | None = None  # secret weights/KEY; default: the folder's name
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _defaults_usable(self) -> ModelRef:
+        folder = self.path.name
+        if self.name is None and not _MODEL_NAME.match(folder):
+            raise ValueError(f"the folder name {folder!r} cannot be the model's name (letters, digits, . _ : / -); set name:")
+        if self.key is None and not _KEY_NAME.match(folder):
+            raise ValueError(f"the folder name {folder!r} cannot be the key's name (letters, digits, . _ -); set key:")
+        return self
 
     @property
     def served_name(self) -> str:

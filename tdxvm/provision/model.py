@@ -221,7 +221,7 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     if vm.backend == "emulated":
         from tdxvm.emulate.qgsd import ensure
 
-        qgs = ensure(conn.getURI(), vm.uuid, emulated_platform_dir())
+        qgs = ensure(conn.getURI(), vm.uuid, trust.emulated_dir or emulated_platform_dir())
 
     t = time.monotonic()
     progress("attest", {})

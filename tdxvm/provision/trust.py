@@ -40,6 +40,7 @@ class Trust:
     collateral: Collateral | Callable[[Quote], Collateral]
     trust_anchor: TrustAnchor | None
     platform: Any = None  # EmulatedPlatform for the emulated backend
+    emulated_dir: Path | None = None  # where that platform is kept (the quote daemon loads it from there)
 
     @contextmanager
     def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False) -> Iterator[str | None]:
@@ -70,7 +71,7 @@ def for_backend(backend: str, *, emulated_dir: Path | None = None, pccs_url: str
         else:
             platform = EmulatedPlatform(at=now)
             platform.save(folder)
-        return Trust("emulated", platform.collateral(), TrustAnchor.from_der(platform.root_ca_der), platform)
+        return Trust("emulated", platform.collateral(), TrustAnchor.from_der(platform.root_ca_der), platform, folder)
     from tdxvm.attest.pcs import CollateralCache, PcsClient, get_collateral
 
     client = PcsClient(base_url=pccs_url) if pccs_url else PcsClient()

@@ -127,3 +127,25 @@ def test_policy_file_relative_to_the_fleet_file(tmp_path):
     text = BASE.replace("      memory: 1GiB\n", "      memory: 1GiB\n      policy: policy.yaml\n")
     fleet = parse_fleet(textwrap.dedent(text), base_dir=tmp_path)
     assert fleet.desired()[0].spec.policy.accepted_tcb_statuses == ("UpToDate", "SWHardeningNeeded")
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["      model: {path: rel/dir, name: x}\n", "      model: rel/dir\n"],
+    ids=["mapping", "short"],
+)
+def test_model_path_relative_to_the_fleet_file(tmp_path, model):
+    text = BASE.replace("      memory: 1GiB\n", "      memory: 1GiB\n" + model)
+    vms = parse_fleet(text, source="fleet.yaml", base_dir=tmp_path).desired()
+    ref = vms[0].spec.model
+    assert ref.path == (tmp_path / "rel" / "dir").resolve()
+    assert ref.served_name == ("x" if "name:" in model else "dir") and ref.key_name == "dir"
+    assert all(v.spec.model == ref for v in vms)  # the host's override keeps the template's model
+
+
+def test_model_path_in_an_override_and_absolute_paths(tmp_path):
+    text = BASE.replace("b: {vcpus: 2,", "b: {model: {path: other/enc, threads: 4}, vcpus: 2,")
+    text = text.replace("      memory: 1GiB\n", "      memory: 1GiB\n      model: /srv/models/enc\n")
+    a0, b1, _ = (v.spec.model for v in parse_fleet(text, base_dir=tmp_path).desired())
+    assert a0.path == Path("/srv/models/enc")
+    assert (b1.path, b1.threads) == ((tmp_path / "other" / "enc").resolve(), 4)

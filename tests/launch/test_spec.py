@@ -9,7 +9,7 @@ import pytest
 
 from tdxvm.launch.errors import LaunchPolicyError, ManifestError
 from tdxvm.launch.manifest import load_manifest
-from tdxvm.launch.spec import effective_policy, filled_from_manifest, load_vm_spec, parse_vm_spec
+from tdxvm.launch.spec import ModelRef, effective_policy, filled_from_manifest, load_vm_spec, parse_vm_spec
 from tdxvm.yamlfile import SpecError
 
 from .conftest import make_image
@@ -167,3 +167,41 @@ def test_manifest_with_service_port(tmp_path):
     img = make_image(tmp_path / "llama", name="llama2", service_port=8443)
     assert img.manifest().guest_ports() == {"agent": 7300, "ssh": 22, "service": 8443, "upload": 7301}
     assert json.loads(img.manifest_path.read_text())["service_port"] == 8443
+
+
+def test_model_short_form_is_a_path_beside_the_spec(tmp_path):
+    spec = load(tmp_path, "name: smoke\nimage: m.json\nmodel: ../build/llama2-7b.enc\n")
+    assert isinstance(spec.model, ModelRef)
+    assert spec.model.path == (tmp_path.parent / "build" / "llama2-7b.enc").resolve()
+    assert (spec.model.served_name, spec.model.key_name) == ("llama2-7b.enc", "llama2-7b.enc")  # the folder's name
+    assert (spec.model.dtype, spec.model.threads) == ("float32", None)
+    assert load(tmp_path, "name: smoke\nimage: m.json\n").model is None
+
+
+def test_model_long_form(tmp_path):
+    spec = load(tmp_path, "name: smoke\nimage: m.json\nmodel:\n  path: enc/tiny\n  name: org/tiny:v1\n  key: tiny-key\n"
+                          "  dtype: bfloat16\n  threads: 8\n")  # fmt: skip
+    assert spec.model.path == (tmp_path / "enc" / "tiny").resolve()
+    assert (spec.model.served_name, spec.model.key_name) == ("org/tiny:v1", "tiny-key")
+    assert (spec.model.dtype, spec.model.threads) == ("bfloat16", 8)
+    absolute = load(tmp_path, "name: smoke\nimage: m.json\nmodel: {path: /srv/models/tiny, key: k}\n").model
+    assert absolute.path == Path("/srv/models/tiny") and absolute.served_name == "tiny" and absolute.key_name == "k"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "needle"),
+    [
+        ("model:\n  path: enc/tiny\n  nmae: tiny\n", 5, "model.nmae", "unknown key"),
+        ("model: {path: enc/tiny, dtype: int8}\n", 3, "model.dtype", "'float32', 'bfloat16' or 'float16'"),
+        ("model: {path: enc/tiny, name: my model}\n", 3, "model.name", "should match pattern"),
+        ("model: {path: enc/tiny, name: \"tiny\\n\"}\n", 3, "model.name", "should match pattern"),
+        ("model: {path: enc/tiny, key: ../other}\n", 3, "model.key", "should match pattern"),
+        ("model: {path: enc/tiny, threads: 0}\n", 3, "model.threads", "greater than or equal to 1"),
+        ("model: {name: tiny}\n", 3, "model.path", "Field required"),
+        ("model: \"\"\n", 3, "model.path", "expected a path"),
+    ],
+)  # fmt: skip
+def test_model_errors_name_file_line_field(tmp_path, text, line, field, needle):
+    lines = problems(tmp_path, "name: smoke\nimage: m.json\n" + text)
+    want = f"{tmp_path / 'vm.yaml'}:{line}: {field}: "
+    assert any(p.startswith(want) and needle in p for p in lines), lines

@@ -126,10 +126,13 @@ def emulate_tiny_llama(out: str, layers: int, hidden: int, seed: int) -> None:
     if Path(out).exists() and any(Path(out).iterdir()):
         raise CliError(f"{out}: exists and is not empty")
     try:
+        from transformers.utils import logging as hf_logging
+
         from tdxvm.emulate.tinyllama import build_tiny_model
     except ImportError as exc:
         raise CliError(f"needs torch and transformers (pip install -e '.[guest]'): {exc}") from None
     if hidden % 4:
         raise CliError("--hidden must be a multiple of 4 (4 attention heads)")
+    hf_logging.disable_progress_bar()  # one tiny shard: no bar on the terminal
     build_tiny_model(Path(out), layers=layers, hidden=hidden, intermediate=2 * hidden, seed=seed)
     click.echo(f"wrote a {layers}-layer Llama model (hidden size {hidden}) to {out}", err=True)

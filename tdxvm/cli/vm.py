@@ -125,7 +125,9 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         rows = [("name", v.name), ("uri", v.uri), ("state", v.state), ("backend", v.backend), ("image", v.image or "-"),
                 ("uptime", _uptime(v.uptime_s)), ("agent", v.agent_endpoint or "-"),
                 ("forwards", ", ".join(f"{f.host_address}:{f.host_port} -> {f.guest_port}" for f in v.forwards) or "-"),
-                ("serial log", v.serial_log or "-"), ("attestation", _attestation(v.attestation))]  # fmt: skip
+                ("serial log", v.serial_log or "-"), ("attestation", _attestation(v.attestation)),
+                ("model", f"{v.model['name']} at {v.model['url']}, TLS key {v.model['tls_spki_sha256'][:16]}… (attested "
+                          f"{v.model['at']})" if v.model else "-")]  # fmt: skip
         for key, value in rows:
             click.echo(f"{key:<12} {value}")
         for reason in (v.attestation or {}).get("reasons") or []:

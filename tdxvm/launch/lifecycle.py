@@ -134,7 +134,16 @@ class VmStatus:
             "serial_log": self.serial_log,
             "manifest": self.manifest,
             "policy": self.policy.model_dump(mode="json", exclude_none=True) if self.policy else None,
+            "model": self.model,
         }
+
+    @property
+    def model(self) -> dict[str, str] | None:
+        """What ``tdxvm provision`` last gave this VM: name, URL, attested TLS key, when."""
+        if "model" not in self.labels:
+            return None
+        return {"name": self.labels["model"], "url": self.labels.get("model_url", ""),
+                "tls_spki_sha256": self.labels.get("model_tls_spki", ""), "at": self.labels.get("model_at", "")}  # fmt: skip
 
     @property
     def agent_endpoint(self) -> str | None:

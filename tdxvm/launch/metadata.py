@@ -38,6 +38,10 @@ LABELS = {
     "started_at": "when tdxvm last started the domain (UTC)",
     "policy_exceptions": "JSON list: rules of the effective policy looser than the strict default",
     "policy": "JSON: the effective attestation policy the VM was launched with",
+    "model": "the model the VM serves (tdxvm provision)",
+    "model_url": "the service's URL as this host reaches it",
+    "model_tls_spki": "SHA-256 of the service's attested TLS key (SubjectPublicKeyInfo)",
+    "model_at": "when tdxvm last provisioned the model (UTC)",
 }
 # Attestation fields kept from a verdict (tdxvm.attest Verdict.to_dict); the rest is not needed by status.
 ATTESTATION_KEYS = ("verdict", "verified_at", "tcb_status", "advisory_ids", "reasons", "policy_exceptions")

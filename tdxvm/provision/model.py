@@ -29,6 +29,7 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import libvirt
 
 from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.weights import WeightsError, read_index
-from tdxvm.launch.lifecycle import VmStatus, status
+from tdxvm.launch.lifecycle import VmStatus, set_labels, status
 from tdxvm.launch.spec import ModelRef
 from tdxvm.provision import bringup, ssh, transfer
 from tdxvm.provision.endpoint import AttestedEndpoint, EndpointError, EndpointRefused, verify_endpoint
@@ -259,4 +260,7 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
                                  code=getattr(exc, "code", "service")) from None  # fmt: skip
     result.timings["service"] = time.monotonic() - t
     result.endpoint, result.url = endpoint.to_dict(), endpoint.url
+    at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    set_labels(conn.lookupByUUIDString(vm.uuid), {"model": model.served_name, "model_url": endpoint.url,
+                                                  "model_tls_spki": endpoint.tls_spki_sha256, "model_at": at})  # fmt: skip
     return result

@@ -1,6 +1,7 @@
-"""End to end on the real libvirtd: a fleet of two emulated guests (the smoke image under
-TCG), each launched, attested, unlocked and logged in to as ``tdxvm launch`` does; a
-second apply that does nothing; status; destroy of exactly the fleet's VMs."""
+"""End to end on the real libvirtd: a fleet of two emulated model servers (the model-smoke
+image under TCG), each launched, attested, unlocked, logged in to and provisioned with a
+tiny Llama model as ``tdxvm launch`` does; both endpoints attested and queried; a second
+apply that does nothing; status; destroy of exactly the fleet's VMs."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from tdxvm.fleet.report import fleet_status
 from tdxvm.fleet.spec import parse_fleet
 from tdxvm.launch.lifecycle import status
 from tdxvm.provision import bringup, ssh
+from tdxvm.provision.client import ApiClient
+from tdxvm.provision.model import attest_service, service_url
 from tdxvm.provision.trust import for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
+
+from .conftest import TINY_KEY
 
 pytestmark = pytest.mark.vm
 URI = "qemu:///system"
@@ -34,7 +39,7 @@ def connector():
     c.close()
 
 
-def test_fleet_of_emulated_guests(connector, smoke_build, tmp_path):
+def test_fleet_of_emulated_model_servers(connector, model_smoke_build, tiny_encrypted, tmp_path):
     name = f"e2e{secrets.token_hex(3)}"
     fleet = parse_fleet(f"""\
 apiVersion: tdxvm/v1
@@ -43,11 +48,16 @@ metadata: {{name: {name}}}
 spec:
   hosts: {{local: "{URI}"}}
   templates:
-    smoke: {{image: {smoke_build.folder / "manifest.json"}, backend: emulated, vcpus: 1, memory: 1GiB}}
+    tiny:
+      image: {model_smoke_build.folder / "manifest.json"}
+      backend: emulated
+      vcpus: 1
+      memory: 2GiB
+      model: {{path: {tiny_encrypted[1]}, name: tiny, key: {TINY_KEY}}}
   deployments:
-    web: {{template: smoke, replicas: {REPLICAS}, placement: [local]}}
+    web: {{template: tiny, replicas: {REPLICAS}, placement: [local]}}
 """)
-    store = SecretStore(directory=smoke_build.secrets)
+    store = SecretStore(directory=model_smoke_build.secrets)
     trust = for_backend("emulated", emulated_dir=tmp_path / "emulated")
     state = tmp_path / "state"
     conn = connector.get(URI)
@@ -62,7 +72,11 @@ spec:
         assert report.status == "ok", [o.to_dict() for o in report.outcomes]
         assert [o.result for o in report.outcomes] == ["created"] * REPLICAS
         for o in report.outcomes:
-            assert set(o.timings) == set(bringup.PHASES) and o.verdict["tcb_status"] == "UpToDate"
+            assert set(o.timings) == {*bringup.PHASES, "provision"} and o.verdict["tcb_status"] == "UpToDate"
+            [vm] = status(conn, o.vm)
+            assert o.endpoint == service_url(vm).removeprefix("https://")  # the fleet reports the service
+            with ApiClient(attest_service(vm, trust)) as api:  # attested on its TLS key, then queried on it
+                assert api.complete("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
             # re-attested with a fresh nonce; SSH accepts only the key this quote binds; the root is the unlocked LUKS volume
             with bringup.reattest(conn, o.vm, trust=trust) as again:
                 host_key = again.keys["ssh-host"]

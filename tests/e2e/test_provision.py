@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from tdxvm.emulate.qgsd import running_port
-from tdxvm.guest.weights import encrypt_model, generate_model_key
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.lifecycle import destroy, status
@@ -27,6 +26,8 @@ from tdxvm.provision.model import attest_service, provision
 from tdxvm.provision.pinning import PinMismatchError, pinned_session
 from tdxvm.provision.trust import for_backend
 from tdxvm.secretstore import SecretStore
+
+from .conftest import TINY_KEY
 
 pytestmark = pytest.mark.vm
 URI = "qemu:///system"
@@ -43,20 +44,6 @@ def conn():
     c.close()
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, model_smoke_build):
-    """A tiny random Llama model, encrypted, its key in the build's secret store."""
-    pytest.importorskip("transformers")
-    from tdxvm.emulate.tinyllama import build_tiny_model
-
-    base = tmp_path_factory.mktemp("model")
-    plain = build_tiny_model(base / "tiny")
-    key = generate_model_key()
-    encrypt_model(plain, base / "tiny.enc", key)
-    SecretStore(directory=model_smoke_build.secrets).put("weights/tiny-e2e", key)
-    return plain, base / "tiny.enc"
-
-
 def _expected_completion(plain, prompt: str) -> str:
     """Greedy decoding of ``prompt`` by the same model in this process (the server's default)."""
     import torch
@@ -69,13 +56,13 @@ def _expected_completion(plain, prompt: str) -> str:
     return str(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
-def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build, model, tmp_path_factory):
-    plain, enc = model
+def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build, tiny_encrypted, tmp_path_factory):
+    plain, enc = tiny_encrypted
     store = SecretStore(directory=model_smoke_build.secrets)
     trust = for_backend("emulated", emulated_dir=tmp_path_factory.mktemp("emulated"))
     name = f"e2e-model-{secrets.token_hex(3)}"
     spec = VmSpec(name=name, uri=URI, image=model_smoke_build.folder / "manifest.json", backend="emulated", vcpus=2,
-                  memory=2048, model=ModelRef(path=enc, name="tiny-llama", key="tiny-e2e"))  # fmt: skip
+                  memory=2048, model=ModelRef(path=enc, name="tiny-llama", key=TINY_KEY))  # fmt: skip
     events: list = []
     try:
         result = bringup.bring_up(spec, load_manifest(spec.image), conn, trust=trust, secrets=store, progress=events.append)

@@ -77,7 +77,7 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
     from tdxvm.provision.model import provision
 
     try:
-        spec = ModelRef(path=enc_dir, name=model_name, key=key_name, dtype=dtype, threads=threads)
+        spec = ModelRef.model_validate({"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads})
     except ValidationError as exc:
         options = {"path": "--model", "name": "--model-name", "key": "--key-name"}
         raise CliError("; ".join(f"{options.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())) from None

@@ -317,6 +317,7 @@ def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = 
 
     from tdxvm.cli.output import EXIT_REFUSED, emit_json
     from tdxvm.launch.connection import connection
+    from tdxvm.provision.endpoint import EndpointRefused
 
     manifest = load_manifest(spec.image)
     trust = trust or for_backend(spec.backend)
@@ -341,6 +342,15 @@ def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = 
                     {"code": r.code, "message": r.message} for r in refused.reasons]})
             else:
                 click.echo(f"refused: {spec.name} did not attest; nothing was released and the VM is stopped", err=True)
+                for r in refused.reasons:
+                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+            return EXIT_REFUSED
+        except EndpointRefused as refused:  # the model's service, attested on its TLS key after provisioning
+            if output == "json":
+                emit_json({"name": spec.name, "state": "service-refused", "reasons": [
+                    {"code": r.code, "message": r.message} for r in refused.reasons]})
+            else:
+                click.echo(f"refused: the service of {spec.name} did not attest on its TLS key; do not send it prompts", err=True)
                 for r in refused.reasons:
                     click.echo(f"  - [{r.code}] {r.message}", err=True)
             return EXIT_REFUSED

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import requests
 
 from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.weights import WeightsError, read_index
@@ -156,7 +157,7 @@ def wait_for_service(vm: VmStatus, trust: Trust, *, deadline: float, poll: float
             while time.monotonic() < deadline:
                 try:
                     r = session.get(f"{endpoint.url}/health")
-                except Exception as exc:  # the service restarting under us: attest it again
+                except requests.RequestException as exc:  # the service restarting under us: attest it again
                     last = exc
                     break
                 if r.status_code == 200:
@@ -249,7 +250,8 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
             result.timings["install"] = time.monotonic() - t
         del key
         t = time.monotonic()
-        restart = not (result.install.get("skipped") and not result.install.get("changed") and _active(client))
+        installed_now = result.install
+        restart = not (installed_now.get("skipped") and not installed_now.get("changed") and _active(client))
         progress("service", {"url": url, "restart": restart})
         try:
             if restart:

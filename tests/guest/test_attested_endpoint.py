@@ -11,6 +11,7 @@ key on the pinned address, and a replayed attestation.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import socket
 import socketserver
@@ -429,3 +430,60 @@ def test_cli_verify_endpoint_refusals(capsys, td, keys, service, trust_files):
     assert code == 2 and "must be https://" in err
     code, _, err = run(capsys, "verify-endpoint", service.url, *trust_files, "--pccs", "https://127.0.0.1:1")
     assert code == 2 and "either --collateral or --pccs" in err
+
+
+# -- the pinned API client and verify-endpoint --complete/--chat --------------------------
+
+
+@pytest.fixture(scope="module")
+def serving(td, keys, tiny_model) -> Iterator[TlsUvicorn]:
+    """The attested service with the tiny model loaded."""
+    from tdxvm.guest.engine import Engine, EngineConfig
+
+    holder = ModelHolder(NAME)
+    holder.engine = Engine.load(EngineConfig(model_dir=tiny_model, name=NAME, threads=1))
+    server = TlsUvicorn(attested_app(td, keys["service"], holder), keys["service"])
+    yield server
+    server.stop()
+    holder.engine.close()
+
+
+def test_api_client_talks_only_on_the_attested_key(td, keys, serving):
+    from tdxvm.provision.client import ApiClient, ApiError
+
+    with ApiClient(verify(td, serving.url)) as api:
+        assert api.models() == [NAME]
+        done = api.complete("Hello, how are you", max_tokens=6, temperature=0)  # model: the one served
+        assert done["model"] == NAME and 1 <= done["usage"]["completion_tokens"] <= 6
+        body = {"model": NAME, "messages": CHAT, "max_tokens": 20, "temperature": 0}
+        whole = api.session.post(serving.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        pieces = list(api.chat_stream(CHAT, max_tokens=20, temperature=0))
+        assert len(pieces) > 1 and "".join(pieces) == whole
+        with pytest.raises(ApiError) as err:
+            api.complete("hi", model="gpt-4")
+        assert err.value.status == 404 and "gpt-4" in str(err.value)
+        with pytest.raises(ApiError) as err:
+            list(api.chat_stream(CHAT, max_tokens=100000))
+        assert err.value.status == 400
+    proxy = TlsProxy(keys["attacker"], ("127.0.0.1", serving.port))
+    try:
+        endpoint = verify(td, serving.url)
+        moved = dataclasses.replace(endpoint, url=proxy.url)  # the attested key, someone else's address
+        sent = proxy.client_bytes
+        with ApiClient(moved) as api, pytest.raises(PinMismatchError):
+            api.complete("a secret prompt", model=NAME)
+        assert proxy.client_bytes == sent  # the prompt never reached the man in the middle
+    finally:
+        proxy.stop()
+
+
+def test_cli_verify_endpoint_complete_and_chat(capsys, keys, serving, trust_files):
+    code, out, _ = run(capsys, "verify-endpoint", serving.url, *trust_files, "--complete", "Hello", "--chat", "Tell me a story.",
+                       "--max-tokens", "5", "-o", "json")  # fmt: skip
+    doc = json.loads(out)
+    assert code == 0 and doc["verdict"] == "accept" and doc["tls_spki_sha256"] == keys["service"].spki_sha256
+    assert isinstance(doc["completion"], str) and 1 <= doc["usage"]["completion_tokens"] <= 5 and isinstance(doc["chat"], str)
+    code, out, _ = run(capsys, "verify-endpoint", serving.url, *trust_files, "--complete", "Hello", "--max-tokens", "3")
+    assert code == 0 and out.startswith("ACCEPTED") and f"completion: ({NAME}, pinned) Hello" in out
+    code, _, err = run(capsys, "verify-endpoint", *trust_files)
+    assert code == 2 and "URL or --vm NAME" in err

@@ -1,0 +1,32 @@
+"""The per-VM emulated quote daemon: start-up failures are reported, stale records ignored.
+(Serving quotes for a running domain, and exiting with it, is covered end to end in
+tests/e2e/test_provision.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tdxvm.emulate.qgs import QuoteServiceError
+from tdxvm.emulate.qgsd import ensure, running_port
+
+NO_SUCH_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+
+
+def test_a_daemon_that_cannot_stand_up_says_why(tmp_path):
+    with pytest.raises(QuoteServiceError) as err:
+        ensure("test:///default", NO_SUCH_UUID, tmp_path)
+    assert err.value.code == "qgsd" and NO_SUCH_UUID in str(err.value) and "did not start" in str(err.value)
+    assert running_port(tmp_path, NO_SUCH_UUID) is None
+    assert not (tmp_path / "qgsd" / f"{NO_SUCH_UUID}.json").exists()
+
+
+def test_stale_or_foreign_records_are_not_a_running_daemon(tmp_path):
+    record = tmp_path / "qgsd" / f"{NO_SUCH_UUID}.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"pid": os.getpid(), "port": 12345}))  # a live process, but not the daemon
+    assert running_port(tmp_path, NO_SUCH_UUID) is None
+    record.write_text("{not json")
+    assert running_port(tmp_path, NO_SUCH_UUID) is None

@@ -80,7 +80,8 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
         spec = ModelRef.model_validate({"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads})
     except ValidationError as exc:
         options = {"path": "--model", "name": "--model-name", "key": "--key-name"}
-        raise CliError("; ".join(f"{options.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())) from None
+        where = [options.get(str(e["loc"][0]), str(e["loc"][0])) if e["loc"] else "--model" for e in exc.errors()]
+        raise CliError("; ".join(f"{w}: {e['msg'].removeprefix('Value error, ')}" for w, e in zip(where, exc.errors(), strict=True))) from None
     show = output == "text"
     with connection(uri or DEFAULT_URI) as conn:
         try:

@@ -5,7 +5,9 @@
 
 Run by the controller over its SSH session to the attested guest, after the model key
 arrived through the agent (sealed to this TD's attested key, kept in
-``/run/tdxvm/secrets/model``, in TD memory only). It
+``/run/tdxvm/secrets/model-<first 16 hex digits of the upload id>``, in TD memory only).
+Under an exclusive lock (an install orphaned by a controller that died goes on to the
+end; a second one waits for it, then finds the model installed), it
 
 1. decrypts and authenticates the upload into ``/var/lib/tdxvm/model`` all or nothing
    (:func:`tdxvm.guest.staging.install_model`; a model already there is swapped out
@@ -24,12 +26,15 @@ the installed model and changes nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tdxvm.fileio import write_atomic
@@ -38,7 +43,8 @@ from tdxvm.guest.weights import WeightsError
 
 MODEL_DIR = Path("/var/lib/tdxvm/model")
 INSTALLED = Path("/var/lib/tdxvm/model.installed")  # the upload id of the model in MODEL_DIR
-KEY_FILE = Path("/run/tdxvm/secrets/model")
+SECRETS_DIR = Path("/run/tdxvm/secrets")
+LOCK_TIMEOUT = 1800.0  # an install of 13B weights under a slow disk takes minutes
 SERVE_ENV = Path("/etc/tdxvm/serve.env")
 DTYPES = ("float32", "bfloat16", "float16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
@@ -73,7 +79,39 @@ def serve_env(name: str, dtype: str, threads: int | None, qgs: str | None) -> by
     return f"TDXVM_SERVE_ARGS={' '.join(args)}\n".encode()
 
 
-def installed_upload(marker: Path = INSTALLED, model_dir: Path = MODEL_DIR) -> str | None:
+def key_secret_name(upload_id: str) -> str:
+    """The agent's name for the model key of one upload (one file per upload: an install
+    never deletes the key that a later provision released)."""
+    return f"model-{upload_id[:16]}"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout: float) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise InstallError(f"{path}: another install is still running (waited {timeout:.0f} s)", code="busy") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _tree_size(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def installed_upload(marker: Path | None = None, model_dir: Path | None = None) -> str | None:
+    """The upload id of the installed model, if one is installed (defaults: the guest's paths)."""
+    marker, model_dir = marker or INSTALLED, model_dir or MODEL_DIR
     try:
         text = marker.read_text().strip()
     except OSError:
@@ -81,10 +119,27 @@ def installed_upload(marker: Path = INSTALLED, model_dir: Path = MODEL_DIR) -> s
     return text if (model_dir / "config.json").is_file() else None
 
 
-def install(upload: Path, *, name: str, dtype: str, threads: int | None, qgs: str | None, key_file: Path = KEY_FILE,
-            model_dir: Path = MODEL_DIR, marker: Path = INSTALLED, env_file: Path = SERVE_ENV) -> dict:  # fmt: skip
+def install(upload: Path, *, name: str, dtype: str, threads: int | None, qgs: str | None, key_file: Path | None = None,
+            model_dir: Path | None = None, marker: Path | None = None, env_file: Path | None = None,
+            lock_timeout: float = LOCK_TIMEOUT) -> dict:  # fmt: skip
+    """Install ``upload`` (see the module doc); paths default to the guest's."""
     env = serve_env(name, dtype, threads, qgs)  # refuse bad arguments before touching anything
+    key_file = key_file or SECRETS_DIR / key_secret_name(upload.name)
+    model_dir, marker, env_file = model_dir or MODEL_DIR, marker or INSTALLED, env_file or SERVE_ENV
+    with _exclusive(marker.with_name(".tdxvm-install.lock"), lock_timeout):
+        return _install(upload, env, key_file=key_file, model_dir=model_dir, marker=marker, env_file=env_file)
+
+
+def _install(upload: Path, env: bytes, *, key_file: Path, model_dir: Path, marker: Path, env_file: Path) -> dict:
     started = time.monotonic()
+    if installed_upload(marker, model_dir) == upload.name:  # a concurrent install of the same upload finished it
+        key_file.unlink(missing_ok=True)
+        shutil.rmtree(upload, ignore_errors=True)
+        env_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(env_file, env, mode=0o644)
+        files, size = _tree_size(model_dir)
+        return {"ok": True, "installed": str(model_dir), "upload": upload.name, "files": files, "bytes": size,
+                "seconds": round(time.monotonic() - started, 3), "already": True}  # fmt: skip
     try:
         key = key_file.read_bytes()
     except FileNotFoundError:
@@ -102,9 +157,9 @@ def install(upload: Path, *, name: str, dtype: str, threads: int | None, qgs: st
             "bytes": sum(e.size for e in entries), "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
 
 
-def configure(*, name: str, dtype: str, threads: int | None, qgs: str | None, env_file: Path = SERVE_ENV) -> dict:
+def configure(*, name: str, dtype: str, threads: int | None, qgs: str | None, env_file: Path | None = None) -> dict:
     """Only rewrite the service's arguments (the installed model stays); ``changed`` says if they differ."""
-    env = serve_env(name, dtype, threads, qgs)
+    env, env_file = serve_env(name, dtype, threads, qgs), env_file or SERVE_ENV
     try:
         changed = env_file.read_bytes() != env
     except OSError:

@@ -5,7 +5,8 @@ For a running VM launched by tdxvm from a ``model-server`` image:
 1. attest: a fresh quote over a fresh nonce, the guest's X25519 key and its SSH host
    key, checked against the policy the VM was launched with (:func:`bringup.reattest`);
 2. release the model key (secret store ``weights/<name>``) sealed to that attested
-   X25519 key: the guest agent keeps it in ``/run/tdxvm/secrets/model``, in TD memory;
+   X25519 key: the guest agent keeps it in ``/run/tdxvm/secrets/model-<upload id
+   prefix>``, in TD memory;
 3. SSH in, with only the attested host key accepted, and upload the encrypted folder
    (:mod:`tdxvm.provision.transfer`: the bulk bytes on plain TCP through the VM's
    forward to the receiver port, else on ``direct-tcpip`` channels of that SSH
@@ -36,6 +37,7 @@ from typing import Any
 import libvirt
 import requests
 
+from tdxvm.guest.install import key_secret_name
 from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.weights import WeightsError, read_index
 from tdxvm.launch.lifecycle import VmStatus, set_labels, status
@@ -48,7 +50,6 @@ from tdxvm.sshkey import controller_key
 
 GUEST_PYTHON = ("env", "PYTHONPATH=/usr/lib/tdxvm/python", "python3")
 SERVICE_UNIT = "tdxvm-serve.service"
-MODEL_SECRET = "model"  # the agent's name for it: /run/tdxvm/secrets/model
 UPLOAD_TRIES = 3
 SERVICE_TIMEOUT = 900.0  # loading torch and the model in a TCG guest takes minutes
 
@@ -238,7 +239,7 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
             progress("install", {"skipped": True})
             result.install = _guest_json(client, serve_args, phase="install", timeout=120) | {"skipped": True}
         else:
-            guest.release(MODEL_SECRET, key)
+            guest.release(key_secret_name(upload_id), key)  # /run/tdxvm/secrets/model-<upload id prefix>
             t = time.monotonic()
             report = _upload(model.path, client, vm, progress, via=via, streams=streams)
             result.upload = report.to_dict()

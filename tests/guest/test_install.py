@@ -8,7 +8,7 @@ an upload id, as the receiver leaves a complete upload.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tdxvm.guest import install as install_mod
-from tdxvm.guest.install import InstallError, configure, install, installed_upload, main, serve_env
+from tdxvm.guest.install import InstallError, configure, install, installed_upload, key_secret_name, main, serve_env
 from tdxvm.guest.weights import HEADER_SIZE, WeightsError, encrypt_model, generate_model_key
 
 CHUNK = 4096
@@ -40,7 +40,8 @@ class Guest:
                        model_dir=self.model_dir, marker=self.marker, env_file=self.env_file)  # fmt: skip
 
     def hidden_leftovers(self) -> list[str]:
-        return sorted(p.name for p in self.model_dir.parent.iterdir() if p.name.startswith("."))
+        """Hidden files an install left beside the model (its lock file stays: it is reused)."""
+        return sorted(p.name for p in self.model_dir.parent.iterdir() if p.name.startswith(".") and p.name != ".tdxvm-install.lock")
 
 
 @pytest.fixture
@@ -251,14 +252,13 @@ def test_installed_upload_needs_marker_and_model(tmp_path):
 
 @pytest.fixture
 def as_guest(guest, monkeypatch) -> Guest:
-    """Point main's module constants, and the defaults bound from them, at the test's paths."""
+    """Point the module's guest paths (main's defaults) at the test's; the key file is where
+    the agent leaves the key of upload ID_A."""
     monkeypatch.setattr(install_mod, "MODEL_DIR", guest.model_dir)
     monkeypatch.setattr(install_mod, "INSTALLED", guest.marker)
-    monkeypatch.setattr(install_mod, "installed_upload", functools.partial(installed_upload, guest.marker, guest.model_dir))
-    monkeypatch.setattr(install_mod, "install", functools.partial(install, key_file=guest.key_file, model_dir=guest.model_dir,
-                                                                   marker=guest.marker, env_file=guest.env_file))  # fmt: skip
-    monkeypatch.setattr(install_mod, "configure", functools.partial(configure, env_file=guest.env_file))
-    return guest
+    monkeypatch.setattr(install_mod, "SERVE_ENV", guest.env_file)
+    monkeypatch.setattr(install_mod, "SECRETS_DIR", guest.key_file.parent)
+    return dataclasses.replace(guest, key_file=guest.key_file.parent / key_secret_name(ID_A))
 
 
 def run_main(capsys, *argv: str) -> tuple[int, dict]:
@@ -307,5 +307,31 @@ def test_main_failures_are_one_json_line(as_guest, tmp_path, capsys):
     code, result = run_main(capsys, "--upload", str(upload), "--name", "tiny")
     assert (code, result["code"]) == (1, "no-key")
     as_guest.key_file.write_bytes(generate_model_key())
-    code, result = run_main(capsys, "--upload", str(tmp_path / "nowhere"), "--name", "tiny")
+    code, result = run_main(capsys, "--upload", str(tmp_path / "nowhere" / ID_A), "--name", "tiny")
     assert (code, result["code"]) == (1, "incomplete")
+
+
+def test_an_install_that_finds_its_upload_installed_by_a_concurrent_one(guest, tmp_path):
+    """A controller that died mid-install leaves the guest's install running; a retried
+    provision's install waits for it (lock), then finds the model installed and only
+    tidies up its own key file."""
+    model, upload, _ = make_upload(guest, tmp_path, ID_A, FILES_A)
+    guest.install(upload, name="a")
+    guest.key_file.write_bytes(bytes(32))  # released again by the retried provision
+    again = guest.install(upload, name="a2")  # its upload folder is gone already
+    assert again["already"] is True and again["files"] == 3 and tree(guest.model_dir) == tree(model)
+    assert not guest.key_file.exists() and "--name a2" in guest.env_file.read_text()
+
+
+def test_a_held_install_lock_is_reported(guest, tmp_path):
+    import fcntl
+
+    _, upload, _ = make_upload(guest, tmp_path, ID_A, FILES_A)
+    lock = guest.marker.with_name(".tdxvm-install.lock")
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InstallError) as err:
+            install(upload, name="a", dtype="float32", threads=None, qgs=None, key_file=guest.key_file,
+                    model_dir=guest.model_dir, marker=guest.marker, env_file=guest.env_file, lock_timeout=0.3)  # fmt: skip
+    assert err.value.code == "busy" and "another install" in str(err.value)
+    assert upload.exists() and guest.key_file.exists()  # nothing touched

@@ -337,22 +337,12 @@ def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = 
         try:
             result = bring_up(spec, manifest, conn, trust=trust, secrets=secrets or SecretStore(), progress=progress)
         except handshake.AttestationRefused as refused:
-            if output == "json":
-                emit_json({"name": spec.name, "state": "refused", "reasons": [
-                    {"code": r.code, "message": r.message} for r in refused.reasons]})
-            else:
-                click.echo(f"refused: {spec.name} did not attest; nothing was released and the VM is stopped", err=True)
-                for r in refused.reasons:
-                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+            _report_refused(spec.name, "refused", f"{spec.name} did not attest; nothing was released and the VM is stopped",
+                            refused.reasons, output)  # fmt: skip
             return EXIT_REFUSED
         except EndpointRefused as refused:  # the model's service, attested on its TLS key after provisioning
-            if output == "json":
-                emit_json({"name": spec.name, "state": "service-refused", "reasons": [
-                    {"code": r.code, "message": r.message} for r in refused.reasons]})
-            else:
-                click.echo(f"refused: the service of {spec.name} did not attest on its TLS key; do not send it prompts", err=True)
-                for r in refused.reasons:
-                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+            _report_refused(spec.name, "service-refused", f"the service of {spec.name} did not attest on its TLS key; "
+                            "do not send it prompts", refused.reasons, output)  # fmt: skip
             return EXIT_REFUSED
     if output == "json":
         emit_json(result.to_dict())
@@ -363,6 +353,19 @@ def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = 
             click.echo(f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
                        f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'")  # fmt: skip
     return 0
+
+
+def _report_refused(name: str, state: str, message: str, reasons: Any, output: str) -> None:
+    import click
+
+    from tdxvm.cli.output import emit_json
+
+    if output == "json":
+        emit_json({"name": name, "state": state, "reasons": [{"code": r.code, "message": r.message} for r in reasons]})
+        return
+    click.echo(f"refused: {message}", err=True)
+    for r in reasons:
+        click.echo(f"  - [{r.code}] {r.message}", err=True)
 
 
 def reattest(conn: libvirt.virConnect, name: str, *, trust: Trust | None = None) -> handshake.AttestedGuest:

@@ -9,9 +9,22 @@ from pathlib import Path
 import pytest
 
 from tdxvm.guest.weights import encrypt_model, generate_model_key
+from tdxvm.launch.connection import open_connection
 from tdxvm.secretstore import SecretStore
 
 TINY_KEY = "tiny-e2e"  # weights/tiny-e2e
+URI = "qemu:///system"
+
+
+@pytest.fixture(scope="module")
+def conn():
+    """The real libvirtd (CI starts it)."""
+    try:
+        c = open_connection(URI)
+    except Exception as exc:  # noqa: BLE001 - say why, then fail
+        pytest.fail(f"the real libvirtd is needed ({URI}): {exc}")
+    yield c
+    c.close()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import pytest
 
 from tdxvm.emulate import EmulatedPlatform
 from tdxvm.attest import TrustAnchor
-from tdxvm.launch.connection import open_connection
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.console import serial_log_tail
 from tdxvm.launch.lifecycle import destroy, status
@@ -31,16 +30,6 @@ from tdxvm.sshkey import controller_key
 
 pytestmark = pytest.mark.vm
 URI = "qemu:///system"
-
-
-@pytest.fixture(scope="module")
-def conn():
-    try:
-        c = open_connection(URI)
-    except Exception as exc:  # noqa: BLE001 - say why, then fail: CI starts libvirtd
-        pytest.fail(f"the real libvirtd is needed ({URI}): {exc}")
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from tdxvm.emulate.qgsd import running_port
-from tdxvm.launch.connection import open_connection
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.lifecycle import destroy, status
 from tdxvm.launch.manifest import load_manifest
@@ -32,16 +31,6 @@ from .conftest import TINY_KEY
 pytestmark = pytest.mark.vm
 URI = "qemu:///system"
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def conn():
-    try:
-        c = open_connection(URI)
-    except Exception as exc:  # noqa: BLE001 - say why, then fail: CI starts libvirtd
-        pytest.fail(f"the real libvirtd is needed ({URI}): {exc}")
-    yield c
-    c.close()
 
 
 def _expected_completion(plain, prompt: str) -> str:

@@ -19,8 +19,6 @@ SHA-256 on every new connection (:mod:`tdxvm.provision.pinning`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import hashlib
 import http.client
@@ -46,6 +44,7 @@ from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import Quote, parse_quote
 from tdxvm.attest.result import Reason
 from tdxvm.attest.verdict import Verdict, appraise
+from tdxvm.guest.agentwire import unb64
 from tdxvm.provision.pinning import DEFAULT_TIMEOUT, pinned_session, unverified_context
 
 ATTESTATION_PATH = "/v1/attestation"
@@ -239,23 +238,14 @@ def _document(status: int, body: bytes) -> AttestationDocument | Reason:
         provider = obj.get("provider")
         nonce = obj.get("nonce")
         return AttestationDocument(
-            quote=_b64(obj.get("quote"), "quote"),
-            keys={str(k): _b64(v, f"keys.{k}") for k, v in keys.items()},
+            quote=unb64(obj.get("quote"), "quote"),
+            keys={str(k): unb64(v, f"keys.{k}") for k, v in keys.items()},
             provider=provider if isinstance(provider, str) else "?",
             nonce=bytes.fromhex(nonce) if isinstance(nonce, str) else None,
-            event_log=None if obj.get("event_log") is None else _b64(obj["event_log"], "event_log"),
+            event_log=None if obj.get("event_log") is None else unb64(obj["event_log"], "event_log"),
         )
     except ValueError as exc:
         return Reason("attestation-format", f"{where}: {exc}")
-
-
-def _b64(value: Any, field: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{field}: expected a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise ValueError(f"{field}: not valid base64") from None
 
 
 def binding_reasons(quoted: bytes, *, nonce: bytes, presented_spki: bytes, document: AttestationDocument) -> list[Reason]:

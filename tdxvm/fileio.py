@@ -1,12 +1,15 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a part of either.
+"""Atomic file writes (a reader sees the old file or the new one, never a part of either),
+and an exclusive lock file taken with a deadline.
 
 Standard library only, so that every part of tdxvm (the guest's included) can use it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -36,3 +39,19 @@ def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], *, mode: 
 def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`write_atomic_with`)."""
     write_atomic_with(path, lambda f: f.write(data), mode=mode)
+
+
+def lock_exclusive(path: Path, timeout: float) -> int:
+    """An fd of ``path`` (created 0600) holding its exclusive ``flock``; closing it releases
+    the lock. Waits up to ``timeout`` seconds, then raises :class:`TimeoutError`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise TimeoutError(f"{path}: locked (waited {timeout:.0f} s)") from None
+            time.sleep(0.05)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tdxvm.fileio import write_atomic
+from tdxvm.fileio import lock_exclusive, write_atomic
 from tdxvm.guest.staging import StagingError, install_model
 from tdxvm.guest.weights import WeightsError
 
@@ -88,17 +87,11 @@ def key_secret_name(upload_id: str) -> str:
 @contextlib.contextmanager
 def _exclusive(path: Path, timeout: float) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise InstallError(f"{path}: another install is still running (waited {timeout:.0f} s)", code="busy") from None
-                time.sleep(0.2)
+        fd = lock_exclusive(path, timeout)
+    except TimeoutError:
+        raise InstallError(f"{path}: another install is still running (waited {timeout:.0f} s)", code="busy") from None
+    try:
         yield
     finally:
         os.close(fd)

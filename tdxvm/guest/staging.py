@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import queue
 import re
 import secrets
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tdxvm.fileio import lock_exclusive
 from tdxvm.guest.transferwire import MAC_KEY_SIZE, MAC_SIZE, BlockMac, Manifest, WireError
 from tdxvm.guest.weights import FileEntry, Progress, decrypt_model
 
@@ -77,17 +76,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _lock(path: Path, timeout: float) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise StagingError(f"{path}: another receiver is working on this upload (waited {timeout:.0f} s)", code="busy") from None
-            time.sleep(0.05)
+    try:
+        return lock_exclusive(path, timeout)
+    except TimeoutError:
+        raise StagingError(f"{path}: another receiver is working on this upload (waited {timeout:.0f} s)", code="busy") from None
 
 
 class Staging:

@@ -145,9 +145,12 @@ class VmStatus:
         return {"name": self.labels["model"], "url": self.labels.get("model_url", ""),
                 "tls_spki_sha256": self.labels.get("model_tls_spki", ""), "at": self.labels.get("model_at", "")}  # fmt: skip
 
+    def forward(self, guest_port: int | None) -> PortForward | None:
+        return next((f for f in self.forwards if f.guest_port == guest_port), None) if guest_port is not None else None
+
     @property
     def agent_endpoint(self) -> str | None:
-        f = next((f for f in self.forwards if f.guest_port == self.agent_port), None)
+        f = self.forward(self.agent_port)
         return f"{f.host_address}:{f.host_port}" if f else None
 
 

@@ -378,9 +378,10 @@ def reattest(conn: libvirt.virConnect, name: str, *, trust: Trust | None = None)
         raise BringUpError(f"{name} is {vm.state}, not running", phase="attest")
     if vm.agent_port is None or vm.policy is None:
         raise BringUpError(f"{name}'s metadata names no agent port or policy (not launched by this tdxvm?)", phase="attest")
-    address = next(((f.host_address, f.host_port) for f in vm.forwards if f.guest_port == vm.agent_port), None)
-    if address is None:
+    fwd = vm.forward(vm.agent_port)
+    if fwd is None:
         raise BringUpError(f"{name} has no forward to its agent port {vm.agent_port}", phase="attest")
+    address = (fwd.host_address, fwd.host_port)
     trust = trust or for_backend(vm.backend)
     dom = conn.lookupByName(name)
     try:

@@ -88,7 +88,7 @@ def _quiet(_phase: str, _details: dict[str, Any]) -> None:
 
 
 def _forward(vm: VmStatus, guest_port: int | None) -> tuple[str, int] | None:
-    f = next((f for f in vm.forwards if guest_port is not None and f.guest_port == guest_port), None)
+    f = vm.forward(guest_port)
     return (f.host_address, f.host_port) if f else None
 
 

@@ -149,3 +149,20 @@ def test_model_path_in_an_override_and_absolute_paths(tmp_path):
     a0, b1, _ = (v.spec.model for v in parse_fleet(text, base_dir=tmp_path).desired())
     assert a0.path == Path("/srv/models/enc")
     assert (b1.path, b1.threads) == ((tmp_path / "other" / "enc").resolve(), 4)
+
+
+def test_a_deployment_or_host_listed_twice_is_refused():
+    text = BASE.replace("    b: qemu+ssh://admin@tdx-b/system\n", "    b: qemu+ssh://admin@tdx-b/system\n    a: qemu:///other\n")
+    text += "    web:\n      template: small\n      replicas: 1\n      placement: [a]\n"
+    assert problems(text) == [
+        "fleet.yaml:9: spec.hosts.a: duplicate key (first at line 7)",
+        "fleet.yaml:23: spec.deployments.web: duplicate key (first at line 17)",
+    ]
+
+
+def test_null_in_a_fleet_is_refused():
+    assert problems(BASE.replace("replicas: 3", "replicas:")) == [
+        "fleet.yaml:18: spec.deployments.web.replicas: null is not allowed; remove the key to allow any value"
+    ]
+    text = BASE.replace("placement: [a, b]", "placement: [a, ~]")
+    assert problems(text) == ["fleet.yaml:19: spec.deployments.web.placement.1: null list item"]

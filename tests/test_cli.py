@@ -162,6 +162,75 @@ def test_emulated_platform_end_to_end(capsys, tmp_path):
     assert code == 1 and "quote-signature" in {r["code"] for r in json.loads(out)["reasons"]}
 
 
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """An emulated platform's trust anchor and collateral on disk, and a quote signer."""
+    from datetime import datetime, timezone
+
+    from tdxvm.emulate import EmulatedPlatform
+
+    at = datetime(2025, 7, 1, 12, 0, 0, tzinfo=timezone.utc)
+    platform = EmulatedPlatform(at=at, seed="tests/test_cli")
+    folder = tmp_path_factory.mktemp("emulated")
+    (folder / "root-ca.pem").write_text(platform.root_ca_pem)
+    (folder / "bundle.json").write_text(platform.collateral().to_json())
+
+    def verify(capsys, name, quote, *policy_lines, json_out=True):
+        (folder / f"{name}.bin").write_bytes(quote)
+        args = ["verify-quote", folder / f"{name}.bin", "--collateral", folder / "bundle.json", "--root-ca",
+                folder / "root-ca.pem", "--at", "2025-07-01T12:00:00Z"]  # fmt: skip
+        if policy_lines:
+            (folder / f"{name}.yaml").write_text("".join(f"{line}\n" for line in policy_lines))
+            args += ["--policy", folder / f"{name}.yaml"]
+        code, out, _ = run(capsys, *args, *(["-o", "json"] if json_out else []))
+        return code, json.loads(out) if json_out else out
+
+    return platform, verify
+
+
+def test_verify_quote_td_attributes(capsys, emulated):
+    from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_MIGRATABLE, TD_ATTR_SEPT_VE_DISABLE
+
+    platform, verify = emulated
+    migratable = platform.sign_quote(version=5, td_attributes=TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_MIGRATABLE)
+    code, doc = verify(capsys, "migratable", migratable)
+    assert code == 1 and [r["code"] for r in doc["reasons"]] == ["migratable-td"]
+    code, doc = verify(capsys, "migratable-allowed", migratable, "allow_migratable: true")
+    assert code == 0 and doc["policy_exceptions"][0].startswith("allow_migratable: true")
+    debug = platform.sign_quote(version=4, td_attributes=TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG)
+    code, doc = verify(capsys, "debug", debug)
+    assert code == 1 and [r["code"] for r in doc["reasons"]] == ["debug-td"]
+    launched = TD_ATTR_SEPT_VE_DISABLE.to_bytes(8, "little").hex()
+    assert verify(capsys, "pinned", platform.sign_quote(), f"td_attributes: {launched}")[0] == 0
+    code, doc = verify(capsys, "pinned-debug", debug, "allow_debug: true", f"td_attributes: {launched}")
+    assert code == 1 and [r["code"] for r in doc["reasons"]] == ["td-attributes"]
+    assert doc["reasons"][0]["message"].endswith("set but not expected: DEBUG")
+
+
+def test_verify_quote_service_td(capsys, emulated):
+    platform, verify = emulated
+    v4 = platform.sign_quote(version=4)
+    assert verify(capsys, "v4", v4)[0] == 0
+    code, doc = verify(capsys, "v4-pinned", v4, "mr_service_td: " + "00" * 48)
+    assert code == 1 and "v4 quote has no MR_SERVICETD field" in doc["reasons"][0]["message"]
+    assert verify(capsys, "v5-pinned", platform.sign_quote(version=5), "mr_service_td: " + "00" * 48)[0] == 0
+    code, doc = verify(capsys, "v5-bound", platform.sign_quote(version=5, mr_service_td=b"\x01" * 48))
+    assert code == 1 and "MR_SERVICETD is " + "01" * 48 in doc["reasons"][0]["message"]
+
+
+def test_verify_quote_lists_unpinned_registers(capsys, emulated):
+    platform, verify = emulated
+    mrtd = "ab" * 48
+    quote = platform.sign_quote(mr_td=bytes.fromhex(mrtd))
+    code, doc = verify(capsys, "unpinned", quote, f"mrtd: {mrtd}")
+    assert code == 0
+    assert [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == ["rtmr0", "rtmr1", "rtmr2", "rtmr3"]
+    code, out = verify(capsys, "unpinned-text", quote, f"mrtd: {mrtd}", json_out=False)
+    assert code == 0 and "policy exception: rtmr0 not pinned: the host chooses the TD's ACPI tables" in out
+    assert "policy exception: rtmr3 not pinned: run-time measurements (the served model) are not checked" in out
+    assert "mrtd not pinned" not in out
+
+
 def test_emulate_errors_are_clear(capsys, tmp_path):
     code, _, err = run(capsys, "emulate", "quote", tmp_path / "none", "-o", tmp_path / "q.bin")
     assert code == 2 and "no emulated platform here" in err

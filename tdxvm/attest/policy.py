@@ -1,12 +1,20 @@
 """Attestation policy: which genuine TDs the controller trusts.
 
-Strict by default: TCB status UpToDate only, no DEBUG TD, SEPT_VE_DISABLE set,
-MRSERVICETD zero. Measurement keys are optional here; the launch path fills them from
-the image manifest and refuses a policy without them. Every value is lowercase or
-uppercase hex; a measurement key may also be a list of allowed values. Unknown keys
-are errors that name the YAML line.
+Strict by default: TCB status UpToDate only, no DEBUG and no MIGRATABLE TD,
+SEPT_VE_DISABLE set, MRSERVICETD zero where the quote has the field (a v4 quote's TD
+report 1.0 has none: TDX 1.0 has no service TDs). Measurement keys are optional here;
+the launch path fills them from the image manifest and refuses a policy without them.
+Every value is lowercase or uppercase hex; a measurement key may also be a list of
+allowed values. Unknown keys are errors that name the YAML line, and so is an all-zero
+RTMR1 or RTMR2 (nothing measured there) unless ``allow_zero_rtmrs: true``.
+
+TD attribute values (``td_attributes``, ``td_attributes_mask``) are the quote's 8 bytes
+as they appear in it (the little-endian u64 of TDINFO_STRUCT.ATTRIBUTES); a mask
+compares only its set bits. Bit names: :data:`tdxvm.attest.quote.TD_ATTR_NAMES`.
 
 :func:`evaluate` checks every rule and returns every mismatch, not only the first.
+:meth:`Policy.loosened` lists what the policy leaves open, every unpinned measurement
+register included; every verdict and ``tdxvm status`` show those lines.
 """
 
 from __future__ import annotations
@@ -14,10 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
 from tdxvm.attest.errors import PolicyFileError
-from tdxvm.attest.quote import Quote
+from tdxvm.attest.quote import Quote, td_attribute_names
 from tdxvm.attest.result import Reason, VerificationResult
 from tdxvm.attest.tcbinfo import TCB_STATUSES
 from tdxvm.yamlfile import SpecError, load_yaml, parse_yaml
@@ -58,6 +66,7 @@ def _one_or_many(size: int):
 
 Hex48s = Annotated[tuple[str, ...], BeforeValidator(_one_or_many(48))]
 Hex8s = Annotated[tuple[str, ...], BeforeValidator(_one_or_many(8))]
+Hex8 = Annotated[str, BeforeValidator(_hex_of(8))]
 Hex16 = Annotated[str, BeforeValidator(_hex_of(16))]
 Hex64 = Annotated[str, BeforeValidator(_hex_of(64))]
 
@@ -71,6 +80,24 @@ def _statuses(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+ZERO48 = "00" * 48
+ALL_ONES8 = "ff" * 8
+_ALL_BITS = (1 << 64) - 1
+_ZERO_RTMR = {
+    "rtmr1": "an all-zero RTMR1 means the firmware measured no kernel, so any kernel would pass",
+    "rtmr2": "an all-zero RTMR2 means the kernel's EFI stub measured no command line and no initrd (Linux < 6.9), "
+             "so the host may swap them",
+}  # fmt: skip
+# What a measurement register left unpinned lets the host (or anyone) change unseen.
+_UNPINNED = (
+    ("mrtd", "any firmware (TDVF) is accepted, and the firmware measures everything after it"),
+    ("rtmr0", "the host chooses the TD's ACPI tables, TD HOB and firmware variables (AML runs in the guest kernel)"),
+    ("rtmr1", "any kernel is accepted"),
+    ("rtmr2", "any kernel command line and initrd are accepted (the command line carries the rootfs verity root hash)"),
+    ("rtmr3", "run-time measurements (the served model) are not checked"),
+)
+
+
 class Policy(BaseModel):
     """An attestation policy. Construct with keywords or load from YAML."""
 
@@ -79,7 +106,9 @@ class Policy(BaseModel):
     accepted_tcb_statuses: Annotated[tuple[str, ...], BeforeValidator(_statuses)] = ("UpToDate",)
     rejected_advisory_ids: tuple[str, ...] = ()
     allow_debug: bool = False
+    allow_migratable: bool = False
     require_sept_ve_disable: bool = True
+    allow_zero_rtmrs: bool = False
     mrtd: Hex48s | None = None
     rtmr0: Hex48s | None = None
     rtmr1: Hex48s | None = None
@@ -88,25 +117,47 @@ class Policy(BaseModel):
     mr_config_id: Hex48s | None = None
     mr_owner: Hex48s | None = None
     mr_owner_config: Hex48s | None = None
-    mr_service_td: Hex48s = Field(default=("00" * 48,))
+    mr_service_td: Hex48s | None = None  # None: zero where the quote has the field; given: the quote must have it
     allowed_mr_seam: Hex48s | None = None
     xfam: Hex8s | None = None
     td_attributes: Hex8s | None = None
+    td_attributes_mask: Hex8 | None = None  # applies to td_attributes (a launch pins those); None: all ones
     min_tee_tcb_svn: Hex16 | None = None
     report_data: Hex64 | None = None
 
+    @field_validator("rtmr1", "rtmr2")
+    @classmethod
+    def _not_zero(cls, value: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        if value is not None and ZERO48 in value and not info.data.get("allow_zero_rtmrs"):
+            raise ValueError(f"{_ZERO_RTMR[info.field_name or '']}; pin the measured value, or set allow_zero_rtmrs: "
+                             "true to accept that")  # fmt: skip
+        return value
+
     def loosened(self) -> list[str]:
-        """Human lines for every rule looser than the strict default (shown by status)."""
+        """Human lines for every rule looser than the strict default and every measurement
+        register left unpinned: the verdict's ``policy_exceptions``, shown by status."""
         out = []
         if set(self.accepted_tcb_statuses) != {"UpToDate"}:
             out.append(f"accepted_tcb_statuses: {list(self.accepted_tcb_statuses)}")
         if self.allow_debug:
             out.append("allow_debug: true (the host can read this TD's memory)")
+        if self.allow_migratable:
+            out.append("allow_migratable: true (a migration TD may move this TD's state to another platform)")
         if not self.require_sept_ve_disable:
             out.append("require_sept_ve_disable: false")
-        if self.mr_service_td != ("00" * 48,):
+        if self.allow_zero_rtmrs:
+            out.append("allow_zero_rtmrs: true (an all-zero RTMR1/RTMR2 leaves the kernel, command line or initrd unmeasured)")
+        if self.mr_service_td is not None and set(self.mr_service_td) != {ZERO48}:
             out.append("mr_service_td: non-zero service TD allowed")
-        return out
+        if self.td_attributes is not None and self.td_attributes_mask not in (None, ALL_ONES8):
+            ignored = ~_attributes(self.td_attributes_mask) & _ALL_BITS
+            names = "all of them" if ignored == _ALL_BITS else ", ".join(td_attribute_names(ignored))
+            out.append(f"td_attributes_mask: TD attributes not compared: {names}")
+        return out + self.unpinned()
+
+    def unpinned(self) -> list[str]:
+        """One line per measurement register (MRTD, RTMR0..3) the policy expects no value for."""
+        return [f"{key} not pinned: {what}" for key, what in _UNPINNED if getattr(self, key) is None]
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -134,12 +185,51 @@ _MEASUREMENTS = (
     ("mr_owner_config", "MR_OWNER_CONFIG", lambda q: q.body.mr_owner_config),
     ("allowed_mr_seam", "MR_SEAM", lambda q: q.body.mr_seam),
     ("xfam", "XFAM", lambda q: q.body.xfam),
-    ("td_attributes", "TD_ATTRIBUTES", lambda q: q.body.td_attributes),
 )
 
 
 def _expected(allowed: tuple[str, ...]) -> str:
     return allowed[0] if len(allowed) == 1 else "one of " + ", ".join(allowed)
+
+
+def _attributes(text: str | None) -> int:
+    return int.from_bytes(bytes.fromhex(text), "little") if text is not None else _ALL_BITS
+
+
+def _attribute_diff(quoted: int, expected: int, mask: int) -> str:
+    differ = (quoted ^ expected) & mask
+    set_ = td_attribute_names(differ & quoted)
+    clear = td_attribute_names(differ & ~quoted)
+    return "; ".join(([f"set but not expected: {', '.join(set_)}"] if set_ else [])
+                     + ([f"expected but not set: {', '.join(clear)}"] if clear else []))  # fmt: skip
+
+
+def _td_attributes(policy: Policy, q: Quote) -> Reason | None:
+    if policy.td_attributes is None:
+        return None
+    quoted, mask = q.body.td_attributes_u64, _attributes(policy.td_attributes_mask)
+    if any(quoted & mask == _attributes(v) & mask for v in policy.td_attributes):
+        return None
+    names = ", ".join(td_attribute_names(quoted)) or "none set"
+    under = "" if policy.td_attributes_mask in (None, ALL_ONES8) else f" under mask {policy.td_attributes_mask}"
+    diffs = [_attribute_diff(quoted, _attributes(v), mask) for v in policy.td_attributes]
+    how = diffs[0] if len(diffs) == 1 else "; ".join(f"against {v}: {d}" for v, d in zip(policy.td_attributes, diffs, strict=True))
+    return Reason("td-attributes", f"quote field TD_ATTRIBUTES is {q.body.td_attributes.hex()} ({names}), expected "
+                                   f"{_expected(policy.td_attributes)}{under}: {how}")  # fmt: skip
+
+
+def _service_td(policy: Policy, q: Quote) -> Reason | None:
+    quoted = q.body.mr_service_td
+    if policy.mr_service_td is None:
+        if quoted is not None and any(quoted):
+            return Reason("measurement-mismatch", f"quote field MR_SERVICETD is {quoted.hex()}, expected {ZERO48} (no service TD)")
+        return None
+    if quoted is None:
+        return Reason("measurement-mismatch", f"the v{q.version} quote has no MR_SERVICETD field (its TD report 1.0 body "
+                                              "predates service TDs), and the policy pins mr_service_td")  # fmt: skip
+    if quoted.hex() not in policy.mr_service_td:
+        return Reason("measurement-mismatch", f"quote field MR_SERVICETD is {quoted.hex()}, expected {_expected(policy.mr_service_td)}")
+    return None
 
 
 def evaluate(policy: Policy, result: VerificationResult) -> list[Reason]:
@@ -155,15 +245,21 @@ def evaluate(policy: Policy, result: VerificationResult) -> list[Reason]:
             out.append(Reason("advisory", f"advisories rejected by the policy apply: {', '.join(bad)}"))
     if q.body.debug and not policy.allow_debug:
         out.append(Reason("debug-td", "the TD has the DEBUG attribute: its memory and state are readable by the host"))
+    if q.body.migratable and not policy.allow_migratable:
+        out.append(Reason("migratable-td", "the TD has the MIGRATABLE attribute: a migration TD may move its state to "
+                                           "another platform, which this quote does not attest"))  # fmt: skip
     if policy.require_sept_ve_disable and not q.body.sept_ve_disable:
         out.append(Reason("sept-ve-disable", "the TD does not have SEPT_VE_DISABLE set"))
-    service_td = q.body.mr_service_td or bytes(48)
-    if service_td.hex() not in policy.mr_service_td:
-        out.append(Reason("measurement-mismatch", f"quote field MR_SERVICETD is {service_td.hex()}, expected {_expected(policy.mr_service_td)}"))
+    service_td = _service_td(policy, q)
+    if service_td is not None:
+        out.append(service_td)
     for key, label, get in _MEASUREMENTS:
         allowed = getattr(policy, key)
         if allowed is not None and get(q).hex() not in allowed:
             out.append(Reason("measurement-mismatch", f"quote field {label} is {get(q).hex()}, expected {_expected(allowed)}"))
+    attributes = _td_attributes(policy, q)
+    if attributes is not None:
+        out.append(attributes)
     if policy.min_tee_tcb_svn is not None:
         minimum = bytes.fromhex(policy.min_tee_tcb_svn)
         low = [i for i in range(16) if q.body.tee_tcb_svn[i] < minimum[i]]

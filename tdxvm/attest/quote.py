@@ -42,12 +42,31 @@ _BODY_SIZES = {
 CERT_TYPE_PCK_CHAIN = 5
 CERT_TYPE_QE_REPORT = 6
 
-# TD attributes (TDX module ABI, TDINFO_STRUCT.ATTRIBUTES), as a little-endian u64.
+# TD attributes (TDX module ABI, TDINFO_STRUCT.ATTRIBUTES), as a little-endian u64; bit
+# numbers as Linux names them (arch/x86/include/asm/shared/tdx.h, TDX_ATTR_*).
 TD_ATTR_DEBUG = 1 << 0
+TD_ATTR_HGS_PLUS = 1 << 4
+TD_ATTR_ICSSD = 1 << 16
+TD_ATTR_LASS = 1 << 27
 TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+TD_ATTR_MIGRATABLE = 1 << 29
 TD_ATTR_PKS = 1 << 30
 TD_ATTR_KL = 1 << 31
+TD_ATTR_TPA = 1 << 62
 TD_ATTR_PERFMON = 1 << 63
+TD_ATTR_NAMES = {
+    TD_ATTR_DEBUG: "DEBUG", TD_ATTR_HGS_PLUS: "HGS_PLUS", TD_ATTR_ICSSD: "ICSSD", TD_ATTR_LASS: "LASS",
+    TD_ATTR_SEPT_VE_DISABLE: "SEPT_VE_DISABLE", TD_ATTR_MIGRATABLE: "MIGRATABLE", TD_ATTR_PKS: "PKS",
+    TD_ATTR_KL: "KL", TD_ATTR_TPA: "TPA", TD_ATTR_PERFMON: "PERFMON",
+}  # fmt: skip
+# What every tdxvm launch asks for: the tdx backend's libvirt <launchSecurity><policy>,
+# and what the emulated quote service signs for an emulated TD. SEPT_VE_DISABLE, no DEBUG.
+LAUNCH_TD_ATTRIBUTES = TD_ATTR_SEPT_VE_DISABLE
+
+
+def td_attribute_names(bits: int) -> list[str]:
+    """The names of the TD attribute bits set in ``bits``, low bit first ("bit 5" if unnamed)."""
+    return [TD_ATTR_NAMES.get(1 << i, f"bit {i}") for i in range(64) if bits >> i & 1]
 
 
 class _Reader:
@@ -137,6 +156,10 @@ class TdReport:
     @property
     def sept_ve_disable(self) -> bool:
         return bool(self.td_attributes_u64 & TD_ATTR_SEPT_VE_DISABLE)
+
+    @property
+    def migratable(self) -> bool:
+        return bool(self.td_attributes_u64 & TD_ATTR_MIGRATABLE)
 
 
 @dataclass(frozen=True, slots=True)

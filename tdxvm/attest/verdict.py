@@ -2,7 +2,9 @@
 
 The JSON object is a stable contract (``tdxvm verify-quote -o json``): ``verdict``,
 ``tcb_status``, ``advisory_ids``, ``reasons`` (``code``/``message``), ``quote_version``
-and ``measurements`` always appear.
+and ``measurements`` always appear. ``policy_exceptions`` lists, one line each, every
+rule of the policy looser than the strict default and every measurement register it
+leaves unpinned (:meth:`tdxvm.attest.policy.Policy.loosened`, which status shows too).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ Register by register:
   ``"tdxvm emulated TD v1\\0"`` and the canonical JSON of the domain's memory size and
   vCPU count. It tells emulated layouts apart and can never equal a real TD's.
 * RTMR3: zero (nothing extends it).
-* TD_ATTRIBUTES: SEPT_VE_DISABLE (the launch's policy); DEBUG is refused. XFAM and
-  MRCONFIGID/MROWNER/MROWNERCONFIG from the launch (defaults: the platform's usual XFAM,
-  zeros).
+* TD_ATTRIBUTES: the domain's ``<launchSecurity><policy>`` if it has one, else
+  :data:`tdxvm.attest.quote.LAUNCH_TD_ATTRIBUTES` (SEPT_VE_DISABLE: what a launch's
+  policy pins); DEBUG is refused. XFAM and MRCONFIGID/MROWNER/MROWNERCONFIG from the
+  launch (defaults: the platform's usual XFAM, zeros).
 
 Anyone who can reach the port gets quotes for these measurements with any REPORTDATA:
 it binds 127.0.0.1 and stands in for hardware only where the host is trusted (tests, CI,
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
+from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_DEBUG
 from tdxvm.emulate.platform import EmulatedPlatform
 from tdxvm.emulate.quote import DEFAULT_XFAM, TdReportFields
 from tdxvm.image.measure import DEFAULT_PROFILE, Measurements, predict, replay, sha384
@@ -105,7 +106,7 @@ class LaunchArtifacts:
     initrd: bytes
     cmdline: str
     firmware: bytes | None
-    td_attributes: int = TD_ATTR_SEPT_VE_DISABLE
+    td_attributes: int = LAUNCH_TD_ATTRIBUTES
     xfam: bytes = DEFAULT_XFAM
     mr_config_id: bytes = bytes(48)
     mr_owner: bytes = bytes(48)

@@ -36,13 +36,12 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES
 from tdxvm.launch.errors import LaunchError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 TDXVM_NS = "https://tdxvm.dev/xmlns/domain/1"
 DEFAULT_QGS_SOCKET = "/var/run/tdx-qgs/qgs.socket"
-TD_ATTR_DEBUG = 1 << 0
-TD_ATTR_SEPT_VE_DISABLE = 1 << 28
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -123,8 +122,8 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
 
 
 def td_policy() -> int:
-    """TD attributes tdxvm launches with: SEPT_VE_DISABLE set, never DEBUG."""
-    return TD_ATTR_SEPT_VE_DISABLE
+    """TD attributes tdxvm launches with: SEPT_VE_DISABLE set, never DEBUG (the launch pins them)."""
+    return LAUNCH_TD_ATTRIBUTES
 
 
 def domain_xml(spec: DomainSpec) -> str:

@@ -36,13 +36,23 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 from tdxvm.attest.errors import PolicyFileError
 from tdxvm.attest.policy import Policy, load_policy
+from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_KL, TD_ATTR_PERFMON, TD_ATTR_PKS
 from tdxvm.launch.connection import DEFAULT_URI
+from tdxvm.launch.domain import td_policy
 from tdxvm.launch.errors import LaunchPolicyError
 from tdxvm.launch.manifest import ImageManifest
 from tdxvm.yamlfile import load_yaml, parse_yaml
 
 FILLED_FROM_MANIFEST = ("mrtd", "rtmr1", "rtmr2")
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")
+# Why a manifest predicts an all-zero register, and how to rebuild the image so that it does not.
+_UNMEASURED = {
+    "rtmr1": ("the firmware measured no kernel, so any kernel would pass",
+              "rebuild the image with a TDVF that measures the kernel it boots"),
+    "rtmr2": ("the image's kernel does not measure its command line and initrd (its EFI stub predates Linux 6.9), so "
+              "the host could swap them unseen",
+              "rebuild the image with a kernel >= 6.9 (e.g. kernel.suite: bookworm-backports in the recipe)"),
+}  # fmt: skip
 _TDX_ONLY = ("qgs_socket", "qgs_form", "qgs_vsock_port", "mr_config_id", "mr_owner", "mr_owner_config")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -291,23 +301,58 @@ def filled_from_manifest(spec: VmSpec, manifest: ImageManifest) -> tuple[str, ..
     return tuple(k for k in FILLED_FROM_MANIFEST if k not in given and manifest.measurements.get(k) is not None)
 
 
+MASK_ALL = (1 << 64) - 1
+# PKS, KL and PERFMON: QEMU turns them on when the host CPU has the feature (and the PMU is
+# on), whatever the domain XML asks; the strict default allows them, so a tdx launch pins
+# every other bit and leaves these three out of its mask (listed as a policy exception).
+HOST_CPU_TD_ATTRIBUTES = TD_ATTR_PKS | TD_ATTR_KL | TD_ATTR_PERFMON
+
+
+def launched_td_attributes(spec: VmSpec) -> int:
+    """The TD attributes the launch asks for: the tdx backend's libvirt ``<launchSecurity><policy>``,
+    or what the emulated quote service signs for an emulated TD."""
+    return td_policy() if spec.backend == "tdx" else LAUNCH_TD_ATTRIBUTES
+
+
+def _refuse_unmeasured(spec: VmSpec, manifest: ImageManifest, filled: tuple[str, ...], values: dict[str, Any]) -> None:
+    """A manifest that predicts an all-zero RTMR1/RTMR2 describes an image that measures nothing there."""
+    if values.get("allow_zero_rtmrs"):
+        return
+    zero = [k for k in filled if k in _UNMEASURED and not any(bytes.fromhex(values[k]))]
+    if zero:
+        why = "; ".join(f"an all-zero {k.upper()}: {_UNMEASURED[k][0]}" for k in zero)
+        fix = "; ".join(_UNMEASURED[k][1] for k in zero)
+        raise LaunchPolicyError(
+            f"VM {spec.name}: the image manifest {manifest.path} predicts {why}. Fix: {fix}; or accept that with "
+            "allow_zero_rtmrs: true under policy: in the VM spec"
+        )
+
+
 def effective_policy(spec: VmSpec, manifest: ImageManifest) -> Policy:
     """The policy a launch appraises with: the spec's keys, plus MRTD/RTMR1/RTMR2 from the manifest.
 
     For the tdx backend, MR_CONFIG_ID/MR_OWNER/MR_OWNER_CONFIG given to the TD are
-    expected in its quote too, unless the policy says otherwise. A policy that ends up
-    without an expected MRTD, RTMR1 or RTMR2 is refused: it would trust any firmware,
-    kernel or command line.
+    expected in its quote too, unless the policy says otherwise; so are, for both
+    backends, the exact TD attributes the launch asks for (:func:`launched_td_attributes`,
+    every bit compared unless the policy gives ``td_attributes_mask``). A policy that ends
+    up without an expected MRTD, RTMR1 or RTMR2 is refused: it would trust any firmware,
+    kernel or command line; so is a manifest that predicts an all-zero RTMR1 or RTMR2
+    (unless the policy says ``allow_zero_rtmrs: true``).
     """
     given = spec.policy.model_dump(exclude_unset=True) if spec.policy is not None else {}
     values: dict[str, Any] = dict(given)
-    for key in filled_from_manifest(spec, manifest):
+    filled = filled_from_manifest(spec, manifest)
+    for key in filled:
         values[key] = manifest.measurements[key]
     if spec.backend == "tdx":
         for key in ("mr_config_id", "mr_owner", "mr_owner_config"):
             launched = getattr(spec, key)
             if launched is not None and key not in values:
                 values[key] = launched.hex()
+    if "td_attributes" not in values:
+        values["td_attributes"] = launched_td_attributes(spec).to_bytes(8, "little").hex()
+        if spec.backend == "tdx" and "td_attributes_mask" not in values:  # QEMU sets these from the host CPU, not the XML
+            values["td_attributes_mask"] = (MASK_ALL & ~HOST_CPU_TD_ATTRIBUTES).to_bytes(8, "little").hex()
     missing = [k for k in REQUIRED_MEASUREMENTS if values.get(k) is None]
     if missing:
         raise LaunchPolicyError(
@@ -315,4 +360,5 @@ def effective_policy(spec: VmSpec, manifest: ImageManifest) -> Policy:
             f"the image manifest {manifest.path} predicts none (an image built without --firmware predicts no MRTD); "
             "rebuild the image with its firmware, or give the values under policy: in the VM spec"
         )
+    _refuse_unmeasured(spec, manifest, filled, values)
     return Policy(**values)

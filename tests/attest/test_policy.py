@@ -8,17 +8,35 @@ import pytest
 
 from tdxvm.attest.errors import PolicyFileError
 from tdxvm.attest.policy import Policy, evaluate, load_policy, parse_policy
-from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE, parse_quote
+from tdxvm.attest.quote import (
+    TD_ATTR_DEBUG,
+    TD_ATTR_MIGRATABLE,
+    TD_ATTR_PERFMON,
+    TD_ATTR_PKS,
+    TD_ATTR_SEPT_VE_DISABLE,
+    parse_quote,
+)
 from tdxvm.attest.result import TcbEvaluation, VerificationResult
 
 from ..conftest import utc
 
 AT = utc("2025-06-20T00:00:00Z")
+ZERO48 = "00" * 48
+UNPINNED = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
+
+
+def attrs(bits: int) -> bytes:
+    return bits.to_bytes(8, "little")
 
 
 @pytest.fixture
 def quote(testdata):
     return parse_quote((testdata / "dcap-qvl-v4" / "quote.bin").read_bytes())
+
+
+@pytest.fixture
+def quote_v5(testdata):
+    return parse_quote((testdata / "go-tdx-guest-v5" / "quote.bin").read_bytes())
 
 
 def result_for(quote, status="UpToDate", advisories=(), **body_changes):
@@ -68,13 +86,113 @@ def test_debug_and_sept_ve(quote):
     assert set(codes(reasons)) == {"debug-td", "sept-ve-disable"}
     relaxed = Policy(allow_debug=True, require_sept_ve_disable=False)
     assert evaluate(relaxed, result_for(quote, td_attributes=attrs)) == []
-    assert len(relaxed.loosened()) == 2
+    assert relaxed.loosened()[:2] == ["allow_debug: true (the host can read this TD's memory)", "require_sept_ve_disable: false"]
+
+
+def test_debug_refused_even_with_sept_ve_disable(quote):
+    reasons = evaluate(Policy(), result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG)))
+    assert codes(reasons) == ["debug-td"]
+
+
+def test_migratable_td_refused_by_default(quote):
+    migratable = attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_MIGRATABLE)
+    reasons = evaluate(Policy(), result_for(quote, td_attributes=migratable))
+    assert codes(reasons) == ["migratable-td"] and "MIGRATABLE" in reasons[0].message
+    allowed = parse_policy("allow_migratable: true\n")
+    assert evaluate(allowed, result_for(quote, td_attributes=migratable)) == []
+    assert any(line.startswith("allow_migratable: true") for line in allowed.loosened())
+    assert not any("migratable" in line for line in Policy().loosened())
+
+
+def test_td_attributes_pinned_names_the_bits_that_differ(quote):
+    launched = attrs(TD_ATTR_SEPT_VE_DISABLE).hex()
+    p = Policy(td_attributes=launched)
+    extra = attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | TD_ATTR_PERFMON)
+    reasons = evaluate(p, result_for(quote, td_attributes=extra))
+    assert codes(reasons) == ["td-attributes"]
+    assert reasons[0].message == (f"quote field TD_ATTRIBUTES is {extra.hex()} (SEPT_VE_DISABLE, PKS, PERFMON), expected "
+                                  f"{launched}: set but not expected: PKS, PERFMON")  # fmt: skip
+    missing = evaluate(Policy(td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS).hex()), result_for(quote))
+    assert codes(missing) == ["td-attributes"] and missing[0].message.endswith("expected but not set: PKS")
+    assert evaluate(Policy(td_attributes=["00" * 8, extra.hex()]), result_for(quote, td_attributes=extra)) == []
+
+
+def test_td_attributes_mask_compares_only_its_bits(quote):
+    mask = attrs(~(TD_ATTR_PKS | TD_ATTR_PERFMON) & (1 << 64) - 1).hex()
+    p = parse_policy(f"td_attributes: {attrs(TD_ATTR_SEPT_VE_DISABLE).hex()}\ntd_attributes_mask: {mask}\n")
+    for bits in (TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | TD_ATTR_PERFMON):
+        assert evaluate(p, result_for(quote, td_attributes=attrs(bits))) == []
+    reasons = evaluate(p, result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | 1 << 5)))
+    assert codes(reasons) == ["td-attributes"]
+    assert f"under mask {mask}" in reasons[0].message and reasons[0].message.endswith("set but not expected: bit 5")
+    assert "td_attributes_mask: TD attributes not compared: PKS, PERFMON" in p.loosened()
+    full = Policy(td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE).hex(), td_attributes_mask="ff" * 8)
+    assert not any("mask" in line for line in full.loosened())
+    assert codes(evaluate(full, result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS)))) == ["td-attributes"]
 
 
 def test_mr_service_td_must_be_zero(quote):
     reasons = evaluate(Policy(), result_for(quote, mr_service_td=b"\x01" * 48))
     assert codes(reasons) == ["measurement-mismatch"]
     assert "MR_SERVICETD" in reasons[0].message
+
+
+def test_v4_quote_has_no_service_td_field(quote):
+    """TD report 1.0 (every v4 quote) has no MR_SERVICETD: the default accepts that (TDX
+    1.0 has no service TDs); a policy that pins mr_service_td does not."""
+    assert quote.version == 4 and quote.body.mr_service_td is None
+    assert evaluate(Policy(), result_for(quote)) == []
+    reasons = evaluate(parse_policy(f"mr_service_td: {ZERO48}\n"), result_for(quote))
+    assert codes(reasons) == ["measurement-mismatch"]
+    assert "v4 quote has no MR_SERVICETD field" in reasons[0].message
+
+
+def test_v5_service_td(quote_v5):
+    assert quote_v5.body.mr_service_td == bytes(48)
+    assert evaluate(Policy(), result_for(quote_v5)) == []
+    assert evaluate(Policy(mr_service_td=ZERO48), result_for(quote_v5)) == []
+    bound = b"\x01" * 48
+    reasons = evaluate(Policy(), result_for(quote_v5, mr_service_td=bound))
+    assert codes(reasons) == ["measurement-mismatch"] and f"MR_SERVICETD is {bound.hex()}" in reasons[0].message
+    allowed = Policy(mr_service_td=[ZERO48, bound.hex()])
+    assert evaluate(allowed, result_for(quote_v5, mr_service_td=bound)) == []
+    assert "mr_service_td: non-zero service TD allowed" in allowed.loosened()
+    assert "mr_service_td: non-zero service TD allowed" not in Policy(mr_service_td=ZERO48).loosened()
+
+
+def test_zero_rtmr_policy_needs_allow_zero_rtmrs(tmp_path, quote):
+    f = tmp_path / "p.yaml"
+    f.write_text(f"allow_debug: false\nrtmr2: {ZERO48}\n")
+    with pytest.raises(PolicyFileError) as err:
+        load_policy(f)
+    assert f"{f}:2: rtmr2: an all-zero RTMR2 means the kernel's EFI stub measured no command line" in str(err.value)
+    assert "allow_zero_rtmrs: true" in str(err.value)
+    f.write_text(f"rtmr1:\n  - {'ab' * 48}\n  - {ZERO48}\n")
+    with pytest.raises(PolicyFileError, match=f"{f}:2: rtmr1: an all-zero RTMR1"):
+        load_policy(f)
+    f.write_text(f"rtmr2: {ZERO48}\nallow_zero_rtmrs: true\n")
+    p = load_policy(f)
+    assert p.rtmr2 == (ZERO48,) and any(line.startswith("allow_zero_rtmrs: true") for line in p.loosened())
+    assert evaluate(p, result_for(quote, rtmrs=quote.body.rtmrs[:2] + (bytes(48), quote.body.rtmrs[3]))) == []
+    assert Policy(rtmr0=ZERO48, rtmr3=ZERO48).rtmr3 == (ZERO48,)  # only RTMR1 and RTMR2 must measure something
+
+
+def test_unpinned_registers_are_exceptions():
+    lines = Policy().loosened()
+    assert [line.split(" not pinned: ")[0] for line in lines] == list(UNPINNED)
+    assert "rtmr0 not pinned: the host chooses the TD's ACPI tables, TD HOB and firmware variables" in lines[1]
+    assert lines[4] == "rtmr3 not pinned: run-time measurements (the served model) are not checked"
+    pinned = Policy(mrtd="ab" * 48, rtmr1=["cd" * 48, "ef" * 48], rtmr2="12" * 48)
+    assert pinned.unpinned() == [lines[1], lines[4]] and pinned.loosened() == pinned.unpinned()
+    every = Policy(**{r: "ab" * 48 for r in UNPINNED})
+    assert every.loosened() == []
+
+
+def test_policy_roundtrips_through_its_json_dump():
+    """A launch records the policy as JSON (model_dump); reloading it must mean the same."""
+    p = Policy(mrtd="ab" * 48, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE).hex(), allow_zero_rtmrs=True, rtmr2=ZERO48)
+    assert Policy.model_validate(p.model_dump(mode="json", exclude_none=True)) == p
+    assert Policy.model_validate(Policy().model_dump(mode="json", exclude_none=True)).mr_service_td is None
 
 
 def test_every_measurement_mismatch_is_reported_at_once(quote):
@@ -98,7 +216,7 @@ def test_xfam_attributes_svn_report_data(quote):
     assert evaluate(exact, result_for(quote)) == []
     higher = bytes(min(x + 1, 255) for x in b.tee_tcb_svn)
     wrong = Policy(xfam="00" * 8, td_attributes=(TD_ATTR_SEPT_VE_DISABLE | 2).to_bytes(8, "little").hex(), min_tee_tcb_svn=higher.hex(), report_data="11" * 64)
-    assert codes(evaluate(wrong, result_for(quote))) == ["measurement-mismatch", "measurement-mismatch", "tee-tcb-svn", "report-data"]
+    assert codes(evaluate(wrong, result_for(quote))) == ["measurement-mismatch", "td-attributes", "tee-tcb-svn", "report-data"]
 
 
 def test_policy_file_roundtrip(tmp_path, quote):
@@ -117,6 +235,9 @@ def test_policy_file_roundtrip(tmp_path, quote):
         ("allow_debug: [\n", 2, "not valid YAML"),
         ("- a\n- b\n", 1, "expected a mapping"),
         ("allow_debug: maybe\n", 1, "allow_debug"),
+        ("allow_migratable: sometimes\n", 1, "allow_migratable"),
+        ("td_attributes: 0000001000000000\ntd_attributes_mask: ffff\n", 2, "td_attributes_mask: expected 8 bytes"),
+        ("allow_debug: false\n\nrtmr2: " + "0" * 96 + "\n", 3, "rtmr2: an all-zero RTMR2"),
     ],
 )
 def test_bad_policy_names_file_line_and_key(tmp_path, text, line, needle):
@@ -141,3 +262,18 @@ def test_digits_only_hex_keeps_its_width(tmp_path, quote):
     p = load_policy(f)
     assert p.mr_config_id == ("0" * 96,)
     assert evaluate(p, result_for(quote)) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mrtd: null\n", "<policy>:1: mrtd: null is not allowed; remove the key to allow any value"),
+        ("accepted_tcb_statuses: [UpToDate, ~]\n", "<policy>:1: accepted_tcb_statuses.1: null list item"),
+        ("allow_debug: false\nallow_debug: true\n", "<policy>:2: allow_debug: duplicate key (first at line 1)"),
+    ],
+)  # fmt: skip
+def test_null_or_duplicate_never_loosens_the_policy(text, expected):
+    """``mrtd: null`` would pin nothing and a second ``allow_debug`` would win: both refused."""
+    with pytest.raises(PolicyFileError) as err:
+        parse_policy(text)
+    assert str(err.value).splitlines()[1:] == [expected]

@@ -10,7 +10,7 @@ import pytest
 from tdxvm.attest.collateral import load_bundle
 from tdxvm.attest.errors import AttestError, QuoteFormatError
 from tdxvm.attest.policy import Policy
-from tdxvm.attest.quote import parse_quote
+from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, parse_quote
 from tdxvm.attest.verdict import appraise
 from tdxvm.attest.verify import QuoteVerifier
 
@@ -88,6 +88,28 @@ def test_debug_td_refused_by_default_policy(testdata):
     assert not v.accepted
     allowed = appraise(quote, coll, at=V4_FROM, policy=Policy(allow_debug=True))
     assert "debug-td" not in codes(allowed)
+
+
+@pytest.mark.parametrize(("name", "at"), [("dcap-qvl-v4", V4_FROM), ("go-tdx-guest-v5", V5_FROM)])
+def test_real_quotes_carry_the_attributes_a_launch_pins(testdata, name, at):
+    """Real TDs launched with SEPT_VE_DISABLE report exactly that: a policy pinning
+    tdxvm's launch attributes (every bit compared) and MR_SERVICETD zero accepts them."""
+    quote, coll = _load(testdata, name)
+    policy = Policy(td_attributes=LAUNCH_TD_ATTRIBUTES.to_bytes(8, "little").hex())
+    assert appraise(quote, coll, at=at, policy=policy).accepted
+    pinned_service_td = Policy(mr_service_td="00" * 48)
+    assert appraise(quote, coll, at=at, policy=pinned_service_td).accepted == (name != "dcap-qvl-v4")
+
+
+def test_verdict_lists_unpinned_registers(testdata):
+    quote, coll = _load(testdata, "dcap-qvl-v4")
+    doc = appraise(quote, coll, at=V4_FROM).to_dict()
+    assert doc["verdict"] == "accept"
+    assert [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == ["mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"]
+    b = parse_quote(quote).body
+    pinned = Policy(mrtd=b.mr_td.hex(), rtmr1=b.rtmrs[1].hex(), rtmr2=b.rtmrs[2].hex())
+    doc = appraise(quote, coll, at=V4_FROM, policy=pinned).to_dict()
+    assert doc["verdict"] == "accept" and [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == ["rtmr0", "rtmr3"]
 
 
 def test_preproduction_root_refused(testdata):

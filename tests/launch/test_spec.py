@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tdxvm.attest.quote import TD_ATTR_PKS, TD_ATTR_SEPT_VE_DISABLE
+from tdxvm.launch.domain import td_policy
 from tdxvm.launch.errors import LaunchPolicyError, ManifestError
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.spec import ModelRef, effective_policy, filled_from_manifest, load_vm_spec, parse_vm_spec
@@ -59,6 +61,8 @@ def test_minimal_spec_defaults_and_relative_image(tmp_path):
         ("name: smoke\nimage: m.json\nbackend: emulated\nqgs_socket: /run/qgs\n", 4, "qgs_socket", "TDX launch setting"),
         ("name: smoke\nimage: m.json\npolicy:\n  allow_debug: false\n  mrtd: zz\n", 5, "policy.mrtd", "is not hex"),
         ("name: smoke\nimage: m.json\npolicy:\n  alow_debug: true\n", 4, "policy.alow_debug", "unknown key"),
+        ("name: smoke\nimage: m.json\npolicy:\n  allow_debug: false\n  rtmr2: " + "0" * 96 + "\n", 5, "policy.rtmr2",
+         "all-zero RTMR2"),
         ("name: smoke\nimage: m.json\nvcpu: 4\n", 3, "vcpu", "unknown key"),
         ("image: m.json\n", 1, "name", "Field required"),
     ],
@@ -127,6 +131,44 @@ def test_effective_policy_refuses_without_expected_mrtd(image):
     assert str(image.manifest_path) in str(info.value)
     spec = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\npolicy:\n  mrtd: {HEX48}\n")
     assert effective_policy(spec, image.manifest()).mrtd == (HEX48,)
+
+
+@pytest.mark.parametrize("backend", ["tdx", "emulated"])
+def test_effective_policy_pins_the_launched_td_attributes(image, backend):
+    manifest = image.manifest()
+    spec = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\n")
+    policy = effective_policy(spec, manifest)
+    launched = (td_policy() if backend == "tdx" else TD_ATTR_SEPT_VE_DISABLE).to_bytes(8, "little").hex()
+    assert policy.td_attributes == (launched,) == ("0000001000000000",)
+    if backend == "tdx":  # PKS, KL, PERFMON come from the host CPU (QEMU), not the domain XML: left out, and said so
+        assert policy.td_attributes_mask == "ffffff3fffffff7f"
+        assert any("PKS, KL, PERFMON" in line for line in policy.loosened())
+    else:
+        assert policy.td_attributes_mask is None
+    # The user's own value wins; a mask alone keeps the launched value and compares fewer bits.
+    other = (TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS).to_bytes(8, "little").hex()
+    given = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\npolicy:\n  td_attributes: {other}\n")
+    assert effective_policy(given, manifest).td_attributes == (other,)
+    mask = (~TD_ATTR_PKS & (1 << 64) - 1).to_bytes(8, "little").hex()
+    masked = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\npolicy:\n  td_attributes_mask: {mask}\n")
+    p = effective_policy(masked, manifest)
+    assert p.td_attributes == (launched,) and p.td_attributes_mask == mask and "TD attributes not compared: PKS" in p.loosened()[0]
+
+
+def test_effective_policy_refuses_a_manifest_predicting_zero_rtmr2(image):
+    data = image.data()
+    data["measurements"]["rtmr2"] = "00" * 48
+    image.write(data)
+    spec = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\n")
+    with pytest.raises(LaunchPolicyError, match="predicts an all-zero RTMR2: the image's kernel does not measure") as info:
+        effective_policy(spec, image.manifest())
+    message = str(info.value)
+    assert str(image.manifest_path) in message and "kernel >= 6.9" in message and "kernel.suite: bookworm-backports" in message
+    allowed = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\npolicy:\n  allow_zero_rtmrs: true\n")
+    policy = effective_policy(allowed, image.manifest())
+    assert policy.rtmr2 == ("00" * 48,) and any(line.startswith("allow_zero_rtmrs: true") for line in policy.loosened())
+    pinned = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\npolicy:\n  rtmr2: {HEX48}\n")
+    assert effective_policy(pinned, image.manifest()).rtmr2 == (HEX48,)  # the manifest's zero is not used
 
 
 def test_manifest_loads_from_folder_or_file(image):
@@ -205,3 +247,14 @@ def test_model_errors_name_file_line_field(tmp_path, text, line, field, needle):
     lines = problems(tmp_path, "name: smoke\nimage: m.json\n" + text)
     want = f"{tmp_path / 'vm.yaml'}:{line}: {field}: "
     assert any(p.startswith(want) and needle in p for p in lines), lines
+
+
+def test_null_and_duplicate_keys_in_a_vm_spec_and_its_policy(tmp_path):
+    text = "name: smoke\nimage: m.json\nvcpus: 2\npolicy:\n  mrtd:\n  allow_debug: false\n  allow_debug: true\nvcpus: 4\n"
+    assert problems(tmp_path, text) == [
+        f"{tmp_path / 'vm.yaml'}:5: policy.mrtd: null is not allowed; remove the key to allow any value",
+        f"{tmp_path / 'vm.yaml'}:7: policy.allow_debug: duplicate key (first at line 6)",
+        f"{tmp_path / 'vm.yaml'}:8: vcpus: duplicate key (first at line 3)",
+    ]
+    with pytest.raises(SpecError, match=r"^<vm spec>:2: image: null is not allowed"):
+        parse_vm_spec("name: smoke\nimage: ~\n")

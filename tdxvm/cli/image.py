@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
-from tdxvm.image.measure import DEFAULT_PROFILE, PROFILES, REGISTERS, MeasureError, Measurements, predict
+from tdxvm.image.measure import (DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, MeasureError,
+                                  Measurements, predict)
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -38,7 +39,9 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
     The root filesystem is LUKS2-encrypted with a fresh key kept only in the secret
     store; the manifest lists artifact hashes and the measurements a TD booted from them
     will report. Steps are cached by the hash of their inputs. Needs root (debootstrap,
-    chroot). Progress goes to the terminal; -o json prints the manifest only.
+    chroot). Progress goes to the terminal; -o json prints the manifest only. A kernel
+    whose EFI stub does not measure the command line and initrd into RTMR2 (Linux < 6.9)
+    is refused as soon as the rootfs step has installed it.
     """
     from tdxvm.image.build import StepEvent, build
     from tdxvm.image.cache import StepCache
@@ -86,7 +89,9 @@ def measure(firmware: str | None, kernel: str, initrd: str | None, cmdline: str,
     """Print the MRTD and RTMRs a TD booted directly from these files will report.
 
     Registers that cannot be predicted say so and why. Exit 2 when an input is unusable
-    (not a PE/COFF kernel, no TDVF metadata, truncated tables).
+    (not a PE/COFF kernel, no TDVF metadata, truncated tables). A kernel whose EFI stub
+    does not measure the command line and initrd (Linux < 6.9) is still reported, with a
+    warning: `tdxvm image build` and `tdxvm launch` refuse it.
     """
     kernel_bytes = _read(kernel, "kernel") or b""
     try:
@@ -101,8 +106,10 @@ def measure(firmware: str | None, kernel: str, initrd: str | None, cmdline: str,
         emit_json(result.to_dict())
     else:
         _print_text(result)
-    if result.inputs.get("efi_stub_cc_measurement") == "no":
-        click.echo(f"warning: rtmr2 is {result.notes['rtmr2']}; use a kernel >= 6.9", err=True)
+    if result.inputs.get("efi_stub_cc_measurement") != "yes":
+        # A report, not a refusal: measure describes any kernel; build and launch refuse this one.
+        click.echo(f"warning: rtmr2 is {result.notes['rtmr2']}; `tdxvm image build` and `tdxvm launch` refuse this "
+                   f"kernel: {MEASURING_KERNEL_FIX}", err=True)  # fmt: skip
 
 
 def _print_text(m: Measurements) -> None:

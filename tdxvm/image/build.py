@@ -4,9 +4,15 @@ Steps, each reported to ``progress`` with its time:
 
 1. ``rootfs`` (cached): debootstrap minbase, then apt installs the base packages, the
    recipe's packages and the kernel. Cached as a tarball under the hash of its inputs.
+   The kernel is known from here on: one whose EFI stub does not measure the command
+   line and initrd into RTMR2 (Linux < 6.9, or a stub that cannot be recognised) is
+   refused at once (:func:`tdxvm.image.measure.require_measuring_kernel`), before any
+   later step; a measurement floor, with no opt-out.
 2. ``python`` (cached, model-server recipes): pip installs the inference stack into it.
 3. ``configure``: the tdxvm overlay (agent, unlock step, units), the recipe's files, the
-   controller's SSH public key, the initramfs; timestamps clamped to the epoch.
+   controller's SSH public key, the initramfs; timestamps clamped to the epoch. The
+   measurements are predicted here (the kernel that ships checked again), so unusable
+   input fails before a disk key exists.
 4. ``ext4``: ``mkfs.ext4 -d`` of the folder, reproducible (pinned UUID, hash seed, times).
 5. ``encrypt``: a fresh volume key into the secret store (``disk/<LUKS UUID>``), LUKS2
    header and payload written offline on the file.
@@ -14,13 +20,16 @@ Steps, each reported to ``progress`` with its time:
 
 Everything is written in a work folder beside the output and moved into place at the
 end: a failed or interrupted build leaves no half-written image in the output folder
-(an older build there stays as it was). The volume key exists only in memory and in the
-secret store; the tests scan every file the build writes for it.
+(an older build there stays as it was), and no disk key of its own in the secret store.
+The volume key exists only in memory and in the secret store; the tests scan every file
+the build writes for it.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import tarfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -34,6 +43,7 @@ from tdxvm.image.cache import StepCache, step_key
 from tdxvm.image.ext4 import make_ext4, run_step, tool
 from tdxvm.image.recipe import BASE_PACKAGES, LoadedRecipe
 from tdxvm.secretstore import SecretStore
+from tdxvm.releasekey import public_hex, release_key
 from tdxvm.sshkey import controller_key, public_line
 
 STEPS = ("rootfs", "python", "configure", "ext4", "encrypt", "measure")
@@ -77,7 +87,7 @@ def rootfs_inputs(loaded: LoadedRecipe) -> dict[str, Any]:
     return {
         "suite": r.suite, "mirror": r.mirror, "debootstrap": _debootstrap_version(),
         "packages": sorted(set(BASE_PACKAGES) | set(r.packages)),
-        "kernel": {"package": r.kernel.package, "suite": r.kernel.suite or r.suite},
+        "kernel": {"package": r.kernel.package, "suite": r.kernel_suite},
     }  # fmt: skip
 
 
@@ -89,18 +99,19 @@ def python_inputs(loaded: LoadedRecipe, rootfs_key: str) -> dict[str, Any]:
             "find_links": list(p.find_links), "python": sys.version.split()[0]}  # fmt: skip
 
 
-def _rootfs_step(loaded: LoadedRecipe, cache: StepCache, work: Path) -> tuple[Path, str, int]:
-    """The cached rootfs tarball (built if missing), its key and its epoch."""
+def _rootfs_step(loaded: LoadedRecipe, cache: StepCache, work: Path) -> tuple[Path, str, int, bool]:
+    """The cached rootfs tarball (built if missing), its key, its epoch and whether it was cached."""
     r = loaded.recipe
     inputs = rootfs_inputs(loaded)
     key = step_key("rootfs", inputs)
     entry = cache.get("rootfs", key)
+    hit = entry is not None
     if entry is None:
         with cache.put("rootfs", key, inputs) as staging:
             tree = work / "debootstrap"
             rootfs.debootstrap(tree, suite=r.suite, mirror=r.mirror)
             sources = []
-            kernel_suite = r.kernel.suite or r.suite
+            kernel_suite = r.kernel_suite
             if kernel_suite != r.suite:
                 sources.append(f"deb {r.mirror} {kernel_suite} main")
             rootfs.apt_install(tree, packages=sorted(set(BASE_PACKAGES) | set(r.packages)), sources=sources)
@@ -112,7 +123,28 @@ def _rootfs_step(loaded: LoadedRecipe, cache: StepCache, work: Path) -> tuple[Pa
             (staging / "epoch").write_text(f"{epoch}\n")
             shutil.rmtree(tree)
         entry = cache.path("rootfs", key)
-    return entry / "rootfs.tar", key, int((entry / "epoch").read_text())
+    return entry / "rootfs.tar", key, int((entry / "epoch").read_text()), hit
+
+
+_BOOT_KERNEL = re.compile(r"^(\./)?boot/vmlinuz-[^/]+$")
+
+
+def kernel_in_rootfs(tarball: Path) -> tuple[str, bytes] | None:
+    """The rootfs tarball's ``/boot/vmlinuz-*`` (its name and bytes), read without
+    unpacking the rest; None when there is not exactly one (the configure step says why)."""
+    with tarfile.open(tarball, "r:") as tar:
+        found = [m for m in tar if m.isfile() and _BOOT_KERNEL.match(m.name)]
+        if len(found) != 1:
+            return None
+        f = tar.extractfile(found[0])
+        assert f is not None  # a regular file
+        return found[0].name.removeprefix("./"), f.read()
+
+
+def check_kernel(kernel: bytes, *, source: str) -> None:
+    """The build's measurement floor: refuse a kernel whose EFI stub does not measure the
+    command line and initrd into RTMR2 (:class:`~tdxvm.image.measure.UnmeasuredKernelError`)."""
+    measure.require_measuring_kernel(kernel, source=source)
 
 
 def _python_step(loaded: LoadedRecipe, cache: StepCache, work: Path, base_tar: Path, base_key: str, epoch: int) -> tuple[Path, bool]:
@@ -157,6 +189,7 @@ def build(
     work.mkdir(mode=0o700)
     timings: dict[str, float] = {}
     cached: list[str] = []
+    stored_key: str | None = None  # the secret-store name of this build's disk key, once stored
     try:
         firmware_ref = firmware or recipe.firmware
         firmware_path = debian.resolve(firmware_ref).resolve() if firmware_ref else None
@@ -164,10 +197,12 @@ def build(
             raise FileNotFoundError(f"firmware {firmware_path} does not exist")
 
         t = _Timer(progress, "rootfs")
-        was_cached = cache.get("rootfs", step_key("rootfs", rootfs_inputs(loaded))) is not None
-        tar, key, epoch = _rootfs_step(loaded, cache, work)
+        tar, key, epoch, was_cached = _rootfs_step(loaded, cache, work)
         timings["rootfs"] = t.done("cached" if was_cached else "done")
         cached += ["rootfs"] if was_cached else []
+        found = kernel_in_rootfs(tar)
+        if found is not None:  # refuse an unmeasuring kernel now, before the slow steps
+            check_kernel(found[1], source=f"kernel /{found[0]} ({recipe.kernel.package} from {recipe.kernel_suite})")
         epoch = recipe.epoch if recipe.epoch is not None else epoch
 
         t = _Timer(progress, "python")
@@ -181,11 +216,18 @@ def build(
         t = _Timer(progress, "configure")
         tree = work / "rootfs"
         rootfs.unpack(tar, tree)
-        boot = configure.configure(tree, loaded, authorized_key=public_line(controller_key(store)), epoch=epoch)
+        release_public = public_hex(release_key(store))
+        boot = configure.configure(tree, loaded, authorized_key=public_line(controller_key(store)), release_public=release_public,
+                                   epoch=epoch)  # fmt: skip
         staging = work / "out"
         staging.mkdir()
         shutil.copyfile(boot.kernel, staging / "vmlinuz")
         shutil.copyfile(boot.initrd, staging / "initrd.img")
+        kernel = (staging / "vmlinuz").read_bytes()
+        check_kernel(kernel, source=f"kernel {boot.version} ({recipe.kernel.package} from {recipe.kernel_suite})")
+        predicted = measure.predict(firmware=firmware_path.read_bytes() if firmware_path else None, kernel=kernel,
+                                    initrd=(staging / "initrd.img").read_bytes(), cmdline=recipe.cmdline)  # fmt: skip
+        del kernel
         timings["configure"] = t.done(detail=f"kernel {boot.version}")
 
         t = _Timer(progress, "ext4")
@@ -204,14 +246,11 @@ def build(
         enc_seconds = time.monotonic() - t.start
         ext4_image.unlink()
         disk_secrets.store(luks_uuid, volume_key, directory=store.directory)
+        stored_key = f"{disk_secrets.KIND}/{luks_uuid}"
         del volume_key
         timings["encrypt"] = t.done(detail=f"{recipe.disk_size / enc_seconds / 1e6:.0f} MB/s")
 
         t = _Timer(progress, "measure")
-        kernel = (staging / "vmlinuz").read_bytes()
-        initrd = (staging / "initrd.img").read_bytes()
-        predicted = measure.predict(firmware=firmware_path.read_bytes() if firmware_path else None,
-                                    kernel=kernel, initrd=initrd, cmdline=recipe.cmdline)  # fmt: skip
         result = {
             "format": manifest.FORMAT,
             "name": recipe.name,
@@ -223,7 +262,8 @@ def build(
             "cmdline": recipe.cmdline,
             "artifacts": {name: manifest.artifact_entry(staging / name) for name in manifest.ARTIFACTS},
             "rootfs_uuid": fs_uuid,
-            "luks": {"uuid": luks_uuid, "cipher": header.cipher, "key_secret": f"{disk_secrets.KIND}/{luks_uuid}"},
+            "luks": {"uuid": luks_uuid, "cipher": header.cipher, "key_secret": stored_key},
+            "release_key": release_public,
             "firmware": {"path": str(firmware_path), "sha256": manifest.file_sha256(firmware_path)} if firmware_path else None,
             "measurements": predicted.to_dict(),
             "guest_agent_port": recipe.agent_port,
@@ -235,8 +275,11 @@ def build(
         timings["measure"] = t.done()
         result["timings"] = timings
         _publish(staging, output)
+        stored_key = None  # the image exists now: its key stays
         return result
     finally:
+        if stored_key is not None:  # no image was published: its key would open nothing
+            store.delete(stored_key)
         shutil.rmtree(work, ignore_errors=True)
 
 

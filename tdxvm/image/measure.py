@@ -24,7 +24,8 @@ through fw_cfg) and edk2's TDVF (``OvmfPkg/IntelTdx``):
   TD (mainline 6.9, "efi/libstub: Measure into CC protocol if TCG2 protocol is
   absent"); an older stub measures nothing there and RTMR2 stays zero, leaving the
   command line and initrd unmeasured. :func:`efi_stub_measures_cc` tells them apart by
-  the protocol GUIDs in the image.
+  the protocol GUIDs in the image; :func:`require_measuring_kernel` refuses such a kernel
+  (``tdxvm image build`` calls it, and a launch refuses a manifest that records one).
 * **RTMR0** is not predicted: it holds the TD HOB (memory layout), the CFV variable
   store, QEMU's ACPI tables and the boot variables. **RTMR3** is not extended by the
   firmware; guest software may extend it at run time.
@@ -73,6 +74,19 @@ class MeasureError(Exception):
         if code is not None:
             self.code = code
         self.offset = offset
+
+
+class UnmeasuredKernelError(MeasureError):
+    """A kernel whose EFI stub does not measure the command line and initrd in a TD (or
+    of which that cannot be told): RTMR2 would not cover them, so the host could replace
+    them unnoticed."""
+
+    code = "kernel-unmeasured"
+
+
+# What to do about such a kernel, in the words of a recipe (images/*.yaml).
+MEASURING_KERNEL_FIX = ("use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: "
+                        "bookworm-backports}` in the recipe")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,37 @@ def efi_stub_measures_cc(kernel: bytes) -> bool | None:
     return False if _has_guid(kernel, EFI_TCG2_PROTOCOL_GUID) else None
 
 
+StubVerdict = Literal["yes", "no", "unknown"]
+_VERDICTS: dict[bool | None, StubVerdict] = {True: "yes", False: "no", None: "unknown"}
+
+
+def efi_stub_verdict(kernel: bytes) -> StubVerdict:
+    """:func:`efi_stub_measures_cc` as the manifest records it (``efi_stub_cc_measurement``)."""
+    return _VERDICTS[efi_stub_measures_cc(kernel)]
+
+
+def require_measuring_kernel(kernel: bytes, *, source: str = "kernel") -> None:
+    """Refuse (:class:`UnmeasuredKernelError`) a kernel whose EFI stub does not measure
+    the command line and initrd into RTMR2, or whose stub cannot be recognised.
+
+    Such a kernel boots with RTMR2 = 0 whatever command line and initrd the host passes:
+    pinning that zero would let the host choose both. ``source`` names the kernel in the
+    message (a path, or the rootfs file it came from).
+    """
+    verdict = efi_stub_verdict(kernel)
+    if verdict == "yes":
+        return
+    if verdict == "no":
+        why = ("its EFI stub predates CC measurement (Linux < 6.9: only the TPM's TCG2 protocol GUID is in the "
+               "image), so in a TD it measures nothing")  # fmt: skip
+    else:
+        why = ("its EFI stub cannot be told to measure in a TD (neither the CC measurement nor the TCG2 protocol "
+               "GUID is in the image)")  # fmt: skip
+    raise UnmeasuredKernelError(f"{source}: {why}: RTMR2 would stay zero and the command line and initrd would not "
+                                "be covered by the quote, so the host could replace them unnoticed; "
+                                f"{MEASURING_KERNEL_FIX}")  # fmt: skip
+
+
 def rtmr1_events(kernel_authenticode: bytes) -> list[ExpectedEvent]:
     """RTMR1 of a direct kernel boot, given the kernel's Authenticode SHA-384."""
     return [
@@ -267,7 +312,7 @@ def predict(*, firmware: bytes | None, kernel: bytes, initrd: bytes, cmdline: st
     options = load_options(cmdline, has_initrd=bool(initrd), initrd_option=prof.initrd_option)
     inputs["load_options_sha384"] = sha384(options).hex() if options else ""
     stub = efi_stub_measures_cc(kernel)
-    inputs["efi_stub_cc_measurement"] = {True: "yes", False: "no", None: "unknown"}[stub]
+    inputs["efi_stub_cc_measurement"] = _VERDICTS[stub]
     if stub is None:
         notes["rtmr2"] = ("not predicted: cannot tell whether the kernel's EFI stub measures into RTMRs (neither the "
                           "CC measurement nor the TCG2 protocol GUID is in the image)")  # fmt: skip

@@ -1,11 +1,18 @@
 """Image recipes: the YAML in ``images/`` that says what goes into a guest image.
 
-A recipe names the Debian suite and mirror, the packages, the kernel (a package, often
-from a newer suite: Linux 6.9 or later measures the command line and initrd into RTMR2),
-files to add, the profile (``smoke``: the guest agent only; ``model-server``: plus the
-Python inference stack), the kernel command line, the disk size and the TDVF firmware
-whose MRTD the manifest predicts. Unknown keys are errors; every error names the file,
-line and field (:mod:`tdxvm.yamlfile`).
+A recipe names the Debian suite and mirror, the packages, the kernel (a package and the
+suite it comes from), files to add, the profile (``smoke``: the guest agent only;
+``model-server``: plus the Python inference stack), the kernel command line, the disk
+size and the TDVF firmware whose MRTD the manifest predicts. Unknown keys are errors;
+every error names the file, line and field (:mod:`tdxvm.yamlfile`).
+
+The kernel must be Linux 6.9 or later: older EFI stubs measure nothing in a TD, so the
+command line and initrd would not be in RTMR2 (``tdxvm image build`` refuses such a
+kernel, and ``tdxvm launch`` an image built with one). ``kernel.suite`` therefore
+defaults not to the recipe's suite but to the suite that carries such a kernel for it
+(:data:`KERNEL_SUITES`: ``bookworm`` → ``bookworm-backports``; ``trixie``, ``forky``,
+``testing``, ``unstable``/``sid`` → the suite itself); a recipe whose suite is not
+listed there must name ``kernel.suite``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from tdxvm.yamlfile import SpecError, load_yaml
 
@@ -30,6 +37,18 @@ _UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
+# The default kernel.suite for a recipe's suite: where the Debian kernel is Linux >= 6.9,
+# whose EFI stub measures the command line and initrd into RTMR2 (Debian 12's own 6.1
+# does not; bookworm-backports carries 6.12). Moving aliases (stable, oldstable) are left
+# out: what they carry changes under the recipe.
+KERNEL_SUITES = {
+    "bookworm": "bookworm-backports",
+    "trixie": "trixie",
+    "forky": "forky",
+    "testing": "testing",
+    "unstable": "unstable",
+    "sid": "sid",
+}
 
 
 class RecipeError(Exception):
@@ -66,7 +85,8 @@ class Kernel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     package: str = "linux-image-cloud-amd64"
-    suite: Suite | None = None  # None: the recipe's suite
+    # Left out: KERNEL_SUITES[recipe suite] (Linux >= 6.9), filled in when the recipe loads.
+    suite: Suite | None = None
     # Module folders (under /lib/modules/VERSION/kernel) left out of the image: a VM needs
     # no sound, GPU or wireless drivers, and a smaller disk builds and encrypts faster.
     omit_modules: tuple[str, ...] = ()
@@ -111,7 +131,7 @@ class Recipe(BaseModel):
     suite: Suite = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     profile: Literal["smoke", "model-server"] = "smoke"
-    kernel: Kernel = Kernel()
+    kernel: Annotated[Kernel, Field(default_factory=Kernel, validate_default=True)]
     packages: Annotated[tuple[str, ...], BeforeValidator(_packages)] = ()
     files: tuple[FileEntry, ...] = ()
     python: Python = Python()
@@ -123,6 +143,23 @@ class Recipe(BaseModel):
     agent_port: Annotated[int, Field(ge=1, le=65535)] = 7300
     service_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     epoch: Annotated[int, Field(ge=0)] | None = None  # SOURCE_DATE_EPOCH; default: the debootstrap time
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel_suite(cls, v: Kernel, info: ValidationInfo) -> Kernel:
+        suite = info.data.get("suite")
+        if v.suite is not None or suite is None:  # given, or the recipe's suite is itself invalid
+            return v
+        if suite not in KERNEL_SUITES:
+            raise ValueError(f"no default kernel suite for suite {suite!r} (known: {', '.join(KERNEL_SUITES)}): set "
+                             "kernel.suite to a suite whose kernel is Linux >= 6.9 (older EFI stubs leave the command "
+                             "line and initrd out of RTMR2)")  # fmt: skip
+        return v.model_copy(update={"suite": KERNEL_SUITES[suite]})
+
+    @property
+    def kernel_suite(self) -> str:
+        """The suite the kernel package comes from (filled in at load, see KERNEL_SUITES)."""
+        return self.kernel.suite or self.suite
 
     @field_validator("cmdline")
     @classmethod

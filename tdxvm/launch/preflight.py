@@ -1,8 +1,12 @@
 """Host checks before anything is defined, each failure with the fix.
 
-For ``tdx``: TDX enabled in the host kernel's KVM, a libvirt and QEMU that offer TDX
-launch security, the TDVF file, the QGS socket, free memory. For ``emulated``: QEMU for
-x86_64 with TCG, the TDVF the emulated TD stands for (if any), free memory.
+First, for both backends, the image's measurement floor (:func:`measurement_floor`): a
+kernel whose EFI stub does not measure the command line and initrd, or a manifest that
+predicts an all-zero RTMR1 or RTMR2, is refused — pinning that zero would let the host
+choose the initramfs and command line. Then for ``tdx``: TDX enabled in the host
+kernel's KVM, a libvirt and QEMU that offer TDX launch security, the TDVF file, the QGS
+socket, free memory. For ``emulated``: QEMU for x86_64 with TCG, the TDVF the emulated
+TD stands for (if any), free memory.
 
 What libvirt says about the host (:class:`HostFacts`, gathered once by :func:`collect`)
 is kept apart from the judgement (:func:`evaluate`, pure), so tests give it saved domain
@@ -44,6 +48,9 @@ Status = Literal["ok", "warn", "fail", "skip"]
 MIN_QEMU_TDX = (10, 1, 0)
 MIN_LIBVIRT_TDX = (11, 8, 0)
 MEMORY_OVERHEAD_MIB = 256  # QEMU itself, page tables, firmware
+ZERO_RTMR = "00" * 48  # a register nothing was extended into
+MEASURING_KERNEL_FIX = ("rebuild the image with a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, "
+                        "suite: bookworm-backports}` in the recipe (the default for suite bookworm)")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +148,7 @@ def tdx_advertised(domcaps_xml: str) -> tuple[bool, str]:
 
 def evaluate(spec: VmSpec, manifest: ImageManifest, facts: HostFacts, *, sysfs_root: Path = Path("/sys")) -> list[Finding]:
     """Every check for ``spec`` on the host ``facts`` describes, in a fixed order."""
-    out: list[Finding] = []
+    out: list[Finding] = [measurement_floor(spec, manifest)]
     if spec.backend == "tdx":
         out.append(_kvm_tdx(facts, sysfs_root))
         out.append(_libvirt_tdx(spec, facts))
@@ -152,6 +159,53 @@ def evaluate(spec: VmSpec, manifest: ImageManifest, facts: HostFacts, *, sysfs_r
         out.append(_firmware(spec, manifest, facts))
     out.append(_memory(spec, facts))
     return out
+
+
+def measurement_floor(spec: VmSpec, manifest: ImageManifest) -> Finding:
+    """Refuse an image whose quote would not cover its kernel, initrd or command line.
+
+    The manifest's ``measurements.inputs.efi_stub_cc_measurement`` (``yes``/``no``/
+    ``unknown``, written by ``tdxvm image build``) must be ``yes``: an older EFI stub
+    measures nothing in a TD, so RTMR2 is zero whatever initramfs and command line the
+    host passes. Older manifests without the field are judged by their predicted RTMR2.
+    An RTMR1 or RTMR2 of 48 zero bytes, predicted by the manifest or pinned by the VM
+    spec's policy, is refused as well: nothing was measured into it. The one way past
+    is the policy's explicit ``allow_zero_rtmrs: true`` (listed in every verdict): then
+    the finding is a warning that says what the host can change.
+    """
+    check = "measurements"
+    where = f"image {manifest.name} ({manifest.path})"
+    recorded = manifest.raw.get("measurements")
+    inputs = recorded.get("inputs") if isinstance(recorded, dict) else None
+    stub = inputs.get("efi_stub_cc_measurement") if isinstance(inputs, dict) else None
+    problem, fix = _floor_problem(spec, manifest, stub)
+    if problem is not None:
+        if spec.policy is not None and getattr(spec.policy, "allow_zero_rtmrs", False):
+            return Finding(check, "warn", f"{where}: {problem} — continuing ONLY because the VM spec's policy sets "
+                                          "allow_zero_rtmrs: true; the quote does not protect what it names", fix)  # fmt: skip
+        return Finding(check, "fail", f"{where}: {problem}", fix)
+    if stub is None:
+        return Finding(check, "ok", f"{where}: no all-zero RTMR1 or RTMR2 predicted (the manifest, from an older "
+                                    "tdxvm, does not record whether the kernel's EFI stub measures)")  # fmt: skip
+    return Finding(check, "ok", f"{where}: the kernel's EFI stub measures the command line and initrd into RTMR2")
+
+
+def _floor_problem(spec: VmSpec, manifest: ImageManifest, stub: object) -> tuple[str | None, str | None]:
+    if stub == "no":
+        return ("its kernel's EFI stub predates CC measurement (Linux < 6.9) and measures nothing in a TD: RTMR2 "
+                "stays zero, so the host could replace the initramfs and the command line unnoticed",
+                MEASURING_KERNEL_FIX)  # fmt: skip
+    if stub is not None and stub != "yes":
+        return (f"whether its kernel's EFI stub measures the command line and initrd into RTMR2 is {stub!r} (the "
+                "build could not tell): the quote might not cover them", MEASURING_KERNEL_FIX)  # fmt: skip
+    for register, what in (("rtmr1", "the kernel"), ("rtmr2", "the initramfs and the command line")):
+        if manifest.measurements.get(register) == ZERO_RTMR:
+            return (f"the manifest predicts {register.upper()} = 0 (nothing measured): pinning it would let the host "
+                    f"choose {what}", MEASURING_KERNEL_FIX)  # fmt: skip
+        if spec.policy is not None and ZERO_RTMR in (getattr(spec.policy, register) or ()):
+            return (f"VM {spec.name}'s policy lets {register} be 0 (nothing measured), which would let the host "
+                    f"choose {what}", f"pin the measured value of {register} under policy: in the VM spec")  # fmt: skip
+    return None, None
 
 
 def _test_driver(facts: HostFacts) -> bool:

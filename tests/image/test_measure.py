@@ -151,11 +151,29 @@ def test_cli_bad_input_json(files, capsys):
 
 
 def test_cli_warns_when_the_kernel_cannot_measure_rtmr2(files, capsys):
+    """measure stays a report (exit 0, the zero shown), but says that build and launch refuse the kernel."""
     old = files["dir"] / "old-vmlinuz"
     old.write_bytes(kernel(EFI_TCG2_PROTOCOL_GUID.bytes_le))
     rc, out, err = run_cli(["image", "measure", "--kernel", str(old), "--cmdline", CMDLINE], capsys)
     assert rc == 0 and out.splitlines()[3] == "rtmr2  " + "0" * 96
-    assert err.startswith("warning: rtmr2 is zero") and "NOT measured" in err
+    assert err.startswith("warning: rtmr2 is zero") and "NOT measured" in err and err.count("\n") == 1
+    assert "`tdxvm image build` and `tdxvm launch` refuse this kernel" in err
+    assert "use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: bookworm-backports}`" in err
+    rc, out, err = run_cli(["image", "measure", "--kernel", str(old), "-o", "json"], capsys)
+    assert rc == 0 and json.loads(out)["inputs"]["efi_stub_cc_measurement"] == "no" and "refuse this kernel" in err
+
+
+def test_cli_warns_when_the_stub_cannot_be_told(files, capsys):
+    unknown = files["dir"] / "unknown-vmlinuz"
+    unknown.write_bytes(kernel(b""))
+    rc, out, err = run_cli(["image", "measure", "--kernel", str(unknown)], capsys)
+    assert rc == 0 and out.splitlines()[3].startswith("rtmr2  not predicted: ")
+    assert err.startswith("warning: rtmr2 is not predicted: cannot tell") and "refuse this kernel" in err
+
+
+def test_cli_does_not_warn_for_a_measuring_kernel(files, capsys):
+    rc, _, err = run_cli(["image", "measure", "--kernel", files["kernel"], "--cmdline", CMDLINE], capsys)
+    assert rc == 0 and err == ""
 
 
 def test_predict_real_firmware_and_kernel(tdvf_image, debian_kernel):

@@ -97,7 +97,8 @@ def test_tdx_advertised_by_either_element():
 def test_tdx_host_that_is_ready(tmp_path, image, qgs):
     found = evaluate(tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}),
                      sysfs_root=sysfs(tmp_path, "Y"))  # fmt: skip
-    assert [f.status for f in found] == ["ok"] * 5, [str(f) for f in found]
+    assert [f.check for f in found] == ["measurements", "kvm-tdx", "libvirt-tdx", "firmware", "qgs", "memory"]
+    assert [f.status for f in found] == ["ok"] * 6, [str(f) for f in found]
     assert require(found) == found
 
 
@@ -192,8 +193,9 @@ def test_kvm_unusable(tmp_path, image, qgs):
 def test_emulated_on_this_host(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     found = evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, memory_mib=4096))
-    assert [(f.check, f.status) for f in found] == [("qemu-tcg", "ok"), ("firmware", "ok"), ("memory", "ok")]
-    assert "/usr/bin/qemu-system-x86_64" in found[0].message and "pc-q35-7.2" in found[0].message
+    assert [(f.check, f.status) for f in found] == [("measurements", "ok"), ("qemu-tcg", "ok"), ("firmware", "ok"),
+                                                     ("memory", "ok")]  # fmt: skip
+    assert "/usr/bin/qemu-system-x86_64" in found[1].message and "pc-q35-7.2" in found[1].message
 
 
 def test_emulated_firmware_record(image):
@@ -213,11 +215,96 @@ def test_emulated_without_qemu(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     err = "invalid argument: unable to find any emulator to serve 'x86_64' architecture"
     found = evaluate(spec, image.manifest(), facts(errors={"qemu": err}))
-    assert found[0].status == "fail" and err in found[0].message and "apt-get install qemu-system-x86" in found[0].fix
+    f = by_check(found)["qemu-tcg"]
+    assert f.status == "fail" and err in f.message and "apt-get install qemu-system-x86" in f.fix
 
 
 def test_test_driver_skips_what_it_cannot_know(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\n")
     found = evaluate(spec, image.manifest(), facts(driver="TEST", memory_mib=0))
-    assert {f.status for f in found} == {"skip"}
+    assert {f.status for f in found if f.check != "measurements"} == {"skip"}
+    assert by_check(found)["measurements"].status == "ok"  # the image's own, whatever the host
     assert require(found) == found
+
+
+# The measurement floor: a manifest whose quote would not cover the kernel, initrd or
+# command line is refused before anything reaches the host, on both backends.
+ZERO = "00" * 48
+
+
+def emulated_spec(image, extra: str = ""):
+    return parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n{extra}")
+
+
+def with_measurements(image, *, stub: str | None = None, **registers):
+    data = image.data()
+    if stub is not None:
+        data["measurements"]["inputs"] = {"efi_stub_cc_measurement": stub}
+    data["measurements"].update(registers)
+    image.write(data)
+    return image.manifest()
+
+
+def floor(image, manifest, spec=None):
+    found = by_check(evaluate(spec or emulated_spec(image), manifest, facts(domcaps={"qemu": TCG_9}, memory_mib=4096)))
+    return found["measurements"]
+
+
+def test_floor_refuses_a_manifest_predicting_zero_rtmr2(image):
+    """An older manifest (no efi_stub_cc_measurement) is judged by its predicted RTMR2."""
+    f = floor(image, with_measurements(image, rtmr2=ZERO))
+    assert f.status == "fail" and "RTMR2 = 0" in f.message and "initramfs and the command line" in f.message
+    assert "Linux >= 6.9" in f.fix and "suite: bookworm-backports" in f.fix
+
+
+def test_floor_refuses_a_kernel_whose_stub_does_not_measure(image):
+    manifest = with_measurements(image, stub="no")  # RTMR2 as a (tampered) non-zero value: the stub decides
+    assert manifest.measurements["rtmr2"] != ZERO
+    f = floor(image, manifest)
+    assert f.status == "fail" and "predates CC measurement (Linux < 6.9)" in f.message
+    assert "Linux >= 6.9" in f.fix and "bookworm-backports" in f.fix
+
+
+def test_floor_refuses_a_stub_that_could_not_be_told(image):
+    f = floor(image, with_measurements(image, stub="unknown", rtmr2=None))
+    assert f.status == "fail" and "'unknown'" in f.message and "Linux >= 6.9" in f.fix
+
+
+def test_floor_refuses_zero_rtmr1(image):
+    f = floor(image, with_measurements(image, stub="yes", rtmr1=ZERO))
+    assert f.status == "fail" and "RTMR1 = 0" in f.message and "choose the kernel" in f.message
+
+
+def test_floor_opt_out_is_a_loud_warning(image):
+    """The policy's explicit allow_zero_rtmrs (listed in every verdict) is the one way past."""
+    opted_out = emulated_spec(image, f"policy:\n  allow_zero_rtmrs: true\n  rtmr2: [{ZERO}]\n")
+    pinned = floor(image, image.manifest(), opted_out)  # a measuring image, but the policy would accept zero
+    assert pinned.status == "warn" and "policy lets rtmr2 be 0" in pinned.message
+    f = floor(image, with_measurements(image, stub="no", rtmr2=ZERO), opted_out)
+    assert f.status == "warn" and "predates CC measurement" in f.message
+    assert "continuing ONLY because" in f.message and "allow_zero_rtmrs: true" in f.message and "Linux >= 6.9" in f.fix
+
+
+def test_floor_accepts_a_measuring_kernel_and_old_manifests(image):
+    assert floor(image, image.manifest()).status == "ok"  # no field: judged by the non-zero RTMR1/RTMR2
+    f = floor(image, with_measurements(image, stub="yes"))
+    assert f.status == "ok" and "measures the command line and initrd" in f.message
+
+
+@pytest.mark.parametrize("backend", ["tdx", "emulated"])
+def test_floor_failure_stops_the_launch(image, host, backend):
+    """A failed floor is a preflight failure: prepare_domain raises before any volume or domain."""
+    from tdxvm.launch import lifecycle
+    from tdxvm.launch.connection import open_connection
+
+    manifest = with_measurements(image, stub="no")  # RTMR2 non-zero: the launch policy has a value to pin
+    spec = parse_vm_spec(f"name: smoke\nuri: {host}\nimage: {image.manifest_path}\nbackend: {backend}\nmemory: 1GiB\n")
+    conn = open_connection(host)
+    before = sorted(v.name() for v in conn.storagePoolLookupByName("tdxvm").listAllVolumes())
+    events = []
+    with pytest.raises(PreflightError) as info:
+        lifecycle.prepare_domain(spec, manifest, conn, events.append)
+    assert [f.check for f in info.value.findings] == ["measurements"]
+    assert "refused VM smoke" in str(info.value) and "fix: rebuild the image with a Linux >= 6.9 kernel" in str(info.value)
+    assert conn.listAllDomains() == []
+    assert sorted(v.name() for v in conn.storagePoolLookupByName("tdxvm").listAllVolumes()) == before

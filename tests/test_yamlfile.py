@@ -212,3 +212,29 @@ def test_fleet_plan_refuses_duplicates_and_nulls_exit_2(capsys, tmp_path, monkey
     code, out, err = run(capsys, "plan", "-f", path)
     assert code == 2, out + err
     assert f"{tmp_path}/{expected}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: a\nimage: m.json\npolicy:\n  allow_debug: false\n  allow_debug: true\n",
+         "vm.yaml:5: policy.allow_debug: duplicate key (first at line 4)"),
+        ("name: a\nimage: m.json\npolicy:\n  mrtd:\n", f"vm.yaml:4: policy.mrtd: {NULL_VALUE}"),
+    ],
+)  # fmt: skip
+def test_launch_refuses_a_vm_spec_with_duplicates_or_nulls_exit_2(capsys, tmp_path, text, expected):
+    path = tmp_path / "vm.yaml"
+    path.write_text(text)
+    code, out, err = run(capsys, "launch", path, "--dry-run")
+    assert code == 2, out + err
+    assert f"{tmp_path}/{expected}" in err and "Traceback" not in err, err
+
+
+def test_image_build_refuses_a_recipe_with_a_null_exit_2(capsys, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nsuite: bookworm\ncmdline: console=ttyS0\nkernel:\n  package: linux-image-cloud-amd64\n"
+                    "  suite: ~\n")  # fmt: skip
+    code, out, err = run(capsys, "image", "build", path, "--out", tmp_path / "out")
+    assert code == 2, out + err
+    assert f"{path}:6: kernel.suite: {NULL_VALUE}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -150,15 +150,20 @@ def test_build_refuses_a_kernel_whose_stub_cannot_be_told(tmp_path, fake_rootfs,
     assert not any(step.called for step in later_steps.values())
 
 
+def configure_ships(tmp_path, monkeypatch, kernel: bytes, version: str) -> None:
+    """The configure step, replaced: it "ships" ``kernel`` (and a tiny initramfs)."""
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(kernel)
+    (boot / "initrd.img").write_bytes(b"070701")
+    monkeypatch.setattr(build_mod.configure, "configure",
+                        lambda *a, **k: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version=version))  # fmt: skip
+
+
 def test_the_kernel_that_ships_is_checked_again_before_a_disk_key_exists(tmp_path, fake_rootfs, monkeypatch):
     """Should the configured kernel differ from the rootfs one, it is refused before ext4 and encrypt."""
     fake_rootfs["kernel"] = NEW_KERNEL
-    boot = tmp_path / "boot"
-    boot.mkdir()
-    (boot / "vmlinuz").write_bytes(OLD_KERNEL)
-    (boot / "initrd.img").write_bytes(b"070701")
-    monkeypatch.setattr(build_mod.configure, "configure",
-                        lambda *a, **k: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version="6.1.0-x"))  # fmt: skip
+    configure_ships(tmp_path, monkeypatch, OLD_KERNEL, "6.1.0-x")
     ext4, encrypt = Forbidden("ext4"), Forbidden("encrypt")
     monkeypatch.setattr(build_mod, "make_ext4", ext4)
     monkeypatch.setattr(build_mod.luks, "encrypt_image", encrypt)
@@ -175,12 +180,7 @@ def test_the_kernel_that_ships_is_checked_again_before_a_disk_key_exists(tmp_pat
 def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs, monkeypatch):
     """The build's key goes with the build: a failure before the image is published leaves none."""
     fake_rootfs["kernel"] = NEW_KERNEL
-    boot = tmp_path / "boot"
-    boot.mkdir()
-    (boot / "vmlinuz").write_bytes(NEW_KERNEL)
-    (boot / "initrd.img").write_bytes(b"070701")
-    monkeypatch.setattr(build_mod.configure, "configure",
-                        lambda *a, **k: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version="6.12.0-x"))  # fmt: skip
+    configure_ships(tmp_path, monkeypatch, NEW_KERNEL, "6.12.0-x")
     monkeypatch.setattr(build_mod, "make_ext4", lambda *, output, **k: output.write_bytes(b"ext4"))
 
     class Header:

@@ -37,7 +37,7 @@ from tdxvm.fleet.inventory import Connector  # noqa: E402
 from tdxvm.fleet.spec import parse_fleet  # noqa: E402
 from tdxvm.provision.trust import for_backend  # noqa: E402
 from tdxvm.secretstore import SecretStore  # noqa: E402
-from tests.fleet.guests import DISK_SECRET, TestDriverGuests, make_attestable_image, write_host  # noqa: E402
+from tests.fleet.guests import TestDriverGuests, make_attestable_image, put_test_secrets, write_host  # noqa: E402
 
 
 def main() -> int:
@@ -56,7 +56,7 @@ def main() -> int:
             image = make_attestable_image(tmp / "image")
             hosts = {f"h{i}": write_host(tmp / f"h{i}.xml", [image]) for i in range(args.hosts)}
             store = SecretStore(directory=tmp / "secrets")
-            store.put(DISK_SECRET, os.urandom(64))
+            put_test_secrets(store)
             trust = for_backend("emulated", emulated_dir=tmp / "emulated")
             host_lines = "".join(f"    {h}: {u}\n" for h, u in hosts.items())
             fleet = parse_fleet(

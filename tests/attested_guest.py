@@ -23,11 +23,14 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from tdxvm.attest.chain import TrustAnchor
 from tdxvm.attest.policy import Policy
 from tdxvm.emulate import EmulatedPlatform
 from tdxvm.emulate.qgs import LaunchArtifacts
 from tdxvm.guest.agent import Agent, AgentServer, SecretsDir
+from tdxvm.guest.envelope import raw_public
 from tdxvm.image.measure import EFI_CC_MEASUREMENT_PROTOCOL_GUID, EFI_TCG2_PROTOCOL_GUID, predict
 
 from .image.conftest import build_pe, build_tdvf
@@ -36,6 +39,18 @@ REPO = Path(__file__).resolve().parents[1]
 AT = datetime(2025, 7, 1, 12, 0, 0, tzinfo=timezone.utc)  # nothing here reads the clock
 CMDLINE = "console=ttyS0 root=/dev/mapper/root ro"
 INITRD = b"070701" + bytes(range(256)) * 16
+
+
+# The controller's release key in these tests (tdxvm.releasekey makes a random one per store).
+CONTROLLER = X25519PrivateKey.from_private_bytes(bytes.fromhex("11" * 32))
+CONTROLLER_PUBLIC = raw_public(CONTROLLER)
+
+
+def controller_key_file(folder: Path) -> Path:
+    """The file an image carries at /etc/tdxvm/controller-release.pub, for a spawned agent."""
+    path = folder / "controller-release.pub"
+    path.write_text(CONTROLLER_PUBLIC.hex() + "\n")
+    return path
 
 
 @functools.cache
@@ -79,6 +94,7 @@ def policy_for(launch: LaunchArtifacts, **changes: object) -> Policy:
 def agent_thread(secrets_dir: Path, root: Path, **kwargs: object) -> Iterator[AgentServer]:
     """The real agent on 127.0.0.1 in a thread; ``root`` is an empty folder, so quotes come
     from the emulated service the controller names."""
+    kwargs.setdefault("controller_key", CONTROLLER_PUBLIC)
     agent = Agent(on_secret=SecretsDir(secrets_dir), root=root, **kwargs)  # type: ignore[arg-type]
     with AgentServer(agent, "127.0.0.1", 0) as server:
         yield server

@@ -39,7 +39,8 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
     Sends a fresh nonce to URL/v1/attestation on the TLS connection it checks, and
     accepts only a genuine quote that passes the policy and whose REPORTDATA binds the
     nonce and the key that connection presented. With --vm NAME instead of URL, the
-    endpoint, the policy and the trust anchor are those tdxvm launched NAME with. Then
+    endpoint, the policy and the trust anchor are those tdxvm launched NAME with, from
+    the controller's own record of it (a VM without one is refused). Then
     --complete / --chat talk to the API only on the attested key. Exit 0 when accepted,
     1 when refused, 2 when the input is unusable, 3 when the endpoint or collateral
     cannot be reached.
@@ -99,16 +100,17 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
 
 
 def _vm_endpoint(name: str, uri: str | None) -> tuple[str, Policy, Any]:
+    """URL, policy and trust of VM ``name`` from the controller's record of it (never from
+    the domain's metadata, which its host writes)."""
     from tdxvm.launch.connection import connection
-    from tdxvm.launch.lifecycle import status
+    from tdxvm.launch.records import VmRecords
+    from tdxvm.provision.bringup import trusted_vm
     from tdxvm.provision.model import service_url
-    from tdxvm.provision.trust import for_backend
+    from tdxvm.secretstore import SecretStore
 
     with connection(uri or "qemu:///system") as conn:
-        vm = status(conn, name)[0]
-    if vm.policy is None:
-        raise CliError(f"{name}'s metadata holds no policy (not launched by this tdxvm?); give URL and --policy")
-    return service_url(vm), vm.policy, for_backend(vm.backend)
+        record, trust = trusted_vm(conn, name, VmRecords.beside(SecretStore()))
+    return service_url(record), record.policy, trust
 
 
 def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, output: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from tdxvm.attest.errors import AttestError, CollateralFetchError
+from tdxvm.launch.records import RecordMismatch
 from tdxvm.yamlfile import SpecError
 
 EXIT_OK = 0
@@ -61,6 +62,8 @@ def parse_time(value: str | None) -> datetime:
 def _error_exit(exc: Exception) -> int:
     if isinstance(exc, CollateralFetchError):
         return EXIT_NETWORK
+    if isinstance(exc, RecordMismatch):  # the host changed a VM behind the controller's back: a refusal
+        return EXIT_REFUSED
     return EXIT_INPUT
 
 

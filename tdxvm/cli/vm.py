@@ -88,7 +88,7 @@ def _dry_run(vm: Any, output: str) -> None:
     click.echo(f"\n# effective attestation policy{note}:")
     click.echo(yaml.safe_dump(policy_doc, sort_keys=False, default_flow_style=None, width=200), nl=False)
     for line in policy.loosened():
-        click.echo(f"# looser than the strict default: {line}")
+        click.echo(f"# policy exception: {line}")
 
 
 def _uptime(seconds: int | None) -> str:
@@ -98,6 +98,13 @@ def _uptime(seconds: int | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _shown(text: Any) -> str:
+    """Host-written text (metadata, names) without terminal escapes."""
+    from tdxvm.launch.console import clean
+
+    return clean(str(text).encode())
 
 
 def _attestation(att: dict[str, Any] | None) -> str:
@@ -114,9 +121,11 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
     """Show tdxvm's VMs on the host (or VM NAME in detail): state, ports, attestation."""
     from tdxvm.launch.connection import connection
     from tdxvm.launch.lifecycle import status
+    from tdxvm.launch.records import VmRecords
+    from tdxvm.secretstore import SecretStore
 
     with connection(uri or DEFAULT_URI) as conn:
-        vms = status(conn, name)
+        vms = status(conn, name, records=VmRecords.beside(SecretStore()))
     if output == "json":
         emit_json(vms[0].to_dict() if name else {"uri": uri or DEFAULT_URI, "vms": [v.to_dict() for v in vms]})
         return
@@ -131,8 +140,11 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         for key, value in rows:
             click.echo(f"{key:<12} {value}")
         for reason in (v.attestation or {}).get("reasons") or []:
-            click.echo(f"{'':<12} - {reason.get('code')}: {reason.get('message')}")
-        click.echo(f"{'policy':<12} {'strict defaults' if not v.policy_exceptions else 'LOOSENED:'}")
+            click.echo(f"{'':<12} - {reason.get('code')}: {_shown(reason.get('message'))}")
+        if v.record != "ok":
+            click.echo(f"{'record':<12} UNTRUSTED: {_shown(v.record_problem or v.record)}")
+            return
+        click.echo(f"{'policy':<12} {'strict defaults, every register pinned' if not v.policy_exceptions else 'EXCEPTIONS:'}")
         for line in v.policy_exceptions:
             click.echo(f"{'':<12} - {line}")
         return
@@ -141,7 +153,9 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         return
     table = [("NAME", "STATE", "BACKEND", "IMAGE", "AGENT", "UPTIME", "ATTESTATION", "POLICY")]
     for v in vms:
-        policy = "strict" if not v.policy_exceptions else f"{len(v.policy_exceptions)} loosened"
+        policy = "strict" if not v.policy_exceptions else f"{len(v.policy_exceptions)} exceptions"
+        if v.record != "ok":
+            policy = "UNTRUSTED: " + ("no record" if v.record == "missing" else "record mismatch")
         table.append((v.name, v.state, v.backend, v.image or "-", v.agent_endpoint or "-", _uptime(v.uptime_s),
                       _attestation(v.attestation), policy))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -151,20 +165,31 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
 
 @click.command("attest")
 @click.argument("name")
+@click.option("--policy", "policy_path", metavar="FILE",
+              help="Attest against this policy instead of the launch's (a VM this controller did not launch).")  # fmt: skip
+@click.option("--backend", type=click.Choice(["tdx", "emulated"]), default="tdx", show_default=True,
+              help="With --policy: whose root the quote must chain to (Intel's, or this controller's emulated platform).")  # fmt: skip
 @_uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
-def attest_cmd(name: str, uri: str | None, output: str) -> None:
+def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None, output: str) -> None:
     """Attest running VM NAME again with a fresh nonce, against its launch policy.
 
-    Exit 0 if accepted, 1 if refused (every reason is printed); the verdict is kept in
-    the VM's metadata (`tdxvm status NAME`).
+    The policy, backend and trust anchor are the controller's own record of how it
+    launched NAME, never the domain's metadata (which the host writes); a VM without a
+    record, or whose metadata disagrees with it, is refused unless --policy names the
+    policy to use. Exit 0 if accepted, 1 if refused (every reason is printed); the
+    verdict is kept in the record and shown by `tdxvm status NAME`.
     """
+    from tdxvm.attest.policy import load_policy
     from tdxvm.launch.connection import connection
+    from tdxvm.launch.records import VmRecords
     from tdxvm.provision import bringup, handshake
+    from tdxvm.secretstore import SecretStore
 
+    policy = load_policy(policy_path) if policy_path else None
     with connection(uri or DEFAULT_URI) as conn:
         try:
-            guest = bringup.reattest(conn, name)
+            guest = bringup.reattest(conn, name, records=VmRecords.beside(SecretStore()), policy=policy, backend=backend)
         except handshake.AttestationRefused as refused:
             if output == "json":
                 emit_json({"name": name, "verdict": "reject", "reasons": [
@@ -181,6 +206,8 @@ def attest_cmd(name: str, uri: str | None, output: str) -> None:
     else:
         click.echo(f"{name}: {verdict['verdict']}ed, TCB {verdict['tcb_status']}, provider {guest.provider}, "
                    f"keys {', '.join(sorted(guest.keys))}")
+        for line in verdict["policy_exceptions"]:
+            click.echo(f"  policy exception: {line}")
 
 
 @click.command("stop")
@@ -214,6 +241,8 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
     """
     from tdxvm.launch.connection import connection
     from tdxvm.launch.lifecycle import destroy, lookup
+    from tdxvm.launch.records import VmRecords
+    from tdxvm.secretstore import SecretStore
 
     target = uri or DEFAULT_URI
     with connection(target) as conn:
@@ -223,7 +252,7 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
                 raise CliError(f"destroy deletes VM {name} and its disk overlay on {target}; pass --yes to confirm "
                                "(there is no terminal to ask on)")  # fmt: skip
             click.confirm(f"Destroy VM {name} on {target} (power off, undefine, delete its disk overlay)?", abort=True)
-        report = destroy(conn, name)
+        report = destroy(conn, name, records=VmRecords.beside(SecretStore()))
     if output == "json":
         emit_json({"name": name, "was_running": report.was_running, "deleted_volumes": list(report.deleted_volumes)})
         return

@@ -28,6 +28,7 @@ from tdxvm.launch import metadata as md
 from tdxvm.launch.connection import libvirt_message, open_connection
 from tdxvm.launch.errors import ConnectError, LaunchError
 from tdxvm.launch.lifecycle import STATES
+from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 
 CONNECT_TIMEOUT = 30.0
 
@@ -167,8 +168,12 @@ class HostView:
         return self.error is None
 
 
-def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str) -> HostView:
-    """The fleet's VMs on ``conn`` and the names of every other domain there."""
+def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records: VmRecords) -> HostView:
+    """The fleet's VMs on ``conn`` and the names of every other domain there.
+
+    A VM's attestation and forwards come from the controller's record of it (``records``),
+    never from its metadata; a VM without a record, or whose metadata disagrees with it,
+    counts as refused (the reasons say why), so an apply replaces it."""
     try:
         domains = conn.listAllDomains(0)
     except libvirt.libvirtError as exc:
@@ -188,12 +193,20 @@ def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str) -> Host
             owner = meta.labels.get(FLEET)
             foreign[name] = f"fleet {owner}'s" if owner else "a tdxvm VM outside any fleet"
         else:
+            try:
+                record = records.trusted(name=name, uuid=dom.UUIDString(), uri=conn.getURI(), meta=meta)
+                attestation, forwards = record.attestation, record.forwards
+            except (RecordError, RecordMismatch, libvirt.libvirtError) as exc:
+                code = getattr(exc, "code", "vm-record")
+                attestation = {"verdict": "reject", "reasons": [{"code": code, "message": str(exc)}]}
+                forwards = ()
             vms[name] = ActualVm(name=name, host=host, uri=uri, state=state, labels=dict(meta.labels),
-                                 attestation=meta.attestation, forwards=meta.forwards())  # fmt: skip
+                                 attestation=attestation, forwards=forwards)  # fmt: skip
     return HostView(host, uri, vms=vms, foreign=foreign)
 
 
-def survey(connector: Connector, fleet: str, hosts: dict[str, str], *, parallel: int = 8) -> dict[str, HostView]:
+def survey(connector: Connector, fleet: str, hosts: dict[str, str], *, records: VmRecords,
+           parallel: int = 8) -> dict[str, HostView]:  # fmt: skip
     """Every host of ``hosts`` (name -> URI) read at once; unreachable ones carry the error."""
 
     def one(item: tuple[str, str]) -> HostView:
@@ -202,7 +215,7 @@ def survey(connector: Connector, fleet: str, hosts: dict[str, str], *, parallel:
             conn = connector.get(uri)
         except LaunchError as exc:
             return HostView(host, uri, error=str(exc), error_code=exc.code)
-        return read_host(conn, fleet, host, uri)
+        return read_host(conn, fleet, host, uri, records)
 
     items: Iterable[tuple[str, str]] = sorted(hosts.items())
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts) or 1)), thread_name_prefix="tdxvm-survey") as pool:

@@ -46,6 +46,7 @@ from tdxvm.fleet.state import FleetLock, FleetState, default_state_dir, now
 from tdxvm.launch.connection import is_test_driver, libvirt_message
 from tdxvm.launch.errors import LaunchError, NoSuchVmError
 from tdxvm.launch.lifecycle import destroy, lookup, set_labels
+from tdxvm.launch.records import VmRecords
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.volumes import POOL_NAME, overlay_name, serial_log_name
 from tdxvm.provision import bringup, handshake
@@ -185,18 +186,19 @@ def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
     return {**state.hosts, **fleet.hosts}
 
 
-def build_plan(fleet: Fleet, connector: inv.Connector, state: FleetState, *, parallel: int = 8) -> tuple[Plan, Images]:
-    views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), parallel=parallel)
+def build_plan(fleet: Fleet, connector: inv.Connector, state: FleetState, *, secrets: SecretStore,
+               parallel: int = 8) -> tuple[Plan, Images]:  # fmt: skip
+    views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets), parallel=parallel)
     images = Images.read(fleet)
     plan = make_plan(fleet.name, fleet.desired(), views, file_hosts=set(fleet.hosts), image_shas=images.shas,
                      records=state.vms())  # fmt: skip
     return plan, images
 
 
-def plan(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None) -> Plan:
-    """What an apply would do now (reads only)."""
+def plan(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None) -> Plan:
+    """What an apply would do now (reads only); VM records are read beside ``secrets``."""
     state = FleetState.load(state_dir or default_state_dir(), fleet.name)
-    return build_plan(fleet, connector, state)[0]
+    return build_plan(fleet, connector, state, secrets=secrets or SecretStore())[0]
 
 
 # -- doing it ----------------------------------------------------------------------------
@@ -383,7 +385,7 @@ class _Run:
             raise FleetError(f"domain {name} on {host} is no longer fleet {self.fleet.name}'s VM; it is not touched",
                              code="not-fleet-vm")  # fmt: skip
         self.state.update_vm(name, phase="deleting")
-        destroy(conn, name)
+        destroy(conn, name, records=VmRecords.beside(self.secrets))
         return True
 
     def _delete(self, conn: libvirt.virConnect, a: Action) -> None:
@@ -550,12 +552,13 @@ def apply(fleet: Fleet, *, connector: inv.Connector, secrets: SecretStore | None
     """
     started = time.monotonic()
     folder = state_dir or default_state_dir()
+    secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "apply"):
         state = FleetState.load(folder, fleet.name)
-        plan_now, images = build_plan(fleet, connector, state, parallel=max(options.parallel, 8))
+        plan_now, images = build_plan(fleet, connector, state, secrets=secrets, parallel=max(options.parallel, 8))
         if confirm is not None and not confirm(plan_now):
             raise FleetError("apply cancelled: nothing was changed", code="cancelled")
-        run = _Run(fleet, plan_now, state, connector=connector, secrets=secrets or SecretStore(),
+        run = _Run(fleet, plan_now, state, connector=connector, secrets=secrets,
                    trust_for=_trust_cache(trust_for), images=images, options=options, progress=progress,
                    cancel=cancel or threading.Event())  # fmt: skip
         run.report_untouched()
@@ -568,21 +571,23 @@ def apply(fleet: Fleet, *, connector: inv.Connector, secrets: SecretStore | None
 
 def destroy_fleet(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None,
                   parallel: int = DEFAULT_PARALLEL, progress: Progress = _quiet,
-                  confirm: Callable[[Plan], bool] | None = None) -> Report:  # fmt: skip
+                  confirm: Callable[[Plan], bool] | None = None, secrets: SecretStore | None = None) -> Report:  # fmt: skip
     """Destroy every VM of the fleet (found by its labels, on the file's hosts and those the
     state file knows), and the volumes interrupted applies left. Other domains are never
     touched. The state file goes once nothing of the fleet is left."""
     started = time.monotonic()
     folder = state_dir or default_state_dir()
+    secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "destroy"):
         state = FleetState.load(folder, fleet.name)
-        views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), parallel=max(parallel, 8))
+        views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets),
+                           parallel=max(parallel, 8))  # fmt: skip
         empty = Fleet(name=fleet.name, source=fleet.source, hosts={}, templates={}, deployments={})
         plan_now = make_plan(fleet.name, [], views, file_hosts=set(), image_shas={}, records=state.vms())
         plan_now = Plan(plan_now.fleet, tuple(_destroy_reason(a) for a in plan_now.actions), plan_now.hosts)
         if confirm is not None and not confirm(plan_now):
             raise FleetError("destroy cancelled: nothing was changed", code="cancelled")
-        run = _Run(empty, plan_now, state, connector=connector, secrets=SecretStore(), trust_for=_trust_cache(None),
+        run = _Run(empty, plan_now, state, connector=connector, secrets=secrets, trust_for=_trust_cache(None),
                    images=Images({}, {}), options=ApplyOptions(parallel=parallel), progress=progress,
                    cancel=threading.Event())  # fmt: skip
         run.report_untouched()

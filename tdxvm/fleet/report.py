@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tdxvm.secretstore import SecretStore
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.plan import Action, Plan
 from tdxvm.fleet.reconcile import Report, build_plan
@@ -69,9 +70,11 @@ def _row(a: Action, record: dict[str, Any] | None) -> VmRow:
                  last_attested=r.get("last_attested") if view_state == "unknown" else None, sync=sync, reasons=a.reasons)  # fmt: skip
 
 
-def fleet_status(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None) -> FleetStatus:
+def fleet_status(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None,
+                 secrets: SecretStore | None = None) -> FleetStatus:  # fmt: skip
+    """Each VM of the fleet as the hosts and the controller's records (beside ``secrets``) have it."""
     state = FleetState.load(state_dir or default_state_dir(), fleet.name)
-    plan, _ = build_plan(fleet, connector, state)
+    plan, _ = build_plan(fleet, connector, state, secrets=secrets or SecretStore())
     records = state.vms()
     rows = tuple(_row(a, records.get(a.vm)) for a in plan.actions if not (a.kind == "delete" and a.actual is None))
     return FleetStatus(fleet.name, rows, plan.unreachable())

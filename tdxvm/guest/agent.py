@@ -10,9 +10,13 @@ public keys (the SSH host key of ``--ssh-host-key``; the inference service's TLS
 (:func:`tdxvm.guest.tdquote.detect`) for a quote; the attest's ``qgs`` address is used only
 where the guest has neither configfs-tsm nor ``/dev/tdx_guest`` (an emulated guest, whose
 quotes a verifier refuses unless it trusts the emulated root). A ``secret`` opens only with the private
-key of the latest attest on the same connection, and lands in ``--secrets-dir/<name>``
-(mode 0600, written atomically; the folder is a tmpfs under ``/run``). Secrets are never
-logged. Connections are independent: the key of one is never used on another.
+key of the latest attest on the same connection, and only if the controller's release key
+sealed it (HPKE Auth mode; its public half is ``--controller-key``, built into the measured
+image): anyone can attest this guest and seal to its key, but only the controller that
+built the image can make it accept a secret. A refused secret is logged (its name, never
+its bytes) and changes nothing. An accepted one lands in ``--secrets-dir/<name>`` (mode
+0600, written atomically; the folder is a tmpfs under ``/run``). Secrets are never logged.
+Connections are independent: the key of one is never used on another.
 
 :class:`Agent` holds the protocol; :class:`AgentServer` serves it over TCP, one thread per
 connection (the quote providers block), with a bounded line size, an idle timeout and a
@@ -45,6 +49,7 @@ from tdxvm.guest.tdquote import QuoteError, detect
 
 DEFAULT_SECRETS_DIR = Path("/run/tdxvm/secrets")
 DEFAULT_TLS_KEY = Path("/var/lib/tdxvm/tls/cert.pem")  # tdxvm.guest.tls.DEFAULT_DIR / CERT_FILE
+DEFAULT_CONTROLLER_KEY = Path("/etc/tdxvm/controller-release.pub")  # tdxvm.releasekey.GUEST_PATH
 CCEL_DATA = "sys/firmware/acpi/tables/data/CCEL"  # under the agent's root
 IDLE_TIMEOUT = 300.0
 MAX_CONNECTIONS = 32
@@ -120,6 +125,18 @@ def system_keys(ssh_host_key: Path | None, tls_key: Path | None) -> Callable[[],
     return keys
 
 
+def controller_key(path: Path) -> bytes:
+    """The controller's release public key (32 bytes) from ``path`` (one line of 64 hex digits)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        raw = bytes.fromhex(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AgentError(f"controller key {path}: {getattr(exc, 'strerror', None) or exc}", code="controller-key") from None
+    if len(raw) != 32:
+        raise AgentError(f"controller key {path}: expected 64 hex digits (an X25519 public key)", code="controller-key")
+    return raw
+
+
 # -- where secrets go --------------------------------------------------------------------
 
 
@@ -142,7 +159,9 @@ class SecretsDir:
 class Agent:
     """The agent's protocol, without the transport.
 
-    ``public_keys()`` gives the keys bound next to the per-attest X25519 key;
+    ``controller_key`` is the public half of the controller's release key: a secret opens
+    only if that key sealed it. ``public_keys()`` gives the keys bound next to the
+    per-attest X25519 key;
     ``on_secret(name, plaintext)`` keeps an opened secret (raise :class:`SecretRefused` to
     refuse it); ``on_delivered(name)`` runs after the controller has been told ``ok``.
     Quotes come from ``provider`` if given, else from :func:`~tdxvm.guest.tdquote.detect`
@@ -153,13 +172,17 @@ class Agent:
         self,
         *,
         on_secret: Callable[[str, bytes], None],
+        controller_key: bytes,
         public_keys: Callable[[], dict[str, bytes]] = dict,
         on_delivered: Callable[[str], None] | None = None,
         provider: Any = None,
         root: Path = Path("/"),
         default_qgs: str | None = None,
     ) -> None:
+        if len(controller_key) != 32:
+            raise AgentError("the controller key must be a 32-byte X25519 public key", code="controller-key")
         self.on_secret, self.public_keys, self.on_delivered = on_secret, public_keys, on_delivered
+        self.controller_key = controller_key
         self.provider, self.root, self.default_qgs = provider, Path(root), default_qgs
         self._quote_lock = threading.Lock()  # the device paths take one request at a time
         self._event_log: bytes | None = None
@@ -235,9 +258,10 @@ class Session:
         name = wire.check_secret_name(request.get("name"))
         sealed = wire.unb64(request.get("sealed"), "sealed")
         try:
-            plaintext = open_sealed(sealed, self._key, info=wire.secret_info(name, self._nonce))
+            plaintext = open_sealed(sealed, self._key, info=wire.secret_info(name, self._nonce), sender=self.agent.controller_key)
         except EnvelopeError as exc:
-            raise AgentError(f"secret {name!r}: {exc}", code="secret-open") from None
+            log.warning("refused secret %r: %s", name, exc)
+            raise SecretRefused(f"secret {name!r}: {exc}") from None
         self.agent.on_secret(name, plaintext)
         log.info("received secret %r (%d bytes)", name, len(plaintext))
         return {"ok": True}
@@ -372,6 +396,8 @@ def listen_address(text: str) -> tuple[str, int]:
 def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qgs", metavar="HOST:PORT", help="emulated quote service, when the guest has neither configfs-tsm nor "
                    "/dev/tdx_guest and the controller names none")  # fmt: skip
+    p.add_argument("--controller-key", type=Path, default=DEFAULT_CONTROLLER_KEY,
+                   help="the controller's release public key (hex); secrets open only if it sealed them")  # fmt: skip
     p.add_argument("--root", type=Path, default=Path("/"), help="where the guest's /sys and /dev are (tests)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -391,8 +417,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="tdxvm-agent: %(levelname)s %(message)s")
-    agent = Agent(on_secret=SecretsDir(args.secrets_dir), public_keys=system_keys(args.ssh_host_key, args.tls_key),
-                  root=args.root, default_qgs=args.qgs)  # fmt: skip
+    try:
+        controller = controller_key(args.controller_key)
+    except AgentError as exc:
+        log.error("%s; no secret can be accepted without it", exc)
+        return 2
+    agent = Agent(on_secret=SecretsDir(args.secrets_dir), controller_key=controller,
+                  public_keys=system_keys(args.ssh_host_key, args.tls_key), root=args.root, default_qgs=args.qgs)  # fmt: skip
     host, port = args.listen or ("0.0.0.0", args.port)
     try:
         server = AgentServer(agent, host, port)

@@ -6,8 +6,12 @@ cryptsetup runs ``/usr/lib/tdxvm/keyscript`` for the root volume (``/etc/cryptta
 reads the passphrase from its standard output. This serves the agent protocol
 (:mod:`tdxvm.guest.agentwire`) with the per-attest X25519 key as the only bound key, until
 the controller has attested this TD and released the secret ``disk`` sealed to that key;
-it then writes the secret to standard output, exactly its bytes, and exits 0. Any other
-secret is refused. Diagnostics go to standard error (the console), never the key.
+it then writes the secret to standard output, exactly its bytes, and exits 0. The secret
+opens only if the controller's release key sealed it (``--controller-key``, in the
+measured initramfs): a passphrase sealed by anyone else (the host, which can attest this
+TD too) is refused and does not take the slot, so the controller's release still works
+after it. Any other secret is refused. Diagnostics go to standard error (the console),
+never the key.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tdxvm.guest import agentwire as wire
-from tdxvm.guest.agent import Agent, AgentServer, SecretRefused, common_arguments, listen_address
+from tdxvm.guest.agent import Agent, AgentError, AgentServer, SecretRefused, common_arguments, controller_key, listen_address
 
 SECRET = "disk"
 
@@ -50,11 +54,11 @@ class DiskSecret:
             self.ready.set()
 
 
-def serve_until_unlocked(host: str, port: int, *, qgs: str | None = None, root: Path = Path("/"),
+def serve_until_unlocked(host: str, port: int, *, controller: bytes, qgs: str | None = None, root: Path = Path("/"),
                          on_listening: Callable[[AgentServer], None] | None = None) -> bytes:  # fmt: skip
-    """Serve the agent on ``(host, port)`` until the disk secret has been delivered; return it."""
+    """Serve the agent on ``(host, port)`` until the controller's disk secret has been delivered; return it."""
     disk = DiskSecret()
-    agent = Agent(on_secret=disk.accept, on_delivered=disk.delivered, root=root, default_qgs=qgs)
+    agent = Agent(on_secret=disk.accept, controller_key=controller, on_delivered=disk.delivered, root=root, default_qgs=qgs)
     with AgentServer(agent, host, port) as server:
         log.info("listening on %s; waiting for the controller to attest this TD and release the disk key", server.listening)
         if on_listening is not None:
@@ -78,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     host, port = args.listen
     try:
-        key = serve_until_unlocked(host, port, qgs=args.qgs, root=args.root)
+        controller = controller_key(args.controller_key)
+    except AgentError as exc:
+        log.error("%s; the disk cannot be unlocked without it", exc)
+        return 2
+    try:
+        key = serve_until_unlocked(host, port, controller=controller, qgs=args.qgs, root=args.root)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", host, port, exc.strerror or exc)
         return 2

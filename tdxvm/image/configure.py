@@ -15,6 +15,9 @@ What every image gets (the tree under ``tdxvm/image/overlay/``):
   and written its arguments (it does not start before).
 * sshd: keys only. ``root`` has no password (Debian's locked ``*``); the controller's
   public key goes into ``/root/.ssh/authorized_keys``.
+* the controller's release public key (``/etc/tdxvm/controller-release.pub``, also in the
+  initramfs): the unlock step and the agent open only secrets that key sealed, so a host
+  that attests the guest itself cannot hand it a passphrase or model key of its own.
 
 Then the recipe's own files, the initramfs (``mkinitramfs`` with ``SOURCE_DATE_EPOCH``),
 and a clean-up of everything that must not ship or would differ between builds.
@@ -32,6 +35,7 @@ import tdxvm
 from tdxvm.image import rootfs
 from tdxvm.image.ext4 import ImageStepError
 from tdxvm.image.recipe import LoadedRecipe
+from tdxvm.releasekey import GUEST_PATH as GUEST_RELEASE_KEY
 
 OVERLAY = Path(__file__).with_name("overlay")
 PROFILE_OVERLAYS = {"model-server": (Path(__file__).with_name("overlay-model-server"), ("tdxvm-serve.service",))}
@@ -106,6 +110,15 @@ def add_recipe_files(root: Path, loaded: LoadedRecipe) -> None:
         _write(root / entry.dest.lstrip("/"), loaded.file_source(entry).read_bytes(), int(entry.mode, 8))
 
 
+def trust_controller(root: Path, release_public: str) -> None:
+    """Build the controller's release public key into the image (``tdxvm.releasekey.GUEST_PATH``;
+    the initramfs hook copies it into the initramfs): the unlock step and the agent accept
+    a secret only if that key sealed it."""
+    if len(release_public) != 64 or any(c not in "0123456789abcdef" for c in release_public):
+        raise ImageStepError("configure", [], "the controller's release key must be 64 lowercase hex digits")
+    _write(root / GUEST_RELEASE_KEY.lstrip("/"), release_public.encode() + b"\n", 0o644)
+
+
 def authorize(root: Path, public_key_line: str) -> None:
     """Let the controller's key log in as root (the only way in: no passwords)."""
     ssh = root / "root/.ssh"
@@ -148,13 +161,14 @@ def make_initramfs(root: Path, *, epoch: int) -> BootFiles:
     return BootFiles(kernel=root / f"boot/vmlinuz-{version}", initrd=root / initrd.lstrip("/"), version=version)
 
 
-def configure(root: Path, loaded: LoadedRecipe, *, authorized_key: str, epoch: int) -> BootFiles:
+def configure(root: Path, loaded: LoadedRecipe, *, authorized_key: str, release_public: str, epoch: int) -> BootFiles:
     """Everything after the cached package steps; deterministic for the same inputs."""
     recipe = loaded.recipe
     omit_modules(root, recipe.kernel.omit_modules)
     apply_overlay(root, agent_port=recipe.agent_port, profile=recipe.profile, service_port=recipe.service_port)
     add_recipe_files(root, loaded)
     authorize(root, authorized_key)
+    trust_controller(root, release_public)
     set_hostname(root, recipe.name)
     rootfs.clean(root)
     boot = make_initramfs(root, epoch=epoch)

@@ -33,6 +33,7 @@ from tdxvm.launch.connection import is_local, libvirt_message
 from tdxvm.launch.domain import TDXVM_NS, DomainSpec, PortForward, domain_xml
 from tdxvm.launch.errors import DomainError, LaunchError, NoSuchVmError, NotOurDomainError, VmExistsError
 from tdxvm.launch.manifest import ImageManifest
+from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 from tdxvm.launch.ports import choose_forwards
 from tdxvm.launch.spec import VmSpec, effective_policy, firmware_path
 from tdxvm.launch.volumes import POOL_NAME, POOL_PATH, VmVolumes, VolumeEvent, delete_vm_volume, prepare_volumes
@@ -116,6 +117,9 @@ class VmStatus:
     manifest: str | None = None
     policy: Policy | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    record: str = "unchecked"  # the controller's record of this VM: ok, missing, mismatch (or unchecked)
+    record_problem: str | None = None
+    served: dict[str, str] | None = None  # from the record: what `tdxvm provision` serves
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,15 +139,14 @@ class VmStatus:
             "manifest": self.manifest,
             "policy": self.policy.model_dump(mode="json", exclude_none=True) if self.policy else None,
             "model": self.model,
+            "record": self.record,
+            "record_problem": self.record_problem,
         }
 
     @property
     def model(self) -> dict[str, str] | None:
-        """What ``tdxvm provision`` last gave this VM: name, URL, attested TLS key, when."""
-        if "model" not in self.labels:
-            return None
-        return {"name": self.labels["model"], "url": self.labels.get("model_url", ""),
-                "tls_spki_sha256": self.labels.get("model_tls_spki", ""), "at": self.labels.get("model_at", "")}  # fmt: skip
+        """What ``tdxvm provision`` last gave this VM (name, URL, attested TLS key, when), from its record."""
+        return self.served
 
     def forward(self, guest_port: int | None) -> PortForward | None:
         return next((f for f in self.forwards if f.guest_port == guest_port), None) if guest_port is not None else None
@@ -398,13 +401,15 @@ class DestroyReport:
     deleted_volumes: tuple[str, ...]
 
 
-def destroy(conn: libvirt.virConnect, name: str) -> DestroyReport:
-    """Power off (if running), undefine, and delete the VM's overlay and log volumes.
+def destroy(conn: libvirt.virConnect, name: str, *, records: VmRecords | None = None) -> DestroyReport:
+    """Power off (if running), undefine, and delete the VM's overlay and log volumes (and
+    its controller record, from ``records``).
 
     The shared image volumes (kernel, initramfs, base disk) stay for other VMs and later
     launches. Refuses domains tdxvm did not create.
     """
     dom, meta = lookup(conn, name)
+    vm_uuid = dom.UUIDString()
     uri = conn.getURI()
     paths = [p for p in (meta.labels.get("overlay"), meta.labels.get("serial_log")) if p]
     was_running = bool(dom.isActive())
@@ -420,6 +425,8 @@ def destroy(conn: libvirt.virConnect, name: str) -> DestroyReport:
         raise DomainError(f"cannot undefine {name} on {uri}: {libvirt_message(exc)}") from None
     pool = meta.labels.get("pool", POOL_NAME)
     deleted = tuple(p for p in paths if delete_vm_volume(conn, p, pool_name=pool))
+    if records is not None:
+        records.delete(vm_uuid)
     return DestroyReport(name=name, was_running=was_running, deleted_volumes=deleted)
 
 
@@ -449,20 +456,26 @@ def record_attestation(dom: libvirt.virDomain, verdict: dict[str, Any], *, at: d
         raise DomainError(f"cannot record the attestation of {dom.name()}: {libvirt_message(exc)}") from None
 
 
-def status(conn: libvirt.virConnect, name: str | None = None) -> list[VmStatus]:
-    """tdxvm's VMs on this connection (or the one named), sorted by name."""
+def status(conn: libvirt.virConnect, name: str | None = None, *, records: VmRecords | None = None) -> list[VmStatus]:
+    """tdxvm's VMs on this connection (or the one named), sorted by name.
+
+    With ``records`` (the controller's VM records), each VM's backend, forwards, policy,
+    policy exceptions, attestation and model come from its record, checked against
+    libvirt: a VM without one, or whose metadata disagrees with it, says so in ``record``
+    and shows no policy. Without ``records``, the policy fields stay empty (``record``
+    is ``"unchecked"``): the metadata's copy of them is never taken for the truth."""
     if name is not None:
         dom, meta = lookup(conn, name)
-        return [_status(conn, dom, meta)]
+        return [_status(conn, dom, meta, records)]
     out = []
     for dom in _all_domains(conn):
         meta = md.from_domain_xml(_xml(dom, inactive=True))
         if meta is not None:
-            out.append(_status(conn, dom, meta))
+            out.append(_status(conn, dom, meta, records))
     return sorted(out, key=lambda s: s.name)
 
 
-def _status(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadata) -> VmStatus:
+def _status(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadata, records: VmRecords | None) -> VmStatus:
     state = _state(dom)
     started = meta.labels.get("started_at")
     uptime = None
@@ -470,7 +483,7 @@ def _status(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadat
         with suppress(ValueError):
             uptime = int((datetime.now(timezone.utc) - datetime.fromisoformat(started.replace("Z", "+00:00"))).total_seconds())
     agent = meta.labels.get("agent_port", "")
-    return VmStatus(
+    vm = VmStatus(
         name=dom.name(),
         uuid=dom.UUIDString(),
         uri=conn.getURI(),
@@ -481,10 +494,21 @@ def _status(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadat
         agent_port=int(agent) if agent.isdigit() else None,
         started_at=started,
         uptime_s=uptime,
-        attestation=meta.attestation,
-        policy_exceptions=meta.policy_exceptions(),
+        attestation=None,
+        policy_exceptions=[],
         serial_log=meta.labels.get("serial_log"),
         manifest=meta.labels.get("manifest"),
-        policy=meta.policy(),
         labels=dict(meta.labels),
     )
+    if records is None:
+        return vm
+    try:
+        record = records.trusted(name=vm.name, uuid=vm.uuid, uri=vm.uri, meta=meta)
+    except (RecordError, RecordMismatch) as exc:
+        vm.record = "mismatch" if isinstance(exc, RecordMismatch) else "missing"
+        vm.record_problem = str(exc)
+        return vm
+    vm.record, vm.backend, vm.forwards, vm.agent_port = "ok", record.backend, record.forwards, record.agent_port
+    vm.policy, vm.policy_exceptions = record.policy, record.policy.loosened()
+    vm.attestation, vm.served, vm.manifest = record.attestation, record.model, record.manifest
+    return vm

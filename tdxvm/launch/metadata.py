@@ -10,7 +10,10 @@ never stops or deletes a domain without it. Inside::
     </tdxvm:owner>
 
 libvirt keeps one element per namespace; updates rewrite it whole with
-``virDomainSetMetadata``. Nothing secret is stored here: the host can read it.
+``virDomainSetMetadata``. Nothing secret is stored here: the host can read it. And the
+host can write it: the policy, verdict and model labels are a display copy for people
+using ``virsh``; every trust decision reads the controller's own record instead
+(:mod:`tdxvm.launch.records`), which refuses a VM whose backend or forwards here differ.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from tdxvm.attest.policy import Policy
 from tdxvm.launch.domain import TDXVM_NS, PortForward
 
 KEY = "tdxvm"  # the namespace prefix libvirt writes
@@ -56,20 +58,6 @@ class VmMetadata:
 
     def forwards(self) -> tuple[PortForward, ...]:
         return parse_forwards(self.labels.get("forwards", ""))
-
-    def policy(self) -> Policy | None:
-        """The effective attestation policy recorded at launch (None if absent or unreadable)."""
-        try:
-            return Policy.model_validate(json.loads(self.labels["policy"]))
-        except (KeyError, ValueError):
-            return None
-
-    def policy_exceptions(self) -> list[str]:
-        try:
-            value = json.loads(self.labels.get("policy_exceptions", "[]"))
-        except json.JSONDecodeError:
-            return []
-        return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _local(tag: str) -> str:

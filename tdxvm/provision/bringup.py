@@ -20,29 +20,35 @@ reported; a guest that never answers times out with the tail of its serial log.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
+from tdxvm.attest.policy import Policy
 from tdxvm.image.secrets import keyslot_passphrase
 from tdxvm.launch.connection import is_test_driver
 from tdxvm.launch.console import read_host_file, serial_log_tail
 from tdxvm.launch.errors import ConsoleError, LaunchError
-from tdxvm.launch.lifecycle import DomainHandle, lookup, prepare_domain, record_attestation, start
+from tdxvm.launch.lifecycle import DomainHandle, destroy, lookup, prepare_domain, record_attestation, start
 from tdxvm.launch.manifest import ImageManifest, load_manifest
+from tdxvm.launch.metadata import ATTESTATION_KEYS
+from tdxvm.launch.records import RecordMismatch, VmRecord, VmRecords, manifest_sha256
 from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.volumes import content_name
 from tdxvm.provision import handshake, ssh
 from tdxvm.provision.trust import Trust, for_backend
+from tdxvm.releasekey import SECRET as RELEASE_SECRET
+from tdxvm.releasekey import public_hex, release_key
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
-import contextlib
 
 PHASES = ("define", "boot", "quote", "verify", "unlock", "ready")
 BOOT_TIMEOUT = 300.0  # seconds until the initramfs answers (TCG boots are slow)
@@ -187,6 +193,62 @@ def _tail(conn: libvirt.virConnect, name: str) -> str:
         return ""
 
 
+def check_release_key(manifest: ImageManifest, secrets: SecretStore) -> None:
+    """Refuse an image built for another controller's release key (or before images had one):
+    its guest would refuse every secret this controller releases."""
+    built_for = manifest.raw.get("release_key")
+    if not secrets.exists(RELEASE_SECRET):
+        raise BringUpError(f"the secret store {secrets.directory} holds no release key ({RELEASE_SECRET}): it built no "
+                           f"image, so it cannot release secrets to image {manifest.name}'s guests", phase="define")  # fmt: skip
+    ours = public_hex(release_key(secrets))
+    if built_for != ours:
+        which = "before tdxvm authenticated released secrets" if built_for is None else f"for another controller (release key {str(built_for)[:16]}…)"
+        raise BringUpError(f"image {manifest.name} ({manifest.path}) was built {which}; its guest accepts secrets only from "
+                           f"the controller that built it: rebuild it with this controller's secret store ({secrets.directory})",
+                           phase="define")  # fmt: skip
+
+
+def _anchor_sha256(trust: Trust) -> str | None:
+    return trust.trust_anchor.sha256.hex() if trust.trust_anchor is not None else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _kept(verdict: dict[str, Any]) -> dict[str, Any]:
+    """The part of a verdict a VM record keeps (what status shows)."""
+    return {**{k: verdict[k] for k in ATTESTATION_KEYS if k in verdict}, "recorded_at": _now()}
+
+
+def _refused_verdict(refused: handshake.AttestationRefused) -> dict[str, Any]:
+    """A refusal's verdict with every reason (the handshake's own as well as the policy's)."""
+    assert refused.verdict is not None
+    return refused.verdict.to_dict() | {"reasons": [{"code": r.code, "message": r.message} for r in refused.reasons]}
+
+
+def _record(handle: DomainHandle, manifest: ImageManifest, trust: Trust) -> VmRecord:
+    return VmRecord(name=handle.name, uuid=handle.uuid, uri=handle.uri, backend=handle.backend, policy=handle.policy,
+                    manifest=str(manifest.path), manifest_sha256=manifest_sha256(manifest.path),
+                    trust_anchor_sha256=_anchor_sha256(trust), forwards=handle.forwards,
+                    agent_port=manifest.guest_agent_port, ssh_port=manifest.ssh_port, service_port=manifest.service_port,
+                    defined_at=_now())  # fmt: skip
+
+
+def trusted_vm(conn: libvirt.virConnect, name: str, records: VmRecords, *,
+               trust: Trust | None = None) -> tuple[VmRecord, Trust]:  # fmt: skip
+    """The controller's record of VM ``name`` (checked against what libvirt says of it) and
+    the trust it was launched under; refuses a trust anchor other than the launch's."""
+    dom, meta = lookup(conn, name)
+    record = records.trusted(name=dom.name(), uuid=dom.UUIDString(), uri=conn.getURI(), meta=meta)
+    trust = trust or for_backend(record.backend)
+    if trust.backend != record.backend or _anchor_sha256(trust) != record.trust_anchor_sha256:
+        raise RecordMismatch(f"VM {name} was launched under the {record.backend} backend with trust anchor "
+                             f"{record.trust_anchor_sha256 or 'Intel SGX Root CA'}; the controller now has "
+                             f"{trust.backend} with {_anchor_sha256(trust) or 'Intel SGX Root CA'}; refused")  # fmt: skip
+    return record, trust
+
+
 def _power_off(conn: libvirt.virConnect, name: str) -> None:
     try:
         dom = conn.lookupByName(name)
@@ -216,6 +278,8 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     if not disk_secret:
         raise BringUpError("the image manifest names no disk key (luks.key_secret)", phase="define")
     volume_key = secrets.get(disk_secret)  # refuse before defining anything if the key is not here
+    check_release_key(manifest, secrets)
+    records = VmRecords.beside(secrets)
     if spec.model is not None:
         if manifest.service_port is None:
             raise BringUpError(f"model: image {manifest.name} serves no model (build it with profile: model-server)", phase="define")
@@ -226,6 +290,12 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     t = phases.begin("define")
     with define_lock if define_lock is not None else nullcontext():
         handle: DomainHandle = prepare_domain(spec, manifest, conn, labels=labels)
+        try:
+            records.put(_record(handle, manifest, trust))
+        except BaseException:
+            with contextlib.suppress(LaunchError):
+                destroy(conn, spec.name)
+            raise
     phases.end("define", t, f"{handle.backend}, {spec.vcpus} vCPU, {spec.memory_mib} MiB")
 
     t = phases.begin("boot")
@@ -239,7 +309,7 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
         t = phases.begin("quote")
         unlock = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519",), manifest=manifest)
     except handshake.AttestationRefused as refused:
-        _refused(conn, spec.name, refused)
+        _refused(conn, handle, records, refused)
         raise
     except BaseException:
         _power_off(conn, spec.name)
@@ -249,7 +319,7 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
 
     t = phases.begin("unlock")
     with unlock:
-        unlock.release("disk", keyslot_passphrase(volume_key))
+        unlock.release("disk", keyslot_passphrase(volume_key), sender=release_key(secrets))
     del volume_key
     phases.end("unlock", t)
 
@@ -260,12 +330,13 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
         system = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519", "ssh-host"),
                         manifest=manifest)  # fmt: skip
     except handshake.AttestationRefused as refused:
-        _refused(conn, spec.name, refused)
+        _refused(conn, handle, records, refused)
         raise
     with system:
         record_attestation(handle.domain(), system.verdict.to_dict())
         result.verdict = system.verdict.to_dict()
         host_key = system.keys["ssh-host"]
+    records.update(handle.uuid, ssh_host_key=base64.b64encode(host_key).decode(), attestation=_kept(system.verdict.to_dict()))
     ssh_forward = handle.forward(manifest.ssh_port)
     if ssh_forward is not None:
         result.ssh = (ssh_forward.host_address, ssh_forward.host_port)
@@ -300,13 +371,14 @@ def _ssh_until(address: tuple[str, int], host_key: bytes, secrets: SecretStore, 
     raise BringUpError(f"no SSH login within the time allowed ({last})", phase="ready")
 
 
-def _refused(conn: libvirt.virConnect, name: str, refused: handshake.AttestationRefused) -> None:
+def _refused(conn: libvirt.virConnect, handle: DomainHandle, records: VmRecords, refused: handshake.AttestationRefused) -> None:
     """A refused quote: nothing was released; the VM is powered off and the verdict kept."""
-    _power_off(conn, name)
+    _power_off(conn, handle.name)
     if refused.verdict is not None:
+        verdict = _refused_verdict(refused)
         with contextlib.suppress(LaunchError, libvirt.libvirtError):
-            record_attestation(lookup(conn, name)[0], refused.verdict.to_dict() | {"reasons": [
-                {"code": r.code, "message": r.message} for r in refused.reasons]})
+            record_attestation(handle.domain(), verdict)
+        records.update(handle.uuid, attestation=_kept(verdict))
 
 
 def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = None, trust: Trust | None = None) -> int:
@@ -368,27 +440,45 @@ def _report_refused(name: str, state: str, message: str, reasons: Any, output: s
         click.echo(f"  - [{r.code}] {r.message}", err=True)
 
 
-def reattest(conn: libvirt.virConnect, name: str, *, trust: Trust | None = None) -> handshake.AttestedGuest:
-    """``tdxvm attest NAME``: attest the running guest again with a fresh nonce, against the
-    policy it was launched with; the verdict goes into its metadata either way."""
-    from tdxvm.launch.lifecycle import status
+def reattest(conn: libvirt.virConnect, name: str, *, records: VmRecords, trust: Trust | None = None,
+             policy: Policy | None = None, backend: str = "tdx") -> handshake.AttestedGuest:  # fmt: skip
+    """``tdxvm attest NAME``: attest the running guest again with a fresh nonce.
 
-    vm = status(conn, name)[0]
-    if vm.state != "running":
-        raise BringUpError(f"{name} is {vm.state}, not running", phase="attest")
-    if vm.agent_port is None or vm.policy is None:
-        raise BringUpError(f"{name}'s metadata names no agent port or policy (not launched by this tdxvm?)", phase="attest")
-    fwd = vm.forward(vm.agent_port)
-    if fwd is None:
-        raise BringUpError(f"{name} has no forward to its agent port {vm.agent_port}", phase="attest")
-    address = (fwd.host_address, fwd.host_port)
-    trust = trust or for_backend(vm.backend)
-    dom = conn.lookupByName(name)
+    Against the policy, backend and trust anchor of the controller's record of it (never
+    what the domain's metadata says); the record gets the verdict and the attested SSH host
+    key, the metadata a display copy. With ``policy`` (``--policy FILE``) a VM this
+    controller did not launch can be attested too: under that policy and ``backend``, its
+    agent reached where libvirt's metadata says (transport only: the verdict binds the
+    keys and the policy is the caller's)."""
+    dom, meta = lookup(conn, name)
+    if not dom.isActive():
+        raise BringUpError(f"{name} is not running", phase="attest")
+    record: VmRecord | None = None
+    if policy is None:
+        record, trust = trusted_vm(conn, name, records, trust=trust)
+        policy = record.policy
+        address = record.address(record.agent_port, "guest agent")
+    else:
+        trust = trust or for_backend(backend)
+        agent_port = int(meta.labels.get("agent_port") or 7300)
+        fwd = next((f for f in meta.forwards() if f.guest_port == agent_port), None)
+        if fwd is None:
+            raise BringUpError(f"{name} has no forward to its agent port {agent_port}", phase="attest")
+        address = (fwd.host_address, fwd.host_port)
+    manifest = None
+    if is_test_driver(conn.getURI()):  # no files on such a host: the emulated quote service measures the build's
+        manifest = load_manifest(record.manifest if record is not None else meta.labels.get("manifest", ""))
     try:
-        guest = attest(conn, name, address, trust, vm.policy, require_keys=("x25519", "ssh-host"))
+        guest = attest(conn, name, address, trust, policy, require_keys=("x25519", "ssh-host"), manifest=manifest)
     except handshake.AttestationRefused as refused:
         if refused.verdict is not None:
-            record_attestation(dom, refused.verdict.to_dict())
+            verdict = _refused_verdict(refused)
+            record_attestation(dom, verdict)
+            if record is not None:
+                records.update(record.uuid, attestation=_kept(verdict))
         raise
-    record_attestation(dom, guest.verdict.to_dict())
+    verdict = guest.verdict.to_dict()
+    record_attestation(dom, verdict)
+    if record is not None:
+        records.update(record.uuid, attestation=_kept(verdict), ssh_host_key=base64.b64encode(guest.keys["ssh-host"]).decode())
     return guest

@@ -12,8 +12,9 @@ fresh 32-byte nonce, and accepts the guest only if
   platform, one the host built included, would pass: reason ``policy-measurements``).
 
 Otherwise it raises :class:`AttestationRefused` with every reason and the verdict. Only
-an :class:`AttestedGuest` can release secrets, each sealed (HPKE) to the X25519 key that
-this attestation's quote binds; nothing secret is sent before the verdict. Network
+an :class:`AttestedGuest` can release secrets, each sealed (HPKE Auth mode) to the X25519
+key that this attestation's quote binds and authenticated by the controller's release key;
+nothing secret is sent before the verdict. Network
 failures are :class:`GuestUnreachable` or :class:`HandshakeTimeout`, which name the
 address and the phase (``connect``, ``attest``, ``release <name>``).
 """
@@ -27,6 +28,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, check_report_data
 from tdxvm.attest.chain import TrustAnchor
@@ -151,13 +154,14 @@ class AttestedGuest:
     _channel: _Channel | None = dataclasses.field(repr=False)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # "quote", "verify": seconds
 
-    def release(self, name: str, secret: bytes) -> None:
-        """Seal ``secret`` to this attestation's X25519 key as ``name`` and send it; the agent
-        must answer ``ok`` (it could open it)."""
+    def release(self, name: str, secret: bytes, *, sender: X25519PrivateKey) -> None:
+        """Seal ``secret`` to this attestation's X25519 key as ``name``, authenticated by the
+        controller's release key ``sender`` (:mod:`tdxvm.releasekey`), and send it; the agent
+        must answer ``ok`` (it could open it: the image was built with that key)."""
         name = wire.check_secret_name(name)
         if self._channel is None:
             raise GuestUnreachable("the connection is closed", address=self.address, phase=f"release {name}")
-        sealed = seal(secret, self.keys[wire.X25519_KEY], info=wire.secret_info(name, self.nonce))
+        sealed = seal(secret, self.keys[wire.X25519_KEY], info=wire.secret_info(name, self.nonce), sender=sender)
         self._channel.request({"op": "secret", "name": name, "sealed": wire.b64(sealed)}, f"release {name}")
 
     def close(self) -> None:

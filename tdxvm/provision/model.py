@@ -3,7 +3,8 @@
 For a running VM launched by tdxvm from a ``model-server`` image:
 
 1. attest: a fresh quote over a fresh nonce, the guest's X25519 key and its SSH host
-   key, checked against the policy the VM was launched with (:func:`bringup.reattest`);
+   key, checked against the policy the VM was launched with, as the controller's own
+   record of it keeps it (:func:`bringup.reattest`; never what libvirt's metadata says);
 2. release the model key (secret store ``weights/<name>``) sealed to that attested
    X25519 key: the guest agent keeps it in ``/run/tdxvm/secrets/model-<upload id
    prefix>``, in TD memory;
@@ -40,11 +41,13 @@ import requests
 from tdxvm.guest.install import key_secret_name
 from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.weights import WeightsError, read_index
-from tdxvm.launch.lifecycle import VmStatus, set_labels, status
+from tdxvm.launch.lifecycle import lookup, set_labels
+from tdxvm.launch.records import VmRecord, VmRecords
 from tdxvm.launch.spec import ModelRef
 from tdxvm.provision import bringup, ssh, transfer
 from tdxvm.provision.endpoint import AttestedEndpoint, EndpointError, EndpointRefused, verify_endpoint
-from tdxvm.provision.trust import Trust, emulated_platform_dir, for_backend
+from tdxvm.provision.trust import Trust, emulated_platform_dir
+from tdxvm.releasekey import release_key
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
@@ -87,14 +90,9 @@ def _quiet(_phase: str, _details: dict[str, Any]) -> None:
     pass
 
 
-def _forward(vm: VmStatus, guest_port: int | None) -> tuple[str, int] | None:
+def _forward(vm: VmRecord, guest_port: int | None) -> tuple[str, int] | None:
     f = vm.forward(guest_port)
     return (f.host_address, f.host_port) if f else None
-
-
-def _port_label(vm: VmStatus, label: str) -> int | None:
-    value = vm.labels.get(label, "")
-    return int(value) if value.isdigit() else None
 
 
 def _guest_json(client: Any, args: list[str], *, phase: str, timeout: float) -> dict[str, Any]:
@@ -126,23 +124,21 @@ def _journal(client: Any, lines: int = 25) -> str:
         return f"(journal unavailable: {exc})"
 
 
-def service_url(vm: VmStatus) -> str:
-    fwd = _forward(vm, _port_label(vm, "service_port"))
+def service_url(vm: VmRecord) -> str:
+    fwd = _forward(vm, vm.service_port)
     if fwd is None:
         raise ProvisionError(f"{vm.name} forwards no service port (is its image a model-server profile?)", phase="check",
                              code="no-service")  # fmt: skip
     return f"https://{fwd[0]}:{fwd[1]}"
 
 
-def attest_service(vm: VmStatus, trust: Trust, *, timeout: float = 30.0) -> AttestedEndpoint:
-    """The VM's inference endpoint, attested against the policy it was launched with."""
-    if vm.policy is None:
-        raise ProvisionError(f"{vm.name}'s metadata holds no policy (not launched by this tdxvm?)", phase="service")
+def attest_service(vm: VmRecord, trust: Trust, *, timeout: float = 30.0) -> AttestedEndpoint:
+    """The VM's inference endpoint, attested against the policy it was launched with (its record's)."""
     return verify_endpoint(service_url(vm), collateral=trust.collateral, policy=vm.policy, trust_anchor=trust.trust_anchor,
                            timeout=timeout)  # fmt: skip
 
 
-def wait_for_service(vm: VmStatus, trust: Trust, *, deadline: float, poll: float = 2.0) -> AttestedEndpoint:
+def wait_for_service(vm: VmRecord, trust: Trust, *, deadline: float, poll: float = 2.0) -> AttestedEndpoint:
     """Attest the endpoint and wait until it reports the model loaded (``/health`` 200)."""
     last: Exception | str = "no answer yet"
     while time.monotonic() < deadline:
@@ -168,7 +164,7 @@ def wait_for_service(vm: VmStatus, trust: Trust, *, deadline: float, poll: float
     raise ProvisionError(f"the service of {vm.name} did not become ready in time ({last})", phase="service", code="timeout")
 
 
-def _upload(enc_dir: Path, client: Any, vm: VmStatus, progress: Progress, *, via: str | None, streams: int) -> transfer.TransferReport:
+def _upload(enc_dir: Path, client: Any, vm: VmRecord, progress: Progress, *, via: str | None, streams: int) -> transfer.TransferReport:
     fwd = _forward(vm, transfer.GUEST_PORT)
     chosen = via or ("tcp" if fwd else "ssh")
     if chosen == "tcp" and fwd is None:
@@ -200,12 +196,13 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
               streams: int = transfer.DEFAULT_STREAMS, service_timeout: float = SERVICE_TIMEOUT) -> ProvisionResult:  # fmt: skip
     """Provision ``model`` into the running VM ``name``; see the module doc."""
     secrets = secrets or SecretStore()
+    records = VmRecords.beside(secrets)
     result = ProvisionResult(name=name, model=model.served_name)
-    vm = status(conn, name)[0]
-    if vm.state != "running":
-        raise ProvisionError(f"{name} is {vm.state}, not running", phase="check", code="not-running")
+    vm, trust = bringup.trusted_vm(conn, name, records, trust=trust)  # policy, backend, forwards: the controller's own
+    if not lookup(conn, name)[0].isActive():
+        raise ProvisionError(f"{name} is not running", phase="check", code="not-running")
     url = service_url(vm)
-    ssh_addr = _forward(vm, _port_label(vm, "ssh_port"))
+    ssh_addr = _forward(vm, vm.ssh_port)
     if ssh_addr is None:
         raise ProvisionError(f"{name} forwards no SSH port", phase="check", code="no-ssh")
     key = secrets.get(f"weights/{model.key_name}")  # refuse before anything is sent if the key is not here
@@ -219,7 +216,6 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     if "config.json" not in files:
         raise ProvisionError(f"{model.path}: the encrypted model has no config.json (not a Hugging Face model folder)",
                              phase="check", code="bad-folder")  # fmt: skip
-    trust = trust or for_backend(vm.backend)
     qgs = None
     if vm.backend == "emulated":
         from tdxvm.emulate.qgsd import ensure
@@ -228,7 +224,7 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
 
     t = time.monotonic()
     progress("attest", {})
-    guest = bringup.reattest(conn, name, trust=trust)
+    guest = bringup.reattest(conn, name, records=records, trust=trust)
     result.timings["attest"] = time.monotonic() - t
     with guest, contextlib.closing(ssh.connect(ssh_addr, host_key=guest.keys["ssh-host"], client_key=controller_key(secrets))) as client:
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
@@ -239,7 +235,7 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
             progress("install", {"skipped": True})
             result.install = _guest_json(client, serve_args, phase="install", timeout=120) | {"skipped": True}
         else:
-            guest.release(key_secret_name(upload_id), key)  # /run/tdxvm/secrets/model-<upload id prefix>
+            guest.release(key_secret_name(upload_id), key, sender=release_key(secrets))  # /run/tdxvm/secrets/model-<upload id prefix>
             t = time.monotonic()
             report = _upload(model.path, client, vm, progress, via=via, streams=streams)
             result.upload = report.to_dict()
@@ -264,6 +260,8 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     result.timings["service"] = time.monotonic() - t
     result.endpoint, result.url = endpoint.to_dict(), endpoint.url
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    set_labels(conn.lookupByUUIDString(vm.uuid), {"model": model.served_name, "model_url": endpoint.url,
+    served = {"name": model.served_name, "url": endpoint.url, "tls_spki_sha256": endpoint.tls_spki_sha256, "at": at}
+    records.update(vm.uuid, model=served)
+    set_labels(conn.lookupByUUIDString(vm.uuid), {"model": model.served_name, "model_url": endpoint.url,  # display copy
                                                   "model_tls_spki": endpoint.tls_spki_sha256, "model_at": at})  # fmt: skip
     return result

@@ -13,11 +13,11 @@ from tdxvm.fleet import reconcile
 from tdxvm.fleet.inventory import Connector
 from tdxvm.fleet.report import fleet_status
 from tdxvm.fleet.spec import parse_fleet
-from tdxvm.launch.lifecycle import status
 from tdxvm.provision import bringup, ssh
 from tdxvm.provision.client import ApiClient
 from tdxvm.provision.model import attest_service, service_url
 from tdxvm.provision.trust import for_backend
+from tdxvm.launch.records import VmRecords
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
@@ -73,24 +73,24 @@ spec:
         assert [o.result for o in report.outcomes] == ["created"] * REPLICAS
         for o in report.outcomes:
             assert set(o.timings) == {*bringup.PHASES, "provision"} and o.verdict["tcb_status"] == "UpToDate"
-            [vm] = status(conn, o.vm)
+            vm, _ = bringup.trusted_vm(conn, o.vm, VmRecords.beside(store), trust=trust)  # the controller's record
             assert o.endpoint == service_url(vm).removeprefix("https://")  # the fleet reports the service
             with ApiClient(attest_service(vm, trust)) as api:  # attested on its TLS key, then queried on it
                 assert api.complete("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
             # re-attested with a fresh nonce; SSH accepts only the key this quote binds; the root is the unlocked LUKS volume
-            with bringup.reattest(conn, o.vm, trust=trust) as again:
+            with bringup.reattest(conn, o.vm, records=VmRecords.beside(store), trust=trust) as again:
                 host_key = again.keys["ssh-host"]
-            ssh_port = next(f.host_port for f in status(conn, o.vm)[0].forwards if f.guest_port == 22)
+            ssh_port = vm.address(vm.ssh_port, "sshd")[1]
             with ssh.connect(("127.0.0.1", ssh_port), host_key=host_key, client_key=controller_key(store)) as client:
                 assert ssh.run(client, "findmnt -no SOURCE /").strip() == "/dev/mapper/root"
         uuids = {d.name(): d.UUIDString() for d in conn.listAllDomains() if d.name().startswith(name)}
         again = run_apply()
         assert again.status == "ok" and [o.result for o in again.outcomes] == ["unchanged"] * REPLICAS
         assert {d.name(): d.UUIDString() for d in conn.listAllDomains() if d.name().startswith(name)} == uuids
-        st = fleet_status(fleet, connector=connector, state_dir=state)
+        st = fleet_status(fleet, connector=connector, state_dir=state, secrets=store)
         assert [(r.state, r.verdict, r.sync) for r in st.rows] == [("running", "accept", "in sync")] * REPLICAS
     finally:
-        gone = reconcile.destroy_fleet(fleet, connector=connector, state_dir=state)
+        gone = reconcile.destroy_fleet(fleet, connector=connector, state_dir=state, secrets=store)
     assert gone.status == "ok" and [o.result for o in gone.outcomes] == ["deleted"] * REPLICAS
     after = {d.UUIDString(): d.name() for d in conn.listAllDomains()}
     assert others <= set(after)  # every other domain is still there (others may have launched more meanwhile)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.emulate import EmulatedPlatform
 from tdxvm.attest import TrustAnchor
@@ -22,6 +23,7 @@ from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.console import serial_log_tail
 from tdxvm.launch.lifecycle import destroy, status
 from tdxvm.launch.manifest import load_manifest
+from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
 from tdxvm.provision import bringup, handshake, ssh
 from tdxvm.provision.trust import Trust, for_backend
@@ -74,11 +76,39 @@ def _never_unlocked(conn, name):
     assert not conn.lookupByName(name).isActive()  # stopped
 
 
+class _HostSealsFirst(list):
+    """Progress events; when the quote phase starts (the initramfs' unlock step is up), the
+    host attests the TD itself, with a genuine quote of the same kernel and initramfs, and
+    seals the passphrase of a disk of its own to the attested key, before the controller."""
+
+    def __init__(self, conn, name: str, trust, store) -> None:
+        super().__init__()
+        self.conn, self.name, self.trust, self.records = conn, name, trust, VmRecords.beside(store)
+        self.refusals: list[str] = []
+
+    def append(self, event) -> None:
+        super().append(event)
+        if event.phase == "quote" and event.status == "start" and not self.refusals:
+            record, _ = bringup.trusted_vm(self.conn, self.name, self.records, trust=self.trust)
+            agent = record.address(record.agent_port, "guest agent")
+            hosts = bringup.attest(self.conn, self.name, agent, self.trust, record.policy, require_keys=("x25519",))
+            with hosts, pytest.raises(handshake.GuestError) as refused:
+                hosts.release("disk", b"the host's own passphrase", sender=X25519PrivateKey.generate())
+            self.refusals.append(str(refused.value))
+
+    def clear(self) -> None:
+        super().clear()
+        self.refusals.clear()
+
+
 def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_name):
     store = SecretStore(directory=smoke_build.secrets)
-    events: list = []
+    events = _HostSealsFirst(conn, vm_name, trust, store)
     result = _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json"), trust, store, events)
     assert [e.phase for e in events if e.status == "done"] == list(bringup.PHASES)
+    # the host's passphrase was refused by the unlock step, which then took the controller's
+    assert len(events.refusals) == 1 and "not sealed by the controller's release key" in events.refusals[0]
+    assert "refused secret 'disk'" in serial_log_tail(conn, vm_name, lines=2000)
     assert result.verdict["verdict"] == "accept" and result.verdict["tcb_status"] == "UpToDate"
     assert set(result.timings) == set(bringup.PHASES)
     # the booted system runs from the unlocked LUKS2 root, and SSH accepts only the attested key
@@ -95,12 +125,12 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
     with pytest.raises(ssh.HostKeyMismatch):
         ssh.connect(result.ssh, host_key=bytes(wrong), client_key=controller_key(store))
     # re-attestation with a fresh nonce, recorded in the domain's metadata
-    with bringup.reattest(conn, vm_name, trust=trust) as again:
+    with bringup.reattest(conn, vm_name, records=VmRecords.beside(store), trust=trust) as again:
         assert again.nonce != b"" and again.verdict.accepted
-    [vm] = status(conn, vm_name)
-    assert vm.attestation["verdict"] == "accept"
-    report = destroy(conn, vm_name)
-    assert report.was_running
+    [vm] = status(conn, vm_name, records=VmRecords.beside(store))
+    assert vm.record == "ok" and vm.attestation["verdict"] == "accept"
+    report = destroy(conn, vm_name, records=VmRecords.beside(store))
+    assert report.was_running and VmRecords.beside(store).get(vm.uuid) is None
     with pytest.raises(libvirt.libvirtError):
         conn.lookupByName(vm_name)
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import secrets
 import time
 
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.emulate.qgsd import running_port
 from tdxvm.launch.errors import LaunchError
-from tdxvm.launch.lifecycle import destroy, status
+from tdxvm.launch.lifecycle import _write_metadata, destroy, lookup, status
+from tdxvm.launch.records import RecordMismatch, VmRecords
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.spec import ModelRef, VmSpec
-from tdxvm.provision import bringup
+from tdxvm.provision import bringup, handshake
 from tdxvm.provision.client import ApiClient, ApiError
 from tdxvm.provision.model import attest_service, provision
 from tdxvm.provision.pinning import PinMismatchError, pinned_session
@@ -62,7 +65,8 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         assert up["total_bytes"] == up["sent_bytes"] > 0 and up["via"] == "tcp"  # through the VM's receiver forward
         assert served["install"]["files"] == len([p for p in plain.iterdir() if p.is_file()])
 
-        [vm] = status(conn, name)
+        records = VmRecords.beside(store)
+        vm, _ = bringup.trusted_vm(conn, name, records, trust=trust)  # the controller's record of the VM
         endpoint = attest_service(vm, trust)  # a client's view: fresh nonce, quote binding the TLS key, launch policy
         assert endpoint.tls_spki_sha256 == served["endpoint"]["tls_spki_sha256"]
         assert endpoint.verdict.accepted
@@ -87,6 +91,12 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         with pytest.raises(requests.exceptions.SSLError):  # nor does a client that checks certificates as usual
             requests.get(f"{endpoint.url}/health", timeout=30)
 
+        # the host rewrites the policy in the domain's metadata (DEBUG allowed, its own MRTD): ignored
+        dom, meta = lookup(conn, name)
+        meta.labels["policy"] = json.dumps({"allow_debug": True, "mrtd": ["ee" * 48]})
+        meta.labels["policy_exceptions"] = "[]"
+        _write_metadata(dom, meta)
+
         # provisioning the same weights again: nothing uploaded, the running service kept
         again = provision(conn, name, spec.model, trust=trust, secrets=store)
         assert again.upload is None and again.install["skipped"] and not again.install["changed"]
@@ -96,12 +106,29 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         from tdxvm.provision import ssh
         from tdxvm.sshkey import controller_key
 
-        with bringup.reattest(conn, name, trust=trust) as guest:
+        with bringup.reattest(conn, name, records=records, trust=trust) as guest:
             host_key = guest.keys["ssh-host"]
+            assert guest.verdict.policy == vm.policy and not guest.verdict.policy.allow_debug
+        # the host attests the booted guest itself (a genuine quote) and seals a model key of its own: refused
+        agent = vm.address(vm.agent_port, "guest agent")
+        hosts = bringup.attest(conn, name, agent, trust, vm.policy, require_keys=("x25519", "ssh-host"))
+        with hosts, pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):
+            hosts.release("model-0123456789abcdef", b"the host's model key", sender=X25519PrivateKey.generate())
         with ssh.connect(result.ssh, host_key=host_key, client_key=controller_key(store)) as client:
             left = ssh.run(client, "ls -A /run/tdxvm/secrets /var/lib/tdxvm/uploads 2>/dev/null; true")
-            assert not any(x.startswith("model") or len(x) == 64 for x in left.split())  # no key file, no upload
+            assert not any(x.startswith("model") or len(x) == 64 for x in left.split())  # no key file, no upload, nothing of the host's
             assert ssh.run(client, "systemctl is-active tdxvm-serve").strip() == "active"
+            journal = ssh.run(client, "journalctl -u tdxvm-agent --no-pager -o cat")
+            assert "refused secret 'model-0123456789abcdef'" in journal and "the host's model key" not in journal
+
+        # the host rewrites the backend in the metadata ("tdx": Intel's root and the host's QGS): refused before any key
+        dom, meta = lookup(conn, name)
+        meta.backend = "tdx"
+        _write_metadata(dom, meta)
+        with pytest.raises(RecordMismatch, match="backend: metadata says 'tdx', the record 'emulated'"):
+            provision(conn, name, spec.model, trust=trust, secrets=store)
+        with pytest.raises(RecordMismatch):
+            bringup.trusted_vm(conn, name, records)  # what verify-endpoint --vm and tdxvm attest use
     finally:
         uuid = None
         with contextlib.suppress(LaunchError):

@@ -3,7 +3,6 @@ the emulated trust, the disk key, and the guests' side (:mod:`tests.fleet.guests
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
 
 from ..attested_guest import INITRD
-from .guests import DISK_SECRET, TestDriverGuests, make_attestable_image, write_host
+from .guests import TestDriverGuests, make_attestable_image, put_test_secrets, write_host
 
 
 @dataclass
@@ -49,7 +48,7 @@ def trust(tmp_path_factory) -> Trust:
 @pytest.fixture
 def store(tmp_path) -> SecretStore:
     s = SecretStore(directory=tmp_path / "secrets")
-    s.put(DISK_SECRET, os.urandom(64))
+    put_test_secrets(s)
     return s
 
 

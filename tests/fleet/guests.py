@@ -40,11 +40,20 @@ from tdxvm.launch import metadata as md
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.manifest import FORMAT, load_manifest
 from tdxvm.launch.volumes import content_name
+from tdxvm.releasekey import SECRET as RELEASE_SECRET
+from tdxvm.secretstore import SecretStore
 
-from ..attested_guest import CMDLINE, INITRD, firmware, kernel
+from ..attested_guest import CMDLINE, CONTROLLER, CONTROLLER_PUBLIC, INITRD, firmware, kernel
 from ..launch.conftest import host_xml
 
 DISK_SECRET = "disk/fleet"
+
+
+def put_test_secrets(store: SecretStore) -> None:
+    """What the build of these images leaves in the controller's store: the disk key, and
+    the release key whose public half the images carry (and their guests check)."""
+    store.put(DISK_SECRET, os.urandom(64))
+    store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
 
 
 def make_attestable_image(folder: Path, *, name: str = "fleet", initrd: bytes = INITRD, measured_initrd: bytes | None = None) -> Path:
@@ -68,6 +77,7 @@ def make_attestable_image(folder: Path, *, name: str = "fleet", initrd: bytes = 
         "cmdline": CMDLINE,
         "artifacts": artifacts,
         "luks": {"uuid": "0f0e0d0c-0b0a-4908-8706-050403020100", "cipher": "aes-xts-plain64", "key_secret": DISK_SECRET},
+        "release_key": CONTROLLER_PUBLIC.hex(),
         "firmware": {"path": str(fw), "sha256": hashlib.sha256(fw.read_bytes()).hexdigest()},
         "measurements": {"mrtd": m.mrtd, "rtmr0": None, "rtmr1": m.rtmr1, "rtmr2": m.rtmr2, "rtmr3": None},
         "guest_agent_port": 7300,
@@ -183,15 +193,15 @@ class TestDriverGuests:
         (root / "root").mkdir(parents=True, exist_ok=True)  # no configfs-tsm, no /dev/tdx_guest: emulated quotes
         try:
             disk = DiskSecret()  # the initramfs unlock step
-            unlock = Agent(on_secret=disk.accept, on_delivered=disk.delivered, root=root / "root")
+            unlock = Agent(on_secret=disk.accept, controller_key=CONTROLLER_PUBLIC, on_delivered=disk.delivered, root=root / "root")
             with AgentServer(unlock, "127.0.0.1", g.port):
                 while not disk.ready.wait(self.poll):
                     if not self._alive(conn, g.uuid):
                         return
             assert disk.value is not None
             g.unlocked = hashlib.sha256(disk.value).hexdigest()
-            system = Agent(on_secret=SecretsDir(root / "secrets"), public_keys=system_keys(ssh_host_key(root), None),
-                           root=root / "root")  # fmt: skip
+            system = Agent(on_secret=SecretsDir(root / "secrets"), controller_key=CONTROLLER_PUBLIC,
+                           public_keys=system_keys(ssh_host_key(root), None), root=root / "root")  # fmt: skip
             with AgentServer(system, "127.0.0.1", g.port):
                 g.system_up = True
                 while self._alive(conn, g.uuid):

@@ -22,6 +22,8 @@ from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.volumes import overlay_name
 
 from ..launch.test_lifecycle import FOREIGN
+from tdxvm.launch.records import VmRecords
+
 from .guests import DISK_SECRET, make_attestable_image
 
 WEB3 = "    web:\n      template: small\n      replicas: 3\n      placement: [a, b]\n"
@@ -37,7 +39,7 @@ def apply(lab, path, **options):
 
 
 def plan(lab, path):
-    return reconcile.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state")
+    return reconcile.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
 
 
 def results(report):
@@ -77,7 +79,7 @@ def test_unreachable_host_and_refused_vm(lab):
             [g] = guests.by_name(name)
             assert g.unlocked == expected_unlock(lab) and g.system_up and not g.errors
         assert domains(lab, "a")["theirs"][1] == 1  # the foreign domain runs on, untouched
-        [vm] = lifecycle.status(lab.connector.get(lab.hosts["b"]), "demo-bad-0")
+        [vm] = lifecycle.status(lab.connector.get(lab.hosts["b"]), "demo-bad-0", records=VmRecords.beside(lab.store))
         assert vm.attestation["verdict"] == "reject" and vm.labels[inv.FLEET] == "demo"
 
         # c answers now: a later apply finishes the job; the refused VM is tried again and refused again.
@@ -114,9 +116,9 @@ def test_apply_twice_does_nothing_and_destroy_removes_only_the_fleet(lab):
         after = {h: {n: (u, lab.connector.get(lab.hosts[h]).lookupByName(n).XMLDesc(0)) for n, (u, _) in domains(lab, h).items()}
                  for h in ("a", "b")}  # fmt: skip
         assert after == before  # not one domain defined, started or changed
-    st = reconcile.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state")
+    st = reconcile.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
     assert st.counts()["keep"] == 3
-    report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state")
+    report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
     assert report.status == "ok" and results(report) == {f"demo-web-{i}": "deleted" for i in range(3)}
     assert sorted(domains(lab, "a")) == ["other-web-0", "solo", "theirs"] and domains(lab, "b") == {}
     vols = {v.name() for v in conn_a.storagePoolLookupByName("tdxvm").listAllVolumes()}
@@ -140,7 +142,7 @@ def test_template_change_rolls_one_replica_at_a_time(lab):
 
         def watch(event):
             events.append(event)
-            views = [inv.read_host(lab.connector.get(lab.hosts[h]), "demo", h, lab.hosts[h]) for h in ("a", "b")]
+            views = [inv.read_host(lab.connector.get(lab.hosts[h]), "demo", h, lab.hosts[h], VmRecords.beside(lab.store)) for h in ("a", "b")]
             serving_seen.append(sum(v.serving for view in views for v in view.vms.values()))
 
         report = apply(lab, path, progress=watch)
@@ -169,7 +171,7 @@ def test_rollout_halts_when_a_replacement_is_refused(lab):
         assert results(report) == {"demo-web-0": "refused", "demo-web-1": "halted", "demo-web-2": "halted"}
         halted = next(o for o in report.outcomes if o.vm == "demo-web-1")
         assert halted.errors[0]["message"].startswith("rollout of deployment web halted: 2 of 3 replicas serve")
-        views = inv.read_host(lab.connector.get(lab.hosts["a"]), "demo", "a", lab.hosts["a"])
+        views = inv.read_host(lab.connector.get(lab.hosts["a"]), "demo", "a", lab.hosts["a"], VmRecords.beside(lab.store))
         assert sorted(n for n, v in views.vms.items() if v.serving) == ["demo-web-1", "demo-web-2"]  # old template serves on
 
 
@@ -199,7 +201,7 @@ def test_image_drift_and_scaling(lab, tmp_path):
         assert report.status == "ok"
         assert domains(lab, "a") == {} and list(domains(lab, "b")) == ["demo-web-0"]
         # a deployment removed from the file
-        path = lab.write("", templates=tmpl)
+        path = lab.write("    {}\n", templates=tmpl)
         assert [(a.kind, a.reasons) for a in plan(lab, path).changes] == [("delete", ("deployment web is no longer in the file",))]
         assert apply(lab, path).status == "ok" and domains(lab, "b") == {}
 
@@ -291,7 +293,7 @@ def test_a_domain_with_the_name_that_is_not_the_fleets_is_never_touched(lab):
     assert "not created by tdxvm, not this fleet's: never touched" in report.outcomes[0].errors[0]["message"]
     dom = lab.connector.get(lab.hosts["a"]).lookupByName("demo-web-0")
     assert dom.isActive() and dom.UUIDString() == "11111111-2222-4333-8444-555555555555"
-    report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state")
+    report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
     assert report.status == "ok" and report.outcomes == []
     with pytest.raises(libvirt.libvirtError):
         lab.connector.get(lab.hosts["a"]).lookupByName("demo-web-1")

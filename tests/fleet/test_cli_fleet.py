@@ -21,7 +21,7 @@ from tdxvm.launch import lifecycle
 from tdxvm.secretstore import SecretStore
 
 from ..launch.test_lifecycle import FOREIGN
-from .guests import DISK_SECRET
+from .guests import put_test_secrets
 
 WEB = "    web:\n      template: small\n      replicas: 3\n      placement: [a, b, c]\n"
 
@@ -33,7 +33,7 @@ def cli_lab(lab, tmp_path, monkeypatch):
     lab.connector = shared_connector()
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.setenv("TDXVM_STATE_DIR", str(tmp_path / "state"))
-    SecretStore().put(DISK_SECRET, os.urandom(64))
+    put_test_secrets(SecretStore())
     lab.store = SecretStore()
     yield lab
     reset_shared_connector()
@@ -163,14 +163,14 @@ from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the test runs in the background
 tmp = Path(sys.argv[1])
 os.environ["XDG_DATA_HOME"] = str(tmp / "data"); os.environ["TDXVM_STATE_DIR"] = str(tmp / "state")
-from tests.fleet.guests import DISK_SECRET, TestDriverGuests, make_attestable_image, write_host
+from tests.fleet.guests import TestDriverGuests, make_attestable_image, put_test_secrets, write_host
 from tdxvm.cli import main
 from tdxvm.fleet.inventory import shared_connector
 from tdxvm.launch import metadata as md
 from tdxvm.secretstore import SecretStore
 image = make_attestable_image(tmp / "image")
 hosts = {h: write_host(tmp / f"{h}.xml", [image]) for h in ("a", "b")}
-SecretStore().put(DISK_SECRET, os.urandom(64))
+put_test_secrets(SecretStore())
 (tmp / "fleet.yaml").write_text(
     "apiVersion: tdxvm/v1\\nkind: Fleet\\nmetadata: {name: demo}\\nspec:\\n"
     f"  hosts: {json.dumps(hosts)}\\n  templates:\\n    t: {{image: {image}, backend: emulated, vcpus: 1, memory: 256MiB}}\\n"

@@ -12,6 +12,7 @@ import sys
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest import parse_quote
 from tdxvm.attest.binding import report_data
@@ -22,7 +23,8 @@ from tdxvm.guest import tls
 from tdxvm.guest.envelope import seal
 from tdxvm.provision.handshake import GuestError, attest_guest
 
-from ..attested_guest import AT, REPO, Spawned, agent_thread, anchor, artifacts, platform, policy_for
+from ..attested_guest import (AT, CONTROLLER, CONTROLLER_PUBLIC, REPO, Spawned, agent_thread, anchor, artifacts,
+                              controller_key_file, platform, policy_for)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,14 @@ def test_system_agent_binds_its_keys_and_keeps_secrets(tmp_path, qgs):
     identity = tls.ensure_identity(tmp_path / "tls", ["localhost"])
     agent = Spawned("tdxvm.guest.agent", "--listen", "127.0.0.1:0", "--secrets-dir", str(tmp_path / "secrets"),
                     "--ssh-host-key", str(tmp_path / "ssh_host_ed25519_key.pub"), "--tls-key", str(identity.cert_path),
-                    "--root", str(tmp_path / "root"))  # fmt: skip
+                    "--root", str(tmp_path / "root"), "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
     try:
         with attest(("127.0.0.1", agent.port), qgs, require_keys=("ssh-host", "tls")) as guest:
             assert guest.verdict.accepted and guest.provider == "emulated" and guest.event_log is None
             assert guest.keys["ssh-host"] == blob and guest.keys["tls"] == identity.spki
             assert parse_quote(guest.quote).body.report_data == report_data(guest.nonce, guest.keys)
-            guest.release("model-key", b"\x00\x01 model key \xff")
-            guest.release("disk", b"a" * 64)
+            guest.release("model-key", b"\x00\x01 model key \xff", sender=CONTROLLER)
+            guest.release("disk", b"a" * 64, sender=CONTROLLER)
         for name, value in (("model-key", b"\x00\x01 model key \xff"), ("disk", b"a" * 64)):
             path = tmp_path / "secrets" / name
             assert path.read_bytes() == value
@@ -93,7 +95,7 @@ def test_system_agent_binds_its_keys_and_keeps_secrets(tmp_path, qgs):
 
 def test_tls_key_is_bound_only_when_it_exists(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root",
+    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC,
                                public_keys=agent_module.system_keys(None, tmp_path / "tls/cert.pem"))  # fmt: skip
     with agent_module.AgentServer(agent, "127.0.0.1", 0) as server:
         with attest(("127.0.0.1", server.port), qgs) as guest:
@@ -108,7 +110,7 @@ def test_tls_key_is_bound_only_when_it_exists(tmp_path, qgs):
 
 def test_missing_ssh_host_key_is_an_error_not_an_omission(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root",
+    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC,
                                public_keys=agent_module.system_keys(tmp_path / "missing.pub", None))  # fmt: skip
     with agent_module.AgentServer(agent, "127.0.0.1", 0) as server, pytest.raises(GuestError, match="missing.pub") as exc:
         attest(("127.0.0.1", server.port), qgs)
@@ -134,7 +136,7 @@ def test_protocol_errors(tmp_path, qgs):
             assert "secret name '../etc/passwd'" in c.ask(op="secret", name="../etc/passwd", sealed="AAAA")["error"]
             assert "sealed: not valid base64" in c.ask(op="secret", name="disk", sealed="@@")["error"]
             assert "invalid X25519 key" in c.ask(op="secret", name="disk", sealed=wire.b64(b"\x00" * 64))["error"]
-            to_another_key = seal(b"s", bytes(range(32)), info=wire.secret_info("disk", bytes(32)))
+            to_another_key = seal(b"s", bytes(range(32)), info=wire.secret_info("disk", bytes(32)), sender=CONTROLLER)
             assert "does not open" in c.ask(op="secret", name="disk", sealed=wire.b64(to_another_key))["error"]
         finally:
             c.close()
@@ -157,11 +159,11 @@ def test_secret_opens_only_with_the_latest_attest_of_its_connection(tmp_path, qg
             other = b.ask(op="attest", nonce="03" * 32, qgs=qgs.address)
             keys = [wire.unb64(x["keys"]["x25519"], "k") for x in (first, second, other)]
             assert len(set(keys)) == 3  # a fresh key per attest
-            stale = seal(b"k1", keys[0], info=wire.secret_info("disk", bytes.fromhex("01" * 32)))
+            stale = seal(b"k1", keys[0], info=wire.secret_info("disk", bytes.fromhex("01" * 32)), sender=CONTROLLER)
             assert "does not open" in a.ask(op="secret", name="disk", sealed=wire.b64(stale))["error"]
-            wrong_name = seal(b"k1", keys[1], info=wire.secret_info("model", bytes.fromhex("02" * 32)))
+            wrong_name = seal(b"k1", keys[1], info=wire.secret_info("model", bytes.fromhex("02" * 32)), sender=CONTROLLER)
             assert "does not open" in a.ask(op="secret", name="disk", sealed=wire.b64(wrong_name))["error"]
-            current = seal(b"k1", keys[1], info=wire.secret_info("disk", bytes.fromhex("02" * 32)))
+            current = seal(b"k1", keys[1], info=wire.secret_info("disk", bytes.fromhex("02" * 32)), sender=CONTROLLER)
             assert "does not open" in b.ask(op="secret", name="disk", sealed=wire.b64(current))["error"]  # another connection
             assert a.ask(op="secret", name="disk", sealed=wire.b64(current)) == {"ok": True}
         finally:
@@ -173,13 +175,14 @@ def test_secret_opens_only_with_the_latest_attest_of_its_connection(tmp_path, qg
 def test_unlock_prints_exactly_the_key(tmp_path, qgs):
     (tmp_path / "root").mkdir()
     passphrase = b"0f" * 32
-    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"))
+    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"),
+                     "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
     try:
         with attest(("127.0.0.1", unlock.port), qgs) as guest:
             assert set(guest.keys) == {"x25519"}
             with pytest.raises(GuestError, match="unlock mode takes only the secret 'disk', not 'model-key'"):
-                guest.release("model-key", b"nope")
-            guest.release("disk", passphrase)
+                guest.release("model-key", b"nope", sender=CONTROLLER)
+            guest.release("disk", passphrase, sender=CONTROLLER)
         rc, out = unlock.wait()
     finally:
         unlock.stop()
@@ -191,22 +194,85 @@ def test_unlock_prints_exactly_the_key(tmp_path, qgs):
 
 def test_unlock_refuses_an_empty_key_and_keeps_waiting(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"))
+    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"),
+                     "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
     try:
         with attest(("127.0.0.1", unlock.port), qgs) as guest:
             with pytest.raises(GuestError, match="'disk' is empty"):
-                guest.release("disk", b"")
+                guest.release("disk", b"", sender=CONTROLLER)
             assert unlock.proc.poll() is None
-            guest.release("disk", b"k")
+            guest.release("disk", b"k", sender=CONTROLLER)
         rc, out = unlock.wait()
     finally:
         unlock.stop()
     assert (rc, out) == (0, b"k")
 
 
+# -- secrets from anyone but the controller (the host attests the guest itself) ----------------
+
+
+def test_unlock_refuses_a_passphrase_the_host_seals_and_still_takes_the_controllers(tmp_path, qgs):
+    """The host attests the initramfs itself (the quote is genuine: same kernel, same
+    initramfs) and seals the passphrase of a LUKS disk it built to the attested key. The
+    unlock step refuses it (the controller's release key did not seal it), logs the refusal,
+    keeps waiting, and prints the controller's passphrase when that comes."""
+    (tmp_path / "root").mkdir()
+    host = X25519PrivateKey.generate()
+    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"),
+                     "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
+    try:
+        with attest(("127.0.0.1", unlock.port), qgs) as hosts:  # the host's own attestation, accepted by its own policy
+            with pytest.raises(GuestError, match="not sealed by the controller's release key"):
+                hosts.release("disk", b"host's passphrase", sender=host)
+            raw = Conn(unlock.port)  # and with the guest's key named as the sender (its public half is in every quote)
+            try:
+                answer = raw.ask(op="attest", nonce="05" * 32, qgs=qgs.address)
+                guest_key = wire.unb64(answer["keys"]["x25519"], "k")
+                forged = seal(b"host's passphrase", guest_key, info=wire.secret_info("disk", bytes.fromhex("05" * 32)), sender=host)
+                assert "not sealed by the controller" in raw.ask(op="secret", name="disk", sealed=wire.b64(forged))["error"]
+            finally:
+                raw.close()
+        assert unlock.proc.poll() is None  # the slot is still free
+        with attest(("127.0.0.1", unlock.port), qgs) as controller:
+            controller.release("disk", b"controller's passphrase", sender=CONTROLLER)
+        rc, out = unlock.wait()
+    finally:
+        unlock.stop()
+    assert (rc, out) == (0, b"controller's passphrase")
+    assert unlock.stderr.count("refused secret 'disk'") == 2
+    assert "host's passphrase" not in unlock.stderr
+
+
+def test_agent_refuses_a_model_key_the_host_seals(tmp_path, qgs):
+    """A host-chosen model key (and so host-chosen weights) would be served under a genuine
+    attestation: the booted agent refuses it, keeps nothing, and still takes the controller's."""
+    (tmp_path / "root").mkdir()
+    with agent_thread(tmp_path / "secrets", tmp_path / "root") as server, attest(("127.0.0.1", server.port), qgs) as guest:
+        with pytest.raises(GuestError, match="not sealed by the controller's release key"):
+            guest.release("model-0123456789abcdef", b"host model key", sender=X25519PrivateKey.generate())
+        assert not (tmp_path / "secrets").exists()
+        guest.release("model-0123456789abcdef", b"controller model key", sender=CONTROLLER)
+    assert (tmp_path / "secrets/model-0123456789abcdef").read_bytes() == b"controller model key"
+
+
+@pytest.mark.parametrize("content", [None, "not hex\n", "00" * 31 + "\n"])
+def test_agent_without_a_usable_controller_key_refuses_to_start(tmp_path, content):
+    """No controller key, no secrets: the agent and the unlock step fail closed."""
+    path = tmp_path / "controller-release.pub"
+    if content is not None:
+        path.write_text(content)
+    for module in ("tdxvm.guest.agent", "tdxvm.guest.unlock"):
+        proc = subprocess.run([sys.executable, "-m", module, "--listen", "127.0.0.1:0", "--controller-key", str(path)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert f"controller key {path}" in proc.stderr and proc.stdout == ""
+    with pytest.raises(agent_module.AgentError, match="32-byte"):
+        agent_module.Agent(on_secret=lambda *_: None, controller_key=b"short")
+
+
 def test_connection_cap(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root")
+    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC)
     with agent_module.AgentServer(agent, "127.0.0.1", 0, max_connections=1) as server:
         held = Conn(server.port)
         try:

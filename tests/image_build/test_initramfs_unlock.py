@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest import Policy, TrustAnchor
 from tdxvm.emulate import EmulatedPlatform
@@ -18,6 +19,8 @@ from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
 from tdxvm.image import luks
 from tdxvm.image.secrets import keyslot_passphrase, load
 from tdxvm.provision import handshake
+from tdxvm.releasekey import GUEST_PATH, release_key
+from tdxvm.secretstore import SecretStore
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +29,14 @@ def initramfs_root(smoke_build, tmp_path_factory):
     data = (smoke_build.folder / "initrd.img").read_bytes()
     subprocess.run("gzip -dc | cpio -idm --quiet", shell=True, input=data, cwd=root, check=True)
     return root
+
+
+def test_initramfs_and_rootfs_carry_the_controllers_release_key(smoke_build, initramfs_root):
+    """Measured with the initramfs (RTMR2): the key whose seal the unlock step requires."""
+    controller = release_key(SecretStore(directory=smoke_build.secrets))
+    expected = controller.public_key().public_bytes_raw().hex()
+    assert smoke_build.manifest["release_key"] == expected
+    assert (initramfs_root / GUEST_PATH.lstrip("/")).read_text().strip() == expected
 
 
 def test_initramfs_carries_the_unlock_step(initramfs_root):
@@ -71,7 +82,11 @@ def test_unlock_step_receives_the_key_after_attestation(smoke_build, initramfs_r
                                         trust_anchor=TrustAnchor.from_der(platform.root_ca_der),
                                         qgs_address=qgs.address) as guest:  # fmt: skip
                 assert guest.verdict.accepted and sorted(guest.keys) == ["x25519"]
-                guest.release("disk", keyslot_passphrase(volume_key))
+                # the host, which can attest the initramfs too, seals a passphrase of its own: refused, slot kept
+                with pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):
+                    guest.release("disk", b"the host's own passphrase", sender=X25519PrivateKey.generate())
+                assert proc.poll() is None
+                guest.release("disk", keyslot_passphrase(volume_key), sender=release_key(SecretStore(directory=smoke_build.secrets)))
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -81,3 +96,4 @@ def test_unlock_step_receives_the_key_after_attestation(smoke_build, initramfs_r
     assert out == keyslot_passphrase(volume_key)  # exactly the key on stdout, for cryptsetup
     assert luks.open_keyslot(folder / "disk.img", out) == volume_key
     assert out not in err
+    assert "refused secret 'disk'" in err.decode()

@@ -21,6 +21,8 @@ import pytest
 from tdxvm.launch.manifest import FORMAT, ImageManifest, load_manifest
 from tdxvm.launch.volumes import POOL_PATH, content_name
 
+from ..attested_guest import CONTROLLER_PUBLIC
+
 
 @dataclass
 class Image:
@@ -60,6 +62,7 @@ def make_image(folder: Path, *, name: str = "smoke", service_port: int | None = 
         "artifacts": artifacts,
         "rootfs_uuid": "8b1c6a52-7a0e-4c1b-9d8e-2f3a4b5c6d7e",
         "luks": {"uuid": "0f0e0d0c-0b0a-4908-8706-050403020100", "cipher": "aes-xts-plain64", "key_secret": "disk/x"},
+        "release_key": CONTROLLER_PUBLIC.hex(),  # built by the tests' controller (tests/attested_guest.py)
         "firmware": {"path": str(firmware), "sha256": hashlib.sha256(firmware.read_bytes()).hexdigest()},
         "measurements": {"profile": "upstream", "mrtd": sha384("mrtd"), "rtmr0": None, "rtmr1": sha384("rtmr1"),
                          "rtmr2": sha384("rtmr2"), "rtmr3": None, "predicted": {}, "notes": {}},  # fmt: skip

@@ -10,7 +10,10 @@ from tdxvm.launch.connection import open_connection
 from tdxvm.launch.spec import VmSpec
 from tdxvm.provision import bringup
 from tdxvm.provision.trust import for_backend
+from tdxvm.releasekey import SECRET as RELEASE_SECRET
 from tdxvm.secretstore import SecretStore, SecretStoreError
+
+from ..attested_guest import CONTROLLER
 
 
 def _spec(image, uri: str) -> VmSpec:
@@ -20,6 +23,7 @@ def _spec(image, uri: str) -> VmSpec:
 def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path):
     store = SecretStore(directory=tmp_path / "secrets")
     store.put("disk/x", bytes(64))
+    store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
     conn = open_connection(host)
     events: list = []
     with pytest.raises(bringup.BringUpError) as err:
@@ -36,3 +40,28 @@ def test_missing_disk_key_is_refused_before_defining(image, host, tmp_path):
         bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
                          secrets=SecretStore(directory=tmp_path / "empty"))  # fmt: skip
     assert "silent" not in [d.name() for d in conn.listAllDomains()]
+
+
+@pytest.mark.parametrize("built_for", ["another", None])
+def test_image_of_another_controller_is_refused_before_defining(image, host, tmp_path, built_for):
+    """Its guest would refuse every secret this controller seals: say so before anything is defined."""
+    data = image.data()
+    if built_for is None:  # an image built before released secrets were authenticated
+        del data["release_key"]
+    else:
+        data["release_key"] = "ab" * 32
+    image.write(data)
+    store = SecretStore(directory=tmp_path / "secrets")
+    store.put("disk/x", bytes(64))
+    store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
+    conn = open_connection(host)
+    with pytest.raises(bringup.BringUpError, match="accepts secrets only from the controller that built it") as err:
+        bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
+                         secrets=store)  # fmt: skip
+    assert err.value.phase == "define" and ("another controller" if built_for else "before tdxvm authenticated") in str(err.value)
+    assert "silent" not in [d.name() for d in conn.listAllDomains()]
+    empty = SecretStore(directory=tmp_path / "empty")
+    empty.put("disk/x", bytes(64))
+    with pytest.raises(bringup.BringUpError, match="holds no release key"):
+        bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
+                         secrets=empty)  # fmt: skip

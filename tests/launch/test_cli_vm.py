@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import pytest
 
 from tdxvm.cli import main
 from tdxvm.launch.domain import PortForward
 from tdxvm.launch.lifecycle import render_domain
+from tdxvm.launch.records import VmRecord, VmRecords
 from tdxvm.launch.spec import effective_policy, parse_vm_spec
 from tdxvm.launch.volumes import planned, serial_log_name
+from tdxvm.secretstore import SecretStore
 
 from .conftest import host_xml, image_volumes
 from .test_lifecycle import FOREIGN
@@ -51,7 +54,9 @@ def test_dry_run_prints_domain_and_policy_without_contacting_libvirt(capsys, vm_
     assert "nothing was defined" in out.lower() and "libvirt was not contacted" in out
     assert "(mrtd, rtmr1, rtmr2 from the image manifest)" in policy_text
     assert manifest.measurements["mrtd"] in policy_text and "SWHardeningNeeded" in policy_text
-    assert "# looser than the strict default: accepted_tcb_statuses" in policy_text
+    assert "# policy exception: accepted_tcb_statuses" in policy_text
+    assert "# policy exception: rtmr0 not pinned: " in policy_text and "# policy exception: rtmr3 not pinned: " in policy_text
+    assert "td_attributes: ['0000001000000000']" in policy_text  # what the emulated quote service signs, pinned
 
 
 def test_dry_run_json(capsys, vm_file, image):
@@ -75,14 +80,36 @@ def test_dry_run_errors_are_one_clear_line(capsys, tmp_path):
     assert code == 2 and json.loads(out)["error"]["code"] == "manifest"
 
 
+SMOKE_UUID = "6a1c3f0e-5b2d-4e8f-9a7b-1c2d3e4f5a6b"
+FORWARDS = (PortForward(host_port=20001, guest_port=7300), PortForward(host_port=20002, guest_port=22))
+
+
 @pytest.fixture
-def host_uri(image, make_host):
+def records(tmp_path, monkeypatch) -> VmRecords:
+    """The controller's VM records, beside its default secret store (under a private XDG_DATA_HOME)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    return VmRecords.beside(SecretStore())
+
+
+def smoke_domain(image, **labels: str) -> tuple[str, Any]:
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     m = image.manifest()
-    forwards = (PortForward(host_port=20001, guest_port=7300), PortForward(host_port=20002, guest_port=22))
-    dom = render_domain(spec, m, volumes=planned(m, "smoke"), forwards=forwards, policy=effective_policy(spec, m))
+    policy = effective_policy(spec, m)
+    dom = render_domain(spec, m, volumes=planned(m, "smoke"), forwards=FORWARDS, policy=policy, uuid=SMOKE_UUID,
+                        extra_labels=labels or None)  # fmt: skip
+    return dom, policy
+
+
+@pytest.fixture
+def host_uri(image, make_host, records):
+    dom, policy = smoke_domain(image)
+    m = image.manifest()
     vols = image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)]
-    return make_host(host_xml(pool_volumes=vols, domains=[dom, FOREIGN]))
+    uri = make_host(host_xml(pool_volumes=vols, domains=[dom, FOREIGN]))
+    records.put(VmRecord(name="smoke", uuid=SMOKE_UUID, uri=uri, backend="emulated", policy=policy, manifest=str(m.path),
+                         manifest_sha256="00" * 32, trust_anchor_sha256=None, forwards=FORWARDS, agent_port=7300,
+                         ssh_port=22))  # fmt: skip
+    return uri
 
 
 def test_status_table_and_detail(capsys, host_uri):
@@ -92,10 +119,38 @@ def test_status_table_and_detail(capsys, host_uri):
     assert header.split() == ["NAME", "STATE", "BACKEND", "IMAGE", "AGENT", "UPTIME", "ATTESTATION", "POLICY"]
     assert row.split()[:5] == ["smoke", "running", "emulated", "smoke", "127.0.0.1:20001"] and "theirs" not in out
     code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
-    assert code == 0 and "127.0.0.1:20002 -> 22" in out and "strict defaults" in out and "none yet" in out
+    assert code == 0 and "127.0.0.1:20002 -> 22" in out and "none yet" in out
+    # The launch pinned MRTD, RTMR1 and RTMR2 from the manifest; RTMR0 and RTMR3 stay open and say so.
+    assert "EXCEPTIONS:" in out and "- rtmr0 not pinned: " in out and "- rtmr3 not pinned: " in out and "mrtd not pinned" not in out
     code, out, _ = run(capsys, "status", "--uri", host_uri, "-o", "json")
     doc = json.loads(out)
     assert [v["name"] for v in doc["vms"]] == ["smoke"] and doc["vms"][0]["agent"] == "127.0.0.1:20001"
+    assert [line.split(" not pinned: ")[0] for line in doc["vms"][0]["policy_exceptions"]] == ["rtmr0", "rtmr3"]
+
+
+def test_status_says_when_the_host_rewrote_the_metadata_or_no_record_exists(capsys, image, make_host, records):
+    """The host rewrites the domain's metadata (its own policy, another backend): status shows
+    no policy from it, and says the VM is untrusted; a VM with no record is untrusted too."""
+    from tdxvm.launch import metadata as md
+
+    dom, policy = smoke_domain(image)
+    forged = dom.replace('backend="emulated"', 'backend="tdx"')
+    assert forged != dom and md.from_domain_xml(forged).backend == "tdx"
+    m = image.manifest()
+    uri = make_host(host_xml(pool_volumes=image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)],
+                             domains=[forged]))  # fmt: skip
+    code, out, _ = run(capsys, "status", "--uri", uri)
+    assert code == 0 and "UNTRUSTED: no record" in out and "strict" not in out
+    records.put(VmRecord(name="smoke", uuid=SMOKE_UUID, uri=uri, backend="emulated", policy=policy, manifest=str(m.path),
+                         manifest_sha256="00" * 32, trust_anchor_sha256=None, forwards=FORWARDS, agent_port=7300,
+                         ssh_port=22))  # fmt: skip
+    code, out, _ = run(capsys, "status", "--uri", uri)
+    assert code == 0 and "UNTRUSTED: record mismatch" in out
+    code, out, _ = run(capsys, "status", "smoke", "--uri", uri)
+    assert "UNTRUSTED" in out and "backend: metadata says 'tdx', the record 'emulated'" in out and "EXCEPTIONS" not in out
+    code, out, _ = run(capsys, "status", "smoke", "--uri", uri, "-o", "json")
+    doc = json.loads(out)
+    assert doc["record"] == "mismatch" and doc["policy"] is None and doc["attestation"] is None
 
 
 def test_status_env_uri_and_refusals(capsys, host_uri, monkeypatch):

@@ -22,7 +22,7 @@ from tdxvm.provision.handshake import (
     attest_guest,
 )
 
-from ..attested_guest import AT, LineProxy, agent_thread, anchor, artifacts, forger, platform, policy_for, silent_server
+from ..attested_guest import AT, CONTROLLER, LineProxy, agent_thread, anchor, artifacts, forger, platform, policy_for, silent_server
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,11 @@ def test_accepted_then_secret_released(guest, qgs, tmp_path):
         assert g.verdict.accepted and g.verdict.reasons == ()
         assert g.verdict.result.measurements.rtmr2 == policy_for(artifacts()).rtmr2[0]
         assert len(g.nonce) == 32 and set(g.keys) == {"x25519"} and g.provider == "emulated"
-        g.release("disk", b"volume key passphrase")
+        g.release("disk", b"volume key passphrase", sender=CONTROLLER)
     secret = tmp_path / "secrets/disk"
     assert secret.read_bytes() == b"volume key passphrase" and secret.stat().st_mode & 0o777 == 0o600
     with pytest.raises(GuestUnreachable, match="release disk: the connection is closed"):
-        g.release("disk", b"again")
+        g.release("disk", b"again", sender=CONTROLLER)
 
 
 def test_fresh_nonce_per_attestation(guest, qgs):

@@ -207,8 +207,9 @@ class Quote:
 def _parse_header(r: _Reader) -> QuoteHeader:
     version = r.u16("header.version")
     if version not in (4, 5):
+        sgx = " (an SGX enclave quote)" if version in (2, 3) else ""
         raise QuoteFormatError(
-            f"unsupported quote version {version} (tdxvm reads TDX quotes v4 and v5)",
+            f"unsupported quote version {version}{sgx} (tdxvm reads TDX quotes v4 and v5)",
             field="header.version",
             offset=0,
         )
@@ -221,8 +222,9 @@ def _parse_header(r: _Reader) -> QuoteHeader:
         )
     tee_type = r.u32("header.tee_type")
     if tee_type != TEE_TYPE_TDX:
+        sgx = " (SGX)" if tee_type == 0 else ""
         raise QuoteFormatError(
-            f"TEE type {tee_type:#x} is not TDX (0x81)", field="header.tee_type", offset=4
+            f"TEE type {tee_type:#x}{sgx} is not TDX (0x81)", field="header.tee_type", offset=4
         )
     return QuoteHeader(
         version=version,

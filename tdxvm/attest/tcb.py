@@ -15,6 +15,13 @@ TCB info v3:
   SWHardeningNeeded platform OutOfDate, and a ConfigurationNeeded or
   ConfigurationAndSWHardeningNeeded one OutOfDateConfigurationNeeded; a Revoked module
   makes it Revoked. Advisory IDs of every matched level are merged.
+* A TD report 1.5 body carries TEE_TCB_SVN2 (the TDX module running now, after
+  TD-preserving updates) besides TEE_TCB_SVN (the module the TD launched on). Both are
+  evaluated the same way (:mod:`tdxvm.attest.tcbeval`), and :func:`check_for_relaunch`
+  combines the two statuses (Intel QVL ``TDRelaunchCheck.cpp``, dcap-qvl 0.7
+  ``TcbStatus::check_for_relaunch``): a launch TCB that is OutOfDate(ConfigurationNeeded)
+  with a current one that is not out of date gives TDRelaunchAdvised, or
+  TDRelaunchAdvisedConfigurationNeeded when either needs configuration.
 """
 
 from __future__ import annotations
@@ -24,7 +31,17 @@ from dataclasses import dataclass
 from tdxvm.attest.pck import PckExtension
 from tdxvm.attest.quote import EnclaveReport, TdReport
 from tdxvm.attest.result import Reason
-from tdxvm.attest.tcbinfo import ModuleTcbLevel, QeIdentity, TcbInfo, TcbLevel
+from tdxvm.attest.tcbinfo import TCB_STATUSES, ModuleTcbLevel, QeIdentity, TcbInfo, TcbLevel
+
+# What a TD 1.5 evaluation adds to the statuses of the TCB info (Intel QVL's
+# STATUS_TCB_TD_RELAUNCH_ADVISED and STATUS_TCB_TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED).
+TD_RELAUNCH_STATUSES = ("TDRelaunchAdvised", "TDRelaunchAdvisedConfigurationNeeded")
+# Every status a TCB evaluation can give: what a policy may list in accepted_tcb_statuses.
+EVALUATED_TCB_STATUSES = TCB_STATUSES + TD_RELAUNCH_STATUSES
+_OUT_OF_DATE = ("OutOfDate", "OutOfDateConfigurationNeeded")
+_NOT_OUT_OF_DATE = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded")
+_CONFIGURATION_NEEDED = ("ConfigurationNeeded", "OutOfDateConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
+                         "TDRelaunchAdvisedConfigurationNeeded")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +62,8 @@ def _sort_key(level: TcbLevel) -> tuple:
     return (level.sgx_components, level.pce_svn, level.tdx_components)
 
 
-def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: bytes) -> TcbLevel:
+def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: bytes, field: str = "TEE_TCB_SVN") -> TcbLevel:
+    """The first level (highest first) the PCK's TCB and ``tee_tcb_svn`` (quote field ``field``) reach."""
     skip = 2 if tee_tcb_svn[1] > 0 else 0
     for level in sorted(tcb_info.tcb_levels, key=_sort_key, reverse=True):
         if pck.pce_svn < level.pce_svn:
@@ -59,21 +77,26 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: byte
         Reason(
             "tcb-level-not-found",
             "no TCB level of the TCB info matches this platform (PCK TCB components "
-            f"{list(pck.tcb_components)}, PCESVN {pck.pce_svn}, TEE_TCB_SVN {tee_tcb_svn.hex()})",
+            f"{list(pck.tcb_components)}, PCESVN {pck.pce_svn}, {field} {tee_tcb_svn.hex()})",
         )
     )
 
 
-def match_tdx_module(tcb_info: TcbInfo, body: TdReport) -> Matched | None:
-    """Check the TDX module's identity; return its TCB level's status, if it has one."""
-    minor, major = body.tee_tcb_svn[0], body.tee_tcb_svn[1]
+def match_tdx_module(tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | None = None, field: str = "TEE_TCB_SVN") -> Matched | None:
+    """Check the TDX module's identity; return its TCB level's status, if it has one.
+
+    ``tee_tcb_svn`` (default: the body's TEE_TCB_SVN) picks the module identity (byte 1)
+    and its level (byte 0); ``field`` names it in messages.
+    """
+    svn = body.tee_tcb_svn if tee_tcb_svn is None else tee_tcb_svn
+    minor, major = svn[0], svn[1]
     identity = tcb_info.tdx_module
     levels: tuple[ModuleTcbLevel, ...] = ()
     if major > 0 and tcb_info.tdx_module_identities:
         wanted = f"TDX_{major:02X}"
         found = [m for m in tcb_info.tdx_module_identities if m.id.upper() == wanted]
         if not found:
-            raise TcbMismatch(Reason("tdx-module-unknown", f"TCB info has no TDX module identity {wanted}"))
+            raise TcbMismatch(Reason("tdx-module-unknown", f"TCB info has no TDX module identity {wanted} ({field} byte 1 is {major})"))
         identity = found[0]
         levels = identity.tcb_levels
     if body.mr_signer_seam != identity.mrsigner:
@@ -99,7 +122,7 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport) -> Matched | None:
         if minor >= level.isv_svn:
             return Matched(level.status, level.advisory_ids)
     raise TcbMismatch(
-        Reason("tdx-module-tcb-level-not-found", f"TDX module {identity.id} SVN {minor} is below every TCB level")
+        Reason("tdx-module-tcb-level-not-found", f"TDX module {identity.id} SVN {minor} ({field} byte 0) is below every TCB level")
     )
 
 
@@ -135,6 +158,25 @@ def converge(platform: str, other: str | None) -> str:
         if platform in ("ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded"):
             return "OutOfDateConfigurationNeeded"
     return platform
+
+
+def check_for_relaunch(launch: str, current: str) -> str:
+    """The status of a TD 1.5 from its launch-time and current TCB statuses.
+
+    As dcap-qvl 0.7's ``check_for_relaunch`` (its reading of Intel QVL's
+    ``checkForRelaunch``): a launch status OutOfDate or OutOfDateConfigurationNeeded
+    with a current status that is not out of date gives TDRelaunchAdvised, or
+    TDRelaunchAdvisedConfigurationNeeded when either status needs configuration;
+    anything else keeps the launch status. A Revoked current TCB is Revoked (dcap-qvl
+    refuses it; the TD runs on a revoked TDX module now).
+    """
+    if current == "Revoked":
+        return "Revoked"
+    if launch in _OUT_OF_DATE and current in _NOT_OUT_OF_DATE:
+        if launch in _CONFIGURATION_NEEDED or current in _CONFIGURATION_NEEDED:
+            return "TDRelaunchAdvisedConfigurationNeeded"
+        return "TDRelaunchAdvised"
+    return launch
 
 
 def merge_advisories(*groups: tuple[str, ...]) -> tuple[str, ...]:

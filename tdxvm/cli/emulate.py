@@ -83,8 +83,10 @@ def emulate_collateral(folder: str, out: str, at_text: str | None) -> None:
 @click.option("--rtmr3", metavar="HEX")
 @click.option("--report-data", metavar="HEX", help="64 bytes; what the TD binds into its quote.")
 @click.option("--debug", is_flag=True, help="Set the DEBUG TD attribute (a policy must refuse it).")
+@click.option("--tee-tcb-svn", metavar="HEX", help="16 bytes: the TDX module the TD launched on [default: the platform's UpToDate level].")
+@click.option("--tee-tcb-svn2", metavar="HEX", help="16 bytes, TD report 1.5 only: the TDX module running now [default: --tee-tcb-svn].")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the PCK certificates around this time [default: now].")
-def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None, rtmr3: str | None, report_data: str | None, debug: bool, at_text: str | None) -> None:
+def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None, rtmr3: str | None, report_data: str | None, debug: bool, tee_tcb_svn: str | None, tee_tcb_svn2: str | None, at_text: str | None) -> None:
     """Sign a TDX quote with the platform's keys for the given TD report fields.
 
     The quote carries the platform's PCK certificate chain, issued around --at: verify
@@ -103,9 +105,15 @@ def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mr
         fields["report_data"] = v
     if debug:
         fields["td_attributes"] = TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG
+    if (v := _hex(tee_tcb_svn, 16, "--tee-tcb-svn")) is not None:
+        fields["tee_tcb_svn"] = v
     if version == "4" and body_type is not None:
         raise CliError("--body-type applies to --version 5 only")
     kind = int(body_type) if body_type else (3 if version == "5" else None)
+    if (v := _hex(tee_tcb_svn2, 16, "--tee-tcb-svn2")) is not None:
+        if kind in (None, 2):
+            raise CliError("--tee-tcb-svn2 needs a TD report 1.5 body: --version 5 with --body-type 3 or 4")
+        fields["tee_tcb_svn2"] = v
     quote = platform.sign_quote(version=int(version), body_type=kind, **fields)
     Path(out).write_bytes(quote)
     click.echo(f"wrote {out} ({len(quote)} bytes)", err=True)

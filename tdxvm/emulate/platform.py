@@ -77,12 +77,20 @@ class EmulatedPlatform:
     (reproducible), else are random. The PCK certificate's TCB defaults to the first
     UpToDate level of ``tcb_levels`` and so does the quote's TEE_TCB_SVN.
 
-    Broken material: ``revoke_pck``/``revoke_pck_ca`` (or ``revoked_pck_serials``,
-    ``revoked_ca_serials``), ``*_validity`` windows that are over or not begun,
+    Broken material: ``revoke_pck``/``revoke_pck_ca``/``revoke_root_ca`` (the root CA
+    CRL then lists the trust anchor itself), or ``revoked_pck_serials``,
+    ``revoked_ca_serials`` for any serial, ``*_validity`` windows that are over or not begun,
     ``tcb_info_fmspc`` different from ``fmspc``, ``pck_tcb_components``/``pck_pce_svn``
     below a level, ``tcb_levels`` with advisories or other statuses, ``qe_identity``
     different from ``qe`` (what the QE report carries), another ``seed`` for a
     different root, and ``td_attributes`` with DEBUG in :meth:`sign_quote`.
+
+    TD 1.5 (TDX module updates while the TD runs): a v5 quote with body type 3 or 4
+    carries ``tee_tcb_svn`` (the module the TD launched on) and ``tee_tcb_svn2`` (the
+    module running now; default: the same); :meth:`tee_tcb_svn_for` gives the value that
+    reaches a level of a given status, and ``tdx_module_identities`` (default: derived
+    from ``tcb_levels``, one ``TDX_<major>`` identity whose levels are the module SVNs)
+    decides the module's own status.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class EmulatedPlatform:
         revoked_ca_serials: Sequence[int] = (),
         revoke_pck: bool = False,
         revoke_pck_ca: bool = False,
+        revoke_root_ca: bool = False,
     ) -> None:
         options = dict(locals())
         del options["self"]
@@ -194,8 +203,10 @@ class EmulatedPlatform:
         self.revoked_pck_serials = tuple(revoked_pck_serials) + (
             (self.pck_cert.serial_number,) if revoke_pck else ()
         )
-        self.revoked_ca_serials = tuple(revoked_ca_serials) + (
-            (self.pck_ca_cert.serial_number,) if revoke_pck_ca else ()
+        self.revoked_ca_serials = (
+            tuple(revoked_ca_serials)
+            + ((self.pck_ca_cert.serial_number,) if revoke_pck_ca else ())
+            + ((self.root_ca_cert.serial_number,) if revoke_root_ca else ())
         )
         self.signer = QuoteSigner(
             attestation_key=k.attestation,
@@ -232,6 +243,14 @@ class EmulatedPlatform:
     def tee_tcb_svn(self) -> bytes:
         """The TEE_TCB_SVN quotes carry by default (the reference level's TDX components)."""
         return self.reference_level.tee_tcb_svn
+
+    def tee_tcb_svn_for(self, status: str) -> bytes:
+        """The TDX components of the first TCB level with ``status`` (e.g. "OutOfDate"): a
+        TEE_TCB_SVN or TEE_TCB_SVN2 that reaches that level (the PCK's TCB permitting)."""
+        level = next((lv for lv in self.tcb_levels if lv.status == status), None)
+        if level is None:
+            raise ValueError(f"no TCB level has status {status!r} ({', '.join(lv.status for lv in self.tcb_levels)})")
+        return level.tee_tcb_svn
 
     # -- collateral ---------------------------------------------------------------
 
@@ -279,9 +298,10 @@ class EmulatedPlatform:
     ) -> bytes:
         """A signed TDX quote. ``fields`` are :class:`~tdxvm.emulate.quote.TdReportFields`
         (``mr_td``, ``rtmrs``, ``report_data``, ``td_attributes``, …) with TEE_TCB_SVN
-        defaulting to :attr:`tee_tcb_svn`; or ``report`` is used as given, with
-        ``fields`` replacing some of its values. v4 carries TD report 1.0; v5 takes
-        ``body_type`` 2, 3 (default) or 4."""
+        defaulting to :attr:`tee_tcb_svn` (and ``tee_tcb_svn2``, in TD report 1.5
+        bodies, to TEE_TCB_SVN); or ``report`` is used as given, with ``fields``
+        replacing some of its values. v4 carries TD report 1.0; v5 takes ``body_type``
+        2, 3 (default) or 4."""
         if report is None:
             report = TdReportFields(
                 tee_tcb_svn=fields.pop("tee_tcb_svn", self.tee_tcb_svn), **fields

@@ -19,7 +19,7 @@ from tdxvm.attest.chain import TrustAnchor
 from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
-from tdxvm.attest.tcbinfo import TCB_STATUSES
+from tdxvm.attest.tcb import EVALUATED_TCB_STATUSES
 from tdxvm.attest.verdict import appraise
 from tdxvm.emulate import EmulatedPlatform, Validity
 
@@ -27,7 +27,7 @@ from ..conftest import TESTDATA, utc
 
 AT = datetime(2025, 7, 1, 12, 0, 0, tzinfo=timezone.utc)
 DAY = timedelta(days=1)
-LIKE_DCAP_QVL = Policy(accepted_tcb_statuses=tuple(s for s in TCB_STATUSES if s != "Revoked"))
+LIKE_DCAP_QVL = Policy(accepted_tcb_statuses=tuple(s for s in EVALUATED_TCB_STATUSES if s != "Revoked"))
 
 
 def both(quote: bytes, collateral_json: str, at: datetime, root_der: bytes | None = None):
@@ -127,6 +127,8 @@ FORGERIES = {
     "tampered QE identity JSON": lambda p: (p.sign_quote(), _tamper_json(_coll(p), "qe_identity", '"isvprodid":', '"isvprodid": '), p.root_ca_der),
     "QE identity MRSIGNER": lambda p: (p.sign_quote(), _coll(p.variant(qe_identity=dataclasses.replace(p.qe, mrsigner=bytes(32)))), p.root_ca_der),
     "platform below every TCB level": lambda p: (p.variant(pck_tcb_components=(1,) * 16).sign_quote(), _coll(p), p.root_ca_der),
+    "trust anchor revoked by its own CRL": lambda p: (p.sign_quote(), _coll(p.variant(revoke_root_ca=True)), p.root_ca_der),
+    "TEE_TCB_SVN2 below every TCB level": lambda p: (p.sign_quote(version=5, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13)), _coll(p), p.root_ca_der),
 }
 
 

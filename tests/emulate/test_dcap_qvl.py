@@ -197,3 +197,52 @@ def test_wrong_qe_identity(platform: EmulatedPlatform) -> None:
         platform.variant(qe_identity=replace(platform.qe, isv_prod_id=1))
     )
     assert "ISVSVN 3 is below" in rejected(platform.variant(qe=replace(platform.qe, isv_svn=3)))
+
+
+def test_revoked_root_ca(platform: EmulatedPlatform) -> None:
+    """The root CA CRL may list the trust anchor itself; dcap-qvl checks the root too."""
+    revoked = platform.variant(revoke_root_ca=True)
+    assert revoked.revoked_ca_serials == (platform.root_ca_cert.serial_number,)
+    assert "CertRevoked" in rejected(revoked)
+    assert "CertRevoked" in rejected(platform.variant(revoked_ca_serials=[platform.root_ca_cert.serial_number]))
+
+
+def test_td15_quote_carries_both_tcb_svns(platform: EmulatedPlatform) -> None:
+    old, new = platform.tee_tcb_svn_for("OutOfDate"), platform.tee_tcb_svn_for("UpToDate")
+    assert (old, new) == (OLD_TDX, platform.tee_tcb_svn)
+    for body_type in (3, 4):
+        quote = platform.sign_quote(version=5, body_type=body_type, tee_tcb_svn=old, tee_tcb_svn2=new)
+        report = dcap_qvl.parse_quote(quote).report
+        assert (report.tee_tcb_svn, report.tee_tcb_svn2) == (old, new)
+    # TEE_TCB_SVN2 defaults to TEE_TCB_SVN.
+    assert dcap_qvl.parse_quote(platform.sign_quote(version=5, tee_tcb_svn=old)).report.tee_tcb_svn2 == old
+    with pytest.raises(ValueError, match="no TCB level has status 'Revoked'"):
+        platform.tee_tcb_svn_for("Revoked")
+
+
+@pytest.mark.parametrize(
+    ("launch", "current", "status"),
+    [
+        ("OutOfDate", "UpToDate", "TDRelaunchAdvised"),
+        ("OutOfDate", "OutOfDate", "OutOfDate"),
+        ("UpToDate", "UpToDate", "UpToDate"),
+    ],
+)
+def test_td_relaunch(platform: EmulatedPlatform, launch: str, current: str, status: str) -> None:
+    """A TD launched on the out-of-date module while the up-to-date one runs now."""
+    quote = platform.sign_quote(
+        version=5, tee_tcb_svn=platform.tee_tcb_svn_for(launch), tee_tcb_svn2=platform.tee_tcb_svn_for(current)
+    )
+    assert verify(platform, quote).status == status
+
+
+def test_relaunch_configuration_needed(platform: EmulatedPlatform) -> None:
+    top = replace(DEFAULT_TCB_LEVELS[0], status="ConfigurationNeeded")
+    p = platform.variant(tcb_levels=(top, *DEFAULT_TCB_LEVELS[1:]))
+    quote = p.sign_quote(version=5, tee_tcb_svn=OLD_TDX, tee_tcb_svn2=p.tee_tcb_svn_for("ConfigurationNeeded"))
+    assert verify(p, quote).status == "TDRelaunchAdvisedConfigurationNeeded"
+
+
+def test_unknown_current_tcb_is_rejected(platform: EmulatedPlatform) -> None:
+    quote = platform.sign_quote(version=5, tee_tcb_svn=OLD_TDX, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13))
+    assert "TEE_TCB_SVN2" in rejected(platform, quote)

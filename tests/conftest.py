@@ -27,6 +27,19 @@ def testdata() -> Path:
     return TESTDATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verified_collateral_cache_apart(tmp_path_factory) -> Iterator[None]:
+    """verify-quote remembers verified collateral (~/.cache/tdxvm/verified); tests keep
+    theirs in a folder of their own, shared by the session."""
+    old = os.environ.get("TDXVM_VERIFIED_CACHE")
+    os.environ["TDXVM_VERIFIED_CACHE"] = str(tmp_path_factory.mktemp("verified-collateral"))
+    yield
+    if old is None:
+        os.environ.pop("TDXVM_VERIFIED_CACHE", None)
+    else:
+        os.environ["TDXVM_VERIFIED_CACHE"] = old
+
+
 def read_json(path: Path):
     return json.loads(path.read_text())
 

@@ -76,16 +76,19 @@ def test_policy_file_mismatch(capsys, testdata, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needle", "code_"),
     [
-        (["verify-quote", "/nonexistent/quote.bin", "--collateral", "x"], "quote /nonexistent/quote.bin"),
-        (["verify-quote", "{q}", "--collateral", "{q}"], "not UTF-8"),
-        (["verify-quote", "{q}", "--collateral", "{c}", "--at", "yesterday"], "--at"),
-        (["verify-quote", "{c}", "--collateral", "{c}"], "byte offset"),
-        (["verify-quote", "{q}", "--collateral", "{c}", "--policy", "{c}"], "policy"),
+        (["verify-quote", "/nonexistent/quote.bin", "--collateral", "x"], "quote /nonexistent/quote.bin", "usage"),
+        (["verify-quote", "{q}", "--collateral", "{q}"], "not UTF-8", "collateral"),
+        (["verify-quote", "{q}", "--collateral", "{c}", "--at", "yesterday"], "--at", "usage"),
+        (["verify-quote", "{q}", "--collateral", "{c}", "--policy", "{c}"], "policy", "policy-file"),
+        (["verify-quote", "{q}", "--collateral", "{c}", "--root-ca", "{c}"], "root CA", "certificate"),
+        (["verify-quote", "{q}", "--collateral", "{c}", "--pccs", "http://127.0.0.1:9"], "not both", "usage"),
+        # The verifier's own inputs come first: a broken bundle is an error even beside a broken quote.
+        (["verify-quote", "{c}", "--collateral", "{q}"], "not UTF-8", "collateral"),
     ],
 )
-def test_unusable_input_exit_2_one_line(capsys, testdata, args, needle):
+def test_unusable_input_exit_2_one_line(capsys, testdata, args, needle, code_):
     d = testdata / "dcap-qvl-v4"
     argv = [a.format(q=d / "quote.bin", c=d / "collateral.json") for a in args]
     code, out, err = run(capsys, *argv)
@@ -94,7 +97,8 @@ def test_unusable_input_exit_2_one_line(capsys, testdata, args, needle):
     assert needle in err, err
     code, out, _ = run(capsys, *argv, "-o", "json")
     assert code == 2
-    assert json.loads(out)["error"]["message"]
+    doc = json.loads(out)
+    assert doc["verdict"] == "error" and doc["error"]["code"] == code_ and needle in doc["error"]["message"]
 
 
 def test_eventlog_replay_matches_quote(capsys, testdata):
@@ -266,3 +270,132 @@ def test_weights_encrypt_decrypt(capsys, tmp_path):
     blob.write_bytes(bytes(data))
     code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out3", "--secrets", store)
     assert code == 2 and "fails authentication" in err and not (tmp_path / "out3").exists()
+
+
+# -- the refusal contract: a quote that cannot be read is a "no" (exit 1), never an error --
+
+def _v4(testdata) -> bytes:
+    return (testdata / "dcap-qvl-v4" / "quote.bin").read_bytes()
+
+
+MALFORMED = {
+    "truncated": (lambda q: q[:450], "body.rtmr1", 424),
+    "quote version 3": (lambda q: (3).to_bytes(2, "little") + q[2:], "header.version", 0),
+    "attestation key type 3": (lambda q: q[:2] + (3).to_bytes(2, "little") + q[4:], "header.attestation_key_type", 2),
+    "TEE type SGX": (lambda q: q[:4] + bytes(4) + q[8:], "header.tee_type", 4),
+    "certification data type 5": (lambda q: q[:764] + (5).to_bytes(2, "little") + q[766:], "signature_data.certification_data.type", 764),
+    "empty file": (lambda q: b"", "quote", 0),
+    "base64 text": (lambda q: __import__("base64").b64encode(q), "quote", 0),
+    "PEM text": (lambda q: b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "quote", 0),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_unreadable_quote_is_refused_exit_1(capsys, testdata, tmp_path, name):
+    mutate, field, offset = MALFORMED[name]
+    bad = tmp_path / "bad.quote"
+    bad.write_bytes(mutate(_v4(testdata)))
+    coll = testdata / "dcap-qvl-v4" / "collateral.json"
+    code, out, err = run(capsys, "verify-quote", bad, "--collateral", coll, "--at", V4_AT, "-o", "json")
+    assert code == 1, err
+    doc = json.loads(out)
+    assert doc["verdict"] == "reject"
+    assert [(r["code"], r["field"], r["offset"]) for r in doc["reasons"]] == [("quote-format", field, offset)]
+    assert f"{field} at byte offset {offset}: " in doc["reasons"][0]["message"]
+    assert doc["tcb_status"] is None and doc["measurements"] is None and doc["quote_version"] is None
+    assert doc["verified_at"] == "2025-06-20T00:00:00Z" and len(doc["policy_exceptions"]) == 5
+    code, out, err = run(capsys, "verify-quote", bad, "--collateral", coll, "--at", V4_AT)
+    assert code == 1 and "REFUSED" in out and f"[quote-format] {field} at byte offset {offset}" in out and not err
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"", "the quote file is empty (0 bytes)"),
+        (b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "PEM text (CERTIFICATE)"),
+        (None, "the quote file is a collateral bundle"),  # the bundle given as the quote
+        (b'{"quote": "04000200", "event_log": []}', "jq -r .quote"),
+    ],
+)
+def test_first_message_for_common_mistakes(capsys, testdata, tmp_path, content, words):
+    coll = testdata / "dcap-qvl-v4" / "collateral.json"
+    quote = coll if content is None else tmp_path / "q"
+    if content is not None:
+        quote.write_bytes(content)
+    code, out, _ = run(capsys, "verify-quote", quote, "--collateral", coll, "--at", V4_AT)
+    assert code == 1 and words in out
+
+
+def test_base64_quote_message(capsys, testdata, tmp_path):
+    import base64
+
+    (tmp_path / "q.b64").write_bytes(base64.b64encode(_v4(testdata)) + b"\n")
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.b64", "--collateral", testdata / "dcap-qvl-v4" / "collateral.json", "--at", V4_AT)
+    assert code == 1 and "base64 text (of what starts like a v4 quote)" in out and "base64 -d" in out
+
+
+def test_unreadable_quote_refused_before_fetching_collateral(capsys, tmp_path, monkeypatch):
+    """No collateral is fetched for bytes that are no quote: the answer is "no" at once."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "q").write_bytes(b"")
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "q", "--pccs", "http://127.0.0.1:9", "-o", "json")
+    assert code == 1 and json.loads(out)["reasons"][0]["code"] == "quote-format"
+
+
+def test_every_json_output_has_a_verdict(capsys, testdata, monkeypatch):
+    d = testdata / "dcap-qvl-v4"
+    base = ["verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "-o", "json"]
+    # A usage error click finds before the command runs.
+    code, out, err = run(capsys, *base, "--at")
+    assert code == 2 and json.loads(out) == {"verdict": "error", "error": {"code": "usage", "message": "Option '--at' requires an argument."}}
+    code, out, _ = run(capsys, *base, "--bogus")
+    assert code == 2 and json.loads(out)["verdict"] == "error"
+    # A bug: exit 4, still a verdict.
+    import tdxvm.cli.attest as cli_attest
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_attest, "appraise", boom)
+    code, out, err = run(capsys, *base, "--at", V4_AT)
+    assert code == 4 and "Traceback" in err
+    doc = json.loads(out)
+    assert doc["verdict"] == "error" and doc["error"]["code"] == "internal" and "boom" in doc["error"]["message"]
+
+
+def test_other_commands_error_json_unchanged(capsys, tmp_path):
+    code, out, _ = run(capsys, "eventlog", "replay", tmp_path / "missing.log", "-o", "json")
+    assert code == 2 and set(json.loads(out)) == {"error"}
+
+
+def test_relaunch_advised_says_what_to_do(capsys, emulated, tmp_path):
+    platform, verify = emulated
+    old, new = platform.tee_tcb_svn_for("OutOfDate"), platform.tee_tcb_svn_for("UpToDate")
+    quote = platform.sign_quote(version=5, tee_tcb_svn=old, tee_tcb_svn2=new)
+    code, doc = verify(capsys, "relaunch", quote)
+    assert code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and [r["code"] for r in doc["reasons"]] == ["tcb-status"]
+    assert (doc["tcb"]["launch_status"], doc["tcb"]["current_status"]) == ("OutOfDate", "UpToDate")
+    code, out = verify(capsys, "relaunch-text", quote, json_out=False)
+    assert code == 1 and "TCB TDRelaunchAdvised" in out
+    assert "relaunch the TD to pick up the updated TDX module" in out and "launched on a TDX module whose TCB is OutOfDate" in out
+    code, doc = verify(capsys, "relaunch-accepted", quote, "accepted_tcb_statuses: [UpToDate, TDRelaunchAdvised]")
+    assert code == 0 and doc["verdict"] == "accept"
+    # TEE_TCB_SVN2 that no TCB level knows: refused, with the field named.
+    code, doc = verify(capsys, "unknown-current", platform.sign_quote(version=5, tee_tcb_svn=old, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13)))
+    assert code == 1 and [r["code"] for r in doc["reasons"]] == ["current-tcb-not-supported"]
+
+
+def test_emulate_quote_tee_tcb_svn2(capsys, tmp_path):
+    plat = tmp_path / "platform"
+    assert run(capsys, "emulate", "init", plat)[0] == 0
+    at = "2026-01-15T00:00:00Z"
+    assert run(capsys, "emulate", "collateral", plat, "-o", tmp_path / "bundle.json", "--at", at)[0] == 0
+    old, new = "0301" + "02" + "00" * 13, "0501" + "02" + "00" * 13
+    args = ["emulate", "quote", plat, "-o", tmp_path / "q.bin", "--version", "5", "--tee-tcb-svn", old, "--tee-tcb-svn2", new, "--at", at]
+    assert run(capsys, *args)[0] == 0
+    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--root-ca",
+                       plat / "root-ca.pem", "--at", at, "-o", "json")  # fmt: skip
+    doc = json.loads(out)
+    assert code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and doc["measurements"]["tee_tcb_svn"] == old
+    code, _, err = run(capsys, "emulate", "quote", plat, "-o", tmp_path / "q4.bin", "--tee-tcb-svn2", new)
+    assert code == 2 and "--tee-tcb-svn2 needs a TD report 1.5 body" in err

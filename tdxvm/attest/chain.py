@@ -11,7 +11,7 @@ anchor. Signature checks are time-independent and done once per chain
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
@@ -87,6 +87,11 @@ class CheckedChain:
     certs: tuple[x509.Certificate, ...]
     hashes: tuple[bytes, ...]
     reasons: tuple[Reason, ...]
+    windows: tuple[tuple[datetime, datetime], ...] = ()  # each certificate's validity, read once
+    # revocation_reasons by the CRL objects asked about; the value pins them, so their ids stay theirs
+    _revocation: dict[tuple[int, ...], tuple[tuple[CheckedCrl, ...], tuple[Reason, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -98,15 +103,23 @@ class CheckedChain:
 
     def time_reasons(self, at: datetime) -> list[Reason]:
         out = []
-        for cert in self.certs:
-            if at < cert.not_valid_before_utc:
-                out.append(Reason("cert-not-yet-valid", f"{self.what}: {cert_name(cert)} is not valid before {cert.not_valid_before_utc.isoformat()}"))
-            elif at > cert.not_valid_after_utc:
-                out.append(Reason("cert-expired", f"{self.what}: {cert_name(cert)} expired at {cert.not_valid_after_utc.isoformat()}"))
+        windows = self.windows or tuple((c.not_valid_before_utc, c.not_valid_after_utc) for c in self.certs)
+        for cert, (not_before, not_after) in zip(self.certs, windows, strict=True):
+            if at < not_before:
+                out.append(Reason("cert-not-yet-valid", f"{self.what}: {cert_name(cert)} is not valid before {not_before.isoformat()}"))
+            elif at > not_after:
+                out.append(Reason("cert-expired", f"{self.what}: {cert_name(cert)} expired at {not_after.isoformat()}"))
         return out
 
     def revocation_reasons(self, crls: list[CheckedCrl]) -> list[Reason]:
         """Every certificate below the root must be covered by a CRL of its issuer."""
+        key = tuple(id(c) for c in crls)
+        known = self._revocation.get(key)
+        if known is None:
+            known = self._revocation[key] = (tuple(crls), tuple(self._revocation_reasons(crls)))
+        return list(known[1])
+
+    def _revocation_reasons(self, crls: list[CheckedCrl]) -> list[Reason]:
         out = []
         for cert, issuer, issuer_hash in zip(self.certs[:-1], self.certs[1:], self.hashes[1:], strict=True):
             crl = next((c for c in crls if c.issuer_sha256 == issuer_hash), None)
@@ -117,16 +130,61 @@ class CheckedChain:
         return out
 
 
-@dataclass(frozen=True, slots=True)
 class _CertInfo:
-    """What the verifier reads from one certificate, decoded once."""
+    """What the verifier reads from one certificate, each part decoded on first use.
 
-    cert: x509.Certificate
-    sha256: bytes
-    tbs: bytes
-    issuer_name: bytes
-    subject_name: bytes
-    key: ec.EllipticCurvePublicKey | None
+    A certificate whose signatures a verified-collateral entry vouches for is never
+    decoded further than its hash. A malformed signed body raises
+    :class:`CertificateError` where it is first read; a public key that is malformed or
+    not EC reads as ``None``, which no signature check accepts.
+    """
+
+    __slots__ = ("cert", "sha256", "_der", "_what", "_names", "_key", "_key_read", "_window")
+
+    def __init__(self, cert: x509.Certificate, der: bytes, what: str) -> None:
+        self.cert = cert
+        self.sha256 = hashlib.sha256(der).digest()
+        self._der, self._what = der, what
+        self._names: tuple[bytes, bytes, bytes] | None = None
+        self._key: ec.EllipticCurvePublicKey | None = None
+        self._key_read = False
+        self._window: tuple[datetime, datetime] | None = None
+
+    @property
+    def window(self) -> tuple[datetime, datetime]:
+        """(notBefore, notAfter), read once (each read of the property makes new datetimes)."""
+        if self._window is None:
+            self._window = (self.cert.not_valid_before_utc, self.cert.not_valid_after_utc)
+        return self._window
+
+    def _signed_body(self) -> tuple[bytes, bytes, bytes]:
+        if self._names is None:
+            tbs = _outer_first(self._der, self._what)
+            self._names = (tbs, *tbs_certificate_names(tbs))
+        return self._names
+
+    @property
+    def tbs(self) -> bytes:
+        return self._signed_body()[0]
+
+    @property
+    def issuer_name(self) -> bytes:
+        return self._signed_body()[1]
+
+    @property
+    def subject_name(self) -> bytes:
+        return self._signed_body()[2]
+
+    @property
+    def key(self) -> ec.EllipticCurvePublicKey | None:
+        if not self._key_read:
+            try:
+                key = self.cert.public_key()
+            except (ValueError, UnsupportedAlgorithm):
+                key = None
+            self._key = key if isinstance(key, ec.EllipticCurvePublicKey) else None
+            self._key_read = True
+        return self._key
 
 
 def _outer_first(der: bytes, what: str) -> bytes:
@@ -150,6 +208,7 @@ class CertStore:
         self._blocks: dict[bytes, x509.Certificate] = {}
         self._info: dict[int, _CertInfo] = {}  # id(cert); the entry holds the cert, pinning its id
         self._issued: dict[tuple[bytes, bytes], str | None] = {}
+        self._crl_checked: dict[tuple[bytes, bytes], str | None] = {}
 
     def load_chain(self, pem: bytes | str, what: str) -> list[x509.Certificate]:
         out = []
@@ -164,20 +223,7 @@ class CertStore:
         return out
 
     def _remember(self, cert: x509.Certificate, der: bytes, what: str) -> _CertInfo:
-        tbs = _outer_first(der, what)
-        issuer_name, subject_name = tbs_certificate_names(tbs)
-        try:
-            key = cert.public_key()
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise CertificateError(f"{what}: malformed public key: {exc}") from None
-        info = _CertInfo(
-            cert=cert,
-            sha256=hashlib.sha256(der).digest(),
-            tbs=tbs,
-            issuer_name=issuer_name,
-            subject_name=subject_name,
-            key=key if isinstance(key, ec.EllipticCurvePublicKey) else None,
-        )
+        info = _CertInfo(cert, der, what)
         self._info[id(cert)] = info
         return info
 
@@ -213,6 +259,17 @@ class CertStore:
             return f"{cert_name(c.cert)} is not validly issued by {cert_name(i.cert)} (bad signature)"
         return None
 
+    def vouch_chain(self, certs: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> None:
+        """Record that every certificate of ``certs`` is validly issued by the next one,
+        without checking: for a chain whose check a verified-collateral cache entry
+        (:mod:`tdxvm.attest.verifiedcache`) remembers. Keys are whole-DER hashes."""
+        for cert, issuer in zip(certs[:-1], certs[1:], strict=True):
+            self._issued[(self.sha256(cert), self.sha256(issuer))] = None
+
+    def vouch_crl(self, crl: Crl, issuer: x509.Certificate) -> None:
+        """Record, without checking, that ``issuer`` issued and signed ``crl`` (see :meth:`vouch_chain`)."""
+        self._crl_checked[(crl.sha256, self.sha256(issuer))] = None
+
     def check_chain(self, certs: list[x509.Certificate], *, anchor: TrustAnchor, what: str) -> CheckedChain:
         """Check issuer names, CA flags and ECDSA signatures up to the anchor.
 
@@ -229,17 +286,31 @@ class CertStore:
             if problem is not None:
                 code = "cert-not-ca" if "is not a CA" in problem else "cert-signature"
                 reasons.append(Reason(code, f"{what}: {problem}"))
-        return CheckedChain(what=what, certs=tuple(certs), hashes=hashes, reasons=tuple(reasons))
+        windows = tuple(self.info(c).window for c in certs)
+        return CheckedChain(what=what, certs=tuple(certs), hashes=hashes, reasons=tuple(reasons), windows=windows)
+
+    def crl_problem(self, crl: Crl, issuer: x509.Certificate) -> str | None:
+        """``"crl-issuer"``, ``"crl-signature"`` or ``None``: whether ``issuer`` issued ``crl``."""
+        i = self.info(issuer)
+        key = (crl.sha256, i.sha256)
+        if key not in self._crl_checked:
+            problem = None
+            if crl.issuer_name != i.subject_name:
+                problem = "crl-issuer"
+            elif i.key is None or not _ecdsa_signed(i.key, crl.crl.signature, crl.tbs, crl.crl.signature_algorithm_oid):
+                problem = "crl-signature"
+            self._crl_checked[key] = problem
+        return self._crl_checked[key]
 
     def check_crl(self, crl: Crl, issuer: x509.Certificate, what: str) -> CheckedCrl:
         """Check that ``issuer`` issued and signed ``crl`` (its time window is separate)."""
-        i = self.info(issuer)
+        problem = self.crl_problem(crl, issuer)
         reasons = []
-        if crl.issuer_name != i.subject_name:
+        if problem == "crl-issuer":
             reasons.append(Reason("crl-issuer", f"{what} is not issued by {cert_name(issuer)}"))
-        elif i.key is None or not _ecdsa_signed(i.key, crl.crl.signature, crl.tbs, crl.crl.signature_algorithm_oid):
+        elif problem == "crl-signature":
             reasons.append(Reason("crl-signature", f"{what}: signature does not verify with {cert_name(issuer)}"))
-        return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=i.sha256, reasons=tuple(reasons))
+        return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=self.sha256(issuer), reasons=tuple(reasons))
 
 
 _ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {
@@ -269,13 +340,19 @@ class CheckedCrl:
     crl: x509.CertificateRevocationList
     issuer_sha256: bytes
     reasons: tuple[Reason, ...]
+    _revoked: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)  # serial -> listed
 
     def revokes(self, cert: x509.Certificate) -> bool:
         """Whether the CRL lists ``cert``; a CRL whose entries cannot be read revokes all."""
-        try:
-            return self.crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
-        except ValueError:
-            return True
+        serial = cert.serial_number
+        listed = self._revoked.get(serial)
+        if listed is None:
+            try:
+                listed = self.crl.get_revoked_certificate_by_serial_number(serial) is not None
+            except ValueError:
+                listed = True
+            self._revoked[serial] = listed
+        return listed
 
     def time_reasons(self, at: datetime) -> list[Reason]:
         last, nxt = self.crl.last_update_utc, self.crl.next_update_utc
@@ -289,11 +366,12 @@ class CheckedCrl:
 
 @dataclass(frozen=True, slots=True)
 class Crl:
-    """A parsed CRL with its signed body and issuer name as DER."""
+    """A parsed CRL with its signed body and issuer name as DER, and the SHA-256 of its DER."""
 
     crl: x509.CertificateRevocationList
     tbs: bytes
     issuer_name: bytes
+    sha256: bytes
 
 
 def load_crl(der: bytes, what: str) -> Crl:
@@ -306,4 +384,4 @@ def load_crl(der: bytes, what: str) -> Crl:
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CertificateError(f"{what}: not a usable {'PEM' if pem else 'DER'} CRL: {exc}") from None
     tbs = _outer_first(raw, what)
-    return Crl(crl=crl, tbs=tbs, issuer_name=tbs_crl_issuer(tbs))
+    return Crl(crl=crl, tbs=tbs, issuer_name=tbs_crl_issuer(tbs), sha256=hashlib.sha256(raw).digest())

@@ -28,6 +28,7 @@ from tdxvm.attest.errors import CertificateError, CollateralError
 from tdxvm.fileio import write_atomic
 
 SIGNATURE_SIZE = 64
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"  # here, not in pcs: no HTTP stack to name it
 
 # Keys of the bundle, in dcap-qvl's order, with how each is encoded.
 _TEXT = "text"
@@ -104,6 +105,42 @@ class Collateral:
             for name, encoding in _LAYOUT
         }
         return json.dumps(doc, indent=2, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CollateralOrigin:
+    """Where the collateral of a verification came from, as every verdict reports it.
+
+    ``how`` is ``"fetched"`` (from the PCS/PCCS at ``where``, now), ``"cache"`` (the
+    cached copy for ``where``, because fetching failed: ``why``), ``"bundle"`` (an
+    offline bundle at ``where``) or ``"given"`` (handed over in-process, e.g. by the
+    emulated platform).
+    """
+
+    how: str
+    where: str
+    why: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.how} {self.where}" if self.how in ("bundle", "given") else f"{self.how} from {self.where}"
+
+    def exception(self) -> str | None:
+        """The verdict's policy exception for collateral that may be stale, else None."""
+        if self.how != "cache":
+            return None
+        return f"collateral from the cache: {self.where} could not be reached ({self.why or 'no reason given'})"
+
+
+def resolve_collateral(source: object, quote: object) -> tuple[Collateral, CollateralOrigin | None]:
+    """The collateral for ``quote`` from ``source``: a :class:`Collateral`, or a function of
+    the quote returning one or a ``(collateral, origin)`` pair (as ``pcs.get_collateral``)."""
+    got = source(quote) if callable(source) else source
+    if isinstance(got, tuple):
+        collateral, origin = got
+        return collateral, origin
+    if not isinstance(got, Collateral):
+        raise TypeError(f"collateral source gave {type(got).__name__}, not Collateral")
+    return got, None
 
 
 def _kind(value: object) -> str:
@@ -234,6 +271,30 @@ def validity(collateral: Collateral) -> CollateralWindow:
     return CollateralWindow(
         not_before=max(s[1] for s in spans), not_after=first[2], expires_first=first[0]
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CollateralSummary:
+    """What a collateral set says of itself, read but not verified (for status displays):
+    the lower ``tcbEvaluationDataNumber`` and the older ``issueDate`` of TCB info and QE
+    identity, and the window in which every item is current."""
+
+    tcb_evaluation_data_number: int
+    issue_date: datetime
+    window: CollateralWindow
+
+
+def summarize(collateral: Collateral) -> CollateralSummary:
+    """:class:`CollateralSummary` of ``collateral``; :class:`CollateralError` if malformed."""
+    numbers, issued = [], []
+    for key in ("tcb_info", "qe_identity"):
+        text = getattr(collateral, key)
+        issued.append(_json_dates(text, key)[0])
+        number = json.loads(text).get("tcbEvaluationDataNumber")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise CollateralError(f"collateral {key}.tcbEvaluationDataNumber: missing or not a number")
+        numbers.append(number)
+    return CollateralSummary(tcb_evaluation_data_number=min(numbers), issue_date=min(issued), window=validity(collateral))
 
 
 def _json_dates(text: str, key: str) -> tuple[datetime, datetime]:

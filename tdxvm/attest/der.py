@@ -77,6 +77,24 @@ def tbs_crl_issuer(tbs: bytes) -> bytes:
     return issuer
 
 
+def tlv_at(data: bytes, pos: int, end: int, what: str) -> tuple[int, int, int]:
+    """(tag, contents start, contents end) of the element at ``pos``, which must end by ``end``."""
+    if pos + 2 > end:
+        raise CertificateError(f"{what}: truncated DER element at offset {pos}")
+    tag, length = data[pos], data[pos + 1]
+    start = pos + 2
+    if length & 0x80:
+        n = length & 0x7F
+        if n == 0 or n > 4 or start + n > end:
+            raise CertificateError(f"{what}: bad DER length at offset {pos}")
+        length = int.from_bytes(data[start : start + n], "big")
+        start += n
+    stop = start + length
+    if stop > end:
+        raise CertificateError(f"{what}: DER element at offset {pos} runs past its container")
+    return tag, start, stop
+
+
 def der_elements(data: bytes, what: str) -> list[tuple[int, bytes]]:
     """Every (tag, contents) element laid end to end in ``data``, in one pass."""
     out = []

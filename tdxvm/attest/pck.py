@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
-from tdxvm.attest.der import DerReader, der_elements
+from tdxvm.attest.der import DerReader, tlv_at
 from tdxvm.attest.errors import CertificateError
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
@@ -55,10 +55,14 @@ def pem_blocks(pem: bytes | str, what: str = "certificate chain") -> list[bytes]
     return blocks
 
 
+_WHITESPACE = b" \t\r\n\x0b\x0c"
+
+
 def pem_block_der(block: bytes, what: str, index: int) -> bytes:
-    """The DER inside one ``-----BEGIN CERTIFICATE-----`` block."""
-    lines = block.split(b"\n")
-    body = b"".join(line.strip() for line in lines[1:-1])
+    """The DER inside one ``-----BEGIN CERTIFICATE-----`` block: the base64 of the lines
+    between the BEGIN and END lines (whitespace ignored)."""
+    first, last = block.find(b"\n"), block.rfind(b"\n")
+    body = block[first + 1 : last].translate(None, _WHITESPACE) if 0 <= first < last else b""
     try:
         return base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
@@ -117,11 +121,25 @@ def _oid(*arcs: int) -> bytes:
 def _pairs(data: bytes) -> dict[bytes, tuple[int, bytes]]:
     """Decode SEQUENCE OF SEQUENCE { OID, value } into {raw OID: (tag, value)}."""
     out: dict[bytes, tuple[int, bytes]] = {}
-    for tag, seq in der_elements(data, "SGX extension"):
-        pair = der_elements(seq, "SGX extension") if tag == 0x30 else ()
-        if len(pair) != 2 or pair[0][0] != 0x06:
-            raise CertificateError("SGX extension: expected SEQUENCE { OID, value }")
-        out[pair[0][1]] = pair[1]
+    pos, end = 0, len(data)
+    while pos < end:
+        # Fast path: the short-form lengths Intel's certificates use throughout.
+        if pos + 4 <= end and data[pos] == 0x30 and data[pos + 2] == 0x06 and not (data[pos + 1] | data[pos + 3]) & 0x80:
+            stop, oid_stop = pos + 2 + data[pos + 1], pos + 4 + data[pos + 3]
+            if oid_stop + 2 <= stop <= end and not data[oid_stop + 1] & 0x80 and oid_stop + 2 + data[oid_stop + 1] == stop:
+                out[data[pos + 4 : oid_stop]] = (data[oid_stop], data[oid_stop + 2 : stop])
+                pos = stop
+                continue
+        tag, start, stop = tlv_at(data, pos, end, "SGX extension")
+        if tag == 0x30:
+            oid_tag, oid_start, oid_stop = tlv_at(data, start, stop, "SGX extension")
+            if oid_tag == 0x06 and oid_stop < stop:
+                value_tag, value_start, value_stop = tlv_at(data, oid_stop, stop, "SGX extension")
+                if value_stop == stop:
+                    out[data[oid_start:oid_stop]] = (value_tag, data[value_start:value_stop])
+                    pos = stop
+                    continue
+        raise CertificateError("SGX extension: expected SEQUENCE { OID, value }")
     return out
 
 
@@ -140,12 +158,19 @@ def _octets(tv: tuple[int, bytes], name: str, size: int | None = None) -> bytes:
     return value
 
 
+_COMPONENTS = tuple((i, f"TCB component {i}") for i in range(1, 17))
+_OIDS: dict[tuple[int, ...], bytes] = {}
+
+
 def _need(fields: dict[bytes, tuple[int, bytes]], name: str, *arcs: int) -> tuple[int, bytes]:
-    oid = _oid(*arcs)
-    if oid not in fields:
+    oid = _OIDS.get(arcs)
+    if oid is None:
+        oid = _OIDS[arcs] = _oid(*arcs)
+    tv = fields.get(oid)
+    if tv is None:
         dotted = ".".join(map(str, arcs))
         raise CertificateError(f"SGX extension: {name} ({_SGX}.{dotted}) is missing")
-    return fields[oid]
+    return tv
 
 
 def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
@@ -163,7 +188,7 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
         raise CertificateError("SGX extension: value is not a single SEQUENCE")
     top = _pairs(body)
     tcb = _pairs(_need(top, "TCB", 2)[1])
-    components = tuple(_int(_need(tcb, f"TCB component {i}", 2, i), f"TCB component {i}") for i in range(1, 17))
+    components = tuple(_int(_need(tcb, name, 2, i), name) for i, name in _COMPONENTS)
     config = _pairs(top[_oid(7)][1]) if _oid(7) in top else {}
 
     def flag(arc: int) -> bool | None:

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -32,14 +34,13 @@ import requests
 from cryptography import x509
 from requests.structures import CaseInsensitiveDict
 
-from tdxvm.attest.collateral import SIGNATURE_SIZE, Collateral, crl_der, load_bundle
-from tdxvm.attest.collateral import raw_members, validity
+from tdxvm.attest.collateral import INTEL_PCS_URL, SIGNATURE_SIZE, Collateral, CollateralOrigin, crl_der, load_bundle
+from tdxvm.attest.collateral import CollateralSummary, raw_members, summarize, validity
 from tdxvm.fileio import write_atomic
 from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError
 from tdxvm.attest.pck import parse_pck_extension, parse_pem_chain, pck_ca_type
 from tdxvm.attest.quote import Quote
 
-INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 CA_TYPES = ("platform", "processor")
 MAX_BODY = 8 << 20  # PCS bodies are a few KiB; a PCK CRL is at most a few hundred.
 _log = logging.getLogger(__name__)
@@ -81,16 +82,22 @@ def quote_fmspc_ca(quote: Quote) -> tuple[bytes, str]:
     return parse_pck_extension(chain[0]).fmspc, pck_ca_type(chain[1])
 
 
+def service_url(base_url: str) -> str:
+    """The service's base URL as :class:`PcsClient` uses it (and the cache is keyed by):
+    no trailing slash, no ``/sgx|tdx/certification/v4`` suffix."""
+    base = base_url.rstrip("/")
+    for suffix in ("/sgx/certification/v4", "/tdx/certification/v4"):
+        base = base.removesuffix(suffix)
+    return base
+
+
 class PcsClient:
     """Fetches collateral from Intel's PCS (the default) or a PCCS at ``base_url``."""
 
     def __init__(
         self, *, base_url: str = INTEL_PCS_URL, session: requests.Session | None = None, timeout: float = 30.0
     ) -> None:
-        base = base_url.rstrip("/")
-        for suffix in ("/sgx/certification/v4", "/tdx/certification/v4"):
-            base = base.removesuffix(suffix)
-        self.base_url = base
+        self.base_url = service_url(base_url)
         self.timeout = timeout
         self._session = session if session is not None else requests.Session()
 
@@ -222,16 +229,56 @@ def default_cache_dir() -> Path:
     return base / "tdxvm" / "collateral"
 
 
+_CACHED_NAME = re.compile(r"(?P<fmspc>[0-9A-F]{12})-(?P<ca>platform|processor)-(?P<service>[0-9a-f]{16})\.json")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCollateral:
+    """One bundle in the cache: its key and what it says of itself (not verified), or
+    why it cannot be read."""
+
+    path: Path
+    fmspc: str
+    ca: str
+    service_id: str
+    summary: CollateralSummary | None
+    error: str | None
+
+
 class CollateralCache:
     """Collateral bundles on disk, one per (service URL, FMSPC, CA type); folder 0700, files 0600."""
 
     def __init__(self, *, directory: Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
 
+    @staticmethod
+    def service_id(base_url: str) -> str:
+        """The part of a file name that stands for the service (its URL's SHA-256, 16 hex)."""
+        return hashlib.sha256(base_url.encode()).hexdigest()[:16]
+
     def path_for(self, *, base_url: str, fmspc: bytes, ca: str) -> Path:
         _check_key(fmspc, ca)
-        service = hashlib.sha256(base_url.encode()).hexdigest()[:16]
-        return self.directory / f"{fmspc.hex().upper()}-{ca}-{service}.json"
+        return self.directory / f"{fmspc.hex().upper()}-{ca}-{self.service_id(base_url)}.json"
+
+    def entries(self) -> list[CachedCollateral]:
+        """Every cached bundle, by FMSPC, CA type and service; an unreadable one says why."""
+        try:
+            paths = sorted(self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise CollateralError(f"{self.directory}: cannot list the collateral cache: {exc.strerror or exc}") from None
+        out = []
+        for path in paths:
+            match = _CACHED_NAME.fullmatch(path.name)
+            if match is None:
+                continue
+            try:
+                summary, error = summarize(load_bundle(path)), None
+            except CollateralError as exc:
+                summary, error = None, str(exc)
+            out.append(CachedCollateral(path, match["fmspc"], match["ca"], match["service"], summary, error))
+        return out
 
     def load(self, *, base_url: str, fmspc: bytes, ca: str) -> Collateral | None:
         """The cached bundle, ``None`` if there is none; :class:`CollateralError` if corrupt."""
@@ -259,12 +306,15 @@ class CollateralSource(Protocol):
 
 def get_collateral(
     quote: Quote, *, client: CollateralSource, cache: CollateralCache | None, at: datetime
-) -> tuple[Collateral, str]:
+) -> tuple[Collateral, CollateralOrigin]:
     """Fetch the collateral for ``quote``; if that fails, use the cached copy valid at ``at``.
 
-    Returns the collateral and ``"fetched"`` or ``"cache"``. A fetched copy replaces the
-    cached one. Without a usable cached copy the fetch error is raised again, saying why
-    the cached copy could not stand in (none, unreadable, expired at …, not yet valid).
+    Returns the collateral and its origin: ``how`` is ``"fetched"`` or ``"cache"`` (then
+    ``why`` holds the fetch error; the verdict lists it as a policy exception, since
+    an attacker who blocks the service can hold the verifier on the cached copy until
+    its ``nextUpdate``). A fetched copy replaces the cached one. Without a usable cached
+    copy the fetch error is raised again, saying why the cached copy could not stand in
+    (none, unreadable, expired at …, not yet valid).
     """
     fmspc, ca = quote_fmspc_ca(quote)
     try:
@@ -272,13 +322,13 @@ def get_collateral(
     except CollateralFetchError as err:
         if cache is None:
             raise
-        return _cached(err, cache, client.base_url, fmspc, ca, at), "cache"
+        return _cached(err, cache, client.base_url, fmspc, ca, at), CollateralOrigin("cache", client.base_url, str(err))
     if cache is not None:
         try:
             cache.store(collateral, base_url=client.base_url, fmspc=fmspc, ca=ca)
         except CollateralError as exc:
             _log.warning("%s", exc)
-    return collateral, "fetched"
+    return collateral, CollateralOrigin("fetched", client.base_url)
 
 
 def _cached(

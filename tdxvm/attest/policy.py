@@ -25,10 +25,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
 from tdxvm.attest.errors import PolicyFileError
+from tdxvm.attest.freshness import CollateralAge, EvaluationDataNumber, freshness_reasons
 from tdxvm.attest.quote import Quote, td_attribute_names
 from tdxvm.attest.result import Reason, VerificationResult
-from tdxvm.attest.tcbinfo import TCB_STATUSES
-from tdxvm.yamlfile import SpecError, load_yaml, parse_yaml
+from tdxvm.attest.tcb import EVALUATED_TCB_STATUSES
 
 
 def _hex_of(size: int):
@@ -73,10 +73,10 @@ Hex64 = Annotated[str, BeforeValidator(_hex_of(64))]
 
 def _statuses(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"expected a non-empty list of TCB statuses ({', '.join(TCB_STATUSES)})")
+        raise ValueError(f"expected a non-empty list of TCB statuses ({', '.join(EVALUATED_TCB_STATUSES)})")
     for v in value:
-        if v not in TCB_STATUSES:
-            raise ValueError(f"{v!r} is not a TCB status ({', '.join(TCB_STATUSES)})")
+        if v not in EVALUATED_TCB_STATUSES:
+            raise ValueError(f"{v!r} is not a TCB status ({', '.join(EVALUATED_TCB_STATUSES)})")
     return tuple(value)
 
 
@@ -93,7 +93,7 @@ _UNPINNED = (
     ("mrtd", "any firmware (TDVF) is accepted, and the firmware measures everything after it"),
     ("rtmr0", "the host chooses the TD's ACPI tables, TD HOB and firmware variables (AML runs in the guest kernel)"),
     ("rtmr1", "any kernel is accepted"),
-    ("rtmr2", "any kernel command line and initrd are accepted (the command line carries the rootfs verity root hash)"),
+    ("rtmr2", "any kernel command line and initrd are accepted, so the host may swap the initramfs and the command line"),
     ("rtmr3", "run-time measurements (the served model) are not checked"),
 )
 
@@ -124,6 +124,8 @@ class Policy(BaseModel):
     td_attributes_mask: Hex8 | None = None  # applies to td_attributes (a launch pins those); None: all ones
     min_tee_tcb_svn: Hex16 | None = None
     report_data: Hex64 | None = None
+    min_tcb_evaluation_data_number: EvaluationDataNumber | None = None  # see tdxvm.attest.freshness
+    max_collateral_age: CollateralAge | None = None  # "7d", "36h": TCB info and QE identity issued at most this long ago
 
     @field_validator("rtmr1", "rtmr2")
     @classmethod
@@ -161,6 +163,8 @@ class Policy(BaseModel):
 
 
 def load_policy(path: str | Path) -> Policy:
+    from tdxvm.yamlfile import SpecError, load_yaml  # PyYAML only for commands that read a policy file
+
     try:
         return load_yaml(path, Policy)
     except SpecError as exc:
@@ -168,6 +172,8 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
+    from tdxvm.yamlfile import SpecError, parse_yaml
+
     try:
         return parse_yaml(text, Policy, source=source)
     except SpecError as exc:
@@ -243,6 +249,7 @@ def evaluate(policy: Policy, result: VerificationResult) -> list[Reason]:
         bad = [a for a in tcb.advisory_ids if a in policy.rejected_advisory_ids]
         if bad:
             out.append(Reason("advisory", f"advisories rejected by the policy apply: {', '.join(bad)}"))
+    out += freshness_reasons(policy.min_tcb_evaluation_data_number, policy.max_collateral_age, result)
     if q.body.debug and not policy.allow_debug:
         out.append(Reason("debug-td", "the TD has the DEBUG attribute: its memory and state are readable by the host"))
     if q.body.migratable and not policy.allow_migratable:

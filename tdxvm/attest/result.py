@@ -66,7 +66,14 @@ class Measurements:
 
 @dataclass(frozen=True, slots=True)
 class TcbEvaluation:
-    """The TCB statuses found while matching the quote against TCB info and QE identity."""
+    """The TCB statuses found while matching the quote against TCB info and QE identity.
+
+    ``platform_status``, ``tdx_module_status``, ``tcb_date`` and ``advisory_ids`` are
+    those of the launch-time TCB (TEE_TCB_SVN). ``launch_status`` is its converged
+    status; ``current_status`` that of TEE_TCB_SVN2, the TDX module running now (TD
+    report 1.5 bodies only, else None). ``status`` combines the two
+    (:func:`tdxvm.attest.tcb.check_for_relaunch`).
+    """
 
     status: str
     advisory_ids: tuple[str, ...]
@@ -75,6 +82,44 @@ class TcbEvaluation:
     qe_status: str
     tcb_date: datetime
     tcb_evaluation_data_number: int
+    launch_status: str | None = None
+    current_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedItem:
+    """When a verified TCB info or QE identity was issued, its next update, and its TCB
+    evaluation data number (Intel raises it at every TCB recovery)."""
+
+    issue_date: datetime
+    next_update: datetime
+    tcb_evaluation_data_number: int
+
+
+@dataclass(frozen=True, slots=True)
+class CollateralFacts:
+    """The dated items of the collateral a quote was verified with (``None``: the item's
+    signature did not verify, so nothing in it is reported)."""
+
+    tcb_info: IssuedItem | None
+    qe_identity: IssuedItem | None
+
+    def _items(self) -> list[IssuedItem]:
+        return [i for i in (self.tcb_info, self.qe_identity) if i is not None]
+
+    @property
+    def issue_date(self) -> datetime | None:
+        """The older issue date of the two: how fresh the collateral is."""
+        return min((i.issue_date for i in self._items()), default=None)
+
+    @property
+    def next_update(self) -> datetime | None:
+        return min((i.next_update for i in self._items()), default=None)
+
+    @property
+    def tcb_evaluation_data_number(self) -> int | None:
+        """The lower number of the two: the TCB recovery the collateral knows of, at least."""
+        return min((i.tcb_evaluation_data_number for i in self._items()), default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +127,10 @@ class VerificationResult:
     """Outcome of checking a quote against collateral at a given time.
 
     ``reasons`` lists every verification failure; an empty list means the quote is
-    genuine and its TCB was evaluated (``tcb`` is set). Whether the TCB status and the
-    measurements are acceptable is the policy's decision (:mod:`tdxvm.attest.policy`).
+    genuine and its TCB was evaluated (``tcb`` is set). ``collateral`` holds the dates and
+    TCB evaluation data numbers of the verified TCB info and QE identity. Whether the TCB
+    status, the measurements and the collateral's age are acceptable is the policy's
+    decision (:mod:`tdxvm.attest.policy`).
     """
 
     quote: Quote
@@ -91,6 +138,7 @@ class VerificationResult:
     fmspc: str | None
     tcb: TcbEvaluation | None
     reasons: tuple[Reason, ...] = field(default=())
+    collateral: CollateralFacts | None = None
 
     @property
     def genuine(self) -> bool:

@@ -4,21 +4,55 @@ The JSON object is a stable contract (``tdxvm verify-quote -o json``): ``verdict
 ``tcb_status``, ``advisory_ids``, ``reasons`` (``code``/``message``), ``quote_version``
 and ``measurements`` always appear. ``policy_exceptions`` lists, one line each, every
 rule of the policy looser than the strict default and every measurement register it
-leaves unpinned (:meth:`tdxvm.attest.policy.Policy.loosened`, which status shows too).
+leaves unpinned (:meth:`tdxvm.attest.policy.Policy.loosened`, which status shows too),
+and, first, collateral that came from the cache because the service could not be
+reached (:meth:`tdxvm.attest.collateral.CollateralOrigin.exception`). ``collateral``
+says where the collateral came from (``source``), its TCB evaluation data number and
+issue date (the lower number and the older date of TCB info and QE identity; null
+when neither verified), its next update, and each of the two items.
+
+A quote that cannot be read at all (:class:`~tdxvm.attest.errors.QuoteFormatError`) is
+refused, not an error: :class:`QuoteRefusal` gives the same keys, ``verdict``
+``reject`` and one reason ``quote-format`` that also carries ``field`` and ``offset``;
+what needs the quote (``quote_version``, ``body_type``, ``measurements``…) is null.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral
+from tdxvm.attest.collateral import Collateral, CollateralOrigin
+from tdxvm.attest.errors import QuoteFormatError
 from tdxvm.attest.policy import Policy, evaluate
 from tdxvm.attest.quote import Quote
-from tdxvm.attest.result import Reason, VerificationResult
+from tdxvm.attest.result import CollateralFacts, IssuedItem, Reason, VerificationResult
 from tdxvm.attest.verify import QuoteVerifier
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _item(item: IssuedItem | None) -> dict[str, Any] | None:
+    if item is None:
+        return None
+    return {"issue_date": _iso(item.issue_date), "next_update": _iso(item.next_update),
+            "tcb_evaluation_data_number": item.tcb_evaluation_data_number}  # fmt: skip
+
+
+def collateral_dict(facts: CollateralFacts | None, origin: CollateralOrigin | None) -> dict[str, Any]:
+    """The verdict's ``collateral`` object (every key always present)."""
+    return {
+        "source": origin.describe() if origin else None,
+        "tcb_evaluation_data_number": facts.tcb_evaluation_data_number if facts else None,
+        "issue_date": _iso(facts.issue_date) if facts else None,
+        "next_update": _iso(facts.next_update) if facts else None,
+        "tcb_info": _item(facts.tcb_info) if facts else None,
+        "qe_identity": _item(facts.qe_identity) if facts else None,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +60,12 @@ class Verdict:
     result: VerificationResult
     policy: Policy
     reasons: tuple[Reason, ...]
+    origin: CollateralOrigin | None = None
+
+    def exceptions(self) -> list[str]:
+        """``policy_exceptions``: stale-collateral risk first, then the policy's own."""
+        stale = self.origin.exception() if self.origin else None
+        return ([stale] if stale else []) + self.policy.loosened()
 
     @property
     def accepted(self) -> bool:
@@ -51,9 +91,44 @@ class Verdict:
                 "qe_status": tcb.qe_status,
                 "tcb_date": tcb.tcb_date.isoformat().replace("+00:00", "Z"),
                 "tcb_evaluation_data_number": tcb.tcb_evaluation_data_number,
+                "launch_status": tcb.launch_status,
+                "current_status": tcb.current_status,
             },
-            "policy_exceptions": self.policy.loosened(),
+            "collateral": collateral_dict(r.collateral, self.origin),
+            "policy_exceptions": self.exceptions(),
             "measurements": r.measurements.to_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteRefusal:
+    """The answer for bytes that are not a TDX quote tdxvm reads: refused, never verified."""
+
+    error: QuoteFormatError
+    policy: Policy
+    at: datetime
+
+    accepted = False
+
+    @property
+    def reasons(self) -> tuple[Reason, ...]:
+        return (Reason(self.error.code, self.error.message),)
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.error
+        return {
+            "verdict": "reject",
+            "tcb_status": None,
+            "advisory_ids": [],
+            "reasons": [{"code": e.code, "message": e.message, "field": e.field, "offset": e.offset}],
+            "quote_version": None,
+            "body_type": None,
+            "fmspc": None,
+            "verified_at": self.at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "tcb": None,
+            "collateral": collateral_dict(None, None),
+            "policy_exceptions": self.policy.loosened(),
+            "measurements": None,
         }
 
 
@@ -65,10 +140,15 @@ def appraise(
     policy: Policy | None = None,
     verifier: QuoteVerifier | None = None,
     trust_anchor: TrustAnchor | None = None,
+    origin: CollateralOrigin | None = None,
 ) -> Verdict:
-    """Verify ``quote`` and apply ``policy`` (strict default). Reasons: verification first."""
+    """Verify ``quote`` and apply ``policy`` (strict default). Reasons: verification first.
+
+    ``origin`` (where ``collateral`` came from) is reported in the verdict; collateral
+    from the cache is listed among its policy exceptions.
+    """
     if verifier is None:
         verifier = QuoteVerifier(trust_anchor=trust_anchor)
     policy = policy or Policy()
     result = verifier.verify(quote, collateral, at=at)
-    return Verdict(result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)))
+    return Verdict(result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)), origin=origin)

@@ -47,16 +47,10 @@ from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.errors import AttestError, CertificateError
 from tdxvm.attest.pck import PckExtension, parse_pck_extension
 from tdxvm.attest.quote import INTEL_QE_VENDOR_ID, Quote, parse_quote
-from tdxvm.attest.result import Reason, TcbEvaluation, VerificationResult
-from tdxvm.attest.tcb import (
-    TcbMismatch,
-    converge,
-    match_platform_level,
-    match_qe,
-    match_tdx_module,
-    merge_advisories,
-)
+from tdxvm.attest.result import CollateralFacts, IssuedItem, Reason, VerificationResult
+from tdxvm.attest.tcbeval import evaluate_tcb
 from tdxvm.attest.tcbinfo import QeIdentity, TcbInfo, parse_qe_identity, parse_tcb_info
+from tdxvm.attest.verifiedcache import VerifiedCache, Window
 
 _SHA256 = ec.ECDSA(hashes.SHA256())
 
@@ -90,6 +84,14 @@ def _window(what: str, issue: datetime, next_update: datetime, at: datetime) -> 
     return []
 
 
+def _anchor_revoked(root_crl: CheckedCrl, anchor: x509.Certificate) -> list[Reason]:
+    """The trust anchor listed in its own CRL (dcap-qvl checks the root against the CRLs too)."""
+    if not root_crl.revokes(anchor):
+        return []
+    return [Reason("trust-anchor-revoked", f"the root CA CRL lists the trust anchor {cert_name(anchor)} (serial {anchor.serial_number:x}) as "
+                                           "revoked: nothing it issued (PCK chain, TCB signing certificate) can be trusted")]  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class _CheckedCollateral:
     tcb_chain: CheckedChain
@@ -107,6 +109,7 @@ class _CheckedCollateral:
             out += chain.time_reasons(at)
         if self.root_crl is not None:
             out += self.root_crl.time_reasons(at)
+            out += _anchor_revoked(self.root_crl, self.tcb_chain.root)
             for chain in (self.tcb_chain, self.qe_chain, self.pck_crl_chain):
                 out += chain.revocation_reasons([self.root_crl])
         if self.tcb_info is not None:
@@ -114,6 +117,14 @@ class _CheckedCollateral:
         if self.qe_identity is not None:
             out += _window("QE identity", self.qe_identity.issue_date, self.qe_identity.next_update, at)
         return out
+
+    def facts(self) -> CollateralFacts:
+        """Dates and TCB evaluation data numbers of the items whose signature verified."""
+        t, q = self.tcb_info, self.qe_identity
+        return CollateralFacts(
+            tcb_info=None if t is None else IssuedItem(t.issue_date, t.next_update, t.tcb_evaluation_data_number),
+            qe_identity=None if q is None else IssuedItem(q.issue_date, q.next_update, q.tcb_evaluation_data_number),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +147,19 @@ class QuoteVerifier:
     The caches hold checks of collateral, PCK chains and QE reports (one entry per
     platform, roughly); they are dropped whole once one holds ``cache_limit`` entries,
     so a long-running verifier's memory stays bounded.
+
+    With ``verified_cache`` (:class:`~tdxvm.attest.verifiedcache.VerifiedCache`), the
+    collateral's signature checks are also remembered on disk, so that a new verifier
+    (a new process) checks only the quote's own signatures and PCK certificate; the
+    time and revocation checks run on every verification either way.
     """
 
-    def __init__(self, *, trust_anchor: TrustAnchor | None = None, cache_limit: int = 1024) -> None:
+    def __init__(
+        self, *, trust_anchor: TrustAnchor | None = None, cache_limit: int = 1024, verified_cache: VerifiedCache | None = None
+    ) -> None:
         self.trust_anchor = trust_anchor or TrustAnchor.intel()
         self.cache_limit = cache_limit
+        self.verified_cache = verified_cache
         self._reset()
 
     def _reset(self) -> None:
@@ -152,21 +171,62 @@ class QuoteVerifier:
 
     # -- time-independent checks, cached -------------------------------------------
 
-    def _check_collateral(self, c: Collateral) -> _CheckedCollateral:
+    def _vouched(self, c: Collateral, at: datetime, chains: tuple[list[x509.Certificate], ...], crls: tuple[Crl, Crl | None]) -> tuple[dict[str, str], set[str]]:
+        """The on-disk entry names of ``c``'s items, and the items an entry vouches for at
+        ``at``; their signatures are then marked as checked in the certificate store."""
+        if self.verified_cache is None:
+            return {}, set()
+        certs = self._certs
+        keys, vouched = self.verified_cache.vouched(c, anchor_sha256=self.trust_anchor.sha256, at=at)
+        tcb_certs, qe_certs, pck_crl_certs = chains
+        pck_crl, root_ca_crl = crls
+        if "tcb_info" in vouched:
+            certs.vouch_chain(tcb_certs)
+        if "qe_identity" in vouched:
+            certs.vouch_chain(qe_certs)
+        if "pck_crl" in vouched:
+            certs.vouch_chain(pck_crl_certs)
+            certs.vouch_crl(pck_crl, pck_crl_certs[0])
+        if "root_ca_crl" in vouched and root_ca_crl is not None:  # read only when tcb_certs[-1] is the anchor
+            certs.vouch_crl(root_ca_crl, tcb_certs[-1])
+        return keys, vouched
+
+    def _record_verified(self, checked: _CheckedCollateral, keys: dict[str, str], vouched: set[str]) -> None:
+        """Remember on disk each item of the collateral whose signatures all verified."""
+        if self.verified_cache is None or len(keys) <= 1:  # no cache, or one entry vouched for the whole set
+            return
+        ch = checked
+        windows = {
+            "tcb_info": None if ch.tcb_chain.reasons or ch.tcb_info is None else Window.of(ch.tcb_info.issue_date, ch.tcb_info.next_update, ch.tcb_chain.certs),
+            "qe_identity": None if ch.qe_chain.reasons or ch.qe_identity is None else Window.of(ch.qe_identity.issue_date, ch.qe_identity.next_update, ch.qe_chain.certs),
+            "pck_crl": None if ch.pck_crl_chain.reasons or self._certs.crl_problem(ch.pck_crl, ch.pck_crl_chain.leaf) else Window.of_crl(ch.pck_crl.crl, ch.pck_crl_chain.certs),
+            "root_ca_crl": None if ch.root_crl is None or ch.root_crl.reasons else Window.of_crl(ch.root_crl.crl, ch.tcb_chain.certs[-1:]),
+        }  # fmt: skip
+        self.verified_cache.record_verified(keys, vouched, windows, anchor_sha256=self.trust_anchor.sha256)
+
+    def _check_collateral(self, c: Collateral, at: datetime) -> _CheckedCollateral:
         cached = self._collateral.get(c)
         if cached is not None:
             return cached
         anchor = self.trust_anchor
-        tcb_chain = self._certs.check_chain(self._certs.load_chain(c.tcb_info_issuer_chain, "TCB info issuer chain"), anchor=anchor, what="TCB info issuer chain")
-        qe_chain = self._certs.check_chain(self._certs.load_chain(c.qe_identity_issuer_chain, "QE identity issuer chain"), anchor=anchor, what="QE identity issuer chain")
-        pck_crl_chain = self._certs.check_chain(self._certs.load_chain(c.pck_crl_issuer_chain, "PCK CRL issuer chain"), anchor=anchor, what="PCK CRL issuer chain")
+        tcb_certs = self._certs.load_chain(c.tcb_info_issuer_chain, "TCB info issuer chain")
+        qe_certs = self._certs.load_chain(c.qe_identity_issuer_chain, "QE identity issuer chain")
+        pck_crl_certs = self._certs.load_chain(c.pck_crl_issuer_chain, "PCK CRL issuer chain")
+        pck_crl = load_crl(c.pck_crl, "PCK CRL")
+        # The root CA CRL is read only when the chain ends in the anchor that signs it.
+        rooted = self._certs.sha256(tcb_certs[-1]) == anchor.sha256
+        root_ca_crl = load_crl(c.root_ca_crl, "root CA CRL") if rooted else None
+        keys, vouched = self._vouched(c, at, (tcb_certs, qe_certs, pck_crl_certs), (pck_crl, root_ca_crl))
+        tcb_chain = self._certs.check_chain(tcb_certs, anchor=anchor, what="TCB info issuer chain")
+        qe_chain = self._certs.check_chain(qe_certs, anchor=anchor, what="QE identity issuer chain")
+        pck_crl_chain = self._certs.check_chain(pck_crl_certs, anchor=anchor, what="PCK CRL issuer chain")
         reasons = list(tcb_chain.reasons + qe_chain.reasons + pck_crl_chain.reasons)
         root_crl = None
-        if tcb_chain.hashes[-1] == anchor.sha256:
-            root_crl = self._certs.check_crl(load_crl(c.root_ca_crl, "root CA CRL"), tcb_chain.root, "root CA CRL")
+        if root_ca_crl is not None:
+            root_crl = self._certs.check_crl(root_ca_crl, tcb_chain.root, "root CA CRL")
             reasons += root_crl.reasons
-        tcb_reasons = _check_signed_json(c.tcb_info, c.tcb_info_signature, self._certs.public_key(tcb_chain.leaf), tcb_chain, "TCB info")
-        qe_reasons = _check_signed_json(c.qe_identity, c.qe_identity_signature, self._certs.public_key(qe_chain.leaf), qe_chain, "QE identity")
+        tcb_reasons = [] if "tcb_info" in vouched else _check_signed_json(c.tcb_info, c.tcb_info_signature, self._certs.public_key(tcb_chain.leaf), tcb_chain, "TCB info")
+        qe_reasons = [] if "qe_identity" in vouched else _check_signed_json(c.qe_identity, c.qe_identity_signature, self._certs.public_key(qe_chain.leaf), qe_chain, "QE identity")
         reasons += tcb_reasons + qe_reasons
         tcb_info = None if tcb_reasons else parse_tcb_info(c.tcb_info)
         qe_identity = None if qe_reasons else parse_qe_identity(c.qe_identity)
@@ -179,11 +239,12 @@ class QuoteVerifier:
             qe_chain=qe_chain,
             pck_crl_chain=pck_crl_chain,
             root_crl=root_crl,
-            pck_crl=load_crl(c.pck_crl, "PCK CRL"),
+            pck_crl=pck_crl,
             tcb_info=tcb_info,
             qe_identity=qe_identity,
             reasons=tuple(reasons),
         )
+        self._record_verified(checked, keys, vouched)
         self._collateral[c] = checked
         return checked
 
@@ -233,7 +294,7 @@ class QuoteVerifier:
         if q.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
             reasons.append(Reason("qe-vendor", f"QE vendor ID {q.header.qe_vendor_id.hex()} is not Intel's"))
 
-        coll = self._check_collateral(collateral)
+        coll = self._check_collateral(collateral, at)
         reasons += coll.reasons
         reasons += coll.time_reasons(at)
 
@@ -241,7 +302,7 @@ class QuoteVerifier:
             pck = self._check_pck(q.signature.pck_chain_pem, coll, collateral)
         except CertificateError as exc:
             reasons.append(Reason("pck-chain", str(exc)))
-            return VerificationResult(quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons))
+            return VerificationResult(quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons), collateral=coll.facts())
         reasons += pck.reasons
         reasons += pck.chain.time_reasons(at)
         reasons += pck.pck_crl.time_reasons(at)
@@ -263,36 +324,10 @@ class QuoteVerifier:
         fmspc = pck.extension.fmspc.hex().upper() if pck.extension else None
         tcb = None
         if coll.tcb_info is not None and coll.qe_identity is not None and pck.extension is not None:
-            tcb_reasons, tcb = _evaluate_tcb(coll.tcb_info, coll.qe_identity, pck.extension, q)
+            tcb_reasons, tcb = evaluate_tcb(coll.tcb_info, coll.qe_identity, pck.extension, q)
             reasons += tcb_reasons
-        return VerificationResult(quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons))
-
-
-def _evaluate_tcb(tcb_info: TcbInfo, qe_identity: QeIdentity, pck: PckExtension, q: Quote) -> tuple[list[Reason], TcbEvaluation | None]:
-    reasons = []
-    if tcb_info.fmspc != pck.fmspc:
-        reasons.append(Reason("fmspc-mismatch", f"TCB info is for FMSPC {tcb_info.fmspc.hex().upper()}, the PCK certificate has {pck.fmspc.hex().upper()}"))
-    if tcb_info.pce_id != pck.pce_id:
-        reasons.append(Reason("pce-id-mismatch", f"TCB info is for PCE-ID {tcb_info.pce_id.hex()}, the PCK certificate has {pck.pce_id.hex()}"))
-    if reasons:
-        return reasons, None
-    try:
-        qe = match_qe(qe_identity, q.signature.qe_report)
-        level = match_platform_level(tcb_info, pck, q.body.tee_tcb_svn)
-        module = match_tdx_module(tcb_info, q.body)
-    except TcbMismatch as exc:
-        return [exc.reason], None
-    status = converge(level.status, module.status if module else None)
-    status = converge(status, qe.status)
-    return [], TcbEvaluation(
-        status=status,
-        advisory_ids=merge_advisories(level.advisory_ids, module.advisory_ids if module else (), qe.advisory_ids),
-        platform_status=level.status,
-        tdx_module_status=module.status if module else None,
-        qe_status=qe.status,
-        tcb_date=level.tcb_date,
-        tcb_evaluation_data_number=tcb_info.tcb_evaluation_data_number,
-    )
+        return VerificationResult(quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons),
+                                  collateral=coll.facts())  # fmt: skip
 
 
 def verify_quote(

@@ -13,15 +13,43 @@ import sys
 import click
 
 from tdxvm import __version__
-from tdxvm.cli.attest import collateral, eventlog, verify_quote
-from tdxvm.cli.emulate import emulate
-from tdxvm.cli.endpoint import verify_endpoint_cmd
-from tdxvm.cli.fleet import NameOrFile, apply_cmd, fleet_destroy_cmd, fleet_status_cmd, plan_cmd
-from tdxvm.cli.image import image
-from tdxvm.cli.provision import provision_cmd
-from tdxvm.cli.vm import attest_cmd, console_cmd, destroy_cmd, launch_cmd, status_cmd, stop_cmd
-from tdxvm.cli.weights import weights
+from tdxvm.cli.lazy import LazyCommands
 from tdxvm.cli.output import run_guarded
+
+# Each command's module is imported when the command is looked up (tdxvm.cli.lazy), so
+# that `tdxvm verify-quote` imports neither libvirt, paramiko nor the builders.
+COMMANDS = {
+    "verify-quote": "tdxvm.cli.attest:verify_quote",
+    "verify-endpoint": "tdxvm.cli.endpoint:verify_endpoint_cmd",
+    "collateral": "tdxvm.cli.attest:collateral",
+    "eventlog": "tdxvm.cli.attest:eventlog",
+    "emulate": "tdxvm.cli.emulate:emulate",
+    "image": "tdxvm.cli.image:image",
+    "launch": "tdxvm.cli.vm:launch_cmd",
+    "provision": "tdxvm.cli.provision:provision_cmd",
+    "status": "tdxvm.cli:_status_cmd",
+    "attest": "tdxvm.cli.vm:attest_cmd",
+    "stop": "tdxvm.cli.vm:stop_cmd",
+    "destroy": "tdxvm.cli:_destroy_cmd",
+    "plan": "tdxvm.cli.fleet:plan_cmd",
+    "apply": "tdxvm.cli.fleet:apply_cmd",
+    "console": "tdxvm.cli.vm:console_cmd",
+    "weights": "tdxvm.cli.weights:weights",
+}
+
+
+def _status_cmd() -> click.Command:
+    from tdxvm.cli.fleet import NameOrFile, fleet_status_cmd
+    from tdxvm.cli.vm import status_cmd
+
+    return NameOrFile(status_cmd, fleet_status_cmd, short_help="Show tdxvm's VMs on a host, one VM, or a fleet's (-f).")
+
+
+def _destroy_cmd() -> click.Command:
+    from tdxvm.cli.fleet import NameOrFile, fleet_destroy_cmd
+    from tdxvm.cli.vm import destroy_cmd
+
+    return NameOrFile(destroy_cmd, fleet_destroy_cmd, short_help="Destroy VM NAME, or every VM of a fleet (-f).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,22 +58,7 @@ def cli() -> None:
     """Run private foundation models in Intel TDX Trust Domains on hosts you do not trust."""
 
 
-cli.add_command(verify_quote)
-cli.add_command(verify_endpoint_cmd)
-cli.add_command(collateral)
-cli.add_command(eventlog)
-cli.add_command(emulate)
-cli.add_command(image)
-cli.add_command(launch_cmd)
-cli.add_command(provision_cmd)
-cli.add_command(NameOrFile(status_cmd, fleet_status_cmd, short_help="Show tdxvm's VMs on a host, one VM, or a fleet's (-f)."))
-cli.add_command(attest_cmd)
-cli.add_command(stop_cmd)
-cli.add_command(NameOrFile(destroy_cmd, fleet_destroy_cmd, short_help="Destroy VM NAME, or every VM of a fleet (-f)."))
-cli.add_command(plan_cmd)
-cli.add_command(apply_cmd)
-cli.add_command(console_cmd)
-cli.add_command(weights)
+cli.commands = LazyCommands(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.ccel import parse_ccel_table
-from tdxvm.attest.collateral import load_bundle, save_bundle
-from tdxvm.attest.eventlog import compare_rtmrs, parse_json_event_log, parse_tcg_event_log, replay
-from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_collateral
+from tdxvm.attest.collateral import INTEL_PCS_URL, CollateralOrigin, load_bundle, save_bundle
+from tdxvm.attest.duration import format_duration
+from tdxvm.attest.errors import QuoteFormatError
 from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import parse_quote, read_quote_bytes
-from tdxvm.attest.verdict import Verdict, appraise
+from tdxvm.attest.quotefile import load_quote
+from tdxvm.attest.tcb import TD_RELAUNCH_STATUSES
+from tdxvm.attest.verdict import QuoteRefusal, Verdict, appraise
+from tdxvm.attest.verifiedcache import VerifiedCache
+from tdxvm.attest.verify import QuoteVerifier
 from tdxvm.cli.output import (
     EXIT_OK,
     EXIT_REFUSED,
     OUTPUT_OPTION,
     CliError,
     emit_json,
+    json_verdict,
     parse_time,
 )
 
@@ -41,9 +47,11 @@ def _print_verdict(v: Verdict, source: str) -> None:
     color = "green" if v.accepted else "red"
     status = d["tcb_status"] or "not evaluated"
     click.echo(click.style(word, fg=color, bold=True) + f"  TCB {status}, quote v{d['quote_version']}, FMSPC {d['fmspc'] or '?'}, at {d['verified_at']}")
-    click.echo(f"collateral: {source}")
+    click.echo(f"collateral: {source}" + _freshness(d["collateral"], v.result.at))
     if d["advisory_ids"]:
         click.echo(f"advisories: {', '.join(d['advisory_ids'])}")
+    if d["tcb_status"] in TD_RELAUNCH_STATUSES:
+        click.echo(click.style(_relaunch_advice(d["tcb_status"], d["tcb"]), fg="yellow"))
     for line in d["policy_exceptions"]:
         click.echo(click.style(f"policy exception: {line}", fg="yellow"))
     for r in d["reasons"]:
@@ -53,6 +61,39 @@ def _print_verdict(v: Verdict, source: str) -> None:
         click.echo(f"{key:>14}: {m[key]}")
 
 
+def _freshness(c: dict, at: datetime) -> str:
+    """"; TCB evaluation data number 17, issued … (3d4h before the verification time), next update …"."""
+    if c["issue_date"] is None:
+        return "; not verified, so its date and TCB evaluation data number are not shown"
+    age = at - datetime.fromisoformat(c["issue_date"].replace("Z", "+00:00"))
+    when = f"{format_duration(age)} before" if age.total_seconds() >= 0 else f"{format_duration(-age)} after"
+    return (f"; TCB evaluation data number {c['tcb_evaluation_data_number']}, issued {c['issue_date']} ({when} the "
+            f"verification time), next update {c['next_update']}")  # fmt: skip
+
+
+def _relaunch_advice(status: str, tcb: dict) -> str:
+    configure = ", and configure the platform as its advisories ask" if status == "TDRelaunchAdvisedConfigurationNeeded" else ""
+    return (f"TD relaunch advised: the TD launched on a TDX module whose TCB is {tcb['launch_status']}; the module running now "
+            f"(TEE_TCB_SVN2) is {tcb['current_status']}: relaunch the TD to pick up the updated TDX module{configure}")  # fmt: skip
+
+
+def _print_refusal(r: QuoteRefusal) -> None:
+    click.echo(click.style("REFUSED", fg="red", bold=True) + "  not a TDX quote tdxvm can read")
+    for reason in r.reasons:
+        click.echo(f"  - [{reason.code}] {reason.message}")
+
+
+def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
+    if output == "json":
+        emit_json(v.to_dict())
+    elif isinstance(v, QuoteRefusal):
+        _print_refusal(v)
+    else:
+        _print_verdict(v, source)
+    sys.exit(EXIT_OK if v.accepted else EXIT_REFUSED)
+
+
+@json_verdict
 @click.command("verify-quote")
 @click.argument("quote", metavar="QUOTE")
 @click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
@@ -60,36 +101,43 @@ def _print_verdict(v: Verdict, source: str) -> None:
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML [default: strict].")
+@click.option("--no-cache", is_flag=True, help="Check every collateral signature again; neither read nor write the "
+                                               "verified-collateral cache (~/.cache/tdxvm/verified).")  # fmt: skip
 @OUTPUT_OPTION
-def verify_quote(quote: str, bundle: str | None, pccs: str | None, root_ca: str | None, at_text: str | None, policy_path: str | None, output: str) -> None:
+def verify_quote(quote: str, bundle: str | None, pccs: str | None, root_ca: str | None, at_text: str | None, policy_path: str | None, no_cache: bool, output: str) -> None:
     """Verify a TDX QUOTE (binary or hex file, - for stdin) against Intel's collateral.
 
-    Exit 0 when accepted, 1 when refused, 2 when the input is unusable, 3 when
-    collateral cannot be fetched.
+    Exit 0 when accepted; 1 when refused, a QUOTE that is not a TDX quote tdxvm reads
+    included (reason quote-format); 2 when the verifier's own input is unusable (a file
+    it cannot read, collateral, policy, root CA, arguments); 3 when collateral cannot be
+    fetched. With -o json the object always has a verdict: accept, reject or error.
     """
     if bundle and pccs:
         raise CliError("give either --collateral or --pccs, not both")
     at = parse_time(at_text)
-    q = parse_quote(read_quote_bytes(read_file(quote, "quote")))
     policy = load_policy(policy_path) if policy_path else Policy()
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
-    if bundle:
-        coll, source = load_bundle(bundle), f"bundle {bundle}"
-    else:
+    data = read_file(quote, "quote")
+    coll = load_bundle(bundle) if bundle else None  # the verifier's inputs first: exit 2 before any verdict
+    source = f"bundle {bundle}"
+    origin = CollateralOrigin("bundle", bundle) if bundle else None
+    try:
+        q = load_quote(data)
+    except QuoteFormatError as exc:
+        _answer(QuoteRefusal(error=exc, policy=policy, at=at), output, source)
+    if coll is None:
+        from tdxvm.attest.pcs import CollateralCache, PcsClient, get_collateral  # the HTTP stack, only when needed
+
         client = PcsClient(base_url=pccs or INTEL_PCS_URL)
-        coll, how = get_collateral(q, client=client, cache=CollateralCache(), at=at)
-        source = f"{how} from {client.base_url}"
-    verdict = appraise(q, coll, at=at, policy=policy, trust_anchor=anchor)
-    if output == "json":
-        emit_json(verdict.to_dict())
-    else:
-        _print_verdict(verdict, source)
-    sys.exit(EXIT_OK if verdict.accepted else EXIT_REFUSED)
+        coll, origin = get_collateral(q, client=client, cache=CollateralCache(), at=at)
+        source = origin.describe()
+    verifier = QuoteVerifier(trust_anchor=anchor, verified_cache=None if no_cache else VerifiedCache())
+    _answer(appraise(q, coll, at=at, policy=policy, verifier=verifier, origin=origin), output, source)
 
 
 @click.group()
 def collateral() -> None:
-    """Fetch and bundle Intel collateral for offline verification."""
+    """Fetch and bundle Intel collateral for offline verification; show the cached copies."""
 
 
 @collateral.command("fetch")
@@ -98,14 +146,65 @@ def collateral() -> None:
 @click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL [default: {INTEL_PCS_URL}].")
 def collateral_fetch(quote: str, out: str, pccs: str | None) -> None:
     """Fetch the collateral QUOTE needs and write it as an offline bundle."""
+    from tdxvm.attest.pcs import PcsClient
+
     q = parse_quote(read_quote_bytes(read_file(quote, "quote")))
     client = PcsClient(base_url=pccs or INTEL_PCS_URL)
     save_bundle(client.fetch_for_quote(q), out)
     click.echo(f"wrote {out}", err=True)
 
 
+def _iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@collateral.command("status")
+@click.option("--pccs", metavar="URL", help="Only the collateral cached for this PCCS or PCS [default: every service's].")
+@OUTPUT_OPTION
+def collateral_status(pccs: str | None, output: str) -> None:
+    """Show the cached collateral per FMSPC: TCB evaluation data number, issue date, next update.
+
+    The cache is what verify-quote falls back on when the PCS/PCCS cannot be reached;
+    these values are read from it, not verified (verify-quote verifies). STATE is the
+    cached copy's state now: usable, expired or not yet valid.
+    """
+    from tdxvm.attest.pcs import CollateralCache, service_url
+
+    cache, now = CollateralCache(), datetime.now(timezone.utc)
+    named = {cache.service_id(u): u for u in (INTEL_PCS_URL, service_url(pccs) if pccs else None) if u}
+    rows = []
+    for e in cache.entries():
+        if pccs and e.service_id != cache.service_id(service_url(pccs)):
+            continue
+        s = e.summary
+        state = "unreadable" if s is None else "usable" if s.window.contains(now) else "expired" if now >= s.window.not_after else "not yet valid"
+        rows.append({
+            "fmspc": e.fmspc, "ca": e.ca, "service": named.get(e.service_id), "service_id": e.service_id, "path": str(e.path),
+            "tcb_evaluation_data_number": s.tcb_evaluation_data_number if s else None,
+            "issue_date": _iso(s.issue_date) if s else None,
+            "next_update": _iso(s.window.not_after) if s else None,
+            "next_update_of": s.window.expires_first if s else None,
+            "state": state, "error": e.error,
+        })  # fmt: skip
+    if output == "json":
+        emit_json({"directory": str(cache.directory), "at": _iso(now), "entries": rows})
+        return
+    click.echo(f"cached collateral in {cache.directory} (read, not verified)")
+    if not rows:
+        click.echo("  none" + (f" for {service_url(pccs)}" if pccs else ""))
+    for r in rows:
+        service = r["service"] or f"service {r['service_id']}"
+        if r["error"]:
+            click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: unreadable: {r['error']}")
+            continue
+        click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: TCB evaluation data number {r['tcb_evaluation_data_number']}, "
+                   f"issued {r['issue_date']}, next update {r['next_update']} ({r['next_update_of']}): {r['state']}")  # fmt: skip
+
+
 def _load_events(data: bytes, source: str) -> tuple[list, bytes | None]:
     """Events from a TCG binary log or a JSON log; a JSON object may carry the quote too."""
+    from tdxvm.attest.eventlog import parse_json_event_log, parse_tcg_event_log  # only the eventlog commands need it
+
     text = data.lstrip()
     if text[:1] in (b"{", b"["):
         try:
@@ -140,6 +239,9 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
     event_type, digest, event, event_payload; or an object with event_log and quote).
     Exit 0 when every register matches the quote, 1 when one differs.
     """
+    from tdxvm.attest.ccel import parse_ccel_table
+    from tdxvm.attest.eventlog import compare_rtmrs, replay
+
     events, embedded = _load_events(read_file(log, "event log"), log)
     table = parse_ccel_table(read_file(ccel_table, "CCEL table")) if ccel_table else None
     rtmrs = replay(events)

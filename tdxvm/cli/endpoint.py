@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral, load_bundle
+from tdxvm.attest.collateral import Collateral, CollateralOrigin, load_bundle
 from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_collateral
 from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import Quote
@@ -69,10 +69,10 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
     else:
         client = PcsClient(base_url=pccs or INTEL_PCS_URL)
 
-        def collateral(quote: Quote) -> Collateral:
-            coll, how = get_collateral(quote, client=client, cache=CollateralCache(), at=at)
-            sources.append(f"{how} from {client.base_url}")
-            return coll
+        def collateral(quote: Quote) -> tuple[Collateral, CollateralOrigin]:
+            coll, origin = get_collateral(quote, client=client, cache=CollateralCache(), at=at)
+            sources.append(origin.describe())
+            return coll, origin
 
     try:
         endpoint = verify_endpoint(url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout)

@@ -12,8 +12,6 @@ from typing import Any
 import click
 
 from tdxvm.attest.errors import AttestError, CollateralFetchError
-from tdxvm.launch.records import RecordMismatch
-from tdxvm.yamlfile import SpecError
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -33,6 +31,25 @@ OUTPUT_OPTION = click.option(
     show_default=True,
     help="text for people, json for scripts (one object on stdout).",
 )
+
+
+def json_verdict(cmd: click.Command) -> click.Command:
+    """Mark ``cmd`` as one that answers with a verdict: with ``-o json`` its errors too
+    (usage, unusable input, network, internal) carry ``"verdict": "error"``, so that a
+    script's ``jq .verdict`` never reads null."""
+    cmd.json_verdict = True  # type: ignore[attr-defined]
+    return cmd
+
+
+def _error_doc(code: str, message: str, *, verdict: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {"verdict": "error"} if verdict else {}
+    doc["error"] = {"code": code, "message": message}
+    return doc
+
+
+def _verdict_command(cli: click.Group, argv: list[str]) -> bool:
+    name = next((a for a in argv if not a.startswith("-")), None)
+    return bool(getattr(cli.commands.get(name or ""), "json_verdict", False))
 
 
 class CliError(Exception):
@@ -59,10 +76,17 @@ def parse_time(value: str | None) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
+def _is_instance(exc: Exception, module: str, name: str) -> bool:
+    """``isinstance(exc, module.name)`` without importing ``module``: when it was never
+    imported (this command does not use libvirt records or YAML), exc cannot be one."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(exc, getattr(loaded, name))
+
+
 def _error_exit(exc: Exception) -> int:
     if isinstance(exc, CollateralFetchError):
         return EXIT_NETWORK
-    if isinstance(exc, RecordMismatch):  # the host changed a VM behind the controller's back: a refusal
+    if _is_instance(exc, "tdxvm.launch.records", "RecordMismatch"):  # the host changed a VM behind the controller's back: a refusal
         return EXIT_REFUSED
     return EXIT_INPUT
 
@@ -70,6 +94,7 @@ def _error_exit(exc: Exception) -> int:
 def run_guarded(cli: click.Group, argv: list[str]) -> int:
     """Run the click group; turn our errors into one clear line (or JSON) and an exit code."""
     want_json = _wants_json(argv)
+    verdict = want_json and _verdict_command(cli, argv)
     try:
         # NO_COLOR (https://no-color.org): no ANSI colours even on a terminal.
         color = False if os.environ.get("NO_COLOR") else None
@@ -79,9 +104,13 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         return exc.exit_code
     except click.Abort:
         click.echo("aborted", err=True)
+        if verdict:
+            emit_json(_error_doc("aborted", "aborted", verdict=True))
         return EXIT_INPUT
     except click.ClickException as exc:
         exc.show()
+        if verdict:
+            emit_json(_error_doc("usage", exc.format_message(), verdict=True))
         return EXIT_INPUT
     except SystemExit as exc:  # commands exit with their verdict
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT
@@ -89,10 +118,12 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         if not _typed(exc):  # a bug: say so plainly, keep the trace for the report
             click.echo("internal error (please report it with the lines below):", err=True)
             click.echo(traceback.format_exc(), err=True)
+            if verdict:
+                emit_json(_error_doc("internal", f"internal error: {type(exc).__name__}: {exc}", verdict=True))
             return EXIT_INTERNAL
         code = getattr(exc, "code", "error")
         if want_json:
-            emit_json({"error": {"code": code, "message": str(exc)}})
+            emit_json(_error_doc(code, str(exc), verdict=verdict))
         else:
             click.echo(f"error: {exc}", err=True)
         return _error_exit(exc)
@@ -103,7 +134,7 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
 
 def _typed(exc: Exception) -> bool:
     """One of tdxvm's own errors (they carry a ``code``), as opposed to a bug."""
-    return isinstance(exc, (AttestError, SpecError, CliError)) or (
+    return isinstance(exc, (AttestError, CliError)) or _is_instance(exc, "tdxvm.yamlfile", "SpecError") or (
         type(exc).__module__.startswith("tdxvm.") and isinstance(getattr(type(exc), "code", None), str)
     )
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, report_data
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral
+from tdxvm.attest.collateral import Collateral, CollateralOrigin, resolve_collateral
 from tdxvm.attest.errors import EventLogError, QuoteFormatError
 from tdxvm.attest.eventlog import compare_rtmrs, parse_tcg_event_log, replay
 from tdxvm.attest.policy import Policy
@@ -51,7 +51,7 @@ ATTESTATION_PATH = "/v1/attestation"
 MAX_DOCUMENT = 8 << 20  # quote (~5 KiB) + event log (64 KiB CCEL area, base64) with room to spare
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")  # firmware, kernel, initrd + command line
 
-CollateralSource = Collateral | Callable[[Quote], Collateral]
+CollateralSource = Collateral | Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
 
 
 class EndpointError(Exception):
@@ -199,8 +199,8 @@ def verify_endpoint(
     policy = policy or Policy()
     if require_measurements and (missing := [k for k in REQUIRED_MEASUREMENTS if getattr(policy, k) is None]):
         reasons.append(Reason("policy-measurements", f"the policy names no expected {', '.join(missing)}: any TD on a genuine platform would pass; give a policy with the image's measurements"))
-    coll = collateral(quote) if callable(collateral) else collateral
-    verdict = appraise(quote, coll, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor)
+    coll, origin = resolve_collateral(collateral, quote)
+    verdict = appraise(quote, coll, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor, origin=origin)
     verdict = dataclasses.replace(verdict, reasons=(*reasons, *verdict.reasons))
     if not verdict.accepted:
         raise refuse(*verdict.reasons, verdict=verdict, provider=doc.provider)

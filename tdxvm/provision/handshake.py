@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, check_report_data
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral
+from tdxvm.attest.collateral import Collateral, CollateralOrigin, resolve_collateral
 from tdxvm.attest.errors import QuoteFormatError
 from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import Quote, parse_quote
@@ -45,7 +45,7 @@ from tdxvm.guest.envelope import seal
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")  # firmware; kernel; command line and initrd
 DEFAULT_TIMEOUT = 30.0
 
-CollateralSource = Collateral | Callable[[Quote], Collateral]
+CollateralSource = Collateral | Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
 
 
 class HandshakeError(Exception):
@@ -254,8 +254,8 @@ def _attest(channel: _Channel, *, collateral: CollateralSource, policy: Policy, 
     if require_measurements and (missing := [k for k in REQUIRED_MEASUREMENTS if getattr(policy, k) is None]):
         reasons.append(Reason("policy-measurements", f"the policy names no expected {', '.join(missing)}: any TD on a genuine "
                               "platform would pass; give a policy with the image's measurements"))  # fmt: skip
-    coll = collateral(quote) if callable(collateral) else collateral
-    verdict = appraise(quote, coll, at=at, policy=policy, trust_anchor=trust_anchor)
+    coll, origin = resolve_collateral(collateral, quote)
+    verdict = appraise(quote, coll, at=at, policy=policy, trust_anchor=trust_anchor, origin=origin)
     verdict = dataclasses.replace(verdict, reasons=(*reasons, *verdict.reasons))
     if not verdict.accepted:
         raise refuse(*(verdict.reasons or (Reason("not-genuine", "the quote was not verified"),)), verdict=verdict)

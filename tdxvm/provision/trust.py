@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tdxvm.attest import Collateral, TrustAnchor
+from tdxvm.attest.collateral import CollateralOrigin
 from tdxvm.attest.quote import Quote
 
 
@@ -37,7 +38,7 @@ class Trust:
     emulated quote service for one domain (a no-op for TDX, whose quotes come from the host's QGS)."""
 
     backend: str
-    collateral: Collateral | Callable[[Quote], Collateral]
+    collateral: Collateral | Callable[[Quote], tuple[Collateral, CollateralOrigin]]
     trust_anchor: TrustAnchor | None
     platform: Any = None  # EmulatedPlatform for the emulated backend
     emulated_dir: Path | None = None  # where that platform is kept (the quote daemon loads it from there)
@@ -77,7 +78,7 @@ def for_backend(backend: str, *, emulated_dir: Path | None = None, pccs_url: str
     client = PcsClient(base_url=pccs_url) if pccs_url else PcsClient()
     cache = CollateralCache()
 
-    def collateral(quote: Quote) -> Collateral:
-        return get_collateral(quote, client=client, cache=cache, at=datetime.now(timezone.utc))[0]
+    def collateral(quote: Quote) -> tuple[Collateral, CollateralOrigin]:
+        return get_collateral(quote, client=client, cache=cache, at=datetime.now(timezone.utc))
 
     return Trust("tdx", collateral, None)

@@ -290,6 +290,12 @@ def test_quote_without_issuer(v4_quote):
 # --- the cache and the fallback ---------------------------------------------------------
 
 
+def got(quote, **kw):
+    """get_collateral's collateral and how it got it ("fetched" or "cache")."""
+    collateral, origin = get_collateral(quote, **kw)
+    return collateral, origin.how
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "tdxvm" / "collateral"
@@ -316,11 +322,11 @@ def test_cache_modes_and_keys(tmp_path, v4):
 def test_fetch_stores_then_falls_back(pcs, v4, v4_quote, tmp_path):
     cache = CollateralCache(directory=tmp_path / "cache")
     c = client(pcs)
-    assert get_collateral(v4_quote, client=c, cache=cache, at=INSIDE) == (v4, "fetched")
+    assert got(v4_quote, client=c, cache=cache, at=INSIDE) == (v4, "fetched")
     (stored,) = cache.directory.iterdir()
     assert stat.S_IMODE(stored.stat().st_mode) == 0o600
     pcs.stop()
-    assert get_collateral(v4_quote, client=c, cache=cache, at=INSIDE) == (v4, "cache")
+    assert got(v4_quote, client=c, cache=cache, at=INSIDE) == (v4, "cache")
 
 
 def test_fallback_refuses_expired_copy(pcs, v4, v4_quote, tmp_path):
@@ -358,7 +364,7 @@ def test_cache_write_failure_does_not_fail_the_fetch(pcs, v4, v4_quote, tmp_path
     blocker = tmp_path / "file"
     blocker.write_text("")
     cache = CollateralCache(directory=blocker / "cache")
-    assert get_collateral(v4_quote, client=client(pcs), cache=cache, at=INSIDE) == (v4, "fetched")
+    assert got(v4_quote, client=client(pcs), cache=cache, at=INSIDE) == (v4, "fetched")
     assert "cannot cache collateral" in caplog.text
 
 
@@ -368,7 +374,7 @@ def test_naive_time_means_utc(pcs, v4, v4_quote, tmp_path):
     get_collateral(v4_quote, client=c, cache=cache, at=INSIDE)
     pcs.stop()
     naive = datetime(2025, 7, 1, tzinfo=timezone.utc).replace(tzinfo=None)
-    assert get_collateral(v4_quote, client=c, cache=cache, at=naive) == (v4, "cache")
+    assert got(v4_quote, client=c, cache=cache, at=naive) == (v4, "cache")
 
 
 def test_corrupt_cache_load_names_file(tmp_path):
@@ -398,3 +404,80 @@ def test_cli_fetch_and_verify_through_pccs(pcs, v4, testdata, tmp_path, monkeypa
     assert main([*args, "--at", INSIDE.isoformat()]) == 0
     assert main([*args, "--at", AFTER.isoformat()]) == 3
     assert "expired" in capsys.readouterr().out
+
+
+def test_get_collateral_origin_says_why(pcs, v4, v4_quote, tmp_path):
+    cache = CollateralCache(directory=tmp_path)
+    c = client(pcs)
+    _, origin = get_collateral(v4_quote, client=c, cache=cache, at=INSIDE)
+    assert (origin.how, origin.where, origin.why, origin.exception()) == ("fetched", pcs.base_url, None, None)
+    pcs.stop()
+    _, origin = get_collateral(v4_quote, client=c, cache=cache, at=INSIDE)
+    assert (origin.how, origin.where) == ("cache", pcs.base_url)
+    assert f"GET {pcs.base_url}{TCB} failed, no HTTP response: Connection refused" in origin.why
+    assert origin.exception() == f"collateral from the cache: {pcs.base_url} could not be reached ({origin.why})"
+
+
+def test_cli_cached_collateral_is_listed_and_max_age_refuses_it(pcs, testdata, tmp_path, monkeypatch, capsys):
+    """The attack: block the PCCS and the verifier falls back on the cached copy. The
+    verdict says so among its policy exceptions; max_collateral_age refuses stale copies."""
+    import json
+
+    from tdxvm.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quote = testdata / "dcap-qvl-v4" / "quote.bin"
+    args = ["verify-quote", str(quote), "--pccs", pcs.base_url, "--at", INSIDE.isoformat(), "-o", "json"]
+    assert main(args) == 0
+    fetched = json.loads(capsys.readouterr().out)
+    assert fetched["collateral"]["source"] == f"fetched from {pcs.base_url}"
+    assert not any(line.startswith("collateral from the cache") for line in fetched["policy_exceptions"])
+    pcs.stop()
+    assert main(args) == 0
+    cached = json.loads(capsys.readouterr().out)
+    assert cached["collateral"]["source"] == f"cache from {pcs.base_url}"
+    assert cached["collateral"]["tcb_evaluation_data_number"] == 17
+    assert cached["policy_exceptions"][0].startswith(f"collateral from the cache: {pcs.base_url} could not be reached (TCB info: GET ")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("max_collateral_age: 7d\n")  # INSIDE is 11 days after the TCB info's issue date
+    assert main([*args, "--policy", str(policy)]) == 1
+    refused = json.loads(capsys.readouterr().out)
+    assert [r["code"] for r in refused["reasons"]] == ["collateral-too-old", "collateral-too-old"]
+    assert main([*args[:-2], "--policy", str(policy)]) == 1  # the text form says it too
+    text = capsys.readouterr().out
+    assert "policy exception: collateral from the cache:" in text
+    assert "TCB evaluation data number 17, issued 2025-06-19T10:16:03Z (11d13h43m57s before the verification time)" in text
+
+
+def test_cli_collateral_status(pcs, v4, testdata, tmp_path, monkeypatch, capsys):
+    import json
+
+    from tdxvm.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["collateral", "status", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == []
+    quote = testdata / "dcap-qvl-v4" / "quote.bin"
+    assert main(["verify-quote", str(quote), "--pccs", pcs.base_url, "--at", INSIDE.isoformat(), "-o", "json"]) == 0
+    folder = tmp_path / "cache" / "tdxvm" / "collateral"
+    (folder / f"90C06F000000-platform-{CollateralCache.service_id(INTEL_PCS_URL)}.json").write_text("{")
+    (folder / "notes.txt").write_text("not a cache entry")
+    capsys.readouterr()
+    assert main(["collateral", "status", "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["directory"] == str(folder)
+    mine, broken = sorted(doc["entries"], key=lambda e: e["fmspc"], reverse=True)
+    assert mine == {
+        "fmspc": "B0C06F000000", "ca": "platform", "service": None, "service_id": CollateralCache.service_id(pcs.base_url),
+        "path": str(folder / f"B0C06F000000-platform-{CollateralCache.service_id(pcs.base_url)}.json"),
+        "tcb_evaluation_data_number": 17, "issue_date": "2025-06-19T10:16:03Z",
+        "next_update": "2025-07-19T10:00:35Z", "next_update_of": "PCK CRL", "state": "expired", "error": None,
+    }  # fmt: skip
+    assert broken["service"] == INTEL_PCS_URL and broken["state"] == "unreadable" and "not valid JSON" in broken["error"]
+    assert main(["collateral", "status", "--pccs", pcs.base_url + "/sgx/certification/v4", "-o", "json"]) == 0
+    only = json.loads(capsys.readouterr().out)["entries"]
+    assert [(e["fmspc"], e["service"]) for e in only] == [("B0C06F000000", pcs.base_url)]
+    assert main(["collateral", "status", "--pccs", pcs.base_url]) == 0
+    text = capsys.readouterr().out
+    assert (f"B0C06F000000  platform   {pcs.base_url}: TCB evaluation data number 17, issued 2025-06-19T10:16:03Z, "
+            "next update 2025-07-19T10:00:35Z (PCK CRL): expired") in text  # fmt: skip

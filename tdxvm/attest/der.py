@@ -100,19 +100,7 @@ def der_elements(data: bytes, what: str) -> list[tuple[int, bytes]]:
     out = []
     pos, end = 0, len(data)
     while pos < end:
-        if pos + 2 > end:
-            raise CertificateError(f"{what}: truncated DER element at offset {pos}")
-        tag, length = data[pos], data[pos + 1]
-        start = pos + 2
-        if length & 0x80:
-            n = length & 0x7F
-            if n == 0 or n > 4 or start + n > end:
-                raise CertificateError(f"{what}: bad DER length at offset {pos}")
-            length = int.from_bytes(data[start : start + n], "big")
-            start += n
-        stop = start + length
-        if stop > end:
-            raise CertificateError(f"{what}: DER element at offset {pos} runs past its container")
+        tag, start, stop = tlv_at(data, pos, end, what)
         out.append((tag, data[start:stop]))
         pos = stop
     return out

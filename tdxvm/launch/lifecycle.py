@@ -119,7 +119,7 @@ class VmStatus:
     labels: dict[str, str] = field(default_factory=dict)
     record: str = "unchecked"  # the controller's record of this VM: ok, missing, mismatch (or unchecked)
     record_problem: str | None = None
-    served: dict[str, str] | None = None  # from the record: what `tdxvm provision` serves
+    model: dict[str, str] | None = None  # from the record: what `tdxvm provision` serves (name, url, tls_spki_sha256, at)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,11 +142,6 @@ class VmStatus:
             "record": self.record,
             "record_problem": self.record_problem,
         }
-
-    @property
-    def model(self) -> dict[str, str] | None:
-        """What ``tdxvm provision`` last gave this VM (name, URL, attested TLS key, when), from its record."""
-        return self.served
 
     def forward(self, guest_port: int | None) -> PortForward | None:
         return next((f for f in self.forwards if f.guest_port == guest_port), None) if guest_port is not None else None
@@ -510,5 +505,5 @@ def _status(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadat
         return vm
     vm.record, vm.backend, vm.forwards, vm.agent_port = "ok", record.backend, record.forwards, record.agent_port
     vm.policy, vm.policy_exceptions = record.policy, record.policy.loosened()
-    vm.attestation, vm.served, vm.manifest = record.attestation, record.model, record.manifest
+    vm.attestation, vm.model, vm.manifest = record.attestation, record.model, record.manifest
     return vm

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
+from tdxvm.guest.rootdisk import VERITY_BLOCK, VERITY_HASH, RootDiskError, parse_cmdline
 from tdxvm.image.measure import (DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, MeasureError,
                                   Measurements, predict)
 
@@ -72,6 +73,9 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
     m = result["measurements"]
     for reg in REGISTERS:
         click.echo(f"  {reg:<6} {m[reg] or 'not predicted'}")
+    v = result["verity"]
+    click.echo(f"  rootfs verity root hash {v['root_hash']} ({v['hash_algorithm']}, {v['data_blocks']} x "
+               f"{v['data_block_size']}-byte blocks, tree {v['hash_bytes']} bytes; on the command line, in RTMR2)")  # fmt: skip
     click.echo(f"  disk key: secret {result['luks']['key_secret']} (in the secret store only)")
 
 
@@ -102,14 +106,30 @@ def measure(firmware: str | None, kernel: str, initrd: str | None, cmdline: str,
         err = CliError(f"{which}: {exc}")
         err.code = exc.code
         raise err from None
+    verity = _verity_root(cmdline)
     if output == "json":
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), "verity": verity})
     else:
         _print_text(result)
+        click.echo(f"rootfs verity root hash {verity['root_hash']} ({verity['hash_algorithm']}, {verity['data_blocks']} x "
+                   f"{verity['data_block_size']}-byte blocks)" if verity else "rootfs not pinned (no tdxvm.verity= on the "
+                   "command line)")  # fmt: skip
     if result.inputs.get("efi_stub_cc_measurement") != "yes":
         # A report, not a refusal: measure describes any kernel; build and launch refuse this one.
         click.echo(f"warning: rtmr2 is {result.notes['rtmr2']}; `tdxvm image build` and `tdxvm launch` refuse this "
                    f"kernel: {MEASURING_KERNEL_FIX}", err=True)  # fmt: skip
+
+
+def _verity_root(cmdline: str) -> dict[str, object] | None:
+    """The root filesystem the command line pins (its ``tdxvm.verity=``), None if it pins none."""
+    if "tdxvm.verity=" not in cmdline:
+        return None
+    try:
+        root = parse_cmdline(cmdline)
+    except RootDiskError as exc:
+        raise CliError(f"--cmdline: {exc}") from None
+    return {"root_hash": root.root_hash, "data_blocks": root.data_blocks, "hash_algorithm": VERITY_HASH,
+            "data_block_size": VERITY_BLOCK, "hash_block_size": VERITY_BLOCK, "hash_offset": root.hash_offset}  # fmt: skip
 
 
 def _print_text(m: Measurements) -> None:

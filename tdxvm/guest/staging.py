@@ -16,8 +16,8 @@ file). Nothing depends on either: after a crash, a kill or a
 torn write, the next receiver re-checks every block on disk against its stored tag and
 keeps only those that match, so the resume point never rests on a journal that could
 disagree with the data. The
-local key never leaves the guest and lives on the encrypted root filesystem; it
-authenticates ciphertext, not a secret.
+local key never leaves the guest and lives in its writable root (TD memory, over the
+verified read-only image); it authenticates ciphertext, not a secret.
 
 When every block is in, :meth:`Staging.commit` truncates, fsyncs and renames
 ``data/`` to ``DEST/<upload id>`` in one ``rename``: that folder exists complete or not

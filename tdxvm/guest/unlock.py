@@ -1,17 +1,17 @@
-"""Unlock mode: the initramfs keyscript's agent. Prints the disk passphrase, and only that.
+"""Unlock mode: the initramfs's agent. Prints the disk's volume key, and only that.
 
     python3 -m tdxvm.guest.unlock [--listen 0.0.0.0:7300] [--qgs HOST:PORT]
 
-cryptsetup runs ``/usr/lib/tdxvm/keyscript`` for the root volume (``/etc/crypttab``) and
-reads the passphrase from its standard output. This serves the agent protocol
-(:mod:`tdxvm.guest.agentwire`) with the per-attest X25519 key as the only bound key, until
-the controller has attested this TD and released the secret ``disk`` sealed to that key;
-it then writes the secret to standard output, exactly its bytes, and exits 0. The secret
-opens only if the controller's release key sealed it (``--controller-key``, in the
-measured initramfs): a passphrase sealed by anyone else (the host, which can attest this
-TD too) is refused and does not take the slot, so the controller's release still works
-after it. Any other secret is refused. Diagnostics go to standard error (the console),
-never the key.
+The initramfs's ``local-top/tdxvm`` script runs this and pipes what it prints into
+:mod:`tdxvm.guest.rootdisk`, which maps the root filesystem with it. This serves the
+agent protocol (:mod:`tdxvm.guest.agentwire`) with the per-attest X25519 key as the only
+bound key, until the controller has attested this TD and released the secret ``disk``
+(the volume key) sealed to that key; it then writes the secret to standard output,
+exactly its bytes, and exits 0. The secret opens only if the controller's release key
+sealed it (``--controller-key``, in the measured initramfs): a key sealed by anyone else
+(the host, which can attest this TD too) is refused and does not take the slot, so the
+controller's release still works after it. Any other secret is refused. Diagnostics go
+to standard error (the console), never the key.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def serve_until_unlocked(host: str, port: int, *, controller: bytes, qgs: str | 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.unlock", description="Print the disk passphrase once the "
-                                "controller has attested this TD and released it (cryptsetup keyscript)")  # fmt: skip
+    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.unlock", description="Print the disk's volume key once the "
+                                "controller has attested this TD and released it (read by tdxvm.guest.rootdisk)")  # fmt: skip
     p.add_argument("--listen", type=listen_address, default=("0.0.0.0", wire.DEFAULT_PORT), metavar="ADDR:PORT")
     common_arguments(p)
     return p.parse_args(argv)

@@ -9,14 +9,20 @@ Steps, each reported to ``progress`` with its time:
    refused at once (:func:`tdxvm.image.measure.require_measuring_kernel`), before any
    later step; a measurement floor, with no opt-out.
 2. ``python`` (cached, model-server recipes): pip installs the inference stack into it.
-3. ``configure``: the tdxvm overlay (agent, unlock step, units), the recipe's files, the
-   controller's SSH public key, the initramfs; timestamps clamped to the epoch. The
-   measurements are predicted here (the kernel that ships checked again), so unusable
-   input fails before a disk key exists.
+3. ``configure``: the tdxvm overlay (agent, unlock and root steps, units), the recipe's
+   files, the controller's SSH public key, the initramfs; timestamps clamped to the
+   epoch. The kernel that ships is checked again.
 4. ``ext4``: ``mkfs.ext4 -d`` of the folder, reproducible (pinned UUID, hash seed, times).
-5. ``encrypt``: a fresh volume key into the secret store (``disk/<LUKS UUID>``), LUKS2
-   header and payload written offline on the file.
-6. ``measure``: artifact hashes and the predicted MRTD/RTMRs into ``manifest.json``.
+5. ``verity``: the dm-verity hash tree appended to the ext4 image
+   (:mod:`tdxvm.image.verity`); its root hash goes on the kernel command line, and the
+   measurements are predicted with that command line, so unusable input fails before a
+   disk key exists.
+6. ``encrypt``: a fresh volume key into the secret store (``disk/<LUKS UUID>``), LUKS2
+   header and payload (ext4 and hash tree) written offline on the file. The guest never
+   reads that header: the controller releases the volume key itself, and the measured
+   initramfs maps the payload with fixed parameters (:mod:`tdxvm.guest.rootdisk`).
+7. ``measure``: artifact hashes, the verity tree and the predicted MRTD/RTMRs into
+   ``manifest.json``.
 
 Everything is written in a work folder beside the output and moved into place at the
 end: a failed or interrupted build leaves no half-written image in the output folder
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tdxvm.image import configure, debian, luks, manifest, measure, rootfs
+from tdxvm.image import configure, debian, luks, manifest, measure, rootfs, verity
 from tdxvm.image import secrets as disk_secrets
 from tdxvm.image.cache import StepCache, step_key
 from tdxvm.image.ext4 import make_ext4, run_step, tool
@@ -46,7 +52,7 @@ from tdxvm.secretstore import SecretStore
 from tdxvm.releasekey import public_hex, release_key
 from tdxvm.sshkey import controller_key, public_line
 
-STEPS = ("rootfs", "python", "configure", "ext4", "encrypt", "measure")
+STEPS = ("rootfs", "python", "configure", "ext4", "verity", "encrypt", "measure")
 _FS_UUID_NAMESPACE = uuidlib.UUID("0b4f5d0e-8f63-4c1a-9d59-2f7d3c8e61a4")
 LUKS_HEADER_BYTES = luks.DATA_OFFSET
 
@@ -225,9 +231,6 @@ def build(
         shutil.copyfile(boot.initrd, staging / "initrd.img")
         kernel = (staging / "vmlinuz").read_bytes()
         check_kernel(kernel, source=f"kernel {boot.version} ({recipe.kernel.package} from {recipe.kernel_suite})")
-        predicted = measure.predict(firmware=firmware_path.read_bytes() if firmware_path else None, kernel=kernel,
-                                    initrd=(staging / "initrd.img").read_bytes(), cmdline=recipe.cmdline)  # fmt: skip
-        del kernel
         timings["configure"] = t.done(detail=f"kernel {boot.version}")
 
         t = _Timer(progress, "ext4")
@@ -237,9 +240,18 @@ def build(
         shutil.rmtree(tree)
         timings["ext4"] = t.done(detail=f"{recipe.disk_size >> 20} MiB")
 
+        t = _Timer(progress, "verity")
+        verity_tree = verity.format_tree(ext4_image)
+        cmdline = verity.pinned_cmdline(recipe.cmdline, verity_tree)
+        predicted = measure.predict(firmware=firmware_path.read_bytes() if firmware_path else None, kernel=kernel,
+                                    initrd=(staging / "initrd.img").read_bytes(), cmdline=cmdline)  # fmt: skip
+        del kernel
+        timings["verity"] = t.done(detail=f"root hash {verity_tree.root.root_hash[:16]}…")
+
         t = _Timer(progress, "encrypt")
         luks_uuid = str(uuidlib.uuid4())
         volume_key = disk_secrets.generate_volume_key()
+        payload_bytes = ext4_image.stat().st_size
         header = luks.encrypt_image(payload=ext4_image, output=staging / "disk.img", volume_key=volume_key,
                                     passphrase=disk_secrets.keyslot_passphrase(volume_key), uuid=luks_uuid,
                                     engine=encryption_engine)  # fmt: skip
@@ -248,7 +260,7 @@ def build(
         disk_secrets.store(luks_uuid, volume_key, directory=store.directory)
         stored_key = f"{disk_secrets.KIND}/{luks_uuid}"
         del volume_key
-        timings["encrypt"] = t.done(detail=f"{recipe.disk_size / enc_seconds / 1e6:.0f} MB/s")
+        timings["encrypt"] = t.done(detail=f"{payload_bytes / enc_seconds / 1e6:.0f} MB/s")
 
         t = _Timer(progress, "measure")
         result = {
@@ -259,9 +271,10 @@ def build(
             "built_at": int(time.time()),
             "epoch": epoch,
             "kernel_version": boot.version,
-            "cmdline": recipe.cmdline,
+            "cmdline": cmdline,
             "artifacts": {name: manifest.artifact_entry(staging / name) for name in manifest.ARTIFACTS},
             "rootfs_uuid": fs_uuid,
+            "verity": verity_tree.to_dict(),
             "luks": {"uuid": luks_uuid, "cipher": header.cipher, "key_secret": stored_key},
             "release_key": release_public,
             "firmware": {"path": str(firmware_path), "sha256": manifest.file_sha256(firmware_path)} if firmware_path else None,

@@ -2,11 +2,15 @@
 
 What every image gets (the tree under ``tdxvm/image/overlay/``):
 
-* ``/etc/crypttab``: the root filesystem is the LUKS2 volume on ``/dev/vda``, unlocked in
-  the initramfs by ``/usr/lib/tdxvm/keyscript``, which brings the network up and runs
-  ``python3 -m tdxvm.guest.unlock``: the passphrase arrives only wrapped to a key bound
-  into this TD's attestation quote (the launch handshake). An initramfs hook carries
-  Python, ``cryptography`` and the tdxvm guest modules into the initramfs.
+* the initramfs's ``local-top/tdxvm`` script opens the root filesystem: it brings the
+  network up and runs ``python3 -m tdxvm.guest.unlock``, which prints the volume key once
+  the controller has attested this TD and released it (wrapped to a key bound into the
+  quote), into ``python3 -m tdxvm.guest.rootdisk``, which maps ``/dev/vda`` with fixed
+  dm-crypt parameters (never its LUKS2 header) and dm-verity with the root hash from the
+  measured command line (:mod:`tdxvm.guest.rootdisk`); any failure powers the TD off.
+  ``local-bottom/tdxvm`` puts a tmpfs overlay over the read-only root. An initramfs hook
+  carries Python, ``cryptography``, the tdxvm guest modules, cryptsetup, veritysetup and
+  dmsetup into the initramfs.
 * systemd units: ``tdxvm-ssh-keygen`` makes the SSH host keys at first boot, inside the
   TD (none exist in the image); ``tdxvm-agent`` answers re-attestation and receives
   secrets; systemd-networkd with DHCP.
@@ -44,7 +48,8 @@ _PACKAGE_ROOT = Path(tdxvm.__file__).parent
 # What of tdxvm ships into the guest: the guest package, the REPORTDATA binding and the
 # atomic-write helper (both standard library only).
 GUEST_MODULES = ("__init__.py", "fileio.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
-_EXECUTABLE = {"etc/initramfs-tools/hooks/tdxvm", "usr/lib/tdxvm/keyscript"}
+_EXECUTABLE = {"etc/initramfs-tools/hooks/tdxvm", "etc/initramfs-tools/scripts/local-top/tdxvm",
+               "etc/initramfs-tools/scripts/local-bottom/tdxvm"}
 
 
 @dataclass(frozen=True, slots=True)

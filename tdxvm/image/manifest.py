@@ -1,8 +1,9 @@
 """The build manifest: what an image is and what a genuine TD booted from it reports.
 
 ``manifest.json`` beside the artifacts: the SHA-256 and size of every artifact, the
-kernel command line, the LUKS2 volume's UUID and the secret-store name of its key (the
-name only, never the key), and the predicted TDX measurements with a note per register
+kernel command line (with the verity root hash), the dm-verity tree (root hash,
+algorithm, block sizes, data and hash sizes), the LUKS2 volume's UUID and the
+secret-store name of its key (the name only, never the key), and the predicted TDX measurements with a note per register
 saying whether and how it was predicted. A launch reads its default attestation policy
 from here, so a fresh image needs no hand-copied hashes.
 """
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT = "tdxvm-image-manifest/1"
+FORMAT = "tdxvm-image-manifest/2"  # 2: verified root (dm-verity), volume key released
 ARTIFACTS = ("disk.img", "vmlinuz", "initrd.img")
 
 

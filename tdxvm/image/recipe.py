@@ -169,8 +169,12 @@ class Recipe(BaseModel):
         if not re.search(r"(^|\s)panic=-?\d+(\s|$)", v):
             raise ValueError("the command line must set panic= (e.g. panic=-1): without it a failed boot drops to an "
                              "initramfs shell on the host's console, from which the host could ask the TD for quotes")
-        if len(v.encode()) > 2048:
-            raise ValueError("the command line is longer than 2048 bytes")
+        if re.search(r"(^|\s)tdxvm\.verity=", v):
+            raise ValueError("the command line may not set tdxvm.verity=: the build appends it (the root filesystem's "
+                             "verity root hash)")
+        if len(v.encode()) > 1900:
+            raise ValueError("the command line is longer than 1900 bytes (the build appends the verity root hash; the "
+                             "kernel takes 2048)")
         return v
 
     @field_validator("disk_size")

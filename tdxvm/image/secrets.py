@@ -31,10 +31,11 @@ def generate_volume_key() -> bytes:
 
 
 def keyslot_passphrase(volume_key: bytes) -> bytes:
-    """The LUKS2 keyslot passphrase for ``volume_key``: what the controller releases to
-    the attested guest's unlock step. ASCII hex of HKDF-SHA256(volume key, info
-    "tdxvm luks2 keyslot v1") (RFC 5869, no salt, 32 bytes): a second secret is not
-    needed, and the volume key itself never leaves the controller."""
+    """The passphrase of the image's LUKS2 keyslot: ASCII hex of HKDF-SHA256(volume key,
+    info "tdxvm luks2 keyslot v1") (RFC 5869, no salt, 32 bytes). The keyslot lets the
+    image's owner open it offline with standard tools; the guest never uses it: the
+    controller releases the volume key itself to the attested TD, whose initramfs maps the
+    payload with fixed parameters and never reads the header (:mod:`tdxvm.guest.rootdisk`)."""
     prk = hmac.new(bytes(32), volume_key, hashlib.sha256).digest()
     okm = hmac.new(prk, KEYSLOT_INFO + b"\x01", hashlib.sha256).digest()
     return okm.hex().encode()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from tdxvm.launch.errors import ManifestError
 
-FORMAT = "tdxvm-image-manifest/1"
+FORMAT = "tdxvm-image-manifest/2"  # 2: verified root (dm-verity), volume key released
 ARTIFACTS = ("disk.img", "vmlinuz", "initrd.img")
 REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
 
@@ -129,6 +129,9 @@ def load_manifest(path: str | Path) -> ImageManifest:
 def parse_manifest(data: Any, *, path: Path) -> ImageManifest:
     if not isinstance(data, dict):
         raise ManifestError(f"image manifest {path}: expected a JSON object")
+    if data.get("format") == "tdxvm-image-manifest/1":
+        raise ManifestError(f"image manifest {path}: built by an older tdxvm, whose root filesystem is not verified and "
+                            "whose initramfs reads the LUKS2 header from the disk; rebuild it with tdxvm image build")  # fmt: skip
     if data.get("format") not in (None, FORMAT):
         raise ManifestError(f"image manifest {path}: format {data.get('format')!r} is not {FORMAT!r} "
                             "(built by another tdxvm version?)")  # fmt: skip

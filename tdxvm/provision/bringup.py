@@ -33,7 +33,6 @@ from typing import Any
 import libvirt
 
 from tdxvm.attest.policy import Policy
-from tdxvm.image.secrets import keyslot_passphrase
 from tdxvm.launch.connection import is_test_driver
 from tdxvm.launch.console import read_host_file, serial_log_tail
 from tdxvm.launch.errors import ConsoleError, LaunchError
@@ -319,7 +318,7 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
 
     t = phases.begin("unlock")
     with unlock:
-        unlock.release("disk", keyslot_passphrase(volume_key), sender=release_key(secrets))
+        unlock.release("disk", volume_key, sender=release_key(secrets))  # the initramfs maps the disk with it
     del volume_key
     phases.end("unlock", t)
 

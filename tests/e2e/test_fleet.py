@@ -77,12 +77,12 @@ spec:
             assert o.endpoint == service_url(vm).removeprefix("https://")  # the fleet reports the service
             with ApiClient(attest_service(vm, trust)) as api:  # attested on its TLS key, then queried on it
                 assert api.complete("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
-            # re-attested with a fresh nonce; SSH accepts only the key this quote binds; the root is the unlocked LUKS volume
+            # re-attested with a fresh nonce; SSH accepts only the key this quote binds; the root is the verified volume
             with bringup.reattest(conn, o.vm, records=VmRecords.beside(store), trust=trust) as again:
                 host_key = again.keys["ssh-host"]
             ssh_port = vm.address(vm.ssh_port, "sshd")[1]
             with ssh.connect(("127.0.0.1", ssh_port), host_key=host_key, client_key=controller_key(store)) as client:
-                assert ssh.run(client, "findmnt -no SOURCE /").strip() == "/dev/mapper/root"
+                assert ssh.run(client, "findmnt -no SOURCE /run/tdxvm/root-ro").strip() == "/dev/mapper/root"
         uuids = {d.name(): d.UUIDString() for d in conn.listAllDomains() if d.name().startswith(name)}
         again = run_apply()
         assert again.status == "ok" and [o.result for o in again.outcomes] == ["unchanged"] * REPLICAS

@@ -30,6 +30,8 @@ from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
+from . import hostdisks
+
 pytestmark = pytest.mark.vm
 URI = "qemu:///system"
 
@@ -111,12 +113,19 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
     assert "refused secret 'disk'" in serial_log_tail(conn, vm_name, lines=2000)
     assert result.verdict["verdict"] == "accept" and result.verdict["tcb_status"] == "UpToDate"
     assert set(result.timings) == set(bringup.PHASES)
-    # the booted system runs from the unlocked LUKS2 root, and SSH accepts only the attested key
+    # the booted system runs from the verified root (dm-verity on dm-crypt, read-only) under a
+    # tmpfs overlay, and SSH accepts only the attested key
     client = ssh.connect(result.ssh, host_key=base64.b64decode(result.ssh_host_key),
                          client_key=controller_key(store))  # fmt: skip
     with client:
-        assert ssh.run(client, "findmnt -no SOURCE /").strip() == "/dev/mapper/root"
-        assert "crypt" in ssh.run(client, "lsblk -no TYPE /dev/mapper/root")
+        assert ssh.run(client, "findmnt -no FSTYPE /").strip() == "overlay"
+        lower = ssh.run(client, "findmnt -no SOURCE,OPTIONS /run/tdxvm/root-ro").split()
+        assert lower[0] == "/dev/mapper/root" and "ro" in lower[1].split(",")
+        verity = ssh.run(client, "dmsetup table root").split()
+        v = smoke_build.manifest["verity"]
+        assert verity[2] == "verity" and verity[11] == v["root_hash"] and verity[-1] == "panic_on_corruption"
+        assert ssh.run(client, "dmsetup table root-crypt").split()[2:4] == ["crypt", "aes-xts-plain64"]
+        assert "Read-only file system" in ssh.run(client, "touch /run/tdxvm/root-ro/x 2>&1 || true")
         host_pub = ssh.run(client, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
         assert host_pub == result.ssh_host_key  # made inside the guest, bound by the quote
     # a man in the middle presenting another key is refused
@@ -179,3 +188,75 @@ def test_quote_from_another_signer_is_refused(conn, trust, smoke_build, vm_name)
     codes = {r.code for r in refused.value.reasons}
     assert codes & {"untrusted-root", "pck-chain"}, refused.value.reasons
     _never_unlocked(conn, vm_name)
+
+
+def _tampered(build, folder: Path, disk) -> Path:
+    """A copy of the build with ``disk(path)`` applied to its disk image and the manifest's
+    artifact hash fixed up (the host serves that disk; kernel, initramfs and command line
+    are the genuine ones, so the TD attests and receives the disk key)."""
+    folder.mkdir()
+    for name in ("vmlinuz", "initrd.img", "manifest.json"):
+        shutil.copyfile(build.folder / name, folder / name)
+    disk(folder / "disk.img")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    digest = hashlib.sha256()
+    with open(folder / "disk.img", "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    manifest["artifacts"]["disk.img"] = {"sha256": digest.hexdigest(), "size": (folder / "disk.img").stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder / "manifest.json"
+
+
+def _flip_a_byte(build):
+    def disk(path: Path) -> None:
+        shutil.copyfile(build.folder / "disk.img", path)
+        with open(path, "r+b") as f:  # in the payload's first block (the ext4 superblock's)
+            f.seek(16 << 20 | 1080)
+            byte = f.read(1)[0]
+            f.seek(16 << 20 | 1080)
+            f.write(bytes([byte ^ 1]))
+    return disk
+
+
+def _host_built(build, work: Path, *, forged: bool):
+    def disk(path: Path) -> None:
+        payload = hostdisks.host_payload(work, build.manifest["verity"]["data_bytes"])
+        uuid = build.manifest["luks"]["uuid"]
+        if forged:
+            key = hostdisks.forge_cipher_null(payload, path, uuid=uuid)
+            assert hostdisks.opens_with_any_passphrase(path, key)  # what a header-trusting initramfs would map
+            dump = subprocess.run(["cryptsetup", "luksDump", str(path)], capture_output=True, text=True, check=True).stdout
+            assert "cipher_null-ecb" in dump and uuid in dump
+        else:
+            hostdisks.host_built_disk(payload, path, uuid=uuid)
+        payload.unlink()
+    return disk
+
+
+@pytest.mark.parametrize("attack", ["flipped-byte", "host-built-rootfs", "forged-cipher-null-header"])
+def test_a_disk_that_is_not_the_built_one_is_refused_in_the_td(conn, trust, smoke_build, vm_name, tmp_path, attack):
+    """The host serves another disk under the genuine kernel, initramfs and command line:
+    a byte of the payload flipped; a root filesystem of its own under its own key; or its
+    plaintext root behind a LUKS2 header forged with cipher_null (any passphrase opens it).
+    The TD attests, receives the disk key, maps the payload with fixed parameters and the
+    released key (never the header), and the first block fails verity against the
+    measured root hash: it powers off before any system exists, with a message on the
+    console; nothing of the host's root ever runs."""
+    disk = {"flipped-byte": _flip_a_byte(smoke_build),
+            "host-built-rootfs": _host_built(smoke_build, tmp_path, forged=False),
+            "forged-cipher-null-header": _host_built(smoke_build, tmp_path, forged=True)}[attack]  # fmt: skip
+    manifest = _tampered(smoke_build, tmp_path / "tampered", disk)
+    store = SecretStore(directory=smoke_build.secrets)
+    events: list = []
+    with pytest.raises(bringup.BringUpError) as failed:
+        _launch(conn, _spec(vm_name, manifest), trust, store, events)
+    assert failed.value.phase == "ready" and "the VM stopped" in str(failed.value)
+    assert [e.phase for e in events if e.status == "done"] == ["define", "boot", "quote", "verify", "unlock"]
+    tail = serial_log_tail(conn, vm_name, lines=400)
+    root_hash = smoke_build.manifest["verity"]["root_hash"]
+    assert ("tdxvm-rootdisk: refusing the root filesystem: the disk is not the root filesystem the measured command "
+            f"line names (its first block does not verify against root hash {root_hash}") in tail  # fmt: skip
+    assert "tdxvm: the root filesystem was not opened; powering off" in tail
+    assert hostdisks.MOTD.decode().strip() not in tail and "Welcome to" not in tail  # no system booted
+    assert not conn.lookupByName(vm_name).isActive()

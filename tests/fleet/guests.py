@@ -118,7 +118,7 @@ class GuestRecord:
     name: str
     uuid: str
     port: int
-    unlocked: str | None = None  # SHA-256 of the disk passphrase this boot received (never the value)
+    unlocked: str | None = None  # SHA-256 of the disk's volume key this boot received (never the value)
     system_up: bool = False
     errors: list[str] = field(default_factory=list)
 

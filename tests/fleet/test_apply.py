@@ -15,7 +15,6 @@ from tdxvm.fleet import inventory as inv
 from tdxvm.fleet import reconcile
 from tdxvm.fleet.reconcile import ApplyOptions
 from tdxvm.fleet.state import FleetLock, FleetLocked, FleetState
-from tdxvm.image.secrets import keyslot_passphrase
 from tdxvm.launch import lifecycle
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.spec import VmSpec
@@ -52,7 +51,7 @@ def domains(lab, host):
 
 
 def expected_unlock(lab) -> str:
-    return hashlib.sha256(keyslot_passphrase(lab.store.get(DISK_SECRET))).hexdigest()
+    return hashlib.sha256(lab.store.get(DISK_SECRET)).hexdigest()
 
 
 def test_unreachable_host_and_refused_vm(lab):
@@ -71,7 +70,7 @@ def test_unreachable_host_and_refused_vm(lab):
         codes = [e["code"] for e in refused.errors]
         assert codes == ["measurement-mismatch", "vm-stopped"]
         assert refused.errors[0]["message"].startswith("quote field RTMR2 is ")
-        # The refused VM never got a secret and is left stopped; the others did, exactly the disk passphrase.
+        # The refused VM never got a secret and is left stopped; the others did, exactly the disk's volume key.
         [bad] = guests.by_name("demo-bad-0")
         assert bad.unlocked is None and not bad.system_up
         assert domains(lab, "b")["demo-bad-0"][1] == 0

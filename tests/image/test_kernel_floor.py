@@ -181,7 +181,7 @@ def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs
     """The build's key goes with the build: a failure before the image is published leaves none."""
     fake_rootfs["kernel"] = NEW_KERNEL
     configure_ships(tmp_path, monkeypatch, NEW_KERNEL, "6.12.0-x")
-    monkeypatch.setattr(build_mod, "make_ext4", lambda *, output, **k: output.write_bytes(b"ext4"))
+    monkeypatch.setattr(build_mod, "make_ext4", lambda *, output, **k: output.write_bytes(bytes(16 << 12)))
 
     class Header:
         cipher = "aes-xts-plain64"

@@ -115,7 +115,8 @@ def test_cli_text(files, capsys, tdvf_image):
                             "--initrd", files["initrd"], "--cmdline", CMDLINE], capsys)  # fmt: skip
     assert rc == 0, err
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines] == list(REGISTERS)
+    assert [line.split()[0] for line in lines[:-1]] == list(REGISTERS)
+    assert lines[-1] == "rootfs not pinned (no tdxvm.verity= on the command line)"
     expected = predict(firmware=tdvf_image, kernel=kernel(), initrd=INITRD, cmdline=CMDLINE)
     assert lines[0].split()[1] == expected.mrtd
     assert lines[1].startswith("rtmr0  not predicted: ")
@@ -129,9 +130,19 @@ def test_cli_json(files, capsys):
     assert d["profile"] == "qemu8" and d["mrtd"] is None and d["predicted"]["rtmr2"] is True
 
 
+def test_cli_reports_the_pinned_root_filesystem(files, capsys):
+    cmdline = f"{CMDLINE} tdxvm.verity=262144:{'ab' * 32}"
+    rc, out, _ = run_cli(["image", "measure", "--kernel", files["kernel"], "--cmdline", cmdline], capsys)
+    assert rc == 0 and out.splitlines()[-1] == f"rootfs verity root hash {'ab' * 32} (sha256, 262144 x 4096-byte blocks)"
+    rc, out, _ = run_cli(["image", "measure", "--kernel", files["kernel"], "--cmdline", cmdline, "-o", "json"], capsys)
+    v = json.loads(out)["verity"]
+    assert (v["root_hash"], v["data_blocks"], v["hash_algorithm"], v["hash_offset"]) == ("ab" * 32, 262144, "sha256", 1 << 30)
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
+        (["--kernel", "{kernel}", "--cmdline", "tdxvm.verity=1:ab"], "--cmdline: tdxvm.verity='1:ab' is not"),
         (["--kernel", "{firmware}"], "kernel: PE/COFF image at byte offset 0: no MZ signature"),
         (["--kernel", "{kernel}", "--firmware", "{kernel}"], "firmware: TDVF firmware at byte offset"),
         (["--kernel", "{dir}/missing"], "kernel {dir}/missing: No such file"),

@@ -1,6 +1,7 @@
 """The smoke image, built for real: LUKS2 that decrypts with the stored key only,
-no key anywhere else, reproducible filesystem, a manifest that predicts the TD's
-measurements, and no half-written output when a step fails."""
+no key anywhere else, reproducible filesystem and verity root hash, a manifest that
+predicts the TD's measurements with the root hash on the command line, and no
+half-written output when a step fails."""
 
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ def test_outputs_and_manifest(smoke_build):
     # the Linux >= 6.9 EFI stub measures the command line and the initrd into RTMR2
     assert m["measurements"]["inputs"]["efi_stub_cc_measurement"] == "yes"
     assert re.match(r"^6\.(9|1\d)", m["kernel_version"]) or int(m["kernel_version"].split(".")[0]) >= 7
+    # the verity root hash is pinned on the measured command line
+    v = m["verity"]
+    assert m["cmdline"] == f"{load_recipe(REPO / 'images/smoke.yaml').recipe.cmdline} tdxvm.verity={v['data_blocks']}:{v['root_hash']}"
+    assert v["data_bytes"] == v["hash_offset"] == v["data_blocks"] * 4096 == 1 << 30
+    assert (v["hash_algorithm"], v["data_block_size"], v["hash_block_size"], v["salt"]) == ("sha256", 4096, 4096, None)
+    assert [e.status for e in smoke_build.events if e.step == "verity"] == ["start", "done"]
 
 
 def test_volume_key_is_only_in_the_secret_store(smoke_build):
@@ -117,13 +124,15 @@ def test_image_has_no_host_keys_or_passwords(rootfs_image):
     assert "PasswordAuthentication no" in _debugfs(rootfs_image, "cat /etc/ssh/sshd_config.d/tdxvm.conf")
 
 
-def test_image_has_the_unlock_step_and_agent(rootfs_image):
-    crypttab = _debugfs(rootfs_image, "cat /etc/crypttab")
-    assert "root /dev/vda none luks,discard,initramfs,keyscript=/usr/lib/tdxvm/keyscript" in crypttab
-    keyscript = _debugfs(rootfs_image, "cat /usr/lib/tdxvm/keyscript")
-    assert "-m tdxvm.guest.unlock --listen 0.0.0.0:7300" in keyscript
+def test_image_has_the_unlock_and_root_steps_and_agent(rootfs_image):
+    crypttab = _debugfs(rootfs_image, "cat /etc/crypttab")  # Debian's, comments only: nothing opens from a LUKS header
+    assert [line for line in crypttab.splitlines() if line.strip() and not line.startswith("#")] == []
+    fstab = _debugfs(rootfs_image, "cat /etc/fstab")  # / is the initramfs's overlay: no entry
+    assert [line for line in fstab.splitlines() if line.strip() and not line.startswith("#")] == []
+    top = _debugfs(rootfs_image, "cat /etc/initramfs-tools/scripts/local-top/tdxvm")
+    assert "-m tdxvm.guest.unlock --listen 0.0.0.0:7300" in top and "-m tdxvm.guest.rootdisk" in top
     guest = _debugfs(rootfs_image, "ls /usr/lib/tdxvm/python/tdxvm/guest")
-    for module in ("unlock.py", "agent.py", "tdquote.py", "envelope.py"):
+    for module in ("unlock.py", "rootdisk.py", "agent.py", "tdquote.py", "envelope.py"):
         assert module in guest
     wants = _debugfs(rootfs_image, "ls /etc/systemd/system/multi-user.target.wants")
     assert "tdxvm-agent.service" in wants and "tdxvm-ssh-keygen.service" in wants
@@ -138,6 +147,7 @@ def test_rebuild_is_reproducible_and_reuses_the_cache(smoke_build, tmp_path):
     for name in ("vmlinuz", "initrd.img"):
         assert again["artifacts"][name] == smoke_build.manifest["artifacts"][name]
     assert again["measurements"] == smoke_build.manifest["measurements"]
+    assert again["verity"] == smoke_build.manifest["verity"] and again["cmdline"] == smoke_build.manifest["cmdline"]
     first, _ = _payload_sha256(smoke_build.folder / "disk.img", _volume_key(smoke_build))
     second, _ = _payload_sha256(tmp_path / "again/disk.img", load(again["luks"]["uuid"], directory=secrets))
     assert first == second  # byte-identical ext4 filesystems
@@ -155,3 +165,19 @@ def test_failed_step_leaves_no_output(smoke_build, tmp_path):
     assert err.value.step == "mkfs.ext4" and "mkfs.ext4" in str(err.value)
     assert err.value.stderr  # what mkfs said
     assert list((tmp_path / "build").iterdir()) == []  # no output, no work folder
+
+
+def test_the_payload_holds_the_data_and_its_hash_tree(smoke_build, rootfs_image):
+    """The decrypted payload is the ext4 image followed by its tree, whose root is the
+    command line's: recomputed here with hashlib, independently of veritysetup (format 1,
+    SHA-256, 4 KiB blocks, no salt; 128 digests to a zero-padded block per level)."""
+    v = smoke_build.manifest["verity"]
+    with open(rootfs_image, "rb") as f:
+        digests = b"".join(hashlib.sha256(f.read(4096)).digest() for _ in range(v["data_blocks"]))
+        assert f.read(4096) != bytes(4096)  # the tree's top level follows the data
+    while True:
+        blocks = [digests[i : i + 4096].ljust(4096, b"\0") for i in range(0, len(digests), 4096)]
+        if len(blocks) == 1:
+            break
+        digests = b"".join(hashlib.sha256(b).digest() for b in blocks)
+    assert hashlib.sha256(blocks[0]).hexdigest() == v["root_hash"]

@@ -1,10 +1,10 @@
 """The built initramfs's own unlock step, run from the unpacked initramfs itself (its
-Python, its `cryptography`, its tdxvm modules, under chroot), unlocks with a key given
-to it through the real handshake; the LUKS2 keyslot opens with what it prints."""
+Python, its `cryptography`, its tdxvm modules, under chroot), takes the volume key given
+to it through the real handshake and prints exactly that for the root step; the
+initramfs carries the root step, its tools and scripts, and no crypttab."""
 
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
 import time
@@ -17,7 +17,7 @@ from tdxvm.attest import Policy, TrustAnchor
 from tdxvm.emulate import EmulatedPlatform
 from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
 from tdxvm.image import luks
-from tdxvm.image.secrets import keyslot_passphrase, load
+from tdxvm.image.secrets import load
 from tdxvm.provision import handshake
 from tdxvm.releasekey import GUEST_PATH, release_key
 from tdxvm.secretstore import SecretStore
@@ -39,14 +39,20 @@ def test_initramfs_and_rootfs_carry_the_controllers_release_key(smoke_build, ini
     assert (initramfs_root / GUEST_PATH.lstrip("/")).read_text().strip() == expected
 
 
-def test_initramfs_carries_the_unlock_step(initramfs_root):
-    crypttab = (initramfs_root / "cryptroot/crypttab").read_text()
-    assert re.search(r"^root /dev/vda none .*keyscript=/usr/lib/tdxvm/keyscript", crypttab, re.M)
-    assert (initramfs_root / "usr/lib/tdxvm/keyscript").is_file()
-    assert (initramfs_root / "usr/lib/tdxvm/python/tdxvm/guest/unlock.py").is_file()
-    assert list(initramfs_root.glob("usr/lib/modules/*/kernel/drivers/net/virtio_net.ko*")) or list(
-        initramfs_root.glob("lib/modules/*/kernel/drivers/net/virtio_net.ko*")
-    )
+def test_initramfs_carries_the_unlock_and_root_steps(initramfs_root, smoke_build):
+    crypttab = initramfs_root / "cryptroot/crypttab"
+    assert not crypttab.exists() or not crypttab.read_text().strip()  # nothing is opened from a LUKS header
+    top = (initramfs_root / "scripts/local-top/tdxvm").read_text()
+    assert "tdxvm.guest.unlock" in top and "tdxvm.guest.rootdisk" in top and "poweroff -f" in top
+    assert f"--listen 0.0.0.0:{smoke_build.manifest['guest_agent_port']}" in top
+    assert "lowerdir=" in (initramfs_root / "scripts/local-bottom/tdxvm").read_text()
+    for name in ("unlock.py", "rootdisk.py"):
+        assert (initramfs_root / "usr/lib/tdxvm/python/tdxvm/guest" / name).is_file()
+    for tool in ("cryptsetup", "veritysetup", "dmsetup"):
+        assert any((initramfs_root / d / tool).exists() for d in ("usr/sbin", "sbin")), tool
+    for module in ("drivers/net/virtio_net", "drivers/md/dm-verity", "drivers/md/dm-crypt", "fs/overlayfs/overlay"):
+        assert list(initramfs_root.glob(f"usr/lib/modules/*/kernel/{module}.ko*")) or list(
+            initramfs_root.glob(f"lib/modules/*/kernel/{module}.ko*")), module
 
 
 def _free_port() -> int:
@@ -82,18 +88,18 @@ def test_unlock_step_receives_the_key_after_attestation(smoke_build, initramfs_r
                                         trust_anchor=TrustAnchor.from_der(platform.root_ca_der),
                                         qgs_address=qgs.address) as guest:  # fmt: skip
                 assert guest.verdict.accepted and sorted(guest.keys) == ["x25519"]
-                # the host, which can attest the initramfs too, seals a passphrase of its own: refused, slot kept
+                # the host, which can attest the initramfs too, seals a key of its own: refused, slot kept
                 with pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):
-                    guest.release("disk", b"the host's own passphrase", sender=X25519PrivateKey.generate())
+                    guest.release("disk", bytes(64), sender=X25519PrivateKey.generate())
                 assert proc.poll() is None
-                guest.release("disk", keyslot_passphrase(volume_key), sender=release_key(SecretStore(directory=smoke_build.secrets)))
+                guest.release("disk", volume_key, sender=release_key(SecretStore(directory=smoke_build.secrets)))
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err.decode()
-    assert out == keyslot_passphrase(volume_key)  # exactly the key on stdout, for cryptsetup
-    assert luks.open_keyslot(folder / "disk.img", out) == volume_key
-    assert out not in err
+    assert out == volume_key  # exactly the key on stdout, for the root step
+    assert luks.volume_key_matches(luks.read_header(folder / "disk.img"), out)  # the image's own key
+    assert out.hex() not in err.decode()
     assert "refused secret 'disk'" in err.decode()

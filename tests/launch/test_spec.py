@@ -185,6 +185,7 @@ def test_manifest_loads_from_folder_or_file(image):
         (lambda d: d["artifacts"]["vmlinuz"].update(sha256="12"), "artifacts.vmlinuz.sha256"),
         (lambda d: d["measurements"].update(rtmr1="ab"), "measurements.rtmr1"),
         (lambda d: d.update(format="something/2"), "format 'something/2'"),
+        (lambda d: d.update(format="tdxvm-image-manifest/1"), "built by an older tdxvm, whose root filesystem is not verified"),
         (lambda d: d.update(guest_agent_port=0), "guest_agent_port"),
     ],
 )

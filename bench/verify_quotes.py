@@ -11,7 +11,8 @@ call is cold):
 
 - cold, warm disk cache: a fresh QuoteVerifier per quote (as a new process has) whose
   verified-collateral cache (tdxvm.attest.verifiedcache) already holds this
-  collateral: only the quote's own signatures and PCK certificate are checked;
+  collateral, this platform's PCK chain and QE report: only the quote's own signature
+  is checked (and, as always, every time and revocation check);
 - fully cold (no cache): a fresh QuoteVerifier per quote, no disk cache (--no-cache);
 - warm (held verifier): one QuoteVerifier for every quote, collateral and chains
   checked by an earlier call; the time checks and the quote signature run each time.
@@ -19,7 +20,8 @@ call is cold):
 Whole processes (median wall time of --runs runs): ``tdxvm verify-quote`` (imports
 included, warm disk cache; and with --no-cache) beside ``python -c`` running dcap-qvl
 on the same files, plus the import of the CLI alone and of a bare interpreter; and
-which heavy modules verify-quote imported (there should be none).
+which heavy modules verify-quote imported (there should be none; without --policy, not
+even pydantic).
 
 All verdicts must agree before anything is timed. Not part of the test run; the
 figures move with the machine's load.
@@ -48,7 +50,7 @@ from tdxvm.attest.verifiedcache import VerifiedCache
 from tdxvm.attest.verify import QuoteVerifier
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "tdx" / "dcap-qvl-v4"
-HEAVY = ("libvirt", "paramiko", "requests", "urllib3", "yaml", "tdxvm.launch", "tdxvm.image", "tdxvm.emulate",
+HEAVY = ("libvirt", "paramiko", "requests", "urllib3", "yaml", "pydantic", "tdxvm.launch", "tdxvm.image", "tdxvm.emulate",
          "tdxvm.fleet", "tdxvm.provision", "tdxvm.guest", "tdxvm.attest.eventlog")  # fmt: skip
 
 
@@ -154,7 +156,7 @@ def _bench(disk: Path) -> int:
         print(f"{name:<50} {seconds * 1000:>7.1f}{target}")
     probe = ("import sys\nfrom tdxvm.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              f"print(__import__('json').dumps(sorted(m for m in sys.modules if m.split('.')[0] in {{'libvirt', 'paramiko', 'requests', "
-             f"'urllib3', 'yaml'}} or m.startswith({HEAVY!r}))))")  # fmt: skip
+             f"'urllib3', 'yaml', 'pydantic'}} or m.startswith({HEAVY!r}))))")  # fmt: skip
     out = subprocess.run([py, "-c", probe, *verify[1:]], env=env, capture_output=True, text=True, check=False).stdout
     heavy = json.loads(out.strip().splitlines()[-1]) if out.strip() else ["<probe failed>"]
     print(f"heavy modules imported by verify-quote: {', '.join(heavy) if heavy else 'none'}")

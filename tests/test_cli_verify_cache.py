@@ -24,7 +24,7 @@ def test_verify_quote_uses_the_cache_unless_told_not_to(capsys, testdata, tmp_pa
     code, plain = _verify(capsys, testdata, "--no-cache")
     assert code == 0 and not folder.exists()  # --no-cache neither reads nor writes it
     code, first = _verify(capsys, testdata)
-    assert code == 0 and len([p for p in folder.iterdir() if p.suffix == ".json"]) == 5  # four items and the whole set
+    assert code == 0 and len([p for p in folder.iterdir() if p.suffix == ".json"]) == 7  # four items, the whole set, PCK chain, QE report
     code, again = _verify(capsys, testdata)
     assert code == 0 and plain == first == again
     assert plain["collateral"]["source"] == f"bundle {testdata / 'dcap-qvl-v4' / 'collateral.json'}"

@@ -19,10 +19,11 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtensionOID
 
-from tdxvm.attest.der import DerReader, tbs_certificate_names, tbs_crl_issuer
+from tdxvm.attest.der import certificate_parts, crl_parts
 from tdxvm.attest.errors import CertificateError
-from tdxvm.attest.pck import load_der_certificate, parse_pem_chain, pem_block_der, pem_blocks
+from tdxvm.attest.pck import load_dated_certificate, parse_pem_chain, pem_block_der, pem_blocks
 from tdxvm.attest.result import Reason
 
 INTEL_SGX_ROOT_CA_SHA256 = bytes.fromhex(
@@ -32,14 +33,20 @@ INTEL_SGX_ROOT_CA_SHA256 = bytes.fromhex(
 
 @dataclass(frozen=True, slots=True)
 class TrustAnchor:
-    """The root CA that every chain must end in, pinned by the SHA-256 of its DER."""
+    """The root CA that every chain must end in, pinned by the SHA-256 of its DER.
+
+    ``ca``: what the anchor's basic constraints say (see :func:`_is_ca`), when known
+    beforehand; the hash pins the certificate's bytes, so this is a fact about it, and
+    a chain's check then does not decode the anchor's extensions to ask again.
+    """
 
     sha256: bytes
     name: str
+    ca: bool | None = field(default=None, compare=False)
 
     @classmethod
     def intel(cls) -> TrustAnchor:
-        return cls(sha256=INTEL_SGX_ROOT_CA_SHA256, name="Intel SGX Root CA")
+        return cls(sha256=INTEL_SGX_ROOT_CA_SHA256, name="Intel SGX Root CA", ca=True)
 
     @classmethod
     def from_pem(cls, pem: bytes | str) -> TrustAnchor:
@@ -56,7 +63,7 @@ class TrustAnchor:
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> TrustAnchor:
-        return cls(sha256=der_sha256(cert), name=cert_name(cert))
+        return cls(sha256=der_sha256(cert), name=cert_name(cert), ca=_is_ca(cert))
 
 
 def der_sha256(cert: x509.Certificate) -> bytes:
@@ -74,7 +81,7 @@ def cert_name(cert: x509.Certificate) -> str:
 def _is_ca(cert: x509.Certificate) -> bool:
     """Whether the certificate's basic constraints say CA (malformed extensions: no)."""
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        return bool(cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value.ca)
     except (x509.ExtensionNotFound, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, ValueError):
         return False
 
@@ -113,7 +120,7 @@ class CheckedChain:
 
     def revocation_reasons(self, crls: list[CheckedCrl]) -> list[Reason]:
         """Every certificate below the root must be covered by a CRL of its issuer."""
-        key = tuple(id(c) for c in crls)
+        key = tuple(map(id, crls))
         known = self._revocation.get(key)
         if known is None:
             known = self._revocation[key] = (tuple(crls), tuple(self._revocation_reasons(crls)))
@@ -121,8 +128,11 @@ class CheckedChain:
 
     def _revocation_reasons(self, crls: list[CheckedCrl]) -> list[Reason]:
         out = []
+        by_issuer: dict[bytes, CheckedCrl] = {}
+        for c in reversed(crls):  # the first CRL of an issuer wins
+            by_issuer[c.issuer_sha256] = c
         for cert, issuer, issuer_hash in zip(self.certs[:-1], self.certs[1:], self.hashes[1:], strict=True):
-            crl = next((c for c in crls if c.issuer_sha256 == issuer_hash), None)
+            crl = by_issuer.get(issuer_hash)
             if crl is None:
                 out.append(Reason("crl-missing", f"{self.what}: no CRL from {cert_name(issuer)} to check {cert_name(cert)}"))
             elif crl.revokes(cert):
@@ -139,16 +149,17 @@ class _CertInfo:
     not EC reads as ``None``, which no signature check accepts.
     """
 
-    __slots__ = ("cert", "sha256", "_der", "_what", "_names", "_key", "_key_read", "_window")
+    __slots__ = ("cert", "sha256", "_der", "_what", "_parts", "_key", "_key_read", "_window", "_ca")
 
-    def __init__(self, cert: x509.Certificate, der: bytes, what: str) -> None:
+    def __init__(self, cert: x509.Certificate, der: bytes, what: str, window: tuple[datetime, datetime] | None = None) -> None:
         self.cert = cert
         self.sha256 = hashlib.sha256(der).digest()
         self._der, self._what = der, what
-        self._names: tuple[bytes, bytes, bytes] | None = None
+        self._parts: tuple[bytes, bytes, bytes] | None = None
         self._key: ec.EllipticCurvePublicKey | None = None
         self._key_read = False
-        self._window: tuple[datetime, datetime] | None = None
+        self._window = window
+        self._ca: bool | None = None
 
     @property
     def window(self) -> tuple[datetime, datetime]:
@@ -158,10 +169,9 @@ class _CertInfo:
         return self._window
 
     def _signed_body(self) -> tuple[bytes, bytes, bytes]:
-        if self._names is None:
-            tbs = _outer_first(self._der, self._what)
-            self._names = (tbs, *tbs_certificate_names(tbs))
-        return self._names
+        if self._parts is None:
+            self._parts = certificate_parts(self._der, self._what)
+        return self._parts
 
     @property
     def tbs(self) -> bytes:
@@ -176,6 +186,16 @@ class _CertInfo:
         return self._signed_body()[2]
 
     @property
+    def ca(self) -> bool:
+        if self._ca is None:
+            self._ca = _is_ca(self.cert)
+        return self._ca
+
+    def known_ca(self, ca: bool) -> None:
+        """Take the CA flag from the trust anchor this certificate is (by its hash)."""
+        self._ca = ca
+
+    @property
     def key(self) -> ec.EllipticCurvePublicKey | None:
         if not self._key_read:
             try:
@@ -187,12 +207,7 @@ class _CertInfo:
         return self._key
 
 
-def _outer_first(der: bytes, what: str) -> bytes:
-    """The first element of a DER SEQUENCE (the signed body of a certificate or CRL)."""
-    tag, body = DerReader(der, what).read()
-    if tag != 0x30:
-        raise CertificateError(f"{what}: not a DER SEQUENCE")
-    return DerReader(body, what).read_tlv()[1]
+_UNCHECKED = object()
 
 
 class CertStore:
@@ -205,21 +220,28 @@ class CertStore:
     """
 
     def __init__(self) -> None:
+        self._chains: dict[bytes | str, tuple[x509.Certificate, ...]] = {}  # by the exact PEM text
         self._blocks: dict[bytes, x509.Certificate] = {}
         self._info: dict[int, _CertInfo] = {}  # id(cert); the entry holds the cert, pinning its id
         self._issued: dict[tuple[bytes, bytes], str | None] = {}
         self._crl_checked: dict[tuple[bytes, bytes], str | None] = {}
 
     def load_chain(self, pem: bytes | str, what: str) -> list[x509.Certificate]:
+        """The certificates of a PEM chain, leaf first; the same text (the TCB info's and
+        the QE identity's issuer chains, usually) is read once."""
+        known = self._chains.get(pem)
+        if known is not None:
+            return list(known)
         out = []
         for i, block in enumerate(pem_blocks(pem, what)):
             cert = self._blocks.get(block)
             if cert is None:
                 der = pem_block_der(block, what, i)
-                cert = load_der_certificate(der, what, i)
-                self._remember(cert, der, f"{what}: certificate {i}")
+                cert, window = load_dated_certificate(der, what, i)
+                self._info[id(cert)] = _CertInfo(cert, der, f"{what}: certificate {i}", window)
                 self._blocks[block] = cert
             out.append(cert)
+        self._chains[pem] = tuple(out)
         return out
 
     def _remember(self, cert: x509.Certificate, der: bytes, what: str) -> _CertInfo:
@@ -229,7 +251,7 @@ class CertStore:
 
     def info(self, cert: x509.Certificate) -> _CertInfo:
         info = self._info.get(id(cert))
-        if info is None or info.cert is not cert:
+        if info is None or info.cert is not cert:  # not loaded by load_chain (a caller's certificate)
             info = self._remember(cert, cert.public_bytes(Encoding.DER), cert_name(cert))
         return info
 
@@ -241,15 +263,18 @@ class CertStore:
         return self.info(cert).key
 
     def issuance_problem(self, cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
-        c, i = self.info(cert), self.info(issuer)
+        return self._issuance(self.info(cert), self.info(issuer))
+
+    def _issuance(self, c: _CertInfo, i: _CertInfo) -> str | None:
         key = (c.sha256, i.sha256)
-        if key not in self._issued:
-            self._issued[key] = self._issuance_problem(c, i)
-        return self._issued[key]
+        problem = self._issued.get(key, _UNCHECKED)
+        if problem is _UNCHECKED:
+            problem = self._issued[key] = self._issuance_problem(c, i)
+        return problem  # type: ignore[return-value]
 
     @staticmethod
     def _issuance_problem(c: _CertInfo, i: _CertInfo) -> str | None:
-        if not _is_ca(i.cert):
+        if not i.ca:
             return f"{cert_name(i.cert)} issued {cert_name(c.cert)} but is not a CA"
         if i.key is None:
             return f"{cert_name(i.cert)} does not have an EC key"
@@ -277,30 +302,35 @@ class CertStore:
         checked; a chain that does not end in the anchor is refused regardless.
         """
         reasons: list[Reason] = []
-        hashes = tuple(self.sha256(c) for c in certs)
-        if hashes[-1] != anchor.sha256:
+        infos = [self.info(c) for c in certs]
+        hashes = tuple([i.sha256 for i in infos])
+        if hashes[-1] == anchor.sha256:
+            if anchor.ca is not None:
+                infos[-1].known_ca(anchor.ca)
+        else:
             root = certs[-1]
             reasons.append(Reason("untrusted-root", f"{what}: ends in {cert_name(root)} (SHA-256 {hashes[-1].hex()}), not the trust anchor {anchor.name}"))
-        for cert, issuer in zip(certs[:-1], certs[1:], strict=True):
-            problem = self.issuance_problem(cert, issuer)
+        for cert, issuer in zip(infos[:-1], infos[1:], strict=True):
+            problem = self._issuance(cert, issuer)
             if problem is not None:
                 code = "cert-not-ca" if "is not a CA" in problem else "cert-signature"
                 reasons.append(Reason(code, f"{what}: {problem}"))
-        windows = tuple(self.info(c).window for c in certs)
-        return CheckedChain(what=what, certs=tuple(certs), hashes=hashes, reasons=tuple(reasons), windows=windows)
+        windows = tuple([i.window for i in infos])
+        return CheckedChain(what, tuple(certs), hashes, tuple(reasons), windows)
 
     def crl_problem(self, crl: Crl, issuer: x509.Certificate) -> str | None:
         """``"crl-issuer"``, ``"crl-signature"`` or ``None``: whether ``issuer`` issued ``crl``."""
         i = self.info(issuer)
         key = (crl.sha256, i.sha256)
-        if key not in self._crl_checked:
+        problem = self._crl_checked.get(key, _UNCHECKED)
+        if problem is _UNCHECKED:
             problem = None
             if crl.issuer_name != i.subject_name:
                 problem = "crl-issuer"
             elif i.key is None or not _ecdsa_signed(i.key, crl.crl.signature, crl.tbs, crl.crl.signature_algorithm_oid):
                 problem = "crl-signature"
             self._crl_checked[key] = problem
-        return self._crl_checked[key]
+        return problem  # type: ignore[return-value]
 
     def check_crl(self, crl: Crl, issuer: x509.Certificate, what: str) -> CheckedCrl:
         """Check that ``issuer`` issued and signed ``crl`` (its time window is separate)."""
@@ -310,7 +340,7 @@ class CertStore:
             reasons.append(Reason("crl-issuer", f"{what} is not issued by {cert_name(issuer)}"))
         elif problem == "crl-signature":
             reasons.append(Reason("crl-signature", f"{what}: signature does not verify with {cert_name(issuer)}"))
-        return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=self.sha256(issuer), reasons=tuple(reasons))
+        return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=self.sha256(issuer), reasons=tuple(reasons), window=crl.window)
 
 
 _ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {
@@ -340,6 +370,7 @@ class CheckedCrl:
     crl: x509.CertificateRevocationList
     issuer_sha256: bytes
     reasons: tuple[Reason, ...]
+    window: tuple[datetime, datetime | None] | None = None  # (thisUpdate, nextUpdate), read once
     _revoked: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)  # serial -> listed
 
     def revokes(self, cert: x509.Certificate) -> bool:
@@ -355,7 +386,7 @@ class CheckedCrl:
         return listed
 
     def time_reasons(self, at: datetime) -> list[Reason]:
-        last, nxt = self.crl.last_update_utc, self.crl.next_update_utc
+        last, nxt = self.window or (self.crl.last_update_utc, self.crl.next_update_utc)
         if at < last:
             return [Reason("crl-not-yet-valid", f"{self.what} is not valid before {last.isoformat()}")]
         if nxt is None or at > nxt:
@@ -372,6 +403,7 @@ class Crl:
     tbs: bytes
     issuer_name: bytes
     sha256: bytes
+    window: tuple[datetime, datetime | None] | None = None  # (thisUpdate, nextUpdate)
 
 
 def load_crl(der: bytes, what: str) -> Crl:
@@ -379,9 +411,10 @@ def load_crl(der: bytes, what: str) -> Crl:
     pem = der.lstrip().startswith(b"-----BEGIN")
     try:
         crl = x509.load_pem_x509_crl(der) if pem else x509.load_der_x509_crl(der)
-        _ = (crl.last_update_utc, crl.next_update_utc, crl.signature, crl.signature_algorithm_oid)
+        window = (crl.last_update_utc, crl.next_update_utc)
+        _ = (crl.signature, crl.signature_algorithm_oid)
         raw = crl.public_bytes(Encoding.DER) if pem else der
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CertificateError(f"{what}: not a usable {'PEM' if pem else 'DER'} CRL: {exc}") from None
-    tbs = _outer_first(raw, what)
-    return Crl(crl=crl, tbs=tbs, issuer_name=tbs_crl_issuer(tbs), sha256=hashlib.sha256(raw).digest())
+    tbs, issuer = crl_parts(raw, what)
+    return Crl(crl=crl, tbs=tbs, issuer_name=issuer, sha256=hashlib.sha256(raw).digest(), window=window)

@@ -1,5 +1,6 @@
 """Just enough DER (X.690) to walk the few structures the verifier reads by hand:
-Intel's SGX extension and the names inside signed certificate and CRL bodies."""
+Intel's SGX extension and the signed bodies of certificates and CRLs with the names
+inside them."""
 
 from __future__ import annotations
 
@@ -47,36 +48,6 @@ class DerReader:
         return tag, self.data[begin : self.pos]
 
 
-def _body(der: bytes, what: str) -> DerReader:
-    tag, body = DerReader(der, what).read()
-    if tag != 0x30:
-        raise CertificateError(f"{what}: not a DER SEQUENCE")
-    return DerReader(body, what)
-
-
-def tbs_certificate_names(tbs: bytes) -> tuple[bytes, bytes]:
-    """(issuer, subject) of a TBSCertificate (RFC 5280 4.1), each as its DER encoding."""
-    r = _body(tbs, "certificate")
-    tag, _ = r.read_tlv()
-    if tag == 0xA0:  # [0] EXPLICIT version
-        r.read_tlv()  # serialNumber
-    r.read_tlv()  # signature AlgorithmIdentifier
-    _, issuer = r.read_tlv()
-    r.read_tlv()  # validity
-    _, subject = r.read_tlv()
-    return issuer, subject
-
-
-def tbs_crl_issuer(tbs: bytes) -> bytes:
-    """The issuer of a TBSCertList (RFC 5280 5.1), as its DER encoding."""
-    r = _body(tbs, "CRL")
-    tag, _ = r.read_tlv()
-    if tag == 0x02:  # version INTEGER
-        r.read_tlv()  # signature AlgorithmIdentifier
-    _, issuer = r.read_tlv()
-    return issuer
-
-
 def tlv_at(data: bytes, pos: int, end: int, what: str) -> tuple[int, int, int]:
     """(tag, contents start, contents end) of the element at ``pos``, which must end by ``end``."""
     if pos + 2 > end:
@@ -104,3 +75,42 @@ def der_elements(data: bytes, what: str) -> list[tuple[int, bytes]]:
         out.append((tag, data[start:stop]))
         pos = stop
     return out
+
+
+def _signed_body(der: bytes, what: str) -> tuple[int, int]:
+    """(start, end) of the first element of the DER SEQUENCE ``der``: the signed body
+    (TBSCertificate or TBSCertList) of a certificate or CRL, which must be a SEQUENCE."""
+    tag, start, stop = tlv_at(der, 0, len(der), what)
+    if tag != 0x30:
+        raise CertificateError(f"{what}: not a DER SEQUENCE")
+    tag, _, end = tlv_at(der, start, stop, what)
+    if tag != 0x30:
+        raise CertificateError(f"{what}: the signed body is not a DER SEQUENCE")
+    return start, end
+
+
+def certificate_parts(der: bytes, what: str) -> tuple[bytes, bytes, bytes]:
+    """(TBSCertificate, issuer, subject) of a DER certificate (RFC 5280 4.1), each as its
+    whole DER encoding, read in one pass."""
+    begin, end = _signed_body(der, what)
+    _, pos, _ = tlv_at(der, begin, end, what)  # into the TBSCertificate
+    tag, _, stop = tlv_at(der, pos, end, what)
+    if tag == 0xA0:  # [0] EXPLICIT version, then serialNumber
+        _, _, stop = tlv_at(der, stop, end, what)
+    _, _, pos = tlv_at(der, stop, end, what)  # signature AlgorithmIdentifier
+    _, _, stop = tlv_at(der, pos, end, what)
+    issuer = der[pos:stop]
+    _, _, pos = tlv_at(der, stop, end, what)  # validity
+    _, _, stop = tlv_at(der, pos, end, what)
+    return der[begin:end], issuer, der[pos:stop]
+
+
+def crl_parts(der: bytes, what: str) -> tuple[bytes, bytes]:
+    """(TBSCertList, issuer) of a DER CRL (RFC 5280 5.1), each as its whole DER encoding."""
+    begin, end = _signed_body(der, what)
+    _, pos, _ = tlv_at(der, begin, end, what)  # into the TBSCertList
+    tag, _, stop = tlv_at(der, pos, end, what)
+    if tag == 0x02:  # version INTEGER, then the signature AlgorithmIdentifier
+        _, _, stop = tlv_at(der, stop, end, what)
+    _, _, end_issuer = tlv_at(der, stop, end, what)
+    return der[begin:end], der[stop:end_issuer]

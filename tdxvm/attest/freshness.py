@@ -19,15 +19,14 @@ that has nothing verified to read refuses.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated, Any
-
-from pydantic import BeforeValidator, PlainSerializer
+from typing import Any
 
 from tdxvm.attest.duration import format_duration, parse_duration
 from tdxvm.attest.result import IssuedItem, Reason, VerificationResult
 
 
-def _evaluation_number(value: Any) -> int:
+def evaluation_data_number(value: Any) -> int:
+    """The policy value of ``min_tcb_evaluation_data_number`` (``ValueError`` if unusable)."""
     text = value if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
@@ -40,7 +39,8 @@ def _evaluation_number(value: Any) -> int:
     return number
 
 
-def _age(value: Any) -> timedelta:
+def collateral_age(value: Any) -> timedelta:
+    """The policy value of ``max_collateral_age`` (``ValueError`` if unusable)."""
     if isinstance(value, timedelta):
         if value <= timedelta(0):
             raise ValueError("a duration must be longer than zero")
@@ -48,10 +48,6 @@ def _age(value: Any) -> timedelta:
     if not isinstance(value, str):
         raise ValueError("expected a duration such as 7d, 36h or 1d12h")
     return parse_duration(value)
-
-
-EvaluationDataNumber = Annotated[int, BeforeValidator(_evaluation_number)]
-CollateralAge = Annotated[timedelta, BeforeValidator(_age), PlainSerializer(format_duration, return_type=str)]
 
 
 def _iso(when: datetime) -> str:

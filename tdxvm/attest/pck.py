@@ -12,12 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import NameOID
 
-from tdxvm.attest.der import DerReader, tlv_at
+from tdxvm.attest.der import tlv_at
 from tdxvm.attest.errors import CertificateError
 
 SGX_EXTENSION_OID = "1.2.840.113741.1.13.1"
@@ -78,14 +79,21 @@ def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
     places handle malformed ones: decoding them here for every certificate would cost
     more than the rest of this function.
     """
+    return load_dated_certificate(der, what, index)[0]
+
+
+def load_dated_certificate(der: bytes, what: str, index: int) -> tuple[x509.Certificate, tuple[datetime, datetime]]:
+    """:func:`load_der_certificate`, and the (notBefore, notAfter) it read (each read of
+    those properties makes new datetimes)."""
     try:
         cert = x509.load_der_x509_certificate(der)
-        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature, cert.signature_algorithm_oid)
+        window = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+        _ = (cert.signature, cert.signature_algorithm_oid)
         if cert.serial_number < 0:
             raise ValueError("negative serial number (RFC 5280 4.1.2.2)")
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CertificateError(f"{what}: certificate {index} is malformed: {exc}") from None
-    return cert
+    return cert, window
 
 
 def parse_pem_chain(pem: bytes | str, what: str = "certificate chain") -> list[x509.Certificate]:
@@ -158,7 +166,6 @@ def _octets(tv: tuple[int, bytes], name: str, size: int | None = None) -> bytes:
     return value
 
 
-_COMPONENTS = tuple((i, f"TCB component {i}") for i in range(1, 17))
 _OIDS: dict[tuple[int, ...], bytes] = {}
 
 
@@ -173,6 +180,22 @@ def _need(fields: dict[bytes, tuple[int, bytes]], name: str, *arcs: int) -> tupl
     return tv
 
 
+_COMPONENTS = tuple((_oid(2, i), i, f"TCB component {i}") for i in range(1, 17))
+_PLATFORM_INSTANCE_ID, _CONFIGURATION = _oid(6), _oid(7)
+_FLAGS = {arc: _oid(7, arc) for arc in (1, 2, 3)}  # dynamic platform, cached keys, SMT enabled
+
+
+def _components(tcb: dict[bytes, tuple[int, bytes]]) -> tuple[int, ...]:
+    """The 16 TCB component SVNs (each an INTEGER; a missing or other one is refused)."""
+    out = []
+    for oid, i, name in _COMPONENTS:
+        tv = tcb.get(oid)
+        if tv is None or tv[0] not in (0x02, 0x0A) or not tv[1]:
+            _int(_need(tcb, name, 2, i), name)  # raises, naming the component
+        out.append(int.from_bytes(tv[1], "big", signed=True))  # type: ignore[index]
+    return tuple(out)
+
+
 def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     """Read Intel's SGX extension from a PCK leaf certificate."""
     try:
@@ -182,17 +205,17 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise CertificateError(f"PCK certificate has malformed extensions: {exc}") from None
     raw = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else b""
-    outer = DerReader(raw, "SGX extension")
-    tag, body = outer.read()
-    if tag != 0x30 or not outer.done():
+    tag, start, stop = tlv_at(raw, 0, len(raw), "SGX extension")
+    if tag != 0x30 or stop != len(raw):
         raise CertificateError("SGX extension: value is not a single SEQUENCE")
-    top = _pairs(body)
+    top = _pairs(raw[start:stop])
     tcb = _pairs(_need(top, "TCB", 2)[1])
-    components = tuple(_int(_need(tcb, name, 2, i), name) for i, name in _COMPONENTS)
-    config = _pairs(top[_oid(7)][1]) if _oid(7) in top else {}
+    components = _components(tcb)
+    config_tv = top.get(_CONFIGURATION)
+    config = _pairs(config_tv[1]) if config_tv is not None else {}
 
     def flag(arc: int) -> bool | None:
-        tv = config.get(_oid(7, arc))
+        tv = config.get(_FLAGS[arc])
         if tv is None:
             return None
         tag, value = tv
@@ -200,7 +223,7 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
             raise CertificateError(f"SGX extension: configuration flag {arc} is not a BOOLEAN")
         return value != b"\x00"
 
-    pid = top.get(_oid(6))
+    pid = top.get(_PLATFORM_INSTANCE_ID)
     return PckExtension(
         ppid=_octets(_need(top, "PPID", 1), "PPID", 16),
         tcb_components=components,

@@ -8,7 +8,10 @@ with the TDX Connect fields) follows dcap-qvl's ``TDReport15Ex``.
 
 Every length field is checked against what remains; a short or inconsistent quote is a
 :class:`QuoteFormatError` naming the field and its byte offset. Bytes after the
-signature data (padding added by some quote providers) are allowed and ignored.
+signature data (padding added by some quote providers) are allowed and ignored. A
+well-formed quote is read with a few ``struct`` unpacks; anything unexpected is read
+again field by field to name what is wrong (``tests/attest/test_quote_layout.py``
+checks that both ways agree).
 """
 
 from __future__ import annotations
@@ -89,16 +92,35 @@ class _Reader:
         return out
 
     def u16(self, field: str) -> int:
-        return struct.unpack("<H", self.take(2, field))[0]
+        return int.from_bytes(self.take(2, field), "little")
 
     def u32(self, field: str) -> int:
-        return struct.unpack("<I", self.take(4, field))[0]
+        return int.from_bytes(self.take(4, field), "little")
 
     def sub(self, size: int, field: str) -> _Reader:
         """A reader over the next ``size`` bytes; this reader skips past them."""
         start = self.pos
         self.take(size, field)
         return _Reader(self._data, start, start + size)
+
+
+class _Layout:
+    """Fixed-size fields (``struct`` codes, little-endian) read with one ``unpack_from``
+    when all of them are present; when some are not, the fields are taken one by one so
+    that the error names the first missing field and its offset."""
+
+    def __init__(self, *fields: tuple[str, str]) -> None:
+        self.fields = tuple((name, code, struct.calcsize("<" + code)) for name, code in fields)
+        self.struct = struct.Struct("<" + "".join(code for _, code in fields))
+
+    def read(self, r: _Reader, prefix: str) -> tuple:
+        pos = r.pos
+        if pos + self.struct.size <= r.end:
+            r.pos = pos + self.struct.size
+            return self.struct.unpack_from(r._data, pos)
+        for name, _, size in self.fields:
+            r.take(size, prefix + name)
+        raise AssertionError("unreachable: a field of the layout is short")  # pragma: no cover
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +226,25 @@ class Quote:
         return self.header.version
 
 
+_HEADER = struct.Struct("<HHIHH16s20s")
+
+
+def _regular_header(r: _Reader) -> QuoteHeader | None:
+    """The header in one unpack when it is whole and of a kind tdxvm reads (None
+    otherwise: :func:`_parse_header` then reads it field by field and says what is wrong)."""
+    if r.pos + HEADER_SIZE > r.end:
+        return None
+    version, key_type, tee_type, *rest = _HEADER.unpack_from(r._data, r.pos)
+    if version not in (4, 5) or key_type != ATT_KEY_TYPE_ECDSA_P256 or tee_type != TEE_TYPE_TDX:
+        return None
+    r.pos += HEADER_SIZE
+    return QuoteHeader(version, key_type, tee_type, *rest)
+
+
 def _parse_header(r: _Reader) -> QuoteHeader:
+    regular = _regular_header(r)
+    if regular is not None:
+        return regular
     version = r.u16("header.version")
     if version not in (4, 5):
         sgx = " (an SGX enclave quote)" if version in (2, 3) else ""
@@ -237,72 +277,76 @@ def _parse_header(r: _Reader) -> QuoteHeader:
     )
 
 
+_TD_REPORT10 = _Layout(
+    ("tee_tcb_svn", "16s"), ("mr_seam", "48s"), ("mr_signer_seam", "48s"), ("seam_attributes", "8s"),
+    ("td_attributes", "8s"), ("xfam", "8s"), ("mr_td", "48s"), ("mr_config_id", "48s"), ("mr_owner", "48s"),
+    ("mr_owner_config", "48s"), ("rtmr0", "48s"), ("rtmr1", "48s"), ("rtmr2", "48s"), ("rtmr3", "48s"),
+    ("report_data", "64s"),
+)  # fmt: skip
+_TD_REPORT15 = _Layout(("tee_tcb_svn2", "16s"), ("mr_service_td", "48s"))  # after the 1.0 fields
+_TD_REPORT15EX = _Layout(
+    ("vmid", "B"), ("td_id", "32s"), ("dev_info", "48s"), ("init_service_td_hash", "48s"),
+    ("init_service_td_attributes", "8s"), ("init_cpu_svn", "16s"), ("init_tee_tcb_svn", "16s"),
+    ("init_tee_fmspc", "12s"), ("cur_service_td_hash", "48s"), ("cur_service_td_attributes", "8s"),
+)  # after the 1.5 fields  # fmt: skip
+_ENCLAVE_REPORT = _Layout(
+    ("cpu_svn", "16s"), ("misc_select", "I"), ("reserved1", "28x"), ("attributes", "16s"), ("mr_enclave", "32s"),
+    ("reserved2", "32x"), ("mr_signer", "32s"), ("reserved3", "96x"), ("isv_prod_id", "H"), ("isv_svn", "H"),
+    ("reserved4", "60x"), ("report_data", "64s"),
+)  # fmt: skip
+
+
 def _parse_td_report(r: _Reader, body_type: int) -> TdReport:
-    f = "body."
-    fields: dict[str, object] = dict(
-        body_type=body_type,
-        tee_tcb_svn=r.take(16, f + "tee_tcb_svn"),
-        mr_seam=r.take(48, f + "mr_seam"),
-        mr_signer_seam=r.take(48, f + "mr_signer_seam"),
-        seam_attributes=r.take(8, f + "seam_attributes"),
-        td_attributes=r.take(8, f + "td_attributes"),
-        xfam=r.take(8, f + "xfam"),
-        mr_td=r.take(48, f + "mr_td"),
-        mr_config_id=r.take(48, f + "mr_config_id"),
-        mr_owner=r.take(48, f + "mr_owner"),
-        mr_owner_config=r.take(48, f + "mr_owner_config"),
-        rtmrs=tuple(r.take(48, f"{f}rtmr{i}") for i in range(4)),
-        report_data=r.take(64, f + "report_data"),
-    )
-    if body_type >= BODY_TD_REPORT15:
-        fields["tee_tcb_svn2"] = r.take(16, f + "tee_tcb_svn2")
-        fields["mr_service_td"] = r.take(48, f + "mr_service_td")
-    if body_type >= BODY_TD_REPORT15EX:
-        fields["vmid"] = r.take(1, f + "vmid")[0]
-        for name, size in (
-            ("td_id", 32),
-            ("dev_info", 48),
-            ("init_service_td_hash", 48),
-            ("init_service_td_attributes", 8),
-            ("init_cpu_svn", 16),
-            ("init_tee_tcb_svn", 16),
-            ("init_tee_fmspc", 12),
-            ("cur_service_td_hash", 48),
-            ("cur_service_td_attributes", 8),
-        ):
-            fields[name] = r.take(size, f + name)
-    return TdReport(**fields)  # type: ignore[arg-type]
+    v = _TD_REPORT10.read(r, "body.")
+    rtmrs = v[10:14]
+    if body_type < BODY_TD_REPORT15:
+        return TdReport(body_type, *v[:10], rtmrs, v[14])  # type: ignore[arg-type]
+    v15 = _TD_REPORT15.read(r, "body.")
+    if body_type < BODY_TD_REPORT15EX:
+        return TdReport(body_type, *v[:10], rtmrs, v[14], *v15)  # type: ignore[arg-type]
+    return TdReport(body_type, *v[:10], rtmrs, v[14], *v15, *_TD_REPORT15EX.read(r, "body."))  # type: ignore[arg-type]
 
 
 def parse_enclave_report(raw: bytes, field: str = "qe_report") -> EnclaveReport:
     """Parse a 384-byte SGX REPORT body (Intel SGX SDK ``sgx_report_body_t``)."""
-    r = _Reader(raw)
-    cpu_svn = r.take(16, field + ".cpu_svn")
-    misc_select = r.u32(field + ".misc_select")
-    r.take(28, field + ".reserved1")
-    attributes = r.take(16, field + ".attributes")
-    mr_enclave = r.take(32, field + ".mr_enclave")
-    r.take(32, field + ".reserved2")
-    mr_signer = r.take(32, field + ".mr_signer")
-    r.take(96, field + ".reserved3")
-    isv_prod_id = r.u16(field + ".isv_prod_id")
-    isv_svn = r.u16(field + ".isv_svn")
-    r.take(60, field + ".reserved4")
-    report_data = r.take(64, field + ".report_data")
-    return EnclaveReport(
-        raw=raw,
-        cpu_svn=cpu_svn,
-        misc_select=misc_select,
-        attributes=attributes,
-        mr_enclave=mr_enclave,
-        mr_signer=mr_signer,
-        isv_prod_id=isv_prod_id,
-        isv_svn=isv_svn,
-        report_data=report_data,
-    )
+    return EnclaveReport(raw, *_ENCLAVE_REPORT.read(_Reader(raw), field + "."))
+
+
+_SIGNATURE_HEAD = struct.Struct("<64s64sHI")  # quote signature, attestation key, certification data type and size
+_QE_CERTIFICATION_HEAD = struct.Struct("<384s64sH")  # QE report, its signature, QE auth data size
+_PCK_CERTIFICATION_HEAD = struct.Struct("<HI")  # certification data type and size
+
+
+def _regular_signature(r: _Reader) -> QuoteSignature | None:
+    """The signature data in a few unpacks when every type and size is as expected
+    (None otherwise: :func:`_parse_signature` then reads it field by field and says what
+    is wrong)."""
+    data, pos = r._data, r.pos
+    if pos + _SIGNATURE_HEAD.size > r.end:
+        return None
+    signature, attestation_key, cert_type, size = _SIGNATURE_HEAD.unpack_from(data, pos)
+    start = pos + _SIGNATURE_HEAD.size
+    end = start + size
+    auth = start + _QE_CERTIFICATION_HEAD.size
+    if cert_type != CERT_TYPE_QE_REPORT or end > r.end or auth > end:
+        return None
+    qe_report, qe_report_signature, auth_size = _QE_CERTIFICATION_HEAD.unpack_from(data, start)
+    inner = auth + auth_size
+    if inner + _PCK_CERTIFICATION_HEAD.size > end:
+        return None
+    inner_type, chain_size = _PCK_CERTIFICATION_HEAD.unpack_from(data, inner)
+    chain = inner + _PCK_CERTIFICATION_HEAD.size
+    if inner_type != CERT_TYPE_PCK_CHAIN or chain + chain_size != end:
+        return None
+    r.pos = end
+    return QuoteSignature(signature, attestation_key, parse_enclave_report(qe_report), qe_report_signature,
+                          data[auth:inner], data[chain:end])  # fmt: skip
 
 
 def _parse_signature(r: _Reader) -> QuoteSignature:
+    regular = _regular_signature(r)
+    if regular is not None:
+        return regular
     s = "signature_data."
     signature = r.take(ECDSA_SIGNATURE_SIZE, s + "quote_signature")
     attestation_key = r.take(ECDSA_KEY_SIZE, s + "attestation_key")

@@ -27,6 +27,7 @@ TCB info v3:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import ge
 
 from tdxvm.attest.pck import PckExtension
 from tdxvm.attest.quote import EnclaveReport, TdReport
@@ -58,6 +59,13 @@ class TcbMismatch(Exception):
         self.reason = reason
 
 
+def _masked(value: bytes, mask: bytes) -> int:
+    """``value`` AND ``mask``, byte by byte (as one number; both are the same length)."""
+    if len(value) != len(mask):
+        raise ValueError(f"{len(value)} bytes masked by {len(mask)}")
+    return int.from_bytes(value, "big") & int.from_bytes(mask, "big")
+
+
 def _sort_key(level: TcbLevel) -> tuple:
     return (level.sgx_components, level.pce_svn, level.tdx_components)
 
@@ -65,12 +73,13 @@ def _sort_key(level: TcbLevel) -> tuple:
 def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: bytes, field: str = "TEE_TCB_SVN") -> TcbLevel:
     """The first level (highest first) the PCK's TCB and ``tee_tcb_svn`` (quote field ``field``) reach."""
     skip = 2 if tee_tcb_svn[1] > 0 else 0
+    tdx = tee_tcb_svn[skip:16]
     for level in sorted(tcb_info.tcb_levels, key=_sort_key, reverse=True):
         if pck.pce_svn < level.pce_svn:
             continue
-        if any(have < need for have, need in zip(pck.tcb_components, level.sgx_components, strict=True)):
+        if not all(map(ge, pck.tcb_components, level.sgx_components)):  # both 16 components (parsers check)
             continue
-        if any(tee_tcb_svn[i] < level.tdx_components[i] for i in range(skip, 16)):
+        if not all(map(ge, tdx, level.tdx_components[skip:16])):
             continue
         return level
     raise TcbMismatch(
@@ -107,9 +116,7 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | Non
             )
         )
     mask = identity.attributes_mask
-    got = bytes(a & m for a, m in zip(body.seam_attributes, mask, strict=True))
-    want = bytes(a & m for a, m in zip(identity.attributes, mask, strict=True))
-    if got != want:
+    if _masked(body.seam_attributes, mask) != _masked(identity.attributes, mask):
         raise TcbMismatch(
             Reason(
                 "tdx-module-attributes",
@@ -135,7 +142,7 @@ def match_qe(qe_identity: QeIdentity, report: EnclaveReport) -> Matched:
     if report.misc_select & qe_identity.miscselect_mask != qe_identity.miscselect & qe_identity.miscselect_mask:
         checks.append(("qe-miscselect", f"QE report MISCSELECT is {report.misc_select:08x}, expected {qe_identity.miscselect:08x} under mask {qe_identity.miscselect_mask:08x}"))
     mask = qe_identity.attributes_mask
-    if bytes(a & m for a, m in zip(report.attributes, mask, strict=True)) != bytes(a & m for a, m in zip(qe_identity.attributes, mask, strict=True)):
+    if _masked(report.attributes, mask) != _masked(qe_identity.attributes, mask):
         checks.append(("qe-attributes", f"QE report ATTRIBUTES is {report.attributes.hex()}, expected {qe_identity.attributes.hex()} under mask {mask.hex()}"))
     if checks:
         code, message = checks[0]

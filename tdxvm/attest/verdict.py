@@ -4,7 +4,7 @@ The JSON object is a stable contract (``tdxvm verify-quote -o json``): ``verdict
 ``tcb_status``, ``advisory_ids``, ``reasons`` (``code``/``message``), ``quote_version``
 and ``measurements`` always appear. ``policy_exceptions`` lists, one line each, every
 rule of the policy looser than the strict default and every measurement register it
-leaves unpinned (:meth:`tdxvm.attest.policy.Policy.loosened`, which status shows too),
+leaves unpinned (:func:`tdxvm.attest.policyrules.loosened`, which status shows too),
 and, first, collateral that came from the cache because the service could not be
 reached (:meth:`tdxvm.attest.collateral.CollateralOrigin.exception`). ``collateral``
 says where the collateral came from (``source``), its TCB evaluation data number and
@@ -21,15 +21,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tdxvm.attest.chain import TrustAnchor
 from tdxvm.attest.collateral import Collateral, CollateralOrigin
 from tdxvm.attest.errors import QuoteFormatError
-from tdxvm.attest.policy import Policy, evaluate
+from tdxvm.attest.policyrules import StrictPolicy, evaluate
 from tdxvm.attest.quote import Quote
 from tdxvm.attest.result import CollateralFacts, IssuedItem, Reason, VerificationResult
 from tdxvm.attest.verify import QuoteVerifier
+
+if TYPE_CHECKING:
+    from tdxvm.attest.policy import Policy  # a policy file's; StrictPolicy: the default, without pydantic
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -58,7 +61,7 @@ def collateral_dict(facts: CollateralFacts | None, origin: CollateralOrigin | No
 @dataclass(frozen=True, slots=True)
 class Verdict:
     result: VerificationResult
-    policy: Policy
+    policy: Policy | StrictPolicy
     reasons: tuple[Reason, ...]
     origin: CollateralOrigin | None = None
 
@@ -105,7 +108,7 @@ class QuoteRefusal:
     """The answer for bytes that are not a TDX quote tdxvm reads: refused, never verified."""
 
     error: QuoteFormatError
-    policy: Policy
+    policy: Policy | StrictPolicy
     at: datetime
 
     accepted = False
@@ -137,7 +140,7 @@ def appraise(
     collateral: Collateral,
     *,
     at: datetime,
-    policy: Policy | None = None,
+    policy: Policy | StrictPolicy | None = None,
     verifier: QuoteVerifier | None = None,
     trust_anchor: TrustAnchor | None = None,
     origin: CollateralOrigin | None = None,
@@ -149,6 +152,9 @@ def appraise(
     """
     if verifier is None:
         verifier = QuoteVerifier(trust_anchor=trust_anchor)
-    policy = policy or Policy()
+    if policy is None:
+        from tdxvm.attest.policy import Policy  # pydantic: only for callers that give no policy at all
+
+        policy = Policy()
     result = verifier.verify(quote, collateral, at=at)
     return Verdict(result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)), origin=origin)

@@ -1,25 +1,33 @@
-"""Collateral checks remembered on disk, so that a new process verifying a quote against
-known collateral checks only the quote's own signatures and PCK certificate.
+"""Signature checks remembered on disk, so that a new process verifying a quote from a
+known platform against known collateral checks only the quote's own signature.
 
-Collateral does not change per quote, and its signatures are most of a cold
-verification's ECDSA work. Each collateral item is checked once per content digest and
-trust anchor; an entry then says "these exact bytes verified up to this anchor":
+Collateral does not change per quote, nor does a platform's PCK certificate chain or
+its QE report, and their signatures are all of a cold verification's ECDSA work but
+one. Each is checked once per content digest and trust anchor; an entry then says
+"these exact bytes verified up to this anchor":
 
 - ``tcb_info``: the TCB info's signature over its exact JSON text by the leaf of its
   issuer chain, and every link of that chain up to the anchor;
 - ``qe_identity``: the same for the QE identity;
 - ``pck_crl``: the PCK CRL's signature by the leaf of its issuer chain, and that chain;
-- ``root_ca_crl``: the root CA CRL's signature by the anchor.
+- ``root_ca_crl``: the root CA CRL's signature by the anchor;
+- ``pck_chain``: the PCK certificate chain a quote carries (PCK leaf, PCK CA, root; by
+  the SHA-256 of each certificate's exact DER): every link (issuer name, CA flag,
+  signature) up to the anchor;
+- ``qe_report``: the QE report's signature by the PCK leaf (by the leaf's DER SHA-256,
+  the exact report bytes and the signature).
 
 An entry's name is SHA-256(tag ‖ item ‖ anchor SHA-256 ‖ the item's exact bytes, each
-length-prefixed): other bytes or another anchor find no entry. One more entry
-(:data:`WHOLE`) stands for a whole collateral set whose four items all verified, so
-that the common case reads one file; a set with a new item (a new CRL, say) still finds
-the entries of the items it shares with the last one. Only successes are
-recorded, with the item's validity window (its own dates intersected with those of the
-certificates of its chain), and an entry is used only while the verification time is
-inside that window. The verifier's time and revocation checks run on every
-verification, whether or not an entry stood in for a signature check.
+length-prefixed): other bytes, another PCK leaf or another anchor find no entry. One
+more entry (:data:`WHOLE`) stands for a whole collateral set whose four items all
+verified, so that the common case reads one file for the collateral; a set with a new
+item (a new CRL, say) still finds the entries of the items it shares with the last one.
+Only successes are recorded, with the item's validity window (its own dates intersected
+with those of the certificates of its chain; for a QE report, the PCK leaf's), and an
+entry is used only while the verification time is inside that window. The verifier's
+time and revocation checks (certificate windows, CRLs, the PCK certificate against the
+PCK CRL) run on every verification, whether or not an entry stood in for a signature
+check, and the quote's own signature is always checked.
 
 Fail closed: an entry is used only when the folder (:func:`default_verified_dir`,
 0700) and the file (0600) belong to the current user and are not group- or
@@ -51,11 +59,13 @@ from tdxvm.fileio import write_atomic
 
 ITEMS = ("tcb_info", "qe_identity", "pck_crl", "root_ca_crl")
 WHOLE = "collateral"  # one more entry for a whole collateral set: all four items, one file to read
+PCK_CHAIN = "pck_chain"  # a quote's PCK certificate chain (per platform)
+QE_REPORT = "qe_report"  # a QE report signed by a PCK leaf (per platform and attestation key)
 FORMAT = "tdxvm-verified-collateral/1"
 KEY_FILE = "mac.key"
 _TAG = b"tdxvm verified collateral v1\0"
 _MAX_ENTRY = 4096
-MAX_ENTRIES = 256  # four per collateral set; Intel updates CRLs daily, TCB info monthly
+MAX_ENTRIES = 1024  # five per collateral set (Intel updates CRLs daily, TCB info monthly), two per platform
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _log = logging.getLogger(__name__)
@@ -100,6 +110,17 @@ def collateral_keys(c: Collateral, anchor_sha256: bytes) -> dict[str, str]:
     }  # fmt: skip
 
 
+def pck_chain_key(cert_sha256s: Iterable[bytes], anchor_sha256: bytes) -> str:
+    """The entry name of a PCK certificate chain (leaf first; each certificate by the
+    SHA-256 of its DER) under the anchor."""
+    return item_key(PCK_CHAIN, anchor_sha256, *cert_sha256s)
+
+
+def qe_report_key(leaf_sha256: bytes, report: bytes, signature: bytes, anchor_sha256: bytes) -> str:
+    """The entry name of a QE report and its signature by the PCK leaf (DER SHA-256)."""
+    return item_key(QE_REPORT, anchor_sha256, leaf_sha256, report, signature)
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     """When an item is valid: its own dates within its chain certificates' (inclusive)."""
@@ -120,6 +141,13 @@ class Window:
         """thisUpdate..nextUpdate within the certificates' windows; None without a nextUpdate."""
         end = crl.next_update_utc
         return None if end is None else cls.of(crl.last_update_utc, end, certs)
+
+    @classmethod
+    def overlap(cls, spans: Iterable[tuple[datetime, datetime]]) -> Window | None:
+        """The time inside every (start, end) span; None when there is none."""
+        spans = list(spans)
+        window = cls(max(start for start, _ in spans), min(end for _, end in spans))
+        return window if window.not_before <= window.not_after else None
 
     def contains(self, at: datetime) -> bool:
         return self.not_before <= at <= self.not_after

@@ -50,7 +50,7 @@ from tdxvm.attest.quote import INTEL_QE_VENDOR_ID, Quote, parse_quote
 from tdxvm.attest.result import CollateralFacts, IssuedItem, Reason, VerificationResult
 from tdxvm.attest.tcbeval import evaluate_tcb
 from tdxvm.attest.tcbinfo import QeIdentity, TcbInfo, parse_qe_identity, parse_tcb_info
-from tdxvm.attest.verifiedcache import VerifiedCache, Window
+from tdxvm.attest.verifiedcache import PCK_CHAIN, QE_REPORT, VerifiedCache, Window, pck_chain_key, qe_report_key
 
 _SHA256 = ec.ECDSA(hashes.SHA256())
 
@@ -102,6 +102,7 @@ class _CheckedCollateral:
     tcb_info: TcbInfo | None
     qe_identity: QeIdentity | None
     reasons: tuple[Reason, ...]
+    facts: CollateralFacts  # dates and TCB evaluation data numbers of the items whose signature verified
 
     def time_reasons(self, at: datetime) -> list[Reason]:
         out: list[Reason] = []
@@ -118,14 +119,6 @@ class _CheckedCollateral:
             out += _window("QE identity", self.qe_identity.issue_date, self.qe_identity.next_update, at)
         return out
 
-    def facts(self) -> CollateralFacts:
-        """Dates and TCB evaluation data numbers of the items whose signature verified."""
-        t, q = self.tcb_info, self.qe_identity
-        return CollateralFacts(
-            tcb_info=None if t is None else IssuedItem(t.issue_date, t.next_update, t.tcb_evaluation_data_number),
-            qe_identity=None if q is None else IssuedItem(q.issue_date, q.next_update, q.tcb_evaluation_data_number),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class _CheckedPck:
@@ -133,6 +126,13 @@ class _CheckedPck:
     extension: PckExtension | None
     pck_crl: CheckedCrl
     reasons: tuple[Reason, ...]
+
+
+def _facts(t: TcbInfo | None, q: QeIdentity | None) -> CollateralFacts:
+    return CollateralFacts(
+        tcb_info=None if t is None else IssuedItem(t.issue_date, t.next_update, t.tcb_evaluation_data_number),
+        qe_identity=None if q is None else IssuedItem(q.issue_date, q.next_update, q.tcb_evaluation_data_number),
+    )
 
 
 def _check_signed_json(text: str, signature: bytes, key: ec.EllipticCurvePublicKey | None, chain: CheckedChain, what: str) -> list[Reason]:
@@ -149,9 +149,10 @@ class QuoteVerifier:
     so a long-running verifier's memory stays bounded.
 
     With ``verified_cache`` (:class:`~tdxvm.attest.verifiedcache.VerifiedCache`), the
-    collateral's signature checks are also remembered on disk, so that a new verifier
-    (a new process) checks only the quote's own signatures and PCK certificate; the
-    time and revocation checks run on every verification either way.
+    signature checks of the collateral, of the quote's PCK chain and of its QE report
+    are also remembered on disk, so that a new verifier (a new process) verifying a
+    quote from a known platform checks only the quote's own signature; the time and
+    revocation checks run on every verification either way.
     """
 
     def __init__(
@@ -243,12 +244,13 @@ class QuoteVerifier:
             tcb_info=tcb_info,
             qe_identity=qe_identity,
             reasons=tuple(reasons),
+            facts=_facts(tcb_info, qe_identity),
         )
         self._record_verified(checked, keys, vouched)
         self._collateral[c] = checked
         return checked
 
-    def _check_pck(self, pem: bytes, coll: _CheckedCollateral, c: Collateral) -> _CheckedPck:
+    def _check_pck(self, pem: bytes, coll: _CheckedCollateral, c: Collateral, at: datetime) -> _CheckedPck:
         key = (pem, c.pck_crl)
         cached = self._pck.get(key)
         if cached is not None:
@@ -257,7 +259,10 @@ class QuoteVerifier:
         reasons: list[Reason] = []
         if len(certs) < 2:
             raise CertificateError("PCK certificate chain in the quote: needs the PCK leaf, its CA and the root")
+        entry = self._vouched_pck_chain(certs, at)
         chain = self._certs.check_chain(certs, anchor=self.trust_anchor, what="PCK certificate chain")
+        if entry and not chain.reasons:
+            self._record(PCK_CHAIN, entry, chain.windows)
         reasons += chain.reasons
         pck_crl = self._certs.check_crl(coll.pck_crl, certs[1], "PCK CRL")
         reasons += pck_crl.reasons
@@ -270,13 +275,42 @@ class QuoteVerifier:
         self._pck[key] = checked
         return checked
 
-    def _qe_report_signed(self, leaf: x509.Certificate, quote: Quote) -> bool:
+    # -- per-platform entries of the verified cache (PCK chain, QE report) --------------
+
+    def _vouched_pck_chain(self, certs: list[x509.Certificate], at: datetime) -> str | None:
+        """The on-disk entry name of the quote's PCK chain, or None when an entry vouches
+        for it at ``at`` (its links are then marked as checked) or there is no cache."""
+        if self.verified_cache is None:
+            return None
+        entry = pck_chain_key([self._certs.sha256(cert) for cert in certs], self.trust_anchor.sha256)
+        if not self._entry_vouches(PCK_CHAIN, entry, at):
+            return entry
+        self._certs.vouch_chain(certs)
+        return None
+
+    def _entry_vouches(self, item: str, entry: str | None, at: datetime) -> bool:
+        cache = self.verified_cache
+        return cache is not None and entry is not None and cache.lookup(item, entry, anchor_sha256=self.trust_anchor.sha256, at=at)
+
+    def _record(self, item: str, entry: str, spans: tuple[tuple[datetime, datetime], ...]) -> None:
+        """Remember on disk that ``item`` verified, for the time inside every span."""
+        window = Window.overlap(spans)
+        if self.verified_cache is not None and window is not None:
+            self.verified_cache.record(item, entry, anchor_sha256=self.trust_anchor.sha256, window=window)
+
+    def _qe_report_signed(self, leaf: x509.Certificate, quote: Quote, at: datetime) -> bool:
         sig = quote.signature
-        key = (self._certs.sha256(leaf), sig.qe_report.raw, sig.qe_report_signature)
+        leaf_sha256 = self._certs.sha256(leaf)
+        key = (leaf_sha256, sig.qe_report.raw, sig.qe_report_signature)
         ok = self._qe_reports.get(key)
         if ok is None:
-            pub = self._certs.public_key(leaf)
-            ok = pub is not None and _ecdsa_ok(pub, sig.qe_report_signature, sig.qe_report.raw)
+            entry = None if self.verified_cache is None else qe_report_key(*key, self.trust_anchor.sha256)
+            ok = self._entry_vouches(QE_REPORT, entry, at)
+            if not ok:
+                pub = self._certs.public_key(leaf)
+                ok = pub is not None and _ecdsa_ok(pub, sig.qe_report_signature, sig.qe_report.raw)
+                if ok and entry is not None:
+                    self._record(QE_REPORT, entry, (self._certs.info(leaf).window,))  # the leaf's validity
             self._qe_reports[key] = ok
         return ok
 
@@ -299,10 +333,10 @@ class QuoteVerifier:
         reasons += coll.time_reasons(at)
 
         try:
-            pck = self._check_pck(q.signature.pck_chain_pem, coll, collateral)
+            pck = self._check_pck(q.signature.pck_chain_pem, coll, collateral, at)
         except CertificateError as exc:
             reasons.append(Reason("pck-chain", str(exc)))
-            return VerificationResult(quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons), collateral=coll.facts())
+            return VerificationResult(quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons), collateral=coll.facts)
         reasons += pck.reasons
         reasons += pck.chain.time_reasons(at)
         reasons += pck.pck_crl.time_reasons(at)
@@ -310,7 +344,7 @@ class QuoteVerifier:
         reasons += pck.chain.revocation_reasons(crls)
 
         sig = q.signature
-        if not self._qe_report_signed(pck.chain.leaf, q):
+        if not self._qe_report_signed(pck.chain.leaf, q, at):
             reasons.append(Reason("qe-report-signature", "QE report signature does not verify with the PCK certificate"))
         expected = hashlib.sha256(sig.attestation_key + sig.qe_auth_data).digest() + bytes(32)
         if sig.qe_report.report_data != expected:
@@ -327,7 +361,7 @@ class QuoteVerifier:
             tcb_reasons, tcb = evaluate_tcb(coll.tcb_info, coll.qe_identity, pck.extension, q)
             reasons += tcb_reasons
         return VerificationResult(quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons),
-                                  collateral=coll.facts())  # fmt: skip
+                                  collateral=coll.facts)  # fmt: skip
 
 
 def verify_quote(

@@ -14,8 +14,8 @@ from tdxvm.attest.chain import TrustAnchor
 from tdxvm.attest.collateral import INTEL_PCS_URL, CollateralOrigin, load_bundle, save_bundle
 from tdxvm.attest.duration import format_duration
 from tdxvm.attest.errors import QuoteFormatError
-from tdxvm.attest.policy import Policy, load_policy
-from tdxvm.attest.quote import parse_quote, read_quote_bytes
+from tdxvm.attest.policyrules import StrictPolicy
+from tdxvm.attest.quote import Quote
 from tdxvm.attest.quotefile import load_quote
 from tdxvm.attest.tcb import TD_RELAUNCH_STATUSES
 from tdxvm.attest.verdict import QuoteRefusal, Verdict, appraise
@@ -39,6 +39,13 @@ def read_file(path: str, what: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise CliError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
+def read_quote(path: str) -> Quote:
+    """The QUOTE a command works with (not one it judges, as verify-quote does): a file
+    that is not a TDX quote is unusable input, exit 2 with the first message of
+    :func:`~tdxvm.attest.quotefile.load_quote` (an empty file, base64 or PEM text, JSON…)."""
+    return load_quote(read_file(path, "quote"))
 
 
 def _print_verdict(v: Verdict, source: str) -> None:
@@ -101,8 +108,8 @@ def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML [default: strict].")
-@click.option("--no-cache", is_flag=True, help="Check every collateral signature again; neither read nor write the "
-                                               "verified-collateral cache (~/.cache/tdxvm/verified).")  # fmt: skip
+@click.option("--no-cache", is_flag=True, help="Check every collateral and PCK signature again; neither read nor write "
+                                               "the verified-collateral cache (~/.cache/tdxvm/verified).")  # fmt: skip
 @OUTPUT_OPTION
 def verify_quote(quote: str, bundle: str | None, pccs: str | None, root_ca: str | None, at_text: str | None, policy_path: str | None, no_cache: bool, output: str) -> None:
     """Verify a TDX QUOTE (binary or hex file, - for stdin) against Intel's collateral.
@@ -115,7 +122,12 @@ def verify_quote(quote: str, bundle: str | None, pccs: str | None, root_ca: str 
     if bundle and pccs:
         raise CliError("give either --collateral or --pccs, not both")
     at = parse_time(at_text)
-    policy = load_policy(policy_path) if policy_path else Policy()
+    if policy_path:
+        from tdxvm.attest.policy import load_policy  # pydantic and the policy model: only for a policy file
+
+        policy = load_policy(policy_path)
+    else:
+        policy = StrictPolicy()  # Policy()'s values, without pydantic
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
     data = read_file(quote, "quote")
     coll = load_bundle(bundle) if bundle else None  # the verifier's inputs first: exit 2 before any verdict
@@ -148,7 +160,7 @@ def collateral_fetch(quote: str, out: str, pccs: str | None) -> None:
     """Fetch the collateral QUOTE needs and write it as an offline bundle."""
     from tdxvm.attest.pcs import PcsClient
 
-    q = parse_quote(read_quote_bytes(read_file(quote, "quote")))
+    q = read_quote(quote)
     client = PcsClient(base_url=pccs or INTEL_PCS_URL)
     save_bundle(client.fetch_for_quote(q), out)
     click.echo(f"wrote {out}", err=True)
@@ -202,7 +214,8 @@ def collateral_status(pccs: str | None, output: str) -> None:
 
 
 def _load_events(data: bytes, source: str) -> tuple[list, bytes | None]:
-    """Events from a TCG binary log or a JSON log; a JSON object may carry the quote too."""
+    """Events from a TCG binary log or a JSON log; a JSON object may carry the quote too
+    (its text, as a quote file holds it)."""
     from tdxvm.attest.eventlog import parse_json_event_log, parse_tcg_event_log  # only the eventlog commands need it
 
     text = data.lstrip()
@@ -216,7 +229,7 @@ def _load_events(data: bytes, source: str) -> tuple[list, bytes | None]:
             if "event_log" not in doc:
                 raise CliError(f"event log {source}: JSON object has no 'event_log' key")
             if isinstance(doc.get("quote"), str):
-                embedded = read_quote_bytes(doc["quote"].encode())
+                embedded = doc["quote"].encode()
             doc = doc["event_log"]
         return parse_json_event_log(doc), embedded
     return parse_tcg_event_log(data), None
@@ -245,8 +258,8 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
     events, embedded = _load_events(read_file(log, "event log"), log)
     table = parse_ccel_table(read_file(ccel_table, "CCEL table")) if ccel_table else None
     rtmrs = replay(events)
-    quote_bytes = read_quote_bytes(read_file(quote_path, "quote")) if quote_path else embedded
-    comparison = compare_rtmrs(rtmrs, parse_quote(quote_bytes).body.rtmrs) if quote_bytes else []
+    quote = read_quote(quote_path) if quote_path else load_quote(embedded) if embedded else None
+    comparison = compare_rtmrs(rtmrs, quote.body.rtmrs) if quote else []
     ok = all(c.matches for c in comparison)
     if output == "json":
         emit_json(

@@ -277,3 +277,19 @@ def test_null_or_duplicate_never_loosens_the_policy(text, expected):
     with pytest.raises(PolicyFileError) as err:
         parse_policy(text)
     assert str(err.value).splitlines()[1:] == [expected]
+
+
+def test_strict_policy_is_the_default_policy_without_pydantic(quote, quote_v5):
+    """verify-quote without --policy applies StrictPolicy (no pydantic): the same fields,
+    defaults, lines and reasons as Policy()."""
+    from tdxvm.attest.policyrules import StrictPolicy
+
+    strict, default = StrictPolicy(), Policy()
+    assert [f.name for f in dataclasses.fields(StrictPolicy)] == list(Policy.model_fields)
+    assert {k: getattr(strict, k) for k in Policy.model_fields} == {k: getattr(default, k) for k in Policy.model_fields}
+    assert strict.loosened() == default.loosened() and strict.unpinned() == default.unpinned()
+    results = [result_for(quote), result_for(quote_v5), result_for(quote, status="OutOfDate", advisories=("INTEL-SA-00001",)),
+               result_for(quote, td_attributes=attrs(TD_ATTR_DEBUG | TD_ATTR_MIGRATABLE)), result_for(quote, td_attributes=attrs(0))]  # fmt: skip
+    for result in results:
+        assert evaluate(strict, result) == evaluate(default, result)
+    assert any(evaluate(strict, r) for r in results)

@@ -26,21 +26,26 @@ from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnr
 @click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
+@click.option("--model-digest", "digest_text", metavar="HEX", help="The model it must serve: its model digest (sha256:HEX or HEX, "
+              "as `tdxvm weights encrypt` prints it) [default with --vm: the digest recorded when tdxvm provisioned it].")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds to wait for the endpoint.")
 @click.option("--complete", "prompt", metavar="PROMPT", help="Once accepted, ask for a completion of PROMPT on the pinned connection.")
 @click.option("--chat", "chat", metavar="MESSAGE", help="Once accepted, send MESSAGE as a chat and stream the answer (pinned).")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="For --complete and --chat.")
 @OUTPUT_OPTION
 def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, policy_path: str | None, bundle: str | None,
-                        pccs: str | None, root_ca: str | None, at_text: str | None, timeout: float, prompt: str | None,
-                        chat: str | None, max_tokens: int, output: str) -> None:  # fmt: skip
+                        pccs: str | None, root_ca: str | None, at_text: str | None, digest_text: str | None, timeout: float,
+                        prompt: str | None, chat: str | None, max_tokens: int, output: str) -> None:  # fmt: skip
     """Attest the inference endpoint at URL (https://HOST:PORT) and print the TLS key to pin.
 
     Sends a fresh nonce to URL/v1/attestation on the TLS connection it checks, and
     accepts only a genuine quote that passes the policy and whose REPORTDATA binds the
     nonce and the key that connection presented. With --vm NAME instead of URL, the
     endpoint, the policy and the trust anchor are those tdxvm launched NAME with, from
-    the controller's own record of it (a VM without one is refused). Then
+    the controller's own record of it (a VM without one is refused). The service's
+    RTMR3 event log must replay to the quote's RTMR3; with --model-digest (or --vm, for
+    a VM tdxvm provisioned) its latest model event must name that model digest, so a
+    service serving another model is refused before any prompt is sent. Then
     --complete / --chat talk to the API only on the attested key. Exit 0 when accepted,
     1 when refused, 2 when the input is unusable, 3 when the endpoint or collateral
     cannot be reached.
@@ -50,15 +55,17 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
     if (url is None) == (vm_name is None):
         raise CliError("give the endpoint's URL or --vm NAME (one of them)")
     at = parse_time(at_text)
+    digest = _digest(digest_text) if digest_text else None
     policy = load_policy(policy_path) if policy_path else Policy()
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
     sources: list[str] = []
     collateral: Collateral | Any
     trust = None
     if vm_name is not None:
-        url, vm_policy, trust = _vm_endpoint(vm_name, uri)
+        url, vm_policy, trust, recorded = _vm_endpoint(vm_name, uri)
         policy = policy if policy_path else vm_policy
         anchor = anchor or trust.trust_anchor
+        digest = digest or recorded
     assert url is not None
     if trust is not None and trust.backend == "emulated" and not (bundle or pccs):
         collateral = trust.collateral
@@ -75,7 +82,8 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
             return coll, origin
 
     try:
-        endpoint = verify_endpoint(url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout)
+        endpoint = verify_endpoint(url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout,
+                                   model_digest=digest)  # fmt: skip
     except EndpointRefused as exc:
         _report_refused(exc, sources, output)
         sys.exit(EXIT_REFUSED)
@@ -89,7 +97,10 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
         emit_json({**endpoint.to_dict(), "reasons": [], "collateral": sources[0] if sources else None, **answer})
     else:
         _print_verdict(endpoint.verdict, sources[0] if sources else "-")
+        for line in endpoint.verdict.to_dict()["checked_by_event_log"]:
+            click.echo(click.style(f"checked: {line}", fg="green"))
         _print_endpoint(endpoint.url, endpoint.tls_spki_sha256, endpoint.provider, pinned=True)
+        _print_model(endpoint)
         log = endpoint.event_log_check()
         if log is not None:
             match = log.get("rtmrs_match")
@@ -99,18 +110,42 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
     sys.exit(EXIT_OK)
 
 
-def _vm_endpoint(name: str, uri: str | None) -> tuple[str, Policy, Any]:
-    """URL, policy and trust of VM ``name`` from the controller's record of it (never from
-    the domain's metadata, which its host writes)."""
+def _digest(text: str) -> bytes:
+    from tdxvm.guest.modeldigest import parse_digest
+
+    try:
+        return parse_digest(text)
+    except ValueError as exc:
+        raise CliError(f"--model-digest: {exc}") from None
+
+
+def _vm_endpoint(name: str, uri: str | None) -> tuple[str, Policy, Any, bytes | None]:
+    """URL, policy, trust and provisioned model digest of VM ``name`` from the controller's
+    record of it (never from the domain's metadata, which its host writes)."""
     from tdxvm.launch.connection import connection
     from tdxvm.launch.records import VmRecords
     from tdxvm.provision.bringup import trusted_vm
-    from tdxvm.provision.model import service_url
+    from tdxvm.provision.model import recorded_digest, service_url
     from tdxvm.secretstore import SecretStore
 
     with connection(uri or "qemu:///system") as conn:
         record, trust = trusted_vm(conn, name, VmRecords.beside(SecretStore()))
-    return service_url(record), record.policy, trust
+    return service_url(record), record.policy, trust, recorded_digest(record)
+
+
+def _print_model(endpoint: Any) -> None:
+    """The served model as RTMR3's replayed log names it, and whether it was checked."""
+    check = endpoint.rtmr3
+    if check is None or not check.present:
+        click.echo("         model: not measured (the service returned no RTMR3 event log)")
+        return
+    m = endpoint.model
+    if m is None:
+        click.echo(f"         model: none measured (RTMR3 log of {check.events} events replays to the quote)")
+        return
+    how = "the expected digest" if check.model_checked else "not checked: give --model-digest"
+    click.echo(f"         model: {m.name} {m.digest_text} ({m.dtype}), the latest of {len(check.history)} model event(s) "
+               f"in an RTMR3 log that replays to the quote; {how}")  # fmt: skip
 
 
 def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, output: str) -> dict[str, Any]:

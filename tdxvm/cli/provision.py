@@ -107,4 +107,5 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
         click.echo(f"installed {inst['files']} files ({inst['bytes'] / 2**20:,.1f} MiB) decrypted and verified in {inst['seconds']:.1f} s")
     ep = result.endpoint or {}
     click.echo(f"{name} serves {result.model} at {result.url}, TLS key SPKI SHA-256 {ep.get('tls_spki_sha256', '?')} (attested)")
+    click.echo(f"model digest {result.model_digest}: the service measured it into RTMR3 (checked, and recorded for --vm)")
     click.echo(f"try: tdxvm verify-endpoint --vm {name} --complete 'Once upon a time'")

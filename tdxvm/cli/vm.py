@@ -137,6 +137,9 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
                 ("serial log", v.serial_log or "-"), ("attestation", _attestation(v.attestation)),
                 ("model", f"{v.model['name']} at {v.model['url']}, TLS key {v.model['tls_spki_sha256'][:16]}… (attested "
                           f"{v.model['at']})" if v.model else "-")]  # fmt: skip
+        if v.model:
+            rows.append(("model digest", f"{v.model['digest']} (the service's RTMR3 model event, attested {v.model['at']})"
+                         if v.model.get("digest") else "not recorded (provisioned before models were measured)"))  # fmt: skip
         for key, value in rows:
             click.echo(f"{key:<12} {value}")
         for reason in (v.attestation or {}).get("reasons") or []:

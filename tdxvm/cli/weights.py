@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from tdxvm.cli.output import JSON_FLAG, CliError, emit_json
-from tdxvm.guest.weights import WeightsError, decrypt_model, encrypt_model, generate_model_key
+from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
+from tdxvm.guest.weights import INDEX_NAME, WeightsError, decrypt_model, encrypt_model, generate_model_key, model_digest, read_index
 from tdxvm.secretstore import SecretStore, SecretStoreError
 
 STORE_OPTION = click.option("--secrets", "secrets_dir", metavar="DIR", help="Secret store folder [default: ~/.local/share/tdxvm/secrets].")
@@ -66,10 +67,42 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
         raise CliError(str(exc)) from None
     seconds = time.monotonic() - started
     total = sum(e.size for e in entries)
+    digest = show(model_digest(entries))
     if as_json:
-        emit_json({"encrypted": str(dst), "key": name, "files": len(entries), "bytes": total, "seconds": round(seconds, 3)})
+        emit_json({"encrypted": str(dst), "key": name, "files": len(entries), "bytes": total, "seconds": round(seconds, 3),
+                   "model_digest": digest})  # fmt: skip
     else:
         click.echo(f"encrypted {len(entries)} files ({total / 2**20:,.1f} MiB) into {dst} in {seconds:.1f} s; key: {name} in {store.directory}")
+        click.echo(f"model digest: {digest} (recorded in the encrypted index; `tdxvm verify-endpoint --model-digest` checks it)")
+
+
+@weights.command("digest")
+@click.argument("folder", metavar="DIR")
+@click.option("--key-name", metavar="NAME", help="For an encrypted folder: its key in the secret store [default: DIR's name].")
+@STORE_OPTION
+@JSON_FLAG
+def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, as_json: bool) -> None:
+    """Print the model digest of DIR: a model folder (hashed now), or an encrypted one (from its index).
+
+    The digest is what a tdxvm inference service measures into RTMR3 before it serves
+    the model, and what `tdxvm verify-endpoint --model-digest` expects.
+    """
+    path = Path(folder)
+    try:
+        if (path / INDEX_NAME).is_file():
+            name = f"weights/{key_name or path.resolve().name}"
+            store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
+            digest, source = model_digest(read_index(path, store.get(name))), f"the encrypted index (key {name})"
+        else:
+            digest, source = folder_digest(path), "the files"
+    except (WeightsError, SecretStoreError, ModelDigestError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"{folder}: {exc.strerror or exc}") from None
+    if as_json:
+        emit_json({"folder": folder, "model_digest": show(digest), "from": source})
+    else:
+        click.echo(show(digest))
 
 
 @weights.command("decrypt")

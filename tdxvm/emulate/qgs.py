@@ -19,7 +19,12 @@ Register by register:
   else: one extend with the SHA-384 of :func:`rtmr0_event` — the tag
   ``"tdxvm emulated TD v1\\0"`` and the canonical JSON of the domain's memory size and
   vCPU count. It tells emulated layouts apart and can never equal a real TD's.
-* RTMR3: zero (nothing extends it).
+* RTMR3: what the guest extended it with, as a TD's TDX module keeps it: zero at the
+  start, then ``SHA-384(RTMR3 ‖ digest)`` for each extend request, in order (the
+  guest's inference service measures the model it serves, :mod:`tdxvm.guest.rtmr3`).
+  The value lives in this service's memory only: a new service (a new boot of the
+  domain, :mod:`tdxvm.emulate.qgsd`) starts from zero, as a rebooted TD does. RTMR0..2
+  are never extended (they are what the boot artifacts predict).
 * TD_ATTRIBUTES: the domain's ``<launchSecurity><policy>`` if it has one, else
   :data:`tdxvm.attest.quote.LAUNCH_TD_ATTRIBUTES` (SEPT_VE_DISABLE: what a launch's
   policy pins); DEBUG is refused. XFAM and MRCONFIGID/MROWNER/MROWNERCONFIG from the
@@ -29,8 +34,14 @@ Anyone who can reach the port gets quotes for these measurements with any REPORT
 it binds 127.0.0.1 and stands in for hardware only where the host is trusted (tests, CI,
 demos), with its own root CA as the verifier's trust anchor.
 
-Wire: TCP, one JSON object per line (at most :data:`MAX_REQUEST` bytes):
-``{"report_data": "<128 hex>"}`` → ``{"quote": "<b64>"}`` or ``{"error": "<message>"}``.
+Wire: TCP, one JSON object per line (at most :data:`MAX_REQUEST` bytes), each answered
+with one line, ``{"error": "<message>"}`` when refused:
+
+* ``{"report_data": "<128 hex>"}`` → ``{"quote": "<b64>"}``;
+* ``{"op": "extend", "rtmr": 3, "digest": "<96 hex>"}`` → ``{"rtmr": 3, "value": "<96 hex>"}``
+  (the register after the extend; only RTMR3 may be extended);
+* ``{"op": "read", "rtmr": N}`` → ``{"rtmr": N, "value": "<96 hex>"}`` (what a quote would carry).
+
 A guest behind QEMU user networking reaches it at ``10.0.2.2:<port>``.
 
 Domain XML: :meth:`LaunchArtifacts.from_domain_xml` reads ``<os><kernel>``, ``<initrd>``,
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import socketserver
@@ -66,6 +78,8 @@ MAX_REQUEST = 4096
 IDLE_TIMEOUT = 30.0
 GUEST_GATEWAY = "10.0.2.2"  # the host as a guest on QEMU user networking sees it
 RTMR0_EVENT_TAG = b"tdxvm emulated TD v1\x00"
+EXTENDABLE_RTMR = 3
+RTMR_SIZE = 48
 FIRMWARE_ELEMENT = f"{{{TDXVM_NS}}}firmware"
 _UNITS = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
           "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}  # fmt: skip
@@ -172,8 +186,8 @@ class LaunchArtifacts:
     def measurements(self) -> Measurements:
         return predict(firmware=self.firmware, kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, profile=self.profile)
 
-    def report(self, measured: Measurements, report_data: bytes) -> TdReportFields:
-        """The TD report fields of a quote with ``report_data`` (see the module doc)."""
+    def report(self, measured: Measurements, report_data: bytes, *, rtmr3: bytes = bytes(48)) -> TdReportFields:
+        """The TD report fields of a quote with ``report_data`` and the run-time ``rtmr3`` (see the module doc)."""
         for register in ("rtmr1", "rtmr2"):
             if measured.value(register) is None:
                 raise QuoteServiceError(f"cannot emulate this TD: {register.upper()} is {measured.notes[register]}", code="unpredictable")
@@ -185,7 +199,7 @@ class LaunchArtifacts:
             mr_owner=self.mr_owner,
             mr_owner_config=self.mr_owner_config,
             rtmrs=(emulated_rtmr0(self.memory_mib, self.vcpus), bytes.fromhex(measured.rtmr1 or ""),
-                   bytes.fromhex(measured.rtmr2 or ""), bytes(48)),  # fmt: skip
+                   bytes.fromhex(measured.rtmr2 or ""), bytes(rtmr3)),  # fmt: skip
             report_data=report_data,
         )
 
@@ -224,6 +238,23 @@ def _launch_security(sec: ET.Element, where: str) -> dict[str, Any]:
     return out
 
 
+def _rtmr_index(request: Any) -> int:
+    index = request.get("rtmr")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise QuoteServiceError(f'expected "rtmr": an RTMR index, got {index!r}', code="rtmr-index")
+    return index
+
+
+def _hex_field(request: Any, key: str, size: int) -> bytes:
+    text = request.get(key) if isinstance(request, dict) else None
+    try:
+        if not isinstance(text, str) or len(text) != 2 * size:
+            raise ValueError
+        return bytes.fromhex(text)
+    except ValueError:
+        raise QuoteServiceError(f'expected "{key}": {2 * size} hex digits', code="request") from None
+
+
 class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
@@ -244,7 +275,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             self._send(self.server.service.answer(line))
 
-    def _send(self, answer: dict[str, str]) -> None:
+    def _send(self, answer: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             self.wfile.write(json.dumps(answer).encode() + b"\n")
 
@@ -261,36 +292,83 @@ class _Server(socketserver.ThreadingTCPServer):
 
 class QuoteService:
     """Signs quotes for one launch with ``platform``'s keys; serves them on ``host:port``
-    (default 127.0.0.1 and a free port) while used as a context manager."""
+    (default 127.0.0.1 and a free port) while used as a context manager.
+
+    ``guard``, if given, is asked before every request; a message it returns refuses the
+    request with that message (:mod:`tdxvm.emulate.qgsd`: the domain booted again)."""
 
     def __init__(self, platform: EmulatedPlatform, launch: LaunchArtifacts, *, host: str = "127.0.0.1", port: int = 0,
-                 version: int = 4) -> None:  # fmt: skip
-        self.platform, self.launch, self.version = platform, launch, version
+                 version: int = 4, guard: Callable[[], str | None] | None = None) -> None:  # fmt: skip
+        self.platform, self.launch, self.version, self.guard = platform, launch, version, guard
         self.measurements = launch.measurements()
         launch.report(self.measurements, bytes(64))  # refuse an unpredictable launch now, not per request
+        self._rtmr3 = bytes(RTMR_SIZE)
+        self._rtmr_lock = threading.Lock()  # an extend and a quote never interleave
         self._bind = (host, port)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def sign(self, report_data: bytes) -> bytes:
-        """A quote over this launch's measurements with ``report_data`` (64 bytes)."""
+        """A quote over this launch's measurements and the current RTMR3 with ``report_data`` (64 bytes)."""
         if len(report_data) != 64:
             raise QuoteServiceError(f"REPORTDATA must be 64 bytes, got {len(report_data)}", code="report-data")
-        report = self.launch.report(self.measurements, report_data)
+        with self._rtmr_lock:
+            report = self.launch.report(self.measurements, report_data, rtmr3=self._rtmr3)
         return self.platform.sign_quote(version=self.version, report=report, tee_tcb_svn=self.platform.tee_tcb_svn)
 
-    def answer(self, line: bytes) -> dict[str, str]:
+    def extend_rtmr(self, index: int, digest: bytes) -> bytes:
+        """``RTMR = SHA-384(RTMR ‖ digest)`` for RTMR3 (the only one a guest extends here); the new value."""
+        if index != EXTENDABLE_RTMR:
+            raise QuoteServiceError(f"only RTMR{EXTENDABLE_RTMR} can be extended (RTMR0..2 are the boot's), not RTMR{index}",
+                                    code="rtmr-index")  # fmt: skip
+        if len(digest) != RTMR_SIZE:
+            raise QuoteServiceError(f"an extend takes a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes", code="rtmr-digest")
+        with self._rtmr_lock:
+            self._rtmr3 = hashlib.sha384(self._rtmr3 + bytes(digest)).digest()
+            return self._rtmr3
+
+    def rtmr(self, index: int) -> bytes:
+        """RTMR ``index`` as the next quote will carry it."""
+        if index == EXTENDABLE_RTMR:
+            with self._rtmr_lock:
+                return self._rtmr3
+        if index not in (0, 1, 2):
+            raise QuoteServiceError(f"RTMR index {index!r} is not 0..3", code="rtmr-index")
+        return self.launch.report(self.measurements, bytes(64)).rtmrs[index]
+
+    def reset(self) -> None:
+        """RTMR3 back to zero, as a TD that boots again."""
+        with self._rtmr_lock:
+            self._rtmr3 = bytes(RTMR_SIZE)
+
+    def answer(self, line: bytes) -> dict[str, Any]:
         """The answer to one request line (see the module doc)."""
         try:
             request = json.loads(line)
-            text = request["report_data"] if isinstance(request, dict) else None
-            if not isinstance(text, str) or len(text) != 128:
-                raise ValueError
-            report_data = bytes.fromhex(text)
-        except (ValueError, KeyError):
+        except ValueError:
+            request = None
+        op = request.get("op", "quote") if isinstance(request, dict) else "quote"
+        if self.guard is not None and (refusal := self.guard()) is not None:
+            return {"error": refusal}
+        try:
+            if op == "extend":
+                index, digest = _rtmr_index(request), _hex_field(request, "digest", RTMR_SIZE)
+                value = self.extend_rtmr(index, digest)
+                log.info("extended RTMR%d with %s…", index, digest.hex()[:16])
+                return {"rtmr": index, "value": value.hex()}
+            if op == "read":
+                index = _rtmr_index(request)
+                return {"rtmr": index, "value": self.rtmr(index).hex()}
+        except QuoteServiceError as exc:
+            return {"error": str(exc)}
+        if op != "quote":
+            return {"error": f"unknown op {op!r}: expected a quote ({{\"report_data\": ...}}), \"extend\" or \"read\""}
+        try:
+            report_data = _hex_field(request, "report_data", 64)
+        except QuoteServiceError:
             return {"error": 'expected {"report_data": "<128 hex digits>"}'}
         quote = self.sign(report_data)
-        log.info("signed a quote for REPORTDATA %s…", text[:16])
+        log.info("signed a quote for REPORTDATA %s…", report_data.hex()[:16])
         return {"quote": base64.b64encode(quote).decode("ascii")}
 
     # -- serving ---------------------------------------------------------------------------

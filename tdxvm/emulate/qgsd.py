@@ -11,6 +11,14 @@ the one-shot service does), listens on 127.0.0.1 (the guest reaches it at
 no longer running. It stands in for hardware only where the host is trusted, like the
 rest of the emulated platform.
 
+It also keeps the emulated TD's RTMR3 (the guest's extend requests, in memory only), so
+it serves one *boot* of the domain, not the domain: libvirt gives a running domain a new
+ID each time it starts, and :class:`DomainWatch` remembers the ID it started with. Once
+the domain stops or runs under another ID (a reboot: tdxvm's domains stop on a guest
+reboot, ``on_reboot=destroy``, and start again only through a new launch or provision),
+every request is refused and the daemon exits; the next ``ensure`` starts a fresh one
+whose RTMR3 is zero, as a rebooted TD's is.
+
 :func:`ensure` starts one for a domain unless one already runs for it, and returns its
 port; its pid and port live in ``<emulated dir>/qgsd/<uuid>.json``.
 """
@@ -22,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,19 +59,41 @@ def _alive(pid: int, uuid: str) -> bool:
     return b"tdxvm.emulate.qgsd" in cmdline and uuid.encode() in cmdline
 
 
-def running_port(emulated_dir: Path, uuid: str) -> int | None:
-    """The port of the daemon serving domain ``uuid``, if one runs."""
+def _running(emulated_dir: Path, uuid: str) -> dict | None:
+    """``{"pid", "port", "boot_id"}`` of the daemon serving domain ``uuid``, if one runs."""
     try:
         doc = json.loads(_record(emulated_dir, uuid).read_text())
         pid, port = int(doc["pid"]), int(doc["port"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return port if _alive(pid, uuid) else None
+    return {"pid": pid, "port": port, "boot_id": doc.get("boot_id")} if _alive(pid, uuid) else None
 
 
-def ensure(uri: str, uuid: str, emulated_dir: Path) -> str:
-    """Start the daemon for domain ``uuid`` on ``uri`` unless it runs; the address the guest uses."""
-    port = running_port(emulated_dir, uuid)
+def running_port(emulated_dir: Path, uuid: str) -> int | None:
+    """The port of the daemon serving domain ``uuid``, if one runs."""
+    doc = _running(emulated_dir, uuid)
+    return None if doc is None else int(doc["port"])
+
+
+def _stop(pid: int, uuid: str) -> None:
+    """End the daemon ``pid`` (one this module started for ``uuid``) and wait for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _alive(pid, uuid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def ensure(uri: str, uuid: str, emulated_dir: Path, *, boot_id: int | None = None) -> str:
+    """Start the daemon for domain ``uuid`` on ``uri`` unless it runs; the address the guest uses.
+
+    With ``boot_id`` (the running domain's libvirt ID), a daemon left from an earlier boot
+    of the domain (whose RTMR3 is that boot's) is stopped and a fresh one started."""
+    doc = _running(emulated_dir, uuid)
+    if doc is not None and boot_id is not None and doc["boot_id"] != boot_id:
+        _stop(doc["pid"], uuid)
+        doc = None
+    port = None if doc is None else int(doc["port"])
     if port is None:
         record = _record(emulated_dir, uuid)
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -75,8 +106,8 @@ def ensure(uri: str, uuid: str, emulated_dir: Path) -> str:
         line = proc.stdout.readline()  # the daemon's one line, then it closes stdout
         proc.stdout.close()
         try:
-            doc = json.loads(line)
-            port = int(doc["port"])
+            started = json.loads(line)
+            port, started_id = int(started["port"]), started.get("boot_id")
         except (ValueError, KeyError, TypeError):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
@@ -84,16 +115,35 @@ def ensure(uri: str, uuid: str, emulated_dir: Path) -> str:
             raise QuoteServiceError(f"the emulated quote daemon for {uuid} did not start: {' / '.join(tail) or line!r}",
                                     code="qgsd") from None  # fmt: skip
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": proc.pid, "port": port}))
+        tmp.write_text(json.dumps({"pid": proc.pid, "port": port, "boot_id": started_id}))
         os.replace(tmp, record)
     return f"{GUEST_GATEWAY}:{port}"
 
 
-def _domain_running(conn: libvirt.virConnect, uuid: str) -> bool:
-    try:
-        return bool(conn.lookupByUUIDString(uuid).isActive())
-    except libvirt.libvirtError:
-        return False
+class DomainWatch:
+    """Whether domain ``uuid`` is still the boot this daemon started for: running, under the
+    libvirt domain ID it had then."""
+
+    def __init__(self, conn: libvirt.virConnect, uuid: str) -> None:
+        self.conn, self.uuid = conn, uuid
+        self.boot_id = self._running_id()
+
+    def _running_id(self) -> int | None:
+        try:
+            dom = self.conn.lookupByUUIDString(self.uuid)
+            return int(dom.ID()) if dom.isActive() else None
+        except libvirt.libvirtError:
+            return None
+
+    def gone(self) -> str | None:
+        """None while it is the same boot; else why not (a refusal for the guest)."""
+        now = self._running_id()
+        if self.boot_id is None or now is None:
+            return f"domain {self.uuid} is not running: this emulated quote service has stopped"
+        if now != self.boot_id:
+            return (f"domain {self.uuid} booted again (libvirt ID {self.boot_id}, now {now}): this emulated quote service "
+                    "measured the earlier boot and has stopped")  # fmt: skip
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,28 +160,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         conn = open_connection(args.uri)
+        watch = DomainWatch(conn, args.uuid)
+        if (why := watch.gone()) is not None:
+            raise QuoteServiceError(why, code="qgsd")
         xml = conn.lookupByUUIDString(args.uuid).XMLDesc()
         platform = EmulatedPlatform.load(args.emulated_dir, at=datetime.now(timezone.utc))
         service = QuoteService(platform, LaunchArtifacts.from_domain_xml(xml, read=lambda path: read_host_file(conn, path)),
-                               port=args.port)  # fmt: skip
+                               port=args.port, guard=watch.gone)  # fmt: skip
         service.start()
     except Exception as exc:  # any failure to stand up is reported on the line ensure() reads
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
-    print(json.dumps({"port": service.port}), flush=True)
+    print(json.dumps({"port": service.port, "boot_id": watch.boot_id}), flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the starter has read its line; nothing more goes there
-    log.info("serving quotes for domain %s on %s", args.uuid, service.address)
+    log.info("serving quotes for domain %s (ID %s) on %s", args.uuid, watch.boot_id, service.address)
     try:
-        while _domain_running(conn, args.uuid):
+        while (why := watch.gone()) is None:
             time.sleep(POLL_SECONDS)
+        log.info("%s", why)
     finally:
         service.close()
         record = _record(args.emulated_dir, args.uuid)
-        for path in (record, record.with_suffix(".log")):
-            with contextlib.suppress(OSError):
-                path.unlink()
-    log.info("domain %s is no longer running; stopped", args.uuid)
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if json.loads(record.read_text()).get("pid") == os.getpid():  # not a successor's record
+                for path in (record, record.with_suffix(".log")):
+                    path.unlink(missing_ok=True)
+    log.info("domain %s: stopped", args.uuid)
     return 0
 
 

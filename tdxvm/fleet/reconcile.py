@@ -48,7 +48,7 @@ from tdxvm.launch.errors import LaunchError, NoSuchVmError
 from tdxvm.launch.lifecycle import destroy, lookup, set_labels
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.manifest import ImageManifest, load_manifest
-from tdxvm.launch.volumes import POOL_NAME, overlay_name, serial_log_name
+from tdxvm.launch.volumes import POOL_NAME, overlay_name, scratch_name, serial_log_name
 from tdxvm.provision import bringup, handshake
 from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
@@ -516,7 +516,7 @@ def sweep_volumes(conn: libvirt.virConnect, vm: str, *, pool: str = POOL_NAME) -
         p = conn.storagePoolLookupByName(pool)
     except libvirt.libvirtError:
         return []
-    for name in (overlay_name(vm), serial_log_name(vm)):
+    for name in (overlay_name(vm), serial_log_name(vm), scratch_name(vm)):
         try:
             vol = p.storageVolLookupByName(name)
             path = vol.path()

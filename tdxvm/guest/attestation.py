@@ -9,11 +9,15 @@ end of that connection (``tdxvm verify-endpoint``, :mod:`tdxvm.provision.endpoin
 The answer is one JSON object::
 
     {"quote": "<b64>", "report_data": "<128 hex>", "nonce": "<64 hex>",
-     "keys": {"tls": "<b64 SPKI DER>"}, "event_log": "<b64>" | null, "provider": "<name>"}
+     "keys": {"tls": "<b64 SPKI DER>"}, "event_log": "<b64>" | null,
+     "rtmr3_log": [<event>, ...] | null, "provider": "<name>"}
 
 ``event_log`` is the firmware's CC event log (``/sys/firmware/acpi/tables/data/CCEL``,
 the layout :mod:`tdxvm.attest.ccel` describes) where the guest has one and the service
-may read it, else null. Quotes come from a provider object with ``name`` and
+may read it, else null. ``rtmr3_log`` is the service's RTMR3 event log
+(:mod:`tdxvm.guest.rtmr3`: the model events it extended RTMR3 with before serving, in
+dstack's JSON event form), read when the quote is taken; null for a service that keeps
+none. Quotes come from a provider object with ``name`` and
 ``quote(report_data: bytes) -> bytes`` (:mod:`tdxvm.guest.tdquote`: configfs-tsm,
 ``/dev/tdx_guest`` or the emulated quote service).
 """
@@ -29,6 +33,7 @@ from typing import Any, Protocol
 
 from tdxvm.attest.binding import NONCE_SIZE, report_data
 from tdxvm.guest.engine import RequestError
+from tdxvm.guest.rtmr3 import Rtmr3Error, load_log
 
 CCEL_DATA = Path("/sys/firmware/acpi/tables/data/CCEL")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -58,8 +63,9 @@ def parse_nonce(value: str | None) -> bytes:
 class Attester:
     """Answers attestation requests for one set of service keys (name → public key bytes)."""
 
-    def __init__(self, provider: QuoteProvider, keys: Mapping[str, bytes], *, event_log: Path | None = CCEL_DATA) -> None:
-        self.provider, self.keys = provider, dict(keys)
+    def __init__(self, provider: QuoteProvider, keys: Mapping[str, bytes], *, event_log: Path | None = CCEL_DATA,
+                 rtmr3_log: Path | None = None) -> None:  # fmt: skip
+        self.provider, self.keys, self.rtmr3_log = provider, dict(keys), rtmr3_log
         self._event_log_path, self._event_log, self._event_log_read = event_log, None, False
         self._lock = threading.Lock()  # one quote at a time: configfs-tsm has one report entry per process
 
@@ -82,6 +88,10 @@ class Attester:
         try:
             with self._lock:
                 quote = self.provider.quote(rd)
+                runtime = None if self.rtmr3_log is None else load_log(self.rtmr3_log)
+        except Rtmr3Error as exc:
+            log.error("%s", exc)
+            raise RequestError(str(exc), status=503, type="service_unavailable", code="rtmr3_log_unavailable") from None
         except Exception as exc:  # the provider's own typed error, whatever the backend
             log.error("quote provider %s failed: %s", name, exc)
             raise RequestError(f"quote provider {name} failed: {exc}", status=503, type="service_unavailable", code="quote_unavailable") from None
@@ -94,6 +104,7 @@ class Attester:
             "nonce": nonce.hex(),
             "keys": {k: _b64(v) for k, v in sorted(self.keys.items())},
             "event_log": None if events is None else _b64(events),
+            "rtmr3_log": runtime,
             "provider": name,
         }
 

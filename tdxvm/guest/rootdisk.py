@@ -29,6 +29,8 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from tdxvm.guest.devmapper import devno, one_target, run
+
 CIPHER = "aes-xts-plain64"
 KEY_BYTES = 64  # two AES-256 keys
 SECTOR = 512
@@ -79,12 +81,9 @@ def parse_cmdline(cmdline: str) -> VerityRoot:
 def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:
     """Why the dm-crypt table (``dmsetup table --showkeys``) is not the fixed mapping of
     ``device`` (``major:minor``) with ``key``; None when it is."""
-    lines = table.strip().splitlines()
-    if len(lines) != 1:
-        return f"the mapping has {len(lines)} targets, expected one"
-    f = lines[0].split()
-    if len(f) < 8 or f[2] != "crypt":
-        return f"the mapping is not a single crypt target: {_redacted(f)}"
+    f = one_target(table, "crypt", 8)
+    if isinstance(f, str):
+        return f
     _start, _length, _target, cipher, hexkey, iv_offset, dev, offset, *options = f
     if cipher != CIPHER:
         return f"cipher is {cipher!r}, expected {CIPHER}"
@@ -105,12 +104,9 @@ def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:
 def verity_table_problem(table: str, *, data_device: str, root: VerityRoot, panic: bool) -> str | None:
     """Why the dm-verity table is not ``root`` over ``data_device`` (data and hash tree on
     the same device); None when it is."""
-    lines = table.strip().splitlines()
-    if len(lines) != 1:
-        return f"the mapping has {len(lines)} targets, expected one"
-    f = lines[0].split()
-    if len(f) < 13 or f[2] != "verity":
-        return f"the mapping is not a single verity target: {' '.join(f)}"
+    f = one_target(table, "verity", 13)
+    if isinstance(f, str):
+        return f
     want = ["1", data_device, data_device, str(VERITY_BLOCK), str(VERITY_BLOCK), str(root.data_blocks),
             str(root.hash_offset // VERITY_BLOCK), VERITY_HASH, root.root_hash, "-"]  # fmt: skip
     if f[3:13] != want:
@@ -122,22 +118,8 @@ def verity_table_problem(table: str, *, data_device: str, root: VerityRoot, pani
     return None
 
 
-def _redacted(fields: list[str]) -> str:
-    """A table line for a message, with the key field replaced."""
-    return " ".join("<key>" if i == 4 else f for i, f in enumerate(fields))
-
-
-def _devno(path: str) -> str:
-    rdev = os.stat(path).st_rdev
-    return f"{os.major(rdev)}:{os.minor(rdev)}"
-
-
 def _run(argv: list[str], *, stdin: bytes = b"") -> str:
-    done = subprocess.run(argv, input=stdin, capture_output=True, check=False)
-    if done.returncode != 0:
-        message = done.stderr.decode(errors="replace").strip().splitlines()
-        raise RootDiskError(f"{argv[0]} {argv[1]} failed (exit {done.returncode}): {message[-1] if message else ''}")
-    return done.stdout.decode(errors="replace")
+    return run(argv, RootDiskError, stdin=stdin)
 
 
 def _table(name: str, *, keys: bool = False) -> str:
@@ -148,7 +130,7 @@ def _verity(name: str, data: str, root: VerityRoot, *, panic: bool) -> None:
     _run(["veritysetup", "open", data, name, data, root.root_hash, "--no-superblock", f"--hash={VERITY_HASH}",
           f"--data-block-size={VERITY_BLOCK}", f"--hash-block-size={VERITY_BLOCK}", f"--data-blocks={root.data_blocks}",
           f"--hash-offset={root.hash_offset}", "--salt=-", *(["--panic-on-corruption"] if panic else [])])  # fmt: skip
-    problem = verity_table_problem(_table(name), data_device=_devno(data), root=root, panic=panic)
+    problem = verity_table_problem(_table(name), data_device=devno(data), root=root, panic=panic)
     if problem is not None:
         raise RootDiskError(f"/dev/mapper/{name}: {problem}")
 
@@ -165,7 +147,7 @@ def open_root(key: bytes, root: VerityRoot, *, device: str = DEVICE) -> str:
               "--sector-size", str(SECTOR), "--offset", str(PAYLOAD_OFFSET // SECTOR), "--key-file", "-",
               "--keyfile-size", str(KEY_BYTES), "--readonly", "--disable-keyring", device, CRYPT_NAME], stdin=key)  # fmt: skip
         mapped.append(CRYPT_NAME)
-        problem = crypt_table_problem(_table(CRYPT_NAME, keys=True), key=key, device=_devno(device))
+        problem = crypt_table_problem(_table(CRYPT_NAME, keys=True), key=key, device=devno(device))
         if problem is not None:
             raise RootDiskError(f"/dev/mapper/{CRYPT_NAME}: {problem}")
         data = f"/dev/mapper/{CRYPT_NAME}"

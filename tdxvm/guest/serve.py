@@ -9,6 +9,14 @@ guest on first start (:mod:`tdxvm.guest.tls`), and answers ``GET /v1/attestation
 with quotes that bind that key (:mod:`tdxvm.guest.attestation`). Quotes come from
 configfs-tsm or ``/dev/tdx_guest``, or in an emulated guest from the quote service at
 ``--qgs HOST:PORT`` (:func:`tdxvm.guest.tdquote.detect`).
+
+An attested service measures what it serves before it listens: it takes the model
+digest of the files in ``--model`` and extends RTMR3 with a model event naming that
+digest, ``--name`` and ``--dtype`` (:func:`tdxvm.guest.rtmr3.measure_model`; nothing new
+if the latest model event already names exactly that), keeping the RTMR3 log in
+``--rtmr3-log``, which ``/v1/attestation`` returns. Where RTMR3 cannot be extended (a
+kernel older than Linux 6.16 has no interface for it) it exits with status 2 and says
+so: it never serves a model clients could not check.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import uvicorn
 
 from tdxvm.guest.attestation import CCEL_DATA, Attester
 from tdxvm.guest.engine import DTYPES, Engine, EngineConfig
+from tdxvm.guest.modeldigest import show
+from tdxvm.guest.rtmr3 import DEFAULT_LOG, measure_model
 from tdxvm.guest.server import ModelHolder, create_app
 from tdxvm.guest.tls import TlsIdentity, ensure_identity
 
@@ -59,6 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-dir", type=Path, help="serve HTTPS with the attested key kept here (made on first start)")
     p.add_argument("--tls-name", action="append", default=None, metavar="NAME", help="DNS name or IP for the certificate (repeat; default: --host and localhost)")
     p.add_argument("--qgs", metavar="HOST:PORT", help="emulated quote service, used when the guest has no TDX quote device")
+    p.add_argument("--rtmr3-log", type=Path, default=DEFAULT_LOG, help=f"the RTMR3 event log kept with --tls-dir (default {DEFAULT_LOG})")
     return p.parse_args(argv)
 
 
@@ -68,7 +79,17 @@ def attested_tls(args: argparse.Namespace) -> tuple[TlsIdentity, Attester]:
     identity = ensure_identity(args.tls_dir, names)
     from tdxvm.guest.tdquote import detect  # the guest's quote devices; only an attested service needs them
 
-    return identity, Attester(detect(args.qgs), {"tls": identity.spki}, event_log=CCEL_DATA)
+    return identity, Attester(detect(args.qgs), {"tls": identity.spki}, event_log=CCEL_DATA, rtmr3_log=args.rtmr3_log)
+
+
+def measure(args: argparse.Namespace, attester: Attester) -> None:
+    """Measure the model this service is about to load into RTMR3 (see the module doc)."""
+    digest, done = measure_model(attester.provider, args.model, name=args.name, dtype=args.dtype, log_path=args.rtmr3_log)
+    what = f"model {args.name} {show(digest)} ({args.dtype})"
+    if done.extended:
+        log.info("measured %s into RTMR3 (event %d of the log %s); RTMR3 %s", what, done.events, args.rtmr3_log, done.rtmr3.hex())
+    else:
+        log.info("%s is what the latest model event in %s already names; RTMR3 unchanged", what, args.rtmr3_log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             identity, attester = attested_tls(args)
         except Exception as exc:  # TlsError, or the quote provider's typed error (no TDX device, no --qgs)
             log.error("cannot serve on an attested TLS key: %s: %s", getattr(exc, "code", type(exc).__name__), exc)
+            return 2
+        try:
+            measure(args, attester)
+        except Exception as exc:  # Rtmr3Error, ModelDigestError, the provider's QuoteError (no-rtmr-extend), OSError
+            log.error("refusing to serve %s: it cannot be measured into RTMR3, so no client could check which model answers: "
+                      "%s: %s", args.model, getattr(exc, "code", type(exc).__name__), exc)  # fmt: skip
             return 2
         log.info("HTTPS with TLS key SPKI SHA-256 %s; quotes from %s", identity.spki_sha256, attester.provider.name)
     holder = ModelHolder(args.name)

@@ -21,6 +21,19 @@ REPORTDATA in, a signed quote out). :func:`detect` picks the first the guest has
   (:mod:`tdxvm.emulate.qgs`), for a guest launched by the ``emulated`` backend: request line
   ``{"report_data": "<128 hex>"}``, answer ``{"quote": "<b64>"}`` or ``{"error": "..."}``.
 
+Each provider also extends and reads the run-time measurement registers
+(``extend_rtmr(index, digest)``, ``read_rtmr(index)``; :mod:`tdxvm.guest.rtmr3` uses
+RTMR3). In a TD that is the kernel's TSM measurement-register interface, Linux >= 6.16
+(``Documentation/ABI/testing/sysfs-devices-virtual-misc-tdx_guest``):
+``/sys/class/misc/tdx_guest/measurements/rtmr<N>:sha384``, whose read gives the
+register's current 48 bytes and whose write of exactly 48 bytes (a SHA-384 digest) is
+``TDG.MR.RTMR.EXTEND`` (:class:`SysfsRtmrs`). Older kernels have no extend interface:
+``extend_rtmr`` then fails with ``code`` ``no-rtmr-extend``, and a service that must
+measure what it serves refuses to start. The emulated service takes
+``{"op": "extend", "rtmr": N, "digest": "<96 hex>"}`` and ``{"op": "read", "rtmr": N}``
+and answers ``{"rtmr": N, "value": "<96 hex>"}``: it keeps the emulated TD's RTMR3 and
+puts it into later quotes.
+
 This module runs inside the guest (and its initramfs): standard library only.
 """
 
@@ -46,6 +59,8 @@ TDREPORT_SIZE = 1024
 TSM_REPORT_DIR = "sys/kernel/config/tsm/report"  # under the root given to detect()
 TDX_GUEST_DEVICE = "dev/tdx_guest"
 TSM_PROVIDER_TDX = "tdx_guest"
+MEASUREMENTS_DIR = "sys/class/misc/tdx_guest/measurements"  # Linux >= 6.16: TSM measurement registers
+RTMR_SIZE = 48
 QUOTE_MIN_SIZE = 48 + 584  # a v4 header and TD report body, before any signature
 MAX_QUOTE_SIZE = 1 << 20
 EMULATED_TIMEOUT = 30.0
@@ -83,6 +98,65 @@ class NoQuoteProvider(QuoteError):
     code = "no-quote-provider"
 
 
+def _check_rtmr(index: int, digest: bytes | None = None) -> None:
+    if not isinstance(index, int) or not 0 <= index <= 3:
+        raise QuoteError(f"RTMR index {index!r} is not 0..3", code="rtmr-index")
+    if digest is not None and len(digest) != RTMR_SIZE:
+        raise QuoteError(f"an RTMR extend takes a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes", code="rtmr-digest")
+
+
+class SysfsRtmrs:
+    """RTMRs through ``/sys/class/misc/tdx_guest/measurements`` (``folder`` may point elsewhere)."""
+
+    def __init__(self, folder: Path = Path("/") / MEASUREMENTS_DIR) -> None:
+        self.folder = Path(folder)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"rtmr{index}:sha384"
+
+    def _missing(self, index: int, exc: OSError) -> QuoteError:
+        return QuoteError(f"{self.path(index)}: {exc.strerror or exc}: this kernel has no RTMR extend interface (Linux >= 6.16 "
+                          "has it, as the TSM measurement registers of the tdx_guest driver); nothing can be measured into "
+                          f"RTMR{index}", code="no-rtmr-extend")  # fmt: skip
+
+    def extend(self, index: int, digest: bytes) -> None:
+        _check_rtmr(index, digest)
+        path = self.path(index)
+        try:
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as exc:
+            raise self._missing(index, exc) from None
+        except OSError as exc:
+            raise QuoteError(f"cannot open {path} to extend RTMR{index}: {exc.strerror or exc}", code="rtmr-extend") from None
+        try:
+            if os.write(fd, bytes(digest)) != RTMR_SIZE:
+                raise OSError(errno.EIO, "short write")
+        except OSError as exc:
+            raise QuoteError(f"extending RTMR{index} through {path} failed: {exc.strerror or exc}", code="rtmr-extend") from None
+        finally:
+            os.close(fd)
+
+    def read(self, index: int) -> bytes:
+        _check_rtmr(index)
+        path = self.path(index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4 * RTMR_SIZE)
+        except FileNotFoundError as exc:
+            raise self._missing(index, exc) from None
+        except OSError as exc:
+            raise QuoteError(f"cannot read RTMR{index} from {path}: {exc.strerror or exc}", code="rtmr-read") from None
+        if len(data) == RTMR_SIZE:  # the kernel's binary attribute
+            return data
+        try:  # a hex rendering, should a kernel print it
+            value = bytes.fromhex(data.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            value = b""
+        if len(value) != RTMR_SIZE:
+            raise QuoteError(f"{path} holds {len(data)} bytes, not a {RTMR_SIZE}-byte RTMR", code="rtmr-read")
+        return value
+
+
 def _check_report_data(report_data: bytes) -> bytes:
     if len(report_data) != REPORT_DATA_SIZE:
         raise QuoteError(f"REPORTDATA must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}", code="report-data")
@@ -98,9 +172,16 @@ class ConfigfsTsm:
     name = "configfs-tsm"
 
     def __init__(self, report_dir: Path = Path("/") / TSM_REPORT_DIR, *, attribute_wait: float = 1.0,
-                 busy_retries: int = 3, busy_wait: float = 1.0) -> None:  # fmt: skip
+                 busy_retries: int = 3, busy_wait: float = 1.0, measurements: Path = Path("/") / MEASUREMENTS_DIR) -> None:  # fmt: skip
         self.report_dir = Path(report_dir)
         self.attribute_wait, self.busy_retries, self.busy_wait = attribute_wait, busy_retries, busy_wait
+        self.rtmrs = SysfsRtmrs(measurements)
+
+    def extend_rtmr(self, index: int, digest: bytes) -> None:
+        self.rtmrs.extend(index, digest)
+
+    def read_rtmr(self, index: int) -> bytes:
+        return self.rtmrs.read(index)
 
     def quote(self, report_data: bytes) -> bytes:
         rd = _check_report_data(report_data)
@@ -224,8 +305,15 @@ class TdxGuestDevice:
 
     name = "tdx-guest"
 
-    def __init__(self, device: Path = Path("/") / TDX_GUEST_DEVICE) -> None:
+    def __init__(self, device: Path = Path("/") / TDX_GUEST_DEVICE, *, measurements: Path = Path("/") / MEASUREMENTS_DIR) -> None:
         self.device = Path(device)
+        self.rtmrs = SysfsRtmrs(measurements)
+
+    def extend_rtmr(self, index: int, digest: bytes) -> None:
+        self.rtmrs.extend(index, digest)
+
+    def read_rtmr(self, index: int) -> bytes:
+        return self.rtmrs.read(index)
 
     def _open(self) -> int:
         try:
@@ -321,12 +409,12 @@ class EmulatedQgs:
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    def quote(self, report_data: bytes) -> bytes:
-        rd = _check_report_data(report_data)
+    def _ask(self, request: dict) -> dict:
+        """One request line, one answer object; :class:`QuoteError` for anything else."""
         where = f"emulated quote service {self.address}"
         try:
             with socket.create_connection((self.host, self.port), timeout=self.timeout) as sock:
-                sock.sendall(json.dumps({"report_data": rd.hex()}).encode() + b"\n")
+                sock.sendall(json.dumps(request).encode() + b"\n")
                 with sock.makefile("rb") as f:
                     line = f.readline(2 * MAX_QUOTE_SIZE)
         except TimeoutError:
@@ -343,6 +431,12 @@ class EmulatedQgs:
             raise QuoteError(f"{where}: the answer is not a JSON object", code="qgs-protocol")
         if "error" in answer:
             raise QuoteError(f"{where}: {answer['error']}", code="qgs-refused")
+        return answer
+
+    def quote(self, report_data: bytes) -> bytes:
+        rd = _check_report_data(report_data)
+        answer = self._ask({"report_data": rd.hex()})
+        where = f"emulated quote service {self.address}"
         try:
             quote = base64.b64decode(answer.get("quote") or "", validate=True)
         except (binascii.Error, TypeError, ValueError):
@@ -350,6 +444,26 @@ class EmulatedQgs:
         if len(quote) < QUOTE_MIN_SIZE:
             raise QuoteError(f"{where}: the quote is {len(quote)} bytes, too few for a TDX quote", code="qgs-protocol")
         return quote
+
+    def _rtmr(self, request: dict) -> bytes:
+        answer = self._ask(request)
+        try:
+            value = bytes.fromhex(answer["value"]) if answer.get("rtmr") == request["rtmr"] else b""
+        except (KeyError, TypeError, ValueError):
+            value = b""
+        if len(value) != RTMR_SIZE:
+            raise QuoteError(f"emulated quote service {self.address}: expected {{\"rtmr\": {request['rtmr']}, \"value\": "
+                             f"<{2 * RTMR_SIZE} hex>}}, got {str(answer)[:120]}", code="qgs-protocol")  # fmt: skip
+        return value
+
+    def extend_rtmr(self, index: int, digest: bytes) -> None:
+        """Extend the emulated TD's RTMR ``index`` (the service keeps it, as the TDX module would)."""
+        _check_rtmr(index, digest)
+        self._rtmr({"op": "extend", "rtmr": index, "digest": bytes(digest).hex()})
+
+    def read_rtmr(self, index: int) -> bytes:
+        _check_rtmr(index)
+        return self._rtmr({"op": "read", "rtmr": index})
 
 
 # -- choosing one ------------------------------------------------------------------------
@@ -376,10 +490,11 @@ def detect(qgs_address: str | tuple[str, int] | None = None, root: Path = Path("
     # configfs-tsm is there whenever the tsm module is loaded, but it has a TDX provider only
     # when the tdx-guest driver is bound, which also makes /dev/tdx_guest: outside a TD,
     # creating a report fails with ENXIO.
+    measurements = root / MEASUREMENTS_DIR
     if tsm.is_dir() and (device.exists() or _cpu_is_td(root)):
-        return ConfigfsTsm(tsm)
+        return ConfigfsTsm(tsm, measurements=measurements)
     if device.exists():
-        return TdxGuestDevice(device)
+        return TdxGuestDevice(device, measurements=measurements)
     if qgs_address:
         return EmulatedQgs(qgs_address)
     raise NoQuoteProvider(f"no TDX quote source: neither {tsm} (configfs-tsm) nor {device} exists, and no emulated quote "

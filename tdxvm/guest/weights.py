@@ -32,8 +32,11 @@ Bindings (why reordering, truncation, substitution and tampering are all detecte
 
 The SHA-256 in the header identifies the plaintext (the controller computes it once
 while encrypting); decryption relies on the tags, which already authenticate every
-byte, and so runs at AES-GCM speed. Memory use is one chunk, whatever the file size.
-A model is decrypted into a hidden folder that is renamed into place only once every
+byte, and so runs at AES-GCM speed. The index also records the *model digest*
+(:mod:`tdxvm.guest.modeldigest`, over every file's path, size and SHA-256), which
+``tdxvm weights encrypt`` prints and the controller expects the served model's RTMR3
+event to name; :func:`model_digest` gives it from an index's entries. Memory use is
+one chunk, whatever the file size. A model is decrypted into a hidden folder that is renamed into place only once every
 file is complete and authenticated: a reader never sees a partial model.
 
 This module depends on the standard library and ``cryptography`` only: the guest runs
@@ -61,6 +64,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tdxvm.fileio import write_atomic_with
+from tdxvm.guest.modeldigest import digest_of_entries, parse_digest, show
 
 MAGIC = b"TDXVMW\x00\x01"
 VERSION = 1
@@ -244,7 +248,8 @@ def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int
             write_atomic_with(enc_dir / entry.blob, functools.partial(encrypt_stream, f, key=key, path=rel, size=size, sha256=digest, chunk_size=chunk_size, file_id=entry.file_id, progress=progress), mode=0o644)
         entries.append(entry)
     index = json.dumps(
-        {"format": VERSION, "files": [{"path": e.path, "file_id": e.file_id.hex(), "size": e.size, "sha256": e.sha256.hex()} for e in entries]},
+        {"format": VERSION, "files": [{"path": e.path, "file_id": e.file_id.hex(), "size": e.size, "sha256": e.sha256.hex()} for e in entries],
+         "model_digest": show(model_digest(entries))},
         sort_keys=True,
     ).encode()
     index_digest = hashlib.sha256(index).digest()
@@ -256,8 +261,14 @@ def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int
     return entries
 
 
+def model_digest(entries: list[FileEntry]) -> bytes:
+    """The model digest of these files (:func:`tdxvm.guest.modeldigest.digest_of_entries`)."""
+    return digest_of_entries((e.path, e.size, e.sha256) for e in entries)
+
+
 def read_index(enc_dir: Path, key: bytes) -> list[FileEntry]:
-    """Decrypt and check the index: the authenticated list of the model's files."""
+    """Decrypt and check the index: the authenticated list of the model's files (and, where
+    the index records one, that its model digest is the one of these files)."""
     where = str(Path(enc_dir) / INDEX_NAME)
     try:
         with (Path(enc_dir) / INDEX_NAME).open("rb") as f:
@@ -268,6 +279,7 @@ def read_index(enc_dir: Path, key: bytes) -> list[FileEntry]:
     try:
         doc = json.loads(text)
         entries = [FileEntry(path=e["path"], file_id=bytes.fromhex(e["file_id"]), size=int(e["size"]), sha256=bytes.fromhex(e["sha256"])) for e in doc["files"]]
+        recorded = parse_digest(doc["model_digest"]) if "model_digest" in doc else None
     except (ValueError, KeyError, TypeError) as exc:
         raise WeightsError(f"{where}: authenticated but malformed index: {exc}") from None
     seen = set()
@@ -276,6 +288,8 @@ def read_index(enc_dir: Path, key: bytes) -> list[FileEntry]:
         if e.path in seen or len(e.file_id) != 16 or len(e.sha256) != 32:
             raise WeightsError(f"{where}: bad or duplicate entry for {e.path!r}")
         seen.add(e.path)
+    if recorded is not None and recorded != model_digest(entries):
+        raise WeightsError(f"{where}: records model digest {show(recorded)}, but its files give {show(model_digest(entries))}")
     return entries
 
 

@@ -98,7 +98,7 @@ def apply_overlay(root: Path, *, agent_port: int, profile: str = "smoke", servic
         _write(root / GUEST_PYTHON.lstrip("/") / rel, src.read_bytes(), 0o644)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    for unit in ("tdxvm-ssh-keygen.service", "tdxvm-agent.service", *extra_units):
+    for unit in ("tdxvm-scratch.service", "tdxvm-ssh-keygen.service", "tdxvm-agent.service", *extra_units):
         _symlink(wants / unit, f"/etc/systemd/system/{unit}")
     _symlink(wants / "systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service")
 

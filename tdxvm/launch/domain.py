@@ -82,6 +82,7 @@ class DomainSpec:
     qgs_form: Literal["socket", "vsock"] = "socket"  # vsock: Canonical's libvirt 10.x TDX builds
     qgs_vsock_port: int = 4050  # the host's QGS vsock port (CID 2, the host)
     serial_log: str | None = None
+    scratch: str | None = None  # the per-VM scratch disk (vdb), raw
     owner: dict[str, str] = field(default_factory=dict)  # tdxvm metadata (fleet, template…)
 
     def check(self) -> None:
@@ -95,7 +96,7 @@ class DomainSpec:
             raise DomainSpecError("a guest needs at least 1 vCPU and 256 MiB of memory")
         if self.vcpu_pins and len(self.vcpu_pins) != self.vcpus:
             raise DomainSpecError(f"{len(self.vcpu_pins)} vCPU pins given for {self.vcpus} vCPUs")
-        for path in (self.kernel, self.initrd, self.disk):
+        for path in (self.kernel, self.initrd, self.disk, *([self.scratch] if self.scratch else [])):
             if not path.startswith("/"):
                 raise DomainSpecError(f"{path!r} must be an absolute path on the libvirt host")
         if self.backend == "tdx" and not (self.firmware or "").startswith("/"):
@@ -185,6 +186,11 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(disk, "driver", name="qemu", type=spec.disk_format, cache="none" if tdx else "unsafe")
     _sub(disk, "source", file=spec.disk)
     _sub(disk, "target", dev="vda", bus="virtio")
+    if spec.scratch:
+        scratch = _sub(devs, "disk", type="file", device="disk")
+        _sub(scratch, "driver", name="qemu", type="raw", cache="none" if tdx else "unsafe")
+        _sub(scratch, "source", file=spec.scratch)
+        _sub(scratch, "target", dev="vdb", bus="virtio")
     serial = _sub(devs, "serial", type="file" if spec.serial_log else "pty")
     if spec.serial_log:
         _sub(serial, "source", path=spec.serial_log)

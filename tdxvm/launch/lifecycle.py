@@ -119,7 +119,7 @@ class VmStatus:
     labels: dict[str, str] = field(default_factory=dict)
     record: str = "unchecked"  # the controller's record of this VM: ok, missing, mismatch (or unchecked)
     record_problem: str | None = None
-    model: dict[str, str] | None = None  # from the record: what `tdxvm provision` serves (name, url, tls_spki_sha256, at)
+    model: dict[str, str] | None = None  # from the record: what `tdxvm provision` serves (name, url, tls_spki_sha256, at, digest, dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +192,7 @@ def build_domain_spec(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolum
         qgs_form=spec.qgs_form,
         qgs_vsock_port=spec.qgs_vsock_port,
         serial_log=volumes.serial_log,
+        scratch=volumes.scratch,
         owner=labels,
         **extra,
     )
@@ -209,6 +210,7 @@ def metadata_labels(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes
         "pool": volumes.pool,
         "overlay": volumes.overlay,
         "serial_log": volumes.serial_log,
+        "scratch": volumes.scratch,
         "forwards": md.forwards_label(forwards),
         "agent_port": str(manifest.guest_agent_port),
         "ssh_port": str(manifest.ssh_port),
@@ -259,7 +261,8 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
         progress(StepEvent("preflight", "done", f"{sum(f.status == 'ok' for f in findings)} checks passed"))
     forwards = choose_forwards(spec, manifest, taken=ports_in_use(conn), local=is_local(uri))
     progress(StepEvent("volumes", "start"))
-    volumes = prepare_volumes(conn, manifest, spec.name, progress, pool_name=pool, pool_target=pool_path)
+    volumes = prepare_volumes(conn, manifest, spec.name, progress, pool_name=pool, pool_target=pool_path,
+                              scratch_bytes=spec.scratch << 20)  # fmt: skip
     progress(StepEvent("volumes", "done"))
     dom: libvirt.virDomain | None = None
     try:
@@ -278,7 +281,7 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
         if dom is not None:
             with suppress(libvirt.libvirtError):
                 dom.undefineFlags(_UNDEFINE_FLAGS)
-        for path in (volumes.overlay, volumes.serial_log):
+        for path in (volumes.overlay, volumes.serial_log, volumes.scratch):
             delete_vm_volume(conn, path, pool_name=volumes.pool)
         raise
     return DomainHandle(conn=conn, name=spec.name, uuid=vm_uuid, uri=uri, backend=spec.backend, forwards=forwards,
@@ -406,7 +409,7 @@ def destroy(conn: libvirt.virConnect, name: str, *, records: VmRecords | None = 
     dom, meta = lookup(conn, name)
     vm_uuid = dom.UUIDString()
     uri = conn.getURI()
-    paths = [p for p in (meta.labels.get("overlay"), meta.labels.get("serial_log")) if p]
+    paths = [p for p in (meta.labels.get("overlay"), meta.labels.get("serial_log"), meta.labels.get("scratch")) if p]
     was_running = bool(dom.isActive())
     if was_running:
         try:

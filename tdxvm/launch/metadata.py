@@ -32,6 +32,7 @@ LABELS = {
     "pool": "the storage pool holding the VM's volumes",
     "overlay": "path of the VM's disk overlay volume on the host",
     "serial_log": "path of the serial console log volume on the host",
+    "scratch": "path of the VM's scratch disk volume on the host (ciphertext only: the TD keeps its key)",
     "forwards": "host port forwards, address:host-guest, comma-separated",
     "agent_port": "guest port of the tdxvm guest agent",
     "ssh_port": "guest port of sshd",
@@ -44,6 +45,7 @@ LABELS = {
     "model_url": "the service's URL as this host reaches it",
     "model_tls_spki": "SHA-256 of the service's attested TLS key (SubjectPublicKeyInfo)",
     "model_at": "when tdxvm last provisioned the model (UTC)",
+    "model_digest": "the model digest (sha256:HEX) the service's RTMR3 model event named when provisioned",
 }
 # Attestation fields kept from a verdict (tdxvm.attest Verdict.to_dict); the rest is not needed by status.
 ATTESTATION_KEYS = ("verdict", "verified_at", "tcb_status", "advisory_ids", "reasons", "policy_exceptions")

@@ -4,7 +4,9 @@ The host writes libvirt's metadata, the domain XML and its port forwards, so non
 them may decide what is trusted. At launch the controller keeps, for each VM, what it
 decided itself: the effective attestation policy, the backend, the trust anchor, the
 image manifest (path and SHA-256), the port forwards it chose, and later the keys it
-attested (the SSH host key, the service's TLS key) and the model it provisioned.
+attested (the SSH host key, the service's TLS key) and the model it provisioned (its
+name, and the model digest the service's RTMR3 model event was checked to name, which
+``verify-endpoint --vm`` then requires).
 ``tdxvm attest``, ``provision``, ``verify-endpoint --vm``, ``status`` and fleets read
 the record; the domain's metadata is a display copy for people using ``virsh``.
 
@@ -72,7 +74,7 @@ class VmRecord:
     defined_at: str = ""
     ssh_host_key: str | None = None  # base64 OpenSSH blob, as last attested
     attestation: dict[str, Any] | None = None  # the latest verdict (verdict, tcb_status, reasons, …, recorded_at)
-    model: dict[str, str] | None = None  # what `tdxvm provision` serves: name, url, tls_spki_sha256, at
+    model: dict[str, str] | None = None  # what `tdxvm provision` serves: name, url, tls_spki_sha256, at, digest, dtype
 
     def forward(self, guest_port: int | None) -> PortForward | None:
         return next((f for f in self.forwards if f.guest_port == guest_port), None) if guest_port is not None else None

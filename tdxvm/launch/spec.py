@@ -8,6 +8,7 @@ Loaded through :mod:`tdxvm.yamlfile`, so every problem names the file, line and 
     backend: tdx                             # or emulated (TCG, no TDX)
     vcpus: 8
     memory: 32GiB
+    scratch: 64GiB                           # the per-VM scratch disk (default 2GiB; formatted at every boot)
     pinning: {vcpus: ["2", "3", ...], numa_node: 0}
     network: {forwards: [{host: 8443, guest: 8443}]}
     firmware: /usr/share/ovmf/OVMF.inteltdx.ms.fd   # default: the manifest's firmware (see below)
@@ -226,6 +227,7 @@ class VmSpec(BaseModel):
     backend: Literal["tdx", "emulated"] = "tdx"
     vcpus: Annotated[int, Field(ge=1, le=512)] = 2
     memory: Annotated[int, BeforeValidator(_memory_mib), Field(ge=256)] = 2048  # MiB
+    scratch: Annotated[int, BeforeValidator(_memory_mib), Field(ge=256)] = 2048  # MiB of the per-VM scratch disk
     pinning: Pinning | None = None
     network: Network = Network()
     firmware: HostPath | None = None

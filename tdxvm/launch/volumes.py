@@ -8,7 +8,9 @@ Local and remote hosts are handled the same way: a directory pool named ``tdxvm`
   ``disk-<sha256>.img``), so VMs of one image share them and a second launch uploads
   nothing;
 * per VM, a qcow2 overlay ``<vm>.qcow2`` whose backing store is the shared raw disk
-  (the LUKS image is never written), and the serial console log ``<vm>.serial.log``.
+  (the LUKS image is never written), the serial console log ``<vm>.serial.log``, and a
+  sparse raw scratch disk ``<vm>.scratch.img`` that the TD formats at every boot with
+  authenticated encryption under a key it keeps (:mod:`tdxvm.guest.scratch`).
 
 An upload is hashed as it streams and refused (the volume deleted) if it does not match
 the manifest. Content volumes are created empty and grow with the upload, so one left by
@@ -38,7 +40,7 @@ COPY_CHUNK = 4 << 20
 CHUNK = 256 * 1024  # libvirt's RPC stream messages carry at most 256 KiB
 
 
-Role = Literal["kernel", "initrd", "disk", "overlay", "serial-log"]
+Role = Literal["kernel", "initrd", "disk", "overlay", "serial-log", "scratch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,7 @@ class VmVolumes:
     base_disk: str
     overlay: str
     serial_log: str
+    scratch: str
 
 
 def content_name(role: str, sha256: str) -> str:
@@ -83,6 +86,10 @@ def serial_log_name(vm_name: str) -> str:
     return f"{vm_name}.serial.log"
 
 
+def scratch_name(vm_name: str) -> str:
+    return f"{vm_name}.scratch.img"
+
+
 def planned(manifest: ImageManifest, vm_name: str, *, pool: str = POOL_NAME, pool_path: str = POOL_PATH) -> VmVolumes:
     """The paths a launch will use, computed without asking libvirt (for --dry-run)."""
     base = pool_path.rstrip("/")
@@ -93,6 +100,7 @@ def planned(manifest: ImageManifest, vm_name: str, *, pool: str = POOL_NAME, poo
         base_disk=f"{base}/{content_name('disk', manifest.disk.sha256)}",
         overlay=f"{base}/{overlay_name(vm_name)}",
         serial_log=f"{base}/{serial_log_name(vm_name)}",
+        scratch=f"{base}/{scratch_name(vm_name)}",
     )
 
 
@@ -300,8 +308,8 @@ def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, f: Binary
 
 
 def prepare_volumes(conn: libvirt.virConnect, manifest: ImageManifest, vm_name: str, progress: Progress = _quiet, *,
-                    pool_name: str = POOL_NAME, pool_target: str = POOL_PATH) -> VmVolumes:  # fmt: skip
-    """Upload what is missing and create the VM's overlay and serial log.
+                    pool_name: str = POOL_NAME, pool_target: str = POOL_PATH, scratch_bytes: int = 2 << 30) -> VmVolumes:  # fmt: skip
+    """Upload what is missing and create the VM's overlay, serial log and (sparse) scratch disk.
 
     On failure, the VM's own volumes this call created are deleted again; complete
     content volumes stay (they are a cache keyed by hash, and other VMs may use them),
@@ -326,8 +334,11 @@ def prepare_volumes(conn: libvirt.virConnect, manifest: ImageManifest, vm_name: 
         log = _fresh(pool, serial_log_name(vm_name), _volume_xml(serial_log_name(vm_name), capacity=0, fmt="raw"))
         created.append(log)
         progress(VolumeEvent(log.name(), "serial-log", "done", 0, 0))
+        scratch = _fresh(pool, scratch_name(vm_name), _volume_xml(scratch_name(vm_name), capacity=scratch_bytes, fmt="raw"))
+        created.append(scratch)
+        progress(VolumeEvent(scratch.name(), "scratch", "done", 0, 0))
         return VmVolumes(pool=pool.name(), kernel=paths["kernel"], initrd=paths["initrd"], base_disk=paths["disk"],
-                         overlay=overlay.path(), serial_log=log.path())  # fmt: skip
+                         overlay=overlay.path(), serial_log=log.path(), scratch=scratch.path())  # fmt: skip
     except BaseException:
         for vol in reversed(created):
             delete_volume(vol)

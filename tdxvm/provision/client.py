@@ -1,9 +1,16 @@
 """Talk to an attested endpoint's OpenAI-compatible API through its pinned session.
 
-    endpoint = verify_endpoint(url, collateral=..., policy=...)   # attest, learn the TLS key
-    client = ApiClient(endpoint)                                  # every request pinned to it
+    client = ApiClient.attest(url, model_digest=DIGEST, collateral=..., policy=...)
+    # = ApiClient(verify_endpoint(url, model_digest=DIGEST, ...), model_digest=DIGEST)
     client.complete("Once upon a time", max_tokens=16)["choices"][0]["text"]
     for piece in client.chat_stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
+
+:func:`~tdxvm.provision.endpoint.verify_endpoint` attests the service, pins its TLS
+key, replays its RTMR3 event log against the quote and, given a model digest, refuses a
+service whose latest model event names another model. :class:`ApiClient` given a
+``model_digest`` holds the endpoint to it too: it refuses, before any request, an
+endpoint whose replayed log does not name that digest. Without a ``model`` argument
+requests name the model the attested event names.
 
 Errors the service answers (4xx/5xx with an OpenAI-style ``{"error": {...}}``) raise
 :class:`ApiError` with its message; a connection to any other TLS key fails before a
@@ -18,15 +25,17 @@ from typing import Any
 
 import requests
 
-from tdxvm.provision.endpoint import AttestedEndpoint
+from tdxvm.provision.endpoint import AttestedEndpoint, verify_endpoint
 
 
 class ApiError(Exception):
     code = "api"
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        if code is not None:
+            self.code = code
 
 
 def _raise_for(r: requests.Response, what: str) -> None:
@@ -43,9 +52,20 @@ def _raise_for(r: requests.Response, what: str) -> None:
 class ApiClient:
     """The API of one attested endpoint (its ``session`` is pinned to the attested TLS key)."""
 
-    def __init__(self, endpoint: AttestedEndpoint, *, timeout: Any = (10, 600)) -> None:
+    def __init__(self, endpoint: AttestedEndpoint, *, timeout: Any = (10, 600), model_digest: bytes | None = None) -> None:
+        if model_digest is not None:
+            served = endpoint.model
+            if served is None or served.digest != bytes(model_digest):
+                what = f"serves {served.name} {served.digest_text}" if served else "has no replayed model event"
+                raise ApiError(f"{endpoint.url} {what}, not the expected model sha256:{bytes(model_digest).hex()}: refused, "
+                               "nothing sent", code="model-digest")  # fmt: skip
         self.endpoint = endpoint
         self.session = endpoint.session(timeout=timeout)
+
+    @classmethod
+    def attest(cls, url: str, *, model_digest: bytes | None = None, timeout: Any = (10, 600), **verify: Any) -> ApiClient:
+        """Attest ``url`` (:func:`verify_endpoint` with ``verify``'s arguments) and talk to it pinned."""
+        return cls(verify_endpoint(url, model_digest=model_digest, **verify), timeout=timeout, model_digest=model_digest)
 
     def _url(self, path: str) -> str:
         return f"{self.endpoint.url}{path}"
@@ -58,6 +78,8 @@ class ApiClient:
     def model(self, model: str | None) -> str:
         if model is not None:
             return model
+        if self.endpoint.model is not None:  # the name the attested model event gives
+            return self.endpoint.model.name
         names = self.models()
         if not names:
             raise ApiError("the endpoint serves no model yet")

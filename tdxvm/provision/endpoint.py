@@ -9,7 +9,13 @@ certificate the server presents on it — and on that same connection asks
   in the middle with another key, or a quote replayed from another request, fails);
 - the quote is genuine and passes the policy (:func:`tdxvm.attest.appraise`);
 - the policy names the TD's expected measurements (MR_TD, RTMR1, RTMR2): without
-  them any TD on a genuine platform, one the host built included, would pass.
+  them any TD on a genuine platform, one the host built included, would pass;
+- the service's RTMR3 event log (``rtmr3_log``), when it returns one, replays to the
+  quote's RTMR3 (:func:`tdxvm.attest.modelevent.check_rtmr3_log`); and with
+  ``model_digest``, the latest model event in it names that model digest. A service that
+  serves another model, or has measured none, is refused here, before any prompt is
+  sent; one that serves the expected model has RTMR3 checked through the log, which the
+  verdict says (``checked_by_event_log``) instead of listing RTMR3 as not pinned.
 
 Every failed check is a :class:`~tdxvm.attest.result.Reason` of the
 :class:`EndpointRefused` it raises. The :class:`AttestedEndpoint` it returns pins the
@@ -19,7 +25,6 @@ SHA-256 on every new connection (:mod:`tdxvm.provision.pinning`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import http.client
 import json
@@ -39,7 +44,8 @@ from tdxvm.attest.binding import NONCE_SIZE, BindingError, report_data
 from tdxvm.attest.chain import TrustAnchor
 from tdxvm.attest.collateral import Collateral, CollateralOrigin, resolve_collateral
 from tdxvm.attest.errors import EventLogError, QuoteFormatError
-from tdxvm.attest.eventlog import compare_rtmrs, parse_tcg_event_log, replay
+from tdxvm.attest.eventlog import compare_rtmrs, parse_json_event_log, parse_tcg_event_log, replay
+from tdxvm.attest.modelevent import ModelEvent, Rtmr3Check, check_rtmr3_log, checked_verdict
 from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import Quote, parse_quote
 from tdxvm.attest.result import Reason
@@ -89,10 +95,17 @@ class AttestedEndpoint:
     provider: str
     verdict: Verdict
     event_log: bytes | None = None
+    rtmr3: Rtmr3Check | None = None  # the service's RTMR3 log, replayed (None: not looked at)
+    rtmr3_log: list[Any] | None = None
 
     @property
     def tls_spki_sha256(self) -> str:
         return hashlib.sha256(self.tls_spki).hexdigest()
+
+    @property
+    def model(self) -> ModelEvent | None:
+        """The model the latest model event in the replayed RTMR3 log names (None if none)."""
+        return self.rtmr3.model if self.rtmr3 is not None and self.rtmr3.replays else None
 
     def session(self, *, timeout: Any = DEFAULT_TIMEOUT) -> requests.Session:
         """A ``requests.Session`` that refuses any server key but the attested one (HTTPS only);
@@ -106,6 +119,8 @@ class AttestedEndpoint:
             return None
         try:
             events = parse_tcg_event_log(self.event_log)
+            if self.rtmr3_log is not None and self.rtmr3 is not None and self.rtmr3.replays:
+                events += parse_json_event_log(self.rtmr3_log)  # RTMR3 is extended at run time, beyond the firmware's log
             cmp = compare_rtmrs(replay(events), self.verdict.result.quote.body.rtmrs)
         except EventLogError as exc:
             return {"bytes": len(self.event_log), "error": str(exc)}
@@ -120,6 +135,8 @@ class AttestedEndpoint:
             "nonce": self.nonce.hex(),
             "attestation": self.verdict.to_dict(),
             "event_log": self.event_log_check(),
+            "rtmr3": self.rtmr3.to_dict() if self.rtmr3 is not None else None,
+            "model": self.model.to_dict() if self.model is not None else None,
         }
 
 
@@ -170,12 +187,16 @@ def verify_endpoint(
     at: datetime | None = None,
     timeout: float = 30.0,
     require_measurements: bool = True,
+    model_digest: bytes | None = None,
 ) -> AttestedEndpoint:
     """Attest the endpoint at ``url`` with a fresh nonce and pin its TLS key (see the module doc).
 
     ``collateral`` is the quote's collateral, or a function from the parsed quote to it
-    (to fetch it from a PCCS); ``trust_anchor`` defaults to Intel's root; ``at`` to now.
+    (to fetch it from a PCCS); ``trust_anchor`` defaults to Intel's root; ``at`` to now;
+    ``model_digest`` (32 bytes) the model the service must serve.
     Raises :class:`EndpointRefused` with every reason, :class:`EndpointUnreachable`."""
+    if model_digest is not None and len(model_digest) != 32:
+        raise EndpointError(f"a model digest is a 32-byte SHA-256, got {len(model_digest)} bytes")
     base = base_url(url)[0]
     nonce = secrets.token_bytes(NONCE_SIZE)
     cert_der, status, body = fetch_attestation(base, nonce, timeout=timeout)
@@ -201,10 +222,12 @@ def verify_endpoint(
         reasons.append(Reason("policy-measurements", f"the policy names no expected {', '.join(missing)}: any TD on a genuine platform would pass; give a policy with the image's measurements"))
     coll, origin = resolve_collateral(collateral, quote)
     verdict = appraise(quote, coll, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor, origin=origin)
-    verdict = dataclasses.replace(verdict, reasons=(*reasons, *verdict.reasons))
+    rtmr3 = check_rtmr3_log(doc.rtmr3_log, quote.body.rtmrs[3], expected_digest=model_digest)
+    verdict = checked_verdict(verdict, rtmr3, reasons=reasons)
     if not verdict.accepted:
         raise refuse(*verdict.reasons, verdict=verdict, provider=doc.provider)
-    return AttestedEndpoint(url=base, tls_spki=presented, nonce=nonce, quote=doc.quote, provider=doc.provider, verdict=verdict, event_log=doc.event_log)
+    return AttestedEndpoint(url=base, tls_spki=presented, nonce=nonce, quote=doc.quote, provider=doc.provider, verdict=verdict,
+                            event_log=doc.event_log, rtmr3=rtmr3, rtmr3_log=doc.rtmr3_log)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +239,7 @@ class AttestationDocument:
     provider: str
     nonce: bytes | None
     event_log: bytes | None
+    rtmr3_log: list[Any] | None = None
 
 
 def _document(status: int, body: bytes) -> AttestationDocument | Reason:
@@ -237,12 +261,16 @@ def _document(status: int, body: bytes) -> AttestationDocument | Reason:
             raise ValueError("keys: expected an object of base64 strings")
         provider = obj.get("provider")
         nonce = obj.get("nonce")
+        runtime = obj.get("rtmr3_log")
+        if runtime is not None and not isinstance(runtime, list):
+            raise ValueError("rtmr3_log: expected a JSON list of events or null")
         return AttestationDocument(
             quote=unb64(obj.get("quote"), "quote"),
             keys={str(k): unb64(v, f"keys.{k}") for k, v in keys.items()},
             provider=provider if isinstance(provider, str) else "?",
             nonce=bytes.fromhex(nonce) if isinstance(nonce, str) else None,
             event_log=None if obj.get("event_log") is None else unb64(obj["event_log"], "event_log"),
+            rtmr3_log=runtime,
         )
     except ValueError as exc:
         return Reason("attestation-format", f"{where}: {exc}")

@@ -16,7 +16,11 @@ For a running VM launched by tdxvm from a ``model-server`` image:
 4. in the guest, decrypt and authenticate all or nothing into the service's model
    folder (:mod:`tdxvm.guest.install`), then (re)start ``tdxvm-serve``;
 5. attest the service itself as a client would (:func:`verify_endpoint`: a quote that
-   binds its TLS key, checked against the same policy) once it answers.
+   binds its TLS key, checked against the same policy) once it answers, and require its
+   RTMR3 event log to replay to the quote and its latest model event to name the model
+   digest of these weights (recorded at encryption in their index): the service
+   measured exactly this model. The digest goes into the VM's record, for
+   ``verify-endpoint --vm`` and ``status``.
 
 Provisioning the weights already installed skips 2–4 (the guest records the upload id).
 Emulated VMs get their service's quotes from a per-VM emulated quote daemon
@@ -40,7 +44,8 @@ import requests
 
 from tdxvm.guest.install import key_secret_name
 from tdxvm.guest.transferwire import WireError, build_manifest
-from tdxvm.guest.weights import WeightsError, read_index
+from tdxvm.guest.modeldigest import show
+from tdxvm.guest.weights import WeightsError, model_digest, read_index
 from tdxvm.launch.lifecycle import lookup, set_labels
 from tdxvm.launch.records import VmRecord, VmRecords
 from tdxvm.launch.spec import ModelRef
@@ -75,6 +80,7 @@ class ProvisionError(Exception):
 class ProvisionResult:
     name: str
     model: str
+    model_digest: str | None = None  # sha256:<hex>, what the service's RTMR3 model event names
     upload: dict[str, Any] | None = None  # TransferReport.to_dict(); None when already installed
     install: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None  # AttestedEndpoint.to_dict()
@@ -82,7 +88,7 @@ class ProvisionResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "url": self.url, "upload": self.upload, "install": self.install,
+        return {"name": self.name, "model": self.model, "model_digest": self.model_digest, "url": self.url, "upload": self.upload, "install": self.install,
                 "endpoint": self.endpoint, "timings": {k: round(v, 3) for k, v in self.timings.items()}}  # fmt: skip
 
 
@@ -132,18 +138,26 @@ def service_url(vm: VmRecord) -> str:
     return f"https://{fwd[0]}:{fwd[1]}"
 
 
-def attest_service(vm: VmRecord, trust: Trust, *, timeout: float = 30.0) -> AttestedEndpoint:
-    """The VM's inference endpoint, attested against the policy it was launched with (its record's)."""
+def recorded_digest(vm: VmRecord) -> bytes | None:
+    """The model digest the controller recorded when it provisioned ``vm`` (None: none recorded)."""
+    text = (vm.model or {}).get("digest")
+    return bytes.fromhex(text.removeprefix("sha256:")) if text else None
+
+
+def attest_service(vm: VmRecord, trust: Trust, *, timeout: float = 30.0, model_digest: bytes | None = None) -> AttestedEndpoint:
+    """The VM's inference endpoint, attested against the policy it was launched with (its record's),
+    serving the model ``model_digest`` names if given."""
     return verify_endpoint(service_url(vm), collateral=trust.collateral, policy=vm.policy, trust_anchor=trust.trust_anchor,
-                           timeout=timeout)  # fmt: skip
+                           timeout=timeout, model_digest=model_digest)  # fmt: skip
 
 
-def wait_for_service(vm: VmRecord, trust: Trust, *, deadline: float, poll: float = 2.0) -> AttestedEndpoint:
+def wait_for_service(vm: VmRecord, trust: Trust, *, deadline: float, poll: float = 2.0,
+                     model_digest: bytes | None = None) -> AttestedEndpoint:  # fmt: skip
     """Attest the endpoint and wait until it reports the model loaded (``/health`` 200)."""
     last: Exception | str = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            endpoint = attest_service(vm, trust, timeout=30.0)
+            endpoint = attest_service(vm, trust, timeout=30.0, model_digest=model_digest)
         except EndpointRefused:
             raise
         except EndpointError as exc:
@@ -207,7 +221,8 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
         raise ProvisionError(f"{name} forwards no SSH port", phase="check", code="no-ssh")
     key = secrets.get(f"weights/{model.key_name}")  # refuse before anything is sent if the key is not here
     try:  # the key opens this folder's index, and the folder is a model: checked before anything is sent
-        files = [e.path for e in read_index(model.path, key)]
+        entries = read_index(model.path, key)
+        files, expected = [e.path for e in entries], model_digest(entries)
         upload_id = build_manifest(model.path).upload_id
     except (WeightsError, WireError) as exc:
         raise ProvisionError(f"{exc} (key weights/{model.key_name})", phase="check", code="bad-folder") from None
@@ -217,10 +232,10 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
         raise ProvisionError(f"{model.path}: the encrypted model has no config.json (not a Hugging Face model folder)",
                              phase="check", code="bad-folder")  # fmt: skip
     qgs = None
-    if vm.backend == "emulated":
+    if vm.backend == "emulated":  # the daemon of this boot of the domain (its RTMR3 is this boot's)
         from tdxvm.emulate.qgsd import ensure
 
-        qgs = ensure(conn.getURI(), vm.uuid, trust.emulated_dir or emulated_platform_dir())
+        qgs = ensure(conn.getURI(), vm.uuid, trust.emulated_dir or emulated_platform_dir(), boot_id=lookup(conn, name)[0].ID())
 
     t = time.monotonic()
     progress("attest", {})
@@ -253,15 +268,17 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
         try:
             if restart:
                 ssh.run(client, f"systemctl restart {SERVICE_UNIT}", timeout=120)
-            endpoint = wait_for_service(vm, trust, deadline=time.monotonic() + service_timeout)
+            endpoint = wait_for_service(vm, trust, deadline=time.monotonic() + service_timeout, model_digest=expected)
         except (ssh.SshError, ProvisionError) as exc:
             raise ProvisionError(f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service",
                                  code=getattr(exc, "code", "service")) from None  # fmt: skip
     result.timings["service"] = time.monotonic() - t
-    result.endpoint, result.url = endpoint.to_dict(), endpoint.url
+    result.endpoint, result.url, result.model_digest = endpoint.to_dict(), endpoint.url, show(expected)
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    served = {"name": model.served_name, "url": endpoint.url, "tls_spki_sha256": endpoint.tls_spki_sha256, "at": at}
+    served = {"name": model.served_name, "url": endpoint.url, "tls_spki_sha256": endpoint.tls_spki_sha256, "at": at,
+              "digest": show(expected), "dtype": model.dtype}  # fmt: skip
     records.update(vm.uuid, model=served)
     set_labels(conn.lookupByUUIDString(vm.uuid), {"model": model.served_name, "model_url": endpoint.url,  # display copy
-                                                  "model_tls_spki": endpoint.tls_spki_sha256, "model_at": at})  # fmt: skip
+                                                  "model_tls_spki": endpoint.tls_spki_sha256, "model_at": at,
+                                                  "model_digest": show(expected)})  # fmt: skip
     return result

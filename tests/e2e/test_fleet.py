@@ -53,6 +53,7 @@ spec:
       backend: emulated
       vcpus: 1
       memory: 2GiB
+      scratch: 256MiB
       model: {{path: {tiny_encrypted[1]}, name: tiny, key: {TINY_KEY}}}
   deployments:
     web: {{template: tiny, replicas: {REPLICAS}, placement: [local]}}

@@ -50,7 +50,7 @@ def vm_name(conn):
 
 
 def _spec(name: str, manifest_path: Path, **policy) -> VmSpec:
-    return VmSpec(name=name, uri=URI, image=manifest_path, backend="emulated", vcpus=1, memory=1024,
+    return VmSpec(name=name, uri=URI, image=manifest_path, backend="emulated", vcpus=1, memory=1024, scratch=256,
                   policy=policy or None)  # fmt: skip
 
 
@@ -126,6 +126,25 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
         assert verity[2] == "verity" and verity[11] == v["root_hash"] and verity[-1] == "panic_on_corruption"
         assert ssh.run(client, "dmsetup table root-crypt").split()[2:4] == ["crypt", "aes-xts-plain64"]
         assert "Read-only file system" in ssh.run(client, "touch /run/tdxvm/root-ro/x 2>&1 || true")
+        # the scratch disk: LUKS2 with integrity (authenticated aes-xts + HMAC) under a key drawn in the TD
+        assert ssh.run(client, "findmnt -no SOURCE /var/lib/tdxvm").strip() == "/dev/mapper/tdxvm-scratch"
+        scratch = ssh.run(client, "dmsetup table --showkeys tdxvm-scratch").split()
+        assert scratch[2:4] == ["crypt", "capi:authenc(hmac(sha256),xts(aes))-random"] and "integrity:48:aead" in scratch
+        assert ssh.run(client, "dmsetup table tdxvm-scratch_dif").split()[2] == "integrity"
+        scratch_key = bytes.fromhex(scratch[4])
+        ssh.run(client, "head -c 1048576 /dev/urandom > /var/lib/tdxvm/written && sync")
+    # the scratch key is nowhere on the host: not in the domain XML, the pool, libvirt's files or the controller's
+    xml = conn.lookupByName(vm_name).XMLDesc(0)
+    assert "scratch.img" in xml and scratch[4] not in xml
+    forms = (scratch_key, scratch_key.hex().encode(), base64.b64encode(scratch_key))
+    for root in (Path("/var/lib/tdxvm/pool"), Path("/var/log/libvirt"), Path("/run/libvirt"), Path("/etc/libvirt"),
+                 smoke_build.secrets):  # fmt: skip
+        for path in (p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+            with open(path, "rb") as f:
+                prev = b""
+                while chunk := f.read(8 << 20):
+                    assert not any(form in prev + chunk for form in forms), f"the scratch key is in {path}"
+                    prev = chunk[-256:]
         host_pub = ssh.run(client, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
         assert host_pub == result.ssh_host_key  # made inside the guest, bound by the quote
     # a man in the middle presenting another key is refused

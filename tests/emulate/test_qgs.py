@@ -174,3 +174,57 @@ def test_quote_version_5():
     quote = QuoteService(platform(), artifacts(), version=5).sign(b"\x01" * 64)
     assert parse_quote(quote).version == 5
     assert appraise(quote, platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor()).accepted
+
+
+# -- RTMR3: the guest's extends, kept as a TD's TDX module keeps them --------------------
+
+
+def test_extend_requests_measure_rtmr3_into_later_quotes():
+    d1, d2 = hashlib.sha384(b"model event 1").digest(), hashlib.sha384(b"model event 2").digest()
+    with QuoteService(platform(), artifacts()) as service:
+        first, second, read, quote = ask(service, b"".join(json.dumps(r).encode() + b"\n" for r in (
+            {"op": "extend", "rtmr": 3, "digest": d1.hex()},
+            {"op": "extend", "rtmr": 3, "digest": d2.hex()},
+            {"op": "read", "rtmr": 3},
+            {"report_data": "11" * 64})), answers=4)  # fmt: skip
+    after_one = hashlib.sha384(bytes(48) + d1).digest()
+    assert first == {"rtmr": 3, "value": after_one.hex()}
+    assert second["value"] == read["value"] == hashlib.sha384(after_one + d2).hexdigest()
+    body = parse_quote(base64.b64decode(quote["quote"])).body
+    assert body.rtmrs[3].hex() == read["value"] and body.rtmrs[:3] == parse_quote(QuoteService(platform(), artifacts()).sign(bytes(64))).body.rtmrs[:3]
+    verdict = appraise(base64.b64decode(quote["quote"]), platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor())
+    assert verdict.accepted  # RTMR3 is not in the launch policy: the model event log checks it (verify-endpoint)
+
+
+def test_each_service_is_one_boot_rtmr3_starts_at_zero_and_reset_clears_it():
+    a, b = QuoteService(platform(), artifacts()), QuoteService(platform(), artifacts())
+    a.extend_rtmr(3, b"\x01" * 48)
+    assert a.rtmr(3) != bytes(48) and b.rtmr(3) == bytes(48)  # per VM (per service), in memory
+    assert parse_quote(a.sign(bytes(64))).body.rtmrs[3] == a.rtmr(3)
+    a.reset()
+    assert a.rtmr(3) == bytes(48) and parse_quote(a.sign(bytes(64))).body.rtmrs[3] == bytes(48)
+
+
+@pytest.mark.parametrize(
+    "request_, words",
+    [({"op": "extend", "rtmr": 2, "digest": "00" * 48}, "only RTMR3 can be extended"),
+     ({"op": "extend", "rtmr": 3, "digest": "00" * 32}, "96 hex digits"),
+     ({"op": "extend", "rtmr": "3", "digest": "00" * 48}, "an RTMR index"),
+     ({"op": "read", "rtmr": 7}, "not 0..3"),
+     ({"op": "reboot"}, "unknown op 'reboot'")],
+)  # fmt: skip
+def test_bad_extend_and_read_requests_are_refused(request_, words):
+    with QuoteService(platform(), artifacts()) as service:
+        [answer] = ask(service, json.dumps(request_).encode() + b"\n")
+        assert set(answer) == {"error"} and words in answer["error"]
+        assert service.rtmr(3) == bytes(48)
+
+
+def test_a_guard_refuses_every_request_once_the_boot_is_gone():
+    why: list[str] = []
+    with QuoteService(platform(), artifacts(), guard=lambda: why[0] if why else None) as service:
+        ok, = ask(service, json.dumps({"op": "extend", "rtmr": 3, "digest": "01" * 48}).encode() + b"\n")
+        why.append("domain booted again")
+        refused_quote, refused_extend = ask(service, json.dumps({"report_data": "00" * 64}).encode() + b"\n" +
+                                            json.dumps({"op": "extend", "rtmr": 3, "digest": "01" * 48}).encode() + b"\n", answers=2)  # fmt: skip
+    assert "value" in ok and refused_quote == refused_extend == {"error": "domain booted again"}

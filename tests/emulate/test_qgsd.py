@@ -30,3 +30,26 @@ def test_stale_or_foreign_records_are_not_a_running_daemon(tmp_path):
     assert running_port(tmp_path, NO_SUCH_UUID) is None
     record.write_text("{not json")
     assert running_port(tmp_path, NO_SUCH_UUID) is None
+
+
+def test_domain_watch_tells_one_boot_from_the_next():
+    """The daemon serves one boot: a stopped domain, or one started again (a new libvirt
+    domain ID), is gone, and its RTMR3 with it (the real daemon: tests/e2e/test_provision.py)."""
+    import libvirt
+
+    from tdxvm.emulate.qgsd import DomainWatch
+
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.lookupByName("test")  # the test driver's running domain
+        uuid = dom.UUIDString()
+        watch = DomainWatch(conn, uuid)
+        assert watch.boot_id == dom.ID() and watch.gone() is None
+        dom.destroy()
+        assert "is not running" in (watch.gone() or "")
+        dom.create()
+        assert watch.gone() == (f"domain {uuid} booted again (libvirt ID {watch.boot_id}, now {dom.ID()}): this "
+                                "emulated quote service measured the earlier boot and has stopped")  # fmt: skip
+        assert DomainWatch(conn, uuid).gone() is None  # a daemon for the new boot
+    finally:
+        conn.close()

@@ -10,13 +10,9 @@ key on the pinned address, and a replayed attestation.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import socket
-import socketserver
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -274,7 +270,8 @@ def get(url: str) -> tuple[int, dict[str, Any]]:
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_attestation_endpoint_answers_and_refuses_bad_nonces(td, keys, service):
     status, doc = get(f"{service.url}/v1/attestation?nonce={'ab' * 32}")
-    assert status == 200 and set(doc) == {"quote", "report_data", "nonce", "keys", "event_log", "provider"}
+    assert status == 200 and set(doc) == {"quote", "report_data", "nonce", "keys", "event_log", "rtmr3_log", "provider"}
+    assert doc["rtmr3_log"] is None  # this service keeps none (tests/guest/test_model_identity.py: one that does)
     assert doc["nonce"] == "ab" * 32 and list(doc["keys"]) == ["tls"] and doc["provider"] == "emulated-platform"
     for query, code, words in [
         ("", "missing_nonce", "nonce: missing; pass ?nonce=<64 hex digits (32 random bytes)>"),
@@ -313,70 +310,6 @@ def test_unreachable_and_unusable_urls(td):
         with pytest.raises(Exception, match="https") as err:
             verify(td, url)
         assert err.value.code == "endpoint"
-
-
-# -- python -m tdxvm.guest.serve --tls-dir --qgs ---------------------------------------
-
-
-class QuoteService:
-    """The emulated quote service's wire protocol (one JSON line each way) on 127.0.0.1,
-    answered by the emulated platform's signer; what an emulated guest's EmulatedQgs calls."""
-
-    def __init__(self, signer: PlatformSigner) -> None:
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                request = json.loads(self.rfile.readline())
-                quote = signer.quote(bytes.fromhex(request["report_data"]))
-                self.wfile.write(json.dumps({"quote": base64.b64encode(quote).decode()}).encode() + b"\n")
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def complete(ep: AttestedEndpoint, url: str) -> dict[str, Any]:
-    """One completion over a pinned session that is closed after it, with its response: a
-    kept TLS connection would hold uvicorn's shutdown for asyncio's 30 s wait for the TLS close."""
-    with ep.session() as s:
-        r = s.post(url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3})
-        assert r.status_code == 200, r.text
-        return dict(r.json())
-
-
-@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-def test_serve_command_with_attested_tls(td, tiny_model, tmp_path):
-    qgs = QuoteService(td["signer"])
-    port, tls = free_port(), tmp_path / "tls"
-    cmd = [sys.executable, "-m", "tdxvm.guest.serve", "--model", str(tiny_model), "--name", NAME, "--port", str(port), "--threads", "1", "--log-level", "warning"]
-    proc = subprocess.Popen([*cmd, "--tls-dir", str(tls), "--qgs", qgs.address])
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                if requests.get(f"https://127.0.0.1:{port}/health", verify=False, timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        assert (tls / "key.pem").stat().st_mode & 0o777 == 0o600
-        ep = verify(td, f"https://127.0.0.1:{port}")
-        assert ep.tls_spki_sha256 == ensure_identity(tls, ["127.0.0.1", "localhost"]).spki_sha256  # the key the service made
-        assert ep.provider == "emulated" and ep.event_log is None  # no CCEL on this host
-        assert complete(ep, f"https://127.0.0.1:{port}")["usage"]["completion_tokens"] >= 1
-        with pytest.raises(requests.ConnectionError):
-            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)  # HTTPS only
-    finally:
-        proc.terminate()
-        proc.wait(timeout=75)  # asyncio may wait its 30 s TLS-close timeout on a kept-alive connection
-        qgs.stop()
-    if not Path("/sys/kernel/config/tsm/report").exists() and not Path("/dev/tdx_guest").exists():
-        broken = subprocess.run([*cmd, "--tls-dir", str(tmp_path / "tls2")], capture_output=True, text=True, timeout=60)
-        assert broken.returncode == 2 and "cannot serve on an attested TLS key: no-quote-provider" in broken.stderr
 
 
 # -- the CLI -----------------------------------------------------------------------------

@@ -128,6 +128,18 @@ def test_status_table_and_detail(capsys, host_uri):
     assert [line.split(" not pinned: ")[0] for line in doc["vms"][0]["policy_exceptions"]] == ["rtmr0", "rtmr3"]
 
 
+def test_status_shows_the_attested_model_digest(capsys, host_uri, records):
+    """What `tdxvm provision` recorded: the model digest its check of the service's RTMR3 model event named."""
+    digest = "sha256:" + "ab" * 32
+    records.update(SMOKE_UUID, model={"name": "tiny-llama", "url": "https://127.0.0.1:20003", "tls_spki_sha256": "cd" * 32,
+                                      "at": "2025-07-01T12:00:00Z", "digest": digest, "dtype": "float32"})  # fmt: skip
+    code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
+    assert code == 0 and "tiny-llama at https://127.0.0.1:20003" in out
+    assert f"model digest {digest} (the service's RTMR3 model event, attested 2025-07-01T12:00:00Z)" in out
+    code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri, "-o", "json")
+    assert json.loads(out)["model"]["digest"] == digest
+
+
 def test_status_says_when_the_host_rewrote_the_metadata_or_no_record_exists(capsys, image, make_host, records):
     """The host rewrites the domain's metadata (its own policy, another backend): status shows
     no policy from it, and says the VM is untrusted; a VM with no record is untrusted too."""

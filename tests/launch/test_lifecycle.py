@@ -36,13 +36,14 @@ def test_prepare_defines_vm_with_metadata_and_reuses_image_volumes(image, host):
     manifest = image.manifest()
     # Image volumes were there (named by hash, right size): skipped; the VM's own were created.
     assert [e.status for e in events if isinstance(e, VolumeEvent) and e.role in ("kernel", "initrd", "disk")] == ["skip"] * 3
-    assert volume_names(conn) == sorted([n for n, _ in image_volumes(manifest)] + ["smoke.qcow2", "smoke.serial.log"])
+    assert volume_names(conn) == sorted([n for n, _ in image_volumes(manifest)] + ["smoke.qcow2", "smoke.serial.log", "smoke.scratch.img"])
     assert [e.step for e in events if isinstance(e, StepEvent) and e.status == "done"] == ["preflight", "volumes", "define"]
     dom = conn.lookupByName("smoke")
     assert not dom.isActive() and dom.UUIDString() == handle.uuid
     xml = dom.XMLDesc(0)
     assert f"{POOL_PATH}/{content_name('kernel', manifest.kernel.sha256)}" in xml
     assert "smoke.qcow2" in xml and "type='qcow2'" in xml and "smoke.serial.log" in xml
+    assert "smoke.scratch.img" in xml and "dev='vdb'" in xml
     meta = from_domain_xml(xml)
     assert meta.backend == "emulated" and meta.labels["image"] == "smoke"
     assert meta.firmware == manifest.firmware_path  # where the emulated quote service finds the TDVF
@@ -76,7 +77,7 @@ def test_full_lifecycle(image, host):
     assert lifecycle.stop(conn, "smoke", timeout=5) == "shut down"
     assert lifecycle.stop(conn, "smoke") == "was not running"
     report = lifecycle.destroy(conn, "smoke")
-    assert report.deleted_volumes == (f"{POOL_PATH}/smoke.qcow2", f"{POOL_PATH}/smoke.serial.log")
+    assert report.deleted_volumes == (f"{POOL_PATH}/smoke.qcow2", f"{POOL_PATH}/smoke.serial.log", f"{POOL_PATH}/smoke.scratch.img")
     assert lifecycle.status(conn) == []
     assert volume_names(conn) == sorted(n for n, _ in image_volumes(image.manifest()))  # shared volumes stay
     with pytest.raises(NoSuchVmError, match="no VM named smoke"):
@@ -186,4 +187,4 @@ def test_another_pool(image, make_host):
     handle = lifecycle.prepare_domain(spec_for(image, uri), image.manifest(), conn, pool="vms", pool_path="/srv/vms")
     assert handle.volumes.overlay == "/srv/vms/smoke.qcow2" and handle.volumes.pool == "vms"
     assert "tdxvm" not in [p.name() for p in conn.listAllStoragePools()]
-    assert lifecycle.destroy(conn, "smoke").deleted_volumes == ("/srv/vms/smoke.qcow2", "/srv/vms/smoke.serial.log")
+    assert lifecycle.destroy(conn, "smoke").deleted_volumes == ("/srv/vms/smoke.qcow2", "/srv/vms/smoke.serial.log", "/srv/vms/smoke.scratch.img")

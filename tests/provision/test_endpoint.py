@@ -90,6 +90,8 @@ def b64(data: bytes) -> str:
         (json.dumps({"quote": "!!", "keys": {"tls": "AA=="}}).encode(), 200, "attestation-format", "quote: not valid base64"),
         (json.dumps({"quote": "AAAA", "keys": "x"}).encode(), 200, "attestation-format", "keys: expected an object"),
         (json.dumps({"quote": "AAAA", "keys": {"tls": "AA=="}, "event_log": 5}).encode(), 200, "attestation-format", "event_log"),
+        (json.dumps({"quote": "AAAA", "keys": {"tls": "AA=="}, "rtmr3_log": {"imr": 3}}).encode(), 200, "attestation-format",
+         "rtmr3_log: expected a JSON list"),
         (json.dumps({"quote": b64(b"\x04\x00" + bytes(100)), "keys": {"tls": "AA=="}}).encode(), 200, "quote-format", "malformed"),
     ],
 )

@@ -48,7 +48,7 @@ from tdxvm.guest.envelope import EnvelopeError, open_sealed
 from tdxvm.guest.tdquote import QuoteError, detect
 
 DEFAULT_SECRETS_DIR = Path("/run/tdxvm/secrets")
-DEFAULT_TLS_KEY = Path("/var/lib/tdxvm/tls/cert.pem")  # tdxvm.guest.tls.DEFAULT_DIR / CERT_FILE
+DEFAULT_TLS_KEY = Path("/run/tdxvm/tls/cert.pem")  # tdxvm.guest.tls.DEFAULT_DIR / CERT_FILE
 DEFAULT_CONTROLLER_KEY = Path("/etc/tdxvm/controller-release.pub")  # tdxvm.releasekey.GUEST_PATH
 CCEL_DATA = "sys/firmware/acpi/tables/data/CCEL"  # under the agent's root
 IDLE_TIMEOUT = 300.0

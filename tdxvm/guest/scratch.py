@@ -2,8 +2,8 @@
 
     python3 -m tdxvm.guest.scratch [--device /dev/vdb] [--mount /var/lib/tdxvm]
 
-The root filesystem is read-only; large run-time data (uploads, the installed model,
-the service's TLS key) goes to the second disk the launch gives every VM. At every boot
+The root filesystem is read-only; large run-time data (uploads, the installed model)
+goes to the second disk the launch gives every VM. At every boot
 this formats it afresh: LUKS2 with dm-integrity, ``aes-xts-random`` for confidentiality
 and ``hmac-sha256`` per 4 KiB sector for integrity, under a random volume key drawn here
 and held only in this TD's memory (kernel and this process). A reboot loses the

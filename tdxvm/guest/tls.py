@@ -2,8 +2,8 @@
 self-signed certificate.
 
 The key never leaves the TD: it is generated on the service's first start in a folder
-of the guest's encrypted root filesystem (or a tmpfs), as ``key.pem`` (PKCS#8, mode
-0600, folder 0700), and used again on every later start. Clients do not trust the
+in TD memory (``/run/tdxvm/tls``, a tmpfs), as ``key.pem`` (PKCS#8, mode 0600, folder
+0700), and used again on every later start of this boot. Clients do not trust the
 certificate through a CA: the service's attestation binds the certificate's
 SubjectPublicKeyInfo (:func:`spki_der`) into the quote's REPORTDATA under the key name
 ``tls``, and clients pin that key (:mod:`tdxvm.provision.endpoint`). The certificate
@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from tdxvm.fileio import write_atomic
 
-DEFAULT_DIR = Path("/var/lib/tdxvm/tls")  # where the image's service unit keeps it; the agent reads the cert there
+DEFAULT_DIR = Path("/run/tdxvm/tls")  # TD memory; where the image's service unit keeps it; the agent reads the cert there
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
 _VALIDITY = timedelta(days=10 * 365)

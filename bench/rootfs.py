@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--memory", type=int, default=1024, help="MiB of guest memory")
+    ap.add_argument("--scratch", type=int, default=256, help="MiB of scratch disk (formatted at boot: ~1 min/GiB under TCG)")
     ap.add_argument("--boot-only", action="store_true", help="time the launch only (e.g. an image without verity)")
     args = ap.parse_args()
     manifest = load_manifest(args.build)
@@ -67,8 +68,9 @@ def main() -> int:
         trust = for_backend("emulated", emulated_dir=Path(tmp))
         for run in range(args.runs):
             name = f"bench-rootfs-{secrets.token_hex(3)}"
+            scratch = {"scratch": args.scratch} if "scratch" in VmSpec.model_fields else {}  # tdxvm before scratch disks had none
             spec = VmSpec(name=name, uri="qemu:///system", image=manifest.path, backend="emulated", vcpus=1,
-                          memory=args.memory)  # fmt: skip
+                          memory=args.memory, **scratch)  # fmt: skip
             try:
                 result = bringup.bring_up(spec, manifest, conn, trust=trust, secrets=store)
                 for phase, seconds in result.timings.items():

@@ -141,18 +141,18 @@ def open_root(key: bytes, root: VerityRoot, *, device: str = DEVICE) -> str:
     one ``root`` names or a table is not the one asked for."""
     if len(key) != KEY_BYTES:
         raise RootDiskError(f"the released volume key is {len(key)} bytes, expected {KEY_BYTES}")
-    mapped: list[str] = []
+    mapped: list[str] = []  # each name before the step that may create it: a failed check leaves nothing
     try:
+        mapped.append(CRYPT_NAME)
         _run(["cryptsetup", "open", "--type", "plain", "--cipher", CIPHER, "--key-size", str(8 * KEY_BYTES), "--hash", "plain",
               "--sector-size", str(SECTOR), "--offset", str(PAYLOAD_OFFSET // SECTOR), "--key-file", "-",
               "--keyfile-size", str(KEY_BYTES), "--readonly", "--disable-keyring", device, CRYPT_NAME], stdin=key)  # fmt: skip
-        mapped.append(CRYPT_NAME)
         problem = crypt_table_problem(_table(CRYPT_NAME, keys=True), key=key, device=devno(device))
         if problem is not None:
             raise RootDiskError(f"/dev/mapper/{CRYPT_NAME}: {problem}")
         data = f"/dev/mapper/{CRYPT_NAME}"
-        _verity(CHECK_NAME, data, root, panic=False)
         mapped.append(CHECK_NAME)
+        _verity(CHECK_NAME, data, root, panic=False)
         try:
             fd = os.open(f"/dev/mapper/{CHECK_NAME}", os.O_RDONLY)
             try:
@@ -164,8 +164,8 @@ def open_root(key: bytes, root: VerityRoot, *, device: str = DEVICE) -> str:
                                 f"(its first block does not verify against root hash {root.root_hash}: {exc.strerror})") from None  # fmt: skip
         _run(["dmsetup", "remove", CHECK_NAME])
         mapped.remove(CHECK_NAME)
-        _verity(ROOT_NAME, data, root, panic=True)
         mapped.append(ROOT_NAME)
+        _verity(ROOT_NAME, data, root, panic=True)
     except BaseException:
         for name in reversed(mapped):
             subprocess.run(["dmsetup", "remove", "--force", name], capture_output=True, check=False)

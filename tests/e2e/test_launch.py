@@ -133,6 +133,8 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
         assert ssh.run(client, "dmsetup table tdxvm-scratch_dif").split()[2] == "integrity"
         scratch_key = bytes.fromhex(scratch[4])
         ssh.run(client, "head -c 1048576 /dev/urandom > /var/lib/tdxvm/written && sync")
+        host_pub = ssh.run(client, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
+        assert host_pub == result.ssh_host_key  # made inside the guest, bound by the quote
     # the scratch key is nowhere on the host: not in the domain XML, the pool, libvirt's files or the controller's
     xml = conn.lookupByName(vm_name).XMLDesc(0)
     assert "scratch.img" in xml and scratch[4] not in xml
@@ -145,8 +147,6 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
                 while chunk := f.read(8 << 20):
                     assert not any(form in prev + chunk for form in forms), f"the scratch key is in {path}"
                     prev = chunk[-256:]
-        host_pub = ssh.run(client, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
-        assert host_pub == result.ssh_host_key  # made inside the guest, bound by the quote
     # a man in the middle presenting another key is refused
     wrong = bytearray(base64.b64decode(result.ssh_host_key))
     wrong[-1] ^= 1

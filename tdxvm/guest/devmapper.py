@@ -4,6 +4,7 @@ Standard library only (it runs in the initramfs too)."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import subprocess
 
@@ -25,6 +26,20 @@ def one_target(table: str, target: str, min_fields: int) -> list[str] | str:
         shown = " ".join("<key>" if i == 4 else f for i, f in enumerate(fields[:8]))
         return f"the mapping is not a single {target} target: {shown}"
     return fields
+
+
+def crypt_problem(fields: list[str], *, cipher: str, key: bytes, device: str, offset: int, whose: str) -> str | None:
+    """Why the fields of a one-target crypt table are not ``cipher`` with ``key`` (``whose``
+    key, for the message) over ``device`` at sector ``offset`` with IV offset 0; None when
+    they are. The optional parameters are the caller's to check."""
+    _start, _length, _target, found, hexkey, iv_offset, dev, at = fields[:8]
+    if found != cipher:
+        return f"cipher is {found!r}, expected {cipher}"
+    if not hmac.compare_digest(hexkey.encode(), key.hex().encode()):
+        return f"the mapping's key is not {whose}"
+    if (iv_offset, dev, at) != ("0", device, str(offset)):
+        return f"IV offset {iv_offset}, device {dev}, offset {at}: expected 0, {device}, {offset}"
+    return None
 
 
 def run(argv: list[str], error: type[Exception], *, stdin: bytes = b"", fds: tuple[int, ...] = ()) -> str:

@@ -23,13 +23,14 @@ Everything here runs before the root filesystem exists: standard library only, t
 
 from __future__ import annotations
 
-import hmac
+import argparse
 import os
 import re
+import sys
 import subprocess
 from dataclasses import dataclass
 
-from tdxvm.guest.devmapper import devno, one_target, run
+from tdxvm.guest.devmapper import crypt_problem, devno, one_target, run
 
 CIPHER = "aes-xts-plain64"
 KEY_BYTES = 64  # two AES-256 keys
@@ -84,13 +85,11 @@ def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:
     f = one_target(table, "crypt", 8)
     if isinstance(f, str):
         return f
-    _start, _length, _target, cipher, hexkey, iv_offset, dev, offset, *options = f
-    if cipher != CIPHER:
-        return f"cipher is {cipher!r}, expected {CIPHER}"
-    if not hmac.compare_digest(hexkey.encode(), key.hex().encode()):
-        return "the mapping's key is not the key the controller released"
-    if (iv_offset, dev, offset) != ("0", device, str(PAYLOAD_OFFSET // SECTOR)):
-        return f"IV offset {iv_offset}, device {dev}, offset {offset}: expected 0, {device}, {PAYLOAD_OFFSET // SECTOR}"
+    problem = crypt_problem(f, cipher=CIPHER, key=key, device=device, offset=PAYLOAD_OFFSET // SECTOR,
+                            whose="the key the controller released")  # fmt: skip
+    if problem is not None:
+        return problem
+    options = f[8:]
     if options:
         count, *rest = options
         if not count.isdigit() or int(count) != len(rest):
@@ -177,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python3 -m tdxvm.guest.rootdisk``: the volume key on standard input (what the unlock
     step prints), the root hash from the kernel command line; exit 0 once
     ``/dev/mapper/root`` is mapped, else a message on standard error and exit 1."""
-    import argparse
-    import sys
-
     p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.rootdisk", description="Open the verified, decrypted root "
                                 "filesystem with the volume key read from standard input")  # fmt: skip
     p.add_argument("--cmdline", default="/proc/cmdline", help="the kernel command line (tdxvm.verity=)")

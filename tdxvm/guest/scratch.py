@@ -28,14 +28,13 @@ scratch disks. Standard library only; the ``cryptsetup``, ``dmsetup``, ``mkfs.ex
 from __future__ import annotations
 
 import argparse
-import hmac
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tdxvm.guest.devmapper import devno, one_target, run
+from tdxvm.guest.devmapper import crypt_problem, devno, one_target, run
 
 DEVICE = "/dev/vdb"
 MOUNT = "/var/lib/tdxvm"
@@ -61,14 +60,10 @@ def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:
     f = one_target(table, "crypt", 9)
     if isinstance(f, str):
         return f
-    _start, _length, _target, cipher, hexkey, iv_offset, dev, offset, *options = f
-    if cipher != DM_CIPHER:
-        return f"cipher is {cipher!r}, expected {DM_CIPHER}"
-    if not hmac.compare_digest(hexkey.encode(), key.hex().encode()):
-        return "the mapping's key is not the key drawn in this TD"
-    if (iv_offset, dev, offset) != ("0", device, "0"):
-        return f"IV offset {iv_offset}, device {dev}, offset {offset}: expected 0, {device}, 0"
-    count, *rest = options
+    problem = crypt_problem(f, cipher=DM_CIPHER, key=key, device=device, offset=0, whose="the key drawn in this TD")
+    if problem is not None:
+        return problem
+    count, *rest = options = f[8:]
     if not count.isdigit() or int(count) != len(rest):
         return f"malformed optional parameters {options}"
     if f"integrity:{TAG_BYTES}:aead" not in rest:

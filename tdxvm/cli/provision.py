@@ -33,6 +33,8 @@ class _Progress:
                            f"{held / max(secs, 1e-9) / 2**20:,.0f} MiB/s", err=True, nl=held >= total)  # fmt: skip
         elif phase == "retry":
             click.echo(f"\n  upload interrupted ({details['error']}); resuming (try {details['attempt'] + 1})", err=True)
+        elif phase == "scratch":
+            click.echo("  scratch  waiting for the guest to format its scratch disk (done once per boot)", err=True)
         elif phase == "install" and details.get("skipped"):
             click.echo("  install  this model is already installed in the guest; skipping the upload", err=True)
         elif phase == "service":

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tdxvm.fileio import lock_exclusive, write_atomic
+from tdxvm.guest import scratch
 from tdxvm.guest.staging import StagingError, install_model
 from tdxvm.guest.weights import WeightsError
 
@@ -173,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--qgs", help="emulated quote service for the service's attestations (emulated guests)")
     args = p.parse_args(argv)
     try:
+        if MODEL_DIR.is_relative_to(scratch.MOUNT):  # the scratch disk, which the TD formats at boot beside the agent
+            scratch.require()
         if args.check is not None:
             result: dict = {"ok": True, "installed": installed_upload() == args.check}
         elif args.name is None:
@@ -183,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = configure(name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
         else:
             result = install(args.upload, name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
-    except (InstallError, StagingError, WeightsError, OSError) as exc:
-        code = getattr(exc, "code", "os-error") if not isinstance(exc, WeightsError) else "weights"
+    except (InstallError, StagingError, WeightsError, scratch.ScratchError, OSError) as exc:
+        code = "weights" if isinstance(exc, WeightsError) else "scratch" if isinstance(exc, scratch.ScratchError) else getattr(exc, "code", "os-error")
         print(json.dumps({"ok": False, "code": code, "error": str(exc)}), flush=True)
         return EXIT_USAGE if code == "usage" else EXIT_FAILED
     print(json.dumps(result), flush=True)

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from tdxvm.guest import scratch
 from tdxvm.guest.staging import Staging, StagingError
 from tdxvm.guest.transferwire import (
     END_OF_STREAM,
@@ -347,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(mac_key) != MAC_KEY_SIZE:
             raise WireError(f"stdin: mac_key is {len(mac_key)} bytes, expected {MAC_KEY_SIZE}", code="usage")
         _allow_files(3 * len(manifest.files) + 4 * MAX_CONNECTIONS + 64)  # data, direct and tags per file; streams
+        if args.dest.resolve().is_relative_to(scratch.MOUNT):  # the scratch disk: formatted at boot, beside the agent
+            scratch.require()
         staging = Staging.open(args.dest, manifest, lock_timeout=args.lock_timeout)
+    except scratch.ScratchError as exc:
+        _emit({"ok": False, "code": "scratch", "error": str(exc)})
+        return EXIT_FAILED
     except (WireError, StagingError, OSError) as exc:
         _emit({"ok": False, "code": getattr(exc, "code", "os-error"), "error": str(exc)})
         return EXIT_USAGE if getattr(exc, "code", "") in ("usage", "manifest", "manifest-mismatch") else EXIT_FAILED

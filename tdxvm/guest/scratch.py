@@ -3,7 +3,7 @@
     python3 -m tdxvm.guest.scratch [--device /dev/vdb] [--mount /var/lib/tdxvm]
 
 The root filesystem is read-only; large run-time data (uploads, the installed model)
-goes to the second disk the launch gives every VM. At every boot
+goes to the second disk the launch gives every VM. Once per boot, when first used,
 this formats it afresh: LUKS2 with dm-integrity, ``aes-xts-random`` for confidentiality
 and ``hmac-sha256`` per 4 KiB sector for integrity, under a random volume key drawn here
 and held only in this TD's memory (kernel and this process). A reboot loses the
@@ -17,6 +17,12 @@ dm-integrity device on ``--device`` with 48-byte tags (16-byte random IV, 32-byt
 A sector the host changes then fails to read (an I/O error), it cannot be decrypted or
 forged without the key; a sector it replays from earlier at the same place is not
 detected (dm-integrity keeps no version counter).
+
+The unit (:data:`UNIT`) is not part of the boot: formatting takes a while (below), and
+attestation, SSH and the launch's ``ready`` do not need the disk. What keeps data on it
+calls :func:`require` first (the upload receiver and the model install), which starts
+the unit, waits for it, and refuses unless :data:`MOUNT` is this mapping, so nothing
+meant for the disk lands in the in-memory root.
 
 Formatting writes every sector once (a sector never written has no valid tag, and
 ``mkfs.ext4`` reads some before it writes them): seconds per GiB with AES-NI and SHA
@@ -39,6 +45,7 @@ from tdxvm.guest.devmapper import crypt_problem, devno, one_target, run
 DEVICE = "/dev/vdb"
 MOUNT = "/var/lib/tdxvm"
 NAME = "tdxvm-scratch"
+UNIT = "tdxvm-scratch.service"
 CIPHER = "aes-xts-random"
 INTEGRITY = "hmac-sha256"
 DM_CIPHER = "capi:authenc(hmac(sha256),xts(aes))-random"
@@ -144,6 +151,31 @@ def setup(device: str = DEVICE, mount: str = MOUNT) -> str:
                 subprocess.run(["cryptsetup", "close", NAME], capture_output=True, check=False)
             raise
     return mapping
+
+
+def mount_source(mount: str, mountinfo: str | None = None) -> str | None:
+    """The device mounted on ``mount`` (the last mount there), from ``/proc/self/mountinfo``; None when nothing is."""
+    text = Path("/proc/self/mountinfo").read_text() if mountinfo is None else mountinfo
+    target, source = mount.rstrip("/") or "/", None
+    for line in text.splitlines():
+        fields, sep, tail = line.partition(" - ")
+        parts, rest = fields.split(), tail.split()
+        if sep and len(parts) >= 5 and len(rest) >= 2 and parts[4] == target:
+            source = rest[1]
+    return source
+
+
+def require(mount: str = MOUNT, *, wait: bool = True) -> None:
+    """Wait for :data:`UNIT` to finish formatting (``systemctl start`` of a oneshot that ran
+    returns at once) and refuse unless ``mount`` is this disk's mapping: :class:`ScratchError`."""
+    if wait:
+        done = subprocess.run(["systemctl", "start", UNIT], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ScratchError(f"the scratch disk is not set up ({UNIT} failed: {done.stderr.strip() or done.returncode}; "
+                               f"see `journalctl -u {UNIT}`)")  # fmt: skip
+    source = mount_source(mount)
+    if source != f"/dev/mapper/{NAME}":
+        raise ScratchError(f"{mount} is not the scratch disk (mounted there: {source or 'nothing'}; expected /dev/mapper/{NAME})")
 
 
 def main(argv: list[str] | None = None) -> int:

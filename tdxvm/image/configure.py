@@ -13,10 +13,13 @@ What every image gets (the tree under ``tdxvm/image/overlay/``):
   dmsetup into the initramfs.
 * systemd units: ``tdxvm-ssh-keygen`` makes the SSH host keys at first boot, inside the
   TD (none exist in the image); ``tdxvm-agent`` answers re-attestation and receives
-  secrets; systemd-networkd with DHCP.
+  secrets; systemd-networkd with DHCP. ``tdxvm-scratch`` formats and mounts the scratch
+  disk; it is not part of the boot (the wipe would slow it) but started by its first
+  user (:func:`tdxvm.guest.scratch.require`).
 * ``model-server`` profile (``tdxvm/image/overlay-model-server/``): the ``tdxvm-serve``
   unit, which runs the inference service once ``tdxvm provision`` has installed a model
-  and written its arguments (it does not start before).
+  and written its arguments; provision starts it, the boot does not (a booted TD's
+  scratch disk holds no model).
 * sshd: keys only. ``root`` has no password (Debian's locked ``*``); the controller's
   public key goes into ``/root/.ssh/authorized_keys``.
 * the controller's release public key (``/etc/tdxvm/controller-release.pub``, also in the
@@ -42,7 +45,8 @@ from tdxvm.image.recipe import LoadedRecipe
 from tdxvm.releasekey import GUEST_PATH as GUEST_RELEASE_KEY
 
 OVERLAY = Path(__file__).with_name("overlay")
-PROFILE_OVERLAYS = {"model-server": (Path(__file__).with_name("overlay-model-server"), ("tdxvm-serve.service",))}
+PROFILE_OVERLAYS = {"model-server": Path(__file__).with_name("overlay-model-server")}
+BOOT_UNITS = ("tdxvm-ssh-keygen.service", "tdxvm-agent.service")  # what the boot starts (multi-user.target)
 GUEST_PYTHON = "/usr/lib/tdxvm/python"
 _PACKAGE_ROOT = Path(tdxvm.__file__).parent
 # What of tdxvm ships into the guest: the guest package, the REPORTDATA binding and the
@@ -91,14 +95,14 @@ def _copy_tree(root: Path, tree: Path, values: dict[bytes, int | None]) -> None:
 def apply_overlay(root: Path, *, agent_port: int, profile: str = "smoke", service_port: int | None = None) -> None:
     values = {b"@AGENT_PORT@": agent_port, b"@SERVICE_PORT@": service_port}
     _copy_tree(root, OVERLAY, values)
-    extra_tree, extra_units = PROFILE_OVERLAYS.get(profile, (None, ()))
+    extra_tree = PROFILE_OVERLAYS.get(profile)
     if extra_tree is not None:
         _copy_tree(root, extra_tree, values)
     for src, rel in guest_module_files():
         _write(root / GUEST_PYTHON.lstrip("/") / rel, src.read_bytes(), 0o644)
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    for unit in ("tdxvm-scratch.service", "tdxvm-ssh-keygen.service", "tdxvm-agent.service", *extra_units):
+    for unit in BOOT_UNITS:
         _symlink(wants / unit, f"/etc/systemd/system/{unit}")
     _symlink(wants / "systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service")
 

@@ -9,7 +9,7 @@ Local and remote hosts are handled the same way: a directory pool named ``tdxvm`
   nothing;
 * per VM, a qcow2 overlay ``<vm>.qcow2`` whose backing store is the shared raw disk
   (the LUKS image is never written), the serial console log ``<vm>.serial.log``, and a
-  sparse raw scratch disk ``<vm>.scratch.img`` that the TD formats at every boot with
+  sparse raw scratch disk ``<vm>.scratch.img`` that the TD formats once per boot (when first used) with
   authenticated encryption under a key it keeps (:mod:`tdxvm.guest.scratch`).
 
 An upload is hashed as it streams and refused (the volume deleted) if it does not match

@@ -60,6 +60,7 @@ GUEST_PYTHON = ("env", "PYTHONPATH=/usr/lib/tdxvm/python", "python3")
 SERVICE_UNIT = "tdxvm-serve.service"
 UPLOAD_TRIES = 3
 SERVICE_TIMEOUT = 900.0  # loading torch and the model in a TCG guest takes minutes
+SCRATCH_TIMEOUT = 3600.0  # the guest formats its scratch disk at boot: about a minute per GiB under TCG
 
 Progress = Callable[[str, dict[str, Any]], None]  # (phase, details): "attest", "upload", "install", "service"
 
@@ -245,7 +246,8 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
         serve_args += ["--threads", str(model.threads)] if model.threads else []
         serve_args += ["--qgs", qgs] if qgs else []
-        installed = _guest_json(client, ["--check", upload_id], phase="install", timeout=120)["installed"]
+        progress("scratch", {})  # the guest's install waits until its scratch disk is formatted and mounted
+        installed = _guest_json(client, ["--check", upload_id], phase="install", timeout=SCRATCH_TIMEOUT)["installed"]
         if installed:
             progress("install", {"skipped": True})
             result.install = _guest_json(client, serve_args, phase="install", timeout=120) | {"skipped": True}

@@ -40,13 +40,14 @@ def test_a_command_line_without_exactly_one_well_formed_root_is_refused(cmdline)
 
 
 def _crypt(cipher="aes-xts-plain64", key=KEY_HEX, iv="0", dev="254:0", offset="32768", *options):
+    options = options or ("1", "no_read_workqueue")
     return " ".join(["0", "4194304", "crypt", cipher, key, iv, dev, offset, *options]) + "\n"
 
 
 def test_the_fixed_crypt_table_with_the_released_key_is_accepted():
     assert crypt_table_problem(_crypt(), key=KEY, device="254:0") is None
-    assert crypt_table_problem(_crypt("aes-xts-plain64", KEY.hex(), "0", "254:0", "32768", "1", "sector_size:512"),
-                               key=KEY, device="254:0") is None  # fmt: skip
+    assert crypt_table_problem(_crypt("aes-xts-plain64", KEY.hex(), "0", "254:0", "32768", "2", "no_read_workqueue",
+                                      "sector_size:512"), key=KEY, device="254:0") is None  # fmt: skip
 
 
 @pytest.mark.parametrize("table, problem", [
@@ -58,8 +59,11 @@ def test_the_fixed_crypt_table_with_the_released_key_is_accepted():
     (_crypt(iv="8"), "IV offset 8"),
     (_crypt(dev="254:16"), "device 254:16"),
     (_crypt(offset="0"), "offset 0"),
-    (_crypt("aes-xts-plain64", KEY.hex(), "0", "254:0", "32768", "1", "sector_size:4096"), "unexpected optional"),
+    (_crypt("aes-xts-plain64", KEY.hex(), "0", "254:0", "32768", "2", "no_read_workqueue", "sector_size:4096"),
+     "unexpected optional"),
     (_crypt("aes-xts-plain64", KEY.hex(), "0", "254:0", "32768", "2", "allow_discards"), "malformed"),
+    (_crypt("aes-xts-plain64", KEY.hex(), "0", "254:0", "32768", "1", "sector_size:512"), "lack no_read_workqueue"),
+    (" ".join(_crypt().split()[:8]) + "\n", "no optional parameters"),
     (_crypt() + _crypt(), "2 targets"),
     ("0 8 linear 254:0 0\n", "not a single crypt target"),
 ])  # fmt: skip
@@ -69,7 +73,7 @@ def test_any_other_crypt_table_is_refused(table, problem):
     assert KEY.hex() not in found  # a message never shows the key
 
 
-def _verity(*fields, options=("1", "panic_on_corruption")):
+def _verity(*fields, options=("2", "panic_on_corruption", "try_verify_in_tasklet")):
     base = ["1", "253:0", "253:0", "4096", "4096", "262144", "262144", "sha256", ROOT_HASH, "-"]
     for i, v in fields:
         base[i] = v
@@ -78,18 +82,21 @@ def _verity(*fields, options=("1", "panic_on_corruption")):
 
 def test_the_verity_table_of_the_command_line_root_is_accepted():
     assert verity_table_problem(_verity(), data_device="253:0", root=ROOT, panic=True) is None
-    assert verity_table_problem(_verity(options=()), data_device="253:0", root=ROOT, panic=False) is None
+    assert verity_table_problem(_verity(options=("1", "try_verify_in_tasklet")), data_device="253:0", root=ROOT,
+                                panic=False) is None  # fmt: skip
 
 
 @pytest.mark.parametrize("fields, options, problem", [
-    ([(7, "crc32c")], ("1", "panic_on_corruption"), "verity parameters"),
+    ([(7, "crc32c")], ("2", "panic_on_corruption", "try_verify_in_tasklet"), "verity parameters"),
     ([(8, "cd" * 32)], ("1", "panic_on_corruption"), "verity parameters"),
     ([(5, "1024")], ("1", "panic_on_corruption"), "verity parameters"),
     ([(6, "1")], ("1", "panic_on_corruption"), "verity parameters"),
     ([(9, "00")], ("1", "panic_on_corruption"), "verity parameters"),
     ([(2, "253:1")], ("1", "panic_on_corruption"), "verity parameters"),
     ([], (), "verity options"),
+    ([], ("1", "panic_on_corruption"), "verity options"),
     ([], ("1", "ignore_corruption"), "verity options"),
+    ([], ("3", "panic_on_corruption", "try_verify_in_tasklet", "check_at_most_once"), "verity options"),
 ])  # fmt: skip
 def test_any_other_verity_table_is_refused(fields, options, problem):
     found = verity_table_problem(_verity(*fields, options=options), data_device="253:0", root=ROOT, panic=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from tdxvm.guest import scratch
 from tdxvm.guest.scratch import crypt_table_problem, integrity_table_problem
 
 KEY = bytes(range(96))
@@ -60,3 +61,26 @@ def test_integrity_with_dm_crypts_tags_on_the_scratch_device_is_accepted():
 def test_any_other_integrity_table_is_refused(table, problem):
     found = integrity_table_problem(table, device="254:16")
     assert found is not None and problem in found
+
+
+MOUNTINFO = """\
+22 1 0:21 / / rw,relatime - overlay overlay rw,lowerdir=/run/tdxvm/root-ro
+30 22 254:2 / /var/lib/tdxvm rw,nosuid,nodev,relatime - ext4 /dev/mapper/tdxvm-scratch rw
+31 22 0:25 / /run rw,nosuid,nodev - tmpfs tmpfs rw,mode=755
+"""
+
+
+def test_the_source_of_a_mount_point_is_read_from_mountinfo():
+    assert scratch.mount_source("/var/lib/tdxvm", MOUNTINFO) == "/dev/mapper/tdxvm-scratch"
+    assert scratch.mount_source("/var/lib/tdxvm/", MOUNTINFO) == "/dev/mapper/tdxvm-scratch"
+    assert scratch.mount_source("/", MOUNTINFO) == "overlay"
+    assert scratch.mount_source("/var/lib", MOUNTINFO) is None  # a folder on the root, not a mount point
+    stacked = MOUNTINFO + "40 30 0:30 / /var/lib/tdxvm rw - tmpfs tmpfs rw\n"  # mounted over it: the last one counts
+    assert scratch.mount_source("/var/lib/tdxvm", stacked) == "tmpfs"
+
+
+def test_a_folder_that_is_not_the_scratch_mapping_is_refused(tmp_path):
+    """What the receiver and the install check before writing under the scratch mount:
+    a folder of the in-memory root (nothing mounted there) is refused, naming what is."""
+    with pytest.raises(scratch.ScratchError, match=r"is not the scratch disk \(mounted there: nothing; expected /dev/mapper/tdxvm-scratch\)"):
+        scratch.require(str(tmp_path), wait=False)

@@ -17,13 +17,17 @@ WANTS = f"{UNITS}/multi-user.target.wants"
 GUEST_PACKAGE = GUEST_PYTHON.lstrip("/") + "/tdxvm"
 
 
-def test_model_server_profile_installs_and_enables_the_service(tmp_path):
+def test_model_server_profile_installs_the_service_which_the_boot_does_not_start(tmp_path):
+    """Provision starts the service; a booted TD's scratch disk holds no model. The boot
+    starts the SSH key step and the agent, not the scratch disk's format (its first user does)."""
     apply_overlay(tmp_path, agent_port=7300, profile="model-server", service_port=8443)
     unit = (tmp_path / UNITS / "tdxvm-serve.service").read_text()
     assert "--port 8443 " in unit and "@SERVICE_PORT@" not in unit
     assert "EnvironmentFile=/etc/tdxvm/serve.env" in unit
-    link = tmp_path / WANTS / "tdxvm-serve.service"
-    assert link.is_symlink() and os.readlink(link) == "/etc/systemd/system/tdxvm-serve.service"
+    assert "[Install]" not in unit and not (tmp_path / WANTS / "tdxvm-serve.service").exists()
+    assert "[Install]" not in (tmp_path / UNITS / "tdxvm-scratch.service").read_text()
+    assert sorted(p.name for p in (tmp_path / WANTS).iterdir()) == ["systemd-networkd.service", "tdxvm-agent.service",
+                                                                    "tdxvm-ssh-keygen.service"]  # fmt: skip
     for unit_name in ("tdxvm-agent.service", "tdxvm-ssh-keygen.service"):
         assert os.readlink(tmp_path / WANTS / unit_name) == f"/etc/systemd/system/{unit_name}"
 
@@ -46,7 +50,7 @@ def test_overlay_applied_twice_is_the_same(tmp_path):
     apply_overlay(tmp_path, agent_port=7300, profile="model-server", service_port=8443)
     apply_overlay(tmp_path, agent_port=7300, profile="model-server", service_port=9443)
     assert "--port 9443 " in (tmp_path / UNITS / "tdxvm-serve.service").read_text()
-    assert os.readlink(tmp_path / WANTS / "tdxvm-serve.service") == "/etc/systemd/system/tdxvm-serve.service"
+    assert os.readlink(tmp_path / WANTS / "tdxvm-agent.service") == "/etc/systemd/system/tdxvm-agent.service"
 
 
 def test_guest_modules_include_the_installer(tmp_path):

@@ -191,3 +191,18 @@ def mrtd(firmware: bytes | bytearray | memoryview, *, order: str = "single-pass"
                     h.update(_record(b"MR.EXTEND", gpa + chunk))
                     h.update(fw[src + chunk : src + chunk + EXTEND_CHUNK])
     return h.digest()
+
+
+def section_bytes(firmware: bytes | bytearray | memoryview, section_type: int) -> tuple[TdvfSection, bytes]:
+    """The one section of ``section_type`` and its image data (``RawDataSize`` bytes at
+    ``DataOffset``), e.g. the CFV that TDVF measures into RTMR0."""
+    fw = bytes(firmware)
+    meta = parse_tdvf(fw)
+    found = [s for s in meta.sections if s.type == section_type]
+    name = SECTION_NAMES.get(section_type, f"type {section_type}")
+    if len(found) != 1:
+        raise _fail(f"TDVF metadata has {len(found)} {name} sections, expected 1", meta.offset)
+    s = found[0]
+    if s.data_offset + s.raw_data_size > len(fw):
+        raise _fail(f"{name} data {s.data_offset:#x}+{s.raw_data_size:#x} runs past the end of the image", s.offset)
+    return s, fw[s.data_offset : s.data_offset + s.raw_data_size]

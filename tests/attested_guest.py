@@ -80,7 +80,7 @@ def firmware() -> bytes:
 
 
 def artifacts(**changes: object) -> LaunchArtifacts:
-    base = LaunchArtifacts(kernel=kernel(), initrd=INITRD, cmdline=CMDLINE, firmware=firmware(), memory_mib=1024, vcpus=2)
+    base = LaunchArtifacts(kernel=kernel(), initrd=INITRD, cmdline=CMDLINE, firmware=firmware())
     return dataclasses.replace(base, **changes)
 
 

@@ -14,11 +14,14 @@ Register by register:
 * RTMR1, RTMR2: as predicted for direct kernel boot (kernel Authenticode; load options
   and initrd), under ``profile`` (default ``upstream``). A kernel whose RTMR2 cannot be
   predicted is refused: the service would have to make a value up.
-* RTMR0: a real TD's holds the TD HOB, the firmware's variable store and QEMU's ACPI
-  tables, which are not predicted. The emulated TD's RTMR0 is, honestly, something
-  else: one extend with the SHA-384 of :func:`rtmr0_event` — the tag
-  ``"tdxvm emulated TD v1\\0"`` and the canonical JSON of the domain's memory size and
-  vCPU count. It tells emulated layouts apart and can never equal a real TD's.
+* RTMR0: what a TD booting that firmware in that machine would hold
+  (:mod:`tdxvm.image.rtmr0`): TD HOB, variable store, fw_cfg items, ACPI tables and SMBIOS
+  table, the last three read over qtest from the QEMU libvirt actually runs with its
+  real argv (:func:`emulated_rtmr0`; the caller passes the argv,
+  :func:`tdxvm.launch.rtmr0pin.running_argv`). So a device, vCPU or memory the host adds
+  to the domain changes it, as on hardware. 48 zero bytes where it cannot be computed:
+  no argv (libvirt's test driver runs no QEMU) or a firmware build whose events are not
+  known; the launch does not pin RTMR0 then either (:mod:`tdxvm.launch.rtmr0pin`).
 * RTMR3: what the guest extended it with, as a TD's TDX module keeps it: zero at the
   start, then ``SHA-384(RTMR3 ‖ digest)`` for each extend request, in order (the
   guest's inference service measures the model it serves, :mod:`tdxvm.guest.rtmr3`).
@@ -45,7 +48,7 @@ with one line, ``{"error": "<message>"}`` when refused:
 A guest behind QEMU user networking reaches it at ``10.0.2.2:<port>``.
 
 Domain XML: :meth:`LaunchArtifacts.from_domain_xml` reads ``<os><kernel>``, ``<initrd>``,
-``<cmdline>``, ``<memory>``, ``<vcpu>``, ``<launchSecurity type='tdx'>`` (policy and the
+``<cmdline>``, ``<launchSecurity type='tdx'>`` (policy and the
 MR* values) and the firmware: the tdxvm metadata element ``<tdxvm:firmware path='/abs/
 OVMF.inteltdx.fd'/>`` (namespace :data:`tdxvm.launch.domain.TDXVM_NS`), which the emulated
 backend records because its TDVF is not the loader; else ``<os><loader>`` (the TDX
@@ -71,18 +74,19 @@ from typing import Any
 from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_DEBUG
 from tdxvm.emulate.platform import EmulatedPlatform
 from tdxvm.emulate.quote import DEFAULT_XFAM, TdReportFields
-from tdxvm.image.measure import DEFAULT_PROFILE, Measurements, predict, replay, sha384
+from tdxvm.image.acpiblobs import AcpiBlobError
+from tdxvm.image.measure import DEFAULT_PROFILE, MeasureError, Measurements, predict
+from tdxvm.image.platforminputs import PlatformInputError, predict_for_argv
+from tdxvm.image.rtmr0 import UnknownFirmwareError, firmware_build
+from tdxvm.image.smbios import SmbiosError
 from tdxvm.launch.domain import TDXVM_NS
 
 MAX_REQUEST = 4096
 IDLE_TIMEOUT = 30.0
 GUEST_GATEWAY = "10.0.2.2"  # the host as a guest on QEMU user networking sees it
-RTMR0_EVENT_TAG = b"tdxvm emulated TD v1\x00"
 EXTENDABLE_RTMR = 3
 RTMR_SIZE = 48
 FIRMWARE_ELEMENT = f"{{{TDXVM_NS}}}firmware"
-_UNITS = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +102,20 @@ class QuoteServiceError(Exception):
             self.code = code
 
 
-def rtmr0_event(memory_mib: int | None, vcpus: int | None) -> bytes:
-    """The one event the emulated TD's RTMR0 is extended with (see the module doc)."""
-    layout = json.dumps({"memory_mib": memory_mib, "vcpus": vcpus}, sort_keys=True, separators=(",", ":"))
-    return RTMR0_EVENT_TAG + layout.encode("ascii")
-
-
-def emulated_rtmr0(memory_mib: int | None, vcpus: int | None) -> bytes:
-    return replay([sha384(rtmr0_event(memory_mib, vcpus))])
+def emulated_rtmr0(firmware: bytes | None, argv: list[str] | None) -> bytes:
+    """RTMR0 of a TD booting ``firmware`` in the QEMU started with ``argv`` (see the module
+    doc), computed with that argv's own binary; zeros where it cannot be computed."""
+    if firmware is None or not argv:
+        return bytes(48)
+    try:
+        firmware_build(firmware)
+    except UnknownFirmwareError:
+        return bytes(48)
+    try:
+        value, _events = predict_for_argv(firmware, argv[0], argv, tdx=False)
+    except (AcpiBlobError, PlatformInputError, SmbiosError, MeasureError) as exc:
+        raise QuoteServiceError(f"cannot compute the emulated TD's RTMR0 from its QEMU: {exc}", code="rtmr0") from None
+    return bytes.fromhex(value)
 
 
 def _read_local(path: str) -> bytes:
@@ -125,8 +135,7 @@ class LaunchArtifacts:
     mr_config_id: bytes = bytes(48)
     mr_owner: bytes = bytes(48)
     mr_owner_config: bytes = bytes(48)
-    memory_mib: int | None = None
-    vcpus: int | None = None
+    rtmr0: bytes = bytes(48)
     profile: str = DEFAULT_PROFILE
 
     def __post_init__(self) -> None:
@@ -139,9 +148,11 @@ class LaunchArtifacts:
                 raise QuoteServiceError(f"{name} must be 48 bytes, got {len(getattr(self, name))}", code="launch")
 
     @classmethod
-    def from_domain_xml(cls, xml_text: str, *, read: Callable[[str], bytes] = _read_local, profile: str = DEFAULT_PROFILE) -> LaunchArtifacts:
+    def from_domain_xml(cls, xml_text: str, *, read: Callable[[str], bytes] = _read_local, profile: str = DEFAULT_PROFILE,
+                        argv: list[str] | None = None) -> LaunchArtifacts:  # fmt: skip
         """The artifacts a libvirt domain boots; ``read(path)`` gives a file's bytes as the
-        libvirt host has it (default: this machine's file)."""
+        libvirt host has it (default: this machine's file); ``argv``: the QEMU libvirt runs
+        for it, whose machine RTMR0 describes (:func:`emulated_rtmr0`)."""
         try:
             dom = ET.fromstring(xml_text)
         except ET.ParseError as exc:
@@ -177,8 +188,7 @@ class LaunchArtifacts:
             initrd=file("<os><initrd>", initrd_path) if initrd_path else b"",
             cmdline=dom.findtext("os/cmdline") or "",
             firmware=firmware,
-            memory_mib=_memory_mib(dom.find("memory"), where),
-            vcpus=_int(dom.findtext("vcpu"), f"{where}: <vcpu>"),
+            rtmr0=emulated_rtmr0(firmware, argv),
             profile=profile,
             **settings,
         )
@@ -198,7 +208,7 @@ class LaunchArtifacts:
             mr_config_id=self.mr_config_id,
             mr_owner=self.mr_owner,
             mr_owner_config=self.mr_owner_config,
-            rtmrs=(emulated_rtmr0(self.memory_mib, self.vcpus), bytes.fromhex(measured.rtmr1 or ""),
+            rtmrs=(self.rtmr0, bytes.fromhex(measured.rtmr1 or ""),
                    bytes.fromhex(measured.rtmr2 or ""), bytes(rtmr3)),  # fmt: skip
             report_data=report_data,
         )
@@ -211,16 +221,6 @@ def _int(text: str | None, where: str) -> int | None:
         return int(text.strip(), 0)
     except ValueError:
         raise QuoteServiceError(f"{where} is {text!r}, not a number", code="domain-xml") from None
-
-
-def _memory_mib(element: ET.Element | None, where: str) -> int | None:
-    if element is None:
-        return None
-    amount = _int(element.text, f"{where}: <memory>") or 0
-    unit = (element.get("unit") or "KiB").lower()  # libvirt's default unit is KiB
-    if unit not in _UNITS:
-        raise QuoteServiceError(f"{where}: <memory unit={unit!r}> is not a libvirt unit", code="domain-xml")
-    return amount * _UNITS[unit] // (1 << 20)
 
 
 def _launch_security(sec: ET.Element, where: str) -> dict[str, Any]:

@@ -157,16 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tdxvm.emulate import EmulatedPlatform
     from tdxvm.launch.connection import open_connection
     from tdxvm.launch.console import read_host_file
+    from tdxvm.launch.rtmr0pin import running_argv
 
     try:
         conn = open_connection(args.uri)
         watch = DomainWatch(conn, args.uuid)
         if (why := watch.gone()) is not None:
             raise QuoteServiceError(why, code="qgsd")
-        xml = conn.lookupByUUIDString(args.uuid).XMLDesc()
+        dom = conn.lookupByUUIDString(args.uuid)
+        xml = dom.XMLDesc()
         platform = EmulatedPlatform.load(args.emulated_dir, at=datetime.now(timezone.utc))
-        service = QuoteService(platform, LaunchArtifacts.from_domain_xml(xml, read=lambda path: read_host_file(conn, path)),
-                               port=args.port, guard=watch.gone)  # fmt: skip
+        artifacts = LaunchArtifacts.from_domain_xml(xml, read=lambda path: read_host_file(conn, path),
+                                                    argv=running_argv(conn, dom.name()))  # fmt: skip
+        service = QuoteService(platform, artifacts, port=args.port, guard=watch.gone)
         service.start()
     except Exception as exc:  # any failure to stand up is reported on the line ensure() reads
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)

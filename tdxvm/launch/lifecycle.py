@@ -34,6 +34,8 @@ from tdxvm.launch.domain import TDXVM_NS, DomainSpec, PortForward, domain_xml
 from tdxvm.launch.errors import DomainError, LaunchError, NoSuchVmError, NotOurDomainError, VmExistsError
 from tdxvm.launch.manifest import ImageManifest
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
+from tdxvm.launch.rtmr0pin import Rtmr0Pin
+from tdxvm.launch.rtmr0pin import predict as predict_rtmr0
 from tdxvm.launch.ports import choose_forwards
 from tdxvm.launch.spec import VmSpec, effective_policy, firmware_path
 from tdxvm.launch.volumes import POOL_NAME, POOL_PATH, VmVolumes, VolumeEvent, delete_vm_volume, prepare_volumes
@@ -79,6 +81,7 @@ class DomainHandle:
     manifest: ImageManifest
     findings: tuple[pf.Finding, ...]
     xml: str
+    rtmr0: Rtmr0Pin | None = None  # what the policy pins for RTMR0, or why nothing
 
     def domain(self) -> libvirt.virDomain:
         try:
@@ -270,6 +273,11 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
         vm_uuid = str(uuidlib.uuid4())
         xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
                             extra_labels=labels)  # fmt: skip
+        rtmr0 = predict_rtmr0(conn, xml, backend=spec.backend, firmware=_local_firmware(spec, manifest))
+        if rtmr0.value is not None and policy.rtmr0 is None:  # the machine of this XML; a spec's own rtmr0 stays
+            policy = effective_policy(spec, manifest, rtmr0=rtmr0.value)
+            xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
+                                extra_labels=labels)  # fmt: skip
         try:
             dom = conn.defineXML(xml)
         except libvirt.libvirtError as exc:
@@ -285,7 +293,17 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
             delete_vm_volume(conn, path, pool_name=volumes.pool)
         raise
     return DomainHandle(conn=conn, name=spec.name, uuid=vm_uuid, uri=uri, backend=spec.backend, forwards=forwards,
-                        volumes=volumes, policy=policy, manifest=manifest, findings=tuple(findings), xml=xml)  # fmt: skip
+                        volumes=volumes, policy=policy, manifest=manifest, findings=tuple(findings), xml=xml,
+                        rtmr0=rtmr0)  # fmt: skip
+
+
+def _local_firmware(spec: VmSpec, manifest: ImageManifest) -> bytes | None:
+    """The TDVF's bytes where this machine has the file (RTMR0 is predicted only for domains here)."""
+    path = firmware_path(spec, manifest)
+    try:
+        return Path(path).read_bytes() if path else None
+    except OSError:
+        return None
 
 
 def _refuse_existing(conn: libvirt.virConnect, name: str, uri: str) -> None:

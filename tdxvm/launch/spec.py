@@ -8,7 +8,7 @@ Loaded through :mod:`tdxvm.yamlfile`, so every problem names the file, line and 
     backend: tdx                             # or emulated (TCG, no TDX)
     vcpus: 8
     memory: 32GiB
-    scratch: 64GiB                           # the per-VM scratch disk (default 2GiB; formatted at every boot)
+    scratch: 64GiB                           # the per-VM scratch disk (default 2GiB; formatted once per boot, when first used)
     pinning: {vcpus: ["2", "3", ...], numa_node: 0}
     network: {forwards: [{host: 8443, guest: 8443}]}
     firmware: /usr/share/ovmf/OVMF.inteltdx.ms.fd   # default: the manifest's firmware (see below)
@@ -330,8 +330,9 @@ def _refuse_unmeasured(spec: VmSpec, manifest: ImageManifest, filled: tuple[str,
         )
 
 
-def effective_policy(spec: VmSpec, manifest: ImageManifest) -> Policy:
-    """The policy a launch appraises with: the spec's keys, plus MRTD/RTMR1/RTMR2 from the manifest.
+def effective_policy(spec: VmSpec, manifest: ImageManifest, *, rtmr0: str | None = None) -> Policy:
+    """The policy a launch appraises with: the spec's keys, plus MRTD/RTMR1/RTMR2 from the
+    manifest and ``rtmr0`` (predicted for the domain, :mod:`tdxvm.launch.rtmr0pin`) where the spec gives none.
 
     For the tdx backend, MR_CONFIG_ID/MR_OWNER/MR_OWNER_CONFIG given to the TD are
     expected in its quote too, unless the policy says otherwise; so are, for both
@@ -346,6 +347,8 @@ def effective_policy(spec: VmSpec, manifest: ImageManifest) -> Policy:
     filled = filled_from_manifest(spec, manifest)
     for key in filled:
         values[key] = manifest.measurements[key]
+    if rtmr0 is not None and "rtmr0" not in values:
+        values["rtmr0"] = rtmr0
     if spec.backend == "tdx":
         for key in ("mr_config_id", "mr_owner", "mr_owner_config"):
             launched = getattr(spec, key)

@@ -40,6 +40,7 @@ from tdxvm.launch.lifecycle import DomainHandle, destroy, lookup, prepare_domain
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.metadata import ATTESTATION_KEYS
 from tdxvm.launch.records import RecordMismatch, VmRecord, VmRecords, manifest_sha256
+from tdxvm.launch.rtmr0pin import running_argv
 from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.volumes import content_name
 from tdxvm.provision import handshake, ssh
@@ -84,6 +85,7 @@ class LaunchResult:
     service: tuple[str, int] | None = None
     ssh_host_key: str | None = None
     provision: dict[str, Any] | None = None  # ProvisionResult.to_dict() when the spec names a model
+    rtmr0: dict[str, Any] | None = None  # Rtmr0Pin.to_dict(): the value the policy pins and its events, or why none
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "uri": self.uri, "state": "serving" if self.provision else "ready",
@@ -91,7 +93,8 @@ class LaunchResult:
                 "ssh": f"{self.ssh[0]}:{self.ssh[1]}" if self.ssh else None,
                 "agent": f"{self.agent[0]}:{self.agent[1]}" if self.agent else None,
                 "service": f"{self.service[0]}:{self.service[1]}" if self.service else None,
-                "ssh_host_key": self.ssh_host_key, "attestation": self.verdict, "provision": self.provision}  # fmt: skip
+                "ssh_host_key": self.ssh_host_key, "attestation": self.verdict, "rtmr0": self.rtmr0,
+                "provision": self.provision}  # fmt: skip
 
 
 Progress = Callable[[PhaseEvent], None]
@@ -153,7 +156,7 @@ def attest(conn: libvirt.virConnect, name: str, address: tuple[str, int], trust:
         read = _test_driver_reader(manifest)
     else:
         read = lambda path: read_host_file(conn, path)  # noqa: E731
-    with trust.quote_service(xml, read, guest_on_host=test_host) as qgs:
+    with trust.quote_service(xml, read, guest_on_host=test_host, argv=running_argv(conn, name)) as qgs:
         return handshake.attest_guest(address, collateral=trust.collateral, policy=policy, trust_anchor=trust.trust_anchor,
                                       qgs_address=qgs, timeout=120, require_keys=require_keys)  # fmt: skip
 
@@ -295,7 +298,9 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
             with contextlib.suppress(LaunchError):
                 destroy(conn, spec.name)
             raise
-    phases.end("define", t, f"{handle.backend}, {spec.vcpus} vCPU, {spec.memory_mib} MiB")
+    result.rtmr0 = handle.rtmr0.to_dict() if handle.rtmr0 else None
+    pinned = "RTMR0 pinned" if handle.rtmr0 and handle.rtmr0.value else "RTMR0 not pinned"
+    phases.end("define", t, f"{handle.backend}, {spec.vcpus} vCPU, {spec.memory_mib} MiB, {pinned}")
 
     t = phases.begin("boot")
     start(handle)

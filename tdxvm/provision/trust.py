@@ -44,8 +44,10 @@ class Trust:
     emulated_dir: Path | None = None  # where that platform is kept (the quote daemon loads it from there)
 
     @contextmanager
-    def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False) -> Iterator[str | None]:
+    def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False,
+                      argv: list[str] | None = None) -> Iterator[str | None]:  # fmt: skip
         """Yields the address the guest asks for its quote (None: the guest uses its own TDX).
+        ``argv``: the QEMU libvirt runs for the domain (the emulated TD's RTMR0 describes its machine).
 
         A guest on QEMU user networking reaches the service at the gateway address;
         ``guest_on_host`` (libvirt's test driver, where the guest's agent runs on this
@@ -56,7 +58,7 @@ class Trust:
             return
         from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
 
-        artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read)
+        artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read, argv=argv)
         with QuoteService(self.platform, artifacts) as service:
             yield service.address if guest_on_host else service.guest_address()
 

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -108,6 +109,8 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
     events = _HostSealsFirst(conn, vm_name, trust, store)
     result = _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json"), trust, store, events)
     assert [e.phase for e in events if e.status == "done"] == list(bringup.PHASES)
+    # RTMR0 (TD HOB, firmware variables, QEMU's ACPI tables and SMBIOS) predicted for this machine and pinned
+    assert result.rtmr0["value"] is not None and result.rtmr0["events"][0]["what"] == "TD HOB for 1024 MiB (TdxTable)"
     # the host's passphrase was refused by the unlock step, which then took the controller's
     assert len(events.refusals) == 1 and "not sealed by the controller's release key" in events.refusals[0]
     assert "refused secret 'disk'" in serial_log_tail(conn, vm_name, lines=2000)
@@ -123,10 +126,12 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
         assert lower[0] == "/dev/mapper/root" and "ro" in lower[1].split(",")
         verity = ssh.run(client, "dmsetup table root").split()
         v = smoke_build.manifest["verity"]
-        assert verity[2] == "verity" and verity[11] == v["root_hash"] and verity[-1] == "panic_on_corruption"
+        assert verity[2] == "verity" and verity[11] == v["root_hash"] and verity[13:] == ["2", "panic_on_corruption", "try_verify_in_tasklet"]
         assert ssh.run(client, "dmsetup table root-crypt").split()[2:4] == ["crypt", "aes-xts-plain64"]
         assert "Read-only file system" in ssh.run(client, "touch /run/tdxvm/root-ro/x 2>&1 || true")
-        # the scratch disk: LUKS2 with integrity (authenticated aes-xts + HMAC) under a key drawn in the TD
+        # the scratch disk: LUKS2 with integrity (authenticated aes-xts + HMAC) under a key drawn in the TD,
+        # formatted beside the agent (ready does not wait for it); what writes there waits, as this does
+        ssh.run(client, "systemctl start tdxvm-scratch.service", timeout=600)
         assert ssh.run(client, "findmnt -no SOURCE /var/lib/tdxvm").strip() == "/dev/mapper/tdxvm-scratch"
         scratch = ssh.run(client, "dmsetup table --showkeys tdxvm-scratch").split()
         assert scratch[2:4] == ["crypt", "capi:authenc(hmac(sha256),xts(aes))-random"] and "integrity:48:aead" in scratch
@@ -193,6 +198,38 @@ def test_initramfs_modified_after_the_build_is_refused(conn, trust, smoke_build,
     with pytest.raises(handshake.AttestationRefused) as refused:
         _launch(conn, _spec(vm_name, folder / "manifest.json"), trust, store)
     assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [("measurement-mismatch", "quote field RTMR2")]
+    _never_unlocked(conn, vm_name)
+
+
+class _HostAddsAVcpu(list):
+    """Progress events; once tdxvm has defined the domain and before it starts it, the host
+    gives it one more vCPU in the persistent definition (the TD's ACPI tables then describe
+    another processor)."""
+
+    def __init__(self, conn, name: str) -> None:
+        super().__init__()
+        self.conn, self.name = conn, name
+
+    def append(self, event) -> None:
+        super().append(event)
+        if event.phase == "define" and event.status == "done":
+            xml = self.conn.lookupByName(self.name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            changed = re.sub(r"<vcpu([^>]*)>(\d+)</vcpu>", lambda m: f"<vcpu{m[1]}>{int(m[2]) + 1}</vcpu>", xml)
+            assert changed != xml
+            self.conn.defineXML(changed)
+
+
+def test_a_machine_the_host_changed_after_definition_is_refused(conn, trust, smoke_build, vm_name):
+    """RTMR0 is pinned from the XML the controller wrote; the emulated TD's RTMR0 comes
+    from the QEMU libvirt actually runs. The host's extra vCPU changes the ACPI tables,
+    so the first quote no longer matches: refused before anything is released. (Memory
+    changes the TD HOB, a device the tables; tests/launch/test_rtmr0pin.py shows each.)"""
+    store = SecretStore(directory=smoke_build.secrets)
+    events = _HostAddsAVcpu(conn, vm_name)
+    with pytest.raises(handshake.AttestationRefused) as refused:
+        _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json"), trust, store, events)
+    assert "RTMR0 pinned" in [e.detail for e in events if e.phase == "define" and e.status == "done"][0]
+    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [("measurement-mismatch", "quote field RTMR0")]
     _never_unlocked(conn, vm_name)
 
 

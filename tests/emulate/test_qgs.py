@@ -35,19 +35,26 @@ def test_quote_carries_the_measurements_of_the_booted_files():
     assert body.report_data == rd
     assert body.mr_td.hex() == expected.mrtd
     assert [r.hex() for r in body.rtmrs[1:3]] == [expected.rtmr1, expected.rtmr2]
-    assert body.rtmrs[0] == emulated_rtmr0(1024, 2)
-    assert body.rtmrs[0] == hashlib.sha384(bytes(48) + hashlib.sha384(b'tdxvm emulated TD v1\x00{"memory_mib":1024,"vcpus":2}').digest()).digest()
+    assert body.rtmrs[0] == bytes(48)  # a firmware of no known build (this test's own TDVF): RTMR0 not computed
     assert body.rtmrs[3] == bytes(48)
     assert int.from_bytes(body.td_attributes, "little") == TD_ATTR_SEPT_VE_DISABLE and not body.debug
     verdict = appraise(quote, platform().collateral(), at=AT, policy=policy_for(launch), trust_anchor=anchor())
     assert verdict.accepted, verdict.reasons
 
 
-def test_layout_changes_rtmr0_and_nothing_else():
-    a, b = QuoteService(platform(), artifacts()), QuoteService(platform(), artifacts(memory_mib=2048))
+def test_the_machine_changes_rtmr0_and_nothing_else():
+    a, b = QuoteService(platform(), artifacts()), QuoteService(platform(), artifacts(rtmr0=b"\x05" * 48))
     qa, qb = (parse_quote(s.sign(bytes(64))).body for s in (a, b))
-    assert qa.rtmrs[0] != qb.rtmrs[0]
+    assert (qa.rtmrs[0], qb.rtmrs[0]) == (bytes(48), b"\x05" * 48)
     assert (qa.mr_td, qa.rtmrs[1:]) == (qb.mr_td, qb.rtmrs[1:])
+
+
+def test_rtmr0_is_computed_only_for_a_known_firmware_with_the_qemu_argv():
+    """No argv (libvirt's test driver runs no QEMU) or a firmware of no known build: zeros,
+    and the launch pins nothing then either (tdxvm.launch.rtmr0pin)."""
+    argv = ["/usr/bin/qemu-system-x86_64", "-machine", "q35", "-m", "1024"]
+    assert emulated_rtmr0(None, argv) == bytes(48)
+    assert emulated_rtmr0(firmware(), argv) == bytes(48)  # this test's TDVF is no known build
 
 
 def test_without_firmware_mrtd_is_zero_and_a_policy_naming_it_refuses():
@@ -127,7 +134,7 @@ def test_from_emulated_domain_xml():
     read, paths = files()
     launch = LaunchArtifacts.from_domain_xml(EMULATED_XML, read=read)
     assert sorted(paths) == ["/img/OVMF.inteltdx.fd", "/img/initrd.img", "/img/vmlinuz"]
-    assert launch == artifacts()  # the same bytes, command line, 1 GiB and 2 vCPUs
+    assert launch == artifacts()  # the same bytes and command line
     assert launch.td_attributes == TD_ATTR_SEPT_VE_DISABLE
 
 
@@ -137,7 +144,7 @@ def test_from_tdx_domain_xml_takes_the_loader_and_launch_security():
                       firmware="/img/OVMF.inteltdx.fd", mr_owner=b"\x07" * 48)  # fmt: skip
     read, _ = files()
     launch = LaunchArtifacts.from_domain_xml(domain_xml(spec), read=read)
-    assert launch.firmware == firmware() and (launch.memory_mib, launch.vcpus) == (4096, 4)
+    assert launch.firmware == firmware() and launch.rtmr0 == bytes(48)
     assert launch.mr_owner == b"\x07" * 48 and launch.mr_config_id == bytes(48)
     assert launch.td_attributes == TD_ATTR_SEPT_VE_DISABLE
 

@@ -1,4 +1,4 @@
-"""RTMR0 prediction against the real event logs in /work/shared/testdata/tdx and the
+"""RTMR0 prediction against the real event logs in ../shared/testdata/tdx and the
 real Debian TDVF.
 
 The dstack log (QEMU 8.2.2, 2 GiB, edk2 "pre202505") and the Google Cloud CCEL log
@@ -27,8 +27,8 @@ from tdxvm.image.smbiosfilter import filter_smbios_table
 from tdxvm.image.tdhob import measured_td_hob, q35_ram_map, ram_entries
 from tdxvm.image.tdvf import SECTION_TD_HOB, SECTION_TEMP_MEM, parse_tdvf
 from tdxvm.image.uefivars import EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, variable_data
+from tests.conftest import TESTDATA
 
-TESTDATA = Path("/work/shared/testdata/tdx")
 GIB = 1 << 30
 
 

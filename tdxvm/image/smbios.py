@@ -103,7 +103,7 @@ def qemu_structures(anchor: bytes, tables: bytes) -> bytes:
     return tables
 
 
-def _structure_end(tables: bytes, at: int) -> int:
+def structure_end(tables: bytes, at: int) -> int:
     """End of the structure at ``at``: formatted area, strings, double NUL
     (``SmbiosTableLength``)."""
     if at + 4 > len(tables):
@@ -122,7 +122,7 @@ def structures(tables: bytes) -> list[tuple[int, bytes]]:
     type 127, which must be there."""
     out, at = [], 0
     while True:
-        end = _structure_end(tables, at)
+        end = structure_end(tables, at)
         if tables[at] == END_OF_TABLE:
             return out
         out.append((at, tables[at:end]))

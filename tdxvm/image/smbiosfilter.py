@@ -19,7 +19,7 @@ Offsets are those of the SMBIOS 3.x structure definitions
 
 from __future__ import annotations
 
-from tdxvm.image.measure import MeasureError
+from tdxvm.image.smbios import SmbiosError, structure_end
 
 END_OF_TABLE = 127
 OEM_BEGIN = 128
@@ -40,21 +40,8 @@ FILTERS: dict[int, tuple[tuple[int, int, bool], ...]] = {
 }  # fmt: skip
 
 
-def _fail(message: str, offset: int) -> MeasureError:
-    return MeasureError(f"SMBIOS table at byte offset {offset}: {message}", code="smbios", offset=offset)
-
-
-def _structure_end(table: bytes, at: int) -> int:
-    """End offset of the structure at ``at`` (formatted area, strings, double NUL)."""
-    if at + 4 > len(table):
-        raise _fail("structure header runs past the end of the table", at)
-    length = table[at + 1]
-    if length < 4 or at + length > len(table):
-        raise _fail(f"structure length {length} does not fit the table", at + 1)
-    end = table.find(b"\x00\x00", at + length)
-    if end < 0:
-        raise _fail("structure strings have no double-NUL terminator", at + length)
-    return end + 2
+def _fail(message: str, offset: int) -> SmbiosError:
+    return SmbiosError(f"SMBIOS table at byte offset {offset}: {message}", offset=offset)
 
 
 def _blank_string(table: bytearray, at: int, length: int, end: int, string_id: int) -> None:
@@ -80,7 +67,7 @@ def filter_smbios_table(table: bytes) -> bytes:
     end structure, filtered (see the module docstring)."""
     out, at = bytearray(table), 0
     while True:
-        end = _structure_end(out, at)
+        end = structure_end(out, at)
         kind, length = out[at], out[at + 1]
         if kind >= OEM_BEGIN or kind in ZEROED_TYPES:
             out[at + 4 : end] = bytes(end - at - 4)

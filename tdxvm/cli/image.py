@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -83,20 +84,34 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
 @click.option(
     "--firmware", metavar="FILE", help="TDVF image (e.g. OVMF.inteltdx.ms.fd); without it MRTD is not predicted."
 )
-@click.option("--kernel", metavar="FILE", required=True, help="Kernel (bzImage with the EFI stub) given to -kernel.")
+@click.option("--kernel", metavar="FILE", help="Kernel (bzImage with the EFI stub) given to -kernel.")
 @click.option("--initrd", metavar="FILE", help="Initramfs given to -initrd [default: none].")
 @click.option("--cmdline", default="", metavar="TEXT", help="Kernel command line given to -append [default: empty].")
 @click.option("--profile", type=click.Choice(sorted(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
               help="QEMU/edk2 generation of the host (see docs/measurements.md).")  # fmt: skip
+@click.option("--vm", "vm_path", metavar="VM.yaml", type=click.Path(dir_okay=False),
+              help="Instead of files: what the VM a launch of VM.yaml defines will report, RTMR0 included.")  # fmt: skip
 @OUTPUT_OPTION
-def measure(firmware: str | None, kernel: str, initrd: str | None, cmdline: str, profile: str, output: str) -> None:
+def measure(firmware: str | None, kernel: str | None, initrd: str | None, cmdline: str, profile: str, vm_path: str | None,
+            output: str) -> None:  # fmt: skip
     """Print the MRTD and RTMRs a TD booted directly from these files will report.
 
     Registers that cannot be predicted say so and why. Exit 2 when an input is unusable
     (not a PE/COFF kernel, no TDVF metadata, truncated tables). A kernel whose EFI stub
     does not measure the command line and initrd (Linux < 6.9) is still reported, with a
     warning: `tdxvm image build` and `tdxvm launch` refuse it.
+
+    With --vm, the registers the launch of VM.yaml pins: MRTD, RTMR1 and RTMR2 from its
+    image manifest, and RTMR0 with its events, predicted for the domain XML the launch
+    writes (its machine: memory, vCPUs, devices) where a profile exists, else why not.
     """
+    if vm_path is not None:
+        if kernel or initrd or firmware or cmdline:
+            raise CliError("--vm takes the files from the VM spec's image; give either --vm or --kernel (and friends)")
+        _measure_vm(vm_path, output)
+        return
+    if kernel is None:
+        raise CliError("give --kernel (with --initrd, --cmdline, --firmware) or --vm VM.yaml")
     kernel_bytes = _read(kernel, "kernel") or b""
     try:
         result = predict(firmware=_read(firmware, "firmware"), kernel=kernel_bytes,
@@ -118,6 +133,50 @@ def measure(firmware: str | None, kernel: str, initrd: str | None, cmdline: str,
         # A report, not a refusal: measure describes any kernel; build and launch refuse this one.
         click.echo(f"warning: rtmr2 is {result.notes['rtmr2']}; `tdxvm image build` and `tdxvm launch` refuse this "
                    f"kernel: {MEASURING_KERNEL_FIX}", err=True)  # fmt: skip
+
+
+def _measure_vm(vm_path: str, output: str) -> None:
+    from tdxvm.launch.connection import open_connection
+    from tdxvm.launch.errors import LaunchError
+    from tdxvm.launch.lifecycle import local_firmware, render_domain
+    from tdxvm.launch.manifest import load_manifest
+    from tdxvm.launch.ports import choose_forwards
+    from tdxvm.launch.rtmr0pin import Rtmr0Pin, predict, profile_problem
+    from tdxvm.launch.spec import effective_policy, load_vm_spec
+    from tdxvm.launch.volumes import planned
+
+    vm = load_vm_spec(vm_path)
+    manifest = load_manifest(vm.image)
+    # the domain a launch writes, with this machine's copies of the boot files (QEMU reads
+    # them under qtest; disks and host ports are replaced or dropped and do not matter)
+    volumes = dataclasses.replace(planned(manifest, vm.name), kernel=str(manifest.kernel.path),
+                                  initrd=str(manifest.initrd.path))  # fmt: skip
+    xml = render_domain(vm, manifest, volumes=volumes, forwards=choose_forwards(vm, manifest, taken=set(), local=True),
+                        policy=effective_policy(vm, manifest))  # fmt: skip
+    problem = profile_problem(vm.uri, vm.backend)
+    try:
+        if problem is not None:
+            pin = Rtmr0Pin(None, (), problem)
+        else:
+            conn = open_connection(vm.uri)
+            try:
+                pin = predict(conn, xml, backend=vm.backend, firmware=local_firmware(vm, manifest))
+            finally:
+                conn.close()
+    except LaunchError as exc:
+        raise CliError(str(exc)) from None
+    values = {**manifest.measurements, "rtmr0": pin.value}
+    if output == "json":
+        emit_json({"vm": vm.name, "image": str(manifest.path), "measurements": values, "rtmr0": pin.to_dict()})
+        return
+    for reg in REGISTERS:
+        value = values.get(reg)
+        why = pin.reason if reg == "rtmr0" else "not predicted"
+        click.echo(f"{reg:<6} {value if value is not None else why}")
+    if pin.value is not None:
+        click.echo(f"rtmr0 {pin.reason}; events in extend order:")
+        for e in pin.events:
+            click.echo(f"  {e.event_type:#010x} {e.digest}  {e.what}")
 
 
 def _verity_root(cmdline: str) -> dict[str, object] | None:

@@ -273,7 +273,7 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
         vm_uuid = str(uuidlib.uuid4())
         xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
                             extra_labels=labels)  # fmt: skip
-        rtmr0 = predict_rtmr0(conn, xml, backend=spec.backend, firmware=_local_firmware(spec, manifest))
+        rtmr0 = predict_rtmr0(conn, xml, backend=spec.backend, firmware=local_firmware(spec, manifest))
         if rtmr0.value is not None and policy.rtmr0 is None:  # the machine of this XML; a spec's own rtmr0 stays
             policy = effective_policy(spec, manifest, rtmr0=rtmr0.value)
             xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
@@ -297,7 +297,7 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
                         rtmr0=rtmr0)  # fmt: skip
 
 
-def _local_firmware(spec: VmSpec, manifest: ImageManifest) -> bytes | None:
+def local_firmware(spec: VmSpec, manifest: ImageManifest) -> bytes | None:
     """The TDVF's bytes where this machine has the file (RTMR0 is predicted only for domains here)."""
     path = firmware_path(spec, manifest)
     try:

@@ -199,3 +199,26 @@ def test_console_on_test_driver(capsys, host_uri):
 def test_connection_refusal_through_cli(capsys):
     code, _, err = run(capsys, "status", "--uri", "qemu:///system?socket=/nonexistent/sock")
     assert code == 2 and "systemctl start libvirtd" in err and "Traceback" not in err
+
+
+def test_image_measure_vm_names_what_the_launch_pins_and_why_rtmr0_is_not(capsys, vm_file, image):
+    """``tdxvm image measure --vm``: MRTD/RTMR1/RTMR2 from the spec's image manifest; RTMR0
+    only where a profile predicts it (here: a remote host, so not, with the reason, and
+    without contacting it)."""
+    manifest = image.manifest()
+    code, out, err = run(capsys, "image", "measure", "--vm", vm_file)
+    assert code == 0, err
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert lines["mrtd"] == manifest.measurements["mrtd"] and lines["rtmr2"] == manifest.measurements["rtmr2"]
+    assert lines["rtmr0"].startswith(f"not predicted on {UNREACHABLE}: the controller predicts RTMR0 with its own QEMU")
+    code, out, _ = run(capsys, "image", "measure", "--vm", vm_file, "-o", "json")
+    doc = json.loads(out)
+    assert code == 0 and doc["vm"] == "smoke" and doc["measurements"]["rtmr0"] is None
+    assert doc["rtmr0"]["value"] is None and doc["rtmr0"]["events"] == [] and UNREACHABLE in doc["rtmr0"]["reason"]
+
+
+def test_image_measure_takes_either_a_vm_or_files(capsys, vm_file, image):
+    code, _, err = run(capsys, "image", "measure", "--vm", vm_file, "--kernel", vm_file)
+    assert code != 0 and "give either --vm or --kernel" in err
+    code, _, err = run(capsys, "image", "measure")
+    assert code != 0 and "give --kernel (with --initrd, --cmdline, --firmware) or --vm VM.yaml" in err

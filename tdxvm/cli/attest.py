@@ -30,6 +30,7 @@ from tdxvm.cli.output import (
     json_verdict,
     parse_time,
 )
+from tdxvm.textsafe import safe_text
 
 
 def read_file(path: str, what: str) -> bytes:
@@ -62,7 +63,7 @@ def _print_verdict(v: Verdict, source: str) -> None:
     for line in d["policy_exceptions"]:
         click.echo(click.style(f"policy exception: {line}", fg="yellow"))
     for r in d["reasons"]:
-        click.echo(f"  - [{r['code']}] {r['message']}")
+        click.echo(f"  - [{r['code']}] {safe_text(r['message'])}")
     m = d["measurements"]
     for key in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "td_attributes", "report_data"):
         click.echo(f"{key:>14}: {m[key]}")
@@ -87,7 +88,7 @@ def _relaunch_advice(status: str, tcb: dict) -> str:
 def _print_refusal(r: QuoteRefusal) -> None:
     click.echo(click.style("REFUSED", fg="red", bold=True) + "  not a TDX quote tdxvm can read")
     for reason in r.reasons:
-        click.echo(f"  - [{reason.code}] {reason.message}")
+        click.echo(f"  - [{reason.code}] {safe_text(reason.message)}")
 
 
 def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
@@ -207,7 +208,7 @@ def collateral_status(pccs: str | None, output: str) -> None:
     for r in rows:
         service = r["service"] or f"service {r['service_id']}"
         if r["error"]:
-            click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: unreadable: {r['error']}")
+            click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: unreadable: {safe_text(r['error'])}")
             continue
         click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: TCB evaluation data number {r['tcb_evaluation_data_number']}, "
                    f"issued {r['issue_date']}, next update {r['next_update']} ({r['next_update_of']}): {r['state']}")  # fmt: skip
@@ -281,5 +282,5 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
             if comparison:
                 c = comparison[i]
                 line += "  " + (click.style("matches quote", fg="green") if c.matches else click.style(f"DIFFERS from quote {c.quoted.hex()}", fg="red"))
-            click.echo(line)
+            click.echo(safe_text(line))
     sys.exit(EXIT_OK if ok else EXIT_REFUSED)

@@ -15,6 +15,7 @@ from tdxvm.attest.quote import Quote
 from tdxvm.cli.attest import _print_verdict, read_file
 from tdxvm.cli.output import EXIT_NETWORK, EXIT_OK, EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json, parse_time
 from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnreachable, verify_endpoint
+from tdxvm.textsafe import safe_text
 
 
 @click.command("verify-endpoint")
@@ -104,7 +105,7 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
         log = endpoint.event_log_check()
         if log is not None:
             match = log.get("rtmrs_match")
-            click.echo(f"     event log: {log['bytes']} bytes, " + (f"{log['events']} events, replay matches RTMR " + ",".join(str(i) for i, ok in enumerate(match) if ok) if match is not None else log["error"]))
+            click.echo(f"     event log: {log['bytes']} bytes, " + (f"{log['events']} events, replay matches RTMR " + ",".join(str(i) for i, ok in enumerate(match) if ok) if match is not None else safe_text(log["error"])))
         if prompt or chat:
             _talk(endpoint, prompt, chat, max_tokens, output)
     sys.exit(EXIT_OK)
@@ -144,7 +145,7 @@ def _print_model(endpoint: Any) -> None:
         click.echo(f"         model: none measured (RTMR3 log of {check.events} events replays to the quote)")
         return
     how = "the expected digest" if check.model_checked else "not checked: give --model-digest"
-    click.echo(f"         model: {m.name} {m.digest_text} ({m.dtype}), the latest of {len(check.history)} model event(s) "
+    click.echo(f"         model: {safe_text(m.name)} {m.digest_text} ({safe_text(m.dtype)}), the latest of {len(check.history)} model event(s) "
                f"in an RTMR3 log that replays to the quote; {how}")  # fmt: skip
 
 
@@ -159,7 +160,7 @@ def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, 
             out["completion"] = doc["choices"][0]["text"]
             out["usage"] = doc.get("usage")
             if output == "text":
-                click.echo(f"    completion: ({doc.get('model')}, pinned) {prompt}" + click.style(out["completion"], bold=True))
+                click.echo(f"    completion: ({safe_text(doc.get('model'))}, pinned) {prompt}" + click.style(safe_text(out["completion"]), bold=True))
         if chat is not None:
             if output == "text":
                 click.echo("          chat: (streamed, pinned) ", nl=False)
@@ -167,7 +168,7 @@ def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, 
             for piece in client.chat_stream([{"role": "user", "content": chat}], max_tokens=max_tokens):
                 pieces.append(piece)
                 if output == "text":
-                    click.echo(piece, nl=False)
+                    click.echo(safe_text(piece), nl=False)
             if output == "text":
                 click.echo()
             out["chat"] = "".join(pieces)
@@ -177,7 +178,7 @@ def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, 
 def _print_endpoint(url: str, spki_sha256: str | None, provider: str | None, *, pinned: bool) -> None:
     click.echo(f"      endpoint: {url}")
     click.echo(f"       TLS key: SPKI SHA-256 {spki_sha256 or '?'}" + (" (pin this)" if pinned else " (presented, not trusted)"))
-    click.echo(f"quote provider: {provider or '?'}")
+    click.echo(f"quote provider: {safe_text(provider or '?')}")
 
 
 def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> None:
@@ -199,7 +200,7 @@ def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> No
     else:
         click.echo(click.style("REFUSED", fg="red", bold=True) + "  the endpoint gave no quote to verify")
         for r in exc.reasons:
-            click.echo(f"  - [{r.code}] {r.message}")
+            click.echo(f"  - [{r.code}] {safe_text(r.message)}")
     _print_endpoint(exc.url, exc.tls_spki_sha256, exc.provider, pinned=False)
 
 
@@ -207,4 +208,4 @@ def _error(exc: EndpointError, output: str) -> None:
     if output == "json":
         emit_json({"error": {"code": exc.code, "message": str(exc)}})
     else:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {safe_text(exc)}", err=True)

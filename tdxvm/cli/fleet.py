@@ -25,6 +25,7 @@ import click
 import yaml
 
 from tdxvm.cli.output import EXIT_REFUSED, CliError, emit_json
+from tdxvm.textsafe import safe_text
 
 EXIT_PARTIAL = 5
 EXIT_INTERRUPTED = 130
@@ -50,7 +51,7 @@ def _emit(doc: dict[str, Any], output: str) -> None:
 
 def _echo_lines(lines: list[str], *, err: bool = False) -> None:
     for line in lines:
-        click.echo(line, err=err)
+        click.echo(safe_text(line), err=err)  # names, hosts and details as the hosts report them
 
 
 def _exit_for(status: str) -> None:
@@ -128,7 +129,7 @@ def apply_cmd(path: str, yes: bool, parallel: int | None, destroy_refused: bool,
             return
         with shown:
             line = f"  {event.vm} on {event.host}: {event.status}" + (f" ({event.detail})" if event.detail else "")
-            click.echo(line, err=True)
+            click.echo(safe_text(line), err=True)
 
     options = reconcile.ApplyOptions(parallel=parallel or reconcile.DEFAULT_PARALLEL, destroy_refused=destroy_refused)
     result = reconcile.apply(fleet, connector=shared_connector(), state_dir=state_dir, options=options, progress=progress,

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from tdxvm.attest.errors import AttestError, CollateralFetchError
+from tdxvm.textsafe import safe_text
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -108,7 +109,10 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
             emit_json(_error_doc("aborted", "aborted", verdict=True))
         return EXIT_INPUT
     except click.ClickException as exc:
-        exc.show()
+        if isinstance(exc, click.UsageError):
+            exc.show()  # the user's own arguments, and the usage line
+        else:  # a command's error: it may quote what the host or a guest said
+            click.echo(f"Error: {safe_text(exc.format_message())}", err=True)
         if verdict:
             emit_json(_error_doc("usage", exc.format_message(), verdict=True))
         return EXIT_INPUT
@@ -117,7 +121,7 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
     except Exception as exc:
         if not _typed(exc):  # a bug: say so plainly, keep the trace for the report
             click.echo("internal error (please report it with the lines below):", err=True)
-            click.echo(traceback.format_exc(), err=True)
+            click.echo(safe_text(traceback.format_exc()), err=True)
             if verdict:
                 emit_json(_error_doc("internal", f"internal error: {type(exc).__name__}: {exc}", verdict=True))
             return EXIT_INTERNAL
@@ -125,7 +129,7 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         if want_json:
             emit_json(_error_doc(code, str(exc), verdict=verdict))
         else:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {safe_text(exc)}", err=True)
         return _error_exit(exc)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

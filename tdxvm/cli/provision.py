@@ -11,6 +11,7 @@ import click
 from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.vm import DEFAULT_URI, _uri_option
 from tdxvm.guest.install import DTYPES
+from tdxvm.textsafe import safe_text
 
 
 class _Progress:
@@ -32,7 +33,7 @@ class _Progress:
                 click.echo(f"\r  upload   {pct:5.1f}%  {held / 2**20:,.0f} of {total / 2**20:,.0f} MiB  "
                            f"{held / max(secs, 1e-9) / 2**20:,.0f} MiB/s", err=True, nl=held >= total)  # fmt: skip
         elif phase == "retry":
-            click.echo(f"\n  upload interrupted ({details['error']}); resuming (try {details['attempt'] + 1})", err=True)
+            click.echo(f"\n  upload interrupted ({safe_text(details['error'])}); resuming (try {details['attempt'] + 1})", err=True)
         elif phase == "scratch":
             click.echo("  scratch  waiting for the guest to format its scratch disk (done once per boot)", err=True)
         elif phase == "install" and details.get("skipped"):
@@ -95,7 +96,7 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
             else:
                 click.echo(f"refused: {what} did not attest; the model key was not released to it", err=True)
                 for r in refused.reasons:
-                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+                    click.echo(f"  - [{r.code}] {safe_text(r.message)}", err=True)
             sys.exit(EXIT_REFUSED)
     if output == "json":
         emit_json(result.to_dict())

@@ -15,6 +15,7 @@ import click
 import yaml
 
 from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
+from tdxvm.textsafe import safe_text
 
 DEFAULT_URI = "qemu:///system"
 
@@ -102,9 +103,7 @@ def _uptime(seconds: int | None) -> str:
 
 def _shown(text: Any) -> str:
     """Host-written text (metadata, names) without terminal escapes."""
-    from tdxvm.launch.console import clean
-
-    return clean(str(text).encode())
+    return safe_text(text)
 
 
 def _attestation(att: dict[str, Any] | None) -> str:
@@ -163,7 +162,7 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
                       _attestation(v.attestation), policy))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        click.echo("  ".join(safe_text(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @click.command("attest")
@@ -200,7 +199,7 @@ def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None
             else:
                 click.echo(f"{name}: refused", err=True)
                 for r in refused.reasons:
-                    click.echo(f"  - [{r.code}] {r.message}", err=True)
+                    click.echo(f"  - [{r.code}] {safe_text(r.message)}", err=True)
             sys.exit(1)
     with guest:
         verdict = guest.verdict.to_dict()

@@ -18,6 +18,7 @@ import libvirt
 from tdxvm.launch.connection import is_local, is_test_driver, libvirt_message
 from tdxvm.launch.errors import ConsoleError
 from tdxvm.launch.lifecycle import lookup
+from tdxvm.textsafe import safe_text
 
 MAX_TAIL = 4 << 20
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
@@ -34,8 +35,9 @@ def serial_path(domain_xml: str) -> str | None:
 
 
 def clean(raw: bytes) -> str:
-    """Guest output made safe for a terminal: UTF-8 (invalid bytes replaced), no escapes."""
-    return _CONTROL.sub("", raw.decode("utf-8", errors="replace").replace("\r\n", "\n"))
+    """Guest output made safe for a terminal: UTF-8 (invalid bytes replaced), its colour and
+    cursor sequences dropped, any other control character shown as an escape (:func:`safe_text`)."""
+    return safe_text(_CONTROL.sub("", raw.decode("utf-8", errors="replace").replace("\r\n", "\n")))
 
 
 def serial_log_tail(conn: libvirt.virConnect, name: str, *, lines: int = 50) -> str:

@@ -33,9 +33,9 @@ def keys_digest(keys: Mapping[str, bytes]) -> bytes:
     """SHA-512 of the canonical encoding of ``keys`` (name → public key bytes)."""
     h = hashlib.sha512()
     for name in sorted(keys):
+        if not isinstance(name, str) or not name.isascii() or not name.replace("-", "").isalnum() or len(name) > 255:
+            raise BindingError(f"key name {name!r} must be 1 to 255 ASCII letters, digits and '-'")
         raw_name = name.encode("ascii")
-        if not raw_name or len(raw_name) > 255 or not name.replace("-", "").isalnum():
-            raise BindingError(f"key name {name!r} must be ASCII letters, digits and '-'")
         value = keys[name]
         if not value:
             raise BindingError(f"key {name!r} is empty")

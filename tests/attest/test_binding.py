@@ -44,3 +44,13 @@ def test_bad_inputs():
         report_data(os.urandom(32), {"x25519": b""})
     with pytest.raises(BindingError, match="key name"):
         report_data(os.urandom(32), {"bad name": b"x"})
+    for name in ("x25519\u0660", "ключ", "", "k" * 256):  # a guest's names outside ASCII: refused, not a crash
+        with pytest.raises(BindingError, match="1 to 255 ASCII letters"):
+            report_data(os.urandom(32), {name: b"x"})
+
+
+def test_a_guest_key_name_outside_ascii_is_a_refusal_reason():
+    from tdxvm.provision.handshake import binding_reasons
+
+    [reason] = binding_reasons(bytes(64), os.urandom(32), {"x25519": b"k" * 32, "ssh-h\u00f6st": b"x"})
+    assert reason.code == "report-data-binding" and "cannot be bound" in reason.message

@@ -143,9 +143,9 @@ def test_emulated_platform_end_to_end(capsys, tmp_path):
     assert run(capsys, "emulate", "init", plat)[0] == 0
     assert oct((plat / "root-ca.key").stat().st_mode & 0o777) == "0o600"
     at = "2026-01-15T00:00:00Z"
-    assert run(capsys, "emulate", "collateral", plat, "-o", tmp_path / "bundle.json", "--at", at)[0] == 0
+    assert run(capsys, "emulate", "collateral", plat, "--out", tmp_path / "bundle.json", "--at", at)[0] == 0
     mrtd = "ab" * 48
-    assert run(capsys, "emulate", "quote", plat, "-o", tmp_path / "q.bin", "--version", "5", "--mrtd", mrtd, "--report-data", "cd" * 64, "--at", at)[0] == 0
+    assert run(capsys, "emulate", "quote", plat, "--out", tmp_path / "q.bin", "--version", "5", "--mrtd", mrtd, "--report-data", "cd" * 64, "--at", at)[0] == 0
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"mrtd: {mrtd}\nreport_data: {'cd' * 64}\n")
     common = ["--collateral", tmp_path / "bundle.json", "--root-ca", plat / "root-ca.pem", "--at", at, "--policy", policy, "-o", "json"]
@@ -156,7 +156,7 @@ def test_emulated_platform_end_to_end(capsys, tmp_path):
     code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--at", at, "-o", "json")
     assert code == 1 and "untrusted-root" in {r["code"] for r in json.loads(out)["reasons"]}
     # A DEBUG TD and a tampered quote are refused.
-    run(capsys, "emulate", "quote", plat, "-o", tmp_path / "d.bin", "--mrtd", mrtd, "--report-data", "cd" * 64, "--debug", "--at", at)
+    run(capsys, "emulate", "quote", plat, "--out", tmp_path / "d.bin", "--mrtd", mrtd, "--report-data", "cd" * 64, "--debug", "--at", at)
     code, out, _ = run(capsys, "verify-quote", tmp_path / "d.bin", *common)
     assert code == 1 and [r["code"] for r in json.loads(out)["reasons"]] == ["debug-td"]
     raw = bytearray((tmp_path / "q.bin").read_bytes())
@@ -236,10 +236,10 @@ def test_verify_quote_lists_unpinned_registers(capsys, emulated):
 
 
 def test_emulate_errors_are_clear(capsys, tmp_path):
-    code, _, err = run(capsys, "emulate", "quote", tmp_path / "none", "-o", tmp_path / "q.bin")
+    code, _, err = run(capsys, "emulate", "quote", tmp_path / "none", "--out", tmp_path / "q.bin")
     assert code == 2 and "no emulated platform here" in err
     run(capsys, "emulate", "init", tmp_path / "p")
-    code, _, err = run(capsys, "emulate", "quote", tmp_path / "p", "-o", tmp_path / "q.bin", "--mrtd", "abc")
+    code, _, err = run(capsys, "emulate", "quote", tmp_path / "p", "--out", tmp_path / "q.bin", "--mrtd", "abc")
     assert code == 2 and "--mrtd" in err
     code, _, err = run(capsys, "emulate", "init", tmp_path / "p")
     assert code == 2 and "not empty" in err
@@ -251,7 +251,7 @@ def test_weights_encrypt_decrypt(capsys, tmp_path):
     (model / "config.json").write_text('{"model_type": "llama"}')
     (model / "model.safetensors").write_bytes(os.urandom(300_000))
     store = tmp_path / "secrets"
-    code, out, _ = run(capsys, "weights", "encrypt", model, "-o", tmp_path / "enc", "--secrets", store, "--json")
+    code, out, _ = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "enc", "--secrets", store, "-o", "json")
     assert code == 0, out
     doc = json.loads(out)
     assert doc["key"] == "weights/enc" and doc["files"] == 2
@@ -259,16 +259,19 @@ def test_weights_encrypt_decrypt(capsys, tmp_path):
     assert len(key) == 32
     # The key is in no file of the encrypted folder and was printed nowhere.
     assert key.hex() not in out and all(key not in p.read_bytes() for p in (tmp_path / "enc").rglob("*") if p.is_file())
-    code, out, _ = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out", "--secrets", store)
-    assert code == 0
+    # -o is the output format, --out the folder: `-o DIR` is a usage error, never a folder named after a format
+    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out", "--secrets", store)
+    assert code == 2 and "'-o' / '--output'" in err and not (tmp_path / "out").exists()
+    code, out, _ = run(capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out", "--secrets", store, "-o", "json")
+    assert code == 0 and json.loads(out)["files"] == 2
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out2", "--secrets", store, "--key-name", "other")
+    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out2", "--secrets", store, "--key-name", "other")
     assert code == 2 and "weights/other is not in" in err
     blob = next((tmp_path / "enc" / "files").iterdir())
     data = bytearray(blob.read_bytes())
     data[-1] ^= 1
     blob.write_bytes(bytes(data))
-    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out3", "--secrets", store)
+    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out3", "--secrets", store)
     assert code == 2 and "fails authentication" in err and not (tmp_path / "out3").exists()
 
 
@@ -389,13 +392,13 @@ def test_emulate_quote_tee_tcb_svn2(capsys, tmp_path):
     plat = tmp_path / "platform"
     assert run(capsys, "emulate", "init", plat)[0] == 0
     at = "2026-01-15T00:00:00Z"
-    assert run(capsys, "emulate", "collateral", plat, "-o", tmp_path / "bundle.json", "--at", at)[0] == 0
+    assert run(capsys, "emulate", "collateral", plat, "--out", tmp_path / "bundle.json", "--at", at)[0] == 0
     old, new = "0301" + "02" + "00" * 13, "0501" + "02" + "00" * 13
-    args = ["emulate", "quote", plat, "-o", tmp_path / "q.bin", "--version", "5", "--tee-tcb-svn", old, "--tee-tcb-svn2", new, "--at", at]
+    args = ["emulate", "quote", plat, "--out", tmp_path / "q.bin", "--version", "5", "--tee-tcb-svn", old, "--tee-tcb-svn2", new, "--at", at]
     assert run(capsys, *args)[0] == 0
     code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--root-ca",
                        plat / "root-ca.pem", "--at", at, "-o", "json")  # fmt: skip
     doc = json.loads(out)
     assert code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and doc["measurements"]["tee_tcb_svn"] == old
-    code, _, err = run(capsys, "emulate", "quote", plat, "-o", tmp_path / "q4.bin", "--tee-tcb-svn2", new)
+    code, _, err = run(capsys, "emulate", "quote", plat, "--out", tmp_path / "q4.bin", "--tee-tcb-svn2", new)
     assert code == 2 and "--tee-tcb-svn2 needs a TD report 1.5 body" in err

@@ -29,6 +29,7 @@ from tdxvm.cli.output import (
     emit_json,
     json_verdict,
     parse_time,
+    wrote,
 )
 from tdxvm.textsafe import safe_text
 
@@ -155,16 +156,17 @@ def collateral() -> None:
 
 @collateral.command("fetch")
 @click.argument("quote", metavar="QUOTE")
-@click.option("-o", "--output", "out", required=True, metavar="BUNDLE", help="Where to write the bundle (JSON).")
+@click.option("--out", "out", required=True, metavar="BUNDLE", help="Where to write the bundle (JSON).")
 @click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL [default: {INTEL_PCS_URL}].")
-def collateral_fetch(quote: str, out: str, pccs: str | None) -> None:
+@OUTPUT_OPTION
+def collateral_fetch(quote: str, out: str, pccs: str | None, output: str) -> None:
     """Fetch the collateral QUOTE needs and write it as an offline bundle."""
     from tdxvm.attest.pcs import PcsClient
 
     q = read_quote(quote)
     client = PcsClient(base_url=pccs or INTEL_PCS_URL)
     save_bundle(client.fetch_for_quote(q), out)
-    click.echo(f"wrote {out}", err=True)
+    wrote(out, output)
 
 
 def _iso(when: datetime) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json, parse_time
+from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json, parse_time, wrote
 from tdxvm.emulate import EmulatedPlatform
 
 ROOT_CA_FILE = "root-ca.pem"
@@ -62,18 +62,19 @@ def emulate_init(folder: str, output: str) -> None:
 
 @emulate.command("collateral")
 @click.argument("folder", metavar="DIR")
-@click.option("-o", "--output", "out", required=True, metavar="BUNDLE", help="Where to write the collateral bundle.")
+@click.option("--out", "out", required=True, metavar="BUNDLE", help="Where to write the collateral bundle.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the collateral around this time [default: now].")
-def emulate_collateral(folder: str, out: str, at_text: str | None) -> None:
+@OUTPUT_OPTION
+def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) -> None:
     """Write the platform's collateral (dcap-qvl QuoteCollateralV3 JSON), valid around --at."""
     platform = _load(folder, at_text)
     Path(out).write_text(platform.collateral().to_json() + "\n")
-    click.echo(f"wrote {out}", err=True)
+    wrote(out, output)
 
 
 @emulate.command("quote")
 @click.argument("folder", metavar="DIR")
-@click.option("-o", "--output", "out", required=True, metavar="QUOTE", help="Where to write the quote (binary).")
+@click.option("--out", "out", required=True, metavar="QUOTE", help="Where to write the quote (binary).")
 @click.option("--version", "version", type=click.Choice(["4", "5"]), default="4", show_default=True)
 @click.option("--body-type", type=click.Choice(["2", "3", "4"]), help="v5 TD report body type [default: 3].")
 @click.option("--mrtd", metavar="HEX")
@@ -86,7 +87,8 @@ def emulate_collateral(folder: str, out: str, at_text: str | None) -> None:
 @click.option("--tee-tcb-svn", metavar="HEX", help="16 bytes: the TDX module the TD launched on [default: the platform's UpToDate level].")
 @click.option("--tee-tcb-svn2", metavar="HEX", help="16 bytes, TD report 1.5 only: the TDX module running now [default: --tee-tcb-svn].")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the PCK certificates around this time [default: now].")
-def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None, rtmr3: str | None, report_data: str | None, debug: bool, tee_tcb_svn: str | None, tee_tcb_svn2: str | None, at_text: str | None) -> None:
+@OUTPUT_OPTION
+def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None, rtmr3: str | None, report_data: str | None, debug: bool, tee_tcb_svn: str | None, tee_tcb_svn2: str | None, at_text: str | None, output: str) -> None:
     """Sign a TDX quote with the platform's keys for the given TD report fields.
 
     The quote carries the platform's PCK certificate chain, issued around --at: verify
@@ -116,7 +118,7 @@ def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mr
         fields["tee_tcb_svn2"] = v
     quote = platform.sign_quote(version=int(version), body_type=kind, **fields)
     Path(out).write_bytes(quote)
-    click.echo(f"wrote {out} ({len(quote)} bytes)", err=True)
+    wrote(out, output, bytes=len(quote))
 
 
 @emulate.command("tiny-llama")

@@ -20,9 +20,6 @@ EXIT_INPUT = 2
 EXIT_NETWORK = 3
 EXIT_INTERNAL = 4
 
-# For commands whose -o names an output path (as `weights encrypt -o ENC_DIR` does).
-JSON_FLAG = click.option("--json", "as_json", is_flag=True, help="Print one JSON object for scripts instead of text.")
-
 OUTPUT_OPTION = click.option(
     "-o",
     "--output",
@@ -61,6 +58,15 @@ class CliError(Exception):
 
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def wrote(path: str, output: str, **details: object) -> None:
+    """Where a command wrote its file: a line on stderr for people, ``{"wrote": PATH, ...}`` with -o json."""
+    if output == "json":
+        emit_json({"wrote": str(path), **details})
+    else:
+        extra = ", ".join(f"{v} {k}" for k, v in details.items())
+        click.echo(f"wrote {path}" + (f" ({extra})" if extra else ""), err=True)
 
 
 def parse_time(value: str | None) -> datetime:
@@ -147,7 +153,7 @@ def _wants_json(argv: list[str]) -> bool:
     for i, arg in enumerate(argv):
         if arg in ("-o", "--output") and i + 1 < len(argv) and argv[i + 1] == "json":
             return True
-        if arg in ("-ojson", "--output=json", "--json"):
+        if arg in ("-ojson", "--output=json"):
             return True
     return False
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tdxvm.cli.output import JSON_FLAG, CliError, emit_json
+from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
 from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
 from tdxvm.guest.weights import INDEX_NAME, WeightsError, decrypt_model, encrypt_model, generate_model_key, model_digest, read_index
 from tdxvm.secretstore import SecretStore, SecretStoreError
@@ -44,11 +44,11 @@ def weights() -> None:
 
 @weights.command("encrypt")
 @click.argument("model_dir", metavar="MODEL_DIR")
-@click.option("-o", "--out", "enc_dir", required=True, metavar="ENC_DIR", help="New folder for the encrypted model.")
+@click.option("--out", "enc_dir", required=True, metavar="ENC_DIR", help="New folder for the encrypted model.")
 @click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
 @STORE_OPTION
-@JSON_FLAG
-def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_dir: str | None, as_json: bool) -> None:
+@OUTPUT_OPTION
+def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_dir: str | None, output: str) -> None:
     """Encrypt MODEL_DIR into ENC_DIR with a new model key kept in the secret store."""
     src, dst = Path(model_dir), Path(enc_dir)
     name = f"weights/{key_name or dst.resolve().name}"
@@ -59,7 +59,7 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
         if not src.is_dir():
             raise CliError(f"{model_dir}: not a folder")
         key = generate_model_key()
-        meter = _Meter(_size(src), "encrypting", not as_json)
+        meter = _Meter(_size(src), "encrypting", output == "text")
         started = time.monotonic()
         entries = encrypt_model(src, dst, key, progress=meter)
         store.put(name, key)
@@ -68,7 +68,7 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
     seconds = time.monotonic() - started
     total = sum(e.size for e in entries)
     digest = show(model_digest(entries))
-    if as_json:
+    if output == "json":
         emit_json({"encrypted": str(dst), "key": name, "files": len(entries), "bytes": total, "seconds": round(seconds, 3),
                    "model_digest": digest})  # fmt: skip
     else:
@@ -80,8 +80,8 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
 @click.argument("folder", metavar="DIR")
 @click.option("--key-name", metavar="NAME", help="For an encrypted folder: its key in the secret store [default: DIR's name].")
 @STORE_OPTION
-@JSON_FLAG
-def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, as_json: bool) -> None:
+@OUTPUT_OPTION
+def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, output: str) -> None:
     """Print the model digest of DIR: a model folder (hashed now), or an encrypted one (from its index).
 
     The digest is what a tdxvm inference service measures into RTMR3 before it serves
@@ -99,7 +99,7 @@ def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, a
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"{folder}: {exc.strerror or exc}") from None
-    if as_json:
+    if output == "json":
         emit_json({"folder": folder, "model_digest": show(digest), "from": source})
     else:
         click.echo(show(digest))
@@ -107,25 +107,25 @@ def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, a
 
 @weights.command("decrypt")
 @click.argument("enc_dir", metavar="ENC_DIR")
-@click.option("-o", "--out", "out_dir", required=True, metavar="OUT_DIR", help="New folder for the decrypted model.")
+@click.option("--out", "out_dir", required=True, metavar="OUT_DIR", help="New folder for the decrypted model.")
 @click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
 @STORE_OPTION
-@JSON_FLAG
-def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_dir: str | None, as_json: bool) -> None:
+@OUTPUT_OPTION
+def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_dir: str | None, output: str) -> None:
     """Decrypt and authenticate ENC_DIR into OUT_DIR (all files or none)."""
     src = Path(enc_dir)
     name = f"weights/{key_name or src.resolve().name}"
     store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
     try:
         key = store.get(name)
-        meter = _Meter(_size(src), "decrypting", not as_json)
+        meter = _Meter(_size(src), "decrypting", output == "text")
         started = time.monotonic()
         entries = decrypt_model(src, Path(out_dir), key, progress=meter)
     except (WeightsError, SecretStoreError) as exc:
         raise CliError(str(exc)) from None
     seconds = time.monotonic() - started
     total = sum(e.size for e in entries)
-    if as_json:
+    if output == "json":
         emit_json({"decrypted": out_dir, "files": len(entries), "bytes": total, "seconds": round(seconds, 3)})
     else:
         click.echo(f"decrypted and authenticated {len(entries)} files ({total / 2**20:,.1f} MiB) into {out_dir} in {seconds:.1f} s")

@@ -393,7 +393,7 @@ def test_cli_fetch_and_verify_through_pccs(pcs, v4, testdata, tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     quote = testdata / "dcap-qvl-v4" / "quote.bin"
     bundle = tmp_path / "bundle.json"
-    assert main(["collateral", "fetch", str(quote), "-o", str(bundle), "--pccs", pcs.base_url]) == 0
+    assert main(["collateral", "fetch", str(quote), "--out", str(bundle), "--pccs", pcs.base_url]) == 0
     assert load_bundle(bundle) == v4
     args = ["verify-quote", str(quote), "--pccs", pcs.base_url, "-o", "json"]
     assert main([*args, "--at", INSIDE.isoformat()]) == 0

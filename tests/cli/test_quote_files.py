@@ -43,7 +43,7 @@ def no_network(monkeypatch):
 @pytest.mark.parametrize("kind", ["empty", "base64"])
 def test_collateral_fetch_refuses_a_file_that_is_not_a_quote(capsys, bad_quotes, tmp_path, no_network, kind):
     path, message = bad_quotes[kind]
-    code, out, err = run(capsys, "collateral", "fetch", path, "-o", tmp_path / "bundle.json")
+    code, out, err = run(capsys, "collateral", "fetch", path, "--out", tmp_path / "bundle.json")
     assert code == 2 and out == ""
     assert err.startswith(f"error: quote at byte offset 0: {message}")
     assert "Traceback" not in err and "internal error" not in err

@@ -117,12 +117,12 @@ def test_encrypt_records_the_digest_the_guest_computes_after_decrypting(tmp_path
 def test_cli_weights_encrypt_prints_the_digest_and_digest_recomputes_it(tmp_path, capsys):
     plain = write_model(tmp_path / "plain", "cli")
     store = str(tmp_path / "store")
-    code = tdxvm_main(["weights", "encrypt", str(plain), "-o", str(tmp_path / "enc"), "--secrets", store, "--json"])
+    code = tdxvm_main(["weights", "encrypt", str(plain), "--out", str(tmp_path / "enc"), "--secrets", store, "-o", "json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["model_digest"] == show(folder_digest(plain))
     assert tdxvm_main(["weights", "digest", str(plain)]) == 0
     assert capsys.readouterr().out.strip() == doc["model_digest"]
-    assert tdxvm_main(["weights", "digest", str(tmp_path / "enc"), "--secrets", store, "--json"]) == 0
+    assert tdxvm_main(["weights", "digest", str(tmp_path / "enc"), "--secrets", store, "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_digest"] == doc["model_digest"]
 
 

@@ -402,3 +402,34 @@ def test_emulate_quote_tee_tcb_svn2(capsys, tmp_path):
     assert code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and doc["measurements"]["tee_tcb_svn"] == old
     code, _, err = run(capsys, "emulate", "quote", plat, "--out", tmp_path / "q4.bin", "--tee-tcb-svn2", new)
     assert code == 2 and "--tee-tcb-svn2 needs a TD report 1.5 body" in err
+
+
+# -- paths the user gives for writing: checked first, exit 2, no traceback -----------------------
+
+
+@pytest.fixture
+def places(tmp_path):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert main(["emulate", "init", str(tmp_path / "plat")]) == 0
+    return tmp_path
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["emulate", "init", "{t}/afile/x"], "{t}/afile is a file, not a folder"),
+    (["emulate", "collateral", "{t}/plat", "--out", "{t}"], "{t}: is a folder, not a file"),
+    (["emulate", "collateral", "{t}/plat", "--out", "{t}/missing/c.json"], "its folder {t}/missing does not exist"),
+    (["emulate", "quote", "{t}/plat", "--out", "{t}/missing/q.bin"], "its folder {t}/missing does not exist"),
+    (["emulate", "tiny-llama", "{t}/afile"], "{t}/afile: exists and is not a folder"),
+    (["collateral", "fetch", "{t}/afile", "--out", "{t}/plat"], "{t}/plat: is a folder, not a file"),
+    (["weights", "encrypt", "{t}/model", "--out", "{t}/afile/enc", "--secrets", "{t}/s"], "{t}/afile is a file, not a folder"),
+    (["weights", "encrypt", "{t}/model", "--out", "{t}/enc", "--secrets", "{t}/afile/s"], "{t}/afile is a file, not a folder"),
+    (["weights", "decrypt", "{t}/enc", "--out", "{t}/afile", "--secrets", "{t}/s"], "{t}/afile: exists and is not a folder"),
+    (["image", "build", "{t}/recipe.yaml", "--out", "{t}/afile/out"], "{t}/afile is a file, not a folder"),
+    (["image", "build", "{t}/recipe.yaml", "--firmware", "{t}/missing.fd"], "does not exist"),
+])  # fmt: skip
+def test_an_unusable_output_path_is_exit_2_before_any_work(capsys, places, argv, message):
+    code, out, err = run(capsys, *(a.format(t=places) for a in argv))
+    assert code == 2 and message.format(t=places) in err, err
+    assert "Traceback" not in out + err and not (places / "enc").exists()

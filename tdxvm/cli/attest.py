@@ -24,6 +24,7 @@ from tdxvm.attest.verify import QuoteVerifier
 from tdxvm.cli.output import (
     EXIT_OK,
     EXIT_REFUSED,
+    OUT_FILE,
     OUTPUT_OPTION,
     CliError,
     emit_json,
@@ -156,7 +157,7 @@ def collateral() -> None:
 
 @collateral.command("fetch")
 @click.argument("quote", metavar="QUOTE")
-@click.option("--out", "out", required=True, metavar="BUNDLE", help="Where to write the bundle (JSON).")
+@click.option("--out", "out", required=True, type=OUT_FILE, metavar="BUNDLE", help="Where to write the bundle (JSON).")
 @click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL [default: {INTEL_PCS_URL}].")
 @OUTPUT_OPTION
 def collateral_fetch(quote: str, out: str, pccs: str | None, output: str) -> None:

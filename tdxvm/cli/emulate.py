@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json, parse_time, wrote
+from tdxvm.cli.output import OUT_FILE, OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json, parse_time, wrote
 from tdxvm.emulate import EmulatedPlatform
 
 ROOT_CA_FILE = "root-ca.pem"
@@ -44,7 +44,7 @@ def emulate() -> None:
 
 
 @emulate.command("init")
-@click.argument("folder", metavar="DIR")
+@click.argument("folder", metavar="DIR", type=OUT_FOLDER)
 @OUTPUT_OPTION
 def emulate_init(folder: str, output: str) -> None:
     """Create a new emulated platform in DIR (keys mode 0600, folder 0700)."""
@@ -62,7 +62,7 @@ def emulate_init(folder: str, output: str) -> None:
 
 @emulate.command("collateral")
 @click.argument("folder", metavar="DIR")
-@click.option("--out", "out", required=True, metavar="BUNDLE", help="Where to write the collateral bundle.")
+@click.option("--out", "out", required=True, type=OUT_FILE, metavar="BUNDLE", help="Where to write the collateral bundle.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the collateral around this time [default: now].")
 @OUTPUT_OPTION
 def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) -> None:
@@ -74,7 +74,7 @@ def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) 
 
 @emulate.command("quote")
 @click.argument("folder", metavar="DIR")
-@click.option("--out", "out", required=True, metavar="QUOTE", help="Where to write the quote (binary).")
+@click.option("--out", "out", required=True, type=OUT_FILE, metavar="QUOTE", help="Where to write the quote (binary).")
 @click.option("--version", "version", type=click.Choice(["4", "5"]), default="4", show_default=True)
 @click.option("--body-type", type=click.Choice(["2", "3", "4"]), help="v5 TD report body type [default: 3].")
 @click.option("--mrtd", metavar="HEX")
@@ -122,7 +122,7 @@ def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mr
 
 
 @emulate.command("tiny-llama")
-@click.argument("out", metavar="OUT_DIR")
+@click.argument("out", metavar="OUT_DIR", type=OUT_FOLDER)
 @click.option("--layers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(8, 8192), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.guest.rootdisk import VERITY_BLOCK, VERITY_HASH, RootDiskError, parse_cmdline
 from tdxvm.image.measure import (DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, MeasureError,
                                   Measurements, predict)
@@ -30,10 +30,11 @@ def image() -> None:
 
 @image.command("build")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--out", "out", metavar="DIR", help="Output folder [default: build/<recipe name>].")
-@click.option("--firmware", metavar="FILE", help="TDVF whose MRTD to predict (overrides the recipe's firmware).")
-@click.option("--cache", "cache_dir", metavar="DIR", help="Step cache [default: $TDXVM_CACHE/image or ~/.cache/tdxvm/image].")
-@click.option("--secrets", "secrets_dir", metavar="DIR", help="Secret store for the volume key [default: ~/.local/share/tdxvm/secrets].")
+@click.option("--out", "out", type=OUT_FOLDER, metavar="DIR", help="Output folder [default: build/<recipe name>].")
+@click.option("--firmware", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="TDVF whose MRTD to predict (overrides the recipe's firmware).")  # fmt: skip
+@click.option("--cache", "cache_dir", type=OUT_FOLDER, metavar="DIR", help="Step cache [default: $TDXVM_CACHE/image or ~/.cache/tdxvm/image].")
+@click.option("--secrets", "secrets_dir", type=OUT_FOLDER, metavar="DIR", help="Secret store for the volume key [default: ~/.local/share/tdxvm/secrets].")
 @OUTPUT_OPTION
 def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str | None, secrets_dir: str | None, output: str) -> None:
     """Build RECIPE into an encrypted disk image, kernel, initramfs and manifest.

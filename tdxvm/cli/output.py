@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -58,6 +59,46 @@ class CliError(Exception):
 
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+class WritablePath(click.ParamType):
+    """A path the command will write: checked before any work starts, so a bad one is a
+    usage error (exit 2, ``PATH: reason``) and never a traceback halfway through.
+
+    ``file``: a file to (over)write; not a folder, and its folder must exist. ``folder``: a
+    folder to create or fill; not a file, and its nearest existing ancestor must be a
+    writable folder (missing folders in between are made).
+    """
+
+    name = "path"
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = os.fspath(value)  # type: ignore[arg-type]
+        path = Path(text)
+        if self.kind == "file":
+            if path.is_dir():
+                self.fail(f"{text}: is a folder, not a file", param, ctx)
+            if not path.parent.is_dir():
+                self.fail(f"{text}: its folder {path.parent} does not exist", param, ctx)
+            where = path.parent
+        else:
+            if path.exists() and not path.is_dir():
+                self.fail(f"{text}: exists and is not a folder", param, ctx)
+            where = path
+            while not where.exists():
+                where = where.parent
+            if not where.is_dir():
+                self.fail(f"{text}: {where} is a file, not a folder", param, ctx)
+        if not os.access(where, os.W_OK | os.X_OK):
+            self.fail(f"{text}: {where} is not writable", param, ctx)
+        return text
+
+
+OUT_FILE = WritablePath("file")
+OUT_FOLDER = WritablePath("folder")
 
 
 def wrote(path: str, output: str, **details: object) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
-from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
 from tdxvm.guest.weights import INDEX_NAME, WeightsError, decrypt_model, encrypt_model, generate_model_key, model_digest, read_index
 from tdxvm.secretstore import SecretStore, SecretStoreError
 
-STORE_OPTION = click.option("--secrets", "secrets_dir", metavar="DIR", help="Secret store folder [default: ~/.local/share/tdxvm/secrets].")
+STORE_OPTION = click.option("--secrets", "secrets_dir", type=OUT_FOLDER, metavar="DIR", help="Secret store folder [default: ~/.local/share/tdxvm/secrets].")
 
 
 class _Meter:
@@ -44,7 +44,7 @@ def weights() -> None:
 
 @weights.command("encrypt")
 @click.argument("model_dir", metavar="MODEL_DIR")
-@click.option("--out", "enc_dir", required=True, metavar="ENC_DIR", help="New folder for the encrypted model.")
+@click.option("--out", "enc_dir", required=True, type=OUT_FOLDER, metavar="ENC_DIR", help="New folder for the encrypted model.")
 @click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
 @STORE_OPTION
 @OUTPUT_OPTION
@@ -107,7 +107,7 @@ def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, o
 
 @weights.command("decrypt")
 @click.argument("enc_dir", metavar="ENC_DIR")
-@click.option("--out", "out_dir", required=True, metavar="OUT_DIR", help="New folder for the decrypted model.")
+@click.option("--out", "out_dir", required=True, type=OUT_FOLDER, metavar="OUT_DIR", help="New folder for the decrypted model.")
 @click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
 @STORE_OPTION
 @OUTPUT_OPTION

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import pytest
 
@@ -433,3 +434,16 @@ def test_an_unusable_output_path_is_exit_2_before_any_work(capsys, places, argv,
     code, out, err = run(capsys, *(a.format(t=places) for a in argv))
     assert code == 2 and message.format(t=places) in err, err
     assert "Traceback" not in out + err and not (places / "enc").exists()
+
+
+@pytest.mark.parametrize("url", ["ftp://pccs.example", "http://pccs.example:8081", "https://", "pccs.example"])
+def test_a_pccs_that_is_not_https_is_a_usage_error(capsys, testdata, url):
+    code, out, err = run(capsys, "verify-quote", testdata / "dcap-qvl-v4" / "quote.bin", "--pccs", url, "-o", "json")
+    assert code == 2 and "is not an https URL with a host" in err + out
+
+
+def test_at_now_is_the_current_time(capsys, testdata):
+    d = testdata / "dcap-qvl-v4"
+    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "now", "-o", "json")
+    doc = json.loads(out)
+    assert code == 1 and doc["verified_at"].startswith(datetime.now(timezone.utc).strftime("%Y-%m-%d"))

@@ -27,6 +27,7 @@ from tdxvm.cli.output import (
     OUT_FILE,
     OUTPUT_OPTION,
     CliError,
+    check_pccs,
     emit_json,
     json_verdict,
     parse_time,
@@ -107,7 +108,7 @@ def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
 @click.command("verify-quote")
 @click.argument("quote", metavar="QUOTE")
 @click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
-@click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
+@click.option("--pccs", metavar="URL", callback=check_pccs, help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML [default: strict].")
@@ -158,7 +159,7 @@ def collateral() -> None:
 @collateral.command("fetch")
 @click.argument("quote", metavar="QUOTE")
 @click.option("--out", "out", required=True, type=OUT_FILE, metavar="BUNDLE", help="Where to write the bundle (JSON).")
-@click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL [default: {INTEL_PCS_URL}].")
+@click.option("--pccs", metavar="URL", callback=check_pccs, help=f"PCCS or PCS base URL [default: {INTEL_PCS_URL}].")
 @OUTPUT_OPTION
 def collateral_fetch(quote: str, out: str, pccs: str | None, output: str) -> None:
     """Fetch the collateral QUOTE needs and write it as an offline bundle."""
@@ -175,7 +176,7 @@ def _iso(when: datetime) -> str:
 
 
 @collateral.command("status")
-@click.option("--pccs", metavar="URL", help="Only the collateral cached for this PCCS or PCS [default: every service's].")
+@click.option("--pccs", metavar="URL", callback=check_pccs, help="Only the collateral cached for this PCCS or PCS [default: every service's].")
 @OUTPUT_OPTION
 def collateral_status(pccs: str | None, output: str) -> None:
     """Show the cached collateral per FMSPC: TCB evaluation data number, issue date, next update.

@@ -13,7 +13,7 @@ from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_coll
 from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import Quote
 from tdxvm.cli.attest import _print_verdict, read_file
-from tdxvm.cli.output import EXIT_NETWORK, EXIT_OK, EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json, parse_time
+from tdxvm.cli.output import EXIT_NETWORK, EXIT_OK, EXIT_REFUSED, OUTPUT_OPTION, CliError, check_pccs, emit_json, parse_time
 from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnreachable, verify_endpoint
 from tdxvm.textsafe import safe_text
 
@@ -24,7 +24,7 @@ from tdxvm.textsafe import safe_text
 @click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", help="libvirt URI of --vm's host [default: $TDXVM_URI, qemu:///system].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML; must name mrtd, rtmr1 and rtmr2.")
 @click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
-@click.option("--pccs", metavar="URL", help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
+@click.option("--pccs", metavar="URL", callback=check_pccs, help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
 @click.option("--model-digest", "digest_text", metavar="HEX", help="The model it must serve: its model digest (sha256:HEX or HEX, "

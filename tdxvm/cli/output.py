@@ -8,6 +8,7 @@ import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import click
@@ -97,6 +98,17 @@ class WritablePath(click.ParamType):
         return text
 
 
+def check_pccs(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
+    """``--pccs``: an https URL with a host; plain http only to this machine (a local PCCS)."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    local = (parts.hostname or "") in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
+    if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and local)):
+        raise click.BadParameter(f"{value!r} is not an https URL with a host (plain http only to this machine)")
+    return value
+
+
 OUT_FILE = WritablePath("file")
 OUT_FOLDER = WritablePath("folder")
 
@@ -111,8 +123,8 @@ def wrote(path: str, output: str, **details: object) -> None:
 
 
 def parse_time(value: str | None) -> datetime:
-    """``--at``: ISO 8601 (``Z`` or an offset; naive means UTC) or UNIX seconds."""
-    if value is None:
+    """``--at``: ``now``, ISO 8601 (``Z`` or an offset; naive means UTC) or UNIX seconds."""
+    if value is None or value.strip().lower() == "now":
         return datetime.now(timezone.utc)
     text = value.strip()
     try:
@@ -120,7 +132,7 @@ def parse_time(value: str | None) -> datetime:
             return datetime.fromtimestamp(float(text), timezone.utc)
         at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except (ValueError, OverflowError, OSError):
-        raise CliError(f"--at: {value!r} is neither an ISO 8601 time nor UNIX seconds") from None
+        raise CliError(f"--at: {value!r} is neither now, an ISO 8601 time nor UNIX seconds") from None
     return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 

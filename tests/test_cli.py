@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import pytest
 
 from tdxvm.cli import main
+from tdxvm.secretstore import SecretStore
 
 V4_AT = "2025-06-20T00:00:00Z"
 MEASUREMENT_KEYS = {"mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner", "mr_owner_config", "mr_seam", "td_attributes", "xfam", "report_data"}
@@ -447,3 +448,20 @@ def test_at_now_is_the_current_time(capsys, testdata):
     code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "now", "-o", "json")
     doc = json.loads(out)
     assert code == 1 and doc["verified_at"].startswith(datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+
+
+def test_weights_encrypt_refuses_an_output_inside_the_model_and_leaves_no_debris(capsys, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    store = tmp_path / "secrets"
+    code, _, err = run(capsys, "weights", "encrypt", model, "--out", model / "enc", "--secrets", store)
+    assert code == 2 and "inside the model folder" in err and not (model / "enc").exists()
+    SecretStore(directory=store).put("weights/taken", b"k" * 32)  # the key name is taken: refused before anything is written
+    code, _, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "taken", "--secrets", store)
+    assert code == 2 and "already exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "secrets"]  # no staging folder left behind
+    code, _, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "enc", "--secrets", store)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "model", "secrets"]
+    assert (tmp_path / "enc" / "index.tdxw").is_file()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,22 +51,39 @@ def weights() -> None:
 @STORE_OPTION
 @OUTPUT_OPTION
 def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_dir: str | None, output: str) -> None:
-    """Encrypt MODEL_DIR into ENC_DIR with a new model key kept in the secret store."""
+    """Encrypt MODEL_DIR into ENC_DIR with a new model key kept in the secret store.
+
+    The files go to a hidden folder beside ENC_DIR, which takes ENC_DIR's name only once
+    the key is stored: an interrupted run leaves no encrypted folder without its key, and
+    no half-written one.
+    """
     src, dst = Path(model_dir), Path(enc_dir)
     name = f"weights/{key_name or dst.resolve().name}"
     store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
+    if not src.is_dir():
+        raise CliError(f"{model_dir}: not a folder")
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise CliError(f"{enc_dir}: inside the model folder {model_dir}; the encrypted model goes elsewhere")
+    if dst.exists() and any(dst.iterdir()):
+        raise CliError(f"{enc_dir}: exists and is not empty")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    stage.chmod(0o755)  # what a new folder gets: the files in it are ciphertext
     try:
         if store.exists(name):
             raise CliError(f"secret {name} already exists; choose another --key-name")
-        if not src.is_dir():
-            raise CliError(f"{model_dir}: not a folder")
         key = generate_model_key()
         meter = _Meter(_size(src), "encrypting", output == "text")
         started = time.monotonic()
-        entries = encrypt_model(src, dst, key, progress=meter)
+        entries = encrypt_model(src, stage, key, progress=meter)
         store.put(name, key)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        stage.rename(dst)
     except (WeightsError, SecretStoreError) as exc:
         raise CliError(str(exc)) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed
     seconds = time.monotonic() - started
     total = sum(e.size for e in entries)
     digest = show(model_digest(entries))

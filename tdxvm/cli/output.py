@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,8 +153,15 @@ def _error_exit(exc: Exception) -> int:
     return EXIT_INPUT
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_guarded(cli: click.Group, argv: list[str]) -> int:
-    """Run the click group; turn our errors into one clear line (or JSON) and an exit code."""
+    """Run the click group; turn our errors into one clear line (or JSON) and an exit code.
+    SIGTERM unwinds like Ctrl-C (exit 143), so work folders and half-made VMs are cleaned up."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     want_json = _wants_json(argv)
     verdict = want_json and _verdict_command(cli, argv)
     try:

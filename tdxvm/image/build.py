@@ -27,12 +27,16 @@ Steps, each reported to ``progress`` with its time:
 Everything is written in a work folder beside the output and moved into place at the
 end: a failed or interrupted build leaves no half-written image in the output folder
 (an older build there stays as it was), and no disk key of its own in the secret store.
+SIGINT and SIGTERM unwind the same way (the CLI turns SIGTERM into an exit); a work
+folder left by a build that was killed outright is removed by the next build of the same
+output, once its process (``owner.pid`` in it) is gone.
 The volume key exists only in memory and in the secret store; the tests scan every file
 the build writes for it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tarfile
@@ -55,6 +59,7 @@ from tdxvm.sshkey import controller_key, public_line
 STEPS = ("rootfs", "python", "configure", "ext4", "verity", "encrypt", "measure")
 _FS_UUID_NAMESPACE = uuidlib.UUID("0b4f5d0e-8f63-4c1a-9d59-2f7d3c8e61a4")
 LUKS_HEADER_BYTES = luks.DATA_OFFSET
+OWNER_FILE = "owner.pid"  # in a work folder: the building process (stale folders are removed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +196,10 @@ def build(
     store = secret_store or SecretStore()
     output = Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_work(output)
     work = output.with_name(f".{output.name}.work-{uuidlib.uuid4().hex[:8]}")
     work.mkdir(mode=0o700)
+    (work / OWNER_FILE).write_text(f"{os.getpid()}\n")
     timings: dict[str, float] = {}
     cached: list[str] = []
     stored_key: str | None = None  # the secret-store name of this build's disk key, once stored
@@ -294,6 +301,21 @@ def build(
         if stored_key is not None:  # no image was published: its key would open nothing
             store.delete(stored_key)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale_work(output: Path) -> None:
+    """Work folders of earlier builds of ``output`` whose process is gone (killed before
+    it could clean up): removed. A folder of a build still running is left alone."""
+    for folder in output.parent.glob(f".{output.name}.work-*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+            os.kill(pid, 0)
+            continue  # that build is still running
+        except PermissionError:
+            continue  # running, as another user
+        except (OSError, ValueError):
+            pass  # no owner file, or its process is gone
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish(staging: Path, output: Path) -> None:

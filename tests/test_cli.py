@@ -465,3 +465,11 @@ def test_weights_encrypt_refuses_an_output_inside_the_model_and_leaves_no_debris
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "model", "secrets"]
     assert (tmp_path / "enc" / "index.tdxw").is_file()
+
+
+def test_a_usage_error_with_o_json_is_json_on_stdout_for_every_command(capsys):
+    for argv in (["weights", "decrypt", "ENC", "-o", "json"], ["status", "--no-such-option", "-o", "json"],
+                 ["verify-quote", "-o", "json"]):  # fmt: skip
+        code, out, err = run(capsys, *argv)
+        doc = json.loads(out)
+        assert code == 2 and doc["error"]["code"] == "usage" and doc["error"]["message"] in err, argv

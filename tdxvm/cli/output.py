@@ -173,16 +173,16 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         return exc.exit_code
     except click.Abort:
         click.echo("aborted", err=True)
-        if verdict:
-            emit_json(_error_doc("aborted", "aborted", verdict=True))
+        if want_json:
+            emit_json(_error_doc("aborted", "aborted", verdict=verdict))
         return EXIT_INPUT
     except click.ClickException as exc:
         if isinstance(exc, click.UsageError):
             exc.show()  # the user's own arguments, and the usage line
         else:  # a command's error: it may quote what the host or a guest said
             click.echo(f"Error: {safe_text(exc.format_message())}", err=True)
-        if verdict:
-            emit_json(_error_doc("usage", exc.format_message(), verdict=True))
+        if want_json:  # scripts parse stdout: the usage error is there too
+            emit_json(_error_doc("usage", exc.format_message(), verdict=verdict))
         return EXIT_INPUT
     except SystemExit as exc:  # commands exit with their verdict
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT

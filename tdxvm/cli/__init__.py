@@ -35,6 +35,7 @@ COMMANDS = {
     "apply": "tdxvm.cli.fleet:apply_cmd",
     "console": "tdxvm.cli.vm:console_cmd",
     "weights": "tdxvm.cli.weights:weights",
+    "validate": "tdxvm.cli.validate:validate_cmd",
 }
 
 

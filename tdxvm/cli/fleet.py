@@ -61,8 +61,10 @@ def _exit_for(status: str) -> None:
 
 
 def _load(path: str) -> Any:
+    from tdxvm.filekinds import refuse_other_kind
     from tdxvm.fleet.spec import load_fleet
 
+    refuse_other_kind(path, "fleet")
     return load_fleet(path)
 
 

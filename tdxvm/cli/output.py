@@ -187,7 +187,7 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
     except SystemExit as exc:  # commands exit with their verdict
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT
     except Exception as exc:
-        if not _typed(exc):  # a bug: say so plainly, keep the trace for the report
+        if not typed_error(exc):  # a bug: say so plainly, keep the trace for the report
             click.echo("internal error (please report it with the lines below):", err=True)
             click.echo(safe_text(traceback.format_exc()), err=True)
             if verdict:
@@ -204,7 +204,7 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         return 130
 
 
-def _typed(exc: Exception) -> bool:
+def typed_error(exc: Exception) -> bool:
     """One of tdxvm's own errors (they carry a ``code``), as opposed to a bug."""
     return isinstance(exc, (AttestError, CliError)) or _is_instance(exc, "tdxvm.yamlfile", "SpecError") or (
         type(exc).__module__.startswith("tdxvm.") and isinstance(getattr(type(exc), "code", None), str)

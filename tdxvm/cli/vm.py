@@ -37,8 +37,10 @@ def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> N
     attestation policy (the spec's keys, with MRTD/RTMR1/RTMR2 from the image manifest),
     without contacting libvirt or changing anything.
     """
+    from tdxvm.filekinds import refuse_other_kind
     from tdxvm.launch.spec import load_vm_spec
 
+    refuse_other_kind(spec_path, "vm")
     vm = load_vm_spec(spec_path)
     if uri:
         vm = vm.model_copy(update={"uri": uri})

@@ -14,6 +14,7 @@ from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import Quote
 from tdxvm.cli.attest import _print_verdict, read_file
 from tdxvm.cli.output import EXIT_NETWORK, EXIT_OK, EXIT_REFUSED, OUTPUT_OPTION, CliError, check_pccs, emit_json, parse_time
+from tdxvm.cli.vm import check_uri
 from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnreachable, verify_endpoint
 from tdxvm.textsafe import safe_text
 
@@ -21,7 +22,7 @@ from tdxvm.textsafe import safe_text
 @click.command("verify-endpoint")
 @click.argument("url", metavar="URL", required=False)
 @click.option("--vm", "vm_name", metavar="NAME", help="The service of tdxvm VM NAME: its URL, launch policy and backend's trust anchor.")
-@click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", help="libvirt URI of --vm's host [default: $TDXVM_URI, qemu:///system].")
+@click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", callback=check_uri, help="libvirt URI of --vm's host [default: $TDXVM_URI, qemu:///system].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML; must name mrtd, rtmr1 and rtmr2.")
 @click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
 @click.option("--pccs", metavar="URL", callback=check_pccs, help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")

@@ -20,8 +20,19 @@ from tdxvm.textsafe import safe_text
 DEFAULT_URI = "qemu:///system"
 
 
+def check_uri(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
+    """``--uri`` / ``$TDXVM_URI``: the same check as a VM spec's ``uri:`` (:func:`tdxvm.launch.uris.uri_problem`)."""
+    from tdxvm.launch.uris import uri_problem
+
+    problem = uri_problem(value) if value is not None else None
+    if problem is not None:
+        source = ctx.get_parameter_source(param.name) if ctx is not None and param is not None and param.name else None
+        raise click.BadParameter(problem + (" (from $TDXVM_URI)" if source == click.core.ParameterSource.ENVIRONMENT else ""))
+    return value
+
+
 def _uri_option(default_note: str) -> Any:
-    return click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI",
+    return click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", callback=check_uri,
                         help=f"libvirt URI, e.g. qemu+ssh://user@host/system [default: $TDXVM_URI, {default_note}].")  # fmt: skip
 
 
@@ -43,6 +54,8 @@ def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> N
     refuse_other_kind(spec_path, "vm")
     vm = load_vm_spec(spec_path)
     if uri:
+        if uri != vm.uri and click.get_current_context().get_parameter_source("uri") == click.core.ParameterSource.ENVIRONMENT:
+            click.echo(f"note: $TDXVM_URI={uri} overrides the spec's uri {vm.uri}", err=True)
         vm = vm.model_copy(update={"uri": uri})
     if dry_run:
         _dry_run(vm, output)

@@ -49,13 +49,13 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from tdxvm.launch.spec import VmSpec
+from tdxvm.launch.uris import uri_problem
 from tdxvm.yamlfile import load_yaml, parse_yaml
 
 API_VERSION = "tdxvm/v1"
 KIND = "Fleet"
 MAX_REPLICAS = 1000
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_URI = re.compile(r"^[a-z][a-z0-9+]*://")
 _PATH_KEYS = ("image", "model")
 _NOT_IN_TEMPLATE = ("name", "uri")
 VM_NAME_MAX = 63
@@ -255,9 +255,9 @@ class FleetSpec(BaseModel):
             raise ValueError("expected at least one host: name -> libvirt URI (qemu:///system, qemu+ssh://user@host/system)")
         for name, uri in value.items():
             _dns_label(name, "host")
-            if not isinstance(uri, str) or not _URI.match(uri):
-                raise ValueError(f"host {name}: {uri!r} is not a libvirt URI (e.g. qemu:///system, "
-                                 "qemu+ssh://user@host/system, test:///abs/path/host.xml)")  # fmt: skip
+            problem = uri_problem(uri)
+            if problem is not None:
+                raise ValueError(f"host {name}: {problem}")
         return value
 
     @field_validator("templates", mode="wrap")

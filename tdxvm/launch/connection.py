@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import libvirt
 
 from tdxvm.launch.errors import ConnectError, LibvirtdNotRunningError, LibvirtPermissionError, SshTransportError
+from tdxvm.launch.uris import uri_problem
 
 DEFAULT_URI = "qemu:///system"
 
@@ -53,8 +54,9 @@ def is_test_driver(uri: str) -> bool:
 def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
     """Open ``uri`` read-write; raise a :class:`ConnectError` subclass with the fix."""
     parts = urlsplit(uri)
-    if not parts.scheme:
-        raise ConnectError(f"{uri!r} is not a libvirt URI (examples: qemu:///system, qemu+ssh://user@host/system)")
+    problem = uri_problem(uri)
+    if problem is not None:
+        raise ConnectError(problem)
     if parts.scheme == "test" and parts.path not in ("", "/default") and not os.path.isfile(parts.path):
         raise ConnectError(f"libvirt test driver {uri}: no such file {parts.path} (give test:///default or the "
                            "absolute path of a test driver XML file)")  # fmt: skip

@@ -42,6 +42,7 @@ from tdxvm.launch.connection import DEFAULT_URI
 from tdxvm.launch.domain import td_policy
 from tdxvm.launch.errors import LaunchPolicyError
 from tdxvm.launch.manifest import ImageManifest
+from tdxvm.launch.uris import uri_problem
 from tdxvm.yamlfile import load_yaml, parse_yaml
 
 FILLED_FROM_MANIFEST = ("mrtd", "rtmr1", "rtmr2")
@@ -250,8 +251,9 @@ class VmSpec(BaseModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        if not re.match(r"^[a-z][a-z0-9+]*://", value):
-            raise ValueError(f"{value!r} is not a libvirt URI (e.g. qemu:///system, qemu+ssh://user@host/system)")
+        problem = uri_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("pinning")

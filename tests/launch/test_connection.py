@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tdxvm.launch.uris import uri_problem
 from tdxvm.launch.connection import is_local, open_connection
 from tdxvm.launch.errors import ConnectError, LibvirtdNotRunningError, LibvirtPermissionError, SshTransportError
 
@@ -30,13 +31,29 @@ def test_ssh_transport_failure():
 
 
 def test_unknown_driver_and_missing_test_file(tmp_path):
-    with pytest.raises(ConnectError, match="no connection driver") as info:
+    with pytest.raises(ConnectError, match="the driver must be qemu") as info:
         open_connection("nosuchdriver:///x")
     assert "qemu:///system" in str(info.value)
     with pytest.raises(ConnectError, match="no such file"):
         open_connection(f"test://{tmp_path}/missing.xml")
     with pytest.raises(ConnectError, match="not a libvirt URI"):
         open_connection("localhost")
+
+
+@pytest.mark.parametrize(("uri", "problem"), [
+    ("http://host/system", "the driver must be qemu"),
+    ("qemu+ftp://host/system", "the driver must be qemu"),
+    ("qemu+ssh:///system", "names no host to reach over ssh"),
+    ("qemu+tls:///system", "names no host to reach over tls"),
+    ("qemu:///bogus", "ends in /system or /session"),
+    ("qemu://", "ends in /system or /session"),
+    ("localhost", "not a libvirt URI"),
+])  # fmt: skip
+def test_one_uri_check_for_specs_fleets_and_the_command_line(uri, problem):
+    assert problem in uri_problem(uri)
+    for good in ("qemu:///system", "qemu+ssh://root@h.example/system", "qemu:///session", "test:///default",
+                 "qemu+unix:///system", "qemu+tcp://10.0.0.2/system"):  # fmt: skip
+        assert uri_problem(good) is None, good
 
 
 def test_permission_error_type_is_a_connect_error():

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from tdxvm.launch.uris import uri_problem
 from tdxvm.launch.connection import is_local, open_connection
 from tdxvm.launch.errors import ConnectError, LibvirtdNotRunningError, LibvirtPermissionError, SshTransportError
+from tdxvm.launch.uris import uri_problem
 
 
 def test_daemon_not_running():

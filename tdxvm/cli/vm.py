@@ -14,7 +14,7 @@ from typing import Any
 import click
 import yaml
 
-from tdxvm.cli.output import OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.textsafe import safe_text
 
 DEFAULT_URI = "qemu:///system"
@@ -60,11 +60,65 @@ def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> N
     if dry_run:
         _dry_run(vm, output)
         return
-    from tdxvm.provision import bringup
-
-    code = bringup.launch(vm, output=output)
-    if isinstance(code, int) and code:
+    code = _launch(vm, output)
+    if code:
         sys.exit(code)
+
+
+def _launch(spec: Any, output: str) -> int:
+    """Bring ``spec`` up (:func:`tdxvm.provision.bringup.bring_up`), printing its phases;
+    returns the exit code."""
+    from tdxvm.launch.connection import connection
+    from tdxvm.launch.manifest import load_manifest
+    from tdxvm.provision import handshake
+    from tdxvm.provision.bringup import PhaseEvent, bring_up
+    from tdxvm.provision.endpoint import EndpointRefused
+    from tdxvm.provision.trust import for_backend
+    from tdxvm.secretstore import SecretStore
+
+    manifest = load_manifest(spec.image)
+    trust = for_backend(spec.backend)
+    show = output == "text"
+
+    def progress(event: PhaseEvent) -> None:
+        if not show:
+            return
+        if event.status == "start":
+            if sys.stderr.isatty():
+                click.echo(f"  {event.phase:<7} ...", err=True, nl=False)
+            return
+        line = f"  {event.phase:<7} {event.seconds:6.1f} s" + (f"  {event.detail}" if event.detail else "")
+        click.echo(("\r" if sys.stderr.isatty() else "") + line, err=True)
+
+    with connection(spec.uri) as conn:
+        try:
+            result = bring_up(spec, manifest, conn, trust=trust, secrets=SecretStore(), progress=progress)
+        except handshake.AttestationRefused as refused:
+            _report_refused(spec.name, "refused", f"{spec.name} did not attest; nothing was released and the VM is stopped",
+                            refused.reasons, output)  # fmt: skip
+            return EXIT_REFUSED
+        except EndpointRefused as refused:  # the model's service, attested on its TLS key after provisioning
+            _report_refused(spec.name, "service-refused", f"the service of {spec.name} did not attest on its TLS key; "
+                            "do not send it prompts", refused.reasons, output)  # fmt: skip
+            return EXIT_REFUSED
+    if output == "json":
+        emit_json(result.to_dict())
+    else:
+        click.echo(f"{spec.name} is ready: attested ({result.verdict['tcb_status'] if result.verdict else '?'}), "
+                   f"disk unlocked, ssh root@{result.ssh[0]} -p {result.ssh[1]}" if result.ssh else f"{spec.name} is ready")  # fmt: skip
+        if result.provision:
+            click.echo(f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
+                       f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'")  # fmt: skip
+    return 0
+
+
+def _report_refused(name: str, state: str, message: str, reasons: Any, output: str) -> None:
+    if output == "json":
+        emit_json({"name": name, "state": state, "reasons": [{"code": r.code, "message": r.message} for r in reasons]})
+        return
+    click.echo(f"refused: {message}", err=True)
+    for r in reasons:
+        click.echo(f"  - [{r.code}] {safe_text(r.message)}", err=True)
 
 
 def _dry_run(vm: Any, output: str) -> None:

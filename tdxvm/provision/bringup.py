@@ -385,65 +385,6 @@ def _refused(conn: libvirt.virConnect, handle: DomainHandle, records: VmRecords,
         records.update(handle.uuid, attestation=_kept(verdict))
 
 
-def launch(spec: VmSpec, *, output: str = "text", secrets: SecretStore | None = None, trust: Trust | None = None) -> int:
-    """The ``tdxvm launch VM.yaml`` command (``cli/vm.py`` calls it): returns the exit code."""
-    import sys
-
-    import click
-
-    from tdxvm.cli.output import EXIT_REFUSED, emit_json
-    from tdxvm.launch.connection import connection
-    from tdxvm.provision.endpoint import EndpointRefused
-
-    manifest = load_manifest(spec.image)
-    trust = trust or for_backend(spec.backend)
-    show = output == "text"
-
-    def progress(event: PhaseEvent) -> None:
-        if not show:
-            return
-        if event.status == "start":
-            if sys.stderr.isatty():
-                click.echo(f"  {event.phase:<7} ...", err=True, nl=False)
-            return
-        line = f"  {event.phase:<7} {event.seconds:6.1f} s" + (f"  {event.detail}" if event.detail else "")
-        click.echo(("\r" if sys.stderr.isatty() else "") + line, err=True)
-
-    with connection(spec.uri) as conn:
-        try:
-            result = bring_up(spec, manifest, conn, trust=trust, secrets=secrets or SecretStore(), progress=progress)
-        except handshake.AttestationRefused as refused:
-            _report_refused(spec.name, "refused", f"{spec.name} did not attest; nothing was released and the VM is stopped",
-                            refused.reasons, output)  # fmt: skip
-            return EXIT_REFUSED
-        except EndpointRefused as refused:  # the model's service, attested on its TLS key after provisioning
-            _report_refused(spec.name, "service-refused", f"the service of {spec.name} did not attest on its TLS key; "
-                            "do not send it prompts", refused.reasons, output)  # fmt: skip
-            return EXIT_REFUSED
-    if output == "json":
-        emit_json(result.to_dict())
-    else:
-        click.echo(f"{spec.name} is ready: attested ({result.verdict['tcb_status'] if result.verdict else '?'}), "
-                   f"disk unlocked, ssh root@{result.ssh[0]} -p {result.ssh[1]}" if result.ssh else f"{spec.name} is ready")  # fmt: skip
-        if result.provision:
-            click.echo(f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
-                       f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'")  # fmt: skip
-    return 0
-
-
-def _report_refused(name: str, state: str, message: str, reasons: Any, output: str) -> None:
-    import click
-
-    from tdxvm.cli.output import emit_json
-
-    if output == "json":
-        emit_json({"name": name, "state": state, "reasons": [{"code": r.code, "message": r.message} for r in reasons]})
-        return
-    click.echo(f"refused: {message}", err=True)
-    for r in reasons:
-        click.echo(f"  - [{r.code}] {r.message}", err=True)
-
-
 def reattest(conn: libvirt.virConnect, name: str, *, records: VmRecords, trust: Trust | None = None,
              policy: Policy | None = None, backend: str = "tdx") -> handshake.AttestedGuest:  # fmt: skip
     """``tdxvm attest NAME``: attest the running guest again with a fresh nonce.

@@ -50,7 +50,8 @@ def test_commands_load_on_lookup(capsys):
     assert "collateral" in cli.commands and "no-such-command" not in cli.commands
     assert cli.commands.get("no-such-command") is None
     assert sorted(cli.commands) == sorted(["verify-quote", "verify-endpoint", "collateral", "eventlog", "emulate", "image", "launch",
-                                           "provision", "status", "attest", "stop", "destroy", "plan", "apply", "console", "weights"])  # fmt: skip
+                                           "provision", "status", "attest", "stop", "destroy", "plan", "apply", "console", "weights",
+                                           "validate"])  # fmt: skip
     assert main(["collateral", "--help"]) == 0
     out = capsys.readouterr().out
     assert "fetch" in out and "status" in out

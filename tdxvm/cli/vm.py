@@ -170,11 +170,6 @@ def _uptime(seconds: int | None) -> str:
     return f"{seconds}s"
 
 
-def _shown(text: Any) -> str:
-    """Host-written text (metadata, names) without terminal escapes."""
-    return safe_text(text)
-
-
 def _attestation(att: dict[str, Any] | None) -> str:
     if not att:
         return "none yet"
@@ -211,9 +206,9 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         for key, value in rows:
             click.echo(f"{key:<12} {value}")
         for reason in (v.attestation or {}).get("reasons") or []:
-            click.echo(f"{'':<12} - {reason.get('code')}: {_shown(reason.get('message'))}")
+            click.echo(f"{'':<12} - {reason.get('code')}: {safe_text(reason.get('message'))}")
         if v.record != "ok":
-            click.echo(f"{'record':<12} UNTRUSTED: {_shown(v.record_problem or v.record)}")
+            click.echo(f"{'record':<12} UNTRUSTED: {safe_text(v.record_problem or v.record)}")
             return
         click.echo(f"{'policy':<12} {'strict defaults, every register pinned' if not v.policy_exceptions else 'EXCEPTIONS:'}")
         for line in v.policy_exceptions:

@@ -74,11 +74,9 @@ from typing import Any
 from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_DEBUG
 from tdxvm.emulate.platform import EmulatedPlatform
 from tdxvm.emulate.quote import DEFAULT_XFAM, TdReportFields
-from tdxvm.image.acpiblobs import AcpiBlobError
-from tdxvm.image.measure import DEFAULT_PROFILE, MeasureError, Measurements, predict
-from tdxvm.image.platforminputs import PlatformInputError, predict_for_argv
+from tdxvm.image.measure import DEFAULT_PROFILE, Measurements, predict
+from tdxvm.image.platforminputs import PREDICTION_ERRORS, predict_for_argv
 from tdxvm.image.rtmr0 import UnknownFirmwareError, firmware_build
-from tdxvm.image.smbios import SmbiosError
 from tdxvm.launch.domain import TDXVM_NS
 
 MAX_REQUEST = 4096
@@ -113,7 +111,7 @@ def emulated_rtmr0(firmware: bytes | None, argv: list[str] | None) -> bytes:
         return bytes(48)
     try:
         value, _events = predict_for_argv(firmware, argv[0], argv, tdx=False)
-    except (AcpiBlobError, PlatformInputError, SmbiosError, MeasureError) as exc:
+    except PREDICTION_ERRORS as exc:
         raise QuoteServiceError(f"cannot compute the emulated TD's RTMR0 from its QEMU: {exc}", code="rtmr0") from None
     return bytes.fromhex(value)
 

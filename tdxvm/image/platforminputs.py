@@ -29,9 +29,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tdxvm.image.acpiblobs import (ExtractError, ExtractInfo, FwCfgReader, option_props, parse_keyval,
+from tdxvm.image.acpiblobs import (AcpiBlobError, ExtractError, ExtractInfo, FwCfgReader, option_props, parse_keyval,
                                    read_machine, sanitize_argv)  # fmt: skip
-from tdxvm.image.measure import ExpectedEvent, replay
+from tdxvm.image.measure import ExpectedEvent, MeasureError, replay
 from tdxvm.image.rtmr0 import FW_CFG_MEASURED_202505, TABLE_LOADER, firmware_build, loader_allocations, rtmr0_events
 from tdxvm.image.smbios import ANCHOR_FILE, TABLES_FILE, SmbiosError, published_table, qemu_structures, set_processor_id
 
@@ -59,6 +59,11 @@ class HostCpuError(PlatformInputError, ValueError):
     """``-cpu host``/``max`` without a processor ID: SMBIOS type 4 cannot be reproduced."""
 
     code = "platform-host-cpu"
+
+
+# Everything predict_for_argv raises for an input it cannot predict from (SmbiosError and
+# Rtmr0Error are MeasureErrors): what its callers turn into their own refusal.
+PREDICTION_ERRORS = (AcpiBlobError, PlatformInputError, MeasureError)
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import libvirt
 
-from tdxvm.image.acpiblobs import AcpiBlobError, argv_from_proc, qemu_argv_for
-from tdxvm.image.measure import ExpectedEvent, MeasureError
-from tdxvm.image.platforminputs import PlatformInputError, predict_for_argv
+from tdxvm.image.acpiblobs import argv_from_proc, qemu_argv_for
+from tdxvm.image.measure import ExpectedEvent
+from tdxvm.image.platforminputs import PREDICTION_ERRORS, predict_for_argv
 from tdxvm.image.rtmr0 import UnknownFirmwareError, firmware_build
-from tdxvm.image.smbios import SmbiosError
 from tdxvm.launch.connection import is_local
 from tdxvm.launch.errors import LaunchPolicyError
 
@@ -106,7 +105,7 @@ def predict(conn: libvirt.virConnect, domain_xml: str, *, backend: str, firmware
     try:
         argv = qemu_argv_for(conn, domain_xml)
         value, events = predict_for_argv(firmware, qemu, argv, tdx=False)
-    except (AcpiBlobError, PlatformInputError, SmbiosError, MeasureError) as exc:
+    except PREDICTION_ERRORS as exc:
         raise LaunchPolicyError(f"cannot predict RTMR0 (the TD's ACPI tables, SMBIOS and memory layout) for this "
                                 f"domain with {qemu}: {exc}") from None  # fmt: skip
     return Rtmr0Pin(value, tuple(events), f"predicted (profile local-qemu: {qemu}; firmware {build.name})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tdxvm.image.debian import MIRROR, package_files
+from tdxvm.image.debian import MIRROR, newest, package_files
 
 __all__ = ["MIRROR", "cache_dir", "unstable_package"]
 
@@ -22,5 +22,10 @@ def cache_dir() -> Path:
 
 
 def unstable_package(package: str) -> Path:
-    """The unpacked root of ``package`` from Debian unstable (downloaded once)."""
-    return package_files(package, cache=cache_dir())
+    """The unpacked root of ``package`` from Debian unstable: a version already in the
+    cache, else the newest (downloaded once)."""
+    cached = sorted(p.parent for p in cache_dir().glob(f"{package}_*/.complete"))
+    if cached:
+        return cached[-1]
+    version, sha256 = newest(package)
+    return package_files(package, version=version, sha256=sha256, cache=cache_dir())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.output import OUT_FILE, OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.guest.rootdisk import VERITY_BLOCK, VERITY_HASH, RootDiskError, parse_cmdline
 from tdxvm.image.measure import (DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, MeasureError,
                                   Measurements, predict)
@@ -79,6 +79,86 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
     click.echo(f"  rootfs verity root hash {v['root_hash']} ({v['hash_algorithm']}, {v['data_blocks']} x "
                f"{v['data_block_size']}-byte blocks, tree {v['hash_bytes']} bytes; on the command line, in RTMR2)")  # fmt: skip
     click.echo(f"  disk key: secret {result['luks']['key_secret']} (in the secret store only)")
+
+
+@image.command("lock")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=OUT_FILE, metavar="FILE", help="Where to write the lock [default: the recipe with .lock].")
+@OUTPUT_OPTION
+def lock_cmd(recipe: str, out: str | None, output: str) -> None:
+    """Take RECIPE's lock: the exact packages its image is built from.
+
+    Resolves, from the archives as they are now, every Debian package of the root
+    filesystem (security and stable updates included) with its .deb SHA-256, the wheels
+    of the Python step with their SHA-256, and the firmware package, and writes them to
+    the lock beside the recipe (commit it). `tdxvm image build` then installs exactly
+    the lock. Run it again to take security updates; it lists what changed. Needs root
+    (debootstrap, chroot) and the network.
+    """
+    from tdxvm.image import lockfile, locking
+    from tdxvm.image.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    target = Path(out) if out else lockfile.lock_path(Path(recipe))
+    try:
+        old = lockfile.load(target) if target.exists() else None
+    except lockfile.LockError:
+        old = None  # unreadable or an older format: replaced as a whole
+    show = output == "text"
+    lock = locking.take(loaded, progress=lambda line: show and click.echo(f"  {line}", err=True))
+    lockfile.write(lock, target)
+    changed = locking.changes(old, lock)
+    firmware = f"{lock.firmware.package} {lock.firmware.version}" if lock.firmware else None
+    if output == "json":
+        emit_json({"wrote": str(target), "taken_at": lock.taken_at_text(), "packages": len(lock.packages), "wheels": len(lock.wheels),
+                   "firmware": firmware, "sources": [s.suite for s in lock.sources], "changes": changed})  # fmt: skip
+        return
+    click.echo(f"locked {target} at {lock.taken_at_text()}: {len(lock.packages)} Debian packages from "
+               f"{', '.join(s.suite for s in lock.sources)}; {len(lock.wheels)} wheels"
+               + (f"; firmware {firmware}" if firmware else ""))  # fmt: skip
+    if old is not None:
+        click.echo(f"  {len(changed)} changes" + (":" if changed else " (the archives carry the locked versions still)"))
+        for line in changed:
+            click.echo(f"    {line}")
+
+
+@image.command("verify")
+@click.argument("manifest", type=click.Path(), metavar="MANIFEST")
+@click.option("--recipe", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The recipe the image was built from [default: the path in the manifest].")  # fmt: skip
+@click.option("--cache", "cache_dir", type=OUT_FOLDER, metavar="DIR",
+              help="Step cache for the rebuild [default: a new, empty one, removed after].")  # fmt: skip
+@OUTPUT_OPTION
+def verify_cmd(manifest: str, recipe: str | None, cache_dir: str | None, output: str) -> None:
+    """Rebuild an image from its recipe and lock and compare it bit for bit.
+
+    MANIFEST is a build's manifest.json or its folder. The rebuild starts from a clean
+    step cache (debootstrap, apt and pip again, each package checked against the lock)
+    and compares the kernel, the initramfs, the root filesystem (verity root hash, and
+    every file's listing), the command line and the predicted MRTD, RTMR1 and RTMR2.
+    Exit 0: reproduced; exit 1: something differs (the first differing file is named).
+    Needs root and the network, like image build.
+    """
+    from tdxvm.image.build import StepEvent
+    from tdxvm.image.reproduce import reproduce
+
+    def progress(event: StepEvent) -> None:
+        if output == "text" and event.status != "start":
+            click.echo(f"  rebuild {event.step:<10} {event.status:<8} {event.seconds:6.1f} s", err=True)
+
+    report = reproduce(Path(manifest), recipe=Path(recipe) if recipe else None, cache=Path(cache_dir) if cache_dir else None,
+                       progress=progress)  # fmt: skip
+    if output == "json":
+        emit_json(report.to_dict())
+    else:
+        for item in report.items:
+            click.echo(f"  {'same' if item.same else 'DIFFERS':<8} {item.name}" + ("" if item.same else f": built {item.built}, rebuilt {item.rebuilt}"))
+        if report.identical:
+            click.echo(f"reproduced: {report.manifest} (every compared item is identical)")
+        else:
+            click.echo(f"not reproduced: {report.first_difference}")
+    if not report.identical:
+        raise SystemExit(1)
 
 
 @image.command("measure")

@@ -28,18 +28,20 @@ What every image gets (the tree under ``tdxvm/image/overlay/``):
 
 Then the recipe's own files, the initramfs (``mkinitramfs`` with ``SOURCE_DATE_EPOCH``),
 and a clean-up of everything that must not ship or would differ between builds.
+
+Every file, folder, link and removal goes through :mod:`tdxvm.image.treepath`: the
+tree's symlinks mean what they mean in the guest and never lead out of the tree.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import tdxvm
-from tdxvm.image import rootfs
+from tdxvm.image import rootfs, treepath
 from tdxvm.image.ext4 import ImageStepError
 from tdxvm.image.recipe import LoadedRecipe
 from tdxvm.releasekey import GUEST_PATH as GUEST_RELEASE_KEY
@@ -72,14 +74,6 @@ def guest_module_files() -> list[tuple[Path, str]]:
     return out
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink():
-        path.unlink()
-    path.write_bytes(data)
-    path.chmod(mode)
-
-
 def _copy_tree(root: Path, tree: Path, values: dict[bytes, int | None]) -> None:
     for src in sorted(p for p in tree.rglob("*") if p.is_file()):
         rel = src.relative_to(tree).as_posix()
@@ -89,7 +83,7 @@ def _copy_tree(root: Path, tree: Path, values: dict[bytes, int | None]) -> None:
                 if value is None:
                     raise ImageStepError("overlay", [], f"{src} needs {placeholder.decode()}, which the recipe does not set")
                 data = data.replace(placeholder, str(value).encode())
-        _write(root / rel, data, 0o755 if rel in _EXECUTABLE else 0o644)
+        treepath.write_file(root, rel, data, mode=0o755 if rel in _EXECUTABLE else 0o644)
 
 
 def apply_overlay(root: Path, *, agent_port: int, profile: str = "smoke", service_port: int | None = None) -> None:
@@ -99,24 +93,16 @@ def apply_overlay(root: Path, *, agent_port: int, profile: str = "smoke", servic
     if extra_tree is not None:
         _copy_tree(root, extra_tree, values)
     for src, rel in guest_module_files():
-        _write(root / GUEST_PYTHON.lstrip("/") / rel, src.read_bytes(), 0o644)
-    wants = root / "etc/systemd/system/multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
+        treepath.write_file(root, f"{GUEST_PYTHON}/{rel}", src.read_bytes(), mode=0o644)
+    wants = "/etc/systemd/system/multi-user.target.wants"
     for unit in BOOT_UNITS:
-        _symlink(wants / unit, f"/etc/systemd/system/{unit}")
-    _symlink(wants / "systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service")
-
-
-def _symlink(link: Path, target: str) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(target)
+        treepath.symlink(root, f"{wants}/{unit}", f"/etc/systemd/system/{unit}")
+    treepath.symlink(root, f"{wants}/systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service")
 
 
 def add_recipe_files(root: Path, loaded: LoadedRecipe) -> None:
     for entry in loaded.recipe.files:
-        _write(root / entry.dest.lstrip("/"), loaded.file_source(entry).read_bytes(), int(entry.mode, 8))
+        treepath.write_file(root, entry.dest, loaded.file_source(entry).read_bytes(), mode=int(entry.mode, 8))
 
 
 def trust_controller(root: Path, release_public: str) -> None:
@@ -125,33 +111,33 @@ def trust_controller(root: Path, release_public: str) -> None:
     a secret only if that key sealed it."""
     if len(release_public) != 64 or any(c not in "0123456789abcdef" for c in release_public):
         raise ImageStepError("configure", [], "the controller's release key must be 64 lowercase hex digits")
-    _write(root / GUEST_RELEASE_KEY.lstrip("/"), release_public.encode() + b"\n", 0o644)
+    treepath.write_file(root, GUEST_RELEASE_KEY, release_public.encode() + b"\n", mode=0o644)
 
 
 def authorize(root: Path, public_key_line: str) -> None:
     """Let the controller's key log in as root (the only way in: no passwords)."""
-    ssh = root / "root/.ssh"
-    ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ssh.chmod(0o700)
-    _write(ssh / "authorized_keys", public_key_line.strip().encode() + b"\n", 0o600)
+    treepath.make_dirs(root, "/root/.ssh", mode=0o700).chmod(0o700)
+    treepath.write_file(root, "/root/.ssh/authorized_keys", public_key_line.strip().encode() + b"\n", mode=0o600)
 
 
 def set_hostname(root: Path, name: str) -> None:
-    (root / "etc/hostname").write_text(f"{name}\n")
-    (root / "etc/hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    treepath.write_file(root, "/etc/hostname", f"{name}\n".encode())
+    hosts = f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    treepath.write_file(root, "/etc/hosts", hosts.encode())
 
 
 def omit_modules(root: Path, folders: tuple[str, ...]) -> None:
-    for version_dir in sorted((root / "lib/modules").glob("*")):
+    for version_dir in treepath.matches(root, "/lib/modules", "*"):
+        version = version_dir.name
         for folder in folders:
-            target = version_dir / "kernel" / folder
-            if ".." in Path(folder).parts or not target.resolve().is_relative_to(version_dir.resolve()):
+            target = treepath.resolve(root, f"/lib/modules/{version}/kernel/{folder}", follow_last=False)
+            if ".." in Path(folder).parts or not target.is_relative_to(treepath.resolve(root, f"/lib/modules/{version}")):
                 raise ImageStepError("omit modules", [], f"kernel.omit_modules: {folder!r} is outside the module tree")
-            shutil.rmtree(target, ignore_errors=True)
+            treepath.remove_entry(target)
 
 
 def kernel_version(root: Path) -> str:
-    versions = sorted(p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*"))
+    versions = sorted(p.name.removeprefix("vmlinuz-") for p in treepath.matches(root, "/boot", "vmlinuz-*"))
     if len(versions) != 1:
         raise ImageStepError("find kernel", [], f"expected one kernel in /boot of the rootfs, found {versions or 'none'}"
                              " (is kernel.package a linux-image package?)")  # fmt: skip
@@ -167,7 +153,8 @@ def make_initramfs(root: Path, *, epoch: int) -> BootFiles:
     depmod = f"depmod -a {version}\n"  # modules may have been omitted: refresh the index first
     rootfs.in_root(root, depmod + f"mkinitramfs -o {initrd} {version}", step="mkinitramfs",
                    env=(f"SOURCE_DATE_EPOCH={epoch}",))  # fmt: skip
-    return BootFiles(kernel=root / f"boot/vmlinuz-{version}", initrd=root / initrd.lstrip("/"), version=version)
+    kernel = treepath.regular_file(root, f"/boot/vmlinuz-{version}")  # a device node there would read the host's
+    return BootFiles(kernel=kernel, initrd=treepath.regular_file(root, initrd), version=version)
 
 
 def configure(root: Path, loaded: LoadedRecipe, *, authorized_key: str, release_public: str, epoch: int) -> BootFiles:

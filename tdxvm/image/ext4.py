@@ -82,10 +82,12 @@ def tool(name: str, *, step: str, package: str) -> str:
     return path
 
 
-def run_step(step: str, command: Sequence[str], *, env: Mapping[str, str] | None = None, input: bytes | None = None, pass_fds: Sequence[int] = ()) -> str:
+def run_step(step: str, command: Sequence[str], *, env: Mapping[str, str] | None = None, input: bytes | None = None,
+             pass_fds: Sequence[int] = (), cwd: Path | None = None) -> str:  # fmt: skip
     """Run one command; its stdout on success, :class:`ImageStepError` otherwise."""
     try:
-        proc = subprocess.run(list(command), input=input, capture_output=True, env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), check=False)
+        proc = subprocess.run(list(command), input=input, capture_output=True, env=dict(env) if env is not None else None,
+                              pass_fds=tuple(pass_fds), check=False, cwd=cwd)  # fmt: skip
     except OSError as exc:
         raise ImageStepError(step, command, str(exc)) from None
     if proc.returncode != 0:

@@ -51,6 +51,14 @@ KERNEL_SUITES = {
 }
 
 
+# The suites that carry a stable release's security fixes and stable updates: every image
+# of that release gets them (``tdxvm image lock`` takes their versions).
+UPDATE_SUITES = {
+    "bookworm": ("bookworm-updates", "bookworm-security"),
+    "trixie": ("trixie-updates", "trixie-security"),
+}
+
+
 class RecipeError(Exception):
     code = "recipe"
 
@@ -130,6 +138,8 @@ class Recipe(BaseModel):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
     suite: Suite = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
+    # Where the release's -security suite is (UPDATE_SUITES); the others come from mirror.
+    security_mirror: str = "http://deb.debian.org/debian-security"
     profile: Literal["smoke", "model-server"] = "smoke"
     kernel: Annotated[Kernel, Field(default_factory=Kernel, validate_default=True)]
     packages: Annotated[tuple[str, ...], BeforeValidator(_packages)] = ()
@@ -142,7 +152,7 @@ class Recipe(BaseModel):
     firmware: str | None = None
     agent_port: Annotated[int, Field(ge=1, le=65535)] = 7300
     service_port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    epoch: Annotated[int, Field(ge=0)] | None = None  # SOURCE_DATE_EPOCH; default: the debootstrap time
+    epoch: Annotated[int, Field(ge=0)] | None = None  # SOURCE_DATE_EPOCH; default: when the lock was taken
 
     @field_validator("kernel")
     @classmethod
@@ -160,6 +170,29 @@ class Recipe(BaseModel):
     def kernel_suite(self) -> str:
         """The suite the kernel package comes from (filled in at load, see KERNEL_SUITES)."""
         return self.kernel.suite or self.suite
+
+    def apt_sources(self) -> list[tuple[str, str]]:
+        """(archive URI, suite) for every suite the root filesystem's packages come from:
+        the release, its updates and security suites, and the kernel's suite."""
+        suites = [self.suite, *UPDATE_SUITES.get(self.suite, ()), self.kernel_suite]
+        out: list[tuple[str, str]] = []
+        for suite in suites:
+            entry = (self.security_mirror if suite.endswith("-security") else self.mirror, suite)
+            if entry not in out:
+                out.append(entry)
+        return out
+
+    def lock_inputs(self) -> dict[str, object]:
+        """What a lock is taken for: the recipe's package inputs (not its disk size,
+        files or command line, which the lock does not pin)."""
+        return {
+            "suite": self.suite,
+            "sources": [f"{uri} {suite}" for uri, suite in self.apt_sources()],
+            "packages": sorted(set(BASE_PACKAGES) | set(self.packages)),
+            "kernel": self.kernel.package,
+            "python": list(self.python.requirements),
+            "firmware": self.firmware,
+        }
 
     @field_validator("cmdline")
     @classmethod

@@ -154,3 +154,17 @@ def build_tdvf(sections: list[tuple[int, int, int, int, int, int]], *, size: int
     struct.pack_into("<H", fw, footer - 2, len(entry) + 18)
     fw[footer : footer + 16] = FOOTER_GUID.bytes_le
     return bytes(fw)
+
+
+def write_lock_for(recipe_path: Path) -> Path:
+    """A lock beside ``recipe_path`` taken for its inputs, listing no packages: for tests
+    that replace the package steps (a real lock comes from ``tdxvm image lock``)."""
+    from tdxvm.image import lockfile
+    from tdxvm.image.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path).recipe
+    lock = lockfile.Lock(recipe=recipe.name, taken_at=1_700_000_000, inputs=recipe.lock_inputs(), debootstrap="1.0.128",
+                         sources=(), packages=(), wheels=(), firmware=None)  # fmt: skip
+    path = lockfile.lock_path(recipe_path)
+    lockfile.write(lock, path)
+    return path

@@ -27,10 +27,11 @@ from tdxvm.image.measure import (
     UnmeasuredKernelError,
     require_measuring_kernel,
 )
+from tdxvm.image.cache import file_digest
 from tdxvm.image.recipe import load_recipe
 from tdxvm.secretstore import SecretStore
 
-from .conftest import build_pe
+from .conftest import build_pe, write_lock_for
 
 TCG2, CC = EFI_TCG2_PROTOCOL_GUID.bytes_le, EFI_CC_MEASUREMENT_PROTOCOL_GUID.bytes_le
 FIX = "use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: bookworm-backports}`"
@@ -91,6 +92,7 @@ def _recipe(tmp_path: Path, *, python: bool = True) -> Path:
     path = tmp_path / "r.yaml"
     path.write_text("name: floor\nsuite: bookworm\nkernel:\n  suite: bookworm\n"
                     + ("python:\n  requirements: [torch==2.13.0]\n" if python else ""))  # fmt: skip
+    write_lock_for(path)
     return path
 
 
@@ -110,9 +112,9 @@ def fake_rootfs(tmp_path, monkeypatch):
     """Replace only the rootfs step (debootstrap + apt): it returns a tarball holding ``kernel``."""
     state = {"kernel": OLD_KERNEL}
 
-    def rootfs_step(loaded, cache, work):
+    def rootfs_step(loaded, lock, lock_file, cache, work, epoch):
         tar = rootfs_tar(work / "rootfs.tar", {"boot/vmlinuz-6.1.0-28-cloud-amd64": state["kernel"], "etc/hostname": b"x\n"})
-        return tar, "0" * 64, 1_700_000_000, False
+        return tar, file_digest(tar), "0" * 64, False
 
     monkeypatch.setattr(build_mod, "_rootfs_step", rootfs_step)
     return state
@@ -199,6 +201,7 @@ def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs
     secrets = tmp_path / "secrets"
     recipe = tmp_path / "ok.yaml"
     recipe.write_text("name: floor\n")  # the default kernel suite: bookworm-backports
+    write_lock_for(recipe)
     with pytest.raises(OSError, match="disk full"):
         build(load_recipe(recipe), output=tmp_path / "build" / "floor", secret_store=SecretStore(directory=secrets),
               cache=build_mod.StepCache(tmp_path / "cache"))  # fmt: skip

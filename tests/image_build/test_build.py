@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _payload_sha256(disk: Path, key: bytes) -> tuple[str, bytes]:
 def test_outputs_and_manifest(smoke_build):
     m = json.loads((smoke_build.folder / "manifest.json").read_text())
     assert m["format"] == manifest.FORMAT
-    assert sorted(p.name for p in smoke_build.folder.iterdir()) == ["disk.img", "initrd.img", "manifest.json", "vmlinuz"]
+    assert sorted(p.name for p in smoke_build.folder.iterdir()) == ["disk.img", "initrd.img", "manifest.json", "rootfs.list.gz", "vmlinuz"]
     assert manifest.verify_artifacts(m, smoke_build.folder) == []
     assert [e.status for e in smoke_build.events if e.step == "encrypt"] == ["start", "done"]
     firmware = Path(m["firmware"]["path"]).read_bytes()
@@ -157,6 +158,7 @@ def test_failed_step_leaves_no_output(smoke_build, tmp_path):
     text = (REPO / "images/smoke.yaml").read_text().replace("disk_size: 1GiB", "disk_size: 64MiB")
     recipe = tmp_path / "small.yaml"
     recipe.write_text(text)
+    shutil.copyfile(REPO / "images/smoke.lock", tmp_path / "small.lock")  # the disk size is no lock input
     (tmp_path / "build").mkdir()
     out = tmp_path / "build" / "out"
     with pytest.raises(ImageStepError) as err:

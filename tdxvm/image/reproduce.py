@@ -1,0 +1,150 @@
+"""``tdxvm image verify``: rebuild an image from its recipe and lock, compare bit for bit.
+
+The rebuild redoes every step up to the verity tree (:func:`tdxvm.image.build.root_image`)
+in a clean step cache, with the controller keys the manifest records, and compares what
+a relying party's measurements depend on: the kernel, the initramfs, the root
+filesystem (its verity root hash, and the listing of every file), the command line and
+the predicted MRTD, RTMR1 and RTMR2. When the root filesystem differs, the listings
+name the first file that does. Nothing is encrypted and no key is made: the rebuild
+never becomes an image.
+
+A rebuild is only meaningful from the same inputs: the recipe and lock files must have
+the SHA-256 the manifest records, and this tdxvm must ship the same guest code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tdxvm.image import listing, lockfile, manifest, provenance
+from tdxvm.image.build import Identity, Progress, StepEvent, root_image
+from tdxvm.image.cache import StepCache
+from tdxvm.image.recipe import load_recipe
+
+COMPARED_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
+
+
+class ReproduceError(Exception):
+    code = "reproduce"
+
+
+@dataclass
+class Item:
+    name: str
+    built: str | None
+    rebuilt: str | None
+
+    @property
+    def same(self) -> bool:
+        return self.built == self.rebuilt
+
+
+@dataclass
+class Report:
+    manifest: Path
+    items: list[Item] = field(default_factory=list)
+    first_difference: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def identical(self) -> bool:
+        return all(i.same for i in self.items)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": str(self.manifest), "verdict": "reproduced" if self.identical else "differs",
+                "items": [{"name": i.name, "built": i.built, "rebuilt": i.rebuilt, "same": i.same} for i in self.items],
+                "first_difference": self.first_difference, "timings": self.timings}  # fmt: skip
+
+
+def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
+    p = path / "manifest.json" if path.is_dir() else path
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReproduceError(f"image manifest {p} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReproduceError(f"image manifest {p}: cannot read it: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("provenance"), dict):
+        raise ReproduceError(f"image manifest {p} records no provenance (it was built by an older tdxvm): build it again "
+                             "to verify it")  # fmt: skip
+    return p, data
+
+
+def _same_input(what: str, path: Path, want: str) -> None:
+    try:
+        got = manifest.file_sha256(path)
+    except OSError as exc:
+        raise ReproduceError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from None
+    if got != want:
+        raise ReproduceError(f"{what} {path} has SHA-256 {got}, but the image was built from one with {want}: check out "
+                             "the version that built it")  # fmt: skip
+
+
+def _quiet(_: StepEvent) -> None:
+    pass
+
+
+def reproduce(path: Path, *, recipe: Path | None = None, cache: Path | None = None, progress: Progress = _quiet) -> Report:
+    """Rebuild the image whose manifest is ``path`` and compare; see the module docstring."""
+    manifest_path, m = _read_manifest(Path(path))
+    prov = m["provenance"]
+    recipe_path = Path(recipe or m.get("recipe", {}).get("path", ""))
+    if not recipe_path.is_file():
+        raise ReproduceError(f"the recipe {recipe_path} the image was built from does not exist here: give it with --recipe")
+    _same_input("recipe", recipe_path, prov["recipe_sha256"])
+    lock_file = lockfile.lock_path(recipe_path)
+    _same_input("lock", lock_file, prov["lock"]["sha256"])
+    guest = provenance.guest_code_sha256()
+    if guest != prov["tdxvm"]["guest_code_sha256"]:
+        raise ReproduceError(f"this tdxvm ({prov['tdxvm']['version']} built the image) ships other guest code: its digest is "
+                             f"{guest}, the image's {prov['tdxvm']['guest_code_sha256']}; run the tdxvm that built it")  # fmt: skip
+    firmware = None
+    if m.get("firmware") and prov.get("firmware_package") is None:  # a firmware file given to the build, not the lock's
+        firmware = m["firmware"]["path"]
+        _same_input("firmware", Path(firmware), m["firmware"]["sha256"])
+    identity = Identity(authorized_key=prov["authorized_key"], release_public=m["release_key"])
+    loaded = load_recipe(recipe_path)
+    folder = manifest_path.parent
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.verify-", dir=folder.parent))
+    report = Report(manifest=manifest_path)
+    try:
+        work.chmod(0o700)
+        start = time.monotonic()
+        step_cache = StepCache(cache) if cache is not None else StepCache(work / "cache")
+        image = root_image(loaded, work=work, cache=step_cache, identity=lambda: identity, firmware=firmware, lock_file=lock_file,
+                           progress=progress, timings=report.timings)  # fmt: skip
+        report.timings["total"] = time.monotonic() - start
+        arts = m["artifacts"]
+        report.items += [
+            Item("kernel (vmlinuz)", arts["vmlinuz"]["sha256"], manifest.file_sha256(image.staging / "vmlinuz")),
+            Item("initramfs (initrd.img)", arts["initrd.img"]["sha256"], manifest.file_sha256(image.staging / "initrd.img")),
+            Item("root filesystem (verity root hash)", m["verity"]["root_hash"], image.verity_tree.root.root_hash),
+            Item("root filesystem (listing)", prov["listing"]["tree_sha256"], listing.listing_sha256(image.listing)),
+            Item("kernel command line", m["cmdline"], image.cmdline),
+        ]
+        predicted = image.predicted.to_dict()
+        report.items += [Item(reg.upper(), m["measurements"].get(reg), predicted.get(reg)) for reg in COMPARED_REGISTERS]
+        if not report.identical:
+            report.first_difference = _first_difference(folder / prov["listing"]["file"], image.listing, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _first_difference(original: Path, rebuilt: list[str], report: Report) -> str:
+    try:
+        built = listing.read_listing(original)
+    except (OSError, ValueError) as exc:
+        return f"the image's listing {original} cannot be read ({exc}); differing: " + ", ".join(
+            i.name for i in report.items if not i.same)
+    found = listing.first_difference(built, rebuilt, labels=("the image", "the rebuild"))
+    if found is not None:
+        return found
+    # Same files: the difference is outside the root filesystem's contents.
+    return "every root filesystem file is the same; differing: " + ", ".join(i.name for i in report.items if not i.same)

@@ -261,7 +261,8 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
     if preflight:
         progress(StepEvent("preflight", "start"))
         findings = pf.require(pf.run_preflight(conn, spec, manifest, sysfs_root=sysfs_root), vm=spec.name)
-        progress(StepEvent("preflight", "done", f"{sum(f.status == 'ok' for f in findings)} checks passed"))
+        warnings = "".join(f"; warning: {f.message}" + (f" (fix: {f.fix})" if f.fix else "") for f in findings if f.status == "warn")
+        progress(StepEvent("preflight", "done", f"{sum(f.status == 'ok' for f in findings)} checks passed{warnings}"))
     forwards = choose_forwards(spec, manifest, taken=ports_in_use(conn), local=is_local(uri))
     progress(StepEvent("volumes", "start"))
     volumes = prepare_volumes(conn, manifest, spec.name, progress, pool_name=pool, pool_target=pool_path,

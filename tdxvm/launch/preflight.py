@@ -80,6 +80,21 @@ class HostFacts:
     domcaps_errors: dict[str, str] = field(default_factory=dict)
     available_memory: int | None = None  # bytes: free + buffers + page cache
     memory_source: str = ""
+    kvm_group: str | None = None  # the group of /dev/kvm, when the host is this machine and has one
+
+
+def kvm_device_group(path: Path = Path("/dev/kvm")) -> str | None:
+    """The name (else the number) of ``path``'s group; None when there is no such device."""
+    import grp
+
+    try:
+        gid = path.stat().st_gid
+    except OSError:
+        return None
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def version_text(v: int | None) -> str:
@@ -125,6 +140,7 @@ def collect(conn: libvirt.virConnect, *, backend: str) -> HostFacts:
         domcaps_errors=errors,
         available_memory=memory,
         memory_source=source,
+        kvm_group=kvm_device_group() if is_local(uri) else None,
     )
 
 
@@ -156,6 +172,7 @@ def evaluate(spec: VmSpec, manifest: ImageManifest, facts: HostFacts, *, sysfs_r
         out.append(_qgs(spec, facts))
     else:
         out.append(_qemu_tcg(facts))
+        out.append(_kvm_device(facts))
         out.append(_firmware(spec, manifest, facts))
     out.append(_memory(spec, facts))
     return out
@@ -333,6 +350,21 @@ def _qemu_tcg(facts: HostFacts) -> Finding:
     root = ET.fromstring(caps)
     return Finding(check, "ok", f"QEMU {root.findtext('path', '?')} runs emulated q35 guests (TCG, machine "
                                 f"{root.findtext('machine', '?')})")  # fmt: skip
+
+
+def _kvm_device(facts: HostFacts) -> Finding:
+    """The slow state: /dev/kvm in another group than ``kvm``. libvirt then finds KVM gone
+    after each QEMU probe and probes again (~4 s) on every capability lookup, so a define
+    takes a minute, and libvirtd was seen to hang. Emulated guests use TCG, not KVM, but
+    libvirt still probes."""
+    check = "kvm-device"
+    if _test_driver(facts) or facts.kvm_group is None:
+        return Finding(check, "skip", "no /dev/kvm on this machine, or the host is not this machine")
+    if facts.kvm_group == "kvm":
+        return Finding(check, "ok", "/dev/kvm belongs to group kvm")
+    return Finding(check, "warn", f"/dev/kvm belongs to group {facts.kvm_group}, not kvm: libvirt probes QEMU again on "
+                                  "every capability lookup (~4 s each; a define takes a minute, and libvirtd can hang)",
+                   "chgrp kvm /dev/kvm")  # fmt: skip
 
 
 def _memory(spec: VmSpec, facts: HostFacts) -> Finding:

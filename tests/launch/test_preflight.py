@@ -8,6 +8,8 @@ test checks them against libvirt 12.8's domaincaps schema, so they have the real
 
 from __future__ import annotations
 
+import grp
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tdxvm.launch.errors import PreflightError
-from tdxvm.launch.preflight import HostFacts, evaluate, require, tdx_advertised
+from tdxvm.launch.preflight import HostFacts, evaluate, kvm_device_group, require, tdx_advertised
 from tdxvm.launch.spec import parse_vm_spec
 
 from ..debian_data import unstable_package
@@ -42,10 +44,12 @@ V = {"libvirt-9.0": 9_000_000, "libvirt-12.8": 12_008_000, "qemu-7.2": 7_002_022
 
 
 def facts(*, domcaps: dict[str, str] | None = None, errors: dict[str, str] | None = None, libvirt: int = V["libvirt-12.8"],
-          qemu: int = V["qemu-10.1"], local: bool = True, memory_mib: int | None = 65536, driver: str = "QEMU") -> HostFacts:  # fmt: skip
+          qemu: int = V["qemu-10.1"], local: bool = True, memory_mib: int | None = 65536, driver: str = "QEMU",
+          kvm_group: str | None = None) -> HostFacts:  # fmt: skip
     return HostFacts(uri="qemu:///system" if local else "qemu+ssh://admin@tdx-host/system", driver=driver, local=local,
                      libvirt_version=libvirt, hypervisor_version=qemu, domcaps=domcaps or {}, domcaps_errors=errors or {},
-                     available_memory=None if memory_mib is None else memory_mib << 20, memory_source="free")  # fmt: skip
+                     available_memory=None if memory_mib is None else memory_mib << 20, memory_source="free",
+                     kvm_group=kvm_group)  # fmt: skip
 
 
 def sysfs(tmp_path: Path, tdx: str | None, *, module: str = "kvm_intel") -> Path:
@@ -193,9 +197,21 @@ def test_kvm_unusable(tmp_path, image, qgs):
 def test_emulated_on_this_host(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     found = evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, memory_mib=4096))
-    assert [(f.check, f.status) for f in found] == [("measurements", "ok"), ("qemu-tcg", "ok"), ("firmware", "ok"),
-                                                     ("memory", "ok")]  # fmt: skip
+    assert [(f.check, f.status) for f in found] == [("measurements", "ok"), ("qemu-tcg", "ok"), ("kvm-device", "skip"),
+                                                     ("firmware", "ok"), ("memory", "ok")]  # fmt: skip
     assert "/usr/bin/qemu-system-x86_64" in found[1].message and "pc-q35-7.2" in found[1].message
+
+
+def test_a_kvm_device_in_another_group_is_a_warning_with_the_fix(image, tmp_path):
+    """/dev/kvm in another group than kvm: libvirt re-probes QEMU on every lookup (issue 15)."""
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
+    slow = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, kvm_group="ssl-cert")))["kvm-device"]
+    assert slow.status == "warn" and "group ssl-cert, not kvm" in slow.message and slow.fix == "chgrp kvm /dev/kvm"
+    assert by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, kvm_group="kvm")))["kvm-device"].status == "ok"
+    device = tmp_path / "kvm"
+    device.write_text("")
+    os.chown(device, -1, 0)
+    assert kvm_device_group(device) == grp.getgrgid(0).gr_name and kvm_device_group(tmp_path / "none") is None
 
 
 def test_emulated_firmware_record(image):

@@ -2,17 +2,22 @@
 
 Steps, each reported to ``progress`` with its time:
 
-1. ``rootfs`` (cached): debootstrap minbase, then apt installs the base packages, the
-   recipe's packages and the kernel. Cached as a tarball under the hash of its inputs.
+1. ``rootfs`` (cached): debootstrap minbase (Release signature checked), then apt
+   installs exactly the recipe's lock (``images/<recipe>.lock``): every package at its
+   locked version, every ``.deb`` with its locked SHA-256 (:mod:`tdxvm.image.debpins`).
+   Cached as a tarball under the hash of the lock, the debootstrap version and the epoch.
    The kernel is known from here on: one whose EFI stub does not measure the command
    line and initrd into RTMR2 (Linux < 6.9, or a stub that cannot be recognised) is
    refused at once (:func:`tdxvm.image.measure.require_measuring_kernel`), before any
    later step; a measurement floor, with no opt-out.
-2. ``python`` (cached, model-server recipes): pip installs the inference stack into it.
+2. ``python`` (cached, model-server recipes): pip installs the locked wheels, hashes
+   required, into it.
 3. ``configure``: the tdxvm overlay (agent, unlock and root steps, units), the recipe's
-   files, the controller's SSH public key, the initramfs; timestamps clamped to the
-   epoch. The kernel that ships is checked again.
-4. ``ext4``: ``mkfs.ext4 -d`` of the folder, reproducible (pinned UUID, hash seed, times).
+   files, the controller's SSH public key, the initramfs; then
+   :func:`tdxvm.image.normalize.normalize` and timestamps clamped to the epoch (the
+   lock's date unless the recipe sets one). The kernel that ships is checked again.
+4. ``ext4``: the tree's listing (``rootfs.list.gz``), then ``mkfs.ext4 -d`` of the
+   folder, reproducible (pinned UUID, hash seed, times).
 5. ``verity``: the dm-verity hash tree appended to the ext4 image
    (:mod:`tdxvm.image.verity`); its root hash goes on the kernel command line, and the
    measurements are predicted with that command line, so unusable input fails before a
@@ -21,8 +26,11 @@ Steps, each reported to ``progress`` with its time:
    header and payload (ext4 and hash tree) written offline on the file. The guest never
    reads that header: the controller releases the volume key itself, and the measured
    initramfs maps the payload with fixed parameters (:mod:`tdxvm.guest.rootdisk`).
-7. ``measure``: artifact hashes, the verity tree and the predicted MRTD/RTMRs into
-   ``manifest.json``.
+7. ``measure``: artifact hashes, the verity tree, the predicted MRTD/RTMRs and the
+   build's provenance (:mod:`tdxvm.image.provenance`) into ``manifest.json``.
+
+Steps 1–5 are :func:`root_image`: what two builds from one recipe and lock give byte for
+byte, and what ``tdxvm image verify`` (:mod:`tdxvm.image.reproduce`) redoes.
 
 Everything is written in a work folder beside the output and moved into place at the
 end: a failed or interrupted build leaves no half-written image in the output folder

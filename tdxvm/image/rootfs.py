@@ -91,10 +91,9 @@ def pip_install(root: Path, *, wheels: Sequence[Wheel], index_url: str | None, f
     (Debian 12 both). The scripts pip writes name this host's Python:
     :func:`tdxvm.image.normalize.normalize` gives them the guest's."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    if not (root / "usr/lib" / version).is_dir():
+    if not treepath.resolve(root, f"usr/lib/{version}").is_dir():
         raise ImageStepError("pip install", [], f"the guest has no {version} (the host's pip installs for {version})")
-    target = root / "usr/local/lib" / version / "dist-packages"
-    target.mkdir(parents=True, exist_ok=True)
+    target = treepath.make_dirs(root, f"usr/local/lib/{version}/dist-packages")
     with tempfile.TemporaryDirectory(prefix="tdxvm-pip-") as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text("".join(f"{w.requirement}\n" for w in wheels))

@@ -104,8 +104,12 @@ def lock_cmd(recipe: str, out: str | None, output: str) -> None:
         old = lockfile.load(target) if target.exists() else None
     except lockfile.LockError:
         old = None  # unreadable or an older format: replaced as a whole
-    show = output == "text"
-    lock = locking.take(loaded, progress=lambda line: show and click.echo(f"  {line}", err=True))
+
+    def progress(line: str) -> None:
+        if output == "text":
+            click.echo(f"  {line}", err=True)
+
+    lock = locking.take(loaded, progress=progress)
     lockfile.write(lock, target)
     changed = locking.changes(old, lock)
     firmware = f"{lock.firmware.package} {lock.firmware.version}" if lock.firmware else None

@@ -44,6 +44,7 @@ the build writes for it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -313,10 +314,11 @@ def build(
     timings: dict[str, float] = {}
     stored_key: str | None = None  # the secret-store name of this build's disk key, once stored
     try:
-        image = root_image(loaded, work=work, cache=cache, identity=lambda: _identity(store), firmware=firmware, lock_file=lock_file,
+        identity_once = functools.cache(lambda: _identity(store))  # made at configure, not before: a refused build makes no keys
+        image = root_image(loaded, work=work, cache=cache, identity=identity_once, firmware=firmware, lock_file=lock_file,
                            progress=progress, timings=timings)  # fmt: skip
         staging, ext4_image = image.staging, image.ext4_image
-        identity = _identity(store)
+        identity = identity_once()
 
         t = _Timer(progress, "encrypt")
         luks_uuid = str(uuidlib.uuid4())

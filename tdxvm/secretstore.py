@@ -14,18 +14,19 @@ import re
 import stat
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic
+from tdxvm.xdg import data_home
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class SecretStoreError(Exception):
+class SecretStoreError(TdxvmError):
     code = "secret-store"
 
 
 def default_directory() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "tdxvm" / "secrets"
+    return data_home() / "secrets"
 
 
 class SecretStore:

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tdxvm.errors import TdxvmError
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -35,7 +37,7 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-class SpecError(Exception):
+class SpecError(TdxvmError):
     """A YAML file that does not fit its schema. ``str()`` is one line per problem."""
 
     code = "spec"

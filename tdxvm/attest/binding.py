@@ -20,12 +20,14 @@ import hmac
 import struct
 from collections.abc import Mapping
 
+from tdxvm.errors import TdxvmError
+
 TAG = b"tdxvm report-data v1\x00"
 NONCE_SIZE = 32
 REPORT_DATA_SIZE = 64
 
 
-class BindingError(Exception):
+class BindingError(TdxvmError):
     code = "binding"
 
 

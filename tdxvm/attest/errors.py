@@ -8,8 +8,10 @@ exception but a :class:`~tdxvm.attest.result.Reason` in the verification result.
 
 from __future__ import annotations
 
+from tdxvm.errors import TdxvmError, Unreachable
 
-class AttestError(Exception):
+
+class AttestError(TdxvmError):
     """Base of every error raised by :mod:`tdxvm.attest`.
 
     ``code`` is a stable, machine-readable identifier (used in ``-o json`` output and
@@ -17,11 +19,6 @@ class AttestError(Exception):
     """
 
     code = "attest-error"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
     @property
     def message(self) -> str:
@@ -48,8 +45,9 @@ class CollateralError(AttestError):
     code = "collateral"
 
 
-class CollateralFetchError(CollateralError):
-    """Collateral could not be fetched from the PCS/PCCS and no usable cached copy exists."""
+class CollateralFetchError(CollateralError, Unreachable):
+    """Collateral could not be fetched from the PCS/PCCS and no usable cached copy exists
+    (exit 3: the PCS did not answer, or not with collateral)."""
 
     code = "collateral-fetch"
 

@@ -33,6 +33,7 @@ from tdxvm.attest.pck import PckExtension
 from tdxvm.attest.quote import EnclaveReport, TdReport
 from tdxvm.attest.result import Reason
 from tdxvm.attest.tcbinfo import TCB_STATUSES, ModuleTcbLevel, QeIdentity, TcbInfo, TcbLevel
+from tdxvm.errors import Refused
 
 # What a TD 1.5 evaluation adds to the statuses of the TCB info (Intel QVL's
 # STATUS_TCB_TD_RELAUNCH_ADVISED and STATUS_TCB_TD_RELAUNCH_ADVISED_CONFIGURATION_NEEDED).
@@ -51,8 +52,8 @@ class Matched:
     advisory_ids: tuple[str, ...]
 
 
-class TcbMismatch(Exception):
-    """Internal: carries the reason why no level matched."""
+class TcbMismatch(Refused):
+    """Internal: carries the reason why no level matched (the verdict turns it into a reason)."""
 
     def __init__(self, reason: Reason) -> None:
         super().__init__(reason.message)

@@ -1,9 +1,10 @@
 """The ``tdxvm`` command. Thin: every command calls one of the stage packages.
 
-Exit codes (stable; scripts depend on them):
-0 accepted / success, 1 refused (verification or policy), 2 unusable input or usage,
-3 network (collateral could not be fetched), 4 internal error, 5 partial (a fleet command
-could not handle some hosts or VMs; see ``cli/fleet.py``).
+Exit codes (stable; scripts depend on them; :mod:`tdxvm.errors` defines them and each
+error's class decides its own): 0 accepted / success, 1 refused (a verification, policy
+or pin said no), 2 unusable input or usage, 3 network or host unreachable (libvirt, SSH,
+PCS, guest timeouts), 4 internal error (a bug), 5 partial (a fleet command could not
+handle some hosts or VMs; see ``cli/fleet.py``), 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Output and error plumbing shared by the CLI commands."""
+"""Output and error plumbing shared by the CLI commands.
+
+Errors: any :class:`tdxvm.errors.TdxvmError` is one line on stderr (or its ``code`` and
+message with ``-o json``) and its ``exit_status``; anything else is a bug (exit 4, with
+the traceback). The exit statuses are :mod:`tdxvm.errors`' constants, kept importable
+from here for the commands.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +21,16 @@ from typing import Any
 
 import click
 
-from tdxvm.attest.errors import AttestError, CollateralFetchError
+from tdxvm.errors import (  # noqa: F401 - EXIT_REFUSED, EXIT_UNREACHABLE: for the commands
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    TdxvmError,
+)
 from tdxvm.textsafe import safe_text
-
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_INPUT = 2
-EXIT_NETWORK = 3
-EXIT_INTERNAL = 4
 
 OUTPUT_OPTION = click.option(
     "-o",
@@ -54,8 +62,8 @@ def _verdict_command(cli: click.Group, argv: list[str]) -> bool:
     return bool(getattr(cli.commands.get(name or ""), "json_verdict", False))
 
 
-class CliError(Exception):
-    """A usage or input problem found by the CLI itself."""
+class CliError(TdxvmError):
+    """A usage or input problem found by the CLI itself (exit 2)."""
 
     code = "usage"
 
@@ -138,21 +146,6 @@ def parse_time(value: str | None) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
-def _is_instance(exc: Exception, module: str, name: str) -> bool:
-    """``isinstance(exc, module.name)`` without importing ``module``: when it was never
-    imported (this command does not use libvirt records or YAML), exc cannot be one."""
-    loaded = sys.modules.get(module)
-    return loaded is not None and isinstance(exc, getattr(loaded, name))
-
-
-def _error_exit(exc: Exception) -> int:
-    if isinstance(exc, CollateralFetchError):
-        return EXIT_NETWORK
-    if _is_instance(exc, "tdxvm.launch.records", "RecordMismatch"):  # the host changed a VM behind the controller's back: a refusal
-        return EXIT_REFUSED
-    return EXIT_INPUT
-
-
 def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -186,29 +179,21 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         return EXIT_INPUT
     except SystemExit as exc:  # commands exit with their verdict
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT
-    except Exception as exc:
-        if not typed_error(exc):  # a bug: say so plainly, keep the trace for the report
-            click.echo("internal error (please report it with the lines below):", err=True)
-            click.echo(safe_text(traceback.format_exc()), err=True)
-            if verdict:
-                emit_json(_error_doc("internal", f"internal error: {type(exc).__name__}: {exc}", verdict=True))
-            return EXIT_INTERNAL
-        code = getattr(exc, "code", "error")
+    except TdxvmError as exc:  # ours: refused, unusable input or unreachable, as its class says
         if want_json:
-            emit_json(_error_doc(code, str(exc), verdict=verdict))
+            emit_json(_error_doc(exc.code, str(exc), verdict=verdict))
         else:
             click.echo(f"error: {safe_text(exc)}", err=True)
-        return _error_exit(exc)
+        return exc.exit_status
+    except Exception as exc:  # a bug: say so plainly, keep the trace for the report
+        click.echo("internal error (please report it with the lines below):", err=True)
+        click.echo(safe_text(traceback.format_exc()), err=True)
+        if verdict:
+            emit_json(_error_doc("internal", f"internal error: {type(exc).__name__}: {exc}", verdict=True))
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        return 130
-
-
-def typed_error(exc: Exception) -> bool:
-    """One of tdxvm's own errors (they carry a ``code``), as opposed to a bug."""
-    return isinstance(exc, (AttestError, CliError)) or _is_instance(exc, "tdxvm.yamlfile", "SpecError") or (
-        type(exc).__module__.startswith("tdxvm.") and isinstance(getattr(type(exc), "code", None), str)
-    )
+        return EXIT_INTERRUPTED
 
 
 def _wants_json(argv: list[str]) -> bool:

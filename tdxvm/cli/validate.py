@@ -6,8 +6,9 @@ import sys
 
 import click
 
-from tdxvm.cli.output import EXIT_INPUT, EXIT_OK, OUTPUT_OPTION, emit_json, typed_error
-from tdxvm.filekinds import UnknownFileKind, guess, loader
+from tdxvm.cli.output import EXIT_INPUT, EXIT_OK, OUTPUT_OPTION, emit_json
+from tdxvm.cli.filekinds import UnknownFileKind, guess, loader
+from tdxvm.errors import TdxvmError
 from tdxvm.textsafe import safe_text
 
 
@@ -29,9 +30,7 @@ def validate_cmd(files: tuple[str, ...], output: str) -> None:
                 raise UnknownFileKind(path)
             loader(kind)(path)
             results.append({"file": path, "kind": kind.name, "valid": True, "command": kind.command.replace("FILE", path)})
-        except Exception as exc:  # each loader's own typed error (file:line); anything else is a bug
-            if not typed_error(exc):
-                raise
+        except TdxvmError as exc:  # each loader's own typed error (file:line); anything else is a bug
             results.append({"file": path, "kind": kind.name if kind else None, "valid": False, "error": str(exc)})
     if output == "json":
         emit_json({"valid": all(r["valid"] for r in results), "files": results})

@@ -73,6 +73,7 @@ from typing import Any
 
 from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_DEBUG
 from tdxvm.emulate.platform import EmulatedPlatform
+from tdxvm.errors import TdxvmError
 from tdxvm.emulate.quote import DEFAULT_XFAM, TdReportFields
 from tdxvm.image.measure import DEFAULT_PROFILE, Measurements, predict
 from tdxvm.image.platforminputs import PREDICTION_ERRORS, predict_for_argv
@@ -89,15 +90,10 @@ FIRMWARE_ELEMENT = f"{{{TDXVM_NS}}}firmware"
 log = logging.getLogger(__name__)
 
 
-class QuoteServiceError(Exception):
+class QuoteServiceError(TdxvmError):
     """The service cannot stand for this launch; the message names the element or file."""
 
     code = "qgs"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 def emulated_rtmr0(firmware: bytes | None, argv: list[str] | None) -> bytes:

@@ -26,7 +26,7 @@ import libvirt
 
 from tdxvm.launch import metadata as md
 from tdxvm.launch.connection import libvirt_message, open_connection
-from tdxvm.launch.errors import ConnectError, LaunchError
+from tdxvm.launch.errors import LaunchError, LibvirtUnreachable
 from tdxvm.launch.lifecycle import STATES
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 
@@ -45,7 +45,7 @@ MEASUREMENTS = "measurements_digest"
 ENDPOINT = "endpoint"
 
 
-class HostUnreachable(ConnectError):
+class HostUnreachable(LibvirtUnreachable):
     """No answer from a host's libvirt within the connect timeout."""
 
     code = "host-unreachable"

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, report_data
+from tdxvm.errors import Refused, TdxvmError
 from tdxvm.fileio import write_atomic
 from tdxvm.guest import agentwire as wire
 from tdxvm.guest.envelope import EnvelopeError, open_sealed
@@ -57,18 +58,13 @@ MAX_CONNECTIONS = 32
 log = logging.getLogger("tdxvm.guest.agent")
 
 
-class AgentError(Exception):
+class AgentError(TdxvmError):
     """A request the agent refuses; the message goes back to the controller as ``error``."""
 
     code = "agent"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
-
-class SecretRefused(AgentError):
+class SecretRefused(AgentError, Refused):
     code = "secret-refused"
 
 

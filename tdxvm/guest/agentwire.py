@@ -23,6 +23,8 @@ import json
 import re
 from typing import Any
 
+from tdxvm.errors import TdxvmError
+
 DEFAULT_PORT = 7300
 MAX_LINE = 1 << 20
 SECRET_INFO_PREFIX = b"tdxvm secret v1\x00"
@@ -30,7 +32,7 @@ X25519_KEY = "x25519"
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class WireError(ValueError):
+class WireError(TdxvmError, ValueError):
     """A line that is not this protocol; the message says which field is wrong."""
 
     code = "agent-protocol"

@@ -25,6 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tdxvm.errors import TdxvmError
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,7 +39,7 @@ _DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
 _PROMPT_CONTEXT = 5  # prompt tokens that open the first decoding window
 
 
-class RequestError(Exception):
+class RequestError(TdxvmError):
     """A request the engine refuses; the server answers it with ``status`` and OpenAI's error shape."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None, type: str = "invalid_request_error") -> None:

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tdxvm.errors import TdxvmError
+
 KEM_ID, KDF_ID, AEAD_ID = 0x0020, 0x0001, 0x0002
 ENC_SIZE = 32
 KEY_SIZE = 32  # AES-256-GCM
@@ -40,7 +42,7 @@ _KEM_SUITE = b"KEM" + struct.pack(">H", KEM_ID)
 MODE_AUTH = 0x02
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(TdxvmError):
     """A sealed secret could not be opened: wrong key, wrong sender, wrong ``info``, or tampered."""
 
     code = "envelope"

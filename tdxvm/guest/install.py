@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import lock_exclusive, write_atomic
 from tdxvm.guest import scratch
 from tdxvm.guest.staging import StagingError, install_model
@@ -52,13 +53,8 @@ _QGS = re.compile(r"[A-Za-z0-9.-]+:[0-9]{1,5}")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class InstallError(Exception):
+class InstallError(TdxvmError):
     code = "install"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 def serve_env(name: str, dtype: str, threads: int | None, qgs: str | None) -> bytes:

@@ -27,13 +27,15 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
+
 DIGEST_TAG = b"tdxvm model digest v1\x00"
 DIGEST_SIZE = 32
 PREFIX = "sha256:"
 _READ = 4 << 20
 
 
-class ModelDigestError(Exception):
+class ModelDigestError(TdxvmError):
     """A folder whose digest cannot be taken (a link, a special file, no files); the message names the path."""
 
     code = "model-digest"

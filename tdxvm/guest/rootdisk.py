@@ -30,6 +30,7 @@ import sys
 import subprocess
 from dataclasses import dataclass
 
+from tdxvm.errors import TdxvmError
 from tdxvm.guest.devmapper import crypt_problem, devno, one_target, run
 
 CIPHER = "aes-xts-plain64"
@@ -52,8 +53,10 @@ VERITY_OPTION = "try_verify_in_tasklet"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class RootDiskError(Exception):
+class RootDiskError(TdxvmError):
     """The root filesystem is not the one the measured command line names, or cannot be opened."""
+
+    code = "root-disk"
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import lock_exclusive, write_atomic
 from tdxvm.guest.modeldigest import folder_digest, show
 
@@ -56,15 +57,10 @@ QUANTIZATION_NONE = "none"
 MAX_LOG_BYTES = 1 << 20
 
 
-class Rtmr3Error(Exception):
+class Rtmr3Error(TdxvmError):
     """RTMR3 could not be measured, or the log does not explain it; the service must not serve."""
 
     code = "rtmr3"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 class Extender(Protocol):

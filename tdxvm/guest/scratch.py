@@ -40,6 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
 from tdxvm.guest.devmapper import crypt_problem, devno, one_target, run
 
 DEVICE = "/dev/vdb"
@@ -57,8 +58,10 @@ HEADER_DIR = Path("/run/tdxvm")
 _MIB = 1 << 20
 
 
-class ScratchError(Exception):
+class ScratchError(TdxvmError):
     """The scratch disk could not be set up as asked, or its tables are not the ones asked for."""
+
+    code = "scratch"
 
 
 def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:

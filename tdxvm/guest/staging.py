@@ -38,6 +38,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import lock_exclusive
 from tdxvm.guest.transferwire import MAC_KEY_SIZE, MAC_SIZE, BlockMac, Manifest, WireError
 from tdxvm.guest.weights import FileEntry, Progress, decrypt_model
@@ -49,15 +50,10 @@ _ZERO_TAG = bytes(MAC_SIZE)
 _UPLOAD_ID = re.compile(r"[0-9a-f]{64}")
 
 
-class StagingError(Exception):
+class StagingError(TdxvmError):
     """The receiving folder cannot hold this upload (busy, full, inconsistent); the message says where."""
 
     code = "staging"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 def upload_path(dest: Path, upload_id: str) -> Path:

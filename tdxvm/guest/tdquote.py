@@ -54,6 +54,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from tdxvm.errors import TdxvmError
+
 REPORT_DATA_SIZE = 64
 TDREPORT_SIZE = 1024
 TSM_REPORT_DIR = "sys/kernel/config/tsm/report"  # under the root given to detect()
@@ -83,15 +85,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-class QuoteError(Exception):
+class QuoteError(TdxvmError):
     """No quote: the message says which provider, which file or address, and what failed."""
 
     code = "quote"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 class NoQuoteProvider(QuoteError):

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic
 
 DEFAULT_DIR = Path("/run/tdxvm/tls")  # TD memory; where the image's service unit keeps it; the agent reads the cert there
@@ -35,7 +36,7 @@ CERT_FILE = "cert.pem"
 _VALIDITY = timedelta(days=10 * 365)
 
 
-class TlsError(Exception):
+class TlsError(TdxvmError):
     """The TLS key or certificate folder is unusable; the message names the file."""
 
     code = "tls"

@@ -50,6 +50,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from tdxvm.errors import TdxvmError
 from tdxvm.guest.weights import FILES_DIR, HEADER_SIZE, INDEX_NAME, TAG_SIZE, Header, WeightsError
 
 FORMAT = "tdxvm-upload-v1"
@@ -68,15 +69,10 @@ END_OF_STREAM = 0xFFFFFFFF
 _BLOB_NAME = re.compile(rf"{FILES_DIR}/([0-9a-f]{{32}})\.tdxw")
 
 
-class WireError(Exception):
+class WireError(TdxvmError):
     """A manifest or bulk stream that breaks this format; the message says which field and where."""
 
     code = "transfer-wire"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic_with
 from tdxvm.guest.modeldigest import digest_of_entries, parse_digest, show
 
@@ -82,7 +83,7 @@ _INDEX_PATH = ""  # the index's own key-derivation path; no model file may have 
 Progress = Callable[[int], None]  # called with the number of plaintext bytes just done
 
 
-class WeightsError(Exception):
+class WeightsError(TdxvmError):
     """Encrypted weights are malformed, tampered with, or opened with the wrong key.
 
     The message names the file and, where it applies, the chunk and byte offset.

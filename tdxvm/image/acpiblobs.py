@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from tdxvm.errors import TdxvmError
 from tdxvm.image.qtest import (FwCfgError, FwCfgFile, QtestError, QtestSession, fwcfg_directory, fwcfg_has_dma,
                                fwcfg_read, fwcfg_read_item, qemu_accelerators)  # fmt: skip
 
@@ -71,7 +72,7 @@ DEFAULT_PMBASE = 0x600
 """ICH9 PM I/O base that OVMF (``PlatformInitLib``, ``ICH9_PMBASE_VALUE``) programs."""
 
 
-class AcpiBlobError(Exception):
+class AcpiBlobError(TdxvmError):
     """Base of this module's errors; ``code`` is stable."""
 
     code = "acpi-blobs"

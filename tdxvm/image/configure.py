@@ -51,9 +51,9 @@ PROFILE_OVERLAYS = {"model-server": Path(__file__).with_name("overlay-model-serv
 BOOT_UNITS = ("tdxvm-ssh-keygen.service", "tdxvm-agent.service")  # what the boot starts (multi-user.target)
 GUEST_PYTHON = "/usr/lib/tdxvm/python"
 _PACKAGE_ROOT = Path(tdxvm.__file__).parent
-# What of tdxvm ships into the guest: the guest package, the REPORTDATA binding and the
-# atomic-write helper (both standard library only).
-GUEST_MODULES = ("__init__.py", "fileio.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
+# What of tdxvm ships into the guest: the guest package, the REPORTDATA binding, the
+# errors' base and the atomic-write helper (all standard library only).
+GUEST_MODULES = ("__init__.py", "errors.py", "fileio.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
 _EXECUTABLE = {"etc/initramfs-tools/hooks/tdxvm", "etc/initramfs-tools/scripts/local-top/tdxvm",
                "etc/initramfs-tools/scripts/local-bottom/tdxvm"}
 

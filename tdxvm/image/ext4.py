@@ -37,6 +37,8 @@ import uuid as uuidlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
+
 BLOCK_SIZE = 4096
 _FIRST_NON_RESERVED_INODE = 11  # EXT4_GOOD_OLD_FIRST_INO; inode 2 is the root directory
 _HASH_SEED_NAMESPACE = uuidlib.UUID("6f1d9a52-2f55-4b57-9d0c-3c1f3f0d5e1a")
@@ -61,7 +63,7 @@ MKE2FS_CONF = """\
 """
 
 
-class ImageStepError(Exception):
+class ImageStepError(TdxvmError):
     """An image build step failed: which step, the command line, and what it printed."""
 
     code = "image-step"

@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic_with
 
 FORMAT = "#tdxvm-tree-listing 1"
@@ -58,7 +59,7 @@ _TYPES = ((stat.S_ISREG, "f"), (stat.S_ISDIR, "d"), (stat.S_ISLNK, "l"), (stat.S
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
 
 
-class ListingError(ValueError):
+class ListingError(TdxvmError, ValueError):
     """A tree that cannot be listed (changed while read, root not a directory) or a stored
     listing that cannot be read; the message names the path, or the file and line."""
 

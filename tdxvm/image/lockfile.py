@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic
 
 FORMAT = "tdxvm-image-lock/1"
@@ -39,7 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
 _VERSION = re.compile(r"^[A-Za-z0-9.+~:_-]+$")
 
 
-class LockError(Exception):
+class LockError(TdxvmError):
     code = "lock"
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 
+from tdxvm.errors import TdxvmError
 from tdxvm.image.ext4 import run_step, tool
 from tdxvm.image.xts import SECTOR, XtsPlain64
 
@@ -45,7 +46,7 @@ _BINARY_SIZE = 4096
 _b64 = base64.b64decode
 
 
-class LuksError(Exception):
+class LuksError(TdxvmError):
     """A LUKS2 header that cannot be read, or a key or passphrase that does not open it."""
 
     code = "luks"

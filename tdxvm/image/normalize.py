@@ -56,6 +56,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
+
 GUEST_PYTHON = b"/usr/bin/python3"
 DAY = 86400
 SHADOW_FILES = ("etc/shadow", "etc/shadow-")
@@ -68,7 +70,7 @@ _SH_TRAMPOLINE = re.compile(rb"\A#!/bin/sh\n'''exec' [^\n]+ \"\$0\" \"\$@\"\n' '
 _PYTHON_FOLDER = re.compile(r"\Apython3\.\d+\Z")
 
 
-class NormalizeError(ValueError):
+class NormalizeError(TdxvmError, ValueError):
     """The tree to normalize is not a folder (a symlink to one is refused)."""
 
     code = "normalize"

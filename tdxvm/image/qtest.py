@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
+
 FW_CFG_SELECTOR_PORT = 0x510
 FW_CFG_DATA_PORT = 0x511
 FW_CFG_DMA_HIGH_PORT = 0x514
@@ -54,7 +56,7 @@ _MAX_FILE = 64 << 20
 _STDERR_TAIL = 4000
 
 
-class QtestError(Exception):
+class QtestError(TdxvmError):
     """QEMU under qtest failed; ``stderr`` holds the tail of what QEMU printed."""
 
     code = "qtest"

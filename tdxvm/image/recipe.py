@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
+from tdxvm.errors import TdxvmError
 from tdxvm.yamlfile import SpecError, load_yaml
 
 # What every image needs, whatever the recipe adds: systemd, the SSH server, Python with
@@ -59,7 +60,7 @@ UPDATE_SUITES = {
 }
 
 
-class RecipeError(Exception):
+class RecipeError(TdxvmError):
     code = "recipe"
 
 

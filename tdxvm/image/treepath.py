@@ -26,10 +26,12 @@ import stat
 from collections import deque
 from pathlib import Path
 
+from tdxvm.errors import TdxvmError
+
 MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS: more in one lookup is ELOOP
 
 
-class TreePathError(Exception):
+class TreePathError(TdxvmError):
     """A path in the rootfs cannot be used as asked: a symlink loop, or a folder where a file goes."""
 
     code = "tree-path"

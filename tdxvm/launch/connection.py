@@ -15,7 +15,13 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from tdxvm.launch.errors import ConnectError, LibvirtdNotRunningError, LibvirtPermissionError, SshTransportError
+from tdxvm.launch.errors import (
+    ConnectError,
+    LibvirtdNotRunningError,
+    LibvirtPermissionError,
+    LibvirtUnreachable,
+    SshTransportError,
+)
 from tdxvm.launch.uris import uri_problem
 
 DEFAULT_URI = "qemu:///system"
@@ -65,7 +71,7 @@ def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
     except libvirt.libvirtError as exc:
         raise explain_connect_error(uri, exc) from None
     if conn is None:  # pragma: no cover - older bindings returned None instead of raising
-        raise ConnectError(f"cannot connect to libvirt at {uri}")
+        raise LibvirtUnreachable(f"cannot connect to libvirt at {uri}")
     return conn
 
 
@@ -112,4 +118,4 @@ def explain_connect_error(uri: str, exc: libvirt.libvirtError) -> ConnectError:
     if exc.get_error_code() == libvirt.VIR_ERR_NO_CONNECT:
         return ConnectError(f"{where}\nfix: use a URI whose driver this libvirt client knows, e.g. qemu:///system, "
                             "qemu+ssh://user@host/system or test:///default")  # fmt: skip
-    return ConnectError(where)
+    return LibvirtUnreachable(where)

@@ -1,21 +1,20 @@
 """Errors of the launch package: each says what was refused, where, and the likely fix.
 
 Every error is a :class:`LaunchError` with a stable ``code`` (used by ``-o json`` and by
-scripts); ``str(err)`` is the message for people.
+scripts); ``str(err)`` is the message for people. A libvirt that does not answer is
+:class:`LibvirtUnreachable` (exit 3); a controller record the host contradicts is a
+refusal (:class:`tdxvm.launch.records.RecordMismatch`, exit 1); the rest is exit 2.
 """
 
 from __future__ import annotations
 
+from tdxvm.errors import TdxvmError, Unreachable
 
-class LaunchError(Exception):
+
+class LaunchError(TdxvmError):
     """Base of every error raised by :mod:`tdxvm.launch`."""
 
     code = "launch"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 class ManifestError(LaunchError):
@@ -31,12 +30,17 @@ class LaunchPolicyError(LaunchError):
 
 
 class ConnectError(LaunchError):
-    """libvirt could not be reached at a URI. Subclasses name the likely cause."""
+    """libvirt could not be used at a URI. Subclasses name the likely cause; as such (exit
+    2) the URI itself or this user's rights are wrong, which only the user can fix."""
 
     code = "libvirt-connect"
 
 
-class LibvirtdNotRunningError(ConnectError):
+class LibvirtUnreachable(ConnectError, Unreachable):
+    """Nothing usable answered at the URI (exit 3): no daemon, no route, a failed transport."""
+
+
+class LibvirtdNotRunningError(LibvirtUnreachable):
     code = "libvirtd-not-running"
 
 
@@ -44,7 +48,7 @@ class LibvirtPermissionError(ConnectError):
     code = "libvirt-permission"
 
 
-class SshTransportError(ConnectError):
+class SshTransportError(LibvirtUnreachable):
     code = "libvirt-ssh"
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tdxvm.attest.policy import Policy
+from tdxvm.errors import Refused
 from tdxvm.fileio import write_atomic
 from tdxvm.launch.domain import PortForward
 from tdxvm.launch.errors import LaunchError
@@ -49,8 +50,9 @@ class RecordError(LaunchError):
     code = "vm-record"
 
 
-class RecordMismatch(LaunchError):
-    """What libvirt says of a VM disagrees with the controller's record of it."""
+class RecordMismatch(LaunchError, Refused):
+    """What libvirt says of a VM disagrees with the controller's record of it: a refusal
+    (exit 1), since the host changed the VM behind the controller's back."""
 
     code = "vm-record-mismatch"
 

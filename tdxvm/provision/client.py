@@ -13,29 +13,52 @@ endpoint whose replayed log does not name that digest. Without a ``model`` argum
 requests name the model the attested event names.
 
 Errors the service answers (4xx/5xx with an OpenAI-style ``{"error": {...}}``) raise
-:class:`ApiError` with its message; a connection to any other TLS key fails before a
-byte of the prompt is sent (:class:`tdxvm.provision.pinning.PinMismatchError`).
+:class:`ApiError` with its message; no answer at all raises :class:`ApiUnreachable`; a
+connection to any other TLS key fails before a byte of the prompt is sent
+(:class:`tdxvm.provision.pinning.PinMismatchError`), as does an endpoint that serves
+another model than the one asked for (:class:`ApiRefused`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import requests
 
+from tdxvm.errors import Refused, TdxvmError, Unreachable
 from tdxvm.provision.endpoint import AttestedEndpoint, verify_endpoint
 
 
-class ApiError(Exception):
+class ApiError(TdxvmError):
+    """The service answered with an error, or with something that is not its API (exit 2)."""
+
     code = "api"
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, code=code)
         self.status = status
-        if code is not None:
-            self.code = code
+
+
+class ApiRefused(ApiError, Refused):
+    """The endpoint does not serve the model it was to be held to: nothing was sent (exit 1)."""
+
+
+class ApiUnreachable(ApiError, Unreachable):
+    """No answer from the service, or the connection broke (exit 3)."""
+
+
+@contextmanager
+def _answered(what: str) -> Iterator[None]:
+    """``requests``' network failures as :class:`ApiUnreachable`; a pin mismatch stays the refusal it is."""
+    try:
+        yield
+    except TdxvmError:
+        raise
+    except requests.RequestException as exc:
+        raise ApiUnreachable(f"{what}: no answer: {exc}") from exc
 
 
 def _raise_for(r: requests.Response, what: str) -> None:
@@ -57,8 +80,8 @@ class ApiClient:
             served = endpoint.model
             if served is None or served.digest != bytes(model_digest):
                 what = f"serves {served.name} {served.digest_text}" if served else "has no replayed model event"
-                raise ApiError(f"{endpoint.url} {what}, not the expected model sha256:{bytes(model_digest).hex()}: refused, "
-                               "nothing sent", code="model-digest")  # fmt: skip
+                raise ApiRefused(f"{endpoint.url} {what}, not the expected model sha256:{bytes(model_digest).hex()}: refused, "
+                                 "nothing sent", code="model-digest")  # fmt: skip
         self.endpoint = endpoint
         self.session = endpoint.session(timeout=timeout)
 
@@ -71,7 +94,8 @@ class ApiClient:
         return f"{self.endpoint.url}{path}"
 
     def models(self) -> list[str]:
-        r = self.session.get(self._url("/v1/models"))
+        with _answered("GET /v1/models"):
+            r = self.session.get(self._url("/v1/models"))
         _raise_for(r, "GET /v1/models")
         return [m["id"] for m in r.json().get("data", [])]
 
@@ -87,7 +111,8 @@ class ApiClient:
 
     def complete(self, prompt: str, *, model: str | None = None, max_tokens: int = 32, **params: Any) -> dict[str, Any]:
         body = {"model": self.model(model), "prompt": prompt, "max_tokens": max_tokens, **params}
-        r = self.session.post(self._url("/v1/completions"), json=body)
+        with _answered("POST /v1/completions"):
+            r = self.session.post(self._url("/v1/completions"), json=body)
         _raise_for(r, "POST /v1/completions")
         return r.json()
 
@@ -95,7 +120,8 @@ class ApiClient:
                     **params: Any) -> Iterator[str]:  # fmt: skip
         """The streamed chat completion's text pieces as they arrive (server-sent events)."""
         body = {"model": self.model(model), "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
-        with self.session.post(self._url("/v1/chat/completions"), json=body, stream=True) as r:
+        url = self._url("/v1/chat/completions")
+        with _answered("POST /v1/chat/completions"), self.session.post(url, json=body, stream=True) as r:
             _raise_for(r, "POST /v1/chat/completions")
             for raw in r.iter_lines():
                 line = raw.decode("utf-8", "replace")

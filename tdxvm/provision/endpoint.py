@@ -50,6 +50,7 @@ from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import Quote, parse_quote
 from tdxvm.attest.result import Reason
 from tdxvm.attest.verdict import Verdict, appraise
+from tdxvm.errors import Refused, TdxvmError, Unreachable
 from tdxvm.guest.agentwire import unb64
 from tdxvm.provision.pinning import DEFAULT_TIMEOUT, pinned_session, unverified_context
 
@@ -60,20 +61,20 @@ REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")  # firmware, kernel, initrd +
 CollateralSource = Collateral | Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
 
 
-class EndpointError(Exception):
+class EndpointError(TdxvmError):
     """Base of this module's errors; ``code`` is stable, the message names the endpoint."""
 
     code = "endpoint"
 
 
-class EndpointUnreachable(EndpointError):
-    """No TLS connection, or no HTTP answer, from the endpoint (the network, not a verdict)."""
+class EndpointUnreachable(EndpointError, Unreachable):
+    """No TLS connection, or no HTTP answer, from the endpoint (the network, not a verdict: exit 3)."""
 
     code = "endpoint-unreachable"
 
 
-class EndpointRefused(EndpointError):
-    """The endpoint did not prove what it runs: every reason, and the verdict when there is one."""
+class EndpointRefused(EndpointError, Refused):
+    """The endpoint did not prove what it runs: every reason, and the verdict when there is one (exit 1)."""
 
     code = "endpoint-refused"
 

@@ -39,6 +39,7 @@ from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import Quote, parse_quote
 from tdxvm.attest.result import Reason
 from tdxvm.attest.verdict import Verdict, appraise
+from tdxvm.errors import Refused, TdxvmError, Unreachable
 from tdxvm.guest import agentwire as wire
 from tdxvm.guest.envelope import seal
 
@@ -48,7 +49,7 @@ DEFAULT_TIMEOUT = 30.0
 CollateralSource = Collateral | Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
 
 
-class HandshakeError(Exception):
+class HandshakeError(TdxvmError):
     """Base of this module's errors: ``code`` is stable; ``address`` and ``phase`` say where."""
 
     code = "handshake"
@@ -58,14 +59,14 @@ class HandshakeError(Exception):
         self.address, self.phase = address, phase
 
 
-class GuestUnreachable(HandshakeError):
-    """No connection to the agent, or it closed the connection."""
+class GuestUnreachable(HandshakeError, Unreachable):
+    """No connection to the agent, or it closed the connection (exit 3)."""
 
     code = "guest-unreachable"
 
 
-class HandshakeTimeout(HandshakeError):
-    """The agent did not answer in time."""
+class HandshakeTimeout(HandshakeError, Unreachable):
+    """The agent did not answer in time (exit 3)."""
 
     code = "handshake-timeout"
 
@@ -82,8 +83,8 @@ class GuestError(HandshakeError):
     code = "guest-error"
 
 
-class AttestationRefused(HandshakeError):
-    """The guest did not prove what it runs: every reason, and the verdict where there is one."""
+class AttestationRefused(HandshakeError, Refused):
+    """The guest did not prove what it runs: every reason, and the verdict where there is one (exit 1)."""
 
     code = "attestation-refused"
 

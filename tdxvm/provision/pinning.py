@@ -9,8 +9,9 @@ checked, so a reconnect after a dropped keep-alive, a redirect to another host a
 retry are all held to the same key. Plain HTTP and proxies are refused outright: both
 would leave the key unchecked.
 
-Refusals are typed: :class:`PinMismatchError` (a ``requests.exceptions.SSLError``) for
-another key, :class:`UnpinnedRequestError` for a request the pin cannot cover.
+Refusals are typed: :class:`PinMismatchError` (a ``requests.exceptions.SSLError`` and a
+:class:`tdxvm.errors.Refused`, exit 1) for another key, :class:`UnpinnedRequestError`
+(exit 2) for a request the pin cannot cover.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
+from tdxvm.errors import Refused, TdxvmError
+
 DEFAULT_TIMEOUT = (30.0, 600.0)  # (connect, read) seconds for requests that give none: a long generation may be slow
 
 
-class PinMismatchError(requests.exceptions.SSLError):
+class PinMismatchError(requests.exceptions.SSLError, Refused):
     """The server presented a TLS key other than the pinned one; nothing was sent to it."""
 
     code = "tls-pin-mismatch"
@@ -41,7 +44,7 @@ class PinMismatchError(requests.exceptions.SSLError):
         self.presented, self.pinned = presented, pinned
 
 
-class UnpinnedRequestError(requests.exceptions.RequestException):
+class UnpinnedRequestError(requests.exceptions.RequestException, TdxvmError):
     """A request the pinned session cannot hold to its key (plain HTTP, a proxy)."""
 
     code = "tls-pin-unpinned"

@@ -17,12 +17,22 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tdxvm.errors import Refused, TdxvmError, Unreachable
 
-class SshError(Exception):
+
+class SshError(TdxvmError):
+    """A command over SSH failed (exit 2); its subclasses: no session, or the wrong host key."""
+
     code = "ssh"
 
 
-class HostKeyMismatch(SshError):
+class SshUnreachable(SshError, Unreachable):
+    """No SSH session: the guest did not answer, or the connection broke (exit 3)."""
+
+
+class HostKeyMismatch(SshError, Refused):
+    """The server's host key is not the attested one (exit 1): nothing was sent to it."""
+
     code = "ssh-host-key"
 
 
@@ -56,17 +66,24 @@ def connect(address: tuple[str, int], *, host_key: bytes, client_key: Ed25519Pri
     except HostKeyMismatch:
         client.close()
         raise
-    except (paramiko.SSHException, OSError, socket.timeout) as exc:
+    except paramiko.AuthenticationException as exc:  # it answered, and did not take the controller's key
         client.close()
         raise SshError(f"ssh {user}@{where}: {exc}") from None
+    except (paramiko.SSHException, OSError, socket.timeout) as exc:
+        client.close()
+        raise SshUnreachable(f"ssh {user}@{where}: {exc}") from None
     return client
 
 
 def run(client: paramiko.SSHClient, command: str, *, timeout: float = 60.0) -> str:
-    """Run ``command``; its stdout, or :class:`SshError` with its stderr and exit status."""
-    _, stdout, stderr = client.exec_command(command, timeout=timeout)
-    out = stdout.read().decode(errors="replace")
-    status = stdout.channel.recv_exit_status()
+    """Run ``command``; its stdout, or :class:`SshError` with its stderr and exit status
+    (:class:`SshUnreachable` when the session broke or the command outlived ``timeout``)."""
+    try:
+        _, stdout, stderr = client.exec_command(command, timeout=timeout)
+        out = stdout.read().decode(errors="replace")
+        status = stdout.channel.recv_exit_status()
+    except (paramiko.SSHException, OSError) as exc:  # socket.timeout is an OSError
+        raise SshUnreachable(f"`{command}`: {exc or type(exc).__name__}") from None
     if status != 0:
         raise SshError(f"`{command}` exited {status}: {stderr.read().decode(errors='replace').strip()}")
     return out

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import paramiko
 
+from tdxvm.errors import TdxvmError, Unreachable
 from tdxvm.launch.manifest import UPLOAD_PORT
 from tdxvm.guest.transferwire import (
     DEFAULT_BLOCK_SIZE,
@@ -61,7 +62,7 @@ SSH_WINDOW = 16 << 20
 Progress = Callable[[int, int], None]  # (bytes the guest holds so far, total bytes); first call at the resume point
 
 
-class TransferError(Exception):
+class TransferError(TdxvmError):
     """The upload failed; ``code`` says how, the message says where (file, block, receiver output).
 
     Codes: ``bad-folder`` (not an encrypted model folder), ``receiver`` (the guest's
@@ -69,15 +70,15 @@ class TransferError(Exception):
     refused a block or stream: altered in transit or out of protocol), ``stream`` (a
     bulk stream broke), ``incomplete`` (the guest still misses blocks at commit),
     ``changed`` (a local file changed during the upload). Verified blocks stay on the
-    guest: calling :func:`upload` again resumes.
+    guest: calling :func:`upload` again resumes. No stream, a broken one, or an SSH
+    session that is gone or silent is :class:`TransferUnreachable` (exit 3).
     """
 
     code = "transfer"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
+
+class TransferUnreachable(TransferError, Unreachable):
+    """The guest did not answer, or a connection to it broke (exit 3)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +127,13 @@ class _RemoteReceiver:
     def __init__(self, client: paramiko.SSHClient, command: str, manifest: Manifest, mac_key: bytes, timeout: float) -> None:
         transport = client.get_transport()
         if transport is None or not transport.is_active():
-            raise TransferError("the SSH client is not connected", code="receiver")
+            raise TransferUnreachable("the SSH client is not connected", code="receiver")
         self.transport, self.timeout, self.command = transport, timeout, command
         self._buf = bytearray()
         try:
             self.chan = transport.open_session(timeout=timeout)
         except (paramiko.SSHException, OSError) as exc:
-            raise TransferError(f"cannot open an SSH session to start the guest receiver: {exc}", code="receiver") from None
+            raise TransferUnreachable(f"cannot open an SSH session to start the guest receiver: {exc}", code="receiver") from None
         try:
             self.chan.settimeout(timeout)
             self.chan.exec_command(command)
@@ -143,7 +144,7 @@ class _RemoteReceiver:
                     raise TransferError(f"guest receiver's ready line lacks {field!r} (another tdxvm version?): {self.ready}", code="receiver")
         except (paramiko.SSHException, OSError) as exc:
             self.close()
-            raise TransferError(f"starting the guest receiver ({command}) failed: {exc}", code="receiver") from None
+            raise TransferUnreachable(f"starting the guest receiver ({command}) failed: {exc}", code="receiver") from None
         except BaseException:
             self.close()
             raise
@@ -162,7 +163,8 @@ class _RemoteReceiver:
             doc = json.loads(raw)
         except (OSError, EOFError, ValueError) as exc:
             time.sleep(0.1)
-            raise TransferError(f"guest receiver ({self.command}) gave no {what} reply ({exc!r}); its stderr: {self.stderr_tail() or '(empty)'}", code="receiver") from None
+            kind = TransferUnreachable if isinstance(exc, OSError) else TransferError  # silent or gone; else it died or spoke nonsense
+            raise kind(f"guest receiver ({self.command}) gave no {what} reply ({exc!r}); its stderr: {self.stderr_tail() or '(empty)'}", code="receiver") from None
         if not doc.get("ok"):
             code = "incomplete" if doc.get("code") == "incomplete" else "receiver"
             raise TransferError(f"guest receiver refused at {what}: [{doc.get('code')}] {doc.get('error')}", code=code)
@@ -259,7 +261,7 @@ def _stream_error(conn: _Conn, exc: BaseException) -> TransferError:
         doc = json.loads(_read_line(conn, bytearray()))
         if not doc.get("ok"):
             return TransferError(f"guest refused the stream: {doc.get('error')}", code="refused" if doc.get("code") in ("refused", "protocol", "header-mismatch") else str(doc.get("code")))
-    return TransferError(f"bulk stream broke: {exc!r}", code="stream")
+    return TransferUnreachable(f"bulk stream broke: {exc!r}", code="stream")
 
 
 def upload(
@@ -342,14 +344,14 @@ def _open_conn(via: str, remote: _RemoteReceiver, guest_address: str | tuple[str
         try:
             chan = remote.transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), window_size=SSH_WINDOW, timeout=timeout)
         except (paramiko.SSHException, OSError) as exc:
-            raise TransferError(f"SSH direct-tcpip channel to the receiver's port {port} refused: {exc}", code="connect") from None
+            raise TransferUnreachable(f"SSH direct-tcpip channel to the receiver's port {port} refused: {exc}", code="connect") from None
         chan.settimeout(timeout)
         return chan
     addr = guest_address if isinstance(guest_address, tuple) else (str(guest_address), port)
     try:
         sock = socket.create_connection(addr, timeout=timeout)
     except OSError as exc:
-        raise TransferError(f"cannot open a bulk stream to {addr[0]}:{addr[1]}: {exc}", code="connect") from None
+        raise TransferUnreachable(f"cannot open a bulk stream to {addr[0]}:{addr[1]}: {exc}", code="connect") from None
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     return sock
@@ -390,5 +392,5 @@ def _run_streams(sender: _Sender, n: int, via: str, remote: _RemoteReceiver, gue
         if isinstance(first, TransferError) and first.code in ("stream", "refused"):
             tail = remote.stderr_tail()
             if tail:
-                raise TransferError(f"{first}; guest receiver says: {tail}", code=first.code) from None
+                raise type(first)(f"{first}; guest receiver says: {tail}", code=first.code) from None
         raise first

@@ -293,11 +293,11 @@ def test_tls_key_file_errors(tmp_path):
 
 def test_guest_side_imports_nothing_from_the_controller():
     """What ships into the guest (and its initramfs) must import only the standard library,
-    ``cryptography`` and the REPORTDATA binding."""
+    ``cryptography``, the REPORTDATA binding and tdxvm's error base."""
     code = "import sys, tdxvm.guest.agent, tdxvm.guest.unlock, tdxvm.guest.tdquote; print(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
     assert {m for m in out if m.startswith("tdxvm")} <= {
-        "tdxvm", "tdxvm.fileio", "tdxvm.attest", "tdxvm.attest.binding", "tdxvm.guest", "tdxvm.guest.agent", "tdxvm.guest.agentwire",
+        "tdxvm", "tdxvm.errors", "tdxvm.fileio", "tdxvm.attest", "tdxvm.attest.binding", "tdxvm.guest", "tdxvm.guest.agent", "tdxvm.guest.agentwire",
         "tdxvm.guest.envelope", "tdxvm.guest.tdquote", "tdxvm.guest.unlock",
     }  # fmt: skip
     assert not {m.split(".")[0] for m in out} & {"pydantic", "yaml", "requests", "click", "libvirt", "paramiko", "torch"}

@@ -11,7 +11,8 @@ import stat
 import click
 import pytest
 
-from tdxvm.cli.output import run_guarded, typed_error
+from tdxvm.cli.output import run_guarded
+from tdxvm.errors import TdxvmError
 from tdxvm.image import debian
 from tdxvm.image.cache import ENTRY_FILE, CacheError, FileDigest, StepCache, private_folder, step_key, verify_file
 
@@ -188,4 +189,4 @@ def test_the_cli_reports_a_cache_error_as_one_line(tmp_path, capsys):
     assert line.startswith(f"error: cache folder {tmp_path / 'cache'} (owner uid") and line.endswith(
         "chmod 700 " + str(tmp_path / "cache")
     )
-    assert typed_error(CacheError(tmp_path, "x"))
+    assert isinstance(CacheError(tmp_path, "x"), TdxvmError)

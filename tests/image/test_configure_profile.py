@@ -58,7 +58,7 @@ def test_guest_modules_include_the_installer(tmp_path):
     package = tmp_path / GUEST_PACKAGE
     repo_install = Path(__file__).resolve().parents[2] / "tdxvm" / "guest" / "install.py"
     assert (package / "guest" / "install.py").read_bytes() == repo_install.read_bytes()
-    for rel in ("__init__.py", "fileio.py", "guest/staging.py", "guest/weights.py", "guest/serve.py"):
+    for rel in ("__init__.py", "errors.py", "fileio.py", "guest/staging.py", "guest/weights.py", "guest/serve.py"):
         assert (package / rel).is_file(), rel
 
 

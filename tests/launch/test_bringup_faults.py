@@ -30,6 +30,7 @@ def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path
         bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
                          secrets=store, progress=events.append, boot_timeout=2)  # fmt: skip
     assert err.value.phase == "boot" and "did not answer in time" in str(err.value)
+    assert err.value.exit_status == 3  # unreachable, not the user's input
     assert [e.phase for e in events if e.status == "done"] == ["define"]  # never reached quote/unlock
     assert not conn.lookupByName("silent").isActive()  # powered off, still defined for its log
 

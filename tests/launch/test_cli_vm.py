@@ -53,7 +53,7 @@ def test_dry_run_prints_domain_and_policy_without_contacting_libvirt(capsys, vm_
     assert root.findtext("os/cmdline") == manifest.cmdline
     assert "nothing was defined" in out.lower() and "libvirt was not contacted" in out
     assert "(mrtd, rtmr1, rtmr2 from the image manifest)" in policy_text
-    assert manifest.measurements["mrtd"] in policy_text and "SWHardeningNeeded" in policy_text
+    assert manifest.measurements.mrtd in policy_text and "SWHardeningNeeded" in policy_text
     assert "# policy exception: accepted_tcb_statuses" in policy_text
     assert "# policy exception: rtmr0 not pinned: " in policy_text and "# policy exception: rtmr3 not pinned: " in policy_text
     assert "td_attributes: ['0000001000000000']" in policy_text  # what the emulated quote service signs, pinned
@@ -64,7 +64,7 @@ def test_dry_run_json(capsys, vm_file, image):
     assert code == 0
     doc = json.loads(out)
     assert doc["dry_run"] is True and doc["uri"] == "qemu+ssh://other@host.invalid/system"
-    assert doc["policy"]["rtmr2"] == [image.manifest().measurements["rtmr2"]]
+    assert doc["policy"]["rtmr2"] == [image.manifest().measurements.rtmr2]
     assert doc["policy_from_manifest"] == ["mrtd", "rtmr1", "rtmr2"]
     assert sorted(f["guest"] for f in doc["forwards"]) == [22, 7300]
     assert ET.fromstring(doc["domain_xml"]).findtext("name") == "smoke"
@@ -198,7 +198,7 @@ def test_console_on_test_driver(capsys, host_uri):
 
 def test_connection_refusal_through_cli(capsys):
     code, _, err = run(capsys, "status", "--uri", "qemu:///system?socket=/nonexistent/sock")
-    assert code == 2 and "systemctl start libvirtd" in err and "Traceback" not in err
+    assert code == 3 and "systemctl start libvirtd" in err and "Traceback" not in err  # unreachable
 
 
 def test_image_measure_vm_names_what_the_launch_pins_and_why_rtmr0_is_not(capsys, vm_file, image):
@@ -209,7 +209,7 @@ def test_image_measure_vm_names_what_the_launch_pins_and_why_rtmr0_is_not(capsys
     code, out, err = run(capsys, "image", "measure", "--vm", vm_file)
     assert code == 0, err
     lines = dict(line.split(None, 1) for line in out.splitlines())
-    assert lines["mrtd"] == manifest.measurements["mrtd"] and lines["rtmr2"] == manifest.measurements["rtmr2"]
+    assert lines["mrtd"] == manifest.measurements.mrtd and lines["rtmr2"] == manifest.measurements.rtmr2
     assert lines["rtmr0"].startswith(f"not predicted on {UNREACHABLE}: the controller predicts RTMR0 with its own QEMU")
     code, out, _ = run(capsys, "image", "measure", "--vm", vm_file, "-o", "json")
     doc = json.loads(out)

@@ -1,0 +1,100 @@
+"""Exit statuses through ``tdxvm.cli.main``: 1 refused, 2 unusable input, 3 unreachable
+(libvirt, SSH, PCS, a guest that does not answer), 4 a bug."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tdxvm.cli import main
+from tdxvm.cli.output import OUTPUT_OPTION, run_guarded
+from tdxvm.errors import Refused, TdxvmError, Unreachable
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_libvirt_that_does_not_answer_is_exit_3(capsys):
+    """No daemon behind the socket, and an SSH transport to a port nobody listens on."""
+    code, out, err = run(capsys, "status", "--uri", "qemu:///system?socket=/nonexistent/libvirt-sock", "-o", "json")
+    assert code == 3 and json.loads(out)["error"]["code"] == "libvirtd-not-running"
+    code, out, err = run(capsys, "status", "--uri", "qemu+ssh://nobody@127.0.0.1:1/system", "-o", "json")
+    assert code == 3 and json.loads(out)["error"]["code"] == "libvirt-ssh", err
+
+
+def test_a_libvirt_uri_that_cannot_be_used_is_exit_2(capsys):
+    code, _, err = run(capsys, "status", "--uri", "test:///nonexistent/host.xml")
+    assert code == 2 and "no such file" in err
+
+
+def test_a_pcs_that_refuses_connections_is_exit_3(capsys, testdata, tmp_path, monkeypatch):
+    """No answer from the PCS and no cached copy: unreachable, for verify-quote and collateral fetch alike."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quote = testdata / "dcap-qvl-v4" / "quote.bin"
+    code, out, _ = run(capsys, "verify-quote", quote, "--pccs", "https://127.0.0.1:1", "-o", "json")
+    doc = json.loads(out)
+    assert code == 3 and doc["verdict"] == "error" and doc["error"]["code"] == "collateral-fetch"
+    assert "Connection refused" in doc["error"]["message"]
+    code, _, err = run(capsys, "collateral", "fetch", quote, "--out", tmp_path / "bundle.json", "--pccs", "https://127.0.0.1:1")
+    assert code == 3 and err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "bundle.json").exists()
+
+
+def test_a_refusal_is_exit_1(capsys, testdata):
+    """Expired collateral: the verifier's answer is no."""
+    d = testdata / "dcap-qvl-v4"
+    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2025-07-21T00:00:00Z",
+                       "-o", "json")  # fmt: skip
+    assert code == 1 and json.loads(out)["verdict"] == "reject"
+
+
+def test_an_exception_not_ours_is_exit_4_internal_error(capsys, tmp_path, monkeypatch):
+    import tdxvm.cli.validate as cli_validate
+
+    def boom(path):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_validate, "guess", boom)
+    (tmp_path / "x.yaml").write_text("a: 1\n")
+    code, _, err = run(capsys, "validate", tmp_path / "x.yaml")
+    assert code == 4 and "internal error" in err and "RuntimeError: boom" in err
+
+
+class _LooksTyped(Exception):
+    """What the CLI once guessed was ours: a tdxvm module and a string ``code``."""
+
+    __module__ = "tdxvm.somewhere"
+    code = "looks-typed"
+
+
+class _Gone(Unreachable):
+    code = "gone"
+
+
+class _No(Refused):
+    code = "no"
+
+
+def test_the_class_decides_never_the_attributes(capsys):
+    raised = {"gone": _Gone("nobody home"), "no": _No("not this one"), "input": TdxvmError("bad file", code="bad-file"),
+              "typed": _LooksTyped("a bug")}  # fmt: skip
+
+    @click.group()
+    def cli() -> None:
+        pass
+
+    @cli.command("raise")
+    @click.argument("name")
+    @OUTPUT_OPTION
+    def raise_cmd(name: str, output: str) -> None:
+        raise raised[name]
+
+    assert run_guarded(cli, ["raise", "gone"]) == 3 and capsys.readouterr().err == "error: nobody home\n"
+    assert run_guarded(cli, ["raise", "no", "-o", "json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"error": {"code": "no", "message": "not this one"}}
+    assert run_guarded(cli, ["raise", "input"]) == 2 and capsys.readouterr().err == "error: bad file\n"
+    assert run_guarded(cli, ["raise", "typed"]) == 4 and "internal error" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from tdxvm.fileio import write_atomic
 from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError
 from tdxvm.attest.pck import parse_pck_extension, parse_pem_chain, pck_ca_type
 from tdxvm.attest.quote import Quote
+from tdxvm.xdg import cache_home
 
 CA_TYPES = ("platform", "processor")
 MAX_BODY = 8 << 20  # PCS bodies are a few KiB; a PCK CRL is at most a few hundred.
@@ -223,10 +224,8 @@ def _distribution_point(pem_chain: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/tdxvm/collateral``, else ``~/.cache/tdxvm/collateral``."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "tdxvm" / "collateral"
+    """``$XDG_CACHE_HOME/tdxvm/collateral``, else ``~/.cache/tdxvm/collateral`` (:mod:`tdxvm.xdg`)."""
+    return cache_home() / "collateral"
 
 
 _CACHED_NAME = re.compile(r"(?P<fmspc>[0-9A-F]{12})-(?P<ca>platform|processor)-(?P<service>[0-9a-f]{16})\.json")

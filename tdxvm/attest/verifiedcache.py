@@ -56,6 +56,7 @@ from cryptography import x509
 
 from tdxvm.attest.collateral import Collateral
 from tdxvm.fileio import write_atomic
+from tdxvm.xdg import cache_home
 
 ITEMS = ("tcb_info", "qe_identity", "pck_crl", "root_ca_crl")
 WHOLE = "collateral"  # one more entry for a whole collateral set: all four items, one file to read
@@ -78,9 +79,7 @@ def default_verified_dir() -> Path:
     own = os.environ.get("TDXVM_VERIFIED_CACHE", "")
     if os.path.isabs(own):
         return Path(own)
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "tdxvm" / "verified"
+    return cache_home() / "verified"
 
 
 def item_key(item: str, anchor_sha256: bytes, *parts: bytes) -> str:

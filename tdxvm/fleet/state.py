@@ -33,20 +33,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic
+from tdxvm.xdg import state_home
 
 FORMAT = "tdxvm-fleet-state/1"
 
 
-class FleetStateError(Exception):
+class FleetStateError(TdxvmError):
     """The state file or lock cannot be used; the message names the file."""
 
     code = "fleet-state"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 class FleetLocked(FleetStateError):
@@ -62,8 +59,7 @@ def now() -> str:
 def default_state_dir() -> Path:
     if os.environ.get("TDXVM_STATE_DIR"):
         return Path(os.environ["TDXVM_STATE_DIR"])
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "tdxvm" / "fleets"
+    return state_home() / "fleets"
 
 
 class FleetLock:

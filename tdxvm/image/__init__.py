@@ -10,11 +10,11 @@ from tdxvm.image.measure import (
     PROFILES,
     REGISTERS,
     ExpectedEvent,
-    MeasureError,
     Measurements,
     Profile,
     predict,
 )
+from tdxvm.image.measureerrors import MeasureError
 
 __all__ = [
     "DEFAULT_PROFILE",

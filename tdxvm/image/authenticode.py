@@ -15,7 +15,7 @@ edk2 runs (``OvmfPkg/Tcg/TdTcg2Dxe/MeasureBootPeCoff.c``, MeasurePeImageAndExten
    trailing data without the signature. No zero padding is added.
 
 A Linux bzImage with the EFI stub is such a PE/COFF image. Parsing takes bytes and
-raises :class:`~tdxvm.image.measure.MeasureError` naming the byte offset.
+raises :class:`~tdxvm.image.measureerrors.MeasureError` naming the byte offset.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from tdxvm.image.measure import MeasureError
+from tdxvm.image.measureerrors import MeasureError
 
 PE32_MAGIC = 0x10B
 PE32_PLUS_MAGIC = 0x20B

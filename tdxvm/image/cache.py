@@ -36,14 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tdxvm.errors import TdxvmError
 from tdxvm.image.recipe import canonical
+from tdxvm.xdg import cache_home
 
 ENTRY_FILE = "entry.json"
 FORMAT = 1
 CHUNK = 1 << 20
 
 
-class CacheError(Exception):
+class CacheError(TdxvmError):
     """The cache cannot be trusted: a folder others can reach, or a file that changed."""
 
     code = "cache"
@@ -60,12 +62,12 @@ class FileDigest:
 
 
 def base_folder() -> Path:
-    """tdxvm's own cache folder: ``$TDXVM_CACHE``, else ``$XDG_CACHE_HOME/tdxvm``, else ``~/.cache/tdxvm``."""
+    """tdxvm's own cache folder: ``$TDXVM_CACHE``, else :func:`tdxvm.xdg.cache_home`
+    (``$XDG_CACHE_HOME/tdxvm``, else ``~/.cache/tdxvm``)."""
     base = os.environ.get("TDXVM_CACHE")
     if base:
         return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "tdxvm"
+    return cache_home()
 
 
 def default_root() -> Path:

@@ -43,6 +43,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tdxvm.image import authenticode, tdvf
+from tdxvm.image.measureerrors import MeasureError, UnmeasuredKernelError
+
 REGISTERS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
 RTMR_SIZE = 48
 
@@ -58,30 +61,6 @@ LINUX_INITRD_TAG_ID = 0x8F3B22EC
 LINUX_LOAD_OPTIONS_TAG_ID = 0x8F3B22ED
 EFI_CC_MEASUREMENT_PROTOCOL_GUID = uuid.UUID("96751a3d-72f4-41a6-a794-ed5d0e67ae6b")
 EFI_TCG2_PROTOCOL_GUID = uuid.UUID("607f766c-7455-42be-930b-e4d76db2720f")
-
-
-class MeasureError(Exception):
-    """Input that cannot be measured: not a PE, no TDVF metadata, truncated tables.
-
-    ``code`` is a stable identifier for scripts; ``offset`` the byte offset in the input
-    where the problem is (None when the problem is not at one place).
-    """
-
-    code = "measure"
-
-    def __init__(self, message: str, *, code: str | None = None, offset: int | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        self.offset = offset
-
-
-class UnmeasuredKernelError(MeasureError):
-    """A kernel whose EFI stub does not measure the command line and initrd in a TD (or
-    of which that cannot be told): RTMR2 would not cover them, so the host could replace
-    them unnoticed."""
-
-    code = "kernel-unmeasured"
 
 
 # What to do about such a kernel, in the words of a recipe (images/*.yaml).
@@ -280,8 +259,6 @@ def predict(*, firmware: bytes | None, kernel: bytes, initrd: bytes, cmdline: st
     ``firmware`` is the TDVF image (None: MRTD is not predicted); ``initrd`` may be
     empty (no ``-initrd``). Unusable input raises :class:`MeasureError` with the offset.
     """
-    from tdxvm.image import authenticode, tdvf  # here: both raise this module's MeasureError
-
     prof = profile if isinstance(profile, Profile) else _profile(profile)
     values: dict[str, str | None] = dict.fromkeys(REGISTERS)
     notes = {

@@ -29,9 +29,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tdxvm.errors import TdxvmError
 from tdxvm.image.acpiblobs import (AcpiBlobError, ExtractError, ExtractInfo, FwCfgReader, option_props, parse_keyval,
                                    read_machine, sanitize_argv)  # fmt: skip
-from tdxvm.image.measure import ExpectedEvent, MeasureError, replay
+from tdxvm.image.measure import ExpectedEvent, replay
+from tdxvm.image.measureerrors import MeasureError
 from tdxvm.image.rtmr0 import FW_CFG_MEASURED_202505, TABLE_LOADER, firmware_build, loader_allocations, rtmr0_events
 from tdxvm.image.smbios import ANCHOR_FILE, TABLES_FILE, SmbiosError, published_table, qemu_structures, set_processor_id
 
@@ -43,7 +45,7 @@ _SIZE = re.compile(r"^(\d+)([bBkKmMgGtT]?)$")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class PlatformInputError(Exception):
+class PlatformInputError(TdxvmError):
     """Base of this module's errors; ``code`` is stable."""
 
     code = "platform-inputs"

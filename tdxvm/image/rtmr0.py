@@ -40,7 +40,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tdxvm.image.measure import EV_SEPARATOR, SEPARATOR_DATA, ExpectedEvent, MeasureError, replay, sha384
+from tdxvm.image.measure import EV_SEPARATOR, SEPARATOR_DATA, ExpectedEvent, replay, sha384
+from tdxvm.image.measureerrors import MeasureError
 from tdxvm.image.smbios import BiosStrings
 from tdxvm.image.smbiosfilter import filter_smbios_table
 from tdxvm.image.tdhob import MIB, measured_td_hob

@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from tdxvm.image.measure import MeasureError
+from tdxvm.image.measureerrors import MeasureError
 
 ANCHOR_FILE = "etc/smbios/smbios-anchor"
 TABLES_FILE = "etc/smbios/smbios-tables"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from tdxvm.image.measure import MeasureError
+from tdxvm.image.measureerrors import MeasureError
 from tdxvm.image.tdvf import SECTION_TD_HOB, SECTION_TEMP_MEM, TdvfMetadata
 
 MIB = 1 << 20

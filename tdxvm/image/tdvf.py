@@ -31,7 +31,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from tdxvm.image.measure import MeasureError
+from tdxvm.image.measureerrors import MeasureError
 
 TABLE_FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
 TDX_METADATA_OFFSET_GUID = uuid.UUID("e47a6535-984a-4798-865e-4685a7bf8ec2")

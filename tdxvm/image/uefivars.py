@@ -28,7 +28,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from tdxvm.image.measure import MeasureError
+from tdxvm.image.measureerrors import MeasureError
 
 EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")

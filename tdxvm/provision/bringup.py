@@ -21,30 +21,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from tdxvm.attest.policy import Policy
 from tdxvm.launch.connection import is_test_driver
-from tdxvm.launch.console import read_host_file, serial_log_tail
-from tdxvm.launch.errors import ConsoleError, LaunchError
-from tdxvm.launch.lifecycle import DomainHandle, destroy, lookup, prepare_domain, record_attestation, start
-from tdxvm.launch.manifest import ImageManifest, load_manifest
-from tdxvm.launch.metadata import ATTESTATION_KEYS
-from tdxvm.launch.records import RecordMismatch, VmRecord, VmRecords, manifest_sha256
-from tdxvm.launch.rtmr0pin import running_argv
+from tdxvm.launch.console import serial_log_tail
+from tdxvm.launch.errors import LaunchError
+from tdxvm.launch.lifecycle import DomainHandle, destroy, prepare_domain, record_attestation, start
+from tdxvm.launch.manifest import ImageManifest
+from tdxvm.launch.records import VmRecord, VmRecords, manifest_sha256
 from tdxvm.launch.spec import VmSpec
-from tdxvm.launch.volumes import content_name
 from tdxvm.provision import handshake, ssh
-from tdxvm.provision.trust import Trust, for_backend
+from tdxvm.provision.attestation import BringUpError, BringUpTimeout, anchor_sha256, attest, kept_verdict, refused_verdict, timestamp
+from tdxvm.provision.model import provision
+from tdxvm.provision.trust import Trust
 from tdxvm.releasekey import SECRET as RELEASE_SECRET
 from tdxvm.releasekey import public_hex, release_key
 from tdxvm.secretstore import SecretStore
@@ -53,17 +48,6 @@ from tdxvm.sshkey import controller_key
 PHASES = ("define", "boot", "quote", "verify", "unlock", "ready")
 BOOT_TIMEOUT = 300.0  # seconds until the initramfs answers (TCG boots are slow)
 READY_TIMEOUT = 300.0
-
-
-class BringUpError(Exception):
-    """The guest did not come up: which phase, why, and its serial log's tail."""
-
-    code = "bring-up"
-
-    def __init__(self, message: str, *, phase: str, serial_tail: str = "") -> None:
-        self.phase, self.serial_tail = phase, serial_tail
-        tail = f"\nlast lines of the serial console:\n{serial_tail}" if serial_tail else ""
-        super().__init__(f"{phase}: {message}{tail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,57 +119,8 @@ def _wait_for_agent(conn: libvirt.virConnect, name: str, address: tuple[str, int
         except handshake.HandshakeError as exc:
             last = exc
         time.sleep(poll)
-    raise BringUpError(f"the guest agent at {address[0]}:{address[1]} did not answer in time ({last})", phase=phase,
-                       serial_tail=_tail(conn, name))  # fmt: skip
-
-
-def attest(conn: libvirt.virConnect, name: str, address: tuple[str, int], trust: Trust, policy: Any, *,
-           require_keys: tuple[str, ...], manifest: ImageManifest | None = None) -> handshake.AttestedGuest:  # fmt: skip
-    """One attestation of the running domain ``name`` (emulated: with its quote service up).
-
-    On libvirt's test driver (``test:///``), which keeps no file contents and runs no
-    guest, the emulated quote service reads what the domain boots from ``manifest``'s
-    local artifacts (checked against their hashes), and the guest's agent runs on this
-    machine, so it is sent the service's loopback address. Every other URI reads the
-    files through libvirt as the host has them.
-    """
-    uri = conn.getURI()
-    xml = conn.lookupByName(name).XMLDesc()
-    test_host = is_test_driver(uri)
-    if test_host and manifest is not None:
-        read = _test_driver_reader(manifest)
-    else:
-        read = lambda path: read_host_file(conn, path)  # noqa: E731
-    with trust.quote_service(xml, read, guest_on_host=test_host, argv=running_argv(conn, name)) as qgs:
-        return handshake.attest_guest(address, collateral=trust.collateral, policy=policy, trust_anchor=trust.trust_anchor,
-                                      qgs_address=qgs, timeout=120, require_keys=require_keys)  # fmt: skip
-
-
-def _test_driver_reader(manifest: ImageManifest) -> Callable[[str], bytes]:
-    """For ``test:///`` hosts only: the domain's kernel, initrd and firmware paths mapped to
-    the manifest's local files (volumes are named by the artifact's SHA-256; each file is
-    checked against it before it is measured)."""
-    by_name = {content_name(role, a.sha256): a for role, a in (("kernel", manifest.kernel), ("initrd", manifest.initrd),
-                                                               ("disk", manifest.disk))}  # fmt: skip
-
-    def read(path: str) -> bytes:
-        artifact = by_name.get(path.rpartition("/")[2])
-        if artifact is not None:
-            try:
-                data = artifact.path.read_bytes()
-            except OSError as exc:
-                raise ConsoleError(f"{artifact.path}: {exc.strerror or exc}") from None
-            if hashlib.sha256(data).hexdigest() != artifact.sha256:
-                raise ConsoleError(f"{artifact.path} differs from its manifest {manifest.path} (sha256)")
-            return data
-        if manifest.firmware_path is not None and path == manifest.firmware_path:
-            data = Path(path).read_bytes()
-            if manifest.firmware_sha256 is not None and hashlib.sha256(data).hexdigest() != manifest.firmware_sha256:
-                raise ConsoleError(f"firmware {path} differs from its manifest {manifest.path} (sha256)")
-            return data
-        raise ConsoleError(f"{path} is not an artifact of image manifest {manifest.path} (test driver host)")
-
-    return read
+    raise BringUpTimeout(f"the guest agent at {address[0]}:{address[1]} did not answer in time ({last})", phase=phase,
+                         serial_tail=_tail(conn, name))  # fmt: skip
 
 
 def _tail(conn: libvirt.virConnect, name: str) -> str:
@@ -198,7 +133,7 @@ def _tail(conn: libvirt.virConnect, name: str) -> str:
 def check_release_key(manifest: ImageManifest, secrets: SecretStore) -> None:
     """Refuse an image built for another controller's release key (or before images had one):
     its guest would refuse every secret this controller releases."""
-    built_for = manifest.raw.get("release_key")
+    built_for = manifest.release_key
     if not secrets.exists(RELEASE_SECRET):
         raise BringUpError(f"the secret store {secrets.directory} holds no release key ({RELEASE_SECRET}): it built no "
                            f"image, so it cannot release secrets to image {manifest.name}'s guests", phase="define")  # fmt: skip
@@ -210,45 +145,12 @@ def check_release_key(manifest: ImageManifest, secrets: SecretStore) -> None:
                            phase="define")  # fmt: skip
 
 
-def _anchor_sha256(trust: Trust) -> str | None:
-    return trust.trust_anchor.sha256.hex() if trust.trust_anchor is not None else None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _kept(verdict: dict[str, Any]) -> dict[str, Any]:
-    """The part of a verdict a VM record keeps (what status shows)."""
-    return {**{k: verdict[k] for k in ATTESTATION_KEYS if k in verdict}, "recorded_at": _now()}
-
-
-def _refused_verdict(refused: handshake.AttestationRefused) -> dict[str, Any]:
-    """A refusal's verdict with every reason (the handshake's own as well as the policy's)."""
-    assert refused.verdict is not None
-    return refused.verdict.to_dict() | {"reasons": [{"code": r.code, "message": r.message} for r in refused.reasons]}
-
-
 def _record(handle: DomainHandle, manifest: ImageManifest, trust: Trust) -> VmRecord:
     return VmRecord(name=handle.name, uuid=handle.uuid, uri=handle.uri, backend=handle.backend, policy=handle.policy,
                     manifest=str(manifest.path), manifest_sha256=manifest_sha256(manifest.path),
-                    trust_anchor_sha256=_anchor_sha256(trust), forwards=handle.forwards,
+                    trust_anchor_sha256=anchor_sha256(trust), forwards=handle.forwards,
                     agent_port=manifest.guest_agent_port, ssh_port=manifest.ssh_port, service_port=manifest.service_port,
-                    defined_at=_now())  # fmt: skip
-
-
-def trusted_vm(conn: libvirt.virConnect, name: str, records: VmRecords, *,
-               trust: Trust | None = None) -> tuple[VmRecord, Trust]:  # fmt: skip
-    """The controller's record of VM ``name`` (checked against what libvirt says of it) and
-    the trust it was launched under; refuses a trust anchor other than the launch's."""
-    dom, meta = lookup(conn, name)
-    record = records.trusted(name=dom.name(), uuid=dom.UUIDString(), uri=conn.getURI(), meta=meta)
-    trust = trust or for_backend(record.backend)
-    if trust.backend != record.backend or _anchor_sha256(trust) != record.trust_anchor_sha256:
-        raise RecordMismatch(f"VM {name} was launched under the {record.backend} backend with trust anchor "
-                             f"{record.trust_anchor_sha256 or 'Intel SGX Root CA'}; the controller now has "
-                             f"{trust.backend} with {_anchor_sha256(trust) or 'Intel SGX Root CA'}; refused")  # fmt: skip
-    return record, trust
+                    defined_at=timestamp())  # fmt: skip
 
 
 def _power_off(conn: libvirt.virConnect, name: str) -> None:
@@ -276,7 +178,7 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     """
     result = LaunchResult(name=spec.name, uri=conn.getURI())
     phases = _Phases(progress, result.timings)
-    disk_secret = manifest.raw.get("luks", {}).get("key_secret")
+    disk_secret = manifest.luks.key_secret if manifest.luks is not None else None
     if not disk_secret:
         raise BringUpError("the image manifest names no disk key (luks.key_secret)", phase="define")
     volume_key = secrets.get(disk_secret)  # refuse before defining anything if the key is not here
@@ -340,7 +242,7 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
         record_attestation(handle.domain(), system.verdict.to_dict())
         result.verdict = system.verdict.to_dict()
         host_key = system.keys["ssh-host"]
-    records.update(handle.uuid, ssh_host_key=base64.b64encode(host_key).decode(), attestation=_kept(system.verdict.to_dict()))
+    records.update(handle.uuid, ssh_host_key=base64.b64encode(host_key).decode(), attestation=kept_verdict(system.verdict.to_dict()))
     ssh_forward = handle.forward(manifest.ssh_port)
     if ssh_forward is not None:
         result.ssh = (ssh_forward.host_address, ssh_forward.host_port)
@@ -353,8 +255,6 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     result.ssh_host_key = base64.b64encode(host_key).decode()
     phases.end("ready", t, f"ssh {result.ssh[0]}:{result.ssh[1]}" if result.ssh else "")
     if spec.model is not None:
-        from tdxvm.provision.model import provision  # it builds on this module (reattest)
-
         t = phases.begin("provision")
         served = provision(conn, spec.name, spec.model, trust=trust, secrets=secrets)
         result.provision = served.to_dict()
@@ -372,58 +272,14 @@ def _ssh_until(address: tuple[str, int], host_key: bytes, secrets: SecretStore, 
         except ssh.SshError as exc:
             last = exc
             time.sleep(1.0)
-    raise BringUpError(f"no SSH login within the time allowed ({last})", phase="ready")
+    raise BringUpTimeout(f"no SSH login within the time allowed ({last})", phase="ready")
 
 
 def _refused(conn: libvirt.virConnect, handle: DomainHandle, records: VmRecords, refused: handshake.AttestationRefused) -> None:
     """A refused quote: nothing was released; the VM is powered off and the verdict kept."""
     _power_off(conn, handle.name)
     if refused.verdict is not None:
-        verdict = _refused_verdict(refused)
+        verdict = refused_verdict(refused)
         with contextlib.suppress(LaunchError, libvirt.libvirtError):
             record_attestation(handle.domain(), verdict)
-        records.update(handle.uuid, attestation=_kept(verdict))
-
-
-def reattest(conn: libvirt.virConnect, name: str, *, records: VmRecords, trust: Trust | None = None,
-             policy: Policy | None = None, backend: str = "tdx") -> handshake.AttestedGuest:  # fmt: skip
-    """``tdxvm attest NAME``: attest the running guest again with a fresh nonce.
-
-    Against the policy, backend and trust anchor of the controller's record of it (never
-    what the domain's metadata says); the record gets the verdict and the attested SSH host
-    key, the metadata a display copy. With ``policy`` (``--policy FILE``) a VM this
-    controller did not launch can be attested too: under that policy and ``backend``, its
-    agent reached where libvirt's metadata says (transport only: the verdict binds the
-    keys and the policy is the caller's)."""
-    dom, meta = lookup(conn, name)
-    if not dom.isActive():
-        raise BringUpError(f"{name} is not running", phase="attest")
-    record: VmRecord | None = None
-    if policy is None:
-        record, trust = trusted_vm(conn, name, records, trust=trust)
-        policy = record.policy
-        address = record.address(record.agent_port, "guest agent")
-    else:
-        trust = trust or for_backend(backend)
-        agent_port = int(meta.labels.get("agent_port") or 7300)
-        fwd = next((f for f in meta.forwards() if f.guest_port == agent_port), None)
-        if fwd is None:
-            raise BringUpError(f"{name} has no forward to its agent port {agent_port}", phase="attest")
-        address = (fwd.host_address, fwd.host_port)
-    manifest = None
-    if is_test_driver(conn.getURI()):  # no files on such a host: the emulated quote service measures the build's
-        manifest = load_manifest(record.manifest if record is not None else meta.labels.get("manifest", ""))
-    try:
-        guest = attest(conn, name, address, trust, policy, require_keys=("x25519", "ssh-host"), manifest=manifest)
-    except handshake.AttestationRefused as refused:
-        if refused.verdict is not None:
-            verdict = _refused_verdict(refused)
-            record_attestation(dom, verdict)
-            if record is not None:
-                records.update(record.uuid, attestation=_kept(verdict))
-        raise
-    verdict = guest.verdict.to_dict()
-    record_attestation(dom, verdict)
-    if record is not None:
-        records.update(record.uuid, attestation=_kept(verdict), ssh_host_key=base64.b64encode(guest.keys["ssh-host"]).decode())
-    return guest
+        records.update(handle.uuid, attestation=kept_verdict(verdict))

@@ -4,7 +4,7 @@ For a running VM launched by tdxvm from a ``model-server`` image:
 
 1. attest: a fresh quote over a fresh nonce, the guest's X25519 key and its SSH host
    key, checked against the policy the VM was launched with, as the controller's own
-   record of it keeps it (:func:`bringup.reattest`; never what libvirt's metadata says);
+   record of it keeps it (:func:`attestation.reattest`; never what libvirt's metadata says);
 2. release the model key (secret store ``weights/<name>``) sealed to that attested
    X25519 key: the guest agent keeps it in ``/run/tdxvm/secrets/model-<upload id
    prefix>``, in TD memory;
@@ -23,8 +23,8 @@ For a running VM launched by tdxvm from a ``model-server`` image:
    ``verify-endpoint --vm`` and ``status``.
 
 Provisioning the weights already installed skips 2–4 (the guest records the upload id).
-Emulated VMs get their service's quotes from a per-VM emulated quote daemon
-(:mod:`tdxvm.emulate.qgsd`) on this machine.
+Emulated VMs get their service's quotes from a per-VM emulated quote daemon on this
+machine (:meth:`Trust.ensure_quote_daemon <tdxvm.provision.trust.Trust.ensure_quote_daemon>`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any
 import libvirt
 import requests
 
+from tdxvm.errors import TdxvmError, Unreachable
 from tdxvm.guest.install import key_secret_name
 from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.modeldigest import show
@@ -49,9 +50,9 @@ from tdxvm.guest.weights import WeightsError, model_digest, read_index
 from tdxvm.launch.lifecycle import lookup, set_labels
 from tdxvm.launch.records import VmRecord, VmRecords
 from tdxvm.launch.spec import ModelRef
-from tdxvm.provision import bringup, ssh, transfer
+from tdxvm.provision import attestation, ssh, transfer
 from tdxvm.provision.endpoint import AttestedEndpoint, EndpointError, EndpointRefused, verify_endpoint
-from tdxvm.provision.trust import Trust, emulated_platform_dir
+from tdxvm.provision.trust import Trust
 from tdxvm.releasekey import release_key
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
@@ -65,16 +66,18 @@ SCRATCH_TIMEOUT = 3600.0  # the guest formats its scratch disk at boot: about a 
 Progress = Callable[[str, dict[str, Any]], None]  # (phase, details): "attest", "upload", "install", "service"
 
 
-class ProvisionError(Exception):
+class ProvisionError(TdxvmError):
     """Provisioning stopped; ``phase`` says where, the message says why."""
 
     code = "provision"
 
     def __init__(self, message: str, *, phase: str, code: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, code=code)
         self.phase = phase
-        if code is not None:
-            self.code = code
+
+
+class ProvisionUnreachable(ProvisionError, Unreachable):
+    """The guest or its service did not answer in time (exit 3)."""
 
 
 @dataclass
@@ -176,7 +179,7 @@ def wait_for_service(vm: VmRecord, trust: Trust, *, deadline: float, poll: float
                     return endpoint
                 last = f"/health {r.status_code}: {r.text[:200]}"
                 time.sleep(poll)
-    raise ProvisionError(f"the service of {vm.name} did not become ready in time ({last})", phase="service", code="timeout")
+    raise ProvisionUnreachable(f"the service of {vm.name} did not become ready in time ({last})", phase="service", code="timeout")
 
 
 def _upload(enc_dir: Path, client: Any, vm: VmRecord, progress: Progress, *, via: str | None, streams: int) -> transfer.TransferReport:
@@ -213,7 +216,7 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     secrets = secrets or SecretStore()
     records = VmRecords.beside(secrets)
     result = ProvisionResult(name=name, model=model.served_name)
-    vm, trust = bringup.trusted_vm(conn, name, records, trust=trust)  # policy, backend, forwards: the controller's own
+    vm, trust = attestation.trusted_vm(conn, name, records, trust=trust)  # policy, backend, forwards: the controller's own
     if not lookup(conn, name)[0].isActive():
         raise ProvisionError(f"{name} is not running", phase="check", code="not-running")
     url = service_url(vm)
@@ -232,15 +235,12 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     if "config.json" not in files:
         raise ProvisionError(f"{model.path}: the encrypted model has no config.json (not a Hugging Face model folder)",
                              phase="check", code="bad-folder")  # fmt: skip
-    qgs = None
-    if vm.backend == "emulated":  # the daemon of this boot of the domain (its RTMR3 is this boot's)
-        from tdxvm.emulate.qgsd import ensure
-
-        qgs = ensure(conn.getURI(), vm.uuid, trust.emulated_dir or emulated_platform_dir(), boot_id=lookup(conn, name)[0].ID())
+    # emulated: the quote daemon of this boot of the domain (its RTMR3 is this boot's); TDX: None, the guest's own
+    qgs = trust.ensure_quote_daemon(conn.getURI(), vm.uuid, boot_id=lookup(conn, name)[0].ID())
 
     t = time.monotonic()
     progress("attest", {})
-    guest = bringup.reattest(conn, name, records=records, trust=trust)
+    guest = attestation.reattest(conn, name, records=records, trust=trust)
     result.timings["attest"] = time.monotonic() - t
     with guest, contextlib.closing(ssh.connect(ssh_addr, host_key=guest.keys["ssh-host"], client_key=controller_key(secrets))) as client:
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
@@ -272,8 +272,9 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
                 ssh.run(client, f"systemctl restart {SERVICE_UNIT}", timeout=120)
             endpoint = wait_for_service(vm, trust, deadline=time.monotonic() + service_timeout, model_digest=expected)
         except (ssh.SshError, ProvisionError) as exc:
-            raise ProvisionError(f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service",
-                                 code=getattr(exc, "code", "service")) from None  # fmt: skip
+            kind = ProvisionUnreachable if isinstance(exc, Unreachable) else ProvisionError
+            raise kind(f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service",
+                       code=exc.code) from None  # fmt: skip
     result.timings["service"] = time.monotonic() - t
     result.endpoint, result.url, result.model_digest = endpoint.to_dict(), endpoint.url, show(expected)
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")

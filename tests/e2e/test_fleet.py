@@ -13,7 +13,7 @@ from tdxvm.fleet import reconcile
 from tdxvm.fleet.inventory import Connector
 from tdxvm.fleet.report import fleet_status
 from tdxvm.fleet.spec import parse_fleet
-from tdxvm.provision import bringup, ssh
+from tdxvm.provision import attestation, bringup, ssh
 from tdxvm.provision.client import ApiClient
 from tdxvm.provision.model import attest_service, service_url
 from tdxvm.provision.trust import for_backend
@@ -74,12 +74,12 @@ spec:
         assert [o.result for o in report.outcomes] == ["created"] * REPLICAS
         for o in report.outcomes:
             assert set(o.timings) == {*bringup.PHASES, "provision"} and o.verdict["tcb_status"] == "UpToDate"
-            vm, _ = bringup.trusted_vm(conn, o.vm, VmRecords.beside(store), trust=trust)  # the controller's record
+            vm, _ = attestation.trusted_vm(conn, o.vm, VmRecords.beside(store), trust=trust)  # the controller's record
             assert o.endpoint == service_url(vm).removeprefix("https://")  # the fleet reports the service
             with ApiClient(attest_service(vm, trust)) as api:  # attested on its TLS key, then queried on it
                 assert api.complete("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
             # re-attested with a fresh nonce; SSH accepts only the key this quote binds; the root is the verified volume
-            with bringup.reattest(conn, o.vm, records=VmRecords.beside(store), trust=trust) as again:
+            with attestation.reattest(conn, o.vm, records=VmRecords.beside(store), trust=trust) as again:
                 host_key = again.keys["ssh-host"]
             ssh_port = vm.address(vm.ssh_port, "sshd")[1]
             with ssh.connect(("127.0.0.1", ssh_port), host_key=host_key, client_key=controller_key(store)) as client:

@@ -26,7 +26,7 @@ from tdxvm.launch.lifecycle import destroy, status
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
-from tdxvm.provision import bringup, handshake, ssh
+from tdxvm.provision import attestation, bringup, handshake, ssh
 from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
@@ -92,9 +92,9 @@ class _HostSealsFirst(list):
     def append(self, event) -> None:
         super().append(event)
         if event.phase == "quote" and event.status == "start" and not self.refusals:
-            record, _ = bringup.trusted_vm(self.conn, self.name, self.records, trust=self.trust)
+            record, _ = attestation.trusted_vm(self.conn, self.name, self.records, trust=self.trust)
             agent = record.address(record.agent_port, "guest agent")
-            hosts = bringup.attest(self.conn, self.name, agent, self.trust, record.policy, require_keys=("x25519",))
+            hosts = attestation.attest(self.conn, self.name, agent, self.trust, record.policy, require_keys=("x25519",))
             with hosts, pytest.raises(handshake.GuestError) as refused:
                 hosts.release("disk", b"the host's own passphrase", sender=X25519PrivateKey.generate())
             self.refusals.append(str(refused.value))
@@ -158,7 +158,7 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
     with pytest.raises(ssh.HostKeyMismatch):
         ssh.connect(result.ssh, host_key=bytes(wrong), client_key=controller_key(store))
     # re-attestation with a fresh nonce, recorded in the domain's metadata
-    with bringup.reattest(conn, vm_name, records=VmRecords.beside(store), trust=trust) as again:
+    with attestation.reattest(conn, vm_name, records=VmRecords.beside(store), trust=trust) as again:
         assert again.nonce != b"" and again.verdict.accepted
     [vm] = status(conn, vm_name, records=VmRecords.beside(store))
     assert vm.record == "ok" and vm.attestation["verdict"] == "accept"

@@ -30,7 +30,7 @@ from tdxvm.launch.lifecycle import _write_metadata, destroy, lookup, status
 from tdxvm.launch.records import RecordMismatch, VmRecords
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.spec import ModelRef, VmSpec
-from tdxvm.provision import bringup, handshake
+from tdxvm.provision import attestation, bringup, handshake
 from tdxvm.provision.client import ApiClient, ApiError
 from tdxvm.provision.endpoint import EndpointRefused
 from tdxvm.provision.model import attest_service, provision, recorded_digest
@@ -85,7 +85,7 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         assert served["install"]["files"] == len([p for p in plain.iterdir() if p.is_file()])
 
         records = VmRecords.beside(store)
-        vm, _ = bringup.trusted_vm(conn, name, records, trust=trust)  # the controller's record of the VM
+        vm, _ = attestation.trusted_vm(conn, name, records, trust=trust)  # the controller's record of the VM
         endpoint = attest_service(vm, trust)  # a client's view: fresh nonce, quote binding the TLS key, launch policy
         assert endpoint.tls_spki_sha256 == served["endpoint"]["tls_spki_sha256"]
         assert endpoint.verdict.accepted
@@ -146,12 +146,12 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         from tdxvm.provision import ssh
         from tdxvm.sshkey import controller_key
 
-        with bringup.reattest(conn, name, records=records, trust=trust) as guest:
+        with attestation.reattest(conn, name, records=records, trust=trust) as guest:
             host_key = guest.keys["ssh-host"]
             assert guest.verdict.policy == vm.policy and not guest.verdict.policy.allow_debug
         # the host attests the booted guest itself (a genuine quote) and seals a model key of its own: refused
         agent = vm.address(vm.agent_port, "guest agent")
-        hosts = bringup.attest(conn, name, agent, trust, vm.policy, require_keys=("x25519", "ssh-host"))
+        hosts = attestation.attest(conn, name, agent, trust, vm.policy, require_keys=("x25519", "ssh-host"))
         with hosts, pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):
             hosts.release("model-0123456789abcdef", b"the host's model key", sender=X25519PrivateKey.generate())
         with ssh.connect(result.ssh, host_key=host_key, client_key=controller_key(store)) as client:
@@ -170,7 +170,7 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         with pytest.raises(RecordMismatch, match="backend: metadata says 'tdx', the record 'emulated'"):
             provision(conn, name, spec.model, trust=trust, secrets=store)
         with pytest.raises(RecordMismatch):
-            bringup.trusted_vm(conn, name, records)  # what verify-endpoint --vm and tdxvm attest use
+            attestation.trusted_vm(conn, name, records)  # what verify-endpoint --vm and tdxvm attest use
     finally:
         uuid = None
         with contextlib.suppress(LaunchError):

@@ -22,7 +22,7 @@ from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.metadata import forwards_label
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 from tdxvm.launch.spec import ModelRef, VmSpec
-from tdxvm.provision import bringup
+from tdxvm.provision import attestation, bringup
 from tdxvm.provision.model import provision
 from tdxvm.secretstore import SecretStore
 
@@ -76,7 +76,7 @@ def test_a_rewritten_policy_label_is_ignored(launched, lab):
     record = VmRecords.beside(store).get(conn.lookupByName("solo").UUIDString())
     assert record is not None and not record.policy.allow_debug and record.policy.mrtd != (FORGED_MRTD,)
     rewrite(conn, "solo", policy=forged_policy(), policy_exceptions="[]")
-    with bringup.reattest(conn, "solo", records=VmRecords.beside(store), trust=lab.trust) as guest:
+    with attestation.reattest(conn, "solo", records=VmRecords.beside(store), trust=lab.trust) as guest:
         assert guest.verdict.accepted and guest.verdict.policy == record.policy  # the record's, not the label's
     [vm] = lifecycle.status(conn, "solo", records=VmRecords.beside(store))
     assert vm.record == "ok" and vm.policy == record.policy
@@ -95,7 +95,7 @@ def test_a_rewritten_backend_or_forward_refuses_attest_provision_and_verify_endp
         rewrite(conn, "solo", forwards=forwards_label(forwards))
     records = VmRecords.beside(store)
     with pytest.raises(RecordMismatch, match="does not match the controller's record") as err:
-        bringup.reattest(conn, "solo", records=records, trust=lab.trust)
+        attestation.reattest(conn, "solo", records=records, trust=lab.trust)
     assert change in str(err.value)
     (tmp_path / "model").mkdir()
     store.put("weights/model", b"k" * 32)
@@ -121,9 +121,9 @@ def test_a_vm_without_a_record_is_refused_unless_a_policy_is_given(launched, lab
     assert record is not None
     records.delete(uuid)  # launched by another controller, as far as this one knows
     with pytest.raises(RecordError, match="was not launched by this controller"):
-        bringup.reattest(conn, "solo", records=records, trust=lab.trust)
+        attestation.reattest(conn, "solo", records=records, trust=lab.trust)
     # --policy: the user's own policy, the trust of the backend the user names
-    with bringup.reattest(conn, "solo", records=records, trust=lab.trust, policy=record.policy) as guest:
+    with attestation.reattest(conn, "solo", records=records, trust=lab.trust, policy=record.policy) as guest:
         assert guest.verdict.accepted
     uri = conn.getURI()
     assert main(["attest", "solo", "--uri", uri]) == 2

@@ -18,15 +18,16 @@ import pytest
 from tdxvm.cli.image import image as image_group
 from tdxvm.cli.output import run_guarded
 from tdxvm.image import build as build_mod
-from tdxvm.image.build import build, check_kernel, kernel_in_rootfs
+from tdxvm.image import rootimage
+from tdxvm.image.build import build
+from tdxvm.image.rootimage import check_kernel, kernel_in_rootfs
 from tdxvm.image.configure import BootFiles
 from tdxvm.image.measure import (
     EFI_CC_MEASUREMENT_PROTOCOL_GUID,
     EFI_TCG2_PROTOCOL_GUID,
-    MeasureError,
-    UnmeasuredKernelError,
     require_measuring_kernel,
 )
+from tdxvm.image.measureerrors import MeasureError, UnmeasuredKernelError
 from tdxvm.image.cache import file_digest
 from tdxvm.image.recipe import load_recipe
 from tdxvm.secretstore import SecretStore
@@ -116,16 +117,16 @@ def fake_rootfs(tmp_path, monkeypatch):
         tar = rootfs_tar(work / "rootfs.tar", {"boot/vmlinuz-6.1.0-28-cloud-amd64": state["kernel"], "etc/hostname": b"x\n"})
         return tar, file_digest(tar), "0" * 64, False
 
-    monkeypatch.setattr(build_mod, "_rootfs_step", rootfs_step)
+    monkeypatch.setattr(rootimage, "_rootfs_step", rootfs_step)
     return state
 
 
 @pytest.fixture
 def later_steps(monkeypatch):
     steps = {name: Forbidden(name) for name in ("python", "configure", "ext4", "encrypt")}
-    monkeypatch.setattr(build_mod, "_python_step", steps["python"])
-    monkeypatch.setattr(build_mod.configure, "configure", steps["configure"])
-    monkeypatch.setattr(build_mod, "make_ext4", steps["ext4"])
+    monkeypatch.setattr(rootimage, "_python_step", steps["python"])
+    monkeypatch.setattr(rootimage.configure, "configure", steps["configure"])
+    monkeypatch.setattr(rootimage, "make_ext4", steps["ext4"])
     monkeypatch.setattr(build_mod.luks, "encrypt_image", steps["encrypt"])
     return steps
 
@@ -158,7 +159,7 @@ def configure_ships(tmp_path, monkeypatch, kernel: bytes, version: str) -> None:
     boot.mkdir()
     (boot / "vmlinuz").write_bytes(kernel)
     (boot / "initrd.img").write_bytes(b"070701")
-    monkeypatch.setattr(build_mod.configure, "configure",
+    monkeypatch.setattr(rootimage.configure, "configure",
                         lambda *a, **k: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version=version))  # fmt: skip
 
 
@@ -167,7 +168,7 @@ def test_the_kernel_that_ships_is_checked_again_before_a_disk_key_exists(tmp_pat
     fake_rootfs["kernel"] = NEW_KERNEL
     configure_ships(tmp_path, monkeypatch, OLD_KERNEL, "6.1.0-x")
     ext4, encrypt = Forbidden("ext4"), Forbidden("encrypt")
-    monkeypatch.setattr(build_mod, "make_ext4", ext4)
+    monkeypatch.setattr(rootimage, "make_ext4", ext4)
     monkeypatch.setattr(build_mod.luks, "encrypt_image", encrypt)
     secrets = tmp_path / "secrets"
     (tmp_path / "build").mkdir()
@@ -183,7 +184,7 @@ def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs
     """The build's key goes with the build: a failure before the image is published leaves none."""
     fake_rootfs["kernel"] = NEW_KERNEL
     configure_ships(tmp_path, monkeypatch, NEW_KERNEL, "6.12.0-x")
-    monkeypatch.setattr(build_mod, "make_ext4", lambda *, output, **k: output.write_bytes(bytes(16 << 12)))
+    monkeypatch.setattr(rootimage, "make_ext4", lambda *, output, **k: output.write_bytes(bytes(16 << 12)))
 
     class Header:
         cipher = "aes-xts-plain64"

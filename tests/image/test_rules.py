@@ -34,13 +34,13 @@ from tdxvm.image.measure import (
     EFI_TCG2_PROTOCOL_GUID,
     EXIT_BOOT_SERVICES_INVOCATION,
     EXIT_BOOT_SERVICES_SUCCEEDED,
-    MeasureError,
     efi_stub_measures_cc,
     load_options,
     replay,
     rtmr1_events,
     sha384,
 )
+from tdxvm.image.measureerrors import MeasureError
 
 BINARY_LOGS = ["go-tdx-guest-ccel/ccel_data.bin", "cc-api-preprod-root/ccel_data.bin"]
 ACTIONS = {CALLING_EFI_APPLICATION, EXIT_BOOT_SERVICES_INVOCATION, EXIT_BOOT_SERVICES_SUCCEEDED}

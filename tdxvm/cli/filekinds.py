@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import yaml
 
+from tdxvm.errors import TdxvmError
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -39,7 +41,7 @@ def refuse_other_kind(path: str, wanted: str) -> None:
         raise WrongFileKind(f"{path} is {kind.what}, not {KINDS[wanted].what}: use `{kind.command.replace('FILE', path)}`")
 
 
-class WrongFileKind(Exception):
+class WrongFileKind(TdxvmError):
     """A tdxvm YAML file given to a command that takes another kind."""
 
     code = "usage"
@@ -104,7 +106,7 @@ def loader(kind: Kind) -> Callable[[str | Path], Any]:
     return load_policy
 
 
-class UnknownFileKind(Exception):
+class UnknownFileKind(TdxvmError):
     """A file that is not one of tdxvm's YAML files, or whose keys do not tell which."""
 
     code = "usage"

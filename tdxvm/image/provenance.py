@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import tdxvm
 from tdxvm.image import configure, listing, locking, manifest
 from tdxvm.image.recipe import LoadedRecipe
-
-if TYPE_CHECKING:
-    from tdxvm.image.build import Identity, RootImage
+from tdxvm.image.rootimage import Identity, RootImage
 
 LISTING = "rootfs.list.gz"
 
@@ -40,19 +37,22 @@ def guest_code_sha256() -> str:
     return h.hexdigest()
 
 
-def record(loaded: LoadedRecipe, image: RootImage, *, identity: Identity, listing_file: Path) -> dict[str, Any]:
+def record(loaded: LoadedRecipe, image: RootImage, *, identity: Identity, listing_file: Path) -> manifest.Provenance:
+    """The manifest's ``provenance`` of a build of ``loaded`` whose listing is written to ``listing_file``."""
     lock = image.lock
     kernel = lock.package(f"linux-image-{image.boot_version}")
-    return {
-        "recipe_sha256": loaded.sha256,
-        "lock": {"path": str(image.lock_file), "sha256": manifest.file_sha256(image.lock_file), "taken_at": lock.taken_at_text()},
-        "tdxvm": {"version": tdxvm.__version__, "guest_code_sha256": guest_code_sha256()},
-        "authorized_key": identity.authorized_key,
-        "debootstrap": locking.debootstrap_version(),
-        "kernel_package": {"name": kernel.name, "version": kernel.version, "sha256": kernel.sha256} if kernel else None,
-        "firmware_package": ({"name": lock.firmware.package, "version": lock.firmware.version, "sha256": lock.firmware.sha256}
-                             if lock.firmware and image.firmware_locked else None),  # fmt: skip
-        "verity_root_hash": image.verity_tree.root.root_hash,
-        "listing": {"file": LISTING, "sha256": manifest.file_sha256(listing_file), "lines": len(image.listing),
-                    "tree_sha256": listing.listing_sha256(image.listing)},  # fmt: skip
-    }
+    firmware = lock.firmware if image.firmware_locked else None
+    return manifest.Provenance(
+        recipe_sha256=loaded.sha256,
+        lock=manifest.LockRecord(path=str(image.lock_file), sha256=manifest.file_sha256(image.lock_file),
+                                 taken_at=lock.taken_at_text()),  # fmt: skip
+        tdxvm=manifest.ToolRecord(version=tdxvm.__version__, guest_code_sha256=guest_code_sha256()),
+        authorized_key=identity.authorized_key,
+        debootstrap=locking.debootstrap_version(),
+        kernel_package=manifest.Package(name=kernel.name, version=kernel.version, sha256=kernel.sha256) if kernel else None,
+        firmware_package=(manifest.Package(name=firmware.package, version=firmware.version, sha256=firmware.sha256)
+                          if firmware else None),  # fmt: skip
+        verity_root_hash=image.verity_tree.root.root_hash,
+        listing=manifest.ListingRecord(file=LISTING, sha256=manifest.file_sha256(listing_file), lines=len(image.listing),
+                                       tree_sha256=listing.listing_sha256(image.listing)),  # fmt: skip
+    )

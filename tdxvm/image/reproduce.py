@@ -1,6 +1,6 @@
 """``tdxvm image verify``: rebuild an image from its recipe and lock, compare bit for bit.
 
-The rebuild redoes every step up to the verity tree (:func:`tdxvm.image.build.root_image`)
+The rebuild redoes every step up to the verity tree (:func:`tdxvm.image.rootimage.root_image`)
 in a clean step cache, with the controller keys the manifest records, and compares what
 a relying party's measurements depend on: the kernel, the initramfs, the root
 filesystem (its verity root hash, and the listing of every file), the command line and
@@ -14,7 +14,6 @@ the SHA-256 the manifest records, and this tdxvm must ship the same guest code.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -22,15 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tdxvm.errors import TdxvmError
 from tdxvm.image import listing, lockfile, manifest, provenance
-from tdxvm.image.build import Identity, Progress, StepEvent, root_image
 from tdxvm.image.cache import StepCache
+from tdxvm.image.progress import Progress, quiet
 from tdxvm.image.recipe import load_recipe
+from tdxvm.image.rootimage import Identity, root_image
 
 COMPARED_REGISTERS = ("mrtd", "rtmr1", "rtmr2")
 
 
-class ReproduceError(Exception):
+class ReproduceError(TdxvmError):
     code = "reproduce"
 
 
@@ -62,18 +63,28 @@ class Report:
                 "first_difference": self.first_difference, "timings": self.timings}  # fmt: skip
 
 
-def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
-    p = path / "manifest.json" if path.is_dir() else path
+@dataclass(frozen=True, slots=True)
+class _Built:
+    """What ``tdxvm image verify`` reads of a manifest: every field a build writes."""
+
+    image: manifest.ImageManifest
+    provenance: manifest.Provenance
+    verity: manifest.Verity
+    release_key: str
+
+
+def _read_manifest(path: Path) -> _Built:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReproduceError(f"image manifest {p} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReproduceError(f"image manifest {p}: cannot read it: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("provenance"), dict):
-        raise ReproduceError(f"image manifest {p} records no provenance (it was built by an older tdxvm): build it again "
-                             "to verify it")  # fmt: skip
-    return p, data
+        m = manifest.read(path)
+    except manifest.ImageManifestError as exc:
+        raise ReproduceError(str(exc)) from None
+    if m.provenance is None:
+        raise ReproduceError(f"image manifest {m.path} records no provenance (it was built by an older tdxvm): build it "
+                             "again to verify it")  # fmt: skip
+    if m.verity is None or m.release_key is None:
+        missing = "verity" if m.verity is None else "release_key"
+        raise ReproduceError(f"image manifest {m.path} records no {missing}: it was not written by tdxvm image build")
+    return _Built(image=m, provenance=m.provenance, verity=m.verity, release_key=m.release_key)
 
 
 def _same_input(what: str, path: Path, want: str) -> None:
@@ -86,33 +97,29 @@ def _same_input(what: str, path: Path, want: str) -> None:
                              "the version that built it")  # fmt: skip
 
 
-def _quiet(_: StepEvent) -> None:
-    pass
-
-
-def reproduce(path: Path, *, recipe: Path | None = None, cache: Path | None = None, progress: Progress = _quiet) -> Report:
+def reproduce(path: Path, *, recipe: Path | None = None, cache: Path | None = None, progress: Progress = quiet) -> Report:
     """Rebuild the image whose manifest is ``path`` and compare; see the module docstring."""
-    manifest_path, m = _read_manifest(Path(path))
-    prov = m["provenance"]
-    recipe_path = Path(recipe or m.get("recipe", {}).get("path", ""))
+    built = _read_manifest(Path(path))
+    m, prov = built.image, built.provenance
+    recipe_path = Path(recipe or (m.recipe.path if m.recipe else ""))
     if not recipe_path.is_file():
         raise ReproduceError(f"the recipe {recipe_path} the image was built from does not exist here: give it with --recipe")
-    _same_input("recipe", recipe_path, prov["recipe_sha256"])
+    _same_input("recipe", recipe_path, prov.recipe_sha256)
     lock_file = lockfile.lock_path(recipe_path)
-    _same_input("lock", lock_file, prov["lock"]["sha256"])
+    _same_input("lock", lock_file, prov.lock.sha256)
     guest = provenance.guest_code_sha256()
-    if guest != prov["tdxvm"]["guest_code_sha256"]:
-        raise ReproduceError(f"this tdxvm ({prov['tdxvm']['version']} built the image) ships other guest code: its digest is "
-                             f"{guest}, the image's {prov['tdxvm']['guest_code_sha256']}; run the tdxvm that built it")  # fmt: skip
+    if guest != prov.tdxvm.guest_code_sha256:
+        raise ReproduceError(f"this tdxvm ({prov.tdxvm.version} built the image) ships other guest code: its digest is "
+                             f"{guest}, the image's {prov.tdxvm.guest_code_sha256}; run the tdxvm that built it")  # fmt: skip
     firmware = None
-    if m.get("firmware") and prov.get("firmware_package") is None:  # a firmware file given to the build, not the lock's
-        firmware = m["firmware"]["path"]
-        _same_input("firmware", Path(firmware), m["firmware"]["sha256"])
-    identity = Identity(authorized_key=prov["authorized_key"], release_public=m["release_key"])
+    if m.firmware is not None and prov.firmware_package is None:  # a firmware file given to the build, not the lock's
+        firmware = m.firmware.path
+        _same_input("firmware", Path(firmware), m.firmware.sha256)
+    identity = Identity(authorized_key=prov.authorized_key, release_public=built.release_key)
     loaded = load_recipe(recipe_path)
-    folder = manifest_path.parent
+    folder = m.folder
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.verify-", dir=folder.parent))
-    report = Report(manifest=manifest_path)
+    report = Report(manifest=m.path)
     try:
         work.chmod(0o700)
         start = time.monotonic()
@@ -120,18 +127,16 @@ def reproduce(path: Path, *, recipe: Path | None = None, cache: Path | None = No
         image = root_image(loaded, work=work, cache=step_cache, identity=lambda: identity, firmware=firmware, lock_file=lock_file,
                            progress=progress, timings=report.timings)  # fmt: skip
         report.timings["total"] = time.monotonic() - start
-        arts = m["artifacts"]
         report.items += [
-            Item("kernel (vmlinuz)", arts["vmlinuz"]["sha256"], manifest.file_sha256(image.staging / "vmlinuz")),
-            Item("initramfs (initrd.img)", arts["initrd.img"]["sha256"], manifest.file_sha256(image.staging / "initrd.img")),
-            Item("root filesystem (verity root hash)", m["verity"]["root_hash"], image.verity_tree.root.root_hash),
-            Item("root filesystem (listing)", prov["listing"]["tree_sha256"], listing.listing_sha256(image.listing)),
-            Item("kernel command line", m["cmdline"], image.cmdline),
+            Item("kernel (vmlinuz)", m.artifacts.vmlinuz.sha256, manifest.file_sha256(image.staging / "vmlinuz")),
+            Item("initramfs (initrd.img)", m.artifacts.initrd.sha256, manifest.file_sha256(image.staging / "initrd.img")),
+            Item("root filesystem (verity root hash)", built.verity.root_hash, image.verity_tree.root.root_hash),
+            Item("root filesystem (listing)", prov.listing.tree_sha256, listing.listing_sha256(image.listing)),
+            Item("kernel command line", m.cmdline, image.cmdline),
         ]
-        predicted = image.predicted.to_dict()
-        report.items += [Item(reg.upper(), m["measurements"].get(reg), predicted.get(reg)) for reg in COMPARED_REGISTERS]
+        report.items += [Item(reg.upper(), m.measurements.value(reg), image.predicted.value(reg)) for reg in COMPARED_REGISTERS]
         if not report.identical:
-            report.first_difference = _first_difference(folder / prov["listing"]["file"], image.listing, report)
+            report.first_difference = _first_difference(folder / prov.listing.file, image.listing, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report

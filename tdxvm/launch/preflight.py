@@ -192,9 +192,8 @@ def measurement_floor(spec: VmSpec, manifest: ImageManifest) -> Finding:
     """
     check = "measurements"
     where = f"image {manifest.name} ({manifest.path})"
-    recorded = manifest.raw.get("measurements")
-    inputs = recorded.get("inputs") if isinstance(recorded, dict) else None
-    stub = inputs.get("efi_stub_cc_measurement") if isinstance(inputs, dict) else None
+    inputs = manifest.measurements.inputs
+    stub = inputs.efi_stub_cc_measurement if inputs is not None else None
     problem, fix = _floor_problem(spec, manifest, stub)
     if problem is not None:
         if spec.policy is not None and getattr(spec.policy, "allow_zero_rtmrs", False):
@@ -216,7 +215,7 @@ def _floor_problem(spec: VmSpec, manifest: ImageManifest, stub: object) -> tuple
         return (f"whether its kernel's EFI stub measures the command line and initrd into RTMR2 is {stub!r} (the "
                 "build could not tell): the quote might not cover them", MEASURING_KERNEL_FIX)  # fmt: skip
     for register, what in (("rtmr1", "the kernel"), ("rtmr2", "the initramfs and the command line")):
-        if manifest.measurements.get(register) == ZERO_RTMR:
+        if manifest.measurements.value(register) == ZERO_RTMR:
             return (f"the manifest predicts {register.upper()} = 0 (nothing measured): pinning it would let the host "
                     f"choose {what}", MEASURING_KERNEL_FIX)  # fmt: skip
         if spec.policy is not None and ZERO_RTMR in (getattr(spec.policy, register) or ()):

@@ -302,7 +302,7 @@ def firmware_path(spec: VmSpec, manifest: ImageManifest) -> str | None:
 def filled_from_manifest(spec: VmSpec, manifest: ImageManifest) -> tuple[str, ...]:
     """Policy keys the spec leaves out and the manifest predicts (taken from the manifest)."""
     given = spec.policy.model_fields_set if spec.policy is not None else set()
-    return tuple(k for k in FILLED_FROM_MANIFEST if k not in given and manifest.measurements.get(k) is not None)
+    return tuple(k for k in FILLED_FROM_MANIFEST if k not in given and manifest.measurements.value(k) is not None)
 
 
 MASK_ALL = (1 << 64) - 1
@@ -348,7 +348,7 @@ def effective_policy(spec: VmSpec, manifest: ImageManifest, *, rtmr0: str | None
     values: dict[str, Any] = dict(given)
     filled = filled_from_manifest(spec, manifest)
     for key in filled:
-        values[key] = manifest.measurements[key]
+        values[key] = manifest.measurements.value(key)
     if rtmr0 is not None and "rtmr0" not in values:
         values["rtmr0"] = rtmr0
     if spec.backend == "tdx":

@@ -46,7 +46,7 @@ def test_outputs_and_manifest(smoke_build):
     m = json.loads((smoke_build.folder / "manifest.json").read_text())
     assert m["format"] == manifest.FORMAT
     assert sorted(p.name for p in smoke_build.folder.iterdir()) == ["disk.img", "initrd.img", "manifest.json", "rootfs.list.gz", "vmlinuz"]
-    assert manifest.verify_artifacts(m, smoke_build.folder) == []
+    assert manifest.verify_artifacts(manifest.read(smoke_build.folder), smoke_build.folder) == []
     assert [e.status for e in smoke_build.events if e.step == "encrypt"] == ["start", "done"]
     firmware = Path(m["firmware"]["path"]).read_bytes()
     again = measure.predict(firmware=firmware, kernel=(smoke_build.folder / "vmlinuz").read_bytes(),

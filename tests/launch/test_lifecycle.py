@@ -51,7 +51,7 @@ def test_prepare_defines_vm_with_metadata_and_reuses_image_volumes(image, host):
     guests = sorted(f.guest_port for f in handle.forwards)
     assert guests == [22, 7300] and len({f.host_port for f in handle.forwards}) == 2
     assert handle.agent == ("127.0.0.1", handle.forward(7300).host_port)
-    assert handle.policy.mrtd == (manifest.measurements["mrtd"],)
+    assert handle.policy.mrtd == (manifest.measurements.mrtd,)
 
 
 def test_full_lifecycle(image, host):

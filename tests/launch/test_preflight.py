@@ -275,7 +275,7 @@ def test_floor_refuses_a_manifest_predicting_zero_rtmr2(image):
 
 def test_floor_refuses_a_kernel_whose_stub_does_not_measure(image):
     manifest = with_measurements(image, stub="no")  # RTMR2 as a (tampered) non-zero value: the stub decides
-    assert manifest.measurements["rtmr2"] != ZERO
+    assert manifest.measurements.rtmr2 != ZERO
     f = floor(image, manifest)
     assert f.status == "fail" and "predates CC measurement (Linux < 6.9)" in f.message
     assert "Linux >= 6.9" in f.fix and "bookworm-backports" in f.fix

@@ -104,8 +104,8 @@ def test_effective_policy_fills_measurements_from_manifest(image):
     manifest = image.manifest()
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\npolicy:\n  rtmr1: {HEX48}\n")
     policy = effective_policy(spec, manifest)
-    assert policy.mrtd == (manifest.measurements["mrtd"],)
-    assert policy.rtmr2 == (manifest.measurements["rtmr2"],)
+    assert policy.mrtd == (manifest.measurements.mrtd,)
+    assert policy.rtmr2 == (manifest.measurements.rtmr2,)
     assert policy.rtmr1 == (HEX48,)  # given keys win
     assert policy.rtmr0 is None and policy.rtmr3 is None  # not predicted: not required
     assert filled_from_manifest(spec, manifest) == ("mrtd", "rtmr2")
@@ -181,7 +181,7 @@ def test_manifest_loads_from_folder_or_file(image):
     ("change", "needle"),
     [
         (lambda d: d.pop("cmdline"), "cmdline: Field required"),
-        (lambda d: d["artifacts"].pop("initrd.img"), "artifacts initrd.img missing"),
+        (lambda d: d["artifacts"].pop("initrd.img"), "artifacts.initrd.img: Field required"),
         (lambda d: d["artifacts"]["vmlinuz"].update(sha256="12"), "artifacts.vmlinuz.sha256"),
         (lambda d: d["measurements"].update(rtmr1="ab"), "measurements.rtmr1"),
         (lambda d: d.update(format="something/2"), "format 'something/2'"),

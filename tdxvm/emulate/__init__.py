@@ -18,7 +18,7 @@ platform's quotes with exactly the code it uses for Intel's.
 from tdxvm.emulate.collateral import intel_time, pcs_qe_identity_body, pcs_tcb_info_body, sign_json
 from tdxvm.emulate.keys import PlatformKeys
 from tdxvm.emulate.pki import Validity
-from tdxvm.emulate.platform import EmulatedPlatform
+from tdxvm.emulate.platform import EmulatedPlatform, PlatformOptions
 from tdxvm.emulate.quote import (
     DEFAULT_QE_AUTH_DATA,
     DEFAULT_TD_ATTRIBUTES,
@@ -49,6 +49,7 @@ __all__ = [
     "EmulatedPlatform",
     "IsvTcbLevel",
     "PlatformKeys",
+    "PlatformOptions",
     "QeProfile",
     "QuoteSigner",
     "SgxExtension",

@@ -3,9 +3,9 @@
 :class:`EmulatedPlatform` plays Intel's part for tests, CI and emulated guests: its root
 CA is the trust anchor a verifier is given instead of Intel's, its collateral is in the
 formats of "Intel SGX and Intel TDX PCS API v4", and its quotes are laid out like a real
-TD Quoting Enclave's. Every keyword of the constructor is one knob a verifier test may
-turn to get deliberately broken material (``tests/emulate/test_dcap_qvl.py`` shows
-each one and the verdict dcap-qvl gives).
+TD Quoting Enclave's. Every field of :class:`PlatformOptions` is one knob a verifier
+test may turn to get deliberately broken material (``tests/emulate/test_dcap_qvl.py``
+shows each one and the verdict dcap-qvl gives).
 
 The platform is immutable; :meth:`EmulatedPlatform.variant` gives a copy with other
 options and the same keys, so a test can compare a good and a broken case that differ
@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from pathlib import Path
@@ -65,96 +66,122 @@ def _digest16(label: str, key: ec.EllipticCurvePrivateKey) -> bytes:
     return hashlib.sha256(label.encode() + spki).digest()[:16]
 
 
+@dataclass(frozen=True, kw_only=True)
+class PlatformOptions:
+    """What an :class:`EmulatedPlatform` issues, beyond its keys and its time: the TCB,
+    the QE, the certificate and collateral windows and the revocations. The defaults give
+    a platform whose quotes verify UpToDate; every field is a knob for broken material.
+
+    TCB: the PCK certificate's TCB (``pck_tcb_components``, ``pck_pce_svn``, default: the
+    first UpToDate level of ``tcb_levels``; ``pck_cpu_svn``, ``ppid``), the levels TCB
+    info lists (``tcb_levels``, with advisories or other statuses), the FMSPC it is issued
+    for (``tcb_info_fmspc``, default: ``fmspc``), and the TDX module identities (default:
+    derived from ``tcb_levels``, one ``TDX_<major>`` identity whose levels are the module
+    SVNs), which decide the module's own status in TD 1.5 quotes.
+
+    QE: ``qe`` is what the QE report carries, ``qe_identity`` (default: ``qe``) what the
+    collateral says it should be; ``qe_auth_data`` goes into every quote.
+
+    Windows (:class:`~tdxvm.emulate.pki.Validity`, default: spans around the platform's
+    ``at``): certificates from a year before it (the PCK 30 days) to 7-20 years after;
+    CRLs, TCB info and QE identity issued a day before with the next update 29 days
+    after, Intel's 30-day cycle. Set one that is over or not begun to break it.
+
+    Revocations: ``revoke_pck``/``revoke_pck_ca``/``revoke_root_ca`` (the root CA CRL then
+    lists the trust anchor itself), or ``revoked_pck_serials``/``revoked_ca_serials`` for
+    any serial.
+    """
+
+    # the platform and its TCB
+    fmspc: bytes = DEFAULT_FMSPC
+    pce_id: bytes = DEFAULT_PCE_ID
+    pck_ca_kind: str = "platform"  # or "processor"
+    tcb_levels: Sequence[TcbLevel] = DEFAULT_TCB_LEVELS
+    tdx_module_identities: Sequence[TdxModuleIdentity] | None = None
+    pck_tcb_components: Sequence[int] | None = None
+    pck_pce_svn: int | None = None
+    pck_cpu_svn: bytes | None = None
+    ppid: bytes | None = None
+    # the quoting enclave
+    qe: QeProfile = DEFAULT_QE
+    qe_identity: QeProfile | None = None
+    qe_auth_data: bytes = DEFAULT_QE_AUTH_DATA
+    # collateral contents
+    tcb_info_fmspc: bytes | None = None
+    tcb_evaluation_data_number: int = 17
+    # validity windows (None: the defaults around ``at``)
+    root_ca_validity: pki.Validity | None = None
+    pck_ca_validity: pki.Validity | None = None
+    pck_validity: pki.Validity | None = None
+    tcb_signing_validity: pki.Validity | None = None
+    crl_validity: pki.Validity | None = None
+    tcb_info_validity: pki.Validity | None = None
+    qe_identity_validity: pki.Validity | None = None
+    # revocations
+    revoked_pck_serials: Sequence[int] = ()
+    revoked_ca_serials: Sequence[int] = ()
+    revoke_pck: bool = False
+    revoke_pck_ca: bool = False
+    revoke_root_ca: bool = False
+
+    def __post_init__(self) -> None:
+        # Sequences are kept as tuples, so that no caller's list changes a platform later.
+        for name in ("tcb_levels", "tdx_module_identities", "pck_tcb_components", "revoked_pck_serials", "revoked_ca_serials"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+
 class EmulatedPlatform:
     """An emulated Intel TDX platform (root CA, PCK chain, collateral, quote signer).
 
-    ``at`` is the time everything is issued for (default: now, read once); certificate,
-    CRL and collateral windows default to spans around it and may each be set as a
-    :class:`~tdxvm.emulate.pki.Validity` (defaults: certificates from a year before ``at``,
-    the PCK 30 days, to 7-20 years after; CRLs, TCB info and QE identity issued a day
-    before ``at`` with the next update 29 days after it, Intel's 30-day cycle). Keys
-    come from ``keys``, else from ``seed``
-    (reproducible), else are random. The PCK certificate's TCB defaults to the first
-    UpToDate level of ``tcb_levels`` and so does the quote's TEE_TCB_SVN.
-
-    Broken material: ``revoke_pck``/``revoke_pck_ca``/``revoke_root_ca`` (the root CA
-    CRL then lists the trust anchor itself), or ``revoked_pck_serials``,
-    ``revoked_ca_serials`` for any serial, ``*_validity`` windows that are over or not begun,
-    ``tcb_info_fmspc`` different from ``fmspc``, ``pck_tcb_components``/``pck_pce_svn``
-    below a level, ``tcb_levels`` with advisories or other statuses, ``qe_identity``
-    different from ``qe`` (what the QE report carries), another ``seed`` for a
-    different root, and ``td_attributes`` with DEBUG in :meth:`sign_quote`.
+    ``options`` (:class:`PlatformOptions`) says what it issues; the defaults verify
+    UpToDate. ``at`` is the time everything is issued for (default: now, read once).
+    Keys come from ``keys``, else from ``seed`` (reproducible; another seed gives a
+    different root), else are random; ``root_ca_cert`` reuses a root certificate of the
+    same root key (:meth:`load`). The quote's TEE_TCB_SVN defaults to the PCK's level,
+    and ``td_attributes`` with DEBUG may be given to :meth:`sign_quote`.
 
     TD 1.5 (TDX module updates while the TD runs): a v5 quote with body type 3 or 4
     carries ``tee_tcb_svn`` (the module the TD launched on) and ``tee_tcb_svn2`` (the
     module running now; default: the same); :meth:`tee_tcb_svn_for` gives the value that
-    reaches a level of a given status, and ``tdx_module_identities`` (default: derived
-    from ``tcb_levels``, one ``TDX_<major>`` identity whose levels are the module SVNs)
-    decides the module's own status.
+    reaches a level of a given status.
     """
 
     def __init__(
         self,
+        options: PlatformOptions | None = None,
         *,
         at: datetime | None = None,
         seed: bytes | str | None = None,
         keys: PlatformKeys | None = None,
         root_ca_cert: x509.Certificate | None = None,
-        fmspc: bytes = DEFAULT_FMSPC,
-        pce_id: bytes = DEFAULT_PCE_ID,
-        pck_ca_kind: str = "platform",
-        tcb_levels: Sequence[TcbLevel] = DEFAULT_TCB_LEVELS,
-        tdx_module_identities: Sequence[TdxModuleIdentity] | None = None,
-        pck_tcb_components: Sequence[int] | None = None,
-        pck_pce_svn: int | None = None,
-        pck_cpu_svn: bytes | None = None,
-        ppid: bytes | None = None,
-        qe: QeProfile = DEFAULT_QE,
-        qe_identity: QeProfile | None = None,
-        qe_auth_data: bytes = DEFAULT_QE_AUTH_DATA,
-        tcb_info_fmspc: bytes | None = None,
-        tcb_evaluation_data_number: int = 17,
-        root_ca_validity: pki.Validity | None = None,
-        pck_ca_validity: pki.Validity | None = None,
-        pck_validity: pki.Validity | None = None,
-        tcb_signing_validity: pki.Validity | None = None,
-        crl_validity: pki.Validity | None = None,
-        tcb_info_validity: pki.Validity | None = None,
-        qe_identity_validity: pki.Validity | None = None,
-        revoked_pck_serials: Sequence[int] = (),
-        revoked_ca_serials: Sequence[int] = (),
-        revoke_pck: bool = False,
-        revoke_pck_ca: bool = False,
-        revoke_root_ca: bool = False,
     ) -> None:
-        options = dict(locals())
-        del options["self"]
         if keys is not None and seed is not None:
             raise ValueError("give either keys or seed, not both")
+        o = self.options = options if options is not None else PlatformOptions()
         at = pki.ensure_utc(at if at is not None else datetime.now(timezone.utc), "at")
         self.at = at
         self.keys = keys or (
             PlatformKeys.from_seed(seed) if seed is not None else PlatformKeys.generate()
         )
-        options.update(at=at, keys=self.keys, seed=None)
-        self._options = options
-        self.tcb_levels = tuple(tcb_levels)
+        self.tcb_levels = tuple(o.tcb_levels)
         if not self.tcb_levels:
             raise ValueError("tcb_levels must not be empty")
         self.reference_level = next(
             (lv for lv in self.tcb_levels if lv.status == "UpToDate"), self.tcb_levels[0]
         )
         self.module_identities = (
-            tuple(tdx_module_identities)
-            if tdx_module_identities is not None
+            tuple(o.tdx_module_identities)
+            if o.tdx_module_identities is not None
             else module_identities_for(self.tcb_levels)
         )
-        self.fmspc, self.pce_id, self.qe = bytes(fmspc), bytes(pce_id), qe
-        self.qe_identity = qe_identity if qe_identity is not None else qe
-        self.tcb_info_fmspc = bytes(tcb_info_fmspc) if tcb_info_fmspc is not None else self.fmspc
-        self.tcb_evaluation_data_number = tcb_evaluation_data_number
+        self.fmspc, self.pce_id, self.qe = bytes(o.fmspc), bytes(o.pce_id), o.qe
+        self.qe_identity = o.qe_identity if o.qe_identity is not None else o.qe
+        self.tcb_info_fmspc = bytes(o.tcb_info_fmspc) if o.tcb_info_fmspc is not None else self.fmspc
+        self.tcb_evaluation_data_number = o.tcb_evaluation_data_number
         self.windows = {
-            name: options[name] or pki.Validity.around(at, before=b * _DAY, after=a * _DAY)
+            name: getattr(o, name) or pki.Validity.around(at, before=b * _DAY, after=a * _DAY)
             for name, (b, a) in _WINDOWS.items()
         }
         k = self.keys
@@ -171,18 +198,18 @@ class EmulatedPlatform:
             root=self.root_ca_cert,
             root_key=k.root_ca,
             validity=self.windows["pck_ca_validity"],
-            kind=pck_ca_kind,
+            kind=o.pck_ca_kind,
         )
-        platform_ca = pck_ca_kind == "platform"
+        platform_ca = o.pck_ca_kind == "platform"
         self.pck_extension = SgxExtension(
-            ppid=ppid if ppid is not None else _digest16("ppid", k.attestation),
+            ppid=o.ppid if o.ppid is not None else _digest16("ppid", k.attestation),
             tcb_components=tuple(
-                pck_tcb_components
-                if pck_tcb_components is not None
+                o.pck_tcb_components
+                if o.pck_tcb_components is not None
                 else self.reference_level.sgx_components
             ),
-            pce_svn=pck_pce_svn if pck_pce_svn is not None else self.reference_level.pce_svn,
-            cpu_svn=pck_cpu_svn,
+            pce_svn=o.pck_pce_svn if o.pck_pce_svn is not None else self.reference_level.pce_svn,
+            cpu_svn=o.pck_cpu_svn,
             pce_id=self.pce_id,
             fmspc=self.fmspc,
             platform_instance_id=_digest16("instance", k.pck) if platform_ca else None,
@@ -200,22 +227,22 @@ class EmulatedPlatform:
             root_key=k.root_ca,
             validity=self.windows["tcb_signing_validity"],
         )
-        self.revoked_pck_serials = tuple(revoked_pck_serials) + (
-            (self.pck_cert.serial_number,) if revoke_pck else ()
+        self.revoked_pck_serials = tuple(o.revoked_pck_serials) + (
+            (self.pck_cert.serial_number,) if o.revoke_pck else ()
         )
         self.revoked_ca_serials = (
-            tuple(revoked_ca_serials)
-            + ((self.pck_ca_cert.serial_number,) if revoke_pck_ca else ())
-            + ((self.root_ca_cert.serial_number,) if revoke_root_ca else ())
+            tuple(o.revoked_ca_serials)
+            + ((self.pck_ca_cert.serial_number,) if o.revoke_pck_ca else ())
+            + ((self.root_ca_cert.serial_number,) if o.revoke_root_ca else ())
         )
         self.signer = QuoteSigner(
             attestation_key=k.attestation,
             pck_key=k.pck,
             pck_chain_pem=self.pck_chain_pem,
-            qe=qe,
+            qe=o.qe,
             cpu_svn=self.pck_extension.effective_cpu_svn,
             pce_svn=self.pck_extension.pce_svn,
-            qe_auth_data=qe_auth_data,
+            qe_auth_data=o.qe_auth_data,
         )
 
     # -- certificates -------------------------------------------------------------
@@ -316,14 +343,27 @@ class EmulatedPlatform:
 
     # -- variants and persistence -------------------------------------------------
 
-    def variant(self, **changes: Any) -> EmulatedPlatform:
-        """A platform with these options changed and everything else (keys included) kept."""
-        options = {**self._options, "root_ca_cert": self.root_ca_cert, **changes}
-        if changes.get("seed") is not None:
-            options["keys"] = None
-        if {"seed", "keys", "root_ca_validity"} & changes.keys():
-            options["root_ca_cert"] = changes.get("root_ca_cert")
-        return EmulatedPlatform(**options)
+    def variant(
+        self,
+        *,
+        at: datetime | None = None,
+        seed: bytes | str | None = None,
+        keys: PlatformKeys | None = None,
+        root_ca_cert: x509.Certificate | None = None,
+        **changes: Any,
+    ) -> EmulatedPlatform:
+        """A platform with these :class:`PlatformOptions` fields changed and everything
+        else kept: its time (unless ``at`` is given), its keys and its root CA certificate.
+        A new ``seed`` or ``keys`` gives a new root, and so does a new ``root_ca_validity``
+        (unless ``root_ca_cert`` is given)."""
+        options = dataclasses.replace(self.options, **changes)
+        if seed is None and keys is None:
+            keys = self.keys
+            if root_ca_cert is None and "root_ca_validity" not in changes:
+                root_ca_cert = self.root_ca_cert
+        elif seed is not None:
+            keys = None
+        return EmulatedPlatform(options, at=at if at is not None else self.at, seed=seed, keys=keys, root_ca_cert=root_ca_cert)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Save the keys and the root CA certificate (all files 0600) so that a restarted
@@ -333,10 +373,16 @@ class EmulatedPlatform:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], **options: Any) -> EmulatedPlatform:
+    def load(
+        cls,
+        folder: str | os.PathLike[str],
+        options: PlatformOptions | None = None,
+        *,
+        at: datetime | None = None,
+    ) -> EmulatedPlatform:
         """A platform from :meth:`save`'s folder: same keys and root CA certificate; the
-        other certificates and the collateral are issued again for ``options`` (``at``…)."""
+        other certificates and the collateral are issued again for ``options`` and ``at``."""
         path = Path(folder)
         keys = PlatformKeys.load(path)
         root = x509.load_pem_x509_certificate((path / ROOT_CA_CERT_FILE).read_bytes())
-        return cls(keys=keys, root_ca_cert=root, **options)
+        return cls(options, at=at, keys=keys, root_ca_cert=root)

@@ -22,6 +22,9 @@ with ``destroy_refused``). An unreachable host's VMs are skipped and reported; t
 others reconcile. On Ctrl-C (or ``cancel``), nothing new starts, VMs being brought up
 are powered off and removed (none had been brought up to the end), and the state file
 says what happened; the next apply converges.
+
+The plan comes from :mod:`tdxvm.fleet.planner`; what happened is reported with the types
+of :mod:`tdxvm.fleet.outcome`.
 """
 
 from __future__ import annotations
@@ -33,22 +36,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
+from tdxvm.errors import TdxvmError
 from tdxvm.fleet import inventory as inv
+from tdxvm.fleet.outcome import FleetEvent, Outcome, Progress, Report, quiet
 from tdxvm.fleet.plan import Action, Plan, make_plan
+from tdxvm.fleet.planner import Images, build_plan, survey_hosts
 from tdxvm.fleet.spec import Fleet, spec_document
 from tdxvm.fleet.state import FleetLock, FleetState, default_state_dir, now
+from tdxvm.fleet.sweep import sweep_volumes
 from tdxvm.launch.connection import is_test_driver, libvirt_message
 from tdxvm.launch.errors import LaunchError, NoSuchVmError
 from tdxvm.launch.lifecycle import destroy, lookup, set_labels
 from tdxvm.launch.records import VmRecords
-from tdxvm.launch.manifest import ImageManifest, load_manifest
-from tdxvm.launch.volumes import POOL_NAME, overlay_name, scratch_name, serial_log_name
 from tdxvm.provision import bringup, handshake
 from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
@@ -57,15 +62,10 @@ DEFAULT_PARALLEL = 10  # as terraform's -parallelism
 VOLATILE_MEASUREMENTS = ("report_data",)  # differs per attestation (nonce)
 
 
-class FleetError(Exception):
+class FleetError(TdxvmError):
     """A fleet operation refused; ``code`` is stable."""
 
     code = "fleet"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
 
 
 class ApplyInterrupted(FleetError):
@@ -79,129 +79,6 @@ class ApplyOptions:
     boot_timeout: float = bringup.BOOT_TIMEOUT
     ready_timeout: float = bringup.READY_TIMEOUT
     poll: float = 1.0  # the guest agent's readiness checks
-
-
-@dataclass(frozen=True)
-class FleetEvent:
-    """Progress: a VM's launch phase (``phase``/``status`` as in bring-up) or its outcome."""
-
-    vm: str
-    host: str
-    phase: str
-    status: str
-    seconds: float = 0.0
-    detail: str = ""
-
-
-Progress = Callable[[FleetEvent], None]
-
-
-def _quiet(_event: FleetEvent) -> None:
-    pass
-
-
-@dataclass
-class Outcome:
-    """What happened to one VM."""
-
-    vm: str
-    host: str
-    action: str
-    result: str  # created replaced deleted unchanged refused failed skipped halted interrupted
-    reasons: tuple[str, ...] = ()  # why the plan chose the action
-    errors: list[dict[str, str]] = field(default_factory=list)  # why it did not work: code, message
-    verdict: dict[str, Any] | None = None
-    endpoint: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"vm": self.vm, "host": self.host, "action": self.action, "result": self.result,
-                "reasons": list(self.reasons), "errors": self.errors,
-                "tcb_status": (self.verdict or {}).get("tcb_status"), "endpoint": self.endpoint,
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}}  # fmt: skip
-
-
-SUCCESS = ("created", "replaced", "deleted", "unchanged")
-
-
-@dataclass
-class Report:
-    fleet: str
-    command: str
-    plan: Plan
-    outcomes: list[Outcome]
-    interrupted: bool = False
-    seconds: float = 0.0
-
-    @property
-    def status(self) -> str:
-        """``ok``, ``refused`` (a VM failed attestation), ``partial`` (something else not
-        handled) or ``interrupted``."""
-        if self.interrupted:
-            return "interrupted"
-        if any(o.result == "refused" for o in self.outcomes):
-            return "refused"
-        if any(o.result not in SUCCESS for o in self.outcomes) or self.plan.unreachable():
-            return "partial"
-        return "ok"
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for o in self.outcomes:
-            out[o.result] = out.get(o.result, 0) + 1
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"fleet": self.fleet, "command": self.command, "status": self.status, "seconds": round(self.seconds, 3),
-                "summary": self.counts(), "unreachable_hosts": self.plan.unreachable(),
-                "vms": [o.to_dict() for o in self.outcomes]}  # fmt: skip
-
-
-# -- the plan ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Images:
-    """The fleet's image manifests, read once per plan: digest (SHA-256 of the file) and contents."""
-
-    shas: dict[str, str | Exception]
-    manifests: dict[str, ImageManifest]
-
-    @classmethod
-    def read(cls, fleet: Fleet) -> Images:
-        shas: dict[str, str | Exception] = {}
-        manifests: dict[str, ImageManifest] = {}
-        for path in sorted({str(d.spec.image) for d in fleet.desired()}):
-            try:
-                manifest = load_manifest(path)
-                shas[path] = hashlib.sha256(manifest.path.read_bytes()).hexdigest()
-                manifests[path] = manifest
-            except (LaunchError, OSError) as exc:
-                shas[path] = exc
-        return cls(shas, manifests)
-
-
-def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
-    """The file's hosts and the hosts the state file still knows the fleet has VMs on."""
-    return {**state.hosts, **fleet.hosts}
-
-
-def build_plan(fleet: Fleet, connector: inv.Connector, state: FleetState, *, secrets: SecretStore,
-               parallel: int = 8) -> tuple[Plan, Images]:  # fmt: skip
-    views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets), parallel=parallel)
-    images = Images.read(fleet)
-    plan = make_plan(fleet.name, fleet.desired(), views, file_hosts=set(fleet.hosts), image_shas=images.shas,
-                     records=state.vms())  # fmt: skip
-    return plan, images
-
-
-def plan(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None) -> Plan:
-    """What an apply would do now (reads only); VM records are read beside ``secrets``."""
-    state = FleetState.load(state_dir or default_state_dir(), fleet.name)
-    return build_plan(fleet, connector, state, secrets=secrets or SecretStore())[0]
-
-
-# -- doing it ----------------------------------------------------------------------------
 
 
 def measurements_digest(verdict: dict[str, Any] | None) -> str | None:
@@ -503,30 +380,6 @@ class _Run:
         return sorted(self.outcomes.values(), key=lambda o: order.get((o.vm, o.host), len(order)))
 
 
-def sweep_volumes(conn: libvirt.virConnect, vm: str, *, pool: str = POOL_NAME) -> list[str]:
-    """Delete the VM's overlay and serial log from tdxvm's pool when no domain has its name
-    (left by a crash between creating them and defining the domain)."""
-    try:
-        conn.lookupByName(vm)
-        return []  # a domain has the name: its volumes are its own
-    except libvirt.libvirtError:
-        pass
-    deleted = []
-    try:
-        p = conn.storagePoolLookupByName(pool)
-    except libvirt.libvirtError:
-        return []
-    for name in (overlay_name(vm), serial_log_name(vm), scratch_name(vm)):
-        try:
-            vol = p.storageVolLookupByName(name)
-            path = vol.path()
-            vol.delete(0)
-            deleted.append(path)
-        except libvirt.libvirtError:
-            continue
-    return deleted
-
-
 def _trust_cache(trust_for: Callable[[str], Trust] | None) -> Callable[[str], Trust]:
     made: dict[str, Trust] = {}
     lock = threading.Lock()
@@ -543,7 +396,7 @@ def _trust_cache(trust_for: Callable[[str], Trust] | None) -> Callable[[str], Tr
 
 def apply(fleet: Fleet, *, connector: inv.Connector, secrets: SecretStore | None = None,
           trust_for: Callable[[str], Trust] | None = None, state_dir: Path | None = None,
-          options: ApplyOptions = ApplyOptions(), progress: Progress = _quiet,
+          options: ApplyOptions = ApplyOptions(), progress: Progress = quiet,
           cancel: threading.Event | None = None, confirm: Callable[[Plan], bool] | None = None) -> Report:  # fmt: skip
     """Make the hosts match ``fleet`` (see the module doc); holds the fleet's lock throughout.
 
@@ -570,7 +423,7 @@ def apply(fleet: Fleet, *, connector: inv.Connector, secrets: SecretStore | None
 
 
 def destroy_fleet(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None,
-                  parallel: int = DEFAULT_PARALLEL, progress: Progress = _quiet,
+                  parallel: int = DEFAULT_PARALLEL, progress: Progress = quiet,
                   confirm: Callable[[Plan], bool] | None = None, secrets: SecretStore | None = None) -> Report:  # fmt: skip
     """Destroy every VM of the fleet (found by its labels, on the file's hosts and those the
     state file knows), and the volumes interrupted applies left. Other domains are never

@@ -15,7 +15,8 @@ from typing import Any
 from tdxvm.secretstore import SecretStore
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.plan import Action, Plan
-from tdxvm.fleet.reconcile import Report, build_plan
+from tdxvm.fleet.outcome import Report
+from tdxvm.fleet.planner import build_plan
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState, default_state_dir
 

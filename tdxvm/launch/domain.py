@@ -128,7 +128,7 @@ def td_policy() -> int:
 
 
 def domain_xml(spec: DomainSpec) -> str:
-    """The domain XML for ``spec`` (checked first)."""
+    """The domain XML for ``spec`` (checked first); its parts in libvirt's usual order."""
     spec.check()
     tdx = spec.backend == "tdx"
     ET.register_namespace("qemu", QEMU_NS)
@@ -136,14 +136,34 @@ def domain_xml(spec: DomainSpec) -> str:
     dom = ET.Element("domain", {"type": "kvm" if tdx else "qemu"})
     _sub(dom, "name", spec.name)
     _sub(dom, "uuid", spec.uuid)
-    meta = _sub(dom, "metadata")
-    owner = ET.SubElement(meta, f"{{{TDXVM_NS}}}owner", {"backend": spec.backend})
+    _metadata(dom, spec)
+    _resources(dom, spec)
+    _boot(dom, spec)
+    _features(dom, tdx=tdx)
+    _cpu(dom, tdx=tdx)
+    _events(dom)
+    _devices(_sub(dom, "devices"), spec)
+    if tdx:
+        _launch_security(dom, spec)
+    if spec.port_forwards or not tdx:
+        _qemu_user_network(dom, spec.port_forwards)
+    ET.indent(dom, "  ")
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _metadata(dom: ET.Element, spec: DomainSpec) -> None:
+    """``<tdxvm:owner>``: the backend, the owner labels (sorted) and an emulated guest's firmware."""
+    owner = ET.SubElement(_sub(dom, "metadata"), f"{{{TDXVM_NS}}}owner", {"backend": spec.backend})
     for key in sorted(spec.owner):
         ET.SubElement(owner, f"{{{TDXVM_NS}}}label", {"name": key}).text = spec.owner[key]
-    if not tdx and spec.firmware is not None:
+    if spec.backend != "tdx" and spec.firmware is not None:
         ET.SubElement(owner, f"{{{TDXVM_NS}}}firmware", {"path": spec.firmware})
+
+
+def _resources(dom: ET.Element, spec: DomainSpec) -> None:
+    """Memory (private anonymous for a TD), vCPUs, their pins and the NUMA binding."""
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
-    if tdx:
+    if spec.backend == "tdx":
         mb = _sub(dom, "memoryBacking")
         _sub(mb, "source", type="anonymous")
         _sub(mb, "access", mode="private")
@@ -154,67 +174,91 @@ def domain_xml(spec: DomainSpec) -> str:
             _sub(tune, "vcpupin", vcpu=str(i), cpuset=cpus)
     if spec.numa_nodeset is not None:
         _sub(_sub(dom, "numatune"), "memory", mode="strict", nodeset=spec.numa_nodeset)
+
+
+def _boot(dom: ET.Element, spec: DomainSpec) -> None:
+    """``<os>``: q35, TDVF as the loader of a TD, direct kernel boot."""
     os_ = _sub(dom, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine="q35")
-    if tdx:
+    if spec.backend == "tdx":
         _sub(os_, "loader", spec.firmware)
     _sub(os_, "kernel", spec.kernel)
     _sub(os_, "initrd", spec.initrd)
     _sub(os_, "cmdline", spec.cmdline)
+
+
+def _features(dom: ET.Element, *, tdx: bool) -> None:
+    """ACPI and APIC; a TD's IOAPIC is split (QEMU's); never SMM."""
     feats = _sub(dom, "features")
     _sub(feats, "acpi")
     _sub(feats, "apic")
     if tdx:
         _sub(feats, "ioapic", driver="qemu")
     _sub(feats, "smm", state="off")
+
+
+def _cpu(dom: ET.Element, *, tdx: bool) -> None:
     if tdx:
         _sub(dom, "cpu", mode="host-passthrough", check="none")
-    else:
-        # TCG: Westmere has AES-NI (dm-crypt at speed) and no AVX, and CMPXCHG16B is off.
-        # With "maximum" (QEMU 7.2) or plain Westmere, Linux 6.12 now and then crashed in
-        # the slab allocator's cmpxchg16b fast path (double faults, NULL calls in path
-        # lookups) under TCG; without CX16 the kernel takes its locked fallback.
-        cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
-        _sub(cpu, "model", "Westmere", fallback="forbid")
-        _sub(cpu, "feature", policy="disable", name="cx16")
+        return
+    # TCG: Westmere has AES-NI (dm-crypt at speed) and no AVX, and CMPXCHG16B is off.
+    # With "maximum" (QEMU 7.2) or plain Westmere, Linux 6.12 now and then crashed in
+    # the slab allocator's cmpxchg16b fast path (double faults, NULL calls in path
+    # lookups) under TCG; without CX16 the kernel takes its locked fallback.
+    cpu = _sub(dom, "cpu", mode="custom", match="exact", check="none")
+    _sub(cpu, "model", "Westmere", fallback="forbid")
+    _sub(cpu, "feature", policy="disable", name="cx16")
+
+
+def _events(dom: ET.Element) -> None:
+    """UTC clock; power-off, reboot and crash all end the domain."""
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", "destroy")
     _sub(dom, "on_reboot", "destroy")  # a guest that reboots must be attested again: it stops instead
     _sub(dom, "on_crash", "destroy")
-    devs = _sub(dom, "devices")
-    disk = _sub(devs, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type=spec.disk_format, cache="none" if tdx else "unsafe")
-    _sub(disk, "source", file=spec.disk)
-    _sub(disk, "target", dev="vda", bus="virtio")
+
+
+def _devices(devs: ET.Element, spec: DomainSpec) -> None:
+    """The disk (vda), the scratch disk (vdb), the serial console; no balloon."""
+    cache = "none" if spec.backend == "tdx" else "unsafe"
+    _disk(devs, spec.disk, fmt=spec.disk_format, cache=cache, dev="vda")
     if spec.scratch:
-        scratch = _sub(devs, "disk", type="file", device="disk")
-        _sub(scratch, "driver", name="qemu", type="raw", cache="none" if tdx else "unsafe")
-        _sub(scratch, "source", file=spec.scratch)
-        _sub(scratch, "target", dev="vdb", bus="virtio")
-    serial = _sub(devs, "serial", type="file" if spec.serial_log else "pty")
-    if spec.serial_log:
-        _sub(serial, "source", path=spec.serial_log)
-    _sub(serial, "target", port="0")
-    console = _sub(devs, "console", type="file" if spec.serial_log else "pty")
-    if spec.serial_log:
-        _sub(console, "source", path=spec.serial_log)
-    _sub(console, "target", type="serial", port="0")
+        _disk(devs, spec.scratch, fmt="raw", cache=cache, dev="vdb")
+    _serial_console(devs, spec.serial_log)
     _sub(devs, "memballoon", model="none")
-    if tdx:
-        sec = _sub(dom, "launchSecurity", type="tdx")
-        _sub(sec, "policy", f"{td_policy():#x}")
-        for tag, value in (("mrConfigId", spec.mr_config_id), ("mrOwner", spec.mr_owner), ("mrOwnerConfig", spec.mr_owner_config)):
-            if value is not None:
-                _sub(sec, tag, base64.b64encode(value).decode())
-        if spec.qgs_form == "vsock":
-            qgs = _sub(sec, "quoteGenerationService")
-            _sub(qgs, "SocketAddress", type="vsock", cid="2", port=str(spec.qgs_vsock_port))
-        else:
-            _sub(sec, "quoteGenerationService", path=spec.qgs_socket)
-    if spec.port_forwards or not tdx:
-        _qemu_user_network(dom, spec.port_forwards)
-    ET.indent(dom, "  ")
-    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _disk(devs: ET.Element, path: str, *, fmt: str, cache: str, dev: str) -> None:
+    disk = _sub(devs, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type=fmt, cache=cache)
+    _sub(disk, "source", file=path)
+    _sub(disk, "target", dev=dev, bus="virtio")
+
+
+def _serial_console(devs: ET.Element, log: str | None) -> None:
+    """Serial port 0 and the console on it: to the log file when there is one, else a pty."""
+    serial = _sub(devs, "serial", type="file" if log else "pty")
+    if log:
+        _sub(serial, "source", path=log)
+    _sub(serial, "target", port="0")
+    console = _sub(devs, "console", type="file" if log else "pty")
+    if log:
+        _sub(console, "source", path=log)
+    _sub(console, "target", type="serial", port="0")
+
+
+def _launch_security(dom: ET.Element, spec: DomainSpec) -> None:
+    """``<launchSecurity type='tdx'>``: policy, the owner's MR values (base64), the quote service."""
+    sec = _sub(dom, "launchSecurity", type="tdx")
+    _sub(sec, "policy", f"{td_policy():#x}")
+    for tag, value in (("mrConfigId", spec.mr_config_id), ("mrOwner", spec.mr_owner), ("mrOwnerConfig", spec.mr_owner_config)):
+        if value is not None:
+            _sub(sec, tag, base64.b64encode(value).decode())
+    if spec.qgs_form == "vsock":
+        qgs = _sub(sec, "quoteGenerationService")
+        _sub(qgs, "SocketAddress", type="vsock", cid="2", port=str(spec.qgs_vsock_port))
+    else:
+        _sub(sec, "quoteGenerationService", path=spec.qgs_socket)
 
 
 def _qemu_user_network(dom: ET.Element, forwards: tuple[PortForward, ...]) -> None:

@@ -21,7 +21,7 @@ from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_SEPT_VE_DISABLE
 from tdxvm.attest.tcb import EVALUATED_TCB_STATUSES
 from tdxvm.attest.verdict import appraise
-from tdxvm.emulate import EmulatedPlatform, Validity
+from tdxvm.emulate import EmulatedPlatform, PlatformOptions, Validity
 
 from ..conftest import TESTDATA, utc
 
@@ -175,7 +175,7 @@ def test_intel_rule_for_tee_tcb_svn_bytes_0_and_1():
         TcbLevel(sgx_components=(2, 2, 2, 2, 3, 1, 0, 5) + (0,) * 8, pce_svn=11, tdx_components=(3, 1, 2) + (0,) * 13, status="OutOfDate", advisory_ids=("INTEL-SA-00001",)),
     )
     module = TdxModuleIdentity(version=1, tcb_levels=(IsvTcbLevel(isvsvn=5), IsvTcbLevel(isvsvn=3, status="OutOfDate")))
-    p = EmulatedPlatform(at=AT, seed="tests/attest/intel-rule", tcb_levels=levels, tdx_module_identities=(module,))
+    p = EmulatedPlatform(PlatformOptions(tcb_levels=levels, tdx_module_identities=(module,)), at=AT, seed="tests/attest/intel-rule")
     quote = p.sign_quote(tee_tcb_svn=bytes([5, 1, 2]) + bytes(13))
     theirs, ours, v = both(quote, _coll(p), AT, p.root_ca_der)
     assert ours == ("UpToDate", frozenset()), v.reasons
@@ -192,7 +192,7 @@ def test_status_convergence_with_qe_agrees():
     levels = (
         TcbLevel(sgx_components=(3, 3, 2, 2, 4, 1, 0, 5) + (0,) * 8, pce_svn=13, tdx_components=(5, 1, 2) + (0,) * 13, status="ConfigurationNeeded", advisory_ids=("INTEL-SA-00002",)),
     )
-    p = EmulatedPlatform(at=AT, seed="tests/attest/converge", tcb_levels=levels)
+    p = EmulatedPlatform(PlatformOptions(tcb_levels=levels), at=AT, seed="tests/attest/converge")
     qe = dataclasses.replace(p.qe, tcb_levels=(IsvTcbLevel(isvsvn=p.qe.isv_svn + 1), IsvTcbLevel(isvsvn=0, status="OutOfDate", advisory_ids=("INTEL-SA-00003",))))
     p = p.variant(qe_identity=qe)
     theirs, ours, v = both(p.sign_quote(), _coll(p), AT, p.root_ca_der)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import dcap_qvl
 import pytest
 
-from tdxvm.emulate import EmulatedPlatform, PlatformKeys, TcbLevel
+from tdxvm.emulate import EmulatedPlatform, PlatformKeys, PlatformOptions, TcbLevel
 
 from .conftest import AT
 
@@ -66,6 +66,27 @@ def test_variant_keeps_keys_and_root(platform: EmulatedPlatform) -> None:
     assert platform.revoked_pck_serials == ()
 
 
+def test_load_issues_again_for_the_options_given(platform: EmulatedPlatform, tmp_path) -> None:
+    platform.save(tmp_path)
+    revoked = EmulatedPlatform.load(tmp_path, PlatformOptions(revoke_pck=True), at=AT)
+    assert revoked.root_ca_der == platform.root_ca_der
+    assert revoked.revoked_pck_serials == (revoked.pck_cert.serial_number,)
+    with pytest.raises(ValueError, match="Revoked"):
+        _verifies(revoked, platform.root_ca_der)
+
+
+def test_options_are_kept_and_copied(platform: EmulatedPlatform) -> None:
+    serials = [5]
+    options = PlatformOptions(revoked_pck_serials=serials)
+    serials.append(6)  # a caller's list changes no platform later
+    assert options.revoked_pck_serials == (5,)
+    assert EmulatedPlatform(options, at=AT, seed="x").revoked_pck_serials == (5,)
+    v = platform.variant(revoke_pck_ca=True)
+    assert v.options == PlatformOptions(revoke_pck_ca=True) and platform.options == PlatformOptions()
+    with pytest.raises(TypeError, match="revoke_everything"):
+        platform.variant(revoke_everything=True)
+
+
 def test_random_keys_and_argument_checks() -> None:
     a, b = EmulatedPlatform(at=AT), EmulatedPlatform(at=AT)
     assert a.root_ca_der != b.root_ca_der
@@ -74,7 +95,7 @@ def test_random_keys_and_argument_checks() -> None:
     with pytest.raises(ValueError, match="root CA key"):
         EmulatedPlatform(at=AT, seed="x", root_ca_cert=a.root_ca_cert)
     with pytest.raises(ValueError, match="pck_ca_kind|platform"):
-        EmulatedPlatform(at=AT, seed="x", pck_ca_kind="other")
+        EmulatedPlatform(PlatformOptions(pck_ca_kind="other"), at=AT, seed="x")
     with pytest.raises(ValueError, match="TCB status"):
         TcbLevel(sgx_components=(0,) * 16, pce_svn=0, tdx_components=(0,) * 16, status="Fine")
 

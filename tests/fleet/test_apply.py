@@ -12,7 +12,8 @@ import libvirt
 import pytest
 
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet import reconcile
+from tdxvm.fleet import planner, reconcile
+from tdxvm.fleet.outcome import FleetEvent, quiet
 from tdxvm.fleet.reconcile import ApplyOptions
 from tdxvm.fleet.state import FleetLock, FleetLocked, FleetState
 from tdxvm.launch import lifecycle
@@ -31,14 +32,14 @@ WEB3 = "    web:\n      template: small\n      replicas: 3\n      placement: [a,
 def apply(lab, path, **options):
     events = options.pop("events", None)
     cancel = options.pop("cancel", None)
-    progress = options.pop("progress", events.append if events is not None else reconcile._quiet)
+    progress = options.pop("progress", events.append if events is not None else quiet)
     return reconcile.apply(lab.load(path), connector=lab.connector, secrets=lab.store, trust_for=lambda _b: lab.trust,
                            state_dir=lab.folder / "state", options=ApplyOptions(poll=0.05, **options),
                            progress=progress, cancel=cancel)  # fmt: skip
 
 
 def plan(lab, path):
-    return reconcile.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
+    return planner.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
 
 
 def results(report):
@@ -115,7 +116,7 @@ def test_apply_twice_does_nothing_and_destroy_removes_only_the_fleet(lab):
         after = {h: {n: (u, lab.connector.get(lab.hosts[h]).lookupByName(n).XMLDesc(0)) for n, (u, _) in domains(lab, h).items()}
                  for h in ("a", "b")}  # fmt: skip
         assert after == before  # not one domain defined, started or changed
-    st = reconcile.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
+    st = planner.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
     assert st.counts()["keep"] == 3
     report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
     assert report.status == "ok" and results(report) == {f"demo-web-{i}": "deleted" for i in range(3)}
@@ -137,7 +138,7 @@ def test_template_change_rolls_one_replica_at_a_time(lab):
         p = plan(lab, path)
         assert [(a.kind, a.reasons) for a in p.actions] == [("replace", ("spec drift: vcpus: 1 -> 2",))] * 3
         serving_seen: list[int] = []
-        events: list[reconcile.FleetEvent] = []
+        events: list[FleetEvent] = []
 
         def watch(event):
             events.append(event)

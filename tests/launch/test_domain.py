@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import shutil
@@ -47,9 +48,33 @@ EMULATED = DomainSpec(
     port_forwards=(PortForward(host_port=2222, guest_port=22), PortForward(host_port=8443, guest_port=443)),
     serial_log="/var/log/tdxvm/smoke.log",
 )
+# Every other part the XML may have: a qcow2 overlay, the scratch disk, all three MR
+# values, forwards on another address, a TD's serial log; an emulated guest's pins,
+# NUMA binding, owner labels and firmware record.
+TDX_ALL = dataclasses.replace(
+    TDX,
+    disk_format="qcow2",
+    scratch="/var/lib/tdxvm/vms/llama-0/scratch.img",
+    mr_owner_config=b"\x01" * 48,
+    qgs_socket="/run/qgs/qgs.socket",
+    port_forwards=(PortForward(host_port=20001, guest_port=7300, host_address="0.0.0.0"),),
+    serial_log="/var/log/tdxvm/llama-0.log",
+)
+EMULATED_ALL = dataclasses.replace(
+    EMULATED,
+    disk_format="qcow2",
+    scratch="/srv/smoke/scratch.img",
+    vcpu_pins=("0", "1"),
+    numa_nodeset="0",
+    owner={"fleet": "ci"},
+    firmware="/srv/smoke/OVMF.inteltdx.fd",
+    port_forwards=(),
+    serial_log=None,
+)
+ALL = [(TDX, "tdx.xml"), (EMULATED, "emulated.xml"), (TDX_ALL, "tdx-all.xml"), (EMULATED_ALL, "emulated-all.xml")]
 
 
-@pytest.mark.parametrize(("spec", "name"), [(TDX, "tdx.xml"), (EMULATED, "emulated.xml")])
+@pytest.mark.parametrize(("spec", "name"), ALL, ids=[name for _, name in ALL])
 def test_matches_saved_xml(spec, name):
     got = domain_xml(spec)
     path = GOLDEN / name
@@ -70,7 +95,7 @@ def libvirt_12_8_schema() -> Path:
     return schema
 
 
-@pytest.mark.parametrize("spec", [TDX, EMULATED], ids=["tdx", "emulated"])
+@pytest.mark.parametrize("spec", [spec for spec, _ in ALL], ids=[name for _, name in ALL])
 def test_validates_against_libvirt_schema(libvirt_12_8_schema, spec, tmp_path):
     xml = tmp_path / "domain.xml"
     xml.write_text(domain_xml(spec))
@@ -105,7 +130,5 @@ def test_td_policy_never_debug():
     ],
 )
 def test_bad_specs_are_explained(changes, needle):
-    import dataclasses
-
     with pytest.raises(DomainSpecError, match=needle):
         domain_xml(dataclasses.replace(TDX, **changes))

@@ -33,6 +33,7 @@ from tdxvm.cli.output import (
     parse_time,
     wrote,
 )
+from tdxvm.cli.refusal import print_refusal, reason_lines
 from tdxvm.textsafe import safe_text
 
 
@@ -65,8 +66,8 @@ def _print_verdict(v: Verdict, source: str) -> None:
         click.echo(click.style(_relaunch_advice(d["tcb_status"], d["tcb"]), fg="yellow"))
     for line in d["policy_exceptions"]:
         click.echo(click.style(f"policy exception: {line}", fg="yellow"))
-    for r in d["reasons"]:
-        click.echo(f"  - [{r['code']}] {safe_text(r['message'])}")
+    for line in reason_lines(d["reasons"]):
+        click.echo(line)
     m = d["measurements"]
     for key in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "td_attributes", "report_data"):
         click.echo(f"{key:>14}: {m[key]}")
@@ -88,17 +89,11 @@ def _relaunch_advice(status: str, tcb: dict) -> str:
             f"(TEE_TCB_SVN2) is {tcb['current_status']}: relaunch the TD to pick up the updated TDX module{configure}")  # fmt: skip
 
 
-def _print_refusal(r: QuoteRefusal) -> None:
-    click.echo(click.style("REFUSED", fg="red", bold=True) + "  not a TDX quote tdxvm can read")
-    for reason in r.reasons:
-        click.echo(f"  - [{reason.code}] {safe_text(reason.message)}")
-
-
 def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
-    if output == "json":
+    if isinstance(v, QuoteRefusal):
+        print_refusal("not a TDX quote tdxvm can read", v.to_dict()["reasons"], output, document=v.to_dict())
+    elif output == "json":
         emit_json(v.to_dict())
-    elif isinstance(v, QuoteRefusal):
-        _print_refusal(v)
     else:
         _print_verdict(v, source)
     sys.exit(EXIT_OK if v.accepted else EXIT_REFUSED)

@@ -13,7 +13,8 @@ from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_coll
 from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import Quote
 from tdxvm.cli.attest import _print_verdict, read_file
-from tdxvm.cli.output import EXIT_NETWORK, EXIT_OK, EXIT_REFUSED, OUTPUT_OPTION, CliError, check_pccs, emit_json, parse_time
+from tdxvm.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, OUTPUT_OPTION, CliError, check_pccs, emit_json, parse_time
+from tdxvm.cli.refusal import print_refusal, reason_dicts
 from tdxvm.cli.vm import check_uri
 from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnreachable, verify_endpoint
 from tdxvm.textsafe import safe_text
@@ -91,7 +92,7 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
         sys.exit(EXIT_REFUSED)
     except EndpointUnreachable as exc:
         _error(exc, output)
-        sys.exit(EXIT_NETWORK)
+        sys.exit(EXIT_UNREACHABLE)
     except EndpointError as exc:  # a URL we cannot use
         raise CliError(str(exc)) from None
     if output == "json":
@@ -126,7 +127,7 @@ def _vm_endpoint(name: str, uri: str | None) -> tuple[str, Policy, Any, bytes | 
     record of it (never from the domain's metadata, which its host writes)."""
     from tdxvm.launch.connection import connection
     from tdxvm.launch.records import VmRecords
-    from tdxvm.provision.bringup import trusted_vm
+    from tdxvm.provision.attestation import trusted_vm
     from tdxvm.provision.model import recorded_digest, service_url
     from tdxvm.secretstore import SecretStore
 
@@ -183,26 +184,17 @@ def _print_endpoint(url: str, spki_sha256: str | None, provider: str | None, *, 
 
 
 def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> None:
-    if output == "json":
-        emit_json(
-            {
-                "url": exc.url,
-                "verdict": "reject",
-                "tls_spki_sha256": exc.tls_spki_sha256,
-                "provider": exc.provider,
-                "reasons": [r.to_dict() for r in exc.reasons],
-                "attestation": exc.verdict.to_dict() if exc.verdict else None,
-                "collateral": sources[0] if sources else None,
-            }
-        )
-        return
-    if exc.verdict is not None:
+    """The refusal; in text a verified quote's whole verdict (its reasons included), and
+    the key the endpoint presented."""
+    if output == "text" and exc.verdict is not None:
         _print_verdict(exc.verdict, sources[0] if sources else "-")
     else:
-        click.echo(click.style("REFUSED", fg="red", bold=True) + "  the endpoint gave no quote to verify")
-        for r in exc.reasons:
-            click.echo(f"  - [{r.code}] {safe_text(r.message)}")
-    _print_endpoint(exc.url, exc.tls_spki_sha256, exc.provider, pinned=False)
+        document = {"url": exc.url, "verdict": "reject", "tls_spki_sha256": exc.tls_spki_sha256, "provider": exc.provider,
+                    "reasons": reason_dicts(exc.reasons), "attestation": exc.verdict.to_dict() if exc.verdict else None,
+                    "collateral": sources[0] if sources else None}  # fmt: skip
+        print_refusal("the endpoint gave no quote to verify", exc.reasons, output, document=document)
+    if output == "text":
+        _print_endpoint(exc.url, exc.tls_spki_sha256, exc.provider, pinned=False)
 
 
 def _error(exc: EndpointError, output: str) -> None:

@@ -17,18 +17,16 @@ report says which and why; a later apply finishes the job); 130 when interrupted
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from tdxvm.cli.output import EXIT_REFUSED, CliError, emit_json
+from tdxvm.cli.output import CliError, emit_json
+from tdxvm.cli.progress import Progress
+from tdxvm.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED
 from tdxvm.textsafe import safe_text
-
-EXIT_PARTIAL = 5
-EXIT_INTERRUPTED = 130
 
 FILE_OPTION = click.option("-f", "--file", "path", required=True, metavar="FLEET.yaml",
                            type=click.Path(dir_okay=False), help="The fleet file.")  # fmt: skip
@@ -55,13 +53,13 @@ def _echo_lines(lines: list[str], *, err: bool = False) -> None:
 
 
 def _exit_for(status: str) -> None:
-    code = {"ok": 0, "refused": EXIT_REFUSED, "partial": EXIT_PARTIAL, "interrupted": EXIT_INTERRUPTED}[status]
+    code = {"ok": EXIT_OK, "refused": EXIT_REFUSED, "partial": EXIT_PARTIAL, "interrupted": EXIT_INTERRUPTED}[status]
     if code:
         sys.exit(code)
 
 
 def _load(path: str) -> Any:
-    from tdxvm.filekinds import refuse_other_kind
+    from tdxvm.cli.filekinds import refuse_other_kind
     from tdxvm.fleet.spec import load_fleet
 
     refuse_other_kind(path, "fleet")
@@ -78,11 +76,11 @@ def plan_cmd(path: str, state_dir: Path | None, output: str) -> None:
     Reads the hosts and changes nothing. Exit 5 when some VMs cannot be planned (their
     host does not answer, or a domain that is not the fleet's holds the name).
     """
-    from tdxvm.fleet import reconcile, report
+    from tdxvm.fleet import planner, report
     from tdxvm.fleet.inventory import shared_connector
 
     fleet = _load(path)
-    p = reconcile.plan(fleet, connector=shared_connector(), state_dir=state_dir)
+    p = planner.plan(fleet, connector=shared_connector(), state_dir=state_dir)
     if output == "text":
         _echo_lines(report.plan_lines(p))
     else:
@@ -111,10 +109,10 @@ def apply_cmd(path: str, yes: bool, parallel: int | None, destroy_refused: bool,
     """
     from tdxvm.fleet import reconcile, report
     from tdxvm.fleet.inventory import shared_connector
+    from tdxvm.fleet.outcome import FleetEvent
 
     fleet = _load(path)
     text = output == "text"
-    shown = threading.Lock()
 
     def confirm(p: Any) -> bool:
         if text or not yes:
@@ -126,12 +124,11 @@ def apply_cmd(path: str, yes: bool, parallel: int | None, destroy_refused: bool,
                            "(there is no terminal to ask on)")  # fmt: skip
         return click.confirm("Apply these changes?", default=False, err=True)
 
-    def progress(event: reconcile.FleetEvent) -> None:
-        if not text or event.phase != "result":
-            return
-        with shown:
-            line = f"  {event.vm} on {event.host}: {event.status}" + (f" ({event.detail})" if event.detail else "")
-            click.echo(safe_text(line), err=True)
+    printer = Progress(output, width=0)
+
+    def progress(event: FleetEvent) -> None:
+        if event.phase == "result":  # each VM's outcome as it comes; the launch phases stay quiet
+            printer.done(f"{event.vm} on {event.host}:", event.status, detail=event.detail)
 
     options = reconcile.ApplyOptions(parallel=parallel or reconcile.DEFAULT_PARALLEL, destroy_refused=destroy_refused)
     result = reconcile.apply(fleet, connector=shared_connector(), state_dir=state_dir, options=options, progress=progress,

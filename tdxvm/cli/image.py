@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import click
 
 from tdxvm.cli.output import OUT_FILE, OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.progress import Progress
 from tdxvm.guest.rootdisk import VERITY_BLOCK, VERITY_HASH, RootDiskError, parse_cmdline
-from tdxvm.image.measure import (DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, MeasureError,
-                                  Measurements, predict)
+from tdxvm.image.measure import DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, Measurements, predict
+from tdxvm.image.measureerrors import MeasureError
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -53,17 +53,10 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
 
     loaded = load_recipe(recipe)
     folder = Path(out) if out else Path("build") / loaded.recipe.name
-    show = output == "text" and sys.stderr.isatty()
+    printer = Progress(output, width=10)
 
     def progress(event: StepEvent) -> None:
-        if output != "text":
-            return
-        if event.status == "start":
-            if show:
-                click.echo(f"  {event.step:<10} ...", err=True, nl=False)
-            return
-        line = f"  {event.step:<10} {event.status:<8} {event.seconds:6.1f} s" + (f"  {event.detail}" if event.detail else "")
-        click.echo(("\r" if show else "") + line, err=True)
+        printer.step(event.step, event.status, event.seconds, event.detail)
 
     result = build(loaded, output=folder, cache=StepCache(Path(cache_dir)) if cache_dir else None,
                    secret_store=SecretStore(directory=Path(secrets_dir) if secrets_dir else None),
@@ -105,11 +98,8 @@ def lock_cmd(recipe: str, out: str | None, output: str) -> None:
     except lockfile.LockError:
         old = None  # unreadable or an older format: replaced as a whole
 
-    def progress(line: str) -> None:
-        if output == "text":
-            click.echo(f"  {line}", err=True)
-
-    lock = locking.take(loaded, progress=progress)
+    printer = Progress(output)
+    lock = locking.take(loaded, progress=lambda line: printer.note("", line))
     lockfile.write(lock, target)
     changed = locking.changes(old, lock)
     firmware = f"{lock.firmware.package} {lock.firmware.version}" if lock.firmware else None
@@ -146,9 +136,10 @@ def verify_cmd(manifest: str, recipe: str | None, cache_dir: str | None, output:
     from tdxvm.image.build import StepEvent
     from tdxvm.image.reproduce import reproduce
 
+    printer = Progress(output, width=18)
+
     def progress(event: StepEvent) -> None:
-        if output == "text" and event.status != "start":
-            click.echo(f"  rebuild {event.step:<10} {event.status:<8} {event.seconds:6.1f} s", err=True)
+        printer.step(f"rebuild {event.step}", event.status, event.seconds, event.detail)
 
     report = reproduce(Path(manifest), recipe=Path(recipe) if recipe else None, cache=Path(cache_dir) if cache_dir else None,
                        progress=progress)  # fmt: skip
@@ -250,7 +241,7 @@ def _measure_vm(vm_path: str, output: str) -> None:
                 conn.close()
     except LaunchError as exc:
         raise CliError(str(exc)) from None
-    values = {**manifest.measurements, "rtmr0": pin.value}
+    values = {**manifest.measurements.registers(), "rtmr0": pin.value}
     if output == "json":
         emit_json({"vm": vm.name, "image": str(manifest.path), "measurements": values, "rtmr0": pin.to_dict()})
         return

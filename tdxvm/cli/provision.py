@@ -3,48 +3,38 @@
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.progress import Progress
+from tdxvm.cli.refusal import print_refusal, reason_dicts
 from tdxvm.cli.vm import DEFAULT_URI, _uri_option
 from tdxvm.guest.install import DTYPES
-from tdxvm.textsafe import safe_text
 
 
-class _Progress:
-    """Phase lines and an upload meter on stderr for people; nothing with ``-o json``."""
+def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
+    """:func:`tdxvm.provision.model.provision`'s events through the CLI's progress printer."""
+    printer = Progress(output, width=8)
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.tty = enabled, sys.stderr.isatty()
-        self.shown = 0.0
-
-    def __call__(self, phase: str, details: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+    def progress(phase: str, details: dict[str, Any]) -> None:
         if phase == "upload":
-            held, total, secs = details["held"], details["total"], details["seconds"]
-            now = time.monotonic()
-            if self.tty and (now - self.shown > 0.2 or held >= total):
-                self.shown = now
-                pct = 100 * held / total if total else 100.0
-                click.echo(f"\r  upload   {pct:5.1f}%  {held / 2**20:,.0f} of {total / 2**20:,.0f} MiB  "
-                           f"{held / max(secs, 1e-9) / 2**20:,.0f} MiB/s", err=True, nl=held >= total)  # fmt: skip
+            printer.meter("upload", details["held"], details["total"], details["seconds"])
         elif phase == "retry":
-            click.echo(f"\n  upload interrupted ({safe_text(details['error'])}); resuming (try {details['attempt'] + 1})", err=True)
+            printer.note("upload", f"interrupted ({details['error']}); resuming (try {details['attempt'] + 1})")
         elif phase == "scratch":
-            click.echo("  scratch  waiting for the guest to format its scratch disk (done once per boot)", err=True)
+            printer.note("scratch", "waiting for the guest to format its scratch disk (done once per boot)")
         elif phase == "install" and details.get("skipped"):
-            click.echo("  install  this model is already installed in the guest; skipping the upload", err=True)
+            printer.note("install", "this model is already installed in the guest; skipping the upload")
         elif phase == "service":
-            if details.get("restart"):
-                click.echo(f"  service  starting; waiting for {details['url']} to attest and load the model", err=True)
-            else:
-                click.echo(f"  service  running with these settings; attesting {details['url']}", err=True)
+            printer.note("service", f"starting; waiting for {details['url']} to attest and load the model" if details.get("restart")
+                         else f"running with these settings; attesting {details['url']}")  # fmt: skip
         else:
-            click.echo(f"  {phase}", err=True)
+            printer.note(phase, "")  # attest, install: the phase begins
+
+    return progress
 
 
 @click.command("provision")
@@ -69,7 +59,7 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
     encrypted weights (resumable: run it again after an interruption), has the guest
     decrypt and verify them all or nothing, starts the service and attests it on its TLS
     key. Exit 0 when serving, 1 when an attestation was refused, 2 on bad input or a
-    failed step.
+    failed step, 3 when the guest or its service does not answer.
     """
     from tdxvm.launch.connection import connection
     from tdxvm.provision import handshake
@@ -85,18 +75,13 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
         options = {"path": "--model", "name": "--model-name", "key": "--key-name"}
         where = [options.get(str(e["loc"][0]), str(e["loc"][0])) if e["loc"] else "--model" for e in exc.errors()]
         raise CliError("; ".join(f"{w}: {e['msg'].removeprefix('Value error, ')}" for w, e in zip(where, exc.errors(), strict=True))) from None
-    show = output == "text"
     with connection(uri or DEFAULT_URI) as conn:
         try:
-            result = provision(conn, name, spec, progress=_Progress(show), via=via, streams=streams, service_timeout=service_timeout)
+            result = provision(conn, name, spec, progress=_progress(output), via=via, streams=streams, service_timeout=service_timeout)
         except (handshake.AttestationRefused, EndpointRefused) as refused:
             what = "the service's endpoint" if isinstance(refused, EndpointRefused) else name
-            if output == "json":
-                emit_json({"name": name, "state": "refused", "reasons": [{"code": r.code, "message": r.message} for r in refused.reasons]})
-            else:
-                click.echo(f"refused: {what} did not attest; the model key was not released to it", err=True)
-                for r in refused.reasons:
-                    click.echo(f"  - [{r.code}] {safe_text(r.message)}", err=True)
+            print_refusal(f"{what} did not attest; the model key was not released to it", refused.reasons, output,
+                          document={"name": name, "state": "refused", "reasons": reason_dicts(refused.reasons)})  # fmt: skip
             sys.exit(EXIT_REFUSED)
     if output == "json":
         emit_json(result.to_dict())

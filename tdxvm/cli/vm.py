@@ -15,6 +15,8 @@ import click
 import yaml
 
 from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.progress import Progress
+from tdxvm.cli.refusal import print_refusal, reason_dicts, reason_lines
 from tdxvm.textsafe import safe_text
 
 DEFAULT_URI = "qemu:///system"
@@ -48,7 +50,7 @@ def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> N
     attestation policy (the spec's keys, with MRTD/RTMR1/RTMR2 from the image manifest),
     without contacting libvirt or changing anything.
     """
-    from tdxvm.filekinds import refuse_other_kind
+    from tdxvm.cli.filekinds import refuse_other_kind
     from tdxvm.launch.spec import load_vm_spec
 
     refuse_other_kind(spec_path, "vm")
@@ -78,17 +80,10 @@ def _launch(spec: Any, output: str) -> int:
 
     manifest = load_manifest(spec.image)
     trust = for_backend(spec.backend)
-    show = output == "text"
+    printer = Progress(output, width=9)
 
     def progress(event: PhaseEvent) -> None:
-        if not show:
-            return
-        if event.status == "start":
-            if sys.stderr.isatty():
-                click.echo(f"  {event.phase:<7} ...", err=True, nl=False)
-            return
-        line = f"  {event.phase:<7} {event.seconds:6.1f} s" + (f"  {event.detail}" if event.detail else "")
-        click.echo(("\r" if sys.stderr.isatty() else "") + line, err=True)
+        printer.step(event.phase, event.status, event.seconds, event.detail)
 
     with connection(spec.uri) as conn:
         try:
@@ -113,12 +108,7 @@ def _launch(spec: Any, output: str) -> int:
 
 
 def _report_refused(name: str, state: str, message: str, reasons: Any, output: str) -> None:
-    if output == "json":
-        emit_json({"name": name, "state": state, "reasons": [{"code": r.code, "message": r.message} for r in reasons]})
-        return
-    click.echo(f"refused: {message}", err=True)
-    for r in reasons:
-        click.echo(f"  - [{r.code}] {safe_text(r.message)}", err=True)
+    print_refusal(message, reasons, output, document={"name": name, "state": state, "reasons": reason_dicts(reasons)})
 
 
 def _dry_run(vm: Any, output: str) -> None:
@@ -205,8 +195,8 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
                          if v.model.get("digest") else "not recorded (provisioned before models were measured)"))  # fmt: skip
         for key, value in rows:
             click.echo(f"{key:<12} {value}")
-        for reason in (v.attestation or {}).get("reasons") or []:
-            click.echo(f"{'':<12} - {reason.get('code')}: {safe_text(reason.get('message'))}")
+        for line in reason_lines((v.attestation or {}).get("reasons") or [], indent=" " * 13):
+            click.echo(line)
         if v.record != "ok":
             click.echo(f"{'record':<12} UNTRUSTED: {safe_text(v.record_problem or v.record)}")
             return
@@ -249,22 +239,17 @@ def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None
     from tdxvm.attest.policy import load_policy
     from tdxvm.launch.connection import connection
     from tdxvm.launch.records import VmRecords
-    from tdxvm.provision import bringup, handshake
+    from tdxvm.provision import attestation, handshake
     from tdxvm.secretstore import SecretStore
 
     policy = load_policy(policy_path) if policy_path else None
     with connection(uri or DEFAULT_URI) as conn:
         try:
-            guest = bringup.reattest(conn, name, records=VmRecords.beside(SecretStore()), policy=policy, backend=backend)
+            guest = attestation.reattest(conn, name, records=VmRecords.beside(SecretStore()), policy=policy, backend=backend)
         except handshake.AttestationRefused as refused:
-            if output == "json":
-                emit_json({"name": name, "verdict": "reject", "reasons": [
-                    {"code": r.code, "message": r.message} for r in refused.reasons]})
-            else:
-                click.echo(f"{name}: refused", err=True)
-                for r in refused.reasons:
-                    click.echo(f"  - [{r.code}] {safe_text(r.message)}", err=True)
-            sys.exit(1)
+            print_refusal(f"{name} did not attest against its launch policy", refused.reasons, output,
+                          document={"name": name, "verdict": "reject", "reasons": reason_dicts(refused.reasons)})  # fmt: skip
+            sys.exit(EXIT_REFUSED)
     with guest:
         verdict = guest.verdict.to_dict()
     if output == "json":

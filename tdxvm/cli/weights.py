@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,28 +10,12 @@ from pathlib import Path
 import click
 
 from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
+from tdxvm.cli.progress import Progress
 from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
 from tdxvm.guest.weights import INDEX_NAME, WeightsError, decrypt_model, encrypt_model, generate_model_key, model_digest, read_index
 from tdxvm.secretstore import SecretStore, SecretStoreError
 
 STORE_OPTION = click.option("--secrets", "secrets_dir", type=OUT_FOLDER, metavar="DIR", help="Secret store folder [default: ~/.local/share/tdxvm/secrets].")
-
-
-class _Meter:
-    """Bytes done and throughput on a terminal (stderr); silent otherwise."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled and sys.stderr.isatty()
-        self.done, self.start, self.shown = 0, time.monotonic(), 0.0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self.shown > 0.2 or self.done >= self.total):
-            self.shown = now
-            rate = self.done / max(now - self.start, 1e-9) / 2**20
-            pct = 100 * self.done / self.total if self.total else 100
-            click.echo(f"\r{self.label}: {pct:5.1f}%  {self.done / 2**20:,.0f} MiB  {rate:,.0f} MiB/s", err=True, nl=self.done >= self.total)
 
 
 def _size(folder: Path) -> int:
@@ -73,7 +56,7 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
         if store.exists(name):
             raise CliError(f"secret {name} already exists; choose another --key-name")
         key = generate_model_key()
-        meter = _Meter(_size(src), "encrypting", output == "text")
+        meter = Progress(output, width=10).counter("encrypting", _size(src))
         started = time.monotonic()
         entries = encrypt_model(src, stage, key, progress=meter)
         store.put(name, key)
@@ -137,7 +120,7 @@ def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_di
     store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
     try:
         key = store.get(name)
-        meter = _Meter(_size(src), "decrypting", output == "text")
+        meter = Progress(output, width=10).counter("decrypting", _size(src))
         started = time.monotonic()
         entries = decrypt_model(src, Path(out_dir), key, progress=meter)
     except (WeightsError, SecretStoreError) as exc:

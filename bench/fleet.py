@@ -60,20 +60,33 @@ def main() -> int:
             trust = for_backend("emulated", emulated_dir=tmp / "emulated")
             host_lines = "".join(f"    {h}: {u}\n" for h, u in hosts.items())
             fleet = parse_fleet(
-                "apiVersion: tdxvm/v1\nkind: Fleet\nmetadata: {name: bench}\nspec:\n  hosts:\n" + host_lines
+                "apiVersion: tdxvm/v1\nkind: Fleet\nmetadata: {name: bench}\nspec:\n  hosts:\n"
+                + host_lines
                 + f"  templates:\n    t: {{image: {image}, backend: emulated, vcpus: 1, memory: 256MiB}}\n"
                 + f"  deployments:\n    web: {{template: t, replicas: {args.vms}, placement: [{', '.join(hosts)}]}}\n"
-            )  # fmt: skip
+            )
             connector = Connector()
             options = reconcile.ApplyOptions(parallel=args.parallel)
             with TestDriverGuests(connector, hosts.values(), tmp / "guests"):
                 started = time.monotonic()
-                first = reconcile.apply(fleet, connector=connector, secrets=store, trust_for=lambda _b, t=trust: t,
-                                        state_dir=tmp / "state", options=options)  # fmt: skip
+                first = reconcile.apply(
+                    fleet,
+                    connector=connector,
+                    secrets=store,
+                    trust_for=lambda _b, t=trust: t,
+                    state_dir=tmp / "state",
+                    options=options,
+                )
                 applies.append(time.monotonic() - started)
                 started = time.monotonic()
-                again = reconcile.apply(fleet, connector=connector, secrets=store, trust_for=lambda _b, t=trust: t,
-                                        state_dir=tmp / "state", options=options)  # fmt: skip
+                again = reconcile.apply(
+                    fleet,
+                    connector=connector,
+                    secrets=store,
+                    trust_for=lambda _b, t=trust: t,
+                    state_dir=tmp / "state",
+                    options=options,
+                )
                 noops.append(time.monotonic() - started)
             connector.close()
             if first.counts() != {"created": args.vms} or again.counts() != {"unchanged": args.vms}:
@@ -87,8 +100,10 @@ def main() -> int:
     def fmt(xs: list[float]) -> str:
         return f"{statistics.median(xs):7.2f} s  (best {min(xs):.2f} s)"
 
-    print(f"fleet apply on libvirt's test driver: {args.vms} VMs on {args.hosts} hosts, --parallel {args.parallel}, "
-          f"{args.runs} run(s), {os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"fleet apply on libvirt's test driver: {args.vms} VMs on {args.hosts} hosts, --parallel {args.parallel}, "
+        f"{args.runs} run(s), {os.cpu_count()} CPUs"
+    )
     print(f"  apply, all created      {fmt(applies)}   target <= 30 s   {'ok' if min(applies) <= 30 else 'MISSED'}")
     print(f"  re-apply, nothing to do {fmt(noops)}   target <=  2 s   {'ok' if min(noops) <= 2 else 'MISSED'}")
     print("  one VM's phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in sample.items()))

@@ -34,8 +34,9 @@ from tdxvm.secretstore import SecretStore  # noqa: E402
 def run(recipe, cache: StepCache, work: Path, label: str) -> dict[str, float]:
     events: list[StepEvent] = []
     out = work / label
-    result = build(recipe, output=out, cache=cache, secret_store=SecretStore(directory=work / "secrets"),
-                   progress=events.append)  # fmt: skip
+    result = build(
+        recipe, output=out, cache=cache, secret_store=SecretStore(directory=work / "secrets"), progress=events.append
+    )
     shutil.rmtree(out)
     times = {e.step: e.seconds for e in events if e.status != "start"}
     statuses = {e.step: e.status for e in events if e.status != "start"}
@@ -45,7 +46,9 @@ def run(recipe, cache: StepCache, work: Path, label: str) -> dict[str, float]:
         print(f"  {step:<10} {statuses.get(step, '-'):<8} {times.get(step, 0.0):7.1f} s")
     size, tree = recipe.recipe.disk_size, result["verity"]["hash_bytes"]
     print(f"  verity:     {size / times['verity'] / 1e6:.0f} MB/s for {size >> 20} MiB (target >= 500)")
-    print(f"  encryption: {(size + tree) / times['encrypt'] / 1e6:.0f} MB/s for {(size + tree) >> 20} MiB (target >= 200)")
+    print(
+        f"  encryption: {(size + tree) / times['encrypt'] / 1e6:.0f} MB/s for {(size + tree) >> 20} MiB (target >= 200)"
+    )
     return times
 
 
@@ -59,13 +62,17 @@ def main() -> int:
         print("needs root (debootstrap, chroot)", file=sys.stderr)
         return 2
     recipe = load_recipe(args.recipe)
-    print(f"recipe {args.recipe}: {recipe.recipe.name}, {recipe.recipe.disk_size >> 20} MiB disk, {os.cpu_count()} CPUs")
+    print(
+        f"recipe {args.recipe}: {recipe.recipe.name}, {recipe.recipe.disk_size >> 20} MiB disk, {os.cpu_count()} CPUs"
+    )
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         cache = StepCache() if args.cached_only else StepCache(work / "cache")
         if not args.cached_only:
             run(recipe, cache, work, "cold")
-        best = min((run(recipe, cache, work, f"cached #{i + 1}") for i in range(args.runs)), key=lambda t: sum(t.values()))
+        best = min(
+            (run(recipe, cache, work, f"cached #{i + 1}") for i in range(args.runs)), key=lambda t: sum(t.values())
+        )
         print(f"\ncached build: {sum(best.values()):.1f} s (target <= 180 s)")
     return 0
 

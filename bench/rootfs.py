@@ -41,8 +41,10 @@ _RATE = re.compile(r"copied, ([0-9.]+) s")
 
 def read_rate(client, device: str, mib: int) -> float:
     """MB/s of one direct read of ``mib`` MiB from ``device`` in the guest, caches dropped."""
-    out = ssh.run(client, f"sync; echo 3 > /proc/sys/vm/drop_caches; dd if={device} of=/dev/null bs=1M count={mib} "
-                          "iflag=direct 2>&1")  # fmt: skip
+    out = ssh.run(
+        client,
+        f"sync; echo 3 > /proc/sys/vm/drop_caches; dd if={device} of=/dev/null bs=1M count={mib} iflag=direct 2>&1",
+    )
     found = _RATE.search(out)
     if found is None:
         raise RuntimeError(f"dd printed no time: {out}")
@@ -56,7 +58,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--memory", type=int, default=1024, help="MiB of guest memory")
-    ap.add_argument("--scratch", type=int, default=256, help="MiB of scratch disk (formatted at boot: ~1 min/GiB under TCG)")
+    ap.add_argument(
+        "--scratch", type=int, default=256, help="MiB of scratch disk (formatted at boot: ~1 min/GiB under TCG)"
+    )
     ap.add_argument("--boot-only", action="store_true", help="time the launch only (e.g. an image without verity)")
     args = ap.parse_args()
     manifest = load_manifest(args.build)
@@ -68,24 +72,37 @@ def main() -> int:
         trust = for_backend("emulated", emulated_dir=Path(tmp))
         for run in range(args.runs):
             name = f"bench-rootfs-{secrets.token_hex(3)}"
-            scratch = {"scratch": args.scratch} if "scratch" in VmSpec.model_fields else {}  # tdxvm before scratch disks had none
-            spec = VmSpec(name=name, uri="qemu:///system", image=manifest.path, backend="emulated", vcpus=1,
-                          memory=args.memory, **scratch)  # fmt: skip
+            scratch = (
+                {"scratch": args.scratch} if "scratch" in VmSpec.model_fields else {}
+            )  # tdxvm before scratch disks had none
+            spec = VmSpec(
+                name=name,
+                uri="qemu:///system",
+                image=manifest.path,
+                backend="emulated",
+                vcpus=1,
+                memory=args.memory,
+                **scratch,
+            )
             try:
                 result = bringup.bring_up(spec, manifest, conn, trust=trust, secrets=store)
                 for phase, seconds in result.timings.items():
                     phases[phase].append(seconds)
                 if not args.boot_only:
-                    client = ssh.connect(result.ssh, host_key=base64.b64decode(result.ssh_host_key),
-                                         client_key=controller_key(store))  # fmt: skip
+                    client = ssh.connect(
+                        result.ssh, host_key=base64.b64decode(result.ssh_host_key), client_key=controller_key(store)
+                    )
                     with client:
                         for _ in range(2):
                             verity.append(read_rate(client, "/dev/mapper/root", args.mib))
                             crypt.append(read_rate(client, "/dev/mapper/root-crypt", args.mib))
             finally:
                 destroy(conn, name)
-            print(f"run {run + 1}: " + ", ".join(f"{p} {result.timings[p]:.1f} s" for p in bringup.PHASES)
-                  + f"; to ready {sum(result.timings.values()):.1f} s")  # fmt: skip
+            print(
+                f"run {run + 1}: "
+                + ", ".join(f"{p} {result.timings[p]:.1f} s" for p in bringup.PHASES)
+                + f"; to ready {sum(result.timings.values()):.1f} s"
+            )
     total = [sum(values) for values in zip(*phases.values(), strict=True)]
     print(f"\nboot to ready (median of {args.runs}): {statistics.median(total):.1f} s")
     if args.boot_only:

@@ -58,7 +58,23 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int, threads: int, dtype: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tdxvm.guest.serve", "--model", str(model), "--name", "bench", "--port", str(port), "--threads", str(threads), "--dtype", dtype, "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tdxvm.guest.serve",
+        "--model",
+        str(model),
+        "--name",
+        "bench",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--dtype",
+        dtype,
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -95,15 +111,27 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
-        model_dir = build_tiny_model(Path(tmp) / "model", hidden=args.hidden, layers=args.layers, heads=args.hidden // 64, intermediate=args.hidden * 8 // 3, context=4096, vocab=1000)
+        model_dir = build_tiny_model(
+            Path(tmp) / "model",
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.hidden // 64,
+            intermediate=args.hidden * 8 // 3,
+            context=4096,
+            vocab=1000,
+        )
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=getattr(torch, args.dtype)).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=getattr(torch, args.dtype)
+        ).eval()
         params = sum(p.numel() for p in model.parameters())
 
         def generate(ids: list[int], streamer: object = None) -> list[int]:
             t = torch.tensor([ids])
             with torch.inference_mode():
-                out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False, streamer=streamer)
+                out = model.generate(
+                    t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False, streamer=streamer
+                )
             return list(out[0, len(ids) :].tolist())
 
         # a prompt of about --prompt-tokens whose greedy output runs the full length and whose
@@ -161,7 +189,13 @@ def main() -> None:
             hook = _hook_class()(Job(ids, SamplingParams(max_tokens=args.tokens, temperature=0), sink), tok)
             t = torch.tensor([ids])
             with torch.inference_mode():
-                out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([hook]))
+                out = model.generate(
+                    t,
+                    attention_mask=torch.ones_like(t),
+                    max_new_tokens=args.tokens,
+                    do_sample=False,
+                    stopping_criteria=StoppingCriteriaList([hook]),
+                )
             return marks["first"] - t0, time.perf_counter() - t0, out.shape[1] - len(ids)
 
         port = free_port()
@@ -170,7 +204,14 @@ def main() -> None:
 
         def run_api() -> Timing:
             t0, first, n = time.perf_counter(), 0.0, 0
-            stream = client.completions.create(model="bench", prompt=prompt, max_tokens=args.tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+            stream = client.completions.create(
+                model="bench",
+                prompt=prompt,
+                max_tokens=args.tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].text and not first:
                     first = time.perf_counter()
@@ -179,7 +220,16 @@ def main() -> None:
             return first - t0, time.perf_counter() - t0, n
 
         def run_sse() -> Timing:
-            body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": args.tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+            body = json.dumps(
+                {
+                    "model": "bench",
+                    "prompt": prompt,
+                    "max_tokens": args.tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            )
             t0, first, n = time.perf_counter(), 0.0, 0
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
             conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -191,7 +241,13 @@ def main() -> None:
             conn.close()
             return first - t0, time.perf_counter() - t0, n
 
-        runners: dict[str, Callable[[], Timing]] = {"generate": run_generate, "generate+HF-text": run_hf_text, "generate+tdxvm-text": run_hook, "API (raw SSE)": run_sse, "API (streamed)": run_api}
+        runners: dict[str, Callable[[], Timing]] = {
+            "generate": run_generate,
+            "generate+HF-text": run_hf_text,
+            "generate+tdxvm-text": run_hook,
+            "API (raw SSE)": run_sse,
+            "API (streamed)": run_api,
+        }
         try:
             results: dict[str, list[Timing]] = {k: [] for k in runners}
             cpus: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
@@ -225,7 +281,13 @@ def process_cpu(pid: int) -> float:
     return total / 1e9
 
 
-def report(results: dict[str, list[Timing]], cpus: dict[str, list[tuple[float, float]]], args: argparse.Namespace, params: int, prompt_tokens: int) -> None:
+def report(
+    results: dict[str, list[Timing]],
+    cpus: dict[str, list[tuple[float, float]]],
+    args: argparse.Namespace,
+    params: int,
+    prompt_tokens: int,
+) -> None:
     """Medians per path; the ratios to ``generate`` are medians of per-round ratios, so that
     load from other processes, which moves both runs of a round alike, cancels out. CPU
     per token is that of the process that generates (this one, or the server) and, for the
@@ -233,9 +295,18 @@ def report(results: dict[str, list[Timing]], cpus: dict[str, list[tuple[float, f
     import importlib.util
 
     fast = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)]
-    print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f} M parameters, {args.dtype}, {args.threads} torch threads")
-    print(f"prompt {prompt_tokens} tokens, {args.tokens} tokens generated (greedy), {args.runs} rounds; server uses {', '.join(fast) or 'asyncio and h11'}")
-    print(f"{'path':<20} {'TTFT ms':>8} {'tokens/s':>9} {'best tok/s':>11} {'vs generate':>12} {'extra TTFT ms':>14} {'CPU ms/token':>13} {'client':>7}")
+    print(
+        f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f} M parameters, "
+        f"{args.dtype}, {args.threads} torch threads"
+    )
+    print(
+        f"prompt {prompt_tokens} tokens, {args.tokens} tokens generated (greedy), {args.runs} rounds; "
+        f"server uses {', '.join(fast) or 'asyncio and h11'}"
+    )
+    print(
+        f"{'path':<20} {'TTFT ms':>8} {'tokens/s':>9} {'best tok/s':>11} {'vs generate':>12} "
+        f"{'extra TTFT ms':>14} {'CPU ms/token':>13} {'client':>7}"
+    )
     gen, rows = results["generate"], {}
     for k, v in results.items():
         ratio = statistics.median((r[2] / r[1]) / (g[2] / g[1]) for r, g in zip(v, gen, strict=True))
@@ -244,11 +315,22 @@ def report(results: dict[str, list[Timing]], cpus: dict[str, list[tuple[float, f
         rows[k] = ratio, extra
         api = k.startswith("API")
         gen_cpu = statistics.median((c[1] if api else c[0]) / t[2] for c, t in zip(cpus[k], v, strict=True)) * 1e3
-        client = f"{statistics.median(c[0] / t[2] for c, t in zip(cpus[k], v, strict=True)) * 1e3:7.2f}" if api else f"{'':7}"
-        print(f"{k:<20} {statistics.median(t[0] for t in v) * 1e3:8.1f} {statistics.median(tps):9.1f} {max(tps):11.1f} {ratio:11.3f}x {extra:+14.1f} {gen_cpu:13.2f} {client}")
+        client = (
+            f"{statistics.median(c[0] / t[2] for c, t in zip(cpus[k], v, strict=True)) * 1e3:7.2f}"
+            if api
+            else f"{'':7}"
+        )
+        print(
+            f"{k:<20} {statistics.median(t[0] for t in v) * 1e3:8.1f} {statistics.median(tps):9.1f} {max(tps):11.1f} "
+            f"{ratio:11.3f}x {extra:+14.1f} {gen_cpu:13.2f} {client}"
+        )
     ratio, extra = rows["API (streamed)"]
     verdict = "OK" if ratio >= 0.97 and extra <= 20 else "MISSED"
-    print(f"API vs generate: {ratio:.3f}x tokens/s (target >= 0.97), {extra:+.1f} ms TTFT (target <= 20): {verdict}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"API vs generate: {ratio:.3f}x tokens/s (target >= 0.97), {extra:+.1f} ms TTFT (target <= 20): {verdict}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -76,7 +76,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1G", help="payload size (K/M/G suffixes) [1G]")
     ap.add_argument("--runs", type=int, default=3, help="runs of each path, taking turns [3]")
-    ap.add_argument("--settle", type=float, default=3.0, help="seconds of quiet after each run (disk idle, freed memory back to the host) [3]")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds of quiet after each run (disk idle, freed memory back to the host) [3]",
+    )
     ap.add_argument("--dir", default="/var/tmp", help="folder for the source and received files [/var/tmp]")
     ap.add_argument("--guest-python", default=sys.executable, help="Python that runs the receiver [this one]")
     ap.add_argument("--skip", default="", help="comma-separated variant names to leave out")
@@ -120,15 +125,38 @@ def main() -> int:
 
             def tdxvm(via: str, streams: int) -> Callable[[Path], str]:
                 def go(out: Path) -> str:
-                    r = upload(enc, ssh_client=client, guest_address="127.0.0.1", via=via, streams=streams, dest=str(out), python=guest_python)
+                    r = upload(
+                        enc,
+                        ssh_client=client,
+                        guest_address="127.0.0.1",
+                        via=via,
+                        streams=streams,
+                        dest=str(out),
+                        python=guest_python,
+                    )
                     assert r.sent_bytes == r.total_bytes, r
-                    return f"setup {r.setup_seconds:.2f} s, bulk+commit {r.seconds:.2f} s = {r.bytes_per_second / 1e6:,.0f} MB/s"
+                    return (
+                        f"setup {r.setup_seconds:.2f} s, bulk+commit {r.seconds:.2f} s = "
+                        f"{r.bytes_per_second / 1e6:,.0f} MB/s"
+                    )
 
                 return go
 
             def scp(*opts: str) -> Callable[[Path], str]:
                 def go(out: Path) -> str:
-                    subprocess.run(["scp", "-q", *sshd.ssh_options(), *opts, "-P", str(sshd.port), str(plain), f"{user_host}:{out}/model.safetensors"], check=True)
+                    subprocess.run(
+                        [
+                            "scp",
+                            "-q",
+                            *sshd.ssh_options(),
+                            *opts,
+                            "-P",
+                            str(sshd.port),
+                            str(plain),
+                            f"{user_host}:{out}/model.safetensors",
+                        ],
+                        check=True,
+                    )
                     assert (out / "model.safetensors").stat().st_size == size
                     return " ".join(opts) or "default cipher"
 
@@ -159,7 +187,10 @@ def main() -> int:
             ratio = f"{base / seconds:6.2f}" if base else "     -"
             synced = [y for _, y in runs if y is not None]
             extra = f"{statistics.median(synced):9.2f}" if synced else "  (fsync)"
-            print(f"{name:<16} {seconds:7.2f} ({min(s for s, _ in runs):5.2f}) {size / seconds / 1e6:6.0f} {ratio} {extra}")
+            print(
+                f"{name:<16} {seconds:7.2f} ({min(s for s, _ in runs):5.2f}) "
+                f"{size / seconds / 1e6:6.0f} {ratio} {extra}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

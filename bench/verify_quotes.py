@@ -50,8 +50,21 @@ from tdxvm.attest.verifiedcache import VerifiedCache
 from tdxvm.attest.verify import QuoteVerifier
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "tdx" / "dcap-qvl-v4"
-HEAVY = ("libvirt", "paramiko", "requests", "urllib3", "yaml", "pydantic", "tdxvm.launch", "tdxvm.image", "tdxvm.emulate",
-         "tdxvm.fleet", "tdxvm.provision", "tdxvm.guest", "tdxvm.attest.eventlog")  # fmt: skip
+HEAVY = (
+    "libvirt",
+    "paramiko",
+    "requests",
+    "urllib3",
+    "yaml",
+    "pydantic",
+    "tdxvm.launch",
+    "tdxvm.image",
+    "tdxvm.emulate",
+    "tdxvm.fleet",
+    "tdxvm.provision",
+    "tdxvm.guest",
+    "tdxvm.attest.eventlog",
+)
 
 
 SLICES = 15
@@ -113,50 +126,85 @@ def _bench(disk: Path) -> int:
     theirs = dcap_qvl.QuoteCollateralV3.from_json(args.collateral.read_text())
 
     ref = dcap_qvl.verify(quote, theirs, now)
-    results = [QuoteVerifier().verify(quote, ours, at=at),  # no cache
-               QuoteVerifier(verified_cache=VerifiedCache(directory=disk)).verify(quote, ours, at=at),  # fills it
-               QuoteVerifier(verified_cache=VerifiedCache(directory=disk)).verify(quote, ours, at=at)]  # uses it  # fmt: skip
+    results = [
+        QuoteVerifier().verify(quote, ours, at=at),  # no cache
+        QuoteVerifier(verified_cache=VerifiedCache(directory=disk)).verify(quote, ours, at=at),  # fills it
+        QuoteVerifier(verified_cache=VerifiedCache(directory=disk)).verify(quote, ours, at=at),
+    ]  # uses it
     if any(r != results[0] for r in results) or results[0].reasons or results[0].tcb.status != ref.status:
-        print(f"verdicts differ: tdxvm {[(r.tcb and r.tcb.status, r.reasons) for r in results]}, dcap-qvl {ref.status}", file=sys.stderr)
+        print(
+            f"verdicts differ: tdxvm {[(r.tcb and r.tcb.status, r.reasons) for r in results]}, dcap-qvl {ref.status}",
+            file=sys.stderr,
+        )
         return 1
 
     warm_verifier = QuoteVerifier()
     warm_verifier.verify(quote, ours, at=at)
-    figures = rates({
-        "tdxvm cold, warm disk cache": lambda: QuoteVerifier(verified_cache=VerifiedCache(directory=disk)).verify(quote, ours, at=at),
-        "tdxvm fully cold (no cache)": lambda: QuoteVerifier().verify(quote, ours, at=at),
-        "tdxvm warm (held verifier)": lambda: warm_verifier.verify(quote, ours, at=at),
-        "dcap-qvl": lambda: dcap_qvl.verify(quote, theirs, now),
-    }, args.seconds * 4)  # fmt: skip
+    figures = rates(
+        {
+            "tdxvm cold, warm disk cache": lambda: QuoteVerifier(verified_cache=VerifiedCache(directory=disk)).verify(
+                quote, ours, at=at
+            ),
+            "tdxvm fully cold (no cache)": lambda: QuoteVerifier().verify(quote, ours, at=at),
+            "tdxvm warm (held verifier)": lambda: warm_verifier.verify(quote, ours, at=at),
+            "dcap-qvl": lambda: dcap_qvl.verify(quote, theirs, now),
+        },
+        args.seconds * 4,
+    )
     peer = figures["dcap-qvl"]
-    print(f"quote: {args.quote} ({len(quote)} bytes), TCB {ref.status}, dcap-qvl {metadata.version('dcap-qvl')}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(
+        f"quote: {args.quote} ({len(quote)} bytes), TCB {ref.status}, dcap-qvl {metadata.version('dcap-qvl')}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'in-process':<30} {'quotes/s':>9} {'ms/quote':>9} {'vs dcap-qvl':>12}  target")
-    targets = {"tdxvm cold, warm disk cache": ">= 1.00x", "tdxvm fully cold (no cache)": ">= 0.80x", "tdxvm warm (held verifier)": ">= 4.00x"}
+    targets = {
+        "tdxvm cold, warm disk cache": ">= 1.00x",
+        "tdxvm fully cold (no cache)": ">= 0.80x",
+        "tdxvm warm (held verifier)": ">= 4.00x",
+    }
     for name, value in figures.items():
         print(f"{name:<30} {value:>9.0f} {1000 / value:>9.3f} {value / peer:>11.2f}x  {targets.get(name, '')}")
 
     py, tdxvm = sys.executable, str(Path(sys.executable).parent / "tdxvm")
     env = {**os.environ, "TDXVM_VERIFIED_CACHE": str(disk), "NO_COLOR": "1"}
-    verify = [tdxvm, "verify-quote", str(args.quote), "--collateral", str(args.collateral), "--at", args.at, "-o", "json"]
-    dcap = (f"import dcap_qvl, pathlib; q = pathlib.Path({str(args.quote)!r}).read_bytes(); "
-            f"c = dcap_qvl.QuoteCollateralV3.from_json(pathlib.Path({str(args.collateral)!r}).read_text()); "
-            f"print(dcap_qvl.verify(q, c, {now}).status)")  # fmt: skip
-    processes = walls({
-        "tdxvm verify-quote (warm disk cache)": verify,
-        "tdxvm verify-quote --no-cache": [*verify, "--no-cache"],
-        "python -c dcap-qvl": [py, "-c", dcap],
-        "python -c 'import tdxvm.cli' (import only)": [py, "-c", "import tdxvm.cli"],
-        "python -c 'import tdxvm.cli.attest' (import only)": [py, "-c", "import tdxvm.cli.attest"],
-        "python -c pass (interpreter start)": [py, "-c", "pass"],
-    }, args.runs, env)
+    verify = [
+        tdxvm,
+        "verify-quote",
+        str(args.quote),
+        "--collateral",
+        str(args.collateral),
+        "--at",
+        args.at,
+        "-o",
+        "json",
+    ]
+    dcap = (
+        f"import dcap_qvl, pathlib; q = pathlib.Path({str(args.quote)!r}).read_bytes(); "
+        f"c = dcap_qvl.QuoteCollateralV3.from_json(pathlib.Path({str(args.collateral)!r}).read_text()); "
+        f"print(dcap_qvl.verify(q, c, {now}).status)"
+    )
+    processes = walls(
+        {
+            "tdxvm verify-quote (warm disk cache)": verify,
+            "tdxvm verify-quote --no-cache": [*verify, "--no-cache"],
+            "python -c dcap-qvl": [py, "-c", dcap],
+            "python -c 'import tdxvm.cli' (import only)": [py, "-c", "import tdxvm.cli"],
+            "python -c 'import tdxvm.cli.attest' (import only)": [py, "-c", "import tdxvm.cli.attest"],
+            "python -c pass (interpreter start)": [py, "-c", "pass"],
+        },
+        args.runs,
+        env,
+    )
     print(f"\n{'whole process (median of ' + str(args.runs) + ')':<50} {'ms':>7}")
     for name, seconds in processes.items():
         target = "  target <= 250 ms" if name.startswith("tdxvm verify-quote (") else ""
         print(f"{name:<50} {seconds * 1000:>7.1f}{target}")
-    probe = ("import sys\nfrom tdxvm.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-             f"print(__import__('json').dumps(sorted(m for m in sys.modules if m.split('.')[0] in {{'libvirt', 'paramiko', 'requests', "
-             f"'urllib3', 'yaml', 'pydantic'}} or m.startswith({HEAVY!r}))))")  # fmt: skip
+    probe = (
+        "import sys\nfrom tdxvm.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(__import__('json').dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in {'libvirt', 'paramiko', 'requests', "
+        f"'urllib3', 'yaml', 'pydantic'}} or m.startswith({HEAVY!r}))))"
+    )
     out = subprocess.run([py, "-c", probe, *verify[1:]], env=env, capture_output=True, text=True, check=False).stdout
     heavy = json.loads(out.strip().splitlines()[-1]) if out.strip() else ["<probe failed>"]
     print(f"heavy modules imported by verify-quote: {', '.join(heavy) if heavy else 'none'}")

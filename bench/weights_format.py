@@ -36,7 +36,9 @@ print(json.dumps({"wall": t1 - t0, "cpu": user + system, "user": user, "sys": sy
 
 
 def child(op: str, src: Path, dst: Path, key: bytes) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, op, str(src), str(dst), key.hex()], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, op, str(src), str(dst), key.hex()], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout)
 
 
@@ -124,7 +126,10 @@ def main() -> int:
         print(f"file: {gib:.2f} GiB in {work} (chunk 1 MiB)")
         print(f"{'':<34} {'GiB/s/core':>10} {'user s':>7} {'sys s':>7} {'wall s':>7} {'peak RSS MiB':>13}")
         for name, r in (("encrypt, file to file", enc), ("decrypt, file to file", dec)):
-            print(f"{name:<34} {gib / r['cpu']:>10.2f} {r['user']:>7.2f} {r['sys']:>7.2f} {r['wall']:>7.2f} {r['rss_mib']:>13.0f}")
+            print(
+                f"{name:<34} {gib / r['cpu']:>10.2f} {r['user']:>7.2f} {r['sys']:>7.2f} "
+                f"{r['wall']:>7.2f} {r['rss_mib']:>13.0f}"
+            )
         print(f"{'encrypt, in memory (with SHA-256)':<34} {mem_enc:>10.2f}")
         print(f"{'decrypt, in memory':<34} {mem_dec:>10.2f}")
         print(f"{'peer: AES-256-GCM alone':<34} {gcm / 2**30:>10.2f}")

@@ -44,7 +44,9 @@ class SecretStore:
             d.mkdir(mode=0o700, exist_ok=True)
             mode = d.stat().st_mode
             if mode & 0o077:
-                raise SecretStoreError(f"{d}: secret folder mode is {stat.filemode(mode)}; it must be private (chmod 700)")
+                raise SecretStoreError(
+                    f"{d}: secret folder mode is {stat.filemode(mode)}; it must be private (chmod 700)"
+                )
 
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
@@ -69,7 +71,9 @@ class SecretStore:
         with os.fdopen(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if mode & 0o077:
-                raise SecretStoreError(f"secret {name}: file mode is {stat.filemode(mode)}; it must be private (chmod 600)")
+                raise SecretStoreError(
+                    f"secret {name}: file mode is {stat.filemode(mode)}; it must be private (chmod 600)"
+                )
             return f.read()
 
     def delete(self, name: str) -> None:

@@ -20,7 +20,9 @@ def controller_key(store: SecretStore) -> Ed25519PrivateKey:
     """The controller's key (made and stored on first use)."""
     if not store.exists(SECRET):
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
         store.put(SECRET, pem)
     loaded = serialization.load_ssh_private_key(store.get(SECRET), password=None)
     if not isinstance(loaded, Ed25519PrivateKey):

@@ -106,8 +106,14 @@ class Spawned:
 
     def __init__(self, module: str, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.stderr_lines: list[str] = []
         self.port: int | None = None
         listening = threading.Event()
@@ -171,7 +177,12 @@ class LineProxy:
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
-        with client, socket.create_connection(self.upstream) as up, client.makefile("rb") as cin, up.makefile("rb") as uin:
+        with (
+            client,
+            socket.create_connection(self.upstream) as up,
+            client.makefile("rb") as cin,
+            up.makefile("rb") as uin,
+        ):
             for line in cin:
                 self.sent.append(line)
                 up.sendall(line)

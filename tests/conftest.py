@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -72,9 +72,13 @@ def _build_recipe(recipe: str, base: Path) -> tuple[SmokeBuild, dict]:
     secrets = base / "secrets"
     events: list = []
     name = Path(recipe).stem
-    manifest = build(load_recipe(REPO / "images" / recipe), output=base / name,
-                     cache=StepCache(test_cache_root() / "image"), secret_store=SecretStore(directory=secrets),
-                     progress=events.append)  # fmt: skip
+    manifest = build(
+        load_recipe(REPO / "images" / recipe),
+        output=base / name,
+        cache=StepCache(test_cache_root() / "image"),
+        secret_store=SecretStore(directory=secrets),
+        progress=events.append,
+    )
     return SmokeBuild(base / name, secrets, manifest, events), manifest
 
 

@@ -14,7 +14,20 @@ from tdxvm.cli import main
 from tdxvm.secretstore import SecretStore
 
 V4_AT = "2025-06-20T00:00:00Z"
-MEASUREMENT_KEYS = {"mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id", "mr_owner", "mr_owner_config", "mr_seam", "td_attributes", "xfam", "report_data"}
+MEASUREMENT_KEYS = {
+    "mrtd",
+    "rtmr0",
+    "rtmr1",
+    "rtmr2",
+    "rtmr3",
+    "mr_config_id",
+    "mr_owner",
+    "mr_owner_config",
+    "mr_seam",
+    "td_attributes",
+    "xfam",
+    "report_data",
+}
 
 
 def run(capsys, *argv):
@@ -25,7 +38,9 @@ def run(capsys, *argv):
 
 def test_verify_quote_accepts_real_v4_json(capsys, testdata):
     d = testdata / "dcap-qvl-v4"
-    code, out, err = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", V4_AT, "-o", "json")
+    code, out, err = run(
+        capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", V4_AT, "-o", "json"
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert doc["verdict"] == "accept"
@@ -38,7 +53,9 @@ def test_verify_quote_accepts_real_v4_json(capsys, testdata):
 
 def test_verify_quote_human_summary(capsys, testdata):
     d = testdata / "dcap-qvl-v4"
-    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "1750377600")
+    code, out, _ = run(
+        capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "1750377600"
+    )
     assert code == 0
     assert "ACCEPTED" in out and "UpToDate" in out and "mrtd" in out
 
@@ -53,7 +70,17 @@ def test_verify_quote_hex_input(capsys, testdata, tmp_path):
 
 def test_verify_quote_refused_exit_1_with_reasons(capsys, testdata):
     d = testdata / "dcap-qvl-v4"
-    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2025-07-21T00:00:00Z", "-o", "json")
+    code, out, _ = run(
+        capsys,
+        "verify-quote",
+        d / "quote.bin",
+        "--collateral",
+        d / "collateral.json",
+        "--at",
+        "2025-07-21T00:00:00Z",
+        "-o",
+        "json",
+    )
     assert code == 1
     doc = json.loads(out)
     assert doc["verdict"] == "reject" and doc["tcb_status"] is None
@@ -62,7 +89,17 @@ def test_verify_quote_refused_exit_1_with_reasons(capsys, testdata):
 
 def test_no_tcb_level_refused(capsys, testdata):
     d = testdata / "dcap-qvl-v5-no-tcb-level"
-    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2026-03-01T00:00:00Z", "-o", "json")
+    code, out, _ = run(
+        capsys,
+        "verify-quote",
+        d / "quote.bin",
+        "--collateral",
+        d / "collateral.json",
+        "--at",
+        "2026-03-01T00:00:00Z",
+        "-o",
+        "json",
+    )
     assert code == 1
     assert [r["code"] for r in json.loads(out)["reasons"]] == ["tcb-level-not-found"]
 
@@ -71,7 +108,19 @@ def test_policy_file_mismatch(capsys, testdata, tmp_path):
     d = testdata / "dcap-qvl-v4"
     policy = tmp_path / "p.yaml"
     policy.write_text("mrtd: " + "00" * 48 + "\n")
-    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", V4_AT, "--policy", policy, "-o", "json")
+    code, out, _ = run(
+        capsys,
+        "verify-quote",
+        d / "quote.bin",
+        "--collateral",
+        d / "collateral.json",
+        "--at",
+        V4_AT,
+        "--policy",
+        policy,
+        "-o",
+        "json",
+    )
     assert code == 1
     reasons = json.loads(out)["reasons"]
     assert reasons[0]["code"] == "measurement-mismatch" and "MR_TD" in reasons[0]["message"]
@@ -105,7 +154,18 @@ def test_unusable_input_exit_2_one_line(capsys, testdata, args, needle, code_):
 
 def test_eventlog_replay_matches_quote(capsys, testdata):
     d = testdata / "go-tdx-guest-ccel"
-    code, out, _ = run(capsys, "eventlog", "replay", d / "ccel_data.bin", "--quote", d / "quote.bin", "--ccel-table", d / "ccel_table.bin", "-o", "json")
+    code, out, _ = run(
+        capsys,
+        "eventlog",
+        "replay",
+        d / "ccel_data.bin",
+        "--quote",
+        d / "quote.bin",
+        "--ccel-table",
+        d / "ccel_table.bin",
+        "-o",
+        "json",
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["matches"] is True and all(c["matches"] for c in doc["comparison"])
@@ -135,7 +195,9 @@ def test_console_script_and_no_guest_dependencies():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "verify-quote" in proc.stdout
-    exe = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "tdxvm"), "--version"], capture_output=True, text=True)
+    exe = subprocess.run(
+        [str(__import__("pathlib").Path(sys.executable).parent / "tdxvm"), "--version"], capture_output=True, text=True
+    )
     assert exe.returncode == 0 and "tdxvm" in exe.stdout
 
 
@@ -147,18 +209,63 @@ def test_emulated_platform_end_to_end(capsys, tmp_path):
     at = "2026-01-15T00:00:00Z"
     assert run(capsys, "emulate", "collateral", plat, "--out", tmp_path / "bundle.json", "--at", at)[0] == 0
     mrtd = "ab" * 48
-    assert run(capsys, "emulate", "quote", plat, "--out", tmp_path / "q.bin", "--version", "5", "--mrtd", mrtd, "--report-data", "cd" * 64, "--at", at)[0] == 0
+    assert (
+        run(
+            capsys,
+            "emulate",
+            "quote",
+            plat,
+            "--out",
+            tmp_path / "q.bin",
+            "--version",
+            "5",
+            "--mrtd",
+            mrtd,
+            "--report-data",
+            "cd" * 64,
+            "--at",
+            at,
+        )[0]
+        == 0
+    )
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"mrtd: {mrtd}\nreport_data: {'cd' * 64}\n")
-    common = ["--collateral", tmp_path / "bundle.json", "--root-ca", plat / "root-ca.pem", "--at", at, "--policy", policy, "-o", "json"]
+    common = [
+        "--collateral",
+        tmp_path / "bundle.json",
+        "--root-ca",
+        plat / "root-ca.pem",
+        "--at",
+        at,
+        "--policy",
+        policy,
+        "-o",
+        "json",
+    ]
     code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", *common)
     assert code == 0, out
     assert json.loads(out)["measurements"]["mrtd"] == mrtd
     # Intel's root does not vouch for the emulated platform.
-    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--at", at, "-o", "json")
+    code, out, _ = run(
+        capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--at", at, "-o", "json"
+    )
     assert code == 1 and "untrusted-root" in {r["code"] for r in json.loads(out)["reasons"]}
     # A DEBUG TD and a tampered quote are refused.
-    run(capsys, "emulate", "quote", plat, "--out", tmp_path / "d.bin", "--mrtd", mrtd, "--report-data", "cd" * 64, "--debug", "--at", at)
+    run(
+        capsys,
+        "emulate",
+        "quote",
+        plat,
+        "--out",
+        tmp_path / "d.bin",
+        "--mrtd",
+        mrtd,
+        "--report-data",
+        "cd" * 64,
+        "--debug",
+        "--at",
+        at,
+    )
     code, out, _ = run(capsys, "verify-quote", tmp_path / "d.bin", *common)
     assert code == 1 and [r["code"] for r in json.loads(out)["reasons"]] == ["debug-td"]
     raw = bytearray((tmp_path / "q.bin").read_bytes())
@@ -183,8 +290,16 @@ def emulated(tmp_path_factory):
 
     def verify(capsys, name, quote, *policy_lines, json_out=True):
         (folder / f"{name}.bin").write_bytes(quote)
-        args = ["verify-quote", folder / f"{name}.bin", "--collateral", folder / "bundle.json", "--root-ca",
-                folder / "root-ca.pem", "--at", "2025-07-01T12:00:00Z"]  # fmt: skip
+        args = [
+            "verify-quote",
+            folder / f"{name}.bin",
+            "--collateral",
+            folder / "bundle.json",
+            "--root-ca",
+            folder / "root-ca.pem",
+            "--at",
+            "2025-07-01T12:00:00Z",
+        ]
         if policy_lines:
             (folder / f"{name}.yaml").write_text("".join(f"{line}\n" for line in policy_lines))
             args += ["--policy", folder / f"{name}.yaml"]
@@ -264,10 +379,23 @@ def test_weights_encrypt_decrypt(capsys, tmp_path):
     # -o is the output format, --out the folder: `-o DIR` is a usage error, never a folder named after a format
     code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "-o", tmp_path / "out", "--secrets", store)
     assert code == 2 and "'-o' / '--output'" in err and not (tmp_path / "out").exists()
-    code, out, _ = run(capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out", "--secrets", store, "-o", "json")
+    code, out, _ = run(
+        capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out", "--secrets", store, "-o", "json"
+    )
     assert code == 0 and json.loads(out)["files"] == 2
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-    code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out2", "--secrets", store, "--key-name", "other")
+    code, _, err = run(
+        capsys,
+        "weights",
+        "decrypt",
+        tmp_path / "enc",
+        "--out",
+        tmp_path / "out2",
+        "--secrets",
+        store,
+        "--key-name",
+        "other",
+    )
     assert code == 2 and "weights/other is not in" in err
     blob = next((tmp_path / "enc" / "files").iterdir())
     data = bytearray(blob.read_bytes())
@@ -279,6 +407,7 @@ def test_weights_encrypt_decrypt(capsys, tmp_path):
 
 # -- the refusal contract: a quote that cannot be read is a "no" (exit 1), never an error --
 
+
 def _v4(testdata) -> bytes:
     return (testdata / "dcap-qvl-v4" / "quote.bin").read_bytes()
 
@@ -288,7 +417,11 @@ MALFORMED = {
     "quote version 3": (lambda q: (3).to_bytes(2, "little") + q[2:], "header.version", 0),
     "attestation key type 3": (lambda q: q[:2] + (3).to_bytes(2, "little") + q[4:], "header.attestation_key_type", 2),
     "TEE type SGX": (lambda q: q[:4] + bytes(4) + q[8:], "header.tee_type", 4),
-    "certification data type 5": (lambda q: q[:764] + (5).to_bytes(2, "little") + q[766:], "signature_data.certification_data.type", 764),
+    "certification data type 5": (
+        lambda q: q[:764] + (5).to_bytes(2, "little") + q[766:],
+        "signature_data.certification_data.type",
+        764,
+    ),
     "empty file": (lambda q: b"", "quote", 0),
     "base64 text": (lambda q: __import__("base64").b64encode(q), "quote", 0),
     "PEM text": (lambda q: b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "quote", 0),
@@ -335,7 +468,15 @@ def test_base64_quote_message(capsys, testdata, tmp_path):
     import base64
 
     (tmp_path / "q.b64").write_bytes(base64.b64encode(_v4(testdata)) + b"\n")
-    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.b64", "--collateral", testdata / "dcap-qvl-v4" / "collateral.json", "--at", V4_AT)
+    code, out, _ = run(
+        capsys,
+        "verify-quote",
+        tmp_path / "q.b64",
+        "--collateral",
+        testdata / "dcap-qvl-v4" / "collateral.json",
+        "--at",
+        V4_AT,
+    )
     assert code == 1 and "base64 text (of what starts like a v4 quote)" in out and "base64 -d" in out
 
 
@@ -352,7 +493,10 @@ def test_every_json_output_has_a_verdict(capsys, testdata, monkeypatch):
     base = ["verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "-o", "json"]
     # A usage error click finds before the command runs.
     code, out, err = run(capsys, *base, "--at")
-    assert code == 2 and json.loads(out) == {"verdict": "error", "error": {"code": "usage", "message": "Option '--at' requires an argument."}}
+    assert code == 2 and json.loads(out) == {
+        "verdict": "error",
+        "error": {"code": "usage", "message": "Option '--at' requires an argument."},
+    }
     code, out, _ = run(capsys, *base, "--bogus")
     assert code == 2 and json.loads(out)["verdict"] == "error"
     # A bug: exit 4, still a verdict.
@@ -378,15 +522,24 @@ def test_relaunch_advised_says_what_to_do(capsys, emulated, tmp_path):
     old, new = platform.tee_tcb_svn_for("OutOfDate"), platform.tee_tcb_svn_for("UpToDate")
     quote = platform.sign_quote(version=5, tee_tcb_svn=old, tee_tcb_svn2=new)
     code, doc = verify(capsys, "relaunch", quote)
-    assert code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and [r["code"] for r in doc["reasons"]] == ["tcb-status"]
+    assert (
+        code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and [r["code"] for r in doc["reasons"]] == ["tcb-status"]
+    )
     assert (doc["tcb"]["launch_status"], doc["tcb"]["current_status"]) == ("OutOfDate", "UpToDate")
     code, out = verify(capsys, "relaunch-text", quote, json_out=False)
     assert code == 1 and "TCB TDRelaunchAdvised" in out
-    assert "relaunch the TD to pick up the updated TDX module" in out and "launched on a TDX module whose TCB is OutOfDate" in out
+    assert (
+        "relaunch the TD to pick up the updated TDX module" in out
+        and "launched on a TDX module whose TCB is OutOfDate" in out
+    )
     code, doc = verify(capsys, "relaunch-accepted", quote, "accepted_tcb_statuses: [UpToDate, TDRelaunchAdvised]")
     assert code == 0 and doc["verdict"] == "accept"
     # TEE_TCB_SVN2 that no TCB level knows: refused, with the field named.
-    code, doc = verify(capsys, "unknown-current", platform.sign_quote(version=5, tee_tcb_svn=old, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13)))
+    code, doc = verify(
+        capsys,
+        "unknown-current",
+        platform.sign_quote(version=5, tee_tcb_svn=old, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13)),
+    )
     assert code == 1 and [r["code"] for r in doc["reasons"]] == ["current-tcb-not-supported"]
 
 
@@ -396,10 +549,35 @@ def test_emulate_quote_tee_tcb_svn2(capsys, tmp_path):
     at = "2026-01-15T00:00:00Z"
     assert run(capsys, "emulate", "collateral", plat, "--out", tmp_path / "bundle.json", "--at", at)[0] == 0
     old, new = "0301" + "02" + "00" * 13, "0501" + "02" + "00" * 13
-    args = ["emulate", "quote", plat, "--out", tmp_path / "q.bin", "--version", "5", "--tee-tcb-svn", old, "--tee-tcb-svn2", new, "--at", at]
+    args = [
+        "emulate",
+        "quote",
+        plat,
+        "--out",
+        tmp_path / "q.bin",
+        "--version",
+        "5",
+        "--tee-tcb-svn",
+        old,
+        "--tee-tcb-svn2",
+        new,
+        "--at",
+        at,
+    ]
     assert run(capsys, *args)[0] == 0
-    code, out, _ = run(capsys, "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "bundle.json", "--root-ca",
-                       plat / "root-ca.pem", "--at", at, "-o", "json")  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "verify-quote",
+        tmp_path / "q.bin",
+        "--collateral",
+        tmp_path / "bundle.json",
+        "--root-ca",
+        plat / "root-ca.pem",
+        "--at",
+        at,
+        "-o",
+        "json",
+    )
     doc = json.loads(out)
     assert code == 1 and doc["tcb_status"] == "TDRelaunchAdvised" and doc["measurements"]["tee_tcb_svn"] == old
     code, _, err = run(capsys, "emulate", "quote", plat, "--out", tmp_path / "q4.bin", "--tee-tcb-svn2", new)
@@ -418,19 +596,31 @@ def places(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["emulate", "init", "{t}/afile/x"], "{t}/afile is a file, not a folder"),
-    (["emulate", "collateral", "{t}/plat", "--out", "{t}"], "{t}: is a folder, not a file"),
-    (["emulate", "collateral", "{t}/plat", "--out", "{t}/missing/c.json"], "its folder {t}/missing does not exist"),
-    (["emulate", "quote", "{t}/plat", "--out", "{t}/missing/q.bin"], "its folder {t}/missing does not exist"),
-    (["emulate", "tiny-llama", "{t}/afile"], "{t}/afile: exists and is not a folder"),
-    (["collateral", "fetch", "{t}/afile", "--out", "{t}/plat"], "{t}/plat: is a folder, not a file"),
-    (["weights", "encrypt", "{t}/model", "--out", "{t}/afile/enc", "--secrets", "{t}/s"], "{t}/afile is a file, not a folder"),
-    (["weights", "encrypt", "{t}/model", "--out", "{t}/enc", "--secrets", "{t}/afile/s"], "{t}/afile is a file, not a folder"),
-    (["weights", "decrypt", "{t}/enc", "--out", "{t}/afile", "--secrets", "{t}/s"], "{t}/afile: exists and is not a folder"),
-    (["image", "build", "{t}/recipe.yaml", "--out", "{t}/afile/out"], "{t}/afile is a file, not a folder"),
-    (["image", "build", "{t}/recipe.yaml", "--firmware", "{t}/missing.fd"], "does not exist"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["emulate", "init", "{t}/afile/x"], "{t}/afile is a file, not a folder"),
+        (["emulate", "collateral", "{t}/plat", "--out", "{t}"], "{t}: is a folder, not a file"),
+        (["emulate", "collateral", "{t}/plat", "--out", "{t}/missing/c.json"], "its folder {t}/missing does not exist"),
+        (["emulate", "quote", "{t}/plat", "--out", "{t}/missing/q.bin"], "its folder {t}/missing does not exist"),
+        (["emulate", "tiny-llama", "{t}/afile"], "{t}/afile: exists and is not a folder"),
+        (["collateral", "fetch", "{t}/afile", "--out", "{t}/plat"], "{t}/plat: is a folder, not a file"),
+        (
+            ["weights", "encrypt", "{t}/model", "--out", "{t}/afile/enc", "--secrets", "{t}/s"],
+            "{t}/afile is a file, not a folder",
+        ),
+        (
+            ["weights", "encrypt", "{t}/model", "--out", "{t}/enc", "--secrets", "{t}/afile/s"],
+            "{t}/afile is a file, not a folder",
+        ),
+        (
+            ["weights", "decrypt", "{t}/enc", "--out", "{t}/afile", "--secrets", "{t}/s"],
+            "{t}/afile: exists and is not a folder",
+        ),
+        (["image", "build", "{t}/recipe.yaml", "--out", "{t}/afile/out"], "{t}/afile is a file, not a folder"),
+        (["image", "build", "{t}/recipe.yaml", "--firmware", "{t}/missing.fd"], "does not exist"),
+    ],
+)
 def test_an_unusable_output_path_is_exit_2_before_any_work(capsys, places, argv, message):
     code, out, err = run(capsys, *(a.format(t=places) for a in argv))
     assert code == 2 and message.format(t=places) in err, err
@@ -445,7 +635,9 @@ def test_a_pccs_that_is_not_https_is_a_usage_error(capsys, testdata, url):
 
 def test_at_now_is_the_current_time(capsys, testdata):
     d = testdata / "dcap-qvl-v4"
-    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "now", "-o", "json")
+    code, out, _ = run(
+        capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "now", "-o", "json"
+    )
     doc = json.loads(out)
     assert code == 1 and doc["verified_at"].startswith(datetime.now(timezone.utc).strftime("%Y-%m-%d"))
 
@@ -457,7 +649,9 @@ def test_weights_encrypt_refuses_an_output_inside_the_model_and_leaves_no_debris
     store = tmp_path / "secrets"
     code, _, err = run(capsys, "weights", "encrypt", model, "--out", model / "enc", "--secrets", store)
     assert code == 2 and "inside the model folder" in err and not (model / "enc").exists()
-    SecretStore(directory=store).put("weights/taken", b"k" * 32)  # the key name is taken: refused before anything is written
+    SecretStore(directory=store).put(
+        "weights/taken", b"k" * 32
+    )  # the key name is taken: refused before anything is written
     code, _, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "taken", "--secrets", store)
     assert code == 2 and "already exists" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "secrets"]  # no staging folder left behind
@@ -468,8 +662,11 @@ def test_weights_encrypt_refuses_an_output_inside_the_model_and_leaves_no_debris
 
 
 def test_a_usage_error_with_o_json_is_json_on_stdout_for_every_command(capsys):
-    for argv in (["weights", "decrypt", "ENC", "-o", "json"], ["status", "--no-such-option", "-o", "json"],
-                 ["verify-quote", "-o", "json"]):  # fmt: skip
+    for argv in (
+        ["weights", "decrypt", "ENC", "-o", "json"],
+        ["status", "--no-such-option", "-o", "json"],
+        ["verify-quote", "-o", "json"],
+    ):
         code, out, err = run(capsys, *argv)
         doc = json.loads(out)
         assert code == 2 and doc["error"]["code"] == "usage" and doc["error"]["message"] in err, argv

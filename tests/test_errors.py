@@ -50,7 +50,9 @@ def test_every_exception_tdxvm_defines_derives_from_tdxvm_error():
     """Errors (``...Error``, ``...Refused``, ``...Mismatch``) and every other exception
     class in every module, the guest's included: the CLI tells ours from a bug by
     ``isinstance`` alone."""
-    assert "tdxvm.guest.agent.AgentError" in CLASSES and "tdxvm.cli.output.CliError" in CLASSES  # the walk reaches both ends
+    assert (
+        "tdxvm.guest.agent.AgentError" in CLASSES and "tdxvm.cli.output.CliError" in CLASSES
+    )  # the walk reaches both ends
     assert len(CLASSES) > 80
     named = [n for n in CLASSES if n.endswith(("Error", "Refused", "Mismatch"))]
     assert len(named) > 60
@@ -66,29 +68,48 @@ def test_every_code_is_a_string():
 
 
 REFUSED = [
-    "tdxvm.provision.handshake.AttestationRefused", "tdxvm.provision.endpoint.EndpointRefused",
-    "tdxvm.launch.records.RecordMismatch", "tdxvm.provision.pinning.PinMismatchError",
-    "tdxvm.provision.ssh.HostKeyMismatch", "tdxvm.provision.client.ApiRefused", "tdxvm.guest.agent.SecretRefused",
-]  # fmt: skip
+    "tdxvm.provision.handshake.AttestationRefused",
+    "tdxvm.provision.endpoint.EndpointRefused",
+    "tdxvm.launch.records.RecordMismatch",
+    "tdxvm.provision.pinning.PinMismatchError",
+    "tdxvm.provision.ssh.HostKeyMismatch",
+    "tdxvm.provision.client.ApiRefused",
+    "tdxvm.guest.agent.SecretRefused",
+]
 UNREACHABLE = [
-    "tdxvm.launch.errors.LibvirtUnreachable", "tdxvm.launch.errors.LibvirtdNotRunningError",
-    "tdxvm.launch.errors.SshTransportError", "tdxvm.fleet.inventory.HostUnreachable",
-    "tdxvm.provision.ssh.SshUnreachable", "tdxvm.attest.errors.CollateralFetchError",
-    "tdxvm.provision.handshake.GuestUnreachable", "tdxvm.provision.handshake.HandshakeTimeout",
-    "tdxvm.provision.endpoint.EndpointUnreachable", "tdxvm.provision.attestation.BringUpTimeout",
-    "tdxvm.provision.model.ProvisionUnreachable", "tdxvm.provision.transfer.TransferUnreachable",
+    "tdxvm.launch.errors.LibvirtUnreachable",
+    "tdxvm.launch.errors.LibvirtdNotRunningError",
+    "tdxvm.launch.errors.SshTransportError",
+    "tdxvm.fleet.inventory.HostUnreachable",
+    "tdxvm.provision.ssh.SshUnreachable",
+    "tdxvm.attest.errors.CollateralFetchError",
+    "tdxvm.provision.handshake.GuestUnreachable",
+    "tdxvm.provision.handshake.HandshakeTimeout",
+    "tdxvm.provision.endpoint.EndpointUnreachable",
+    "tdxvm.provision.attestation.BringUpTimeout",
+    "tdxvm.provision.model.ProvisionUnreachable",
+    "tdxvm.provision.transfer.TransferUnreachable",
     "tdxvm.provision.client.ApiUnreachable",
-]  # fmt: skip
+]
 INPUT = [  # the user's to fix; among them the bases the unreachable and refused ones split from
-    "tdxvm.launch.errors.ConnectError", "tdxvm.launch.errors.LibvirtPermissionError", "tdxvm.provision.ssh.SshError",
-    "tdxvm.provision.handshake.HandshakeError", "tdxvm.provision.handshake.GuestProtocolError",
-    "tdxvm.provision.transfer.TransferError", "tdxvm.provision.model.ProvisionError",
-    "tdxvm.provision.attestation.BringUpError", "tdxvm.provision.pinning.UnpinnedRequestError",
-    "tdxvm.attest.errors.CollateralError", "tdxvm.yamlfile.SpecError", "tdxvm.cli.output.CliError",
-]  # fmt: skip
+    "tdxvm.launch.errors.ConnectError",
+    "tdxvm.launch.errors.LibvirtPermissionError",
+    "tdxvm.provision.ssh.SshError",
+    "tdxvm.provision.handshake.HandshakeError",
+    "tdxvm.provision.handshake.GuestProtocolError",
+    "tdxvm.provision.transfer.TransferError",
+    "tdxvm.provision.model.ProvisionError",
+    "tdxvm.provision.attestation.BringUpError",
+    "tdxvm.provision.pinning.UnpinnedRequestError",
+    "tdxvm.attest.errors.CollateralError",
+    "tdxvm.yamlfile.SpecError",
+    "tdxvm.cli.output.CliError",
+]
 
 
-@pytest.mark.parametrize(("names", "base", "status"), [(REFUSED, Refused, EXIT_REFUSED), (UNREACHABLE, Unreachable, EXIT_UNREACHABLE)])
+@pytest.mark.parametrize(
+    ("names", "base", "status"), [(REFUSED, Refused, EXIT_REFUSED), (UNREACHABLE, Unreachable, EXIT_UNREACHABLE)]
+)
 def test_refusals_and_unreachables_by_class(names, base, status):
     wrong = [n for n in names if not (issubclass(CLASSES[n], base) and CLASSES[n].exit_status == status)]
     assert wrong == []

@@ -37,7 +37,8 @@ def _name(path: Path) -> str:
 def _is_type_checking(node: ast.AST) -> bool:
     test = node.test if isinstance(node, ast.If) else None
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST, *, runtime_only: bool) -> list[ast.Import | ast.ImportFrom]:
@@ -57,8 +58,9 @@ def _import_nodes(tree: ast.AST, *, runtime_only: bool) -> list[ast.Import | ast
     return found
 
 
-def imports(source: str, module: str, *, is_package: bool, known: set[str],
-            runtime_only: bool = False) -> dict[str, int]:  # fmt: skip
+def imports(
+    source: str, module: str, *, is_package: bool, known: set[str], runtime_only: bool = False
+) -> dict[str, int]:
     """The tdxvm modules (of ``known``) that ``source``, the module ``module``, imports,
     each with the line of its first import."""
     found: dict[str, int] = {}
@@ -91,9 +93,12 @@ def _modules() -> dict[str, Path]:
 def _graph(runtime_only: bool = False) -> dict[str, dict[str, int]]:
     """module -> {imported module: line}."""
     known = set(_modules())
-    return {name: imports(path.read_text(), name, is_package=path.name == "__init__.py", known=known,
-                          runtime_only=runtime_only)
-            for name, path in _modules().items()}  # fmt: skip
+    return {
+        name: imports(
+            path.read_text(), name, is_package=path.name == "__init__.py", known=known, runtime_only=runtime_only
+        )
+        for name, path in _modules().items()
+    }
 
 
 def _where(edge: Edge, graph: dict[str, dict[str, int]] | None = None) -> str:
@@ -165,13 +170,22 @@ def f():
     from .. import errors
 """
     assert imports(source, "tdxvm.a.b", is_package=False, known=known) == {
-        "tdxvm.errors": 3, "tdxvm.a.c": 5, "tdxvm.d.e": 8, "tdxvm.d": 10}
+        "tdxvm.errors": 3,
+        "tdxvm.a.c": 5,
+        "tdxvm.d.e": 8,
+        "tdxvm.d": 10,
+    }
     assert imports(source, "tdxvm.a.b", is_package=False, known=known, runtime_only=True) == {
-        "tdxvm.errors": 3, "tdxvm.a.c": 5, "tdxvm.d": 10}
+        "tdxvm.errors": 3,
+        "tdxvm.a.c": 5,
+        "tdxvm.d": 10,
+    }
     assert imports("from . import b\nfrom .b import x\n", "tdxvm.a", is_package=True, known=known) == {"tdxvm.a.b": 1}
     assert cycles({"x": {"y": 1}, "y": {"z": 1}, "z": {"x": 1}, "w": {"x": 1}}) == [["x", "y", "z"]]
     assert layer("tdxvm") == layer("tdxvm.errors") == 0 < layer("tdxvm.attest") == layer("tdxvm.attest.binding")
-    assert layer("tdxvm.attest.quote") < layer("tdxvm.image.measure") < layer("tdxvm.emulate.qgs") < layer("tdxvm.cli.vm")
+    assert (
+        layer("tdxvm.attest.quote") < layer("tdxvm.image.measure") < layer("tdxvm.emulate.qgs") < layer("tdxvm.cli.vm")
+    )
     # and the real tree is read: a few edges every version has
     graph = _graph()
     assert "tdxvm.provision.handshake" in graph["tdxvm.provision.bringup"]
@@ -180,16 +194,21 @@ def f():
 
 def test_no_import_cycles():
     graph = _graph()
-    found = [" <-> ".join(component) + ":\n    " + "\n    ".join(
-        _where((a, b)) for a in component for b in sorted(graph[a]) if b in component) for component in cycles(graph)]  # fmt: skip
+    found = [
+        " <-> ".join(component)
+        + ":\n    "
+        + "\n    ".join(_where((a, b)) for a in component for b in sorted(graph[a]) if b in component)
+        for component in cycles(graph)
+    ]
     assert not found, "import cycles between tdxvm modules:\n" + "\n".join(found)
 
 
 def test_imports_point_down_the_layers():
     graph = _graph()
     up = [_where((a, b)) for a in sorted(graph) for b in sorted(graph[a]) if layer(b) > layer(a)]
-    assert not up, (f"imports from a lower layer to a higher one (top-level modules < {' < '.join(LAYERS)}):\n  "
-                    + "\n  ".join(up))  # fmt: skip
+    assert not up, (
+        f"imports from a lower layer to a higher one (top-level modules < {' < '.join(LAYERS)}):\n  " + "\n  ".join(up)
+    )
 
 
 def test_top_level_modules_import_no_package():
@@ -202,20 +221,34 @@ def test_what_the_guest_image_ships_imports_only_what_it_ships():
     graph, shipped = _graph(runtime_only=True), _shipped()
     assert {"tdxvm.guest.agent", "tdxvm.attest.binding", "tdxvm.fileio"} <= shipped
     outside = [_where((a, b), graph) for a in sorted(shipped) for b in sorted(graph[a]) if b not in shipped]
-    assert not outside, ("modules the image ships into the guest import what it does not ship (add it to "
-                         "tdxvm/image/configure.py GUEST_MODULES, or import it elsewhere):\n  " + "\n  ".join(outside))
+    assert not outside, (
+        "modules the image ships into the guest import what it does not ship (add it to "
+        "tdxvm/image/configure.py GUEST_MODULES, or import it elsewhere):\n  " + "\n  ".join(outside)
+    )
 
 
 def test_provision_and_fleet_reach_the_emulator_only_through_the_trust():
     """Emulation is a backend: :mod:`tdxvm.provision.trust` is its one door."""
     graph = _graph()
-    found = [_where((a, b)) for a in sorted(graph) if a.startswith(("tdxvm.provision.", "tdxvm.fleet."))
-             and a != "tdxvm.provision.trust" for b in sorted(graph[a]) if b.startswith("tdxvm.emulate")]  # fmt: skip
-    assert not found, "provision/fleet modules import tdxvm.emulate (use tdxvm.provision.trust):\n  " + "\n  ".join(found)
+    found = [
+        _where((a, b))
+        for a in sorted(graph)
+        if a.startswith(("tdxvm.provision.", "tdxvm.fleet.")) and a != "tdxvm.provision.trust"
+        for b in sorted(graph[a])
+        if b.startswith("tdxvm.emulate")
+    ]
+    assert not found, "provision/fleet modules import tdxvm.emulate (use tdxvm.provision.trust):\n  " + "\n  ".join(
+        found
+    )
 
 
 def test_no_library_module_imports_the_cli():
     graph = _graph()
-    offenders = [_where((a, b)) for a in sorted(graph) if not a.startswith("tdxvm.cli")
-                 for b in sorted(graph[a]) if b == "tdxvm.cli" or b.startswith("tdxvm.cli.")]  # fmt: skip
+    offenders = [
+        _where((a, b))
+        for a in sorted(graph)
+        if not a.startswith("tdxvm.cli")
+        for b in sorted(graph[a])
+        if b == "tdxvm.cli" or b.startswith("tdxvm.cli.")
+    ]
     assert not offenders, "library modules import the CLI:\n  " + "\n  ".join(offenders)

@@ -19,16 +19,21 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize(("path", "kind", "command"), [
-    ("configs/fleet-example.yaml", "fleet", "tdxvm apply -f configs/fleet-example.yaml"),
-    ("configs/smoke.yaml", "vm", "tdxvm launch configs/smoke.yaml"),
-    ("images/llama2.yaml", "recipe", "tdxvm image build images/llama2.yaml"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("path", "kind", "command"),
+    [
+        ("configs/fleet-example.yaml", "fleet", "tdxvm apply -f configs/fleet-example.yaml"),
+        ("configs/smoke.yaml", "vm", "tdxvm launch configs/smoke.yaml"),
+        ("images/llama2.yaml", "recipe", "tdxvm image build images/llama2.yaml"),
+    ],
+)
 def test_the_shipped_files_are_valid_and_their_command_named(capsys, monkeypatch, path, kind, command):
     monkeypatch.chdir(REPO)
     code, out, _ = run(capsys, "validate", path, "-o", "json")
     doc = json.loads(out)
-    assert code == 0 and doc["valid"] and doc["files"] == [{"file": path, "kind": kind, "valid": True, "command": command}]
+    assert (
+        code == 0 and doc["valid"] and doc["files"] == [{"file": path, "kind": kind, "valid": True, "command": command}]
+    )
 
 
 def test_each_file_is_judged_and_any_invalid_one_is_exit_2(capsys, tmp_path):
@@ -48,11 +53,20 @@ def test_each_file_is_judged_and_any_invalid_one_is_exit_2(capsys, tmp_path):
     assert f"{tmp_path}/empty.yaml: valid policy" in out
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["launch", "configs/fleet-example.yaml"], "is a fleet, not a VM spec: use `tdxvm apply -f configs/fleet-example.yaml`"),
-    (["launch", "--dry-run", "images/smoke.yaml"], "is an image recipe, not a VM spec: use `tdxvm image build images/smoke.yaml`"),
-    (["apply", "-f", "configs/smoke.yaml"], "is a VM spec, not a fleet: use `tdxvm launch configs/smoke.yaml`"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["launch", "configs/fleet-example.yaml"],
+            "is a fleet, not a VM spec: use `tdxvm apply -f configs/fleet-example.yaml`",
+        ),
+        (
+            ["launch", "--dry-run", "images/smoke.yaml"],
+            "is an image recipe, not a VM spec: use `tdxvm image build images/smoke.yaml`",
+        ),
+        (["apply", "-f", "configs/smoke.yaml"], "is a VM spec, not a fleet: use `tdxvm launch configs/smoke.yaml`"),
+    ],
+)
 def test_a_file_given_to_the_wrong_command_names_the_right_one(capsys, monkeypatch, argv, message):
     monkeypatch.chdir(REPO)
     code, _, err = run(capsys, *argv)

@@ -24,8 +24,14 @@ KINDS = [  # (function, variable, default under $HOME)
 @pytest.fixture
 def home(monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for variable in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "TDXVM_CACHE", "TDXVM_STATE_DIR",
-                     "TDXVM_VERIFIED_CACHE"):  # fmt: skip
+    for variable in (
+        "XDG_CACHE_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+        "TDXVM_CACHE",
+        "TDXVM_STATE_DIR",
+        "TDXVM_VERIFIED_CACHE",
+    ):
         monkeypatch.delenv(variable, raising=False)
     return tmp_path / "home"
 

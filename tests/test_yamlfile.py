@@ -55,9 +55,12 @@ def test_duplicate_key_names_both_lines_and_the_field_path():
         ("inner:\n  a: '1'\n  b: '2'\n  a: '3'\n", "f.yaml:4: inner.a: duplicate key (first at line 2)"),
         ("inner: {a: '1', a: '2'}\n", "f.yaml:1: inner.a: duplicate key (first at line 1)"),
         ("name: a\n'name': b\n", "f.yaml:2: name: duplicate key (first at line 1)"),  # quoting makes no other key
-        ("table:\n  yes: {}\n  true: {}\n", "f.yaml:3: table.true: duplicate key (first at line 2)"),  # both load as True
+        (
+            "table:\n  yes: {}\n  true: {}\n",
+            "f.yaml:3: table.true: duplicate key (first at line 2)",
+        ),  # both load as True
     ],
-)  # fmt: skip
+)
 def test_duplicate_keys_at_any_depth(text, expected):
     assert problems(text) == [expected]
 
@@ -86,7 +89,7 @@ def test_explicit_null_value_is_refused(value):
         ("items: [a, ~]\n", f"f.yaml:1: items.1: {NULL_ITEM}"),
         ("items:\n  - a\n  -\n  - null\n", f"f.yaml:3: items.1: {NULL_ITEM}"),
     ],
-)  # fmt: skip
+)
 def test_nulls_in_nested_mappings_and_lists(text, expected):
     lines = problems(text)
     assert lines[0] == expected, lines
@@ -164,10 +167,13 @@ def run(capsys, *argv):
         ("accepted_tcb_statuses: [UpToDate]\nmrtd: null\n", 2, f"mrtd: {NULL_VALUE}"),
         ("allow_debug: false\nrtmr3: ~\n", 2, f"rtmr3: {NULL_VALUE}"),
         ("allow_debug: false\nmrtd: [~]\n", 2, f"mrtd.0: {NULL_ITEM}"),
-        ("allow_debug: false\nrequire_sept_ve_disable: true\nallow_debug: true\n", 3,
-         "allow_debug: duplicate key (first at line 1)"),
+        (
+            "allow_debug: false\nrequire_sept_ve_disable: true\nallow_debug: true\n",
+            3,
+            "allow_debug: duplicate key (first at line 1)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_verify_quote_policy_null_or_duplicate_exits_2(capsys, testdata, tmp_path, text, line, needle):
     d = testdata / "dcap-qvl-v4"
     policy = tmp_path / "policy.yaml"
@@ -202,9 +208,12 @@ spec:
     [
         (("    web:", "    chat:"), "fleet.yaml:13: spec.deployments.chat: duplicate key (first at line 12)"),
         (("    b: qemu+ssh", "    a: qemu+ssh"), "fleet.yaml:8: spec.hosts.a: duplicate key (first at line 7)"),
-        (("replicas: 1, placement", "replicas: ~, placement"), f"fleet.yaml:12: spec.deployments.chat.replicas: {NULL_VALUE}"),
+        (
+            ("replicas: 1, placement", "replicas: ~, placement"),
+            f"fleet.yaml:12: spec.deployments.chat.replicas: {NULL_VALUE}",
+        ),
     ],
-)  # fmt: skip
+)
 def test_fleet_plan_refuses_duplicates_and_nulls_exit_2(capsys, tmp_path, monkeypatch, change, expected):
     monkeypatch.setenv("TDXVM_STATE_DIR", str(tmp_path / "state"))
     path = tmp_path / "fleet.yaml"
@@ -217,11 +226,13 @@ def test_fleet_plan_refuses_duplicates_and_nulls_exit_2(capsys, tmp_path, monkey
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: a\nimage: m.json\npolicy:\n  allow_debug: false\n  allow_debug: true\n",
-         "vm.yaml:5: policy.allow_debug: duplicate key (first at line 4)"),
+        (
+            "name: a\nimage: m.json\npolicy:\n  allow_debug: false\n  allow_debug: true\n",
+            "vm.yaml:5: policy.allow_debug: duplicate key (first at line 4)",
+        ),
         ("name: a\nimage: m.json\npolicy:\n  mrtd:\n", f"vm.yaml:4: policy.mrtd: {NULL_VALUE}"),
     ],
-)  # fmt: skip
+)
 def test_launch_refuses_a_vm_spec_with_duplicates_or_nulls_exit_2(capsys, tmp_path, text, expected):
     path = tmp_path / "vm.yaml"
     path.write_text(text)
@@ -232,8 +243,9 @@ def test_launch_refuses_a_vm_spec_with_duplicates_or_nulls_exit_2(capsys, tmp_pa
 
 def test_image_build_refuses_a_recipe_with_a_null_exit_2(capsys, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("name: r\nsuite: bookworm\ncmdline: console=ttyS0\nkernel:\n  package: linux-image-cloud-amd64\n"
-                    "  suite: ~\n")  # fmt: skip
+    path.write_text(
+        "name: r\nsuite: bookworm\ncmdline: console=ttyS0\nkernel:\n  package: linux-image-cloud-amd64\n  suite: ~\n"
+    )
     code, out, err = run(capsys, "image", "build", path, "--out", tmp_path / "out")
     assert code == 2, out + err
     assert f"{path}:6: kernel.suite: {NULL_VALUE}" in err and "Traceback" not in err, err

@@ -24,16 +24,32 @@ from typing import TYPE_CHECKING, Any
 # image ships tdxvm.attest.binding alone) does not import the verifier, pydantic and all.
 _EXPORTS = {
     "TrustAnchor": "chain",
-    "Collateral": "collateral", "load_bundle": "collateral", "save_bundle": "collateral",
-    "AttestError": "errors", "CertificateError": "errors", "CollateralError": "errors",
-    "CollateralFetchError": "errors", "EventLogError": "errors", "PolicyFileError": "errors",
+    "Collateral": "collateral",
+    "load_bundle": "collateral",
+    "save_bundle": "collateral",
+    "AttestError": "errors",
+    "CertificateError": "errors",
+    "CollateralError": "errors",
+    "CollateralFetchError": "errors",
+    "EventLogError": "errors",
+    "PolicyFileError": "errors",
     "QuoteFormatError": "errors",
-    "Policy": "policy", "evaluate": "policy", "load_policy": "policy", "parse_policy": "policy",
-    "Quote": "quote", "TdReport": "quote", "parse_quote": "quote",
-    "Measurements": "result", "Reason": "result", "TcbEvaluation": "result", "VerificationResult": "result",
-    "Verdict": "verdict", "appraise": "verdict",
-    "QuoteVerifier": "verify", "verify_quote": "verify",
-}  # fmt: skip
+    "Policy": "policy",
+    "evaluate": "policy",
+    "load_policy": "policy",
+    "parse_policy": "policy",
+    "Quote": "quote",
+    "TdReport": "quote",
+    "parse_quote": "quote",
+    "Measurements": "result",
+    "Reason": "result",
+    "TcbEvaluation": "result",
+    "VerificationResult": "result",
+    "Verdict": "verdict",
+    "appraise": "verdict",
+    "QuoteVerifier": "verify",
+    "verify_quote": "verify",
+}
 
 if TYPE_CHECKING:
     from tdxvm.attest.chain import TrustAnchor

@@ -85,9 +85,7 @@ def parse_ccel_table(data: bytes | bytearray | memoryview) -> CcelTable:
         raise EventLogError(
             f"CCEL table checksum at byte offset 9: bytes sum to {sum(raw) % 256:#04x} (mod 256), expected 0"
         )
-    (_, _, rev, csum, oem, oem_tid, oem_rev, creator, creator_rev, cc_type, cc_sub, _, laml, lasa) = (
-        _LAYOUT.unpack(raw)
-    )
+    (_, _, rev, csum, oem, oem_tid, oem_rev, creator, creator_rev, cc_type, cc_sub, _, laml, lasa) = _LAYOUT.unpack(raw)
     return CcelTable(
         revision=rev,
         checksum=csum,

@@ -26,9 +26,7 @@ from tdxvm.attest.errors import CertificateError
 from tdxvm.attest.pck import load_dated_certificate, parse_pem_chain, pem_block_der, pem_blocks
 from tdxvm.attest.result import Reason
 
-INTEL_SGX_ROOT_CA_SHA256 = bytes.fromhex(
-    "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
-)
+INTEL_SGX_ROOT_CA_SHA256 = bytes.fromhex("44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +111,12 @@ class CheckedChain:
         windows = self.windows or tuple((c.not_valid_before_utc, c.not_valid_after_utc) for c in self.certs)
         for cert, (not_before, not_after) in zip(self.certs, windows, strict=True):
             if at < not_before:
-                out.append(Reason("cert-not-yet-valid", f"{self.what}: {cert_name(cert)} is not valid before {not_before.isoformat()}"))
+                out.append(
+                    Reason(
+                        "cert-not-yet-valid",
+                        f"{self.what}: {cert_name(cert)} is not valid before {not_before.isoformat()}",
+                    )
+                )
             elif at > not_after:
                 out.append(Reason("cert-expired", f"{self.what}: {cert_name(cert)} expired at {not_after.isoformat()}"))
         return out
@@ -134,9 +137,13 @@ class CheckedChain:
         for cert, issuer, issuer_hash in zip(self.certs[:-1], self.certs[1:], self.hashes[1:], strict=True):
             crl = by_issuer.get(issuer_hash)
             if crl is None:
-                out.append(Reason("crl-missing", f"{self.what}: no CRL from {cert_name(issuer)} to check {cert_name(cert)}"))
+                out.append(
+                    Reason("crl-missing", f"{self.what}: no CRL from {cert_name(issuer)} to check {cert_name(cert)}")
+                )
             elif crl.revokes(cert):
-                out.append(Reason("cert-revoked", f"{self.what}: {cert_name(cert)} (serial {cert.serial_number:x}) is revoked"))
+                out.append(
+                    Reason("cert-revoked", f"{self.what}: {cert_name(cert)} (serial {cert.serial_number:x}) is revoked")
+                )
         return out
 
 
@@ -151,7 +158,9 @@ class _CertInfo:
 
     __slots__ = ("cert", "sha256", "_der", "_what", "_parts", "_key", "_key_read", "_window", "_ca")
 
-    def __init__(self, cert: x509.Certificate, der: bytes, what: str, window: tuple[datetime, datetime] | None = None) -> None:
+    def __init__(
+        self, cert: x509.Certificate, der: bytes, what: str, window: tuple[datetime, datetime] | None = None
+    ) -> None:
         self.cert = cert
         self.sha256 = hashlib.sha256(der).digest()
         self._der, self._what = der, what
@@ -309,7 +318,13 @@ class CertStore:
                 infos[-1].known_ca(anchor.ca)
         else:
             root = certs[-1]
-            reasons.append(Reason("untrusted-root", f"{what}: ends in {cert_name(root)} (SHA-256 {hashes[-1].hex()}), not the trust anchor {anchor.name}"))
+            reasons.append(
+                Reason(
+                    "untrusted-root",
+                    f"{what}: ends in {cert_name(root)} (SHA-256 {hashes[-1].hex()}), "
+                    f"not the trust anchor {anchor.name}",
+                )
+            )
         for cert, issuer in zip(infos[:-1], infos[1:], strict=True):
             problem = self._issuance(cert, issuer)
             if problem is not None:
@@ -340,7 +355,9 @@ class CertStore:
             reasons.append(Reason("crl-issuer", f"{what} is not issued by {cert_name(issuer)}"))
         elif problem == "crl-signature":
             reasons.append(Reason("crl-signature", f"{what}: signature does not verify with {cert_name(issuer)}"))
-        return CheckedCrl(what=what, crl=crl.crl, issuer_sha256=self.sha256(issuer), reasons=tuple(reasons), window=crl.window)
+        return CheckedCrl(
+            what=what, crl=crl.crl, issuer_sha256=self.sha256(issuer), reasons=tuple(reasons), window=crl.window
+        )
 
 
 _ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {

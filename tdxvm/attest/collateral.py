@@ -101,8 +101,7 @@ class Collateral:
     def to_json(self) -> str:
         """The bundle as JSON text, in the layout :meth:`from_json` and dcap-qvl read."""
         doc = {
-            name: getattr(self, name).hex() if encoding == _HEX else getattr(self, name)
-            for name, encoding in _LAYOUT
+            name: getattr(self, name).hex() if encoding == _HEX else getattr(self, name) for name, encoding in _LAYOUT
         }
         return json.dumps(doc, indent=2, ensure_ascii=False)
 
@@ -211,7 +210,9 @@ def crl_der(data: bytes) -> bytes:
         text = data.strip()
         pem = text.startswith(b"-----BEGIN X509 CRL-----") and text.endswith(b"-----END X509 CRL-----")
         try:
-            der = base64.b64decode(b"".join(text.splitlines()[1:-1]), validate=True) if pem else binascii.unhexlify(text)
+            der = (
+                base64.b64decode(b"".join(text.splitlines()[1:-1]), validate=True) if pem else binascii.unhexlify(text)
+            )
         except (binascii.Error, ValueError):
             der = None
     if der is None:
@@ -268,9 +269,7 @@ def validity(collateral: Collateral) -> CollateralWindow:
         ("root CA CRL", *_crl_dates(collateral.root_ca_crl, "root_ca_crl")),
     ]
     first = min(spans, key=lambda s: s[2])
-    return CollateralWindow(
-        not_before=max(s[1] for s in spans), not_after=first[2], expires_first=first[0]
-    )
+    return CollateralWindow(not_before=max(s[1] for s in spans), not_after=first[2], expires_first=first[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +293,9 @@ def summarize(collateral: Collateral) -> CollateralSummary:
         if not isinstance(number, int) or isinstance(number, bool):
             raise CollateralError(f"collateral {key}.tcbEvaluationDataNumber: missing or not a number")
         numbers.append(number)
-    return CollateralSummary(tcb_evaluation_data_number=min(numbers), issue_date=min(issued), window=validity(collateral))
+    return CollateralSummary(
+        tcb_evaluation_data_number=min(numbers), issue_date=min(issued), window=validity(collateral)
+    )
 
 
 def _json_dates(text: str, key: str) -> tuple[datetime, datetime]:

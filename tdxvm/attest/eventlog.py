@@ -43,8 +43,7 @@ ALG_SHA256 = 0x000B
 ALG_SHA384 = 0x000C
 ALG_SHA512 = 0x000D
 ALG_SM3_256 = 0x0012
-ALG_NAMES = {ALG_SHA1: "sha1", ALG_SHA256: "sha256", ALG_SHA384: "sha384", ALG_SHA512: "sha512",
-             ALG_SM3_256: "sm3_256"}  # fmt: skip
+ALG_NAMES = {ALG_SHA1: "sha1", ALG_SHA256: "sha256", ALG_SHA384: "sha384", ALG_SHA512: "sha512", ALG_SM3_256: "sm3_256"}
 _KNOWN_SIZES = {ALG_SHA1: 20, ALG_SHA256: 32, ALG_SHA384: 48, ALG_SHA512: 64, ALG_SM3_256: 32}
 
 RTMR_SIZE = 48
@@ -131,8 +130,7 @@ class _Reader:
     def take(self, size: int, what: str) -> bytes:
         if self.pos + size > self.end:
             raise EventLogError(
-                f"{self.where}{what} at byte offset {self.pos}: needs {size} bytes, "
-                f"only {self.end - self.pos} remain"
+                f"{self.where}{what} at byte offset {self.pos}: needs {size} bytes, only {self.end - self.pos} remain"
             )
         out = self.data[self.pos : self.pos + size]
         self.pos += size
@@ -218,8 +216,7 @@ def parse_tcg_event_log(data: bytes | bytearray | memoryview) -> list[Event]:
     size0 = r.u32("event size")
     if type0 != EV_NO_ACTION:
         raise EventLogError(
-            f"{r.where}event type {type0:#x} at byte offset 4, expected EV_NO_ACTION "
-            "(not a crypto-agile TCG2 log)"
+            f"{r.where}event type {type0:#x} at byte offset 4, expected EV_NO_ACTION (not a crypto-agile TCG2 log)"
         )
     if size0 > r.end - r.pos:
         raise EventLogError(
@@ -248,13 +245,10 @@ def parse_tcg_event_log(data: bytes | bytearray | memoryview) -> list[Event]:
             alg = r.u16("digest algorithm")
             if alg not in spec.digest_sizes:
                 raise EventLogError(
-                    f"{r.where}digest algorithm {alg:#06x} at byte offset {alg_at} "
-                    "has no size in the Spec ID event"
+                    f"{r.where}digest algorithm {alg:#06x} at byte offset {alg_at} has no size in the Spec ID event"
                 )
             if alg in digests:
-                raise EventLogError(
-                    f"{r.where}digest algorithm {alg:#06x} at byte offset {alg_at} appears twice"
-                )
+                raise EventLogError(f"{r.where}digest algorithm {alg:#06x} at byte offset {alg_at} appears twice")
             digests[alg] = r.take(spec.digest_sizes[alg], f"{ALG_NAMES.get(alg, hex(alg))} digest")
         size_at = r.pos
         size = r.u32("event size")
@@ -338,15 +332,14 @@ def parse_json_event_log(obj: list | dict | str | bytes) -> list[Event]:
             computed = runtime_event_digest(name, payload, etype)
             if digest and digest != computed:
                 raise _json_fail(
-                    i, "digest",
+                    i,
+                    "digest",
                     f"runtime event {_short(name)}: stated digest {digest.hex()} but SHA-384 of its type, "
                     f"name and payload is {computed.hex()}",
                 )
             digest = computed
         elif len(digest) != RTMR_SIZE and etype != EV_NO_ACTION:
-            raise _json_fail(
-                i, "digest", f"expected a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes"
-            )
+            raise _json_fail(i, "digest", f"expected a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes")
         mr = None if etype == EV_NO_ACTION else imr
         events.append(Event(i, mr, etype, {ALG_SHA384: digest}, payload, i, imr, name))
     return events

@@ -66,16 +66,31 @@ def freshness_reasons(minimum: int | None, max_age: timedelta | None, result: Ve
     out = []
     for what, item in items:
         if item is None:
-            out.append(Reason("collateral-freshness-unknown", f"the policy limits how old the collateral may be, but the {what} "
-                                                              "was not verified, so its date and number are unknown"))  # fmt: skip
+            out.append(
+                Reason(
+                    "collateral-freshness-unknown",
+                    f"the policy limits how old the collateral may be, but the {what} "
+                    "was not verified, so its date and number are unknown",
+                )
+            )
             continue
         if minimum is not None and item.tcb_evaluation_data_number < minimum:
-            out.append(Reason("tcb-evaluation-data-number", f"the {what} has TCB evaluation data number "
-                                                            f"{item.tcb_evaluation_data_number}, below the policy's minimum "
-                                                            f"{minimum}: it predates Intel's TCB recovery {minimum}"))  # fmt: skip
+            out.append(
+                Reason(
+                    "tcb-evaluation-data-number",
+                    f"the {what} has TCB evaluation data number "
+                    f"{item.tcb_evaluation_data_number}, below the policy's minimum "
+                    f"{minimum}: it predates Intel's TCB recovery {minimum}",
+                )
+            )
         if max_age is not None and result.at - item.issue_date > max_age:
             age = format_duration(result.at - item.issue_date)
-            out.append(Reason("collateral-too-old", f"the {what} was issued at {_iso(item.issue_date)}, {age} before the "
-                                                    f"verification time; the policy accepts collateral at most "
-                                                    f"{format_duration(max_age)} old (max_collateral_age)"))  # fmt: skip
+            out.append(
+                Reason(
+                    "collateral-too-old",
+                    f"the {what} was issued at {_iso(item.issue_date)}, {age} before the "
+                    f"verification time; the policy accepts collateral at most "
+                    f"{format_duration(max_age)} old (max_collateral_age)",
+                )
+            )
     return out

@@ -52,8 +52,13 @@ class ModelEvent:
         return _DIGEST_PREFIX + self.digest.hex()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": self.index, "digest": self.digest_text, "name": self.name, "dtype": self.dtype,
-                "quantization": self.quantization}  # fmt: skip
+        return {
+            "event": self.index,
+            "digest": self.digest_text,
+            "name": self.name,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +87,11 @@ class Rtmr3Check:
         """How RTMR3 was checked, for the verdict (meaningful when :attr:`model_checked`)."""
         m = self.model
         assert m is not None
-        return (f"rtmr3 checked through the model event log: its {self.events} event(s) replay to the quoted RTMR3, and "
-                f"the latest model event names model {m.name} {m.digest_text} ({m.dtype}, quantization {m.quantization}), "
-                "the digest expected")  # fmt: skip
+        return (
+            f"rtmr3 checked through the model event log: its {self.events} event(s) replay to the quoted RTMR3, and "
+            f"the latest model event names model {m.name} {m.digest_text} ({m.dtype}, quantization {m.quantization}), "
+            "the digest expected"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,45 +130,84 @@ def model_events(events: Sequence[Event]) -> list[ModelEvent]:
     return [parse_model_event(ev) for ev in events if ev.event_type == EV_RUNTIME_EVENT and ev.name == MODEL_EVENT]
 
 
-def check_rtmr3_log(log: list | str | bytes | None, quoted_rtmr3: bytes, *, expected_digest: bytes | None = None) -> Rtmr3Check:
+def check_rtmr3_log(
+    log: list | str | bytes | None, quoted_rtmr3: bytes, *, expected_digest: bytes | None = None
+) -> Rtmr3Check:
     """Replay ``log`` (the service's ``rtmr3_log``; None when it returned none) against the
     quote's RTMR3 and read its latest model event; see the module doc."""
     quoted = bytes(quoted_rtmr3)
 
-    def result(*reasons: Reason, events: int = 0, replayed: bytes | None = None, history: Sequence[ModelEvent] = ()) -> Rtmr3Check:
+    def result(
+        *reasons: Reason, events: int = 0, replayed: bytes | None = None, history: Sequence[ModelEvent] = ()
+    ) -> Rtmr3Check:
         latest = history[-1] if history else None
-        return Rtmr3Check(present=log is not None, events=events, replayed=replayed, quoted=quoted, model=latest,
-                          expected=expected_digest, history=tuple(history), reasons=reasons)  # fmt: skip
+        return Rtmr3Check(
+            present=log is not None,
+            events=events,
+            replayed=replayed,
+            quoted=quoted,
+            model=latest,
+            expected=expected_digest,
+            history=tuple(history),
+            reasons=reasons,
+        )
 
     if log is None:
         if expected_digest is None:
             return result()
-        return result(Reason("rtmr3-log-missing", "the service returned no RTMR3 event log, so nothing says which model it "
-                             f"serves; expected model digest {_DIGEST_PREFIX}{expected_digest.hex()}"))  # fmt: skip
+        return result(
+            Reason(
+                "rtmr3-log-missing",
+                "the service returned no RTMR3 event log, so nothing says which model it "
+                f"serves; expected model digest {_DIGEST_PREFIX}{expected_digest.hex()}",
+            )
+        )
     try:
         events = parse_json_event_log(log)
         stray = next((ev for ev in events if ev.log_mr_index != RTMR3), None)
         if stray is not None:
-            raise EventLogError(f"event_log[{stray.index}].imr: {stray.log_mr_index}, but the service's log holds RTMR3 events only")
+            raise EventLogError(
+                f"event_log[{stray.index}].imr: {stray.log_mr_index}, but the service's log holds RTMR3 events only"
+            )
         replayed = replay(events)[RTMR3]
         history = model_events(events)
     except EventLogError as exc:
         return result(Reason("rtmr3-log-format", f"the service's RTMR3 event log is malformed: {exc}"))
     if replayed != quoted:
-        return result(Reason("rtmr3-log-mismatch", f"the service's RTMR3 event log ({len(events)} events) replays to "
-                             f"{replayed.hex()}, but the quote's RTMR3 is {quoted.hex()}: the log does not say what the TD "
-                             "measured"), events=len(events), replayed=replayed, history=history)  # fmt: skip
+        return result(
+            Reason(
+                "rtmr3-log-mismatch",
+                f"the service's RTMR3 event log ({len(events)} events) replays to "
+                f"{replayed.hex()}, but the quote's RTMR3 is {quoted.hex()}: the log does not say what the TD "
+                "measured",
+            ),
+            events=len(events),
+            replayed=replayed,
+            history=history,
+        )
     reasons = []
     if expected_digest is not None:
         want = _DIGEST_PREFIX + expected_digest.hex()
         if not history:
-            reasons.append(Reason("model-not-measured", f"RTMR3 holds no model event: the service has not measured a model; expected {want}"))
+            reasons.append(
+                Reason(
+                    "model-not-measured",
+                    f"RTMR3 holds no model event: the service has not measured a model; expected {want}",
+                )
+            )
         elif history[-1].digest != expected_digest:
             m = history[-1]
-            earlier = " (an earlier event names the expected one: the TD has since switched models)" if any(
-                h.digest == expected_digest for h in history[:-1]) else ""  # fmt: skip
-            reasons.append(Reason("model-digest-mismatch", f"the service serves model {m.name} {m.digest_text} ({m.dtype}), "
-                                  f"not the expected {want}{earlier}"))  # fmt: skip
+            earlier = (
+                " (an earlier event names the expected one: the TD has since switched models)"
+                if any(h.digest == expected_digest for h in history[:-1])
+                else ""
+            )
+            reasons.append(
+                Reason(
+                    "model-digest-mismatch",
+                    f"the service serves model {m.name} {m.digest_text} ({m.dtype}), not the expected {want}{earlier}",
+                )
+            )
     return result(*reasons, events=len(events), replayed=replayed, history=history)
 
 

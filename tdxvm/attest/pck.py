@@ -132,9 +132,18 @@ def _pairs(data: bytes) -> dict[bytes, tuple[int, bytes]]:
     pos, end = 0, len(data)
     while pos < end:
         # Fast path: the short-form lengths Intel's certificates use throughout.
-        if pos + 4 <= end and data[pos] == 0x30 and data[pos + 2] == 0x06 and not (data[pos + 1] | data[pos + 3]) & 0x80:
+        if (
+            pos + 4 <= end
+            and data[pos] == 0x30
+            and data[pos + 2] == 0x06
+            and not (data[pos + 1] | data[pos + 3]) & 0x80
+        ):
             stop, oid_stop = pos + 2 + data[pos + 1], pos + 4 + data[pos + 3]
-            if oid_stop + 2 <= stop <= end and not data[oid_stop + 1] & 0x80 and oid_stop + 2 + data[oid_stop + 1] == stop:
+            if (
+                oid_stop + 2 <= stop <= end
+                and not data[oid_stop + 1] & 0x80
+                and oid_stop + 2 + data[oid_stop + 1] == stop
+            ):
                 out[data[pos + 4 : oid_stop]] = (data[oid_stop], data[oid_stop + 2 : stop])
                 pos = stop
                 continue

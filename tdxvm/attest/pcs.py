@@ -34,12 +34,22 @@ import requests
 from cryptography import x509
 from requests.structures import CaseInsensitiveDict
 
-from tdxvm.attest.collateral import INTEL_PCS_URL, SIGNATURE_SIZE, Collateral, CollateralOrigin, crl_der, load_bundle
-from tdxvm.attest.collateral import CollateralSummary, raw_members, summarize, validity
-from tdxvm.fileio import write_atomic
+from tdxvm.attest.collateral import (
+    INTEL_PCS_URL,
+    SIGNATURE_SIZE,
+    Collateral,
+    CollateralOrigin,
+    CollateralSummary,
+    crl_der,
+    load_bundle,
+    raw_members,
+    summarize,
+    validity,
+)
 from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError
 from tdxvm.attest.pck import parse_pck_extension, parse_pem_chain, pck_ca_type
 from tdxvm.attest.quote import Quote
+from tdxvm.fileio import write_atomic
 from tdxvm.xdg import cache_home
 
 CA_TYPES = ("platform", "processor")
@@ -266,7 +276,9 @@ class CollateralCache:
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise CollateralError(f"{self.directory}: cannot list the collateral cache: {exc.strerror or exc}") from None
+            raise CollateralError(
+                f"{self.directory}: cannot list the collateral cache: {exc.strerror or exc}"
+            ) from None
         out = []
         for path in paths:
             match = _CACHED_NAME.fullmatch(path.name)

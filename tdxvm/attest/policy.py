@@ -92,8 +92,8 @@ def _statuses(value: Any) -> tuple[str, ...]:
 _ZERO_RTMR = {
     "rtmr1": "an all-zero RTMR1 means the firmware measured no kernel, so any kernel would pass",
     "rtmr2": "an all-zero RTMR2 means the kernel's EFI stub measured no command line and no initrd (Linux < 6.9), "
-             "so the host may swap them",
-}  # fmt: skip
+    "so the host may swap them",
+}
 
 
 class Policy(BaseModel):
@@ -123,14 +123,18 @@ class Policy(BaseModel):
     min_tee_tcb_svn: Hex16 | None = None
     report_data: Hex64 | None = None
     min_tcb_evaluation_data_number: EvaluationDataNumber | None = None  # see tdxvm.attest.freshness
-    max_collateral_age: CollateralAge | None = None  # "7d", "36h": TCB info and QE identity issued at most this long ago
+    max_collateral_age: CollateralAge | None = (
+        None  # "7d", "36h": TCB info and QE identity issued at most this long ago
+    )
 
     @field_validator("rtmr1", "rtmr2")
     @classmethod
     def _not_zero(cls, value: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
         if value is not None and ZERO48 in value and not info.data.get("allow_zero_rtmrs"):
-            raise ValueError(f"{_ZERO_RTMR[info.field_name or '']}; pin the measured value, or set allow_zero_rtmrs: "
-                             "true to accept that")  # fmt: skip
+            raise ValueError(
+                f"{_ZERO_RTMR[info.field_name or '']}; pin the measured value, or set allow_zero_rtmrs: "
+                "true to accept that"
+            )
         return value
 
     def loosened(self) -> list[str]:

@@ -28,7 +28,10 @@ _UNPINNED = (
     ("mrtd", "any firmware (TDVF) is accepted, and the firmware measures everything after it"),
     ("rtmr0", "the host chooses the TD's ACPI tables, TD HOB and firmware variables (AML runs in the guest kernel)"),
     ("rtmr1", "any kernel is accepted"),
-    ("rtmr2", "any kernel command line and initrd are accepted, so the host may swap the initramfs and the command line"),
+    (
+        "rtmr2",
+        "any kernel command line and initrd are accepted, so the host may swap the initramfs and the command line",
+    ),
     ("rtmr3", "run-time measurements (the served model) are not checked"),
 )
 
@@ -81,7 +84,9 @@ def loosened(policy: Any) -> list[str]:
     if not policy.require_sept_ve_disable:
         out.append("require_sept_ve_disable: false")
     if policy.allow_zero_rtmrs:
-        out.append("allow_zero_rtmrs: true (an all-zero RTMR1/RTMR2 leaves the kernel, command line or initrd unmeasured)")
+        out.append(
+            "allow_zero_rtmrs: true (an all-zero RTMR1/RTMR2 leaves the kernel, command line or initrd unmeasured)"
+        )
     if policy.mr_service_td is not None and set(policy.mr_service_td) != {ZERO48}:
         out.append("mr_service_td: non-zero service TD allowed")
     if policy.td_attributes is not None and policy.td_attributes_mask not in (None, ALL_ONES8):
@@ -122,8 +127,10 @@ def _attribute_diff(quoted: int, expected: int, mask: int) -> str:
     differ = (quoted ^ expected) & mask
     set_ = td_attribute_names(differ & quoted)
     clear = td_attribute_names(differ & ~quoted)
-    return "; ".join(([f"set but not expected: {', '.join(set_)}"] if set_ else [])
-                     + ([f"expected but not set: {', '.join(clear)}"] if clear else []))  # fmt: skip
+    return "; ".join(
+        ([f"set but not expected: {', '.join(set_)}"] if set_ else [])
+        + ([f"expected but not set: {', '.join(clear)}"] if clear else [])
+    )
 
 
 def _td_attributes(policy: Any, q: Quote) -> Reason | None:
@@ -135,22 +142,37 @@ def _td_attributes(policy: Any, q: Quote) -> Reason | None:
     names = ", ".join(td_attribute_names(quoted)) or "none set"
     under = "" if policy.td_attributes_mask in (None, ALL_ONES8) else f" under mask {policy.td_attributes_mask}"
     diffs = [_attribute_diff(quoted, _attributes(v), mask) for v in policy.td_attributes]
-    how = diffs[0] if len(diffs) == 1 else "; ".join(f"against {v}: {d}" for v, d in zip(policy.td_attributes, diffs, strict=True))
-    return Reason("td-attributes", f"quote field TD_ATTRIBUTES is {q.body.td_attributes.hex()} ({names}), expected "
-                                   f"{_expected(policy.td_attributes)}{under}: {how}")  # fmt: skip
+    how = (
+        diffs[0]
+        if len(diffs) == 1
+        else "; ".join(f"against {v}: {d}" for v, d in zip(policy.td_attributes, diffs, strict=True))
+    )
+    return Reason(
+        "td-attributes",
+        f"quote field TD_ATTRIBUTES is {q.body.td_attributes.hex()} ({names}), expected "
+        f"{_expected(policy.td_attributes)}{under}: {how}",
+    )
 
 
 def _service_td(policy: Any, q: Quote) -> Reason | None:
     quoted = q.body.mr_service_td
     if policy.mr_service_td is None:
         if quoted is not None and any(quoted):
-            return Reason("measurement-mismatch", f"quote field MR_SERVICETD is {quoted.hex()}, expected {ZERO48} (no service TD)")
+            return Reason(
+                "measurement-mismatch", f"quote field MR_SERVICETD is {quoted.hex()}, expected {ZERO48} (no service TD)"
+            )
         return None
     if quoted is None:
-        return Reason("measurement-mismatch", f"the v{q.version} quote has no MR_SERVICETD field (its TD report 1.0 body "
-                                              "predates service TDs), and the policy pins mr_service_td")  # fmt: skip
+        return Reason(
+            "measurement-mismatch",
+            f"the v{q.version} quote has no MR_SERVICETD field (its TD report 1.0 body "
+            "predates service TDs), and the policy pins mr_service_td",
+        )
     if quoted.hex() not in policy.mr_service_td:
-        return Reason("measurement-mismatch", f"quote field MR_SERVICETD is {quoted.hex()}, expected {_expected(policy.mr_service_td)}")
+        return Reason(
+            "measurement-mismatch",
+            f"quote field MR_SERVICETD is {quoted.hex()}, expected {_expected(policy.mr_service_td)}",
+        )
     return None
 
 
@@ -161,7 +183,12 @@ def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
     tcb = result.tcb
     if tcb is not None:
         if tcb.status not in policy.accepted_tcb_statuses:
-            out.append(Reason("tcb-status", f"TCB status is {tcb.status}; the policy accepts {', '.join(policy.accepted_tcb_statuses)}"))
+            out.append(
+                Reason(
+                    "tcb-status",
+                    f"TCB status is {tcb.status}; the policy accepts {', '.join(policy.accepted_tcb_statuses)}",
+                )
+            )
         bad = [a for a in tcb.advisory_ids if a in policy.rejected_advisory_ids]
         if bad:
             out.append(Reason("advisory", f"advisories rejected by the policy apply: {', '.join(bad)}"))
@@ -169,8 +196,13 @@ def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
     if q.body.debug and not policy.allow_debug:
         out.append(Reason("debug-td", "the TD has the DEBUG attribute: its memory and state are readable by the host"))
     if q.body.migratable and not policy.allow_migratable:
-        out.append(Reason("migratable-td", "the TD has the MIGRATABLE attribute: a migration TD may move its state to "
-                                           "another platform, which this quote does not attest"))  # fmt: skip
+        out.append(
+            Reason(
+                "migratable-td",
+                "the TD has the MIGRATABLE attribute: a migration TD may move its state to "
+                "another platform, which this quote does not attest",
+            )
+        )
     if policy.require_sept_ve_disable and not q.body.sept_ve_disable:
         out.append(Reason("sept-ve-disable", "the TD does not have SEPT_VE_DISABLE set"))
     service_td = _service_td(policy, q)
@@ -179,7 +211,9 @@ def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
     for key, label, get in _MEASUREMENTS:
         allowed = getattr(policy, key)
         if allowed is not None and get(q).hex() not in allowed:
-            out.append(Reason("measurement-mismatch", f"quote field {label} is {get(q).hex()}, expected {_expected(allowed)}"))
+            out.append(
+                Reason("measurement-mismatch", f"quote field {label} is {get(q).hex()}, expected {_expected(allowed)}")
+            )
     attributes = _td_attributes(policy, q)
     if attributes is not None:
         out.append(attributes)
@@ -187,7 +221,17 @@ def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
         minimum = bytes.fromhex(policy.min_tee_tcb_svn)
         low = [i for i in range(16) if q.body.tee_tcb_svn[i] < minimum[i]]
         if low:
-            out.append(Reason("tee-tcb-svn", f"quote field TEE_TCB_SVN is {q.body.tee_tcb_svn.hex()}, below the minimum {minimum.hex()} at byte(s) {low}"))
+            out.append(
+                Reason(
+                    "tee-tcb-svn",
+                    f"quote field TEE_TCB_SVN is {q.body.tee_tcb_svn.hex()}, below the minimum {minimum.hex()} "
+                    f"at byte(s) {low}",
+                )
+            )
     if policy.report_data is not None and q.body.report_data.hex() != policy.report_data:
-        out.append(Reason("report-data", f"quote field REPORT_DATA is {q.body.report_data.hex()}, expected {policy.report_data}"))
+        out.append(
+            Reason(
+                "report-data", f"quote field REPORT_DATA is {q.body.report_data.hex()}, expected {policy.report_data}"
+            )
+        )
     return out

@@ -58,10 +58,17 @@ TD_ATTR_KL = 1 << 31
 TD_ATTR_TPA = 1 << 62
 TD_ATTR_PERFMON = 1 << 63
 TD_ATTR_NAMES = {
-    TD_ATTR_DEBUG: "DEBUG", TD_ATTR_HGS_PLUS: "HGS_PLUS", TD_ATTR_ICSSD: "ICSSD", TD_ATTR_LASS: "LASS",
-    TD_ATTR_SEPT_VE_DISABLE: "SEPT_VE_DISABLE", TD_ATTR_MIGRATABLE: "MIGRATABLE", TD_ATTR_PKS: "PKS",
-    TD_ATTR_KL: "KL", TD_ATTR_TPA: "TPA", TD_ATTR_PERFMON: "PERFMON",
-}  # fmt: skip
+    TD_ATTR_DEBUG: "DEBUG",
+    TD_ATTR_HGS_PLUS: "HGS_PLUS",
+    TD_ATTR_ICSSD: "ICSSD",
+    TD_ATTR_LASS: "LASS",
+    TD_ATTR_SEPT_VE_DISABLE: "SEPT_VE_DISABLE",
+    TD_ATTR_MIGRATABLE: "MIGRATABLE",
+    TD_ATTR_PKS: "PKS",
+    TD_ATTR_KL: "KL",
+    TD_ATTR_TPA: "TPA",
+    TD_ATTR_PERFMON: "PERFMON",
+}
 # What every tdxvm launch asks for: the tdx backend's libvirt <launchSecurity><policy>,
 # and what the emulated quote service signs for an emulated TD. SEPT_VE_DISABLE, no DEBUG.
 LAUNCH_TD_ATTRIBUTES = TD_ATTR_SEPT_VE_DISABLE
@@ -263,9 +270,7 @@ def _parse_header(r: _Reader) -> QuoteHeader:
     tee_type = r.u32("header.tee_type")
     if tee_type != TEE_TYPE_TDX:
         sgx = " (SGX)" if tee_type == 0 else ""
-        raise QuoteFormatError(
-            f"TEE type {tee_type:#x}{sgx} is not TDX (0x81)", field="header.tee_type", offset=4
-        )
+        raise QuoteFormatError(f"TEE type {tee_type:#x}{sgx} is not TDX (0x81)", field="header.tee_type", offset=4)
     return QuoteHeader(
         version=version,
         attestation_key_type=key_type,
@@ -278,22 +283,49 @@ def _parse_header(r: _Reader) -> QuoteHeader:
 
 
 _TD_REPORT10 = _Layout(
-    ("tee_tcb_svn", "16s"), ("mr_seam", "48s"), ("mr_signer_seam", "48s"), ("seam_attributes", "8s"),
-    ("td_attributes", "8s"), ("xfam", "8s"), ("mr_td", "48s"), ("mr_config_id", "48s"), ("mr_owner", "48s"),
-    ("mr_owner_config", "48s"), ("rtmr0", "48s"), ("rtmr1", "48s"), ("rtmr2", "48s"), ("rtmr3", "48s"),
+    ("tee_tcb_svn", "16s"),
+    ("mr_seam", "48s"),
+    ("mr_signer_seam", "48s"),
+    ("seam_attributes", "8s"),
+    ("td_attributes", "8s"),
+    ("xfam", "8s"),
+    ("mr_td", "48s"),
+    ("mr_config_id", "48s"),
+    ("mr_owner", "48s"),
+    ("mr_owner_config", "48s"),
+    ("rtmr0", "48s"),
+    ("rtmr1", "48s"),
+    ("rtmr2", "48s"),
+    ("rtmr3", "48s"),
     ("report_data", "64s"),
-)  # fmt: skip
+)
 _TD_REPORT15 = _Layout(("tee_tcb_svn2", "16s"), ("mr_service_td", "48s"))  # after the 1.0 fields
 _TD_REPORT15EX = _Layout(
-    ("vmid", "B"), ("td_id", "32s"), ("dev_info", "48s"), ("init_service_td_hash", "48s"),
-    ("init_service_td_attributes", "8s"), ("init_cpu_svn", "16s"), ("init_tee_tcb_svn", "16s"),
-    ("init_tee_fmspc", "12s"), ("cur_service_td_hash", "48s"), ("cur_service_td_attributes", "8s"),
-)  # after the 1.5 fields  # fmt: skip
+    ("vmid", "B"),
+    ("td_id", "32s"),
+    ("dev_info", "48s"),
+    ("init_service_td_hash", "48s"),
+    ("init_service_td_attributes", "8s"),
+    ("init_cpu_svn", "16s"),
+    ("init_tee_tcb_svn", "16s"),
+    ("init_tee_fmspc", "12s"),
+    ("cur_service_td_hash", "48s"),
+    ("cur_service_td_attributes", "8s"),
+)  # after the 1.5 fields
 _ENCLAVE_REPORT = _Layout(
-    ("cpu_svn", "16s"), ("misc_select", "I"), ("reserved1", "28x"), ("attributes", "16s"), ("mr_enclave", "32s"),
-    ("reserved2", "32x"), ("mr_signer", "32s"), ("reserved3", "96x"), ("isv_prod_id", "H"), ("isv_svn", "H"),
-    ("reserved4", "60x"), ("report_data", "64s"),
-)  # fmt: skip
+    ("cpu_svn", "16s"),
+    ("misc_select", "I"),
+    ("reserved1", "28x"),
+    ("attributes", "16s"),
+    ("mr_enclave", "32s"),
+    ("reserved2", "32x"),
+    ("mr_signer", "32s"),
+    ("reserved3", "96x"),
+    ("isv_prod_id", "H"),
+    ("isv_svn", "H"),
+    ("reserved4", "60x"),
+    ("report_data", "64s"),
+)
 
 
 def _parse_td_report(r: _Reader, body_type: int) -> TdReport:
@@ -339,8 +371,14 @@ def _regular_signature(r: _Reader) -> QuoteSignature | None:
     if inner_type != CERT_TYPE_PCK_CHAIN or chain + chain_size != end:
         return None
     r.pos = end
-    return QuoteSignature(signature, attestation_key, parse_enclave_report(qe_report), qe_report_signature,
-                          data[auth:inner], data[chain:end])  # fmt: skip
+    return QuoteSignature(
+        signature,
+        attestation_key,
+        parse_enclave_report(qe_report),
+        qe_report_signature,
+        data[auth:inner],
+        data[chain:end],
+    )
 
 
 def _parse_signature(r: _Reader) -> QuoteSignature:

@@ -45,9 +45,15 @@ def _json_message(doc: object) -> str:
     what = "a TDX quote is binary (or hex text), not JSON"
     if isinstance(doc, dict):
         if isinstance(doc.get("quote"), str):
-            return f"the quote file is a JSON object; {what}: its \"quote\" member may hold one (extract it, e.g. jq -r .quote FILE > quote.hex)"
+            return (
+                f'the quote file is a JSON object; {what}: its "quote" member may hold one '
+                "(extract it, e.g. jq -r .quote FILE > quote.hex)"
+            )
         if _BUNDLE_KEYS & doc.keys():
-            return f"the quote file is a collateral bundle (JSON with {', '.join(sorted(_BUNDLE_KEYS & doc.keys()))}); {what}"
+            return (
+                f"the quote file is a collateral bundle (JSON with {', '.join(sorted(_BUNDLE_KEYS & doc.keys()))}); "
+                f"{what}"
+            )
         return f"the quote file is a JSON object; {what}"
     return f"the quote file is a JSON document; {what}"
 
@@ -73,8 +79,10 @@ def diagnose(data: bytes) -> QuoteFormatError | None:
         return _error(f"the quote file is {what}; a TDX quote is binary (or hex text) and starts with a 48-byte header")
     if text.startswith(b"-----BEGIN "):
         label = text[11 : text.find(b"-----", 11)].decode("ascii", "replace")
-        return _error(f"the quote file is PEM text ({label}), not a TDX quote; a quote carries its PCK certificate chain "
-                      "itself: give the binary (or hex) quote the TD produced")  # fmt: skip
+        return _error(
+            f"the quote file is PEM text ({label}), not a TDX quote; a quote carries its PCK certificate chain "
+            "itself: give the binary (or hex) quote the TD produced"
+        )
     if text[:1] in (b"{", b"["):
         try:
             return _error(_json_message(json.loads(text)))
@@ -83,11 +91,17 @@ def diagnose(data: bytes) -> QuoteFormatError | None:
     digits = text[2:] if text[:2].lower() == b"0x" else text
     if set(digits) <= _HEX | _SPACE:  # hex text: the error about its decoded bytes stands, unless it is cut
         count = sum(c in _HEX for c in digits)
-        return _error(f"the quote file is hex text with an odd number of digits ({count}): cut short?") if count % 2 else None
+        return (
+            _error(f"the quote file is hex text with an odd number of digits ({count}): cut short?")
+            if count % 2
+            else None
+        )
     chars = set(text)
     if chars <= _BASE64 | _SPACE and (version := _base64_quote(text)) is not None:
-        return _error(f"the quote file is base64 text (of what starts like a v{version} quote); tdxvm reads binary or hex: "
-                      "decode it first, e.g. base64 -d FILE > quote.bin")  # fmt: skip
+        return _error(
+            f"the quote file is base64 text (of what starts like a v{version} quote); tdxvm reads binary or hex: "
+            "decode it first, e.g. base64 -d FILE > quote.bin"
+        )
     if chars <= _PRINTABLE:
         head = text[:16].decode("ascii", "replace")
         return _error(f"the quote file is text ({head!r}…), neither a binary TDX quote nor hex")

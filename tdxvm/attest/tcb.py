@@ -42,8 +42,12 @@ TD_RELAUNCH_STATUSES = ("TDRelaunchAdvised", "TDRelaunchAdvisedConfigurationNeed
 EVALUATED_TCB_STATUSES = TCB_STATUSES + TD_RELAUNCH_STATUSES
 _OUT_OF_DATE = ("OutOfDate", "OutOfDateConfigurationNeeded")
 _NOT_OUT_OF_DATE = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded")
-_CONFIGURATION_NEEDED = ("ConfigurationNeeded", "OutOfDateConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
-                         "TDRelaunchAdvisedConfigurationNeeded")  # fmt: skip
+_CONFIGURATION_NEEDED = (
+    "ConfigurationNeeded",
+    "OutOfDateConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "TDRelaunchAdvisedConfigurationNeeded",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,9 @@ def _sort_key(level: TcbLevel) -> tuple:
     return (level.sgx_components, level.pce_svn, level.tdx_components)
 
 
-def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: bytes, field: str = "TEE_TCB_SVN") -> TcbLevel:
+def match_platform_level(
+    tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: bytes, field: str = "TEE_TCB_SVN"
+) -> TcbLevel:
     """The first level (highest first) the PCK's TCB and ``tee_tcb_svn`` (quote field ``field``) reach."""
     skip = 2 if tee_tcb_svn[1] > 0 else 0
     tdx = tee_tcb_svn[skip:16]
@@ -92,7 +98,9 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, tee_tcb_svn: byte
     )
 
 
-def match_tdx_module(tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | None = None, field: str = "TEE_TCB_SVN") -> Matched | None:
+def match_tdx_module(
+    tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | None = None, field: str = "TEE_TCB_SVN"
+) -> Matched | None:
     """Check the TDX module's identity; return its TCB level's status, if it has one.
 
     ``tee_tcb_svn`` (default: the body's TEE_TCB_SVN) picks the module identity (byte 1)
@@ -106,7 +114,11 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | Non
         wanted = f"TDX_{major:02X}"
         found = [m for m in tcb_info.tdx_module_identities if m.id.upper() == wanted]
         if not found:
-            raise TcbMismatch(Reason("tdx-module-unknown", f"TCB info has no TDX module identity {wanted} ({field} byte 1 is {major})"))
+            raise TcbMismatch(
+                Reason(
+                    "tdx-module-unknown", f"TCB info has no TDX module identity {wanted} ({field} byte 1 is {major})"
+                )
+            )
         identity = found[0]
         levels = identity.tcb_levels
     if body.mr_signer_seam != identity.mrsigner:
@@ -121,7 +133,8 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | Non
         raise TcbMismatch(
             Reason(
                 "tdx-module-attributes",
-                f"quote field SEAM_ATTRIBUTES is {body.seam_attributes.hex()}, expected {identity.attributes.hex()} under mask {mask.hex()}",
+                f"quote field SEAM_ATTRIBUTES is {body.seam_attributes.hex()}, expected {identity.attributes.hex()} "
+                f"under mask {mask.hex()}",
             )
         )
     if not levels:
@@ -130,21 +143,40 @@ def match_tdx_module(tcb_info: TcbInfo, body: TdReport, tee_tcb_svn: bytes | Non
         if minor >= level.isv_svn:
             return Matched(level.status, level.advisory_ids)
     raise TcbMismatch(
-        Reason("tdx-module-tcb-level-not-found", f"TDX module {identity.id} SVN {minor} ({field} byte 0) is below every TCB level")
+        Reason(
+            "tdx-module-tcb-level-not-found",
+            f"TDX module {identity.id} SVN {minor} ({field} byte 0) is below every TCB level",
+        )
     )
 
 
 def match_qe(qe_identity: QeIdentity, report: EnclaveReport) -> Matched:
     checks = []
     if report.mr_signer != qe_identity.mrsigner:
-        checks.append(("qe-mrsigner", f"QE report MRSIGNER is {report.mr_signer.hex()}, expected {qe_identity.mrsigner.hex()}"))
+        checks.append(
+            ("qe-mrsigner", f"QE report MRSIGNER is {report.mr_signer.hex()}, expected {qe_identity.mrsigner.hex()}")
+        )
     if report.isv_prod_id != qe_identity.isv_prod_id:
-        checks.append(("qe-isvprodid", f"QE report ISVPRODID is {report.isv_prod_id}, expected {qe_identity.isv_prod_id}"))
+        checks.append(
+            ("qe-isvprodid", f"QE report ISVPRODID is {report.isv_prod_id}, expected {qe_identity.isv_prod_id}")
+        )
     if report.misc_select & qe_identity.miscselect_mask != qe_identity.miscselect & qe_identity.miscselect_mask:
-        checks.append(("qe-miscselect", f"QE report MISCSELECT is {report.misc_select:08x}, expected {qe_identity.miscselect:08x} under mask {qe_identity.miscselect_mask:08x}"))
+        checks.append(
+            (
+                "qe-miscselect",
+                f"QE report MISCSELECT is {report.misc_select:08x}, expected {qe_identity.miscselect:08x} "
+                f"under mask {qe_identity.miscselect_mask:08x}",
+            )
+        )
     mask = qe_identity.attributes_mask
     if _masked(report.attributes, mask) != _masked(qe_identity.attributes, mask):
-        checks.append(("qe-attributes", f"QE report ATTRIBUTES is {report.attributes.hex()}, expected {qe_identity.attributes.hex()} under mask {mask.hex()}"))
+        checks.append(
+            (
+                "qe-attributes",
+                f"QE report ATTRIBUTES is {report.attributes.hex()}, expected {qe_identity.attributes.hex()} "
+                f"under mask {mask.hex()}",
+            )
+        )
     if checks:
         code, message = checks[0]
         raise TcbMismatch(Reason(code, "; ".join(m for _, m in checks)))
@@ -153,7 +185,9 @@ def match_qe(qe_identity: QeIdentity, report: EnclaveReport) -> Matched:
             if level.status == "Revoked":
                 raise TcbMismatch(Reason("qe-revoked", f"QE ISVSVN {report.isv_svn} is revoked"))
             return Matched(level.status, level.advisory_ids)
-    raise TcbMismatch(Reason("qe-tcb-level-not-found", f"QE ISVSVN {report.isv_svn} is below every QE identity TCB level"))
+    raise TcbMismatch(
+        Reason("qe-tcb-level-not-found", f"QE ISVSVN {report.isv_svn} is below every QE identity TCB level")
+    )
 
 
 def converge(platform: str, other: str | None) -> str:

@@ -60,13 +60,26 @@ def _tdx_tcb(tcb_info: TcbInfo, pck: PckExtension, q: Quote, svn: bytes, field: 
     return _TdxTcb(level=level, module=module, status=status)
 
 
-def evaluate_tcb(tcb_info: TcbInfo, qe_identity: QeIdentity, pck: PckExtension, q: Quote) -> tuple[list[Reason], TcbEvaluation | None]:
+def evaluate_tcb(
+    tcb_info: TcbInfo, qe_identity: QeIdentity, pck: PckExtension, q: Quote
+) -> tuple[list[Reason], TcbEvaluation | None]:
     """The quote's TCB evaluation, or the reasons it cannot be evaluated (then ``None``)."""
     reasons = []
     if tcb_info.fmspc != pck.fmspc:
-        reasons.append(Reason("fmspc-mismatch", f"TCB info is for FMSPC {tcb_info.fmspc.hex().upper()}, the PCK certificate has {pck.fmspc.hex().upper()}"))
+        reasons.append(
+            Reason(
+                "fmspc-mismatch",
+                f"TCB info is for FMSPC {tcb_info.fmspc.hex().upper()}, "
+                f"the PCK certificate has {pck.fmspc.hex().upper()}",
+            )
+        )
     if tcb_info.pce_id != pck.pce_id:
-        reasons.append(Reason("pce-id-mismatch", f"TCB info is for PCE-ID {tcb_info.pce_id.hex()}, the PCK certificate has {pck.pce_id.hex()}"))
+        reasons.append(
+            Reason(
+                "pce-id-mismatch",
+                f"TCB info is for PCE-ID {tcb_info.pce_id.hex()}, the PCK certificate has {pck.pce_id.hex()}",
+            )
+        )
     if reasons:
         return reasons, None
     try:
@@ -80,12 +93,19 @@ def evaluate_tcb(tcb_info: TcbInfo, qe_identity: QeIdentity, pck: PckExtension, 
         try:
             current = _tdx_tcb(tcb_info, pck, q, svn2, "TEE_TCB_SVN2", qe)
         except TcbMismatch as exc:
-            return [Reason("current-tcb-not-supported", f"the TDX module running now (TEE_TCB_SVN2 {svn2.hex()}) has no TCB level "
-                                                        f"in the TCB info, so the TD's current TCB cannot be evaluated: {exc.reason.message}")], None  # fmt: skip
+            return [
+                Reason(
+                    "current-tcb-not-supported",
+                    f"the TDX module running now (TEE_TCB_SVN2 {svn2.hex()}) has no TCB level "
+                    f"in the TCB info, so the TD's current TCB cannot be evaluated: {exc.reason.message}",
+                )
+            ], None
     module = launch.module
     return [], TcbEvaluation(
         status=launch.status if current is None else check_for_relaunch(launch.status, current.status),
-        advisory_ids=merge_advisories(launch.level.advisory_ids, module.advisory_ids if module else (), qe.advisory_ids),
+        advisory_ids=merge_advisories(
+            launch.level.advisory_ids, module.advisory_ids if module else (), qe.advisory_ids
+        ),
         platform_status=launch.level.status,
         tdx_module_status=module.status if module else None,
         qe_status=qe.status,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from operator import itemgetter
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from tdxvm.attest.errors import CollateralError
@@ -173,8 +173,12 @@ class TcbInfo:
 
 
 def _isv_level(lv: _Obj) -> ModuleTcbLevel:
-    return ModuleTcbLevel(isv_svn=lv.obj("tcb").get("isvsvn", int), tcb_date=lv.time("tcbDate"), status=lv.status(),
-                          advisory_ids=lv.advisories())  # fmt: skip
+    return ModuleTcbLevel(
+        isv_svn=lv.obj("tcb").get("isvsvn", int),
+        tcb_date=lv.time("tcbDate"),
+        status=lv.status(),
+        advisory_ids=lv.advisories(),
+    )
 
 
 def _tcb_level(lv: _Obj) -> TcbLevel:
@@ -222,9 +226,7 @@ def _checked_tcb_info(o: _Obj) -> TcbInfo:
         tcb_type=o.get("tcbType", int),
         tcb_evaluation_data_number=o.get("tcbEvaluationDataNumber", int),
         tdx_module=_module(_Obj(module, "tcb_info.tdxModule"), with_levels=False),
-        tdx_module_identities=tuple(
-            _module(m, with_levels=True) for m in o.objs("tdxModuleIdentities", optional=True)
-        ),
+        tdx_module_identities=tuple(_module(m, with_levels=True) for m in o.objs("tdxModuleIdentities", optional=True)),
         tcb_levels=levels,
     )
 
@@ -275,8 +277,12 @@ def _checked_qe_identity(o: _Obj) -> QeIdentity:
         mrsigner=o.hex("mrsigner", 32),
         isv_prod_id=o.get("isvprodid", int),
         tcb_levels=tuple(
-            QeTcbLevel(isv_svn=lv.obj("tcb").get("isvsvn", int), tcb_date=lv.time("tcbDate"), status=lv.status(),
-                       advisory_ids=lv.advisories())  # fmt: skip
+            QeTcbLevel(
+                isv_svn=lv.obj("tcb").get("isvsvn", int),
+                tcb_date=lv.time("tcbDate"),
+                status=lv.status(),
+                advisory_ids=lv.advisories(),
+            )
             for lv in o.objs("tcbLevels")
         ),
     )
@@ -359,7 +365,11 @@ def _regular_module(m: Any, dates: dict[str, datetime], *, with_levels: bool) ->
     ident = ""
     if with_levels:
         levels, ident = _isv_levels(m.get("tcbLevels"), dates, ModuleTcbLevel), m.get("id")
-    mrsigner, attributes, mask = _hex(m.get("mrsigner"), 48), _hex(m.get("attributes"), 8), _hex(m.get("attributesMask"), 8)
+    mrsigner, attributes, mask = (
+        _hex(m.get("mrsigner"), 48),
+        _hex(m.get("attributes"), 8),
+        _hex(m.get("attributesMask"), 8),
+    )
     if levels is None or type(ident) is not str or mrsigner is None or attributes is None or mask is None:
         return None
     return TdxModuleIdentity(ident, mrsigner, attributes, mask, levels)
@@ -374,31 +384,82 @@ def _regular_tcb_info(doc: dict[str, Any], dates: dict[str, datetime]) -> TcbInf
         tcb = lv.get("tcb") if type(lv) is dict else None
         if type(tcb) is not dict:
             return None
-        sgx, pce, tdx = _svn_list(tcb.get("sgxtcbcomponents")), tcb.get("pcesvn"), _svn_list(tcb.get("tdxtcbcomponents"))
+        sgx, pce, tdx = (
+            _svn_list(tcb.get("sgxtcbcomponents")),
+            tcb.get("pcesvn"),
+            _svn_list(tcb.get("tdxtcbcomponents")),
+        )
         tail = _tail(lv, dates) if sgx is not None and tdx is not None and type(pce) is int else None
         if tail is None:
             return None
         out.append(TcbLevel(sgx, pce, tdx, *tail))
     module = _regular_module(doc.get("tdxModule"), dates, with_levels=False)
     identities = [_regular_module(m, dates, with_levels=True) for m in modules]
-    ident, version, kind, number = doc.get("id"), doc.get("version"), doc.get("tcbType"), doc.get("tcbEvaluationDataNumber")
+    ident, version, kind, number = (
+        doc.get("id"),
+        doc.get("version"),
+        doc.get("tcbType"),
+        doc.get("tcbEvaluationDataNumber"),
+    )
     issue, nxt = _date(doc.get("issueDate"), dates), _date(doc.get("nextUpdate"), dates)
     fmspc, pce_id = _hex(doc.get("fmspc"), 6), _hex(doc.get("pceId"), 2)
-    if (module is None or None in identities or type(ident) is not str or type(version) is not int or type(kind) is not int
-            or type(number) is not int or issue is None or nxt is None or fmspc is None or pce_id is None):  # fmt: skip
+    if (
+        module is None
+        or None in identities
+        or type(ident) is not str
+        or type(version) is not int
+        or type(kind) is not int
+        or type(number) is not int
+        or issue is None
+        or nxt is None
+        or fmspc is None
+        or pce_id is None
+    ):
         return None
     return TcbInfo(ident, version, issue, nxt, fmspc, pce_id, kind, number, module, tuple(identities), tuple(out))  # type: ignore[arg-type]
 
 
 def _regular_qe_identity(doc: dict[str, Any], dates: dict[str, datetime]) -> QeIdentity | None:
     levels = _isv_levels(doc.get("tcbLevels"), dates, QeTcbLevel)
-    ident, version, number, prod = doc.get("id"), doc.get("version"), doc.get("tcbEvaluationDataNumber"), doc.get("isvprodid")
+    ident, version, number, prod = (
+        doc.get("id"),
+        doc.get("version"),
+        doc.get("tcbEvaluationDataNumber"),
+        doc.get("isvprodid"),
+    )
     issue, nxt = _date(doc.get("issueDate"), dates), _date(doc.get("nextUpdate"), dates)
     misc, misc_mask = _hex(doc.get("miscselect"), 4), _hex(doc.get("miscselectMask"), 4)
-    attributes, mask, mrsigner = _hex(doc.get("attributes"), 16), _hex(doc.get("attributesMask"), 16), _hex(doc.get("mrsigner"), 32)
-    if (levels is None or type(ident) is not str or type(version) is not int or type(number) is not int or type(prod) is not int
-            or issue is None or nxt is None or misc is None or misc_mask is None or attributes is None or mask is None
-            or mrsigner is None):  # fmt: skip
+    attributes, mask, mrsigner = (
+        _hex(doc.get("attributes"), 16),
+        _hex(doc.get("attributesMask"), 16),
+        _hex(doc.get("mrsigner"), 32),
+    )
+    if (
+        levels is None
+        or type(ident) is not str
+        or type(version) is not int
+        or type(number) is not int
+        or type(prod) is not int
+        or issue is None
+        or nxt is None
+        or misc is None
+        or misc_mask is None
+        or attributes is None
+        or mask is None
+        or mrsigner is None
+    ):
         return None
-    return QeIdentity(ident, version, issue, nxt, number, int.from_bytes(misc, "little"), int.from_bytes(misc_mask, "little"),
-                      attributes, mask, mrsigner, prod, levels)  # fmt: skip
+    return QeIdentity(
+        ident,
+        version,
+        issue,
+        nxt,
+        number,
+        int.from_bytes(misc, "little"),
+        int.from_bytes(misc_mask, "little"),
+        attributes,
+        mask,
+        mrsigner,
+        prod,
+        levels,
+    )

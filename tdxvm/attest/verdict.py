@@ -42,8 +42,11 @@ def _iso(when: datetime | None) -> str | None:
 def _item(item: IssuedItem | None) -> dict[str, Any] | None:
     if item is None:
         return None
-    return {"issue_date": _iso(item.issue_date), "next_update": _iso(item.next_update),
-            "tcb_evaluation_data_number": item.tcb_evaluation_data_number}  # fmt: skip
+    return {
+        "issue_date": _iso(item.issue_date),
+        "next_update": _iso(item.next_update),
+        "tcb_evaluation_data_number": item.tcb_evaluation_data_number,
+    }
 
 
 def collateral_dict(facts: CollateralFacts | None, origin: CollateralOrigin | None) -> dict[str, Any]:
@@ -157,4 +160,6 @@ def appraise(
 
         policy = Policy()
     result = verifier.verify(quote, collateral, at=at)
-    return Verdict(result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)), origin=origin)
+    return Verdict(
+        result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)), origin=origin
+    )

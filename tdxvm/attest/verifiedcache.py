@@ -93,20 +93,37 @@ def item_key(item: str, anchor_sha256: bytes, *parts: bytes) -> str:
 
 def whole_key(c: Collateral, anchor_sha256: bytes) -> str:
     """The entry name of the whole collateral set ``c`` under the anchor."""
-    return item_key(WHOLE, anchor_sha256, c.tcb_info.encode(), c.tcb_info_signature, c.tcb_info_issuer_chain.encode(),
-                    c.qe_identity.encode(), c.qe_identity_signature, c.qe_identity_issuer_chain.encode(),
-                    c.pck_crl, c.pck_crl_issuer_chain.encode(), c.root_ca_crl)  # fmt: skip
+    return item_key(
+        WHOLE,
+        anchor_sha256,
+        c.tcb_info.encode(),
+        c.tcb_info_signature,
+        c.tcb_info_issuer_chain.encode(),
+        c.qe_identity.encode(),
+        c.qe_identity_signature,
+        c.qe_identity_issuer_chain.encode(),
+        c.pck_crl,
+        c.pck_crl_issuer_chain.encode(),
+        c.root_ca_crl,
+    )
 
 
 def collateral_keys(c: Collateral, anchor_sha256: bytes) -> dict[str, str]:
     """The entry name of each item of ``c`` (see :data:`ITEMS`) under the anchor."""
     return {
-        "tcb_info": item_key("tcb_info", anchor_sha256, c.tcb_info.encode(), c.tcb_info_signature, c.tcb_info_issuer_chain.encode()),
-        "qe_identity": item_key("qe_identity", anchor_sha256, c.qe_identity.encode(), c.qe_identity_signature,
-                                c.qe_identity_issuer_chain.encode()),
+        "tcb_info": item_key(
+            "tcb_info", anchor_sha256, c.tcb_info.encode(), c.tcb_info_signature, c.tcb_info_issuer_chain.encode()
+        ),
+        "qe_identity": item_key(
+            "qe_identity",
+            anchor_sha256,
+            c.qe_identity.encode(),
+            c.qe_identity_signature,
+            c.qe_identity_issuer_chain.encode(),
+        ),
         "pck_crl": item_key("pck_crl", anchor_sha256, c.pck_crl, c.pck_crl_issuer_chain.encode()),
         "root_ca_crl": item_key("root_ca_crl", anchor_sha256, c.root_ca_crl),
-    }  # fmt: skip
+    }
 
 
 def pck_chain_key(cert_sha256s: Iterable[bytes], anchor_sha256: bytes) -> str:
@@ -256,8 +273,13 @@ class VerifiedCache:
         if not data.startswith(head):
             return False
         rest = data[len(head) :].split(b"\n")
-        if len(rest) != 4 or rest[3] or not (rest[0].startswith(b"not_before ") and rest[1].startswith(b"not_after ")
-                                             and rest[2].startswith(b"mac ")):  # fmt: skip
+        if (
+            len(rest) != 4
+            or rest[3]
+            or not (
+                rest[0].startswith(b"not_before ") and rest[1].startswith(b"not_after ") and rest[2].startswith(b"mac ")
+            )
+        ):
             return False
         if not hmac.compare_digest(rest[2][4:], self._mac(mac_key, data[: len(data) - len(rest[2]) - 1])):
             return False
@@ -277,8 +299,9 @@ class VerifiedCache:
         vouched = {item for item, key in keys.items() if self.lookup(item, key, anchor_sha256=anchor_sha256, at=at)}
         return {**keys, WHOLE: whole}, vouched
 
-    def record_verified(self, keys: dict[str, str], vouched: set[str], windows: dict[str, Window | None], *,
-                        anchor_sha256: bytes) -> None:  # fmt: skip
+    def record_verified(
+        self, keys: dict[str, str], vouched: set[str], windows: dict[str, Window | None], *, anchor_sha256: bytes
+    ) -> None:
         """Record each item that verified (``windows[item]`` set) and no entry vouched
         for yet, and the whole set when all four did."""
         for item, window in windows.items():

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tdxvm.attest.chain import (
-    CheckedChain,
     CertStore,
+    CheckedChain,
     CheckedCrl,
     Crl,
     TrustAnchor,
@@ -78,9 +78,19 @@ def _p256_key(raw: bytes) -> ec.EllipticCurvePublicKey | None:
 
 def _window(what: str, issue: datetime, next_update: datetime, at: datetime) -> list[Reason]:
     if at < issue:
-        return [Reason("collateral-not-yet-valid", f"{what} is not valid before {issue.isoformat()} (verification time {at.isoformat()})")]
+        return [
+            Reason(
+                "collateral-not-yet-valid",
+                f"{what} is not valid before {issue.isoformat()} (verification time {at.isoformat()})",
+            )
+        ]
     if at > next_update:
-        return [Reason("collateral-expired", f"{what} expired at {next_update.isoformat()} (verification time {at.isoformat()})")]
+        return [
+            Reason(
+                "collateral-expired",
+                f"{what} expired at {next_update.isoformat()} (verification time {at.isoformat()})",
+            )
+        ]
     return []
 
 
@@ -88,8 +98,13 @@ def _anchor_revoked(root_crl: CheckedCrl, anchor: x509.Certificate) -> list[Reas
     """The trust anchor listed in its own CRL (dcap-qvl checks the root against the CRLs too)."""
     if not root_crl.revokes(anchor):
         return []
-    return [Reason("trust-anchor-revoked", f"the root CA CRL lists the trust anchor {cert_name(anchor)} (serial {anchor.serial_number:x}) as "
-                                           "revoked: nothing it issued (PCK chain, TCB signing certificate) can be trusted")]  # fmt: skip
+    return [
+        Reason(
+            "trust-anchor-revoked",
+            f"the root CA CRL lists the trust anchor {cert_name(anchor)} (serial {anchor.serial_number:x}) as "
+            "revoked: nothing it issued (PCK chain, TCB signing certificate) can be trusted",
+        )
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +150,16 @@ def _facts(t: TcbInfo | None, q: QeIdentity | None) -> CollateralFacts:
     )
 
 
-def _check_signed_json(text: str, signature: bytes, key: ec.EllipticCurvePublicKey | None, chain: CheckedChain, what: str) -> list[Reason]:
+def _check_signed_json(
+    text: str, signature: bytes, key: ec.EllipticCurvePublicKey | None, chain: CheckedChain, what: str
+) -> list[Reason]:
     if key is None or not _ecdsa_ok(key, signature, text.encode()):
-        return [Reason(f"{what.replace(' ', '-').lower()}-signature", f"{what} signature does not verify with {cert_name(chain.leaf)}")]
+        return [
+            Reason(
+                f"{what.replace(' ', '-').lower()}-signature",
+                f"{what} signature does not verify with {cert_name(chain.leaf)}",
+            )
+        ]
     return []
 
 
@@ -156,7 +178,11 @@ class QuoteVerifier:
     """
 
     def __init__(
-        self, *, trust_anchor: TrustAnchor | None = None, cache_limit: int = 1024, verified_cache: VerifiedCache | None = None
+        self,
+        *,
+        trust_anchor: TrustAnchor | None = None,
+        cache_limit: int = 1024,
+        verified_cache: VerifiedCache | None = None,
     ) -> None:
         self.trust_anchor = trust_anchor or TrustAnchor.intel()
         self.cache_limit = cache_limit
@@ -172,7 +198,9 @@ class QuoteVerifier:
 
     # -- time-independent checks, cached -------------------------------------------
 
-    def _vouched(self, c: Collateral, at: datetime, chains: tuple[list[x509.Certificate], ...], crls: tuple[Crl, Crl | None]) -> tuple[dict[str, str], set[str]]:
+    def _vouched(
+        self, c: Collateral, at: datetime, chains: tuple[list[x509.Certificate], ...], crls: tuple[Crl, Crl | None]
+    ) -> tuple[dict[str, str], set[str]]:
         """The on-disk entry names of ``c``'s items, and the items an entry vouches for at
         ``at``; their signatures are then marked as checked in the certificate store."""
         if self.verified_cache is None:
@@ -198,11 +226,19 @@ class QuoteVerifier:
             return
         ch = checked
         windows = {
-            "tcb_info": None if ch.tcb_chain.reasons or ch.tcb_info is None else Window.of(ch.tcb_info.issue_date, ch.tcb_info.next_update, ch.tcb_chain.certs),
-            "qe_identity": None if ch.qe_chain.reasons or ch.qe_identity is None else Window.of(ch.qe_identity.issue_date, ch.qe_identity.next_update, ch.qe_chain.certs),
-            "pck_crl": None if ch.pck_crl_chain.reasons or self._certs.crl_problem(ch.pck_crl, ch.pck_crl_chain.leaf) else Window.of_crl(ch.pck_crl.crl, ch.pck_crl_chain.certs),
-            "root_ca_crl": None if ch.root_crl is None or ch.root_crl.reasons else Window.of_crl(ch.root_crl.crl, ch.tcb_chain.certs[-1:]),
-        }  # fmt: skip
+            "tcb_info": None
+            if ch.tcb_chain.reasons or ch.tcb_info is None
+            else Window.of(ch.tcb_info.issue_date, ch.tcb_info.next_update, ch.tcb_chain.certs),
+            "qe_identity": None
+            if ch.qe_chain.reasons or ch.qe_identity is None
+            else Window.of(ch.qe_identity.issue_date, ch.qe_identity.next_update, ch.qe_chain.certs),
+            "pck_crl": None
+            if ch.pck_crl_chain.reasons or self._certs.crl_problem(ch.pck_crl, ch.pck_crl_chain.leaf)
+            else Window.of_crl(ch.pck_crl.crl, ch.pck_crl_chain.certs),
+            "root_ca_crl": None
+            if ch.root_crl is None or ch.root_crl.reasons
+            else Window.of_crl(ch.root_crl.crl, ch.tcb_chain.certs[-1:]),
+        }
         self.verified_cache.record_verified(keys, vouched, windows, anchor_sha256=self.trust_anchor.sha256)
 
     def _check_collateral(self, c: Collateral, at: datetime) -> _CheckedCollateral:
@@ -226,15 +262,34 @@ class QuoteVerifier:
         if root_ca_crl is not None:
             root_crl = self._certs.check_crl(root_ca_crl, tcb_chain.root, "root CA CRL")
             reasons += root_crl.reasons
-        tcb_reasons = [] if "tcb_info" in vouched else _check_signed_json(c.tcb_info, c.tcb_info_signature, self._certs.public_key(tcb_chain.leaf), tcb_chain, "TCB info")
-        qe_reasons = [] if "qe_identity" in vouched else _check_signed_json(c.qe_identity, c.qe_identity_signature, self._certs.public_key(qe_chain.leaf), qe_chain, "QE identity")
+        tcb_reasons = (
+            []
+            if "tcb_info" in vouched
+            else _check_signed_json(
+                c.tcb_info, c.tcb_info_signature, self._certs.public_key(tcb_chain.leaf), tcb_chain, "TCB info"
+            )
+        )
+        qe_reasons = (
+            []
+            if "qe_identity" in vouched
+            else _check_signed_json(
+                c.qe_identity, c.qe_identity_signature, self._certs.public_key(qe_chain.leaf), qe_chain, "QE identity"
+            )
+        )
         reasons += tcb_reasons + qe_reasons
         tcb_info = None if tcb_reasons else parse_tcb_info(c.tcb_info)
         qe_identity = None if qe_reasons else parse_qe_identity(c.qe_identity)
         if tcb_info is not None and (tcb_info.id != "TDX" or tcb_info.version != 3):
-            reasons.append(Reason("tcb-info-type", f"TCB info is {tcb_info.id} version {tcb_info.version}, expected TDX version 3"))
+            reasons.append(
+                Reason("tcb-info-type", f"TCB info is {tcb_info.id} version {tcb_info.version}, expected TDX version 3")
+            )
         if qe_identity is not None and (qe_identity.id != "TD_QE" or qe_identity.version not in (2, 3)):
-            reasons.append(Reason("qe-identity-type", f"QE identity is {qe_identity.id} version {qe_identity.version}, expected TD_QE version 2"))
+            reasons.append(
+                Reason(
+                    "qe-identity-type",
+                    f"QE identity is {qe_identity.id} version {qe_identity.version}, expected TD_QE version 2",
+                )
+            )
         checked = _CheckedCollateral(
             tcb_chain=tcb_chain,
             qe_chain=qe_chain,
@@ -290,7 +345,11 @@ class QuoteVerifier:
 
     def _entry_vouches(self, item: str, entry: str | None, at: datetime) -> bool:
         cache = self.verified_cache
-        return cache is not None and entry is not None and cache.lookup(item, entry, anchor_sha256=self.trust_anchor.sha256, at=at)
+        return (
+            cache is not None
+            and entry is not None
+            and cache.lookup(item, entry, anchor_sha256=self.trust_anchor.sha256, at=at)
+        )
 
     def _record(self, item: str, entry: str, spans: tuple[tuple[datetime, datetime], ...]) -> None:
         """Remember on disk that ``item`` verified, for the time inside every span."""
@@ -336,7 +395,9 @@ class QuoteVerifier:
             pck = self._check_pck(q.signature.pck_chain_pem, coll, collateral, at)
         except CertificateError as exc:
             reasons.append(Reason("pck-chain", str(exc)))
-            return VerificationResult(quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons), collateral=coll.facts)
+            return VerificationResult(
+                quote=q, at=at, fmspc=None, tcb=None, reasons=tuple(reasons), collateral=coll.facts
+            )
         reasons += pck.reasons
         reasons += pck.chain.time_reasons(at)
         reasons += pck.pck_crl.time_reasons(at)
@@ -345,10 +406,14 @@ class QuoteVerifier:
 
         sig = q.signature
         if not self._qe_report_signed(pck.chain.leaf, q, at):
-            reasons.append(Reason("qe-report-signature", "QE report signature does not verify with the PCK certificate"))
+            reasons.append(
+                Reason("qe-report-signature", "QE report signature does not verify with the PCK certificate")
+            )
         expected = hashlib.sha256(sig.attestation_key + sig.qe_auth_data).digest() + bytes(32)
         if sig.qe_report.report_data != expected:
-            reasons.append(Reason("qe-report-data", "QE report data is not SHA-256(attestation key ‖ QE auth data) ‖ zeros"))
+            reasons.append(
+                Reason("qe-report-data", "QE report data is not SHA-256(attestation key ‖ QE auth data) ‖ zeros")
+            )
         att_key = _p256_key(sig.attestation_key)
         if att_key is None:
             reasons.append(Reason("attestation-key", "attestation key is not a P-256 point"))
@@ -360,8 +425,9 @@ class QuoteVerifier:
         if coll.tcb_info is not None and coll.qe_identity is not None and pck.extension is not None:
             tcb_reasons, tcb = evaluate_tcb(coll.tcb_info, coll.qe_identity, pck.extension, q)
             reasons += tcb_reasons
-        return VerificationResult(quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons),
-                                  collateral=coll.facts)  # fmt: skip
+        return VerificationResult(
+            quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons), collateral=coll.facts
+        )
 
 
 def verify_quote(

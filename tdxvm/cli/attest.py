@@ -58,7 +58,10 @@ def _print_verdict(v: Verdict, source: str) -> None:
     word = "ACCEPTED" if v.accepted else "REFUSED"
     color = "green" if v.accepted else "red"
     status = d["tcb_status"] or "not evaluated"
-    click.echo(click.style(word, fg=color, bold=True) + f"  TCB {status}, quote v{d['quote_version']}, FMSPC {d['fmspc'] or '?'}, at {d['verified_at']}")
+    click.echo(
+        click.style(word, fg=color, bold=True)
+        + f"  TCB {status}, quote v{d['quote_version']}, FMSPC {d['fmspc'] or '?'}, at {d['verified_at']}"
+    )
     click.echo(f"collateral: {source}" + _freshness(d["collateral"], v.result.at))
     if d["advisory_ids"]:
         click.echo(f"advisories: {', '.join(d['advisory_ids'])}")
@@ -74,19 +77,26 @@ def _print_verdict(v: Verdict, source: str) -> None:
 
 
 def _freshness(c: dict, at: datetime) -> str:
-    """"; TCB evaluation data number 17, issued … (3d4h before the verification time), next update …"."""
+    """ "; TCB evaluation data number 17, issued … (3d4h before the verification time), next update …"."""
     if c["issue_date"] is None:
         return "; not verified, so its date and TCB evaluation data number are not shown"
     age = at - datetime.fromisoformat(c["issue_date"].replace("Z", "+00:00"))
     when = f"{format_duration(age)} before" if age.total_seconds() >= 0 else f"{format_duration(-age)} after"
-    return (f"; TCB evaluation data number {c['tcb_evaluation_data_number']}, issued {c['issue_date']} ({when} the "
-            f"verification time), next update {c['next_update']}")  # fmt: skip
+    return (
+        f"; TCB evaluation data number {c['tcb_evaluation_data_number']}, issued {c['issue_date']} ({when} the "
+        f"verification time), next update {c['next_update']}"
+    )
 
 
 def _relaunch_advice(status: str, tcb: dict) -> str:
-    configure = ", and configure the platform as its advisories ask" if status == "TDRelaunchAdvisedConfigurationNeeded" else ""
-    return (f"TD relaunch advised: the TD launched on a TDX module whose TCB is {tcb['launch_status']}; the module running now "
-            f"(TEE_TCB_SVN2) is {tcb['current_status']}: relaunch the TD to pick up the updated TDX module{configure}")  # fmt: skip
+    configure = (
+        ", and configure the platform as its advisories ask" if status == "TDRelaunchAdvisedConfigurationNeeded" else ""
+    )
+    return (
+        f"TD relaunch advised: the TD launched on a TDX module whose TCB is {tcb['launch_status']}; "
+        f"the module running now (TEE_TCB_SVN2) is {tcb['current_status']}: "
+        f"relaunch the TD to pick up the updated TDX module{configure}"
+    )
 
 
 def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
@@ -102,15 +112,35 @@ def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
 @json_verdict
 @click.command("verify-quote")
 @click.argument("quote", metavar="QUOTE")
-@click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
-@click.option("--pccs", metavar="URL", callback=check_pccs, help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
+@click.option(
+    "--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON)."
+)
+@click.option(
+    "--pccs",
+    metavar="URL",
+    callback=check_pccs,
+    help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].",
+)
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
 @click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML [default: strict].")
-@click.option("--no-cache", is_flag=True, help="Check every collateral and PCK signature again; neither read nor write "
-                                               "the verified-collateral cache (~/.cache/tdxvm/verified).")  # fmt: skip
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Check every collateral and PCK signature again; neither read nor write "
+    "the verified-collateral cache (~/.cache/tdxvm/verified).",
+)
 @OUTPUT_OPTION
-def verify_quote(quote: str, bundle: str | None, pccs: str | None, root_ca: str | None, at_text: str | None, policy_path: str | None, no_cache: bool, output: str) -> None:
+def verify_quote(
+    quote: str,
+    bundle: str | None,
+    pccs: str | None,
+    root_ca: str | None,
+    at_text: str | None,
+    policy_path: str | None,
+    no_cache: bool,
+    output: str,
+) -> None:
     """Verify a TDX QUOTE (binary or hex file, - for stdin) against Intel's collateral.
 
     Exit 0 when accepted; 1 when refused, a QUOTE that is not a TDX quote tdxvm reads
@@ -171,7 +201,12 @@ def _iso(when: datetime) -> str:
 
 
 @collateral.command("status")
-@click.option("--pccs", metavar="URL", callback=check_pccs, help="Only the collateral cached for this PCCS or PCS [default: every service's].")
+@click.option(
+    "--pccs",
+    metavar="URL",
+    callback=check_pccs,
+    help="Only the collateral cached for this PCCS or PCS [default: every service's].",
+)
 @OUTPUT_OPTION
 def collateral_status(pccs: str | None, output: str) -> None:
     """Show the cached collateral per FMSPC: TCB evaluation data number, issue date, next update.
@@ -189,15 +224,30 @@ def collateral_status(pccs: str | None, output: str) -> None:
         if pccs and e.service_id != cache.service_id(service_url(pccs)):
             continue
         s = e.summary
-        state = "unreadable" if s is None else "usable" if s.window.contains(now) else "expired" if now >= s.window.not_after else "not yet valid"
-        rows.append({
-            "fmspc": e.fmspc, "ca": e.ca, "service": named.get(e.service_id), "service_id": e.service_id, "path": str(e.path),
-            "tcb_evaluation_data_number": s.tcb_evaluation_data_number if s else None,
-            "issue_date": _iso(s.issue_date) if s else None,
-            "next_update": _iso(s.window.not_after) if s else None,
-            "next_update_of": s.window.expires_first if s else None,
-            "state": state, "error": e.error,
-        })  # fmt: skip
+        state = (
+            "unreadable"
+            if s is None
+            else "usable"
+            if s.window.contains(now)
+            else "expired"
+            if now >= s.window.not_after
+            else "not yet valid"
+        )
+        rows.append(
+            {
+                "fmspc": e.fmspc,
+                "ca": e.ca,
+                "service": named.get(e.service_id),
+                "service_id": e.service_id,
+                "path": str(e.path),
+                "tcb_evaluation_data_number": s.tcb_evaluation_data_number if s else None,
+                "issue_date": _iso(s.issue_date) if s else None,
+                "next_update": _iso(s.window.not_after) if s else None,
+                "next_update_of": s.window.expires_first if s else None,
+                "state": state,
+                "error": e.error,
+            }
+        )
     if output == "json":
         emit_json({"directory": str(cache.directory), "at": _iso(now), "entries": rows})
         return
@@ -209,8 +259,10 @@ def collateral_status(pccs: str | None, output: str) -> None:
         if r["error"]:
             click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: unreadable: {safe_text(r['error'])}")
             continue
-        click.echo(f"{r['fmspc']}  {r['ca']:<9}  {service}: TCB evaluation data number {r['tcb_evaluation_data_number']}, "
-                   f"issued {r['issue_date']}, next update {r['next_update']} ({r['next_update_of']}): {r['state']}")  # fmt: skip
+        click.echo(
+            f"{r['fmspc']}  {r['ca']:<9}  {service}: TCB evaluation data number {r['tcb_evaluation_data_number']}, "
+            f"issued {r['issue_date']}, next update {r['next_update']} ({r['next_update_of']}): {r['state']}"
+        )
 
 
 def _load_events(data: bytes, source: str) -> tuple[list, bytes | None]:
@@ -266,7 +318,12 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
             {
                 "events": len(events),
                 "rtmrs": [r.hex() for r in rtmrs],
-                "ccel_table": None if table is None else {"log_area_minimum_length": table.log_area_minimum_length, "log_area_start_address": table.log_area_start_address},
+                "ccel_table": None
+                if table is None
+                else {
+                    "log_area_minimum_length": table.log_area_minimum_length,
+                    "log_area_start_address": table.log_area_start_address,
+                },
                 "comparison": [
                     {"rtmr": c.index, "replayed": c.replayed.hex(), "quoted": c.quoted.hex(), "matches": c.matches}
                     for c in comparison
@@ -280,6 +337,10 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
             line = f"RTMR{i}: {value.hex()}"
             if comparison:
                 c = comparison[i]
-                line += "  " + (click.style("matches quote", fg="green") if c.matches else click.style(f"DIFFERS from quote {c.quoted.hex()}", fg="red"))
+                line += "  " + (
+                    click.style("matches quote", fg="green")
+                    if c.matches
+                    else click.style(f"DIFFERS from quote {c.quoted.hex()}", fg="red")
+                )
             click.echo(safe_text(line))
     sys.exit(EXIT_OK if ok else EXIT_REFUSED)

@@ -62,7 +62,9 @@ def emulate_init(folder: str, output: str) -> None:
 
 @emulate.command("collateral")
 @click.argument("folder", metavar="DIR")
-@click.option("--out", "out", required=True, type=OUT_FILE, metavar="BUNDLE", help="Where to write the collateral bundle.")
+@click.option(
+    "--out", "out", required=True, type=OUT_FILE, metavar="BUNDLE", help="Where to write the collateral bundle."
+)
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the collateral around this time [default: now].")
 @OUTPUT_OPTION
 def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) -> None:
@@ -84,11 +86,37 @@ def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) 
 @click.option("--rtmr3", metavar="HEX")
 @click.option("--report-data", metavar="HEX", help="64 bytes; what the TD binds into its quote.")
 @click.option("--debug", is_flag=True, help="Set the DEBUG TD attribute (a policy must refuse it).")
-@click.option("--tee-tcb-svn", metavar="HEX", help="16 bytes: the TDX module the TD launched on [default: the platform's UpToDate level].")
-@click.option("--tee-tcb-svn2", metavar="HEX", help="16 bytes, TD report 1.5 only: the TDX module running now [default: --tee-tcb-svn].")
-@click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the PCK certificates around this time [default: now].")
+@click.option(
+    "--tee-tcb-svn",
+    metavar="HEX",
+    help="16 bytes: the TDX module the TD launched on [default: the platform's UpToDate level].",
+)
+@click.option(
+    "--tee-tcb-svn2",
+    metavar="HEX",
+    help="16 bytes, TD report 1.5 only: the TDX module running now [default: --tee-tcb-svn].",
+)
+@click.option(
+    "--at", "at_text", metavar="ISO8601|UNIX", help="Issue the PCK certificates around this time [default: now]."
+)
 @OUTPUT_OPTION
-def emulate_quote(folder: str, out: str, version: str, body_type: str | None, mrtd: str | None, rtmr0: str | None, rtmr1: str | None, rtmr2: str | None, rtmr3: str | None, report_data: str | None, debug: bool, tee_tcb_svn: str | None, tee_tcb_svn2: str | None, at_text: str | None, output: str) -> None:
+def emulate_quote(
+    folder: str,
+    out: str,
+    version: str,
+    body_type: str | None,
+    mrtd: str | None,
+    rtmr0: str | None,
+    rtmr1: str | None,
+    rtmr2: str | None,
+    rtmr3: str | None,
+    report_data: str | None,
+    debug: bool,
+    tee_tcb_svn: str | None,
+    tee_tcb_svn2: str | None,
+    at_text: str | None,
+    output: str,
+) -> None:
     """Sign a TDX quote with the platform's keys for the given TD report fields.
 
     The quote carries the platform's PCK certificate chain, issued around --at: verify

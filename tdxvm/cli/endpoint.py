@@ -13,7 +13,16 @@ from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_coll
 from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import Quote
 from tdxvm.cli.attest import _print_verdict, read_file
-from tdxvm.cli.output import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, OUTPUT_OPTION, CliError, check_pccs, emit_json, parse_time
+from tdxvm.cli.output import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    OUTPUT_OPTION,
+    CliError,
+    check_pccs,
+    emit_json,
+    parse_time,
+)
 from tdxvm.cli.refusal import print_refusal, reason_dicts
 from tdxvm.cli.vm import check_uri
 from tdxvm.provision.endpoint import EndpointError, EndpointRefused, EndpointUnreachable, verify_endpoint
@@ -22,23 +31,77 @@ from tdxvm.textsafe import safe_text
 
 @click.command("verify-endpoint")
 @click.argument("url", metavar="URL", required=False)
-@click.option("--vm", "vm_name", metavar="NAME", help="The service of tdxvm VM NAME: its URL, launch policy and backend's trust anchor.")
-@click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", callback=check_uri, help="libvirt URI of --vm's host [default: $TDXVM_URI, qemu:///system].")
-@click.option("--policy", "policy_path", metavar="FILE", help="Attestation policy YAML; must name mrtd, rtmr1 and rtmr2.")
-@click.option("--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON).")
-@click.option("--pccs", metavar="URL", callback=check_pccs, help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].")
+@click.option(
+    "--vm",
+    "vm_name",
+    metavar="NAME",
+    help="The service of tdxvm VM NAME: its URL, launch policy and backend's trust anchor.",
+)
+@click.option(
+    "--uri",
+    "uri",
+    envvar="TDXVM_URI",
+    metavar="URI",
+    callback=check_uri,
+    help="libvirt URI of --vm's host [default: $TDXVM_URI, qemu:///system].",
+)
+@click.option(
+    "--policy", "policy_path", metavar="FILE", help="Attestation policy YAML; must name mrtd, rtmr1 and rtmr2."
+)
+@click.option(
+    "--collateral", "bundle", metavar="BUNDLE", help="Offline collateral bundle (dcap-qvl QuoteCollateralV3 JSON)."
+)
+@click.option(
+    "--pccs",
+    metavar="URL",
+    callback=check_pccs,
+    help=f"PCCS or PCS base URL to fetch collateral from [default: {INTEL_PCS_URL}].",
+)
 @click.option("--root-ca", metavar="PEM", help="Trust this root CA instead of Intel's SGX Root CA.")
 @click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Verification time [default: now].")
-@click.option("--model-digest", "digest_text", metavar="HEX", help="The model it must serve: its model digest (sha256:HEX or HEX, "
-              "as `tdxvm weights encrypt` prints it) [default with --vm: the digest recorded when tdxvm provisioned it].")  # fmt: skip
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True, help="Seconds to wait for the endpoint.")
-@click.option("--complete", "prompt", metavar="PROMPT", help="Once accepted, ask for a completion of PROMPT on the pinned connection.")
-@click.option("--chat", "chat", metavar="MESSAGE", help="Once accepted, send MESSAGE as a chat and stream the answer (pinned).")
-@click.option("--max-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="For --complete and --chat.")
+@click.option(
+    "--model-digest",
+    "digest_text",
+    metavar="HEX",
+    help="The model it must serve: its model digest (sha256:HEX or HEX, "
+    "as `tdxvm weights encrypt` prints it) [default with --vm: the digest recorded when tdxvm provisioned it].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the endpoint.",
+)
+@click.option(
+    "--complete",
+    "prompt",
+    metavar="PROMPT",
+    help="Once accepted, ask for a completion of PROMPT on the pinned connection.",
+)
+@click.option(
+    "--chat", "chat", metavar="MESSAGE", help="Once accepted, send MESSAGE as a chat and stream the answer (pinned)."
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="For --complete and --chat."
+)
 @OUTPUT_OPTION
-def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, policy_path: str | None, bundle: str | None,
-                        pccs: str | None, root_ca: str | None, at_text: str | None, digest_text: str | None, timeout: float,
-                        prompt: str | None, chat: str | None, max_tokens: int, output: str) -> None:  # fmt: skip
+def verify_endpoint_cmd(
+    url: str | None,
+    vm_name: str | None,
+    uri: str | None,
+    policy_path: str | None,
+    bundle: str | None,
+    pccs: str | None,
+    root_ca: str | None,
+    at_text: str | None,
+    digest_text: str | None,
+    timeout: float,
+    prompt: str | None,
+    chat: str | None,
+    max_tokens: int,
+    output: str,
+) -> None:
     """Attest the inference endpoint at URL (https://HOST:PORT) and print the TLS key to pin.
 
     Sends a fresh nonce to URL/v1/attestation on the TLS connection it checks, and
@@ -85,8 +148,9 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
             return coll, origin
 
     try:
-        endpoint = verify_endpoint(url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout,
-                                   model_digest=digest)  # fmt: skip
+        endpoint = verify_endpoint(
+            url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout, model_digest=digest
+        )
     except EndpointRefused as exc:
         _report_refused(exc, sources, output)
         sys.exit(EXIT_REFUSED)
@@ -107,7 +171,15 @@ def verify_endpoint_cmd(url: str | None, vm_name: str | None, uri: str | None, p
         log = endpoint.event_log_check()
         if log is not None:
             match = log.get("rtmrs_match")
-            click.echo(f"     event log: {log['bytes']} bytes, " + (f"{log['events']} events, replay matches RTMR " + ",".join(str(i) for i, ok in enumerate(match) if ok) if match is not None else safe_text(log["error"])))
+            click.echo(
+                f"     event log: {log['bytes']} bytes, "
+                + (
+                    f"{log['events']} events, replay matches RTMR "
+                    + ",".join(str(i) for i, ok in enumerate(match) if ok)
+                    if match is not None
+                    else safe_text(log["error"])
+                )
+            )
         if prompt or chat:
             _talk(endpoint, prompt, chat, max_tokens, output)
     sys.exit(EXIT_OK)
@@ -147,8 +219,10 @@ def _print_model(endpoint: Any) -> None:
         click.echo(f"         model: none measured (RTMR3 log of {check.events} events replays to the quote)")
         return
     how = "the expected digest" if check.model_checked else "not checked: give --model-digest"
-    click.echo(f"         model: {safe_text(m.name)} {m.digest_text} ({safe_text(m.dtype)}), the latest of {len(check.history)} model event(s) "
-               f"in an RTMR3 log that replays to the quote; {how}")  # fmt: skip
+    click.echo(
+        f"         model: {safe_text(m.name)} {m.digest_text} ({safe_text(m.dtype)}), "
+        f"the latest of {len(check.history)} model event(s) in an RTMR3 log that replays to the quote; {how}"
+    )
 
 
 def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, output: str) -> dict[str, Any]:
@@ -162,7 +236,10 @@ def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, 
             out["completion"] = doc["choices"][0]["text"]
             out["usage"] = doc.get("usage")
             if output == "text":
-                click.echo(f"    completion: ({safe_text(doc.get('model'))}, pinned) {prompt}" + click.style(safe_text(out["completion"]), bold=True))
+                click.echo(
+                    f"    completion: ({safe_text(doc.get('model'))}, pinned) {prompt}"
+                    + click.style(safe_text(out["completion"]), bold=True)
+                )
         if chat is not None:
             if output == "text":
                 click.echo("          chat: (streamed, pinned) ", nl=False)
@@ -179,7 +256,10 @@ def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, 
 
 def _print_endpoint(url: str, spki_sha256: str | None, provider: str | None, *, pinned: bool) -> None:
     click.echo(f"      endpoint: {url}")
-    click.echo(f"       TLS key: SPKI SHA-256 {spki_sha256 or '?'}" + (" (pin this)" if pinned else " (presented, not trusted)"))
+    click.echo(
+        f"       TLS key: SPKI SHA-256 {spki_sha256 or '?'}"
+        + (" (pin this)" if pinned else " (presented, not trusted)")
+    )
     click.echo(f"quote provider: {safe_text(provider or '?')}")
 
 
@@ -189,9 +269,15 @@ def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> No
     if output == "text" and exc.verdict is not None:
         _print_verdict(exc.verdict, sources[0] if sources else "-")
     else:
-        document = {"url": exc.url, "verdict": "reject", "tls_spki_sha256": exc.tls_spki_sha256, "provider": exc.provider,
-                    "reasons": reason_dicts(exc.reasons), "attestation": exc.verdict.to_dict() if exc.verdict else None,
-                    "collateral": sources[0] if sources else None}  # fmt: skip
+        document = {
+            "url": exc.url,
+            "verdict": "reject",
+            "tls_spki_sha256": exc.tls_spki_sha256,
+            "provider": exc.provider,
+            "reasons": reason_dicts(exc.reasons),
+            "attestation": exc.verdict.to_dict() if exc.verdict else None,
+            "collateral": sources[0] if sources else None,
+        }
         print_refusal("the endpoint gave no quote to verify", exc.reasons, output, document=document)
     if output == "text":
         _print_endpoint(exc.url, exc.tls_spki_sha256, exc.provider, pinned=False)

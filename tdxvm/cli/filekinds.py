@@ -8,10 +8,10 @@ spec). The top-level keys decide (:func:`kind_of`); nothing is validated here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import yaml
 
@@ -38,7 +38,9 @@ def refuse_other_kind(path: str, wanted: str) -> None:
     ``wanted`` (say which command takes it); unreadable files are left to the loader."""
     kind = guess(path)
     if kind is not None and kind.name != wanted:
-        raise WrongFileKind(f"{path} is {kind.what}, not {KINDS[wanted].what}: use `{kind.command.replace('FILE', path)}`")
+        raise WrongFileKind(
+            f"{path} is {kind.what}, not {KINDS[wanted].what}: use `{kind.command.replace('FILE', path)}`"
+        )
 
 
 class WrongFileKind(TdxvmError):
@@ -71,8 +73,10 @@ def kind_of(data: Any) -> Kind | None:
         return KINDS["policy"]
     fields = _fields()
     keys = {str(k) for k in data}
-    own = {name: keys & (mine - set().union(*(f for other, f in fields.items() if other != name)))
-           for name, mine in fields.items()}  # fmt: skip
+    own = {
+        name: keys & (mine - set().union(*(f for other, f in fields.items() if other != name)))
+        for name, mine in fields.items()
+    }
     told = [name for name, found in own.items() if found]
     return KINDS[told[0]] if len(told) == 1 else None
 
@@ -126,5 +130,7 @@ class UnknownFileKind(TdxvmError):
                 super().__init__(str(exc))
                 return
         keys = ", ".join(sorted(str(k) for k in data)) if isinstance(data, dict) else ""
-        super().__init__(f"{path}: its keys ({keys}) do not tell which of tdxvm's files it is (a VM spec, fleet, "
-                         "image recipe or attestation policy)")  # fmt: skip
+        super().__init__(
+            f"{path}: its keys ({keys}) do not tell which of tdxvm's files it is (a VM spec, fleet, "
+            "image recipe or attestation policy)"
+        )

@@ -28,16 +28,27 @@ from tdxvm.cli.progress import Progress
 from tdxvm.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED
 from tdxvm.textsafe import safe_text
 
-FILE_OPTION = click.option("-f", "--file", "path", required=True, metavar="FLEET.yaml",
-                           type=click.Path(dir_okay=False), help="The fleet file.")  # fmt: skip
-STATE_OPTION = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-                            help="Where the fleet's state file and lock are [default: $TDXVM_STATE_DIR, else "
-                            "$XDG_STATE_HOME/tdxvm/fleets].")  # fmt: skip
+FILE_OPTION = click.option(
+    "-f", "--file", "path", required=True, metavar="FLEET.yaml", type=click.Path(dir_okay=False), help="The fleet file."
+)
+STATE_OPTION = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Where the fleet's state file and lock are [default: $TDXVM_STATE_DIR, else $XDG_STATE_HOME/tdxvm/fleets].",
+)
 
 
 def _output_option(*choices: str) -> Any:
-    return click.option("-o", "--output", "output", type=click.Choice(list(choices)), default=choices[0], show_default=True,
-                        help="For people (text, table) or scripts (json, yaml: one document on stdout).")  # fmt: skip
+    return click.option(
+        "-o",
+        "--output",
+        "output",
+        type=click.Choice(list(choices)),
+        default=choices[0],
+        show_default=True,
+        help="For people (text, table) or scripts (json, yaml: one document on stdout).",
+    )
 
 
 def _emit(doc: dict[str, Any], output: str) -> None:
@@ -92,12 +103,21 @@ def plan_cmd(path: str, state_dir: Path | None, output: str) -> None:
 @click.command("apply")
 @FILE_OPTION
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before changing anything (for scripts).")
-@click.option("--parallel", default=None, type=click.IntRange(min=1, max=256), metavar="N",
-              help="Bring up at most N VMs at a time, across all hosts [default: 10].")  # fmt: skip
-@click.option("--destroy-refused", is_flag=True, help="Destroy VMs refused at attestation instead of leaving them stopped.")
+@click.option(
+    "--parallel",
+    default=None,
+    type=click.IntRange(min=1, max=256),
+    metavar="N",
+    help="Bring up at most N VMs at a time, across all hosts [default: 10].",
+)
+@click.option(
+    "--destroy-refused", is_flag=True, help="Destroy VMs refused at attestation instead of leaving them stopped."
+)
 @STATE_OPTION
 @_output_option("text", "json", "yaml")
-def apply_cmd(path: str, yes: bool, parallel: int | None, destroy_refused: bool, state_dir: Path | None, output: str) -> None:
+def apply_cmd(
+    path: str, yes: bool, parallel: int | None, destroy_refused: bool, state_dir: Path | None, output: str
+) -> None:
     """Make the hosts match FLEET.yaml: create, replace and delete the fleet's VMs.
 
     Each VM goes through the same launch as `tdxvm launch`: define, boot, attest, and
@@ -120,8 +140,10 @@ def apply_cmd(path: str, yes: bool, parallel: int | None, destroy_refused: bool,
         if yes or not p.changes:
             return True
         if not sys.stdin.isatty():
-            raise CliError(f"apply would change {len(p.changes)} VMs of fleet {fleet.name}; pass --yes to confirm "
-                           "(there is no terminal to ask on)")  # fmt: skip
+            raise CliError(
+                f"apply would change {len(p.changes)} VMs of fleet {fleet.name}; pass --yes to confirm "
+                "(there is no terminal to ask on)"
+            )
         return click.confirm("Apply these changes?", default=False, err=True)
 
     printer = Progress(output, width=0)
@@ -131,8 +153,9 @@ def apply_cmd(path: str, yes: bool, parallel: int | None, destroy_refused: bool,
             printer.done(f"{event.vm} on {event.host}:", event.status, detail=event.detail)
 
     options = reconcile.ApplyOptions(parallel=parallel or reconcile.DEFAULT_PARALLEL, destroy_refused=destroy_refused)
-    result = reconcile.apply(fleet, connector=shared_connector(), state_dir=state_dir, options=options, progress=progress,
-                             confirm=confirm)  # fmt: skip
+    result = reconcile.apply(
+        fleet, connector=shared_connector(), state_dir=state_dir, options=options, progress=progress, confirm=confirm
+    )
     if text:
         _echo_lines(report.report_lines(result))
     else:
@@ -163,8 +186,13 @@ def fleet_status_cmd(path: str, state_dir: Path | None, output: str) -> None:
 @click.command("destroy")
 @FILE_OPTION
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
-@click.option("--parallel", default=None, type=click.IntRange(min=1, max=256), metavar="N",
-              help="Destroy at most N VMs at a time [default: 10].")  # fmt: skip
+@click.option(
+    "--parallel",
+    default=None,
+    type=click.IntRange(min=1, max=256),
+    metavar="N",
+    help="Destroy at most N VMs at a time [default: 10].",
+)
 @STATE_OPTION
 @_output_option("text", "json", "yaml")
 def fleet_destroy_cmd(path: str, yes: bool, parallel: int | None, state_dir: Path | None, output: str) -> None:
@@ -182,12 +210,19 @@ def fleet_destroy_cmd(path: str, yes: bool, parallel: int | None, state_dir: Pat
         if yes or not p.changes:
             return True
         if not sys.stdin.isatty():
-            raise CliError(f"destroy deletes {len(p.changes)} VMs of fleet {fleet.name} and their disk overlays; pass "
-                           "--yes to confirm (there is no terminal to ask on)")  # fmt: skip
+            raise CliError(
+                f"destroy deletes {len(p.changes)} VMs of fleet {fleet.name} and their disk overlays; pass "
+                "--yes to confirm (there is no terminal to ask on)"
+            )
         return click.confirm(f"Destroy these {len(p.changes)} VMs?", default=False, err=True)
 
-    result = reconcile.destroy_fleet(fleet, connector=shared_connector(), state_dir=state_dir,
-                                     parallel=parallel or reconcile.DEFAULT_PARALLEL, confirm=confirm)  # fmt: skip
+    result = reconcile.destroy_fleet(
+        fleet,
+        connector=shared_connector(),
+        state_dir=state_dir,
+        parallel=parallel or reconcile.DEFAULT_PARALLEL,
+        confirm=confirm,
+    )
     if output == "text":
         _echo_lines(report.report_lines(result))
     else:
@@ -214,8 +249,9 @@ class NameOrFile(click.Command):
         super().__init__(by_name.name, help=by_name.help, short_help=short_help)
         self.by_name, self.by_file = by_name, by_file
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:  # fmt: skip
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
         if _names_a_file(args):
             return self.by_file.make_context(info_name, args, parent=parent, **extra)
         if any(a in ("-h", "--help") for a in args):

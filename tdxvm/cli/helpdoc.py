@@ -49,8 +49,9 @@ def render_help(path: tuple[str, ...]) -> str:
     """``tdxvm PATH --help`` as printed at :data:`WIDTH` columns, colour off."""
     from tdxvm.cli import cli
 
-    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="tdxvm", terminal_width=WIDTH, color=False,
-                                catch_exceptions=False)  # fmt: skip
+    result = CliRunner().invoke(
+        cli, [*path, "--help"], prog_name="tdxvm", terminal_width=WIDTH, color=False, catch_exceptions=False
+    )
     if result.exit_code != 0:
         raise RuntimeError(f"{title(path)} --help exited {result.exit_code}: {result.output}")
     return result.output

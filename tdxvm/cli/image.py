@@ -31,12 +31,30 @@ def image() -> None:
 @image.command("build")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=OUT_FOLDER, metavar="DIR", help="Output folder [default: build/<recipe name>].")
-@click.option("--firmware", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="TDVF whose MRTD to predict (overrides the recipe's firmware).")  # fmt: skip
-@click.option("--cache", "cache_dir", type=OUT_FOLDER, metavar="DIR", help="Step cache [default: $TDXVM_CACHE/image or ~/.cache/tdxvm/image].")
-@click.option("--secrets", "secrets_dir", type=OUT_FOLDER, metavar="DIR", help="Secret store for the volume key [default: ~/.local/share/tdxvm/secrets].")
+@click.option(
+    "--firmware",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="FILE",
+    help="TDVF whose MRTD to predict (overrides the recipe's firmware).",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=OUT_FOLDER,
+    metavar="DIR",
+    help="Step cache [default: $TDXVM_CACHE/image or ~/.cache/tdxvm/image].",
+)
+@click.option(
+    "--secrets",
+    "secrets_dir",
+    type=OUT_FOLDER,
+    metavar="DIR",
+    help="Secret store for the volume key [default: ~/.local/share/tdxvm/secrets].",
+)
 @OUTPUT_OPTION
-def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str | None, secrets_dir: str | None, output: str) -> None:
+def build_cmd(
+    recipe: str, out: str | None, firmware: str | None, cache_dir: str | None, secrets_dir: str | None, output: str
+) -> None:
     """Build RECIPE into an encrypted disk image, kernel, initramfs and manifest.
 
     The root filesystem is LUKS2-encrypted with a fresh key kept only in the secret
@@ -58,9 +76,14 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
     def progress(event: StepEvent) -> None:
         printer.step(event.step, event.status, event.seconds, event.detail)
 
-    result = build(loaded, output=folder, cache=StepCache(Path(cache_dir)) if cache_dir else None,
-                   secret_store=SecretStore(directory=Path(secrets_dir) if secrets_dir else None),
-                   firmware=firmware, progress=progress)  # fmt: skip
+    result = build(
+        loaded,
+        output=folder,
+        cache=StepCache(Path(cache_dir)) if cache_dir else None,
+        secret_store=SecretStore(directory=Path(secrets_dir) if secrets_dir else None),
+        firmware=firmware,
+        progress=progress,
+    )
     if output == "json":
         emit_json({**result, "output": str(folder.resolve())})
         return
@@ -69,14 +92,18 @@ def build_cmd(recipe: str, out: str | None, firmware: str | None, cache_dir: str
     for reg in REGISTERS:
         click.echo(f"  {reg:<6} {m[reg] or 'not predicted'}")
     v = result["verity"]
-    click.echo(f"  rootfs verity root hash {v['root_hash']} ({v['hash_algorithm']}, {v['data_blocks']} x "
-               f"{v['data_block_size']}-byte blocks, tree {v['hash_bytes']} bytes; on the command line, in RTMR2)")  # fmt: skip
+    click.echo(
+        f"  rootfs verity root hash {v['root_hash']} ({v['hash_algorithm']}, {v['data_blocks']} x "
+        f"{v['data_block_size']}-byte blocks, tree {v['hash_bytes']} bytes; on the command line, in RTMR2)"
+    )
     click.echo(f"  disk key: secret {result['luks']['key_secret']} (in the secret store only)")
 
 
 @image.command("lock")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--out", "out", type=OUT_FILE, metavar="FILE", help="Where to write the lock [default: the recipe with .lock].")
+@click.option(
+    "--out", "out", type=OUT_FILE, metavar="FILE", help="Where to write the lock [default: the recipe with .lock]."
+)
 @OUTPUT_OPTION
 def lock_cmd(recipe: str, out: str | None, output: str) -> None:
     """Take RECIPE's lock: the exact packages its image is built from.
@@ -104,24 +131,46 @@ def lock_cmd(recipe: str, out: str | None, output: str) -> None:
     changed = locking.changes(old, lock)
     firmware = f"{lock.firmware.package} {lock.firmware.version}" if lock.firmware else None
     if output == "json":
-        emit_json({"wrote": str(target), "taken_at": lock.taken_at_text(), "packages": len(lock.packages), "wheels": len(lock.wheels),
-                   "firmware": firmware, "sources": [s.suite for s in lock.sources], "changes": changed})  # fmt: skip
+        emit_json(
+            {
+                "wrote": str(target),
+                "taken_at": lock.taken_at_text(),
+                "packages": len(lock.packages),
+                "wheels": len(lock.wheels),
+                "firmware": firmware,
+                "sources": [s.suite for s in lock.sources],
+                "changes": changed,
+            }
+        )
         return
-    click.echo(f"locked {target} at {lock.taken_at_text()}: {len(lock.packages)} Debian packages from "
-               f"{', '.join(s.suite for s in lock.sources)}; {len(lock.wheels)} wheels"
-               + (f"; firmware {firmware}" if firmware else ""))  # fmt: skip
+    click.echo(
+        f"locked {target} at {lock.taken_at_text()}: {len(lock.packages)} Debian packages from "
+        f"{', '.join(s.suite for s in lock.sources)}; {len(lock.wheels)} wheels"
+        + (f"; firmware {firmware}" if firmware else "")
+    )
     if old is not None:
-        click.echo(f"  {len(changed)} changes" + (":" if changed else " (the archives carry the locked versions still)"))
+        click.echo(
+            f"  {len(changed)} changes" + (":" if changed else " (the archives carry the locked versions still)")
+        )
         for line in changed:
             click.echo(f"    {line}")
 
 
 @image.command("verify")
 @click.argument("manifest", type=click.Path(), metavar="MANIFEST")
-@click.option("--recipe", type=click.Path(dir_okay=False), metavar="FILE",
-              help="The recipe the image was built from [default: the path in the manifest].")  # fmt: skip
-@click.option("--cache", "cache_dir", type=OUT_FOLDER, metavar="DIR",
-              help="Step cache for the rebuild [default: a new, empty one, removed after].")  # fmt: skip
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="The recipe the image was built from [default: the path in the manifest].",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=OUT_FOLDER,
+    metavar="DIR",
+    help="Step cache for the rebuild [default: a new, empty one, removed after].",
+)
 @OUTPUT_OPTION
 def verify_cmd(manifest: str, recipe: str | None, cache_dir: str | None, output: str) -> None:
     """Rebuild an image from its recipe and lock and compare it bit for bit.
@@ -141,13 +190,20 @@ def verify_cmd(manifest: str, recipe: str | None, cache_dir: str | None, output:
     def progress(event: StepEvent) -> None:
         printer.step(f"rebuild {event.step}", event.status, event.seconds, event.detail)
 
-    report = reproduce(Path(manifest), recipe=Path(recipe) if recipe else None, cache=Path(cache_dir) if cache_dir else None,
-                       progress=progress)  # fmt: skip
+    report = reproduce(
+        Path(manifest),
+        recipe=Path(recipe) if recipe else None,
+        cache=Path(cache_dir) if cache_dir else None,
+        progress=progress,
+    )
     if output == "json":
         emit_json(report.to_dict())
     else:
         for item in report.items:
-            click.echo(f"  {'same' if item.same else 'DIFFERS':<8} {item.name}" + ("" if item.same else f": built {item.built}, rebuilt {item.rebuilt}"))
+            click.echo(
+                f"  {'same' if item.same else 'DIFFERS':<8} {item.name}"
+                + ("" if item.same else f": built {item.built}, rebuilt {item.rebuilt}")
+            )
         if report.identical:
             click.echo(f"reproduced: {report.manifest} (every compared item is identical)")
         else:
@@ -163,13 +219,30 @@ def verify_cmd(manifest: str, recipe: str | None, cache_dir: str | None, output:
 @click.option("--kernel", metavar="FILE", help="Kernel (bzImage with the EFI stub) given to -kernel.")
 @click.option("--initrd", metavar="FILE", help="Initramfs given to -initrd [default: none].")
 @click.option("--cmdline", default="", metavar="TEXT", help="Kernel command line given to -append [default: empty].")
-@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="QEMU/edk2 generation of the host (see docs/measurements.md).")  # fmt: skip
-@click.option("--vm", "vm_path", metavar="VM.yaml", type=click.Path(dir_okay=False),
-              help="Instead of files: what the VM a launch of VM.yaml defines will report, RTMR0 included.")  # fmt: skip
+@click.option(
+    "--profile",
+    type=click.Choice(sorted(PROFILES)),
+    default=DEFAULT_PROFILE,
+    show_default=True,
+    help="QEMU/edk2 generation of the host (see docs/measurements.md).",
+)
+@click.option(
+    "--vm",
+    "vm_path",
+    metavar="VM.yaml",
+    type=click.Path(dir_okay=False),
+    help="Instead of files: what the VM a launch of VM.yaml defines will report, RTMR0 included.",
+)
 @OUTPUT_OPTION
-def measure(firmware: str | None, kernel: str | None, initrd: str | None, cmdline: str, profile: str, vm_path: str | None,
-            output: str) -> None:  # fmt: skip
+def measure(
+    firmware: str | None,
+    kernel: str | None,
+    initrd: str | None,
+    cmdline: str,
+    profile: str,
+    vm_path: str | None,
+    output: str,
+) -> None:
     """Print the MRTD and RTMRs a TD booted directly from these files will report.
 
     Registers that cannot be predicted say so and why. Exit 2 when an input is unusable
@@ -190,8 +263,13 @@ def measure(firmware: str | None, kernel: str | None, initrd: str | None, cmdlin
         raise CliError("give --kernel (with --initrd, --cmdline, --firmware) or --vm VM.yaml")
     kernel_bytes = _read(kernel, "kernel") or b""
     try:
-        result = predict(firmware=_read(firmware, "firmware"), kernel=kernel_bytes,
-                         initrd=_read(initrd, "initrd") or b"", cmdline=cmdline, profile=profile)  # fmt: skip
+        result = predict(
+            firmware=_read(firmware, "firmware"),
+            kernel=kernel_bytes,
+            initrd=_read(initrd, "initrd") or b"",
+            cmdline=cmdline,
+            profile=profile,
+        )
     except MeasureError as exc:
         which = "firmware" if exc.code == "tdvf" else "kernel" if exc.code == "pe" else "input"
         err = CliError(f"{which}: {exc}")
@@ -202,13 +280,19 @@ def measure(firmware: str | None, kernel: str | None, initrd: str | None, cmdlin
         emit_json({**result.to_dict(), "verity": verity})
     else:
         _print_text(result)
-        click.echo(f"rootfs verity root hash {verity['root_hash']} ({verity['hash_algorithm']}, {verity['data_blocks']} x "
-                   f"{verity['data_block_size']}-byte blocks)" if verity else "rootfs not pinned (no tdxvm.verity= on the "
-                   "command line)")  # fmt: skip
+        click.echo(
+            f"rootfs verity root hash {verity['root_hash']} ({verity['hash_algorithm']}, {verity['data_blocks']} x "
+            f"{verity['data_block_size']}-byte blocks)"
+            if verity
+            else "rootfs not pinned (no tdxvm.verity= on the command line)"
+        )
     if result.inputs.get("efi_stub_cc_measurement") != "yes":
         # A report, not a refusal: measure describes any kernel; build and launch refuse this one.
-        click.echo(f"warning: rtmr2 is {result.notes['rtmr2']}; `tdxvm image build` and `tdxvm launch` refuse this "
-                   f"kernel: {MEASURING_KERNEL_FIX}", err=True)  # fmt: skip
+        click.echo(
+            f"warning: rtmr2 is {result.notes['rtmr2']}; `tdxvm image build` and `tdxvm launch` refuse this "
+            f"kernel: {MEASURING_KERNEL_FIX}",
+            err=True,
+        )
 
 
 def _measure_vm(vm_path: str, output: str) -> None:
@@ -225,10 +309,16 @@ def _measure_vm(vm_path: str, output: str) -> None:
     manifest = load_manifest(vm.image)
     # the domain a launch writes, with this machine's copies of the boot files (QEMU reads
     # them under qtest; disks and host ports are replaced or dropped and do not matter)
-    volumes = dataclasses.replace(planned(manifest, vm.name), kernel=str(manifest.kernel.path),
-                                  initrd=str(manifest.initrd.path))  # fmt: skip
-    xml = render_domain(vm, manifest, volumes=volumes, forwards=choose_forwards(vm, manifest, taken=set(), local=True),
-                        policy=effective_policy(vm, manifest))  # fmt: skip
+    volumes = dataclasses.replace(
+        planned(manifest, vm.name), kernel=str(manifest.kernel.path), initrd=str(manifest.initrd.path)
+    )
+    xml = render_domain(
+        vm,
+        manifest,
+        volumes=volumes,
+        forwards=choose_forwards(vm, manifest, taken=set(), local=True),
+        policy=effective_policy(vm, manifest),
+    )
     problem = profile_problem(vm.uri, vm.backend)
     try:
         if problem is not None:
@@ -263,8 +353,14 @@ def _verity_root(cmdline: str) -> dict[str, object] | None:
         root = parse_cmdline(cmdline)
     except RootDiskError as exc:
         raise CliError(f"--cmdline: {exc}") from None
-    return {"root_hash": root.root_hash, "data_blocks": root.data_blocks, "hash_algorithm": VERITY_HASH,
-            "data_block_size": VERITY_BLOCK, "hash_block_size": VERITY_BLOCK, "hash_offset": root.hash_offset}  # fmt: skip
+    return {
+        "root_hash": root.root_hash,
+        "data_blocks": root.data_blocks,
+        "hash_algorithm": VERITY_HASH,
+        "data_block_size": VERITY_BLOCK,
+        "hash_block_size": VERITY_BLOCK,
+        "hash_offset": root.hash_offset,
+    }
 
 
 def _print_text(m: Measurements) -> None:

@@ -34,8 +34,9 @@ class Progress:
     """Phase lines for ``output == "text"``; silent otherwise. ``tty`` and ``clock`` are
     stderr's ``isatty()`` and :func:`time.monotonic` unless a test gives them."""
 
-    def __init__(self, output: str, *, width: int = 8, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self, output: str, *, width: int = 8, tty: bool | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.enabled = output == "text"
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.width, self.clock = width, clock

@@ -29,8 +29,12 @@ def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
         elif phase == "install" and details.get("skipped"):
             printer.note("install", "this model is already installed in the guest; skipping the upload")
         elif phase == "service":
-            printer.note("service", f"starting; waiting for {details['url']} to attest and load the model" if details.get("restart")
-                         else f"running with these settings; attesting {details['url']}")  # fmt: skip
+            printer.note(
+                "service",
+                f"starting; waiting for {details['url']} to attest and load the model"
+                if details.get("restart")
+                else f"running with these settings; attesting {details['url']}",
+            )
         else:
             printer.note(phase, "")  # attest, install: the phase begins
 
@@ -39,20 +43,47 @@ def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
 
 @click.command("provision")
 @click.argument("name")
-@click.option("--model", "enc_dir", required=True, metavar="ENC_DIR", help="Encrypted model folder (tdxvm weights encrypt).")
+@click.option(
+    "--model", "enc_dir", required=True, metavar="ENC_DIR", help="Encrypted model folder (tdxvm weights encrypt)."
+)
 @click.option("--model-name", metavar="NAME", help="The `model` clients ask for [default: ENC_DIR's name].")
-@click.option("--key-name", metavar="NAME", help="Model key in the secret store, weights/NAME [default: ENC_DIR's name].")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Weights dtype in the guest.")
+@click.option(
+    "--key-name", metavar="NAME", help="Model key in the secret store, weights/NAME [default: ENC_DIR's name]."
+)
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Weights dtype in the guest."
+)
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads in the guest [default: torch's choice].")
-@click.option("--via", type=click.Choice(["tcp", "ssh"]), help="Bulk streams on plain TCP through the VM's forward, or inside "
-              "the SSH session [default: tcp when the VM forwards the receiver port].")  # fmt: skip
+@click.option(
+    "--via",
+    type=click.Choice(["tcp", "ssh"]),
+    help="Bulk streams on plain TCP through the VM's forward, or inside "
+    "the SSH session [default: tcp when the VM forwards the receiver port].",
+)
 @click.option("--streams", type=click.IntRange(1, 16), default=2, show_default=True, help="Parallel bulk streams.")
-@click.option("--timeout", "service_timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
-              help="Seconds to wait for the service to load the model.")  # fmt: skip
+@click.option(
+    "--timeout",
+    "service_timeout",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for the service to load the model.",
+)
 @_uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
-def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str | None, dtype: str, threads: int | None,
-                  via: str | None, streams: int, service_timeout: float, uri: str | None, output: str) -> None:  # fmt: skip
+def provision_cmd(
+    name: str,
+    enc_dir: str,
+    model_name: str | None,
+    key_name: str | None,
+    dtype: str,
+    threads: int | None,
+    via: str | None,
+    streams: int,
+    service_timeout: float,
+    uri: str | None,
+    output: str,
+) -> None:
     """Give running VM NAME the model in ENC_DIR and start its inference service.
 
     Attests NAME again, releases the model key sealed to its attested key, uploads the
@@ -61,39 +92,62 @@ def provision_cmd(name: str, enc_dir: str, model_name: str | None, key_name: str
     key. Exit 0 when serving, 1 when an attestation was refused, 2 on bad input or a
     failed step, 3 when the guest or its service does not answer.
     """
-    from tdxvm.launch.connection import connection
-    from tdxvm.provision import handshake
-    from tdxvm.provision.endpoint import EndpointRefused
     from pydantic import ValidationError
 
+    from tdxvm.launch.connection import connection
     from tdxvm.launch.spec import ModelRef
+    from tdxvm.provision import handshake
+    from tdxvm.provision.endpoint import EndpointRefused
     from tdxvm.provision.model import provision
 
     try:
-        spec = ModelRef.model_validate({"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads})
+        spec = ModelRef.model_validate(
+            {"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads}
+        )
     except ValidationError as exc:
         options = {"path": "--model", "name": "--model-name", "key": "--key-name"}
         where = [options.get(str(e["loc"][0]), str(e["loc"][0])) if e["loc"] else "--model" for e in exc.errors()]
-        raise CliError("; ".join(f"{w}: {e['msg'].removeprefix('Value error, ')}" for w, e in zip(where, exc.errors(), strict=True))) from None
+        raise CliError(
+            "; ".join(
+                f"{w}: {e['msg'].removeprefix('Value error, ')}" for w, e in zip(where, exc.errors(), strict=True)
+            )
+        ) from None
     with connection(uri or DEFAULT_URI) as conn:
         try:
-            result = provision(conn, name, spec, progress=_progress(output), via=via, streams=streams, service_timeout=service_timeout)
+            result = provision(
+                conn, name, spec, progress=_progress(output), via=via, streams=streams, service_timeout=service_timeout
+            )
         except (handshake.AttestationRefused, EndpointRefused) as refused:
             what = "the service's endpoint" if isinstance(refused, EndpointRefused) else name
-            print_refusal(f"{what} did not attest; the model key was not released to it", refused.reasons, output,
-                          document={"name": name, "state": "refused", "reasons": reason_dicts(refused.reasons)})  # fmt: skip
+            print_refusal(
+                f"{what} did not attest; the model key was not released to it",
+                refused.reasons,
+                output,
+                document={"name": name, "state": "refused", "reasons": reason_dicts(refused.reasons)},
+            )
             sys.exit(EXIT_REFUSED)
     if output == "json":
         emit_json(result.to_dict())
         return
     up = result.upload
     if up:
-        click.echo(f"uploaded {up['sent_bytes'] / 2**20:,.1f} MiB via {up['via']} ×{up['streams']} in {up['seconds']:.1f} s "
-                   f"({up['bytes_per_second'] / 2**20:,.0f} MiB/s)" + (f", {up['resumed_bytes'] / 2**20:,.1f} MiB resumed" if up["resumed_bytes"] else ""))  # fmt: skip
+        click.echo(
+            f"uploaded {up['sent_bytes'] / 2**20:,.1f} MiB via {up['via']} ×{up['streams']} in {up['seconds']:.1f} s "
+            f"({up['bytes_per_second'] / 2**20:,.0f} MiB/s)"
+            + (f", {up['resumed_bytes'] / 2**20:,.1f} MiB resumed" if up["resumed_bytes"] else "")
+        )
     inst = result.install or {}
     if "files" in inst:
-        click.echo(f"installed {inst['files']} files ({inst['bytes'] / 2**20:,.1f} MiB) decrypted and verified in {inst['seconds']:.1f} s")
+        click.echo(
+            f"installed {inst['files']} files ({inst['bytes'] / 2**20:,.1f} MiB) "
+            f"decrypted and verified in {inst['seconds']:.1f} s"
+        )
     ep = result.endpoint or {}
-    click.echo(f"{name} serves {result.model} at {result.url}, TLS key SPKI SHA-256 {ep.get('tls_spki_sha256', '?')} (attested)")
-    click.echo(f"model digest {result.model_digest}: the service measured it into RTMR3 (checked, and recorded for --vm)")
+    click.echo(
+        f"{name} serves {result.model} at {result.url}, "
+        f"TLS key SPKI SHA-256 {ep.get('tls_spki_sha256', '?')} (attested)"
+    )
+    click.echo(
+        f"model digest {result.model_digest}: the service measured it into RTMR3 (checked, and recorded for --vm)"
+    )
     click.echo(f"try: tdxvm verify-endpoint --vm {name} --complete 'Once upon a time'")

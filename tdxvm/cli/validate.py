@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from tdxvm.cli.output import EXIT_INPUT, EXIT_OK, OUTPUT_OPTION, emit_json
 from tdxvm.cli.filekinds import UnknownFileKind, guess, loader
+from tdxvm.cli.output import EXIT_INPUT, EXIT_OK, OUTPUT_OPTION, emit_json
 from tdxvm.errors import TdxvmError
 from tdxvm.textsafe import safe_text
 
@@ -29,7 +29,9 @@ def validate_cmd(files: tuple[str, ...], output: str) -> None:
             if kind is None:
                 raise UnknownFileKind(path)
             loader(kind)(path)
-            results.append({"file": path, "kind": kind.name, "valid": True, "command": kind.command.replace("FILE", path)})
+            results.append(
+                {"file": path, "kind": kind.name, "valid": True, "command": kind.command.replace("FILE", path)}
+            )
         except TdxvmError as exc:  # each loader's own typed error (file:line); anything else is a bug
             results.append({"file": path, "kind": kind.name if kind else None, "valid": False, "error": str(exc)})
     if output == "json":
@@ -39,5 +41,10 @@ def validate_cmd(files: tuple[str, ...], output: str) -> None:
             if r["valid"]:
                 click.echo(f"{r['file']}: valid {r['kind'] if r['kind'] != 'vm' else 'VM spec'}; use `{r['command']}`")
             else:
-                click.echo(f"{r['file']}: not valid" + (f" (read as {r['kind']})" if r["kind"] else "") + f":\n{safe_text(r['error'])}", err=True)
+                click.echo(
+                    f"{r['file']}: not valid"
+                    + (f" (read as {r['kind']})" if r["kind"] else "")
+                    + f":\n{safe_text(r['error'])}",
+                    err=True,
+                )
     sys.exit(EXIT_OK if all(r["valid"] for r in results) else EXIT_INPUT)

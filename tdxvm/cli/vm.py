@@ -29,13 +29,21 @@ def check_uri(ctx: click.Context | None, param: click.Parameter | None, value: s
     problem = uri_problem(value) if value is not None else None
     if problem is not None:
         source = ctx.get_parameter_source(param.name) if ctx is not None and param is not None and param.name else None
-        raise click.BadParameter(problem + (" (from $TDXVM_URI)" if source == click.core.ParameterSource.ENVIRONMENT else ""))
+        raise click.BadParameter(
+            problem + (" (from $TDXVM_URI)" if source == click.core.ParameterSource.ENVIRONMENT else "")
+        )
     return value
 
 
 def _uri_option(default_note: str) -> Any:
-    return click.option("--uri", "uri", envvar="TDXVM_URI", metavar="URI", callback=check_uri,
-                        help=f"libvirt URI, e.g. qemu+ssh://user@host/system [default: $TDXVM_URI, {default_note}].")  # fmt: skip
+    return click.option(
+        "--uri",
+        "uri",
+        envvar="TDXVM_URI",
+        metavar="URI",
+        callback=check_uri,
+        help=f"libvirt URI, e.g. qemu+ssh://user@host/system [default: $TDXVM_URI, {default_note}].",
+    )
 
 
 @click.command("launch")
@@ -56,7 +64,10 @@ def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> N
     refuse_other_kind(spec_path, "vm")
     vm = load_vm_spec(spec_path)
     if uri:
-        if uri != vm.uri and click.get_current_context().get_parameter_source("uri") == click.core.ParameterSource.ENVIRONMENT:
+        if (
+            uri != vm.uri
+            and click.get_current_context().get_parameter_source("uri") == click.core.ParameterSource.ENVIRONMENT
+        ):
             click.echo(f"note: $TDXVM_URI={uri} overrides the spec's uri {vm.uri}", err=True)
         vm = vm.model_copy(update={"uri": uri})
     if dry_run:
@@ -89,21 +100,37 @@ def _launch(spec: Any, output: str) -> int:
         try:
             result = bring_up(spec, manifest, conn, trust=trust, secrets=SecretStore(), progress=progress)
         except handshake.AttestationRefused as refused:
-            _report_refused(spec.name, "refused", f"{spec.name} did not attest; nothing was released and the VM is stopped",
-                            refused.reasons, output)  # fmt: skip
+            _report_refused(
+                spec.name,
+                "refused",
+                f"{spec.name} did not attest; nothing was released and the VM is stopped",
+                refused.reasons,
+                output,
+            )
             return EXIT_REFUSED
         except EndpointRefused as refused:  # the model's service, attested on its TLS key after provisioning
-            _report_refused(spec.name, "service-refused", f"the service of {spec.name} did not attest on its TLS key; "
-                            "do not send it prompts", refused.reasons, output)  # fmt: skip
+            _report_refused(
+                spec.name,
+                "service-refused",
+                f"the service of {spec.name} did not attest on its TLS key; do not send it prompts",
+                refused.reasons,
+                output,
+            )
             return EXIT_REFUSED
     if output == "json":
         emit_json(result.to_dict())
     else:
-        click.echo(f"{spec.name} is ready: attested ({result.verdict['tcb_status'] if result.verdict else '?'}), "
-                   f"disk unlocked, ssh root@{result.ssh[0]} -p {result.ssh[1]}" if result.ssh else f"{spec.name} is ready")  # fmt: skip
+        click.echo(
+            f"{spec.name} is ready: attested ({result.verdict['tcb_status'] if result.verdict else '?'}), "
+            f"disk unlocked, ssh root@{result.ssh[0]} -p {result.ssh[1]}"
+            if result.ssh
+            else f"{spec.name} is ready"
+        )
         if result.provision:
-            click.echo(f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
-                       f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'")  # fmt: skip
+            click.echo(
+                f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
+                f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'"
+            )
     return 0
 
 
@@ -127,22 +154,26 @@ def _dry_run(vm: Any, output: str) -> None:
     filled = list(filled_from_manifest(vm, manifest))
     policy_doc = policy.model_dump(mode="json", exclude_none=True)
     if output == "json":
-        emit_json({
-            "dry_run": True,
-            "name": vm.name,
-            "uri": vm.uri,
-            "backend": vm.backend,
-            "manifest": str(manifest.path),
-            "domain_xml": xml,
-            "policy": policy_doc,
-            "policy_from_manifest": filled,
-            "policy_exceptions": policy.loosened(),
-            "forwards": [{"address": f.host_address, "host": f.host_port, "guest": f.guest_port} for f in forwards],
-        })  # fmt: skip
+        emit_json(
+            {
+                "dry_run": True,
+                "name": vm.name,
+                "uri": vm.uri,
+                "backend": vm.backend,
+                "manifest": str(manifest.path),
+                "domain_xml": xml,
+                "policy": policy_doc,
+                "policy_from_manifest": filled,
+                "policy_exceptions": policy.loosened(),
+                "forwards": [{"address": f.host_address, "host": f.host_port, "guest": f.guest_port} for f in forwards],
+            }
+        )
         return
-    click.echo(f"<!-- tdxvm launch --dry-run: VM {vm.name} ({vm.backend}) on {vm.uri}, image {manifest.name} "
-               f"({manifest.path}). Nothing was defined or uploaded and libvirt was not contacted: volume paths "
-               f"assume the tdxvm pool at {POOL_PATH}, and host ports are picked again at launch. -->")  # fmt: skip
+    click.echo(
+        f"<!-- tdxvm launch --dry-run: VM {vm.name} ({vm.backend}) on {vm.uri}, image {manifest.name} "
+        f"({manifest.path}). Nothing was defined or uploaded and libvirt was not contacted: volume paths "
+        f"assume the tdxvm pool at {POOL_PATH}, and host ports are picked again at launch. -->"
+    )
     click.echo(xml, nl=False)
     note = f" ({', '.join(filled)} from the image manifest)" if filled else ""
     click.echo(f"\n# effective attestation policy{note}:")
@@ -184,15 +215,34 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         return
     if name:
         v = vms[0]
-        rows = [("name", v.name), ("uri", v.uri), ("state", v.state), ("backend", v.backend), ("image", v.image or "-"),
-                ("uptime", _uptime(v.uptime_s)), ("agent", v.agent_endpoint or "-"),
-                ("forwards", ", ".join(f"{f.host_address}:{f.host_port} -> {f.guest_port}" for f in v.forwards) or "-"),
-                ("serial log", v.serial_log or "-"), ("attestation", _attestation(v.attestation)),
-                ("model", f"{v.model['name']} at {v.model['url']}, TLS key {v.model['tls_spki_sha256'][:16]}… (attested "
-                          f"{v.model['at']})" if v.model else "-")]  # fmt: skip
+        rows = [
+            ("name", v.name),
+            ("uri", v.uri),
+            ("state", v.state),
+            ("backend", v.backend),
+            ("image", v.image or "-"),
+            ("uptime", _uptime(v.uptime_s)),
+            ("agent", v.agent_endpoint or "-"),
+            ("forwards", ", ".join(f"{f.host_address}:{f.host_port} -> {f.guest_port}" for f in v.forwards) or "-"),
+            ("serial log", v.serial_log or "-"),
+            ("attestation", _attestation(v.attestation)),
+            (
+                "model",
+                f"{v.model['name']} at {v.model['url']}, TLS key {v.model['tls_spki_sha256'][:16]}… (attested "
+                f"{v.model['at']})"
+                if v.model
+                else "-",
+            ),
+        ]
         if v.model:
-            rows.append(("model digest", f"{v.model['digest']} (the service's RTMR3 model event, attested {v.model['at']})"
-                         if v.model.get("digest") else "not recorded (provisioned before models were measured)"))  # fmt: skip
+            rows.append(
+                (
+                    "model digest",
+                    f"{v.model['digest']} (the service's RTMR3 model event, attested {v.model['at']})"
+                    if v.model.get("digest")
+                    else "not recorded (provisioned before models were measured)",
+                )
+            )
         for key, value in rows:
             click.echo(f"{key:<12} {value}")
         for line in reason_lines((v.attestation or {}).get("reasons") or [], indent=" " * 13):
@@ -200,7 +250,9 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         if v.record != "ok":
             click.echo(f"{'record':<12} UNTRUSTED: {safe_text(v.record_problem or v.record)}")
             return
-        click.echo(f"{'policy':<12} {'strict defaults, every register pinned' if not v.policy_exceptions else 'EXCEPTIONS:'}")
+        click.echo(
+            f"{'policy':<12} {'strict defaults, every register pinned' if not v.policy_exceptions else 'EXCEPTIONS:'}"
+        )
         for line in v.policy_exceptions:
             click.echo(f"{'':<12} - {line}")
         return
@@ -212,8 +264,18 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
         policy = "strict" if not v.policy_exceptions else f"{len(v.policy_exceptions)} exceptions"
         if v.record != "ok":
             policy = "UNTRUSTED: " + ("no record" if v.record == "missing" else "record mismatch")
-        table.append((v.name, v.state, v.backend, v.image or "-", v.agent_endpoint or "-", _uptime(v.uptime_s),
-                      _attestation(v.attestation), policy))  # fmt: skip
+        table.append(
+            (
+                v.name,
+                v.state,
+                v.backend,
+                v.image or "-",
+                v.agent_endpoint or "-",
+                _uptime(v.uptime_s),
+                _attestation(v.attestation),
+                policy,
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(safe_text(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -221,10 +283,19 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
 
 @click.command("attest")
 @click.argument("name")
-@click.option("--policy", "policy_path", metavar="FILE",
-              help="Attest against this policy instead of the launch's (a VM this controller did not launch).")  # fmt: skip
-@click.option("--backend", type=click.Choice(["tdx", "emulated"]), default="tdx", show_default=True,
-              help="With --policy: whose root the quote must chain to (Intel's, or this controller's emulated platform).")  # fmt: skip
+@click.option(
+    "--policy",
+    "policy_path",
+    metavar="FILE",
+    help="Attest against this policy instead of the launch's (a VM this controller did not launch).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["tdx", "emulated"]),
+    default="tdx",
+    show_default=True,
+    help="With --policy: whose root the quote must chain to (Intel's, or this controller's emulated platform).",
+)
 @_uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None, output: str) -> None:
@@ -245,26 +316,39 @@ def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None
     policy = load_policy(policy_path) if policy_path else None
     with connection(uri or DEFAULT_URI) as conn:
         try:
-            guest = attestation.reattest(conn, name, records=VmRecords.beside(SecretStore()), policy=policy, backend=backend)
+            guest = attestation.reattest(
+                conn, name, records=VmRecords.beside(SecretStore()), policy=policy, backend=backend
+            )
         except handshake.AttestationRefused as refused:
-            print_refusal(f"{name} did not attest against its launch policy", refused.reasons, output,
-                          document={"name": name, "verdict": "reject", "reasons": reason_dicts(refused.reasons)})  # fmt: skip
+            print_refusal(
+                f"{name} did not attest against its launch policy",
+                refused.reasons,
+                output,
+                document={"name": name, "verdict": "reject", "reasons": reason_dicts(refused.reasons)},
+            )
             sys.exit(EXIT_REFUSED)
     with guest:
         verdict = guest.verdict.to_dict()
     if output == "json":
         emit_json({"name": name, **verdict})
     else:
-        click.echo(f"{name}: {verdict['verdict']}ed, TCB {verdict['tcb_status']}, provider {guest.provider}, "
-                   f"keys {', '.join(sorted(guest.keys))}")
+        click.echo(
+            f"{name}: {verdict['verdict']}ed, TCB {verdict['tcb_status']}, provider {guest.provider}, "
+            f"keys {', '.join(sorted(guest.keys))}"
+        )
         for line in verdict["policy_exceptions"]:
             click.echo(f"  policy exception: {line}")
 
 
 @click.command("stop")
 @click.argument("name")
-@click.option("--timeout", default=60.0, show_default=True, metavar="SECONDS",
-              help="Wait this long for the guest to shut down before powering it off.")  # fmt: skip
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait this long for the guest to shut down before powering it off.",
+)
 @_uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def stop_cmd(name: str, timeout: float, uri: str | None, output: str) -> None:
@@ -300,8 +384,10 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
         lookup(conn, name)  # refuse unknown and foreign domains before asking
         if not yes:
             if not sys.stdin.isatty():
-                raise CliError(f"destroy deletes VM {name} and its disk overlay on {target}; pass --yes to confirm "
-                               "(there is no terminal to ask on)")  # fmt: skip
+                raise CliError(
+                    f"destroy deletes VM {name} and its disk overlay on {target}; pass --yes to confirm "
+                    "(there is no terminal to ask on)"
+                )
             click.confirm(f"Destroy VM {name} on {target} (power off, undefine, delete its disk overlay)?", abort=True)
         report = destroy(conn, name, records=VmRecords.beside(SecretStore()))
     if output == "json":

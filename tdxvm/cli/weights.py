@@ -12,10 +12,24 @@ import click
 from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
 from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
-from tdxvm.guest.weights import INDEX_NAME, WeightsError, decrypt_model, encrypt_model, generate_model_key, model_digest, read_index
+from tdxvm.guest.weights import (
+    INDEX_NAME,
+    WeightsError,
+    decrypt_model,
+    encrypt_model,
+    generate_model_key,
+    model_digest,
+    read_index,
+)
 from tdxvm.secretstore import SecretStore, SecretStoreError
 
-STORE_OPTION = click.option("--secrets", "secrets_dir", type=OUT_FOLDER, metavar="DIR", help="Secret store folder [default: ~/.local/share/tdxvm/secrets].")
+STORE_OPTION = click.option(
+    "--secrets",
+    "secrets_dir",
+    type=OUT_FOLDER,
+    metavar="DIR",
+    help="Secret store folder [default: ~/.local/share/tdxvm/secrets].",
+)
 
 
 def _size(folder: Path) -> int:
@@ -29,7 +43,9 @@ def weights() -> None:
 
 @weights.command("encrypt")
 @click.argument("model_dir", metavar="MODEL_DIR")
-@click.option("--out", "enc_dir", required=True, type=OUT_FOLDER, metavar="ENC_DIR", help="New folder for the encrypted model.")
+@click.option(
+    "--out", "enc_dir", required=True, type=OUT_FOLDER, metavar="ENC_DIR", help="New folder for the encrypted model."
+)
 @click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
 @STORE_OPTION
 @OUTPUT_OPTION
@@ -71,16 +87,32 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
     total = sum(e.size for e in entries)
     digest = show(model_digest(entries))
     if output == "json":
-        emit_json({"encrypted": str(dst), "key": name, "files": len(entries), "bytes": total, "seconds": round(seconds, 3),
-                   "model_digest": digest})  # fmt: skip
+        emit_json(
+            {
+                "encrypted": str(dst),
+                "key": name,
+                "files": len(entries),
+                "bytes": total,
+                "seconds": round(seconds, 3),
+                "model_digest": digest,
+            }
+        )
     else:
-        click.echo(f"encrypted {len(entries)} files ({total / 2**20:,.1f} MiB) into {dst} in {seconds:.1f} s; key: {name} in {store.directory}")
-        click.echo(f"model digest: {digest} (recorded in the encrypted index; `tdxvm verify-endpoint --model-digest` checks it)")
+        click.echo(
+            f"encrypted {len(entries)} files ({total / 2**20:,.1f} MiB) into {dst} in {seconds:.1f} s; "
+            f"key: {name} in {store.directory}"
+        )
+        click.echo(
+            f"model digest: {digest} (recorded in the encrypted index; "
+            "`tdxvm verify-endpoint --model-digest` checks it)"
+        )
 
 
 @weights.command("digest")
 @click.argument("folder", metavar="DIR")
-@click.option("--key-name", metavar="NAME", help="For an encrypted folder: its key in the secret store [default: DIR's name].")
+@click.option(
+    "--key-name", metavar="NAME", help="For an encrypted folder: its key in the secret store [default: DIR's name]."
+)
 @STORE_OPTION
 @OUTPUT_OPTION
 def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, output: str) -> None:
@@ -109,7 +141,9 @@ def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, o
 
 @weights.command("decrypt")
 @click.argument("enc_dir", metavar="ENC_DIR")
-@click.option("--out", "out_dir", required=True, type=OUT_FOLDER, metavar="OUT_DIR", help="New folder for the decrypted model.")
+@click.option(
+    "--out", "out_dir", required=True, type=OUT_FOLDER, metavar="OUT_DIR", help="New folder for the decrypted model."
+)
 @click.option("--key-name", metavar="NAME", help="Name of the model key in the secret store [default: ENC_DIR's name].")
 @STORE_OPTION
 @OUTPUT_OPTION
@@ -130,4 +164,7 @@ def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_di
     if output == "json":
         emit_json({"decrypted": out_dir, "files": len(entries), "bytes": total, "seconds": round(seconds, 3)})
     else:
-        click.echo(f"decrypted and authenticated {len(entries)} files ({total / 2**20:,.1f} MiB) into {out_dir} in {seconds:.1f} s")
+        click.echo(
+            f"decrypted and authenticated {len(entries)} files ({total / 2**20:,.1f} MiB) "
+            f"into {out_dir} in {seconds:.1f} s"
+        )

@@ -77,9 +77,7 @@ def _level_tail(level: TcbLevel | IsvTcbLevel, issue: datetime, index: int) -> d
 
 
 def _isv_levels(levels: tuple[IsvTcbLevel, ...], issue: datetime) -> list[dict[str, Any]]:
-    return [
-        {"tcb": {"isvsvn": lv.isvsvn}, **_level_tail(lv, issue, i)} for i, lv in enumerate(levels)
-    ]
+    return [{"tcb": {"isvsvn": lv.isvsvn}, **_level_tail(lv, issue, i)} for i, lv in enumerate(levels)]
 
 
 def _components(svns: tuple[int, ...], names: dict[int, dict[str, str]]) -> list[dict[str, Any]]:
@@ -123,8 +121,7 @@ def tcb_info_json(
         "tcbEvaluationDataNumber": tcb_evaluation_data_number,
         "tdxModule": _module_json(module_identities[0] if module_identities else None),
         "tdxModuleIdentities": [
-            {"id": m.id, **_module_json(m), "tcbLevels": _isv_levels(m.tcb_levels, issue)}
-            for m in module_identities
+            {"id": m.id, **_module_json(m), "tcbLevels": _isv_levels(m.tcb_levels, issue)} for m in module_identities
         ],
         "tcbLevels": [
             {

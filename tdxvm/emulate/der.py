@@ -32,9 +32,7 @@ def _signed_content(value: int) -> bytes:
     size = max(1, (value + (value < 0)).bit_length() // 8 + 1)
     out = value.to_bytes(size, "big", signed=True)
     # to_bytes may leave one redundant leading byte; strip it while the sign is kept.
-    while len(out) > 1 and (
-        (out[0] == 0x00 and out[1] < 0x80) or (out[0] == 0xFF and out[1] >= 0x80)
-    ):
+    while len(out) > 1 and ((out[0] == 0x00 and out[1] < 0x80) or (out[0] == 0xFF and out[1] >= 0x80)):
         out = out[1:]
     return out
 

@@ -38,9 +38,7 @@ def read_private_file(path: Path) -> bytes:
     """Read a key file, refusing one that group or others may access."""
     mode = path.stat().st_mode
     if mode & 0o077:
-        raise PermissionError(
-            f"{path}: key file mode is {stat.filemode(mode)}; it must be private (chmod 600)"
-        )
+        raise PermissionError(f"{path}: key file mode is {stat.filemode(mode)}; it must be private (chmod 600)")
     return path.read_bytes()
 
 

@@ -81,16 +81,12 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def derive_serial(role: str, key: ec.EllipticCurvePublicKey, extra: bytes = b"") -> int:
     """A positive serial number below 2**152, fixed by role, subject key and ``extra``."""
-    digest = hashlib.sha256(
-        b"tdxvm-emulate-serial\x00" + role.encode() + b"\x00" + _spki(key) + extra
-    )
+    digest = hashlib.sha256(b"tdxvm-emulate-serial\x00" + role.encode() + b"\x00" + _spki(key) + extra)
     return (int.from_bytes(digest.digest()[:19], "big") >> 1) or 1
 
 
@@ -267,9 +263,7 @@ def issue_crl(
         .last_update(validity.not_before)
         .next_update(validity.not_after)
         .add_extension(x509.CRLNumber(crl_number), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False)
     )
     for serial in dict.fromkeys(revoked_serials):
         entry = (

@@ -60,9 +60,7 @@ _WINDOWS = {
 
 def _digest16(label: str, key: ec.EllipticCurvePrivateKey) -> bytes:
     """16 stable bytes (PPID, platform instance ID) derived from a platform key."""
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(label.encode() + spki).digest()[:16]
 
 
@@ -126,7 +124,13 @@ class PlatformOptions:
 
     def __post_init__(self) -> None:
         # Sequences are kept as tuples, so that no caller's list changes a platform later.
-        for name in ("tcb_levels", "tdx_module_identities", "pck_tcb_components", "revoked_pck_serials", "revoked_ca_serials"):
+        for name in (
+            "tcb_levels",
+            "tdx_module_identities",
+            "pck_tcb_components",
+            "revoked_pck_serials",
+            "revoked_ca_serials",
+        ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
@@ -162,15 +166,11 @@ class EmulatedPlatform:
         o = self.options = options if options is not None else PlatformOptions()
         at = pki.ensure_utc(at if at is not None else datetime.now(timezone.utc), "at")
         self.at = at
-        self.keys = keys or (
-            PlatformKeys.from_seed(seed) if seed is not None else PlatformKeys.generate()
-        )
+        self.keys = keys or (PlatformKeys.from_seed(seed) if seed is not None else PlatformKeys.generate())
         self.tcb_levels = tuple(o.tcb_levels)
         if not self.tcb_levels:
             raise ValueError("tcb_levels must not be empty")
-        self.reference_level = next(
-            (lv for lv in self.tcb_levels if lv.status == "UpToDate"), self.tcb_levels[0]
-        )
+        self.reference_level = next((lv for lv in self.tcb_levels if lv.status == "UpToDate"), self.tcb_levels[0])
         self.module_identities = (
             tuple(o.tdx_module_identities)
             if o.tdx_module_identities is not None
@@ -190,9 +190,7 @@ class EmulatedPlatform:
                 raise ValueError("root_ca_cert does not belong to the root CA key")
             self.root_ca_cert = root_ca_cert
         else:
-            self.root_ca_cert = pki.issue_root_ca(
-                key=k.root_ca, validity=self.windows["root_ca_validity"]
-            )
+            self.root_ca_cert = pki.issue_root_ca(key=k.root_ca, validity=self.windows["root_ca_validity"])
         self.pck_ca_cert = pki.issue_pck_ca(
             key=k.pck_ca.public_key(),
             root=self.root_ca_cert,
@@ -204,9 +202,7 @@ class EmulatedPlatform:
         self.pck_extension = SgxExtension(
             ppid=o.ppid if o.ppid is not None else _digest16("ppid", k.attestation),
             tcb_components=tuple(
-                o.pck_tcb_components
-                if o.pck_tcb_components is not None
-                else self.reference_level.sgx_components
+                o.pck_tcb_components if o.pck_tcb_components is not None else self.reference_level.sgx_components
             ),
             pce_svn=o.pck_pce_svn if o.pck_pce_svn is not None else self.reference_level.pce_svn,
             cpu_svn=o.pck_cpu_svn,
@@ -330,9 +326,7 @@ class EmulatedPlatform:
         replacing some of its values. v4 carries TD report 1.0; v5 takes ``body_type``
         2, 3 (default) or 4."""
         if report is None:
-            report = TdReportFields(
-                tee_tcb_svn=fields.pop("tee_tcb_svn", self.tee_tcb_svn), **fields
-            )
+            report = TdReportFields(tee_tcb_svn=fields.pop("tee_tcb_svn", self.tee_tcb_svn), **fields)
         elif fields:
             report = dataclasses.replace(report, **fields)
         return self.signer.sign(report, version=version, body_type=body_type)
@@ -363,7 +357,9 @@ class EmulatedPlatform:
                 root_ca_cert = self.root_ca_cert
         elif seed is not None:
             keys = None
-        return EmulatedPlatform(options, at=at if at is not None else self.at, seed=seed, keys=keys, root_ca_cert=root_ca_cert)
+        return EmulatedPlatform(
+            options, at=at if at is not None else self.at, seed=seed, keys=keys, root_ca_cert=root_ca_cert
+        )
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Save the keys and the root CA certificate (all files 0600) so that a restarted

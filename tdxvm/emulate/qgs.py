@@ -73,8 +73,8 @@ from typing import Any
 
 from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_DEBUG
 from tdxvm.emulate.platform import EmulatedPlatform
-from tdxvm.errors import TdxvmError
 from tdxvm.emulate.quote import DEFAULT_XFAM, TdReportFields
+from tdxvm.errors import TdxvmError
 from tdxvm.image.measure import DEFAULT_PROFILE, Measurements, predict
 from tdxvm.image.platforminputs import PREDICTION_ERRORS, predict_for_argv
 from tdxvm.image.rtmr0 import UnknownFirmwareError, firmware_build
@@ -134,7 +134,9 @@ class LaunchArtifacts:
 
     def __post_init__(self) -> None:
         if self.td_attributes & TD_ATTR_DEBUG:
-            raise QuoteServiceError("the emulated quote service never signs for a DEBUG TD (TD_ATTRIBUTES bit 0)", code="debug-td")
+            raise QuoteServiceError(
+                "the emulated quote service never signs for a DEBUG TD (TD_ATTRIBUTES bit 0)", code="debug-td"
+            )
         if len(self.xfam) != 8:
             raise QuoteServiceError(f"XFAM must be 8 bytes, got {len(self.xfam)}", code="launch")
         for name in ("mr_config_id", "mr_owner", "mr_owner_config"):
@@ -142,8 +144,14 @@ class LaunchArtifacts:
                 raise QuoteServiceError(f"{name} must be 48 bytes, got {len(getattr(self, name))}", code="launch")
 
     @classmethod
-    def from_domain_xml(cls, xml_text: str, *, read: Callable[[str], bytes] = _read_local, profile: str = DEFAULT_PROFILE,
-                        argv: list[str] | None = None) -> LaunchArtifacts:  # fmt: skip
+    def from_domain_xml(
+        cls,
+        xml_text: str,
+        *,
+        read: Callable[[str], bytes] = _read_local,
+        profile: str = DEFAULT_PROFILE,
+        argv: list[str] | None = None,
+    ) -> LaunchArtifacts:
         """The artifacts a libvirt domain boots; ``read(path)`` gives a file's bytes as the
         libvirt host has it (default: this machine's file); ``argv``: the QEMU libvirt runs
         for it, whose machine RTMR0 describes (:func:`emulated_rtmr0`)."""
@@ -160,11 +168,15 @@ class LaunchArtifacts:
             try:
                 return read(path)
             except OSError as exc:
-                raise QuoteServiceError(f"{where}: cannot read {element} {path}: {exc.strerror or exc}", code="domain-file") from None
+                raise QuoteServiceError(
+                    f"{where}: cannot read {element} {path}: {exc.strerror or exc}", code="domain-file"
+                ) from None
 
         kernel_path = dom.findtext("os/kernel")
         if kernel_path is None:
-            raise QuoteServiceError(f"{where}: no <os><kernel> (the emulated TD boots a kernel directly)", code="domain-xml")
+            raise QuoteServiceError(
+                f"{where}: no <os><kernel> (the emulated TD boots a kernel directly)", code="domain-xml"
+            )
         initrd_path = dom.findtext("os/initrd")
         fw_element = dom.find(f"metadata//{FIRMWARE_ELEMENT}")
         if fw_element is not None:
@@ -188,13 +200,17 @@ class LaunchArtifacts:
         )
 
     def measurements(self) -> Measurements:
-        return predict(firmware=self.firmware, kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, profile=self.profile)
+        return predict(
+            firmware=self.firmware, kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline, profile=self.profile
+        )
 
     def report(self, measured: Measurements, report_data: bytes, *, rtmr3: bytes = bytes(48)) -> TdReportFields:
         """The TD report fields of a quote with ``report_data`` and the run-time ``rtmr3`` (see the module doc)."""
         for register in ("rtmr1", "rtmr2"):
             if measured.value(register) is None:
-                raise QuoteServiceError(f"cannot emulate this TD: {register.upper()} is {measured.notes[register]}", code="unpredictable")
+                raise QuoteServiceError(
+                    f"cannot emulate this TD: {register.upper()} is {measured.notes[register]}", code="unpredictable"
+                )
         return TdReportFields(
             td_attributes=self.td_attributes,
             xfam=self.xfam,
@@ -202,8 +218,7 @@ class LaunchArtifacts:
             mr_config_id=self.mr_config_id,
             mr_owner=self.mr_owner,
             mr_owner_config=self.mr_owner_config,
-            rtmrs=(self.rtmr0, bytes.fromhex(measured.rtmr1 or ""),
-                   bytes.fromhex(measured.rtmr2 or ""), bytes(rtmr3)),  # fmt: skip
+            rtmrs=(self.rtmr0, bytes.fromhex(measured.rtmr1 or ""), bytes.fromhex(measured.rtmr2 or ""), bytes(rtmr3)),
             report_data=report_data,
         )
 
@@ -291,8 +306,16 @@ class QuoteService:
     ``guard``, if given, is asked before every request; a message it returns refuses the
     request with that message (:mod:`tdxvm.emulate.qgsd`: the domain booted again)."""
 
-    def __init__(self, platform: EmulatedPlatform, launch: LaunchArtifacts, *, host: str = "127.0.0.1", port: int = 0,
-                 version: int = 4, guard: Callable[[], str | None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        platform: EmulatedPlatform,
+        launch: LaunchArtifacts,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        version: int = 4,
+        guard: Callable[[], str | None] | None = None,
+    ) -> None:
         self.platform, self.launch, self.version, self.guard = platform, launch, version, guard
         self.measurements = launch.measurements()
         launch.report(self.measurements, bytes(64))  # refuse an unpredictable launch now, not per request
@@ -313,10 +336,14 @@ class QuoteService:
     def extend_rtmr(self, index: int, digest: bytes) -> bytes:
         """``RTMR = SHA-384(RTMR ‖ digest)`` for RTMR3 (the only one a guest extends here); the new value."""
         if index != EXTENDABLE_RTMR:
-            raise QuoteServiceError(f"only RTMR{EXTENDABLE_RTMR} can be extended (RTMR0..2 are the boot's), not RTMR{index}",
-                                    code="rtmr-index")  # fmt: skip
+            raise QuoteServiceError(
+                f"only RTMR{EXTENDABLE_RTMR} can be extended (RTMR0..2 are the boot's), not RTMR{index}",
+                code="rtmr-index",
+            )
         if len(digest) != RTMR_SIZE:
-            raise QuoteServiceError(f"an extend takes a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes", code="rtmr-digest")
+            raise QuoteServiceError(
+                f"an extend takes a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes", code="rtmr-digest"
+            )
         with self._rtmr_lock:
             self._rtmr3 = hashlib.sha384(self._rtmr3 + bytes(digest)).digest()
             return self._rtmr3
@@ -356,7 +383,7 @@ class QuoteService:
         except QuoteServiceError as exc:
             return {"error": str(exc)}
         if op != "quote":
-            return {"error": f"unknown op {op!r}: expected a quote ({{\"report_data\": ...}}), \"extend\" or \"read\""}
+            return {"error": f'unknown op {op!r}: expected a quote ({{"report_data": ...}}), "extend" or "read"'}
         try:
             report_data = _hex_field(request, "report_data", 64)
         except QuoteServiceError:
@@ -385,8 +412,9 @@ class QuoteService:
     def start(self) -> QuoteService:
         if self._server is None:
             self._server = _Server(self, self._bind)
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name="tdxvm-qgs", daemon=True)  # fmt: skip
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="tdxvm-qgs", daemon=True
+            )
             self._thread.start()
         return self
 

@@ -99,9 +99,23 @@ def ensure(uri: str, uuid: str, emulated_dir: Path, *, boot_id: int | None = Non
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         logfile = record.with_suffix(".log").open("ab")
         with logfile:
-            proc = subprocess.Popen([sys.executable, "-m", "tdxvm.emulate.qgsd", "--uri", uri, "--uuid", uuid,
-                                     "--emulated-dir", str(emulated_dir)],  # fmt: skip
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logfile, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tdxvm.emulate.qgsd",
+                    "--uri",
+                    uri,
+                    "--uuid",
+                    uuid,
+                    "--emulated-dir",
+                    str(emulated_dir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=logfile,
+                start_new_session=True,
+            )
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the daemon's one line, then it closes stdout
         proc.stdout.close()
@@ -112,8 +126,9 @@ def ensure(uri: str, uuid: str, emulated_dir: Path, *, boot_id: int | None = Non
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
             tail = record.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise QuoteServiceError(f"the emulated quote daemon for {uuid} did not start: {' / '.join(tail) or line!r}",
-                                    code="qgsd") from None  # fmt: skip
+            raise QuoteServiceError(
+                f"the emulated quote daemon for {uuid} did not start: {' / '.join(tail) or line!r}", code="qgsd"
+            ) from None
         tmp = record.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": proc.pid, "port": port, "boot_id": started_id}))
         os.replace(tmp, record)
@@ -141,8 +156,10 @@ class DomainWatch:
         if self.boot_id is None or now is None:
             return f"domain {self.uuid} is not running: this emulated quote service has stopped"
         if now != self.boot_id:
-            return (f"domain {self.uuid} booted again (libvirt ID {self.boot_id}, now {now}): this emulated quote service "
-                    "measured the earlier boot and has stopped")  # fmt: skip
+            return (
+                f"domain {self.uuid} booted again (libvirt ID {self.boot_id}, now {now}): this emulated quote service "
+                "measured the earlier boot and has stopped"
+            )
         return None
 
 
@@ -167,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dom = conn.lookupByUUIDString(args.uuid)
         xml = dom.XMLDesc()
         platform = EmulatedPlatform.load(args.emulated_dir, at=datetime.now(timezone.utc))
-        artifacts = LaunchArtifacts.from_domain_xml(xml, read=lambda path: read_host_file(conn, path),
-                                                    argv=running_argv(conn, dom.name()))  # fmt: skip
+        artifacts = LaunchArtifacts.from_domain_xml(
+            xml, read=lambda path: read_host_file(conn, path), argv=running_argv(conn, dom.name())
+        )
         service = QuoteService(platform, artifacts, port=args.port, guard=watch.gone)
         service.start()
     except Exception as exc:  # any failure to stand up is reported on the line ensure() reads

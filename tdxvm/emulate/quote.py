@@ -51,17 +51,35 @@ _ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
 # (name, size) of the TD report fields in order; 1.5 and 1.5-ex append to 1.0.
 _TD10 = (
-    ("tee_tcb_svn", 16), ("mr_seam", 48), ("mr_signer_seam", 48), ("seam_attributes", 8),
-    ("td_attributes", 8), ("xfam", 8), ("mr_td", 48), ("mr_config_id", 48), ("mr_owner", 48),
-    ("mr_owner_config", 48), ("rtmr0", 48), ("rtmr1", 48), ("rtmr2", 48), ("rtmr3", 48),
+    ("tee_tcb_svn", 16),
+    ("mr_seam", 48),
+    ("mr_signer_seam", 48),
+    ("seam_attributes", 8),
+    ("td_attributes", 8),
+    ("xfam", 8),
+    ("mr_td", 48),
+    ("mr_config_id", 48),
+    ("mr_owner", 48),
+    ("mr_owner_config", 48),
+    ("rtmr0", 48),
+    ("rtmr1", 48),
+    ("rtmr2", 48),
+    ("rtmr3", 48),
     ("report_data", 64),
-)  # fmt: skip
+)
 _TD15 = (("tee_tcb_svn2", 16), ("mr_service_td", 48))
 _TD15EX = (
-    ("vmid", 1), ("td_id", 32), ("dev_info", 48), ("init_service_td_hash", 48),
-    ("init_service_td_attributes", 8), ("init_cpu_svn", 16), ("init_tee_tcb_svn", 16),
-    ("init_tee_fmspc", 12), ("cur_service_td_hash", 48), ("cur_service_td_attributes", 8),
-)  # fmt: skip
+    ("vmid", 1),
+    ("td_id", 32),
+    ("dev_info", 48),
+    ("init_service_td_hash", 48),
+    ("init_service_td_attributes", 8),
+    ("init_cpu_svn", 16),
+    ("init_tee_tcb_svn", 16),
+    ("init_tee_fmspc", 12),
+    ("cur_service_td_hash", 48),
+    ("cur_service_td_attributes", 8),
+)
 _LAYOUTS = {
     BODY_TD_REPORT10: _TD10,
     BODY_TD_REPORT15: _TD10 + _TD15,
@@ -134,9 +152,7 @@ class TdReportFields:
             if size is not None and len(value) != size:
                 raise ValueError(f"TD report field {f.name} must be {size} bytes, got {len(value)}")
         if self.tee_tcb_svn2 is not None and len(self.tee_tcb_svn2) != 16:
-            raise ValueError(
-                f"TD report field tee_tcb_svn2 must be 16 bytes, got {len(self.tee_tcb_svn2)}"
-            )
+            raise ValueError(f"TD report field tee_tcb_svn2 must be 16 bytes, got {len(self.tee_tcb_svn2)}")
 
     @property
     def debug(self) -> bool:
@@ -150,9 +166,7 @@ class TdReportFields:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update({f"rtmr{i}": r for i, r in enumerate(self.rtmrs)})
         values["vmid"] = bytes([self.vmid])
-        values["tee_tcb_svn2"] = (
-            self.tee_tcb_svn2 if self.tee_tcb_svn2 is not None else self.tee_tcb_svn
-        )
+        values["tee_tcb_svn2"] = self.tee_tcb_svn2 if self.tee_tcb_svn2 is not None else self.tee_tcb_svn
         return b"".join(values[name] for name, _ in layout)
 
 
@@ -204,18 +218,10 @@ class QuoteSigner:
         self.pce_svn = pce_svn
         self.user_data = bytes(user_data)
         digest = hashlib.sha256(self.attestation_public_key + qe_auth_data).digest()
-        self.qe_report = qe_report_body(
-            qe=qe, cpu_svn=qe.cpu_svn or cpu_svn, report_data=digest + bytes(32)
-        )
+        self.qe_report = qe_report_body(qe=qe, cpu_svn=qe.cpu_svn or cpu_svn, report_data=digest + bytes(32))
         qe_report_sig = _raw_sig(pck_key, self.qe_report)
         chain = struct.pack("<HI", CERT_TYPE_PCK_CHAIN, len(pck_chain_pem)) + pck_chain_pem
-        qe_cert_data = (
-            self.qe_report
-            + qe_report_sig
-            + struct.pack("<H", len(qe_auth_data))
-            + qe_auth_data
-            + chain
-        )
+        qe_cert_data = self.qe_report + qe_report_sig + struct.pack("<H", len(qe_auth_data)) + qe_auth_data + chain
         self._cert_data = struct.pack("<HI", CERT_TYPE_QE_REPORT, len(qe_cert_data)) + qe_cert_data
 
     def header(self, version: int) -> bytes:
@@ -248,12 +254,8 @@ class QuoteSigner:
         sig_data = _raw_sig(self._key, signed) + self.attestation_public_key + self._cert_data
         return signed + struct.pack("<I", len(sig_data)) + sig_data
 
-    def sign(
-        self, report: TdReportFields, *, version: int = 4, body_type: int | None = None
-    ) -> bytes:
+    def sign(self, report: TdReportFields, *, version: int = 4, body_type: int | None = None) -> bytes:
         """A quote over ``report`` (v5 defaults to body type 3, TD report 1.5)."""
         if version == 5 and body_type is None:
             body_type = BODY_TD_REPORT15
-        return self.sign_body(
-            report.encode(body_type or BODY_TD_REPORT10), version=version, body_type=body_type
-        )
+        return self.sign_body(report.encode(body_type or BODY_TD_REPORT10), version=version, body_type=body_type)

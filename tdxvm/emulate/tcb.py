@@ -21,9 +21,7 @@ MODULE_TCB_STATUSES = ("UpToDate", "OutOfDate", "Revoked")
 
 def _status(value: str) -> None:
     if value not in TCB_STATUSES:
-        raise ValueError(
-            f"unknown TCB status {value!r} (expected one of {', '.join(TCB_STATUSES)})"
-        )
+        raise ValueError(f"unknown TCB status {value!r} (expected one of {', '.join(TCB_STATUSES)})")
 
 
 def _svns(name: str, values: tuple[int, ...] | list[int], count: int = 16) -> tuple[int, ...]:
@@ -96,8 +94,7 @@ class TdxModuleIdentity:
         for level in self.tcb_levels:
             if level.status not in MODULE_TCB_STATUSES:
                 raise ValueError(
-                    f"TDX module TCB level status {level.status!r} is not one of "
-                    f"{', '.join(MODULE_TCB_STATUSES)}"
+                    f"TDX module TCB level status {level.status!r} is not one of {', '.join(MODULE_TCB_STATUSES)}"
                 )
         _size("TDX module mrsigner", self.mrsigner, 48)
         _size("TDX module attributes", self.attributes, 8)
@@ -134,9 +131,7 @@ def module_identities_for(levels: tuple[TcbLevel, ...]) -> tuple[TdxModuleIdenti
     return tuple(
         TdxModuleIdentity(
             version=version,
-            tcb_levels=tuple(
-                _module_level(svn, lv) for svn, lv in sorted(svns.items(), reverse=True)
-            ),
+            tcb_levels=tuple(_module_level(svn, lv) for svn, lv in sorted(svns.items(), reverse=True)),
         )
         for version, svns in sorted(by_version.items(), reverse=True)
     )

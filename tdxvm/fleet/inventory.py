@@ -16,9 +16,9 @@ reported unreachable; the others go on.
 from __future__ import annotations
 
 import threading
-from contextlib import suppress
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,9 @@ class HostUnreachable(LibvirtUnreachable):
 class Connector:
     """Connections by URI, opened on first use (at most ``timeout`` s) and kept open."""
 
-    def __init__(self, *, timeout: float = CONNECT_TIMEOUT, opener: Callable[[str], libvirt.virConnect] = open_connection) -> None:
+    def __init__(
+        self, *, timeout: float = CONNECT_TIMEOUT, opener: Callable[[str], libvirt.virConnect] = open_connection
+    ) -> None:
         self.timeout, self.opener = timeout, opener
         self._conns: dict[str, libvirt.virConnect] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -177,7 +179,9 @@ def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records
     try:
         domains = conn.listAllDomains(0)
     except libvirt.libvirtError as exc:
-        return HostView(host, uri, error=f"cannot list domains on {uri}: {libvirt_message(exc)}", error_code="libvirt-domain")
+        return HostView(
+            host, uri, error=f"cannot list domains on {uri}: {libvirt_message(exc)}", error_code="libvirt-domain"
+        )
     vms: dict[str, ActualVm] = {}
     foreign: dict[str, str] = {}
     for dom in domains:
@@ -200,13 +204,21 @@ def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records
                 code = getattr(exc, "code", "vm-record")
                 attestation = {"verdict": "reject", "reasons": [{"code": code, "message": str(exc)}]}
                 forwards = ()
-            vms[name] = ActualVm(name=name, host=host, uri=uri, state=state, labels=dict(meta.labels),
-                                 attestation=attestation, forwards=forwards)  # fmt: skip
+            vms[name] = ActualVm(
+                name=name,
+                host=host,
+                uri=uri,
+                state=state,
+                labels=dict(meta.labels),
+                attestation=attestation,
+                forwards=forwards,
+            )
     return HostView(host, uri, vms=vms, foreign=foreign)
 
 
-def survey(connector: Connector, fleet: str, hosts: dict[str, str], *, records: VmRecords,
-           parallel: int = 8) -> dict[str, HostView]:  # fmt: skip
+def survey(
+    connector: Connector, fleet: str, hosts: dict[str, str], *, records: VmRecords, parallel: int = 8
+) -> dict[str, HostView]:
     """Every host of ``hosts`` (name -> URI) read at once; unreachable ones carry the error."""
 
     def one(item: tuple[str, str]) -> HostView:
@@ -218,5 +230,7 @@ def survey(connector: Connector, fleet: str, hosts: dict[str, str], *, records: 
         return read_host(conn, fleet, host, uri, records)
 
     items: Iterable[tuple[str, str]] = sorted(hosts.items())
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts) or 1)), thread_name_prefix="tdxvm-survey") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(parallel, len(hosts) or 1)), thread_name_prefix="tdxvm-survey"
+    ) as pool:
         return {view.name: view for view in pool.map(one, items)}

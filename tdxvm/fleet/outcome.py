@@ -45,10 +45,17 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vm": self.vm, "host": self.host, "action": self.action, "result": self.result,
-                "reasons": list(self.reasons), "errors": self.errors,
-                "tcb_status": (self.verdict or {}).get("tcb_status"), "endpoint": self.endpoint,
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}}  # fmt: skip
+        return {
+            "vm": self.vm,
+            "host": self.host,
+            "action": self.action,
+            "result": self.result,
+            "reasons": list(self.reasons),
+            "errors": self.errors,
+            "tcb_status": (self.verdict or {}).get("tcb_status"),
+            "endpoint": self.endpoint,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
 
 
 SUCCESS = ("created", "replaced", "deleted", "unchanged")
@@ -82,6 +89,12 @@ class Report:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fleet": self.fleet, "command": self.command, "status": self.status, "seconds": round(self.seconds, 3),
-                "summary": self.counts(), "unreachable_hosts": self.plan.unreachable(),
-                "vms": [o.to_dict() for o in self.outcomes]}  # fmt: skip
+        return {
+            "fleet": self.fleet,
+            "command": self.command,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "summary": self.counts(),
+            "unreachable_hosts": self.plan.unreachable(),
+            "vms": [o.to_dict() for o in self.outcomes],
+        }

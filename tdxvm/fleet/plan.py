@@ -51,8 +51,15 @@ class Action:
         return self.actual is not None and self.actual.serving
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vm": self.vm, "action": self.kind, "host": self.host, "uri": self.uri, "deployment": self.deployment,
-                "reasons": list(self.reasons), "state": self.actual.state if self.actual else None}  # fmt: skip
+        return {
+            "vm": self.vm,
+            "action": self.kind,
+            "host": self.host,
+            "uri": self.uri,
+            "deployment": self.deployment,
+            "reasons": list(self.reasons),
+            "state": self.actual.state if self.actual else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,12 @@ class Plan:
         return {name: v.error or "" for name, v in sorted(self.hosts.items()) if not v.reachable}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fleet": self.fleet, "summary": self.counts(), "unreachable_hosts": self.unreachable(),
-                "actions": [a.to_dict() for a in self.actions]}  # fmt: skip
+        return {
+            "fleet": self.fleet,
+            "summary": self.counts(),
+            "unreachable_hosts": self.unreachable(),
+            "actions": [a.to_dict() for a in self.actions],
+        }
 
 
 def _short(digest: str | None) -> str:
@@ -112,13 +123,17 @@ def drift(d: DesiredVm, a: ActualVm, image_sha: str, record: dict[str, Any] | No
     """Why the VM ``a`` is not what ``d`` asks for (empty: it is)."""
     reasons = []
     if a.labels.get(SPEC_HASH) != d.spec_hash:
-        keys = changed_keys((record or {}).get("spec") if (record or {}).get(SPEC_HASH) == a.labels.get(SPEC_HASH) else None,
-                            spec_document(d.spec))  # fmt: skip
+        keys = changed_keys(
+            (record or {}).get("spec") if (record or {}).get(SPEC_HASH) == a.labels.get(SPEC_HASH) else None,
+            spec_document(d.spec),
+        )
         detail = "; ".join(keys) if keys else f"spec hash {_short(a.labels.get(SPEC_HASH))} -> {_short(d.spec_hash)}"
         reasons.append(f"spec drift: {detail}")
     if a.labels.get(IMAGE_SHA) != image_sha:
-        reasons.append(f"image drift: manifest {d.spec.image} changed (sha256 {_short(a.labels.get(IMAGE_SHA))} -> "
-                       f"{_short(image_sha)})")  # fmt: skip
+        reasons.append(
+            f"image drift: manifest {d.spec.image} changed (sha256 {_short(a.labels.get(IMAGE_SHA))} -> "
+            f"{_short(image_sha)})"
+        )
     if a.verdict == "reject":
         reasons.append("failed attestation: " + ("; ".join(_attestation_reasons(a)) or "refused"))
     elif a.verdict is None or not a.labels.get(READY_AT):
@@ -135,7 +150,11 @@ def _create_reason(record: dict[str, Any] | None, host: str) -> str:
         return f"replica now placed on this host (was on {record.get('host')})"
     phase = record.get("phase")
     if phase == "refused":
-        return "an earlier apply was refused at attestation (" + "; ".join(record.get("reasons") or ["no reasons kept"]) + ")"
+        return (
+            "an earlier apply was refused at attestation ("
+            + "; ".join(record.get("reasons") or ["no reasons kept"])
+            + ")"
+        )
     if phase == "ready":
         return "missing from its host (removed outside tdxvm?)"
     return f"an earlier apply did not finish it ({phase or 'unknown'})"
@@ -153,8 +172,15 @@ def _delete_reason(a: ActualVm, wanted: dict[str, DesiredVm], deployments: set[s
     return f"deployment {dep} has fewer replicas now"
 
 
-def make_plan(fleet: str, desired: list[DesiredVm], hosts: dict[str, HostView], *, file_hosts: set[str],
-              image_shas: dict[str, str | Exception], records: dict[str, dict[str, Any]]) -> Plan:  # fmt: skip
+def make_plan(
+    fleet: str,
+    desired: list[DesiredVm],
+    hosts: dict[str, HostView],
+    *,
+    file_hosts: set[str],
+    image_shas: dict[str, str | Exception],
+    records: dict[str, dict[str, Any]],
+) -> Plan:
     """Compare (see the module doc). ``image_shas`` maps each manifest path to its digest
     or the error reading it; ``records`` is the state file's ``vms``."""
     actions: list[Action] = []
@@ -168,8 +194,16 @@ def make_plan(fleet: str, desired: list[DesiredVm], hosts: dict[str, HostView], 
             actions.append(Action("skip", reasons=(f"host {d.host} unreachable: {error}",), **base))
             continue
         if d.name in view.foreign:
-            actions.append(Action("skip", reasons=(f"a domain named {d.name} on {d.host} is {view.foreign[d.name]}, "
-                                                   "not this fleet's: never touched; remove or rename it",), **base))  # fmt: skip
+            actions.append(
+                Action(
+                    "skip",
+                    reasons=(
+                        f"a domain named {d.name} on {d.host} is {view.foreign[d.name]}, "
+                        "not this fleet's: never touched; remove or rename it",
+                    ),
+                    **base,
+                )
+            )
             continue
         sha = image_shas.get(str(d.spec.image))
         actual = view.vms.get(d.name)
@@ -186,16 +220,33 @@ def make_plan(fleet: str, desired: list[DesiredVm], hosts: dict[str, HostView], 
         if not view.reachable:
             stranded = sorted(vm for vm, r in records.items() if r.get("host") == name and vm not in wanted)
             for vm in stranded:
-                actions.append(Action("skip", vm=vm, host=name, uri=view.uri, deployment=records[vm].get("deployment"),
-                                      reasons=(f"not asked for any more, but host {name} is unreachable: {view.error}",)))  # fmt: skip
+                actions.append(
+                    Action(
+                        "skip",
+                        vm=vm,
+                        host=name,
+                        uri=view.uri,
+                        deployment=records[vm].get("deployment"),
+                        reasons=(f"not asked for any more, but host {name} is unreachable: {view.error}",),
+                    )
+                )
             continue
         for vm_name, a in sorted(view.vms.items()):
             d = wanted.get(vm_name)
             if d is not None and d.host == name:
                 continue
             reason = _delete_reason(a, wanted, deployments, name in file_hosts)
-            actions.append(Action("delete", vm=vm_name, host=name, uri=view.uri, deployment=a.labels.get("deployment"),
-                                  reasons=(reason,), actual=a))  # fmt: skip
+            actions.append(
+                Action(
+                    "delete",
+                    vm=vm_name,
+                    host=name,
+                    uri=view.uri,
+                    deployment=a.labels.get("deployment"),
+                    reasons=(reason,),
+                    actual=a,
+                )
+            )
     seen = {(a.vm, a.host) for a in actions}
     for vm_name, record in sorted(records.items()):
         host = record.get("host", "")
@@ -205,6 +256,14 @@ def make_plan(fleet: str, desired: list[DesiredVm], hosts: dict[str, HostView], 
         if vm_name in wanted and wanted[vm_name].host == host:
             continue
         if record.get("phase") in ("creating", "deleting"):  # volumes may be left without a domain
-            actions.append(Action("delete", vm=vm_name, host=host, uri=view.uri, deployment=record.get("deployment"),
-                                  reasons=("left by an interrupted apply with no domain: its volumes are removed",)))  # fmt: skip
+            actions.append(
+                Action(
+                    "delete",
+                    vm=vm_name,
+                    host=host,
+                    uri=view.uri,
+                    deployment=record.get("deployment"),
+                    reasons=("left by an interrupted apply with no domain: its volumes are removed",),
+                )
+            )
     return Plan(fleet=fleet, actions=tuple(actions), hosts=hosts)

@@ -45,16 +45,22 @@ def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
     return {**state.hosts, **fleet.hosts}
 
 
-def build_plan(fleet: Fleet, connector: inv.Connector, state: FleetState, *, secrets: SecretStore,
-               parallel: int = 8) -> tuple[Plan, Images]:  # fmt: skip
-    views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets), parallel=parallel)
+def build_plan(
+    fleet: Fleet, connector: inv.Connector, state: FleetState, *, secrets: SecretStore, parallel: int = 8
+) -> tuple[Plan, Images]:
+    views = inv.survey(
+        connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets), parallel=parallel
+    )
     images = Images.read(fleet)
-    plan = make_plan(fleet.name, fleet.desired(), views, file_hosts=set(fleet.hosts), image_shas=images.shas,
-                     records=state.vms())  # fmt: skip
+    plan = make_plan(
+        fleet.name, fleet.desired(), views, file_hosts=set(fleet.hosts), image_shas=images.shas, records=state.vms()
+    )
     return plan, images
 
 
-def plan(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None) -> Plan:
+def plan(
+    fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None
+) -> Plan:
     """What an apply would do now (reads only); VM records are read beside ``secrets``."""
     state = FleetState.load(state_dir or default_state_dir(), fleet.name)
     return build_plan(fleet, connector, state, secrets=secrets or SecretStore())[0]

@@ -99,9 +99,20 @@ class _Unit:
 class _Run:
     """One apply or destroy: the units, the workers, the bookkeeping."""
 
-    def __init__(self, fleet: Fleet, plan: Plan, state: FleetState, *, connector: inv.Connector, secrets: SecretStore,
-                 trust_for: Callable[[str], Trust], images: Images, options: ApplyOptions,
-                 progress: Progress, cancel: threading.Event) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fleet: Fleet,
+        plan: Plan,
+        state: FleetState,
+        *,
+        connector: inv.Connector,
+        secrets: SecretStore,
+        trust_for: Callable[[str], Trust],
+        images: Images,
+        options: ApplyOptions,
+        progress: Progress,
+        cancel: threading.Event,
+    ) -> None:
         self.fleet, self.plan, self.state = fleet, plan, state
         self.connector, self.secrets, self.trust_for = connector, secrets, trust_for
         self.images, self.options, self.progress, self.cancel = images, options, progress, cancel
@@ -120,8 +131,15 @@ class _Run:
     def record(self, outcome: Outcome) -> None:
         with self._guard:
             self.outcomes[(outcome.vm, outcome.host)] = outcome
-        self.progress(FleetEvent(outcome.vm, outcome.host, "result", outcome.result,
-                                 detail="; ".join(e["message"].splitlines()[0] for e in outcome.errors)))  # fmt: skip
+        self.progress(
+            FleetEvent(
+                outcome.vm,
+                outcome.host,
+                "result",
+                outcome.result,
+                detail="; ".join(e["message"].splitlines()[0] for e in outcome.errors),
+            )
+        )
 
     def _define_lock(self, uri: str) -> threading.Lock:
         with self._guard:
@@ -147,13 +165,18 @@ class _Run:
                 by_dep.setdefault(a.deployment or "", []).append(a)
         live = set(self.fleet.deployments)
         for dep, actions in sorted(by_dep.items()):
-            first = [_Unit(a, after=[]) for a in actions if a.kind == "create" or (a.kind == "replace" and not a.serving)]
+            first = [
+                _Unit(a, after=[]) for a in actions if a.kind == "create" or (a.kind == "replace" and not a.serving)
+            ]
             chain: list[_Unit] = []
             for a in (a for a in actions if a.kind == "replace" and a.serving):
                 chain.append(_Unit(a, after=[*(chain[-1:] or first)], rolling=True))
             gate = chain[-1:] or first
-            deletes = [_Unit(a, after=list(gate) if dep in live and a.host in self.fleet.hosts else [])
-                       for a in actions if a.kind == "delete"]  # fmt: skip
+            deletes = [
+                _Unit(a, after=list(gate) if dep in live and a.host in self.fleet.hosts else [])
+                for a in actions
+                if a.kind == "delete"
+            ]
             out += first + chain + deletes
         return out
 
@@ -167,8 +190,10 @@ class _Run:
         wanted = dep.count
         left = len(serving - {a.vm})
         if left < wanted - 1:
-            return (f"rollout of deployment {a.deployment} halted: {len(serving)} of {wanted} replicas serve, so replacing "
-                    f"{a.vm} now would leave {left} (fewer than N-1 = {wanted - 1}); fix the failing replicas first")  # fmt: skip
+            return (
+                f"rollout of deployment {a.deployment} halted: {len(serving)} of {wanted} replicas serve, so replacing "
+                f"{a.vm} now would leave {left} (fewer than N-1 = {wanted - 1}); fix the failing replicas first"
+            )
         return None
 
     def execute(self) -> None:
@@ -189,8 +214,16 @@ class _Run:
                         why = self._may_roll(u) if u.rolling else None
                         if why is not None:
                             a = u.action
-                            self.record(Outcome(a.vm, a.host, a.kind, "halted", a.reasons,
-                                                errors=[{"code": "rollout-halted", "message": why}]))  # fmt: skip
+                            self.record(
+                                Outcome(
+                                    a.vm,
+                                    a.host,
+                                    a.kind,
+                                    "halted",
+                                    a.reasons,
+                                    errors=[{"code": "rollout-halted", "message": why}],
+                                )
+                            )
                             u.done = True
                             continue
                         running[pool.submit(self.run_unit, u.action)] = u
@@ -204,15 +237,36 @@ class _Run:
                         u.done = True
                         if f.exception() is not None:  # not an Exception (those are reported by the worker)
                             a = u.action
-                            self.record(Outcome(a.vm, a.host, a.kind, "failed", a.reasons, errors=[
-                                {"code": "internal", "message": f"{type(f.exception()).__name__}: {f.exception()}"}]))  # fmt: skip
+                            self.record(
+                                Outcome(
+                                    a.vm,
+                                    a.host,
+                                    a.kind,
+                                    "failed",
+                                    a.reasons,
+                                    errors=[
+                                        {
+                                            "code": "internal",
+                                            "message": f"{type(f.exception()).__name__}: {f.exception()}",
+                                        }
+                                    ],
+                                )
+                            )
                 except KeyboardInterrupt:
                     self.interrupt()
 
     def _not_started(self, u: _Unit) -> None:
         a = u.action
-        self.record(Outcome(a.vm, a.host, a.kind, "interrupted", a.reasons,
-                            errors=[{"code": "interrupted", "message": "not started: the apply was interrupted"}]))  # fmt: skip
+        self.record(
+            Outcome(
+                a.vm,
+                a.host,
+                a.kind,
+                "interrupted",
+                a.reasons,
+                errors=[{"code": "interrupted", "message": "not started: the apply was interrupted"}],
+            )
+        )
         u.done = True
 
     def interrupt(self) -> None:
@@ -237,20 +291,36 @@ class _Run:
             conn = self.connector.get(a.uri)
             if a.kind == "delete":
                 self._delete(conn, a)
-                self.record(Outcome(a.vm, a.host, a.kind, "deleted", a.reasons, timings={"delete": time.monotonic() - started}))
+                self.record(
+                    Outcome(a.vm, a.host, a.kind, "deleted", a.reasons, timings={"delete": time.monotonic() - started})
+                )
                 return
             if a.kind == "replace":
                 self._mark(a.deployment or "", a.vm, False)
                 self.destroy_owned(conn, a.vm, a.host)
             self._launch(conn, a)
         except ApplyInterrupted as exc:
-            self.record(Outcome(a.vm, a.host, a.kind, "interrupted", a.reasons, errors=[{"code": exc.code, "message": str(exc)}]))
+            self.record(
+                Outcome(
+                    a.vm, a.host, a.kind, "interrupted", a.reasons, errors=[{"code": exc.code, "message": str(exc)}]
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - one VM's failure is reported; the others go on
             code = getattr(exc, "code", None)
-            self.record(Outcome(a.vm, a.host, a.kind, "failed", a.reasons,
-                                errors=[{"code": code if isinstance(code, str) else type(exc).__name__, "message": str(exc)}]))  # fmt: skip
+            self.record(
+                Outcome(
+                    a.vm,
+                    a.host,
+                    a.kind,
+                    "failed",
+                    a.reasons,
+                    errors=[{"code": code if isinstance(code, str) else type(exc).__name__, "message": str(exc)}],
+                )
+            )
             if a.kind != "delete":
-                self.state.update_vm(a.vm, phase="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self.state.update_vm(
+                    a.vm, phase="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                )
 
     def destroy_owned(self, conn: libvirt.virConnect, name: str, host: str) -> bool:
         """Destroy ``name`` if it is this fleet's VM (checked again now); False when it is not there."""
@@ -259,8 +329,10 @@ class _Run:
         except NoSuchVmError:
             return False
         if meta.labels.get(inv.FLEET) != self.fleet.name:
-            raise FleetError(f"domain {name} on {host} is no longer fleet {self.fleet.name}'s VM; it is not touched",
-                             code="not-fleet-vm")  # fmt: skip
+            raise FleetError(
+                f"domain {name} on {host} is no longer fleet {self.fleet.name}'s VM; it is not touched",
+                code="not-fleet-vm",
+            )
         self.state.update_vm(name, phase="deleting")
         destroy(conn, name, records=VmRecords.beside(self.secrets))
         return True
@@ -278,12 +350,31 @@ class _Run:
         manifest = self.images.manifests[str(d.spec.image)]
         image_sha = self.images.shas[str(d.spec.image)]
         assert isinstance(image_sha, str)  # the plan skips VMs whose manifest cannot be read
-        labels = {inv.FLEET: self.fleet.name, inv.DEPLOYMENT: d.deployment, inv.REPLICA: str(d.index),
-                  inv.TEMPLATE: d.template, inv.HOST: d.host, inv.SPEC_HASH: d.spec_hash, inv.IMAGE_SHA: image_sha}  # fmt: skip
+        labels = {
+            inv.FLEET: self.fleet.name,
+            inv.DEPLOYMENT: d.deployment,
+            inv.REPLICA: str(d.index),
+            inv.TEMPLATE: d.template,
+            inv.HOST: d.host,
+            inv.SPEC_HASH: d.spec_hash,
+            inv.IMAGE_SHA: image_sha,
+        }
         self.state.remember_host(d.host, d.uri)
-        self.state.replace_vm(d.name, {"phase": "creating", "host": d.host, "uri": d.uri, "deployment": d.deployment,
-                                       "replica": d.index, "template": d.template, inv.SPEC_HASH: d.spec_hash,
-                                       inv.IMAGE_SHA: image_sha, "spec": spec_document(d.spec), "started_at": now()})  # fmt: skip
+        self.state.replace_vm(
+            d.name,
+            {
+                "phase": "creating",
+                "host": d.host,
+                "uri": d.uri,
+                "deployment": d.deployment,
+                "replica": d.index,
+                "template": d.template,
+                inv.SPEC_HASH: d.spec_hash,
+                inv.IMAGE_SHA: image_sha,
+                "spec": spec_document(d.spec),
+                "started_at": now(),
+            },
+        )
         with self._guard:
             self._inflight[d.name] = d.uri
 
@@ -293,11 +384,20 @@ class _Run:
                 raise ApplyInterrupted(f"interrupted during {event.phase}")
 
         try:
-            result = bringup.bring_up(d.spec, manifest, conn, trust=self.trust_for(d.spec.backend), secrets=self.secrets,
-                                      progress=progress, boot_timeout=self.options.boot_timeout,
-                                      ready_timeout=self.options.ready_timeout, labels=labels,
-                                      define_lock=self._define_lock(d.uri), login_check=not is_test_driver(d.uri),
-                                      poll=self.options.poll)  # fmt: skip
+            result = bringup.bring_up(
+                d.spec,
+                manifest,
+                conn,
+                trust=self.trust_for(d.spec.backend),
+                secrets=self.secrets,
+                progress=progress,
+                boot_timeout=self.options.boot_timeout,
+                ready_timeout=self.options.ready_timeout,
+                labels=labels,
+                define_lock=self._define_lock(d.uri),
+                login_check=not is_test_driver(d.uri),
+                poll=self.options.poll,
+            )
         except handshake.AttestationRefused as refused:
             self._refused(conn, a, refused)
             return
@@ -306,7 +406,11 @@ class _Run:
                 with suppress(Exception):
                     self.destroy_owned(conn, d.name, d.host)
                 self.state.update_vm(d.name, phase="interrupted", error="the apply was interrupted")
-                what = str(exc) if isinstance(exc, ApplyInterrupted) else f"interrupted ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                what = (
+                    str(exc)
+                    if isinstance(exc, ApplyInterrupted)
+                    else f"interrupted ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                )
                 raise ApplyInterrupted(f"{what}; the VM was removed") from None
             raise
         finally:
@@ -318,15 +422,37 @@ class _Run:
         digest = measurements_digest(verdict) or ""
         ready_at = now()
         try:
-            set_labels(conn.lookupByName(d.name), {inv.READY_AT: ready_at, inv.MEASUREMENTS: digest, inv.ENDPOINT: where})
+            set_labels(
+                conn.lookupByName(d.name), {inv.READY_AT: ready_at, inv.MEASUREMENTS: digest, inv.ENDPOINT: where}
+            )
         except libvirt.libvirtError as exc:
-            raise FleetError(f"VM {d.name} on {d.host} is up, but its labels cannot be written: {libvirt_message(exc)}") from None
-        self.state.update_vm(d.name, phase="ready", ready_at=ready_at, last_attested=verdict.get("verified_at"),
-                             tcb_status=verdict.get("tcb_status"), measurements_digest=digest, endpoint=where,
-                             reasons=[], error=None)  # fmt: skip
+            raise FleetError(
+                f"VM {d.name} on {d.host} is up, but its labels cannot be written: {libvirt_message(exc)}"
+            ) from None
+        self.state.update_vm(
+            d.name,
+            phase="ready",
+            ready_at=ready_at,
+            last_attested=verdict.get("verified_at"),
+            tcb_status=verdict.get("tcb_status"),
+            measurements_digest=digest,
+            endpoint=where,
+            reasons=[],
+            error=None,
+        )
         self._mark(d.deployment, d.name, True)
-        self.record(Outcome(a.vm, a.host, a.kind, "created" if a.kind == "create" else "replaced", a.reasons,
-                            verdict=verdict, endpoint=where, timings=dict(result.timings)))  # fmt: skip
+        self.record(
+            Outcome(
+                a.vm,
+                a.host,
+                a.kind,
+                "created" if a.kind == "create" else "replaced",
+                a.reasons,
+                verdict=verdict,
+                endpoint=where,
+                timings=dict(result.timings),
+            )
+        )
 
     def _refused(self, conn: libvirt.virConnect, a: Action, refused: handshake.AttestationRefused) -> None:
         reasons = [{"code": r.code, "message": r.message} for r in refused.reasons]
@@ -334,13 +460,31 @@ class _Run:
         if self.options.destroy_refused:
             with suppress(LaunchError, FleetError):
                 destroyed = self.destroy_owned(conn, a.vm, a.host)
-        self.state.update_vm(a.vm, phase="refused", reasons=[f"[{r['code']}] {r['message']}" for r in reasons],
-                             error=None, destroyed=destroyed)  # fmt: skip
+        self.state.update_vm(
+            a.vm,
+            phase="refused",
+            reasons=[f"[{r['code']}] {r['message']}" for r in reasons],
+            error=None,
+            destroyed=destroyed,
+        )
         note = "destroyed (--destroy-refused)" if destroyed else "left stopped"
-        self.record(Outcome(a.vm, a.host, a.kind, "refused", a.reasons,
-                            errors=[*reasons, {"code": "vm-" + ("destroyed" if destroyed else "stopped"),
-                                               "message": f"nothing was released; the VM is {note}"}],
-                            verdict=refused.verdict.to_dict() if refused.verdict else None))  # fmt: skip
+        self.record(
+            Outcome(
+                a.vm,
+                a.host,
+                a.kind,
+                "refused",
+                a.reasons,
+                errors=[
+                    *reasons,
+                    {
+                        "code": "vm-" + ("destroyed" if destroyed else "stopped"),
+                        "message": f"nothing was released; the VM is {note}",
+                    },
+                ],
+                verdict=refused.verdict.to_dict() if refused.verdict else None,
+            )
+        )
 
     # -- the rest ----------------------------------------------------------------------------
 
@@ -348,11 +492,24 @@ class _Run:
         for a in self.plan.actions:
             if a.kind == "keep":
                 endpoint = (a.actual.labels.get(inv.ENDPOINT) if a.actual else None) or None
-                self.outcomes[(a.vm, a.host)] = Outcome(a.vm, a.host, "keep", "unchanged", a.reasons, endpoint=endpoint,
-                                                        verdict=a.actual.attestation if a.actual else None)  # fmt: skip
+                self.outcomes[(a.vm, a.host)] = Outcome(
+                    a.vm,
+                    a.host,
+                    "keep",
+                    "unchanged",
+                    a.reasons,
+                    endpoint=endpoint,
+                    verdict=a.actual.attestation if a.actual else None,
+                )
             elif a.kind == "skip":
-                self.outcomes[(a.vm, a.host)] = Outcome(a.vm, a.host, "skip", "skipped", a.reasons,
-                                                        errors=[{"code": "skipped", "message": r} for r in a.reasons])  # fmt: skip
+                self.outcomes[(a.vm, a.host)] = Outcome(
+                    a.vm,
+                    a.host,
+                    "skip",
+                    "skipped",
+                    a.reasons,
+                    errors=[{"code": "skipped", "message": r} for r in a.reasons],
+                )
 
     def tidy_state(self) -> None:
         """Forget records of VMs that are neither asked for nor on their (reachable) host, and
@@ -394,10 +551,18 @@ def _trust_cache(trust_for: Callable[[str], Trust] | None) -> Callable[[str], Tr
     return get
 
 
-def apply(fleet: Fleet, *, connector: inv.Connector, secrets: SecretStore | None = None,
-          trust_for: Callable[[str], Trust] | None = None, state_dir: Path | None = None,
-          options: ApplyOptions = ApplyOptions(), progress: Progress = quiet,
-          cancel: threading.Event | None = None, confirm: Callable[[Plan], bool] | None = None) -> Report:  # fmt: skip
+def apply(
+    fleet: Fleet,
+    *,
+    connector: inv.Connector,
+    secrets: SecretStore | None = None,
+    trust_for: Callable[[str], Trust] | None = None,
+    state_dir: Path | None = None,
+    options: ApplyOptions = ApplyOptions(),
+    progress: Progress = quiet,
+    cancel: threading.Event | None = None,
+    confirm: Callable[[Plan], bool] | None = None,
+) -> Report:
     """Make the hosts match ``fleet`` (see the module doc); holds the fleet's lock throughout.
 
     ``confirm(plan)`` is called with the plan before anything changes (also when it
@@ -411,20 +576,42 @@ def apply(fleet: Fleet, *, connector: inv.Connector, secrets: SecretStore | None
         plan_now, images = build_plan(fleet, connector, state, secrets=secrets, parallel=max(options.parallel, 8))
         if confirm is not None and not confirm(plan_now):
             raise FleetError("apply cancelled: nothing was changed", code="cancelled")
-        run = _Run(fleet, plan_now, state, connector=connector, secrets=secrets,
-                   trust_for=_trust_cache(trust_for), images=images, options=options, progress=progress,
-                   cancel=cancel or threading.Event())  # fmt: skip
+        run = _Run(
+            fleet,
+            plan_now,
+            state,
+            connector=connector,
+            secrets=secrets,
+            trust_for=_trust_cache(trust_for),
+            images=images,
+            options=options,
+            progress=progress,
+            cancel=cancel or threading.Event(),
+        )
         run.report_untouched()
         run.execute()
         run.tidy_state()
         state.save(file=fleet.source, last_apply={"at": now(), "status": "interrupted" if run.interrupted else "done"})
-    return Report(fleet.name, "apply", plan_now, run.ordered_outcomes(), interrupted=run.interrupted,
-                  seconds=time.monotonic() - started)  # fmt: skip
+    return Report(
+        fleet.name,
+        "apply",
+        plan_now,
+        run.ordered_outcomes(),
+        interrupted=run.interrupted,
+        seconds=time.monotonic() - started,
+    )
 
 
-def destroy_fleet(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None,
-                  parallel: int = DEFAULT_PARALLEL, progress: Progress = quiet,
-                  confirm: Callable[[Plan], bool] | None = None, secrets: SecretStore | None = None) -> Report:  # fmt: skip
+def destroy_fleet(
+    fleet: Fleet,
+    *,
+    connector: inv.Connector,
+    state_dir: Path | None = None,
+    parallel: int = DEFAULT_PARALLEL,
+    progress: Progress = quiet,
+    confirm: Callable[[Plan], bool] | None = None,
+    secrets: SecretStore | None = None,
+) -> Report:
     """Destroy every VM of the fleet (found by its labels, on the file's hosts and those the
     state file knows), and the volumes interrupted applies left. Other domains are never
     touched. The state file goes once nothing of the fleet is left."""
@@ -433,20 +620,40 @@ def destroy_fleet(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | N
     secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "destroy"):
         state = FleetState.load(folder, fleet.name)
-        views = inv.survey(connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets),
-                           parallel=max(parallel, 8))  # fmt: skip
+        views = inv.survey(
+            connector,
+            fleet.name,
+            survey_hosts(fleet, state),
+            records=VmRecords.beside(secrets),
+            parallel=max(parallel, 8),
+        )
         empty = Fleet(name=fleet.name, source=fleet.source, hosts={}, templates={}, deployments={})
         plan_now = make_plan(fleet.name, [], views, file_hosts=set(), image_shas={}, records=state.vms())
         plan_now = Plan(plan_now.fleet, tuple(_destroy_reason(a) for a in plan_now.actions), plan_now.hosts)
         if confirm is not None and not confirm(plan_now):
             raise FleetError("destroy cancelled: nothing was changed", code="cancelled")
-        run = _Run(empty, plan_now, state, connector=connector, secrets=secrets, trust_for=_trust_cache(None),
-                   images=Images({}, {}), options=ApplyOptions(parallel=parallel), progress=progress,
-                   cancel=threading.Event())  # fmt: skip
+        run = _Run(
+            empty,
+            plan_now,
+            state,
+            connector=connector,
+            secrets=secrets,
+            trust_for=_trust_cache(None),
+            images=Images({}, {}),
+            options=ApplyOptions(parallel=parallel),
+            progress=progress,
+            cancel=threading.Event(),
+        )
         run.report_untouched()
         run.execute()
-        report = Report(fleet.name, "destroy", plan_now, run.ordered_outcomes(), interrupted=run.interrupted,
-                        seconds=time.monotonic() - started)  # fmt: skip
+        report = Report(
+            fleet.name,
+            "destroy",
+            plan_now,
+            run.ordered_outcomes(),
+            interrupted=run.interrupted,
+            seconds=time.monotonic() - started,
+        )
         if report.status == "ok":
             state.path.unlink(missing_ok=True)
         else:
@@ -457,4 +664,6 @@ def destroy_fleet(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | N
 def _destroy_reason(a: Action) -> Action:
     if a.kind != "delete" or a.actual is None:
         return a
-    return Action("delete", vm=a.vm, host=a.host, uri=a.uri, deployment=a.deployment, reasons=("fleet destroy",), actual=a.actual)
+    return Action(
+        "delete", vm=a.vm, host=a.host, uri=a.uri, deployment=a.deployment, reasons=("fleet destroy",), actual=a.actual
+    )

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tdxvm.secretstore import SecretStore
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet.plan import Action, Plan
 from tdxvm.fleet.outcome import Report
+from tdxvm.fleet.plan import Action, Plan
 from tdxvm.fleet.planner import build_plan
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState, default_state_dir
+from tdxvm.secretstore import SecretStore
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,40 @@ def _row(a: Action, record: dict[str, Any] | None) -> VmRow:
     sync = {"keep": "in sync", "skip": "unknown"}.get(a.kind, a.kind)
     if a.actual is not None:
         att = a.actual.attestation or {}
-        return VmRow(vm=a.vm, deployment=a.deployment, host=a.host, state=a.actual.state, verdict=att.get("verdict"),
-                     tcb_status=att.get("tcb_status"), measurements_digest=a.actual.labels.get(inv.MEASUREMENTS) or None,
-                     endpoint=a.actual.labels.get(inv.ENDPOINT) or None,
-                     last_attested=att.get("recorded_at") or att.get("verified_at"), sync=sync, reasons=a.reasons)  # fmt: skip
+        return VmRow(
+            vm=a.vm,
+            deployment=a.deployment,
+            host=a.host,
+            state=a.actual.state,
+            verdict=att.get("verdict"),
+            tcb_status=att.get("tcb_status"),
+            measurements_digest=a.actual.labels.get(inv.MEASUREMENTS) or None,
+            endpoint=a.actual.labels.get(inv.ENDPOINT) or None,
+            last_attested=att.get("recorded_at") or att.get("verified_at"),
+            sync=sync,
+            reasons=a.reasons,
+        )
     view_state = "unknown" if a.kind == "skip" and "unreachable" in " ".join(a.reasons) else "missing"
     r = record or {}
     verdict = {"ready": "accept", "refused": "reject"}.get(r.get("phase", ""))
-    return VmRow(vm=a.vm, deployment=a.deployment, host=a.host,
-                 state=view_state + (" (last recorded)" if view_state == "unknown" and r else ""),
-                 verdict=verdict if view_state == "unknown" else None,
-                 tcb_status=r.get("tcb_status") if view_state == "unknown" else None,
-                 measurements_digest=r.get("measurements_digest") if view_state == "unknown" else None,
-                 endpoint=r.get("endpoint") if view_state == "unknown" else None,
-                 last_attested=r.get("last_attested") if view_state == "unknown" else None, sync=sync, reasons=a.reasons)  # fmt: skip
+    return VmRow(
+        vm=a.vm,
+        deployment=a.deployment,
+        host=a.host,
+        state=view_state + (" (last recorded)" if view_state == "unknown" and r else ""),
+        verdict=verdict if view_state == "unknown" else None,
+        tcb_status=r.get("tcb_status") if view_state == "unknown" else None,
+        measurements_digest=r.get("measurements_digest") if view_state == "unknown" else None,
+        endpoint=r.get("endpoint") if view_state == "unknown" else None,
+        last_attested=r.get("last_attested") if view_state == "unknown" else None,
+        sync=sync,
+        reasons=a.reasons,
+    )
 
 
-def fleet_status(fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None,
-                 secrets: SecretStore | None = None) -> FleetStatus:  # fmt: skip
+def fleet_status(
+    fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None
+) -> FleetStatus:
     """Each VM of the fleet as the hosts and the controller's records (beside ``secrets``) have it."""
     state = FleetState.load(state_dir or default_state_dir(), fleet.name)
     plan, _ = build_plan(fleet, connector, state, secrets=secrets or SecretStore())
@@ -94,8 +110,19 @@ def status_lines(st: FleetStatus) -> list[str]:
         return [f"fleet {st.fleet}: no VMs asked for or found"]
     rows = [("VM", "HOST", "STATE", "ATTESTATION", "TCB", "MEASUREMENTS", "ENDPOINT", "LAST ATTESTED", "SYNC")]
     for r in st.rows:
-        rows.append((r.vm, r.host, r.state, r.verdict or "-", r.tcb_status or "-", (r.measurements_digest or "-")[:16],
-                     r.endpoint or "-", r.last_attested or "-", r.sync))  # fmt: skip
+        rows.append(
+            (
+                r.vm,
+                r.host,
+                r.state,
+                r.verdict or "-",
+                r.tcb_status or "-",
+                (r.measurements_digest or "-")[:16],
+                r.endpoint or "-",
+                r.last_attested or "-",
+                r.sync,
+            )
+        )
     out = table(rows)
     for host, error in st.unreachable.items():
         out.append(f"host {host} unreachable: {error.splitlines()[0]}")
@@ -107,8 +134,10 @@ _MARK = {"create": "+", "replace": "~", "delete": "-", "skip": "!", "keep": " "}
 
 def plan_lines(plan: Plan, *, all_vms: bool = False) -> list[str]:
     c = plan.counts()
-    head = (f"fleet {plan.fleet}: {c['create']} to create, {c['replace']} to replace, {c['delete']} to delete, "
-            f"{c['keep']} unchanged" + (f", {c['skip']} cannot be handled now" if c["skip"] else ""))  # fmt: skip
+    head = (
+        f"fleet {plan.fleet}: {c['create']} to create, {c['replace']} to replace, {c['delete']} to delete, "
+        f"{c['keep']} unchanged" + (f", {c['skip']} cannot be handled now" if c["skip"] else "")
+    )
     out = [head]
     shown = [a for a in plan.actions if all_vms or a.kind != "keep"]
     if shown:
@@ -139,6 +168,9 @@ def report_lines(report: Report) -> list[str]:
     if report.status == "interrupted":
         out.append("interrupted: VMs being brought up were removed; run the apply again to finish (it converges)")
     if report.status == "partial":
-        out.append("not everything was handled; run the apply again once the hosts answer (it finishes the job)"
-                   if report.command == "apply" else "not everything was removed; run destroy again once the hosts answer")  # fmt: skip
+        out.append(
+            "not everything was handled; run the apply again once the hosts answer (it finishes the job)"
+            if report.command == "apply"
+            else "not everything was removed; run destroy again once the hosts answer"
+        )
     return out

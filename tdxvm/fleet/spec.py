@@ -93,15 +93,20 @@ def _resolve_paths(data: Any) -> Any:
         if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
             out[key] = str(folder / Path(value).expanduser())
     model = out.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str) and not Path(model["path"]).expanduser().is_absolute():
+    if (
+        isinstance(model, dict)
+        and isinstance(model.get("path"), str)
+        and not Path(model["path"]).expanduser().is_absolute()
+    ):
         out["model"] = {**model, "path": str(folder / Path(model["path"]).expanduser())}
     return out
 
 
 def _dns_label(value: str, what: str) -> str:
     if not _DNS_LABEL.match(value) or len(value) > 40:
-        raise ValueError(f"{value!r}: a {what} name is lowercase letters, digits and '-' (not at either end), "
-                         "at most 40 characters")  # fmt: skip
+        raise ValueError(
+            f"{value!r}: a {what} name is lowercase letters, digits and '-' (not at either end), at most 40 characters"
+        )
     return value
 
 
@@ -151,7 +156,9 @@ class Override(_OverrideBase):  # type: ignore[misc, valid-type]
 
 def model_input(model: BaseModel) -> dict[str, Any]:
     """The keys given to ``model``, as values its schema accepts again (SHA-384s as hex)."""
-    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in ((k, getattr(model, k)) for k in model.model_fields_set)}
+    return {
+        k: (v.hex() if isinstance(v, bytes) else v) for k, v in ((k, getattr(model, k)) for k in model.model_fields_set)
+    }
 
 
 class Deployment(BaseModel):
@@ -183,7 +190,9 @@ class Deployment(BaseModel):
         if hosts is not None:
             unknown = [h for h in names if h not in hosts]
             if unknown:
-                raise ValueError(f"unknown host {', '.join(unknown)} (spec.hosts defines: {', '.join(sorted(hosts)) or 'none'})")
+                raise ValueError(
+                    f"unknown host {', '.join(unknown)} (spec.hosts defines: {', '.join(sorted(hosts)) or 'none'})"
+                )
         return value
 
     @field_validator("overrides")
@@ -199,8 +208,10 @@ class Deployment(BaseModel):
                 try:
                     Template.model_validate(merged)
                 except ValueError as exc:  # pydantic's ValidationError is a ValueError
-                    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-                                         for e in exc.errors())  # type: ignore[attr-defined]  # fmt: skip
+                    problems = "; ".join(
+                        f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors()
+                    )  # type: ignore[attr-defined]
                     raise ValueError(f"{host}: the template with this override is not a valid VM: {problems}") from None
         return value
 
@@ -209,8 +220,10 @@ class Deployment(BaseModel):
         if isinstance(self.placement, dict):
             total = sum(self.placement.values())
             if self.replicas is not None and self.replicas != total:
-                raise ValueError(f"replicas is {self.replicas} but the placement puts {total} on hosts; make them agree "
-                                 "(or leave replicas out)")  # fmt: skip
+                raise ValueError(
+                    f"replicas is {self.replicas} but the placement puts {total} on hosts; make them agree "
+                    "(or leave replicas out)"
+                )
         elif self.replicas is None:
             raise ValueError("replicas is missing (how many VMs of the template)")
         return self
@@ -252,7 +265,9 @@ class FleetSpec(BaseModel):
     @classmethod
     def _hosts(cls, value: dict[str, str]) -> dict[str, str]:
         if not value:
-            raise ValueError("expected at least one host: name -> libvirt URI (qemu:///system, qemu+ssh://user@host/system)")
+            raise ValueError(
+                "expected at least one host: name -> libvirt URI (qemu:///system, qemu+ssh://user@host/system)"
+            )
         for name, uri in value.items():
             _dns_label(name, "host")
             problem = uri_problem(uri)
@@ -277,8 +292,10 @@ class FleetSpec(BaseModel):
             _dns_label(str(name), "deployment")
             longest = f"{fleet}-{name}-{MAX_REPLICAS - 1}"
             if len(longest) > VM_NAME_MAX:
-                raise ValueError(f"deployment {name}: VM names like {longest} would be longer than {VM_NAME_MAX} "
-                                 "characters; shorten the fleet or deployment name")  # fmt: skip
+                raise ValueError(
+                    f"deployment {name}: VM names like {longest} would be longer than {VM_NAME_MAX} "
+                    "characters; shorten the fleet or deployment name"
+                )
         hosts = info.data.get("hosts")
         token = _with(hosts=frozenset(hosts) if hosts is not None else None, templates=info.data.get("templates"))
         try:
@@ -363,8 +380,13 @@ class Fleet:
 
     @classmethod
     def from_file(cls, doc: FleetFile, source: str) -> Fleet:
-        return cls(name=doc.metadata.name, source=source, hosts=dict(doc.spec.hosts), templates=dict(doc.spec.templates),
-                   deployments=dict(doc.spec.deployments))  # fmt: skip
+        return cls(
+            name=doc.metadata.name,
+            source=source,
+            hosts=dict(doc.spec.hosts),
+            templates=dict(doc.spec.templates),
+            deployments=dict(doc.spec.deployments),
+        )
 
     def desired(self) -> list[DesiredVm]:
         """Every VM the file asks for, by deployment then index."""
@@ -382,8 +404,16 @@ class Fleet:
                 name = vm_name(self.name, dname, i)
                 values = merged.get(host, base)
                 spec = VmSpec.model_validate({**values, "name": name, "uri": self.hosts[host]})
-                yield DesiredVm(name=name, deployment=dname, index=i, template=dep.template, host=host,
-                                uri=self.hosts[host], spec=spec, spec_hash=spec_hash(spec))  # fmt: skip
+                yield DesiredVm(
+                    name=name,
+                    deployment=dname,
+                    index=i,
+                    template=dep.template,
+                    host=host,
+                    uri=self.hosts[host],
+                    spec=spec,
+                    spec_hash=spec_hash(spec),
+                )
 
 
 def _load(call: Any, folder: Path | None) -> FleetFile:

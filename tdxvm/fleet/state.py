@@ -83,10 +83,12 @@ class FleetLock:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise FleetStateError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
-            raise FleetLocked(f"fleet {self.fleet} is locked: another {holder.get('command', 'apply')} holds {self.path} "
-                              f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
-                              f"{holder.get('since', '?')}); wait for it to finish. The lock goes away with its "
-                              "process, so it is never stale") from None  # fmt: skip
+            raise FleetLocked(
+                f"fleet {self.fleet} is locked: another {holder.get('command', 'apply')} holds {self.path} "
+                f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+                f"{holder.get('since', '?')}); wait for it to finish. The lock goes away with its "
+                "process, so it is never stale"
+            ) from None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "command": f"tdxvm {self.command}"}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
@@ -131,8 +133,10 @@ class FleetState:
         except FileNotFoundError:
             return cls(path, {"format": FORMAT, "fleet": fleet, "hosts": {}, "vms": {}})
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise FleetStateError(f"fleet state {path} cannot be read ({exc}); move it away to start from what libvirt "
-                                  "holds (VMs that are still defined are found by their labels)") from None  # fmt: skip
+            raise FleetStateError(
+                f"fleet state {path} cannot be read ({exc}); move it away to start from what libvirt "
+                "holds (VMs that are still defined are found by their labels)"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("fleet") != fleet:
             raise FleetStateError(f"fleet state {path} is not the state of fleet {fleet} (format {FORMAT})")
         data.setdefault("hosts", {})

@@ -102,7 +102,9 @@ def tls_spki(path: Path) -> bytes:
         else:
             public = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
-        raise AgentError(f"TLS key {path}: not a PEM certificate, public key or unencrypted private key", code="tls-key") from None
+        raise AgentError(
+            f"TLS key {path}: not a PEM certificate, public key or unencrypted private key", code="tls-key"
+        ) from None
     return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -127,7 +129,9 @@ def controller_key(path: Path) -> bytes:
         text = path.read_text(encoding="ascii").strip()
         raw = bytes.fromhex(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AgentError(f"controller key {path}: {getattr(exc, 'strerror', None) or exc}", code="controller-key") from None
+        raise AgentError(
+            f"controller key {path}: {getattr(exc, 'strerror', None) or exc}", code="controller-key"
+        ) from None
     if len(raw) != 32:
         raise AgentError(f"controller key {path}: expected 64 hex digits (an X25519 public key)", code="controller-key")
     return raw
@@ -230,7 +234,7 @@ class Session:
         except ValueError:
             raise wire.WireError(f"nonce: expected {2 * NONCE_SIZE} hex digits") from None
         if qgs is not None and not isinstance(qgs, str):
-            raise wire.WireError("qgs: expected \"HOST:PORT\" or null")
+            raise wire.WireError('qgs: expected "HOST:PORT" or null')
         key = X25519PrivateKey.generate()
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         keys = {**self.agent.public_keys(), wire.X25519_KEY: raw}
@@ -250,11 +254,15 @@ class Session:
 
     def secret(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._key is None or self._nonce is None:
-            raise AgentError("no attest on this connection yet: a secret is sealed to the key of an attest", code="no-attest")
+            raise AgentError(
+                "no attest on this connection yet: a secret is sealed to the key of an attest", code="no-attest"
+            )
         name = wire.check_secret_name(request.get("name"))
         sealed = wire.unb64(request.get("sealed"), "sealed")
         try:
-            plaintext = open_sealed(sealed, self._key, info=wire.secret_info(name, self._nonce), sender=self.agent.controller_key)
+            plaintext = open_sealed(
+                sealed, self._key, info=wire.secret_info(name, self._nonce), sender=self.agent.controller_key
+            )
         except EnvelopeError as exc:
             log.warning("refused secret %r: %s", name, exc)
             raise SecretRefused(f"secret {name!r}: {exc}") from None
@@ -328,8 +336,15 @@ class AgentServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, agent: Agent, host: str = "0.0.0.0", port: int = wire.DEFAULT_PORT, *,
-                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        agent: Agent,
+        host: str = "0.0.0.0",
+        port: int = wire.DEFAULT_PORT,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.agent, self.idle_timeout, self.max_connections = agent, idle_timeout, max_connections
         self._open, self._count_lock = 0, threading.Lock()
@@ -358,7 +373,9 @@ class AgentServer(socketserver.ThreadingTCPServer):
 
     def start(self) -> AgentServer:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="tdxvm-agent", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="tdxvm-agent", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -390,36 +407,59 @@ def listen_address(text: str) -> tuple[str, int]:
 
 
 def common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qgs", metavar="HOST:PORT", help="emulated quote service, when the guest has neither configfs-tsm nor "
-                   "/dev/tdx_guest and the controller names none")  # fmt: skip
-    p.add_argument("--controller-key", type=Path, default=DEFAULT_CONTROLLER_KEY,
-                   help="the controller's release public key (hex); secrets open only if it sealed them")  # fmt: skip
+    p.add_argument(
+        "--qgs",
+        metavar="HOST:PORT",
+        help="emulated quote service, when the guest has neither configfs-tsm nor "
+        "/dev/tdx_guest and the controller names none",
+    )
+    p.add_argument(
+        "--controller-key",
+        type=Path,
+        default=DEFAULT_CONTROLLER_KEY,
+        help="the controller's release public key (hex); secrets open only if it sealed them",
+    )
     p.add_argument("--root", type=Path, default=Path("/"), help="where the guest's /sys and /dev are (tests)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.agent", description="tdxvm guest agent: attestation and secrets")
+    p = argparse.ArgumentParser(
+        prog="python3 -m tdxvm.guest.agent", description="tdxvm guest agent: attestation and secrets"
+    )
     p.add_argument("--port", type=int, default=wire.DEFAULT_PORT, help="TCP port on every address (default 7300)")
     p.add_argument("--listen", type=listen_address, metavar="ADDR:PORT", help="listen here instead of on --port")
     p.add_argument("--secrets-dir", type=Path, default=DEFAULT_SECRETS_DIR)
-    p.add_argument("--ssh-host-key", type=Path, help="OpenSSH public host key to bind (e.g. /etc/ssh/ssh_host_ed25519_key.pub)")
-    p.add_argument("--tls-key", type=Path, default=DEFAULT_TLS_KEY,
-                   help="PEM certificate or key of the inference service, bound when it exists")  # fmt: skip
+    p.add_argument(
+        "--ssh-host-key", type=Path, help="OpenSSH public host key to bind (e.g. /etc/ssh/ssh_host_ed25519_key.pub)"
+    )
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=DEFAULT_TLS_KEY,
+        help="PEM certificate or key of the inference service, bound when it exists",
+    )
     common_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="tdxvm-agent: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="tdxvm-agent: %(levelname)s %(message)s"
+    )
     try:
         controller = controller_key(args.controller_key)
     except AgentError as exc:
         log.error("%s; no secret can be accepted without it", exc)
         return 2
-    agent = Agent(on_secret=SecretsDir(args.secrets_dir), controller_key=controller,
-                  public_keys=system_keys(args.ssh_host_key, args.tls_key), root=args.root, default_qgs=args.qgs)  # fmt: skip
+    agent = Agent(
+        on_secret=SecretsDir(args.secrets_dir),
+        controller_key=controller,
+        public_keys=system_keys(args.ssh_host_key, args.tls_key),
+        root=args.root,
+        default_qgs=args.qgs,
+    )
     host, port = args.listen or ("0.0.0.0", args.port)
     try:
         server = AgentServer(agent, host, port)

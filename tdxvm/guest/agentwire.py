@@ -46,7 +46,9 @@ def secret_info(name: str, nonce: bytes) -> bytes:
 def check_secret_name(name: Any) -> str:
     """``name`` if it is a usable secret name (a file name: letters, digits, ``.``, ``_``, ``-``)."""
     if not isinstance(name, str) or not _SECRET_NAME.match(name):
-        raise WireError(f"secret name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise WireError(
+            f"secret name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 

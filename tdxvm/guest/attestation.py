@@ -56,15 +56,23 @@ def parse_nonce(value: str | None) -> bytes:
         raise RequestError(f"nonce: missing; pass ?nonce=<{want}>", param="nonce", code="missing_nonce")
     if len(value) != 2 * NONCE_SIZE or not set(value) <= _HEX:
         shown = value if len(value) <= 80 else value[:77] + "..."
-        raise RequestError(f"nonce: expected {want}, got {len(value)} characters {shown!r}", param="nonce", code="invalid_nonce")
+        raise RequestError(
+            f"nonce: expected {want}, got {len(value)} characters {shown!r}", param="nonce", code="invalid_nonce"
+        )
     return bytes.fromhex(value)
 
 
 class Attester:
     """Answers attestation requests for one set of service keys (name → public key bytes)."""
 
-    def __init__(self, provider: QuoteProvider, keys: Mapping[str, bytes], *, event_log: Path | None = CCEL_DATA,
-                 rtmr3_log: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        provider: QuoteProvider,
+        keys: Mapping[str, bytes],
+        *,
+        event_log: Path | None = CCEL_DATA,
+        rtmr3_log: Path | None = None,
+    ) -> None:
         self.provider, self.keys, self.rtmr3_log = provider, dict(keys), rtmr3_log
         self._event_log_path, self._event_log, self._event_log_read = event_log, None, False
         self._lock = threading.Lock()  # one quote at a time: configfs-tsm has one report entry per process
@@ -94,9 +102,16 @@ class Attester:
             raise RequestError(str(exc), status=503, type="service_unavailable", code="rtmr3_log_unavailable") from None
         except Exception as exc:  # the provider's own typed error, whatever the backend
             log.error("quote provider %s failed: %s", name, exc)
-            raise RequestError(f"quote provider {name} failed: {exc}", status=503, type="service_unavailable", code="quote_unavailable") from None
+            raise RequestError(
+                f"quote provider {name} failed: {exc}", status=503, type="service_unavailable", code="quote_unavailable"
+            ) from None
         if not isinstance(quote, bytes | bytearray) or not quote:
-            raise RequestError(f"quote provider {name} returned no quote", status=503, type="service_unavailable", code="quote_unavailable")
+            raise RequestError(
+                f"quote provider {name} returned no quote",
+                status=503,
+                type="service_unavailable",
+                code="quote_unavailable",
+            )
         events = self.event_log()
         return {
             "quote": _b64(bytes(quote)),

@@ -42,7 +42,15 @@ _PROMPT_CONTEXT = 5  # prompt tokens that open the first decoding window
 class RequestError(TdxvmError):
     """A request the engine refuses; the server answers it with ``status`` and OpenAI's error shape."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None, type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
 
@@ -146,7 +154,9 @@ class StopMatcher:
         if cut >= 0:
             self.hit, self._held = True, ""
             return buf[:cut]
-        keep = max((k for s in self._stops for k in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:k])), default=0)
+        keep = max(
+            (k for s in self._stops for k in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:k])), default=0
+        )
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]
 
@@ -212,7 +222,13 @@ class Engine:
         eos = model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         pad = model.generation_config.pad_token_id
-        self._pad = pad if pad is not None else tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        self._pad = (
+            pad
+            if pad is not None
+            else tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else min(self._eos, default=0)
+        )
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.current_thread()
 
@@ -226,7 +242,9 @@ class Engine:
         return engine
 
     @classmethod
-    def spawn(cls, config: EngineConfig, ready: Callable[[Engine], None], failed: Callable[[Exception], None]) -> threading.Thread:
+    def spawn(
+        cls, config: EngineConfig, ready: Callable[[Engine], None], failed: Callable[[Exception], None]
+    ) -> threading.Thread:
         """Load the model on a new thread that then serves the requests; call ``ready`` or ``failed``."""
 
         def main() -> None:
@@ -263,12 +281,23 @@ class Engine:
         """Return ``max_tokens`` (or what is left of the context) after checking the context length."""
         n, ctx = len(prompt), self.context_length
         if n >= ctx:
-            raise RequestError(f"This model's maximum context length is {ctx} tokens. However, your {param} has {n} tokens.", param=param, code="context_length_exceeded")
+            raise RequestError(
+                f"This model's maximum context length is {ctx} tokens. However, your {param} has {n} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             return ctx - n
         if n + max_tokens > ctx:
-            msg = f"However, you requested {n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). Please reduce the length of the {param} or the completion."
-            raise RequestError(f"This model's maximum context length is {ctx} tokens. {msg}", param="max_tokens", code="context_length_exceeded")
+            msg = (
+                f"However, you requested {n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {param} or the completion."
+            )
+            raise RequestError(
+                f"This model's maximum context length is {ctx} tokens. {msg}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return max_tokens
 
     # -- requests -----------------------------------------------------------------------
@@ -279,7 +308,11 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Job:
         """Queue a request; ``sink`` then receives its Token events, and one Done or Failed."""
         if self._queue.qsize() >= self.config.max_waiting:
-            raise RequestError(f"server busy: {self.config.max_waiting} requests are already waiting", status=503, type="server_overloaded")
+            raise RequestError(
+                f"server busy: {self.config.max_waiting} requests are already waiting",
+                status=503,
+                type="server_overloaded",
+            )
         job = Job(prompt, params, sink)
         self._queue.put(job)
         return job
@@ -317,7 +350,14 @@ class Engine:
             torch.manual_seed(p.seed)
         hook = _hook_class()(job, self.tokenizer)
         criteria = StoppingCriteriaList([hook])
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens, stopping_criteria=criteria, pad_token_id=self._pad, **sampling)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=p.max_tokens,
+            stopping_criteria=criteria,
+            pad_token_id=self._pad,
+            **sampling,
+        )
         n = out.shape[1] - ids.shape[1]
         tail = hook.stops.push(hook.detok.flush())
         tail += hook.stops.flush() if not hook.stops.hit else ""

@@ -76,8 +76,9 @@ def _auth_shared_secret(dh: bytes, enc: bytes, recipient: bytes, sender: bytes) 
     return _labeled_expand(_KEM_SUITE, prk, b"shared_secret", enc + recipient + sender, 32)
 
 
-def _key_and_nonce(shared_secret: bytes, info: bytes, *, aead_id: int = AEAD_ID, key_size: int = KEY_SIZE,
-                   mode: int = MODE_AUTH) -> tuple[bytes, bytes]:  # fmt: skip
+def _key_and_nonce(
+    shared_secret: bytes, info: bytes, *, aead_id: int = AEAD_ID, key_size: int = KEY_SIZE, mode: int = MODE_AUTH
+) -> tuple[bytes, bytes]:
     """KeySchedule (RFC 9180 §5.1) without a PSK; ``aead_id``/``key_size`` only vary in tests."""
     suite = b"HPKE" + struct.pack(">HHH", KEM_ID, KDF_ID, aead_id)
     psk_id_hash = _labeled_extract(suite, b"", b"psk_id_hash", b"")
@@ -127,5 +128,7 @@ def open_sealed(blob: bytes, private_key: X25519PrivateKey, *, info: bytes, send
     try:
         return AESGCM(key).decrypt(nonce, ciphertext, b"")
     except InvalidTag:
-        raise EnvelopeError("sealed secret does not open: not sealed by the controller's release key, "
-                            "for another purpose or key, or tampered") from None  # fmt: skip
+        raise EnvelopeError(
+            "sealed secret does not open: not sealed by the controller's release key, "
+            "for another purpose or key, or tampered"
+        ) from None

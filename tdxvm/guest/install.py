@@ -109,9 +109,19 @@ def installed_upload(marker: Path | None = None, model_dir: Path | None = None) 
     return text if (model_dir / "config.json").is_file() else None
 
 
-def install(upload: Path, *, name: str, dtype: str, threads: int | None, qgs: str | None, key_file: Path | None = None,
-            model_dir: Path | None = None, marker: Path | None = None, env_file: Path | None = None,
-            lock_timeout: float = LOCK_TIMEOUT) -> dict:  # fmt: skip
+def install(
+    upload: Path,
+    *,
+    name: str,
+    dtype: str,
+    threads: int | None,
+    qgs: str | None,
+    key_file: Path | None = None,
+    model_dir: Path | None = None,
+    marker: Path | None = None,
+    env_file: Path | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> dict:
     """Install ``upload`` (see the module doc); paths default to the guest's."""
     env = serve_env(name, dtype, threads, qgs)  # refuse bad arguments before touching anything
     key_file = key_file or SECRETS_DIR / key_secret_name(upload.name)
@@ -128,12 +138,21 @@ def _install(upload: Path, env: bytes, *, key_file: Path, model_dir: Path, marke
         env_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(env_file, env, mode=0o644)
         files, size = _tree_size(model_dir)
-        return {"ok": True, "installed": str(model_dir), "upload": upload.name, "files": files, "bytes": size,
-                "seconds": round(time.monotonic() - started, 3), "already": True}  # fmt: skip
+        return {
+            "ok": True,
+            "installed": str(model_dir),
+            "upload": upload.name,
+            "files": files,
+            "bytes": size,
+            "seconds": round(time.monotonic() - started, 3),
+            "already": True,
+        }
     try:
         key = key_file.read_bytes()
     except FileNotFoundError:
-        raise InstallError(f"{key_file}: no model key (the controller releases it through the agent first)", code="no-key") from None
+        raise InstallError(
+            f"{key_file}: no model key (the controller releases it through the agent first)", code="no-key"
+        ) from None
     if len(key) != 32:
         raise InstallError(f"{key_file}: {len(key)} bytes, expected a 32-byte model key", code="no-key")
     marker.unlink(missing_ok=True)  # from here until the new marker, no upload counts as installed
@@ -143,8 +162,14 @@ def _install(upload: Path, env: bytes, *, key_file: Path, model_dir: Path, marke
     shutil.rmtree(upload, ignore_errors=True)
     env_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(env_file, env, mode=0o644)
-    return {"ok": True, "installed": str(model_dir), "upload": upload.name, "files": len(entries),
-            "bytes": sum(e.size for e in entries), "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+    return {
+        "ok": True,
+        "installed": str(model_dir),
+        "upload": upload.name,
+        "files": len(entries),
+        "bytes": sum(e.size for e in entries),
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def configure(*, name: str, dtype: str, threads: int | None, qgs: str | None, env_file: Path | None = None) -> dict:
@@ -161,7 +186,9 @@ def configure(*, name: str, dtype: str, threads: int | None, qgs: str | None, en
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.install", description="Install a received model (see the module doc).")
+    p = argparse.ArgumentParser(
+        prog="python3 -m tdxvm.guest.install", description="Install a received model (see the module doc)."
+    )
     p.add_argument("--upload", type=Path, help="a complete upload folder (DEST/<upload id>)")
     p.add_argument("--check", metavar="UPLOAD_ID", help="only say whether this upload is the installed model")
     p.add_argument("--name", help="model name clients pass as `model`")
@@ -183,7 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result = install(args.upload, name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
     except (InstallError, StagingError, WeightsError, scratch.ScratchError, OSError) as exc:
-        code = "weights" if isinstance(exc, WeightsError) else "scratch" if isinstance(exc, scratch.ScratchError) else getattr(exc, "code", "os-error")
+        code = (
+            "weights"
+            if isinstance(exc, WeightsError)
+            else "scratch"
+            if isinstance(exc, scratch.ScratchError)
+            else getattr(exc, "code", "os-error")
+        )
         print(json.dumps({"ok": False, "code": code, "error": str(exc)}), flush=True)
         return EXIT_USAGE if code == "usage" else EXIT_FAILED
     print(json.dumps(result), flush=True)

@@ -52,7 +52,9 @@ def digest_of_entries(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
         if path == previous:
             raise ModelDigestError(f"{path.decode()!r} is listed twice")
         if len(sha) != DIGEST_SIZE or size < 0:
-            raise ModelDigestError(f"{path.decode()!r}: expected a 32-byte SHA-256 and a size, got {len(sha)} bytes and {size}")
+            raise ModelDigestError(
+                f"{path.decode()!r}: expected a 32-byte SHA-256 and a size, got {len(sha)} bytes and {size}"
+            )
         h.update(struct.pack(">I", len(path)) + path + struct.pack(">Q", size) + sha)
         previous = path
     return h.digest()
@@ -100,7 +102,9 @@ def parse_digest(text: str) -> bytes:
     """A model digest from ``sha256:HEX`` or ``HEX`` (64 hex digits); ValueError otherwise."""
     raw = text.strip().lower().removeprefix(PREFIX)
     if len(raw) != 2 * DIGEST_SIZE:
-        raise ValueError(f"expected {2 * DIGEST_SIZE} hex digits (a SHA-256), optionally after {PREFIX!r}; got {text!r}")
+        raise ValueError(
+            f"expected {2 * DIGEST_SIZE} hex digits (a SHA-256), optionally after {PREFIX!r}; got {text!r}"
+        )
     try:
         return bytes.fromhex(raw)
     except ValueError:

@@ -180,7 +180,11 @@ class Receiver:
                 raise WireError(f"segment names file {file_index}, the manifest has {len(m.files)}", code="protocol")
             f = m.files[file_index]
             if count == 0 or first + count > f.blocks(m.block_size):
-                raise WireError(f"{f.name}: segment of blocks {first}..{first + count} is outside the file's {f.blocks(m.block_size)} blocks", code="protocol")
+                raise WireError(
+                    f"{f.name}: segment of blocks {first}..{first + count} "
+                    f"is outside the file's {f.blocks(m.block_size)} blocks",
+                    code="protocol",
+                )
             for b in range(first, first + count):
                 n = m.block_len(file_index, b)
                 data = block_view[:n]
@@ -189,13 +193,17 @@ class Receiver:
                 if not self.mac.verify(file_index, b, data, tag):
                     off = b * m.block_size
                     raise WireError(
-                        f"{f.name}: block {b} (bytes {off}..{off + n}) fails its tag: altered in transit, or not sent by this session's controller; refused, not written",
+                        f"{f.name}: block {b} (bytes {off}..{off + n}) fails its tag: altered in transit, "
+                        "or not sent by this session's controller; refused, not written",
                         code="refused",
                     )
                 try:
                     self.staging.write_block(file_index, b, data, aligned=True)
                 except OSError as exc:
-                    raise StagingError(f"{f.name}: writing block {b} under {self.staging.root}: {exc.strerror or exc}", code="write-failed") from None
+                    raise StagingError(
+                        f"{f.name}: writing block {b} under {self.staging.root}: {exc.strerror or exc}",
+                        code="write-failed",
+                    ) from None
                 blocks += 1
                 self.received += n
                 self.last_activity = time.monotonic()
@@ -277,7 +285,11 @@ def _check_space(staging: Staging) -> None:
     st = os.statvfs(staging.dest)
     need = staging.manifest.total_bytes - staging.have_bytes()
     if not staging.already_complete and st.f_bavail * st.f_frsize < need + (64 << 20):
-        raise StagingError(f"{staging.dest}: {st.f_bavail * st.f_frsize} bytes free, the upload needs {need} more (and 64 MiB to spare)", code="no-space")
+        raise StagingError(
+            f"{staging.dest}: {st.f_bavail * st.f_frsize} bytes free, "
+            f"the upload needs {need} more (and 64 MiB to spare)",
+            code="no-space",
+        )
 
 
 def serve(staging: Staging, mac_key: bytes, listen: tuple[str, int], control: _Lines, *, idle_timeout: float) -> int:
@@ -285,7 +297,17 @@ def serve(staging: Staging, mac_key: bytes, listen: tuple[str, int], control: _L
     _check_space(staging)
     receiver = Receiver(staging, mac_key, idle_timeout=idle_timeout, log=sys.stderr.buffer)
     port = receiver.listen(listen)
-    _emit({"ok": True, "ready": True, "upload": staging.upload_id, "port": port, "pid": os.getpid(), "token": receiver.token.hex(), **staging.resume_report()})
+    _emit(
+        {
+            "ok": True,
+            "ready": True,
+            "upload": staging.upload_id,
+            "port": port,
+            "pid": os.getpid(),
+            "token": receiver.token.hex(),
+            **staging.resume_report(),
+        }
+    )
     lines = _stdin_lines(control)
     try:
         while True:
@@ -293,7 +315,13 @@ def serve(staging: Staging, mac_key: bytes, listen: tuple[str, int], control: _L
                 line = lines.get(timeout=0.5)
             except queue.Empty:
                 if time.monotonic() - receiver.last_activity > idle_timeout:
-                    _emit({"ok": False, "code": "idle", "error": f"no traffic for {idle_timeout:.0f} s; partial upload kept for a resume"})
+                    _emit(
+                        {
+                            "ok": False,
+                            "code": "idle",
+                            "error": f"no traffic for {idle_timeout:.0f} s; partial upload kept for a resume",
+                        }
+                    )
                     return EXIT_STOPPED
                 continue
             receiver.last_activity = time.monotonic()
@@ -307,14 +335,31 @@ def serve(staging: Staging, mac_key: bytes, listen: tuple[str, int], control: _L
             if op == "commit":
                 if not staging.is_complete():
                     report = staging.resume_report()
-                    _emit({"ok": False, "code": "incomplete", "error": f"{report['total'] - report['have']} bytes still missing; nothing moved into place", **report})
+                    _emit(
+                        {
+                            "ok": False,
+                            "code": "incomplete",
+                            "error": (
+                                f"{report['total'] - report['have']} bytes still missing; nothing moved into place"
+                            ),
+                            **report,
+                        }
+                    )
                     continue
                 receiver.stop()
                 path = staging.commit()
-                _emit({"ok": True, "committed": str(path), "received": receiver.received, "refusals": receiver.refusals})
+                _emit(
+                    {"ok": True, "committed": str(path), "received": receiver.received, "refusals": receiver.refusals}
+                )
                 return EXIT_OK
             if op == "abort":
-                _emit({"ok": False, "code": "aborted", "error": "aborted by the controller; partial upload kept for a resume"})
+                _emit(
+                    {
+                        "ok": False,
+                        "code": "aborted",
+                        "error": "aborted by the controller; partial upload kept for a resume",
+                    }
+                )
                 return EXIT_STOPPED
             _emit({"ok": False, "code": "usage", "error": f"unknown control line {line[:80]!r}"})
     finally:
@@ -330,12 +375,28 @@ def _allow_files(n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.receiver", description="Receive an encrypted model folder (see the module doc).")
-    parser.add_argument("--dest", required=True, type=Path, help="receiving folder; the upload ends in DEST/<upload id>")
-    parser.add_argument("--listen", default="0.0.0.0:0", help="HOST:PORT for bulk streams [default: 0.0.0.0:0, any free port]")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m tdxvm.guest.receiver", description="Receive an encrypted model folder (see the module doc)."
+    )
+    parser.add_argument(
+        "--dest", required=True, type=Path, help="receiving folder; the upload ends in DEST/<upload id>"
+    )
+    parser.add_argument(
+        "--listen", default="0.0.0.0:0", help="HOST:PORT for bulk streams [default: 0.0.0.0:0, any free port]"
+    )
     parser.add_argument("--expect", required=True, help="the upload id: SHA-256 (hex) of the manifest given on stdin")
-    parser.add_argument("--idle-timeout", type=float, default=300.0, help="exit (keeping the partial upload) after this long without traffic")
-    parser.add_argument("--lock-timeout", type=float, default=30.0, help="wait this long for another receiver of the same upload to exit")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="exit (keeping the partial upload) after this long without traffic",
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=30.0,
+        help="wait this long for another receiver of the same upload to exit",
+    )
     args = parser.parse_args(argv)
     stdin = _Lines(sys.stdin.fileno())
     try:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from tdxvm.errors import TdxvmError
@@ -93,8 +93,14 @@ def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:
     f = one_target(table, "crypt", 8)
     if isinstance(f, str):
         return f
-    problem = crypt_problem(f, cipher=CIPHER, key=key, device=device, offset=PAYLOAD_OFFSET // SECTOR,
-                            whose="the key the controller released")  # fmt: skip
+    problem = crypt_problem(
+        f,
+        cipher=CIPHER,
+        key=key,
+        device=device,
+        offset=PAYLOAD_OFFSET // SECTOR,
+        whose="the key the controller released",
+    )
     if problem is not None:
         return problem
     options = f[8:]
@@ -117,8 +123,18 @@ def verity_table_problem(table: str, *, data_device: str, root: VerityRoot, pani
     f = one_target(table, "verity", 13)
     if isinstance(f, str):
         return f
-    want = ["1", data_device, data_device, str(VERITY_BLOCK), str(VERITY_BLOCK), str(root.data_blocks),
-            str(root.hash_offset // VERITY_BLOCK), VERITY_HASH, root.root_hash, "-"]  # fmt: skip
+    want = [
+        "1",
+        data_device,
+        data_device,
+        str(VERITY_BLOCK),
+        str(VERITY_BLOCK),
+        str(root.data_blocks),
+        str(root.hash_offset // VERITY_BLOCK),
+        VERITY_HASH,
+        root.root_hash,
+        "-",
+    ]
     if f[3:13] != want:
         return f"verity parameters {' '.join(f[3:13])}, expected {' '.join(want)}"
     options = f[13:]
@@ -138,9 +154,25 @@ def _table(name: str, *, keys: bool = False) -> str:
 
 
 def _verity(name: str, data: str, root: VerityRoot, *, panic: bool) -> None:
-    _run(["veritysetup", "open", data, name, data, root.root_hash, "--no-superblock", f"--hash={VERITY_HASH}",
-          f"--data-block-size={VERITY_BLOCK}", f"--hash-block-size={VERITY_BLOCK}", f"--data-blocks={root.data_blocks}",
-          f"--hash-offset={root.hash_offset}", "--salt=-", "--use-tasklets", *(["--panic-on-corruption"] if panic else [])])  # fmt: skip
+    _run(
+        [
+            "veritysetup",
+            "open",
+            data,
+            name,
+            data,
+            root.root_hash,
+            "--no-superblock",
+            f"--hash={VERITY_HASH}",
+            f"--data-block-size={VERITY_BLOCK}",
+            f"--hash-block-size={VERITY_BLOCK}",
+            f"--data-blocks={root.data_blocks}",
+            f"--hash-offset={root.hash_offset}",
+            "--salt=-",
+            "--use-tasklets",
+            *(["--panic-on-corruption"] if panic else []),
+        ]
+    )
     problem = verity_table_problem(_table(name), data_device=devno(data), root=root, panic=panic)
     if problem is not None:
         raise RootDiskError(f"/dev/mapper/{name}: {problem}")
@@ -155,9 +187,34 @@ def open_root(key: bytes, root: VerityRoot, *, device: str = DEVICE) -> str:
     mapped: list[str] = []  # each name before the step that may create it: a failed check leaves nothing
     try:
         mapped.append(CRYPT_NAME)
-        _run(["cryptsetup", "open", "--type", "plain", "--cipher", CIPHER, "--key-size", str(8 * KEY_BYTES), "--hash", "plain",
-              "--sector-size", str(SECTOR), "--offset", str(PAYLOAD_OFFSET // SECTOR), "--key-file", "-",
-              "--keyfile-size", str(KEY_BYTES), "--readonly", "--disable-keyring", "--perf-no_read_workqueue", device, CRYPT_NAME], stdin=key)  # fmt: skip
+        _run(
+            [
+                "cryptsetup",
+                "open",
+                "--type",
+                "plain",
+                "--cipher",
+                CIPHER,
+                "--key-size",
+                str(8 * KEY_BYTES),
+                "--hash",
+                "plain",
+                "--sector-size",
+                str(SECTOR),
+                "--offset",
+                str(PAYLOAD_OFFSET // SECTOR),
+                "--key-file",
+                "-",
+                "--keyfile-size",
+                str(KEY_BYTES),
+                "--readonly",
+                "--disable-keyring",
+                "--perf-no_read_workqueue",
+                device,
+                CRYPT_NAME,
+            ],
+            stdin=key,
+        )
         problem = crypt_table_problem(_table(CRYPT_NAME, keys=True), key=key, device=devno(device))
         if problem is not None:
             raise RootDiskError(f"/dev/mapper/{CRYPT_NAME}: {problem}")
@@ -171,8 +228,10 @@ def open_root(key: bytes, root: VerityRoot, *, device: str = DEVICE) -> str:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise RootDiskError(f"the disk is not the root filesystem the measured command line names "
-                                f"(its first block does not verify against root hash {root.root_hash}: {exc.strerror})") from None  # fmt: skip
+            raise RootDiskError(
+                f"the disk is not the root filesystem the measured command line names "
+                f"(its first block does not verify against root hash {root.root_hash}: {exc.strerror})"
+            ) from None
         _run(["dmsetup", "remove", CHECK_NAME])
         mapped.remove(CHECK_NAME)
         mapped.append(ROOT_NAME)
@@ -188,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python3 -m tdxvm.guest.rootdisk``: the volume key on standard input (what the unlock
     step prints), the root hash from the kernel command line; exit 0 once
     ``/dev/mapper/root`` is mapped, else a message on standard error and exit 1."""
-    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.rootdisk", description="Open the verified, decrypted root "
-                                "filesystem with the volume key read from standard input")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python3 -m tdxvm.guest.rootdisk",
+        description="Open the verified, decrypted root filesystem with the volume key read from standard input",
+    )
     p.add_argument("--cmdline", default="/proc/cmdline", help="the kernel command line (tdxvm.verity=)")
     p.add_argument("--device", default=DEVICE, help="the encrypted disk")
     args = p.parse_args(argv)

@@ -80,8 +80,13 @@ def event_digest(name: str, payload: bytes, event_type: int = EV_RUNTIME_EVENT) 
 
 def make_event(name: str, payload: bytes) -> dict[str, Any]:
     """One RTMR3 runtime event in the log's JSON form."""
-    return {"imr": RTMR_INDEX, "event_type": EV_RUNTIME_EVENT, "digest": event_digest(name, payload).hex(),
-            "event": name, "event_payload": payload.hex()}  # fmt: skip
+    return {
+        "imr": RTMR_INDEX,
+        "event_type": EV_RUNTIME_EVENT,
+        "digest": event_digest(name, payload).hex(),
+        "event": name,
+        "event_payload": payload.hex(),
+    }
 
 
 def model_payload(digest: bytes, *, name: str, dtype: str, quantization: str = QUANTIZATION_NONE) -> bytes:
@@ -115,7 +120,10 @@ def load_log(path: Path) -> list[dict[str, Any]]:
         for i, ev in enumerate(events):
             if not isinstance(ev, dict) or ev.get("imr") != RTMR_INDEX or ev.get("event_type") != EV_RUNTIME_EVENT:
                 raise ValueError(f"event {i} is not an RTMR3 runtime event")
-            if ev.get("digest") != event_digest(str(ev.get("event")), bytes.fromhex(str(ev.get("event_payload")))).hex():
+            if (
+                ev.get("digest")
+                != event_digest(str(ev.get("event")), bytes.fromhex(str(ev.get("event_payload")))).hex()
+            ):
                 raise ValueError(f"event {i}: its digest is not that of its name and payload")
     except ValueError as exc:
         raise Rtmr3Error(f"RTMR3 log {path} is damaged: {exc}", code="rtmr3-log") from None
@@ -139,12 +147,20 @@ class Measured:
 def _read(provider: Extender) -> bytes:
     value = provider.read_rtmr(RTMR_INDEX)
     if len(value) != RTMR_SIZE:
-        raise Rtmr3Error(f"{provider.name}: RTMR3 read back as {len(value)} bytes, expected {RTMR_SIZE}", code="rtmr3-read")
+        raise Rtmr3Error(
+            f"{provider.name}: RTMR3 read back as {len(value)} bytes, expected {RTMR_SIZE}", code="rtmr3-read"
+        )
     return value
 
 
-def measure(provider: Extender, payload: bytes, *, log_path: Path = DEFAULT_LOG, name: str = MODEL_EVENT,
-            lock_timeout: float = LOCK_TIMEOUT) -> Measured:  # fmt: skip
+def measure(
+    provider: Extender,
+    payload: bytes,
+    *,
+    log_path: Path = DEFAULT_LOG,
+    name: str = MODEL_EVENT,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> Measured:
     """Extend RTMR3 with the event ``name``/``payload`` unless the latest such event already
     is it; keep the log in step (see the module doc). :class:`Rtmr3Error` if RTMR3 cannot
     be extended or holds a value the log does not explain; the provider's own error if it fails."""
@@ -162,9 +178,12 @@ def measure(provider: Extender, payload: bytes, *, log_path: Path = DEFAULT_LOG,
                 provider.extend_rtmr(RTMR_INDEX, bytes.fromhex(events[-1]["digest"]))
                 current = _read(provider)
             if current != logged:
-                raise Rtmr3Error(f"RTMR3 is {current.hex()} but the {len(events)} events of {log_path} replay to {logged.hex()}: "
-                                 "something else extended RTMR3, so no client could check what is served; reboot the TD "
-                                 "(which resets RTMR3 and the log)", code="rtmr3-unexplained")  # fmt: skip
+                raise Rtmr3Error(
+                    f"RTMR3 is {current.hex()} but the {len(events)} events of {log_path} replay to {logged.hex()}: "
+                    "something else extended RTMR3, so no client could check what is served; reboot the TD "
+                    "(which resets RTMR3 and the log)",
+                    code="rtmr3-unexplained",
+                )
         latest = next((ev for ev in reversed(events) if ev.get("event") == name), None)
         if latest is not None and bytes.fromhex(latest["event_payload"]) == payload:
             return Measured(extended=False, events=len(events), rtmr3=current, payload=payload)
@@ -174,16 +193,27 @@ def measure(provider: Extender, payload: bytes, *, log_path: Path = DEFAULT_LOG,
         provider.extend_rtmr(RTMR_INDEX, bytes.fromhex(event["digest"]))
         after, expected = _read(provider), replay(events)
         if after != expected:
-            raise Rtmr3Error(f"{provider.name}: RTMR3 reads {after.hex()} after the extend, but the log replays to "
-                             f"{expected.hex()}", code="rtmr3-unexplained")  # fmt: skip
+            raise Rtmr3Error(
+                f"{provider.name}: RTMR3 reads {after.hex()} after the extend, but the log replays to {expected.hex()}",
+                code="rtmr3-unexplained",
+            )
         return Measured(extended=True, events=len(events), rtmr3=after, payload=payload)
     finally:
         os.close(lock)
 
 
-def measure_model(provider: Extender, model_dir: Path, *, name: str, dtype: str, quantization: str = QUANTIZATION_NONE,
-                  log_path: Path = DEFAULT_LOG) -> tuple[bytes, Measured]:  # fmt: skip
+def measure_model(
+    provider: Extender,
+    model_dir: Path,
+    *,
+    name: str,
+    dtype: str,
+    quantization: str = QUANTIZATION_NONE,
+    log_path: Path = DEFAULT_LOG,
+) -> tuple[bytes, Measured]:
     """Take the model digest of the files in ``model_dir`` now and measure the model event
     naming it, ``name`` and the output-changing settings; ``(model digest, outcome)``."""
     digest = folder_digest(model_dir)
-    return digest, measure(provider, model_payload(digest, name=name, dtype=dtype, quantization=quantization), log_path=log_path)
+    return digest, measure(
+        provider, model_payload(digest, name=name, dtype=dtype, quantization=quantization), log_path=log_path
+    )

@@ -78,7 +78,9 @@ def crypt_table_problem(table: str, *, key: bytes, device: str) -> str | None:
         return f"malformed optional parameters {options}"
     if f"integrity:{TAG_BYTES}:aead" not in rest:
         return f"no integrity:{TAG_BYTES}:aead among the options {rest}"
-    unexpected = [o for o in rest if o not in (f"integrity:{TAG_BYTES}:aead", f"sector_size:{SECTOR}", "iv_large_sectors")]
+    unexpected = [
+        o for o in rest if o not in (f"integrity:{TAG_BYTES}:aead", f"sector_size:{SECTOR}", "iv_large_sectors")
+    ]
     if unexpected:
         return f"unexpected optional parameters {unexpected}"
     return None
@@ -127,26 +129,59 @@ def setup(device: str = DEVICE, mount: str = MOUNT) -> str:
         header.truncate(16 * _MIB)
         common = ["--header", header.name, "--disable-keyring", "--batch-mode"]
         try:
-            for action in (["luksFormat", "--type", "luks2", "--cipher", CIPHER, "--integrity", INTEGRITY,
-                            "--key-size", str(CIPHER_KEY_BITS), "--sector-size", str(SECTOR),
-                            "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", "-"],
-                           ["open", "--type", "luks2"]):  # fmt: skip
+            for action in (
+                [
+                    "luksFormat",
+                    "--type",
+                    "luks2",
+                    "--cipher",
+                    CIPHER,
+                    "--integrity",
+                    INTEGRITY,
+                    "--key-size",
+                    str(CIPHER_KEY_BITS),
+                    "--sector-size",
+                    str(SECTOR),
+                    "--pbkdf",
+                    "pbkdf2",
+                    "--pbkdf-force-iterations",
+                    "1000",
+                    "--key-file",
+                    "-",
+                ],
+                ["open", "--type", "luks2"],
+            ):
                 read_end = _key_pipe(key)
                 try:
                     target = [device] if action[0] == "luksFormat" else [device, NAME]
-                    _run(["cryptsetup", *action, *common, "--volume-key-file", f"/dev/fd/{read_end}", *target],
-                         stdin=os.urandom(32), fds=(read_end,))  # fmt: skip  # the keyslot: never opened again
+                    _run(
+                        ["cryptsetup", *action, *common, "--volume-key-file", f"/dev/fd/{read_end}", *target],
+                        stdin=os.urandom(32),
+                        fds=(read_end,),
+                    )  # the keyslot: never opened again
                 finally:
                     os.close(read_end)
             mapped = True
             mapping = f"/dev/mapper/{NAME}"
             problem = integrity_table_problem(_run(["dmsetup", "table", f"{NAME}_dif"]), device=devno(device))
             if problem is None:
-                problem = crypt_table_problem(_run(["dmsetup", "table", "--showkeys", NAME]), key=key,
-                                              device=devno(f"/dev/mapper/{NAME}_dif"))  # fmt: skip
+                problem = crypt_table_problem(
+                    _run(["dmsetup", "table", "--showkeys", NAME]), key=key, device=devno(f"/dev/mapper/{NAME}_dif")
+                )
             if problem is not None:
                 raise ScratchError(f"{mapping}: {problem}")
-            _run(["mkfs.ext4", "-q", "-F", "-b", str(SECTOR), "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", mapping])
+            _run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-b",
+                    str(SECTOR),
+                    "-E",
+                    "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                    mapping,
+                ]
+            )
             Path(mount).mkdir(parents=True, exist_ok=True)
             _run(["mount", "-o", "nodev,nosuid", mapping, mount])
         except BaseException:
@@ -174,16 +209,22 @@ def require(mount: str = MOUNT, *, wait: bool = True) -> None:
     if wait:
         done = subprocess.run(["systemctl", "start", UNIT], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise ScratchError(f"the scratch disk is not set up ({UNIT} failed: {done.stderr.strip() or done.returncode}; "
-                               f"see `journalctl -u {UNIT}`)")  # fmt: skip
+            raise ScratchError(
+                f"the scratch disk is not set up ({UNIT} failed: {done.stderr.strip() or done.returncode}; "
+                f"see `journalctl -u {UNIT}`)"
+            )
     source = mount_source(mount)
     if source != f"/dev/mapper/{NAME}":
-        raise ScratchError(f"{mount} is not the scratch disk (mounted there: {source or 'nothing'}; expected /dev/mapper/{NAME})")
+        raise ScratchError(
+            f"{mount} is not the scratch disk (mounted there: {source or 'nothing'}; expected /dev/mapper/{NAME})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.scratch", description="Format and mount the scratch disk "
-                                "with authenticated encryption under a key kept in this TD")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python3 -m tdxvm.guest.scratch",
+        description="Format and mount the scratch disk with authenticated encryption under a key kept in this TD",
+    )
     p.add_argument("--device", default=DEVICE)
     p.add_argument("--mount", default=MOUNT)
     args = p.parse_args(argv)
@@ -192,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ScratchError, OSError) as exc:
         print(f"tdxvm-scratch: {exc}", file=sys.stderr)
         return 1
-    print(f"tdxvm-scratch: {args.device} is {mapping} ({CIPHER} + {INTEGRITY}, key kept in this TD), mounted on {args.mount}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"tdxvm-scratch: {args.device} is {mapping} ({CIPHER} + {INTEGRITY}, key kept in this TD), "
+        f"mounted on {args.mount}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -39,7 +39,9 @@ from tdxvm.guest.tls import TlsIdentity, ensure_identity
 log = logging.getLogger("tdxvm.guest.serve")
 
 
-def load_in_background(holder: ModelHolder, config: EngineConfig, on_error: threading.Event | None = None) -> threading.Thread:
+def load_in_background(
+    holder: ModelHolder, config: EngineConfig, on_error: threading.Event | None = None
+) -> threading.Thread:
     """Load ``config``'s model into ``holder`` on the engine's own thread; set ``on_error`` on failure.
 
     The returned thread is the engine's worker: it lives until the engine is closed.
@@ -57,8 +59,12 @@ def load_in_background(holder: ModelHolder, config: EngineConfig, on_error: thre
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tdxvm.guest.serve", description="Serve a causal LM over an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (config, safetensors, tokenizer)")
+    p = argparse.ArgumentParser(
+        prog="python -m tdxvm.guest.serve", description="Serve a causal LM over an OpenAI-compatible HTTP API."
+    )
+    p.add_argument(
+        "--model", required=True, type=Path, help="Hugging Face model folder (config, safetensors, tokenizer)"
+    )
     p.add_argument("--name", required=True, help="model name clients pass as `model`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -67,9 +73,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 503")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--tls-dir", type=Path, help="serve HTTPS with the attested key kept here (made on first start)")
-    p.add_argument("--tls-name", action="append", default=None, metavar="NAME", help="DNS name or IP for the certificate (repeat; default: --host and localhost)")
-    p.add_argument("--qgs", metavar="HOST:PORT", help="emulated quote service, used when the guest has no TDX quote device")
-    p.add_argument("--rtmr3-log", type=Path, default=DEFAULT_LOG, help=f"the RTMR3 event log kept with --tls-dir (default {DEFAULT_LOG})")
+    p.add_argument(
+        "--tls-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="DNS name or IP for the certificate (repeat; default: --host and localhost)",
+    )
+    p.add_argument(
+        "--qgs", metavar="HOST:PORT", help="emulated quote service, used when the guest has no TDX quote device"
+    )
+    p.add_argument(
+        "--rtmr3-log",
+        type=Path,
+        default=DEFAULT_LOG,
+        help=f"the RTMR3 event log kept with --tls-dir (default {DEFAULT_LOG})",
+    )
     return p.parse_args(argv)
 
 
@@ -84,10 +103,18 @@ def attested_tls(args: argparse.Namespace) -> tuple[TlsIdentity, Attester]:
 
 def measure(args: argparse.Namespace, attester: Attester) -> None:
     """Measure the model this service is about to load into RTMR3 (see the module doc)."""
-    digest, done = measure_model(attester.provider, args.model, name=args.name, dtype=args.dtype, log_path=args.rtmr3_log)
+    digest, done = measure_model(
+        attester.provider, args.model, name=args.name, dtype=args.dtype, log_path=args.rtmr3_log
+    )
     what = f"model {args.name} {show(digest)} ({args.dtype})"
     if done.extended:
-        log.info("measured %s into RTMR3 (event %d of the log %s); RTMR3 %s", what, done.events, args.rtmr3_log, done.rtmr3.hex())
+        log.info(
+            "measured %s into RTMR3 (event %d of the log %s); RTMR3 %s",
+            what,
+            done.events,
+            args.rtmr3_log,
+            done.rtmr3.hex(),
+        )
     else:
         log.info("%s is what the latest model event in %s already names; RTMR3 unchanged", what, args.rtmr3_log)
 
@@ -108,16 +135,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             measure(args, attester)
         except Exception as exc:  # Rtmr3Error, ModelDigestError, the provider's QuoteError (no-rtmr-extend), OSError
-            log.error("refusing to serve %s: it cannot be measured into RTMR3, so no client could check which model answers: "
-                      "%s: %s", args.model, getattr(exc, "code", type(exc).__name__), exc)  # fmt: skip
+            log.error(
+                "refusing to serve %s: it cannot be measured into RTMR3, so no client could check which model answers: "
+                "%s: %s",
+                args.model,
+                getattr(exc, "code", type(exc).__name__),
+                exc,
+            )
             return 2
         log.info("HTTPS with TLS key SPKI SHA-256 %s; quotes from %s", identity.spki_sha256, attester.provider.name)
     holder = ModelHolder(args.name)
     app = create_app(holder, attester=attester)
     keyfile, certfile = (identity.key_path, identity.cert_path) if identity else (None, None)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, ssl_keyfile=keyfile, ssl_certfile=certfile))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            ssl_keyfile=keyfile,
+            ssl_certfile=certfile,
+        )
+    )
     failed = threading.Event()
-    config = EngineConfig(model_dir=args.model, name=args.name, dtype=args.dtype, threads=args.threads, max_waiting=args.max_waiting)
+    config = EngineConfig(
+        model_dir=args.model, name=args.name, dtype=args.dtype, threads=args.threads, max_waiting=args.max_waiting
+    )
     load_in_background(holder, config, failed)
 
     def stop_on_failure() -> None:

@@ -33,7 +33,18 @@ from tdxvm.guest.attestation import Attester
 from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, SamplingParams, Token
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics")
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions", "response_format")
+_UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "suffix",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "tools",
+    "functions",
+    "response_format",
+)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -71,7 +82,9 @@ class ChatRequest(_Body):
 # -- errors ------------------------------------------------------------------------------
 
 
-def error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
+def error(
+    status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
 
 
@@ -81,18 +94,29 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx")
-        return error(400, f"request body is not valid JSON: {ctx.get('error') if isinstance(ctx, dict) else first['msg']}", code="invalid_json")
+        return error(
+            400,
+            f"request body is not valid JSON: {ctx.get('error') if isinstance(ctx, dict) else first['msg']}",
+            code="invalid_json",
+        )
     if not loc:
         return error(400, "request body must be a JSON object", code="invalid_body")
     field = ".".join(loc)
-    return error(400, f"{field}: {first['msg']}", param=field, code="missing_field" if first.get("type") == "missing" else "invalid_value")
+    return error(
+        400,
+        f"{field}: {first['msg']}",
+        param=field,
+        code="missing_field" if first.get("type") == "missing" else "invalid_value",
+    )
 
 
 def _handlers() -> dict[type[Exception], Callable[[Request, Any], Response]]:
     return {
         RequestValidationError: _validation_error,
         RequestError: lambda _, e: error(e.status, e.message, type=e.type, param=e.param, code=e.code),
-        HTTPException: lambda _, e: error(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else "invalid_request_error"),
+        HTTPException: lambda _, e: error(
+            e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else "invalid_request_error"
+        ),
         Exception: lambda _, e: error(500, f"internal error: {type(e).__name__}", type="server_error"),
     }
 
@@ -107,12 +131,36 @@ class Metrics:
 
     def __init__(self, waiting: Callable[[], int]) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("tdxvm_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("tdxvm_request_duration_seconds", "Time from request to end of response", ["endpoint"], buckets=_LATENCY, registry=r)
-        self.ttft = Histogram("tdxvm_time_to_first_token_seconds", "Time from request to first generated token", ["endpoint"], buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("tdxvm_time_per_output_token_seconds", "Mean time per generated token after the first", ["endpoint"], buckets=_PER_TOKEN, registry=r)
-        self.prompt_tokens = Counter("tdxvm_prompt_tokens", "Prompt tokens of finished requests", ["endpoint"], registry=r)
-        self.completion_tokens = Counter("tdxvm_completion_tokens", "Generated tokens of finished requests", ["endpoint"], registry=r)
+        self.requests = Counter(
+            "tdxvm_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "tdxvm_request_duration_seconds",
+            "Time from request to end of response",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "tdxvm_time_to_first_token_seconds",
+            "Time from request to first generated token",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "tdxvm_time_per_output_token_seconds",
+            "Mean time per generated token after the first",
+            ["endpoint"],
+            buckets=_PER_TOKEN,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tdxvm_prompt_tokens", "Prompt tokens of finished requests", ["endpoint"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "tdxvm_completion_tokens", "Generated tokens of finished requests", ["endpoint"], registry=r
+        )
         Gauge("tdxvm_requests_waiting", "Requests queued behind the running one", registry=r).set_function(waiting)
 
     def render(self) -> bytes:
@@ -171,9 +219,19 @@ class ModelHolder:
 
     def require(self, body: _Body) -> Engine:
         if self.engine is None:
-            raise RequestError(f"model {self.name} is {'not loaded: ' + self.error if self.error else 'still loading'}", status=503, type="service_unavailable")
+            raise RequestError(
+                f"model {self.name} is {'not loaded: ' + self.error if self.error else 'still loading'}",
+                status=503,
+                type="service_unavailable",
+            )
         if body.model != self.name:
-            raise RequestError(f"The model `{body.model}` does not exist.", status=404, param="model", code="model_not_found", type="not_found_error")
+            raise RequestError(
+                f"The model `{body.model}` does not exist.",
+                status=404,
+                param="model",
+                code="model_not_found",
+                type="not_found_error",
+            )
         for name in _UNSUPPORTED:
             if (body.model_extra or {}).get(name) not in (None, False, 0, "", [], {}):
                 raise RequestError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -185,7 +243,13 @@ def _params(body: _Body, engine: Engine, prompt: list[int], max_tokens: int | No
     if len(stops) > 4 or not all(stops):
         raise RequestError("stop: up to 4 non-empty strings", param="stop")
     t, p = body.temperature, body.top_p
-    return SamplingParams(max_tokens=engine.check_length(prompt, max_tokens, param=param), temperature=1.0 if t is None else t, top_p=1.0 if p is None else p, stop=tuple(stops), seed=body.seed)
+    return SamplingParams(
+        max_tokens=engine.check_length(prompt, max_tokens, param=param),
+        temperature=1.0 if t is None else t,
+        top_p=1.0 if p is None else p,
+        stop=tuple(stops),
+        seed=body.seed,
+    )
 
 
 def _completion_ids(engine: Engine, prompt: str | list[int] | list[str]) -> list[int]:
@@ -206,7 +270,9 @@ def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
         content = m.content or ""
         if isinstance(content, list):
             if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
-                raise RequestError(f"messages.{i}.content: only text parts are supported", param=f"messages.{i}.content")
+                raise RequestError(
+                    f"messages.{i}.content: only text parts are supported", param=f"messages.{i}.content"
+                )
             content = "".join(part["text"] for part in content)
         out.append({"role": m.role, "content": content})
     return out
@@ -227,7 +293,9 @@ def create_app(holder: ModelHolder, *, attester: Attester | None = None) -> Fast
     def health() -> JSONResponse:
         if holder.engine is not None:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "error", "message": holder.error} if holder.error else {"status": "loading"}, status_code=503)
+        return JSONResponse(
+            {"status": "error", "message": holder.error} if holder.error else {"status": "loading"}, status_code=503
+        )
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -236,13 +304,29 @@ def create_app(holder: ModelHolder, *, attester: Attester | None = None) -> Fast
     @app.get("/v1/attestation")
     def attestation(nonce: str | None = None) -> JSONResponse:  # sync: FastAPI runs it on a worker thread
         if attester is None:
-            raise RequestError("this server has no attested TLS key (start it with --tls-dir)", status=404, type="not_found_error", code="attestation_unavailable")
+            raise RequestError(
+                "this server has no attested TLS key (start it with --tls-dir)",
+                status=404,
+                type="not_found_error",
+                code="attestation_unavailable",
+            )
         return JSONResponse(attester.attest(nonce), headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
         ctx = holder.engine.context_length if holder.engine else None
-        return {"object": "list", "data": [{"id": holder.name, "object": "model", "created": holder.created, "owned_by": "tdxvm", "max_model_len": ctx}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": holder.name,
+                    "object": "model",
+                    "created": holder.created,
+                    "owned_by": "tdxvm",
+                    "max_model_len": ctx,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
@@ -264,7 +348,11 @@ def create_app(holder: ModelHolder, *, attester: Attester | None = None) -> Fast
         if not body.stream:
             return await gen.whole()
         usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(gen.sse(usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            gen.sse(usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     return app
 
@@ -272,10 +360,17 @@ def create_app(holder: ModelHolder, *, attester: Attester | None = None) -> Fast
 class _Generation:
     """One request on the event loop: the engine's events in, OpenAI's response objects out."""
 
-    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, *, chat: bool, observe: Callable[[Event], None]) -> None:
+    def __init__(
+        self, engine: Engine, ids: list[int], params: SamplingParams, *, chat: bool, observe: Callable[[Event], None]
+    ) -> None:
         self.chat, self.prompt_tokens = chat, len(ids)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        self.head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": engine.name}
+        self.head = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": engine.name,
+        }
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
         def sink(ev: Event) -> None:  # on the engine's worker thread: counted even if the client left
@@ -296,7 +391,11 @@ class _Generation:
             self.job.cancel()
 
     def usage(self, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
 
     async def whole(self) -> Response:
         parts: list[str] = []
@@ -307,10 +406,18 @@ class _Generation:
             if isinstance(ev, Done):
                 text = "".join(parts)
                 choice = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-                return JSONResponse({**self.head, "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": ev.finish_reason}], "usage": self.usage(ev.completion_tokens)})
+                return JSONResponse(
+                    {
+                        **self.head,
+                        "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": ev.finish_reason}],
+                        "usage": self.usage(ev.completion_tokens),
+                    }
+                )
         return error(500, "generation ended without a result", type="server_error")
 
-    def _chunk(self, text: str | None, finish: str | None = None, *, role: bool = False, usage: int | None = None) -> bytes:
+    def _chunk(
+        self, text: str | None, finish: str | None = None, *, role: bool = False, usage: int | None = None
+    ) -> bytes:
         head = {**self.head, "object": "chat.completion.chunk"} if self.chat else self.head
         if usage is not None:
             return _data({**head, "choices": [], "usage": self.usage(usage)})

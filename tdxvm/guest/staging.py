@@ -75,7 +75,9 @@ def _lock(path: Path, timeout: float) -> int:
     try:
         return lock_exclusive(path, timeout)
     except TimeoutError:
-        raise StagingError(f"{path}: another receiver is working on this upload (waited {timeout:.0f} s)", code="busy") from None
+        raise StagingError(
+            f"{path}: another receiver is working on this upload (waited {timeout:.0f} s)", code="busy"
+        ) from None
 
 
 class Staging:
@@ -130,7 +132,10 @@ class Staging:
         for f in self.manifest.files:
             p = self.final / f.name
             if not p.is_file() or p.stat().st_size != f.size:
-                raise StagingError(f"{p}: complete upload folder lacks this file or has the wrong size ({f.size} bytes expected)", code="inconsistent")
+                raise StagingError(
+                    f"{p}: complete upload folder lacks this file or has the wrong size ({f.size} bytes expected)",
+                    code="inconsistent",
+                )
 
     def _open_files(self) -> None:
         data, state = self.root / "data", self.root / "state"
@@ -206,7 +211,13 @@ class Staging:
             f = self.manifest.files[i]
             missing.setdefault(f.name, []).append([start * bs, min((start + count) * bs, f.size)])
         resume = {f.name: (missing[f.name][0][0] if f.name in missing else f.size) for f in self.manifest.files}
-        return {"complete": not missing, "have": self.have_bytes(), "total": self.manifest.total_bytes, "resume": resume, "missing": missing}
+        return {
+            "complete": not missing,
+            "have": self.have_bytes(),
+            "total": self.manifest.total_bytes,
+            "resume": resume,
+            "missing": missing,
+        }
 
     def is_complete(self) -> bool:
         return all(all(v) for v in self.verified)
@@ -288,7 +299,9 @@ class Staging:
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            raise StagingError(f"{self.final}: exists but was not there when this upload started", code="inconsistent") from None
+            raise StagingError(
+                f"{self.final}: exists but was not there when this upload started", code="inconsistent"
+            ) from None
         _fsync_dir(self.dest)
         shutil.rmtree(self.root, ignore_errors=True)
         self.already_complete = True
@@ -324,7 +337,9 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def install_model(upload_dir: Path, model_dir: Path, key: bytes, *, replace: bool = False, progress: Progress | None = None) -> list[FileEntry]:
+def install_model(
+    upload_dir: Path, model_dir: Path, key: bytes, *, replace: bool = False, progress: Progress | None = None
+) -> list[FileEntry]:
     """Decrypt a complete upload into ``model_dir`` with the released model key, all or nothing.
 
     The model is decrypted and authenticated (:func:`tdxvm.guest.weights.decrypt_model`)
@@ -339,12 +354,18 @@ def install_model(upload_dir: Path, model_dir: Path, key: bytes, *, replace: boo
     if not upload_dir.is_dir():
         raise StagingError(f"{upload_dir}: not a complete upload folder", code="incomplete")
     if model_dir.exists() and not replace:
-        raise StagingError(f"{model_dir}: a model is already installed there (install with replace to swap it)", code="exists")
+        raise StagingError(
+            f"{model_dir}: a model is already installed there (install with replace to swap it)", code="exists"
+        )
     parent = model_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{model_dir.name}.installing-"
     for stale in parent.iterdir():  # our hidden folders, and decrypt_model's own (".<ours>.partial-*")
-        if stale.name.startswith(prefix) or stale.name.startswith(f".{prefix}") or stale.name.startswith(f".{model_dir.name}.old-"):
+        if (
+            stale.name.startswith(prefix)
+            or stale.name.startswith(f".{prefix}")
+            or stale.name.startswith(f".{model_dir.name}.old-")
+        ):
             shutil.rmtree(stale, ignore_errors=True)
     staging = parent / f"{prefix}{secrets.token_hex(4)}"
     try:

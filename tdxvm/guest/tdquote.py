@@ -99,7 +99,9 @@ def _check_rtmr(index: int, digest: bytes | None = None) -> None:
     if not isinstance(index, int) or not 0 <= index <= 3:
         raise QuoteError(f"RTMR index {index!r} is not 0..3", code="rtmr-index")
     if digest is not None and len(digest) != RTMR_SIZE:
-        raise QuoteError(f"an RTMR extend takes a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes", code="rtmr-digest")
+        raise QuoteError(
+            f"an RTMR extend takes a {RTMR_SIZE}-byte SHA-384 digest, got {len(digest)} bytes", code="rtmr-digest"
+        )
 
 
 class SysfsRtmrs:
@@ -112,9 +114,12 @@ class SysfsRtmrs:
         return self.folder / f"rtmr{index}:sha384"
 
     def _missing(self, index: int, exc: OSError) -> QuoteError:
-        return QuoteError(f"{self.path(index)}: {exc.strerror or exc}: this kernel has no RTMR extend interface (Linux >= 6.16 "
-                          "has it, as the TSM measurement registers of the tdx_guest driver); nothing can be measured into "
-                          f"RTMR{index}", code="no-rtmr-extend")  # fmt: skip
+        return QuoteError(
+            f"{self.path(index)}: {exc.strerror or exc}: this kernel has no RTMR extend interface (Linux >= 6.16 "
+            "has it, as the TSM measurement registers of the tdx_guest driver); nothing can be measured into "
+            f"RTMR{index}",
+            code="no-rtmr-extend",
+        )
 
     def extend(self, index: int, digest: bytes) -> None:
         _check_rtmr(index, digest)
@@ -124,12 +129,16 @@ class SysfsRtmrs:
         except FileNotFoundError as exc:
             raise self._missing(index, exc) from None
         except OSError as exc:
-            raise QuoteError(f"cannot open {path} to extend RTMR{index}: {exc.strerror or exc}", code="rtmr-extend") from None
+            raise QuoteError(
+                f"cannot open {path} to extend RTMR{index}: {exc.strerror or exc}", code="rtmr-extend"
+            ) from None
         try:
             if os.write(fd, bytes(digest)) != RTMR_SIZE:
                 raise OSError(errno.EIO, "short write")
         except OSError as exc:
-            raise QuoteError(f"extending RTMR{index} through {path} failed: {exc.strerror or exc}", code="rtmr-extend") from None
+            raise QuoteError(
+                f"extending RTMR{index} through {path} failed: {exc.strerror or exc}", code="rtmr-extend"
+            ) from None
         finally:
             os.close(fd)
 
@@ -168,8 +177,15 @@ class ConfigfsTsm:
 
     name = "configfs-tsm"
 
-    def __init__(self, report_dir: Path = Path("/") / TSM_REPORT_DIR, *, attribute_wait: float = 1.0,
-                 busy_retries: int = 3, busy_wait: float = 1.0, measurements: Path = Path("/") / MEASUREMENTS_DIR) -> None:  # fmt: skip
+    def __init__(
+        self,
+        report_dir: Path = Path("/") / TSM_REPORT_DIR,
+        *,
+        attribute_wait: float = 1.0,
+        busy_retries: int = 3,
+        busy_wait: float = 1.0,
+        measurements: Path = Path("/") / MEASUREMENTS_DIR,
+    ) -> None:
         self.report_dir = Path(report_dir)
         self.attribute_wait, self.busy_retries, self.busy_wait = attribute_wait, busy_retries, busy_wait
         self.rtmrs = SysfsRtmrs(measurements)
@@ -186,7 +202,9 @@ class ConfigfsTsm:
         try:
             os.mkdir(entry, 0o700)
         except OSError as exc:
-            raise QuoteError(f"configfs-tsm: cannot create report entry {entry}: {exc.strerror or exc}", code="tsm-entry") from None
+            raise QuoteError(
+                f"configfs-tsm: cannot create report entry {entry}: {exc.strerror or exc}", code="tsm-entry"
+            ) from None
         try:
             return self._quote(entry, rd)
         finally:
@@ -200,11 +218,16 @@ class ConfigfsTsm:
         deadline = time.monotonic() + self.attribute_wait
         while not (entry / "provider").exists():
             if time.monotonic() > deadline:
-                raise QuoteError(f"configfs-tsm: {entry} has no 'provider' attribute (is a TSM driver loaded?)", code="tsm-provider")
+                raise QuoteError(
+                    f"configfs-tsm: {entry} has no 'provider' attribute (is a TSM driver loaded?)", code="tsm-provider"
+                )
             time.sleep(0.001)
         provider = self._read(entry / "provider").strip().decode("ascii", "replace")
         if provider != TSM_PROVIDER_TDX:
-            raise QuoteError(f"configfs-tsm: {entry}/provider is {provider!r}, not {TSM_PROVIDER_TDX!r}: this is not a TDX guest", code="tsm-provider")
+            raise QuoteError(
+                f"configfs-tsm: {entry}/provider is {provider!r}, not {TSM_PROVIDER_TDX!r}: this is not a TDX guest",
+                code="tsm-provider",
+            )
         before = self._generation(entry)
         self._write_inblob(entry / "inblob", rd)
         written = self._generation(entry)
@@ -214,15 +237,23 @@ class ConfigfsTsm:
             time.sleep(0.001)
             written = self._generation(entry)
         if written != before + 1:
-            raise QuoteError(f"configfs-tsm: {entry}/generation went from {before} to {written} for one write of inblob: "
-                             "another writer used this report entry", code="tsm-conflict")  # fmt: skip
+            raise QuoteError(
+                f"configfs-tsm: {entry}/generation went from {before} to {written} for one write of inblob: "
+                "another writer used this report entry",
+                code="tsm-conflict",
+            )
         quote = self._read_outblob(entry / "outblob")
         after = self._generation(entry)
         if after != written:
-            raise QuoteError(f"configfs-tsm: {entry}/generation changed from {written} to {after} while outblob was read: "
-                             "the quote may not be for this REPORTDATA", code="tsm-conflict")  # fmt: skip
+            raise QuoteError(
+                f"configfs-tsm: {entry}/generation changed from {written} to {after} while outblob was read: "
+                "the quote may not be for this REPORTDATA",
+                code="tsm-conflict",
+            )
         if len(quote) < QUOTE_MIN_SIZE:
-            raise QuoteError(f"configfs-tsm: {entry}/outblob holds {len(quote)} bytes, too few for a TDX quote", code="tsm-outblob")
+            raise QuoteError(
+                f"configfs-tsm: {entry}/outblob holds {len(quote)} bytes, too few for a TDX quote", code="tsm-outblob"
+            )
         return quote
 
     def _read(self, path: Path) -> bytes:
@@ -236,14 +267,19 @@ class ConfigfsTsm:
         try:
             return int(text)
         except ValueError:
-            raise QuoteError(f"configfs-tsm: {entry}/generation is {text[:20]!r}, not a number", code="tsm-read") from None
+            raise QuoteError(
+                f"configfs-tsm: {entry}/generation is {text[:20]!r}, not a number", code="tsm-read"
+            ) from None
 
     def _retrying(self, what: Path, op: Callable[[], _T]) -> _T:
         for attempt in range(self.busy_retries + 1):
             try:
                 return op()
             except OSError as exc:
-                if exc.errno in (errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.EAGAIN) and attempt < self.busy_retries:
+                if (
+                    exc.errno in (errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.EAGAIN)
+                    and attempt < self.busy_retries
+                ):
                     time.sleep(self.busy_wait)
                     continue
                 code = "quote-busy" if exc.errno in (errno.EBUSY, errno.EAGAIN) else "tsm-io"
@@ -283,12 +319,21 @@ def qgs_get_quote_request(tdreport: bytes) -> bytes:
 def qgs_get_quote_response_quote(message: bytes) -> bytes:
     """The quote in a QGS ``GET_QUOTE_RESP`` message; :class:`QuoteError` for anything else."""
     if len(message) < _QGS_MSG.size:
-        raise QuoteError(f"GetQuote: response of {len(message)} bytes is shorter than its header", code="getquote-format")
+        raise QuoteError(
+            f"GetQuote: response of {len(message)} bytes is shorter than its header", code="getquote-format"
+        )
     major, _minor, kind, size, error, id_size, quote_size = _QGS_MSG.unpack_from(message)
     if major != 1 or kind != QGS_GET_QUOTE_RESP:
-        raise QuoteError(f"GetQuote: response is version {major} type {kind}, expected version 1 GET_QUOTE_RESP (1)", code="getquote-format")
+        raise QuoteError(
+            f"GetQuote: response is version {major} type {kind}, expected version 1 GET_QUOTE_RESP (1)",
+            code="getquote-format",
+        )
     if size != len(message) or size != _QGS_MSG.size + id_size + quote_size:
-        raise QuoteError(f"GetQuote: response sizes disagree (header {size}, message {len(message)}, id {id_size}, quote {quote_size})", code="getquote-format")
+        raise QuoteError(
+            f"GetQuote: response sizes disagree (header {size}, message {len(message)}, "
+            f"id {id_size}, quote {quote_size})",
+            code="getquote-format",
+        )
     if error:
         raise QuoteError(f"GetQuote: the quote service answered error {error:#x}", code="getquote-failed")
     if not quote_size:
@@ -302,7 +347,9 @@ class TdxGuestDevice:
 
     name = "tdx-guest"
 
-    def __init__(self, device: Path = Path("/") / TDX_GUEST_DEVICE, *, measurements: Path = Path("/") / MEASUREMENTS_DIR) -> None:
+    def __init__(
+        self, device: Path = Path("/") / TDX_GUEST_DEVICE, *, measurements: Path = Path("/") / MEASUREMENTS_DIR
+    ) -> None:
         self.device = Path(device)
         self.rtmrs = SysfsRtmrs(measurements)
 
@@ -316,7 +363,9 @@ class TdxGuestDevice:
         try:
             return os.open(self.device, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise QuoteError(f"tdx-guest: cannot open {self.device}: {exc.strerror or exc}", code="tdx-guest-open") from None
+            raise QuoteError(
+                f"tdx-guest: cannot open {self.device}: {exc.strerror or exc}", code="tdx-guest-open"
+            ) from None
 
     def report(self, report_data: bytes) -> bytes:
         """The 1024-byte TDREPORT for ``report_data`` (verifiable only on this CPU)."""
@@ -332,7 +381,10 @@ class TdxGuestDevice:
         try:
             fcntl.ioctl(fd, TDX_CMD_GET_REPORT0, req, True)
         except OSError as exc:
-            raise QuoteError(f"tdx-guest: TDX_CMD_GET_REPORT0 on {self.device} failed: {exc.strerror or exc}", code="tdx-guest-report") from None
+            raise QuoteError(
+                f"tdx-guest: TDX_CMD_GET_REPORT0 on {self.device} failed: {exc.strerror or exc}",
+                code="tdx-guest-report",
+            ) from None
         return bytes(req[REPORT_DATA_SIZE:])
 
     def quote(self, report_data: bytes) -> bytes:
@@ -359,19 +411,34 @@ class TdxGuestDevice:
             os.close(fd)
         if last is not None:
             if last.errno in (errno.ENOTTY, errno.EINVAL):
-                raise QuoteError(f"tdx-guest: {self.device} has no GetQuote ioctl ({last.strerror}): mainline kernels give quotes "
-                                 "only through configfs-tsm (Linux >= 6.7; mount configfs at /sys/kernel/config)",
-                                 code="tdx-guest-no-getquote")  # fmt: skip
+                raise QuoteError(
+                    f"tdx-guest: {self.device} has no GetQuote ioctl ({last.strerror}): mainline kernels give quotes "
+                    "only through configfs-tsm (Linux >= 6.7; mount configfs at /sys/kernel/config)",
+                    code="tdx-guest-no-getquote",
+                )
             code = "quote-busy" if last.errno == errno.EBUSY else "tdx-guest-getquote"
-            raise QuoteError(f"tdx-guest: TDX_CMD_GET_QUOTE on {self.device} failed: {last.strerror or last}", code=code)
+            raise QuoteError(
+                f"tdx-guest: TDX_CMD_GET_QUOTE on {self.device} failed: {last.strerror or last}", code=code
+            )
         _version, status, _in_len, out_len = _QUOTE_HDR.unpack_from(buf.raw)
         if status:
-            why = {GET_QUOTE_IN_FLIGHT: "still in flight", GET_QUOTE_SERVICE_UNAVAILABLE: "the host's quote service is unavailable"}
-            raise QuoteError(f"tdx-guest: GetQuote status {status:#x} ({why.get(status, 'error')})",
-                             code="quote-busy" if status == GET_QUOTE_IN_FLIGHT else "getquote-failed")  # fmt: skip
+            why = {
+                GET_QUOTE_IN_FLIGHT: "still in flight",
+                GET_QUOTE_SERVICE_UNAVAILABLE: "the host's quote service is unavailable",
+            }
+            raise QuoteError(
+                f"tdx-guest: GetQuote status {status:#x} ({why.get(status, 'error')})",
+                code="quote-busy" if status == GET_QUOTE_IN_FLIGHT else "getquote-failed",
+            )
         data = buf.raw[_QUOTE_HDR.size : _QUOTE_HDR.size + out_len]
-        if out_len <= 4 or out_len > GET_QUOTE_BUFFER - _QUOTE_HDR.size or struct.unpack(">I", data[:4])[0] != out_len - 4:
-            raise QuoteError(f"tdx-guest: GetQuote returned {out_len} bytes that do not frame a QGS message", code="getquote-format")
+        if (
+            out_len <= 4
+            or out_len > GET_QUOTE_BUFFER - _QUOTE_HDR.size
+            or struct.unpack(">I", data[:4])[0] != out_len - 4
+        ):
+            raise QuoteError(
+                f"tdx-guest: GetQuote returned {out_len} bytes that do not frame a QGS message", code="getquote-format"
+            )
         return qgs_get_quote_response_quote(data[4:])
 
 
@@ -419,7 +486,9 @@ class EmulatedQgs:
         except OSError as exc:
             raise QuoteError(f"{where}: {exc.strerror or exc}", code="qgs-unreachable") from None
         if not line.endswith(b"\n"):
-            raise QuoteError(f"{where}: the answer is cut short or longer than {2 * MAX_QUOTE_SIZE} bytes", code="qgs-protocol")
+            raise QuoteError(
+                f"{where}: the answer is cut short or longer than {2 * MAX_QUOTE_SIZE} bytes", code="qgs-protocol"
+            )
         try:
             answer = json.loads(line)
         except ValueError:
@@ -449,8 +518,11 @@ class EmulatedQgs:
         except (KeyError, TypeError, ValueError):
             value = b""
         if len(value) != RTMR_SIZE:
-            raise QuoteError(f"emulated quote service {self.address}: expected {{\"rtmr\": {request['rtmr']}, \"value\": "
-                             f"<{2 * RTMR_SIZE} hex>}}, got {str(answer)[:120]}", code="qgs-protocol")  # fmt: skip
+            raise QuoteError(
+                f'emulated quote service {self.address}: expected {{"rtmr": {request["rtmr"]}, "value": '
+                f"<{2 * RTMR_SIZE} hex>}}, got {str(answer)[:120]}",
+                code="qgs-protocol",
+            )
         return value
 
     def extend_rtmr(self, index: int, digest: bytes) -> None:
@@ -494,6 +566,7 @@ def detect(qgs_address: str | tuple[str, int] | None = None, root: Path = Path("
         return TdxGuestDevice(device, measurements=measurements)
     if qgs_address:
         return EmulatedQgs(qgs_address)
-    raise NoQuoteProvider(f"no TDX quote source: neither {tsm} (configfs-tsm) nor {device} exists, and no emulated quote "
-                          "service address was given")  # fmt: skip
-
+    raise NoQuoteProvider(
+        f"no TDX quote source: neither {tsm} (configfs-tsm) nor {device} exists, and no emulated quote "
+        "service address was given"
+    )

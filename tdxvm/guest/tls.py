@@ -30,7 +30,9 @@ from cryptography.x509.oid import NameOID
 from tdxvm.errors import TdxvmError
 from tdxvm.fileio import write_atomic
 
-DEFAULT_DIR = Path("/run/tdxvm/tls")  # TD memory; where the image's service unit keeps it; the agent reads the cert there
+DEFAULT_DIR = Path(
+    "/run/tdxvm/tls"
+)  # TD memory; where the image's service unit keeps it; the agent reads the cert there
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
 _VALIDITY = timedelta(days=10 * 365)
@@ -80,13 +82,22 @@ def subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
         except ValueError:
             pass
         label = name.rstrip(".")
-        if not label or len(label) > 253 or not all(part and len(part) <= 63 and part.replace("-", "").replace("*", "").isalnum() and part.isascii() for part in label.split(".")):
+        if (
+            not label
+            or len(label) > 253
+            or not all(
+                part and len(part) <= 63 and part.replace("-", "").replace("*", "").isalnum() and part.isascii()
+                for part in label.split(".")
+            )
+        ):
             raise TlsError(f"TLS name {name!r} is neither an IP address nor a DNS name")
         out.append(x509.DNSName(label.lower()))
     return out
 
 
-def ensure_identity(folder: str | os.PathLike[str], names: Sequence[str] = ("localhost",), *, at: datetime | None = None) -> TlsIdentity:
+def ensure_identity(
+    folder: str | os.PathLike[str], names: Sequence[str] = ("localhost",), *, at: datetime | None = None
+) -> TlsIdentity:
     """The TLS identity in ``folder``: the key found there, else a new P-256 key; its
     certificate found there if it is for that key and these ``names``, else a new one."""
     path = Path(folder)
@@ -98,7 +109,9 @@ def ensure_identity(folder: str | os.PathLike[str], names: Sequence[str] = ("loc
     key = _load_key(key_path) if key_path.exists() else None
     if key is None:
         key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         _write(key_path, pem, 0o600)
     sans = subject_alt_names(names)
     cert = _load_cert(cert_path) if cert_path.exists() else None
@@ -145,7 +158,9 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _fits(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, sans: list[x509.GeneralName]) -> bool:
-    if spki_der(cert) != key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if spki_der(cert) != key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
         return False
     try:
         have = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)

@@ -91,7 +91,11 @@ class Manifest:
     files: tuple[ManifestFile, ...]
 
     def to_bytes(self) -> bytes:
-        doc = {"format": FORMAT, "block": self.block_size, "files": [{"name": f.name, "size": f.size, "header": f.header.hex()} for f in self.files]}
+        doc = {
+            "format": FORMAT,
+            "block": self.block_size,
+            "files": [{"name": f.name, "size": f.size, "header": f.header.hex()} for f in self.files],
+        }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @property
@@ -109,12 +113,18 @@ class Manifest:
     def from_bytes(cls, raw: bytes, *, expect: str | None = None) -> Manifest:
         """Parse and check a manifest; with ``expect``, its SHA-256 must be that upload id."""
         if expect is not None and not hmac.compare_digest(hashlib.sha256(raw).hexdigest(), expect.lower()):
-            raise WireError(f"manifest SHA-256 {hashlib.sha256(raw).hexdigest()} is not the expected upload id {expect}", code="manifest-mismatch")
+            raise WireError(
+                f"manifest SHA-256 {hashlib.sha256(raw).hexdigest()} is not the expected upload id {expect}",
+                code="manifest-mismatch",
+            )
         try:
             doc = json.loads(raw)
             if doc["format"] != FORMAT:
                 raise WireError(f"manifest format {doc['format']!r}, expected {FORMAT!r}", code="manifest")
-            files = tuple(ManifestFile(name=str(e["name"]), size=int(e["size"]), header=bytes.fromhex(e["header"])) for e in doc["files"])
+            files = tuple(
+                ManifestFile(name=str(e["name"]), size=int(e["size"]), header=bytes.fromhex(e["header"]))
+                for e in doc["files"]
+            )
             manifest = cls(block_size=int(doc["block"]), files=files)
         except WireError:
             raise
@@ -128,9 +138,15 @@ class Manifest:
     def check(self) -> None:
         """Names, sizes and headers consistent with the encrypted-weights format."""
         if not (MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE and self.block_size % 4096 == 0):
-            raise WireError(f"manifest field block: {self.block_size} is not a multiple of 4096 in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}", code="manifest")
+            raise WireError(
+                f"manifest field block: {self.block_size} is not a multiple of 4096 "
+                f"in {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}",
+                code="manifest",
+            )
         if not 0 < len(self.files) <= MAX_FILES:
-            raise WireError(f"manifest field files: {len(self.files)} entries (1..{MAX_FILES} allowed)", code="manifest")
+            raise WireError(
+                f"manifest field files: {len(self.files)} entries (1..{MAX_FILES} allowed)", code="manifest"
+            )
         names = [f.name for f in self.files]
         if len(set(names)) != len(names) or names.count(INDEX_NAME) != 1:
             raise WireError(f"manifest field files: duplicate names or not exactly one {INDEX_NAME}", code="manifest")
@@ -142,13 +158,17 @@ def check_file(name: str, size: int, header: bytes, *, where: str) -> None:
     """One ``.tdxw`` file: an allowed name, a header that parses, the size its header implies."""
     blob = _BLOB_NAME.fullmatch(name)
     if name != INDEX_NAME and blob is None:
-        raise WireError(f"{where}: name {name!r} is neither {INDEX_NAME} nor {FILES_DIR}/<32 hex>.tdxw", code="manifest")
+        raise WireError(
+            f"{where}: name {name!r} is neither {INDEX_NAME} nor {FILES_DIR}/<32 hex>.tdxw", code="manifest"
+        )
     try:
         parsed = Header.unpack(header, f"{where} ({name})")
     except WeightsError as exc:
         raise WireError(str(exc), code="manifest") from None
     if blob is not None and parsed.file_id.hex() != blob.group(1):
-        raise WireError(f"{where}: {name} holds file id {parsed.file_id.hex()}, not the one its name gives", code="manifest")
+        raise WireError(
+            f"{where}: {name} holds file id {parsed.file_id.hex()}, not the one its name gives", code="manifest"
+        )
     want = HEADER_SIZE + parsed.size + TAG_SIZE * parsed.chunks()
     if size != want:
         raise WireError(f"{where}: {name} is {size} bytes, its header says {want}", code="manifest")
@@ -158,7 +178,9 @@ def build_manifest(enc_dir: Path, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Ma
     """The manifest of an encrypted folder: reads each file's header, not its contents."""
     enc_dir = Path(enc_dir)
     if not (enc_dir / INDEX_NAME).is_file():
-        raise WireError(f"{enc_dir}: no {INDEX_NAME}; not an encrypted model folder (tdxvm weights encrypt)", code="bad-folder")
+        raise WireError(
+            f"{enc_dir}: no {INDEX_NAME}; not an encrypted model folder (tdxvm weights encrypt)", code="bad-folder"
+        )
     names = [INDEX_NAME]
     for p in sorted(enc_dir.rglob("*")):
         rel = p.relative_to(enc_dir).as_posix()

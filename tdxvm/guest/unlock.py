@@ -25,7 +25,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tdxvm.guest import agentwire as wire
-from tdxvm.guest.agent import Agent, AgentError, AgentServer, SecretRefused, common_arguments, controller_key, listen_address
+from tdxvm.guest.agent import (
+    Agent,
+    AgentError,
+    AgentServer,
+    SecretRefused,
+    common_arguments,
+    controller_key,
+    listen_address,
+)
 
 SECRET = "disk"
 
@@ -54,13 +62,24 @@ class DiskSecret:
             self.ready.set()
 
 
-def serve_until_unlocked(host: str, port: int, *, controller: bytes, qgs: str | None = None, root: Path = Path("/"),
-                         on_listening: Callable[[AgentServer], None] | None = None) -> bytes:  # fmt: skip
+def serve_until_unlocked(
+    host: str,
+    port: int,
+    *,
+    controller: bytes,
+    qgs: str | None = None,
+    root: Path = Path("/"),
+    on_listening: Callable[[AgentServer], None] | None = None,
+) -> bytes:
     """Serve the agent on ``(host, port)`` until the controller's disk secret has been delivered; return it."""
     disk = DiskSecret()
-    agent = Agent(on_secret=disk.accept, controller_key=controller, on_delivered=disk.delivered, root=root, default_qgs=qgs)
+    agent = Agent(
+        on_secret=disk.accept, controller_key=controller, on_delivered=disk.delivered, root=root, default_qgs=qgs
+    )
     with AgentServer(agent, host, port) as server:
-        log.info("listening on %s; waiting for the controller to attest this TD and release the disk key", server.listening)
+        log.info(
+            "listening on %s; waiting for the controller to attest this TD and release the disk key", server.listening
+        )
         if on_listening is not None:
             on_listening(server)
         disk.ready.wait()
@@ -69,8 +88,11 @@ def serve_until_unlocked(host: str, port: int, *, controller: bytes, qgs: str | 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 -m tdxvm.guest.unlock", description="Print the disk's volume key once the "
-                                "controller has attested this TD and released it (read by tdxvm.guest.rootdisk)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python3 -m tdxvm.guest.unlock",
+        description="Print the disk's volume key once the "
+        "controller has attested this TD and released it (read by tdxvm.guest.rootdisk)",
+    )
     p.add_argument("--listen", type=listen_address, default=("0.0.0.0", wire.DEFAULT_PORT), metavar="ADDR:PORT")
     common_arguments(p)
     return p.parse_args(argv)

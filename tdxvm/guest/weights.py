@@ -159,7 +159,18 @@ def _sha256_of(path: Path, chunk_size: int) -> tuple[int, bytes]:
     return size, h.digest()
 
 
-def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, key: bytes, path: str, size: int, sha256: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, file_id: bytes | None = None, progress: Progress | None = None) -> Header:
+def encrypt_stream(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    key: bytes,
+    path: str,
+    size: int,
+    sha256: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    file_id: bytes | None = None,
+    progress: Progress | None = None,
+) -> Header:
     """Encrypt ``size`` bytes of ``src`` (whose SHA-256 is ``sha256``) into ``dst``."""
     header = Header(chunk_size=chunk_size, file_id=file_id or secrets.token_bytes(16), size=size, sha256=sha256)
     raw = header.pack()
@@ -171,7 +182,9 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, *, key: bytes, path: str, size:
         block = src.read(chunk_size)
         want = min(chunk_size, size - i * chunk_size)
         if len(block) != want:
-            raise WeightsError(f"{path}: changed while being encrypted (chunk {i} is {len(block)} bytes, expected {want})")
+            raise WeightsError(
+                f"{path}: changed while being encrypted (chunk {i} is {len(block)} bytes, expected {want})"
+            )
         dst.write(aead.encrypt(_nonce(i, i == n - 1), block, aad))
         if progress:
             progress(len(block))
@@ -201,7 +214,10 @@ def decrypt_chunks(src: BinaryIO, *, key: bytes, path: str, where: str) -> tuple
             try:
                 yield aead.decrypt(_nonce(i, i == n - 1), sealed, aad)
             except InvalidTag:
-                raise WeightsError(f"{where}: chunk {i} (byte {offset}) fails authentication: tampered, reordered, truncated, or the wrong key") from None
+                raise WeightsError(
+                    f"{where}: chunk {i} (byte {offset}) fails authentication: "
+                    "tampered, reordered, truncated, or the wrong key"
+                ) from None
         if src.read(1):
             raise WeightsError(f"{where}: unexpected bytes after the last chunk")
 
@@ -230,7 +246,14 @@ def _safe_relative(path: str, where: str) -> PurePosixPath:
     return p
 
 
-def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: Progress | None = None) -> list[FileEntry]:
+def encrypt_model(
+    model_dir: Path,
+    enc_dir: Path,
+    key: bytes,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> list[FileEntry]:
     """Encrypt every file under ``model_dir`` into ``enc_dir`` (which must be new or empty)."""
     model_dir, enc_dir = Path(model_dir), Path(enc_dir)
     if not model_dir.is_dir():
@@ -246,17 +269,44 @@ def encrypt_model(model_dir: Path, enc_dir: Path, key: bytes, *, chunk_size: int
         size, digest = _sha256_of(src, chunk_size)
         entry = FileEntry(path=rel, file_id=secrets.token_bytes(16), size=size, sha256=digest)
         with src.open("rb") as f:
-            write_atomic_with(enc_dir / entry.blob, functools.partial(encrypt_stream, f, key=key, path=rel, size=size, sha256=digest, chunk_size=chunk_size, file_id=entry.file_id, progress=progress), mode=0o644)
+            write_atomic_with(
+                enc_dir / entry.blob,
+                functools.partial(
+                    encrypt_stream,
+                    f,
+                    key=key,
+                    path=rel,
+                    size=size,
+                    sha256=digest,
+                    chunk_size=chunk_size,
+                    file_id=entry.file_id,
+                    progress=progress,
+                ),
+                mode=0o644,
+            )
         entries.append(entry)
     index = json.dumps(
-        {"format": VERSION, "files": [{"path": e.path, "file_id": e.file_id.hex(), "size": e.size, "sha256": e.sha256.hex()} for e in entries],
-         "model_digest": show(model_digest(entries))},
+        {
+            "format": VERSION,
+            "files": [
+                {"path": e.path, "file_id": e.file_id.hex(), "size": e.size, "sha256": e.sha256.hex()} for e in entries
+            ],
+            "model_digest": show(model_digest(entries)),
+        },
         sort_keys=True,
     ).encode()
     index_digest = hashlib.sha256(index).digest()
     write_atomic_with(
         enc_dir / INDEX_NAME,
-        functools.partial(encrypt_stream, io.BytesIO(index), key=key, path=_INDEX_PATH, size=len(index), sha256=index_digest, chunk_size=chunk_size),
+        functools.partial(
+            encrypt_stream,
+            io.BytesIO(index),
+            key=key,
+            path=_INDEX_PATH,
+            size=len(index),
+            sha256=index_digest,
+            chunk_size=chunk_size,
+        ),
         mode=0o644,
     )
     return entries
@@ -279,7 +329,15 @@ def read_index(enc_dir: Path, key: bytes) -> list[FileEntry]:
         raise WeightsError(f"{where}: missing (not an encrypted model folder?)") from None
     try:
         doc = json.loads(text)
-        entries = [FileEntry(path=e["path"], file_id=bytes.fromhex(e["file_id"]), size=int(e["size"]), sha256=bytes.fromhex(e["sha256"])) for e in doc["files"]]
+        entries = [
+            FileEntry(
+                path=e["path"],
+                file_id=bytes.fromhex(e["file_id"]),
+                size=int(e["size"]),
+                sha256=bytes.fromhex(e["sha256"]),
+            )
+            for e in doc["files"]
+        ]
         recorded = parse_digest(doc["model_digest"]) if "model_digest" in doc else None
     except (ValueError, KeyError, TypeError) as exc:
         raise WeightsError(f"{where}: authenticated but malformed index: {exc}") from None
@@ -290,7 +348,9 @@ def read_index(enc_dir: Path, key: bytes) -> list[FileEntry]:
             raise WeightsError(f"{where}: bad or duplicate entry for {e.path!r}")
         seen.add(e.path)
     if recorded is not None and recorded != model_digest(entries):
-        raise WeightsError(f"{where}: records model digest {show(recorded)}, but its files give {show(model_digest(entries))}")
+        raise WeightsError(
+            f"{where}: records model digest {show(recorded)}, but its files give {show(model_digest(entries))}"
+        )
     return entries
 
 

@@ -49,8 +49,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tdxvm.errors import TdxvmError
-from tdxvm.image.qtest import (FwCfgError, FwCfgFile, QtestError, QtestSession, fwcfg_directory, fwcfg_has_dma,
-                               fwcfg_read, fwcfg_read_item, qemu_accelerators)  # fmt: skip
+from tdxvm.image.qtest import (
+    FwCfgError,
+    FwCfgFile,
+    QtestError,
+    QtestSession,
+    fwcfg_directory,
+    fwcfg_has_dma,
+    fwcfg_read,
+    fwcfg_read_item,
+    qemu_accelerators,
+)
 
 T = TypeVar("T")
 
@@ -110,8 +119,10 @@ def qemu_argv_for(conn: object, domain_xml: str) -> list[str]:
         msg = exc.get_error_message() or str(exc)
         hint = ""
         if "launchSecurity" in msg and "tdx" in msg:
-            hint = ("\nfix: this libvirt predates TDX (upstream libvirt >= 11.1 knows <launchSecurity "
-                    "type='tdx'>); use the argv of a TDX-aware libvirt of the host's version")  # fmt: skip
+            hint = (
+                "\nfix: this libvirt predates TDX (upstream libvirt >= 11.1 knows <launchSecurity "
+                "type='tdx'>); use the argv of a TDX-aware libvirt of the host's version"
+            )
         raise LibvirtArgvError(f"libvirt cannot convert the domain XML to a QEMU argv: {msg}{hint}") from None
     return argv_from_command_line(text)
 
@@ -189,9 +200,36 @@ def _props(arg: str, implied: str) -> dict[str, object]:
 
 
 _HOST_ONLY_MACHINE = {"accel", "dump-guest-core", "mem-merge", "kernel_irqchip", "kernel-irqchip"}
-_DROP_WITH_ARG = {"-name", "-accel", "-overcommit", "-sandbox", "-msg", "-display", "-vnc", "-spice", "-mon", "-add-fd", "-pidfile"}
+_DROP_WITH_ARG = {
+    "-name",
+    "-accel",
+    "-overcommit",
+    "-sandbox",
+    "-msg",
+    "-display",
+    "-vnc",
+    "-spice",
+    "-mon",
+    "-add-fd",
+    "-pidfile",
+}
 _DROP_FLAG = {"-S", "-no-shutdown", "-daemonize", "-enable-kvm"}
-_KEEP_WITH_ARG = {"-m", "-smp", "-numa", "-device", "-global", "-boot", "-kernel", "-initrd", "-append", "-bios", "-rtc", "-uuid", "-smbios", "-vga"}
+_KEEP_WITH_ARG = {
+    "-m",
+    "-smp",
+    "-numa",
+    "-device",
+    "-global",
+    "-boot",
+    "-kernel",
+    "-initrd",
+    "-append",
+    "-bios",
+    "-rtc",
+    "-uuid",
+    "-smbios",
+    "-vga",
+}
 _KEEP_FLAG = {"-nodefaults", "-no-user-config", "-no-hpet"}
 _MEMORY_BACKENDS = {"memory-backend-ram", "memory-backend-file", "memory-backend-memfd"}
 
@@ -214,8 +252,19 @@ def sanitize_argv(argv: list[str], *, tdx: bool, path_map: Mapping[str, str] | N
     if not argv or argv[0].startswith("-"):
         raise ArgvRefusedError("argv must start with the QEMU binary")
     opts = argv[1:]
-    monitor_chardevs = {p.partition("chardev=")[2].split(",")[0] for i, p in enumerate(opts) if i and opts[i - 1] == "-mon" and "chardev=" in p}
-    st = _State(tdx=tdx, path_map=dict(path_map or {}), out=[], monitor_chardevs=monitor_chardevs, blockdevs=[], tdx_objects=set())
+    monitor_chardevs = {
+        p.partition("chardev=")[2].split(",")[0]
+        for i, p in enumerate(opts)
+        if i and opts[i - 1] == "-mon" and "chardev=" in p
+    }
+    st = _State(
+        tdx=tdx,
+        path_map=dict(path_map or {}),
+        out=[],
+        monitor_chardevs=monitor_chardevs,
+        blockdevs=[],
+        tdx_objects=set(),
+    )
     i = 0
     while i < len(opts):
         opt = opts[i]
@@ -241,7 +290,9 @@ def sanitize_argv(argv: list[str], *, tdx: bool, path_map: Mapping[str, str] | N
             continue
         handler = _HANDLERS.get(opt)
         if handler is None:
-            raise ArgvRefusedError(f"option {opt} {arg[:80]!r}: no sanitizing rule for it (it could change the ACPI tables)")
+            raise ArgvRefusedError(
+                f"option {opt} {arg[:80]!r}: no sanitizing rule for it (it could change the ACPI tables)"
+            )
         handler(st, arg)
     _emit_blockdevs(st)
     _finish_machine(st)
@@ -253,7 +304,9 @@ def _machine(st: _State, arg: str) -> None:
     for key, value in _keyval(arg):
         if key in _HOST_ONLY_MACHINE:
             if key.startswith("kernel") and st.tdx and value != "split":
-                raise ArgvRefusedError(f"-machine kernel_irqchip={value}: a TD needs kernel_irqchip=split (QEMU refuses it)")
+                raise ArgvRefusedError(
+                    f"-machine kernel_irqchip={value}: a TD needs kernel_irqchip=split (QEMU refuses it)"
+                )
             continue
         if key == "confidential-guest-support":
             if not st.tdx:
@@ -346,7 +399,9 @@ def _audiodev(st: _State, arg: str) -> None:
 
 def _fw_cfg(st: _State, arg: str) -> None:
     if "file=" in arg:
-        raise ArgvRefusedError(f"-fw_cfg {arg[:80]!r}: a file item from the host cannot be reproduced; give it as string=")
+        raise ArgvRefusedError(
+            f"-fw_cfg {arg[:80]!r}: a file item from the host cannot be reproduced; give it as string="
+        )
     st.out += ["-fw_cfg", arg]
 
 

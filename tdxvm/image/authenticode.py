@@ -90,8 +90,11 @@ def parse_pe(image: bytes | bytearray | memoryview) -> PeLayout:
     if magic not in _OPT_RVA_COUNT:
         raise _fail(f"optional header Magic {magic:#x} is neither PE32 (0x10b) nor PE32+ (0x20b)", opt)
     if _OPT_RVA_COUNT[magic] + 4 > opt_size:
-        raise _fail(f"SizeOfOptionalHeader {opt_size} is too small for a PE32{'+' * (magic == PE32_PLUS_MAGIC)} "
-                    "optional header", pe + 20)  # fmt: skip
+        raise _fail(
+            f"SizeOfOptionalHeader {opt_size} is too small for a PE32{'+' * (magic == PE32_PLUS_MAGIC)} "
+            "optional header",
+            pe + 20,
+        )
     rva_count = _u32(data, opt + _OPT_RVA_COUNT[magic], "NumberOfRvaAndSizes")
     headers = _u32(data, opt + _OPT_SIZE_OF_HEADERS, "SizeOfHeaders")
     cert_entry = opt + _OPT_DATA_DIRS[magic] + 8 * _SECURITY_DIR if rva_count > _SECURITY_DIR else None
@@ -102,9 +105,11 @@ def parse_pe(image: bytes | bytearray | memoryview) -> PeLayout:
         cert_size = _u32(data, cert_entry + 4, "Certificate Table size")
     hashed_header_end = cert_entry + 8 if cert_entry is not None else opt + _OPT_CHECKSUM + 4
     if not hashed_header_end <= headers <= len(data):
-        raise _fail(f"SizeOfHeaders {headers:#x} must lie between the end of the fields Authenticode skips "
-                    f"({hashed_header_end:#x}) and the end of the file ({len(data):#x})",
-                    opt + _OPT_SIZE_OF_HEADERS)  # fmt: skip
+        raise _fail(
+            f"SizeOfHeaders {headers:#x} must lie between the end of the fields Authenticode skips "
+            f"({hashed_header_end:#x}) and the end of the file ({len(data):#x})",
+            opt + _OPT_SIZE_OF_HEADERS,
+        )
     table = opt + opt_size
     if table + count * _SECTION_HEADER_SIZE > len(data):
         raise _fail(f"section table ({count} entries) runs past the end of the file ({len(data)} bytes)", table)
@@ -113,8 +118,10 @@ def parse_pe(image: bytes | bytearray | memoryview) -> PeLayout:
         at = table + i * _SECTION_HEADER_SIZE
         size, pointer = struct.unpack_from("<II", data, at + 16)
         if size and pointer + size > len(data):
-            raise _fail(f"section {i} raw data {pointer:#x}+{size:#x} runs past the end of the file "
-                        f"({len(data):#x} bytes)", at + 16)  # fmt: skip
+            raise _fail(
+                f"section {i} raw data {pointer:#x}+{size:#x} runs past the end of the file ({len(data):#x} bytes)",
+                at + 16,
+            )
         sections.append(PeSection(i, at, pointer, size))
     return PeLayout(pe, magic, opt + _OPT_CHECKSUM, cert_entry, headers, tuple(sections), cert_size)
 
@@ -127,8 +134,11 @@ def authenticode_ranges(image: bytes | bytearray | memoryview) -> list[tuple[int
     if pe.cert_entry_offset is None:
         ranges = [(0, pe.checksum_offset), (skip_end, pe.size_of_headers)]
     else:
-        ranges = [(0, pe.checksum_offset), (skip_end, pe.cert_entry_offset),
-                  (pe.cert_entry_offset + 8, pe.size_of_headers)]  # fmt: skip
+        ranges = [
+            (0, pe.checksum_offset),
+            (skip_end, pe.cert_entry_offset),
+            (pe.cert_entry_offset + 8, pe.size_of_headers),
+        ]
     hashed = pe.size_of_headers
     for s in sorted((s for s in pe.sections if s.size_of_raw_data), key=lambda s: s.pointer_to_raw_data):
         ranges.append((s.pointer_to_raw_data, s.pointer_to_raw_data + s.size_of_raw_data))
@@ -136,8 +146,11 @@ def authenticode_ranges(image: bytes | bytearray | memoryview) -> list[tuple[int
     if len(data) > hashed:
         if len(data) < hashed + pe.cert_size:
             at = pe.cert_entry_offset if pe.cert_entry_offset is not None else 0
-            raise _fail(f"Certificate Table size {pe.cert_size:#x} is larger than the {len(data) - hashed:#x} bytes "
-                        "after the sections", at + 4)  # fmt: skip
+            raise _fail(
+                f"Certificate Table size {pe.cert_size:#x} is larger than the {len(data) - hashed:#x} bytes "
+                "after the sections",
+                at + 4,
+            )
         ranges.append((hashed, len(data) - pe.cert_size))
     return [(a, b) for a, b in ranges if b > a]
 

@@ -88,10 +88,22 @@ def build(
     timings: dict[str, float] = {}
     stored: list[str] = []  # the secret-store name of this build's disk key, once stored
     try:
-        identity = functools.cache(lambda: _identity(store))  # made at configure, not before: a refused build makes no keys
-        image = root_image(loaded, work=work, cache=cache, identity=identity, firmware=firmware, lock_file=lock_file,
-                           progress=progress, timings=timings)  # fmt: skip
-        disk = _encrypt_step(image, store=store, engine=encryption_engine, stored=stored, progress=progress, timings=timings)
+        identity = functools.cache(
+            lambda: _identity(store)
+        )  # made at configure, not before: a refused build makes no keys
+        image = root_image(
+            loaded,
+            work=work,
+            cache=cache,
+            identity=identity,
+            firmware=firmware,
+            lock_file=lock_file,
+            progress=progress,
+            timings=timings,
+        )
+        disk = _encrypt_step(
+            image, store=store, engine=encryption_engine, stored=stored, progress=progress, timings=timings
+        )
         result = _measure_step(loaded, image, disk, identity=identity(), progress=progress, timings=timings)
         _publish(image.staging, output)
         stored.clear()  # the image exists now: its key stays
@@ -113,17 +125,29 @@ def _work_folder(output: Path) -> Path:
     return work
 
 
-def _encrypt_step(image: RootImage, *, store: SecretStore, engine: str, stored: list[str], progress: Progress,
-                  timings: dict[str, float]) -> manifest.Luks:  # fmt: skip
+def _encrypt_step(
+    image: RootImage,
+    *,
+    store: SecretStore,
+    engine: str,
+    stored: list[str],
+    progress: Progress,
+    timings: dict[str, float],
+) -> manifest.Luks:
     """Step 6: a fresh volume key into the secret store (its name appended to ``stored``
     at once), the ext4 image and its tree encrypted into ``disk.img``."""
     t = Timer(progress, "encrypt")
     luks_uuid = str(uuidlib.uuid4())
     volume_key = disk_secrets.generate_volume_key()
     payload_bytes = image.ext4_image.stat().st_size
-    header = luks.encrypt_image(payload=image.ext4_image, output=image.staging / "disk.img", volume_key=volume_key,
-                                passphrase=disk_secrets.keyslot_passphrase(volume_key), uuid=luks_uuid,
-                                engine=engine)  # fmt: skip
+    header = luks.encrypt_image(
+        payload=image.ext4_image,
+        output=image.staging / "disk.img",
+        volume_key=volume_key,
+        passphrase=disk_secrets.keyslot_passphrase(volume_key),
+        uuid=luks_uuid,
+        engine=engine,
+    )
     seconds = time.monotonic() - t.start
     image.ext4_image.unlink()
     disk_secrets.store(luks_uuid, volume_key, directory=store.directory)
@@ -133,8 +157,15 @@ def _encrypt_step(image: RootImage, *, store: SecretStore, engine: str, stored: 
     return manifest.Luks(uuid=luks_uuid, cipher=header.cipher, key_secret=stored[-1])
 
 
-def _measure_step(loaded: LoadedRecipe, image: RootImage, disk: manifest.Luks, *, identity: Identity, progress: Progress,
-                  timings: dict[str, float]) -> manifest.ImageManifest:  # fmt: skip
+def _measure_step(
+    loaded: LoadedRecipe,
+    image: RootImage,
+    disk: manifest.Luks,
+    *,
+    identity: Identity,
+    progress: Progress,
+    timings: dict[str, float],
+) -> manifest.ImageManifest:
     """Step 7: the listing, then ``manifest.json``: artifact hashes, the verity tree, the
     predicted measurements and the build's provenance."""
     t = Timer(progress, "measure")

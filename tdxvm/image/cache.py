@@ -95,15 +95,21 @@ def private_folder(path: Path, *, top: Path | None = None) -> Path:
     uid, mode, euid = st.st_uid, stat.S_IMODE(st.st_mode), os.geteuid()
     where = f"cache folder {path} (owner uid {uid}, mode {mode:04o})"
     if stat.S_ISLNK(st.st_mode):
-        raise CacheError(path, f"{where} is a symlink to {os.readlink(path)}: give the real folder instead, "
-                         f"or replace the link with a folder of uid {euid} and mode 0700")  # fmt: skip
+        raise CacheError(
+            path,
+            f"{where} is a symlink to {os.readlink(path)}: give the real folder instead, "
+            f"or replace the link with a folder of uid {euid} and mode 0700",
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise CacheError(path, f"{where} is not a folder")
     fixes = ([f"chown {euid} {path}"] if uid != euid else []) + ([f"chmod 700 {path}"] if mode & 0o077 else [])
     if fixes:
         why = f"not owned by uid {euid}" if uid != euid else "open to group or others"
-        raise CacheError(path, f"{where} is {why}: the image build unpacks and runs what it holds as root, so "
-                         f"only its owner may reach it; fix: {' && '.join(fixes)}")  # fmt: skip
+        raise CacheError(
+            path,
+            f"{where} is {why}: the image build unpacks and runs what it holds as root, so "
+            f"only its owner may reach it; fix: {' && '.join(fixes)}",
+        )
     return path
 
 
@@ -131,8 +137,11 @@ def file_digest(path: Path) -> FileDigest:
 def mismatch(path: Path, expected: str, actual: str) -> CacheError:
     """The error for a cache entry file whose SHA-256 is not the one its entry recorded."""
     entry = Path(path).parent
-    return CacheError(path, f"cache entry file {path} changed after its step wrote it: SHA-256 {actual}, expected "
-                      f"{expected} (from {entry / ENTRY_FILE}); delete the entry (rm -rf {entry}) and build again")  # fmt: skip
+    return CacheError(
+        path,
+        f"cache entry file {path} changed after its step wrote it: SHA-256 {actual}, expected "
+        f"{expected} (from {entry / ENTRY_FILE}); delete the entry (rm -rf {entry}) and build again",
+    )
 
 
 def verify_file(path: Path, *, sha256: str, size: int) -> Path:
@@ -140,8 +149,11 @@ def verify_file(path: Path, *, sha256: str, size: int) -> Path:
     actual_size = os.stat(path).st_size
     if actual_size != size:
         entry = Path(path).parent
-        raise CacheError(path, f"cache entry file {path} is {actual_size} bytes, expected {size} (from "
-                         f"{entry / ENTRY_FILE}); delete the entry (rm -rf {entry}) and build again")  # fmt: skip
+        raise CacheError(
+            path,
+            f"cache entry file {path} is {actual_size} bytes, expected {size} (from "
+            f"{entry / ENTRY_FILE}); delete the entry (rm -rf {entry}) and build again",
+        )
     actual = file_digest(path)
     if actual.sha256 != sha256 or actual.size != size:
         raise mismatch(path, sha256, actual.sha256)
@@ -179,8 +191,9 @@ class StepCache:
         """What ``entry.json`` of ``entry`` records for its file ``name``."""
         files = _recorded_files(_read_record(entry) or {})
         if files is None or name not in files:
-            raise CacheError(entry, f"cache entry {entry} records no file {name!r}; delete it (rm -rf {entry}) "
-                             "and build again")  # fmt: skip
+            raise CacheError(
+                entry, f"cache entry {entry} records no file {name!r}; delete it (rm -rf {entry}) and build again"
+            )
         return files[name]
 
     def verified_file(self, entry: Path, name: str) -> Path:
@@ -200,8 +213,13 @@ class StepCache:
         try:
             yield staging
             files = {name: file_digest(staging / name) for name in _plain_files(staging)}
-            record = {"format": FORMAT, "step": step, "key": key, "inputs": inputs,
-                      "files": {name: {"sha256": d.sha256, "size": d.size} for name, d in files.items()}}  # fmt: skip
+            record = {
+                "format": FORMAT,
+                "step": step,
+                "key": key,
+                "inputs": inputs,
+                "files": {name: {"sha256": d.sha256, "size": d.size} for name, d in files.items()},
+            }
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
             _remove(entry)
             staging.rename(entry)

@@ -54,8 +54,11 @@ _PACKAGE_ROOT = Path(tdxvm.__file__).parent
 # What of tdxvm ships into the guest: the guest package, the REPORTDATA binding, the
 # errors' base and the atomic-write helper (all standard library only).
 GUEST_MODULES = ("__init__.py", "errors.py", "fileio.py", "attest/__init__.py", "attest/binding.py", "guest/*.py")
-_EXECUTABLE = {"etc/initramfs-tools/hooks/tdxvm", "etc/initramfs-tools/scripts/local-top/tdxvm",
-               "etc/initramfs-tools/scripts/local-bottom/tdxvm"}
+_EXECUTABLE = {
+    "etc/initramfs-tools/hooks/tdxvm",
+    "etc/initramfs-tools/scripts/local-top/tdxvm",
+    "etc/initramfs-tools/scripts/local-bottom/tdxvm",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,9 @@ def _copy_tree(root: Path, tree: Path, values: dict[bytes, int | None]) -> None:
         for placeholder, value in values.items():
             if placeholder in data:
                 if value is None:
-                    raise ImageStepError("overlay", [], f"{src} needs {placeholder.decode()}, which the recipe does not set")
+                    raise ImageStepError(
+                        "overlay", [], f"{src} needs {placeholder.decode()}, which the recipe does not set"
+                    )
                 data = data.replace(placeholder, str(value).encode())
         treepath.write_file(root, rel, data, mode=0o755 if rel in _EXECUTABLE else 0o644)
 
@@ -131,7 +136,9 @@ def omit_modules(root: Path, folders: tuple[str, ...]) -> None:
         version = version_dir.name
         for folder in folders:
             target = treepath.resolve(root, f"/lib/modules/{version}/kernel/{folder}", follow_last=False)
-            if ".." in Path(folder).parts or not target.is_relative_to(treepath.resolve(root, f"/lib/modules/{version}")):
+            if ".." in Path(folder).parts or not target.is_relative_to(
+                treepath.resolve(root, f"/lib/modules/{version}")
+            ):
                 raise ImageStepError("omit modules", [], f"kernel.omit_modules: {folder!r} is outside the module tree")
             treepath.remove_entry(target)
 
@@ -139,8 +146,12 @@ def omit_modules(root: Path, folders: tuple[str, ...]) -> None:
 def kernel_version(root: Path) -> str:
     versions = sorted(p.name.removeprefix("vmlinuz-") for p in treepath.matches(root, "/boot", "vmlinuz-*"))
     if len(versions) != 1:
-        raise ImageStepError("find kernel", [], f"expected one kernel in /boot of the rootfs, found {versions or 'none'}"
-                             " (is kernel.package a linux-image package?)")  # fmt: skip
+        raise ImageStepError(
+            "find kernel",
+            [],
+            f"expected one kernel in /boot of the rootfs, found {versions or 'none'}"
+            " (is kernel.package a linux-image package?)",
+        )
     return versions[0]
 
 
@@ -151,8 +162,9 @@ def make_initramfs(root: Path, *, epoch: int) -> BootFiles:
         raise ImageStepError("mkinitramfs", [], f"unexpected kernel version {version!r}")
     initrd = f"/boot/initrd.img-{version}"
     depmod = f"depmod -a {version}\n"  # modules may have been omitted: refresh the index first
-    rootfs.in_root(root, depmod + f"mkinitramfs -o {initrd} {version}", step="mkinitramfs",
-                   env=(f"SOURCE_DATE_EPOCH={epoch}",))  # fmt: skip
+    rootfs.in_root(
+        root, depmod + f"mkinitramfs -o {initrd} {version}", step="mkinitramfs", env=(f"SOURCE_DATE_EPOCH={epoch}",)
+    )
     kernel = treepath.regular_file(root, f"/boot/vmlinuz-{version}")  # a device node there would read the host's
     return BootFiles(kernel=kernel, initrd=treepath.regular_file(root, initrd), version=version)
 

@@ -46,8 +46,14 @@ def _apt_opts(work: Path, *, suite: str, mirror: str) -> list[str]:
     (work / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     sources = work / "sources.list"
     sources.write_text(f"deb {mirror} {suite} main\n")
-    return [f"-oDir::Etc::SourceList={sources}", "-oDir::Etc::SourceParts=/dev/null", f"-oDir::State::Lists={work / 'lists'}",
-            f"-oDir::Cache={work / 'cache'}", "-oAPT::Sandbox::User=root", "-qq"]  # fmt: skip
+    return [
+        f"-oDir::Etc::SourceList={sources}",
+        "-oDir::Etc::SourceParts=/dev/null",
+        f"-oDir::State::Lists={work / 'lists'}",
+        f"-oDir::Cache={work / 'cache'}",
+        "-oAPT::Sandbox::User=root",
+        "-qq",
+    ]
 
 
 def newest(package: str, *, suite: str = "unstable", mirror: str = MIRROR) -> tuple[str, str]:
@@ -61,12 +67,15 @@ def newest(package: str, *, suite: str = "unstable", mirror: str = MIRROR) -> tu
         out = run_step(f"apt-cache show {package}", [apt_cache, *opts, "show", "--no-all-versions", package])
     fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line and not line.startswith(" "))
     if "Version" not in fields or "SHA256" not in fields:
-        raise ImageStepError(f"apt-cache show {package}", [], f"{suite} at {mirror} lists no version of {package} with a SHA-256")
+        raise ImageStepError(
+            f"apt-cache show {package}", [], f"{suite} at {mirror} lists no version of {package} with a SHA-256"
+        )
     return fields["Version"], fields["SHA256"]
 
 
-def package_files(package: str, *, version: str, sha256: str, suite: str = "unstable", cache: Path | None = None,
-                  mirror: str = MIRROR) -> Path:  # fmt: skip
+def package_files(
+    package: str, *, version: str, sha256: str, suite: str = "unstable", cache: Path | None = None, mirror: str = MIRROR
+) -> Path:
     """The unpacked root of ``package`` ``version`` (downloaded once into ``cache``); its
     ``.deb`` must have the SHA-256 the lock recorded."""
     root = cache_folder(cache) / f"{package}_{version.replace(':', '%3a')}"
@@ -81,11 +90,15 @@ def package_files(package: str, *, version: str, sha256: str, suite: str = "unst
         opts = _apt_opts(work, suite=suite, mirror=mirror)
         run_step("apt-get update", [apt, *opts, "update"])
         try:
-            run_step(f"apt-get download {package}={version}", [apt, *opts, "download", f"{package}={version}"], cwd=work)
+            run_step(
+                f"apt-get download {package}={version}", [apt, *opts, "download", f"{package}={version}"], cwd=work
+            )
         except ImageStepError as exc:
             if "was not found" in exc.stderr:
-                raise LockError(f"{suite} at {mirror} no longer has {package} {version}, which the lock names: take a new lock "
-                                "with: tdxvm image lock RECIPE") from None  # fmt: skip
+                raise LockError(
+                    f"{suite} at {mirror} no longer has {package} {version}, which the lock names: take a new lock "
+                    "with: tdxvm image lock RECIPE"
+                ) from None
             raise
         debs = sorted(work.glob(f"{package}_*.deb"))
         if len(debs) != 1:

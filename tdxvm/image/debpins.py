@@ -78,12 +78,18 @@ def _records(text: str) -> list[dict[str, str]]:
     return out
 
 
-def resolve(root: Path, *, sources: Sequence[tuple[str, str]], packages: Sequence[str], kernel: str,
-            kernel_suite: str) -> tuple[DebPackage, ...]:  # fmt: skip
+def resolve(
+    root: Path, *, sources: Sequence[tuple[str, str]], packages: Sequence[str], kernel: str, kernel_suite: str
+) -> tuple[DebPackage, ...]:
     """Install the newest packages into a debootstrapped ``root`` and describe them as locked."""
     names = " ".join(shlex.quote(p) for p in packages)
-    _apt(root, sources, f"{_APT} dist-upgrade\n{_APT} install {names}\n{_APT} install -t {shlex.quote(kernel_suite)} "
-                        f"{shlex.quote(kernel)}", step="apt-get install")  # fmt: skip
+    _apt(
+        root,
+        sources,
+        f"{_APT} dist-upgrade\n{_APT} install {names}\n{_APT} install -t {shlex.quote(kernel_suite)} "
+        f"{shlex.quote(kernel)}",
+        step="apt-get install",
+    )
     now = installed(root)
     pins = " ".join(shlex.quote(f"{n}={v}") for n, (v, _) in sorted(now.items()))
     shown = _records(in_root(root, f"apt-cache show --no-all-versions {pins}", step="apt-cache show"))
@@ -93,11 +99,19 @@ def resolve(root: Path, *, sources: Sequence[tuple[str, str]], packages: Sequenc
         record = index.get((name, version, arch))
         if record is None or not record.get("SHA256"):
             raise ImageStepError("lock", [], f"{name} {version} ({arch}) is installed but no archive index lists it")
-        package = DebPackage(name=name, version=version, architecture=arch, sha256=record["SHA256"],
-                             size=int(record["Size"]), filename=record["Filename"])  # fmt: skip
+        package = DebPackage(
+            name=name,
+            version=version,
+            architecture=arch,
+            sha256=record["SHA256"],
+            size=int(record["Size"]),
+            filename=record["Filename"],
+        )
         deb = root / ARCHIVES / package.deb_name
         if deb.is_file() and file_sha256(deb) != package.sha256:
-            raise ImageStepError("lock", [], f"{deb}: its SHA-256 is not the one the signed index lists for {name} {version}")
+            raise ImageStepError(
+                "lock", [], f"{deb}: its SHA-256 is not the one the signed index lists for {name} {version}"
+            )
         locked.append(package)
     _clean_archives(root)
     return tuple(locked)
@@ -110,7 +124,14 @@ def inrelease(root: Path, uri: str, suite: str) -> Source:
     if not path.is_file():
         raise ImageStepError("lock", [], f"apt has no InRelease for {uri} {suite} (expected {path})")
     data = path.read_bytes()
-    date = next((line.split(":", 1)[1].strip() for line in data.decode(errors="replace").splitlines() if line.startswith("Date:")), "")
+    date = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in data.decode(errors="replace").splitlines()
+            if line.startswith("Date:")
+        ),
+        "",
+    )
     return Source(uri=uri, suite=suite, inrelease_sha256=hashlib.sha256(data).hexdigest(), date=date or "unknown")
 
 
@@ -124,8 +145,10 @@ def install_locked(root: Path, lock: Lock, *, lock_file: Path, recipe_file: Path
         missing = _MISSING_VERSION.findall(exc.stderr)
         if missing:
             listed = ", ".join(f"{name} {version}" for version, name in missing)
-            raise LockError(f"the mirror no longer has {listed}, locked in {lock_file} (taken {lock.taken_at_text()}): take a "
-                            f"new lock, security updates included, with: tdxvm image lock {recipe_file}") from None  # fmt: skip
+            raise LockError(
+                f"the mirror no longer has {listed}, locked in {lock_file} (taken {lock.taken_at_text()}): take a "
+                f"new lock, security updates included, with: tdxvm image lock {recipe_file}"
+            ) from None
         raise
     check_installed(root, lock, lock_file=lock_file, recipe_file=recipe_file)
     _clean_archives(root)
@@ -137,21 +160,29 @@ def check_installed(root: Path, lock: Lock, *, lock_file: Path, recipe_file: Pat
     want = {p.name: p for p in lock.packages}
     extra = sorted(set(now) - set(want))
     if extra:
-        raise LockError(f"the mirror's base system now installs {', '.join(extra)}, which {lock_file} does not list: take a "
-                        f"new lock with: tdxvm image lock {recipe_file}")  # fmt: skip
+        raise LockError(
+            f"the mirror's base system now installs {', '.join(extra)}, which {lock_file} does not list: take a "
+            f"new lock with: tdxvm image lock {recipe_file}"
+        )
     for name, package in sorted(want.items()):
         got = now.get(name)
         if got != (package.version, package.architecture):
             found = f"{got[0]} ({got[1]})" if got else "nothing"
-            raise LockError(f"{name}: {lock_file} locks {package.version} ({package.architecture}) but apt installed {found}")
+            raise LockError(
+                f"{name}: {lock_file} locks {package.version} ({package.architecture}) but apt installed {found}"
+            )
         deb = root / ARCHIVES / package.deb_name
         if not deb.is_file():
-            raise LockError(f"{name} {package.version}: its .deb is not in {ARCHIVES} of the build tree, so its SHA-256 "
-                            "cannot be checked against the lock")  # fmt: skip
+            raise LockError(
+                f"{name} {package.version}: its .deb is not in {ARCHIVES} of the build tree, so its SHA-256 "
+                "cannot be checked against the lock"
+            )
         digest = file_sha256(deb)
         if digest != package.sha256:
-            raise LockError(f"{name} {package.version}: the .deb the mirror served has SHA-256 {digest}, not {package.sha256} "
-                            f"as locked in {lock_file}")  # fmt: skip
+            raise LockError(
+                f"{name} {package.version}: the .deb the mirror served has SHA-256 {digest}, not {package.sha256} "
+                f"as locked in {lock_file}"
+            )
 
 
 def _clean_archives(root: Path) -> None:

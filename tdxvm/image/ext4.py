@@ -84,16 +84,32 @@ def tool(name: str, *, step: str, package: str) -> str:
     return path
 
 
-def run_step(step: str, command: Sequence[str], *, env: Mapping[str, str] | None = None, input: bytes | None = None,
-             pass_fds: Sequence[int] = (), cwd: Path | None = None) -> str:  # fmt: skip
+def run_step(
+    step: str,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    pass_fds: Sequence[int] = (),
+    cwd: Path | None = None,
+) -> str:
     """Run one command; its stdout on success, :class:`ImageStepError` otherwise."""
     try:
-        proc = subprocess.run(list(command), input=input, capture_output=True, env=dict(env) if env is not None else None,
-                              pass_fds=tuple(pass_fds), check=False, cwd=cwd)  # fmt: skip
+        proc = subprocess.run(
+            list(command),
+            input=input,
+            capture_output=True,
+            env=dict(env) if env is not None else None,
+            pass_fds=tuple(pass_fds),
+            check=False,
+            cwd=cwd,
+        )
     except OSError as exc:
         raise ImageStepError(step, command, str(exc)) from None
     if proc.returncode != 0:
-        raise ImageStepError(step, command, proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace"))
+        raise ImageStepError(
+            step, command, proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace")
+        )
     return proc.stdout.decode(errors="replace")
 
 
@@ -112,7 +128,9 @@ def used_inodes(dumpe2fs_output: str) -> list[int]:
         for part in filter(None, (p.strip() for p in line.split(","))):
             first, _, last = part.partition("-")
             free.update(range(int(first), int(last or first) + 1))
-    return [i for i in range(1, int(match.group(1)) + 1) if i not in free and (i == 2 or i >= _FIRST_NON_RESERVED_INODE)]
+    return [
+        i for i in range(1, int(match.group(1)) + 1) if i not in free and (i == 2 or i >= _FIRST_NON_RESERVED_INODE)
+    ]
 
 
 def make_ext4(*, source: Path, output: Path, size_bytes: int, uuid: str, label: str = "rootfs", epoch: int) -> None:
@@ -133,17 +151,50 @@ def make_ext4(*, source: Path, output: Path, size_bytes: int, uuid: str, label: 
         with tempfile.TemporaryDirectory(prefix="tdxvm-mke2fs-") as conf_dir:
             conf = Path(conf_dir) / "mke2fs.conf"
             conf.write_text(MKE2FS_CONF)
-            env = {**os.environ, "MKE2FS_CONFIG": str(conf), "E2FSPROGS_FAKE_TIME": str(epoch), "SOURCE_DATE_EPOCH": str(epoch), "LC_ALL": "C"}
+            env = {
+                **os.environ,
+                "MKE2FS_CONFIG": str(conf),
+                "E2FSPROGS_FAKE_TIME": str(epoch),
+                "SOURCE_DATE_EPOCH": str(epoch),
+                "LC_ALL": "C",
+            }
             os.ftruncate(fd, size_bytes)
             os.close(fd)
             fd = -1
             extended = f"hash_seed={hash_seed_for(fs_uuid)},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0"
-            run_step("mkfs.ext4", [mkfs, "-q", "-F", "-t", "ext4", "-T", "default", "-b", str(BLOCK_SIZE), "-U", fs_uuid, "-L", label, "-E", extended, "-d", str(source), str(tmp)], env=env)
+            run_step(
+                "mkfs.ext4",
+                [
+                    mkfs,
+                    "-q",
+                    "-F",
+                    "-t",
+                    "ext4",
+                    "-T",
+                    "default",
+                    "-b",
+                    str(BLOCK_SIZE),
+                    "-U",
+                    fs_uuid,
+                    "-L",
+                    label,
+                    "-E",
+                    extended,
+                    "-d",
+                    str(source),
+                    str(tmp),
+                ],
+                env=env,
+            )
             inodes = used_inodes(run_step("dumpe2fs", [dumpe2fs, str(tmp)], env=env))
             script = "".join(f"sif <{i}> atime @{epoch}\nsif <{i}> ctime @{epoch}\n" for i in inodes)
             command = [debugfs, "-w", "-f", "-", str(tmp)]
             proc = subprocess.run(command, input=script.encode(), capture_output=True, env=env, check=False)
-            errors = [line for line in proc.stderr.decode(errors="replace").splitlines() if line and not line.startswith("debugfs ")]
+            errors = [
+                line
+                for line in proc.stderr.decode(errors="replace").splitlines()
+                if line and not line.startswith("debugfs ")
+            ]
             if proc.returncode != 0 or errors:
                 raise ImageStepError("debugfs", command, "\n".join(errors) or proc.stderr.decode(errors="replace"))
         os.replace(tmp, output)

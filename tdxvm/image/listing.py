@@ -52,10 +52,24 @@ from tdxvm.fileio import write_atomic_with
 FORMAT = "#tdxvm-tree-listing 1"
 FIELDS = 7  # path, type, mode, owner, mtime, size, digest
 CHUNK = 1 << 20
-TYPE_NAMES = {"f": "regular file", "d": "directory", "l": "symlink", "c": "character device",
-              "b": "block device", "p": "fifo", "s": "socket"}  # fmt: skip
-_TYPES = ((stat.S_ISREG, "f"), (stat.S_ISDIR, "d"), (stat.S_ISLNK, "l"), (stat.S_ISCHR, "c"),
-          (stat.S_ISBLK, "b"), (stat.S_ISFIFO, "p"), (stat.S_ISSOCK, "s"))  # fmt: skip
+TYPE_NAMES = {
+    "f": "regular file",
+    "d": "directory",
+    "l": "symlink",
+    "c": "character device",
+    "b": "block device",
+    "p": "fifo",
+    "s": "socket",
+}
+_TYPES = (
+    (stat.S_ISREG, "f"),
+    (stat.S_ISDIR, "d"),
+    (stat.S_ISLNK, "l"),
+    (stat.S_ISCHR, "c"),
+    (stat.S_ISBLK, "b"),
+    (stat.S_ISFIFO, "p"),
+    (stat.S_ISSOCK, "s"),
+)
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
 
 
@@ -206,8 +220,17 @@ def tree_listing(root: Path) -> list[str]:
             digest = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
         else:
             digest = "-"
-        fields = [path, kind, f"{stat.S_IMODE(st.st_mode):04o}", f"{st.st_uid}:{st.st_gid}", _mtime(st.st_mtime_ns),
-                  size, digest, *extra, *_xattrs(full)]  # fmt: skip
+        fields = [
+            path,
+            kind,
+            f"{stat.S_IMODE(st.st_mode):04o}",
+            f"{st.st_uid}:{st.st_gid}",
+            _mtime(st.st_mtime_ns),
+            size,
+            digest,
+            *extra,
+            *_xattrs(full),
+        ]
         lines.append("\t".join(fields))
     return lines
 
@@ -290,8 +313,10 @@ def _describe(a: list[str], b: list[str]) -> str:
         parts.append(f"hard link ({extra_a.get('link', 'none')} vs {extra_b.get('link', 'none')})")
     for name in sorted((set(extra_a) | set(extra_b)) - {"link"}):
         if extra_a.get(name) != extra_b.get(name):
-            parts.append(f"extended attribute {name.removeprefix('xattr:')} "
-                         f"({extra_a.get(name, 'absent')[:32]} vs {extra_b.get(name, 'absent')[:32]})")  # fmt: skip
+            parts.append(
+                f"extended attribute {name.removeprefix('xattr:')} "
+                f"({extra_a.get(name, 'absent')[:32]} vs {extra_b.get(name, 'absent')[:32]})"
+            )
     if parts:
         return ", ".join(parts)
     line_a, line_b = "\t".join(a), "\t".join(b)

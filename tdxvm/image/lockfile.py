@@ -108,8 +108,13 @@ class Lock:
 
     def debian_digest(self) -> str:
         """SHA-256 over what decides the root filesystem's packages (the rootfs cache key)."""
-        return _digest({"sources": [s.suite for s in self.sources], "inputs": self.inputs,
-                        "packages": [asdict(p) for p in self.packages]})  # fmt: skip
+        return _digest(
+            {
+                "sources": [s.suite for s in self.sources],
+                "inputs": self.inputs,
+                "packages": [asdict(p) for p in self.packages],
+            }
+        )
 
     def wheels_digest(self) -> str:
         return _digest([asdict(w) for w in self.wheels])
@@ -161,7 +166,9 @@ def load(path: Path) -> Lock:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise LockError(f"{path}: no lock for this recipe (take one: tdxvm image lock {path.with_suffix('.yaml')})") from None
+        raise LockError(
+            f"{path}: no lock for this recipe (take one: tdxvm image lock {path.with_suffix('.yaml')})"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise LockError(f"{path}: cannot read: {exc}") from None
     try:
@@ -176,8 +183,13 @@ def parse(data: Any, *, source: str) -> Lock:
     if not isinstance(data, dict):
         raise LockError(f"{source}: a lock is a JSON object")
     if data.get("format") != FORMAT:
-        raise LockError(f"{source}: format {data.get('format')!r} is not {FORMAT!r} (take a new lock: tdxvm image lock RECIPE)")
-    unknown = sorted(set(data) - {"format", "recipe", "taken_at", "inputs", "debootstrap", "sources", "packages", "wheels", "firmware"})
+        raise LockError(
+            f"{source}: format {data.get('format')!r} is not {FORMAT!r} (take a new lock: tdxvm image lock RECIPE)"
+        )
+    unknown = sorted(
+        set(data)
+        - {"format", "recipe", "taken_at", "inputs", "debootstrap", "sources", "packages", "wheels", "firmware"}
+    )
     if unknown:
         raise LockError(f"{source}: unknown field {unknown[0]!r}")
     taken = r.text(data, "taken_at")
@@ -188,25 +200,59 @@ def parse(data: Any, *, source: str) -> Lock:
     inputs = data.get("inputs")
     if not isinstance(inputs, dict):
         raise LockError(f"{source}: inputs: expected an object")
-    sources = tuple(Source(uri=r.text(s, "uri", at), suite=r.name(s, "suite", at), inrelease_sha256=r.sha(s, "inrelease_sha256", at),
-                           date=r.text(s, "date", at)) for at, s in r.rows(data, "sources"))  # fmt: skip
-    packages = tuple(DebPackage(name=r.name(p, "name", at), version=r.version(p, "version", at), architecture=r.name(p, "architecture", at),
-                                sha256=r.sha(p, "sha256", at), size=r.size(p, "size", at), filename=r.text(p, "filename", at))
-                     for at, p in r.rows(data, "packages"))  # fmt: skip
+    sources = tuple(
+        Source(
+            uri=r.text(s, "uri", at),
+            suite=r.name(s, "suite", at),
+            inrelease_sha256=r.sha(s, "inrelease_sha256", at),
+            date=r.text(s, "date", at),
+        )
+        for at, s in r.rows(data, "sources")
+    )
+    packages = tuple(
+        DebPackage(
+            name=r.name(p, "name", at),
+            version=r.version(p, "version", at),
+            architecture=r.name(p, "architecture", at),
+            sha256=r.sha(p, "sha256", at),
+            size=r.size(p, "size", at),
+            filename=r.text(p, "filename", at),
+        )
+        for at, p in r.rows(data, "packages")
+    )
     names = [p.name for p in packages]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise LockError(f"{source}: packages: {dup} is listed twice")
-    wheels = tuple(Wheel(name=r.name(w, "name", at), version=r.version(w, "version", at), sha256=r.sha(w, "sha256", at),
-                         file=r.text(w, "file", at)) for at, w in r.rows(data, "wheels"))  # fmt: skip
+    wheels = tuple(
+        Wheel(
+            name=r.name(w, "name", at),
+            version=r.version(w, "version", at),
+            sha256=r.sha(w, "sha256", at),
+            file=r.text(w, "file", at),
+        )
+        for at, w in r.rows(data, "wheels")
+    )
     fw = data.get("firmware")
     firmware = None
     if fw is not None:
         at = "firmware"
-        firmware = Firmware(package=r.name(fw, "package", at), suite=r.name(fw, "suite", at), version=r.version(fw, "version", at),
-                            sha256=r.sha(fw, "sha256", at))  # fmt: skip
-    return Lock(recipe=r.text(data, "recipe"), taken_at=taken_at, inputs=inputs, debootstrap=r.text(data, "debootstrap"),
-                sources=sources, packages=packages, wheels=wheels, firmware=firmware)  # fmt: skip
+        firmware = Firmware(
+            package=r.name(fw, "package", at),
+            suite=r.name(fw, "suite", at),
+            version=r.version(fw, "version", at),
+            sha256=r.sha(fw, "sha256", at),
+        )
+    return Lock(
+        recipe=r.text(data, "recipe"),
+        taken_at=taken_at,
+        inputs=inputs,
+        debootstrap=r.text(data, "debootstrap"),
+        sources=sources,
+        packages=packages,
+        wheels=wheels,
+        firmware=firmware,
+    )
 
 
 class _Reader:
@@ -266,9 +312,15 @@ def stale_inputs(lock: Lock, inputs: dict[str, Any], *, path: Path, recipe_path:
         if isinstance(before, list) and isinstance(now, list):
             added = sorted(set(map(str, now)) - set(map(str, before)))
             removed = sorted(set(map(str, before)) - set(map(str, now)))
-            parts = ([f"added {', '.join(added)}"] if added else []) + ([f"removed {', '.join(removed)}"] if removed else [])
+            parts = ([f"added {', '.join(added)}"] if added else []) + (
+                [f"removed {', '.join(removed)}"] if removed else []
+            )
             changes.append(f"{key}: {'; '.join(parts) or 'reordered'}")
         else:
-            changes.append(f"{key}: {json.dumps(before, sort_keys=True)} in the lock, {json.dumps(now, sort_keys=True)} now")
-    return LockError(f"{path} was taken for other recipe inputs than {recipe_path} has now ({'; '.join(changes)}): take a new "
-                     f"lock with: tdxvm image lock {recipe_path}")  # fmt: skip
+            changes.append(
+                f"{key}: {json.dumps(before, sort_keys=True)} in the lock, {json.dumps(now, sort_keys=True)} now"
+            )
+    return LockError(
+        f"{path} was taken for other recipe inputs than {recipe_path} has now ({'; '.join(changes)}): take a new "
+        f"lock with: tdxvm image lock {recipe_path}"
+    )

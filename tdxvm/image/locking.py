@@ -24,7 +24,9 @@ from tdxvm.image.recipe import BASE_PACKAGES, LoadedRecipe, Python
 
 
 def debootstrap_version() -> str:
-    out = run_step("dpkg-query", [tool("dpkg-query", step="dpkg-query", package="dpkg"), "-W", "-f=${Version}", "debootstrap"])
+    out = run_step(
+        "dpkg-query", [tool("dpkg-query", step="dpkg-query", package="dpkg"), "-W", "-f=${Version}", "debootstrap"]
+    )
     return out.strip()
 
 
@@ -37,8 +39,13 @@ def take(loaded: LoadedRecipe, *, progress: Callable[[str], None] = lambda _: No
         progress(f"debootstrap {r.suite} from {r.mirror}")
         rootfs.debootstrap(root, suite=r.suite, mirror=r.mirror)
         progress("apt: security and stable updates, the recipe's packages, the kernel")
-        packages = debpins.resolve(root, sources=r.apt_sources(), packages=sorted(set(BASE_PACKAGES) | set(r.packages)),
-                                   kernel=r.kernel.package, kernel_suite=r.kernel_suite)  # fmt: skip
+        packages = debpins.resolve(
+            root,
+            sources=r.apt_sources(),
+            packages=sorted(set(BASE_PACKAGES) | set(r.packages)),
+            kernel=r.kernel.package,
+            kernel_suite=r.kernel_suite,
+        )
         sources = tuple(debpins.inrelease(root, uri, suite) for uri, suite in r.apt_sources())
     wheels: tuple[Wheel, ...] = ()
     if r.python.requirements:
@@ -50,17 +57,38 @@ def take(loaded: LoadedRecipe, *, progress: Callable[[str], None] = lambda _: No
         progress(f"firmware: {package} from unstable")
         version, sha256 = debian.newest(package)
         firmware = Firmware(package=package, suite="unstable", version=version, sha256=sha256)
-    return Lock(recipe=r.name, taken_at=taken_at, inputs=r.lock_inputs(), debootstrap=debootstrap_version(), sources=sources,
-                packages=packages, wheels=wheels, firmware=firmware)  # fmt: skip
+    return Lock(
+        recipe=r.name,
+        taken_at=taken_at,
+        inputs=r.lock_inputs(),
+        debootstrap=debootstrap_version(),
+        sources=sources,
+        packages=packages,
+        wheels=wheels,
+        firmware=firmware,
+    )
 
 
 def resolve_wheels(python: Python) -> tuple[Wheel, ...]:
     """The wheels pip would install for ``python.requirements`` (sdists refused), with hashes."""
     with tempfile.TemporaryDirectory(prefix="tdxvm-pip-lock-") as tmp:
         report = Path(tmp) / "report.json"
-        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:", "--quiet",
-                   "--disable-pip-version-check", "--target", str(Path(tmp) / "target"), "--report", str(report),
-                   *python.requirements]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(Path(tmp) / "target"),
+            "--report",
+            str(report),
+            *python.requirements,
+        ]
         if python.index_url:
             command += ["--index-url", python.index_url]
         for link in python.find_links:
@@ -74,7 +102,9 @@ def resolve_wheels(python: Python) -> tuple[Wheel, ...]:
         name, version = item["metadata"]["name"], item["metadata"]["version"]
         file = urllib.parse.unquote(info.get("url", "").rsplit("/", 1)[-1])
         if not digest or not file.endswith(".whl"):
-            raise ImageStepError("pip lock", [], f"{name} {version}: pip gave no wheel with a SHA-256 ({info.get('url')})")
+            raise ImageStepError(
+                "pip lock", [], f"{name} {version}: pip gave no wheel with a SHA-256 ({info.get('url')})"
+            )
         wheels.append(Wheel(name=name, version=version, sha256=digest, file=file))
     return tuple(sorted(wheels, key=lambda w: w.name.lower()))
 
@@ -84,8 +114,10 @@ def changes(old: Lock | None, new: Lock) -> list[str]:
     if old is None:
         return []
     out = []
-    for kind, before, after in (("deb", {p.name: p.version for p in old.packages}, {p.name: p.version for p in new.packages}),
-                                ("wheel", {w.name: w.version for w in old.wheels}, {w.name: w.version for w in new.wheels})):  # fmt: skip
+    for kind, before, after in (
+        ("deb", {p.name: p.version for p in old.packages}, {p.name: p.version for p in new.packages}),
+        ("wheel", {w.name: w.version for w in old.wheels}, {w.name: w.version for w in new.wheels}),
+    ):
         for name in sorted(set(before) | set(after)):
             if name not in before:
                 out.append(f"+ {kind} {name} {after[name]}")

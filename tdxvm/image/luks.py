@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from tdxvm.errors import TdxvmError
 from tdxvm.image.ext4 import run_step, tool
 from tdxvm.image.xts import SECTOR, XtsPlain64
@@ -81,7 +80,14 @@ def parse_header(data: bytes) -> LuksHeader:
         raise LuksError("LUKS2 header checksum mismatch")
     metadata = json.loads(data[_BINARY_SIZE:size].split(b"\0", 1)[0])
     segment = metadata["segments"]["0"]
-    return LuksHeader(uuid=uuid.rstrip(b"\0").decode(), header_size=size, payload_offset=int(segment["offset"]), sector_size=int(segment["sector_size"]), cipher=segment["encryption"], metadata=metadata)
+    return LuksHeader(
+        uuid=uuid.rstrip(b"\0").decode(),
+        header_size=size,
+        payload_offset=int(segment["offset"]),
+        sector_size=int(segment["sector_size"]),
+        cipher=segment["encryption"],
+        metadata=metadata,
+    )
 
 
 def read_header(image: Path) -> LuksHeader:
@@ -97,7 +103,9 @@ def volume_key_matches(header: LuksHeader, volume_key: bytes) -> bool:
     for digest in header.metadata["digests"].values():
         if digest["type"] == "pbkdf2" and "0" in digest["segments"]:
             expected = _b64(digest["digest"])
-            derived = hashlib.pbkdf2_hmac(digest["hash"], volume_key, _b64(digest["salt"]), int(digest["iterations"]), len(expected))
+            derived = hashlib.pbkdf2_hmac(
+                digest["hash"], volume_key, _b64(digest["salt"]), int(digest["iterations"]), len(expected)
+            )
             return hmac.compare_digest(derived, expected)
     raise LuksError("the LUKS2 header has no pbkdf2 digest for segment 0")
 
@@ -123,10 +131,17 @@ def open_keyslot(image: Path, passphrase: bytes) -> bytes:
     with open(image, "rb") as f:
         for slot in header.metadata["keyslots"].values():
             area, kdf, af = slot["area"], slot["kdf"], slot["af"]
-            if (slot["type"], kdf["type"], af["type"], area["encryption"]) != ("luks2", "pbkdf2", "luks1", "aes-xts-plain64"):
+            if (slot["type"], kdf["type"], af["type"], area["encryption"]) != (
+                "luks2",
+                "pbkdf2",
+                "luks1",
+                "aes-xts-plain64",
+            ):
                 continue
             key_size, stripes = int(slot["key_size"]), int(af["stripes"])
-            area_key = hashlib.pbkdf2_hmac(kdf["hash"], passphrase, _b64(kdf["salt"]), int(kdf["iterations"]), int(area["key_size"]))
+            area_key = hashlib.pbkdf2_hmac(
+                kdf["hash"], passphrase, _b64(kdf["salt"]), int(kdf["iterations"]), int(area["key_size"])
+            )
             length = -(-key_size * stripes // SECTOR) * SECTOR
             f.seek(int(area["offset"]))
             material = bytes(XtsPlain64(area_key).decrypt(f.read(length)))
@@ -148,15 +163,43 @@ def _python_encrypt(*, payload: Path, image: Path, volume_key: bytes) -> None:
             at += len(chunk)
 
 
-def _cryptsetup(step: str, action: list[str], *, target: Path, volume_key: bytes, passphrase: bytes, fds: tuple[int, ...] = ()) -> None:
-    """Run cryptsetup with the pinned LUKS2 parameters; the volume key goes through a pipe, the passphrase through stdin."""
+def _cryptsetup(
+    step: str, action: list[str], *, target: Path, volume_key: bytes, passphrase: bytes, fds: tuple[int, ...] = ()
+) -> None:
+    """Run cryptsetup with the pinned LUKS2 parameters; the volume key goes through a pipe,
+    the passphrase through stdin."""
     cryptsetup = tool("cryptsetup", step=step, package="cryptsetup-bin")
     read_end, write_end = os.pipe()
     try:
         with os.fdopen(write_end, "wb") as pipe:
             pipe.write(volume_key)  # 64 bytes: fits the pipe's buffer before cryptsetup reads
-        options = ["--type", "luks2", "--cipher", "aes-xts-plain64", "--key-size", str(8 * len(volume_key)), "--sector-size", str(SECTOR), "--offset", str(DATA_OFFSET // SECTOR), "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", str(PBKDF2_ITERATIONS), "--hash", "sha256"]
-        keys = ["--volume-key-file", f"/dev/fd/{read_end}", "--key-file", "-", "--batch-mode", "--disable-locks", str(target)]
+        options = [
+            "--type",
+            "luks2",
+            "--cipher",
+            "aes-xts-plain64",
+            "--key-size",
+            str(8 * len(volume_key)),
+            "--sector-size",
+            str(SECTOR),
+            "--offset",
+            str(DATA_OFFSET // SECTOR),
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            str(PBKDF2_ITERATIONS),
+            "--hash",
+            "sha256",
+        ]
+        keys = [
+            "--volume-key-file",
+            f"/dev/fd/{read_end}",
+            "--key-file",
+            "-",
+            "--batch-mode",
+            "--disable-locks",
+            str(target),
+        ]
         run_step(step, [cryptsetup, *action, *options, *keys], input=passphrase, pass_fds=[read_end, *fds])
     finally:
         os.close(read_end)
@@ -173,12 +216,21 @@ def _cryptsetup_encrypt(*, payload: Path, image: Path, volume_key: bytes) -> Non
     try:
         os.ftruncate(header, DATA_OFFSET)
         action = ["reencrypt", "--encrypt", "--force-offline-reencrypt", "--header", f"/dev/fd/{header}"]
-        _cryptsetup("cryptsetup reencrypt", action, target=image, volume_key=volume_key, passphrase=os.urandom(32), fds=(header,))
+        _cryptsetup(
+            "cryptsetup reencrypt",
+            action,
+            target=image,
+            volume_key=volume_key,
+            passphrase=os.urandom(32),
+            fds=(header,),
+        )
     finally:
         os.close(header)
 
 
-def encrypt_image(*, payload: Path, output: Path, volume_key: bytes, passphrase: bytes, uuid: str, engine: str = "cryptsetup") -> LuksHeader:
+def encrypt_image(
+    *, payload: Path, output: Path, volume_key: bytes, passphrase: bytes, uuid: str, engine: str = "cryptsetup"
+) -> LuksHeader:
     """Write ``output``: a LUKS2 header, then ``payload`` encrypted with ``volume_key``.
 
     ``engine`` "cryptsetup" (its offline reencryption, in C: the default, ~270 MB/s here)
@@ -200,10 +252,19 @@ def encrypt_image(*, payload: Path, output: Path, volume_key: bytes, passphrase:
             f.truncate(DATA_OFFSET + size)
             if engine == "cryptsetup":  # first: luksFormat then writes only the first DATA_OFFSET bytes
                 _cryptsetup_encrypt(payload=payload, image=tmp, volume_key=volume_key)
-            _cryptsetup("cryptsetup luksFormat", ["luksFormat", "--uuid", uuid], target=tmp, volume_key=volume_key, passphrase=passphrase)
+            _cryptsetup(
+                "cryptsetup luksFormat",
+                ["luksFormat", "--uuid", uuid],
+                target=tmp,
+                volume_key=volume_key,
+                passphrase=passphrase,
+            )
             header = read_header(tmp)
             if (header.payload_offset, header.sector_size, header.cipher) != (DATA_OFFSET, SECTOR, "aes-xts-plain64"):
-                raise LuksError(f"cryptsetup wrote an unexpected segment: offset {header.payload_offset}, sector {header.sector_size}, {header.cipher}")
+                raise LuksError(
+                    f"cryptsetup wrote an unexpected segment: offset {header.payload_offset}, "
+                    f"sector {header.sector_size}, {header.cipher}"
+                )
             if engine == "python":
                 _python_encrypt(payload=payload, image=tmp, volume_key=volume_key)
             os.fsync(f.fileno())
@@ -218,7 +279,9 @@ def decrypt_payload(image: Path, volume_key: bytes, *, chunk_bytes: int = 4 << 2
     """The decrypted payload of a LUKS2 image, in chunks; a key that fails the header's digest raises."""
     header = read_header(image)
     if (header.sector_size, header.cipher) != (SECTOR, "aes-xts-plain64"):
-        raise LuksError(f"{image}: segment 0 is {header.cipher} with {header.sector_size}-byte sectors, not aes-xts-plain64/512")
+        raise LuksError(
+            f"{image}: segment 0 is {header.cipher} with {header.sector_size}-byte sectors, not aes-xts-plain64/512"
+        )
     if not volume_key_matches(header, volume_key):
         raise LuksError(f"{image}: this volume key does not match the header's digest")
     xts, step = XtsPlain64(volume_key), chunk_bytes - chunk_bytes % SECTOR

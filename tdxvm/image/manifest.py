@@ -23,8 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, StringConstraints,
-                      ValidationError, model_serializer)  # fmt: skip
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+)
 
 from tdxvm.errors import TdxvmError
 from tdxvm.image.measure import REGISTERS, StubVerdict
@@ -318,8 +326,10 @@ def read(path: str | Path) -> ImageManifest:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ImageManifestError(f"image manifest {p} does not exist (build the image first: tdxvm image build "
-                                 f"images/<recipe>.yaml writes build/<name>/{FILE})") from None  # fmt: skip
+        raise ImageManifestError(
+            f"image manifest {p} does not exist (build the image first: tdxvm image build "
+            f"images/<recipe>.yaml writes build/<name>/{FILE})"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ImageManifestError(f"image manifest {p}: cannot read: {exc}") from None
     try:
@@ -334,12 +344,15 @@ def parse(data: Any, *, path: Path) -> ImageManifest:
     if not isinstance(data, dict):
         raise ImageManifestError(f"image manifest {path}: expected a JSON object")
     if data.get("format") == OLD_FORMAT:
-        raise ImageManifestError(f"image manifest {path}: built by an older tdxvm, whose root filesystem is not verified "
-                                 "and whose initramfs reads the LUKS2 header from the disk; rebuild it with tdxvm image "
-                                 "build")  # fmt: skip
+        raise ImageManifestError(
+            f"image manifest {path}: built by an older tdxvm, whose root filesystem is not verified "
+            "and whose initramfs reads the LUKS2 header from the disk; rebuild it with tdxvm image "
+            "build"
+        )
     if data.get("format") not in (None, FORMAT):
-        raise ImageManifestError(f"image manifest {path}: format {data.get('format')!r} is not {FORMAT!r} "
-                                 "(built by another tdxvm version?)")  # fmt: skip
+        raise ImageManifestError(
+            f"image manifest {path}: format {data.get('format')!r} is not {FORMAT!r} (built by another tdxvm version?)"
+        )
     try:
         manifest = ImageManifest.model_validate(data)
     except ValidationError as exc:

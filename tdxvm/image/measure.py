@@ -64,8 +64,10 @@ EFI_TCG2_PROTOCOL_GUID = uuid.UUID("607f766c-7455-42be-930b-e4d76db2720f")
 
 
 # What to do about such a kernel, in the words of a recipe (images/*.yaml).
-MEASURING_KERNEL_FIX = ("use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: "
-                        "bookworm-backports}` in the recipe")  # fmt: skip
+MEASURING_KERNEL_FIX = (
+    "use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: "
+    "bookworm-backports}` in the recipe"
+)
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,24 @@ class Profile:
     kernel_as_file: bool
 
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (
-    Profile("upstream", "QEMU >= 10.1 and KVM >= 6.16 (upstream TDX) with edk2 >= stable202508, e.g. Debian's "
-            "ovmf-inteltdx 2026.08", "single-pass", "prefix", True),
-    Profile("edk2-202505", "QEMU >= 10.1 with edk2-stable202505", "single-pass", "append", True),
-    Profile("qemu9", "QEMU 9.x TDX builds with edk2 <= stable202502", "single-pass", "append", False),
-    Profile("qemu8", "QEMU 8.x TDX builds with edk2 <= stable202502 (e.g. dstack <= 0.6)", "two-pass", "append",
-            False),
-)}  # fmt: skip
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            "upstream",
+            "QEMU >= 10.1 and KVM >= 6.16 (upstream TDX) with edk2 >= stable202508, e.g. Debian's "
+            "ovmf-inteltdx 2026.08",
+            "single-pass",
+            "prefix",
+            True,
+        ),
+        Profile("edk2-202505", "QEMU >= 10.1 with edk2-stable202505", "single-pass", "append", True),
+        Profile("qemu9", "QEMU 9.x TDX builds with edk2 <= stable202502", "single-pass", "append", False),
+        Profile(
+            "qemu8", "QEMU 8.x TDX builds with edk2 <= stable202502 (e.g. dstack <= 0.6)", "two-pass", "append", False
+        ),
+    )
+}
 DEFAULT_PROFILE = "upstream"
 
 
@@ -123,8 +135,9 @@ class Measurements:
     inputs: dict[str, str] = field(default_factory=dict)
 
     def value(self, register: str) -> str | None:
-        return {"mrtd": self.mrtd, "rtmr0": self.rtmr0, "rtmr1": self.rtmr1, "rtmr2": self.rtmr2,
-                "rtmr3": self.rtmr3}[register]  # fmt: skip
+        return {"mrtd": self.mrtd, "rtmr0": self.rtmr0, "rtmr1": self.rtmr1, "rtmr2": self.rtmr2, "rtmr3": self.rtmr3}[
+            register
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the build manifest's ``measurements`` section)."""
@@ -164,8 +177,11 @@ def load_options(cmdline: str, *, has_initrd: bool, initrd_option: str = "prefix
     """
     raw = cmdline.encode("utf-8")
     if b"\x00" in raw:
-        raise MeasureError("kernel command line contains a NUL byte (QEMU would cut it there)",
-                           code="cmdline", offset=raw.index(b"\x00"))  # fmt: skip
+        raise MeasureError(
+            "kernel command line contains a NUL byte (QEMU would cut it there)",
+            code="cmdline",
+            offset=raw.index(b"\x00"),
+        )
     if has_initrd:
         raw = b"initrd=initrd " + raw if initrd_option == "prefix" else raw + b" initrd=initrd"
     if not raw:
@@ -212,39 +228,58 @@ def require_measuring_kernel(kernel: bytes, *, source: str = "kernel") -> None:
     if verdict == "yes":
         return
     if verdict == "no":
-        why = ("its EFI stub predates CC measurement (Linux < 6.9: only the TPM's TCG2 protocol GUID is in the "
-               "image), so in a TD it measures nothing")  # fmt: skip
+        why = (
+            "its EFI stub predates CC measurement (Linux < 6.9: only the TPM's TCG2 protocol GUID is in the "
+            "image), so in a TD it measures nothing"
+        )
     else:
-        why = ("its EFI stub cannot be told to measure in a TD (neither the CC measurement nor the TCG2 protocol "
-               "GUID is in the image)")  # fmt: skip
-    raise UnmeasuredKernelError(f"{source}: {why}: RTMR2 would stay zero and the command line and initrd would not "
-                                "be covered by the quote, so the host could replace them unnoticed; "
-                                f"{MEASURING_KERNEL_FIX}")  # fmt: skip
+        why = (
+            "its EFI stub cannot be told to measure in a TD (neither the CC measurement nor the TCG2 protocol "
+            "GUID is in the image)"
+        )
+    raise UnmeasuredKernelError(
+        f"{source}: {why}: RTMR2 would stay zero and the command line and initrd would not "
+        "be covered by the quote, so the host could replace them unnoticed; "
+        f"{MEASURING_KERNEL_FIX}"
+    )
 
 
 def rtmr1_events(kernel_authenticode: bytes) -> list[ExpectedEvent]:
     """RTMR1 of a direct kernel boot, given the kernel's Authenticode SHA-384."""
     return [
-        ExpectedEvent("rtmr1", EV_EFI_BOOT_SERVICES_APPLICATION, kernel_authenticode.hex(),
-                      "kernel image (PE/COFF Authenticode SHA-384)"),
+        ExpectedEvent(
+            "rtmr1",
+            EV_EFI_BOOT_SERVICES_APPLICATION,
+            kernel_authenticode.hex(),
+            "kernel image (PE/COFF Authenticode SHA-384)",
+        ),
         ExpectedEvent("rtmr1", EV_EFI_ACTION, sha384(CALLING_EFI_APPLICATION).hex(), CALLING_EFI_APPLICATION.decode()),
         ExpectedEvent("rtmr1", EV_SEPARATOR, sha384(SEPARATOR_DATA).hex(), "separator"),
-        ExpectedEvent("rtmr1", EV_EFI_ACTION, sha384(EXIT_BOOT_SERVICES_INVOCATION).hex(),
-                      EXIT_BOOT_SERVICES_INVOCATION.decode()),
-        ExpectedEvent("rtmr1", EV_EFI_ACTION, sha384(EXIT_BOOT_SERVICES_SUCCEEDED).hex(),
-                      EXIT_BOOT_SERVICES_SUCCEEDED.decode()),
-    ]  # fmt: skip
+        ExpectedEvent(
+            "rtmr1", EV_EFI_ACTION, sha384(EXIT_BOOT_SERVICES_INVOCATION).hex(), EXIT_BOOT_SERVICES_INVOCATION.decode()
+        ),
+        ExpectedEvent(
+            "rtmr1", EV_EFI_ACTION, sha384(EXIT_BOOT_SERVICES_SUCCEEDED).hex(), EXIT_BOOT_SERVICES_SUCCEEDED.decode()
+        ),
+    ]
 
 
 def rtmr2_events(options: bytes, initrd: bytes) -> list[ExpectedEvent]:
     """RTMR2 from the Linux EFI stub: LoadOptions first (when any), then the initrd (when any)."""
     events = []
     if options:
-        events.append(ExpectedEvent("rtmr2", EV_EVENT_TAG, sha384(options).hex(),
-                                    f"LOADED_IMAGE::LoadOptions (tag {LINUX_LOAD_OPTIONS_TAG_ID:#x})"))  # fmt: skip
+        events.append(
+            ExpectedEvent(
+                "rtmr2",
+                EV_EVENT_TAG,
+                sha384(options).hex(),
+                f"LOADED_IMAGE::LoadOptions (tag {LINUX_LOAD_OPTIONS_TAG_ID:#x})",
+            )
+        )
     if initrd:
-        events.append(ExpectedEvent("rtmr2", EV_EVENT_TAG, sha384(initrd).hex(),
-                                    f"Linux initrd (tag {LINUX_INITRD_TAG_ID:#x})"))  # fmt: skip
+        events.append(
+            ExpectedEvent("rtmr2", EV_EVENT_TAG, sha384(initrd).hex(), f"Linux initrd (tag {LINUX_INITRD_TAG_ID:#x})")
+        )
     return events
 
 
@@ -252,8 +287,9 @@ def _replay_hex(events: list[ExpectedEvent]) -> str:
     return replay(bytes.fromhex(e.digest) for e in events).hex()
 
 
-def predict(*, firmware: bytes | None, kernel: bytes, initrd: bytes, cmdline: str,
-            profile: str | Profile = DEFAULT_PROFILE) -> Measurements:  # fmt: skip
+def predict(
+    *, firmware: bytes | None, kernel: bytes, initrd: bytes, cmdline: str, profile: str | Profile = DEFAULT_PROFILE
+) -> Measurements:
     """Predict MRTD and RTMR0..3 for a direct kernel boot under ``profile``.
 
     ``firmware`` is the TDVF image (None: MRTD is not predicted); ``initrd`` may be
@@ -263,11 +299,13 @@ def predict(*, firmware: bytes | None, kernel: bytes, initrd: bytes, cmdline: st
     values: dict[str, str | None] = dict.fromkeys(REGISTERS)
     notes = {
         "rtmr0": "not predicted: holds the TD HOB (memory layout), the firmware's variable store and QEMU's "
-                 "ACPI tables and boot variables",
+        "ACPI tables and boot variables",
         "rtmr3": "not predicted: the firmware never extends it; guest software may at run time",
-    }  # fmt: skip
-    inputs = {"kernel_sha256": hashlib.sha256(kernel).hexdigest(),
-              "initrd_sha256": hashlib.sha256(initrd).hexdigest() if initrd else ""}  # fmt: skip
+    }
+    inputs = {
+        "kernel_sha256": hashlib.sha256(kernel).hexdigest(),
+        "initrd_sha256": hashlib.sha256(initrd).hexdigest() if initrd else "",
+    }
     if firmware is None:
         notes["mrtd"] = "not predicted: no firmware given"
     else:
@@ -283,28 +321,44 @@ def predict(*, firmware: bytes | None, kernel: bytes, initrd: bytes, cmdline: st
         values["rtmr1"] = _replay_hex(events)
         notes["rtmr1"] = "kernel Authenticode, boot-option action, separator, ExitBootServices actions"
     else:
-        notes["rtmr1"] = ("not predicted: this QEMU patches the kernel's setup header (initrd address from the "
-                          "guest memory size) before the firmware measures it")  # fmt: skip
+        notes["rtmr1"] = (
+            "not predicted: this QEMU patches the kernel's setup header (initrd address from the "
+            "guest memory size) before the firmware measures it"
+        )
 
     options = load_options(cmdline, has_initrd=bool(initrd), initrd_option=prof.initrd_option)
     inputs["load_options_sha384"] = sha384(options).hex() if options else ""
     stub = efi_stub_measures_cc(kernel)
     inputs["efi_stub_cc_measurement"] = _VERDICTS[stub]
     if stub is None:
-        notes["rtmr2"] = ("not predicted: cannot tell whether the kernel's EFI stub measures into RTMRs (neither the "
-                          "CC measurement nor the TCG2 protocol GUID is in the image)")  # fmt: skip
+        notes["rtmr2"] = (
+            "not predicted: cannot tell whether the kernel's EFI stub measures into RTMRs (neither the "
+            "CC measurement nor the TCG2 protocol GUID is in the image)"
+        )
     elif not stub:
         values["rtmr2"] = replay([]).hex()
-        notes["rtmr2"] = ("zero: this kernel's EFI stub predates CC measurement (Linux < 6.9), so the command line "
-                          "and initrd are NOT measured")  # fmt: skip
+        notes["rtmr2"] = (
+            "zero: this kernel's EFI stub predates CC measurement (Linux < 6.9), so the command line "
+            "and initrd are NOT measured"
+        )
     else:
         tagged = rtmr2_events(options, initrd)
         events += tagged
         values["rtmr2"] = _replay_hex(tagged)
         notes["rtmr2"] = "Linux EFI stub: load options (UCS-2), then initrd"
     predicted = {r: values[r] is not None for r in REGISTERS}
-    return Measurements(values["mrtd"], values["rtmr0"], values["rtmr1"], values["rtmr2"], values["rtmr3"],
-                        predicted, {r: notes[r] for r in REGISTERS}, prof.name, tuple(events), inputs)  # fmt: skip
+    return Measurements(
+        values["mrtd"],
+        values["rtmr0"],
+        values["rtmr1"],
+        values["rtmr2"],
+        values["rtmr3"],
+        predicted,
+        {r: notes[r] for r in REGISTERS},
+        prof.name,
+        tuple(events),
+        inputs,
+    )
 
 
 def _profile(name: str) -> Profile:

@@ -30,8 +30,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tdxvm.errors import TdxvmError
-from tdxvm.image.acpiblobs import (AcpiBlobError, ExtractError, ExtractInfo, FwCfgReader, option_props, parse_keyval,
-                                   read_machine, sanitize_argv)  # fmt: skip
+from tdxvm.image.acpiblobs import (
+    AcpiBlobError,
+    ExtractError,
+    ExtractInfo,
+    FwCfgReader,
+    option_props,
+    parse_keyval,
+    read_machine,
+    sanitize_argv,
+)
 from tdxvm.image.measure import ExpectedEvent, replay
 from tdxvm.image.measureerrors import MeasureError
 from tdxvm.image.rtmr0 import FW_CFG_MEASURED_202505, TABLE_LOADER, firmware_build, loader_allocations, rtmr0_events
@@ -112,8 +120,11 @@ def memory_mib_from_argv(argv: list[str]) -> int:
         props = option_props(arg, "qom-type")
         if str(props.get("qom-type", "")).startswith("memory-backend-") and "size" in props:
             raw = props["size"]
-            backends[str(props.get("id"))] = raw if isinstance(raw, int) else _size(str(raw), default_unit="b",
-                                                                                    what=f"memory backend {props.get('id')}")  # fmt: skip
+            backends[str(props.get("id"))] = (
+                raw
+                if isinstance(raw, int)
+                else _size(str(raw), default_unit="b", what=f"memory backend {props.get('id')}")
+            )
     used = [v for arg in _options(argv, "-machine") for k, v in parse_keyval(arg) if k == "memory-backend"]
     used += [str(option_props(arg, "type").get("memdev")) for arg in _options(argv, "-numa") if "memdev" in arg]
     if used:
@@ -172,12 +183,15 @@ def platform_inputs(
     :class:`rtmr0.Rtmr0Error` (a malformed loader script)."""
     memory_mib = memory_mib_from_argv(argv)
     if _cpu_model(argv) in HOST_CPU_MODELS and processor_id is None:
-        raise HostCpuError(f"-cpu {_cpu_model(argv)}: SMBIOS type 4 ProcessorId is the host CPU's CPUID leaf 1, "
-                           "which the controller cannot reproduce; pass processor_id= (8 bytes, EAX then EDX, "
-                           "as the host's QEMU reports them) from the host profile")  # fmt: skip
+        raise HostCpuError(
+            f"-cpu {_cpu_model(argv)}: SMBIOS type 4 ProcessorId is the host CPU's CPUID leaf 1, "
+            "which the controller cannot reproduce; pass processor_id= (8 bytes, EAX then EDX, "
+            "as the host's QEMU reports them) from the host profile"
+        )
     clean = sanitize_argv(argv, tdx=tdx, path_map=path_map)
-    acpi, fw_cfg, smbios = read_machine(qemu_binary, clean, lambda r: _read_all(r, processor_id), timeout=timeout,
-                                        info=info)  # fmt: skip
+    acpi, fw_cfg, smbios = read_machine(
+        qemu_binary, clean, lambda r: _read_all(r, processor_id), timeout=timeout, info=info
+    )
     return PlatformInputs(memory_mib=memory_mib, acpi=acpi, fw_cfg=fw_cfg, smbios=smbios)
 
 
@@ -207,7 +221,5 @@ def predict_for_argv(
 ) -> tuple[str, list[ExpectedEvent]]:
     """RTMR0 (hex) and its events for a direct kernel boot of ``firmware`` in the VM
     ``argv`` describes: :func:`platform_inputs`, then :func:`rtmr0_for_inputs`."""
-    inputs = platform_inputs(qemu_binary, argv, tdx=tdx, path_map=path_map, processor_id=processor_id,
-                             timeout=timeout)  # fmt: skip
+    inputs = platform_inputs(qemu_binary, argv, tdx=tdx, path_map=path_map, processor_id=processor_id, timeout=timeout)
     return rtmr0_for_inputs(firmware, inputs)
-

@@ -44,15 +44,25 @@ def record(loaded: LoadedRecipe, image: RootImage, *, identity: Identity, listin
     firmware = lock.firmware if image.firmware_locked else None
     return manifest.Provenance(
         recipe_sha256=loaded.sha256,
-        lock=manifest.LockRecord(path=str(image.lock_file), sha256=manifest.file_sha256(image.lock_file),
-                                 taken_at=lock.taken_at_text()),  # fmt: skip
+        lock=manifest.LockRecord(
+            path=str(image.lock_file), sha256=manifest.file_sha256(image.lock_file), taken_at=lock.taken_at_text()
+        ),
         tdxvm=manifest.ToolRecord(version=tdxvm.__version__, guest_code_sha256=guest_code_sha256()),
         authorized_key=identity.authorized_key,
         debootstrap=locking.debootstrap_version(),
-        kernel_package=manifest.Package(name=kernel.name, version=kernel.version, sha256=kernel.sha256) if kernel else None,
-        firmware_package=(manifest.Package(name=firmware.package, version=firmware.version, sha256=firmware.sha256)
-                          if firmware else None),  # fmt: skip
+        kernel_package=manifest.Package(name=kernel.name, version=kernel.version, sha256=kernel.sha256)
+        if kernel
+        else None,
+        firmware_package=(
+            manifest.Package(name=firmware.package, version=firmware.version, sha256=firmware.sha256)
+            if firmware
+            else None
+        ),
         verity_root_hash=image.verity_tree.root.root_hash,
-        listing=manifest.ListingRecord(file=LISTING, sha256=manifest.file_sha256(listing_file), lines=len(image.listing),
-                                       tree_sha256=listing.listing_sha256(image.listing)),  # fmt: skip
+        listing=manifest.ListingRecord(
+            file=LISTING,
+            sha256=manifest.file_sha256(listing_file),
+            lines=len(image.listing),
+            tree_sha256=listing.listing_sha256(image.listing),
+        ),
     )

@@ -113,7 +113,9 @@ class QtestSession:
             self._listener.listen(1)
             cmd = [binary, *argv, "-qtest", f"unix:{sock_path}", "-qtest-log", "/dev/null"]
             with open(self._stderr_path, "wb") as err:
-                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+                )
             self._conn = self._accept()
             self._handshake()
         except OSError as exc:
@@ -145,7 +147,9 @@ class QtestSession:
                 raise QemuStartError(f"QEMU exited with status {code} before connecting to qtest", stderr=self.stderr())
             left = deadline - time.monotonic()
             if left <= 0:
-                raise QtestTimeoutError(f"QEMU did not connect to qtest within {self.timeout:g} s", stderr=self.stderr())
+                raise QtestTimeoutError(
+                    f"QEMU did not connect to qtest within {self.timeout:g} s", stderr=self.stderr()
+                )
             ready, _, _ = select.select([self._listener], [], [], min(left, 0.1))
             if ready:
                 conn, _ = self._listener.accept()
@@ -186,7 +190,9 @@ class QtestSession:
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise QtestTimeoutError(f"no answer to qtest command {line!r} within {self.timeout:g} s", stderr=self.stderr())
+                raise QtestTimeoutError(
+                    f"no answer to qtest command {line!r} within {self.timeout:g} s", stderr=self.stderr()
+                )
             self._conn.settimeout(left)
             try:
                 chunk = self._conn.recv(1 << 20)
@@ -289,7 +295,9 @@ def _read_item(session: QtestSession, select_: int, size: int, dma: bool) -> byt
         status = struct.unpack(">I", session.read(_DMA_ACCESS_ADDR, 4))[0]
         if status:  # QEMU clears the control word on success, sets bit 0 on error
             error = "error bit set" if status & _DMA_ERROR else "not completed"
-            raise FwCfgError(f"fw_cfg DMA read of selector {select_:#x}: {error} (control {status:#x})", stderr=session.stderr())
+            raise FwCfgError(
+                f"fw_cfg DMA read of selector {select_:#x}: {error} (control {status:#x})", stderr=session.stderr()
+            )
         out += session.read(_DMA_BUFFER_ADDR, n)
     return bytes(out)
 
@@ -333,7 +341,9 @@ def fwcfg_read(session: QtestSession, entry: FwCfgFile, *, dma: bool | None = No
 def qemu_accelerators(binary: str) -> set[str]:
     """The accelerators ``binary -accel help`` lists (Debian 12's QEMU 7.2 has no qtest one)."""
     try:
-        out = subprocess.run([binary, "-accel", "help"], capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"})
+        out = subprocess.run(
+            [binary, "-accel", "help"], capture_output=True, text=True, timeout=30, env={**os.environ, "LC_ALL": "C"}
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise QemuStartError(f"cannot run {binary} -accel help: {exc}") from None
     lines = out.stdout.splitlines()[1:]

@@ -31,9 +31,19 @@ from tdxvm.yamlfile import SpecError, load_yaml
 # What every image needs, whatever the recipe adds: systemd, the SSH server, Python with
 # `cryptography` for the guest agent, cryptsetup and initramfs-tools for the unlock step.
 BASE_PACKAGES = (
-    "systemd-sysv", "udev", "kmod", "iproute2", "openssh-server", "python3", "python3-cryptography",
-    "cryptsetup-bin", "cryptsetup-initramfs", "initramfs-tools", "busybox", "ca-certificates",
-)  # fmt: skip
+    "systemd-sysv",
+    "udev",
+    "kmod",
+    "iproute2",
+    "openssh-server",
+    "python3",
+    "python3-cryptography",
+    "cryptsetup-bin",
+    "cryptsetup-initramfs",
+    "initramfs-tools",
+    "busybox",
+    "ca-certificates",
+)
 _UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
@@ -162,9 +172,11 @@ class Recipe(BaseModel):
         if v.suite is not None or suite is None:  # given, or the recipe's suite is itself invalid
             return v
         if suite not in KERNEL_SUITES:
-            raise ValueError(f"no default kernel suite for suite {suite!r} (known: {', '.join(KERNEL_SUITES)}): set "
-                             "kernel.suite to a suite whose kernel is Linux >= 6.9 (older EFI stubs leave the command "
-                             "line and initrd out of RTMR2)")  # fmt: skip
+            raise ValueError(
+                f"no default kernel suite for suite {suite!r} (known: {', '.join(KERNEL_SUITES)}): set "
+                "kernel.suite to a suite whose kernel is Linux >= 6.9 (older EFI stubs leave the command "
+                "line and initrd out of RTMR2)"
+            )
         return v.model_copy(update={"suite": KERNEL_SUITES[suite]})
 
     @property
@@ -201,14 +213,20 @@ class Recipe(BaseModel):
         if "root=" not in v:
             raise ValueError("the command line must name the root device (root=/dev/mapper/root)")
         if not re.search(r"(^|\s)panic=-?\d+(\s|$)", v):
-            raise ValueError("the command line must set panic= (e.g. panic=-1): without it a failed boot drops to an "
-                             "initramfs shell on the host's console, from which the host could ask the TD for quotes")
+            raise ValueError(
+                "the command line must set panic= (e.g. panic=-1): without it a failed boot drops to an "
+                "initramfs shell on the host's console, from which the host could ask the TD for quotes"
+            )
         if re.search(r"(^|\s)tdxvm\.verity=", v):
-            raise ValueError("the command line may not set tdxvm.verity=: the build appends it (the root filesystem's "
-                             "verity root hash)")
+            raise ValueError(
+                "the command line may not set tdxvm.verity=: the build appends it (the root filesystem's "
+                "verity root hash)"
+            )
         if len(v.encode()) > 1900:
-            raise ValueError("the command line is longer than 1900 bytes (the build appends the verity root hash; the "
-                             "kernel takes 2048)")
+            raise ValueError(
+                "the command line is longer than 1900 bytes (the build appends the verity root hash; the "
+                "kernel takes 2048)"
+            )
         return v
 
     @field_validator("disk_size")

@@ -58,9 +58,13 @@ class Report:
         return all(i.same for i in self.items)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"manifest": str(self.manifest), "verdict": "reproduced" if self.identical else "differs",
-                "items": [{"name": i.name, "built": i.built, "rebuilt": i.rebuilt, "same": i.same} for i in self.items],
-                "first_difference": self.first_difference, "timings": self.timings}  # fmt: skip
+        return {
+            "manifest": str(self.manifest),
+            "verdict": "reproduced" if self.identical else "differs",
+            "items": [{"name": i.name, "built": i.built, "rebuilt": i.rebuilt, "same": i.same} for i in self.items],
+            "first_difference": self.first_difference,
+            "timings": self.timings,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +83,10 @@ def _read_manifest(path: Path) -> _Built:
     except manifest.ImageManifestError as exc:
         raise ReproduceError(str(exc)) from None
     if m.provenance is None:
-        raise ReproduceError(f"image manifest {m.path} records no provenance (it was built by an older tdxvm): build it "
-                             "again to verify it")  # fmt: skip
+        raise ReproduceError(
+            f"image manifest {m.path} records no provenance (it was built by an older tdxvm): build it "
+            "again to verify it"
+        )
     if m.verity is None or m.release_key is None:
         missing = "verity" if m.verity is None else "release_key"
         raise ReproduceError(f"image manifest {m.path} records no {missing}: it was not written by tdxvm image build")
@@ -93,24 +99,32 @@ def _same_input(what: str, path: Path, want: str) -> None:
     except OSError as exc:
         raise ReproduceError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from None
     if got != want:
-        raise ReproduceError(f"{what} {path} has SHA-256 {got}, but the image was built from one with {want}: check out "
-                             "the version that built it")  # fmt: skip
+        raise ReproduceError(
+            f"{what} {path} has SHA-256 {got}, but the image was built from one with {want}: check out "
+            "the version that built it"
+        )
 
 
-def reproduce(path: Path, *, recipe: Path | None = None, cache: Path | None = None, progress: Progress = quiet) -> Report:
+def reproduce(
+    path: Path, *, recipe: Path | None = None, cache: Path | None = None, progress: Progress = quiet
+) -> Report:
     """Rebuild the image whose manifest is ``path`` and compare; see the module docstring."""
     built = _read_manifest(Path(path))
     m, prov = built.image, built.provenance
     recipe_path = Path(recipe or (m.recipe.path if m.recipe else ""))
     if not recipe_path.is_file():
-        raise ReproduceError(f"the recipe {recipe_path} the image was built from does not exist here: give it with --recipe")
+        raise ReproduceError(
+            f"the recipe {recipe_path} the image was built from does not exist here: give it with --recipe"
+        )
     _same_input("recipe", recipe_path, prov.recipe_sha256)
     lock_file = lockfile.lock_path(recipe_path)
     _same_input("lock", lock_file, prov.lock.sha256)
     guest = provenance.guest_code_sha256()
     if guest != prov.tdxvm.guest_code_sha256:
-        raise ReproduceError(f"this tdxvm ({prov.tdxvm.version} built the image) ships other guest code: its digest is "
-                             f"{guest}, the image's {prov.tdxvm.guest_code_sha256}; run the tdxvm that built it")  # fmt: skip
+        raise ReproduceError(
+            f"this tdxvm ({prov.tdxvm.version} built the image) ships other guest code: its digest is "
+            f"{guest}, the image's {prov.tdxvm.guest_code_sha256}; run the tdxvm that built it"
+        )
     firmware = None
     if m.firmware is not None and prov.firmware_package is None:  # a firmware file given to the build, not the lock's
         firmware = m.firmware.path
@@ -124,17 +138,29 @@ def reproduce(path: Path, *, recipe: Path | None = None, cache: Path | None = No
         work.chmod(0o700)
         start = time.monotonic()
         step_cache = StepCache(cache) if cache is not None else StepCache(work / "cache")
-        image = root_image(loaded, work=work, cache=step_cache, identity=lambda: identity, firmware=firmware, lock_file=lock_file,
-                           progress=progress, timings=report.timings)  # fmt: skip
+        image = root_image(
+            loaded,
+            work=work,
+            cache=step_cache,
+            identity=lambda: identity,
+            firmware=firmware,
+            lock_file=lock_file,
+            progress=progress,
+            timings=report.timings,
+        )
         report.timings["total"] = time.monotonic() - start
         report.items += [
             Item("kernel (vmlinuz)", m.artifacts.vmlinuz.sha256, manifest.file_sha256(image.staging / "vmlinuz")),
-            Item("initramfs (initrd.img)", m.artifacts.initrd.sha256, manifest.file_sha256(image.staging / "initrd.img")),
+            Item(
+                "initramfs (initrd.img)", m.artifacts.initrd.sha256, manifest.file_sha256(image.staging / "initrd.img")
+            ),
             Item("root filesystem (verity root hash)", built.verity.root_hash, image.verity_tree.root.root_hash),
             Item("root filesystem (listing)", prov.listing.tree_sha256, listing.listing_sha256(image.listing)),
             Item("kernel command line", m.cmdline, image.cmdline),
         ]
-        report.items += [Item(reg.upper(), m.measurements.value(reg), image.predicted.value(reg)) for reg in COMPARED_REGISTERS]
+        report.items += [
+            Item(reg.upper(), m.measurements.value(reg), image.predicted.value(reg)) for reg in COMPARED_REGISTERS
+        ]
         if not report.identical:
             report.first_difference = _first_difference(folder / prov.listing.file, image.listing, report)
     finally:
@@ -147,7 +173,8 @@ def _first_difference(original: Path, rebuilt: list[str], report: Report) -> str
         built = listing.read_listing(original)
     except (OSError, ValueError) as exc:
         return f"the image's listing {original} cannot be read ({exc}); differing: " + ", ".join(
-            i.name for i in report.items if not i.same)
+            i.name for i in report.items if not i.same
+        )
     found = listing.first_difference(built, rebuilt, labels=("the image", "the rebuild"))
     if found is not None:
         return found

@@ -46,9 +46,19 @@ _CHROOT = (
 _ENV = ("PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C", "DEBIAN_FRONTEND=noninteractive", "HOME=/root")
 _MOUNT_POINTS = ("dev", "proc", "sys", "run")
 # What clean() removes: (guest folder, name pattern); var/log is emptied apart.
-_REMOVE = (("var/lib/apt/lists", "*"), ("var/cache/apt", "*.bin"), ("var/cache/debconf", "*-old"),
-           ("etc/ssh", "ssh_host_*"), ("var/lib/dbus", "machine-id"), ("etc", "*-"), ("var/lib/dpkg", "*-old"),
-           ("root", ".cache"), ("tmp", "*"), ("var/tmp", "*"), ("", "debootstrap"))  # fmt: skip
+_REMOVE = (
+    ("var/lib/apt/lists", "*"),
+    ("var/cache/apt", "*.bin"),
+    ("var/cache/debconf", "*-old"),
+    ("etc/ssh", "ssh_host_*"),
+    ("var/lib/dbus", "machine-id"),
+    ("etc", "*-"),
+    ("var/lib/dpkg", "*-old"),
+    ("root", ".cache"),
+    ("tmp", "*"),
+    ("var/tmp", "*"),
+    ("", "debootstrap"),
+)
 
 
 def in_root(root: Path, script: str, *, step: str, env: Sequence[str] = ()) -> str:
@@ -62,8 +72,22 @@ def in_root(root: Path, script: str, *, step: str, env: Sequence[str] = ()) -> s
         if not is_folder:
             raise ImageStepError(step, [], f"{root / name} is not a folder: the chroot mounts /{name} there")
     unshare = tool("unshare", step=step, package="util-linux")
-    command = [unshare, "--mount", "--propagation", "private", "sh", "-c", _CHROOT, "tdxvm-chroot", str(root),
-               *_ENV, *env, "/bin/sh", "-c", "set -e\n" + script]  # fmt: skip
+    command = [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        _CHROOT,
+        "tdxvm-chroot",
+        str(root),
+        *_ENV,
+        *env,
+        "/bin/sh",
+        "-c",
+        "set -e\n" + script,
+    ]
     return run_step(step, command)
 
 
@@ -78,9 +102,24 @@ def debootstrap(root: Path, *, suite: str, mirror: str, keyring: Path = ARCHIVE_
     the build checks each against the lock."""
     exe = tool("debootstrap", step="debootstrap", package="debootstrap")
     if not keyring.is_file():
-        raise ImageStepError("debootstrap", [], f"the Debian archive keyring {keyring} is missing (apt-get install debian-archive-keyring)")
-    run_step("debootstrap", [exe, "--variant=minbase", "--components=main", f"--keyring={keyring}", "--force-check-gpg",
-                             suite, str(root), mirror])  # fmt: skip
+        raise ImageStepError(
+            "debootstrap",
+            [],
+            f"the Debian archive keyring {keyring} is missing (apt-get install debian-archive-keyring)",
+        )
+    run_step(
+        "debootstrap",
+        [
+            exe,
+            "--variant=minbase",
+            "--components=main",
+            f"--keyring={keyring}",
+            "--force-check-gpg",
+            suite,
+            str(root),
+            mirror,
+        ],
+    )
 
 
 def pip_install(root: Path, *, wheels: Sequence[Wheel], index_url: str | None, find_links: Sequence[str]) -> Path:
@@ -97,8 +136,22 @@ def pip_install(root: Path, *, wheels: Sequence[Wheel], index_url: str | None, f
     with tempfile.TemporaryDirectory(prefix="tdxvm-pip-") as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text("".join(f"{w.requirement}\n" for w in wheels))
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-                   "--no-deps", "--require-hashes", "--only-binary=:all:", "--target", str(target), "-r", str(requirements)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--no-deps",
+            "--require-hashes",
+            "--only-binary=:all:",
+            "--target",
+            str(target),
+            "-r",
+            str(requirements),
+        ]
         if index_url:
             command += ["--index-url", index_url]
         for link in find_links:

@@ -81,9 +81,17 @@ class RootImage:
     cached: list[str]
 
 
-def root_image(loaded: LoadedRecipe, *, work: Path, cache: StepCache, identity: Callable[[], Identity], firmware: str | None = None,
-               lock_file: Path | None = None, progress: Progress = quiet,
-               timings: dict[str, float] | None = None) -> RootImage:  # fmt: skip
+def root_image(
+    loaded: LoadedRecipe,
+    *,
+    work: Path,
+    cache: StepCache,
+    identity: Callable[[], Identity],
+    firmware: str | None = None,
+    lock_file: Path | None = None,
+    progress: Progress = quiet,
+    timings: dict[str, float] | None = None,
+) -> RootImage:
     """Steps rootfs to verity: everything of an image that two builds from one recipe and
     lock must give byte for byte (``tdxvm image verify`` redoes exactly this).
     ``identity`` is asked for only at the configure step, so a build refused earlier
@@ -94,10 +102,22 @@ def root_image(loaded: LoadedRecipe, *, work: Path, cache: StepCache, identity: 
     configured = _configure_step(run, inputs, tar, digest, identity)
     ext4_image, fs_uuid, lines = _ext4_step(run, inputs, configured.tree)
     verity_tree, cmdline, predicted = _verity_step(run, inputs, configured, ext4_image)
-    return RootImage(lock=inputs.lock, lock_file=inputs.lock_file, epoch=inputs.epoch, firmware_path=inputs.firmware_path,
-                     firmware_locked=inputs.firmware_locked, staging=configured.staging, ext4_image=ext4_image,
-                     fs_uuid=fs_uuid, boot_version=configured.version, verity_tree=verity_tree, cmdline=cmdline,
-                     predicted=predicted, listing=lines, cached=run.cached)  # fmt: skip
+    return RootImage(
+        lock=inputs.lock,
+        lock_file=inputs.lock_file,
+        epoch=inputs.epoch,
+        firmware_path=inputs.firmware_path,
+        firmware_locked=inputs.firmware_locked,
+        staging=configured.staging,
+        ext4_image=ext4_image,
+        fs_uuid=fs_uuid,
+        boot_version=configured.version,
+        verity_tree=verity_tree,
+        cmdline=cmdline,
+        predicted=predicted,
+        listing=lines,
+        cached=run.cached,
+    )
 
 
 @dataclass
@@ -133,8 +153,13 @@ def resolve_inputs(loaded: LoadedRecipe, *, firmware: str | None = None, lock_fi
     if epoch > time.time():  # files the build makes would keep their own times: not reproducible
         raise RecipeError(f"{loaded.path}: epoch: {epoch} is in the future; it must be no later than the build")
     reference = firmware or recipe.firmware
-    return Inputs(lock=lock, lock_file=lock_file, epoch=epoch, firmware_path=_firmware(reference, lock),
-                  firmware_locked=bool(reference and debian.is_reference(reference)))  # fmt: skip
+    return Inputs(
+        lock=lock,
+        lock_file=lock_file,
+        epoch=epoch,
+        firmware_path=_firmware(reference, lock),
+        firmware_locked=bool(reference and debian.is_reference(reference)),
+    )
 
 
 def _firmware(reference: str | None, lock: Lock) -> Path | None:
@@ -149,7 +174,9 @@ def _firmware(reference: str | None, lock: Lock) -> Path | None:
         return path
     package, _ = debian.split_reference(reference)
     if lock.firmware is None or lock.firmware.package != package:
-        raise lockfile.LockError(f"the lock has no firmware package {package} (take a new lock: tdxvm image lock RECIPE)")
+        raise lockfile.LockError(
+            f"the lock has no firmware package {package} (take a new lock: tdxvm image lock RECIPE)"
+        )
     return debian.resolve(reference, version=lock.firmware.version, sha256=lock.firmware.sha256).resolve()
 
 
@@ -165,7 +192,12 @@ def python_inputs(lock: Lock, rootfs_key: str) -> dict[str, Any]:
     import sys
     from importlib.metadata import version
 
-    return {"rootfs": rootfs_key, "wheels": lock.wheels_digest(), "python": sys.version.split()[0], "pip": version("pip")}
+    return {
+        "rootfs": rootfs_key,
+        "wheels": lock.wheels_digest(),
+        "python": sys.version.split()[0],
+        "pip": version("pip"),
+    }
 
 
 def _base_tarball(run: _Run, inputs: Inputs) -> tuple[Path, FileDigest]:
@@ -189,8 +221,9 @@ def _base_tarball(run: _Run, inputs: Inputs) -> tuple[Path, FileDigest]:
     return tar, digest
 
 
-def _rootfs_step(loaded: LoadedRecipe, lock: Lock, lock_file: Path, cache: StepCache, work: Path,
-                 epoch: int) -> tuple[Path, FileDigest, str, bool]:  # fmt: skip
+def _rootfs_step(
+    loaded: LoadedRecipe, lock: Lock, lock_file: Path, cache: StepCache, work: Path, epoch: int
+) -> tuple[Path, FileDigest, str, bool]:
     """The cached rootfs tarball (built if missing), its recorded digest, its key and
     whether it was cached."""
     r = loaded.recipe
@@ -204,7 +237,9 @@ def _rootfs_step(loaded: LoadedRecipe, lock: Lock, lock_file: Path, cache: StepC
             rootfs.debootstrap(tree, suite=r.suite, mirror=r.mirror)
             debpins.install_locked(tree, lock, lock_file=lock_file, recipe_file=loaded.path)
             rootfs.clean(tree)  # no SSH host keys or logs even in the cache
-            normalize.remove_package_initramfs(tree)  # made without SOURCE_DATE_EPOCH; configure makes the one that ships
+            normalize.remove_package_initramfs(
+                tree
+            )  # made without SOURCE_DATE_EPOCH; configure makes the one that ships
             normalize.normalize(tree, epoch=epoch)
             rootfs.clamp_mtimes(tree, epoch)
             rootfs.pack(tree, staging / "rootfs.tar")
@@ -213,8 +248,16 @@ def _rootfs_step(loaded: LoadedRecipe, lock: Lock, lock_file: Path, cache: StepC
     return entry / "rootfs.tar", cache.digest(entry, "rootfs.tar"), key, hit
 
 
-def _python_step(loaded: LoadedRecipe, lock: Lock, cache: StepCache, work: Path, base_tar: Path, base_digest: FileDigest,
-                 base_key: str, epoch: int) -> tuple[Path, FileDigest, bool]:  # fmt: skip
+def _python_step(
+    loaded: LoadedRecipe,
+    lock: Lock,
+    cache: StepCache,
+    work: Path,
+    base_tar: Path,
+    base_digest: FileDigest,
+    base_key: str,
+    epoch: int,
+) -> tuple[Path, FileDigest, bool]:
     p = loaded.recipe.python
     inputs = python_inputs(lock, base_key)
     key = step_key("python", inputs)
@@ -259,14 +302,17 @@ class _Configured:
     kernel: bytes
 
 
-def _configure_step(run: _Run, inputs: Inputs, tar: Path, digest: FileDigest, identity: Callable[[], Identity]) -> _Configured:
+def _configure_step(
+    run: _Run, inputs: Inputs, tar: Path, digest: FileDigest, identity: Callable[[], Identity]
+) -> _Configured:
     recipe = run.loaded.recipe
     t = run.start("configure")
     tree = run.work / "rootfs"
     rootfs.unpack(tar, tree, sha256=digest.sha256)
     ident = identity()
-    boot = configure.configure(tree, run.loaded, authorized_key=ident.authorized_key, release_public=ident.release_public,
-                               epoch=inputs.epoch)  # fmt: skip
+    boot = configure.configure(
+        tree, run.loaded, authorized_key=ident.authorized_key, release_public=ident.release_public, epoch=inputs.epoch
+    )
     normalize.normalize(tree, epoch=inputs.epoch)
     rootfs.clamp_mtimes(tree, inputs.epoch)
     staging = run.work / "out"
@@ -297,15 +343,20 @@ def _ext4_step(run: _Run, inputs: Inputs, tree: Path) -> tuple[Path, str, list[s
     return ext4_image, fs_uuid, lines
 
 
-def _verity_step(run: _Run, inputs: Inputs, configured: _Configured,
-                 ext4_image: Path) -> tuple[verity.VerityTree, str, measure.Measurements]:  # fmt: skip
+def _verity_step(
+    run: _Run, inputs: Inputs, configured: _Configured, ext4_image: Path
+) -> tuple[verity.VerityTree, str, measure.Measurements]:
     """The hash tree appended to ``ext4_image``, the command line that pins its root hash,
     and the measurements predicted with that command line."""
     t = run.start("verity")
     verity_tree = verity.format_tree(ext4_image)
     cmdline = verity.pinned_cmdline(run.loaded.recipe.cmdline, verity_tree)
     firmware = inputs.firmware_path.read_bytes() if inputs.firmware_path else None
-    predicted = measure.predict(firmware=firmware, kernel=configured.kernel,
-                                initrd=(configured.staging / "initrd.img").read_bytes(), cmdline=cmdline)  # fmt: skip
+    predicted = measure.predict(
+        firmware=firmware,
+        kernel=configured.kernel,
+        initrd=(configured.staging / "initrd.img").read_bytes(),
+        cmdline=cmdline,
+    )
     run.done(t, detail=f"root hash {verity_tree.root.root_hash[:16]}…")
     return verity_tree, cmdline, predicted

@@ -46,9 +46,17 @@ from tdxvm.image.smbios import BiosStrings
 from tdxvm.image.smbiosfilter import filter_smbios_table
 from tdxvm.image.tdhob import MIB, measured_td_hob
 from tdxvm.image.tdvf import SECTION_CFV, parse_tdvf, section_bytes
-from tdxvm.image.uefivars import (EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, LOAD_OPTION_ACTIVE,
-                                  LOAD_OPTION_CATEGORY_APP, LOAD_OPTION_HIDDEN, fv_file_path, load_option,
-                                  parse_variable_store, variable_data)  # fmt: skip
+from tdxvm.image.uefivars import (
+    EFI_GLOBAL_VARIABLE,
+    EFI_IMAGE_SECURITY_DATABASE,
+    LOAD_OPTION_ACTIVE,
+    LOAD_OPTION_CATEGORY_APP,
+    LOAD_OPTION_HIDDEN,
+    fv_file_path,
+    load_option,
+    parse_variable_store,
+    variable_data,
+)
 
 EV_PLATFORM_CONFIG_FLAGS = 0xA
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
@@ -57,9 +65,13 @@ EV_EFI_PLATFORM_FIRMWARE_BLOB2 = 0x8000000A
 EV_EFI_HANDOFF_TABLES2 = 0x8000000B
 EV_EFI_VARIABLE_AUTHORITY = 0x800000E0
 
-SECURE_BOOT_VARIABLES = ((EFI_GLOBAL_VARIABLE, "SecureBoot"), (EFI_GLOBAL_VARIABLE, "PK"),
-                         (EFI_GLOBAL_VARIABLE, "KEK"), (EFI_IMAGE_SECURITY_DATABASE, "db"),
-                         (EFI_IMAGE_SECURITY_DATABASE, "dbx"))  # fmt: skip
+SECURE_BOOT_VARIABLES = (
+    (EFI_GLOBAL_VARIABLE, "SecureBoot"),
+    (EFI_GLOBAL_VARIABLE, "PK"),
+    (EFI_GLOBAL_VARIABLE, "KEK"),
+    (EFI_IMAGE_SECURITY_DATABASE, "db"),
+    (EFI_IMAGE_SECURITY_DATABASE, "dbx"),
+)
 DBT = (EFI_IMAGE_SECURITY_DATABASE, "dbt")
 SECURE_BOOT_ENABLE = (uuid.UUID("f0a30bc7-af08-4556-99c4-001009c93a44"), "SecureBootEnable")
 TABLE_LOADER = "etc/table-loader"
@@ -67,8 +79,14 @@ LOADER_ENTRY_SIZE = 128
 LOADER_ALLOCATE = 1
 LOADER_FNAME_SIZE = 56
 # QemuFwCfgCacheInit.c mCacheFwCfgList entries with NeedMeasure = TRUE, in list order.
-FW_CFG_MEASURED_202505 = ("etc/extra-pci-roots", "BootMenu", "etc/boot-menu-wait", "etc/reserved-memory-end",
-                          "opt/ovmf/X-PciMmio64Mb", "bootorder")  # fmt: skip
+FW_CFG_MEASURED_202505 = (
+    "etc/extra-pci-roots",
+    "BootMenu",
+    "etc/boot-menu-wait",
+    "etc/reserved-memory-end",
+    "opt/ovmf/X-PciMmio64Mb",
+    "bootorder",
+)
 FW_CFG_FIXED_SIZES = {"etc/extra-pci-roots": 8, "BootMenu": 2, "etc/boot-menu-wait": 2, "etc/reserved-memory-end": 8}
 DXEFV = uuid.UUID("7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1")
 UI_APP = uuid.UUID("462caa21-7614-4503-836e-8ab6f4662331")
@@ -118,16 +136,20 @@ DEBIAN_2026_08 = FirmwareBuild(
     boot_menu=("BootManagerMenuApp", DXEFV, BOOT_MANAGER_MENU_APP),
     verified=False,
     evidence="DXE FV (7cb8bdc9) of the file holds TdTcg2Dxe, SmbiosMeasurementDxe and BootManagerMenuApp "
-             "(UI section 'BootManagerMenuApp'), no UiApp; CFV holds PK, KEK, db, dbx; SmbiosPlatformDxe "
-             "(4110465d) holds the UCS-2 PCD strings of smbios_bios next to mOvmfDefaultType0",
+    "(UI section 'BootManagerMenuApp'), no UiApp; CFV holds PK, KEK, db, dbx; SmbiosPlatformDxe "
+    "(4110465d) holds the UCS-2 PCD strings of smbios_bios next to mOvmfDefaultType0",
     smbios_bios=BiosStrings(vendor="Debian distribution of EDK II", version="2026.08+ds-2", release_date="09/26/2026"),
-)  # fmt: skip
+)
 # The pre-stable202505 builds the real logs in tests come from (Google Cloud, dstack 0.6).
 PRE_202505 = FirmwareBuild(
-    name="edk2 <= stable202502 IntelTdx (e.g. dstack 0.6 'pre202505')", edk2="<= edk2-stable202502",
-    fw_cfg_measured=(), measures_smbios=False, boot_menu=("UiApp", DXEFV, UI_APP), verified=True,
+    name="edk2 <= stable202502 IntelTdx (e.g. dstack 0.6 'pre202505')",
+    edk2="<= edk2-stable202502",
+    fw_cfg_measured=(),
+    measures_smbios=False,
+    boot_menu=("UiApp", DXEFV, UI_APP),
+    verified=True,
     evidence="dstack and Google Cloud CCEL logs",
-)  # fmt: skip
+)
 KNOWN_FIRMWARE: dict[str, FirmwareBuild] = {
     "a265075b4147a096109e501e76196df1ec8a18659c26f7401492c597ec88f312": DEBIAN_2026_08,
 }
@@ -139,9 +161,11 @@ def firmware_build(firmware: bytes) -> FirmwareBuild:
     try:
         return KNOWN_FIRMWARE[digest]
     except KeyError:
-        raise UnknownFirmwareError(f"firmware with SHA-256 {digest} is not a known TDVF build, so its RTMR0 events "
-                                   f"are not known (known: {', '.join(b.name for b in KNOWN_FIRMWARE.values())})",
-                                   offset=0) from None  # fmt: skip
+        raise UnknownFirmwareError(
+            f"firmware with SHA-256 {digest} is not a known TDVF build, so its RTMR0 events "
+            f"are not known (known: {', '.join(b.name for b in KNOWN_FIRMWARE.values())})",
+            offset=0,
+        ) from None
 
 
 def _event(event_type: int, data: bytes, what: str) -> ExpectedEvent:
@@ -150,8 +174,9 @@ def _event(event_type: int, data: bytes, what: str) -> ExpectedEvent:
 
 def td_hob_event(firmware: bytes, memory_mib: int) -> ExpectedEvent:
     meta = parse_tdvf(firmware)
-    return _event(EV_EFI_HANDOFF_TABLES2, measured_td_hob(meta, memory_mib * MIB),
-                  f"TD HOB for {memory_mib} MiB (TdxTable)")  # fmt: skip
+    return _event(
+        EV_EFI_HANDOFF_TABLES2, measured_td_hob(meta, memory_mib * MIB), f"TD HOB for {memory_mib} MiB (TdxTable)"
+    )
 
 
 def cfv_event(firmware: bytes) -> ExpectedEvent:
@@ -164,8 +189,10 @@ def fw_cfg_events(build: FirmwareBuild, fw_cfg: Mapping[str, bytes]) -> list[Exp
     "BootMenu" is the fixed item 0x000e, always there)."""
     unknown = sorted(set(fw_cfg) - set(build.fw_cfg_measured))
     if unknown:
-        raise Rtmr0Error(f"fw_cfg items {unknown} are not measured by {build.name} (it measures "
-                         f"{list(build.fw_cfg_measured) or 'none'})")  # fmt: skip
+        raise Rtmr0Error(
+            f"fw_cfg items {unknown} are not measured by {build.name} (it measures "
+            f"{list(build.fw_cfg_measured) or 'none'})"
+        )
     if build.fw_cfg_measured and "BootMenu" not in fw_cfg:
         raise Rtmr0Error("fw_cfg item 'BootMenu' (0x000e, u16 boot menu flag) is missing; QEMU always provides it")
     events = []
@@ -197,8 +224,9 @@ def secure_boot_values(firmware: bytes) -> list[tuple[uuid.UUID, str, bytes]]:
 
 
 def variable_events(values: Sequence[tuple[uuid.UUID, str, bytes]]) -> list[ExpectedEvent]:
-    return [_event(EV_EFI_VARIABLE_DRIVER_CONFIG, variable_data(g, n, d), f"{n} ({len(d)} bytes)")
-            for g, n, d in values]  # fmt: skip
+    return [
+        _event(EV_EFI_VARIABLE_DRIVER_CONFIG, variable_data(g, n, d), f"{n} ({len(d)} bytes)") for g, n, d in values
+    ]
 
 
 def separator_event() -> ExpectedEvent:
@@ -208,8 +236,10 @@ def separator_event() -> ExpectedEvent:
 def loader_allocations(loader: bytes) -> list[str]:
     """The files ``etc/table-loader`` ALLOCATEs, in command order."""
     if len(loader) % LOADER_ENTRY_SIZE:
-        raise Rtmr0Error(f"{TABLE_LOADER}: size {len(loader)} is not a multiple of {LOADER_ENTRY_SIZE}",
-                         offset=len(loader) - len(loader) % LOADER_ENTRY_SIZE)  # fmt: skip
+        raise Rtmr0Error(
+            f"{TABLE_LOADER}: size {len(loader)} is not a multiple of {LOADER_ENTRY_SIZE}",
+            offset=len(loader) - len(loader) % LOADER_ENTRY_SIZE,
+        )
     files = []
     for at in range(0, len(loader), LOADER_ENTRY_SIZE):
         (command,) = struct.unpack_from("<I", loader, at)
@@ -243,8 +273,14 @@ def authority_events(authorities: Sequence[bytes]) -> list[ExpectedEvent]:
     for a in authorities:
         if a not in seen:
             seen.append(a)
-    return [_event(EV_EFI_VARIABLE_AUTHORITY, variable_data(EFI_IMAGE_SECURITY_DATABASE, "db", a),
-                   f"db entry ({len(a)} bytes) that verified an image") for a in seen]  # fmt: skip
+    return [
+        _event(
+            EV_EFI_VARIABLE_AUTHORITY,
+            variable_data(EFI_IMAGE_SECURITY_DATABASE, "db", a),
+            f"db entry ({len(a)} bytes) that verified an image",
+        )
+        for a in seen
+    ]
 
 
 def smbios_event(table: bytes) -> ExpectedEvent:
@@ -255,12 +291,21 @@ def boot_events(build: FirmwareBuild) -> list[ExpectedEvent]:
     """BootOrder = 0000 and Boot0000 = the boot manager menu."""
     description, fv, app = build.boot_menu
     boot0000 = load_option(MENU_ATTRIBUTES, description, fv_file_path(fv, app))
-    return [_event(EV_EFI_VARIABLE_BOOT, struct.pack("<H", 0), "BootOrder 0000"),
-            _event(EV_EFI_VARIABLE_BOOT, boot0000, f"Boot0000 {description}")]  # fmt: skip
+    return [
+        _event(EV_EFI_VARIABLE_BOOT, struct.pack("<H", 0), "BootOrder 0000"),
+        _event(EV_EFI_VARIABLE_BOOT, boot0000, f"Boot0000 {description}"),
+    ]
 
 
-def rtmr0_events(firmware: bytes, *, memory_mib: int, acpi: Mapping[str, bytes], fw_cfg: Mapping[str, bytes],
-                 smbios: bytes | None, authorities: Sequence[bytes] = ()) -> list[ExpectedEvent]:  # fmt: skip
+def rtmr0_events(
+    firmware: bytes,
+    *,
+    memory_mib: int,
+    acpi: Mapping[str, bytes],
+    fw_cfg: Mapping[str, bytes],
+    smbios: bytes | None,
+    authorities: Sequence[bytes] = (),
+) -> list[ExpectedEvent]:
     """RTMR0 events of a direct kernel boot of ``firmware`` (a known build) on a q35 TD
     with ``memory_mib`` MiB of RAM.
 
@@ -273,17 +318,31 @@ def rtmr0_events(firmware: bytes, *, memory_mib: int, acpi: Mapping[str, bytes],
     build = firmware_build(firmware)
     if build.measures_smbios and smbios is None:
         raise Rtmr0Error(f"{build.name} measures the SMBIOS table: pass the table (smbios=...)")
-    events = [td_hob_event(firmware, memory_mib), cfv_event(firmware), *fw_cfg_events(build, fw_cfg),
-              *variable_events(secure_boot_values(firmware)), separator_event(), *acpi_events(acpi),
-              *authority_events(authorities)]  # fmt: skip
+    events = [
+        td_hob_event(firmware, memory_mib),
+        cfv_event(firmware),
+        *fw_cfg_events(build, fw_cfg),
+        *variable_events(secure_boot_values(firmware)),
+        separator_event(),
+        *acpi_events(acpi),
+        *authority_events(authorities),
+    ]
     if build.measures_smbios and smbios is not None:
         events.append(smbios_event(smbios))
     return events + boot_events(build)
 
 
-def predict_rtmr0(firmware: bytes, *, memory_mib: int, acpi: Mapping[str, bytes], fw_cfg: Mapping[str, bytes],
-                  smbios: bytes | None, authorities: Sequence[bytes] = ()) -> str:  # fmt: skip
+def predict_rtmr0(
+    firmware: bytes,
+    *,
+    memory_mib: int,
+    acpi: Mapping[str, bytes],
+    fw_cfg: Mapping[str, bytes],
+    smbios: bytes | None,
+    authorities: Sequence[bytes] = (),
+) -> str:
     """RTMR0 (hex) from replaying :func:`rtmr0_events`."""
-    events = rtmr0_events(firmware, memory_mib=memory_mib, acpi=acpi, fw_cfg=fw_cfg, smbios=smbios,
-                          authorities=authorities)  # fmt: skip
+    events = rtmr0_events(
+        firmware, memory_mib=memory_mib, acpi=acpi, fw_cfg=fw_cfg, smbios=smbios, authorities=authorities
+    )
     return replay(bytes.fromhex(e.digest) for e in events).hex()

@@ -51,8 +51,25 @@ PROCESSOR_ID_OFFSET, PROCESSOR_ID_SIZE = 0x08, 8
 # Vendor 1, BiosVersion 2, BiosSegment 0xE800, BiosReleaseDate 3, BiosSize 0,
 # BiosCharacteristics bit 3 (not supported), extension bytes 0x00 0x1C, releases 0 0,
 # embedded controller 0xFF 0xFF, ExtendedBiosSize 0.
-OVMF_TYPE0 = struct.pack("<BBHBBHBBQBBBBBBH", BIOS_INFORMATION, 26, HANDLE_PI_RESERVED, 1, 2, 0xE800, 3, 0, 1 << 3,
-                         0, 0x1C, 0, 0, 0xFF, 0xFF, 0)  # fmt: skip
+OVMF_TYPE0 = struct.pack(
+    "<BBHBBHBBQBBBBBBH",
+    BIOS_INFORMATION,
+    26,
+    HANDLE_PI_RESERVED,
+    1,
+    2,
+    0xE800,
+    3,
+    0,
+    1 << 3,
+    0,
+    0x1C,
+    0,
+    0,
+    0xFF,
+    0xFF,
+    0,
+)
 
 
 class SmbiosError(MeasureError):
@@ -85,8 +102,11 @@ def qemu_structures(anchor: bytes, tables: bytes) -> bytes:
         major, minor = anchor[6], anchor[7]
         (length,) = struct.unpack_from("<H", anchor, 0x16)
         if anchor[:4] != b"_SM_" or anchor[0x10:0x15] != b"_DMI_" or major != 2 or length != len(tables):
-            raise _fail(f"QEMU's 2.x SMBIOS anchor ({anchor[:4]!r}, version {major}.{minor}, table length {length}, "
-                        f"tables {len(tables)} bytes) is not one edk2 accepts", 0)  # fmt: skip
+            raise _fail(
+                f"QEMU's 2.x SMBIOS anchor ({anchor[:4]!r}, version {major}.{minor}, table length {length}, "
+                f"tables {len(tables)} bytes) is not one edk2 accepts",
+                0,
+            )
         if minor < 7:
             raise _fail(f"SMBIOS version 2.{minor}: edk2 limits strings to 64 characters before 2.7; not predicted", 7)
         if len(tables) > TABLE_2X_MAX:
@@ -95,11 +115,16 @@ def qemu_structures(anchor: bytes, tables: bytes) -> bytes:
         major = anchor[7]
         (size,) = struct.unpack_from("<I", anchor, 0x0C)
         if anchor[:5] != b"_SM3_" or major != 3 or size != len(tables):
-            raise _fail(f"QEMU's 3.x SMBIOS anchor ({anchor[:5]!r}, major {major}, maximum size {size}, tables "
-                        f"{len(tables)} bytes) is not one edk2 accepts", 0)  # fmt: skip
+            raise _fail(
+                f"QEMU's 3.x SMBIOS anchor ({anchor[:5]!r}, major {major}, maximum size {size}, tables "
+                f"{len(tables)} bytes) is not one edk2 accepts",
+                0,
+            )
     else:
-        raise _fail(f"QEMU's {ANCHOR_FILE} has {len(anchor)} bytes, neither a 2.x ({ANCHOR_V2_SIZE}) nor a 3.x "
-                    f"({ANCHOR_V3_SIZE}) entry point: the firmware publishes no SMBIOS table")  # fmt: skip
+        raise _fail(
+            f"QEMU's {ANCHOR_FILE} has {len(anchor)} bytes, neither a 2.x ({ANCHOR_V2_SIZE}) nor a 3.x "
+            f"({ANCHOR_V3_SIZE}) entry point: the firmware publishes no SMBIOS table"
+        )
     return tables
 
 
@@ -148,8 +173,11 @@ def published_table(tables: bytes, *, bios: BiosStrings) -> bytes:
     for at, record in structures(tables):
         (handle,) = struct.unpack_from("<H", record, 2)
         if handle in used or handle > MAX_HANDLE:
-            raise _fail(f"structure type {record[0]} has handle {handle:#06x}, repeated or above {MAX_HANDLE:#06x}: "
-                        "SmbiosAdd rejects it", at + 2)  # fmt: skip
+            raise _fail(
+                f"structure type {record[0]} has handle {handle:#06x}, repeated or above {MAX_HANDLE:#06x}: "
+                "SmbiosAdd rejects it",
+                at + 2,
+            )
         used.add(handle)
         records.append(record)
     if not any(r[0] == BIOS_INFORMATION for r in records):

@@ -28,16 +28,25 @@ FILTERS: dict[int, tuple[tuple[int, int, bool], ...]] = {
     1: ((0x07, 1, True), (0x08, 16, False), (0x18, 1, False)),  # SerialNumber, Uuid, WakeUpType
     2: ((0x07, 1, True), (0x0A, 1, True)),  # SerialNumber, LocationInChassis
     3: ((0x07, 1, True), (0x08, 1, True)),  # SerialNumber, AssetTag
-    4: ((0x20, 1, True), (0x21, 1, True), (0x22, 1, True),  # SerialNumber, AssetTag, PartNumber
-        (0x23, 1, False), (0x24, 1, False), (0x25, 1, False),  # CoreCount, EnabledCoreCount, ThreadCount
-        (0x2A, 2, False), (0x2C, 2, False), (0x2E, 2, False),  # CoreCount2, EnabledCoreCount2, ThreadCount2
-        (0x11, 1, False), (0x16, 2, False)),  # Voltage, CurrentSpeed
+    4: (
+        (0x20, 1, True),
+        (0x21, 1, True),
+        (0x22, 1, True),  # SerialNumber, AssetTag, PartNumber
+        (0x23, 1, False),
+        (0x24, 1, False),
+        (0x25, 1, False),  # CoreCount, EnabledCoreCount, ThreadCount
+        (0x2A, 2, False),
+        (0x2C, 2, False),
+        (0x2E, 2, False),  # CoreCount2, EnabledCoreCount2, ThreadCount2
+        (0x11, 1, False),
+        (0x16, 2, False),
+    ),  # Voltage, CurrentSpeed
     17: ((0x18, 1, True), (0x19, 1, True), (0x1A, 1, True)),  # SerialNumber, AssetTag, PartNumber
     22: ((0x07, 1, True), (0x10, 2, False), (0x12, 2, False)),  # SerialNumber, SBDSSerialNumber, SBDSManufactureDate
     23: ((0x05, 2, False),),  # ResetCount
     27: ((0x0C, 2, False),),  # NominalSpeed
     39: ((0x08, 1, True), (0x09, 1, True), (0x0A, 1, True)),  # SerialNumber, AssetTagNumber, ModelPartNumber
-}  # fmt: skip
+}
 
 
 def _fail(message: str, offset: int) -> SmbiosError:

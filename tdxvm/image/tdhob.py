@@ -85,14 +85,20 @@ def ram_entries(meta: TdvfMetadata, memory: int) -> list[RamEntry]:
             continue
         for i, e in enumerate(entries):
             if e.start <= start and end <= e.start + e.length and not e.accepted:
-                split = [RamEntry(e.start, start - e.start, False), RamEntry(start, end - start, True),
-                         RamEntry(end, e.start + e.length - end, False)]  # fmt: skip
+                split = [
+                    RamEntry(e.start, start - e.start, False),
+                    RamEntry(start, end - start, True),
+                    RamEntry(end, e.start + e.length - end, False),
+                ]
                 entries[i : i + 1] = [x for x in split if x.length]
                 break
         else:
-            raise MeasureError(f"TDVF section {s.index} ({s.type_name}) at {start:#x}+{s.memory_data_size:#x} is not "
-                               f"inside the guest RAM of {memory // MIB} MiB (QEMU refuses to start)",
-                               code="memory", offset=s.offset + 8)  # fmt: skip
+            raise MeasureError(
+                f"TDVF section {s.index} ({s.type_name}) at {start:#x}+{s.memory_data_size:#x} is not "
+                f"inside the guest RAM of {memory // MIB} MiB (QEMU refuses to start)",
+                code="memory",
+                offset=s.offset + 8,
+            )
     return sorted(entries, key=lambda e: e.start)
 
 
@@ -100,20 +106,35 @@ def td_hob(meta: TdvfMetadata, memory: int) -> bytes:
     """The whole TD HOB list QEMU writes for ``memory`` bytes of guest RAM."""
     hob_sections = [s for s in meta.sections if s.type == SECTION_TD_HOB]
     if len(hob_sections) != 1:
-        raise MeasureError(f"TDVF metadata has {len(hob_sections)} TD_HOB sections, expected 1",
-                           code="tdvf", offset=meta.offset)  # fmt: skip
+        raise MeasureError(
+            f"TDVF metadata has {len(hob_sections)} TD_HOB sections, expected 1", code="tdvf", offset=meta.offset
+        )
     base = hob_sections[0]
-    body = b"".join(struct.pack("<HHI16sIIQQ", HOB_TYPE_RESOURCE_DESCRIPTOR, RESOURCE_SIZE, 0, bytes(16),
-                                RESOURCE_SYSTEM_MEMORY if e.accepted else RESOURCE_MEMORY_UNACCEPTED,
-                                RESOURCE_ATTRIBUTES, e.start, e.length)
-                    for e in ram_entries(meta, memory))  # fmt: skip
+    body = b"".join(
+        struct.pack(
+            "<HHI16sIIQQ",
+            HOB_TYPE_RESOURCE_DESCRIPTOR,
+            RESOURCE_SIZE,
+            0,
+            bytes(16),
+            RESOURCE_SYSTEM_MEMORY if e.accepted else RESOURCE_MEMORY_UNACCEPTED,
+            RESOURCE_ATTRIBUTES,
+            e.start,
+            e.length,
+        )
+        for e in ram_entries(meta, memory)
+    )
     end_of_list = base.memory_address + HANDOFF_SIZE + len(body) + END_SIZE
     total = HANDOFF_SIZE + len(body) + END_SIZE
     if total > base.memory_data_size:
-        raise MeasureError(f"TD HOB of {total} bytes overruns the TD_HOB section ({base.memory_data_size:#x} bytes)",
-                           code="tdvf", offset=base.offset)  # fmt: skip
-    handoff = struct.pack("<HHIII5Q", HOB_TYPE_HANDOFF, HANDOFF_SIZE, 0, HANDOFF_TABLE_VERSION, 0, 0, 0, 0, 0,
-                          end_of_list)  # fmt: skip
+        raise MeasureError(
+            f"TD HOB of {total} bytes overruns the TD_HOB section ({base.memory_data_size:#x} bytes)",
+            code="tdvf",
+            offset=base.offset,
+        )
+    handoff = struct.pack(
+        "<HHIII5Q", HOB_TYPE_HANDOFF, HANDOFF_SIZE, 0, HANDOFF_TABLE_VERSION, 0, 0, 0, 0, 0, end_of_list
+    )
     return handoff + body + struct.pack("<HHI", HOB_TYPE_END_OF_HOB_LIST, END_SIZE, 0)
 
 

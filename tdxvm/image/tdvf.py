@@ -147,21 +147,27 @@ def parse_tdvf(firmware: bytes | bytearray | memoryview) -> TdvfMetadata:
 def _check_section(s: TdvfSection, size: int) -> None:
     where = f"section {s.index} ({s.type_name})"
     if s.memory_address % PAGE_SIZE or s.memory_data_size % PAGE_SIZE:
-        raise _fail(f"{where}: MemoryAddress {s.memory_address:#x} and MemoryDataSize {s.memory_data_size:#x} "
-                    "must be 4 KiB aligned", s.offset + 8)  # fmt: skip
+        raise _fail(
+            f"{where}: MemoryAddress {s.memory_address:#x} and MemoryDataSize {s.memory_data_size:#x} "
+            "must be 4 KiB aligned",
+            s.offset + 8,
+        )
     if s.raw_data_size > s.memory_data_size:
-        raise _fail(f"{where}: RawDataSize {s.raw_data_size:#x} exceeds MemoryDataSize {s.memory_data_size:#x}",
-                    s.offset + 4)  # fmt: skip
+        raise _fail(
+            f"{where}: RawDataSize {s.raw_data_size:#x} exceeds MemoryDataSize {s.memory_data_size:#x}", s.offset + 4
+        )
     if s.type in (SECTION_BFV, SECTION_CFV) and s.raw_data_size == 0:
         raise _fail(f"{where}: no image data (RawDataSize 0)", s.offset + 4)
     if s.type in (SECTION_TD_HOB, SECTION_TEMP_MEM) and s.raw_data_size:
         raise _fail(f"{where}: RawDataSize {s.raw_data_size:#x} but this type has no image data", s.offset + 4)
     if s.extended and s.type not in (SECTION_BFV, SECTION_CFV):
-        raise _fail(f"{where}: MR.EXTEND of memory the VMM fills at launch; MRTD cannot be predicted",
-                    s.offset + 28)  # fmt: skip
+        raise _fail(f"{where}: MR.EXTEND of memory the VMM fills at launch; MRTD cannot be predicted", s.offset + 28)
     if s.extended and s.data_offset + s.memory_data_size > size:
-        raise _fail(f"{where}: extended data {s.data_offset:#x}+{s.memory_data_size:#x} runs past the end of the "
-                    f"image ({size:#x} bytes)", s.offset)  # fmt: skip
+        raise _fail(
+            f"{where}: extended data {s.data_offset:#x}+{s.memory_data_size:#x} runs past the end of the "
+            f"image ({size:#x} bytes)",
+            s.offset,
+        )
 
 
 def _record(tag: bytes, gpa: int) -> bytes:

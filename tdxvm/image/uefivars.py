@@ -98,8 +98,7 @@ def parse_variable_store(cfv: bytes, *, base: int = 0) -> dict[tuple[uuid.UUID, 
         vendor = uuid.UUID(bytes_le=raw[pos + header - 16 : pos + header])
         name_at = pos + header
         if name_at + name_size + data_size > end or name_size < 2 or name_size % 2:
-            raise _fail(f"variable with NameSize {name_size} and DataSize {data_size} runs past the store",
-                        base + pos)  # fmt: skip
+            raise _fail(f"variable with NameSize {name_size} and DataSize {data_size} runs past the store", base + pos)
         name = raw[name_at : name_at + name_size].decode("utf-16-le").rstrip("\x00")
         data = raw[name_at + name_size : name_at + name_size + data_size]
         if state == VAR_ADDED:
@@ -117,11 +116,19 @@ def variable_data(vendor: uuid.UUID, name: str, data: bytes) -> bytes:
 def fv_file_path(fv_name: uuid.UUID, file_name: uuid.UUID) -> bytes:
     """The device path ``Fv(fv_name)/FvFile(file_name)/End``."""
     node = struct.Struct("<BBH16s")
-    return (node.pack(MEDIA_DEVICE_PATH, MEDIA_PIWG_FW_VOL_DP, 20, fv_name.bytes_le)
-            + node.pack(MEDIA_DEVICE_PATH, MEDIA_PIWG_FW_FILE_DP, 20, file_name.bytes_le) + END_DEVICE_PATH)  # fmt: skip
+    return (
+        node.pack(MEDIA_DEVICE_PATH, MEDIA_PIWG_FW_VOL_DP, 20, fv_name.bytes_le)
+        + node.pack(MEDIA_DEVICE_PATH, MEDIA_PIWG_FW_FILE_DP, 20, file_name.bytes_le)
+        + END_DEVICE_PATH
+    )
 
 
 def load_option(attributes: int, description: str, file_path: bytes, optional: bytes = b"") -> bytes:
     """An ``EFI_LOAD_OPTION`` (the data of a ``Boot####`` variable)."""
-    return (struct.pack("<IH", attributes, len(file_path)) + description.encode("utf-16-le") + b"\x00\x00"
-            + file_path + optional)  # fmt: skip
+    return (
+        struct.pack("<IH", attributes, len(file_path))
+        + description.encode("utf-16-le")
+        + b"\x00\x00"
+        + file_path
+        + optional
+    )

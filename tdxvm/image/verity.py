@@ -32,10 +32,18 @@ class VerityTree:
     hash_bytes: int  # size of the tree after the data
 
     def to_dict(self) -> dict[str, Any]:
-        return {"root_hash": self.root.root_hash, "hash_algorithm": VERITY_HASH, "data_block_size": VERITY_BLOCK,
-                "hash_block_size": VERITY_BLOCK, "data_blocks": self.root.data_blocks, "data_bytes": self.root.hash_offset,
-                "hash_offset": self.root.hash_offset, "hash_bytes": self.hash_bytes, "salt": None,
-                "cmdline": self.root.arg()}  # fmt: skip
+        return {
+            "root_hash": self.root.root_hash,
+            "hash_algorithm": VERITY_HASH,
+            "data_block_size": VERITY_BLOCK,
+            "hash_block_size": VERITY_BLOCK,
+            "data_blocks": self.root.data_blocks,
+            "data_bytes": self.root.hash_offset,
+            "hash_offset": self.root.hash_offset,
+            "hash_bytes": self.hash_bytes,
+            "salt": None,
+            "cmdline": self.root.arg(),
+        }
 
 
 def format_tree(image: Path) -> VerityTree:
@@ -45,9 +53,19 @@ def format_tree(image: Path) -> VerityTree:
     if size == 0 or size % VERITY_BLOCK:
         raise ImageStepError("verity", [], f"{image} is {size} bytes, not a whole number of {VERITY_BLOCK}-byte blocks")
     blocks = size // VERITY_BLOCK
-    argv = [tool("veritysetup", step="verity", package="cryptsetup-bin"), "format", "--no-superblock", f"--hash={VERITY_HASH}",
-            f"--data-block-size={VERITY_BLOCK}", f"--hash-block-size={VERITY_BLOCK}", f"--data-blocks={blocks}",
-            f"--hash-offset={size}", "--salt=-", str(image), str(image)]  # fmt: skip
+    argv = [
+        tool("veritysetup", step="verity", package="cryptsetup-bin"),
+        "format",
+        "--no-superblock",
+        f"--hash={VERITY_HASH}",
+        f"--data-block-size={VERITY_BLOCK}",
+        f"--hash-block-size={VERITY_BLOCK}",
+        f"--data-blocks={blocks}",
+        f"--hash-offset={size}",
+        "--salt=-",
+        str(image),
+        str(image),
+    ]
     out = run_step("verity", argv)
     found = _ROOT_HASH.search(out)
     if found is None:

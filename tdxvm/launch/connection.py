@@ -64,8 +64,10 @@ def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
     if problem is not None:
         raise ConnectError(problem)
     if parts.scheme == "test" and parts.path not in ("", "/default") and not os.path.isfile(parts.path):
-        raise ConnectError(f"libvirt test driver {uri}: no such file {parts.path} (give test:///default or the "
-                           "absolute path of a test driver XML file)")  # fmt: skip
+        raise ConnectError(
+            f"libvirt test driver {uri}: no such file {parts.path} (give test:///default or the "
+            "absolute path of a test driver XML file)"
+        )
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
@@ -94,14 +96,18 @@ def explain_connect_error(uri: str, exc: libvirt.libvirtError) -> ConnectError:
     where = f"cannot connect to libvirt at {uri}: {text}"
     if transport == "ssh":
         if "permission denied" in low or "host key verification failed" in low:
-            fix = (f"libvirt runs ssh without a terminal, so it cannot ask for a password or to trust a host key: "
-                   f"check that `ssh {urlsplit(uri).netloc} true` works without prompting (key loaded in ssh-agent, "
-                   f"host key in ~/.ssh/known_hosts)")  # fmt: skip
+            fix = (
+                f"libvirt runs ssh without a terminal, so it cannot ask for a password or to trust a host key: "
+                f"check that `ssh {urlsplit(uri).netloc} true` works without prompting (key loaded in ssh-agent, "
+                f"host key in ~/.ssh/known_hosts)"
+            )
         elif "could not resolve" in low or "connection refused" in low or "timed out" in low or "no route" in low:
             fix = f"check that {host} is reachable and runs sshd (`ssh {urlsplit(uri).netloc} true`)"
         else:
-            fix = (f"check `ssh {urlsplit(uri).netloc} true`, and that {host} runs libvirtd (or virtqemud) and has "
-                   "`nc` or `virt-ssh-helper` for libvirt's ssh transport")  # fmt: skip
+            fix = (
+                f"check `ssh {urlsplit(uri).netloc} true`, and that {host} runs libvirtd (or virtqemud) and has "
+                "`nc` or `virt-ssh-helper` for libvirt's ssh transport"
+            )
         return SshTransportError(f"{where}\nfix: {fix}")
     if exc.get_error_code() in _AUTH_CODES or "permission denied" in low or "authentication" in low:
         return LibvirtPermissionError(
@@ -110,12 +116,16 @@ def explain_connect_error(uri: str, exc: libvirt.libvirtError) -> ConnectError:
         )
     if "no such file or directory" in low or "connection refused" in low:
         if transport in ("", "unix"):
-            fix = ("start the libvirt daemon: `systemctl start libvirtd` (or `systemctl start virtqemud.socket` on "
-                   "hosts with modular daemons); without systemd, `libvirtd -d`")  # fmt: skip
+            fix = (
+                "start the libvirt daemon: `systemctl start libvirtd` (or `systemctl start virtqemud.socket` on "
+                "hosts with modular daemons); without systemd, `libvirtd -d`"
+            )
         else:
             fix = f"check that libvirtd on {host} listens for {transport} connections"
         return LibvirtdNotRunningError(f"{where}\nfix: {fix}")
     if exc.get_error_code() == libvirt.VIR_ERR_NO_CONNECT:
-        return ConnectError(f"{where}\nfix: use a URI whose driver this libvirt client knows, e.g. qemu:///system, "
-                            "qemu+ssh://user@host/system or test:///default")  # fmt: skip
+        return ConnectError(
+            f"{where}\nfix: use a URI whose driver this libvirt client knows, e.g. qemu:///system, "
+            "qemu+ssh://user@host/system or test:///default"
+        )
     return LibvirtUnreachable(where)

@@ -111,6 +111,8 @@ def _download(conn: libvirt.virConnect, vol: libvirt.virStorageVol, offset: int,
         with suppress(libvirt.libvirtError):
             stream.abort()
         if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
-            raise ConsoleError(f"the libvirt driver at {conn.getURI()} keeps no serial log to read (libvirt's test "
-                               "driver runs no guest)") from None  # fmt: skip
+            raise ConsoleError(
+                f"the libvirt driver at {conn.getURI()} keeps no serial log to read (libvirt's test "
+                "driver runs no guest)"
+            ) from None
         raise ConsoleError(f"cannot read serial log {path}: {libvirt_message(exc)}") from None

@@ -107,7 +107,11 @@ class DomainSpec:
             raise DomainSpecError(f"QGS socket {self.qgs_socket!r} must be an absolute path on the host")
         if not 0 < self.qgs_vsock_port < 1 << 32:
             raise DomainSpecError(f"QGS vsock port {self.qgs_vsock_port} is out of range")
-        for name, value in (("mr_config_id", self.mr_config_id), ("mr_owner", self.mr_owner), ("mr_owner_config", self.mr_owner_config)):
+        for name, value in (
+            ("mr_config_id", self.mr_config_id),
+            ("mr_owner", self.mr_owner),
+            ("mr_owner_config", self.mr_owner_config),
+        ):
             if value is not None and len(value) != 48:
                 raise DomainSpecError(f"{name} must be 48 bytes (a SHA-384 value), got {len(value)}")
         for pf in self.port_forwards:
@@ -251,7 +255,11 @@ def _launch_security(dom: ET.Element, spec: DomainSpec) -> None:
     """``<launchSecurity type='tdx'>``: policy, the owner's MR values (base64), the quote service."""
     sec = _sub(dom, "launchSecurity", type="tdx")
     _sub(sec, "policy", f"{td_policy():#x}")
-    for tag, value in (("mrConfigId", spec.mr_config_id), ("mrOwner", spec.mr_owner), ("mrOwnerConfig", spec.mr_owner_config)):
+    for tag, value in (
+        ("mrConfigId", spec.mr_config_id),
+        ("mrOwner", spec.mr_owner),
+        ("mrOwnerConfig", spec.mr_owner_config),
+    ):
         if value is not None:
             _sub(sec, tag, base64.b64encode(value).decode())
     if spec.qgs_form == "vsock":
@@ -263,7 +271,9 @@ def _launch_security(dom: ET.Element, spec: DomainSpec) -> None:
 
 def _qemu_user_network(dom: ET.Element, forwards: tuple[PortForward, ...]) -> None:
     """QEMU user-mode networking with host forwards (no passt on these hosts)."""
-    netdev = "user,id=tdxvm0" + "".join(f",hostfwd=tcp:{pf.host_address}:{pf.host_port}-:{pf.guest_port}" for pf in forwards)
+    netdev = "user,id=tdxvm0" + "".join(
+        f",hostfwd=tcp:{pf.host_address}:{pf.host_port}-:{pf.guest_port}" for pf in forwards
+    )
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
     for arg in ("-netdev", netdev, "-device", "virtio-net-pci,netdev=tdxvm0,bus=pcie.0,addr=0x10"):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})

@@ -33,10 +33,10 @@ from tdxvm.launch.connection import is_local, libvirt_message
 from tdxvm.launch.domain import TDXVM_NS, DomainSpec, PortForward, domain_xml
 from tdxvm.launch.errors import DomainError, LaunchError, NoSuchVmError, NotOurDomainError, VmExistsError
 from tdxvm.launch.manifest import ImageManifest
+from tdxvm.launch.ports import choose_forwards
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 from tdxvm.launch.rtmr0pin import Rtmr0Pin
 from tdxvm.launch.rtmr0pin import predict as predict_rtmr0
-from tdxvm.launch.ports import choose_forwards
 from tdxvm.launch.spec import VmSpec, effective_policy, firmware_path
 from tdxvm.launch.volumes import POOL_NAME, POOL_PATH, VmVolumes, VolumeEvent, delete_vm_volume, prepare_volumes
 
@@ -87,8 +87,9 @@ class DomainHandle:
         try:
             return self.conn.lookupByUUIDString(self.uuid)
         except libvirt.libvirtError as exc:
-            raise NoSuchVmError(f"VM {self.name} ({self.uuid}) is no longer defined on {self.uri}: "
-                                f"{libvirt_message(exc)}") from None  # fmt: skip
+            raise NoSuchVmError(
+                f"VM {self.name} ({self.uuid}) is no longer defined on {self.uri}: {libvirt_message(exc)}"
+            ) from None
 
     def forward(self, guest_port: int) -> PortForward | None:
         return next((f for f in self.forwards if f.guest_port == guest_port), None)
@@ -122,7 +123,9 @@ class VmStatus:
     labels: dict[str, str] = field(default_factory=dict)
     record: str = "unchecked"  # the controller's record of this VM: ok, missing, mismatch (or unchecked)
     record_problem: str | None = None
-    model: dict[str, str] | None = None  # from the record: what `tdxvm provision` serves (name, url, tls_spki_sha256, at, digest, dtype)
+    model: dict[str, str] | None = (
+        None  # from the record: what `tdxvm provision` serves (name, url, tls_spki_sha256, at, digest, dtype)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,7 +135,9 @@ class VmStatus:
             "state": self.state,
             "backend": self.backend,
             "image": self.image,
-            "forwards": [{"address": f.host_address, "host": f.host_port, "guest": f.guest_port} for f in self.forwards],
+            "forwards": [
+                {"address": f.host_address, "host": f.host_port, "guest": f.guest_port} for f in self.forwards
+            ],
             "agent": self.agent_endpoint,
             "started_at": self.started_at,
             "uptime_s": self.uptime_s,
@@ -165,9 +170,15 @@ def ports_in_use(conn: libvirt.virConnect) -> set[int]:
     return taken
 
 
-
-def build_domain_spec(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, forwards: tuple[PortForward, ...],
-                      uuid: str, labels: dict[str, str]) -> DomainSpec:  # fmt: skip
+def build_domain_spec(
+    spec: VmSpec,
+    manifest: ImageManifest,
+    *,
+    volumes: VmVolumes,
+    forwards: tuple[PortForward, ...],
+    uuid: str,
+    labels: dict[str, str],
+) -> DomainSpec:
     """The libvirt domain for ``spec``, booting the manifest's artifacts from ``volumes``."""
     pins = spec.pinning.vcpus if spec.pinning else ()
     numa = str(spec.pinning.numa_node) if spec.pinning and spec.pinning.numa_node is not None else None
@@ -205,8 +216,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def metadata_labels(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, forwards: tuple[PortForward, ...],
-                    policy: Policy) -> dict[str, str]:  # fmt: skip
+def metadata_labels(
+    spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, forwards: tuple[PortForward, ...], policy: Policy
+) -> dict[str, str]:
     labels = {
         "image": manifest.name,
         "manifest": str(manifest.path),
@@ -226,8 +238,16 @@ def metadata_labels(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes
     return labels
 
 
-def render_domain(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, forwards: tuple[PortForward, ...],
-                  policy: Policy, uuid: str | None = None, extra_labels: dict[str, str] | None = None) -> str:  # fmt: skip
+def render_domain(
+    spec: VmSpec,
+    manifest: ImageManifest,
+    *,
+    volumes: VmVolumes,
+    forwards: tuple[PortForward, ...],
+    policy: Policy,
+    uuid: str | None = None,
+    extra_labels: dict[str, str] | None = None,
+) -> str:
     """The domain XML a launch defines (also what ``tdxvm launch --dry-run`` prints).
 
     ``extra_labels`` (e.g. a fleet's ownership labels) go into tdxvm's metadata beside
@@ -235,18 +255,28 @@ def render_domain(spec: VmSpec, manifest: ImageManifest, *, volumes: VmVolumes, 
     labels = metadata_labels(spec, manifest, volumes=volumes, forwards=forwards, policy=policy)
     clash = sorted(set(extra_labels or ()) & set(labels))
     if clash:
-        raise LaunchError(f"VM {spec.name}: labels {', '.join(clash)} are set by the launch itself and cannot be given",
-                          code="labels")  # fmt: skip
+        raise LaunchError(
+            f"VM {spec.name}: labels {', '.join(clash)} are set by the launch itself and cannot be given", code="labels"
+        )
     labels.update(extra_labels or {})
-    ds = build_domain_spec(spec, manifest, volumes=volumes, forwards=forwards, uuid=uuid or str(uuidlib.uuid4()),
-                           labels=labels)  # fmt: skip
+    ds = build_domain_spec(
+        spec, manifest, volumes=volumes, forwards=forwards, uuid=uuid or str(uuidlib.uuid4()), labels=labels
+    )
     return domain_xml(ds)
 
 
-def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect,
-                   progress: LaunchProgress | None = None, *, preflight: bool = True, sysfs_root: Path = Path("/sys"),
-                   pool: str = POOL_NAME, pool_path: str = POOL_PATH,
-                   labels: dict[str, str] | None = None) -> DomainHandle:  # fmt: skip
+def prepare_domain(
+    spec: VmSpec,
+    manifest: ImageManifest,
+    conn: libvirt.virConnect,
+    progress: LaunchProgress | None = None,
+    *,
+    preflight: bool = True,
+    sysfs_root: Path = Path("/sys"),
+    pool: str = POOL_NAME,
+    pool_path: str = POOL_PATH,
+    labels: dict[str, str] | None = None,
+) -> DomainHandle:
     """Preflight, upload volumes and define (not start) the VM; all or nothing.
 
     ``progress`` gets :class:`StepEvent` and :class:`~tdxvm.launch.volumes.VolumeEvent`
@@ -261,24 +291,29 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
     if preflight:
         progress(StepEvent("preflight", "start"))
         findings = pf.require(pf.run_preflight(conn, spec, manifest, sysfs_root=sysfs_root), vm=spec.name)
-        warnings = "".join(f"; warning: {f.message}" + (f" (fix: {f.fix})" if f.fix else "") for f in findings if f.status == "warn")
+        warnings = "".join(
+            f"; warning: {f.message}" + (f" (fix: {f.fix})" if f.fix else "") for f in findings if f.status == "warn"
+        )
         progress(StepEvent("preflight", "done", f"{sum(f.status == 'ok' for f in findings)} checks passed{warnings}"))
     forwards = choose_forwards(spec, manifest, taken=ports_in_use(conn), local=is_local(uri))
     progress(StepEvent("volumes", "start"))
-    volumes = prepare_volumes(conn, manifest, spec.name, progress, pool_name=pool, pool_target=pool_path,
-                              scratch_bytes=spec.scratch << 20)  # fmt: skip
+    volumes = prepare_volumes(
+        conn, manifest, spec.name, progress, pool_name=pool, pool_target=pool_path, scratch_bytes=spec.scratch << 20
+    )
     progress(StepEvent("volumes", "done"))
     dom: libvirt.virDomain | None = None
     try:
         progress(StepEvent("define", "start"))
         vm_uuid = str(uuidlib.uuid4())
-        xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
-                            extra_labels=labels)  # fmt: skip
+        xml = render_domain(
+            spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid, extra_labels=labels
+        )
         rtmr0 = predict_rtmr0(conn, xml, backend=spec.backend, firmware=local_firmware(spec, manifest))
         if rtmr0.value is not None and policy.rtmr0 is None:  # the machine of this XML; a spec's own rtmr0 stays
             policy = effective_policy(spec, manifest, rtmr0=rtmr0.value)
-            xml = render_domain(spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid,
-                                extra_labels=labels)  # fmt: skip
+            xml = render_domain(
+                spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid, extra_labels=labels
+            )
         try:
             dom = conn.defineXML(xml)
         except libvirt.libvirtError as exc:
@@ -293,9 +328,20 @@ def prepare_domain(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConne
         for path in (volumes.overlay, volumes.serial_log, volumes.scratch):
             delete_vm_volume(conn, path, pool_name=volumes.pool)
         raise
-    return DomainHandle(conn=conn, name=spec.name, uuid=vm_uuid, uri=uri, backend=spec.backend, forwards=forwards,
-                        volumes=volumes, policy=policy, manifest=manifest, findings=tuple(findings), xml=xml,
-                        rtmr0=rtmr0)  # fmt: skip
+    return DomainHandle(
+        conn=conn,
+        name=spec.name,
+        uuid=vm_uuid,
+        uri=uri,
+        backend=spec.backend,
+        forwards=forwards,
+        volumes=volumes,
+        policy=policy,
+        manifest=manifest,
+        findings=tuple(findings),
+        xml=xml,
+        rtmr0=rtmr0,
+    )
 
 
 def local_firmware(spec: VmSpec, manifest: ImageManifest) -> bytes | None:
@@ -356,8 +402,10 @@ def lookup(conn: libvirt.virConnect, name: str) -> tuple[libvirt.virDomain, md.V
         raise DomainError(f"cannot look up {name} on {uri}: {libvirt_message(exc)}") from None
     meta = md.from_domain_xml(_xml(dom, inactive=True))
     if meta is None:
-        raise NotOurDomainError(f"domain {name} on {uri} was not created by tdxvm (no tdxvm metadata); tdxvm never "
-                                "stops, changes or deletes it — use virsh for it")  # fmt: skip
+        raise NotOurDomainError(
+            f"domain {name} on {uri} was not created by tdxvm (no tdxvm metadata); tdxvm never "
+            "stops, changes or deletes it — use virsh for it"
+        )
     return dom, meta
 
 
@@ -407,7 +455,9 @@ def stop(conn: libvirt.virConnect, name: str, *, timeout: float = 60.0, poll: fl
     except libvirt.libvirtError as exc:
         if not dom.isActive():
             return "shut down"
-        raise DomainError(f"{name} ignored the shutdown request and cannot be powered off: {libvirt_message(exc)}") from None
+        raise DomainError(
+            f"{name} ignored the shutdown request and cannot be powered off: {libvirt_message(exc)}"
+        ) from None
     return f"powered off (no shutdown within {timeout:g} s)"
 
 
@@ -492,13 +542,17 @@ def status(conn: libvirt.virConnect, name: str | None = None, *, records: VmReco
     return sorted(out, key=lambda s: s.name)
 
 
-def _status(conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadata, records: VmRecords | None) -> VmStatus:
+def _status(
+    conn: libvirt.virConnect, dom: libvirt.virDomain, meta: md.VmMetadata, records: VmRecords | None
+) -> VmStatus:
     state = _state(dom)
     started = meta.labels.get("started_at")
     uptime = None
     if state == "running" and started:
         with suppress(ValueError):
-            uptime = int((datetime.now(timezone.utc) - datetime.fromisoformat(started.replace("Z", "+00:00"))).total_seconds())
+            uptime = int(
+                (datetime.now(timezone.utc) - datetime.fromisoformat(started.replace("Z", "+00:00"))).total_seconds()
+            )
     agent = meta.labels.get("agent_port", "")
     vm = VmStatus(
         name=dom.name(),

@@ -79,8 +79,11 @@ def _from_element(owner: ET.Element) -> VmMetadata:
                 data = json.loads(child.text or "{}")
             except json.JSONDecodeError:
                 data = {}
-            meta.attestation = {**(data if isinstance(data, dict) else {}), "verdict": child.get("verdict"),
-                                "recorded_at": child.get("at")}  # fmt: skip
+            meta.attestation = {
+                **(data if isinstance(data, dict) else {}),
+                "verdict": child.get("verdict"),
+                "recorded_at": child.get("at"),
+            }
     return meta
 
 
@@ -108,7 +111,10 @@ def to_element_xml(meta: VmMetadata) -> str:
         ET.SubElement(owner, "firmware", {"path": meta.firmware})
     if meta.attestation is not None:
         att = {k: meta.attestation[k] for k in ATTESTATION_KEYS if k in meta.attestation}
-        attrs = {"verdict": str(meta.attestation.get("verdict") or "unknown"), "at": str(meta.attestation.get("recorded_at") or "")}
+        attrs = {
+            "verdict": str(meta.attestation.get("verdict") or "unknown"),
+            "at": str(meta.attestation.get("recorded_at") or ""),
+        }
         ET.SubElement(owner, "attestation", attrs).text = json.dumps(att, sort_keys=True)
     return ET.tostring(owner, encoding="unicode")
 

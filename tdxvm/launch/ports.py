@@ -29,8 +29,9 @@ def bindable(address: str, port: int) -> bool:
     return True
 
 
-def choose_forwards(spec: VmSpec, manifest: ImageManifest, *, taken: set[int], local: bool,
-                    rng: random.Random | None = None) -> tuple[PortForward, ...]:  # fmt: skip
+def choose_forwards(
+    spec: VmSpec, manifest: ImageManifest, *, taken: set[int], local: bool, rng: random.Random | None = None
+) -> tuple[PortForward, ...]:
     """The spec's forwards in order, then agent/ssh/service forwards the spec does not give."""
     rng = rng or random.Random()
     used = set(taken)
@@ -38,11 +39,16 @@ def choose_forwards(spec: VmSpec, manifest: ImageManifest, *, taken: set[int], l
         if f.host is None:
             continue
         if f.host in taken:
-            raise LaunchError(f"host port {f.host} is already forwarded to another tdxvm VM on {spec.uri}; pick "
-                              "another or leave host: out", code="port-in-use")  # fmt: skip
+            raise LaunchError(
+                f"host port {f.host} is already forwarded to another tdxvm VM on {spec.uri}; pick "
+                "another or leave host: out",
+                code="port-in-use",
+            )
         if local and not bindable(f.address, f.host):
-            raise LaunchError(f"host port {f.address}:{f.host} is in use on this host; pick another or leave host: out",
-                              code="port-in-use")  # fmt: skip
+            raise LaunchError(
+                f"host port {f.address}:{f.host} is in use on this host; pick another or leave host: out",
+                code="port-in-use",
+            )
         used.add(f.host)
     wanted = [(f.guest, f.host, f.address) for f in spec.network.forwards]
     given = {f.guest for f in spec.network.forwards}

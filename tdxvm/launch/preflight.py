@@ -49,8 +49,10 @@ MIN_QEMU_TDX = (10, 1, 0)
 MIN_LIBVIRT_TDX = (11, 8, 0)
 MEMORY_OVERHEAD_MIB = 256  # QEMU itself, page tables, firmware
 ZERO_RTMR = "00" * 48  # a register nothing was extended into
-MEASURING_KERNEL_FIX = ("rebuild the image with a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, "
-                        "suite: bookworm-backports}` in the recipe (the default for suite bookworm)")  # fmt: skip
+MEASURING_KERNEL_FIX = (
+    "rebuild the image with a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, "
+    "suite: bookworm-backports}` in the recipe (the default for suite bookworm)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,9 @@ def tdx_advertised(domcaps_xml: str) -> tuple[bool, str]:
     return False, "the domain capabilities do not mention TDX (this libvirt does not know it)"
 
 
-def evaluate(spec: VmSpec, manifest: ImageManifest, facts: HostFacts, *, sysfs_root: Path = Path("/sys")) -> list[Finding]:
+def evaluate(
+    spec: VmSpec, manifest: ImageManifest, facts: HostFacts, *, sysfs_root: Path = Path("/sys")
+) -> list[Finding]:
     """Every check for ``spec`` on the host ``facts`` describes, in a fixed order."""
     out: list[Finding] = [measurement_floor(spec, manifest)]
     if spec.backend == "tdx":
@@ -197,30 +201,50 @@ def measurement_floor(spec: VmSpec, manifest: ImageManifest) -> Finding:
     problem, fix = _floor_problem(spec, manifest, stub)
     if problem is not None:
         if spec.policy is not None and getattr(spec.policy, "allow_zero_rtmrs", False):
-            return Finding(check, "warn", f"{where}: {problem} — continuing ONLY because the VM spec's policy sets "
-                                          "allow_zero_rtmrs: true; the quote does not protect what it names", fix)  # fmt: skip
+            return Finding(
+                check,
+                "warn",
+                f"{where}: {problem} — continuing ONLY because the VM spec's policy sets "
+                "allow_zero_rtmrs: true; the quote does not protect what it names",
+                fix,
+            )
         return Finding(check, "fail", f"{where}: {problem}", fix)
     if stub is None:
-        return Finding(check, "ok", f"{where}: no all-zero RTMR1 or RTMR2 predicted (the manifest, from an older "
-                                    "tdxvm, does not record whether the kernel's EFI stub measures)")  # fmt: skip
+        return Finding(
+            check,
+            "ok",
+            f"{where}: no all-zero RTMR1 or RTMR2 predicted (the manifest, from an older "
+            "tdxvm, does not record whether the kernel's EFI stub measures)",
+        )
     return Finding(check, "ok", f"{where}: the kernel's EFI stub measures the command line and initrd into RTMR2")
 
 
 def _floor_problem(spec: VmSpec, manifest: ImageManifest, stub: object) -> tuple[str | None, str | None]:
     if stub == "no":
-        return ("its kernel's EFI stub predates CC measurement (Linux < 6.9) and measures nothing in a TD: RTMR2 "
-                "stays zero, so the host could replace the initramfs and the command line unnoticed",
-                MEASURING_KERNEL_FIX)  # fmt: skip
+        return (
+            "its kernel's EFI stub predates CC measurement (Linux < 6.9) and measures nothing in a TD: RTMR2 "
+            "stays zero, so the host could replace the initramfs and the command line unnoticed",
+            MEASURING_KERNEL_FIX,
+        )
     if stub is not None and stub != "yes":
-        return (f"whether its kernel's EFI stub measures the command line and initrd into RTMR2 is {stub!r} (the "
-                "build could not tell): the quote might not cover them", MEASURING_KERNEL_FIX)  # fmt: skip
+        return (
+            f"whether its kernel's EFI stub measures the command line and initrd into RTMR2 is {stub!r} (the "
+            "build could not tell): the quote might not cover them",
+            MEASURING_KERNEL_FIX,
+        )
     for register, what in (("rtmr1", "the kernel"), ("rtmr2", "the initramfs and the command line")):
         if manifest.measurements.value(register) == ZERO_RTMR:
-            return (f"the manifest predicts {register.upper()} = 0 (nothing measured): pinning it would let the host "
-                    f"choose {what}", MEASURING_KERNEL_FIX)  # fmt: skip
+            return (
+                f"the manifest predicts {register.upper()} = 0 (nothing measured): pinning it would let the host "
+                f"choose {what}",
+                MEASURING_KERNEL_FIX,
+            )
         if spec.policy is not None and ZERO_RTMR in (getattr(spec.policy, register) or ()):
-            return (f"VM {spec.name}'s policy lets {register} be 0 (nothing measured), which would let the host "
-                    f"choose {what}", f"pin the measured value of {register} under policy: in the VM spec")  # fmt: skip
+            return (
+                f"VM {spec.name}'s policy lets {register} be 0 (nothing measured), which would let the host "
+                f"choose {what}",
+                f"pin the measured value of {register} under policy: in the VM spec",
+            )
     return None, None
 
 
@@ -233,24 +257,40 @@ def _kvm_tdx(facts: HostFacts, sysfs_root: Path) -> Finding:
     if _test_driver(facts):
         return Finding(check, "skip", f"{facts.uri} is libvirt's test driver: no host kernel to check")
     if not facts.local:
-        return Finding(check, "skip", f"{facts.uri} is a remote host: its sysfs cannot be read through libvirt; the "
-                                      "domain capabilities check covers TDX in its kernel")  # fmt: skip
+        return Finding(
+            check,
+            "skip",
+            f"{facts.uri} is a remote host: its sysfs cannot be read through libvirt; the "
+            "domain capabilities check covers TDX in its kernel",
+        )
     module = sysfs_root / "module" / "kvm_intel"
     param = module / "parameters" / "tdx"
     if not module.is_dir():
         amd = (sysfs_root / "module" / "kvm_amd").is_dir()
-        return Finding(check, "fail", f"kvm_intel is not loaded on this host ({module} is missing)"
-                       + ("; the host runs kvm_amd: TDX needs an Intel Xeon with TDX" if amd else ""),
-                       "on an Intel host with TDX: `modprobe kvm_intel tdx=1`; otherwise use backend: emulated")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"kvm_intel is not loaded on this host ({module} is missing)"
+            + ("; the host runs kvm_amd: TDX needs an Intel Xeon with TDX" if amd else ""),
+            "on an Intel host with TDX: `modprobe kvm_intel tdx=1`; otherwise use backend: emulated",
+        )
     if not param.is_file():
-        return Finding(check, "fail", f"this kernel's KVM has no TDX support ({param} is missing)",
-                       "boot a kernel with KVM TDX host support (Linux >= 6.16, or a distribution TDX kernel)")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"this kernel's KVM has no TDX support ({param} is missing)",
+            "boot a kernel with KVM TDX host support (Linux >= 6.16, or a distribution TDX kernel)",
+        )
     value = param.read_text().strip()
     if value != "Y":
-        return Finding(check, "fail", f"TDX is not enabled in KVM ({param} is {value!r}, read locally)",
-                       "enable TDX in the BIOS, load KVM with `kvm_intel.tdx=1` (kernel command line, or `options "
-                       "kvm_intel tdx=1` in /etc/modprobe.d/), reboot, and look for 'module initialized' in `dmesg | "
-                       "grep -i tdx`")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"TDX is not enabled in KVM ({param} is {value!r}, read locally)",
+            "enable TDX in the BIOS, load KVM with `kvm_intel.tdx=1` (kernel command line, or `options "
+            "kvm_intel tdx=1` in /etc/modprobe.d/), reboot, and look for 'module initialized' in `dmesg | "
+            "grep -i tdx`",
+        )
     return Finding(check, "ok", f"TDX is enabled in KVM ({param} is Y, read locally)")
 
 
@@ -262,8 +302,12 @@ def _libvirt_tdx(spec: VmSpec, facts: HostFacts) -> Finding:
     caps = facts.domcaps.get("kvm")
     if caps is None:
         err = facts.domcaps_errors.get("kvm", "no answer")
-        return Finding(check, "fail", f"libvirt {lv} on {facts.uri} cannot run KVM guests: {err}",
-                       "TDX needs KVM: check /dev/kvm on the host and that QEMU (qemu-system-x86_64) is installed")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"libvirt {lv} on {facts.uri} cannot run KVM guests: {err}",
+            "TDX needs KVM: check /dev/kvm on the host and that QEMU (qemu-system-x86_64) is installed",
+        )
     ok, how = tdx_advertised(caps)
     if ok:
         return Finding(check, "ok", f"libvirt {lv} with QEMU {qv} offers TDX launch security ({how})")
@@ -275,11 +319,17 @@ def _libvirt_tdx(spec: VmSpec, facts: HostFacts) -> Finding:
     if not reasons:
         reasons.append("libvirt and QEMU are new enough, so the host kernel's KVM does not offer TDX")
     message = f"libvirt {lv} with QEMU {qv} on {facts.uri} does not offer TDX ({how}): {'; '.join(reasons)}"
-    fix = (f"install libvirt >= {version_text(_int(MIN_LIBVIRT_TDX))} and QEMU >= {version_text(_int(MIN_QEMU_TDX))} "
-           "with a TDX-enabled host kernel (e.g. Ubuntu 25.10+, Fedora 43+), or use backend: emulated")  # fmt: skip
+    fix = (
+        f"install libvirt >= {version_text(_int(MIN_LIBVIRT_TDX))} and QEMU >= {version_text(_int(MIN_QEMU_TDX))} "
+        "with a TDX-enabled host kernel (e.g. Ubuntu 25.10+, Fedora 43+), or use backend: emulated"
+    )
     if spec.qgs_form == "vsock":
-        return Finding(check, "warn", message + " — continuing: qgs_form vsock targets Canonical's TDX builds, "
-                                                "which may not advertise TDX", fix)  # fmt: skip
+        return Finding(
+            check,
+            "warn",
+            message + " — continuing: qgs_form vsock targets Canonical's TDX builds, which may not advertise TDX",
+            fix,
+        )
     return Finding(check, "fail", message, fix)
 
 
@@ -293,40 +343,66 @@ def _firmware(spec: VmSpec, manifest: ImageManifest, facts: HostFacts) -> Findin
     if path is None and spec.backend == "emulated":
         return Finding(check, "skip", "no TDVF named: the emulated TD reports a zero MRTD")
     if path is None:
-        return Finding(check, "fail", "no TDVF firmware: the VM spec gives no firmware: and the image manifest names "
-                                      "none", "set firmware: to the TDVF on the host, e.g. "
-                                      "/usr/share/ovmf/OVMF.inteltdx.ms.fd (Debian/Ubuntu package ovmf-inteltdx)")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            "no TDVF firmware: the VM spec gives no firmware: and the image manifest names none",
+            "set firmware: to the TDVF on the host, e.g. "
+            "/usr/share/ovmf/OVMF.inteltdx.ms.fd (Debian/Ubuntu package ovmf-inteltdx)",
+        )
     if not facts.local and spec.firmware is None:
-        return Finding(check, "warn", f"firmware defaults to the image manifest's {path}, a path on the build machine; "
-                                      f"{facts.uri} is another host", "set firmware: to the TDVF's path on that host")  # fmt: skip
+        return Finding(
+            check,
+            "warn",
+            f"firmware defaults to the image manifest's {path}, a path on the build machine; "
+            f"{facts.uri} is another host",
+            "set firmware: to the TDVF's path on that host",
+        )
     if _test_driver(facts) or not facts.local:
-        return Finding(check, "skip", f"TDVF {path} is on {facts.uri}, which tdxvm cannot list; libvirt refuses the "
-                                      "start if it is missing")  # fmt: skip
+        return Finding(
+            check,
+            "skip",
+            f"TDVF {path} is on {facts.uri}, which tdxvm cannot list; libvirt refuses the start if it is missing",
+        )
     p = Path(path)
     if not p.is_file():
         role = "" if spec.backend == "tdx" else " (the emulated quote service computes the MRTD from it)"
-        return Finding(check, "fail", f"TDVF firmware {path} does not exist on this host{role}",
-                       "install the TDVF (package ovmf-inteltdx) or set firmware: to where it is")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"TDVF firmware {path} does not exist on this host{role}",
+            "install the TDVF (package ovmf-inteltdx) or set firmware: to where it is",
+        )
     if manifest.firmware_sha256 is not None:
         digest = hashlib.sha256(p.read_bytes()).hexdigest()
         if digest != manifest.firmware_sha256:
-            return Finding(check, "warn", f"TDVF {path} is not the firmware the image's MRTD was predicted for "
-                                          f"(sha256 {digest}, manifest {manifest.firmware_sha256}): attestation will "
-                                          "refuse the MRTD", "boot the manifest's firmware, or rebuild the image with "
-                                          f"--firmware {path}")  # fmt: skip
+            return Finding(
+                check,
+                "warn",
+                f"TDVF {path} is not the firmware the image's MRTD was predicted for "
+                f"(sha256 {digest}, manifest {manifest.firmware_sha256}): attestation will "
+                "refuse the MRTD",
+                f"boot the manifest's firmware, or rebuild the image with --firmware {path}",
+            )
     return Finding(check, "ok", f"TDVF firmware {path} exists")
 
 
 def _qgs(spec: VmSpec, facts: HostFacts) -> Finding:
     check = "qgs"
     if spec.qgs_form == "vsock":
-        return Finding(check, "skip", f"the quote generation service is reached over vsock (CID 2, port "
-                                      f"{spec.qgs_vsock_port}); tdxvm cannot probe it")  # fmt: skip
+        return Finding(
+            check,
+            "skip",
+            f"the quote generation service is reached over vsock (CID 2, port "
+            f"{spec.qgs_vsock_port}); tdxvm cannot probe it",
+        )
     path = spec.qgs_socket or DEFAULT_QGS_SOCKET
     if _test_driver(facts) or not facts.local:
         return Finding(check, "skip", f"QGS socket {path} is on {facts.uri}, which tdxvm cannot list")
-    fix = ("install and start Intel's quote generation service (`systemctl start qgsd`, package tdx-qgs), or set "
-           "qgs_socket: to where it listens")  # fmt: skip
+    fix = (
+        "install and start Intel's quote generation service (`systemctl start qgsd`, package tdx-qgs), or set "
+        "qgs_socket: to where it listens"
+    )
     try:
         mode = Path(path).stat().st_mode
     except OSError:
@@ -343,12 +419,19 @@ def _qemu_tcg(facts: HostFacts) -> Finding:
     caps = facts.domcaps.get("qemu")
     if caps is None:
         err = facts.domcaps_errors.get("qemu", "no answer")
-        return Finding(check, "fail", f"libvirt on {facts.uri} cannot run an emulated x86_64 q35 guest: {err}",
-                       "install QEMU for x86_64 on the libvirt host (Debian/Ubuntu: apt-get install "
-                       "qemu-system-x86) and restart libvirtd")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"libvirt on {facts.uri} cannot run an emulated x86_64 q35 guest: {err}",
+            "install QEMU for x86_64 on the libvirt host (Debian/Ubuntu: apt-get install "
+            "qemu-system-x86) and restart libvirtd",
+        )
     root = ET.fromstring(caps)
-    return Finding(check, "ok", f"QEMU {root.findtext('path', '?')} runs emulated q35 guests (TCG, machine "
-                                f"{root.findtext('machine', '?')})")  # fmt: skip
+    return Finding(
+        check,
+        "ok",
+        f"QEMU {root.findtext('path', '?')} runs emulated q35 guests (TCG, machine {root.findtext('machine', '?')})",
+    )
 
 
 def _kvm_device(facts: HostFacts) -> Finding:
@@ -361,9 +444,13 @@ def _kvm_device(facts: HostFacts) -> Finding:
         return Finding(check, "skip", "no /dev/kvm on this machine, or the host is not this machine")
     if facts.kvm_group == "kvm":
         return Finding(check, "ok", "/dev/kvm belongs to group kvm")
-    return Finding(check, "warn", f"/dev/kvm belongs to group {facts.kvm_group}, not kvm: libvirt probes QEMU again on "
-                                  "every capability lookup (~4 s each; a define takes a minute, and libvirtd can hang)",
-                   "chgrp kvm /dev/kvm")  # fmt: skip
+    return Finding(
+        check,
+        "warn",
+        f"/dev/kvm belongs to group {facts.kvm_group}, not kvm: libvirt probes QEMU again on "
+        "every capability lookup (~4 s each; a define takes a minute, and libvirtd can hang)",
+        "chgrp kvm /dev/kvm",
+    )
 
 
 def _memory(spec: VmSpec, facts: HostFacts) -> Finding:
@@ -373,14 +460,19 @@ def _memory(spec: VmSpec, facts: HostFacts) -> Finding:
     need = (spec.memory_mib + MEMORY_OVERHEAD_MIB) << 20
     have_mib = facts.available_memory >> 20
     if facts.available_memory < need:
-        return Finding(check, "fail", f"{spec.name} needs {spec.memory_mib} MiB (+{MEMORY_OVERHEAD_MIB} MiB for QEMU); "
-                                      f"{facts.uri} has {have_mib} MiB available ({facts.memory_source})",
-                       "lower memory: in the VM spec, or stop other guests on the host")  # fmt: skip
+        return Finding(
+            check,
+            "fail",
+            f"{spec.name} needs {spec.memory_mib} MiB (+{MEMORY_OVERHEAD_MIB} MiB for QEMU); "
+            f"{facts.uri} has {have_mib} MiB available ({facts.memory_source})",
+            "lower memory: in the VM spec, or stop other guests on the host",
+        )
     return Finding(check, "ok", f"{have_mib} MiB available for {spec.memory_mib} MiB (+{MEMORY_OVERHEAD_MIB} MiB)")
 
 
-def run_preflight(conn: libvirt.virConnect, spec: VmSpec, manifest: ImageManifest, *,
-                  sysfs_root: Path = Path("/sys")) -> list[Finding]:  # fmt: skip
+def run_preflight(
+    conn: libvirt.virConnect, spec: VmSpec, manifest: ImageManifest, *, sysfs_root: Path = Path("/sys")
+) -> list[Finding]:
     return evaluate(spec, manifest, collect(conn, backend=spec.backend), sysfs_root=sysfs_root)
 
 
@@ -388,6 +480,9 @@ def require(findings: list[Finding], *, vm: str = "") -> list[Finding]:
     """Raise :class:`PreflightError` listing every failure; return the findings otherwise."""
     failed = [f for f in findings if f.status == "fail"]
     if failed:
-        head = f"host preflight refused {'VM ' + vm if vm else 'the launch'} ({len(failed)} problem{'s' * (len(failed) > 1)}):"
+        head = (
+            f"host preflight refused {'VM ' + vm if vm else 'the launch'} "
+            f"({len(failed)} problem{'s' * (len(failed) > 1)}):"
+        )
         raise PreflightError(head + "".join(f"\n  - {f}" for f in failed), failed)
     return findings

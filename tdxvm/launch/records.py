@@ -85,7 +85,9 @@ class VmRecord:
         """(host address, host port) of the forward to ``guest_port``, or a clear error."""
         f = self.forward(guest_port)
         if f is None:
-            raise RecordError(f"VM {self.name} has no port forward to its {what} (guest port {guest_port})", code="no-forward")
+            raise RecordError(
+                f"VM {self.name} has no port forward to its {what} (guest port {guest_port})", code="no-forward"
+            )
         return f.host_address, f.host_port
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,8 +102,10 @@ class VmRecord:
         try:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            forwards = tuple(PortForward(host_port=int(f["host"]), guest_port=int(f["guest"]), host_address=str(f["address"]))
-                             for f in data["forwards"])  # fmt: skip
+            forwards = tuple(
+                PortForward(host_port=int(f["host"]), guest_port=int(f["guest"]), host_address=str(f["address"]))
+                for f in data["forwards"]
+            )
             values = {k: v for k, v in data.items() if k not in ("format", "policy", "forwards")}
             return cls(policy=Policy.model_validate(data["policy"]), forwards=forwards, **values)
         except (KeyError, TypeError, ValueError) as exc:
@@ -135,8 +139,12 @@ class VmRecords:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = self.directory.stat().st_mode
         if mode & 0o077:
-            raise RecordError(f"{self.directory}: VM record folder mode is {stat.filemode(mode)}; it must be private (chmod 700)")
-        write_atomic(self._path(record.uuid), json.dumps(record.to_dict(), indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
+            raise RecordError(
+                f"{self.directory}: VM record folder mode is {stat.filemode(mode)}; it must be private (chmod 700)"
+            )
+        write_atomic(
+            self._path(record.uuid), json.dumps(record.to_dict(), indent=2, sort_keys=True).encode() + b"\n", mode=0o600
+        )
 
     def get(self, uuid: str) -> VmRecord | None:
         path = self._path(uuid)
@@ -173,9 +181,11 @@ class VmRecords:
         libvirt says of it (``meta``, its tdxvm metadata); see the module doc."""
         record = self.get(uuid)
         if record is None:
-            raise RecordError(f"VM {name} ({uuid}) on {uri} was not launched by this controller (no record in "
-                              f"{self.directory}): nothing the host says about it is trusted; give --policy FILE "
-                              "to attest it against a policy of yours")  # fmt: skip
+            raise RecordError(
+                f"VM {name} ({uuid}) on {uri} was not launched by this controller (no record in "
+                f"{self.directory}): nothing the host says about it is trusted; give --policy FILE "
+                "to attest it against a policy of yours"
+            )
         problems = []
         if record.name != name:
             problems.append(f"name: libvirt says {name!r}, the record {record.name!r}")
@@ -187,13 +197,22 @@ class VmRecords:
             if meta.backend != record.backend:
                 problems.append(f"backend: metadata says {meta.backend!r}, the record {record.backend!r}")
             if set(meta.forwards()) != set(record.forwards):
-                problems.append("port forwards: metadata says "
-                                f"{_forwards_text(meta.forwards())}, the record {_forwards_text(record.forwards)}")  # fmt: skip
+                problems.append(
+                    "port forwards: metadata says "
+                    f"{_forwards_text(meta.forwards())}, the record {_forwards_text(record.forwards)}"
+                )
         if problems:
-            raise RecordMismatch(f"VM {name} on {uri} does not match the controller's record of it (the host changed "
-                                 "its definition or metadata); refused:\n" + "\n".join(f"  - {p}" for p in problems))  # fmt: skip
+            raise RecordMismatch(
+                f"VM {name} on {uri} does not match the controller's record of it (the host changed "
+                "its definition or metadata); refused:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         return record
 
 
 def _forwards_text(forwards: tuple[PortForward, ...]) -> str:
-    return ", ".join(f"{f.host_address}:{f.host_port}->{f.guest_port}" for f in sorted(forwards, key=lambda f: f.guest_port)) or "none"
+    return (
+        ", ".join(
+            f"{f.host_address}:{f.host_port}->{f.guest_port}" for f in sorted(forwards, key=lambda f: f.guest_port)
+        )
+        or "none"
+    )

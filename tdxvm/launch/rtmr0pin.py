@@ -56,8 +56,11 @@ class Rtmr0Pin:
     reason: str
 
     def to_dict(self) -> dict:
-        return {"value": self.value, "reason": self.reason,
-                "events": [{"type": e.event_type, "digest": e.digest, "what": e.what} for e in self.events]}  # fmt: skip
+        return {
+            "value": self.value,
+            "reason": self.reason,
+            "events": [{"type": e.event_type, "digest": e.digest, "what": e.what} for e in self.events],
+        }
 
 
 def controller_qemu() -> str | None:
@@ -72,12 +75,16 @@ def _local_system(uri: str) -> bool:
 def profile_problem(uri: str, backend: str) -> str | None:
     """Why no RTMR0 profile covers a ``backend`` domain on ``uri``; None when ``local-qemu`` does."""
     if backend != "emulated":
-        return ("not predicted for the tdx backend yet: that needs the controller's own QEMU >= 10.1 of the host's "
-                "version (with the qtest accelerator), a libvirt >= 11.1 that converts TDX domain XML, and the host "
-                "CPU's SMBIOS processor ID; pin `rtmr0:` under the VM spec's policy from a known-good boot meanwhile")  # fmt: skip
+        return (
+            "not predicted for the tdx backend yet: that needs the controller's own QEMU >= 10.1 of the host's "
+            "version (with the qtest accelerator), a libvirt >= 11.1 that converts TDX domain XML, and the host "
+            "CPU's SMBIOS processor ID; pin `rtmr0:` under the VM spec's policy from a known-good boot meanwhile"
+        )
     if not _local_system(uri):
-        return (f"not predicted on {uri}: the controller predicts RTMR0 with its own QEMU only for emulated guests on "
-                "this machine's qemu:///system, whose QEMU it is")  # fmt: skip
+        return (
+            f"not predicted on {uri}: the controller predicts RTMR0 with its own QEMU only for emulated guests on "
+            "this machine's qemu:///system, whose QEMU it is"
+        )
     return None
 
 
@@ -100,14 +107,19 @@ def predict(conn: libvirt.virConnect, domain_xml: str, *, backend: str, firmware
         return Rtmr0Pin(None, (), f"not predicted: {exc}")
     qemu = controller_qemu()
     if qemu is None:
-        return Rtmr0Pin(None, (), f"not predicted: no {QEMU_BINARY} on PATH (apt-get install qemu-system-x86, or set "
-                                  f"{QEMU_ENV} to the QEMU libvirt runs)")  # fmt: skip
+        return Rtmr0Pin(
+            None,
+            (),
+            f"not predicted: no {QEMU_BINARY} on PATH (apt-get install qemu-system-x86, or set "
+            f"{QEMU_ENV} to the QEMU libvirt runs)",
+        )
     try:
         argv = qemu_argv_for(conn, domain_xml)
         value, events = predict_for_argv(firmware, qemu, argv, tdx=False)
     except PREDICTION_ERRORS as exc:
-        raise LaunchPolicyError(f"cannot predict RTMR0 (the TD's ACPI tables, SMBIOS and memory layout) for this "
-                                f"domain with {qemu}: {exc}") from None  # fmt: skip
+        raise LaunchPolicyError(
+            f"cannot predict RTMR0 (the TD's ACPI tables, SMBIOS and memory layout) for this domain with {qemu}: {exc}"
+        ) from None
     return Rtmr0Pin(value, tuple(events), f"predicted (profile local-qemu: {qemu}; firmware {build.name})")
 
 

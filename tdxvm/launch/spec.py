@@ -8,7 +8,8 @@ Loaded through :mod:`tdxvm.yamlfile`, so every problem names the file, line and 
     backend: tdx                             # or emulated (TCG, no TDX)
     vcpus: 8
     memory: 32GiB
-    scratch: 64GiB                           # the per-VM scratch disk (default 2GiB; formatted once per boot, when first used)
+    scratch: 64GiB                           # the per-VM scratch disk (default 2GiB; formatted once per boot,
+                                             # when first used)
     pinning: {vcpus: ["2", "3", ...], numa_node: 0}
     network: {forwards: [{host: 8443, guest: 8443}]}
     firmware: /usr/share/ovmf/OVMF.inteltdx.ms.fd   # default: the manifest's firmware (see below)
@@ -49,12 +50,16 @@ FILLED_FROM_MANIFEST = ("mrtd", "rtmr1", "rtmr2")
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")
 # Why a manifest predicts an all-zero register, and how to rebuild the image so that it does not.
 _UNMEASURED = {
-    "rtmr1": ("the firmware measured no kernel, so any kernel would pass",
-              "rebuild the image with a TDVF that measures the kernel it boots"),
-    "rtmr2": ("the image's kernel does not measure its command line and initrd (its EFI stub predates Linux 6.9), so "
-              "the host could swap them unseen",
-              "rebuild the image with a kernel >= 6.9 (e.g. kernel.suite: bookworm-backports in the recipe)"),
-}  # fmt: skip
+    "rtmr1": (
+        "the firmware measured no kernel, so any kernel would pass",
+        "rebuild the image with a TDVF that measures the kernel it boots",
+    ),
+    "rtmr2": (
+        "the image's kernel does not measure its command line and initrd (its EFI stub predates Linux 6.9), so "
+        "the host could swap them unseen",
+        "rebuild the image with a kernel >= 6.9 (e.g. kernel.suite: bookworm-backports in the recipe)",
+    ),
+}
 _TDX_ONLY = ("qgs_socket", "qgs_form", "qgs_vsock_port", "mr_config_id", "mr_owner", "mr_owner_config")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -183,7 +188,7 @@ class Pinning(BaseModel):
     def _cpusets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for cpus in value:
             if not _CPUSET.match(cpus):
-                raise ValueError(f"{cpus!r} is not a host cpuset (e.g. \"2\", \"2-3\", \"0-7,^4\")")
+                raise ValueError(f'{cpus!r} is not a host cpuset (e.g. "2", "2-3", "0-7,^4")')
         return value
 
 
@@ -195,7 +200,9 @@ class ModelRef(BaseModel):
 
     path: LocalPath
     name: Annotated[str, Field(pattern=_MODEL_NAME.pattern)] | None = None  # default: the folder's name
-    key: Annotated[str, Field(pattern=_KEY_NAME.pattern)] | None = None  # secret weights/KEY; default: the folder's name
+    key: Annotated[str, Field(pattern=_KEY_NAME.pattern)] | None = (
+        None  # secret weights/KEY; default: the folder's name
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
 
@@ -203,7 +210,9 @@ class ModelRef(BaseModel):
     def _defaults_usable(self) -> ModelRef:
         folder = self.path.name
         if self.name is None and not _MODEL_NAME.match(folder):
-            raise ValueError(f"the folder name {folder!r} cannot be the model's name (letters, digits, . _ : / -); set name:")
+            raise ValueError(
+                f"the folder name {folder!r} cannot be the model's name (letters, digits, . _ : / -); set name:"
+            )
         if self.key is None and not _KEY_NAME.match(folder):
             raise ValueError(f"the folder name {folder!r} cannot be the key's name (letters, digits, . _ -); set key:")
         return self
@@ -268,8 +277,9 @@ class VmSpec(BaseModel):
     @classmethod
     def _tdx_only(cls, value: Any, info: ValidationInfo) -> Any:
         if info.data.get("backend") == "emulated":
-            raise ValueError("a TDX launch setting; the emulated backend (no TDX) takes none (remove it, or use "
-                             "backend: tdx)")  # fmt: skip
+            raise ValueError(
+                "a TDX launch setting; the emulated backend (no TDX) takes none (remove it, or use backend: tdx)"
+            )
         return value
 
     @property
@@ -358,7 +368,9 @@ def effective_policy(spec: VmSpec, manifest: ImageManifest, *, rtmr0: str | None
                 values[key] = launched.hex()
     if "td_attributes" not in values:
         values["td_attributes"] = launched_td_attributes(spec).to_bytes(8, "little").hex()
-        if spec.backend == "tdx" and "td_attributes_mask" not in values:  # QEMU sets these from the host CPU, not the XML
+        if (
+            spec.backend == "tdx" and "td_attributes_mask" not in values
+        ):  # QEMU sets these from the host CPU, not the XML
             values["td_attributes_mask"] = (MASK_ALL & ~HOST_CPU_TD_ATTRIBUTES).to_bytes(8, "little").hex()
     missing = [k for k in REQUIRED_MEASUREMENTS if values.get(k) is None]
     if missing:

@@ -131,8 +131,10 @@ def ensure_pool(conn: libvirt.virConnect, *, name: str = POOL_NAME, path: str = 
         try:
             pool.create(0)
         except libvirt.libvirtError as exc:
-            raise VolumeError(f"storage pool {name} on {uri} is defined but cannot be started: {libvirt_message(exc)}"
-                              f"\nfix: check its folder ({pool_path(pool)}) exists, or `virsh pool-start {name}`") from None  # fmt: skip
+            raise VolumeError(
+                f"storage pool {name} on {uri} is defined but cannot be started: {libvirt_message(exc)}"
+                f"\nfix: check its folder ({pool_path(pool)}) exists, or `virsh pool-start {name}`"
+            ) from None
     try:
         pool.refresh(0)
     except libvirt.libvirtError as exc:
@@ -161,8 +163,10 @@ def _define_pool(conn: libvirt.virConnect, name: str, path: str, uri: str) -> li
             if pool.isActive():
                 pool.destroy()
             pool.undefine()
-        raise VolumeError(f"cannot create storage pool {name} at {path} on {uri}: {message}\nfix: the libvirt "
-                          f"daemon must be able to create {path} (it runs as root for qemu:///system)") from None  # fmt: skip
+        raise VolumeError(
+            f"cannot create storage pool {name} at {path} on {uri}: {message}\nfix: the libvirt "
+            f"daemon must be able to create {path} (it runs as root for qemu:///system)"
+        ) from None
     return pool
 
 
@@ -211,8 +215,9 @@ def _send_all(stream: libvirt.virStream, data: bytes) -> None:
         view = view[sent:]
 
 
-def upload_artifact(conn: libvirt.virConnect, pool: libvirt.virStoragePool, artifact: Artifact, role: Role,
-                    progress: Progress = _quiet) -> tuple[libvirt.virStorageVol, bool]:  # fmt: skip
+def upload_artifact(
+    conn: libvirt.virConnect, pool: libvirt.virStoragePool, artifact: Artifact, role: Role, progress: Progress = _quiet
+) -> tuple[libvirt.virStorageVol, bool]:
     """Upload ``artifact`` as its content-named volume unless it is there; returns (volume, uploaded)."""
     name = content_name(role, artifact.sha256)
     existing = _lookup(pool, name)
@@ -238,8 +243,9 @@ def upload_artifact(conn: libvirt.virConnect, pool: libvirt.virStoragePool, arti
     return vol, True
 
 
-def _copy_into(pool: libvirt.virStoragePool, f: BinaryIO, artifact: Artifact, role: Role, name: str,
-               progress: Progress) -> libvirt.virStorageVol:  # fmt: skip
+def _copy_into(
+    pool: libvirt.virStoragePool, f: BinaryIO, artifact: Artifact, role: Role, name: str, progress: Progress
+) -> libvirt.virStorageVol:
     """The local fast path: the pool's folder is on this machine, so copy the file there
     (checking its hash on the way) and let libvirt pick it up, instead of pushing it
     through libvirtd's RPC stream (~15 MB/s here)."""
@@ -257,8 +263,10 @@ def _copy_into(pool: libvirt.virStoragePool, f: BinaryIO, artifact: Artifact, ro
             out.flush()
             os.fsync(out.fileno())
         if done != artifact.size or digest.hexdigest() != artifact.sha256:
-            raise VolumeError(f"image artifact {artifact.path} differs from its manifest (expected {artifact.size} "
-                              f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest")  # fmt: skip
+            raise VolumeError(
+                f"image artifact {artifact.path} differs from its manifest (expected {artifact.size} "
+                f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest"
+            )
         partial.rename(folder / name)
         pool.refresh(0)
         vol = _lookup(pool, name)
@@ -272,8 +280,15 @@ def _copy_into(pool: libvirt.virStoragePool, f: BinaryIO, artifact: Artifact, ro
     return vol
 
 
-def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, f: BinaryIO, artifact: Artifact, role: Role,
-                 name: str, progress: Progress) -> None:  # fmt: skip
+def _stream_into(
+    conn: libvirt.virConnect,
+    vol: libvirt.virStorageVol,
+    f: BinaryIO,
+    artifact: Artifact,
+    role: Role,
+    name: str,
+    progress: Progress,
+) -> None:
     stream = conn.newStream(0)
     try:
         vol.upload(stream, 0, artifact.size, 0)
@@ -281,8 +296,10 @@ def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, f: Binary
         with suppress(libvirt.libvirtError):
             stream.abort()
         if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
-            raise VolumeError(f"the libvirt driver at {_uri(conn)} cannot upload volumes ({libvirt_message(exc)}); "
-                              f"put {name} into its storage pool some other way") from None  # fmt: skip
+            raise VolumeError(
+                f"the libvirt driver at {_uri(conn)} cannot upload volumes ({libvirt_message(exc)}); "
+                f"put {name} into its storage pool some other way"
+            ) from None
         raise VolumeError(f"cannot upload {artifact.path} to volume {name}: {libvirt_message(exc)}") from None
     digest = hashlib.sha256()
     done = 0
@@ -295,8 +312,10 @@ def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, f: Binary
             done += len(chunk)
             progress(VolumeEvent(name, role, "upload", done, artifact.size))
         if done != artifact.size or f.read(1) or digest.hexdigest() != artifact.sha256:
-            raise VolumeError(f"image artifact {artifact.path} differs from its manifest (expected {artifact.size} "
-                              f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest")  # fmt: skip
+            raise VolumeError(
+                f"image artifact {artifact.path} differs from its manifest (expected {artifact.size} "
+                f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest"
+            )
         stream.finish()
     except BaseException as exc:
         with suppress(libvirt.libvirtError):
@@ -307,8 +326,16 @@ def _stream_into(conn: libvirt.virConnect, vol: libvirt.virStorageVol, f: Binary
     progress(VolumeEvent(name, role, "done", done, artifact.size))
 
 
-def prepare_volumes(conn: libvirt.virConnect, manifest: ImageManifest, vm_name: str, progress: Progress = _quiet, *,
-                    pool_name: str = POOL_NAME, pool_target: str = POOL_PATH, scratch_bytes: int = 2 << 30) -> VmVolumes:  # fmt: skip
+def prepare_volumes(
+    conn: libvirt.virConnect,
+    manifest: ImageManifest,
+    vm_name: str,
+    progress: Progress = _quiet,
+    *,
+    pool_name: str = POOL_NAME,
+    pool_target: str = POOL_PATH,
+    scratch_bytes: int = 2 << 30,
+) -> VmVolumes:
     """Upload what is missing and create the VM's overlay, serial log and (sparse) scratch disk.
 
     On failure, the VM's own volumes this call created are deleted again; complete
@@ -327,18 +354,30 @@ def prepare_volumes(conn: libvirt.virConnect, manifest: ImageManifest, vm_name: 
         for role, artifact in uploads:
             vol, _uploaded = upload_artifact(conn, pool, artifact, role, progress)
             paths[role] = vol.path()
-        overlay = _fresh(pool, overlay_name(vm_name), _volume_xml(overlay_name(vm_name), capacity=manifest.disk.size,
-                                                                     fmt="qcow2", backing=paths["disk"]))  # fmt: skip
+        overlay = _fresh(
+            pool,
+            overlay_name(vm_name),
+            _volume_xml(overlay_name(vm_name), capacity=manifest.disk.size, fmt="qcow2", backing=paths["disk"]),
+        )
         created.append(overlay)
         progress(VolumeEvent(overlay.name(), "overlay", "done", 0, 0))
         log = _fresh(pool, serial_log_name(vm_name), _volume_xml(serial_log_name(vm_name), capacity=0, fmt="raw"))
         created.append(log)
         progress(VolumeEvent(log.name(), "serial-log", "done", 0, 0))
-        scratch = _fresh(pool, scratch_name(vm_name), _volume_xml(scratch_name(vm_name), capacity=scratch_bytes, fmt="raw"))
+        scratch = _fresh(
+            pool, scratch_name(vm_name), _volume_xml(scratch_name(vm_name), capacity=scratch_bytes, fmt="raw")
+        )
         created.append(scratch)
         progress(VolumeEvent(scratch.name(), "scratch", "done", 0, 0))
-        return VmVolumes(pool=pool.name(), kernel=paths["kernel"], initrd=paths["initrd"], base_disk=paths["disk"],
-                         overlay=overlay.path(), serial_log=log.path(), scratch=scratch.path())  # fmt: skip
+        return VmVolumes(
+            pool=pool.name(),
+            kernel=paths["kernel"],
+            initrd=paths["initrd"],
+            base_disk=paths["disk"],
+            overlay=overlay.path(),
+            serial_log=log.path(),
+            scratch=scratch.path(),
+        )
     except BaseException:
         for vol in reversed(created):
             delete_volume(vol)

@@ -49,8 +49,16 @@ class BringUpTimeout(BringUpError, Unreachable):
     """The guest's agent or its SSH did not answer within the time allowed (exit 3)."""
 
 
-def attest(conn: libvirt.virConnect, name: str, address: tuple[str, int], trust: Trust, policy: Any, *,
-           require_keys: tuple[str, ...], manifest: ImageManifest | None = None) -> handshake.AttestedGuest:  # fmt: skip
+def attest(
+    conn: libvirt.virConnect,
+    name: str,
+    address: tuple[str, int],
+    trust: Trust,
+    policy: Any,
+    *,
+    require_keys: tuple[str, ...],
+    manifest: ImageManifest | None = None,
+) -> handshake.AttestedGuest:
     """One attestation of the running domain ``name`` (emulated: with its quote service up).
 
     On libvirt's test driver (``test:///``), which keeps no file contents and runs no
@@ -67,16 +75,25 @@ def attest(conn: libvirt.virConnect, name: str, address: tuple[str, int], trust:
     else:
         read = lambda path: read_host_file(conn, path)  # noqa: E731
     with trust.quote_service(xml, read, guest_on_host=test_host, argv=running_argv(conn, name)) as qgs:
-        return handshake.attest_guest(address, collateral=trust.collateral, policy=policy, trust_anchor=trust.trust_anchor,
-                                      qgs_address=qgs, timeout=120, require_keys=require_keys)  # fmt: skip
+        return handshake.attest_guest(
+            address,
+            collateral=trust.collateral,
+            policy=policy,
+            trust_anchor=trust.trust_anchor,
+            qgs_address=qgs,
+            timeout=120,
+            require_keys=require_keys,
+        )
 
 
 def _test_driver_reader(manifest: ImageManifest) -> Callable[[str], bytes]:
     """For ``test:///`` hosts only: the domain's kernel, initrd and firmware paths mapped to
     the manifest's local files (volumes are named by the artifact's SHA-256; each file is
     checked against it before it is measured)."""
-    by_name = {content_name(role, a.sha256): a for role, a in (("kernel", manifest.kernel), ("initrd", manifest.initrd),
-                                                               ("disk", manifest.disk))}  # fmt: skip
+    by_name = {
+        content_name(role, a.sha256): a
+        for role, a in (("kernel", manifest.kernel), ("initrd", manifest.initrd), ("disk", manifest.disk))
+    }
 
     def read(path: str) -> bytes:
         artifact = by_name.get(path.rpartition("/")[2])
@@ -119,22 +136,32 @@ def refused_verdict(refused: handshake.AttestationRefused) -> dict[str, Any]:
     return refused.verdict.to_dict() | {"reasons": [{"code": r.code, "message": r.message} for r in refused.reasons]}
 
 
-def trusted_vm(conn: libvirt.virConnect, name: str, records: VmRecords, *,
-               trust: Trust | None = None) -> tuple[VmRecord, Trust]:  # fmt: skip
+def trusted_vm(
+    conn: libvirt.virConnect, name: str, records: VmRecords, *, trust: Trust | None = None
+) -> tuple[VmRecord, Trust]:
     """The controller's record of VM ``name`` (checked against what libvirt says of it) and
     the trust it was launched under; refuses a trust anchor other than the launch's."""
     dom, meta = lookup(conn, name)
     record = records.trusted(name=dom.name(), uuid=dom.UUIDString(), uri=conn.getURI(), meta=meta)
     trust = trust or for_backend(record.backend)
     if trust.backend != record.backend or anchor_sha256(trust) != record.trust_anchor_sha256:
-        raise RecordMismatch(f"VM {name} was launched under the {record.backend} backend with trust anchor "
-                             f"{record.trust_anchor_sha256 or 'Intel SGX Root CA'}; the controller now has "
-                             f"{trust.backend} with {anchor_sha256(trust) or 'Intel SGX Root CA'}; refused")  # fmt: skip
+        raise RecordMismatch(
+            f"VM {name} was launched under the {record.backend} backend with trust anchor "
+            f"{record.trust_anchor_sha256 or 'Intel SGX Root CA'}; the controller now has "
+            f"{trust.backend} with {anchor_sha256(trust) or 'Intel SGX Root CA'}; refused"
+        )
     return record, trust
 
 
-def reattest(conn: libvirt.virConnect, name: str, *, records: VmRecords, trust: Trust | None = None,
-             policy: Policy | None = None, backend: str = "tdx") -> handshake.AttestedGuest:  # fmt: skip
+def reattest(
+    conn: libvirt.virConnect,
+    name: str,
+    *,
+    records: VmRecords,
+    trust: Trust | None = None,
+    policy: Policy | None = None,
+    backend: str = "tdx",
+) -> handshake.AttestedGuest:
     """``tdxvm attest NAME``: attest the running guest again with a fresh nonce.
 
     Against the policy, backend and trust anchor of the controller's record of it (never
@@ -173,5 +200,9 @@ def reattest(conn: libvirt.virConnect, name: str, *, records: VmRecords, trust: 
     verdict = guest.verdict.to_dict()
     record_attestation(dom, verdict)
     if record is not None:
-        records.update(record.uuid, attestation=kept_verdict(verdict), ssh_host_key=base64.b64encode(guest.keys["ssh-host"]).decode())
+        records.update(
+            record.uuid,
+            attestation=kept_verdict(verdict),
+            ssh_host_key=base64.b64encode(guest.keys["ssh-host"]).decode(),
+        )
     return guest

@@ -37,7 +37,15 @@ from tdxvm.launch.manifest import ImageManifest
 from tdxvm.launch.records import VmRecord, VmRecords, manifest_sha256
 from tdxvm.launch.spec import VmSpec
 from tdxvm.provision import handshake, ssh
-from tdxvm.provision.attestation import BringUpError, BringUpTimeout, anchor_sha256, attest, kept_verdict, refused_verdict, timestamp
+from tdxvm.provision.attestation import (
+    BringUpError,
+    BringUpTimeout,
+    anchor_sha256,
+    attest,
+    kept_verdict,
+    refused_verdict,
+    timestamp,
+)
 from tdxvm.provision.model import provision
 from tdxvm.provision.trust import Trust
 from tdxvm.releasekey import SECRET as RELEASE_SECRET
@@ -72,13 +80,19 @@ class LaunchResult:
     rtmr0: dict[str, Any] | None = None  # Rtmr0Pin.to_dict(): the value the policy pins and its events, or why none
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "uri": self.uri, "state": "serving" if self.provision else "ready",
-                "timings": {k: round(v, 3) for k, v in self.timings.items()},
-                "ssh": f"{self.ssh[0]}:{self.ssh[1]}" if self.ssh else None,
-                "agent": f"{self.agent[0]}:{self.agent[1]}" if self.agent else None,
-                "service": f"{self.service[0]}:{self.service[1]}" if self.service else None,
-                "ssh_host_key": self.ssh_host_key, "attestation": self.verdict, "rtmr0": self.rtmr0,
-                "provision": self.provision}  # fmt: skip
+        return {
+            "name": self.name,
+            "uri": self.uri,
+            "state": "serving" if self.provision else "ready",
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "ssh": f"{self.ssh[0]}:{self.ssh[1]}" if self.ssh else None,
+            "agent": f"{self.agent[0]}:{self.agent[1]}" if self.agent else None,
+            "service": f"{self.service[0]}:{self.service[1]}" if self.service else None,
+            "ssh_host_key": self.ssh_host_key,
+            "attestation": self.verdict,
+            "rtmr0": self.rtmr0,
+            "provision": self.provision,
+        }
 
 
 Progress = Callable[[PhaseEvent], None]
@@ -102,8 +116,16 @@ class _Phases:
         self.progress(PhaseEvent(phase, "done", took, detail))
 
 
-def _wait_for_agent(conn: libvirt.virConnect, name: str, address: tuple[str, int], *, needs: str, deadline: float,
-                    phase: str, poll: float = 1.0) -> None:  # fmt: skip
+def _wait_for_agent(
+    conn: libvirt.virConnect,
+    name: str,
+    address: tuple[str, int],
+    *,
+    needs: str,
+    deadline: float,
+    phase: str,
+    poll: float = 1.0,
+) -> None:
     """Until the agent at ``address`` answers and would bind ``needs`` (the initramfs'
     unlock step binds only x25519; the booted system's agent also its SSH host key)."""
     dom = conn.lookupByName(name)
@@ -119,8 +141,11 @@ def _wait_for_agent(conn: libvirt.virConnect, name: str, address: tuple[str, int
         except handshake.HandshakeError as exc:
             last = exc
         time.sleep(poll)
-    raise BringUpTimeout(f"the guest agent at {address[0]}:{address[1]} did not answer in time ({last})", phase=phase,
-                         serial_tail=_tail(conn, name))  # fmt: skip
+    raise BringUpTimeout(
+        f"the guest agent at {address[0]}:{address[1]} did not answer in time ({last})",
+        phase=phase,
+        serial_tail=_tail(conn, name),
+    )
 
 
 def _tail(conn: libvirt.virConnect, name: str) -> str:
@@ -135,22 +160,41 @@ def check_release_key(manifest: ImageManifest, secrets: SecretStore) -> None:
     its guest would refuse every secret this controller releases."""
     built_for = manifest.release_key
     if not secrets.exists(RELEASE_SECRET):
-        raise BringUpError(f"the secret store {secrets.directory} holds no release key ({RELEASE_SECRET}): it built no "
-                           f"image, so it cannot release secrets to image {manifest.name}'s guests", phase="define")  # fmt: skip
+        raise BringUpError(
+            f"the secret store {secrets.directory} holds no release key ({RELEASE_SECRET}): it built no "
+            f"image, so it cannot release secrets to image {manifest.name}'s guests",
+            phase="define",
+        )
     ours = public_hex(release_key(secrets))
     if built_for != ours:
-        which = "before tdxvm authenticated released secrets" if built_for is None else f"for another controller (release key {str(built_for)[:16]}…)"
-        raise BringUpError(f"image {manifest.name} ({manifest.path}) was built {which}; its guest accepts secrets only from "
-                           f"the controller that built it: rebuild it with this controller's secret store ({secrets.directory})",
-                           phase="define")  # fmt: skip
+        which = (
+            "before tdxvm authenticated released secrets"
+            if built_for is None
+            else f"for another controller (release key {str(built_for)[:16]}…)"
+        )
+        raise BringUpError(
+            f"image {manifest.name} ({manifest.path}) was built {which}; its guest accepts secrets only from "
+            f"the controller that built it: rebuild it with this controller's secret store ({secrets.directory})",
+            phase="define",
+        )
 
 
 def _record(handle: DomainHandle, manifest: ImageManifest, trust: Trust) -> VmRecord:
-    return VmRecord(name=handle.name, uuid=handle.uuid, uri=handle.uri, backend=handle.backend, policy=handle.policy,
-                    manifest=str(manifest.path), manifest_sha256=manifest_sha256(manifest.path),
-                    trust_anchor_sha256=anchor_sha256(trust), forwards=handle.forwards,
-                    agent_port=manifest.guest_agent_port, ssh_port=manifest.ssh_port, service_port=manifest.service_port,
-                    defined_at=timestamp())  # fmt: skip
+    return VmRecord(
+        name=handle.name,
+        uuid=handle.uuid,
+        uri=handle.uri,
+        backend=handle.backend,
+        policy=handle.policy,
+        manifest=str(manifest.path),
+        manifest_sha256=manifest_sha256(manifest.path),
+        trust_anchor_sha256=anchor_sha256(trust),
+        forwards=handle.forwards,
+        agent_port=manifest.guest_agent_port,
+        ssh_port=manifest.ssh_port,
+        service_port=manifest.service_port,
+        defined_at=timestamp(),
+    )
 
 
 def _power_off(conn: libvirt.virConnect, name: str) -> None:
@@ -162,11 +206,21 @@ def _power_off(conn: libvirt.virConnect, name: str) -> None:
         pass
 
 
-def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *, trust: Trust,
-             secrets: SecretStore, progress: Progress = _quiet, boot_timeout: float = BOOT_TIMEOUT,
-             ready_timeout: float = READY_TIMEOUT, labels: dict[str, str] | None = None,
-             define_lock: AbstractContextManager[Any] | None = None, login_check: bool = True,
-             poll: float = 1.0) -> LaunchResult:  # fmt: skip
+def bring_up(
+    spec: VmSpec,
+    manifest: ImageManifest,
+    conn: libvirt.virConnect,
+    *,
+    trust: Trust,
+    secrets: SecretStore,
+    progress: Progress = _quiet,
+    boot_timeout: float = BOOT_TIMEOUT,
+    ready_timeout: float = READY_TIMEOUT,
+    labels: dict[str, str] | None = None,
+    define_lock: AbstractContextManager[Any] | None = None,
+    login_check: bool = True,
+    poll: float = 1.0,
+) -> LaunchResult:
     """Launch ``spec`` on ``conn`` and take it through every phase (see the module doc).
 
     For callers that launch many VMs (:mod:`tdxvm.fleet`): ``labels`` go into the
@@ -186,9 +240,13 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     records = VmRecords.beside(secrets)
     if spec.model is not None:
         if manifest.service_port is None:
-            raise BringUpError(f"model: image {manifest.name} serves no model (build it with profile: model-server)", phase="define")
+            raise BringUpError(
+                f"model: image {manifest.name} serves no model (build it with profile: model-server)", phase="define"
+            )
         if is_test_driver(conn.getURI()):
-            raise BringUpError("model: provisioning needs a running guest, and libvirt's test driver runs none", phase="define")
+            raise BringUpError(
+                "model: provisioning needs a running guest, and libvirt's test driver runs none", phase="define"
+            )
         secrets.get(f"weights/{spec.model.key_name}")  # the model key too
 
     t = phases.begin("define")
@@ -209,8 +267,9 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
     agent = handle.agent
     result.agent = agent
     try:
-        _wait_for_agent(conn, spec.name, agent, needs="x25519", deadline=time.monotonic() + boot_timeout, phase="boot",
-                        poll=poll)  # fmt: skip
+        _wait_for_agent(
+            conn, spec.name, agent, needs="x25519", deadline=time.monotonic() + boot_timeout, phase="boot", poll=poll
+        )
         phases.end("boot", t, "the unlock step answers")
         t = phases.begin("quote")
         unlock = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519",), manifest=manifest)
@@ -221,7 +280,9 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
         _power_off(conn, spec.name)
         raise
     phases.end("quote", t, unlock.provider, seconds=unlock.timings["quote"])
-    phases.end("verify", 0.0, f"accepted, TCB {unlock.verdict.to_dict()['tcb_status']}", seconds=unlock.timings["verify"])
+    phases.end(
+        "verify", 0.0, f"accepted, TCB {unlock.verdict.to_dict()['tcb_status']}", seconds=unlock.timings["verify"]
+    )
 
     t = phases.begin("unlock")
     with unlock:
@@ -231,10 +292,18 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
 
     t = phases.begin("ready")
     try:
-        _wait_for_agent(conn, spec.name, agent, needs="ssh-host", deadline=time.monotonic() + ready_timeout, phase="ready",
-                        poll=poll)  # fmt: skip
-        system = attest(conn, spec.name, agent, trust, handle.policy, require_keys=("x25519", "ssh-host"),
-                        manifest=manifest)  # fmt: skip
+        _wait_for_agent(
+            conn,
+            spec.name,
+            agent,
+            needs="ssh-host",
+            deadline=time.monotonic() + ready_timeout,
+            phase="ready",
+            poll=poll,
+        )
+        system = attest(
+            conn, spec.name, agent, trust, handle.policy, require_keys=("x25519", "ssh-host"), manifest=manifest
+        )
     except handshake.AttestationRefused as refused:
         _refused(conn, handle, records, refused)
         raise
@@ -242,7 +311,11 @@ def bring_up(spec: VmSpec, manifest: ImageManifest, conn: libvirt.virConnect, *,
         record_attestation(handle.domain(), system.verdict.to_dict())
         result.verdict = system.verdict.to_dict()
         host_key = system.keys["ssh-host"]
-    records.update(handle.uuid, ssh_host_key=base64.b64encode(host_key).decode(), attestation=kept_verdict(system.verdict.to_dict()))
+    records.update(
+        handle.uuid,
+        ssh_host_key=base64.b64encode(host_key).decode(),
+        attestation=kept_verdict(system.verdict.to_dict()),
+    )
     ssh_forward = handle.forward(manifest.ssh_port)
     if ssh_forward is not None:
         result.ssh = (ssh_forward.host_address, ssh_forward.host_port)
@@ -275,7 +348,9 @@ def _ssh_until(address: tuple[str, int], host_key: bytes, secrets: SecretStore, 
     raise BringUpTimeout(f"no SSH login within the time allowed ({last})", phase="ready")
 
 
-def _refused(conn: libvirt.virConnect, handle: DomainHandle, records: VmRecords, refused: handshake.AttestationRefused) -> None:
+def _refused(
+    conn: libvirt.virConnect, handle: DomainHandle, records: VmRecords, refused: handshake.AttestationRefused
+) -> None:
     """A refused quote: nothing was released; the VM is powered off and the verdict kept."""
     _power_off(conn, handle.name)
     if refused.verdict is not None:

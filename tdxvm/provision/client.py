@@ -75,20 +75,29 @@ def _raise_for(r: requests.Response, what: str) -> None:
 class ApiClient:
     """The API of one attested endpoint (its ``session`` is pinned to the attested TLS key)."""
 
-    def __init__(self, endpoint: AttestedEndpoint, *, timeout: Any = (10, 600), model_digest: bytes | None = None) -> None:
+    def __init__(
+        self, endpoint: AttestedEndpoint, *, timeout: Any = (10, 600), model_digest: bytes | None = None
+    ) -> None:
         if model_digest is not None:
             served = endpoint.model
             if served is None or served.digest != bytes(model_digest):
                 what = f"serves {served.name} {served.digest_text}" if served else "has no replayed model event"
-                raise ApiRefused(f"{endpoint.url} {what}, not the expected model sha256:{bytes(model_digest).hex()}: refused, "
-                                 "nothing sent", code="model-digest")  # fmt: skip
+                raise ApiRefused(
+                    f"{endpoint.url} {what}, not the expected model sha256:{bytes(model_digest).hex()}: refused, "
+                    "nothing sent",
+                    code="model-digest",
+                )
         self.endpoint = endpoint
         self.session = endpoint.session(timeout=timeout)
 
     @classmethod
-    def attest(cls, url: str, *, model_digest: bytes | None = None, timeout: Any = (10, 600), **verify: Any) -> ApiClient:
+    def attest(
+        cls, url: str, *, model_digest: bytes | None = None, timeout: Any = (10, 600), **verify: Any
+    ) -> ApiClient:
         """Attest ``url`` (:func:`verify_endpoint` with ``verify``'s arguments) and talk to it pinned."""
-        return cls(verify_endpoint(url, model_digest=model_digest, **verify), timeout=timeout, model_digest=model_digest)
+        return cls(
+            verify_endpoint(url, model_digest=model_digest, **verify), timeout=timeout, model_digest=model_digest
+        )
 
     def _url(self, path: str) -> str:
         return f"{self.endpoint.url}{path}"
@@ -116,8 +125,9 @@ class ApiClient:
         _raise_for(r, "POST /v1/completions")
         return r.json()
 
-    def chat_stream(self, messages: list[dict[str, str]], *, model: str | None = None, max_tokens: int = 32,
-                    **params: Any) -> Iterator[str]:  # fmt: skip
+    def chat_stream(
+        self, messages: list[dict[str, str]], *, model: str | None = None, max_tokens: int = 32, **params: Any
+    ) -> Iterator[str]:
         """The streamed chat completion's text pieces as they arrive (server-sent events)."""
         body = {"model": self.model(model), "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
         url = self._url("/v1/chat/completions")

@@ -78,7 +78,15 @@ class EndpointRefused(EndpointError, Refused):
 
     code = "endpoint-refused"
 
-    def __init__(self, url: str, reasons: tuple[Reason, ...], *, verdict: Verdict | None, tls_spki_sha256: str | None, provider: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        reasons: tuple[Reason, ...],
+        *,
+        verdict: Verdict | None,
+        tls_spki_sha256: str | None,
+        provider: str | None,
+    ) -> None:
         lines = "\n".join(f"  - [{r.code}] {r.message}" for r in reasons)
         super().__init__(f"{url}: attestation refused:\n{lines}")
         self.url, self.reasons, self.verdict = url, reasons, verdict
@@ -121,7 +129,9 @@ class AttestedEndpoint:
         try:
             events = parse_tcg_event_log(self.event_log)
             if self.rtmr3_log is not None and self.rtmr3 is not None and self.rtmr3.replays:
-                events += parse_json_event_log(self.rtmr3_log)  # RTMR3 is extended at run time, beyond the firmware's log
+                events += parse_json_event_log(
+                    self.rtmr3_log
+                )  # RTMR3 is extended at run time, beyond the firmware's log
             cmp = compare_rtmrs(replay(events), self.verdict.result.quote.body.rtmrs)
         except EventLogError as exc:
             return {"bytes": len(self.event_log), "error": str(exc)}
@@ -202,7 +212,11 @@ def verify_endpoint(
     nonce = secrets.token_bytes(NONCE_SIZE)
     cert_der, status, body = fetch_attestation(base, nonce, timeout=timeout)
     try:
-        presented = x509.load_der_x509_certificate(cert_der).public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        presented = (
+            x509.load_der_x509_certificate(cert_der)
+            .public_key()
+            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
     except ValueError as exc:
         raise EndpointUnreachable(f"{base}: the server's TLS certificate is not X.509: {exc}") from None
     spki_hash = hashlib.sha256(presented).hexdigest()
@@ -216,19 +230,38 @@ def verify_endpoint(
     try:
         quote = parse_quote(doc.quote)
     except QuoteFormatError as exc:
-        raise refuse(Reason("quote-format", f"the endpoint's quote is malformed: {exc}"), provider=doc.provider) from None
+        raise refuse(
+            Reason("quote-format", f"the endpoint's quote is malformed: {exc}"), provider=doc.provider
+        ) from None
     reasons = binding_reasons(quote.body.report_data, nonce=nonce, presented_spki=presented, document=doc)
     policy = policy or Policy()
     if require_measurements and (missing := [k for k in REQUIRED_MEASUREMENTS if getattr(policy, k) is None]):
-        reasons.append(Reason("policy-measurements", f"the policy names no expected {', '.join(missing)}: any TD on a genuine platform would pass; give a policy with the image's measurements"))
+        reasons.append(
+            Reason(
+                "policy-measurements",
+                f"the policy names no expected {', '.join(missing)}: any TD on a genuine platform would pass; "
+                "give a policy with the image's measurements",
+            )
+        )
     coll, origin = resolve_collateral(collateral, quote)
-    verdict = appraise(quote, coll, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor, origin=origin)
+    verdict = appraise(
+        quote, coll, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor, origin=origin
+    )
     rtmr3 = check_rtmr3_log(doc.rtmr3_log, quote.body.rtmrs[3], expected_digest=model_digest)
     verdict = checked_verdict(verdict, rtmr3, reasons=reasons)
     if not verdict.accepted:
         raise refuse(*verdict.reasons, verdict=verdict, provider=doc.provider)
-    return AttestedEndpoint(url=base, tls_spki=presented, nonce=nonce, quote=doc.quote, provider=doc.provider, verdict=verdict,
-                            event_log=doc.event_log, rtmr3=rtmr3, rtmr3_log=doc.rtmr3_log)  # fmt: skip
+    return AttestedEndpoint(
+        url=base,
+        tls_spki=presented,
+        nonce=nonce,
+        quote=doc.quote,
+        provider=doc.provider,
+        verdict=verdict,
+        event_log=doc.event_log,
+        rtmr3=rtmr3,
+        rtmr3_log=doc.rtmr3_log,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +285,11 @@ def _document(status: int, body: bytes) -> AttestationDocument | Reason:
     except (ValueError, UnicodeDecodeError):
         obj = None
     if status != 200:
-        msg = obj.get("error", {}).get("message") if isinstance(obj, dict) and isinstance(obj.get("error"), dict) else body[:200].decode(errors="replace")
+        msg = (
+            obj.get("error", {}).get("message")
+            if isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+            else body[:200].decode(errors="replace")
+        )
         return Reason("attestation-unavailable", f"{where}: HTTP {status}: {msg}")
     if not isinstance(obj, dict):
         return Reason("attestation-format", f"{where}: the answer is not a JSON object")
@@ -277,7 +314,9 @@ def _document(status: int, body: bytes) -> AttestationDocument | Reason:
         return Reason("attestation-format", f"{where}: {exc}")
 
 
-def binding_reasons(quoted: bytes, *, nonce: bytes, presented_spki: bytes, document: AttestationDocument) -> list[Reason]:
+def binding_reasons(
+    quoted: bytes, *, nonce: bytes, presented_spki: bytes, document: AttestationDocument
+) -> list[Reason]:
     """Why ``quoted`` (REPORTDATA) does not bind this request's nonce and the TLS key of this
     connection; empty if it does. The messages tell a man in the middle from a replay."""
     reasons: list[Reason] = []
@@ -286,10 +325,20 @@ def binding_reasons(quoted: bytes, *, nonce: bytes, presented_spki: bytes, docum
     if named is None:
         reasons.append(Reason("tls-key-not-attested", "the attestation names no TLS key (keys.tls)"))
     elif named != presented_spki:
-        reasons.append(Reason("tls-key-not-attested", f"this connection's TLS key (SPKI SHA-256 {want}) is not the key the attestation names ({fp(named)}): another party terminates TLS"))
+        reasons.append(
+            Reason(
+                "tls-key-not-attested",
+                f"this connection's TLS key (SPKI SHA-256 {want}) is not the key the attestation names ({fp(named)}): "
+                "another party terminates TLS",
+            )
+        )
     try:
         expected = report_data(nonce, {**document.keys, "tls": presented_spki})
-        claimed = report_data(document.nonce, document.keys) if document.nonce and len(document.nonce) == NONCE_SIZE and named else None
+        claimed = (
+            report_data(document.nonce, document.keys)
+            if document.nonce and len(document.nonce) == NONCE_SIZE and named
+            else None
+        )
     except BindingError as exc:
         return [*reasons, Reason("report-data-binding", f"the attestation's keys cannot be bound: {exc}")]
     if quoted == expected:
@@ -300,7 +349,12 @@ def binding_reasons(quoted: bytes, *, nonce: bytes, presented_spki: bytes, docum
         why = f"it binds the key the attestation names ({fp(named or b'')}), not this connection's ({want})"
     else:
         why = "it matches neither this request's nonce with this connection's key nor the attestation's own claims"
-    reasons.append(Reason("report-data-binding", f"the quote's REPORTDATA does not bind this request's nonce and TLS key SPKI SHA-256 {want}: {why}"))
+    reasons.append(
+        Reason(
+            "report-data-binding",
+            f"the quote's REPORTDATA does not bind this request's nonce and TLS key SPKI SHA-256 {want}: {why}",
+        )
+    )
     return reasons
 
 

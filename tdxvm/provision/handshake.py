@@ -88,7 +88,9 @@ class AttestationRefused(HandshakeError, Refused):
 
     code = "attestation-refused"
 
-    def __init__(self, address: str, reasons: tuple[Reason, ...], *, verdict: Verdict | None, provider: str | None) -> None:
+    def __init__(
+        self, address: str, reasons: tuple[Reason, ...], *, verdict: Verdict | None, provider: str | None
+    ) -> None:
         lines = "\n".join(f"  - [{r.code}] {r.message}" for r in reasons)
         super().__init__(f"attestation refused:\n{lines}", address=address, phase="attest")
         self.reasons, self.verdict, self.provider = reasons, verdict, provider
@@ -133,7 +135,7 @@ class _Channel:
             error = answer.get("error")
             if answer.get("ok") is False and isinstance(error, str):
                 raise GuestError(error, address=self.where, phase=phase)
-            raise GuestProtocolError("the answer has neither \"ok\": true nor an error", address=self.where, phase=phase)
+            raise GuestProtocolError('the answer has neither "ok": true nor an error', address=self.where, phase=phase)
         return answer
 
     def close(self) -> None:
@@ -212,16 +214,32 @@ def attest_guest(
     """
     channel = _Channel(address, timeout)
     try:
-        return _attest(channel, collateral=collateral, policy=policy or Policy(), at=at or datetime.now(timezone.utc),
-                       trust_anchor=trust_anchor, qgs_address=qgs_address, require_keys=require_keys,
-                       require_measurements=require_measurements)  # fmt: skip
+        return _attest(
+            channel,
+            collateral=collateral,
+            policy=policy or Policy(),
+            at=at or datetime.now(timezone.utc),
+            trust_anchor=trust_anchor,
+            qgs_address=qgs_address,
+            require_keys=require_keys,
+            require_measurements=require_measurements,
+        )
     except BaseException:
         channel.close()
         raise
 
 
-def _attest(channel: _Channel, *, collateral: CollateralSource, policy: Policy, at: datetime, trust_anchor: TrustAnchor | None,
-            qgs_address: str | None, require_keys: Sequence[str], require_measurements: bool) -> AttestedGuest:  # fmt: skip
+def _attest(
+    channel: _Channel,
+    *,
+    collateral: CollateralSource,
+    policy: Policy,
+    at: datetime,
+    trust_anchor: TrustAnchor | None,
+    qgs_address: str | None,
+    require_keys: Sequence[str],
+    require_measurements: bool,
+) -> AttestedGuest:
     where = channel.where
     nonce = secrets.token_bytes(NONCE_SIZE)
     started = time.monotonic()
@@ -253,16 +271,30 @@ def _attest(channel: _Channel, *, collateral: CollateralSource, policy: Policy, 
     if not reasons:
         reasons += binding_reasons(quote.body.report_data, nonce, keys)
     if require_measurements and (missing := [k for k in REQUIRED_MEASUREMENTS if getattr(policy, k) is None]):
-        reasons.append(Reason("policy-measurements", f"the policy names no expected {', '.join(missing)}: any TD on a genuine "
-                              "platform would pass; give a policy with the image's measurements"))  # fmt: skip
+        reasons.append(
+            Reason(
+                "policy-measurements",
+                f"the policy names no expected {', '.join(missing)}: any TD on a genuine "
+                "platform would pass; give a policy with the image's measurements",
+            )
+        )
     coll, origin = resolve_collateral(collateral, quote)
     verdict = appraise(quote, coll, at=at, policy=policy, trust_anchor=trust_anchor, origin=origin)
     verdict = dataclasses.replace(verdict, reasons=(*reasons, *verdict.reasons))
     if not verdict.accepted:
         raise refuse(*(verdict.reasons or (Reason("not-genuine", "the quote was not verified"),)), verdict=verdict)
     timings["verify"] = time.monotonic() - started
-    return AttestedGuest(address=where, verdict=verdict, keys=keys, nonce=nonce, quote=quote_bytes,
-                         provider=provider or "?", event_log=event_log, _channel=channel, timings=timings)  # fmt: skip
+    return AttestedGuest(
+        address=where,
+        verdict=verdict,
+        keys=keys,
+        nonce=nonce,
+        quote=quote_bytes,
+        provider=provider or "?",
+        event_log=event_log,
+        _channel=channel,
+        timings=timings,
+    )
 
 
 def key_reasons(keys: Mapping[str, bytes], required: Sequence[str]) -> list[Reason]:
@@ -285,6 +317,11 @@ def binding_reasons(quoted: bytes, nonce: bytes, keys: Mapping[str, bytes]) -> l
             return []
     except BindingError as exc:
         return [Reason("report-data-binding", f"the guest's keys cannot be bound: {exc}")]
-    return [Reason("report-data-binding", f"the quote's REPORTDATA does not bind this attestation's nonce {nonce.hex()[:16]}… and the "
-                   f"keys the guest sent ({', '.join(sorted(keys))}): a quote replayed from another attestation, or a key "
-                   "substituted on the way")]  # fmt: skip
+    return [
+        Reason(
+            "report-data-binding",
+            f"the quote's REPORTDATA does not bind this attestation's nonce {nonce.hex()[:16]}… and the "
+            f"keys the guest sent ({', '.join(sorted(keys))}): a quote replayed from another attestation, or a key "
+            "substituted on the way",
+        )
+    ]

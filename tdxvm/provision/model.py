@@ -44,8 +44,8 @@ import requests
 
 from tdxvm.errors import TdxvmError, Unreachable
 from tdxvm.guest.install import key_secret_name
-from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.modeldigest import show
+from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.weights import WeightsError, model_digest, read_index
 from tdxvm.launch.lifecycle import lookup, set_labels
 from tdxvm.launch.records import VmRecord, VmRecords
@@ -92,8 +92,16 @@ class ProvisionResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "model_digest": self.model_digest, "url": self.url, "upload": self.upload, "install": self.install,
-                "endpoint": self.endpoint, "timings": {k: round(v, 3) for k, v in self.timings.items()}}  # fmt: skip
+        return {
+            "name": self.name,
+            "model": self.model,
+            "model_digest": self.model_digest,
+            "url": self.url,
+            "upload": self.upload,
+            "install": self.install,
+            "endpoint": self.endpoint,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
 
 
 def _quiet(_phase: str, _details: dict[str, Any]) -> None:
@@ -116,7 +124,9 @@ def _guest_json(client: Any, args: list[str], *, phase: str, timeout: float) -> 
         doc = {}
     if code != 0 or not doc.get("ok"):
         err = doc.get("error") or stderr.read().decode(errors="replace").strip()[-1500:] or out[-500:]
-        raise ProvisionError(f"guest install step failed (exit {code}): {err}", phase=phase, code=doc.get("code") or "guest")
+        raise ProvisionError(
+            f"guest install step failed (exit {code}): {err}", phase=phase, code=doc.get("code") or "guest"
+        )
     return doc
 
 
@@ -137,8 +147,11 @@ def _journal(client: Any, lines: int = 25) -> str:
 def service_url(vm: VmRecord) -> str:
     fwd = _forward(vm, vm.service_port)
     if fwd is None:
-        raise ProvisionError(f"{vm.name} forwards no service port (is its image a model-server profile?)", phase="check",
-                             code="no-service")  # fmt: skip
+        raise ProvisionError(
+            f"{vm.name} forwards no service port (is its image a model-server profile?)",
+            phase="check",
+            code="no-service",
+        )
     return f"https://{fwd[0]}:{fwd[1]}"
 
 
@@ -148,15 +161,24 @@ def recorded_digest(vm: VmRecord) -> bytes | None:
     return bytes.fromhex(text.removeprefix("sha256:")) if text else None
 
 
-def attest_service(vm: VmRecord, trust: Trust, *, timeout: float = 30.0, model_digest: bytes | None = None) -> AttestedEndpoint:
+def attest_service(
+    vm: VmRecord, trust: Trust, *, timeout: float = 30.0, model_digest: bytes | None = None
+) -> AttestedEndpoint:
     """The VM's inference endpoint, attested against the policy it was launched with (its record's),
     serving the model ``model_digest`` names if given."""
-    return verify_endpoint(service_url(vm), collateral=trust.collateral, policy=vm.policy, trust_anchor=trust.trust_anchor,
-                           timeout=timeout, model_digest=model_digest)  # fmt: skip
+    return verify_endpoint(
+        service_url(vm),
+        collateral=trust.collateral,
+        policy=vm.policy,
+        trust_anchor=trust.trust_anchor,
+        timeout=timeout,
+        model_digest=model_digest,
+    )
 
 
-def wait_for_service(vm: VmRecord, trust: Trust, *, deadline: float, poll: float = 2.0,
-                     model_digest: bytes | None = None) -> AttestedEndpoint:  # fmt: skip
+def wait_for_service(
+    vm: VmRecord, trust: Trust, *, deadline: float, poll: float = 2.0, model_digest: bytes | None = None
+) -> AttestedEndpoint:
     """Attest the endpoint and wait until it reports the model loaded (``/health`` 200)."""
     last: Exception | str = "no answer yet"
     while time.monotonic() < deadline:
@@ -179,16 +201,27 @@ def wait_for_service(vm: VmRecord, trust: Trust, *, deadline: float, poll: float
                     return endpoint
                 last = f"/health {r.status_code}: {r.text[:200]}"
                 time.sleep(poll)
-    raise ProvisionUnreachable(f"the service of {vm.name} did not become ready in time ({last})", phase="service", code="timeout")
+    raise ProvisionUnreachable(
+        f"the service of {vm.name} did not become ready in time ({last})", phase="service", code="timeout"
+    )
 
 
-def _upload(enc_dir: Path, client: Any, vm: VmRecord, progress: Progress, *, via: str | None, streams: int) -> transfer.TransferReport:
+def _upload(
+    enc_dir: Path, client: Any, vm: VmRecord, progress: Progress, *, via: str | None, streams: int
+) -> transfer.TransferReport:
     fwd = _forward(vm, transfer.GUEST_PORT)
     chosen = via or ("tcp" if fwd else "ssh")
     if chosen == "tcp" and fwd is None:
-        raise ProvisionError(f"{vm.name} has no forward to the receiver port {transfer.GUEST_PORT}; use via ssh", phase="upload",
-                             code="no-forward")  # fmt: skip
-    kwargs: dict[str, Any] = {"guest_address": fwd, "listen": f"0.0.0.0:{transfer.GUEST_PORT}"} if chosen == "tcp" else {"guest_address": None}
+        raise ProvisionError(
+            f"{vm.name} has no forward to the receiver port {transfer.GUEST_PORT}; use via ssh",
+            phase="upload",
+            code="no-forward",
+        )
+    kwargs: dict[str, Any] = (
+        {"guest_address": fwd, "listen": f"0.0.0.0:{transfer.GUEST_PORT}"}
+        if chosen == "tcp"
+        else {"guest_address": None}
+    )
     started = time.monotonic()
 
     def report(held: int, total: int) -> None:
@@ -197,8 +230,9 @@ def _upload(enc_dir: Path, client: Any, vm: VmRecord, progress: Progress, *, via
     last: transfer.TransferError | None = None
     for attempt in range(1, UPLOAD_TRIES + 1):
         try:
-            return transfer.upload(enc_dir, ssh_client=client, via=chosen, streams=streams, python=GUEST_PYTHON,
-                                   progress=report, **kwargs)  # fmt: skip
+            return transfer.upload(
+                enc_dir, ssh_client=client, via=chosen, streams=streams, python=GUEST_PYTHON, progress=report, **kwargs
+            )
         except transfer.TransferError as exc:
             if exc.code in ("bad-folder", "changed", "refused"):
                 raise
@@ -209,14 +243,25 @@ def _upload(enc_dir: Path, client: Any, vm: VmRecord, progress: Progress, *, via
     raise last
 
 
-def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Trust | None = None,
-              secrets: SecretStore | None = None, progress: Progress = _quiet, via: str | None = None,
-              streams: int = transfer.DEFAULT_STREAMS, service_timeout: float = SERVICE_TIMEOUT) -> ProvisionResult:  # fmt: skip
+def provision(
+    conn: libvirt.virConnect,
+    name: str,
+    model: ModelRef,
+    *,
+    trust: Trust | None = None,
+    secrets: SecretStore | None = None,
+    progress: Progress = _quiet,
+    via: str | None = None,
+    streams: int = transfer.DEFAULT_STREAMS,
+    service_timeout: float = SERVICE_TIMEOUT,
+) -> ProvisionResult:
     """Provision ``model`` into the running VM ``name``; see the module doc."""
     secrets = secrets or SecretStore()
     records = VmRecords.beside(secrets)
     result = ProvisionResult(name=name, model=model.served_name)
-    vm, trust = attestation.trusted_vm(conn, name, records, trust=trust)  # policy, backend, forwards: the controller's own
+    vm, trust = attestation.trusted_vm(
+        conn, name, records, trust=trust
+    )  # policy, backend, forwards: the controller's own
     if not lookup(conn, name)[0].isActive():
         raise ProvisionError(f"{name} is not running", phase="check", code="not-running")
     url = service_url(vm)
@@ -233,8 +278,11 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     except OSError as exc:
         raise ProvisionError(f"{model.path}: {exc.strerror or exc}", phase="check", code="bad-folder") from None
     if "config.json" not in files:
-        raise ProvisionError(f"{model.path}: the encrypted model has no config.json (not a Hugging Face model folder)",
-                             phase="check", code="bad-folder")  # fmt: skip
+        raise ProvisionError(
+            f"{model.path}: the encrypted model has no config.json (not a Hugging Face model folder)",
+            phase="check",
+            code="bad-folder",
+        )
     # emulated: the quote daemon of this boot of the domain (its RTMR3 is this boot's); TDX: None, the guest's own
     qgs = trust.ensure_quote_daemon(conn.getURI(), vm.uuid, boot_id=lookup(conn, name)[0].ID())
 
@@ -242,7 +290,12 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
     progress("attest", {})
     guest = attestation.reattest(conn, name, records=records, trust=trust)
     result.timings["attest"] = time.monotonic() - t
-    with guest, contextlib.closing(ssh.connect(ssh_addr, host_key=guest.keys["ssh-host"], client_key=controller_key(secrets))) as client:
+    with (
+        guest,
+        contextlib.closing(
+            ssh.connect(ssh_addr, host_key=guest.keys["ssh-host"], client_key=controller_key(secrets))
+        ) as client,
+    ):
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
         serve_args += ["--threads", str(model.threads)] if model.threads else []
         serve_args += ["--qgs", qgs] if qgs else []
@@ -252,15 +305,21 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
             progress("install", {"skipped": True})
             result.install = _guest_json(client, serve_args, phase="install", timeout=120) | {"skipped": True}
         else:
-            guest.release(key_secret_name(upload_id), key, sender=release_key(secrets))  # /run/tdxvm/secrets/model-<upload id prefix>
+            guest.release(
+                key_secret_name(upload_id), key, sender=release_key(secrets)
+            )  # /run/tdxvm/secrets/model-<upload id prefix>
             t = time.monotonic()
             report = _upload(model.path, client, vm, progress, via=via, streams=streams)
             result.upload = report.to_dict()
             result.timings["upload"] = time.monotonic() - t
             t = time.monotonic()
             progress("install", {})
-            result.install = _guest_json(client, ["--upload", report.remote_path, *serve_args], phase="install",
-                                         timeout=600 + report.total_bytes / 20e6)  # fmt: skip
+            result.install = _guest_json(
+                client,
+                ["--upload", report.remote_path, *serve_args],
+                phase="install",
+                timeout=600 + report.total_bytes / 20e6,
+            )
             result.timings["install"] = time.monotonic() - t
         del key
         t = time.monotonic()
@@ -273,15 +332,29 @@ def provision(conn: libvirt.virConnect, name: str, model: ModelRef, *, trust: Tr
             endpoint = wait_for_service(vm, trust, deadline=time.monotonic() + service_timeout, model_digest=expected)
         except (ssh.SshError, ProvisionError) as exc:
             kind = ProvisionUnreachable if isinstance(exc, Unreachable) else ProvisionError
-            raise kind(f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service",
-                       code=exc.code) from None  # fmt: skip
+            raise kind(
+                f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service", code=exc.code
+            ) from None
     result.timings["service"] = time.monotonic() - t
     result.endpoint, result.url, result.model_digest = endpoint.to_dict(), endpoint.url, show(expected)
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    served = {"name": model.served_name, "url": endpoint.url, "tls_spki_sha256": endpoint.tls_spki_sha256, "at": at,
-              "digest": show(expected), "dtype": model.dtype}  # fmt: skip
+    served = {
+        "name": model.served_name,
+        "url": endpoint.url,
+        "tls_spki_sha256": endpoint.tls_spki_sha256,
+        "at": at,
+        "digest": show(expected),
+        "dtype": model.dtype,
+    }
     records.update(vm.uuid, model=served)
-    set_labels(conn.lookupByUUIDString(vm.uuid), {"model": model.served_name, "model_url": endpoint.url,  # display copy
-                                                  "model_tls_spki": endpoint.tls_spki_sha256, "model_at": at,
-                                                  "model_digest": show(expected)})  # fmt: skip
+    set_labels(
+        conn.lookupByUUIDString(vm.uuid),
+        {
+            "model": model.served_name,
+            "model_url": endpoint.url,  # display copy
+            "model_tls_spki": endpoint.tls_spki_sha256,
+            "model_at": at,
+            "model_digest": show(expected),
+        },
+    )
     return result

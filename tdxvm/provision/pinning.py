@@ -53,7 +53,9 @@ class UnpinnedRequestError(requests.exceptions.RequestException, TdxvmError):
 def spki_sha256(cert_der: bytes) -> bytes:
     """SHA-256 of the SubjectPublicKeyInfo of a DER certificate."""
     cert = x509.load_der_x509_certificate(cert_der)
-    return hashlib.sha256(cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).digest()
+    return hashlib.sha256(
+        cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ).digest()
 
 
 def unverified_context() -> ssl.SSLContext:
@@ -107,25 +109,44 @@ class PinnedAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"https": self._pool_cls}  # no plain-HTTP pools at all
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        raise UnpinnedRequestError(f"a pinned session does not go through proxies ({proxy}): the proxy's pools would not check the key")
+        raise UnpinnedRequestError(
+            f"a pinned session does not go through proxies ({proxy}): the proxy's pools would not check the key"
+        )
 
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None, verify: Any = True, cert: Any = None, proxies: Mapping[str, str] | None = None) -> requests.Response:
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
         if not (request.url or "").lower().startswith("https://"):
             raise UnpinnedRequestError(f"a pinned session sends HTTPS only, not {request.url}", request=request)
         try:
-            return super().send(request, stream=stream, timeout=self.timeout if timeout is None else timeout, verify=verify, cert=cert, proxies=dict(proxies or {}))
+            return super().send(
+                request,
+                stream=stream,
+                timeout=self.timeout if timeout is None else timeout,
+                verify=verify,
+                cert=cert,
+                proxies=dict(proxies or {}),
+            )
         except requests.RequestException as exc:
             found = _find(exc, PinMismatchError)
             if found is not None and found is not exc:
-                raise PinMismatchError(str(found), presented=found.presented, pinned=found.pinned, request=request) from exc
+                raise PinMismatchError(
+                    str(found), presented=found.presented, pinned=found.pinned, request=request
+                ) from exc
             raise
 
 
 def pinned_session(pin: bytes, *, timeout: Any = DEFAULT_TIMEOUT) -> requests.Session:
     """A ``requests.Session`` that only talks HTTPS to servers whose key has SHA-256 ``pin``.
 
-    ``timeout`` (seconds, or requests' ``(connect, read)`` pair) applies to requests that give none. Proxies from the environment are
-    ignored (``trust_env`` is off), and an explicit proxy is refused."""
+    ``timeout`` (seconds, or requests' ``(connect, read)`` pair) applies to requests that give none. Proxies from the
+    environment are ignored (``trust_env`` is off), and an explicit proxy is refused."""
     s = requests.Session()
     s.trust_env = False
     adapter = PinnedAdapter(pin, timeout=timeout)
@@ -145,5 +166,7 @@ def _find(exc: BaseException, kind: type[BaseException]) -> Any:
         seen.add(id(e))
         if isinstance(e, kind):
             return e
-        todo += [x for x in (*e.args, e.__cause__, e.__context__, getattr(e, "reason", None)) if isinstance(x, BaseException)]
+        todo += [
+            x for x in (*e.args, e.__cause__, e.__context__, getattr(e, "reason", None)) if isinstance(x, BaseException)
+        ]
     return None

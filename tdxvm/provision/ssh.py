@@ -44,25 +44,44 @@ class AttestedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         if not hmac.compare_digest(key.asbytes(), self.attested_blob):
-            raise HostKeyMismatch(f"{hostname}: the SSH host key ({key.get_name()} {key.fingerprint}) is not the key "
-                                  "this guest bound into its attestation quote: refusing (a man in the middle?)")  # fmt: skip
+            raise HostKeyMismatch(
+                f"{hostname}: the SSH host key ({key.get_name()} {key.fingerprint}) is not the key "
+                "this guest bound into its attestation quote: refusing (a man in the middle?)"
+            )
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
 def _paramiko_key(key: Ed25519PrivateKey) -> paramiko.PKey:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     return paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
 
 
-def connect(address: tuple[str, int], *, host_key: bytes, client_key: Ed25519PrivateKey, user: str = "root",
-            timeout: float = 30.0) -> paramiko.SSHClient:  # fmt: skip
+def connect(
+    address: tuple[str, int],
+    *,
+    host_key: bytes,
+    client_key: Ed25519PrivateKey,
+    user: str = "root",
+    timeout: float = 30.0,
+) -> paramiko.SSHClient:
     """An SSH session to ``address`` whose server proved to hold ``host_key``."""
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(AttestedHostKeyPolicy(host_key))
     where = f"{address[0]}:{address[1]}"
     try:
-        client.connect(address[0], port=address[1], username=user, pkey=_paramiko_key(client_key), timeout=timeout,
-                       banner_timeout=timeout, auth_timeout=timeout, allow_agent=False, look_for_keys=False)  # fmt: skip
+        client.connect(
+            address[0],
+            port=address[1],
+            username=user,
+            pkey=_paramiko_key(client_key),
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            allow_agent=False,
+            look_for_keys=False,
+        )
     except HostKeyMismatch:
         client.close()
         raise

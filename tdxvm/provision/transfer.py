@@ -39,7 +39,6 @@ from typing import Any, Protocol
 import paramiko
 
 from tdxvm.errors import TdxvmError, Unreachable
-from tdxvm.launch.manifest import UPLOAD_PORT
 from tdxvm.guest.transferwire import (
     DEFAULT_BLOCK_SIZE,
     END_OF_STREAM,
@@ -52,9 +51,12 @@ from tdxvm.guest.transferwire import (
     WireError,
     build_manifest,
 )
+from tdxvm.launch.manifest import UPLOAD_PORT
 
 DEFAULT_DEST = "/var/lib/tdxvm/uploads"
-GUEST_PORT = UPLOAD_PORT  # the receiver's port when a forward must reach it: listen=f"0.0.0.0:{GUEST_PORT}" (the agent has 7300)
+GUEST_PORT = (
+    UPLOAD_PORT  # the receiver's port when a forward must reach it: listen=f"0.0.0.0:{GUEST_PORT}" (the agent has 7300)
+)
 DEFAULT_STREAMS = 2
 PIECE_BLOCKS = 16  # work is handed to streams in runs of at most this many blocks
 SSH_WINDOW = 16 << 20
@@ -124,7 +126,9 @@ def _read_line(conn: _Conn, buf: bytearray, limit: int = 1 << 24) -> bytes:
 class _RemoteReceiver:
     """The receiver process in the guest, driven over one SSH exec channel."""
 
-    def __init__(self, client: paramiko.SSHClient, command: str, manifest: Manifest, mac_key: bytes, timeout: float) -> None:
+    def __init__(
+        self, client: paramiko.SSHClient, command: str, manifest: Manifest, mac_key: bytes, timeout: float
+    ) -> None:
         transport = client.get_transport()
         if transport is None or not transport.is_active():
             raise TransferUnreachable("the SSH client is not connected", code="receiver")
@@ -133,7 +137,9 @@ class _RemoteReceiver:
         try:
             self.chan = transport.open_session(timeout=timeout)
         except (paramiko.SSHException, OSError) as exc:
-            raise TransferUnreachable(f"cannot open an SSH session to start the guest receiver: {exc}", code="receiver") from None
+            raise TransferUnreachable(
+                f"cannot open an SSH session to start the guest receiver: {exc}", code="receiver"
+            ) from None
         try:
             self.chan.settimeout(timeout)
             self.chan.exec_command(command)
@@ -141,10 +147,15 @@ class _RemoteReceiver:
             self.ready = self.line("start")
             for field in ("upload", "port", "token", "have", "missing"):
                 if field not in self.ready:
-                    raise TransferError(f"guest receiver's ready line lacks {field!r} (another tdxvm version?): {self.ready}", code="receiver")
+                    raise TransferError(
+                        f"guest receiver's ready line lacks {field!r} (another tdxvm version?): {self.ready}",
+                        code="receiver",
+                    )
         except (paramiko.SSHException, OSError) as exc:
             self.close()
-            raise TransferUnreachable(f"starting the guest receiver ({command}) failed: {exc}", code="receiver") from None
+            raise TransferUnreachable(
+                f"starting the guest receiver ({command}) failed: {exc}", code="receiver"
+            ) from None
         except BaseException:
             self.close()
             raise
@@ -163,8 +174,14 @@ class _RemoteReceiver:
             doc = json.loads(raw)
         except (OSError, EOFError, ValueError) as exc:
             time.sleep(0.1)
-            kind = TransferUnreachable if isinstance(exc, OSError) else TransferError  # silent or gone; else it died or spoke nonsense
-            raise kind(f"guest receiver ({self.command}) gave no {what} reply ({exc!r}); its stderr: {self.stderr_tail() or '(empty)'}", code="receiver") from None
+            kind = (
+                TransferUnreachable if isinstance(exc, OSError) else TransferError
+            )  # silent or gone; else it died or spoke nonsense
+            raise kind(
+                f"guest receiver ({self.command}) gave no {what} reply ({exc!r}); "
+                f"its stderr: {self.stderr_tail() or '(empty)'}",
+                code="receiver",
+            ) from None
         if not doc.get("ok"):
             code = "incomplete" if doc.get("code") == "incomplete" else "receiver"
             raise TransferError(f"guest receiver refused at {what}: [{doc.get('code')}] {doc.get('error')}", code=code)
@@ -187,7 +204,9 @@ class _RemoteReceiver:
 class _Sender:
     """Feeds the missing blocks to the bulk streams and counts what has gone out."""
 
-    def __init__(self, enc_dir: Path, manifest: Manifest, mac: BlockMac, token: bytes, held: int, progress: Progress | None) -> None:
+    def __init__(
+        self, enc_dir: Path, manifest: Manifest, mac: BlockMac, token: bytes, held: int, progress: Progress | None
+    ) -> None:
         self.manifest, self.mac, self.hello = manifest, mac, MAGIC + token
         self.work: queue.Queue[tuple[int, int, int]] = queue.Queue()
         self.sent, self.held, self.total = 0, held, manifest.total_bytes
@@ -239,7 +258,9 @@ class _Sender:
                 n = m.block_len(file_index, b)
                 data = view[MAC_SIZE : MAC_SIZE + n]
                 if os.preadv(self.fds[file_index], [data], b * m.block_size) != n:
-                    raise TransferError(f"{m.files[file_index].name}: shorter than when the upload started (block {b})", code="changed")
+                    raise TransferError(
+                        f"{m.files[file_index].name}: shorter than when the upload started (block {b})", code="changed"
+                    )
                 view[:MAC_SIZE] = self.mac.tag(file_index, b, data)
                 conn.sendall(view[: MAC_SIZE + n])  # a memoryview: paramiko's sendall re-slices it per packet
                 self._count(n)
@@ -260,7 +281,12 @@ def _stream_error(conn: _Conn, exc: BaseException) -> TransferError:
         conn.settimeout(2.0)
         doc = json.loads(_read_line(conn, bytearray()))
         if not doc.get("ok"):
-            return TransferError(f"guest refused the stream: {doc.get('error')}", code="refused" if doc.get("code") in ("refused", "protocol", "header-mismatch") else str(doc.get("code")))
+            return TransferError(
+                f"guest refused the stream: {doc.get('error')}",
+                code="refused"
+                if doc.get("code") in ("refused", "protocol", "header-mismatch")
+                else str(doc.get("code")),
+            )
     return TransferUnreachable(f"bulk stream broke: {exc!r}", code="stream")
 
 
@@ -296,7 +322,9 @@ def upload(
     if via == "tcp" and guest_address is None:
         raise ValueError("via='tcp' needs guest_address")
     if via == "tcp" and isinstance(guest_address, tuple) and listen is None:
-        raise ValueError("a forwarded guest_address (host, port) needs listen='HOST:PORT', the guest-side end of that forward")
+        raise ValueError(
+            "a forwarded guest_address (host, port) needs listen='HOST:PORT', the guest-side end of that forward"
+        )
     if streams < 1:
         raise ValueError(f"streams must be at least 1, not {streams}")
     started = time.monotonic()
@@ -307,14 +335,20 @@ def upload(
     except OSError as exc:
         raise TransferError(f"{enc_dir}: {exc.strerror or exc}", code="bad-folder") from None
     listen = listen or ("127.0.0.1:0" if via == "ssh" else "0.0.0.0:0")
-    command = shlex.join([*python, "-m", "tdxvm.guest.receiver", "--dest", dest, "--listen", listen, "--expect", manifest.upload_id])
+    command = shlex.join(
+        [*python, "-m", "tdxvm.guest.receiver", "--dest", dest, "--listen", listen, "--expect", manifest.upload_id]
+    )
     mac_key = secrets.token_bytes(MAC_KEY_SIZE)
     remote = _RemoteReceiver(ssh_client, command, manifest, mac_key, timeout)
     try:
         ready = remote.ready
         if ready.get("upload") != manifest.upload_id:
-            raise TransferError(f"guest receiver answered for upload {ready.get('upload')}, not {manifest.upload_id}", code="receiver")
-        sender = _Sender(enc_dir, manifest, BlockMac(mac_key), bytes.fromhex(ready["token"]), int(ready["have"]), progress)
+            raise TransferError(
+                f"guest receiver answered for upload {ready.get('upload')}, not {manifest.upload_id}", code="receiver"
+            )
+        sender = _Sender(
+            enc_dir, manifest, BlockMac(mac_key), bytes.fromhex(ready["token"]), int(ready["have"]), progress
+        )
         try:
             sender.plan(ready["missing"])
             if progress:
@@ -333,18 +367,30 @@ def upload(
         raise
     remote.close()
     return TransferReport(
-        upload_id=manifest.upload_id, remote_path=str(result["committed"]), via=via, streams=used,
-        total_bytes=manifest.total_bytes, resumed_bytes=int(ready["have"]), sent_bytes=sender.sent,
-        setup_seconds=setup, seconds=seconds,
-    )  # fmt: skip
+        upload_id=manifest.upload_id,
+        remote_path=str(result["committed"]),
+        via=via,
+        streams=used,
+        total_bytes=manifest.total_bytes,
+        resumed_bytes=int(ready["have"]),
+        sent_bytes=sender.sent,
+        setup_seconds=setup,
+        seconds=seconds,
+    )
 
 
-def _open_conn(via: str, remote: _RemoteReceiver, guest_address: str | tuple[str, int] | None, port: int, timeout: float) -> _Conn:
+def _open_conn(
+    via: str, remote: _RemoteReceiver, guest_address: str | tuple[str, int] | None, port: int, timeout: float
+) -> _Conn:
     if via == "ssh":
         try:
-            chan = remote.transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), window_size=SSH_WINDOW, timeout=timeout)
+            chan = remote.transport.open_channel(
+                "direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), window_size=SSH_WINDOW, timeout=timeout
+            )
         except (paramiko.SSHException, OSError) as exc:
-            raise TransferUnreachable(f"SSH direct-tcpip channel to the receiver's port {port} refused: {exc}", code="connect") from None
+            raise TransferUnreachable(
+                f"SSH direct-tcpip channel to the receiver's port {port} refused: {exc}", code="connect"
+            ) from None
         chan.settimeout(timeout)
         return chan
     addr = guest_address if isinstance(guest_address, tuple) else (str(guest_address), port)
@@ -357,7 +403,15 @@ def _open_conn(via: str, remote: _RemoteReceiver, guest_address: str | tuple[str
     return sock
 
 
-def _run_streams(sender: _Sender, n: int, via: str, remote: _RemoteReceiver, guest_address: str | tuple[str, int] | None, port: int, timeout: float) -> None:
+def _run_streams(
+    sender: _Sender,
+    n: int,
+    via: str,
+    remote: _RemoteReceiver,
+    guest_address: str | tuple[str, int] | None,
+    port: int,
+    timeout: float,
+) -> None:
     errors: list[BaseException] = []
 
     def one() -> None:

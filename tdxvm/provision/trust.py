@@ -57,8 +57,14 @@ class Trust(Protocol):
     @property
     def trust_anchor(self) -> TrustAnchor | None: ...  # None: Intel's SGX root CA
 
-    def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False,
-                      argv: list[str] | None = None) -> AbstractContextManager[str | None]:  # fmt: skip
+    def quote_service(
+        self,
+        domain_xml: str,
+        read: Callable[[str], bytes],
+        *,
+        guest_on_host: bool = False,
+        argv: list[str] | None = None,
+    ) -> AbstractContextManager[str | None]:
         """For one attestation: yields the address the guest asks for its quote (None: the
         guest uses its own TDX). ``read`` reads a file of the domain's host; ``argv``: the
         QEMU libvirt runs for the domain (the emulated TD's RTMR0 describes its machine).
@@ -86,8 +92,14 @@ class TdxTrust:
     backend: str = field(default="tdx", init=False)
 
     @contextmanager
-    def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False,
-                      argv: list[str] | None = None) -> Iterator[str | None]:  # fmt: skip
+    def quote_service(
+        self,
+        domain_xml: str,
+        read: Callable[[str], bytes],
+        *,
+        guest_on_host: bool = False,
+        argv: list[str] | None = None,
+    ) -> Iterator[str | None]:
         yield None
 
     def ensure_quote_daemon(self, uri: str, uuid: str, *, boot_id: int | None = None) -> str | None:
@@ -119,8 +131,14 @@ class EmulatedTrust:
         return cls(platform, folder, platform.collateral(), TrustAnchor.from_der(platform.root_ca_der))
 
     @contextmanager
-    def quote_service(self, domain_xml: str, read: Callable[[str], bytes], *, guest_on_host: bool = False,
-                      argv: list[str] | None = None) -> Iterator[str | None]:  # fmt: skip
+    def quote_service(
+        self,
+        domain_xml: str,
+        read: Callable[[str], bytes],
+        *,
+        guest_on_host: bool = False,
+        argv: list[str] | None = None,
+    ) -> Iterator[str | None]:
         from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
 
         artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read, argv=argv)

@@ -15,7 +15,9 @@ KEYS = {"x25519": os.urandom(32), "ssh-host": b"\x00\x00\x00\x0bssh-ed25519" + o
 
 def test_layout_matches_the_documented_encoding():
     nonce = os.urandom(32)
-    encoded = b"".join(struct.pack(">H", len(n)) + n.encode() + struct.pack(">I", len(KEYS[n])) + KEYS[n] for n in sorted(KEYS))
+    encoded = b"".join(
+        struct.pack(">H", len(n)) + n.encode() + struct.pack(">I", len(KEYS[n])) + KEYS[n] for n in sorted(KEYS)
+    )
     expected = hashlib.sha512(TAG + nonce + hashlib.sha512(encoded).digest()).digest()
     assert report_data(nonce, KEYS) == expected
     assert len(expected) == 64

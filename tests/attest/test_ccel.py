@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -12,7 +13,6 @@ from tdxvm.attest.ccel import CC_TYPE_TDX, CCEL_TABLE_SIZE, parse_ccel_table
 from tdxvm.attest.errors import EventLogError
 
 from ..conftest import TESTDATA as TDX
-import contextlib
 
 
 @pytest.fixture(scope="module")

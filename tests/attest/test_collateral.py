@@ -125,7 +125,7 @@ def test_not_an_object(text):
 
 def test_not_utf8():
     with pytest.raises(CollateralError, match=r"b.json: not UTF-8 text \(byte 1\)"):
-        Collateral.from_json(b'{\xff}', source="b.json")
+        Collateral.from_json(b"{\xff}", source="b.json")
 
 
 def test_unreadable_file(tmp_path):

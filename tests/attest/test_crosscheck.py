@@ -106,29 +106,97 @@ def _tamper_json(collateral_json: str, key: str, old: str, new: str) -> str:
 FORGERIES = {
     "quote signature": lambda p: (_flip(p.sign_quote(), _sig_offset(b"") + 5), _coll(p), p.root_ca_der),
     "attestation key": lambda p: (_flip(p.sign_quote(), _sig_offset(b"") + 64 + 3), _coll(p), p.root_ca_der),
-    "QE report signature": lambda p: (_flip(p.sign_quote(), _sig_offset(b"") + 128 + 6 + 384 + 9), _coll(p), p.root_ca_der),
+    "QE report signature": lambda p: (
+        _flip(p.sign_quote(), _sig_offset(b"") + 128 + 6 + 384 + 9),
+        _coll(p),
+        p.root_ca_der,
+    ),
     "QE report body": lambda p: (_flip(p.sign_quote(), _sig_offset(b"") + 128 + 6 + 64), _coll(p), p.root_ca_der),
-    "QE auth data": lambda p: (_flip(p.sign_quote(), _sig_offset(b"") + 128 + 6 + 384 + 64 + 2 + 1), _coll(p), p.root_ca_der),
+    "QE auth data": lambda p: (
+        _flip(p.sign_quote(), _sig_offset(b"") + 128 + 6 + 384 + 64 + 2 + 1),
+        _coll(p),
+        p.root_ca_der,
+    ),
     "TD body (MRTD)": lambda p: (_flip(p.sign_quote(), 48 + 136 + 7), _coll(p), p.root_ca_der),
     "header user data": lambda p: (_flip(p.sign_quote(), 30), _coll(p), p.root_ca_der),
     "wrong root": lambda p: (p.sign_quote(), _coll(p), EmulatedPlatform(at=AT, seed="another root").root_ca_der),
     "Intel root for emulated chain": lambda p: (p.sign_quote(), _coll(p), None),
-    "revoked PCK": lambda p: (p.variant(revoke_pck=True).sign_quote(), _coll(p.variant(revoke_pck=True)), p.root_ca_der),
-    "revoked PCK CA": lambda p: (p.variant(revoke_pck_ca=True).sign_quote(), _coll(p.variant(revoke_pck_ca=True)), p.root_ca_der),
-    "expired TCB info": lambda p: (p.sign_quote(), _coll(p.variant(tcb_info_validity=Validity.around(AT, before=40 * DAY, after=-10 * DAY))), p.root_ca_der),
-    "TCB info not yet valid": lambda p: (p.sign_quote(), _coll(p.variant(tcb_info_validity=Validity.around(AT, before=-2 * DAY, after=30 * DAY))), p.root_ca_der),
-    "expired QE identity": lambda p: (p.sign_quote(), _coll(p.variant(qe_identity_validity=Validity.around(AT, before=40 * DAY, after=-1 * DAY))), p.root_ca_der),
-    "expired CRLs": lambda p: (p.sign_quote(), _coll(p.variant(crl_validity=Validity.around(AT, before=40 * DAY, after=-1 * DAY))), p.root_ca_der),
-    "FMSPC mismatch": lambda p: (p.sign_quote(), _coll(p.variant(tcb_info_fmspc=bytes.fromhex("00906ED50000"))), p.root_ca_der),
-    "DEBUG TD": lambda p: (p.sign_quote(td_attributes=TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG), _coll(p), p.root_ca_der),
+    "revoked PCK": lambda p: (
+        p.variant(revoke_pck=True).sign_quote(),
+        _coll(p.variant(revoke_pck=True)),
+        p.root_ca_der,
+    ),
+    "revoked PCK CA": lambda p: (
+        p.variant(revoke_pck_ca=True).sign_quote(),
+        _coll(p.variant(revoke_pck_ca=True)),
+        p.root_ca_der,
+    ),
+    "expired TCB info": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(tcb_info_validity=Validity.around(AT, before=40 * DAY, after=-10 * DAY))),
+        p.root_ca_der,
+    ),
+    "TCB info not yet valid": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(tcb_info_validity=Validity.around(AT, before=-2 * DAY, after=30 * DAY))),
+        p.root_ca_der,
+    ),
+    "expired QE identity": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(qe_identity_validity=Validity.around(AT, before=40 * DAY, after=-1 * DAY))),
+        p.root_ca_der,
+    ),
+    "expired CRLs": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(crl_validity=Validity.around(AT, before=40 * DAY, after=-1 * DAY))),
+        p.root_ca_der,
+    ),
+    "FMSPC mismatch": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(tcb_info_fmspc=bytes.fromhex("00906ED50000"))),
+        p.root_ca_der,
+    ),
+    "DEBUG TD": lambda p: (
+        p.sign_quote(td_attributes=TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG),
+        _coll(p),
+        p.root_ca_der,
+    ),
     "no SEPT_VE_DISABLE": lambda p: (p.sign_quote(td_attributes=0), _coll(p), p.root_ca_der),
-    "service TD bound": lambda p: (p.sign_quote(version=5, body_type=3, mr_service_td=b"\x01" * 48), _coll(p), p.root_ca_der),
-    "tampered TCB info JSON": lambda p: (p.sign_quote(), _tamper_json(_coll(p), "tcb_info", '"OutOfDate"', '"UpToDate"'), p.root_ca_der),
-    "tampered QE identity JSON": lambda p: (p.sign_quote(), _tamper_json(_coll(p), "qe_identity", '"isvprodid":', '"isvprodid": '), p.root_ca_der),
-    "QE identity MRSIGNER": lambda p: (p.sign_quote(), _coll(p.variant(qe_identity=dataclasses.replace(p.qe, mrsigner=bytes(32)))), p.root_ca_der),
-    "platform below every TCB level": lambda p: (p.variant(pck_tcb_components=(1,) * 16).sign_quote(), _coll(p), p.root_ca_der),
-    "trust anchor revoked by its own CRL": lambda p: (p.sign_quote(), _coll(p.variant(revoke_root_ca=True)), p.root_ca_der),
-    "TEE_TCB_SVN2 below every TCB level": lambda p: (p.sign_quote(version=5, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13)), _coll(p), p.root_ca_der),
+    "service TD bound": lambda p: (
+        p.sign_quote(version=5, body_type=3, mr_service_td=b"\x01" * 48),
+        _coll(p),
+        p.root_ca_der,
+    ),
+    "tampered TCB info JSON": lambda p: (
+        p.sign_quote(),
+        _tamper_json(_coll(p), "tcb_info", '"OutOfDate"', '"UpToDate"'),
+        p.root_ca_der,
+    ),
+    "tampered QE identity JSON": lambda p: (
+        p.sign_quote(),
+        _tamper_json(_coll(p), "qe_identity", '"isvprodid":', '"isvprodid": '),
+        p.root_ca_der,
+    ),
+    "QE identity MRSIGNER": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(qe_identity=dataclasses.replace(p.qe, mrsigner=bytes(32)))),
+        p.root_ca_der,
+    ),
+    "platform below every TCB level": lambda p: (
+        p.variant(pck_tcb_components=(1,) * 16).sign_quote(),
+        _coll(p),
+        p.root_ca_der,
+    ),
+    "trust anchor revoked by its own CRL": lambda p: (
+        p.sign_quote(),
+        _coll(p.variant(revoke_root_ca=True)),
+        p.root_ca_der,
+    ),
+    "TEE_TCB_SVN2 below every TCB level": lambda p: (
+        p.sign_quote(version=5, tee_tcb_svn2=bytes([2, 1, 2]) + bytes(13)),
+        _coll(p),
+        p.root_ca_der,
+    ),
 }
 
 
@@ -147,7 +215,9 @@ def test_out_of_date_platform_agrees(platform):
     theirs, ours, v = both(p.sign_quote(), _coll(p), AT, p.root_ca_der)
     assert theirs is not None and theirs[0] == "OutOfDate"
     assert ours == theirs, v.reasons
-    strict = appraise(p.sign_quote(), Collateral.from_json(_coll(p)), at=AT, trust_anchor=TrustAnchor.from_der(p.root_ca_der))
+    strict = appraise(
+        p.sign_quote(), Collateral.from_json(_coll(p)), at=AT, trust_anchor=TrustAnchor.from_der(p.root_ca_der)
+    )
     assert [r.code for r in strict.reasons] == ["tcb-status"]
 
 
@@ -172,10 +242,18 @@ def test_intel_rule_for_tee_tcb_svn_bytes_0_and_1():
 
     levels = (
         TcbLevel(sgx_components=(3, 3, 2, 2, 4, 1, 0, 5) + (0,) * 8, pce_svn=13, tdx_components=(7, 1, 2) + (0,) * 13),
-        TcbLevel(sgx_components=(2, 2, 2, 2, 3, 1, 0, 5) + (0,) * 8, pce_svn=11, tdx_components=(3, 1, 2) + (0,) * 13, status="OutOfDate", advisory_ids=("INTEL-SA-00001",)),
+        TcbLevel(
+            sgx_components=(2, 2, 2, 2, 3, 1, 0, 5) + (0,) * 8,
+            pce_svn=11,
+            tdx_components=(3, 1, 2) + (0,) * 13,
+            status="OutOfDate",
+            advisory_ids=("INTEL-SA-00001",),
+        ),
     )
     module = TdxModuleIdentity(version=1, tcb_levels=(IsvTcbLevel(isvsvn=5), IsvTcbLevel(isvsvn=3, status="OutOfDate")))
-    p = EmulatedPlatform(PlatformOptions(tcb_levels=levels, tdx_module_identities=(module,)), at=AT, seed="tests/attest/intel-rule")
+    p = EmulatedPlatform(
+        PlatformOptions(tcb_levels=levels, tdx_module_identities=(module,)), at=AT, seed="tests/attest/intel-rule"
+    )
     quote = p.sign_quote(tee_tcb_svn=bytes([5, 1, 2]) + bytes(13))
     theirs, ours, v = both(quote, _coll(p), AT, p.root_ca_der)
     assert ours == ("UpToDate", frozenset()), v.reasons
@@ -190,10 +268,24 @@ def test_status_convergence_with_qe_agrees():
     from tdxvm.emulate import IsvTcbLevel, TcbLevel
 
     levels = (
-        TcbLevel(sgx_components=(3, 3, 2, 2, 4, 1, 0, 5) + (0,) * 8, pce_svn=13, tdx_components=(5, 1, 2) + (0,) * 13, status="ConfigurationNeeded", advisory_ids=("INTEL-SA-00002",)),
+        TcbLevel(
+            sgx_components=(3, 3, 2, 2, 4, 1, 0, 5) + (0,) * 8,
+            pce_svn=13,
+            tdx_components=(5, 1, 2) + (0,) * 13,
+            status="ConfigurationNeeded",
+            advisory_ids=("INTEL-SA-00002",),
+        ),
     )
     p = EmulatedPlatform(PlatformOptions(tcb_levels=levels), at=AT, seed="tests/attest/converge")
-    qe = dataclasses.replace(p.qe, tcb_levels=(IsvTcbLevel(isvsvn=p.qe.isv_svn + 1), IsvTcbLevel(isvsvn=0, status="OutOfDate", advisory_ids=("INTEL-SA-00003",))))
+    qe = dataclasses.replace(
+        p.qe,
+        tcb_levels=(
+            IsvTcbLevel(isvsvn=p.qe.isv_svn + 1),
+            IsvTcbLevel(isvsvn=0, status="OutOfDate", advisory_ids=("INTEL-SA-00003",)),
+        ),
+    )
     p = p.variant(qe_identity=qe)
     theirs, ours, v = both(p.sign_quote(), _coll(p), AT, p.root_ca_der)
-    assert ours == theirs == ("OutOfDateConfigurationNeeded", frozenset({"INTEL-SA-00002", "INTEL-SA-00003"})), v.reasons
+    assert ours == theirs == ("OutOfDateConfigurationNeeded", frozenset({"INTEL-SA-00002", "INTEL-SA-00003"})), (
+        v.reasons
+    )

@@ -59,22 +59,40 @@ def _levels(st0: str, st1: str, **kw) -> dict:
 
 
 def _qe_out_of_date(p: EmulatedPlatform) -> dict:
-    levels = (IsvTcbLevel(isvsvn=p.qe.isv_svn + 1), IsvTcbLevel(isvsvn=0, status="OutOfDate", advisory_ids=("INTEL-SA-00020",)))
+    levels = (
+        IsvTcbLevel(isvsvn=p.qe.isv_svn + 1),
+        IsvTcbLevel(isvsvn=0, status="OutOfDate", advisory_ids=("INTEL-SA-00020",)),
+    )
     return {"qe_identity": replace(p.qe, tcb_levels=levels)}
 
 
 def _microcode_update(p: EmulatedPlatform) -> dict:
     """The launch TCB is out of date (needing configuration) only in TDX component 2."""
-    levels = (replace(L0, tdx_components=(5, 1, 3) + (0,) * 13),
-              replace(L0, tdx_components=(5, 1, 2) + (0,) * 13, status="OutOfDateConfigurationNeeded", advisory_ids=("INTEL-SA-00030",)))  # fmt: skip
-    return {"tcb_levels": levels, "tdx_module_identities": (TdxModuleIdentity(version=1, tcb_levels=(IsvTcbLevel(isvsvn=5),)),)}
+    levels = (
+        replace(L0, tdx_components=(5, 1, 3) + (0,) * 13),
+        replace(
+            L0,
+            tdx_components=(5, 1, 2) + (0,) * 13,
+            status="OutOfDateConfigurationNeeded",
+            advisory_ids=("INTEL-SA-00030",),
+        ),
+    )
+    return {
+        "tcb_levels": levels,
+        "tdx_module_identities": (TdxModuleIdentity(version=1, tcb_levels=(IsvTcbLevel(isvsvn=5),)),),
+    }
 
 
 def _current_sw_hardening(p: EmulatedPlatform) -> dict:
     """The module running now reaches a SWHardeningNeeded level with its own advisory."""
-    levels = (replace(L0, tdx_components=(7, 1, 3) + (0,) * 13, status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00040",)),
-              replace(L0, tdx_components=(5, 1, 2) + (0,) * 13, status="OutOfDate", advisory_ids=("INTEL-SA-00041",)))  # fmt: skip
-    module = TdxModuleIdentity(version=1, tcb_levels=(IsvTcbLevel(isvsvn=7), IsvTcbLevel(isvsvn=5, status="OutOfDate", advisory_ids=("INTEL-SA-00042",))))
+    levels = (
+        replace(L0, tdx_components=(7, 1, 3) + (0,) * 13, status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00040",)),
+        replace(L0, tdx_components=(5, 1, 2) + (0,) * 13, status="OutOfDate", advisory_ids=("INTEL-SA-00041",)),
+    )
+    module = TdxModuleIdentity(
+        version=1,
+        tcb_levels=(IsvTcbLevel(isvsvn=7), IsvTcbLevel(isvsvn=5, status="OutOfDate", advisory_ids=("INTEL-SA-00042",))),
+    )
     return {"tcb_levels": levels, "tdx_module_identities": (module,)}
 
 
@@ -94,12 +112,36 @@ CASES: dict[str, tuple[Change | None, bytes, bytes, int, str | None]] = {
     "TD report 1.0 in a v5 quote has no TEE_TCB_SVN2": (None, OLD, NEW, 2, "OutOfDate"),
     "launched up to date": (None, NEW, NEW, 3, "UpToDate"),
     "TEE_TCB_SVN2 below TEE_TCB_SVN (the launch status stands)": (None, NEW, OLD, 3, "UpToDate"),
-    "platform needs configuration": (lambda p: _levels("ConfigurationNeeded", "OutOfDate"), OLD, NEW, 3, "TDRelaunchAdvisedConfigurationNeeded"),
-    "current level SWHardeningNeeded": (lambda p: _levels("SWHardeningNeeded", "OutOfDate"), OLD, NEW, 3, "TDRelaunchAdvised"),
-    "launch OutOfDateConfigurationNeeded, microcode updated": (_microcode_update, svn(5, 1, 2), svn(5, 1, 3), 3, "TDRelaunchAdvisedConfigurationNeeded"),
+    "platform needs configuration": (
+        lambda p: _levels("ConfigurationNeeded", "OutOfDate"),
+        OLD,
+        NEW,
+        3,
+        "TDRelaunchAdvisedConfigurationNeeded",
+    ),
+    "current level SWHardeningNeeded": (
+        lambda p: _levels("SWHardeningNeeded", "OutOfDate"),
+        OLD,
+        NEW,
+        3,
+        "TDRelaunchAdvised",
+    ),
+    "launch OutOfDateConfigurationNeeded, microcode updated": (
+        _microcode_update,
+        svn(5, 1, 2),
+        svn(5, 1, 3),
+        3,
+        "TDRelaunchAdvisedConfigurationNeeded",
+    ),
     "current module has its own advisory": (_current_sw_hardening, svn(5, 1, 2), svn(7, 1, 3), 3, "TDRelaunchAdvised"),
     "QE out of date: no relaunch advice": (_qe_out_of_date, OLD, NEW, 3, "OutOfDate"),
-    "SGX TCB out of date: no relaunch advice": (lambda p: {"pck_tcb_components": L1.sgx_components, "pck_pce_svn": L1.pce_svn}, OLD, NEW, 3, "OutOfDate"),
+    "SGX TCB out of date: no relaunch advice": (
+        lambda p: {"pck_tcb_components": L1.sgx_components, "pck_pce_svn": L1.pce_svn},
+        OLD,
+        NEW,
+        3,
+        "OutOfDate",
+    ),
     "TEE_TCB_SVN2 below every module level": (None, OLD, svn(2, 1, 2), 3, None),
     "TEE_TCB_SVN2 names an unknown module (TDX_02)": (None, OLD, svn(5, 2, 2), 3, None),
     "TEE_TCB_SVN2 below every level's microcode": (None, OLD, svn(5, 1, 1), 3, None),
@@ -121,9 +163,17 @@ def test_tdx15_tcb_agrees_with_dcap_qvl(platform, name):
 def test_relaunch_reports_both_tcbs(platform):
     _, ours, v = both(platform, platform.sign_quote(version=5, tee_tcb_svn=OLD, tee_tcb_svn2=NEW))
     tcb = v.to_dict()["tcb"]
-    assert (tcb["launch_status"], tcb["current_status"], tcb["tdx_module_status"]) == ("OutOfDate", "UpToDate", "OutOfDate")
-    strict = appraise(platform.sign_quote(version=5, tee_tcb_svn=OLD, tee_tcb_svn2=NEW), platform.collateral(), at=AT,
-                      trust_anchor=TrustAnchor.from_der(platform.root_ca_der))  # fmt: skip
+    assert (tcb["launch_status"], tcb["current_status"], tcb["tdx_module_status"]) == (
+        "OutOfDate",
+        "UpToDate",
+        "OutOfDate",
+    )
+    strict = appraise(
+        platform.sign_quote(version=5, tee_tcb_svn=OLD, tee_tcb_svn2=NEW),
+        platform.collateral(),
+        at=AT,
+        trust_anchor=TrustAnchor.from_der(platform.root_ca_der),
+    )
     assert [r.code for r in strict.reasons] == ["tcb-status"]  # the strict default accepts UpToDate only
     assert "TDRelaunchAdvised" in strict.reasons[0].message
 
@@ -131,7 +181,9 @@ def test_relaunch_reports_both_tcbs(platform):
 @pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[-1] is None and case[0] is None])
 def test_unmatched_tee_tcb_svn2_names_the_field(platform, name):
     _, launch, current, body_type, _ = CASES[name]
-    _, _, v = both(platform, platform.sign_quote(version=5, body_type=body_type, tee_tcb_svn=launch, tee_tcb_svn2=current))
+    _, _, v = both(
+        platform, platform.sign_quote(version=5, body_type=body_type, tee_tcb_svn=launch, tee_tcb_svn2=current)
+    )
     assert [r.code for r in v.reasons] == ["current-tcb-not-supported"]
     assert f"TEE_TCB_SVN2 {current.hex()}" in v.reasons[0].message
 

@@ -7,6 +7,7 @@ cc-api-preprod-root (a CCEL log whose RTMR2 does not replay to the quote's).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -39,7 +40,6 @@ from tdxvm.attest.eventtext import describe_event, event_text, event_type_name, 
 from tdxvm.attest.quote import parse_quote
 
 from ..conftest import TESTDATA as TDX
-import contextlib
 
 ZERO48 = bytes(48)
 
@@ -134,7 +134,11 @@ def test_dstack_runtime_event_digests_recompute():
     assert all(ev.mr_index == 3 for _, ev in runtime) and len(runtime) == 9
     for entry, ev in runtime:
         expected = hashlib.sha384(
-            struct.pack("<I", 0x08000001) + b":" + entry["event"].encode() + b":" + bytes.fromhex(entry["event_payload"])
+            struct.pack("<I", 0x08000001)
+            + b":"
+            + entry["event"].encode()
+            + b":"
+            + bytes.fromhex(entry["event_payload"])
         ).digest()
         assert ev.digests[ALG_SHA384] == expected == runtime_event_digest(entry["event"], ev.data)
         if entry["digest"]:
@@ -162,7 +166,9 @@ def test_flipping_a_digest_byte_changes_exactly_one_rtmr():
         pos = ev.offset + 12 + 2 + 17  # a byte inside the SHA-384 digest
         mutated = bytearray(raw)
         mutated[pos] ^= 0x01
-        changed = [i for i, (a, b) in enumerate(zip(base, replay(parse_tcg_event_log(bytes(mutated))), strict=True)) if a != b]
+        changed = [
+            i for i, (a, b) in enumerate(zip(base, replay(parse_tcg_event_log(bytes(mutated))), strict=True)) if a != b
+        ]
         assert changed == [mr]
 
 
@@ -189,7 +195,9 @@ def test_truncated_mid_event_names_the_offset():
     ev = parse_tcg_event_log(raw)[10]
     with pytest.raises(EventLogError, match=rf"event 10 \(at byte offset {ev.offset}\).*byte offset {ev.offset + 14}"):
         parse_tcg_event_log(raw[: ev.offset + 20])
-    with pytest.raises(EventLogError, match=rf"event size {len(ev.data)} at byte offset {_event_end(ev) - len(ev.data) - 4}"):
+    with pytest.raises(
+        EventLogError, match=rf"event size {len(ev.data)} at byte offset {_event_end(ev) - len(ev.data) - 4}"
+    ):
         parse_tcg_event_log(raw[: _event_end(ev) - 1])
 
 
@@ -214,12 +222,23 @@ def test_garbage_after_padding_is_an_error():
         (struct.pack("<III", 1, 4, 2), r"digest count 2 at byte offset 73 is not in 1\.\.1"),
         (struct.pack("<III", 1, 4, 0), r"digest count 0 at byte offset 73"),
         (struct.pack("<IIIH", 1, 4, 1, 0x000B), r"digest algorithm 0x000b at byte offset 77 has no size"),
-        (_event2(1, 4, ZERO48, b"")[:-4] + struct.pack("<I", 1000) + b"x", r"event size 1000 at byte offset 127 runs past"),
+        (
+            _event2(1, 4, ZERO48, b"")[:-4] + struct.pack("<I", 1000) + b"x",
+            r"event size 1000 at byte offset 127 runs past",
+        ),
         (_event2(7, 4, ZERO48, b"abcd"), r"MR index 7 at byte offset 65 is out of range"),
         (_event2(1, 4, bytes(20), b"\0" * 40, alg=ALG_SHA1), r"digest algorithm 0x0004 at byte offset 77 has no size"),
         (b"\x01\x00\x00", r"MR index at byte offset 65: needs 4 bytes, only 3 remain"),
     ],
-    ids=["count-too-large", "count-zero", "undeclared-alg", "size-past-end", "bad-mr-index", "sha1-only", "short-header"],
+    ids=[
+        "count-too-large",
+        "count-zero",
+        "undeclared-alg",
+        "size-past-end",
+        "bad-mr-index",
+        "sha1-only",
+        "short-header",
+    ],
 )
 def test_malformed_events(tail, message):
     with pytest.raises(EventLogError, match=message):
@@ -355,7 +374,9 @@ def test_fuzz_mutated_real_log(data, flips, cut):
 
 
 _json_scalar = st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.floats(allow_nan=False)
-_json_value = st.recursive(_json_scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+_json_value = st.recursive(
+    _json_scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
 _json_entry = st.fixed_dictionaries(
     {},
     optional={

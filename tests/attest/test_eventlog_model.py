@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from tdxvm.attest.modelevent import CheckedVerdict, check_rtmr3_log, checked_verdict, parse_model_event
 from tdxvm.attest.eventlog import parse_json_event_log
+from tdxvm.attest.modelevent import CheckedVerdict, check_rtmr3_log, checked_verdict, parse_model_event
 from tdxvm.attest.verdict import appraise
 from tdxvm.guest.rtmr3 import MODEL_EVENT, make_event, model_payload, replay
 
@@ -31,8 +31,16 @@ def test_a_log_that_replays_and_names_the_expected_model_checks_rtmr3():
     log = [model(A)]
     check = check_rtmr3_log(log, replay(log), expected_digest=A)
     assert check.reasons == () and check.replays and check.model_checked
-    assert check.model is not None and (check.model.digest, check.model.name, check.model.dtype, check.model.quantization) == (A, "tiny-llama", "float32", "none")
-    assert check.to_dict()["model"]["digest"] == "sha256:" + A.hex() and check.to_dict()["expected_digest"] == "sha256:" + A.hex()
+    assert check.model is not None and (
+        check.model.digest,
+        check.model.name,
+        check.model.dtype,
+        check.model.quantization,
+    ) == (A, "tiny-llama", "float32", "none")
+    assert (
+        check.to_dict()["model"]["digest"] == "sha256:" + A.hex()
+        and check.to_dict()["expected_digest"] == "sha256:" + A.hex()
+    )
     unexpected = check_rtmr3_log(log, replay(log))  # no digest expected: reported, not checked
     assert unexpected.reasons == () and unexpected.model == check.model and not unexpected.model_checked
 
@@ -42,7 +50,9 @@ def test_history_and_the_latest_model_event():
     check = check_rtmr3_log(log, replay(log), expected_digest=B)
     assert check.model_checked and [m.digest for m in check.history] == [A, B, B] and check.model.dtype == "bfloat16"
     refused = check_rtmr3_log(log, replay(log), expected_digest=A)
-    assert [r.code for r in refused.reasons] == ["model-digest-mismatch"] and "an earlier event names the expected one" in refused.reasons[0].message
+    assert [r.code for r in refused.reasons] == [
+        "model-digest-mismatch"
+    ] and "an earlier event names the expected one" in refused.reasons[0].message
 
 
 @pytest.mark.parametrize(
@@ -54,11 +64,21 @@ def test_history_and_the_latest_model_event():
         ([model(A)], replay([model(B)]), B, "rtmr3-log-mismatch"),  # claims A, RTMR3 measured B
         ([model(B)], replay([model(B)]), A, "model-digest-mismatch"),
         ([{**model(A), "imr": 2}], bytes(48), A, "rtmr3-log-format"),
-        ([{**model(A), "digest": "00" * 48}], bytes(48), None, "rtmr3-log-format"),  # a digest that is not its payload's
-        ([make_event(MODEL_EVENT, b'{"digest": "md5:00"}')], replay([make_event(MODEL_EVENT, b'{"digest": "md5:00"}')]), None, "rtmr3-log-format"),
+        (
+            [{**model(A), "digest": "00" * 48}],
+            bytes(48),
+            None,
+            "rtmr3-log-format",
+        ),  # a digest that is not its payload's
+        (
+            [make_event(MODEL_EVENT, b'{"digest": "md5:00"}')],
+            replay([make_event(MODEL_EVENT, b'{"digest": "md5:00"}')]),
+            None,
+            "rtmr3-log-format",
+        ),
         ("not json", bytes(48), None, "rtmr3-log-format"),
     ],
-)  # fmt: skip
+)
 def test_refusals(log, quoted, expected, code):
     check = check_rtmr3_log(log, quoted, expected_digest=expected)
     assert [r.code for r in check.reasons] == [code] and not check.model_checked
@@ -108,8 +128,11 @@ def test_the_verdict_says_rtmr3_is_checked_instead_of_not_pinned():
     assert [line.split(" not pinned")[0] for line in d["policy_exceptions"]] == ["rtmr0"]
     assert d["checked_by_event_log"][0].startswith("rtmr3 checked through the model event log: its 1 event(s) replay")
     assert {k: v for k, v in d.items() if k not in ("policy_exceptions", "checked_by_event_log")} == {
-        k: v for k, v in verdict.to_dict().items() if k != "policy_exceptions"}  # nothing else changes
+        k: v for k, v in verdict.to_dict().items() if k != "policy_exceptions"
+    }  # nothing else changes
 
     refused = checked_verdict(verdict, check_rtmr3_log(log, service.rtmr(3), expected_digest=B))
     assert not refused.accepted and [r.code for r in refused.reasons] == ["model-digest-mismatch"]
-    assert refused.to_dict()["checked_by_event_log"] == [] and "rtmr3 not pinned" in " ".join(refused.to_dict()["policy_exceptions"])
+    assert refused.to_dict()["checked_by_event_log"] == [] and "rtmr3 not pinned" in " ".join(
+        refused.to_dict()["policy_exceptions"]
+    )

@@ -42,8 +42,18 @@ def codes(verdict):
 # -- durations ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("7d", 7 * 86400), ("36h", 36 * 3600), ("1d12h", 36 * 3600), ("90m", 5400),
-                                               ("2w", 14 * 86400), ("45s", 45), (" 1h30m ", 5400)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("7d", 7 * 86400),
+        ("36h", 36 * 3600),
+        ("1d12h", 36 * 3600),
+        ("90m", 5400),
+        ("2w", 14 * 86400),
+        ("45s", 45),
+        (" 1h30m ", 5400),
+    ],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == timedelta(seconds=seconds)
     assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
@@ -77,18 +87,21 @@ def test_policy_keys_from_yaml(tmp_path):
         assert Policy.model_validate(dumped) == policy
 
 
-@pytest.mark.parametrize(("text", "line", "needle"), [
-    ("max_collateral_age: 7x\n", 1, "is not a duration"),
-    ("max_collateral_age: 0d\n", 1, "longer than zero"),
-    ("max_collateral_age: 7\n", 1, "is not a duration"),
-    ("max_collateral_age:\n", 1, "null is not allowed"),
-    ("max_collateral_age: 7d\nmax_collateral_age: 30d\n", 2, "duplicate key"),
-    ("min_tcb_evaluation_data_number: -1\n", 1, "whole number"),
-    ("min_tcb_evaluation_data_number: true\n", 1, "whole number"),
-    ("min_tcb_evaluation_data_number: 1.5\n", 1, "whole number"),
-    ("min_tcb_evaluation_data_number: null\n", 1, "null is not allowed"),
-    ("max_colateral_age: 7d\n", 1, "max_colateral_age"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("max_collateral_age: 7x\n", 1, "is not a duration"),
+        ("max_collateral_age: 0d\n", 1, "longer than zero"),
+        ("max_collateral_age: 7\n", 1, "is not a duration"),
+        ("max_collateral_age:\n", 1, "null is not allowed"),
+        ("max_collateral_age: 7d\nmax_collateral_age: 30d\n", 2, "duplicate key"),
+        ("min_tcb_evaluation_data_number: -1\n", 1, "whole number"),
+        ("min_tcb_evaluation_data_number: true\n", 1, "whole number"),
+        ("min_tcb_evaluation_data_number: 1.5\n", 1, "whole number"),
+        ("min_tcb_evaluation_data_number: null\n", 1, "null is not allowed"),
+        ("max_colateral_age: 7d\n", 1, "max_colateral_age"),
+    ],
+)
 def test_policy_keys_refused_with_line(text, line, needle):
     with pytest.raises(PolicyFileError) as info:
         parse_policy(text, source="p.yaml")
@@ -106,8 +119,12 @@ def test_minimum_evaluation_data_number(testdata):
     assert codes(v) == ["tcb-evaluation-data-number", "tcb-evaluation-data-number"]  # TCB info and QE identity
     assert "TCB info has TCB evaluation data number 17, below the policy's minimum 18" in v.reasons[0].message
     d = testdata / "go-tdx-guest-v5"
-    v5 = appraise((d / "quote.bin").read_bytes(), load_bundle(d / "collateral.json"), at=V5_AT,
-                  policy=Policy(min_tcb_evaluation_data_number=18))  # fmt: skip
+    v5 = appraise(
+        (d / "quote.bin").read_bytes(),
+        load_bundle(d / "collateral.json"),
+        at=V5_AT,
+        policy=Policy(min_tcb_evaluation_data_number=18),
+    )
     assert v5.accepted, v5.reasons
 
 
@@ -118,7 +135,9 @@ def test_maximum_collateral_age(testdata):
     # 1d after the TCB info's issue date but not yet after the QE identity's: only the TCB info is too old
     v = appraise(quote, coll, at=V4_TCB_ISSUED + timedelta(days=1, minutes=1), policy=policy)
     assert codes(v) == ["collateral-too-old"]
-    assert v.reasons[0].message.startswith("the TCB info was issued at 2025-06-19T10:16:03Z, 1d1m before the verification time")
+    assert v.reasons[0].message.startswith(
+        "the TCB info was issued at 2025-06-19T10:16:03Z, 1d1m before the verification time"
+    )
     v = appraise(quote, coll, at=V4_QE_ISSUED + timedelta(days=2), policy=policy)
     assert codes(v) == ["collateral-too-old", "collateral-too-old"]
     assert "the QE identity was issued at 2025-06-19T10:32:27Z" in v.reasons[1].message
@@ -129,8 +148,15 @@ def test_maximum_collateral_age(testdata):
 def test_rules_without_verified_collateral_refuse(testdata):
     """A result that carries no verified dates cannot satisfy a freshness rule."""
     q = parse_quote((testdata / "dcap-qvl-v4" / "quote.bin").read_bytes())
-    tcb = TcbEvaluation(status="UpToDate", advisory_ids=(), platform_status="UpToDate", tdx_module_status=None,
-                        qe_status="UpToDate", tcb_date=V4_AT, tcb_evaluation_data_number=17)  # fmt: skip
+    tcb = TcbEvaluation(
+        status="UpToDate",
+        advisory_ids=(),
+        platform_status="UpToDate",
+        tdx_module_status=None,
+        qe_status="UpToDate",
+        tcb_date=V4_AT,
+        tcb_evaluation_data_number=17,
+    )
     result = VerificationResult(quote=q, at=V4_AT, fmspc="B0C06F000000", tcb=tcb)
     assert evaluate(Policy(), result) == []
     assert [r.code for r in evaluate(Policy(max_collateral_age="7d"), result)] == ["collateral-freshness-unknown"] * 2
@@ -142,7 +168,9 @@ def test_tampered_tcb_info_reports_no_dates(testdata):
     import dataclasses
 
     quote, coll = _v4(testdata)
-    forged = dataclasses.replace(coll, tcb_info=coll.tcb_info.replace('"tcbEvaluationDataNumber":17', '"tcbEvaluationDataNumber":99'))
+    forged = dataclasses.replace(
+        coll, tcb_info=coll.tcb_info.replace('"tcbEvaluationDataNumber":17', '"tcbEvaluationDataNumber":99')
+    )
     assert forged.tcb_info != coll.tcb_info
     v = appraise(quote, forged, at=V4_AT, policy=Policy(min_tcb_evaluation_data_number=99))
     assert "tcb-info-signature" in codes(v) and not v.accepted
@@ -161,8 +189,16 @@ def test_verdict_reports_collateral(testdata):
         "tcb_evaluation_data_number": 17,
         "issue_date": "2025-06-19T10:16:03Z",
         "next_update": "2025-07-19T10:16:03Z",
-        "tcb_info": {"issue_date": "2025-06-19T10:16:03Z", "next_update": "2025-07-19T10:16:03Z", "tcb_evaluation_data_number": 17},
-        "qe_identity": {"issue_date": "2025-06-19T10:32:27Z", "next_update": "2025-07-19T10:32:27Z", "tcb_evaluation_data_number": 17},
+        "tcb_info": {
+            "issue_date": "2025-06-19T10:16:03Z",
+            "next_update": "2025-07-19T10:16:03Z",
+            "tcb_evaluation_data_number": 17,
+        },
+        "qe_identity": {
+            "issue_date": "2025-06-19T10:32:27Z",
+            "next_update": "2025-07-19T10:32:27Z",
+            "tcb_evaluation_data_number": 17,
+        },
     }
     refused = appraise(quote, coll, at=V4_AT + timedelta(days=40)).to_dict()  # expired: refused, still reported
     assert refused["verdict"] == "reject" and refused["collateral"]["issue_date"] == "2025-06-19T10:16:03Z"
@@ -170,11 +206,16 @@ def test_verdict_reports_collateral(testdata):
 
 def test_cached_collateral_is_a_policy_exception(testdata):
     quote, coll = _v4(testdata)
-    why = "TCB info: GET https://pccs.example/tdx/certification/v4/tcb?fmspc=B0C06F000000 failed, no HTTP response: Connection refused"
+    why = (
+        "TCB info: GET https://pccs.example/tdx/certification/v4/tcb?fmspc=B0C06F000000 failed, "
+        "no HTTP response: Connection refused"
+    )
     cached = appraise(quote, coll, at=V4_AT, origin=CollateralOrigin("cache", "https://pccs.example", why))
     doc = cached.to_dict()
     assert cached.accepted  # an exception is listed, not a refusal: max_collateral_age is the rule that refuses
-    assert doc["policy_exceptions"][0] == f"collateral from the cache: https://pccs.example could not be reached ({why})"
+    assert (
+        doc["policy_exceptions"][0] == f"collateral from the cache: https://pccs.example could not be reached ({why})"
+    )
     assert doc["policy_exceptions"][1:] == Policy().loosened()
     assert doc["collateral"]["source"] == "cache from https://pccs.example"
     for how in ("fetched", "bundle"):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tdxvm.attest.collateral import load_bundle
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from tdxvm.attest.errors import AttestError
 from tdxvm.attest.pck import parse_pem_chain
 from tdxvm.attest.quote import parse_quote
@@ -68,7 +67,9 @@ def _check(quote: bytes) -> None:
     if verdict.accepted:
         q = verdict.result.quote
         assert q.signed_data == ORIGINAL.signed_data
-        assert dataclasses.replace(q.signature, pck_chain_pem=b"") == dataclasses.replace(ORIGINAL.signature, pck_chain_pem=b"")
+        assert dataclasses.replace(q.signature, pck_chain_pem=b"") == dataclasses.replace(
+            ORIGINAL.signature, pck_chain_pem=b""
+        )
         assert _same_certs(q.signature.pck_chain_pem, ORIGINAL.signature.pck_chain_pem)
 
 

@@ -62,7 +62,9 @@ class PcsServer:
             ),
             QE: Reply(
                 headers={"SGX-Enclave-Identity-Issuer-Chain": quote(c.qe_identity_issuer_chain, safe="")},
-                body=('{"enclaveIdentity":' + c.qe_identity + ',"signature":"' + c.qe_identity_signature.hex() + '"}').encode(),
+                body=(
+                    '{"enclaveIdentity":' + c.qe_identity + ',"signature":"' + c.qe_identity_signature.hex() + '"}'
+                ).encode(),
             ),
             PCKCRL: Reply(headers={"SGX-PCK-CRL-Issuer-Chain": quote(c.pck_crl_issuer_chain, safe="")}, body=c.pck_crl),
             ROOTCRL: Reply(body=c.root_ca_crl.hex().encode()),
@@ -165,7 +167,9 @@ def test_intel_pcs_takes_root_crl_from_distribution_point(pcs, v4):
 def test_older_header_names_and_body_layouts(pcs, v4):
     c = v4
     pcs.routes[TCB].headers = {"SGX-TCB-Info-Issuer-Chain": quote(c.tcb_info_issuer_chain, safe="")}
-    pcs.routes[TCB].body = (' {\n "signature" : "' + c.tcb_info_signature.hex().upper() + '",\n "tcbInfo" : ' + c.tcb_info + "\n}\n").encode()
+    pcs.routes[TCB].body = (
+        ' {\n "signature" : "' + c.tcb_info_signature.hex().upper() + '",\n "tcbInfo" : ' + c.tcb_info + "\n}\n"
+    ).encode()
     assert client(pcs).fetch(fmspc=FMSPC, ca="platform") == v4
 
 
@@ -203,7 +207,9 @@ def test_http_errors_name_url_and_status(pcs, path, status):
 
 def test_pcs_error_headers_are_reported(pcs):
     pcs.routes[TCB] = Reply(status=404, headers={"Error-Code": "NotFound", "Error-Message": "No%20TCB%20info"})
-    with pytest.raises(CollateralFetchError, match="HTTP 404 Not Found, Error-Code: NotFound, Error-Message: No TCB info"):
+    with pytest.raises(
+        CollateralFetchError, match="HTTP 404 Not Found, Error-Code: NotFound, Error-Message: No TCB info"
+    ):
         client(pcs).fetch(fmspc=FMSPC, ca="platform")
 
 
@@ -239,9 +245,21 @@ def _garbage(v4):
         (TCB, "body", ('{"tcbInfo":' + v4.tcb_info + "}").encode(), "body has no 'signature' string"),
         (TCB, "body", ('{"tcbInfo":' + v4.tcb_info + ',"signature":"xy"}').encode(), "'signature' is not hex"),
         (TCB, "body", ('{"tcbInfo":' + v4.tcb_info + ',"signature":"0011"}').encode(), "'signature' is 2 bytes"),
-        (TCB, "body", ('{"tcbInfo":' + v4.tcb_info.replace("B0C06F000000", "00906ED50000") + ',"signature":"' + sig + '"}').encode(), "TCB info is for FMSPC '00906ED50000'"),
+        (
+            TCB,
+            "body",
+            (
+                '{"tcbInfo":' + v4.tcb_info.replace("B0C06F000000", "00906ED50000") + ',"signature":"' + sig + '"}'
+            ).encode(),
+            "TCB info is for FMSPC '00906ED50000'",
+        ),
         (TCB, "headers", {}, "no TCB-Info-Issuer-Chain or SGX-TCB-Info-Issuer-Chain header"),
-        (QE, "headers", {"SGX-Enclave-Identity-Issuer-Chain": "not%20a%20chain"}, "header: unexpected bytes at offset 0"),
+        (
+            QE,
+            "headers",
+            {"SGX-Enclave-Identity-Issuer-Chain": "not%20a%20chain"},
+            "header: unexpected bytes at offset 0",
+        ),
         (QE, "body", b"", "body is not a JSON object"),
         (PCKCRL, "headers", {}, "no SGX-PCK-CRL-Issuer-Chain header"),
         (PCKCRL, "body", b"garbage", "body is not a CRL: neither DER, PEM nor hex"),
@@ -437,7 +455,9 @@ def test_cli_cached_collateral_is_listed_and_max_age_refuses_it(pcs, testdata, t
     cached = json.loads(capsys.readouterr().out)
     assert cached["collateral"]["source"] == f"cache from {pcs.base_url}"
     assert cached["collateral"]["tcb_evaluation_data_number"] == 17
-    assert cached["policy_exceptions"][0].startswith(f"collateral from the cache: {pcs.base_url} could not be reached (TCB info: GET ")
+    assert cached["policy_exceptions"][0].startswith(
+        f"collateral from the cache: {pcs.base_url} could not be reached (TCB info: GET "
+    )
     policy = tmp_path / "policy.yaml"
     policy.write_text("max_collateral_age: 7d\n")  # INSIDE is 11 days after the TCB info's issue date
     assert main([*args, "--policy", str(policy)]) == 1
@@ -446,7 +466,9 @@ def test_cli_cached_collateral_is_listed_and_max_age_refuses_it(pcs, testdata, t
     assert main([*args[:-2], "--policy", str(policy)]) == 1  # the text form says it too
     text = capsys.readouterr().out
     assert "policy exception: collateral from the cache:" in text
-    assert "TCB evaluation data number 17, issued 2025-06-19T10:16:03Z (11d13h43m57s before the verification time)" in text
+    assert (
+        "TCB evaluation data number 17, issued 2025-06-19T10:16:03Z (11d13h43m57s before the verification time)" in text
+    )
 
 
 def test_cli_collateral_status(pcs, v4, testdata, tmp_path, monkeypatch, capsys):
@@ -468,16 +490,27 @@ def test_cli_collateral_status(pcs, v4, testdata, tmp_path, monkeypatch, capsys)
     assert doc["directory"] == str(folder)
     mine, broken = sorted(doc["entries"], key=lambda e: e["fmspc"], reverse=True)
     assert mine == {
-        "fmspc": "B0C06F000000", "ca": "platform", "service": None, "service_id": CollateralCache.service_id(pcs.base_url),
+        "fmspc": "B0C06F000000",
+        "ca": "platform",
+        "service": None,
+        "service_id": CollateralCache.service_id(pcs.base_url),
         "path": str(folder / f"B0C06F000000-platform-{CollateralCache.service_id(pcs.base_url)}.json"),
-        "tcb_evaluation_data_number": 17, "issue_date": "2025-06-19T10:16:03Z",
-        "next_update": "2025-07-19T10:00:35Z", "next_update_of": "PCK CRL", "state": "expired", "error": None,
-    }  # fmt: skip
-    assert broken["service"] == INTEL_PCS_URL and broken["state"] == "unreadable" and "not valid JSON" in broken["error"]
+        "tcb_evaluation_data_number": 17,
+        "issue_date": "2025-06-19T10:16:03Z",
+        "next_update": "2025-07-19T10:00:35Z",
+        "next_update_of": "PCK CRL",
+        "state": "expired",
+        "error": None,
+    }
+    assert (
+        broken["service"] == INTEL_PCS_URL and broken["state"] == "unreadable" and "not valid JSON" in broken["error"]
+    )
     assert main(["collateral", "status", "--pccs", pcs.base_url + "/sgx/certification/v4", "-o", "json"]) == 0
     only = json.loads(capsys.readouterr().out)["entries"]
     assert [(e["fmspc"], e["service"]) for e in only] == [("B0C06F000000", pcs.base_url)]
     assert main(["collateral", "status", "--pccs", pcs.base_url]) == 0
     text = capsys.readouterr().out
-    assert (f"B0C06F000000  platform   {pcs.base_url}: TCB evaluation data number 17, issued 2025-06-19T10:16:03Z, "
-            "next update 2025-07-19T10:00:35Z (PCK CRL): expired") in text  # fmt: skip
+    assert (
+        f"B0C06F000000  platform   {pcs.base_url}: TCB evaluation data number 17, issued 2025-06-19T10:16:03Z, "
+        "next update 2025-07-19T10:00:35Z (PCK CRL): expired"
+    ) in text

@@ -75,7 +75,9 @@ def test_accepted_statuses_can_be_widened(quote):
 
 def test_rejected_advisory(quote):
     p = Policy(accepted_tcb_statuses=("UpToDate", "SWHardeningNeeded"), rejected_advisory_ids=("INTEL-SA-00615",))
-    reasons = evaluate(p, result_for(quote, status="SWHardeningNeeded", advisories=["INTEL-SA-00615", "INTEL-SA-00001"]))
+    reasons = evaluate(
+        p, result_for(quote, status="SWHardeningNeeded", advisories=["INTEL-SA-00615", "INTEL-SA-00001"])
+    )
     assert codes(reasons) == ["advisory"]
     assert "INTEL-SA-00615" in reasons[0].message and "INTEL-SA-00001" not in reasons[0].message
 
@@ -86,7 +88,10 @@ def test_debug_and_sept_ve(quote):
     assert set(codes(reasons)) == {"debug-td", "sept-ve-disable"}
     relaxed = Policy(allow_debug=True, require_sept_ve_disable=False)
     assert evaluate(relaxed, result_for(quote, td_attributes=attrs)) == []
-    assert relaxed.loosened()[:2] == ["allow_debug: true (the host can read this TD's memory)", "require_sept_ve_disable: false"]
+    assert relaxed.loosened()[:2] == [
+        "allow_debug: true (the host can read this TD's memory)",
+        "require_sept_ve_disable: false",
+    ]
 
 
 def test_debug_refused_even_with_sept_ve_disable(quote):
@@ -110,8 +115,10 @@ def test_td_attributes_pinned_names_the_bits_that_differ(quote):
     extra = attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | TD_ATTR_PERFMON)
     reasons = evaluate(p, result_for(quote, td_attributes=extra))
     assert codes(reasons) == ["td-attributes"]
-    assert reasons[0].message == (f"quote field TD_ATTRIBUTES is {extra.hex()} (SEPT_VE_DISABLE, PKS, PERFMON), expected "
-                                  f"{launched}: set but not expected: PKS, PERFMON")  # fmt: skip
+    assert reasons[0].message == (
+        f"quote field TD_ATTRIBUTES is {extra.hex()} (SEPT_VE_DISABLE, PKS, PERFMON), expected "
+        f"{launched}: set but not expected: PKS, PERFMON"
+    )
     missing = evaluate(Policy(td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS).hex()), result_for(quote))
     assert codes(missing) == ["td-attributes"] and missing[0].message.endswith("expected but not set: PKS")
     assert evaluate(Policy(td_attributes=["00" * 8, extra.hex()]), result_for(quote, td_attributes=extra)) == []
@@ -128,7 +135,9 @@ def test_td_attributes_mask_compares_only_its_bits(quote):
     assert "td_attributes_mask: TD attributes not compared: PKS, PERFMON" in p.loosened()
     full = Policy(td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE).hex(), td_attributes_mask="ff" * 8)
     assert not any("mask" in line for line in full.loosened())
-    assert codes(evaluate(full, result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS)))) == ["td-attributes"]
+    assert codes(evaluate(full, result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS)))) == [
+        "td-attributes"
+    ]
 
 
 def test_mr_service_td_must_be_zero(quote):
@@ -197,10 +206,30 @@ def test_policy_roundtrips_through_its_json_dump():
 
 def test_every_measurement_mismatch_is_reported_at_once(quote):
     wrong = "ab" * 48
-    p = Policy(mrtd=wrong, rtmr0=wrong, rtmr1=wrong, rtmr2=wrong, rtmr3=wrong, mr_config_id=wrong, mr_owner=wrong, mr_owner_config=wrong, allowed_mr_seam=[wrong])
+    p = Policy(
+        mrtd=wrong,
+        rtmr0=wrong,
+        rtmr1=wrong,
+        rtmr2=wrong,
+        rtmr3=wrong,
+        mr_config_id=wrong,
+        mr_owner=wrong,
+        mr_owner_config=wrong,
+        allowed_mr_seam=[wrong],
+    )
     reasons = evaluate(p, result_for(quote))
     labels = [r.message.split()[2] for r in reasons]
-    assert labels == ["MR_TD", "RTMR0", "RTMR1", "RTMR2", "RTMR3", "MR_CONFIG_ID", "MR_OWNER", "MR_OWNER_CONFIG", "MR_SEAM"]
+    assert labels == [
+        "MR_TD",
+        "RTMR0",
+        "RTMR1",
+        "RTMR2",
+        "RTMR3",
+        "MR_CONFIG_ID",
+        "MR_OWNER",
+        "MR_OWNER_CONFIG",
+        "MR_SEAM",
+    ]
     assert reasons[0].message == f"quote field MR_TD is {quote.body.mr_td.hex()}, expected {wrong}"
 
 
@@ -212,11 +241,26 @@ def test_measurement_lists_and_case(quote):
 
 def test_xfam_attributes_svn_report_data(quote):
     b = quote.body
-    exact = Policy(xfam=b.xfam.hex(), td_attributes=b.td_attributes.hex(), min_tee_tcb_svn=b.tee_tcb_svn.hex(), report_data=b.report_data.hex())
+    exact = Policy(
+        xfam=b.xfam.hex(),
+        td_attributes=b.td_attributes.hex(),
+        min_tee_tcb_svn=b.tee_tcb_svn.hex(),
+        report_data=b.report_data.hex(),
+    )
     assert evaluate(exact, result_for(quote)) == []
     higher = bytes(min(x + 1, 255) for x in b.tee_tcb_svn)
-    wrong = Policy(xfam="00" * 8, td_attributes=(TD_ATTR_SEPT_VE_DISABLE | 2).to_bytes(8, "little").hex(), min_tee_tcb_svn=higher.hex(), report_data="11" * 64)
-    assert codes(evaluate(wrong, result_for(quote))) == ["measurement-mismatch", "td-attributes", "tee-tcb-svn", "report-data"]
+    wrong = Policy(
+        xfam="00" * 8,
+        td_attributes=(TD_ATTR_SEPT_VE_DISABLE | 2).to_bytes(8, "little").hex(),
+        min_tee_tcb_svn=higher.hex(),
+        report_data="11" * 64,
+    )
+    assert codes(evaluate(wrong, result_for(quote))) == [
+        "measurement-mismatch",
+        "td-attributes",
+        "tee-tcb-svn",
+        "report-data",
+    ]
 
 
 def test_policy_file_roundtrip(tmp_path, quote):
@@ -271,7 +315,7 @@ def test_digits_only_hex_keeps_its_width(tmp_path, quote):
         ("accepted_tcb_statuses: [UpToDate, ~]\n", "<policy>:1: accepted_tcb_statuses.1: null list item"),
         ("allow_debug: false\nallow_debug: true\n", "<policy>:2: allow_debug: duplicate key (first at line 1)"),
     ],
-)  # fmt: skip
+)
 def test_null_or_duplicate_never_loosens_the_policy(text, expected):
     """``mrtd: null`` would pin nothing and a second ``allow_debug`` would win: both refused."""
     with pytest.raises(PolicyFileError) as err:
@@ -288,8 +332,13 @@ def test_strict_policy_is_the_default_policy_without_pydantic(quote, quote_v5):
     assert [f.name for f in dataclasses.fields(StrictPolicy)] == list(Policy.model_fields)
     assert {k: getattr(strict, k) for k in Policy.model_fields} == {k: getattr(default, k) for k in Policy.model_fields}
     assert strict.loosened() == default.loosened() and strict.unpinned() == default.unpinned()
-    results = [result_for(quote), result_for(quote_v5), result_for(quote, status="OutOfDate", advisories=("INTEL-SA-00001",)),
-               result_for(quote, td_attributes=attrs(TD_ATTR_DEBUG | TD_ATTR_MIGRATABLE)), result_for(quote, td_attributes=attrs(0))]  # fmt: skip
+    results = [
+        result_for(quote),
+        result_for(quote_v5),
+        result_for(quote, status="OutOfDate", advisories=("INTEL-SA-00001",)),
+        result_for(quote, td_attributes=attrs(TD_ATTR_DEBUG | TD_ATTR_MIGRATABLE)),
+        result_for(quote, td_attributes=attrs(0)),
+    ]
     for result in results:
         assert evaluate(strict, result) == evaluate(default, result)
     assert any(evaluate(strict, r) for r in results)

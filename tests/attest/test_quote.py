@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import dcap_qvl
@@ -17,9 +18,15 @@ from tdxvm.attest.quote import (
     parse_quote,
     read_quote_bytes,
 )
-import contextlib
 
-VECTORS = ["dcap-qvl-v4", "go-tdx-guest-v5", "dcap-qvl-v5-no-tcb-level", "go-tdx-guest-ccel", "trustee-debug-td", "cc-api-preprod-root"]
+VECTORS = [
+    "dcap-qvl-v4",
+    "go-tdx-guest-v5",
+    "dcap-qvl-v5-no-tcb-level",
+    "go-tdx-guest-ccel",
+    "trustee-debug-td",
+    "cc-api-preprod-root",
+]
 
 
 @pytest.mark.parametrize("name", VECTORS)
@@ -32,7 +39,12 @@ def test_fields_match_dcap_qvl(testdata, name):
     assert q.header.user_data == ref.header.user_data
     r = ref.report
     b = q.body
-    assert (b.tee_tcb_svn, b.mr_seam, b.mr_signer_seam, b.seam_attributes) == (r.tee_tcb_svn, r.mr_seam, r.mr_signer_seam, r.seam_attributes)
+    assert (b.tee_tcb_svn, b.mr_seam, b.mr_signer_seam, b.seam_attributes) == (
+        r.tee_tcb_svn,
+        r.mr_seam,
+        r.mr_signer_seam,
+        r.seam_attributes,
+    )
     assert (b.td_attributes, b.xfam, b.mr_td, b.mr_config_id) == (r.td_attributes, r.xfam, r.mr_td, r.mr_config_id)
     assert (b.mr_owner, b.mr_owner_config, b.report_data) == (r.mr_owner, r.mr_owner_config, r.report_data)
     assert b.rtmrs == (r.rt_mr0, r.rt_mr1, r.rt_mr2, r.rt_mr3)
@@ -76,7 +88,11 @@ def test_hex_input(testdata):
         (lambda q: q[:4] + struct.pack("<I", 0) + q[8:], "header.tee_type", 4),
         (lambda q: q[:450], "body.rtmr1", 424),
         (lambda q: q[:632] + struct.pack("<I", 0xFFFFFF) + q[636:], "signature_data", 636),
-        (lambda q: q[:636 + 128] + struct.pack("<H", 5) + q[636 + 130 :], "signature_data.certification_data.type", 764),
+        (
+            lambda q: q[: 636 + 128] + struct.pack("<H", 5) + q[636 + 130 :],
+            "signature_data.certification_data.type",
+            764,
+        ),
     ],
 )
 def test_malformed_quotes_name_field_and_offset(testdata, mutate, field, offset):

@@ -67,8 +67,12 @@ def test_one_unpack_agrees_with_field_by_field(samples, monkeypatch):
     slow = [_outcome(c) for c in cases]
     assert fast == slow
     assert sum(not isinstance(o, tuple) for o in fast) > len(samples)  # parsed ones among them
-    assert {o[2] for o in fast if isinstance(o, tuple)} >= {"header.version", "body.report_data", "signature_data",
-                                                           "signature_data.certification_data.type"}  # fmt: skip
+    assert {o[2] for o in fast if isinstance(o, tuple)} >= {
+        "header.version",
+        "body.report_data",
+        "signature_data",
+        "signature_data.certification_data.type",
+    }
 
 
 def test_body_types(samples):

@@ -98,7 +98,6 @@ def test_diagnosis_never_replaces_a_parse(raw):
     assert parse_quote(raw) == load_quote(raw)
 
 
-
 @functools.cache
 def _v4_with_collateral():
     d = TESTDATA / "dcap-qvl-v4"

@@ -16,10 +16,46 @@ from tdxvm.emulate.platform import EmulatedPlatform
 
 from ..conftest import TESTDATA, utc
 
-VALUES = [None, True, False, 0, 1, -1, 255, 256, 3.5, "", "x", "00", "ZZ", "0 0", "00" * 8, "00" * 48, "FF" * 16,
-          "2025-06-19T10:16:03Z", "2025-06-19T10:16:03", "2025-06-19", "UpToDate", "Revoked", "OutOfDate", "Unknown",
-          [], {}, [1], ["a"], [None], {"svn": 1}, {"isvsvn": 3}, [{"svn": 1}] * 16, [{"svn": 1}] * 15,
-          [{"svn": True}] * 16, [{"svn": 256}] * 16, [{"svn": -1}] * 16, [{"svn": 1.0}] * 16, [{}] * 16]  # fmt: skip
+VALUES = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    255,
+    256,
+    3.5,
+    "",
+    "x",
+    "00",
+    "ZZ",
+    "0 0",
+    "00" * 8,
+    "00" * 48,
+    "FF" * 16,
+    "2025-06-19T10:16:03Z",
+    "2025-06-19T10:16:03",
+    "2025-06-19",
+    "UpToDate",
+    "Revoked",
+    "OutOfDate",
+    "Unknown",
+    [],
+    {},
+    [1],
+    ["a"],
+    [None],
+    {"svn": 1},
+    {"isvsvn": 3},
+    [{"svn": 1}] * 16,
+    [{"svn": 1}] * 15,
+    [{"svn": True}] * 16,
+    [{"svn": 256}] * 16,
+    [{"svn": -1}] * 16,
+    [{"svn": 1.0}] * 16,
+    [{}] * 16,
+]
 
 
 def _documents() -> list[tuple[str, dict]]:

@@ -103,7 +103,9 @@ def test_warm_cache_checks_only_the_quotes_signatures(v4, tmp_path, ecdsa_calls)
     quote, coll = v4
     QuoteVerifier().verify(quote, coll, at=V4_FROM)
     cold = len(ecdsa_calls)
-    assert cold == 9  # TCB signing and PCK CA certificates, root CRL, PCK CRL, TCB info, QE identity; PCK leaf, QE report, quote
+    assert (
+        cold == 9
+    )  # TCB signing and PCK CA certificates, root CRL, PCK CRL, TCB info, QE identity; PCK leaf, QE report, quote
     ecdsa_calls.clear()
     assert cached(tmp_path).verify(quote, coll, at=V4_FROM).genuine
     assert len(ecdsa_calls) == cold  # recording adds no check: the PCK CRL's issuer is the quote's PCK CA
@@ -113,7 +115,11 @@ def test_warm_cache_checks_only_the_quotes_signatures(v4, tmp_path, ecdsa_calls)
     assert cached(tmp_path).verify(quote, coll, at=V4_TO).genuine
     assert ecdsa_calls == ["raw"]  # the quote's own signature
     ecdsa_calls.clear()
-    assert cached(tmp_path, trust_anchor=TrustAnchor(sha256=INTEL, name="same root, named again")).verify(quote, coll, at=V4_FROM).genuine
+    assert (
+        cached(tmp_path, trust_anchor=TrustAnchor(sha256=INTEL, name="same root, named again"))
+        .verify(quote, coll, at=V4_FROM)
+        .genuine
+    )
     assert len(ecdsa_calls) == 1  # the entries belong to the anchor's hash, not its name
     ecdsa_calls.clear()
     QuoteVerifier(verified_cache=None).verify(quote, coll, at=V4_FROM)  # --no-cache
@@ -170,7 +176,9 @@ def test_other_anchor_other_entries(v4, tmp_path):
     quote, coll = v4
     cached(tmp_path).verify(quote, coll, at=V4_FROM)
     mine = {*collateral_keys(coll, INTEL).values(), whole_key(coll, INTEL)}
-    assert mine <= {p.stem for p in entries(tmp_path)} and len(entries(tmp_path)) == len(mine) + 2  # + PCK chain, QE report
+    assert (
+        mine <= {p.stem for p in entries(tmp_path)} and len(entries(tmp_path)) == len(mine) + 2
+    )  # + PCK chain, QE report
     assert not {*collateral_keys(coll, bytes(32)).values(), whole_key(coll, bytes(32))} & mine
 
 
@@ -196,7 +204,9 @@ def test_item_entries_serve_when_the_whole_set_entry_does_not(v4, tmp_path, ecds
 
 def _bad_tcb_info(coll):
     """The collateral with a TCB info whose signature no longer verifies (one status changed)."""
-    bad = dataclasses.replace(coll, tcb_info=coll.tcb_info.replace('"tcbStatus":"OutOfDate"', '"tcbStatus":"UpToDate"', 1))
+    bad = dataclasses.replace(
+        coll, tcb_info=coll.tcb_info.replace('"tcbStatus":"OutOfDate"', '"tcbStatus":"UpToDate"', 1)
+    )
     assert bad.tcb_info != coll.tcb_info
     return bad
 
@@ -233,8 +243,20 @@ def _forge(folder, bad, good_path, *, how):
     return target
 
 
-@pytest.mark.parametrize("how", ["copied", "edited", "truncated", "group-writable", "world-writable", "foreign-owned",
-                                 "symlink", "folder-group-writable", "foreign-key"])  # fmt: skip
+@pytest.mark.parametrize(
+    "how",
+    [
+        "copied",
+        "edited",
+        "truncated",
+        "group-writable",
+        "world-writable",
+        "foreign-owned",
+        "symlink",
+        "folder-group-writable",
+        "foreign-key",
+    ],
+)
 def test_tampered_entry_does_not_make_bad_collateral_pass(v4, tmp_path, how):
     if how.startswith("foreign") and os.geteuid() != 0:
         pytest.skip("needs root to give a file another owner")
@@ -271,9 +293,15 @@ def test_damaged_entries_are_checked_again(v4, tmp_path, ecdsa_calls, damage):
     cached(folder).verify(quote, coll, at=V4_FROM)
     for path in entries(folder):
         text = path.read_text()
-        path.write_text({"garbage": "\x00\xff not an entry", "empty": "",
-                         "mac": text[:-3] + ("000" if not text.endswith("000\n") else "111") + "\n",
-                         "dates": text.replace("2025-0", "2024-0"), "key-file": text}[damage])  # fmt: skip
+        path.write_text(
+            {
+                "garbage": "\x00\xff not an entry",
+                "empty": "",
+                "mac": text[:-3] + ("000" if not text.endswith("000\n") else "111") + "\n",
+                "dates": text.replace("2025-0", "2024-0"),
+                "key-file": text,
+            }[damage]
+        )
     if damage == "key-file":
         (folder / KEY_FILE).write_bytes(os.urandom(32))  # entries made under another key
     ecdsa_calls.clear()

@@ -30,7 +30,9 @@ INTEL = TrustAnchor.intel().sha256
 
 @pytest.fixture
 def v4(testdata):
-    return (testdata / "dcap-qvl-v4" / "quote.bin").read_bytes(), load_bundle(testdata / "dcap-qvl-v4" / "collateral.json")
+    return (testdata / "dcap-qvl-v4" / "quote.bin").read_bytes(), load_bundle(
+        testdata / "dcap-qvl-v4" / "collateral.json"
+    )
 
 
 @pytest.fixture
@@ -59,7 +61,11 @@ def cached(folder, **kw):
 def _signatures(quote: bytes):
     """(quote signature, QE report signature, PCK leaf's signature) of a quote."""
     q = parse_quote(quote)
-    return q.signature.signature, q.signature.qe_report_signature, parse_pem_chain(q.signature.pck_chain_pem)[0].signature
+    return (
+        q.signature.signature,
+        q.signature.qe_report_signature,
+        parse_pem_chain(q.signature.pck_chain_pem)[0].signature,
+    )
 
 
 def _keys(quote: bytes, anchor: bytes = INTEL):
@@ -169,9 +175,11 @@ def test_qe_report_entry_belongs_to_its_pck_leaf(v4, tmp_path):
     key = qe_report_key(leaf, q.qe_report.raw, q.qe_report_signature, INTEL)
     cache.record(QE_REPORT, key, anchor_sha256=INTEL, window=Window(PCK_FROM, PCK_TO))
     assert cache.lookup(QE_REPORT, key, anchor_sha256=INTEL, at=V4_FROM)
-    for other in (qe_report_key(bytes(32), q.qe_report.raw, q.qe_report_signature, INTEL),  # another leaf
-                  qe_report_key(leaf, q.qe_report.raw[:-1] + b"\x01", q.qe_report_signature, INTEL),  # another report
-                  qe_report_key(leaf, q.qe_report.raw, q.qe_report_signature[:-1] + b"\x01", INTEL)):  # fmt: skip
+    for other in (
+        qe_report_key(bytes(32), q.qe_report.raw, q.qe_report_signature, INTEL),  # another leaf
+        qe_report_key(leaf, q.qe_report.raw[:-1] + b"\x01", q.qe_report_signature, INTEL),  # another report
+        qe_report_key(leaf, q.qe_report.raw, q.qe_report_signature[:-1] + b"\x01", INTEL),
+    ):
         assert other != key and not cache.lookup(QE_REPORT, other, anchor_sha256=INTEL, at=V4_FROM)
 
 
@@ -203,8 +211,10 @@ def _forge(folder, good: str, bad: str, how: str):
 
 
 @pytest.mark.parametrize("how", ["copied", "edited", "truncated", "world-writable", "foreign-owned", "symlink"])
-@pytest.mark.parametrize(("item", "tamper", "code"), [(PCK_CHAIN, _bad_leaf_signature, "cert-signature"),
-                                                     (QE_REPORT, _bad_qe_report_signature, "qe-report-signature")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("item", "tamper", "code"),
+    [(PCK_CHAIN, _bad_leaf_signature, "cert-signature"), (QE_REPORT, _bad_qe_report_signature, "qe-report-signature")],
+)
 def test_forged_entry_does_not_make_a_bad_signature_pass(v4, tmp_path, how, item, tamper, code):
     if how == "foreign-owned" and os.geteuid() != 0:
         pytest.skip("needs root to give a file another owner")
@@ -225,8 +235,14 @@ def test_damaged_entry_is_checked_again(v4, tmp_path, checked, item, damage):
     cached(tmp_path).verify(quote, coll, at=V4_FROM)
     path = tmp_path / f"{_keys(quote)[item]}.json"
     text = path.read_text()
-    path.write_text({"garbage": "\x00\xff not an entry", "mac": text[:-5] + "0000\n",
-                     "dates": text.replace("2032-", "2039-"), "other-anchor": text.replace(INTEL.hex(), "00" * 32)}[damage])  # fmt: skip
+    path.write_text(
+        {
+            "garbage": "\x00\xff not an entry",
+            "mac": text[:-5] + "0000\n",
+            "dates": text.replace("2032-", "2039-"),
+            "other-anchor": text.replace(INTEL.hex(), "00" * 32),
+        }[damage]
+    )
     checked.clear()
     result = cached(tmp_path).verify(quote, coll, at=V4_FROM)
     _, qe_sig, leaf_sig = _signatures(quote)

@@ -105,11 +105,20 @@ def test_verdict_lists_unpinned_registers(testdata):
     quote, coll = _load(testdata, "dcap-qvl-v4")
     doc = appraise(quote, coll, at=V4_FROM).to_dict()
     assert doc["verdict"] == "accept"
-    assert [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == ["mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"]
+    assert [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == [
+        "mrtd",
+        "rtmr0",
+        "rtmr1",
+        "rtmr2",
+        "rtmr3",
+    ]
     b = parse_quote(quote).body
     pinned = Policy(mrtd=b.mr_td.hex(), rtmr1=b.rtmrs[1].hex(), rtmr2=b.rtmrs[2].hex())
     doc = appraise(quote, coll, at=V4_FROM, policy=pinned).to_dict()
-    assert doc["verdict"] == "accept" and [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == ["rtmr0", "rtmr3"]
+    assert doc["verdict"] == "accept" and [line.split(" not pinned: ")[0] for line in doc["policy_exceptions"]] == [
+        "rtmr0",
+        "rtmr3",
+    ]
 
 
 def test_preproduction_root_refused(testdata):
@@ -133,7 +142,9 @@ def test_custom_root_refuses_intel_chain(testdata):
     from tdxvm.attest.pck import parse_pem_chain
 
     quote, coll = _load(testdata, "dcap-qvl-v4")
-    other_root = parse_pem_chain(parse_quote((testdata / "cc-api-preprod-root" / "quote.bin").read_bytes()).signature.pck_chain_pem)[-1]
+    other_root = parse_pem_chain(
+        parse_quote((testdata / "cc-api-preprod-root" / "quote.bin").read_bytes()).signature.pck_chain_pem
+    )[-1]
     v = appraise(quote, coll, at=V4_FROM, trust_anchor=TrustAnchor.from_certificate(other_root))
     assert not v.accepted
     assert "untrusted-root" in codes(v)

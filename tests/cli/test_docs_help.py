@@ -36,7 +36,9 @@ def test_no_section_names_a_command_that_does_not_exist():
 def test_regenerate_replaces_only_the_block_and_adds_missing_sections():
     doc = "# CLI\n\n### tdxvm stop\n\n```text\nold help\n```\n\nprose kept\n\n## Later\n\ntail\n"
     new = regenerate(doc, {("stop",): "Usage: tdxvm stop NAME\n", ("launch",): "Usage: tdxvm launch VM.yaml\n"})
-    assert new == ("# CLI\n\n### tdxvm stop\n\n```text\nUsage: tdxvm stop NAME\n```\n\nprose kept\n\n"
-                   "### tdxvm launch\n\n```text\nUsage: tdxvm launch VM.yaml\n```\n\n## Later\n\ntail\n")  # fmt: skip
+    assert new == (
+        "# CLI\n\n### tdxvm stop\n\n```text\nUsage: tdxvm stop NAME\n```\n\nprose kept\n\n"
+        "### tdxvm launch\n\n```text\nUsage: tdxvm launch VM.yaml\n```\n\n## Later\n\ntail\n"
+    )
     assert regenerate(new, {("stop",): "Usage: tdxvm stop NAME\n", ("launch",): "Usage: tdxvm launch VM.yaml\n"}) == new
     assert stale_headings(new, [("stop",)]) == ["### tdxvm launch"]

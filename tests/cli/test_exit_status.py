@@ -39,7 +39,9 @@ def test_a_pcs_that_refuses_connections_is_exit_3(capsys, testdata, tmp_path, mo
     doc = json.loads(out)
     assert code == 3 and doc["verdict"] == "error" and doc["error"]["code"] == "collateral-fetch"
     assert "Connection refused" in doc["error"]["message"]
-    code, _, err = run(capsys, "collateral", "fetch", quote, "--out", tmp_path / "bundle.json", "--pccs", "https://127.0.0.1:1")
+    code, _, err = run(
+        capsys, "collateral", "fetch", quote, "--out", tmp_path / "bundle.json", "--pccs", "https://127.0.0.1:1"
+    )
     assert code == 3 and err.startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "bundle.json").exists()
 
@@ -47,8 +49,17 @@ def test_a_pcs_that_refuses_connections_is_exit_3(capsys, testdata, tmp_path, mo
 def test_a_refusal_is_exit_1(capsys, testdata):
     """Expired collateral: the verifier's answer is no."""
     d = testdata / "dcap-qvl-v4"
-    code, out, _ = run(capsys, "verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2025-07-21T00:00:00Z",
-                       "-o", "json")  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "verify-quote",
+        d / "quote.bin",
+        "--collateral",
+        d / "collateral.json",
+        "--at",
+        "2025-07-21T00:00:00Z",
+        "-o",
+        "json",
+    )
     assert code == 1 and json.loads(out)["verdict"] == "reject"
 
 
@@ -80,8 +91,12 @@ class _No(Refused):
 
 
 def test_the_class_decides_never_the_attributes(capsys):
-    raised = {"gone": _Gone("nobody home"), "no": _No("not this one"), "input": TdxvmError("bad file", code="bad-file"),
-              "typed": _LooksTyped("a bug")}  # fmt: skip
+    raised = {
+        "gone": _Gone("nobody home"),
+        "no": _No("not this one"),
+        "input": TdxvmError("bad file", code="bad-file"),
+        "typed": _LooksTyped("a bug"),
+    }
 
     @click.group()
     def cli() -> None:

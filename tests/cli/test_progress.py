@@ -37,7 +37,11 @@ def test_off_a_terminal_only_finished_lines_without_carriage_returns(capsys):
     p.done("kernel", "cached", seconds=0.0)
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.splitlines() == ["  rootfs     done      312.4 s  412 packages", "  debootstrap trixie", "  kernel     cached      0.0 s"]
+    assert err.splitlines() == [
+        "  rootfs     done      312.4 s  412 packages",
+        "  debootstrap trixie",
+        "  kernel     cached      0.0 s",
+    ]
     assert "\r" not in err and "..." not in err
 
 
@@ -49,9 +53,9 @@ def test_on_a_terminal_the_result_writes_over_its_phase(capsys):
     p.note("", "the agent answered")  # another line: the pending phase line is ended first
     p.step("quote", "done", 0.5, "")
     err = capsys.readouterr().err
-    assert err == ("  boot    ...\r  boot    done       12.3 s\n"
-                   "  quote   ...\n  the agent answered\n"
-                   "  quote   done        0.5 s\n")  # fmt: skip
+    assert err == (
+        "  boot    ...\r  boot    done       12.3 s\n  quote   ...\n  the agent answered\n  quote   done        0.5 s\n"
+    )
 
 
 def test_meter_refreshes_in_place_five_times_a_second_and_ends_its_line(capsys):
@@ -65,10 +69,12 @@ def test_meter_refreshes_in_place_five_times_a_second_and_ends_its_line(capsys):
     p.note("upload", "interrupted (reset); resuming (try 2)")  # a note never overwrites the meter
     p.meter("upload", 4 * 2**20, 4 * 2**20, 2.0)  # the end is always shown
     err = capsys.readouterr().err
-    assert err == ("  upload     0.0%  0 of 4 MiB  0 MiB/s"
-                   "\r  upload    50.0%  2 of 4 MiB  2 MiB/s"
-                   "\n  upload   interrupted (reset); resuming (try 2)\n"
-                   "  upload   100.0%  4 of 4 MiB  2 MiB/s\n")  # fmt: skip
+    assert err == (
+        "  upload     0.0%  0 of 4 MiB  0 MiB/s"
+        "\r  upload    50.0%  2 of 4 MiB  2 MiB/s"
+        "\n  upload   interrupted (reset); resuming (try 2)\n"
+        "  upload   100.0%  4 of 4 MiB  2 MiB/s\n"
+    )
 
 
 def test_counter_adds_bytes(capsys):
@@ -80,7 +86,9 @@ def test_counter_adds_bytes(capsys):
     clock.now += 1.0
     add(2 * 2**20)
     err = capsys.readouterr().err
-    assert err.endswith("\r  decrypting 100.0%  3 of 3 MiB  2 MiB/s\n") and err.startswith("  decrypting  33.3%  1 of 3 MiB")
+    assert err.endswith("\r  decrypting 100.0%  3 of 3 MiB  2 MiB/s\n") and err.startswith(
+        "  decrypting  33.3%  1 of 3 MiB"
+    )
 
 
 def test_host_text_is_escaped(capsys):
@@ -109,4 +117,6 @@ def test_status_colour_only_without_no_color(monkeypatch, no_color):
     assert result.exit_code == 0, result.output
     coloured = "\x1b[31mfailed  \x1b[0m"
     assert (coloured in result.stderr) == (no_color is None)
-    assert "failed" in result.stderr and "\\x1b[31mhost red" in result.stderr  # the host's own sequence: shown, never run
+    assert (
+        "failed" in result.stderr and "\\x1b[31mhost red" in result.stderr
+    )  # the host's own sequence: shown, never run

@@ -14,7 +14,10 @@ from tdxvm.cli import main
 from tdxvm.cli.refusal import print_refusal, reason_dicts, reason_fields, reason_lines
 from tdxvm.provision.handshake import AttestationRefused
 
-REASONS = (Reason("measurement-mismatch", "quote field RTMR2 is 00, expected 11"), Reason("tcb-status", "TCB OutOfDate"))
+REASONS = (
+    Reason("measurement-mismatch", "quote field RTMR2 is 00, expected 11"),
+    Reason("tcb-status", "TCB OutOfDate"),
+)
 
 
 def run(capsys, *argv):
@@ -26,22 +29,34 @@ def run(capsys, *argv):
 def test_text_names_every_reason(capsys):
     print_refusal("smoke did not attest", REASONS, "text", document={"never": "shown"})
     out, err = capsys.readouterr()
-    assert out.splitlines() == ["REFUSED  smoke did not attest", "  - [measurement-mismatch] quote field RTMR2 is 00, expected 11",
-                                "  - [tcb-status] TCB OutOfDate"]  # fmt: skip
+    assert out.splitlines() == [
+        "REFUSED  smoke did not attest",
+        "  - [measurement-mismatch] quote field RTMR2 is 00, expected 11",
+        "  - [tcb-status] TCB OutOfDate",
+    ]
     assert err == ""
 
 
 def test_json_is_the_document_as_given(capsys):
     doc = {"name": "smoke", "state": "refused", "reasons": reason_dicts(REASONS)}
     print_refusal("smoke did not attest", REASONS, "json", document=doc)
-    assert json.loads(capsys.readouterr().out) == {"name": "smoke", "state": "refused", "reasons": [
-        {"code": "measurement-mismatch", "message": "quote field RTMR2 is 00, expected 11"},
-        {"code": "tcb-status", "message": "TCB OutOfDate"}]}  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == {
+        "name": "smoke",
+        "state": "refused",
+        "reasons": [
+            {"code": "measurement-mismatch", "message": "quote field RTMR2 is 00, expected 11"},
+            {"code": "tcb-status", "message": "TCB OutOfDate"},
+        ],
+    }
 
 
 def test_where_is_shown_unless_the_message_says_it():
-    quote = {"code": "quote-format", "message": "header.tee_type at byte offset 4: TEE type 0x0 (SGX) is not TDX (0x81)",
-             "field": "header.tee_type", "offset": 4}  # fmt: skip
+    quote = {
+        "code": "quote-format",
+        "message": "header.tee_type at byte offset 4: TEE type 0x0 (SGX) is not TDX (0x81)",
+        "field": "header.tee_type",
+        "offset": 4,
+    }
     placed = {"code": "rtmr3-log-missing", "message": "no RTMR3 event log", "where": "https://10.0.0.5:8443"}
     assert reason_fields(quote) == ("quote-format", quote["message"], "header.tee_type at byte offset 4")
     assert reason_lines([quote, placed]) == [
@@ -87,9 +102,11 @@ def test_provision_refusal(capsys, monkeypatch, tmp_path):
     base = ("provision", "smoke", "--model", tmp_path, "--uri", "test:///default")
     code, out, err = run(capsys, *base)
     assert code == 1 and err == ""
-    assert out.splitlines() == ["REFUSED  smoke did not attest; the model key was not released to it",
-                                "  - [measurement-mismatch] quote field RTMR2 is 00, expected 11",
-                                "  - [tcb-status] TCB OutOfDate"]  # fmt: skip
+    assert out.splitlines() == [
+        "REFUSED  smoke did not attest; the model key was not released to it",
+        "  - [measurement-mismatch] quote field RTMR2 is 00, expected 11",
+        "  - [tcb-status] TCB OutOfDate",
+    ]
     code, out, _ = run(capsys, *base, "-o", "json")
     assert code == 1 and json.loads(out) == {"name": "smoke", "state": "refused", "reasons": reason_dicts(REASONS)}
 
@@ -110,7 +127,13 @@ def test_launch_refusal_document(capsys):
     from tdxvm.cli.vm import _report_refused
 
     _report_refused("smoke", "service-refused", "the service of smoke did not attest", REASONS, "json")
-    assert json.loads(capsys.readouterr().out) == {"name": "smoke", "state": "service-refused", "reasons": reason_dicts(REASONS)}
+    assert json.loads(capsys.readouterr().out) == {
+        "name": "smoke",
+        "state": "service-refused",
+        "reasons": reason_dicts(REASONS),
+    }
     _report_refused("smoke", "refused", "smoke did not attest", REASONS, "text")
-    assert capsys.readouterr().out.splitlines()[:2] == ["REFUSED  smoke did not attest",
-                                                        "  - [measurement-mismatch] quote field RTMR2 is 00, expected 11"]  # fmt: skip
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "REFUSED  smoke did not attest",
+        "  - [measurement-mismatch] quote field RTMR2 is 00, expected 11",
+    ]

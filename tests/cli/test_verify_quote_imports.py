@@ -13,7 +13,16 @@ V4_AT = "2025-06-20T00:00:00Z"
 
 def _run(testdata, *extra: str) -> tuple[int, str, list[str]]:
     d = testdata / "dcap-qvl-v4"
-    argv = ["verify-quote", str(d / "quote.bin"), "--collateral", str(d / "collateral.json"), "--at", V4_AT, "--no-cache", *extra]
+    argv = [
+        "verify-quote",
+        str(d / "quote.bin"),
+        "--collateral",
+        str(d / "collateral.json"),
+        "--at",
+        V4_AT,
+        "--no-cache",
+        *extra,
+    ]
     probe = (
         "import sys\nfrom tdxvm.cli import main\n"
         f"rc = main({argv!r})\n"

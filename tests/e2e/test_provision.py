@@ -27,8 +27,8 @@ from tdxvm.emulate.qgsd import running_port
 from tdxvm.guest.modeldigest import folder_digest, show
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.lifecycle import _write_metadata, destroy, lookup, status
-from tdxvm.launch.records import RecordMismatch, VmRecords
 from tdxvm.launch.manifest import load_manifest
+from tdxvm.launch.records import RecordMismatch, VmRecords
 from tdxvm.launch.spec import ModelRef, VmSpec
 from tdxvm.provision import attestation, bringup, handshake
 from tdxvm.provision.client import ApiClient, ApiError
@@ -54,7 +54,9 @@ def _expected_completion(plain, prompt: str) -> str:
     lm = AutoModelForCausalLM.from_pretrained(plain, local_files_only=True, dtype=torch.float32).eval()
     ids = torch.tensor([tok(prompt)["input_ids"]])
     out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
-    return str(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    return str(
+        tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    )
 
 
 def _verify_endpoint_cli(capsys, url: str, trust, policy, folder, *args: str) -> tuple[int, dict]:
@@ -62,21 +64,46 @@ def _verify_endpoint_cli(capsys, url: str, trust, policy, folder, *args: str) ->
     (folder / "bundle.json").write_text(trust.collateral.to_json())
     (folder / "root.pem").write_text(trust.platform.root_ca_pem)
     (folder / "policy.json").write_text(json.dumps(policy.model_dump(mode="json", exclude_none=True)))  # JSON is YAML
-    code = tdxvm_main(["verify-endpoint", url, "--collateral", str(folder / "bundle.json"), "--root-ca", str(folder / "root.pem"),
-                       "--policy", str(folder / "policy.json"), *args, "-o", "json"])  # fmt: skip
+    code = tdxvm_main(
+        [
+            "verify-endpoint",
+            url,
+            "--collateral",
+            str(folder / "bundle.json"),
+            "--root-ca",
+            str(folder / "root.pem"),
+            "--policy",
+            str(folder / "policy.json"),
+            *args,
+            "-o",
+            "json",
+        ]
+    )
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build, tiny_encrypted, tmp_path_factory, capsys):
+def test_launch_provisions_and_serves_an_attested_model(
+    conn, model_smoke_build, tiny_encrypted, tmp_path_factory, capsys
+):
     plain, enc = tiny_encrypted
     store = SecretStore(directory=model_smoke_build.secrets)
     trust = for_backend("emulated", emulated_dir=tmp_path_factory.mktemp("emulated"))
     name = f"e2e-model-{secrets.token_hex(3)}"
-    spec = VmSpec(name=name, uri=URI, image=model_smoke_build.folder / "manifest.json", backend="emulated", vcpus=2,
-                  memory=2048, scratch=256, model=ModelRef(path=enc, name="tiny-llama", key=TINY_KEY))  # fmt: skip
+    spec = VmSpec(
+        name=name,
+        uri=URI,
+        image=model_smoke_build.folder / "manifest.json",
+        backend="emulated",
+        vcpus=2,
+        memory=2048,
+        scratch=256,
+        model=ModelRef(path=enc, name="tiny-llama", key=TINY_KEY),
+    )
     events: list = []
     try:
-        result = bringup.bring_up(spec, load_manifest(spec.image), conn, trust=trust, secrets=store, progress=events.append)
+        result = bringup.bring_up(
+            spec, load_manifest(spec.image), conn, trust=trust, secrets=store, progress=events.append
+        )
         assert [e.phase for e in events if e.status == "done"] == [*bringup.PHASES, "provision"]
         served = result.provision
         assert served is not None and served["model"] == "tiny-llama"
@@ -105,8 +132,12 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
         cli = tmp_path_factory.mktemp("cli")
         code, doc = _verify_endpoint_cli(capsys, endpoint.url, trust, vm.policy, cli, "--model-digest", show(digest))
         assert code == 0 and doc["model"]["digest"] == show(digest) and doc["rtmr3"]["model_checked"]
-        code, doc = _verify_endpoint_cli(capsys, endpoint.url, trust, vm.policy, cli, "--model-digest", "ab" * 32, "--complete", "hi")
-        assert code == 1 and [r["code"] for r in doc["reasons"]] == ["model-digest-mismatch"] and "completion" not in doc
+        code, doc = _verify_endpoint_cli(
+            capsys, endpoint.url, trust, vm.policy, cli, "--model-digest", "ab" * 32, "--complete", "hi"
+        )
+        assert (
+            code == 1 and [r["code"] for r in doc["reasons"]] == ["model-digest-mismatch"] and "completion" not in doc
+        )
         assert status(conn, name, records=records)[0].model["digest"] == show(digest)  # what `tdxvm status NAME` shows
         with ApiClient(endpoint) as api:
             assert api.models() == ["tiny-llama"]
@@ -114,10 +145,18 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
             doc = api.complete(prompt, max_tokens=MAX_TOKENS, temperature=0)
             assert 0 < doc["usage"]["completion_tokens"] <= MAX_TOKENS
             assert doc["choices"][0]["text"] == _expected_completion(plain, prompt)  # the model it was given, greedy
-            pieces = list(api.chat_stream([{"role": "user", "content": "Tell me a story"}], max_tokens=MAX_TOKENS, temperature=0))
-            whole = api.session.post(f"{endpoint.url}/v1/chat/completions", json={
-                "model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me a story"}],
-                "max_tokens": MAX_TOKENS, "temperature": 0}).json()  # fmt: skip
+            pieces = list(
+                api.chat_stream([{"role": "user", "content": "Tell me a story"}], max_tokens=MAX_TOKENS, temperature=0)
+            )
+            whole = api.session.post(
+                f"{endpoint.url}/v1/chat/completions",
+                json={
+                    "model": "tiny-llama",
+                    "messages": [{"role": "user", "content": "Tell me a story"}],
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                },
+            ).json()
             assert pieces and "".join(pieces) == whole["choices"][0]["message"]["content"]
             with pytest.raises(ApiError) as bad:
                 api.complete(prompt, model="another-model")
@@ -156,7 +195,9 @@ def test_launch_provisions_and_serves_an_attested_model(conn, model_smoke_build,
             hosts.release("model-0123456789abcdef", b"the host's model key", sender=X25519PrivateKey.generate())
         with ssh.connect(result.ssh, host_key=host_key, client_key=controller_key(store)) as client:
             left = ssh.run(client, "ls -A /run/tdxvm/secrets /var/lib/tdxvm/uploads 2>/dev/null; true")
-            assert not any(x.startswith("model") or len(x) == 64 for x in left.split())  # no key file, no upload, nothing of the host's
+            assert not any(
+                x.startswith("model") or len(x) == 64 for x in left.split()
+            )  # no key file, no upload, nothing of the host's
             assert ssh.run(client, "systemctl is-active tdxvm-serve").strip() == "active"
             serve_log = ssh.run(client, "journalctl -u tdxvm-serve --no-pager -o cat")
             assert f"measured model tiny-llama {show(digest)} (float32) into RTMR3" in serve_log

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.pck import parse_pem_chain
-from tdxvm.emulate.collateral import pcs_qe_identity_body, pcs_tcb_info_body
 from tdxvm.emulate import EmulatedPlatform, TcbLevel
+from tdxvm.emulate.collateral import pcs_qe_identity_body, pcs_tcb_info_body
 
 from .conftest import AT
 
@@ -57,20 +57,13 @@ def test_tcb_info_and_qe_identity_shapes_match_intels(platform: EmulatedPlatform
     assert tcb["fmspc"] == platform.fmspc.hex().upper()
     assert [lv["tcbStatus"] for lv in tcb["tcbLevels"]] == ["UpToDate", "OutOfDate"]
     assert "advisoryIDs" not in tcb["tcbLevels"][0] and tcb["tcbLevels"][1]["advisoryIDs"]
-    assert all(
-        len(lv["tcb"][k]) == 16
-        for lv in tcb["tcbLevels"]
-        for k in ("sgxtcbcomponents", "tdxtcbcomponents")
-    )
+    assert all(len(lv["tcb"][k]) == 16 for lv in tcb["tcbLevels"] for k in ("sgxtcbcomponents", "tdxtcbcomponents"))
     assert [m["id"] for m in tcb["tdxModuleIdentities"]] == ["TDX_01"]
     qe = json.loads(coll.qe_identity)
     assert qe["id"] == "TD_QE" and qe["version"] == 2
     assert qe["mrsigner"] == platform.qe.mrsigner.hex().upper()
     for doc in (tcb, qe):
-        assert (
-            doc["issueDate"] == "2025-06-30T12:00:00Z"
-            and doc["nextUpdate"] == "2025-07-30T12:00:00Z"
-        )
+        assert doc["issueDate"] == "2025-06-30T12:00:00Z" and doc["nextUpdate"] == "2025-07-30T12:00:00Z"
         assert all(_INTEL_DATE.match(lv["tcbDate"]) for lv in doc["tcbLevels"])
 
 

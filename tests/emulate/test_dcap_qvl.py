@@ -78,18 +78,14 @@ def test_lower_pck_tcb_is_out_of_date(platform: EmulatedPlatform, change: dict) 
 
 
 def test_advisories_on_the_matched_level(platform: EmulatedPlatform) -> None:
-    top = replace(
-        DEFAULT_TCB_LEVELS[0], status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00615",)
-    )
+    top = replace(DEFAULT_TCB_LEVELS[0], status="SWHardeningNeeded", advisory_ids=("INTEL-SA-00615",))
     report = verify(platform.variant(tcb_levels=(top, *DEFAULT_TCB_LEVELS[1:])))
     assert report.status == "SWHardeningNeeded"
     assert report.advisory_ids == ["INTEL-SA-00615"]
 
 
 def test_below_every_level_is_rejected(platform: EmulatedPlatform) -> None:
-    assert "below minimum" in rejected(
-        platform, platform.sign_quote(tee_tcb_svn=bytes([2, 1, 2]) + bytes(13))
-    )
+    assert "below minimum" in rejected(platform, platform.sign_quote(tee_tcb_svn=bytes([2, 1, 2]) + bytes(13)))
     low = platform.variant(pck_tcb_components=(1,) * 16)
     assert "No matching TCB level" in rejected(low)
 
@@ -121,9 +117,7 @@ def test_revoked_intermediate(platform: EmulatedPlatform) -> None:
 
 
 def test_revoked_tcb_signing_cert(platform: EmulatedPlatform) -> None:
-    assert "CertRevoked" in rejected(
-        platform.variant(revoked_ca_serials=[platform.tcb_signing_cert.serial_number])
-    )
+    assert "CertRevoked" in rejected(platform.variant(revoked_ca_serials=[platform.tcb_signing_cert.serial_number]))
 
 
 def test_wrong_root(platform: EmulatedPlatform) -> None:
@@ -159,9 +153,7 @@ def test_wrong_root(platform: EmulatedPlatform) -> None:
         ("tcb_signing_validity", Validity.around(AT, before=400 * DAY, after=-DAY), "CertExpired"),
     ],
 )
-def test_time_windows(
-    platform: EmulatedPlatform, option: str, window: Validity, message: str
-) -> None:
+def test_time_windows(platform: EmulatedPlatform, option: str, window: Validity, message: str) -> None:
     assert message in rejected(platform.variant(**{option: window}))
 
 
@@ -172,9 +164,7 @@ def test_verifying_after_next_update_fails(platform: EmulatedPlatform) -> None:
 
 
 def test_fmspc_mismatch(platform: EmulatedPlatform) -> None:
-    assert "Fmspc mismatch" in rejected(
-        platform.variant(tcb_info_fmspc=bytes.fromhex("00906ED50000"))
-    )
+    assert "Fmspc mismatch" in rejected(platform.variant(tcb_info_fmspc=bytes.fromhex("00906ED50000")))
 
 
 def test_debug_td(platform: EmulatedPlatform) -> None:
@@ -184,18 +174,12 @@ def test_debug_td(platform: EmulatedPlatform) -> None:
 
 
 def test_service_td_in_td_report_15(platform: EmulatedPlatform) -> None:
-    assert "service TD" in rejected(
-        platform, platform.sign_quote(version=5, mr_service_td=bytes([1]) * 48)
-    )
+    assert "service TD" in rejected(platform, platform.sign_quote(version=5, mr_service_td=bytes([1]) * 48))
 
 
 def test_wrong_qe_identity(platform: EmulatedPlatform) -> None:
-    assert "MRSIGNER mismatch" in rejected(
-        platform.variant(qe_identity=replace(platform.qe, mrsigner=bytes(32)))
-    )
-    assert "ISVPRODID mismatch" in rejected(
-        platform.variant(qe_identity=replace(platform.qe, isv_prod_id=1))
-    )
+    assert "MRSIGNER mismatch" in rejected(platform.variant(qe_identity=replace(platform.qe, mrsigner=bytes(32))))
+    assert "ISVPRODID mismatch" in rejected(platform.variant(qe_identity=replace(platform.qe, isv_prod_id=1)))
     assert "ISVSVN 3 is below" in rejected(platform.variant(qe=replace(platform.qe, isv_svn=3)))
 
 

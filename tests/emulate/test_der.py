@@ -68,9 +68,7 @@ def test_sgx_extension_matches_a_real_intel_pck_byte_for_byte(testdata) -> None:
 
 
 def test_sgx_extension_rejects_bad_sizes() -> None:
-    good = dict(
-        ppid=bytes(16), tcb_components=(0,) * 16, pce_svn=0, pce_id=bytes(2), fmspc=bytes(6)
-    )
+    good = dict(ppid=bytes(16), tcb_components=(0,) * 16, pce_svn=0, pce_id=bytes(2), fmspc=bytes(6))
     SgxExtension(**good)
     for change in (
         {"ppid": bytes(15)},

@@ -96,10 +96,7 @@ def test_crls_carry_revoked_serials(platform: EmulatedPlatform) -> None:
     assert {r.serial_number for r in root_crl} == {bad.pck_ca_cert.serial_number}
     entry = root_crl.get_revoked_certificate_by_serial_number(bad.pck_ca_cert.serial_number)
     assert entry is not None
-    assert (
-        entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-        == x509.ReasonFlags.key_compromise
-    )
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
 
 
 def test_validity_windows(platform: EmulatedPlatform) -> None:

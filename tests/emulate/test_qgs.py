@@ -69,7 +69,9 @@ def test_refuses_debug_and_unpredictable_kernels():
     with pytest.raises(QuoteServiceError, match="DEBUG") as exc:
         artifacts(td_attributes=TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG)
     assert exc.value.code == "debug-td"
-    no_stub_guids = kernel().replace(bytes.fromhex("6c767f60"), b"\x00" * 4).replace(bytes.fromhex("3d1a7596"), b"\x00" * 4)
+    no_stub_guids = (
+        kernel().replace(bytes.fromhex("6c767f60"), b"\x00" * 4).replace(bytes.fromhex("3d1a7596"), b"\x00" * 4)
+    )
     with pytest.raises(QuoteServiceError, match="RTMR2") as exc:
         QuoteService(platform(), artifacts(kernel=no_stub_guids))
     assert exc.value.code == "unpredictable"
@@ -87,7 +89,10 @@ def test_bad_requests_get_an_error_and_the_connection_goes_on(payload):
 
 
 def test_oversized_request_is_refused_and_closed():
-    with QuoteService(platform(), artifacts()) as service, socket.create_connection(("127.0.0.1", service.port), timeout=10) as s:
+    with (
+        QuoteService(platform(), artifacts()) as service,
+        socket.create_connection(("127.0.0.1", service.port), timeout=10) as s,
+    ):
         s.sendall(b"x" * (MAX_REQUEST + 10) + b"\n")
         with s.makefile("rb") as f:
             assert "longer than" in json.loads(f.readline())["error"]
@@ -139,9 +144,19 @@ def test_from_emulated_domain_xml():
 
 
 def test_from_tdx_domain_xml_takes_the_loader_and_launch_security():
-    spec = DomainSpec(name="td1", uuid="6b1e3c4e-8a8e-4b84-9a47-2f7d0f6e8a11", backend="tdx", vcpus=4, memory_mib=4096,
-                      kernel="/img/vmlinuz", initrd="/img/initrd.img", cmdline=CMDLINE, disk="/img/disk.img",
-                      firmware="/img/OVMF.inteltdx.fd", mr_owner=b"\x07" * 48)  # fmt: skip
+    spec = DomainSpec(
+        name="td1",
+        uuid="6b1e3c4e-8a8e-4b84-9a47-2f7d0f6e8a11",
+        backend="tdx",
+        vcpus=4,
+        memory_mib=4096,
+        kernel="/img/vmlinuz",
+        initrd="/img/initrd.img",
+        cmdline=CMDLINE,
+        disk="/img/disk.img",
+        firmware="/img/OVMF.inteltdx.fd",
+        mr_owner=b"\x07" * 48,
+    )
     read, _ = files()
     launch = LaunchArtifacts.from_domain_xml(domain_xml(spec), read=read)
     assert launch.firmware == firmware() and launch.rtmr0 == bytes(48)
@@ -150,8 +165,17 @@ def test_from_tdx_domain_xml_takes_the_loader_and_launch_security():
 
 
 def test_emulated_domain_xml_without_a_firmware_record():
-    spec = DomainSpec(name="e1", uuid="0c7c3b1e-2a55-4c1f-9d49-5a0d3f1e2b77", backend="emulated", vcpus=2, memory_mib=1024,
-                      kernel="/img/vmlinuz", initrd="/img/initrd.img", cmdline=CMDLINE, disk="/img/disk.img")  # fmt: skip
+    spec = DomainSpec(
+        name="e1",
+        uuid="0c7c3b1e-2a55-4c1f-9d49-5a0d3f1e2b77",
+        backend="emulated",
+        vcpus=2,
+        memory_mib=1024,
+        kernel="/img/vmlinuz",
+        initrd="/img/initrd.img",
+        cmdline=CMDLINE,
+        disk="/img/disk.img",
+    )
     read, paths = files()
     launch = LaunchArtifacts.from_domain_xml(domain_xml(spec), read=read)
     assert launch == artifacts(firmware=None) and "/img/OVMF.inteltdx.fd" not in paths
@@ -162,7 +186,9 @@ def test_domain_xml_errors_name_the_element():
     with pytest.raises(QuoteServiceError, match="no <os><kernel>"):
         LaunchArtifacts.from_domain_xml("<domain><name>x</name><os/></domain>", read=read)
     with pytest.raises(QuoteServiceError, match="cannot read <os><initrd> /img/initrd.img") as exc:
-        LaunchArtifacts.from_domain_xml(EMULATED_XML, read=files({"/img/initrd.img": PermissionError(13, "Permission denied")})[0])
+        LaunchArtifacts.from_domain_xml(
+            EMULATED_XML, read=files({"/img/initrd.img": PermissionError(13, "Permission denied")})[0]
+        )
     assert exc.value.code == "domain-file"
     with pytest.raises(QuoteServiceError, match="tdxvm:firmware"):
         LaunchArtifacts.from_domain_xml(EMULATED_XML.replace("/img/OVMF.inteltdx.fd", "OVMF.fd"), read=read)
@@ -172,7 +198,9 @@ def test_domain_xml_errors_name_the_element():
 
 def test_policy_from_predict_refuses_another_initrd():
     service = QuoteService(platform(), artifacts(initrd=INITRD + b"tampered"))
-    verdict = appraise(service.sign(bytes(64)), platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor())
+    verdict = appraise(
+        service.sign(bytes(64)), platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor()
+    )
     assert not verdict.accepted
     assert [r.message.split(" is ")[0] for r in verdict.reasons] == ["quote field RTMR2"]
 
@@ -180,7 +208,9 @@ def test_policy_from_predict_refuses_another_initrd():
 def test_quote_version_5():
     quote = QuoteService(platform(), artifacts(), version=5).sign(b"\x01" * 64)
     assert parse_quote(quote).version == 5
-    assert appraise(quote, platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor()).accepted
+    assert appraise(
+        quote, platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor()
+    ).accepted
 
 
 # -- RTMR3: the guest's extends, kept as a TD's TDX module keeps them --------------------
@@ -189,17 +219,34 @@ def test_quote_version_5():
 def test_extend_requests_measure_rtmr3_into_later_quotes():
     d1, d2 = hashlib.sha384(b"model event 1").digest(), hashlib.sha384(b"model event 2").digest()
     with QuoteService(platform(), artifacts()) as service:
-        first, second, read, quote = ask(service, b"".join(json.dumps(r).encode() + b"\n" for r in (
-            {"op": "extend", "rtmr": 3, "digest": d1.hex()},
-            {"op": "extend", "rtmr": 3, "digest": d2.hex()},
-            {"op": "read", "rtmr": 3},
-            {"report_data": "11" * 64})), answers=4)  # fmt: skip
+        first, second, read, quote = ask(
+            service,
+            b"".join(
+                json.dumps(r).encode() + b"\n"
+                for r in (
+                    {"op": "extend", "rtmr": 3, "digest": d1.hex()},
+                    {"op": "extend", "rtmr": 3, "digest": d2.hex()},
+                    {"op": "read", "rtmr": 3},
+                    {"report_data": "11" * 64},
+                )
+            ),
+            answers=4,
+        )
     after_one = hashlib.sha384(bytes(48) + d1).digest()
     assert first == {"rtmr": 3, "value": after_one.hex()}
     assert second["value"] == read["value"] == hashlib.sha384(after_one + d2).hexdigest()
     body = parse_quote(base64.b64decode(quote["quote"])).body
-    assert body.rtmrs[3].hex() == read["value"] and body.rtmrs[:3] == parse_quote(QuoteService(platform(), artifacts()).sign(bytes(64))).body.rtmrs[:3]
-    verdict = appraise(base64.b64decode(quote["quote"]), platform().collateral(), at=AT, policy=policy_for(artifacts()), trust_anchor=anchor())
+    assert (
+        body.rtmrs[3].hex() == read["value"]
+        and body.rtmrs[:3] == parse_quote(QuoteService(platform(), artifacts()).sign(bytes(64))).body.rtmrs[:3]
+    )
+    verdict = appraise(
+        base64.b64decode(quote["quote"]),
+        platform().collateral(),
+        at=AT,
+        policy=policy_for(artifacts()),
+        trust_anchor=anchor(),
+    )
     assert verdict.accepted  # RTMR3 is not in the launch policy: the model event log checks it (verify-endpoint)
 
 
@@ -214,12 +261,14 @@ def test_each_service_is_one_boot_rtmr3_starts_at_zero_and_reset_clears_it():
 
 @pytest.mark.parametrize(
     "request_, words",
-    [({"op": "extend", "rtmr": 2, "digest": "00" * 48}, "only RTMR3 can be extended"),
-     ({"op": "extend", "rtmr": 3, "digest": "00" * 32}, "96 hex digits"),
-     ({"op": "extend", "rtmr": "3", "digest": "00" * 48}, "an RTMR index"),
-     ({"op": "read", "rtmr": 7}, "not 0..3"),
-     ({"op": "reboot"}, "unknown op 'reboot'")],
-)  # fmt: skip
+    [
+        ({"op": "extend", "rtmr": 2, "digest": "00" * 48}, "only RTMR3 can be extended"),
+        ({"op": "extend", "rtmr": 3, "digest": "00" * 32}, "96 hex digits"),
+        ({"op": "extend", "rtmr": "3", "digest": "00" * 48}, "an RTMR index"),
+        ({"op": "read", "rtmr": 7}, "not 0..3"),
+        ({"op": "reboot"}, "unknown op 'reboot'"),
+    ],
+)
 def test_bad_extend_and_read_requests_are_refused(request_, words):
     with QuoteService(platform(), artifacts()) as service:
         [answer] = ask(service, json.dumps(request_).encode() + b"\n")
@@ -230,8 +279,14 @@ def test_bad_extend_and_read_requests_are_refused(request_, words):
 def test_a_guard_refuses_every_request_once_the_boot_is_gone():
     why: list[str] = []
     with QuoteService(platform(), artifacts(), guard=lambda: why[0] if why else None) as service:
-        ok, = ask(service, json.dumps({"op": "extend", "rtmr": 3, "digest": "01" * 48}).encode() + b"\n")
+        (ok,) = ask(service, json.dumps({"op": "extend", "rtmr": 3, "digest": "01" * 48}).encode() + b"\n")
         why.append("domain booted again")
-        refused_quote, refused_extend = ask(service, json.dumps({"report_data": "00" * 64}).encode() + b"\n" +
-                                            json.dumps({"op": "extend", "rtmr": 3, "digest": "01" * 48}).encode() + b"\n", answers=2)  # fmt: skip
+        refused_quote, refused_extend = ask(
+            service,
+            json.dumps({"report_data": "00" * 64}).encode()
+            + b"\n"
+            + json.dumps({"op": "extend", "rtmr": 3, "digest": "01" * 48}).encode()
+            + b"\n",
+            answers=2,
+        )
     assert "value" in ok and refused_quote == refused_extend == {"error": "domain booted again"}

@@ -48,8 +48,10 @@ def test_domain_watch_tells_one_boot_from_the_next():
         dom.destroy()
         assert "is not running" in (watch.gone() or "")
         dom.create()
-        assert watch.gone() == (f"domain {uuid} booted again (libvirt ID {watch.boot_id}, now {dom.ID()}): this "
-                                "emulated quote service measured the earlier boot and has stopped")  # fmt: skip
+        assert watch.gone() == (
+            f"domain {uuid} booted again (libvirt ID {watch.boot_id}, now {dom.ID()}): this "
+            "emulated quote service measured the earlier boot and has stopped"
+        )
         assert DomainWatch(conn, uuid).gone() is None  # a daemon for the new boot
     finally:
         conn.close()

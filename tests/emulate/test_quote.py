@@ -65,9 +65,7 @@ def test_parse_quote_reads_back_the_fields(
 def test_signature_data_is_what_a_verifier_checks(platform: EmulatedPlatform) -> None:
     q = parse_quote(platform.sign_quote(version=5, body_type=3))
     sig = q.signature
-    att = ec.EllipticCurvePublicKey.from_encoded_point(
-        ec.SECP256R1(), b"\x04" + sig.attestation_key
-    )
+    att = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + sig.attestation_key)
     _verify_raw(att, sig.signature, q.signed_data)
     chain = parse_pem_chain(sig.pck_chain_pem)
     assert chain == [platform.pck_cert, platform.pck_ca_cert, platform.root_ca_cert]
@@ -94,9 +92,7 @@ def test_dcap_qvl_parser_agrees(
     platform: EmulatedPlatform, version: int, body_type: int | None, parsed_type: int, size: int
 ) -> None:
     extra = EX_FIELDS if body_type == 4 else {}
-    parsed = dcap_qvl.parse_quote(
-        platform.sign_quote(version=version, body_type=body_type, **FIELDS, **extra)
-    )
+    parsed = dcap_qvl.parse_quote(platform.sign_quote(version=version, body_type=body_type, **FIELDS, **extra))
     assert parsed.is_tdx() and parsed.header.version == version
     assert parsed.fmspc() == platform.fmspc.hex().upper()
     assert parsed.ca() == "platform"
@@ -125,10 +121,7 @@ def test_sign_body_and_report_object(platform: EmulatedPlatform) -> None:
     a = platform.sign_body(fields.encode(3), version=5, body_type=3)
     b = platform.sign_quote(version=5, report=fields)
     assert a == b  # deterministic signatures
-    assert (
-        parse_quote(platform.sign_quote(report=fields, mr_owner=bytes([1]) * 48)).body.mr_td
-        == bytes([7]) * 48
-    )
+    assert parse_quote(platform.sign_quote(report=fields, mr_owner=bytes([1]) * 48)).body.mr_td == bytes([7]) * 48
 
 
 @pytest.mark.parametrize(
@@ -165,9 +158,15 @@ def test_sign_body_checks_the_size(platform: EmulatedPlatform) -> None:
 def test_round_trip_property(platform, case, mr_td, report_data, attrs, svn, user) -> None:
     version, body_type, parsed_type, _ = case
     raw = platform.sign_quote(
-        version=version, body_type=body_type, mr_td=mr_td, report_data=report_data,
-        td_attributes=attrs, tee_tcb_svn=svn, mr_service_td=user, init_service_td_hash=user,
-    )  # fmt: skip
+        version=version,
+        body_type=body_type,
+        mr_td=mr_td,
+        report_data=report_data,
+        td_attributes=attrs,
+        tee_tcb_svn=svn,
+        mr_service_td=user,
+        init_service_td_hash=user,
+    )
     b = parse_quote(raw).body
     assert (b.mr_td, b.report_data, b.td_attributes_u64, b.tee_tcb_svn) == (
         mr_td,

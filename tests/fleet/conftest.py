@@ -35,8 +35,9 @@ def images(tmp_path_factory) -> Images:
     return Images(
         good=make_attestable_image(base / "good"),
         v2=make_attestable_image(base / "v2", name="fleet-v2", initrd=INITRD + b"\x00v2"),
-        tampered=make_attestable_image(base / "tampered", name="fleet-tampered", initrd=INITRD + b"evil",
-                                       measured_initrd=INITRD),  # fmt: skip
+        tampered=make_attestable_image(
+            base / "tampered", name="fleet-tampered", initrd=INITRD + b"evil", measured_initrd=INITRD
+        ),
     )
 
 
@@ -81,15 +82,21 @@ class Lab:
         self.hosts[name] = uri
         return uri
 
-    def write(self, deployments: str, *, templates: str | None = None, name: str = "demo", hosts: dict[str, str] | None = None) -> Path:
+    def write(
+        self, deployments: str, *, templates: str | None = None, name: str = "demo", hosts: dict[str, str] | None = None
+    ) -> Path:
         hosts = self.hosts if hosts is None else hosts
         host_lines = "".join(f"    {h}: {u}\n" for h, u in hosts.items())
         templates = templates or (
-            f"    small:\n      image: {self.images.good}\n      backend: emulated\n      vcpus: 1\n      memory: 256MiB\n"
-            f"    bad:\n      image: {self.images.tampered}\n      backend: emulated\n      vcpus: 1\n      memory: 256MiB\n"
+            f"    small:\n      image: {self.images.good}\n"
+            "      backend: emulated\n      vcpus: 1\n      memory: 256MiB\n"
+            f"    bad:\n      image: {self.images.tampered}\n"
+            "      backend: emulated\n      vcpus: 1\n      memory: 256MiB\n"
         )
-        text = (f"apiVersion: tdxvm/v1\nkind: Fleet\nmetadata:\n  name: {name}\nspec:\n  hosts:\n{host_lines}"
-                f"  templates:\n{templates}  deployments:\n{deployments}")  # fmt: skip
+        text = (
+            f"apiVersion: tdxvm/v1\nkind: Fleet\nmetadata:\n  name: {name}\nspec:\n  hosts:\n{host_lines}"
+            f"  templates:\n{templates}  deployments:\n{deployments}"
+        )
         path = self.folder / f"{name}.yaml"
         path.write_text(text)
         return path

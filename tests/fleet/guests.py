@@ -56,7 +56,9 @@ def put_test_secrets(store: SecretStore) -> None:
     store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
 
 
-def make_attestable_image(folder: Path, *, name: str = "fleet", initrd: bytes = INITRD, measured_initrd: bytes | None = None) -> Path:
+def make_attestable_image(
+    folder: Path, *, name: str = "fleet", initrd: bytes = INITRD, measured_initrd: bytes | None = None
+) -> Path:
     """A build folder the emulated quote service can measure; returns the manifest path.
 
     ``measured_initrd``: predict the measurements for this initrd instead of the one in
@@ -69,14 +71,22 @@ def make_attestable_image(folder: Path, *, name: str = "fleet", initrd: bytes = 
         artifacts[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     fw = folder / "OVMF.inteltdx.fd"
     fw.write_bytes(firmware())
-    m = predict(firmware=firmware(), kernel=kernel(), initrd=measured_initrd if measured_initrd is not None else initrd,
-                cmdline=CMDLINE)  # fmt: skip
+    m = predict(
+        firmware=firmware(),
+        kernel=kernel(),
+        initrd=measured_initrd if measured_initrd is not None else initrd,
+        cmdline=CMDLINE,
+    )
     manifest = {
         "format": FORMAT,
         "name": name,
         "cmdline": CMDLINE,
         "artifacts": artifacts,
-        "luks": {"uuid": "0f0e0d0c-0b0a-4908-8706-050403020100", "cipher": "aes-xts-plain64", "key_secret": DISK_SECRET},
+        "luks": {
+            "uuid": "0f0e0d0c-0b0a-4908-8706-050403020100",
+            "cipher": "aes-xts-plain64",
+            "key_secret": DISK_SECRET,
+        },
         "release_key": CONTROLLER_PUBLIC.hex(),
         "firmware": {"path": str(fw), "sha256": hashlib.sha256(fw.read_bytes()).hexdigest()},
         "measurements": {"mrtd": m.mrtd, "rtmr0": None, "rtmr1": m.rtmr1, "rtmr2": m.rtmr2, "rtmr3": None},
@@ -175,7 +185,9 @@ class TestDriverGuests:
                     record = GuestRecord(dom.name(), uuid, port)
                     with self._lock:
                         self.guests[uuid] = record
-                    t = threading.Thread(target=self._guest, args=(conn, record), name=f"guest {record.name}", daemon=True)
+                    t = threading.Thread(
+                        target=self._guest, args=(conn, record), name=f"guest {record.name}", daemon=True
+                    )
                     self._threads.append(t)
                     t.start()
             time.sleep(self.poll)
@@ -193,15 +205,21 @@ class TestDriverGuests:
         (root / "root").mkdir(parents=True, exist_ok=True)  # no configfs-tsm, no /dev/tdx_guest: emulated quotes
         try:
             disk = DiskSecret()  # the initramfs unlock step
-            unlock = Agent(on_secret=disk.accept, controller_key=CONTROLLER_PUBLIC, on_delivered=disk.delivered, root=root / "root")
+            unlock = Agent(
+                on_secret=disk.accept, controller_key=CONTROLLER_PUBLIC, on_delivered=disk.delivered, root=root / "root"
+            )
             with AgentServer(unlock, "127.0.0.1", g.port):
                 while not disk.ready.wait(self.poll):
                     if not self._alive(conn, g.uuid):
                         return
             assert disk.value is not None
             g.unlocked = hashlib.sha256(disk.value).hexdigest()
-            system = Agent(on_secret=SecretsDir(root / "secrets"), controller_key=CONTROLLER_PUBLIC,
-                           public_keys=system_keys(ssh_host_key(root), None), root=root / "root")  # fmt: skip
+            system = Agent(
+                on_secret=SecretsDir(root / "secrets"),
+                controller_key=CONTROLLER_PUBLIC,
+                public_keys=system_keys(ssh_host_key(root), None),
+                root=root / "root",
+            )
             with AgentServer(system, "127.0.0.1", g.port):
                 g.system_up = True
                 while self._alive(conn, g.uuid):

@@ -18,12 +18,11 @@ from tdxvm.fleet.reconcile import ApplyOptions
 from tdxvm.fleet.state import FleetLock, FleetLocked, FleetState
 from tdxvm.launch import lifecycle
 from tdxvm.launch.manifest import load_manifest
+from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.volumes import overlay_name
 
 from ..launch.test_lifecycle import FOREIGN
-from tdxvm.launch.records import VmRecords
-
 from .guests import DISK_SECRET, make_attestable_image
 
 WEB3 = "    web:\n      template: small\n      replicas: 3\n      placement: [a, b]\n"
@@ -33,9 +32,16 @@ def apply(lab, path, **options):
     events = options.pop("events", None)
     cancel = options.pop("cancel", None)
     progress = options.pop("progress", events.append if events is not None else quiet)
-    return reconcile.apply(lab.load(path), connector=lab.connector, secrets=lab.store, trust_for=lambda _b: lab.trust,
-                           state_dir=lab.folder / "state", options=ApplyOptions(poll=0.05, **options),
-                           progress=progress, cancel=cancel)  # fmt: skip
+    return reconcile.apply(
+        lab.load(path),
+        connector=lab.connector,
+        secrets=lab.store,
+        trust_for=lambda _b: lab.trust,
+        state_dir=lab.folder / "state",
+        options=ApplyOptions(poll=0.05, **options),
+        progress=progress,
+        cancel=cancel,
+    )
 
 
 def plan(lab, path):
@@ -59,11 +65,18 @@ def test_unreachable_host_and_refused_vm(lab):
     lab.host("a", domains=[FOREIGN])
     lab.host("b")
     lab.unreachable("c")
-    path = lab.write("    web:\n      template: small\n      replicas: 3\n      placement: [a, b, c]\n"
-                     "    bad:\n      template: bad\n      replicas: 1\n      placement: [b]\n")  # fmt: skip
+    path = lab.write(
+        "    web:\n      template: small\n      replicas: 3\n      placement: [a, b, c]\n"
+        "    bad:\n      template: bad\n      replicas: 1\n      placement: [b]\n"
+    )
     with lab.guests() as guests:
         report = apply(lab, path)
-        assert results(report) == {"demo-web-0": "created", "demo-web-1": "created", "demo-web-2": "skipped", "demo-bad-0": "refused"}
+        assert results(report) == {
+            "demo-web-0": "created",
+            "demo-web-1": "created",
+            "demo-web-2": "skipped",
+            "demo-bad-0": "refused",
+        }
         assert report.status == "refused" and set(report.plan.unreachable()) == {"c"}
         skipped = next(o for o in report.outcomes if o.vm == "demo-web-2")
         assert skipped.errors[0]["message"].startswith("host c unreachable: libvirt test driver test://")
@@ -86,10 +99,18 @@ def test_unreachable_host_and_refused_vm(lab):
         lab.host("c")
         p = plan(lab, path)
         assert {(a.vm, a.kind) for a in p.changes} == {("demo-web-2", "create"), ("demo-bad-0", "replace")}
-        assert next(a for a in p.changes if a.vm == "demo-bad-0").reasons[0].startswith("failed attestation: [measurement-mismatch]")
+        assert (
+            next(a for a in p.changes if a.vm == "demo-bad-0")
+            .reasons[0]
+            .startswith("failed attestation: [measurement-mismatch]")
+        )
         report = apply(lab, path, destroy_refused=True)
-        assert results(report) == {"demo-web-0": "unchanged", "demo-web-1": "unchanged", "demo-web-2": "created",
-                                   "demo-bad-0": "refused"}  # fmt: skip
+        assert results(report) == {
+            "demo-web-0": "unchanged",
+            "demo-web-1": "unchanged",
+            "demo-web-2": "created",
+            "demo-bad-0": "refused",
+        }
         assert "demo-bad-0" not in domains(lab, "b")  # --destroy-refused
         assert next(o for o in report.outcomes if o.vm == "demo-bad-0").errors[-1]["code"] == "vm-destroyed"
         assert all(g.unlocked is None for g in guests.by_name("demo-bad-0"))
@@ -108,21 +129,32 @@ def test_apply_twice_does_nothing_and_destroy_removes_only_the_fleet(lab):
         assert apply(lab, other).status == "ok"
         first = apply(lab, path)
         assert first.status == "ok" and set(results(first).values()) == {"created"}
-        before = {h: {n: (u, conn.lookupByName(n).XMLDesc(0)) for n, (u, _) in domains(lab, h).items()}
-                  for h, conn in (("a", conn_a), ("b", lab.connector.get(lab.hosts["b"])))}  # fmt: skip
+        before = {
+            h: {n: (u, conn.lookupByName(n).XMLDesc(0)) for n, (u, _) in domains(lab, h).items()}
+            for h, conn in (("a", conn_a), ("b", lab.connector.get(lab.hosts["b"])))
+        }
         second = apply(lab, path)
         assert second.status == "ok" and set(results(second).values()) == {"unchanged"}
         assert not second.plan.changes
-        after = {h: {n: (u, lab.connector.get(lab.hosts[h]).lookupByName(n).XMLDesc(0)) for n, (u, _) in domains(lab, h).items()}
-                 for h in ("a", "b")}  # fmt: skip
+        after = {
+            h: {
+                n: (u, lab.connector.get(lab.hosts[h]).lookupByName(n).XMLDesc(0))
+                for n, (u, _) in domains(lab, h).items()
+            }
+            for h in ("a", "b")
+        }
         assert after == before  # not one domain defined, started or changed
     st = planner.plan(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
     assert st.counts()["keep"] == 3
-    report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
+    report = reconcile.destroy_fleet(
+        lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store
+    )
     assert report.status == "ok" and results(report) == {f"demo-web-{i}": "deleted" for i in range(3)}
     assert sorted(domains(lab, "a")) == ["other-web-0", "solo", "theirs"] and domains(lab, "b") == {}
     vols = {v.name() for v in conn_a.storagePoolLookupByName("tdxvm").listAllVolumes()}
-    assert overlay_name("solo") in vols and overlay_name("other-web-0") in vols and overlay_name("demo-web-0") not in vols
+    assert (
+        overlay_name("solo") in vols and overlay_name("other-web-0") in vols and overlay_name("demo-web-0") not in vols
+    )
     assert not (lab.folder / "state" / "demo.json").exists() and (lab.folder / "state" / "other.json").exists()
 
 
@@ -133,8 +165,11 @@ def test_template_change_rolls_one_replica_at_a_time(lab):
     with lab.guests() as guests:
         assert apply(lab, path).status == "ok"
         old_uuids = {n: u for h in ("a", "b") for n, (u, _) in domains(lab, h).items()}
-        path = lab.write(WEB3, templates=f"    small:\n      image: {lab.images.good}\n      backend: emulated\n"
-                                          "      vcpus: 2\n      memory: 256MiB\n")  # fmt: skip
+        path = lab.write(
+            WEB3,
+            templates=f"    small:\n      image: {lab.images.good}\n      backend: emulated\n"
+            "      vcpus: 2\n      memory: 256MiB\n",
+        )
         p = plan(lab, path)
         assert [(a.kind, a.reasons) for a in p.actions] == [("replace", ("spec drift: vcpus: 1 -> 2",))] * 3
         serving_seen: list[int] = []
@@ -142,7 +177,10 @@ def test_template_change_rolls_one_replica_at_a_time(lab):
 
         def watch(event):
             events.append(event)
-            views = [inv.read_host(lab.connector.get(lab.hosts[h]), "demo", h, lab.hosts[h], VmRecords.beside(lab.store)) for h in ("a", "b")]
+            views = [
+                inv.read_host(lab.connector.get(lab.hosts[h]), "demo", h, lab.hosts[h], VmRecords.beside(lab.store))
+                for h in ("a", "b")
+            ]
             serving_seen.append(sum(v.serving for view in views for v in view.vms.values()))
 
         report = apply(lab, path, progress=watch)
@@ -155,8 +193,10 @@ def test_template_change_rolls_one_replica_at_a_time(lab):
         assert set(new) == set(old_uuids) and not set(new.values()) & set(old_uuids.values())
         for name in new:
             assert [g.unlocked for g in guests.by_name(name)] == [expected_unlock(lab)] * 2  # old boot, new boot
-        assert lifecycle.status(lab.connector.get(lab.hosts["a"]), "demo-web-0")[0].labels["spec_hash"] == \
-            lab.load(path).desired()[0].spec_hash  # fmt: skip
+        assert (
+            lifecycle.status(lab.connector.get(lab.hosts["a"]), "demo-web-0")[0].labels["spec_hash"]
+            == lab.load(path).desired()[0].spec_hash
+        )
 
 
 def test_rollout_halts_when_a_replacement_is_refused(lab):
@@ -164,15 +204,23 @@ def test_rollout_halts_when_a_replacement_is_refused(lab):
     path = lab.write("    web:\n      template: small\n      replicas: 3\n      placement: [a]\n")
     with lab.guests():
         assert apply(lab, path).status == "ok"
-        bad = f"    small:\n      image: {lab.images.tampered}\n      backend: emulated\n      vcpus: 1\n      memory: 256MiB\n"
+        bad = (
+            f"    small:\n      image: {lab.images.tampered}\n"
+            "      backend: emulated\n      vcpus: 1\n      memory: 256MiB\n"
+        )
         path = lab.write("    web:\n      template: small\n      replicas: 3\n      placement: [a]\n", templates=bad)
         report = apply(lab, path)
         assert report.status == "refused"
         assert results(report) == {"demo-web-0": "refused", "demo-web-1": "halted", "demo-web-2": "halted"}
         halted = next(o for o in report.outcomes if o.vm == "demo-web-1")
         assert halted.errors[0]["message"].startswith("rollout of deployment web halted: 2 of 3 replicas serve")
-        views = inv.read_host(lab.connector.get(lab.hosts["a"]), "demo", "a", lab.hosts["a"], VmRecords.beside(lab.store))
-        assert sorted(n for n, v in views.vms.items() if v.serving) == ["demo-web-1", "demo-web-2"]  # old template serves on
+        views = inv.read_host(
+            lab.connector.get(lab.hosts["a"]), "demo", "a", lab.hosts["a"], VmRecords.beside(lab.store)
+        )
+        assert sorted(n for n, v in views.vms.items() if v.serving) == [
+            "demo-web-1",
+            "demo-web-2",
+        ]  # old template serves on
 
 
 def test_image_drift_and_scaling(lab, tmp_path):
@@ -183,7 +231,9 @@ def test_image_drift_and_scaling(lab, tmp_path):
     path = lab.write(WEB3, templates=tmpl)
     with lab.guests():
         assert apply(lab, path).status == "ok"
-        make_attestable_image(tmp_path / "rebuilt", name="fleet-v2", initrd=lab.images.v2.parent.joinpath("initrd.img").read_bytes())
+        make_attestable_image(
+            tmp_path / "rebuilt", name="fleet-v2", initrd=lab.images.v2.parent.joinpath("initrd.img").read_bytes()
+        )
         p = plan(lab, path)
         assert {a.kind for a in p.actions} == {"replace"}
         assert p.actions[0].reasons[0].startswith(f"image drift: manifest {image} changed (sha256 ")
@@ -202,7 +252,9 @@ def test_image_drift_and_scaling(lab, tmp_path):
         assert domains(lab, "a") == {} and list(domains(lab, "b")) == ["demo-web-0"]
         # a deployment removed from the file
         path = lab.write("    {}\n", templates=tmpl)
-        assert [(a.kind, a.reasons) for a in plan(lab, path).changes] == [("delete", ("deployment web is no longer in the file",))]
+        assert [(a.kind, a.reasons) for a in plan(lab, path).changes] == [
+            ("delete", ("deployment web is no longer in the file",))
+        ]
         assert apply(lab, path).status == "ok" and domains(lab, "b") == {}
 
 
@@ -212,9 +264,13 @@ def test_host_removed_from_the_file_is_emptied(lab):
     path = lab.write(WEB3)
     with lab.guests():
         assert apply(lab, path).status == "ok"
-        path = lab.write("    web:\n      template: small\n      replicas: 3\n      placement: [a]\n", hosts={"a": lab.hosts["a"]})
+        path = lab.write(
+            "    web:\n      template: small\n      replicas: 3\n      placement: [a]\n", hosts={"a": lab.hosts["a"]}
+        )
         p = plan(lab, path)
-        assert ("delete", "demo-web-1", "b", "host b is no longer in the file") in {(a.kind, a.vm, a.host, a.reasons[0]) for a in p.changes}
+        assert ("delete", "demo-web-1", "b", "host b is no longer in the file") in {
+            (a.kind, a.vm, a.host, a.reasons[0]) for a in p.changes
+        }
         assert apply(lab, path).status == "ok"
         assert domains(lab, "b") == {} and sorted(domains(lab, "a")) == ["demo-web-0", "demo-web-1", "demo-web-2"]
         assert FleetState.load(lab.folder / "state", "demo").hosts == {"a": lab.hosts["a"]}
@@ -261,16 +317,25 @@ def test_crash_after_unlock_is_repaired_by_the_next_apply(lab):
         assert results(report) == {"demo-web-0": "created", "demo-web-1": "failed"}
         assert domains(lab, "a")["demo-web-1"][1] == 1  # left running, unlocked, not marked ready
         # and a crash between creating a VM's volumes and defining it: volumes, no domain
-        pool.createXML("<volume><name>demo-old-0.qcow2</name><capacity>1</capacity><target><format type='qcow2'/></target></volume>", 0)
-        FleetState.load(lab.folder / "state", "demo").update_vm("demo-old-0", phase="creating", host="a", deployment="old")
+        pool.createXML(
+            "<volume><name>demo-old-0.qcow2</name><capacity>1</capacity>"
+            "<target><format type='qcow2'/></target></volume>",
+            0,
+        )
+        FleetState.load(lab.folder / "state", "demo").update_vm(
+            "demo-old-0", phase="creating", host="a", deployment="old"
+        )
         p = plan(lab, path)
         assert {(a.kind, a.vm): a.reasons for a in p.changes} == {
             ("replace", "demo-web-1"): ("never brought up to the end (an earlier apply was interrupted or failed)",),
             ("delete", "demo-old-0"): ("left by an interrupted apply with no domain: its volumes are removed",),
         }
         report = apply(lab, path)
-        assert report.status == "ok" and results(report) == {"demo-web-0": "unchanged", "demo-web-1": "replaced",
-                                                              "demo-old-0": "deleted"}  # fmt: skip
+        assert report.status == "ok" and results(report) == {
+            "demo-web-0": "unchanged",
+            "demo-web-1": "replaced",
+            "demo-old-0": "deleted",
+        }
         assert "demo-old-0.qcow2" not in {v.name() for v in pool.listAllVolumes()}
         assert "demo-old-0" not in FleetState.load(lab.folder / "state", "demo").vms()
         assert len(guests.by_name("demo-web-1")) == 2 and not plan(lab, path).changes
@@ -279,7 +344,10 @@ def test_crash_after_unlock_is_repaired_by_the_next_apply(lab):
 def test_concurrent_apply_is_refused(lab):
     lab.host("a")
     path = lab.write(WEB3.replace("[a, b]", "[a]"))
-    with FleetLock(lab.folder / "state", "demo", "apply"), pytest.raises(FleetLocked, match=r"fleet demo is locked: another tdxvm apply"):
+    with (
+        FleetLock(lab.folder / "state", "demo", "apply"),
+        pytest.raises(FleetLocked, match=r"fleet demo is locked: another tdxvm apply"),
+    ):
         apply(lab, path)
     assert domains(lab, "a") == {}
 
@@ -293,7 +361,9 @@ def test_a_domain_with_the_name_that_is_not_the_fleets_is_never_touched(lab):
     assert "not created by tdxvm, not this fleet's: never touched" in report.outcomes[0].errors[0]["message"]
     dom = lab.connector.get(lab.hosts["a"]).lookupByName("demo-web-0")
     assert dom.isActive() and dom.UUIDString() == "11111111-2222-4333-8444-555555555555"
-    report = reconcile.destroy_fleet(lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store)
+    report = reconcile.destroy_fleet(
+        lab.load(path), connector=lab.connector, state_dir=lab.folder / "state", secrets=lab.store
+    )
     assert report.status == "ok" and report.outcomes == []
     with pytest.raises(libvirt.libvirtError):
         lab.connector.get(lab.hosts["a"]).lookupByName("demo-web-1")

@@ -62,7 +62,9 @@ def test_partial_apply_then_the_next_finishes_then_nothing_to_do(cli_lab, capsys
         assert doc["status"] == "partial" and doc["summary"] == {"created": 2, "skipped": 1}
         assert [v["result"] for v in doc["vms"]] == ["created", "created", "skipped"]
         assert doc["vms"][0]["tcb_status"] == "UpToDate" and doc["vms"][0]["endpoint"].startswith("127.0.0.1:")
-        assert doc["vms"][2]["errors"][0]["message"].startswith("host c unreachable") and "c" in doc["unreachable_hosts"]
+        assert (
+            doc["vms"][2]["errors"][0]["message"].startswith("host c unreachable") and "c" in doc["unreachable_hosts"]
+        )
         assert "plan" not in out.split("{", 1)[0]  # stdout is the one JSON document; the plan went to stderr
         cli_lab.host("c")
         code, out, err = run(capsys, "apply", "-f", path, "--yes")
@@ -83,14 +85,38 @@ def test_status_outputs(cli_lab, capsys):
     code, out, _ = run(capsys, "status", "-f", path)
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["VM", "HOST", "STATE", "ATTESTATION", "TCB", "MEASUREMENTS", "ENDPOINT", "LAST", "ATTESTED", "SYNC"]
-    assert [r.split()[:5] for r in rows] == [[f"demo-web-{i}", h, "running", "accept", "UpToDate"] for i, h in enumerate("abc")]
+    assert header.split() == [
+        "VM",
+        "HOST",
+        "STATE",
+        "ATTESTATION",
+        "TCB",
+        "MEASUREMENTS",
+        "ENDPOINT",
+        "LAST",
+        "ATTESTED",
+        "SYNC",
+    ]
+    assert [r.split()[:5] for r in rows] == [
+        [f"demo-web-{i}", h, "running", "accept", "UpToDate"] for i, h in enumerate("abc")
+    ]
     assert all(r.rstrip().endswith("in sync") for r in rows)
     code, out, _ = run(capsys, "status", "-f", path, "-o", "json")
     doc = json.loads(out)
     vm = doc["vms"][0]
-    assert set(vm) == {"vm", "deployment", "host", "state", "verdict", "tcb_status", "measurements_digest", "endpoint",
-                       "last_attested", "sync", "reasons"}  # fmt: skip
+    assert set(vm) == {
+        "vm",
+        "deployment",
+        "host",
+        "state",
+        "verdict",
+        "tcb_status",
+        "measurements_digest",
+        "endpoint",
+        "last_attested",
+        "sync",
+        "reasons",
+    }
     assert len(vm["measurements_digest"]) == 64 and vm["last_attested"].endswith("Z")
     assert len({v["measurements_digest"] for v in doc["vms"]}) == 1  # same image, same measurements
     code, out, _ = run(capsys, "status", "-f", path, "-o", "yaml")
@@ -112,7 +138,9 @@ def test_refused_vm_exit_1_with_every_reason(cli_lab, capsys):
     assert "- [vm-stopped] nothing was released; the VM is left stopped" in out
     doc = json.loads(run(capsys, "status", "-f", path, "-o", "json")[1])
     assert doc["vms"][0]["state"] == "shut-off" and doc["vms"][0]["verdict"] == "reject"
-    assert doc["vms"][0]["sync"] == "replace" and doc["vms"][0]["reasons"][0].startswith("failed attestation: [measurement-mismatch]")
+    assert doc["vms"][0]["sync"] == "replace" and doc["vms"][0]["reasons"][0].startswith(
+        "failed attestation: [measurement-mismatch]"
+    )
 
 
 def test_confirmation_and_destroy(cli_lab, capsys):
@@ -128,8 +156,11 @@ def test_confirmation_and_destroy(cli_lab, capsys):
     assert code == 2 and "destroy deletes 2 VMs of fleet demo" in err and "pass --yes" in err
     code, out, _ = run(capsys, "destroy", "-f", path, "--yes", "-o", "json")
     doc = json.loads(out)
-    assert code == 0 and doc["status"] == "ok" and {v["vm"]: v["result"] for v in doc["vms"]} == {"demo-web-0": "deleted",
-                                                                                                  "demo-web-1": "deleted"}  # fmt: skip
+    assert (
+        code == 0
+        and doc["status"] == "ok"
+        and {v["vm"]: v["result"] for v in doc["vms"]} == {"demo-web-0": "deleted", "demo-web-1": "deleted"}
+    )
     assert [d.name() for d in conn.listAllDomains()] == ["theirs"]
     code, _, err = run(capsys, "destroy", "theirs", "--uri", cli_lab.hosts["a"], "--yes")
     assert code == 2 and "not created by tdxvm" in err  # the name form, as before
@@ -140,19 +171,30 @@ def test_concurrent_apply_is_refused_with_the_holder(cli_lab, capsys, tmp_path):
     path = cli_lab.write("    web:\n      template: small\n      replicas: 1\n      placement: [a]\n")
     with FleetLock(tmp_path / "state", "demo", "apply"):
         code, _, err = run(capsys, "apply", "-f", path, "--yes")
-        assert code == 2 and "error: fleet demo is locked: another tdxvm apply holds" in err and f"pid {os.getpid()}" in err
+        assert (
+            code == 2
+            and "error: fleet demo is locked: another tdxvm apply holds" in err
+            and f"pid {os.getpid()}" in err
+        )
         code, out, _ = run(capsys, "destroy", "-f", path, "--yes", "-o", "json")
         assert code == 2 and json.loads(out)["error"]["code"] == "fleet-locked"
 
 
 def test_file_errors_and_help(cli_lab, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("apiVersion: tdxvm/v1\nkind: Fleet\nmetadata: {name: x}\nspec:\n  hosts: {a: qemu:///system}\n  extra: 1\n")
+    bad.write_text(
+        "apiVersion: tdxvm/v1\nkind: Fleet\nmetadata: {name: x}\nspec:\n  hosts: {a: qemu:///system}\n  extra: 1\n"
+    )
     for verb in ("plan", "apply", "status", "destroy"):
         code, _, err = run(capsys, verb, "-f", bad)
         assert code == 2 and f"{bad}:6: spec.extra: unknown key" in err and "Traceback" not in err
     code, out, _ = run(capsys, "status", "--help")
-    assert code == 0 and "Usage: tdxvm status [OPTIONS] [NAME]" in out and "With -f, for a fleet" in out and "--file FLEET.yaml" in out
+    assert (
+        code == 0
+        and "Usage: tdxvm status [OPTIONS] [NAME]" in out
+        and "With -f, for a fleet" in out
+        and "--file FLEET.yaml" in out
+    )
     code, out, _ = run(capsys, "destroy", "-f", bad, "--help")
     assert code == 0 and "every VM fleet" in out and "[NAME]" not in out
 
@@ -173,7 +215,8 @@ hosts = {h: write_host(tmp / f"{h}.xml", [image]) for h in ("a", "b")}
 put_test_secrets(SecretStore())
 (tmp / "fleet.yaml").write_text(
     "apiVersion: tdxvm/v1\\nkind: Fleet\\nmetadata: {name: demo}\\nspec:\\n"
-    f"  hosts: {json.dumps(hosts)}\\n  templates:\\n    t: {{image: {image}, backend: emulated, vcpus: 1, memory: 256MiB}}\\n"
+    f"  hosts: {json.dumps(hosts)}\\n  templates:\\n"
+    f"    t: {{image: {image}, backend: emulated, vcpus: 1, memory: 256MiB}}\\n"
     "  deployments:\\n    web: {template: t, replicas: 6, placement: [a, b]}\\n")
 with TestDriverGuests(shared_connector(), hosts.values(), tmp / "guests") as guests:
     code = main(["apply", "-f", str(tmp / "fleet.yaml"), "--yes", "--parallel", "2"])
@@ -197,8 +240,14 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     from ..attested_guest import REPO
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stderr:
             if ": created" in line:  # the first VM is up; others are on their way

@@ -42,8 +42,9 @@ def launched(lab, tmp_path, monkeypatch):
     conn = lab.connector.get(uri)
     spec = VmSpec(name="solo", uri=uri, image=lab.images.good, backend="emulated", vcpus=1, memory=256)
     with lab.guests() as guests:
-        bringup.bring_up(spec, load_manifest(lab.images.good), conn, trust=lab.trust, secrets=store, login_check=False,
-                         poll=0.02)  # fmt: skip
+        bringup.bring_up(
+            spec, load_manifest(lab.images.good), conn, trust=lab.trust, secrets=store, login_check=False, poll=0.02
+        )
         yield conn, store, guests
 
 
@@ -84,8 +85,9 @@ def test_a_rewritten_policy_label_is_ignored(launched, lab):
 
 
 @pytest.mark.parametrize("change", ["backend", "forwards"])
-def test_a_rewritten_backend_or_forward_refuses_attest_provision_and_verify_endpoint(launched, lab, tmp_path, capsys,
-                                                                                   monkeypatch, change):  # fmt: skip
+def test_a_rewritten_backend_or_forward_refuses_attest_provision_and_verify_endpoint(
+    launched, lab, tmp_path, capsys, monkeypatch, change
+):
     conn, store, guests = launched
     same_connection(monkeypatch, conn)
     if change == "backend":  # "tdx": the controller would trust Intel's root and the host's QGS
@@ -129,7 +131,9 @@ def test_a_vm_without_a_record_is_refused_unless_a_policy_is_given(launched, lab
     assert main(["attest", "solo", "--uri", uri]) == 2
     assert "not launched by this controller" in capsys.readouterr().err
     policy = tmp_path / "policy.yaml"
-    policy.write_text(f"mrtd: {record.policy.mrtd[0]}\nrtmr1: {record.policy.rtmr1[0]}\nrtmr2: {record.policy.rtmr2[0]}\n")
+    policy.write_text(
+        f"mrtd: {record.policy.mrtd[0]}\nrtmr1: {record.policy.rtmr1[0]}\nrtmr2: {record.policy.rtmr2[0]}\n"
+    )
     assert main(["attest", "solo", "--uri", uri, "--policy", str(policy), "--backend", "emulated"]) == 0
     assert "solo: accepted" in capsys.readouterr().out
 
@@ -139,6 +143,8 @@ def test_destroy_removes_the_record(launched):
     records = VmRecords.beside(store)
     uuid = conn.lookupByName("solo").UUIDString()
     assert records.get(uuid) is not None
-    assert (records.directory.stat().st_mode & 0o777) == 0o700 and (records.directory / f"{uuid}.json").stat().st_mode & 0o777 == 0o600
+    assert (records.directory.stat().st_mode & 0o777) == 0o700 and (
+        records.directory / f"{uuid}.json"
+    ).stat().st_mode & 0o777 == 0o600
     lifecycle.destroy(conn, "solo", records=records)
     assert records.get(uuid) is None

@@ -25,13 +25,33 @@ def desired(vcpus: int = 1, replicas: int = 2):
     return parse_fleet(FLEET.replace("VCPUS", str(vcpus)).replace("REPLICAS", str(replicas))).desired()
 
 
-def actual(d, *, host=None, spec_hash=None, image_sha=SHA, state="running", verdict="accept", ready=True, **labels) -> ActualVm:
-    all_labels = {inv.FLEET: "f", inv.DEPLOYMENT: d.deployment, inv.SPEC_HASH: spec_hash or d.spec_hash,
-                  inv.IMAGE_SHA: image_sha, **({inv.READY_AT: "2026-01-01T00:00:00Z"} if ready else {}), **labels}  # fmt: skip
-    att = None if verdict is None else {"verdict": verdict, "reasons": [{"code": "measurement-mismatch", "message": "RTMR2 differs"}]
-                                        if verdict == "reject" else []}  # fmt: skip
-    return ActualVm(name=d.name, host=host or d.host, uri=f"test:///{host or d.host}.xml", state=state, labels=all_labels,
-                    attestation=att)  # fmt: skip
+def actual(
+    d, *, host=None, spec_hash=None, image_sha=SHA, state="running", verdict="accept", ready=True, **labels
+) -> ActualVm:
+    all_labels = {
+        inv.FLEET: "f",
+        inv.DEPLOYMENT: d.deployment,
+        inv.SPEC_HASH: spec_hash or d.spec_hash,
+        inv.IMAGE_SHA: image_sha,
+        **({inv.READY_AT: "2026-01-01T00:00:00Z"} if ready else {}),
+        **labels,
+    }
+    att = (
+        None
+        if verdict is None
+        else {
+            "verdict": verdict,
+            "reasons": [{"code": "measurement-mismatch", "message": "RTMR2 differs"}] if verdict == "reject" else [],
+        }
+    )
+    return ActualVm(
+        name=d.name,
+        host=host or d.host,
+        uri=f"test:///{host or d.host}.xml",
+        state=state,
+        labels=all_labels,
+        attestation=att,
+    )
 
 
 def views(*vms: ActualVm, unreachable: dict[str, str] | None = None, foreign: dict[str, dict[str, str]] | None = None):
@@ -40,12 +60,16 @@ def views(*vms: ActualVm, unreachable: dict[str, str] | None = None, foreign: di
         if h in (unreachable or {}):
             out[h] = HostView(h, f"test:///{h}.xml", error=unreachable[h])
         else:
-            out[h] = HostView(h, f"test:///{h}.xml", vms={v.name: v for v in vms if v.host == h}, foreign=(foreign or {}).get(h, {}))
+            out[h] = HostView(
+                h, f"test:///{h}.xml", vms={v.name: v for v in vms if v.host == h}, foreign=(foreign or {}).get(h, {})
+            )
     return out
 
 
 def plan(ds, hosts, *, records=None, shas=None):
-    return make_plan("f", ds, hosts, file_hosts={"a", "b"}, image_shas=shas or {"/img/manifest.json": SHA}, records=records or {})
+    return make_plan(
+        "f", ds, hosts, file_hosts={"a", "b"}, image_shas=shas or {"/img/manifest.json": SHA}, records=records or {}
+    )
 
 
 def kinds(p):
@@ -75,20 +99,31 @@ def test_spec_drift_names_the_changed_keys():
     assert p.actions[0].serving  # rolling: it serves now
     # without the record, the hashes say it
     p = plan(new, views(*(actual(d, spec_hash=o.spec_hash) for d, o in zip(new, old, strict=True))))
-    assert p.actions[0].reasons[0].startswith(f"spec drift: spec hash {old[0].spec_hash[:12]} -> {new[0].spec_hash[:12]}")
+    assert (
+        p.actions[0].reasons[0].startswith(f"spec drift: spec hash {old[0].spec_hash[:12]} -> {new[0].spec_hash[:12]}")
+    )
 
 
 def test_image_drift():
     ds = desired()
     p = plan(ds, views(*(actual(d, image_sha="cd" * 32) for d in ds)))
     assert p.actions[0].kind == "replace"
-    assert p.actions[0].reasons == (f"image drift: manifest /img/manifest.json changed (sha256 {'cd' * 6} -> {'ab' * 6})",)
+    assert p.actions[0].reasons == (
+        f"image drift: manifest /img/manifest.json changed (sha256 {'cd' * 6} -> {'ab' * 6})",
+    )
 
 
 def test_refused_stopped_and_unfinished_vms_are_replaced():
     ds = desired(replicas=4)
-    p = plan(ds, views(actual(ds[0], verdict="reject", state="shut-off", ready=False), actual(ds[1], state="shut-off"),
-                       actual(ds[2], verdict=None, ready=False), actual(ds[3], ready=False)))  # fmt: skip
+    p = plan(
+        ds,
+        views(
+            actual(ds[0], verdict="reject", state="shut-off", ready=False),
+            actual(ds[1], state="shut-off"),
+            actual(ds[2], verdict=None, ready=False),
+            actual(ds[3], ready=False),
+        ),
+    )
     assert [a.kind for a in p.actions] == ["replace"] * 4
     assert p.actions[0].reasons == ("failed attestation: [measurement-mismatch] RTMR2 differs",)
     assert p.actions[1].reasons == ("not running (shut-off)",)
@@ -100,8 +135,14 @@ def test_refused_stopped_and_unfinished_vms_are_replaced():
 def test_deletes_say_why():
     ds = desired(replicas=4)
     now = desired(replicas=1)
-    stray = ActualVm(name="f-old-0", host="b", uri="test:///b.xml", state="running", labels={inv.FLEET: "f", inv.DEPLOYMENT: "old"},
-                     attestation=None)  # fmt: skip
+    stray = ActualVm(
+        name="f-old-0",
+        host="b",
+        uri="test:///b.xml",
+        state="running",
+        labels={inv.FLEET: "f", inv.DEPLOYMENT: "old"},
+        attestation=None,
+    )
     moved = actual(ds[0], host="b")  # f-web-0 now runs on b, but belongs on a
     p = plan(now, views(moved, actual(ds[1]), actual(ds[2]), actual(ds[3]), stray))
     got = {(a.kind, a.vm, a.host): a.reasons for a in p.actions}
@@ -118,8 +159,15 @@ def test_deletes_say_why():
 def test_unreachable_host_is_skipped_and_the_rest_planned():
     ds = desired(replicas=3)
     records = {"f-gone-0": {"host": "b", "deployment": "gone", "phase": "ready"}}
-    p = plan(ds, views(actual(ds[0]), unreachable={"b": "cannot connect to libvirt at test:///b.xml: no"}), records=records)
-    assert kinds(p) == [("keep", "f-web-0", "a"), ("skip", "f-web-1", "b"), ("create", "f-web-2", "a"), ("skip", "f-gone-0", "b")]
+    p = plan(
+        ds, views(actual(ds[0]), unreachable={"b": "cannot connect to libvirt at test:///b.xml: no"}), records=records
+    )
+    assert kinds(p) == [
+        ("keep", "f-web-0", "a"),
+        ("skip", "f-web-1", "b"),
+        ("create", "f-web-2", "a"),
+        ("skip", "f-gone-0", "b"),
+    ]
     assert p.actions[1].reasons == ("host b unreachable: cannot connect to libvirt at test:///b.xml: no",)
     assert "not asked for any more, but host b is unreachable" in p.actions[3].reasons[0]
     assert p.unreachable() == {"b": "cannot connect to libvirt at test:///b.xml: no"}
@@ -128,18 +176,27 @@ def test_unreachable_host_is_skipped_and_the_rest_planned():
 def test_a_name_held_by_another_domain_is_never_touched():
     ds = desired()
     p = plan(ds, views(foreign={"a": {"f-web-0": "not created by tdxvm"}}))
-    assert p.actions[0].kind == "skip" and "f-web-0 on a is not created by tdxvm, not this fleet's: never touched" in p.actions[0].reasons[0]
+    assert (
+        p.actions[0].kind == "skip"
+        and "f-web-0 on a is not created by tdxvm, not this fleet's: never touched" in p.actions[0].reasons[0]
+    )
 
 
 def test_unreadable_image_skips_its_vms():
     p = plan(desired(), views(), shas={"/img/manifest.json": FileNotFoundError("no such file")})
-    assert [a.kind for a in p.actions] == ["skip", "skip"] and p.actions[0].reasons == ("image manifest /img/manifest.json: no such file",)
+    assert [a.kind for a in p.actions] == ["skip", "skip"] and p.actions[0].reasons == (
+        "image manifest /img/manifest.json: no such file",
+    )
 
 
 def test_interrupted_leftovers():
     ds = desired()
-    records = {"f-web-0": {"host": "a", "phase": "creating"}, "f-web-1": {"host": "b", "phase": "refused", "reasons": ["[x] y"]},
-               "f-old-0": {"host": "a", "phase": "creating", "deployment": "old"}, "f-old-1": {"host": "a", "phase": "ready"}}  # fmt: skip
+    records = {
+        "f-web-0": {"host": "a", "phase": "creating"},
+        "f-web-1": {"host": "b", "phase": "refused", "reasons": ["[x] y"]},
+        "f-old-0": {"host": "a", "phase": "creating", "deployment": "old"},
+        "f-old-1": {"host": "a", "phase": "ready"},
+    }
     p = plan(ds, views(), records=records)
     got = {(a.kind, a.vm): a.reasons for a in p.actions}
     assert got == {

@@ -56,7 +56,9 @@ def test_expands_to_named_vms_on_their_hosts(tmp_path):
     assert (b1.vcpus, b1.memory_mib, b1.pinning.vcpus) == (2, 2048, ("2", "3"))  # the host's override
     assert a0.image == tmp_path / "build/smoke/manifest.json"  # relative to the file's folder
     assert vms[0].spec_hash == vms[2].spec_hash != vms[1].spec_hash
-    assert spec_hash(a0.model_copy(update={"name": "other", "uri": "qemu:///x"})) == vms[0].spec_hash  # name, host: not spec
+    assert (
+        spec_hash(a0.model_copy(update={"name": "other", "uri": "qemu:///x"})) == vms[0].spec_hash
+    )  # name, host: not spec
 
 
 def test_placement_mapping_fills_hosts_in_order():
@@ -78,10 +80,14 @@ def test_errors_name_file_line_and_field():
 def test_override_is_checked_with_its_template():
     text = BASE.replace('pinning: {vcpus: ["2", "3"]}', 'pinning: {vcpus: ["2"]}')
     [line] = problems(text)
-    assert line.startswith("fleet.yaml:21: spec.deployments.web.overrides: b: the template with this override is not a valid VM")
+    assert line.startswith(
+        "fleet.yaml:21: spec.deployments.web.overrides: b: the template with this override is not a valid VM"
+    )
     assert "vcpus lists 1 host cpusets for 2 vCPUs" in line
     text = BASE.replace("        b: {", "        c: {")
-    assert problems(text) == ["fleet.yaml:21: spec.deployments.web.overrides: host 'c' is not in this deployment's placement (a, b)"]
+    assert problems(text) == [
+        "fleet.yaml:21: spec.deployments.web.overrides: host 'c' is not in this deployment's placement (a, b)"
+    ]
     text = BASE.replace("vcpus: 2, memory: 2GiB", "vcpus: 2, memory: lots")
     [line] = problems(text)
     assert line.startswith("fleet.yaml:21: spec.deployments.web.overrides.b.memory: 'lots' is not a size")
@@ -92,17 +98,41 @@ def test_override_is_checked_with_its_template():
     [
         (("apiVersion: tdxvm/v1", "apiVersion: v1"), "fleet.yaml:1: apiVersion: Input should be 'tdxvm/v1'"),
         (("kind: Fleet", "kind: VM"), "fleet.yaml:2: kind: Input should be 'Fleet'"),
-        (("name: " + "l" * 30, "name: Llama_2"), "fleet.yaml:4: metadata.name: 'Llama_2': a fleet name is lowercase letters"),
+        (
+            ("name: " + "l" * 30, "name: Llama_2"),
+            "fleet.yaml:4: metadata.name: 'Llama_2': a fleet name is lowercase letters",
+        ),
         (("a: qemu:///system", "a: localhost"), "fleet.yaml:7: spec.hosts: host a: 'localhost' is not a libvirt URI"),
-        (("      vcpus: 1\n", "      vcpus: 1\n      name: x\n"),
-         "fleet.yaml:14: spec.templates.small.name: a template has no name: VMs are named <fleet>-<deployment>-<index>"),
-        (("      vcpus: 1\n", "      vcpus: 1\n      uri: qemu:///system\n"), "fleet.yaml:14: spec.templates.small.uri: a template has no uri"),
-        (("      vcpus: 1\n", "      vcpus: 0\n"), "fleet.yaml:13: spec.templates.small.vcpus: Input should be greater than or equal to 1"),
-        (("replicas: 3", "replicas: -1"), "fleet.yaml:18: spec.deployments.web.replicas: Input should be greater than or equal to 0"),
+        (
+            ("      vcpus: 1\n", "      vcpus: 1\n      name: x\n"),
+            "fleet.yaml:14: spec.templates.small.name: a template has no name: "
+            "VMs are named <fleet>-<deployment>-<index>",
+        ),
+        (
+            ("      vcpus: 1\n", "      vcpus: 1\n      uri: qemu:///system\n"),
+            "fleet.yaml:14: spec.templates.small.uri: a template has no uri",
+        ),
+        (
+            ("      vcpus: 1\n", "      vcpus: 0\n"),
+            "fleet.yaml:13: spec.templates.small.vcpus: Input should be greater than or equal to 1",
+        ),
+        (
+            ("replicas: 3", "replicas: -1"),
+            "fleet.yaml:18: spec.deployments.web.replicas: Input should be greater than or equal to 0",
+        ),
         (("      replicas: 3\n", ""), "fleet.yaml:17: spec.deployments.web: replicas is missing"),
-        (("placement: [a, b]", "placement: {a: 1, b: 1}"), "fleet.yaml:17: spec.deployments.web: replicas is 3 but the placement puts 2"),
-        (("placement: [a, b]", "placement: []"), "fleet.yaml:19: spec.deployments.web.placement: expected at least one host"),
-        (("    web:\n", "    " + "w" * 30 + ":\n"), "fleet.yaml:16: spec.deployments: deployment " + "w" * 30 + ": VM names like"),
+        (
+            ("placement: [a, b]", "placement: {a: 1, b: 1}"),
+            "fleet.yaml:17: spec.deployments.web: replicas is 3 but the placement puts 2",
+        ),
+        (
+            ("placement: [a, b]", "placement: []"),
+            "fleet.yaml:19: spec.deployments.web.placement: expected at least one host",
+        ),
+        (
+            ("    web:\n", "    " + "w" * 30 + ":\n"),
+            "fleet.yaml:16: spec.deployments: deployment " + "w" * 30 + ": VM names like",
+        ),
     ],
 )
 def test_each_problem_says_what_was_expected(change, expected):
@@ -152,7 +182,9 @@ def test_model_path_in_an_override_and_absolute_paths(tmp_path):
 
 
 def test_a_deployment_or_host_listed_twice_is_refused():
-    text = BASE.replace("    b: qemu+ssh://admin@tdx-b/system\n", "    b: qemu+ssh://admin@tdx-b/system\n    a: qemu:///other\n")
+    text = BASE.replace(
+        "    b: qemu+ssh://admin@tdx-b/system\n", "    b: qemu+ssh://admin@tdx-b/system\n    a: qemu:///other\n"
+    )
     text += "    web:\n      template: small\n      replicas: 1\n      placement: [a]\n"
     assert problems(text) == [
         "fleet.yaml:9: spec.hosts.a: duplicate key (first at line 7)",

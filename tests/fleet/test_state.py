@@ -22,7 +22,10 @@ def test_second_holder_is_refused_with_who_holds_it(tmp_path):
         with pytest.raises(FleetLocked) as err:
             FleetLock(tmp_path, "demo", "destroy").acquire()
         message = str(err.value)
-        assert "fleet demo is locked: another tdxvm apply" in message and f"pid {os.getpid()} on {socket.gethostname()}" in message
+        assert (
+            "fleet demo is locked: another tdxvm apply" in message
+            and f"pid {os.getpid()} on {socket.gethostname()}" in message
+        )
         assert str(tmp_path / "demo.lock") in message and "never stale" in message
         assert err.value.code == "fleet-locked"
         FleetLock(tmp_path, "other", "apply").acquire().release()  # another fleet is not blocked
@@ -30,8 +33,10 @@ def test_second_holder_is_refused_with_who_holds_it(tmp_path):
 
 
 def test_lock_goes_with_its_process(tmp_path):
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from tdxvm.fleet.state import FleetLock; "
-            f"FleetLock({str(tmp_path)!r}, 'demo', 'apply').acquire(); print('held', flush=True); time.sleep(60)")  # fmt: skip
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from tdxvm.fleet.state import FleetLock; "
+        f"FleetLock({str(tmp_path)!r}, 'demo', 'apply').acquire(); print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == b"held\n"

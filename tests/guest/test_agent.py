@@ -23,8 +23,19 @@ from tdxvm.guest import tls
 from tdxvm.guest.envelope import seal
 from tdxvm.provision.handshake import GuestError, attest_guest
 
-from ..attested_guest import (AT, CONTROLLER, CONTROLLER_PUBLIC, REPO, Spawned, agent_thread, anchor, artifacts,
-                              controller_key_file, platform, policy_for)  # fmt: skip
+from ..attested_guest import (
+    AT,
+    CONTROLLER,
+    CONTROLLER_PUBLIC,
+    REPO,
+    Spawned,
+    agent_thread,
+    anchor,
+    artifacts,
+    controller_key_file,
+    platform,
+    policy_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,16 @@ def qgs():
 
 
 def attest(address, qgs, **kw):
-    return attest_guest(address, collateral=platform().collateral(), policy=policy_for(artifacts()), at=AT, trust_anchor=anchor(),
-                        qgs_address=qgs.address, timeout=10, **kw)  # fmt: skip
+    return attest_guest(
+        address,
+        collateral=platform().collateral(),
+        policy=policy_for(artifacts()),
+        at=AT,
+        trust_anchor=anchor(),
+        qgs_address=qgs.address,
+        timeout=10,
+        **kw,
+    )
 
 
 class Conn:
@@ -71,9 +90,21 @@ def test_system_agent_binds_its_keys_and_keeps_secrets(tmp_path, qgs):
     (tmp_path / "root").mkdir()
     blob = ssh_host_key(tmp_path / "ssh_host_ed25519_key.pub")
     identity = tls.ensure_identity(tmp_path / "tls", ["localhost"])
-    agent = Spawned("tdxvm.guest.agent", "--listen", "127.0.0.1:0", "--secrets-dir", str(tmp_path / "secrets"),
-                    "--ssh-host-key", str(tmp_path / "ssh_host_ed25519_key.pub"), "--tls-key", str(identity.cert_path),
-                    "--root", str(tmp_path / "root"), "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
+    agent = Spawned(
+        "tdxvm.guest.agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--secrets-dir",
+        str(tmp_path / "secrets"),
+        "--ssh-host-key",
+        str(tmp_path / "ssh_host_ed25519_key.pub"),
+        "--tls-key",
+        str(identity.cert_path),
+        "--root",
+        str(tmp_path / "root"),
+        "--controller-key",
+        str(controller_key_file(tmp_path)),
+    )
     try:
         with attest(("127.0.0.1", agent.port), qgs, require_keys=("ssh-host", "tls")) as guest:
             assert guest.verdict.accepted and guest.provider == "emulated" and guest.event_log is None
@@ -86,7 +117,10 @@ def test_system_agent_binds_its_keys_and_keeps_secrets(tmp_path, qgs):
             assert path.read_bytes() == value
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
-        assert sorted(p.name for p in (tmp_path / "secrets").iterdir()) == ["disk", "model-key"]  # no temporary files left
+        assert sorted(p.name for p in (tmp_path / "secrets").iterdir()) == [
+            "disk",
+            "model-key",
+        ]  # no temporary files left
     finally:
         agent.stop()
     assert "received secret 'model-key' (14 bytes)" in agent.stderr
@@ -95,8 +129,12 @@ def test_system_agent_binds_its_keys_and_keeps_secrets(tmp_path, qgs):
 
 def test_tls_key_is_bound_only_when_it_exists(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC,
-                               public_keys=agent_module.system_keys(None, tmp_path / "tls/cert.pem"))  # fmt: skip
+    agent = agent_module.Agent(
+        on_secret=agent_module.SecretsDir(tmp_path / "s"),
+        root=tmp_path / "root",
+        controller_key=CONTROLLER_PUBLIC,
+        public_keys=agent_module.system_keys(None, tmp_path / "tls/cert.pem"),
+    )
     with agent_module.AgentServer(agent, "127.0.0.1", 0) as server:
         with attest(("127.0.0.1", server.port), qgs) as guest:
             assert set(guest.keys) == {"x25519"}
@@ -110,9 +148,16 @@ def test_tls_key_is_bound_only_when_it_exists(tmp_path, qgs):
 
 def test_missing_ssh_host_key_is_an_error_not_an_omission(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC,
-                               public_keys=agent_module.system_keys(tmp_path / "missing.pub", None))  # fmt: skip
-    with agent_module.AgentServer(agent, "127.0.0.1", 0) as server, pytest.raises(GuestError, match="missing.pub") as exc:
+    agent = agent_module.Agent(
+        on_secret=agent_module.SecretsDir(tmp_path / "s"),
+        root=tmp_path / "root",
+        controller_key=CONTROLLER_PUBLIC,
+        public_keys=agent_module.system_keys(tmp_path / "missing.pub", None),
+    )
+    with (
+        agent_module.AgentServer(agent, "127.0.0.1", 0) as server,
+        pytest.raises(GuestError, match="missing.pub") as exc,
+    ):
         attest(("127.0.0.1", server.port), qgs)
     assert exc.value.phase == "attest"
     (tmp_path / "bad.pub").write_text("ssh-ed25519 AAAAB3NzaC1yc2E= x\n")  # the blob says ssh-rsa
@@ -125,7 +170,10 @@ def test_protocol_errors(tmp_path, qgs):
     with agent_thread(tmp_path / "secrets", tmp_path / "root") as server:
         c = Conn(server.port)
         try:
-            assert c.ask(op="secret", name="disk", sealed="AAAA") == {"ok": False, "error": "no attest on this connection yet: a secret is sealed to the key of an attest"}
+            assert c.ask(op="secret", name="disk", sealed="AAAA") == {
+                "ok": False,
+                "error": "no attest on this connection yet: a secret is sealed to the key of an attest",
+            }
             assert "not UTF-8 JSON" in c.send(b"{nope\n")["error"]
             assert "unknown op 'reboot'" in c.ask(op="reboot")["error"]
             assert "nonce: expected 64 hex digits" in c.ask(op="attest", nonce="00" * 16, qgs=qgs.address)["error"]
@@ -161,10 +209,14 @@ def test_secret_opens_only_with_the_latest_attest_of_its_connection(tmp_path, qg
             assert len(set(keys)) == 3  # a fresh key per attest
             stale = seal(b"k1", keys[0], info=wire.secret_info("disk", bytes.fromhex("01" * 32)), sender=CONTROLLER)
             assert "does not open" in a.ask(op="secret", name="disk", sealed=wire.b64(stale))["error"]
-            wrong_name = seal(b"k1", keys[1], info=wire.secret_info("model", bytes.fromhex("02" * 32)), sender=CONTROLLER)
+            wrong_name = seal(
+                b"k1", keys[1], info=wire.secret_info("model", bytes.fromhex("02" * 32)), sender=CONTROLLER
+            )
             assert "does not open" in a.ask(op="secret", name="disk", sealed=wire.b64(wrong_name))["error"]
             current = seal(b"k1", keys[1], info=wire.secret_info("disk", bytes.fromhex("02" * 32)), sender=CONTROLLER)
-            assert "does not open" in b.ask(op="secret", name="disk", sealed=wire.b64(current))["error"]  # another connection
+            assert (
+                "does not open" in b.ask(op="secret", name="disk", sealed=wire.b64(current))["error"]
+            )  # another connection
             assert a.ask(op="secret", name="disk", sealed=wire.b64(current)) == {"ok": True}
         finally:
             a.close()
@@ -175,8 +227,15 @@ def test_secret_opens_only_with_the_latest_attest_of_its_connection(tmp_path, qg
 def test_unlock_prints_exactly_the_key(tmp_path, qgs):
     (tmp_path / "root").mkdir()
     passphrase = b"0f" * 32
-    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"),
-                     "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
+    unlock = Spawned(
+        "tdxvm.guest.unlock",
+        "--listen",
+        "127.0.0.1:0",
+        "--root",
+        str(tmp_path / "root"),
+        "--controller-key",
+        str(controller_key_file(tmp_path)),
+    )
     try:
         with attest(("127.0.0.1", unlock.port), qgs) as guest:
             assert set(guest.keys) == {"x25519"}
@@ -194,8 +253,15 @@ def test_unlock_prints_exactly_the_key(tmp_path, qgs):
 
 def test_unlock_refuses_an_empty_key_and_keeps_waiting(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"),
-                     "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
+    unlock = Spawned(
+        "tdxvm.guest.unlock",
+        "--listen",
+        "127.0.0.1:0",
+        "--root",
+        str(tmp_path / "root"),
+        "--controller-key",
+        str(controller_key_file(tmp_path)),
+    )
     try:
         with attest(("127.0.0.1", unlock.port), qgs) as guest:
             with pytest.raises(GuestError, match="'disk' is empty"):
@@ -218,8 +284,15 @@ def test_unlock_refuses_a_passphrase_the_host_seals_and_still_takes_the_controll
     keeps waiting, and prints the controller's passphrase when that comes."""
     (tmp_path / "root").mkdir()
     host = X25519PrivateKey.generate()
-    unlock = Spawned("tdxvm.guest.unlock", "--listen", "127.0.0.1:0", "--root", str(tmp_path / "root"),
-                     "--controller-key", str(controller_key_file(tmp_path)))  # fmt: skip
+    unlock = Spawned(
+        "tdxvm.guest.unlock",
+        "--listen",
+        "127.0.0.1:0",
+        "--root",
+        str(tmp_path / "root"),
+        "--controller-key",
+        str(controller_key_file(tmp_path)),
+    )
     try:
         with attest(("127.0.0.1", unlock.port), qgs) as hosts:  # the host's own attestation, accepted by its own policy
             with pytest.raises(GuestError, match="not sealed by the controller's release key"):
@@ -228,8 +301,16 @@ def test_unlock_refuses_a_passphrase_the_host_seals_and_still_takes_the_controll
             try:
                 answer = raw.ask(op="attest", nonce="05" * 32, qgs=qgs.address)
                 guest_key = wire.unb64(answer["keys"]["x25519"], "k")
-                forged = seal(b"host's passphrase", guest_key, info=wire.secret_info("disk", bytes.fromhex("05" * 32)), sender=host)
-                assert "not sealed by the controller" in raw.ask(op="secret", name="disk", sealed=wire.b64(forged))["error"]
+                forged = seal(
+                    b"host's passphrase",
+                    guest_key,
+                    info=wire.secret_info("disk", bytes.fromhex("05" * 32)),
+                    sender=host,
+                )
+                assert (
+                    "not sealed by the controller"
+                    in raw.ask(op="secret", name="disk", sealed=wire.b64(forged))["error"]
+                )
             finally:
                 raw.close()
         assert unlock.proc.poll() is None  # the slot is still free
@@ -247,7 +328,10 @@ def test_agent_refuses_a_model_key_the_host_seals(tmp_path, qgs):
     """A host-chosen model key (and so host-chosen weights) would be served under a genuine
     attestation: the booted agent refuses it, keeps nothing, and still takes the controller's."""
     (tmp_path / "root").mkdir()
-    with agent_thread(tmp_path / "secrets", tmp_path / "root") as server, attest(("127.0.0.1", server.port), qgs) as guest:
+    with (
+        agent_thread(tmp_path / "secrets", tmp_path / "root") as server,
+        attest(("127.0.0.1", server.port), qgs) as guest,
+    ):
         with pytest.raises(GuestError, match="not sealed by the controller's release key"):
             guest.release("model-0123456789abcdef", b"host model key", sender=X25519PrivateKey.generate())
         assert not (tmp_path / "secrets").exists()
@@ -262,8 +346,13 @@ def test_agent_without_a_usable_controller_key_refuses_to_start(tmp_path, conten
     if content is not None:
         path.write_text(content)
     for module in ("tdxvm.guest.agent", "tdxvm.guest.unlock"):
-        proc = subprocess.run([sys.executable, "-m", module, "--listen", "127.0.0.1:0", "--controller-key", str(path)],
-                              capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--listen", "127.0.0.1:0", "--controller-key", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
         assert proc.returncode == 2, proc.stderr
         assert f"controller key {path}" in proc.stderr and proc.stdout == ""
     with pytest.raises(agent_module.AgentError, match="32-byte"):
@@ -272,7 +361,9 @@ def test_agent_without_a_usable_controller_key_refuses_to_start(tmp_path, conten
 
 def test_connection_cap(tmp_path, qgs):
     (tmp_path / "root").mkdir()
-    agent = agent_module.Agent(on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC)
+    agent = agent_module.Agent(
+        on_secret=agent_module.SecretsDir(tmp_path / "s"), root=tmp_path / "root", controller_key=CONTROLLER_PUBLIC
+    )
     with agent_module.AgentServer(agent, "127.0.0.1", 0, max_connections=1) as server:
         held = Conn(server.port)
         try:
@@ -295,9 +386,28 @@ def test_guest_side_imports_nothing_from_the_controller():
     """What ships into the guest (and its initramfs) must import only the standard library,
     ``cryptography``, the REPORTDATA binding and tdxvm's error base."""
     code = "import sys, tdxvm.guest.agent, tdxvm.guest.unlock, tdxvm.guest.tdquote; print(' '.join(sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.split()
     assert {m for m in out if m.startswith("tdxvm")} <= {
-        "tdxvm", "tdxvm.errors", "tdxvm.fileio", "tdxvm.attest", "tdxvm.attest.binding", "tdxvm.guest", "tdxvm.guest.agent", "tdxvm.guest.agentwire",
-        "tdxvm.guest.envelope", "tdxvm.guest.tdquote", "tdxvm.guest.unlock",
-    }  # fmt: skip
-    assert not {m.split(".")[0] for m in out} & {"pydantic", "yaml", "requests", "click", "libvirt", "paramiko", "torch"}
+        "tdxvm",
+        "tdxvm.errors",
+        "tdxvm.fileio",
+        "tdxvm.attest",
+        "tdxvm.attest.binding",
+        "tdxvm.guest",
+        "tdxvm.guest.agent",
+        "tdxvm.guest.agentwire",
+        "tdxvm.guest.envelope",
+        "tdxvm.guest.tdquote",
+        "tdxvm.guest.unlock",
+    }
+    assert not {m.split(".")[0] for m in out} & {
+        "pydantic",
+        "yaml",
+        "requests",
+        "click",
+        "libvirt",
+        "paramiko",
+        "torch",
+    }

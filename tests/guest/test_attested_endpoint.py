@@ -33,7 +33,13 @@ from tdxvm.emulate import EmulatedPlatform  # noqa: E402
 from tdxvm.guest.attestation import Attester  # noqa: E402
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
 from tdxvm.guest.tls import TlsIdentity, ensure_identity  # noqa: E402
-from tdxvm.provision.endpoint import AttestedEndpoint, EndpointRefused, EndpointUnreachable, fetch_attestation, verify_endpoint  # noqa: E402
+from tdxvm.provision.endpoint import (  # noqa: E402
+    AttestedEndpoint,
+    EndpointRefused,
+    EndpointUnreachable,
+    fetch_attestation,
+    verify_endpoint,
+)
 from tdxvm.provision.pinning import PinMismatchError  # noqa: E402
 
 from ..conftest import TESTDATA  # noqa: E402
@@ -73,7 +79,13 @@ class TlsUvicorn:
         sock.bind(("127.0.0.1", port))
         self.port = sock.getsockname()[1]
         self.url = f"https://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, ssl_keyfile=str(identity.key_path), ssl_certfile=str(identity.cert_path))
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            ssl_keyfile=str(identity.key_path),
+            ssl_certfile=str(identity.cert_path),
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -106,7 +118,9 @@ def td(testdata: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TlsIdentity]:
     root = tmp_path_factory.mktemp("tls")
-    return {name: ensure_identity(root / name, ["127.0.0.1", "localhost"]) for name in ("service", "attacker", "other-td")}
+    return {
+        name: ensure_identity(root / name, ["127.0.0.1", "localhost"]) for name in ("service", "attacker", "other-td")
+    }
 
 
 def attested_app(td: dict[str, Any], identity: TlsIdentity, holder: ModelHolder | None = None) -> Any:
@@ -142,13 +156,24 @@ def test_attested_completions_over_the_pinned_session(td, keys, tiny_model):
     server = TlsUvicorn(attested_app(td, keys["service"], holder), keys["service"])
     try:
         ep = verify(td, server.url + "/v1")  # the OpenAI base URL works too
-        assert ep.url == server.url and ep.tls_spki == keys["service"].spki and ep.tls_spki_sha256 == keys["service"].spki_sha256
+        assert (
+            ep.url == server.url
+            and ep.tls_spki == keys["service"].spki
+            and ep.tls_spki_sha256 == keys["service"].spki_sha256
+        )
         assert ep.verdict.accepted and ep.verdict.reasons == () and ep.provider == "emulated-platform"
         assert ep.event_log == td["event_log"].read_bytes()
-        assert ep.event_log_check() == {"bytes": 262144, "events": ep.event_log_check()["events"], "rtmrs_match": [True] * 4}
+        assert ep.event_log_check() == {
+            "bytes": 262144,
+            "events": ep.event_log_check()["events"],
+            "rtmrs_match": [True] * 4,
+        }
 
         s = ep.session()
-        r = s.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "Hello, how are you", "max_tokens": 6, "temperature": 0})
+        r = s.post(
+            server.url + "/v1/completions",
+            json={"model": NAME, "prompt": "Hello, how are you", "max_tokens": 6, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["object"] == "text_completion" and 1 <= r.json()["usage"]["completion_tokens"] <= 6
 
@@ -183,9 +208,13 @@ def test_man_in_the_middle_with_another_certificate_is_refused(td, keys, service
             verify(td, proxy.url)
         exc = err.value
         assert codes(exc) == {"tls-key-not-attested", "report-data-binding"}
-        assert exc.verdict is not None and exc.verdict.result.genuine  # the real TD's quote, relayed: genuine but not for this key
+        assert (
+            exc.verdict is not None and exc.verdict.result.genuine
+        )  # the real TD's quote, relayed: genuine but not for this key
         assert exc.tls_spki_sha256 == keys["attacker"].spki_sha256
-        assert "another party terminates TLS" in str(exc) and f"not this connection's ({keys['attacker'].spki_sha256})" in str(exc)
+        assert "another party terminates TLS" in str(
+            exc
+        ) and f"not this connection's ({keys['attacker'].spki_sha256})" in str(exc)
 
         pinned = verify(td, service.url).session()
         sent = proxy.client_bytes
@@ -212,7 +241,9 @@ def test_pinned_session_refuses_another_key_on_the_same_address(td, keys):
         with pytest.raises(PinMismatchError) as err:
             s.get(second.url + "/v1/models")
         assert err.value.pinned == keys["service"].spki_sha256 and err.value.presented == keys["other-td"].spki_sha256
-        assert verify(td, second.url).tls_spki == keys["other-td"].spki  # it attests fine: the pin, not the quote, refuses it
+        assert (
+            verify(td, second.url).tls_spki == keys["other-td"].spki
+        )  # it attests fine: the pin, not the quote, refuses it
     finally:
         second.stop()
 
@@ -288,16 +319,28 @@ def test_attestation_endpoint_answers_and_refuses_bad_nonces(td, keys, service):
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_attestation_endpoint_without_key_or_quotes(td, keys):
     plain = TlsUvicorn(create_app(ModelHolder(NAME)), keys["service"])
-    broken = TlsUvicorn(create_app(ModelHolder(NAME), attester=Attester(BrokenProvider(), {"tls": keys["service"].spki}, event_log=None)), keys["service"])
+    broken = TlsUvicorn(
+        create_app(
+            ModelHolder(NAME), attester=Attester(BrokenProvider(), {"tls": keys["service"].spki}, event_log=None)
+        ),
+        keys["service"],
+    )
     try:
         status, body = get(f"{plain.url}/v1/attestation?nonce={'00' * 32}")
         assert status == 404 and "--tls-dir" in body["error"]["message"]
         status, body = get(f"{broken.url}/v1/attestation?nonce={'00' * 32}")
         assert status == 503 and body["error"]["code"] == "quote_unavailable"
-        assert "quote provider configfs-tsm failed" in body["error"]["message"] and "No such file" in body["error"]["message"]
+        assert (
+            "quote provider configfs-tsm failed" in body["error"]["message"]
+            and "No such file" in body["error"]["message"]
+        )
         with pytest.raises(EndpointRefused) as err:
             verify(td, broken.url)
-        assert codes(err.value) == {"attestation-unavailable"} and "HTTP 503" in str(err.value) and err.value.verdict is None
+        assert (
+            codes(err.value) == {"attestation-unavailable"}
+            and "HTTP 503" in str(err.value)
+            and err.value.verdict is None
+        )
     finally:
         plain.stop()
         broken.stop()
@@ -321,8 +364,17 @@ def trust_files(td, tmp_path_factory) -> list[str]:
     (d / "root.pem").write_text(td["platform"].root_ca_pem)
     (d / "bundle.json").write_text(td["collateral"].to_json())
     p = td["policy"]
-    (d / "policy.yaml").write_text("".join(f"{k}: {getattr(p, k)[0]}\n" for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")))
-    return ["--collateral", str(d / "bundle.json"), "--root-ca", str(d / "root.pem"), "--policy", str(d / "policy.yaml")]
+    (d / "policy.yaml").write_text(
+        "".join(f"{k}: {getattr(p, k)[0]}\n" for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"))
+    )
+    return [
+        "--collateral",
+        str(d / "bundle.json"),
+        "--root-ca",
+        str(d / "root.pem"),
+        "--policy",
+        str(d / "policy.yaml"),
+    ]
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -352,7 +404,12 @@ def test_cli_verify_endpoint_refusals(capsys, td, keys, service, trust_files):
         assert code == 1 and doc["verdict"] == "reject" and doc["tls_spki_sha256"] == keys["attacker"].spki_sha256
         assert {r["code"] for r in doc["reasons"]} == {"tls-key-not-attested", "report-data-binding"}
         code, out, _ = run(capsys, "verify-endpoint", proxy.url, *trust_files)
-        assert code == 1 and out.startswith("REFUSED") and "[tls-key-not-attested]" in out and "(presented, not trusted)" in out
+        assert (
+            code == 1
+            and out.startswith("REFUSED")
+            and "[tls-key-not-attested]" in out
+            and "(presented, not trusted)" in out
+        )
     finally:
         proxy.stop()
     code, out, _ = run(capsys, "verify-endpoint", service.url, *trust_files[:4], "-o", "json")  # no policy
@@ -389,7 +446,9 @@ def test_api_client_talks_only_on_the_attested_key(td, keys, serving):
         done = api.complete("Hello, how are you", max_tokens=6, temperature=0)  # model: the one served
         assert done["model"] == NAME and 1 <= done["usage"]["completion_tokens"] <= 6
         body = {"model": NAME, "messages": CHAT, "max_tokens": 20, "temperature": 0}
-        whole = api.session.post(serving.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        whole = api.session.post(serving.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"][
+            "content"
+        ]
         pieces = list(api.chat_stream(CHAT, max_tokens=20, temperature=0))
         assert len(pieces) > 1 and "".join(pieces) == whole
         with pytest.raises(ApiError) as err:
@@ -411,11 +470,27 @@ def test_api_client_talks_only_on_the_attested_key(td, keys, serving):
 
 
 def test_cli_verify_endpoint_complete_and_chat(capsys, keys, serving, trust_files):
-    code, out, _ = run(capsys, "verify-endpoint", serving.url, *trust_files, "--complete", "Hello", "--chat", "Tell me a story.",
-                       "--max-tokens", "5", "-o", "json")  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "verify-endpoint",
+        serving.url,
+        *trust_files,
+        "--complete",
+        "Hello",
+        "--chat",
+        "Tell me a story.",
+        "--max-tokens",
+        "5",
+        "-o",
+        "json",
+    )
     doc = json.loads(out)
     assert code == 0 and doc["verdict"] == "accept" and doc["tls_spki_sha256"] == keys["service"].spki_sha256
-    assert isinstance(doc["completion"], str) and 1 <= doc["usage"]["completion_tokens"] <= 5 and isinstance(doc["chat"], str)
+    assert (
+        isinstance(doc["completion"], str)
+        and 1 <= doc["usage"]["completion_tokens"] <= 5
+        and isinstance(doc["chat"], str)
+    )
     code, out, _ = run(capsys, "verify-endpoint", serving.url, *trust_files, "--complete", "Hello", "--max-tokens", "3")
     assert code == 0 and out.startswith("ACCEPTED") and f"completion: ({NAME}, pinned) Hello" in out
     code, _, err = run(capsys, "verify-endpoint", *trust_files)

@@ -18,7 +18,8 @@ from tdxvm.guest.envelope import EnvelopeError, open_sealed, raw_public, seal
 INFO = bytes.fromhex("4f6465206f6e2061204772656369616e2055726e")  # "Ode on a Grecian Urn"
 VECTORS = {
     "A.1.3": dict(
-        aead_id=0x0001, key_size=16,
+        aead_id=0x0001,
+        key_size=16,
         skEm="ff4442ef24fbc3c1ff86375b0be1e77e88a0de1e79b30896d73411c5ff4c3518",
         skRm="fdea67cf831f1ca98d8e27b1f6abeb5b7745e9d35348b80fa407ff6958f9137e",
         skSm="dc4a146313cce60a278a5323d321f051c5707e9c45ba21a3479fecdf76fc69dd",
@@ -28,7 +29,7 @@ VECTORS = {
         base_nonce="a1bc314c1942ade7051ffed0",
         ct0="5fd92cc9d46dbf8943e72a07e42f363ed5f721212cd90bcfd072bfd9f44e06b80fd17824947496e21b680c141b",
     ),
-}  # fmt: skip
+}
 PT0 = bytes.fromhex("4265617574792069732074727574682c20747275746820626561757479")  # "Beauty is truth, truth beauty"
 AAD0 = b"Count-0"
 
@@ -62,8 +63,10 @@ SENDER = X25519PrivateKey.generate()
 @given(st.binary(max_size=200), st.binary(max_size=64))
 def test_round_trip(plaintext, info):
     sk = X25519PrivateKey.generate()
-    assert open_sealed(seal(plaintext, raw_public(sk), info=info, sender=SENDER), sk, info=info,
-                       sender=raw_public(SENDER)) == plaintext  # fmt: skip
+    assert (
+        open_sealed(seal(plaintext, raw_public(sk), info=info, sender=SENDER), sk, info=info, sender=raw_public(SENDER))
+        == plaintext
+    )
 
 
 def test_each_seal_is_fresh():

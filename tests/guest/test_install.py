@@ -34,14 +34,34 @@ class Guest:
     env_file: Path
     uploads: Path
 
-    def install(self, upload: Path, *, name: str = "tiny", dtype: str = "float32", threads: int | None = None,
-                qgs: str | None = None) -> dict:  # fmt: skip
-        return install(upload, name=name, dtype=dtype, threads=threads, qgs=qgs, key_file=self.key_file,
-                       model_dir=self.model_dir, marker=self.marker, env_file=self.env_file)  # fmt: skip
+    def install(
+        self,
+        upload: Path,
+        *,
+        name: str = "tiny",
+        dtype: str = "float32",
+        threads: int | None = None,
+        qgs: str | None = None,
+    ) -> dict:
+        return install(
+            upload,
+            name=name,
+            dtype=dtype,
+            threads=threads,
+            qgs=qgs,
+            key_file=self.key_file,
+            model_dir=self.model_dir,
+            marker=self.marker,
+            env_file=self.env_file,
+        )
 
     def hidden_leftovers(self) -> list[str]:
         """Hidden files an install left beside the model (its lock file stays: it is reused)."""
-        return sorted(p.name for p in self.model_dir.parent.iterdir() if p.name.startswith(".") and p.name != ".tdxvm-install.lock")
+        return sorted(
+            p.name
+            for p in self.model_dir.parent.iterdir()
+            if p.name.startswith(".") and p.name != ".tdxvm-install.lock"
+        )
 
 
 @pytest.fixture
@@ -49,8 +69,13 @@ def guest(tmp_path: Path) -> Guest:
     lib = tmp_path / "var-lib-tdxvm"
     lib.mkdir()
     (tmp_path / "secrets").mkdir()
-    return Guest(key_file=tmp_path / "secrets" / "model", model_dir=lib / "model", marker=lib / "model.installed",
-                 env_file=tmp_path / "etc" / "serve.env", uploads=tmp_path / "uploads")  # fmt: skip
+    return Guest(
+        key_file=tmp_path / "secrets" / "model",
+        model_dir=lib / "model",
+        marker=lib / "model.installed",
+        env_file=tmp_path / "etc" / "serve.env",
+        uploads=tmp_path / "uploads",
+    )
 
 
 def make_model(folder: Path, files: dict[str, int]) -> Path:
@@ -99,7 +124,10 @@ def test_install_decrypts_records_and_cleans_up(guest, tmp_path):
 def test_install_env_file_with_threads_and_qgs(guest, tmp_path):
     _, upload, _ = make_upload(guest, tmp_path, ID_A, FILES_A)
     guest.install(upload, name="org/model:v1", threads=8, qgs="10.0.2.2:4050")
-    assert guest.env_file.read_text() == "TDXVM_SERVE_ARGS=--name org/model:v1 --dtype float32 --threads 8 --qgs 10.0.2.2:4050\n"
+    assert (
+        guest.env_file.read_text()
+        == "TDXVM_SERVE_ARGS=--name org/model:v1 --dtype float32 --threads 8 --qgs 10.0.2.2:4050\n"
+    )
 
 
 def test_second_install_replaces_the_first(guest, tmp_path):
@@ -207,7 +235,7 @@ def test_missing_upload_folder(guest, tmp_path):
         ("model", "float32", None, "localhost", "qgs 'localhost'"),
         ("model", "float32", None, "host:4050 --x", "qgs"),
     ],
-)  # fmt: skip
+)
 def test_serve_env_refuses(name, dtype, threads, qgs, needle):
     with pytest.raises(InstallError, match=needle) as info:
         serve_env(name, dtype, threads, qgs)
@@ -331,7 +359,17 @@ def test_a_held_install_lock_is_reported(guest, tmp_path):
     with lock.open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(InstallError) as err:
-            install(upload, name="a", dtype="float32", threads=None, qgs=None, key_file=guest.key_file,
-                    model_dir=guest.model_dir, marker=guest.marker, env_file=guest.env_file, lock_timeout=0.3)  # fmt: skip
+            install(
+                upload,
+                name="a",
+                dtype="float32",
+                threads=None,
+                qgs=None,
+                key_file=guest.key_file,
+                model_dir=guest.model_dir,
+                marker=guest.marker,
+                env_file=guest.env_file,
+                lock_timeout=0.3,
+            )
     assert err.value.code == "busy" and "another install" in str(err.value)
     assert upload.exists() and guest.key_file.exists()  # nothing touched

@@ -33,7 +33,16 @@ from tdxvm.cli import main as tdxvm_main  # noqa: E402
 from tdxvm.emulate.qgs import QuoteService  # noqa: E402
 from tdxvm.guest.attestation import Attester  # noqa: E402
 from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, parse_digest, show  # noqa: E402
-from tdxvm.guest.rtmr3 import MODEL_EVENT, Rtmr3Error, load_log, make_event, measure, measure_model, model_payload, replay  # noqa: E402
+from tdxvm.guest.rtmr3 import (  # noqa: E402
+    MODEL_EVENT,
+    Rtmr3Error,
+    load_log,
+    make_event,
+    measure,
+    measure_model,
+    model_payload,
+    replay,
+)
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
 from tdxvm.guest.tdquote import ConfigfsTsm, EmulatedQgs, QuoteError, TdxGuestDevice, detect  # noqa: E402
 from tdxvm.guest.tls import ensure_identity  # noqa: E402
@@ -84,7 +93,9 @@ def provider(service: QuoteService) -> EmulatedQgs:
 def test_model_digest_is_canonical_and_covers_every_file(tmp_path):
     a = write_model(tmp_path / "a", "one")
     assert folder_digest(a) == independent_digest(a)
-    assert folder_digest(a).hex() == independent_digest(a).hex() != folder_digest(write_model(tmp_path / "b", "two")).hex()
+    assert (
+        folder_digest(a).hex() == independent_digest(a).hex() != folder_digest(write_model(tmp_path / "b", "two")).hex()
+    )
     before = folder_digest(a)
     (a / "tokenizer.json").rename(a / "tokenizer2.json")  # same bytes, another name
     assert folder_digest(a) not in (before, b"")
@@ -117,7 +128,9 @@ def test_encrypt_records_the_digest_the_guest_computes_after_decrypting(tmp_path
 def test_cli_weights_encrypt_prints_the_digest_and_digest_recomputes_it(tmp_path, capsys):
     plain = write_model(tmp_path / "plain", "cli")
     store = str(tmp_path / "store")
-    code = tdxvm_main(["weights", "encrypt", str(plain), "--out", str(tmp_path / "enc"), "--secrets", store, "-o", "json"])
+    code = tdxvm_main(
+        ["weights", "encrypt", str(plain), "--out", str(tmp_path / "enc"), "--secrets", store, "-o", "json"]
+    )
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["model_digest"] == show(folder_digest(plain))
     assert tdxvm_main(["weights", "digest", str(plain)]) == 0
@@ -131,15 +144,20 @@ def test_cli_weights_encrypt_prints_the_digest_and_digest_recomputes_it(tmp_path
 
 def test_model_event_is_a_runtime_event_the_attest_parser_replays(tmp_path):
     payload = model_payload(bytes(range(32)), name=NAME, dtype="float32")
-    assert payload == (b'{"digest":"sha256:' + bytes(range(32)).hex().encode() +
-                       b'","dtype":"float32","name":"tiny-llama","quantization":"none"}')  # fmt: skip
+    assert payload == (
+        b'{"digest":"sha256:'
+        + bytes(range(32)).hex().encode()
+        + b'","dtype":"float32","name":"tiny-llama","quantization":"none"}'
+    )
     ev = make_event(MODEL_EVENT, payload)
     assert ev["digest"] == runtime_event_digest(MODEL_EVENT, payload).hex()
     assert ev["digest"] == hashlib.sha384(b"\x01\x00\x00\x08:tdxvm.model:" + payload).hexdigest()
     events = [ev, make_event(MODEL_EVENT, payload.replace(b"float32", b"bfloat16"))]
     parsed = parse_json_event_log(events)
     assert [e.mr_index for e in parsed] == [3, 3] and attest_replay(parsed)[3] == replay(events)
-    want = hashlib.sha384(hashlib.sha384(bytes(48) + bytes.fromhex(events[0]["digest"])).digest() + bytes.fromhex(events[1]["digest"])).digest()
+    want = hashlib.sha384(
+        hashlib.sha384(bytes(48) + bytes.fromhex(events[0]["digest"])).digest() + bytes.fromhex(events[1]["digest"])
+    ).digest()
     assert replay(events) == want
 
 
@@ -160,13 +178,19 @@ def test_measure_extends_rtmr3_once_per_model_and_quotes_carry_it(tmp_path, qgs)
     _, again = measure_model(provider(qgs), a, name=NAME, dtype="float32", log_path=log)  # re-provisioned, or restarted
     assert not again.extended and again.events == 1 and qgs.rtmr(3) == done.rtmr3
 
-    _, other = measure_model(provider(qgs), a, name=NAME, dtype="bfloat16", log_path=log)  # another output-changing setting
+    _, other = measure_model(
+        provider(qgs), a, name=NAME, dtype="bfloat16", log_path=log
+    )  # another output-changing setting
     _, swapped = measure_model(provider(qgs), b, name=NAME, dtype="bfloat16", log_path=log)  # another model, same TD
     _, back = measure_model(provider(qgs), a, name=NAME, dtype="float32", log_path=log)
     assert other.extended and swapped.extended and back.extended and back.events == 4
     history = [json.loads(bytes.fromhex(e["event_payload"])) for e in load_log(log)]
-    assert [(h["digest"], h["dtype"]) for h in history] == [(show(folder_digest(a)), "float32"), (show(folder_digest(a)), "bfloat16"),
-                                                            (show(folder_digest(b)), "bfloat16"), (show(folder_digest(a)), "float32")]  # fmt: skip
+    assert [(h["digest"], h["dtype"]) for h in history] == [
+        (show(folder_digest(a)), "float32"),
+        (show(folder_digest(a)), "bfloat16"),
+        (show(folder_digest(b)), "bfloat16"),
+        (show(folder_digest(a)), "float32"),
+    ]
     assert qgs.rtmr(3) == replay(load_log(log))
 
 
@@ -182,7 +206,9 @@ def test_an_interrupted_measure_is_completed_and_an_unexplained_rtmr3_refused(tm
         measure(provider(qgs), model_payload(b"\x33" * 32, name=NAME, dtype="float32"), log_path=log)
     assert err.value.code == "rtmr3-unexplained" and len(load_log(log)) == 1  # nothing added
 
-    log.write_text('[{"imr": 3, "event_type": 134217729, "event": "tdxvm.model", "event_payload": "00", "digest": "00"}]')
+    log.write_text(
+        '[{"imr": 3, "event_type": 134217729, "event": "tdxvm.model", "event_payload": "00", "digest": "00"}]'
+    )
     with pytest.raises(Rtmr3Error, match="damaged"):
         load_log(log)
 
@@ -222,7 +248,9 @@ def test_td_providers_extend_through_the_kernel_measurement_registers(tmp_path):
 def test_a_kernel_without_the_extend_interface_refuses_to_measure(tmp_path):
     older = ConfigfsTsm(tmp_path / "report", measurements=tmp_path / "sys/class/misc/tdx_guest/measurements")
     with pytest.raises(QuoteError, match="Linux >= 6.16") as err:
-        measure_model(older, write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=tmp_path / "log.json")
+        measure_model(
+            older, write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=tmp_path / "log.json"
+        )
     assert err.value.code == "no-rtmr-extend" and not (tmp_path / "log.json").exists()
 
 
@@ -241,7 +269,9 @@ def service(tmp_path, qgs) -> Iterator[dict[str, Any]]:
 
 
 def verify(url: str, **kw: Any) -> AttestedEndpoint:
-    return verify_endpoint(url, collateral=platform().collateral(), policy=policy_for(artifacts()), trust_anchor=anchor(), at=AT, **kw)
+    return verify_endpoint(
+        url, collateral=platform().collateral(), policy=policy_for(artifacts()), trust_anchor=anchor(), at=AT, **kw
+    )
 
 
 def codes(exc: EndpointRefused) -> set[str]:
@@ -273,10 +303,18 @@ def test_verify_endpoint_accepts_the_expected_model_and_says_rtmr3_is_checked(tm
     d = ep.verdict.to_dict()
     assert ep.verdict.accepted and ep.rtmr3 is not None and ep.rtmr3.model_checked and ep.rtmr3.replays
     assert not any(line.startswith("rtmr3") for line in d["policy_exceptions"])
-    assert d["checked_by_event_log"] == [f"rtmr3 checked through the model event log: its 1 event(s) replay to the quoted RTMR3, "
-                                         f"and the latest model event names model {NAME} {show(digest)} (float32, quantization "
-                                         "none), the digest expected"]  # fmt: skip
-    assert ep.to_dict()["model"] == {"event": 0, "digest": show(digest), "name": NAME, "dtype": "float32", "quantization": "none"}
+    assert d["checked_by_event_log"] == [
+        f"rtmr3 checked through the model event log: its 1 event(s) replay to the quoted RTMR3, "
+        f"and the latest model event names model {NAME} {show(digest)} (float32, quantization "
+        "none), the digest expected"
+    ]
+    assert ep.to_dict()["model"] == {
+        "event": 0,
+        "digest": show(digest),
+        "name": NAME,
+        "dtype": "float32",
+        "quantization": "none",
+    }
     assert d["measurements"]["rtmr3"] == service["qgs"].rtmr(3).hex()
 
 
@@ -285,7 +323,13 @@ def test_verify_endpoint_refuses_another_model_or_none(tmp_path, service):
     with pytest.raises(EndpointRefused) as err:
         verify(service["url"], model_digest=expected)
     assert codes(err.value) == {"model-not-measured"}
-    measure_model(provider(service["qgs"]), write_model(tmp_path / "other", "other"), name=NAME, dtype="float32", log_path=service["log"])
+    measure_model(
+        provider(service["qgs"]),
+        write_model(tmp_path / "other", "other"),
+        name=NAME,
+        dtype="float32",
+        log_path=service["log"],
+    )
     with pytest.raises(EndpointRefused) as err:
         verify(service["url"], model_digest=expected)
     assert codes(err.value) == {"model-digest-mismatch"} and f"not the expected {show(expected)}" in str(err.value)
@@ -317,15 +361,23 @@ def test_a_log_that_does_not_replay_to_the_quote_is_refused(tmp_path, service):
 
 
 def test_pinned_client_holds_the_endpoint_to_the_model(tmp_path, service):
-    digest, _ = measure_model(provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=service["log"])
+    digest, _ = measure_model(
+        provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=service["log"]
+    )
     with ApiClient(verify(service["url"]), model_digest=digest) as api:
         assert api.model(None) == NAME  # the name the attested event gives, asked of no one
     with pytest.raises(ApiError, match="not the expected model") as err:
         ApiClient(verify(service["url"]), model_digest=b"\x00" * 32)
     assert err.value.code == "model-digest"
     with pytest.raises(EndpointRefused):
-        ApiClient.attest(service["url"], model_digest=b"\x00" * 32, collateral=platform().collateral(),
-                         policy=policy_for(artifacts()), trust_anchor=anchor(), at=AT)  # fmt: skip
+        ApiClient.attest(
+            service["url"],
+            model_digest=b"\x00" * 32,
+            collateral=platform().collateral(),
+            policy=policy_for(artifacts()),
+            trust_anchor=anchor(),
+            at=AT,
+        )
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -339,19 +391,35 @@ def test_cli_verify_endpoint_model_digest(tmp_path, capsys, service):
     (tmp_path / "root.pem").write_text(platform().root_ca_pem)
     (tmp_path / "bundle.json").write_text(platform().collateral().to_json())
     (tmp_path / "policy.yaml").write_text("".join(f"{k}: {getattr(p, k)[0]}\n" for k in ("mrtd", "rtmr1", "rtmr2")))
-    trust = ["--collateral", tmp_path / "bundle.json", "--root-ca", tmp_path / "root.pem", "--policy", tmp_path / "policy.yaml",
-             "--at", AT.isoformat()]  # fmt: skip
-    digest, _ = measure_model(provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=service["log"])
+    trust = [
+        "--collateral",
+        tmp_path / "bundle.json",
+        "--root-ca",
+        tmp_path / "root.pem",
+        "--policy",
+        tmp_path / "policy.yaml",
+        "--at",
+        AT.isoformat(),
+    ]
+    digest, _ = measure_model(
+        provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=service["log"]
+    )
 
     code, out, _ = run(capsys, "verify-endpoint", service["url"], *trust, "--model-digest", show(digest), "-o", "json")
     doc = json.loads(out)
     assert code == 0 and doc["model"]["digest"] == show(digest) and doc["rtmr3"]["model_checked"]
     assert doc["attestation"]["checked_by_event_log"][0].startswith("rtmr3 checked through the model event log")
     code, out, _ = run(capsys, "verify-endpoint", service["url"], *trust, "--model-digest", digest.hex())
-    assert code == 0 and "checked: rtmr3 checked through the model event log" in out and f"model: {NAME} {show(digest)}" in out
+    assert (
+        code == 0
+        and "checked: rtmr3 checked through the model event log" in out
+        and f"model: {NAME} {show(digest)}" in out
+    )
     assert "policy exception: rtmr3" not in out
 
-    code, out, _ = run(capsys, "verify-endpoint", service["url"], *trust, "--model-digest", "ab" * 32, "--complete", "hi")
+    code, out, _ = run(
+        capsys, "verify-endpoint", service["url"], *trust, "--model-digest", "ab" * 32, "--complete", "hi"
+    )
     assert code == 1 and out.startswith("REFUSED") and "[model-digest-mismatch]" in out and "completion" not in out
     code, _, err = run(capsys, "verify-endpoint", service["url"], *trust, "--model-digest", "xyz")
     assert code == 2 and "--model-digest" in err
@@ -383,8 +451,24 @@ def _stop(proc: subprocess.Popen, stderr: Path) -> str:
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_serve_measures_the_model_before_serving(tiny_model, tmp_path, qgs):
     port, log = free_port(), tmp_path / "run/rtmr3.json"
-    args = ["--model", str(tiny_model), "--name", NAME, "--port", str(port), "--threads", "1", "--log-level", "info",
-            "--tls-dir", str(tmp_path / "tls"), "--qgs", qgs.address, "--rtmr3-log", str(log)]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_model),
+        "--name",
+        NAME,
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--log-level",
+        "info",
+        "--tls-dir",
+        str(tmp_path / "tls"),
+        "--qgs",
+        qgs.address,
+        "--rtmr3-log",
+        str(log),
+    ]
     digest, err_file = folder_digest(tiny_model), tmp_path / "serve.err"
     proc = _start_serve(args, port, err_file)
     try:
@@ -405,15 +489,39 @@ def test_serve_measures_the_model_before_serving(tiny_model, tmp_path, qgs):
 
 def test_serve_refuses_to_start_when_it_cannot_measure(tiny_model, tmp_path):
     """The emulated quote service refuses the extend (its domain booted again, as qgsd's guard says): no serving."""
+
     def gone() -> str:
         return "domain booted again: this emulated quote service has stopped"
 
     with QuoteService(platform(), artifacts(), guard=gone) as refusing:
         port = free_port()
-        done = subprocess.run([sys.executable, "-m", "tdxvm.guest.serve", "--model", str(tiny_model), "--name", NAME,
-                               "--port", str(port), "--tls-dir", str(tmp_path / "tls"), "--qgs", refusing.address,
-                               "--rtmr3-log", str(tmp_path / "rtmr3.json")], capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tdxvm.guest.serve",
+                "--model",
+                str(tiny_model),
+                "--name",
+                NAME,
+                "--port",
+                str(port),
+                "--tls-dir",
+                str(tmp_path / "tls"),
+                "--qgs",
+                refusing.address,
+                "--rtmr3-log",
+                str(tmp_path / "rtmr3.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 2
-    assert "refusing to serve" in done.stderr and "cannot be measured into RTMR3" in done.stderr and "booted again" in done.stderr
+    assert (
+        "refusing to serve" in done.stderr
+        and "cannot be measured into RTMR3" in done.stderr
+        and "booted again" in done.stderr
+    )
     with pytest.raises(requests.ConnectionError):
         requests.get(f"https://127.0.0.1:{port}/health", verify=False, timeout=5)

@@ -67,8 +67,22 @@ class Session:
         Session.live.append(self)
         self.key = secrets.token_bytes(MAC_KEY_SIZE)
         self.mac = BlockMac(self.key)
-        cmd = [sys.executable, "-m", "tdxvm.guest.receiver", "--dest", str(dest), "--listen", "127.0.0.1:0", "--expect", manifest.upload_id, "--lock-timeout", str(lock_timeout)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tdxvm.guest.receiver",
+            "--dest",
+            str(dest),
+            "--listen",
+            "127.0.0.1:0",
+            "--expect",
+            manifest.upload_id,
+            "--lock-timeout",
+            str(lock_timeout),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+        )
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(manifest.to_bytes() + b"\n" + json.dumps({"mac_key": self.key.hex()}).encode() + b"\n")
         self.proc.stdin.flush()
@@ -77,7 +91,9 @@ class Session:
     def line(self) -> dict:
         assert self.proc.stdout
         raw = self.proc.stdout.readline()
-        assert raw, f"receiver exited: {self.proc.wait()} {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+        assert raw, (
+            f"receiver exited: {self.proc.wait()} {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+        )
         return json.loads(raw)
 
     def control(self, op: str) -> dict:
@@ -96,7 +112,9 @@ class Session:
             f.seek(b * self.manifest.block_size)
             return f.read(self.manifest.block_len(i, b))
 
-    def send(self, blocks: list[tuple[int, int]], *, alter: tuple[int, int] | None = None, data_of: dict | None = None) -> dict:
+    def send(
+        self, blocks: list[tuple[int, int]], *, alter: tuple[int, int] | None = None, data_of: dict | None = None
+    ) -> dict:
         """Send single-block segments; ``alter`` flips a byte of that block after tagging it."""
         with self.stream() as s:
             for i, b in blocks:
@@ -208,7 +226,9 @@ def test_full_receive_commits_in_one_rename(encrypted, manifest, tmp_path):
     assert reply == {"ok": True, "blocks": len(s.all_blocks())}
     assert not upload_path(dest, manifest.upload_id).exists()  # nothing visible before commit
     done = s.control("commit")
-    assert done["ok"] and done["committed"] == str(dest / manifest.upload_id) and done["received"] == manifest.total_bytes
+    assert (
+        done["ok"] and done["committed"] == str(dest / manifest.upload_id) and done["received"] == manifest.total_bytes
+    )
     assert s.proc.wait(10) == 0
     assert same_tree(encrypted[1], dest / manifest.upload_id)
     assert list((dest / PARTIAL).iterdir()) == []
@@ -249,7 +269,10 @@ def test_altered_block_is_refused_and_not_kept(encrypted, manifest, tmp_path):
     blocks = [(big, b) for b in range(4)]
     reply = s.send(blocks, alter=(big, 2))
     assert reply["ok"] is False and reply["code"] == "refused"
-    assert f"{manifest.files[big].name}: block 2 (bytes {2 * BLOCK}.." in reply["error"] and "fails its tag" in reply["error"]
+    assert (
+        f"{manifest.files[big].name}: block 2 (bytes {2 * BLOCK}.." in reply["error"]
+        and "fails its tag" in reply["error"]
+    )
     assert s.stop() == 3
     s2 = Session(manifest, encrypted[1], dest)
     assert s2.ready["have"] == 2 * BLOCK  # the blocks before the altered one; neither it nor any after
@@ -283,7 +306,12 @@ def test_stream_without_the_token_is_dropped(encrypted, manifest, tmp_path):
     s = Session(manifest, encrypted[1], tmp_path / "uploads")
     with s.stream(token=bytes(16)) as conn:
         with contextlib.suppress(OSError):
-            conn.sendall(SEGMENT.pack(0, 1, 0) + s.mac.tag(0, 0, s.block(0, 0)) + s.block(0, 0) + SEGMENT.pack(END_OF_STREAM, 0, 0))
+            conn.sendall(
+                SEGMENT.pack(0, 1, 0)
+                + s.mac.tag(0, 0, s.block(0, 0))
+                + s.block(0, 0)
+                + SEGMENT.pack(END_OF_STREAM, 0, 0)
+            )
         try:
             answer = conn.recv(100)
         except ConnectionResetError:
@@ -297,14 +325,28 @@ def test_manifest_mismatch_and_busy_upload(encrypted, manifest, tmp_path):
     dest = tmp_path / "uploads"
     bad = subprocess.run(
         [sys.executable, "-m", "tdxvm.guest.receiver", "--dest", str(dest), "--expect", "00" * 32],
-        input=manifest.to_bytes() + b"\n" + json.dumps({"mac_key": "11" * 32}).encode() + b"\n", capture_output=True, cwd=REPO,
-    )  # fmt: skip
+        input=manifest.to_bytes() + b"\n" + json.dumps({"mac_key": "11" * 32}).encode() + b"\n",
+        capture_output=True,
+        cwd=REPO,
+    )
     assert bad.returncode == 2 and json.loads(bad.stdout)["code"] == "manifest-mismatch"
     first = Session(manifest, encrypted[1], dest)
     second = subprocess.run(
-        [sys.executable, "-m", "tdxvm.guest.receiver", "--dest", str(dest), "--expect", manifest.upload_id, "--lock-timeout", "0.3"],
-        input=manifest.to_bytes() + b"\n" + json.dumps({"mac_key": "11" * 32}).encode() + b"\n", capture_output=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tdxvm.guest.receiver",
+            "--dest",
+            str(dest),
+            "--expect",
+            manifest.upload_id,
+            "--lock-timeout",
+            "0.3",
+        ],
+        input=manifest.to_bytes() + b"\n" + json.dumps({"mac_key": "11" * 32}).encode() + b"\n",
+        capture_output=True,
+        cwd=REPO,
+    )
     assert second.returncode == 1 and json.loads(second.stdout)["code"] == "busy"
     first.stop()
 
@@ -357,7 +399,10 @@ def test_commit_is_durable_and_complete(encrypted, manifest, tmp_path):
     path = st.commit()
     st.close()
     assert path == dest / manifest.upload_id and same_tree(enc, path)
-    assert not (dest / PARTIAL / manifest.upload_id).exists() and not (dest / PARTIAL / f"{manifest.upload_id}.lock").exists()
+    assert (
+        not (dest / PARTIAL / manifest.upload_id).exists()
+        and not (dest / PARTIAL / f"{manifest.upload_id}.lock").exists()
+    )
     # a truncated "complete" folder is not taken as complete
     (path / manifest.files[by_size(manifest)[0]].name).write_bytes(b"short")
     with pytest.raises(StagingError, match="wrong size") as e:
@@ -368,7 +413,9 @@ def test_commit_is_durable_and_complete(encrypted, manifest, tmp_path):
 def test_write_block_checks_the_manifest_header(encrypted, tmp_path):
     m = build_manifest(encrypted[1], block_size=BLOCK)
     f = m.files[1]
-    forged = Manifest(block_size=BLOCK, files=(m.files[0], ManifestFile(f.name, f.size, f.header[:-1] + b"\x01"), *m.files[2:]))
+    forged = Manifest(
+        block_size=BLOCK, files=(m.files[0], ManifestFile(f.name, f.size, f.header[:-1] + b"\x01"), *m.files[2:])
+    )
     st = Staging.open(tmp_path, forged)
     with pytest.raises(WireError, match="does not start with the header"):
         st.write_block(1, 0, memoryview((encrypted[1] / f.name).read_bytes())[:BLOCK])

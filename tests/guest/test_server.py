@@ -78,7 +78,11 @@ def http(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, 
 
 def metrics(url: str) -> dict[tuple[str, tuple], float]:
     _, text = http("GET", url + "/metrics")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +106,20 @@ def ref(tiny_model: Path) -> Any:
         def generate(self, ids: list[int], n: int, **kw: Any) -> list[int]:
             t = torch.tensor([ids])
             kw = kw or {"do_sample": False}
-            return self.model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, **kw)[0, len(ids) :].tolist()
+            return self.model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, **kw)[
+                0, len(ids) :
+            ].tolist()
 
         def text(self, new: list[int]) -> str:
             return str(self.tok.decode(new, **DECODE))
 
         def chat_ids(self, messages: list[dict]) -> list[int]:
-            return list(self.tok(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+            return list(
+                self.tok(
+                    self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False,
+                )["input_ids"]
+            )
 
     return Ref()
 
@@ -121,7 +132,11 @@ def test_completion_equals_generate(server, ref):
     want = ref.generate(ids, 40)
     r = server.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0)
     assert r.choices[0].text == ref.text(want)
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), len(want), len(ids) + len(want))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(ids),
+        len(want),
+        len(ids) + len(want),
+    )
     assert r.choices[0].finish_reason == ("length" if len(want) == 40 else "stop")
     assert r.model == NAME and r.object == "text_completion"
     by_ids = server.client().completions.create(model=NAME, prompt=ids, max_tokens=40, temperature=0)
@@ -140,7 +155,11 @@ def test_chat_equals_generate(server, ref):
 def test_streamed_chat_equals_whole(server):
     client = server.client()
     whole = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=60, temperature=0)
-    chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=60, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=CHAT, max_tokens=60, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
@@ -151,9 +170,15 @@ def test_streamed_chat_equals_whole(server):
 
 def test_streamed_completion_and_done_marker(server):
     whole = server.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0)
-    streamed = list(server.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0, stream=True))
+    streamed = list(
+        server.client().completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
-    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps({"model": NAME, "prompt": PROMPT, "max_tokens": 3, "stream": True}).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps({"model": NAME, "prompt": PROMPT, "max_tokens": 3, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = [e for e in r.read().decode().split("\n\n") if e]
@@ -169,14 +194,21 @@ def test_stop_strings(server, ref):
     r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop, "never-there"])
     assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
     assert r.usage.completion_tokens < 40
-    streamed = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0, stop=stop, stream=True))
+    streamed = list(
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=40, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == want
 
 
 def test_seeded_sampling_is_reproducible_and_equals_generate(server, ref):
     ids = ref.tok(PROMPT)["input_ids"]
     client = server.client()
-    a, b = (client.completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0.8, top_p=0.9, seed=1234).choices[0].text for _ in range(2))
+    a, b = (
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0.8, top_p=0.9, seed=1234)
+        .choices[0]
+        .text
+        for _ in range(2)
+    )
     assert a == b
     torch.manual_seed(1234)
     assert a == ref.text(ref.generate(ids, 30, do_sample=True, temperature=0.8, top_p=0.9, top_k=None))
@@ -189,8 +221,17 @@ def test_concurrent_requests_are_not_interleaved(server, ref):
     def ask(i: int) -> str:
         client = server.client()
         if i % 2:
-            return "".join(c.choices[0].text for c in client.completions.create(model=NAME, prompt=prompts[i], max_tokens=40 + 5 * i, temperature=0, stream=True))
-        return client.completions.create(model=NAME, prompt=prompts[i], max_tokens=40 + 5 * i, temperature=0).choices[0].text
+            return "".join(
+                c.choices[0].text
+                for c in client.completions.create(
+                    model=NAME, prompt=prompts[i], max_tokens=40 + 5 * i, temperature=0, stream=True
+                )
+            )
+        return (
+            client.completions.create(model=NAME, prompt=prompts[i], max_tokens=40 + 5 * i, temperature=0)
+            .choices[0]
+            .text
+        )
 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, [0, 1, 2, 3] * 2))
@@ -232,7 +273,21 @@ def test_serve_command(tiny_model, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "tdxvm.guest.serve", "--model", str(tiny_model), "--name", NAME, "--port", str(port), "--threads", "1", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tdxvm.guest.serve",
+        "--model",
+        str(tiny_model),
+        "--name",
+        NAME,
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd)
     try:
         seen, deadline = set(), time.monotonic() + 60
@@ -276,7 +331,10 @@ def test_health_503_while_loading_then_200(tiny_model, tmp_path):
         assert http("GET", s.url + "/health") == (503, {"status": "loading"})
         status, body = http("POST", s.url + "/v1/completions", {"model": NAME, "prompt": "hi"})
         assert status == 503 and "loading" in body["error"]["message"]
-        threading.Thread(target=lambda: gate.wait() and load_in_background(holder, EngineConfig(model_dir=tiny_model, name=NAME)), daemon=True).start()
+        threading.Thread(
+            target=lambda: gate.wait() and load_in_background(holder, EngineConfig(model_dir=tiny_model, name=NAME)),
+            daemon=True,
+        ).start()
         assert http("GET", s.url + "/health")[0] == 503
         gate.set()
         deadline = time.monotonic() + 30
@@ -342,13 +400,20 @@ CHAT_ERRORS = [
     ({"model": NAME}, 400, "messages"),
     ({"model": NAME, "messages": []}, 400, "messages"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
-    ({"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages.0.content"),
+    (
+        {"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages.0.content",
+    ),
     ({"model": NAME, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ({"model": NAME, "messages": CHAT, "max_completion_tokens": 500}, 400, "max_tokens"),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param"), [("/v1/completions", *e) for e in COMPLETION_ERRORS] + [("/v1/chat/completions", *e) for e in CHAT_ERRORS])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [("/v1/completions", *e) for e in COMPLETION_ERRORS] + [("/v1/chat/completions", *e) for e in CHAT_ERRORS],
+)
 def test_client_errors_are_4xx_in_openai_shape(server, path, body, status, param):
     got, doc = http("POST", server.url + path, body)
     assert got == status, doc

@@ -35,7 +35,9 @@ class FakeTsm:
     ``inblob`` puts a quote signed by the emulated platform into ``outblob`` and counts
     ``generation`` up by ``step`` (1, as the kernel does; 2 plays a second writer)."""
 
-    def __init__(self, folder: Path, *, provider: str = "tdx_guest", step: int = 1, outblob: bytes | None = None) -> None:
+    def __init__(
+        self, folder: Path, *, provider: str = "tdx_guest", step: int = 1, outblob: bytes | None = None
+    ) -> None:
         self.folder, self.provider, self.step, self.outblob = folder, provider, step, outblob
         folder.mkdir(parents=True)
         self.entries: list[str] = []

@@ -26,7 +26,9 @@ def test_new_identity_is_private_p256_with_the_names(tmp_path):
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.2.15"), ipaddress.ip_address("::1")]
     cert.verify_directly_issued_by(cert)  # self-signed by the key beside it
     assert ident.spki == spki_der(cert) == spki_der(cert.public_bytes(serialization.Encoding.DER))
-    assert ident.spki == key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert ident.spki == key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     assert len(ident.spki_sha256) == 64
 
 
@@ -52,7 +54,9 @@ def test_refusals(tmp_path):
         ensure_identity(tmp_path / "x", ["bad name!"])
     p384_dir = tmp_path / "p384"
     p384_dir.mkdir()
-    k = ec.generate_private_key(ec.SECP384R1()).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    k = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     (p384_dir / KEY_FILE).write_bytes(k)
     (p384_dir / KEY_FILE).chmod(0o600)
     with pytest.raises(TlsError, match="P-256") as err:

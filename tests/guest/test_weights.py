@@ -61,7 +61,13 @@ def test_round_trip(model, enc, key, tmp_path):
     entries = decrypt_model(enc, out, key, progress=done.append)
     assert same_tree(model, out)
     assert sum(done) == sum(e.size for e in entries)
-    assert {e.path for e in entries} == {"config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "sub/tokenizer.model", "empty.txt"}
+    assert {e.path for e in entries} == {
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "sub/tokenizer.model",
+        "empty.txt",
+    }
 
 
 def test_ciphertext_reveals_no_names_or_content(model, enc):
@@ -175,7 +181,12 @@ def test_file_removed_or_index_replaced(enc, key, tmp_path, model):
 def test_header_edits(enc, key, tmp_path):
     big = _blobs(enc)[0]
     original = big.read_bytes()
-    for offset, value, needle in [(0, b"X", "bad magic"), (8, b"\x02", "unsupported format"), (12, b"\x00\x00\x00\x00", "chunk size"), (40, b"\x00", "does not match the index")]:
+    for offset, value, needle in [
+        (0, b"X", "bad magic"),
+        (8, b"\x02", "unsupported format"),
+        (12, b"\x00\x00\x00\x00", "chunk size"),
+        (40, b"\x00", "does not match the index"),
+    ]:
         data = bytearray(original)
         data[offset : offset + len(value)] = value
         big.write_bytes(bytes(data))

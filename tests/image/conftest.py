@@ -66,8 +66,13 @@ def _resolve_kernel_package() -> str:
     try:
         (work / "lists" / "partial").mkdir(parents=True)
         (work / "sources.list").write_text(f"deb {MIRROR} unstable main\n")
-        opts = [f"-oDir::Etc::SourceList={work / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
-                f"-oDir::State::Lists={work / 'lists'}", "-oAPT::Sandbox::User=root", "-qq"]  # fmt: skip
+        opts = [
+            f"-oDir::Etc::SourceList={work / 'sources.list'}",
+            "-oDir::Etc::SourceParts=/dev/null",
+            f"-oDir::State::Lists={work / 'lists'}",
+            "-oAPT::Sandbox::User=root",
+            "-qq",
+        ]
         subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True)
         name = "linux-image-cloud-amd64"
         for _ in range(3):  # metapackage -> linux-image-<version>-cloud-amd64 -> linux-binary-<version>-...
@@ -123,8 +128,21 @@ def build_pe(
     struct.pack_into("<I", out, opt + (92 if magic == 0x10B else 108), rva_count)
     table = opt + opt_size
     for i, (pointer, raw) in enumerate(sections):
-        struct.pack_into("<8sIIIIIIHHI", out, table + 40 * i, f".s{i}".encode(), len(raw), 0x1000 * (i + 1),
-                         len(raw), pointer, 0, 0, 0, 0, 0x60000020)  # fmt: skip
+        struct.pack_into(
+            "<8sIIIIIIHHI",
+            out,
+            table + 40 * i,
+            f".s{i}".encode(),
+            len(raw),
+            0x1000 * (i + 1),
+            len(raw),
+            pointer,
+            0,
+            0,
+            0,
+            0,
+            0x60000020,
+        )
     body_end = max([headers_size] + [p + len(r) for p, r in sections])
     out.extend(bytes(body_end - len(out)))
     for pointer, raw in sections:
@@ -137,8 +155,7 @@ def build_pe(
     return bytes(out)
 
 
-def build_tdvf(sections: list[tuple[int, int, int, int, int, int]], *, size: int = 0x40000,
-               fill: bytes = b"") -> bytes:  # fmt: skip
+def build_tdvf(sections: list[tuple[int, int, int, int, int, int]], *, size: int = 0x40000, fill: bytes = b"") -> bytes:
     """A minimal TDVF image of ``size`` bytes: ``fill`` at offset 0, the metadata
     (``sections`` as DataOffset, RawDataSize, MemoryAddress, MemoryDataSize, Type,
     Attributes) at ``size - 0x1000``, and the OVMF GUIDed table at the end."""
@@ -163,8 +180,16 @@ def write_lock_for(recipe_path: Path) -> Path:
     from tdxvm.image.recipe import load_recipe
 
     recipe = load_recipe(recipe_path).recipe
-    lock = lockfile.Lock(recipe=recipe.name, taken_at=1_700_000_000, inputs=recipe.lock_inputs(), debootstrap="1.0.128",
-                         sources=(), packages=(), wheels=(), firmware=None)  # fmt: skip
+    lock = lockfile.Lock(
+        recipe=recipe.name,
+        taken_at=1_700_000_000,
+        inputs=recipe.lock_inputs(),
+        debootstrap="1.0.128",
+        sources=(),
+        packages=(),
+        wheels=(),
+        firmware=None,
+    )
     path = lockfile.lock_path(recipe_path)
     lockfile.write(lock, path)
     return path

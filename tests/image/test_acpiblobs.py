@@ -47,16 +47,16 @@ LIBVIRT_LINE = (
     """-object '{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/var/lib/libvirt/qemu/m.aes"}' """
     "-machine pc-q35-7.2,usb=off,smm=off,dump-guest-core=off,memory-backend=pc.ram -accel tcg "
     "-cpu Westmere,cx16=off -m 1024 "
-    """-object '{"qom-type":"memory-backend-file","id":"pc.ram","mem-path":"/var/lib/libvirt/ram","share":false,"size":1073741824}' """
+    """-object '{"qom-type":"memory-backend-file","id":"pc.ram","mem-path":"/var/lib/libvirt/ram","share":false,"size":1073741824}' """  # noqa: E501 (libvirt's argv, verbatim)
     "-overcommit mem-lock=off -smp 2,sockets=2,cores=1,threads=1 -uuid 8b1c6a52-7a0e-4c1b-9d8e-2f3a4b5c6d7e "
     "-display none -no-user-config -nodefaults "
     "-chardev socket,id=charmonitor,fd=29,server=on,wait=off -mon chardev=charmonitor,id=monitor,mode=control "
-    "-rtc base=utc -no-shutdown -boot strict=on -kernel /host/vmlinuz -initrd /host/initrd -append 'console=ttyS0 quiet' "
+    "-rtc base=utc -no-shutdown -boot strict=on -kernel /host/vmlinuz -initrd /host/initrd -append 'console=ttyS0 quiet' "  # noqa: E501 (libvirt's argv, verbatim)
     """-blockdev '{"driver":"file","filename":"/pool/base.img","node-name":"libvirt-2-storage"}' """
     """-blockdev '{"node-name":"libvirt-2-format","read-only":true,"driver":"raw","file":"libvirt-2-storage"}' """
     """-blockdev '{"driver":"file","filename":"/pool/vm.qcow2","node-name":"libvirt-1-storage"}' """
-    """-blockdev '{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":"libvirt-2-format"}' """
-    """-device '{"driver":"virtio-blk-pci","bus":"pcie.0","addr":"0x3","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}' """
+    """-blockdev '{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":"libvirt-2-format"}' """  # noqa: E501 (libvirt's argv, verbatim)
+    """-device '{"driver":"virtio-blk-pci","bus":"pcie.0","addr":"0x3","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}' """  # noqa: E501 (libvirt's argv, verbatim)
     "-add-fd set=0,fd=30,opaque=serial0-source -chardev file,id=charserial0,path=/dev/fdset/0,append=on "
     """-device '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}' """
     """-audiodev '{"id":"audio1","driver":"none"}' """
@@ -89,10 +89,14 @@ def test_sanitize_keeps_the_machine_and_nulls_the_host():
     # every -device is kept as given, in order
     assert _opt_values(out, "-device") == _opt_values(argv_from_command_line(LIBVIRT_LINE), "-device")
     # the qcow2-over-raw chain is one null node under the name the device uses
-    assert [json.loads(b) for b in _opt_values(out, "-blockdev")] == [{"driver": "null-co", "node-name": "libvirt-1-format", "read-only": False}]
+    assert [json.loads(b) for b in _opt_values(out, "-blockdev")] == [
+        {"driver": "null-co", "node-name": "libvirt-1-format", "read-only": False}
+    ]
     assert _opt_values(out, "-netdev") == ["hubport,id=tdxvm0,hubid=0"]  # no hostfwd listener on the controller
     assert _opt_values(out, "-chardev") == ["null,id=charserial0"]  # monitor chardev gone with -mon
-    assert [json.loads(o) for o in _opt_values(out, "-object")] == [{"qom-type": "memory-backend-ram", "id": "pc.ram", "size": 1073741824}]
+    assert [json.loads(o) for o in _opt_values(out, "-object")] == [
+        {"qom-type": "memory-backend-ram", "id": "pc.ram", "size": 1073741824}
+    ]
     for gone in ("-accel", "-mon", "-add-fd", "-sandbox", "-msg", "-overcommit", "-name", "-display", "-no-shutdown"):
         assert gone not in out, gone
     assert not any("/var/lib/libvirt" in a or "/pool/" in a or "fd=" in a for a in out)
@@ -114,11 +118,26 @@ def test_sanitize_refuses_what_it_has_no_rule_for(extra, needle):
         sanitize_argv([*argv_from_command_line(LIBVIRT_LINE), *extra], tdx=False)
 
 
-def _tdx_argv(machine: str = "pc-q35-10.1,usb=off,smm=off,kernel_irqchip=split,confidential-guest-support=lsec0") -> list[str]:
+def _tdx_argv(
+    machine: str = "pc-q35-10.1,usb=off,smm=off,kernel_irqchip=split,confidential-guest-support=lsec0",
+) -> list[str]:
     """The shape of a TDX-aware libvirt's argv (libvirt >= 11.1: tdx-guest object,
     confidential-guest-support on -machine, KVM, -cpu host), for the rules only."""
-    return ["qemu-system-x86_64", "-machine", machine, "-accel", "kvm", "-cpu", "host,migratable=on",
-            "-object", '{"qom-type":"tdx-guest","id":"lsec0","attributes":268435456}', "-m", "1024", "-bios", "/fw.fd"]  # fmt: skip
+    return [
+        "qemu-system-x86_64",
+        "-machine",
+        machine,
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,migratable=on",
+        "-object",
+        '{"qom-type":"tdx-guest","id":"lsec0","attributes":268435456}',
+        "-m",
+        "1024",
+        "-bios",
+        "/fw.fd",
+    ]
 
 
 def test_sanitize_tdx_forces_what_qemu_forces_for_a_td():
@@ -170,9 +189,18 @@ def conn():
 
 
 def _spec(files: dict[str, str], **kw) -> DomainSpec:
-    base = dict(name="tdxvm-acpi-test", uuid="8b1c6a52-7a0e-4c1b-9d8e-2f3a4b5c6d7e", backend="emulated", vcpus=2,
-                memory_mib=1024, kernel=files["kernel"], initrd=files["initrd"], cmdline="console=ttyS0",
-                disk=files["disk"], port_forwards=(PortForward(host_port=2222, guest_port=22),))  # fmt: skip
+    base = dict(
+        name="tdxvm-acpi-test",
+        uuid="8b1c6a52-7a0e-4c1b-9d8e-2f3a4b5c6d7e",
+        backend="emulated",
+        vcpus=2,
+        memory_mib=1024,
+        kernel=files["kernel"],
+        initrd=files["initrd"],
+        cmdline="console=ttyS0",
+        disk=files["disk"],
+        port_forwards=(PortForward(host_port=2222, guest_port=22),),
+    )
     base.update(kw)
     return DomainSpec(**base)
 
@@ -208,11 +236,13 @@ def test_blobs_are_deterministic_and_well_formed(conn, boot_files):
     commands = [struct.unpack_from("<I", loader, at)[0] for at in range(0, len(loader), 128)]
     used = [c for c in commands if c]
     assert used[:2] == [1, 1] and set(used) <= {1, 2, 3}  # ALLOCATE rsdp/tables, then ADD_POINTER / ADD_CHECKSUM
-    assert loader[4:4 + 13] == b"etc/acpi/rsdp"
+    assert loader[4 : 4 + 13] == b"etc/acpi/rsdp"
     sigs = _tables(first["etc/acpi/tables"])
     assert {b"FACP", b"DSDT", b"APIC", b"MCFG"} <= set(sigs), sigs
     assert first["bootorder"].startswith(b"/rom@genroms/linuxboot_dma.bin\n")  # -kernel, boot index 0
-    print(f"\none extraction: {', '.join(f'{i.seconds:.3f} s' for i in info)} (accel {info[0].accel}, DMA {info[0].dma})")
+    print(
+        f"\none extraction: {', '.join(f'{i.seconds:.3f} s' for i in info)} (accel {info[0].accel}, DMA {info[0].dma})"
+    )
 
 
 @needs_qemu
@@ -320,4 +350,3 @@ def test_running_domain_argv_gives_the_same_blobs(conn, boot_files):
         dom.destroy()
     assert from_proc == expected
     assert from_live_xml == expected
-

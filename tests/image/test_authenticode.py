@@ -76,8 +76,9 @@ def test_local_signed_kernel(path):
 
 def _sample() -> tuple[bytes, bytes]:
     a, b, c = b"A" * 0x200, b"B" * 0x400, b"C" * 0x100
-    image = build_pe(sections=[(0x800, a), (0x400, b), (0xA00, b""), (0xA00, c)], trailing=b"T" * 0x30,
-                     cert=b"S" * 0x48)  # fmt: skip
+    image = build_pe(
+        sections=[(0x800, a), (0x400, b), (0xA00, b""), (0xA00, c)], trailing=b"T" * 0x30, cert=b"S" * 0x48
+    )
     return image, a + b + c
 
 
@@ -85,8 +86,15 @@ def test_synthetic_pe_against_explicit_ranges():
     image, _ = _sample()
     opt = 0x80 + 24
     checksum, cert_entry = opt + 64, opt + 112 + 32
-    expected = (image[:checksum] + image[checksum + 4 : cert_entry] + image[cert_entry + 8 : 0x400]
-                + image[0x400:0x800] + image[0x800:0xA00] + image[0xA00:0xB00] + b"T" * 0x30)  # fmt: skip
+    expected = (
+        image[:checksum]
+        + image[checksum + 4 : cert_entry]
+        + image[cert_entry + 8 : 0x400]
+        + image[0x400:0x800]
+        + image[0x800:0xA00]
+        + image[0xA00:0xB00]
+        + b"T" * 0x30
+    )
     assert authenticode_digest(image) == hashlib.sha384(expected).digest()
     assert authenticode_ranges(image)[-1] == (0xB00, 0xB30)  # trailing data, without the signature
 
@@ -99,8 +107,10 @@ def test_skipped_fields_do_not_matter_and_data_does():
     resigned[opt + 64 : opt + 68] = b"\x11\x22\x33\x44"  # another CheckSum
     resigned[-0x48:] = b"X" * 0x48  # another signature of the same size
     assert authenticode_digest(bytes(resigned)) == digest
-    unsigned = build_pe(sections=[(0x800, b"A" * 0x200), (0x400, b"B" * 0x400), (0xA00, b""), (0xA00, b"C" * 0x100)],
-                        trailing=b"T" * 0x30)  # fmt: skip
+    unsigned = build_pe(
+        sections=[(0x800, b"A" * 0x200), (0x400, b"B" * 0x400), (0xA00, b""), (0xA00, b"C" * 0x100)],
+        trailing=b"T" * 0x30,
+    )
     assert authenticode_digest(unsigned) == digest  # signing does not change the digest
     tampered = bytearray(image)
     tampered[0x900] ^= 1

@@ -24,7 +24,9 @@ def _work(output, tag: str, pid: int | None):
 
 def test_only_the_work_of_builds_that_are_gone_is_removed(tmp_path):
     output = tmp_path / "smoke"
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     killed = _work(output, "killed", int(gone.stdout))
     unowned = _work(output, "unowned", None)
     running = _work(output, "running", os.getpid())

@@ -26,8 +26,11 @@ def test_model_server_profile_installs_the_service_which_the_boot_does_not_start
     assert "EnvironmentFile=/etc/tdxvm/serve.env" in unit
     assert "[Install]" not in unit and not (tmp_path / WANTS / "tdxvm-serve.service").exists()
     assert "[Install]" not in (tmp_path / UNITS / "tdxvm-scratch.service").read_text()
-    assert sorted(p.name for p in (tmp_path / WANTS).iterdir()) == ["systemd-networkd.service", "tdxvm-agent.service",
-                                                                    "tdxvm-ssh-keygen.service"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / WANTS).iterdir()) == [
+        "systemd-networkd.service",
+        "tdxvm-agent.service",
+        "tdxvm-ssh-keygen.service",
+    ]
     for unit_name in ("tdxvm-agent.service", "tdxvm-ssh-keygen.service"):
         assert os.readlink(tmp_path / WANTS / unit_name) == f"/etc/systemd/system/{unit_name}"
 
@@ -73,6 +76,10 @@ def test_shipped_installer_imports_only_shipped_modules(tmp_path):
     apply_overlay(tmp_path, agent_port=7300, profile="model-server", service_port=8443)
     shipped = tmp_path / GUEST_PYTHON.lstrip("/")
     third_party = Path(cryptography.__file__).resolve().parents[1]
-    code = ("import sys; sys.path[:0] = sys.argv[1:]; import tdxvm.guest.install, tdxvm; "
-            "assert tdxvm.__file__.startswith(sys.argv[1]), tdxvm.__file__")  # fmt: skip
-    subprocess.run([sys.executable, "-S", "-c", code, str(shipped), str(third_party)], check=True, cwd=tmp_path, timeout=60)
+    code = (
+        "import sys; sys.path[:0] = sys.argv[1:]; import tdxvm.guest.install, tdxvm; "
+        "assert tdxvm.__file__.startswith(sys.argv[1]), tdxvm.__file__"
+    )
+    subprocess.run(
+        [sys.executable, "-S", "-c", code, str(shipped), str(third_party)], check=True, cwd=tmp_path, timeout=60
+    )

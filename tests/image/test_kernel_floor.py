@@ -20,7 +20,7 @@ from tdxvm.cli.output import run_guarded
 from tdxvm.image import build as build_mod
 from tdxvm.image import rootimage
 from tdxvm.image.build import build
-from tdxvm.image.rootimage import check_kernel, kernel_in_rootfs
+from tdxvm.image.cache import file_digest
 from tdxvm.image.configure import BootFiles
 from tdxvm.image.measure import (
     EFI_CC_MEASUREMENT_PROTOCOL_GUID,
@@ -28,8 +28,8 @@ from tdxvm.image.measure import (
     require_measuring_kernel,
 )
 from tdxvm.image.measureerrors import MeasureError, UnmeasuredKernelError
-from tdxvm.image.cache import file_digest
 from tdxvm.image.recipe import load_recipe
+from tdxvm.image.rootimage import check_kernel, kernel_in_rootfs
 from tdxvm.secretstore import SecretStore
 
 from .conftest import build_pe, write_lock_for
@@ -61,8 +61,9 @@ def rootfs_tar(path: Path, files: dict[str, bytes], links: dict[str, str] | None
     return path
 
 
-@pytest.mark.parametrize(("image", "why"), [(OLD_KERNEL, "predates CC measurement (Linux < 6.9"),
-                                             (NO_STUB, "cannot be told to measure")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("image", "why"), [(OLD_KERNEL, "predates CC measurement (Linux < 6.9"), (NO_STUB, "cannot be told to measure")]
+)
 def test_a_kernel_that_does_not_measure_is_refused(image, why):
     for check in (require_measuring_kernel, check_kernel):
         with pytest.raises(UnmeasuredKernelError) as info:
@@ -79,9 +80,15 @@ def test_a_kernel_that_measures_passes():
 
 
 def test_kernel_in_rootfs(tmp_path):
-    tar = rootfs_tar(tmp_path / "a.tar", {"etc/hostname": b"x\n", "boot/vmlinuz-6.1.0-28-cloud-amd64": OLD_KERNEL,
-                                          "boot/config-6.1.0-28-cloud-amd64": b"CONFIG_X=y\n"},
-                     links={"vmlinuz": "boot/vmlinuz-6.1.0-28-cloud-amd64"})  # fmt: skip
+    tar = rootfs_tar(
+        tmp_path / "a.tar",
+        {
+            "etc/hostname": b"x\n",
+            "boot/vmlinuz-6.1.0-28-cloud-amd64": OLD_KERNEL,
+            "boot/config-6.1.0-28-cloud-amd64": b"CONFIG_X=y\n",
+        },
+        links={"vmlinuz": "boot/vmlinuz-6.1.0-28-cloud-amd64"},
+    )
     assert kernel_in_rootfs(tar) == ("boot/vmlinuz-6.1.0-28-cloud-amd64", OLD_KERNEL)
     two = rootfs_tar(tmp_path / "b.tar", {"boot/vmlinuz-6.1.0-1": OLD_KERNEL, "boot/vmlinuz-6.12.0-1": NEW_KERNEL})
     assert kernel_in_rootfs(two) is None  # the configure step explains that one
@@ -91,8 +98,10 @@ def test_kernel_in_rootfs(tmp_path):
 def _recipe(tmp_path: Path, *, python: bool = True) -> Path:
     """Debian 12's own kernel, asked for explicitly; with ``python``, a slow pip step to come."""
     path = tmp_path / "r.yaml"
-    path.write_text("name: floor\nsuite: bookworm\nkernel:\n  suite: bookworm\n"
-                    + ("python:\n  requirements: [torch==2.13.0]\n" if python else ""))  # fmt: skip
+    path.write_text(
+        "name: floor\nsuite: bookworm\nkernel:\n  suite: bookworm\n"
+        + ("python:\n  requirements: [torch==2.13.0]\n" if python else "")
+    )
     write_lock_for(path)
     return path
 
@@ -114,7 +123,9 @@ def fake_rootfs(tmp_path, monkeypatch):
     state = {"kernel": OLD_KERNEL}
 
     def rootfs_step(loaded, lock, lock_file, cache, work, epoch):
-        tar = rootfs_tar(work / "rootfs.tar", {"boot/vmlinuz-6.1.0-28-cloud-amd64": state["kernel"], "etc/hostname": b"x\n"})
+        tar = rootfs_tar(
+            work / "rootfs.tar", {"boot/vmlinuz-6.1.0-28-cloud-amd64": state["kernel"], "etc/hostname": b"x\n"}
+        )
         return tar, file_digest(tar), "0" * 64, False
 
     monkeypatch.setattr(rootimage, "_rootfs_step", rootfs_step)
@@ -135,8 +146,13 @@ def test_build_refuses_right_after_the_rootfs_step(tmp_path, fake_rootfs, later_
     out, secrets = tmp_path / "build" / "floor", tmp_path / "secrets"
     events = []
     with pytest.raises(UnmeasuredKernelError) as info:
-        build(load_recipe(_recipe(tmp_path)), output=out, secret_store=SecretStore(directory=secrets),
-              cache=build_mod.StepCache(tmp_path / "cache"), progress=events.append)  # fmt: skip
+        build(
+            load_recipe(_recipe(tmp_path)),
+            output=out,
+            secret_store=SecretStore(directory=secrets),
+            cache=build_mod.StepCache(tmp_path / "cache"),
+            progress=events.append,
+        )
     text = str(info.value)
     assert "kernel /boot/vmlinuz-6.1.0-28-cloud-amd64 (linux-image-cloud-amd64 from bookworm)" in text and FIX in text
     assert [(e.step, e.status) for e in events] == [("rootfs", "start"), ("rootfs", "done")]
@@ -148,8 +164,12 @@ def test_build_refuses_right_after_the_rootfs_step(tmp_path, fake_rootfs, later_
 def test_build_refuses_a_kernel_whose_stub_cannot_be_told(tmp_path, fake_rootfs, later_steps):
     fake_rootfs["kernel"] = NO_STUB
     with pytest.raises(UnmeasuredKernelError, match="cannot be told to measure"):
-        build(load_recipe(_recipe(tmp_path)), output=tmp_path / "out", secret_store=SecretStore(directory=tmp_path / "s"),
-              cache=build_mod.StepCache(tmp_path / "cache"))  # fmt: skip
+        build(
+            load_recipe(_recipe(tmp_path)),
+            output=tmp_path / "out",
+            secret_store=SecretStore(directory=tmp_path / "s"),
+            cache=build_mod.StepCache(tmp_path / "cache"),
+        )
     assert not any(step.called for step in later_steps.values())
 
 
@@ -159,8 +179,11 @@ def configure_ships(tmp_path, monkeypatch, kernel: bytes, version: str) -> None:
     boot.mkdir()
     (boot / "vmlinuz").write_bytes(kernel)
     (boot / "initrd.img").write_bytes(b"070701")
-    monkeypatch.setattr(rootimage.configure, "configure",
-                        lambda *a, **k: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version=version))  # fmt: skip
+    monkeypatch.setattr(
+        rootimage.configure,
+        "configure",
+        lambda *a, **k: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version=version),
+    )
 
 
 def test_the_kernel_that_ships_is_checked_again_before_a_disk_key_exists(tmp_path, fake_rootfs, monkeypatch):
@@ -173,8 +196,12 @@ def test_the_kernel_that_ships_is_checked_again_before_a_disk_key_exists(tmp_pat
     secrets = tmp_path / "secrets"
     (tmp_path / "build").mkdir()
     with pytest.raises(UnmeasuredKernelError, match=r"^kernel 6\.1\.0-x \(linux-image-cloud-amd64 from bookworm\): "):
-        build(load_recipe(_recipe(tmp_path, python=False)), output=tmp_path / "build" / "floor",
-              secret_store=SecretStore(directory=secrets), cache=build_mod.StepCache(tmp_path / "cache"))  # fmt: skip
+        build(
+            load_recipe(_recipe(tmp_path, python=False)),
+            output=tmp_path / "build" / "floor",
+            secret_store=SecretStore(directory=secrets),
+            cache=build_mod.StepCache(tmp_path / "cache"),
+        )
     assert not ext4.called and not encrypt.called
     assert list((tmp_path / "build").iterdir()) == []
     assert not (secrets / "disk").exists()
@@ -204,8 +231,12 @@ def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs
     recipe.write_text("name: floor\n")  # the default kernel suite: bookworm-backports
     write_lock_for(recipe)
     with pytest.raises(OSError, match="disk full"):
-        build(load_recipe(recipe), output=tmp_path / "build" / "floor", secret_store=SecretStore(directory=secrets),
-              cache=build_mod.StepCache(tmp_path / "cache"))  # fmt: skip
+        build(
+            load_recipe(recipe),
+            output=tmp_path / "build" / "floor",
+            secret_store=SecretStore(directory=secrets),
+            cache=build_mod.StepCache(tmp_path / "cache"),
+        )
     assert (secrets / "disk").is_dir() and list((secrets / "disk").iterdir()) == []
     assert list((tmp_path / "build").iterdir()) == []
 
@@ -213,8 +244,20 @@ def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs
 def test_cli_build_refusal_is_one_error_line(tmp_path, fake_rootfs, later_steps, capsys):
     group = click.Group("tdxvm")
     group.add_command(image_group)
-    rc = run_guarded(group, ["image", "build", str(_recipe(tmp_path)), "--out", str(tmp_path / "out"),
-                             "--cache", str(tmp_path / "cache"), "--secrets", str(tmp_path / "secrets")])  # fmt: skip
+    rc = run_guarded(
+        group,
+        [
+            "image",
+            "build",
+            str(_recipe(tmp_path)),
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--secrets",
+            str(tmp_path / "secrets"),
+        ],
+    )
     err = capsys.readouterr().err
     assert rc == 2
     line = err.strip().splitlines()[-1]

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tdxvm.image.listing import (FORMAT, ListingError, escape, first_difference, listing_sha256, read_listing,
-                                 tree_listing, unescape, write_listing)  # fmt: skip
+from tdxvm.image.listing import (
+    FORMAT,
+    ListingError,
+    escape,
+    first_difference,
+    listing_sha256,
+    read_listing,
+    tree_listing,
+    unescape,
+    write_listing,
+)
 
 T = 1_700_000_000
 UID, GID = os.getuid(), os.getgid()
@@ -105,16 +114,39 @@ def test_names_are_escaped_and_sorted_by_their_bytes(tmp_path):
     open(root + b"/dir/x", "wb").close()
     lines = tree_listing(tmp_path)
     paths = [line.split("\t")[0] for line in lines]
-    assert paths == ["/", "/a", "/a\\x09b", "/a-b", "/back\\\\slash", "/caf\u00e9", "/dir", "/dir/x", "/line\\x0abreak",
-                     "/raw\\xff", "/\\u2028sep"]  # fmt: skip
+    assert paths == [
+        "/",
+        "/a",
+        "/a\\x09b",
+        "/a-b",
+        "/back\\\\slash",
+        "/caf\u00e9",
+        "/dir",
+        "/dir/x",
+        "/line\\x0abreak",
+        "/raw\\xff",
+        "/\\u2028sep",
+    ]
     assert all(len(line.split("\t")) == 7 and "\n" not in line for line in lines)
     assert [unescape(p) for p in paths] == sorted(unescape(p) for p in paths)
     for name in names:
         assert unescape(escape(name)) == name
 
 
-@pytest.mark.parametrize("raw", [b"", b"\\", b"\\x41", b"\xc3", b"\xf0\x9f\x98\x80", b"\x7f\x85", "\u0085".encode(),
-                                 b"tab\there", bytes(range(256))])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\\",
+        b"\\x41",
+        b"\xc3",
+        b"\xf0\x9f\x98\x80",
+        b"\x7f\x85",
+        "\u0085".encode(),
+        b"tab\there",
+        bytes(range(256)),
+    ],
+)
 def test_escape_round_trips(raw):
     text = escape(raw)
     assert text.isprintable() and "\t" not in text and "\n" not in text
@@ -130,18 +162,27 @@ def _with(line: str, index: int, value: str) -> str:
     return "\t".join(fields)
 
 
-@pytest.mark.parametrize(("b_line", "sentence"), [
-    (_with(LINE_A, 6, "b" * 64), "/etc/shadow differs between the first listing and the second listing: content "
-                                 "(sha256 aaaaaaaaaaaaaaaa… vs bbbbbbbbbbbbbbbb…)"),
-    (_with(_with(LINE_A, 6, "b" * 64), 5, "101"), "content (sha256 aaaaaaaaaaaaaaaa… vs bbbbbbbbbbbbbbbb…, size 100 vs 101)"),
-    (_with(LINE_A, 2, "0644"), "mode (0640 vs 0644)"),
-    (_with(LINE_A, 3, "0:0"), "owner (0:42 vs 0:0)"),
-    (_with(LINE_A, 4, "1700000001"), "mtime (1700000000 vs 1700000001)"),
-    (_with(_with(LINE_A, 2, "0600"), 4, "1"), "mode (0640 vs 0600), mtime (1700000000 vs 1)"),
-    (_with(_with(LINE_A, 1, "l"), 6, "shadow.real"), "type (regular file vs symlink)"),
-    (LINE_A + "\tlink=/etc/gshadow", "hard link (none vs /etc/gshadow)"),
-    (LINE_A + "\txattr:security.capability=0100", "extended attribute security.capability (absent vs 0100)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("b_line", "sentence"),
+    [
+        (
+            _with(LINE_A, 6, "b" * 64),
+            "/etc/shadow differs between the first listing and the second listing: content "
+            "(sha256 aaaaaaaaaaaaaaaa… vs bbbbbbbbbbbbbbbb…)",
+        ),
+        (
+            _with(_with(LINE_A, 6, "b" * 64), 5, "101"),
+            "content (sha256 aaaaaaaaaaaaaaaa… vs bbbbbbbbbbbbbbbb…, size 100 vs 101)",
+        ),
+        (_with(LINE_A, 2, "0644"), "mode (0640 vs 0644)"),
+        (_with(LINE_A, 3, "0:0"), "owner (0:42 vs 0:0)"),
+        (_with(LINE_A, 4, "1700000001"), "mtime (1700000000 vs 1700000001)"),
+        (_with(_with(LINE_A, 2, "0600"), 4, "1"), "mode (0640 vs 0600), mtime (1700000000 vs 1)"),
+        (_with(_with(LINE_A, 1, "l"), 6, "shadow.real"), "type (regular file vs symlink)"),
+        (LINE_A + "\tlink=/etc/gshadow", "hard link (none vs /etc/gshadow)"),
+        (LINE_A + "\txattr:security.capability=0100", "extended attribute security.capability (absent vs 0100)"),
+    ],
+)
 def test_first_difference_says_what_differs(b_line, sentence):
     a = ["/\td\t0755\t0:0\t1\t-\t-", LINE_A]
     b = ["/\td\t0755\t0:0\t1\t-\t-", b_line]
@@ -162,8 +203,9 @@ def test_first_difference_names_the_first_path_in_listing_order(tmp_path):
         first_difference([a[0], a[2]], a, labels=("build 1", "build 2")) == "/a\\x09b (regular file) is only in build 2"
     )
     changed = [a[0], a[1], _with(a[2], 2, "0600")]
-    assert first_difference(a, changed) == ("/a/b differs between the first listing and the second listing: "
-                                            "mode (0644 vs 0600)")  # fmt: skip
+    assert first_difference(a, changed) == (
+        "/a/b differs between the first listing and the second listing: mode (0644 vs 0600)"
+    )
     links = ["/l\tl\t0777\t0:0\t1\t1\tx"], ["/l\tl\t0777\t0:0\t1\t1\ty"]
     assert first_difference(*links).endswith("symlink target (x vs y)")
     devices = ["/d\tc\t0666\t0:0\t1\t-\t1:3"], ["/d\tc\t0666\t0:0\t1\t-\t1:5"]
@@ -203,16 +245,22 @@ def _gz(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    ("", ":1: expected the header"),
-    ("/\td\t0755\t0:0\t1\t-\t-\n", ":1: expected the header"),
-    (FORMAT + "\n/\td\t0755\t0:0\t1\t-\t-", ":2: the last line does not end with a newline"),
-    (FORMAT + "\n/\td\t0755\t0:0\t1\t-\n", ":2: not a listing line"),
-    (FORMAT + "\n/\tq\t0755\t0:0\t1\t-\t-\n", ":2: not a listing line"),
-    (FORMAT + "\n/\td\t0755\t0:0\t1\t-\t-\n/b\td\t0755\t0:0\t1\t-\t-\n/a\td\t0755\t0:0\t1\t-\t-\n", ":4: /a is out of order"),
-    (FORMAT + "\n/\td\t0755\t0:0\t1\t-\t-\n/\td\t0755\t0:0\t1\t-\t-\n", ":3: / is out of order"),
-    (FORMAT + "\n/a\\q\td\t0755\t0:0\t1\t-\t-\n", ":2: bad escape"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("", ":1: expected the header"),
+        ("/\td\t0755\t0:0\t1\t-\t-\n", ":1: expected the header"),
+        (FORMAT + "\n/\td\t0755\t0:0\t1\t-\t-", ":2: the last line does not end with a newline"),
+        (FORMAT + "\n/\td\t0755\t0:0\t1\t-\n", ":2: not a listing line"),
+        (FORMAT + "\n/\tq\t0755\t0:0\t1\t-\t-\n", ":2: not a listing line"),
+        (
+            FORMAT + "\n/\td\t0755\t0:0\t1\t-\t-\n/b\td\t0755\t0:0\t1\t-\t-\n/a\td\t0755\t0:0\t1\t-\t-\n",
+            ":4: /a is out of order",
+        ),
+        (FORMAT + "\n/\td\t0755\t0:0\t1\t-\t-\n/\td\t0755\t0:0\t1\t-\t-\n", ":3: / is out of order"),
+        (FORMAT + "\n/a\\q\td\t0755\t0:0\t1\t-\t-\n", ":2: bad escape"),
+    ],
+)
 def test_a_bad_listing_file_is_refused_with_its_line(tmp_path, text, where):
     path = _gz(tmp_path / "listing.gz", text)
     with pytest.raises(ListingError) as caught:

@@ -27,10 +27,18 @@ def test_every_recipe_has_a_current_lock(name):
     recipe = ROOT / "images" / f"{name}.yaml"
     loaded = load_recipe(recipe)
     lock = lockfile.load(lockfile.lock_path(recipe))
-    assert lockfile.stale_inputs(lock, loaded.recipe.lock_inputs(), path=lockfile.lock_path(recipe), recipe_path=recipe) is None
+    assert (
+        lockfile.stale_inputs(lock, loaded.recipe.lock_inputs(), path=lockfile.lock_path(recipe), recipe_path=recipe)
+        is None
+    )
     names = {p.name for p in lock.packages}
     assert set(BASE_PACKAGES) <= names and loaded.recipe.kernel.package in names
-    assert [s.suite for s in lock.sources] == ["bookworm", "bookworm-updates", "bookworm-security", "bookworm-backports"]
+    assert [s.suite for s in lock.sources] == [
+        "bookworm",
+        "bookworm-updates",
+        "bookworm-security",
+        "bookworm-backports",
+    ]
     assert any("/updates/" in p.filename for p in lock.packages)  # security fixes are in
     assert lock.firmware is not None and lock.firmware.package == "ovmf-inteltdx"
     assert bool(lock.wheels) == bool(loaded.recipe.python.requirements)
@@ -41,20 +49,40 @@ def test_every_recipe_has_a_current_lock(name):
 
 
 def _lock(**changes) -> Lock:
-    package = DebPackage(name="bash", version="5.2.15-2+b13", architecture="amd64", sha256="ab" * 32, size=10,
-                         filename="pool/main/b/bash/bash_5.2.15-2+b13_amd64.deb")  # fmt: skip
-    base = Lock(recipe="x", taken_at=1_796_318_000, inputs={"suite": "bookworm"}, debootstrap="1.0.128",
-                sources=(lockfile.Source(uri="http://deb.debian.org/debian", suite="bookworm", inrelease_sha256="cd" * 32,
-                                         date="Sat, 11 Jul 2026 10:16:37 UTC"),),
-                packages=(package,), wheels=(lockfile.Wheel(name="torch", version="2.13.0+cpu", sha256="ef" * 32, file="t.whl"),),
-                firmware=lockfile.Firmware(package="ovmf-inteltdx", suite="unstable", version="2026.08+ds-2", sha256="01" * 32))  # fmt: skip
+    package = DebPackage(
+        name="bash",
+        version="5.2.15-2+b13",
+        architecture="amd64",
+        sha256="ab" * 32,
+        size=10,
+        filename="pool/main/b/bash/bash_5.2.15-2+b13_amd64.deb",
+    )
+    base = Lock(
+        recipe="x",
+        taken_at=1_796_318_000,
+        inputs={"suite": "bookworm"},
+        debootstrap="1.0.128",
+        sources=(
+            lockfile.Source(
+                uri="http://deb.debian.org/debian",
+                suite="bookworm",
+                inrelease_sha256="cd" * 32,
+                date="Sat, 11 Jul 2026 10:16:37 UTC",
+            ),
+        ),
+        packages=(package,),
+        wheels=(lockfile.Wheel(name="torch", version="2.13.0+cpu", sha256="ef" * 32, file="t.whl"),),
+        firmware=lockfile.Firmware(package="ovmf-inteltdx", suite="unstable", version="2026.08+ds-2", sha256="01" * 32),
+    )
     return replace(base, **changes)
 
 
 def test_a_lock_round_trips_one_package_per_line():
     text = lockfile.dump(_lock())
     assert lockfile.parse(json.loads(text), source="x.lock") == _lock()
-    assert '  {"architecture": "amd64", "filename": "pool/main/b/bash/' in text  # one line per package: refreshes read as diffs
+    assert (
+        '  {"architecture": "amd64", "filename": "pool/main/b/bash/' in text
+    )  # one line per package: refreshes read as diffs
     assert '"taken_at": "2026-12-03T' in text
 
 
@@ -68,7 +96,10 @@ def test_a_lock_round_trips_one_package_per_line():
         (lambda d: d["packages"][0].pop("version"), "packages[0].version: missing"),
         (lambda d: d["packages"][0].update(size=-1), "packages[0].size: expected a byte count"),
         (lambda d: d["packages"].append(dict(d["packages"][0])), "packages: bash is listed twice"),
-        (lambda d: d["wheels"][0].update(name="torch; rm -rf /"), "wheels[0].name: 'torch; rm -rf /' is not a package name"),
+        (
+            lambda d: d["wheels"][0].update(name="torch; rm -rf /"),
+            "wheels[0].name: 'torch; rm -rf /' is not a package name",
+        ),
         (lambda d: d["sources"][0].pop("inrelease_sha256"), "sources[0].inrelease_sha256: missing"),
         (lambda d: d["firmware"].update(version="1 2"), "firmware.version: '1 2' is not a version"),
         (lambda d: d.update(inputs=[]), "inputs: expected an object"),
@@ -97,8 +128,12 @@ def test_a_lock_taken_for_other_inputs_is_refused_before_any_step(tmp_path):
     recipe.write_text("name: r\npackages: [wget]\npython:\n  requirements: [numpy]\n")
     (tmp_path / "build").mkdir()
     with pytest.raises(LockError) as info:
-        build(load_recipe(recipe), output=tmp_path / "build" / "r", secret_store=SecretStore(directory=tmp_path / "s"),
-              cache=None)  # fmt: skip
+        build(
+            load_recipe(recipe),
+            output=tmp_path / "build" / "r",
+            secret_store=SecretStore(directory=tmp_path / "s"),
+            cache=None,
+        )
     text = str(info.value)
     assert "packages: added wget; removed curl" in text and "python: added numpy" in text
     assert text.endswith(f"take a new lock with: tdxvm image lock {recipe.resolve()}")
@@ -115,8 +150,14 @@ def _tree_with_debs(tmp_path: Path, debs: dict[str, bytes]) -> Path:
 
 
 def _package(name: str, data: bytes, version: str = "1.0-1") -> DebPackage:
-    return DebPackage(name=name, version=version, architecture="amd64", sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                      filename=f"pool/main/{name[0]}/{name}/{name}_{version}_amd64.deb")  # fmt: skip
+    return DebPackage(
+        name=name,
+        version=version,
+        architecture="amd64",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        filename=f"pool/main/{name[0]}/{name}/{name}_{version}_amd64.deb",
+    )
 
 
 def _check(root: Path, lock: Lock, installed: dict[str, tuple[str, str]], monkeypatch) -> None:
@@ -132,9 +173,15 @@ def test_the_installed_packages_must_be_exactly_the_locks(tmp_path, monkeypatch)
     lock = _lock(packages=(a, b))
     _check(root, lock, {"alpha": ("1.0-1", "amd64"), "beta": ("1:2.0-1", "amd64")}, monkeypatch)  # exact: accepted
 
-    with pytest.raises(LockError, match=r"the mirror's base system now installs gamma, which images/x\.lock does not list"):
-        _check(root, lock, {"alpha": ("1.0-1", "amd64"), "beta": ("1:2.0-1", "amd64"), "gamma": ("1", "all")}, monkeypatch)
-    with pytest.raises(LockError, match=r"beta: images/x\.lock locks 1:2\.0-1 \(amd64\) but apt installed 1:2\.0-2 \(amd64\)"):
+    with pytest.raises(
+        LockError, match=r"the mirror's base system now installs gamma, which images/x\.lock does not list"
+    ):
+        _check(
+            root, lock, {"alpha": ("1.0-1", "amd64"), "beta": ("1:2.0-1", "amd64"), "gamma": ("1", "all")}, monkeypatch
+        )
+    with pytest.raises(
+        LockError, match=r"beta: images/x\.lock locks 1:2\.0-1 \(amd64\) but apt installed 1:2\.0-2 \(amd64\)"
+    ):
         _check(root, lock, {"alpha": ("1.0-1", "amd64"), "beta": ("1:2.0-2", "amd64")}, monkeypatch)
     with pytest.raises(LockError, match=r"beta: images/x\.lock locks .* but apt installed nothing"):
         _check(root, lock, {"alpha": ("1.0-1", "amd64")}, monkeypatch)
@@ -152,7 +199,9 @@ def test_a_deb_that_is_not_the_locked_bytes_is_refused(tmp_path, monkeypatch):
 
 
 def test_apt_cache_records_are_read_per_paragraph():
-    text = ("Package: bash\nVersion: 5.2\nArchitecture: amd64\nDescription: shell\n multi-line\n text\nSHA256: aa\n\n"
-            "Package: dash\nVersion: 0.5\nArchitecture: amd64\nSHA256: bb\n")  # fmt: skip
+    text = (
+        "Package: bash\nVersion: 5.2\nArchitecture: amd64\nDescription: shell\n multi-line\n text\nSHA256: aa\n\n"
+        "Package: dash\nVersion: 0.5\nArchitecture: amd64\nSHA256: bb\n"
+    )
     records = debpins._records(text)
     assert [(r["Package"], r["SHA256"]) for r in records] == [("bash", "aa"), ("dash", "bb")]

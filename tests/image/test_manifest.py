@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tdxvm.image import manifest, rootimage
 from tdxvm.image import build as build_mod
+from tdxvm.image import manifest, rootimage
 from tdxvm.image.build import build
 from tdxvm.image.cache import StepCache, file_digest
 from tdxvm.image.configure import BootFiles
@@ -69,8 +69,11 @@ def fake_steps(tmp_path, monkeypatch):
         return Header()
 
     monkeypatch.setattr(rootimage, "_rootfs_step", rootfs_step)
-    monkeypatch.setattr(rootimage.configure, "configure",
-                        lambda *a, **kw: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version="6.12.0-x"))  # fmt: skip
+    monkeypatch.setattr(
+        rootimage.configure,
+        "configure",
+        lambda *a, **kw: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version="6.12.0-x"),
+    )
     monkeypatch.setattr(rootimage, "make_ext4", lambda *, output, **_: output.write_bytes(bytes(16 << 12)))
     monkeypatch.setattr(build_mod.luks, "encrypt_image", encrypt_image)
 
@@ -84,7 +87,9 @@ def built(tmp_path, fake_steps) -> tuple[Path, dict, SecretStore]:
     fw.write_bytes(firmware())
     store = SecretStore(directory=tmp_path / "secrets")
     out = tmp_path / "build" / "floor"
-    result = build(load_recipe(recipe), output=out, secret_store=store, cache=StepCache(tmp_path / "cache"), firmware=str(fw))
+    result = build(
+        load_recipe(recipe), output=out, secret_store=store, cache=StepCache(tmp_path / "cache"), firmware=str(fw)
+    )
     return out, result, store
 
 
@@ -121,7 +126,9 @@ def test_a_build_writes_the_committed_format_and_a_launch_reads_it(built):
     assert manifest.verify_artifacts(m, out) == []
     assert m.provenance is not None and (out / m.provenance.listing.file).is_file()
     (out / "initrd.img").write_bytes(b"070701 changed")
-    assert manifest.verify_artifacts(m, out) == [f"{out / 'initrd.img'}: differs from the manifest (sha256 {m.initrd.sha256})"]
+    assert manifest.verify_artifacts(m, out) == [
+        f"{out / 'initrd.img'}: differs from the manifest (sha256 {m.initrd.sha256})"
+    ]
 
 
 def test_prediction_inputs_leave_out_what_was_not_known():
@@ -155,13 +162,24 @@ def _errors(tmp_path: Path, change) -> str:
         (lambda d: d.update(colour="blue"), "  colour: Extra inputs are not permitted"),
         (lambda d: d["luks"].update(passphrase="x"), "  luks.passphrase: Extra inputs are not permitted"),
         (lambda d: d["provenance"]["listing"].pop("tree_sha256"), "  provenance.listing.tree_sha256: Field required"),
-        (lambda d: d["artifacts"].update({"rootfs.img": d["artifacts"]["disk.img"]}), "  artifacts.rootfs.img: Extra inputs"),
+        (
+            lambda d: d["artifacts"].update({"rootfs.img": d["artifacts"]["disk.img"]}),
+            "  artifacts.rootfs.img: Extra inputs",
+        ),
         (lambda d: d.update(ssh_port="22"), "  ssh_port: Input should be a valid integer"),
-        (lambda d: d["measurements"]["events"][2].update(digest="00"), "  measurements.events.2.digest: String should match"),
-        (lambda d: d["measurements"]["inputs"].update(efi_stub_cc_measurement="maybe"),
-         "  measurements.inputs.efi_stub_cc_measurement: Input should be 'yes', 'no' or 'unknown'"),
+        (
+            lambda d: d["measurements"]["events"][2].update(digest="00"),
+            "  measurements.events.2.digest: String should match",
+        ),
+        (
+            lambda d: d["measurements"]["inputs"].update(efi_stub_cc_measurement="maybe"),
+            "  measurements.inputs.efi_stub_cc_measurement: Input should be 'yes', 'no' or 'unknown'",
+        ),
         (lambda d: d.update(release_key="AB" * 32), "  release_key: String should match pattern"),
-        (lambda d: d["verity"].update(data_blocks=-1), "  verity.data_blocks: Input should be greater than or equal to 0"),
+        (
+            lambda d: d["verity"].update(data_blocks=-1),
+            "  verity.data_blocks: Input should be greater than or equal to 0",
+        ),
         (lambda d: d.update(format="tdxvm-image-manifest/3"), "format 'tdxvm-image-manifest/3' is not"),
     ],
 )
@@ -175,7 +193,10 @@ def test_every_error_is_listed_at_once(tmp_path):
         d["luks"]["uuid"] = ""
 
     text = _errors(tmp_path, two)
-    assert text.splitlines()[1:] == ["  cmdline: Field required", "  luks.uuid: String should have at least 1 character"]
+    assert text.splitlines()[1:] == [
+        "  cmdline: Field required",
+        "  luks.uuid: String should have at least 1 character",
+    ]
 
 
 def test_a_manifest_written_by_hand_needs_only_what_a_launch_reads(tmp_path):
@@ -184,9 +205,13 @@ def test_a_manifest_written_by_hand_needs_only_what_a_launch_reads(tmp_path):
     data["measurements"] = {r: full["measurements"][r] for r in ("mrtd", "rtmr1", "rtmr2")}
     m = manifest.parse(data, path=tmp_path / "manifest.json")
     assert (m.luks, m.release_key, m.provenance, m.verity, m.format) == (None, None, None, None, None)
-    assert m.measurements.registers() == {"mrtd": full["measurements"]["mrtd"], "rtmr0": None,
-                                          "rtmr1": full["measurements"]["rtmr1"], "rtmr2": full["measurements"]["rtmr2"],
-                                          "rtmr3": None}  # fmt: skip
+    assert m.measurements.registers() == {
+        "mrtd": full["measurements"]["mrtd"],
+        "rtmr0": None,
+        "rtmr1": full["measurements"]["rtmr1"],
+        "rtmr2": full["measurements"]["rtmr2"],
+        "rtmr3": None,
+    }
     assert m.guest_ports() == {"agent": 7300, "ssh": 22}
 
 

@@ -106,13 +106,30 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def files(tmp_path, tdvf_path):
     (tmp_path / "vmlinuz").write_bytes(kernel())
     (tmp_path / "initrd.img").write_bytes(INITRD)
-    return {"firmware": str(tdvf_path), "kernel": str(tmp_path / "vmlinuz"), "initrd": str(tmp_path / "initrd.img"),
-            "dir": tmp_path}  # fmt: skip
+    return {
+        "firmware": str(tdvf_path),
+        "kernel": str(tmp_path / "vmlinuz"),
+        "initrd": str(tmp_path / "initrd.img"),
+        "dir": tmp_path,
+    }
 
 
 def test_cli_text(files, capsys, tdvf_image):
-    rc, out, err = run_cli(["image", "measure", "--firmware", files["firmware"], "--kernel", files["kernel"],
-                            "--initrd", files["initrd"], "--cmdline", CMDLINE], capsys)  # fmt: skip
+    rc, out, err = run_cli(
+        [
+            "image",
+            "measure",
+            "--firmware",
+            files["firmware"],
+            "--kernel",
+            files["kernel"],
+            "--initrd",
+            files["initrd"],
+            "--cmdline",
+            CMDLINE,
+        ],
+        capsys,
+    )
     assert rc == 0, err
     lines = out.splitlines()
     assert [line.split()[0] for line in lines[:-1]] == list(REGISTERS)
@@ -133,10 +150,17 @@ def test_cli_json(files, capsys):
 def test_cli_reports_the_pinned_root_filesystem(files, capsys):
     cmdline = f"{CMDLINE} tdxvm.verity=262144:{'ab' * 32}"
     rc, out, _ = run_cli(["image", "measure", "--kernel", files["kernel"], "--cmdline", cmdline], capsys)
-    assert rc == 0 and out.splitlines()[-1] == f"rootfs verity root hash {'ab' * 32} (sha256, 262144 x 4096-byte blocks)"
+    assert (
+        rc == 0 and out.splitlines()[-1] == f"rootfs verity root hash {'ab' * 32} (sha256, 262144 x 4096-byte blocks)"
+    )
     rc, out, _ = run_cli(["image", "measure", "--kernel", files["kernel"], "--cmdline", cmdline, "-o", "json"], capsys)
     v = json.loads(out)["verity"]
-    assert (v["root_hash"], v["data_blocks"], v["hash_algorithm"], v["hash_offset"]) == ("ab" * 32, 262144, "sha256", 1 << 30)
+    assert (v["root_hash"], v["data_blocks"], v["hash_algorithm"], v["hash_offset"]) == (
+        "ab" * 32,
+        262144,
+        "sha256",
+        1 << 30,
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,7 +193,9 @@ def test_cli_warns_when_the_kernel_cannot_measure_rtmr2(files, capsys):
     assert rc == 0 and out.splitlines()[3] == "rtmr2  " + "0" * 96
     assert err.startswith("warning: rtmr2 is zero") and "NOT measured" in err and err.count("\n") == 1
     assert "`tdxvm image build` and `tdxvm launch` refuse this kernel" in err
-    assert "use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: bookworm-backports}`" in err
+    assert (
+        "use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: bookworm-backports}`" in err
+    )
     rc, out, err = run_cli(["image", "measure", "--kernel", str(old), "-o", "json"], capsys)
     assert rc == 0 and json.loads(out)["inputs"]["efi_stub_cc_measurement"] == "no" and "refuse this kernel" in err
 

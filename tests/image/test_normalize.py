@@ -44,8 +44,7 @@ def build_tree(root: Path, *, day: int, host: str, interpreter: str, noise: byte
     ``interpreter``, would leave it; ``noise`` stands for what differs on every run."""
     _write(root, "usr/share/doc/base/copyright", b"from the .deb\n")
     _write(root, "usr/lib/python3.11/os.py", b"# the guest's Python\n")
-    shadow = (f"root:*:{day}:0:99999:7:::\nforced:!:0:0:99999:7:::\nnoaging:!::::::\n"
-              f"sshd:!:{day}::::::\n").encode()  # fmt: skip
+    shadow = (f"root:*:{day}:0:99999:7:::\nforced:!:0:0:99999:7:::\nnoaging:!::::::\nsshd:!:{day}::::::\n").encode()
     _write(root, "etc/shadow", shadow, 0o640)
     _write(root, "etc/shadow-", shadow, 0o600)
     _write(root, "etc/resolv.conf", f"nameserver {host}\n".encode())
@@ -54,10 +53,12 @@ def build_tree(root: Path, *, day: int, host: str, interpreter: str, noise: byte
     tool = _write(root, f"{PACKAGES}/bin/tool", f"#!{interpreter}\nimport sys\nfrom tool import main\n".encode(), 0o755)
     long = _write(root, f"{PACKAGES}/bin/long", _trampoline(interpreter), 0o755)
     _write(root, f"{PACKAGES}/tool/__init__.py", INIT)
-    record = (f"../../bin/long,{_record_hash(long.read_bytes())},{long.stat().st_size}\n"
-              f"../../bin/tool,{_record_hash(tool.read_bytes())},{tool.stat().st_size}\n"
-              f"tool/__init__.py,{_record_hash(INIT)},{len(INIT)}\n"
-              "tool-1.0.dist-info/RECORD,,\n")  # fmt: skip
+    record = (
+        f"../../bin/long,{_record_hash(long.read_bytes())},{long.stat().st_size}\n"
+        f"../../bin/tool,{_record_hash(tool.read_bytes())},{tool.stat().st_size}\n"
+        f"tool/__init__.py,{_record_hash(INIT)},{len(INIT)}\n"
+        "tool-1.0.dist-info/RECORD,,\n"
+    )
     _write(root, f"{PACKAGES}/tool-1.0.dist-info/RECORD", record.encode())
     _write(root, "usr/local/bin/other", f"#!{interpreter} -E\nprint()\n".encode(), 0o755)
     _write(root, "boot/vmlinuz-6.12", b"kernel")
@@ -72,10 +73,22 @@ def build_tree(root: Path, *, day: int, host: str, interpreter: str, noise: byte
 @pytest.fixture
 def two_builds(tmp_path: Path) -> tuple[Path, Path]:
     a, b = tmp_path / "a", tmp_path / "b"
-    build_tree(a, day=19_700, host="10.0.0.53", interpreter="/home/ci/.venv/bin/python", noise=b"\x01" * 8,
-               build_time=1_710_000_000)  # fmt: skip
-    build_tree(b, day=19_701, host="192.168.1.1", interpreter="/opt/builder/venv/bin/python3.11",
-               noise=b"\x02" * 8, build_time=1_710_090_000)  # fmt: skip
+    build_tree(
+        a,
+        day=19_700,
+        host="10.0.0.53",
+        interpreter="/home/ci/.venv/bin/python",
+        noise=b"\x01" * 8,
+        build_time=1_710_000_000,
+    )
+    build_tree(
+        b,
+        day=19_701,
+        host="192.168.1.1",
+        interpreter="/opt/builder/venv/bin/python3.11",
+        noise=b"\x02" * 8,
+        build_time=1_710_090_000,
+    )
     return a, b
 
 
@@ -96,8 +109,9 @@ def test_what_each_rewrite_leaves(two_builds):
     folder_mtime = (root / "var/cache/ldconfig").stat().st_mtime_ns
     normalize(root, epoch=EPOCH)
     day = EPOCH // 86400
-    assert (root / "etc/shadow").read_text() == (f"root:*:{day}:0:99999:7:::\nforced:!:0:0:99999:7:::\n"
-                                                 f"noaging:!::::::\nsshd:!:{day}::::::\n")  # fmt: skip
+    assert (root / "etc/shadow").read_text() == (
+        f"root:*:{day}:0:99999:7:::\nforced:!:0:0:99999:7:::\nnoaging:!::::::\nsshd:!:{day}::::::\n"
+    )
     assert (root / "etc/shadow").stat().st_ino == shadow_inode  # in place: owner, mode, xattrs kept
     assert (root / "etc/shadow").stat().st_mode & 0o777 == 0o640
     assert (root / "etc/shadow").stat().st_mtime == EPOCH
@@ -123,9 +137,11 @@ def test_record_rows_follow_scripts_whose_shebang_was_already_rewritten(tmp_path
     the builder's version; a plain install records /usr/local/bin scripts as ../../../bin."""
     tool = _write(tmp_path, f"{PACKAGES}/bin/tool", b"#!/usr/bin/python3\nimport tool\n", 0o755)
     other = _write(tmp_path, "usr/local/bin/other", b"#!/home/ci/venv/bin/python\nimport other\n", 0o755)
-    record = (f"../../bin/tool,{_record_hash(b'#!/home/ci/venv/bin/python' + tool.read_bytes()[18:])},40\n"
-              f"../../../bin/other,{_record_hash(other.read_bytes())},{other.stat().st_size}\n"
-              "../../bin/gone,sha256=AAAA,3\ntool/x.py,sha256=BBBB,4\ntool-1.0.dist-info/RECORD,,\n")  # fmt: skip
+    record = (
+        f"../../bin/tool,{_record_hash(b'#!/home/ci/venv/bin/python' + tool.read_bytes()[18:])},40\n"
+        f"../../../bin/other,{_record_hash(other.read_bytes())},{other.stat().st_size}\n"
+        "../../bin/gone,sha256=AAAA,3\ntool/x.py,sha256=BBBB,4\ntool-1.0.dist-info/RECORD,,\n"
+    )
     path = _write(tmp_path, f"{PACKAGES}/tool-1.0.dist-info/RECORD", record.encode())
     normalize(tmp_path, epoch=EPOCH)
     new_other = other.read_bytes()
@@ -147,8 +163,10 @@ def test_normalize_twice_changes_nothing(two_builds):
     assert tree_listing(root) == once
 
 
-@pytest.mark.parametrize("script", [b"#!/usr/bin/env python3\nprint()\n", b"#!/bin/sh\necho\n",
-                                    b"\x7fELF\x02\x01\x01", b"#!/usr/bin/python3\n", b""])  # fmt: skip
+@pytest.mark.parametrize(
+    "script",
+    [b"#!/usr/bin/env python3\nprint()\n", b"#!/bin/sh\necho\n", b"\x7fELF\x02\x01\x01", b"#!/usr/bin/python3\n", b""],
+)
 def test_scripts_that_do_not_name_a_builder_python_are_left_alone(tmp_path, script):
     path = _write(tmp_path, "usr/local/bin/x", script, 0o755)
     os.utime(path, (5, 5))
@@ -213,14 +231,17 @@ def test_symlinked_folders_out_of_the_tree_are_not_followed(tmp_path):
 def test_symlinked_files_out_of_the_tree_are_not_written_through(tmp_path):
     host = _host(tmp_path)
     root = tmp_path / "root"
-    for rel, target in (("etc/shadow", "host/etc/shadow"), ("etc/shadow-", "host/etc/shadow"),
-                        ("etc/resolv.conf", "host/etc/resolv.conf"),
-                        ("var/cache/ldconfig/aux-cache", "host/cache/aux-cache"),
-                        ("var/lib/systemd/random-seed", "host/seed"),
-                        (f"{PACKAGES}/bin/tool", "host/python/dist-packages/bin/tool"),
-                        ("usr/local/bin/tool", "host/python/dist-packages/bin/tool"),
-                        (f"{PACKAGES}/tool-1.0.dist-info/RECORD", "host/python/dist-packages/tool-1.0.dist-info/RECORD"),
-                        ("boot/initrd.img-6.12", "host/boot/initrd.img-1")):  # fmt: skip
+    for rel, target in (
+        ("etc/shadow", "host/etc/shadow"),
+        ("etc/shadow-", "host/etc/shadow"),
+        ("etc/resolv.conf", "host/etc/resolv.conf"),
+        ("var/cache/ldconfig/aux-cache", "host/cache/aux-cache"),
+        ("var/lib/systemd/random-seed", "host/seed"),
+        (f"{PACKAGES}/bin/tool", "host/python/dist-packages/bin/tool"),
+        ("usr/local/bin/tool", "host/python/dist-packages/bin/tool"),
+        (f"{PACKAGES}/tool-1.0.dist-info/RECORD", "host/python/dist-packages/tool-1.0.dist-info/RECORD"),
+        ("boot/initrd.img-6.12", "host/boot/initrd.img-1"),
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(tmp_path / target)
     # a real script in the tree whose RECORD is a symlink out of it

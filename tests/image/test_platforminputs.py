@@ -17,9 +17,23 @@ from pathlib import Path
 import pytest
 
 from tdxvm.image import rtmr0 as r
-from tdxvm.image.acpiblobs import ExtractInfo, LibvirtArgvError, acpi_blobs, argv_from_proc, qemu_argv_for, sanitize_argv
-from tdxvm.image.platforminputs import (HostCpuError, MemoryArgvError, PlatformInputs, memory_mib_from_argv,
-                                        platform_inputs, predict_for_argv, rtmr0_for_inputs)  # fmt: skip
+from tdxvm.image.acpiblobs import (
+    ExtractInfo,
+    LibvirtArgvError,
+    acpi_blobs,
+    argv_from_proc,
+    qemu_argv_for,
+    sanitize_argv,
+)
+from tdxvm.image.platforminputs import (
+    HostCpuError,
+    MemoryArgvError,
+    PlatformInputs,
+    memory_mib_from_argv,
+    platform_inputs,
+    predict_for_argv,
+    rtmr0_for_inputs,
+)
 from tdxvm.image.smbios import published_table, structures
 from tdxvm.launch.domain import domain_xml
 
@@ -48,8 +62,18 @@ def test_memory_from_the_forms_libvirt_writes():
     assert memory_mib_from_argv(_argv("-m", "size=2048M")) == 2048
     with_backend = _argv("-machine", "pc-q35-7.2,memory-backend=pc.ram", "-m", "1024", "-object", BACKEND % (1 << 30))
     assert memory_mib_from_argv(with_backend) == 1024
-    numa = _argv("-m", "2048", "-object", "memory-backend-ram,id=n0,size=1G", "-object", "memory-backend-ram,id=n1,size=1024M",
-                 "-numa", "node,nodeid=0,memdev=n0", "-numa", "node,nodeid=1,memdev=n1")  # fmt: skip
+    numa = _argv(
+        "-m",
+        "2048",
+        "-object",
+        "memory-backend-ram,id=n0,size=1G",
+        "-object",
+        "memory-backend-ram,id=n1,size=1024M",
+        "-numa",
+        "node,nodeid=0,memdev=n0",
+        "-numa",
+        "node,nodeid=1,memdev=n1",
+    )
     assert memory_mib_from_argv(numa) == 2048
 
 
@@ -111,7 +135,9 @@ def test_inputs_are_deterministic_and_complete(conn, boot_files):
     # SMBIOS: QEMU's structures with its own end structure; 2 sockets give 2 type 4
     assert first.smbios[-6:-4] == bytes([127, 4])
     assert [t for _, rec in structures(first.smbios) for t in rec[:1]].count(4) == 2
-    print(f"\none platform_inputs call: {', '.join(f'{i.seconds:.3f} s' for i in info)} in QEMU (accel {info[0].accel})")
+    print(
+        f"\none platform_inputs call: {', '.join(f'{i.seconds:.3f} s' for i in info)} in QEMU (accel {info[0].accel})"
+    )
 
 
 @needs_qemu
@@ -119,9 +145,13 @@ def test_rtmr0_changes_with_memory_vcpus_and_devices(conn, boot_files, tdvf_imag
     base_xml = domain_xml(_spec(boot_files))
     base, events = _rtmr0(conn, base_xml, tdvf_image)
     assert (base, events) == _rtmr0(conn, base_xml, tdvf_image)
-    assert base == r.predict_rtmr0(tdvf_image, memory_mib=1024, acpi=_inputs(conn, base_xml).acpi,
-                                   fw_cfg=_inputs(conn, base_xml).fw_cfg,
-                                   smbios=published_table(_inputs(conn, base_xml).smbios, bios=r.DEBIAN_2026_08.smbios_bios))  # fmt: skip
+    assert base == r.predict_rtmr0(
+        tdvf_image,
+        memory_mib=1024,
+        acpi=_inputs(conn, base_xml).acpi,
+        fw_cfg=_inputs(conn, base_xml).fw_cfg,
+        smbios=published_table(_inputs(conn, base_xml).smbios, bios=r.DEBIAN_2026_08.smbios_bios),
+    )
     assert [e.what for e in events][2:4] == ["QEMU FW CFG BootMenu", "QEMU FW CFG bootorder"]
     nic = "<interface type='user'><model type='virtio'/></interface>"
     variants = {
@@ -151,15 +181,20 @@ def test_measured_fw_cfg_items_reach_rtmr0(conn, boot_files, tdvf_image):
     at = argv.index("-boot") + 1
     menu = [*argv[:at], "menu=on,splash-time=3000,strict=on", *argv[at + 1 :]]
     inputs = platform_inputs(QEMU, menu, tdx=False)
-    assert inputs.fw_cfg["BootMenu"] == b"\x01\x00" and inputs.fw_cfg["etc/boot-menu-wait"] == (3000).to_bytes(2, "little")
+    assert inputs.fw_cfg["BootMenu"] == b"\x01\x00" and inputs.fw_cfg["etc/boot-menu-wait"] == (3000).to_bytes(
+        2, "little"
+    )
     value, events = rtmr0_for_inputs(tdvf_image, inputs)
     assert value != base and "QEMU FW CFG etc/boot-menu-wait" in [e.what for e in events]
     mmio = [*argv, "-fw_cfg", "name=opt/ovmf/X-PciMmio64Mb,string=65536"]
     inputs = platform_inputs(QEMU, mmio, tdx=False)
     assert inputs.fw_cfg["opt/ovmf/X-PciMmio64Mb"] == b"65536"
     value, events = rtmr0_for_inputs(tdvf_image, inputs)
-    assert value != base and [e.what for e in events][2:5] == ["QEMU FW CFG BootMenu", "QEMU FW CFG opt/ovmf/X-PciMmio64Mb",
-                                                              "QEMU FW CFG bootorder"]  # fmt: skip
+    assert value != base and [e.what for e in events][2:5] == [
+        "QEMU FW CFG BootMenu",
+        "QEMU FW CFG opt/ovmf/X-PciMmio64Mb",
+        "QEMU FW CFG bootorder",
+    ]
 
 
 @needs_qemu

@@ -50,8 +50,10 @@ def test_explicit_kernel_suite_is_kept(tmp_path):
     ("text", "where"),
     [
         ("name: x\nsuite: noble\n", "r.yaml:1: kernel: no default kernel suite for suite 'noble'"),
-        ("name: x\nsuite: bullseye\nkernel:\n  package: linux-image-amd64\n",
-         "r.yaml:4: kernel: no default kernel suite for suite 'bullseye'"),
+        (
+            "name: x\nsuite: bullseye\nkernel:\n  package: linux-image-amd64\n",
+            "r.yaml:4: kernel: no default kernel suite for suite 'bullseye'",
+        ),
     ],
 )
 def test_unknown_suite_needs_a_kernel_suite(tmp_path, text, where):
@@ -139,6 +141,7 @@ def test_every_tdxvm_module_the_guest_imports_ships_with_it():
 
     shipped = {rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for _, rel in guest_module_files()}
     shipped |= {m.rsplit(".", 1)[0] for m in shipped}  # tdxvm.guest is a namespace package (a folder)
+
     def imports(tree):  # every import statement, except those only for type checkers
         for node in ast.iter_child_nodes(tree):
             if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
@@ -148,8 +151,11 @@ def test_every_tdxvm_module_the_guest_imports_ships_with_it():
 
     for src, rel in guest_module_files():
         for node in imports(ast.parse(src.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])  # fmt: skip
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            )
             for name in names:
                 if name.startswith("tdxvm"):
                     assert name in shipped, f"{rel} imports {name}, which the guest image does not carry"

@@ -78,8 +78,9 @@ def test_dstack_td_hob_layout_is_the_debian_firmware_layout(dstack: dict, tdvf_i
     witness = measurement[at + 1 : at + 1 + (measurement[at] & 0x1F)]
     hob_at, ranges = _witness_ranges(witness)
     meta = parse_tdvf(tdvf_image)
-    ours = sorted((s.memory_address, s.memory_data_size) for s in meta.sections
-                  if s.type in (SECTION_TD_HOB, SECTION_TEMP_MEM))  # fmt: skip
+    ours = sorted(
+        (s.memory_address, s.memory_data_size) for s in meta.sections if s.type in (SECTION_TD_HOB, SECTION_TEMP_MEM)
+    )
     assert ours == sorted(ranges)
     assert [s.memory_address for s in meta.sections if s.type == SECTION_TD_HOB] == [hob_at]
 
@@ -98,9 +99,16 @@ def test_dstack_rtmr0_replays_from_our_events(dstack: dict, dstack_rtmr0: list, 
     """Our HOB, empty secure-boot variables, separator and boot variables, with the log's
     CFV and ACPI digests (inputs not published), replay to the quote's RTMR0."""
     log = [e.sha384 for e in dstack_rtmr0]
-    ours = [r.td_hob_event(tdvf_image, 2048), None,
-            *r.variable_events([(g, n, b"") for g, n in r.SECURE_BOOT_VARIABLES]), r.separator_event(),
-            None, None, None, *r.boot_events(r.PRE_202505)]  # fmt: skip
+    ours = [
+        r.td_hob_event(tdvf_image, 2048),
+        None,
+        *r.variable_events([(g, n, b"") for g, n in r.SECURE_BOOT_VARIABLES]),
+        r.separator_event(),
+        None,
+        None,
+        None,
+        *r.boot_events(r.PRE_202505),
+    ]
     assert len(ours) == len(log)
     digests = [log[i] if e is None else bytes.fromhex(e.digest) for i, e in enumerate(ours)]
     for i, (mine, theirs) in enumerate(zip(digests, log, strict=True)):
@@ -132,8 +140,14 @@ def test_google_event_types_and_boot0000(ccel_rtmr0: list) -> None:
     """Firmware part of the Google log: HOB, CFV, five variables, separator, three ACPI
     blobs, boot variables; Boot0000 is the UiApp option we build for pre-202505 builds."""
     types = [e.event_type for e in ccel_rtmr0][:12]
-    assert types == [r.EV_EFI_HANDOFF_TABLES2, r.EV_EFI_PLATFORM_FIRMWARE_BLOB2, *[r.EV_EFI_VARIABLE_DRIVER_CONFIG] * 5,
-                     r.EV_SEPARATOR, *[r.EV_PLATFORM_CONFIG_FLAGS] * 3, r.EV_EFI_VARIABLE_BOOT]  # fmt: skip
+    assert types == [
+        r.EV_EFI_HANDOFF_TABLES2,
+        r.EV_EFI_PLATFORM_FIRMWARE_BLOB2,
+        *[r.EV_EFI_VARIABLE_DRIVER_CONFIG] * 5,
+        r.EV_SEPARATOR,
+        *[r.EV_PLATFORM_CONFIG_FLAGS] * 3,
+        r.EV_EFI_VARIABLE_BOOT,
+    ]
     assert ccel_rtmr0[1].data[1:].startswith(b"Fv(")
     assert ccel_rtmr0[7].sha384.hex() == r.separator_event().digest
     assert all(e.data == b"ACPI DATA" for e in ccel_rtmr0[8:11])
@@ -153,19 +167,35 @@ def _loader(*files: str) -> bytes:
     return out
 
 
-ACPI = {"etc/table-loader": _loader("etc/acpi/rsdp", "etc/acpi/tables"), "etc/acpi/rsdp": b"RSD PTR " + bytes(28),
-        "etc/acpi/tables": b"FACS" + bytes(60)}  # fmt: skip
-SMBIOS = (bytes([1, 27, 0x00, 0x01, 1, 2, 3, 4]) + bytes(range(16)) + bytes([6, 5, 6]) + b"QEMU\0pc\0v1\0SERIAL\0\0"
-          + bytes([127, 4, 0xFF, 0xFE]) + b"\0\0")  # fmt: skip
+ACPI = {
+    "etc/table-loader": _loader("etc/acpi/rsdp", "etc/acpi/tables"),
+    "etc/acpi/rsdp": b"RSD PTR " + bytes(28),
+    "etc/acpi/tables": b"FACS" + bytes(60),
+}
+SMBIOS = (
+    bytes([1, 27, 0x00, 0x01, 1, 2, 3, 4])
+    + bytes(range(16))
+    + bytes([6, 5, 6])
+    + b"QEMU\0pc\0v1\0SERIAL\0\0"
+    + bytes([127, 4, 0xFF, 0xFE])
+    + b"\0\0"
+)
 FW_CFG = {"BootMenu": b"\0\0"}
 
 
 def test_debian_firmware_event_sequence(tdvf_image: bytes) -> None:
     events = r.rtmr0_events(tdvf_image, memory_mib=4096, acpi=ACPI, fw_cfg=FW_CFG, smbios=SMBIOS)
     assert [e.event_type for e in events] == [
-        r.EV_EFI_HANDOFF_TABLES2, r.EV_EFI_PLATFORM_FIRMWARE_BLOB2, r.EV_PLATFORM_CONFIG_FLAGS,
-        *[r.EV_EFI_VARIABLE_DRIVER_CONFIG] * 5, r.EV_SEPARATOR, *[r.EV_PLATFORM_CONFIG_FLAGS] * 3,
-        r.EV_EFI_HANDOFF_TABLES2, r.EV_EFI_VARIABLE_BOOT, r.EV_EFI_VARIABLE_BOOT]  # fmt: skip
+        r.EV_EFI_HANDOFF_TABLES2,
+        r.EV_EFI_PLATFORM_FIRMWARE_BLOB2,
+        r.EV_PLATFORM_CONFIG_FLAGS,
+        *[r.EV_EFI_VARIABLE_DRIVER_CONFIG] * 5,
+        r.EV_SEPARATOR,
+        *[r.EV_PLATFORM_CONFIG_FLAGS] * 3,
+        r.EV_EFI_HANDOFF_TABLES2,
+        r.EV_EFI_VARIABLE_BOOT,
+        r.EV_EFI_VARIABLE_BOOT,
+    ]
     # ACPI in the loader's ALLOCATE order, each over the raw blob
     assert [e.digest for e in events[9:12]] == [
         hashlib.sha384(ACPI[k]).hexdigest() for k in ("etc/table-loader", "etc/acpi/rsdp", "etc/acpi/tables")
@@ -181,9 +211,13 @@ def test_debian_firmware_event_sequence(tdvf_image: bytes) -> None:
 def test_debian_rtmr0_depends_on_every_input(tdvf_image: bytes) -> None:
     base = r.predict_rtmr0(tdvf_image, memory_mib=4096, acpi=ACPI, fw_cfg=FW_CFG, smbios=SMBIOS)
     kw = {"memory_mib": 4096, "acpi": ACPI, "fw_cfg": FW_CFG, "smbios": SMBIOS}
-    changes = [{"memory_mib": 8192}, {"acpi": {**ACPI, "etc/acpi/tables": b"FACS" + bytes(61)}},
-               {"fw_cfg": {**FW_CFG, "bootorder": b"/pci@i0cf8/scsi@3/disk@0,0\n\0"}},
-               {"smbios": SMBIOS.replace(b"QEMU", b"QEMX")}, {"authorities": [b"\x11" * 16 + b"cert"]}]  # fmt: skip
+    changes = [
+        {"memory_mib": 8192},
+        {"acpi": {**ACPI, "etc/acpi/tables": b"FACS" + bytes(61)}},
+        {"fw_cfg": {**FW_CFG, "bootorder": b"/pci@i0cf8/scsi@3/disk@0,0\n\0"}},
+        {"smbios": SMBIOS.replace(b"QEMU", b"QEMX")},
+        {"authorities": [b"\x11" * 16 + b"cert"]},
+    ]
     for change in changes:
         assert r.predict_rtmr0(tdvf_image, **{**kw, **change}) != base, change
     # the SMBIOS serial number and UUID are filtered out, so changing them changes nothing

@@ -153,7 +153,8 @@ def test_load_options_encoding():
     utf16 = "initrd=initrd console=ttyS0".encode("utf-16-le") + b"\0\0"
     assert load_options("console=ttyS0", has_initrd=True) == utf16
     assert load_options("console=ttyS0", has_initrd=True, initrd_option="append") == (
-        "console=ttyS0 initrd=initrd".encode("utf-16-le") + b"\0\0")  # fmt: skip
+        "console=ttyS0 initrd=initrd".encode("utf-16-le") + b"\0\0"
+    )
     assert load_options("console=ttyS0", has_initrd=False) == "console=ttyS0".encode("utf-16-le") + b"\0\0"
     assert load_options("", has_initrd=False) == b""  # NULL LoadOptions: the stub measures nothing
     assert load_options("", has_initrd=True) == "initrd=initrd ".encode("utf-16-le") + b"\0\0"

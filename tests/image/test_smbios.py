@@ -14,8 +14,18 @@ import pytest
 
 from tdxvm.image.qtest import QtestSession, fwcfg_directory, fwcfg_read
 from tdxvm.image.rtmr0 import DEBIAN_2026_08
-from tdxvm.image.smbios import (ANCHOR_FILE, OVMF_TYPE0, TABLES_FILE, BiosStrings, SmbiosError, bios_information,
-                                published_table, qemu_structures, set_processor_id, structures)  # fmt: skip
+from tdxvm.image.smbios import (
+    ANCHOR_FILE,
+    OVMF_TYPE0,
+    TABLES_FILE,
+    BiosStrings,
+    SmbiosError,
+    bios_information,
+    published_table,
+    qemu_structures,
+    set_processor_id,
+    structures,
+)
 from tdxvm.image.smbiosfilter import filter_smbios_table
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -29,8 +39,21 @@ SMBIOS_PLATFORM_DXE = uuid.UUID("4110465d-5ff3-4f4b-b580-24ed0d06747a")
 def qemu_smbios(*extra: str, machine: str = "pc-q35-7.2") -> tuple[bytes, bytes]:
     """(anchor, tables) that the real QEMU serves for a small q35 machine."""
     assert QEMU is not None
-    argv = ["-machine", machine, "-nodefaults", "-m", "1024", "-smp", "2", "-cpu", "Westmere", *extra, "-S",
-            "-accel", "tcg"]  # fmt: skip
+    argv = [
+        "-machine",
+        machine,
+        "-nodefaults",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-cpu",
+        "Westmere",
+        *extra,
+        "-S",
+        "-accel",
+        "tcg",
+    ]
     with QtestSession(QEMU, argv) as session:
         directory = fwcfg_directory(session)
         return fwcfg_read(session, directory[ANCHOR_FILE]), fwcfg_read(session, directory[TABLES_FILE])
@@ -59,7 +82,9 @@ def test_qemu_72_gives_no_type0_and_the_firmware_adds_its_own():
     assert type0[4:26] == OVMF_TYPE0[4:26]
     assert _strings(type0) == [b"Vendor Co", b"1.2.3", b"01/02/2030"]
     # the filter keeps type 0 whole: its strings reach RTMR0
-    assert filter_smbios_table(table) != filter_smbios_table(published_table(tables, bios=BiosStrings("Other", "1.2.3", "x")))
+    assert filter_smbios_table(table) != filter_smbios_table(
+        published_table(tables, bios=BiosStrings("Other", "1.2.3", "x"))
+    )
 
 
 @needs_qemu
@@ -97,7 +122,9 @@ def test_processor_id_is_measured_and_can_be_set():
     _, westmere = qemu_smbios()
     _, skylake = qemu_smbios("-cpu", "Skylake-Client")
     assert westmere != skylake
-    assert filter_smbios_table(published_table(westmere, bios=BIOS)) != filter_smbios_table(published_table(skylake, bios=BIOS))
+    assert filter_smbios_table(published_table(westmere, bios=BIOS)) != filter_smbios_table(
+        published_table(skylake, bios=BIOS)
+    )
     at = next(at for at, r in structures(skylake) if r[0] == 4)
     assert set_processor_id(westmere, skylake[at + 8 : at + 16]) == skylake
     with pytest.raises(SmbiosError, match="8 bytes"):

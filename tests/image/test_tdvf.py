@@ -79,8 +79,10 @@ def test_real_tdvf_mrtd_matches_independent_implementation(tdvf_image, order):
 def test_real_tdvf_mrtd_pinned(tdvf_image, tdvf_path):
     digest = hashlib.sha256(tdvf_image).hexdigest()
     if digest != PINNED_FIRMWARE_SHA256:
-        pytest.skip(f"Debian's ovmf-inteltdx changed ({tdvf_path} has SHA-256 {digest}); "
-                    "the independent-implementation test still covers it")  # fmt: skip
+        pytest.skip(
+            f"Debian's ovmf-inteltdx changed ({tdvf_path} has SHA-256 {digest}); "
+            "the independent-implementation test still covers it"
+        )
     for order, value in PINNED.items():
         assert mrtd(tdvf_image, order=order).hex() == value
 
@@ -88,13 +90,16 @@ def test_real_tdvf_mrtd_pinned(tdvf_image, tdvf_path):
 def test_orders_on_a_small_image():
     # One extended page of data and one plain page: the record order is visible.
     data = bytes(range(256)) * 16
-    fw = build_tdvf([(0, 0x1000, 0x100000, 0x2000, 0, ATTR_MR_EXTEND), (0, 0, 0x200000, 0x1000, 3, 0)],
-                    fill=data + data)  # fmt: skip
+    fw = build_tdvf(
+        [(0, 0x1000, 0x100000, 0x2000, 0, ATTR_MR_EXTEND), (0, 0, 0x200000, 0x1000, 3, 0)], fill=data + data
+    )
     add = [struct.pack("<16sQ104x", b"MEM.PAGE.ADD", a) for a in (0x100000, 0x101000, 0x200000)]
 
     def ext(page: int) -> bytes:
-        return b"".join(struct.pack("<16sQ104x", b"MR.EXTEND", 0x100000 + page * 4096 + c) + data[c : c + 256]
-                        for c in range(0, 4096, 256))  # fmt: skip
+        return b"".join(
+            struct.pack("<16sQ104x", b"MR.EXTEND", 0x100000 + page * 4096 + c) + data[c : c + 256]
+            for c in range(0, 4096, 256)
+        )
 
     single = add[0] + ext(0) + add[1] + ext(1) + add[2]
     two = add[0] + add[1] + ext(0) + ext(1) + add[2]

@@ -27,8 +27,15 @@ class Host:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        for rel in ("passwd", "hostname", "machine-id", "ssh/ssh_host_rsa_key", "log/syslog", "boot/vmlinuz-9.9-host",
-                    "modules/6.1.0-1/kernel/drivers/gpu/x.ko"):  # fmt: skip
+        for rel in (
+            "passwd",
+            "hostname",
+            "machine-id",
+            "ssh/ssh_host_rsa_key",
+            "log/syslog",
+            "boot/vmlinuz-9.9-host",
+            "modules/6.1.0-1/kernel/drivers/gpu/x.ko",
+        ):
             path = folder / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"host {rel}\n")
@@ -41,8 +48,11 @@ class Host:
             for name in (*dirnames, *filenames):
                 path = Path(dirpath) / name
                 st = path.lstat()
-                out[str(path.relative_to(self.folder))] = (st.st_mode, path.read_bytes() if path.is_file() else None,
-                                                           st.st_mtime_ns)  # fmt: skip
+                out[str(path.relative_to(self.folder))] = (
+                    st.st_mode,
+                    path.read_bytes() if path.is_file() else None,
+                    st.st_mtime_ns,
+                )
         return out
 
     def untouched(self) -> bool:
@@ -124,7 +134,7 @@ def poisoned(victim: Path) -> dict[str, list[tuple[str, str, object]]]:
             ("./usr/lib", "sym", victim),
             ("./lib", "sym", "usr/lib"),
             ("./lib/passwd", "file", b"pwned\n"),
-        ],  # fmt: skip
+        ],
         "hard link through a symlink": [("./e", "sym", victim), ("./h", "hard", "./e/passwd")],
         "dotdot name": [("./../host/passwd", "file", b"pwned\n")],
         "hard link to a host file": [("./h", "hard", str(victim / "passwd")), ("./h", "file", b"pwned\n")],
@@ -152,9 +162,16 @@ def test_tar_options_from_the_environment_do_not_reach_tar(tmp_path, host, monke
 
 
 def test_unpack_keeps_absolute_names_and_links_inside(tmp_path, host):
-    tarball = make_tar(tmp_path / "ok.tar", [(str(host.folder / "passwd"), "file", b"guest\n"),
-                                             ("./usr/lib/x", "dir", None), ("./lib", "sym", "usr/lib"),
-                                             ("./lib/x/y", "file", b"merged\n"), ("./etc", "sym", host.folder)])  # fmt: skip
+    tarball = make_tar(
+        tmp_path / "ok.tar",
+        [
+            (str(host.folder / "passwd"), "file", b"guest\n"),
+            ("./usr/lib/x", "dir", None),
+            ("./lib", "sym", "usr/lib"),
+            ("./lib/x/y", "file", b"merged\n"),
+            ("./etc", "sym", host.folder),
+        ],
+    )
     tree = tmp_path / "rootfs"
     rootfs.unpack(tarball, tree, sha256=file_digest(tarball).sha256)
     assert inside(tree, host.folder / "passwd").read_bytes() == b"guest\n"  # "/" stripped: the guest's own file
@@ -256,9 +273,19 @@ def test_clean_never_follows_a_folder_out_of_the_tree(tmp_path, host):
 
 def test_clean_removes_what_must_not_ship(tmp_path):
     root = debian_tree(tmp_path / "root")
-    for rel in ("etc/ssh/ssh_host_ed25519_key", "etc/ssh/sshd_config", "etc/passwd-", "etc/passwd", "var/log/apt/term.log",
-                "var/lib/apt/lists/deb.debian.org_Release", "var/cache/apt/pkgcache.bin", "tmp/x/y", "root/.cache/pip/z",
-                "debootstrap/debootstrap.log", "etc/machine-id"):  # fmt: skip
+    for rel in (
+        "etc/ssh/ssh_host_ed25519_key",
+        "etc/ssh/sshd_config",
+        "etc/passwd-",
+        "etc/passwd",
+        "var/log/apt/term.log",
+        "var/lib/apt/lists/deb.debian.org_Release",
+        "var/cache/apt/pkgcache.bin",
+        "tmp/x/y",
+        "root/.cache/pip/z",
+        "debootstrap/debootstrap.log",
+        "etc/machine-id",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x")
     (root / "var/log/journal").symlink_to("/var/log/apt")
@@ -267,8 +294,14 @@ def test_clean_removes_what_must_not_ship(tmp_path):
     assert not (root / "etc/passwd-").exists() and (root / "etc/passwd").exists()
     assert (root / "var/log/apt").is_dir() and list((root / "var/log/apt").iterdir()) == []
     assert not (root / "var/log/journal").is_symlink()
-    for gone in ("var/lib/apt/lists/deb.debian.org_Release", "var/cache/apt/pkgcache.bin", "tmp/x", "root/.cache",
-                 "debootstrap", "var/lib/dbus/machine-id"):  # fmt: skip
+    for gone in (
+        "var/lib/apt/lists/deb.debian.org_Release",
+        "var/cache/apt/pkgcache.bin",
+        "tmp/x",
+        "root/.cache",
+        "debootstrap",
+        "var/lib/dbus/machine-id",
+    ):
         assert not os.path.lexists(root / gone), gone
     assert (root / "etc/machine-id").read_bytes() == b""
 

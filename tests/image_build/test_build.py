@@ -45,12 +45,22 @@ def _payload_sha256(disk: Path, key: bytes) -> tuple[str, bytes]:
 def test_outputs_and_manifest(smoke_build):
     m = json.loads((smoke_build.folder / "manifest.json").read_text())
     assert m["format"] == manifest.FORMAT
-    assert sorted(p.name for p in smoke_build.folder.iterdir()) == ["disk.img", "initrd.img", "manifest.json", "rootfs.list.gz", "vmlinuz"]
+    assert sorted(p.name for p in smoke_build.folder.iterdir()) == [
+        "disk.img",
+        "initrd.img",
+        "manifest.json",
+        "rootfs.list.gz",
+        "vmlinuz",
+    ]
     assert manifest.verify_artifacts(manifest.read(smoke_build.folder), smoke_build.folder) == []
     assert [e.status for e in smoke_build.events if e.step == "encrypt"] == ["start", "done"]
     firmware = Path(m["firmware"]["path"]).read_bytes()
-    again = measure.predict(firmware=firmware, kernel=(smoke_build.folder / "vmlinuz").read_bytes(),
-                            initrd=(smoke_build.folder / "initrd.img").read_bytes(), cmdline=m["cmdline"])  # fmt: skip
+    again = measure.predict(
+        firmware=firmware,
+        kernel=(smoke_build.folder / "vmlinuz").read_bytes(),
+        initrd=(smoke_build.folder / "initrd.img").read_bytes(),
+        cmdline=m["cmdline"],
+    )
     assert m["measurements"] == again.to_dict()
     predicted = m["measurements"]["predicted"]
     assert predicted == {"mrtd": True, "rtmr0": False, "rtmr1": True, "rtmr2": True, "rtmr3": False}
@@ -60,7 +70,10 @@ def test_outputs_and_manifest(smoke_build):
     assert re.match(r"^6\.(9|1\d)", m["kernel_version"]) or int(m["kernel_version"].split(".")[0]) >= 7
     # the verity root hash is pinned on the measured command line
     v = m["verity"]
-    assert m["cmdline"] == f"{load_recipe(REPO / 'images/smoke.yaml').recipe.cmdline} tdxvm.verity={v['data_blocks']}:{v['root_hash']}"
+    assert (
+        m["cmdline"]
+        == f"{load_recipe(REPO / 'images/smoke.yaml').recipe.cmdline} tdxvm.verity={v['data_blocks']}:{v['root_hash']}"
+    )
     assert v["data_bytes"] == v["hash_offset"] == v["data_blocks"] * 4096 == 1 << 30
     assert (v["hash_algorithm"], v["data_block_size"], v["hash_block_size"], v["salt"]) == ("sha256", 4096, 4096, None)
     assert [e.status for e in smoke_build.events if e.step == "verity"] == ["start", "done"]
@@ -141,8 +154,12 @@ def test_image_has_the_unlock_and_root_steps_and_agent(rootfs_image):
 
 def test_rebuild_is_reproducible_and_reuses_the_cache(smoke_build, tmp_path):
     secrets = smoke_build.secrets  # the same controller SSH key goes into the image
-    again = build(load_recipe(REPO / "images/smoke.yaml"), output=tmp_path / "again",
-                  cache=StepCache(test_cache_root() / "image"), secret_store=SecretStore(directory=secrets))  # fmt: skip
+    again = build(
+        load_recipe(REPO / "images/smoke.yaml"),
+        output=tmp_path / "again",
+        cache=StepCache(test_cache_root() / "image"),
+        secret_store=SecretStore(directory=secrets),
+    )
     assert again["cache"]["hit"] == ["rootfs"]
     assert again["luks"]["uuid"] != smoke_build.manifest["luks"]["uuid"]  # a fresh key per build
     for name in ("vmlinuz", "initrd.img"):
@@ -162,8 +179,12 @@ def test_failed_step_leaves_no_output(smoke_build, tmp_path):
     (tmp_path / "build").mkdir()
     out = tmp_path / "build" / "out"
     with pytest.raises(ImageStepError) as err:
-        build(load_recipe(recipe), output=out, cache=StepCache(test_cache_root() / "image"),
-              secret_store=SecretStore(directory=tmp_path / "secrets"))  # fmt: skip
+        build(
+            load_recipe(recipe),
+            output=out,
+            cache=StepCache(test_cache_root() / "image"),
+            secret_store=SecretStore(directory=tmp_path / "secrets"),
+        )
     assert err.value.step == "mkfs.ext4" and "mkfs.ext4" in str(err.value)
     assert err.value.stderr  # what mkfs said
     assert list((tmp_path / "build").iterdir()) == []  # no output, no work folder

@@ -52,7 +52,8 @@ def test_initramfs_carries_the_unlock_and_root_steps(initramfs_root, smoke_build
         assert any((initramfs_root / d / tool).exists() for d in ("usr/sbin", "sbin")), tool
     for module in ("drivers/net/virtio_net", "drivers/md/dm-verity", "drivers/md/dm-crypt", "fs/overlayfs/overlay"):
         assert list(initramfs_root.glob(f"usr/lib/modules/*/kernel/{module}.ko*")) or list(
-            initramfs_root.glob(f"lib/modules/*/kernel/{module}.ko*")), module
+            initramfs_root.glob(f"lib/modules/*/kernel/{module}.ko*")
+        ), module
 
 
 def _free_port() -> int:
@@ -64,15 +65,35 @@ def _free_port() -> int:
 def test_unlock_step_receives_the_key_after_attestation(smoke_build, initramfs_root):
     m = smoke_build.manifest
     folder = smoke_build.folder
-    launch = LaunchArtifacts(kernel=(folder / "vmlinuz").read_bytes(), initrd=(folder / "initrd.img").read_bytes(),
-                             cmdline=m["cmdline"], firmware=Path(m["firmware"]["path"]).read_bytes())  # fmt: skip
+    launch = LaunchArtifacts(
+        kernel=(folder / "vmlinuz").read_bytes(),
+        initrd=(folder / "initrd.img").read_bytes(),
+        cmdline=m["cmdline"],
+        firmware=Path(m["firmware"]["path"]).read_bytes(),
+    )
     platform = EmulatedPlatform()
     policy = Policy(mrtd=m["measurements"]["mrtd"], rtmr1=m["measurements"]["rtmr1"], rtmr2=m["measurements"]["rtmr2"])
     volume_key = load(m["luks"]["uuid"], directory=smoke_build.secrets)
     port = _free_port()
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/usr/lib/tdxvm/python:/usr/lib/python3/dist-packages"}
-    proc = subprocess.Popen(["chroot", str(initramfs_root), "/usr/bin/python3", "-S", "-m", "tdxvm.guest.unlock",
-                             "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": "/usr/lib/tdxvm/python:/usr/lib/python3/dist-packages",
+    }
+    proc = subprocess.Popen(
+        [
+            "chroot",
+            str(initramfs_root),
+            "/usr/bin/python3",
+            "-S",
+            "-m",
+            "tdxvm.guest.unlock",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         with QuoteService(platform, launch) as qgs:
             deadline = time.monotonic() + 60
@@ -84,9 +105,13 @@ def test_unlock_step_receives_the_key_after_attestation(smoke_build, initramfs_r
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise
                     time.sleep(0.2)
-            with handshake.attest_guest(("127.0.0.1", port), collateral=platform.collateral(), policy=policy,
-                                        trust_anchor=TrustAnchor.from_der(platform.root_ca_der),
-                                        qgs_address=qgs.address) as guest:  # fmt: skip
+            with handshake.attest_guest(
+                ("127.0.0.1", port),
+                collateral=platform.collateral(),
+                policy=policy,
+                trust_anchor=TrustAnchor.from_der(platform.root_ca_der),
+                qgs_address=qgs.address,
+            ) as guest:
                 assert guest.verdict.accepted and sorted(guest.keys) == ["x25519"]
                 # the host, which can attest the initramfs too, seals a key of its own: refused, slot kept
                 with pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):

@@ -33,8 +33,9 @@ def _dpkg_status(smoke_build, tmp_path: Path) -> dict[str, tuple[str, str]]:
     with open(image, "wb") as f:
         for chunk in luks.decrypt_payload(smoke_build.folder / "disk.img", key):
             f.write(chunk)
-    text = subprocess.run(["debugfs", "-R", "cat /var/lib/dpkg/status", str(image)], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
+    text = subprocess.run(
+        ["debugfs", "-R", "cat /var/lib/dpkg/status", str(image)], capture_output=True, text=True, check=True
+    ).stdout
     image.unlink()
     found = {}
     for record in debpins._records(text):
@@ -54,13 +55,21 @@ def test_the_manifest_records_what_the_image_was_built_from(smoke_build):
     lock_file = lockfile.lock_path(SMOKE)
     lock = lockfile.load(lock_file)
     assert p["recipe_sha256"] == manifest.file_sha256(SMOKE) == m["recipe"]["sha256"]
-    assert p["lock"] == {"path": str(lock_file), "sha256": manifest.file_sha256(lock_file), "taken_at": lock.taken_at_text()}
+    assert p["lock"] == {
+        "path": str(lock_file),
+        "sha256": manifest.file_sha256(lock_file),
+        "taken_at": lock.taken_at_text(),
+    }
     assert m["epoch"] == lock.taken_at  # SOURCE_DATE_EPOCH is the lock's date
     assert p["tdxvm"] == {"version": tdxvm.__version__, "guest_code_sha256": provenance.guest_code_sha256()}
     assert p["authorized_key"] == public_line(controller_key(SecretStore(directory=smoke_build.secrets))).strip()
     kernel = lock.package(f"linux-image-{m['kernel_version']}")
     assert p["kernel_package"] == {"name": kernel.name, "version": kernel.version, "sha256": kernel.sha256}
-    assert p["firmware_package"] == {"name": "ovmf-inteltdx", "version": lock.firmware.version, "sha256": lock.firmware.sha256}
+    assert p["firmware_package"] == {
+        "name": "ovmf-inteltdx",
+        "version": lock.firmware.version,
+        "sha256": lock.firmware.sha256,
+    }
     assert p["verity_root_hash"] == m["verity"]["root_hash"]
     lines = listing.read_listing(smoke_build.folder / p["listing"]["file"])
     assert p["listing"]["sha256"] == manifest.file_sha256(smoke_build.folder / provenance.LISTING)
@@ -73,8 +82,16 @@ def test_a_clean_rebuild_gives_the_same_image_and_measurements(smoke_build):
     events = []
     report = reproduce(smoke_build.folder, progress=events.append)
     assert report.identical, report.to_dict()
-    assert [i.name for i in report.items] == ["kernel (vmlinuz)", "initramfs (initrd.img)", "root filesystem (verity root hash)",
-                                              "root filesystem (listing)", "kernel command line", "MRTD", "RTMR1", "RTMR2"]  # fmt: skip
+    assert [i.name for i in report.items] == [
+        "kernel (vmlinuz)",
+        "initramfs (initrd.img)",
+        "root filesystem (verity root hash)",
+        "root filesystem (listing)",
+        "kernel command line",
+        "MRTD",
+        "RTMR1",
+        "RTMR2",
+    ]
     assert ("rootfs", "done") in [(e.step, e.status) for e in events]  # rebuilt, not taken from a cache
     assert not list(smoke_build.folder.parent.glob(".*verify-*"))  # its work folder is gone
 
@@ -102,7 +119,10 @@ def test_a_rebuild_that_differs_names_the_first_differing_file(smoke_build, tmp_
     (folder / "manifest.json").write_text(json.dumps(m))
     report = reproduce(folder, cache=test_cache_root() / "image")  # the session's cached packages: a fast rebuild
     assert not report.identical
-    assert [i.name for i in report.items if not i.same] == ["root filesystem (verity root hash)", "root filesystem (listing)"]
+    assert [i.name for i in report.items if not i.same] == [
+        "root filesystem (verity root hash)",
+        "root filesystem (listing)",
+    ]
     assert report.first_difference is not None and "/etc/hostname" in report.first_difference
     assert report.to_dict()["verdict"] == "differs"
 
@@ -117,7 +137,9 @@ def test_a_rebuild_needs_the_same_recipe_lock_and_guest_code(smoke_build, tmp_pa
         else:
             changed["provenance"][key] = "0" * 64
         (folder / "manifest.json").write_text(json.dumps(changed))
-        with pytest.raises(ReproduceError, match=rf"^{message} .* but the image was built from one with 0{{64}}: check out"):
+        with pytest.raises(
+            ReproduceError, match=rf"^{message} .* but the image was built from one with 0{{64}}: check out"
+        ):
             reproduce(folder)
     changed = json.loads(json.dumps(m))
     changed["provenance"]["tdxvm"]["guest_code_sha256"] = "0" * 64
@@ -149,8 +171,12 @@ def test_a_version_the_mirror_no_longer_has_is_a_clear_error(smoke_build, tmp_pa
 def test_image_lock_takes_a_lock_from_the_archives(tmp_path):
     recipe = tmp_path / "smoke.yaml"
     shutil.copyfile(SMOKE, recipe)
-    out = subprocess.run([str(REPO / ".venv/bin/tdxvm"), "image", "lock", str(recipe), "-o", "json"], capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [str(REPO / ".venv/bin/tdxvm"), "image", "lock", str(recipe), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["wrote"] == str(tmp_path / "smoke.lock") and doc["changes"] == []  # no older lock there
@@ -176,8 +202,11 @@ def test_package_scripts_in_the_chroot_never_touch_the_hosts_dev(smoke_build, tm
     rootfs.unpack(entry, root)
     probe = f"tdxvm-probe-{uuid.uuid4().hex[:8]}"
     kvm = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
-    out = rootfs.in_root(root, f"touch /dev/{probe}\nsystemd-tmpfiles --create --prefix /dev >/dev/null 2>&1 || true\n"
-                               "ls /dev", step="probe")  # fmt: skip
+    out = rootfs.in_root(
+        root,
+        f"touch /dev/{probe}\nsystemd-tmpfiles --create --prefix /dev >/dev/null 2>&1 || true\nls /dev",
+        step="probe",
+    )
     assert probe in out.split() and not os.path.exists(f"/dev/{probe}")
     if kvm is not None:
         after = os.stat("/dev/kvm")

@@ -12,7 +12,13 @@ EPOCH = 1_700_000_000
 FS_UUID = "0b3f6a52-7c1e-4f7e-9a55-2d3c4b5a6978"
 LUKS_UUID = "5e0c2f8a-91b4-4d3e-8c7a-6b5a4f3e2d1c"
 # Tools and the Debian packages that ship them.
-TOOLS = {"mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "dumpe2fs": "e2fsprogs", "e2fsck": "e2fsprogs", "cryptsetup": "cryptsetup-bin"}
+TOOLS = {
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "cryptsetup": "cryptsetup-bin",
+}
 
 
 def which(name: str) -> str | None:

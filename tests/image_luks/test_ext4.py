@@ -26,11 +26,20 @@ def sha256(path: Path) -> str:
 
 
 def debugfs(image: Path, request: str) -> str:
-    return subprocess.run([which("debugfs"), "-R", request, str(image)], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [which("debugfs"), "-R", request, str(image)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def build(source: Path, output: Path, **kw) -> Path:
-    make_ext4(source=source, output=output, size_bytes=kw.pop("size_bytes", SIZE), uuid=kw.pop("uuid", FS_UUID), epoch=kw.pop("epoch", EPOCH), **kw)
+    make_ext4(
+        source=source,
+        output=output,
+        size_bytes=kw.pop("size_bytes", SIZE),
+        uuid=kw.pop("uuid", FS_UUID),
+        epoch=kw.pop("epoch", EPOCH),
+        **kw,
+    )
     return output
 
 
@@ -62,10 +71,30 @@ def test_image_is_a_clean_debian_ext4_with_pinned_metadata(tmp_path):
     assert fields["Directory Hash Seed"] == hash_seed_for(FS_UUID)
     assert fields["Filesystem volume name"] == "smoke-root"
     assert fields["Block size"] == "4096" and fields["Inode size"] == "256"
-    assert set(fields["Filesystem features"].split()) == {"has_journal", "ext_attr", "resize_inode", "dir_index", "filetype", "extent", "64bit", "flex_bg", "sparse_super", "large_file", "huge_file", "dir_nlink", "extra_isize", "metadata_csum"}
+    assert set(fields["Filesystem features"].split()) == {
+        "has_journal",
+        "ext_attr",
+        "resize_inode",
+        "dir_index",
+        "filetype",
+        "extent",
+        "64bit",
+        "flex_bg",
+        "sparse_super",
+        "large_file",
+        "huge_file",
+        "dir_nlink",
+        "extra_isize",
+        "metadata_csum",
+    }
     stat = debugfs(image, "stat /usr/bin/tool")
     times = dict(re.findall(r"^\s*(\w+): (0x[0-9a-f]+):", stat, re.M))
-    assert {k: int(v, 16) for k, v in times.items()} == {"ctime": EPOCH, "atime": EPOCH, "mtime": EPOCH - 100, "crtime": EPOCH}
+    assert {k: int(v, 16) for k, v in times.items()} == {
+        "ctime": EPOCH,
+        "atime": EPOCH,
+        "mtime": EPOCH - 100,
+        "crtime": EPOCH,
+    }
     assert re.search(r"Mode:\s+0755", stat) and "Links: 2" in stat
     assert debugfs(image, "cat /etc/hostname") == "tdx-guest\n"
     root = debugfs(image, "stat /")
@@ -108,7 +137,11 @@ def test_bad_arguments(tmp_path):
 
 
 def test_used_inodes_is_the_complement_of_free_ranges():
-    text = "Inode count:              40\n" "Group 0: (Blocks 0-1)\n  Free inodes: 14-16, 18-20\n" "Group 1: (Blocks 2-3)\n  Free inodes: 21-39\n"
+    text = (
+        "Inode count:              40\n"
+        "Group 0: (Blocks 0-1)\n  Free inodes: 14-16, 18-20\n"
+        "Group 1: (Blocks 2-3)\n  Free inodes: 21-39\n"
+    )
     assert used_inodes(text) == [2, 11, 12, 13, 17, 40]
 
 

@@ -12,8 +12,17 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tdxvm.image.ext4 import ImageStepError, make_ext4
+from tdxvm.image.luks import (
+    DATA_OFFSET,
+    LuksError,
+    af_merge,
+    decrypt_payload,
+    encrypt_image,
+    open_keyslot,
+    parse_header,
+    read_header,
+)
 from tdxvm.image.xts import XtsPlain64
-from tdxvm.image.luks import DATA_OFFSET, LuksError, af_merge, decrypt_payload, encrypt_image, open_keyslot, parse_header, read_header
 from tests.image_luks import EPOCH, FS_UUID, LUKS_UUID, make_tree, require_tools, which
 
 VOLUME_KEY = hashlib.sha512(b"tdxvm test volume key").digest()
@@ -77,11 +86,21 @@ def test_round_trip_to_the_ext4_bytes(built):
 def test_header_is_what_was_asked(built):
     header = read_header(built["image"])
     assert header == built["header"]
-    assert (header.uuid, header.payload_offset, header.sector_size, header.cipher) == (LUKS_UUID, DATA_OFFSET, 512, "aes-xts-plain64")
+    assert (header.uuid, header.payload_offset, header.sector_size, header.cipher) == (
+        LUKS_UUID,
+        DATA_OFFSET,
+        512,
+        "aes-xts-plain64",
+    )
     (slot,) = header.metadata["keyslots"].values()
     assert slot["kdf"]["type"] == "pbkdf2" and slot["kdf"]["iterations"] == 1000 and slot["kdf"]["hash"] == "sha256"
     assert slot["area"]["encryption"] == "aes-xts-plain64" and slot["key_size"] == 64
-    dump = subprocess.run([which("cryptsetup"), "luksDump", "--disable-locks", str(built["image"])], capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run(
+        [which("cryptsetup"), "luksDump", "--disable-locks", str(built["image"])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"UUID:          \t{LUKS_UUID}" in dump and "offset: 16777216 [bytes]" in dump
 
 
@@ -99,9 +118,22 @@ def test_keyslot_opens_in_user_space_and_agrees_with_cryptsetup(built):
     assert open_keyslot(image, PASSPHRASE) == VOLUME_KEY
     cryptsetup = which("cryptsetup")
     # Neither check needs device-mapper.
-    subprocess.run([cryptsetup, "luksOpen", "--test-passphrase", "--disable-locks", "--key-file", "-", str(image)], input=PASSPHRASE, check=True)
-    dump = subprocess.run([cryptsetup, "luksDump", "--dump-volume-key", "--batch-mode", "--disable-locks", "--key-file", "-", str(image)], input=PASSPHRASE, capture_output=True, check=True).stdout.decode()
-    hex_key = "".join(line.split(":", 1)[-1] for line in dump.split("MK dump:", 1)[1].splitlines()).replace(" ", "").replace("\t", "")
+    subprocess.run(
+        [cryptsetup, "luksOpen", "--test-passphrase", "--disable-locks", "--key-file", "-", str(image)],
+        input=PASSPHRASE,
+        check=True,
+    )
+    dump = subprocess.run(
+        [cryptsetup, "luksDump", "--dump-volume-key", "--batch-mode", "--disable-locks", "--key-file", "-", str(image)],
+        input=PASSPHRASE,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    hex_key = (
+        "".join(line.split(":", 1)[-1] for line in dump.split("MK dump:", 1)[1].splitlines())
+        .replace(" ", "")
+        .replace("\t", "")
+    )
     assert bytes.fromhex(hex_key) == VOLUME_KEY
 
 
@@ -109,7 +141,11 @@ def test_wrong_passphrase_and_wrong_key_fail(built):
     image = built["image"]
     with pytest.raises(LuksError, match="no keyslot opens"):
         open_keyslot(image, PASSPHRASE[:-1] + b"x")
-    wrong = subprocess.run([which("cryptsetup"), "luksOpen", "--test-passphrase", "--disable-locks", "--key-file", "-", str(image)], input=b"wrong", capture_output=True)
+    wrong = subprocess.run(
+        [which("cryptsetup"), "luksOpen", "--test-passphrase", "--disable-locks", "--key-file", "-", str(image)],
+        input=b"wrong",
+        capture_output=True,
+    )
     assert wrong.returncode != 0, wrong.stderr
     other = bytes(b ^ 1 for b in VOLUME_KEY)
     with pytest.raises(LuksError, match="does not match"):
@@ -125,7 +161,14 @@ def test_python_and_cryptsetup_engines_write_the_same_payload_header_differs(bui
     payload bytes: two independent implementations agree, and the payload is reproducible;
     the header is not (salts, fill)."""
     again = tmp_path / "again.img"
-    encrypt_image(payload=built["ext4"], output=again, volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID, engine="python")
+    encrypt_image(
+        payload=built["ext4"],
+        output=again,
+        volume_key=VOLUME_KEY,
+        passphrase=PASSPHRASE,
+        uuid=LUKS_UUID,
+        engine="python",
+    )
     first, second = built["image"].read_bytes(), again.read_bytes()
     assert first[DATA_OFFSET:] == second[DATA_OFFSET:]
     assert first[:DATA_OFFSET] != second[:DATA_OFFSET]
@@ -135,7 +178,14 @@ def test_python_and_cryptsetup_engines_write_the_same_payload_header_differs(bui
     for needle in (VOLUME_KEY, PASSPHRASE, VOLUME_KEY.hex().encode(), PASSPHRASE.hex().encode()):
         assert needle not in second
     with pytest.raises(ValueError, match="engine"):
-        encrypt_image(payload=built["ext4"], output=again, volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID, engine="gpu")
+        encrypt_image(
+            payload=built["ext4"],
+            output=again,
+            volume_key=VOLUME_KEY,
+            passphrase=PASSPHRASE,
+            uuid=LUKS_UUID,
+            engine="gpu",
+        )
 
 
 def test_no_key_or_passphrase_bytes_in_any_file_written(built):
@@ -155,7 +205,13 @@ def test_no_key_or_passphrase_bytes_in_any_file_written(built):
 def test_failed_cryptsetup_step_leaves_nothing_and_no_key_in_the_error(built, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ImageStepError) as info:
-        encrypt_image(payload=built["ext4"], output=out / "disk.img", volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid="not-a-uuid")
+        encrypt_image(
+            payload=built["ext4"],
+            output=out / "disk.img",
+            volume_key=VOLUME_KEY,
+            passphrase=PASSPHRASE,
+            uuid="not-a-uuid",
+        )
     err = info.value
     assert err.step == "cryptsetup luksFormat" and "--uuid" in err.command and err.stderr
     text = str(err) + repr(err.command)
@@ -168,7 +224,9 @@ def test_bad_payloads_are_refused(tmp_path):
     odd.write_bytes(bytes(1000))
     for payload in (odd, tmp_path / "missing"):
         with pytest.raises((LuksError, FileNotFoundError)):
-            encrypt_image(payload=payload, output=tmp_path / "x.img", volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID)
+            encrypt_image(
+                payload=payload, output=tmp_path / "x.img", volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID
+            )
     assert not (tmp_path / "x.img").exists()
 
 

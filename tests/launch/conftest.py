@@ -64,8 +64,16 @@ def make_image(folder: Path, *, name: str = "smoke", service_port: int | None = 
         "luks": {"uuid": "0f0e0d0c-0b0a-4908-8706-050403020100", "cipher": "aes-xts-plain64", "key_secret": "disk/x"},
         "release_key": CONTROLLER_PUBLIC.hex(),  # built by the tests' controller (tests/attested_guest.py)
         "firmware": {"path": str(firmware), "sha256": hashlib.sha256(firmware.read_bytes()).hexdigest()},
-        "measurements": {"profile": "upstream", "mrtd": sha384("mrtd"), "rtmr0": None, "rtmr1": sha384("rtmr1"),
-                         "rtmr2": sha384("rtmr2"), "rtmr3": None, "predicted": {}, "notes": {}},  # fmt: skip
+        "measurements": {
+            "profile": "upstream",
+            "mrtd": sha384("mrtd"),
+            "rtmr0": None,
+            "rtmr1": sha384("rtmr1"),
+            "rtmr2": sha384("rtmr2"),
+            "rtmr3": None,
+            "predicted": {},
+            "notes": {},
+        },
         "guest_agent_port": 7300,
         "ssh_port": 22,
         "service_port": service_port,
@@ -80,8 +88,14 @@ def image(tmp_path: Path) -> Image:
     return make_image(tmp_path / "build" / "smoke")
 
 
-def host_xml(*, pool_volumes: list[tuple[str, int]] = (), domains: list[str] = (), pool: bool = True,
-             pool_name: str = "tdxvm", pool_path: str = POOL_PATH) -> str:  # fmt: skip
+def host_xml(
+    *,
+    pool_volumes: list[tuple[str, int]] = (),
+    domains: list[str] = (),
+    pool: bool = True,
+    pool_name: str = "tdxvm",
+    pool_path: str = POOL_PATH,
+) -> str:
     """A test-driver node: 8 CPUs, 16 GiB, optionally a pool (tdxvm's) with volumes, and domains."""
     vols = "".join(
         f"<volume type='file'><name>{n}</name><capacity unit='bytes'>{size}</capacity>"
@@ -96,10 +110,7 @@ def host_xml(*, pool_volumes: list[tuple[str, int]] = (), domains: list[str] = (
     )
     return (
         "<node><cpu><mhz>3000</mhz><model>x86_64</model><active>8</active><nodes>1</nodes><sockets>1</sockets>"
-        "<cores>4</cores><threads>2</threads></cpu><memory>16777216</memory>"
-        + "".join(domains)
-        + pool_xml
-        + "</node>"
+        "<cores>4</cores><threads>2</threads></cpu><memory>16777216</memory>" + "".join(domains) + pool_xml + "</node>"
     )
 
 

@@ -27,8 +27,15 @@ def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path
     conn = open_connection(host)
     events: list = []
     with pytest.raises(bringup.BringUpError) as err:
-        bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
-                         secrets=store, progress=events.append, boot_timeout=2)  # fmt: skip
+        bringup.bring_up(
+            _spec(image, host),
+            image.manifest(),
+            conn,
+            trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
+            secrets=store,
+            progress=events.append,
+            boot_timeout=2,
+        )
     assert err.value.phase == "boot" and "did not answer in time" in str(err.value)
     assert err.value.exit_status == 3  # unreachable, not the user's input
     assert [e.phase for e in events if e.status == "done"] == ["define"]  # never reached quote/unlock
@@ -38,8 +45,13 @@ def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path
 def test_missing_disk_key_is_refused_before_defining(image, host, tmp_path):
     conn = open_connection(host)
     with pytest.raises(SecretStoreError, match="disk/x is not in"):
-        bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
-                         secrets=SecretStore(directory=tmp_path / "empty"))  # fmt: skip
+        bringup.bring_up(
+            _spec(image, host),
+            image.manifest(),
+            conn,
+            trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
+            secrets=SecretStore(directory=tmp_path / "empty"),
+        )
     assert "silent" not in [d.name() for d in conn.listAllDomains()]
 
 
@@ -57,12 +69,24 @@ def test_image_of_another_controller_is_refused_before_defining(image, host, tmp
     store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
     conn = open_connection(host)
     with pytest.raises(bringup.BringUpError, match="accepts secrets only from the controller that built it") as err:
-        bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
-                         secrets=store)  # fmt: skip
-    assert err.value.phase == "define" and ("another controller" if built_for else "before tdxvm authenticated") in str(err.value)
+        bringup.bring_up(
+            _spec(image, host),
+            image.manifest(),
+            conn,
+            trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
+            secrets=store,
+        )
+    assert err.value.phase == "define" and ("another controller" if built_for else "before tdxvm authenticated") in str(
+        err.value
+    )
     assert "silent" not in [d.name() for d in conn.listAllDomains()]
     empty = SecretStore(directory=tmp_path / "empty")
     empty.put("disk/x", bytes(64))
     with pytest.raises(bringup.BringUpError, match="holds no release key"):
-        bringup.bring_up(_spec(image, host), image.manifest(), conn, trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
-                         secrets=empty)  # fmt: skip
+        bringup.bring_up(
+            _spec(image, host),
+            image.manifest(),
+            conn,
+            trust=for_backend("emulated", emulated_dir=tmp_path / "em"),
+            secrets=empty,
+        )

@@ -35,8 +35,10 @@ def run(capsys, *argv):
 @pytest.fixture
 def vm_file(tmp_path, image):
     path = tmp_path / "vm.yaml"
-    path.write_text(f"name: smoke\nuri: {UNREACHABLE}\nimage: build/smoke/manifest.json\nbackend: emulated\n"
-                    "vcpus: 1\nmemory: 1GiB\npolicy:\n  accepted_tcb_statuses: [UpToDate, SWHardeningNeeded]\n")  # fmt: skip
+    path.write_text(
+        f"name: smoke\nuri: {UNREACHABLE}\nimage: build/smoke/manifest.json\nbackend: emulated\n"
+        "vcpus: 1\nmemory: 1GiB\npolicy:\n  accepted_tcb_statuses: [UpToDate, SWHardeningNeeded]\n"
+    )
     return path
 
 
@@ -55,12 +57,17 @@ def test_dry_run_prints_domain_and_policy_without_contacting_libvirt(capsys, vm_
     assert "(mrtd, rtmr1, rtmr2 from the image manifest)" in policy_text
     assert manifest.measurements.mrtd in policy_text and "SWHardeningNeeded" in policy_text
     assert "# policy exception: accepted_tcb_statuses" in policy_text
-    assert "# policy exception: rtmr0 not pinned: " in policy_text and "# policy exception: rtmr3 not pinned: " in policy_text
+    assert (
+        "# policy exception: rtmr0 not pinned: " in policy_text
+        and "# policy exception: rtmr3 not pinned: " in policy_text
+    )
     assert "td_attributes: ['0000001000000000']" in policy_text  # what the emulated quote service signs, pinned
 
 
 def test_dry_run_json(capsys, vm_file, image):
-    code, out, _ = run(capsys, "launch", "--dry-run", vm_file, "--uri", "qemu+ssh://other@host.invalid/system", "-o", "json")
+    code, out, _ = run(
+        capsys, "launch", "--dry-run", vm_file, "--uri", "qemu+ssh://other@host.invalid/system", "-o", "json"
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["dry_run"] is True and doc["uri"] == "qemu+ssh://other@host.invalid/system"
@@ -95,8 +102,15 @@ def smoke_domain(image, **labels: str) -> tuple[str, Any]:
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     m = image.manifest()
     policy = effective_policy(spec, m)
-    dom = render_domain(spec, m, volumes=planned(m, "smoke"), forwards=FORWARDS, policy=policy, uuid=SMOKE_UUID,
-                        extra_labels=labels or None)  # fmt: skip
+    dom = render_domain(
+        spec,
+        m,
+        volumes=planned(m, "smoke"),
+        forwards=FORWARDS,
+        policy=policy,
+        uuid=SMOKE_UUID,
+        extra_labels=labels or None,
+    )
     return dom, policy
 
 
@@ -106,9 +120,21 @@ def host_uri(image, make_host, records):
     m = image.manifest()
     vols = image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)]
     uri = make_host(host_xml(pool_volumes=vols, domains=[dom, FOREIGN]))
-    records.put(VmRecord(name="smoke", uuid=SMOKE_UUID, uri=uri, backend="emulated", policy=policy, manifest=str(m.path),
-                         manifest_sha256="00" * 32, trust_anchor_sha256=None, forwards=FORWARDS, agent_port=7300,
-                         ssh_port=22))  # fmt: skip
+    records.put(
+        VmRecord(
+            name="smoke",
+            uuid=SMOKE_UUID,
+            uri=uri,
+            backend="emulated",
+            policy=policy,
+            manifest=str(m.path),
+            manifest_sha256="00" * 32,
+            trust_anchor_sha256=None,
+            forwards=FORWARDS,
+            agent_port=7300,
+            ssh_port=22,
+        )
+    )
     return uri
 
 
@@ -121,7 +147,12 @@ def test_status_table_and_detail(capsys, host_uri):
     code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
     assert code == 0 and "127.0.0.1:20002 -> 22" in out and "none yet" in out
     # The launch pinned MRTD, RTMR1 and RTMR2 from the manifest; RTMR0 and RTMR3 stay open and say so.
-    assert "EXCEPTIONS:" in out and "- rtmr0 not pinned: " in out and "- rtmr3 not pinned: " in out and "mrtd not pinned" not in out
+    assert (
+        "EXCEPTIONS:" in out
+        and "- rtmr0 not pinned: " in out
+        and "- rtmr3 not pinned: " in out
+        and "mrtd not pinned" not in out
+    )
     code, out, _ = run(capsys, "status", "--uri", host_uri, "-o", "json")
     doc = json.loads(out)
     assert [v["name"] for v in doc["vms"]] == ["smoke"] and doc["vms"][0]["agent"] == "127.0.0.1:20001"
@@ -131,8 +162,17 @@ def test_status_table_and_detail(capsys, host_uri):
 def test_status_shows_the_attested_model_digest(capsys, host_uri, records):
     """What `tdxvm provision` recorded: the model digest its check of the service's RTMR3 model event named."""
     digest = "sha256:" + "ab" * 32
-    records.update(SMOKE_UUID, model={"name": "tiny-llama", "url": "https://127.0.0.1:20003", "tls_spki_sha256": "cd" * 32,
-                                      "at": "2025-07-01T12:00:00Z", "digest": digest, "dtype": "float32"})  # fmt: skip
+    records.update(
+        SMOKE_UUID,
+        model={
+            "name": "tiny-llama",
+            "url": "https://127.0.0.1:20003",
+            "tls_spki_sha256": "cd" * 32,
+            "at": "2025-07-01T12:00:00Z",
+            "digest": digest,
+            "dtype": "float32",
+        },
+    )
     code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
     assert code == 0 and "tiny-llama at https://127.0.0.1:20003" in out
     assert f"model digest {digest} (the service's RTMR3 model event, attested 2025-07-01T12:00:00Z)" in out
@@ -149,17 +189,34 @@ def test_status_says_when_the_host_rewrote_the_metadata_or_no_record_exists(caps
     forged = dom.replace('backend="emulated"', 'backend="tdx"')
     assert forged != dom and md.from_domain_xml(forged).backend == "tdx"
     m = image.manifest()
-    uri = make_host(host_xml(pool_volumes=image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)],
-                             domains=[forged]))  # fmt: skip
+    uri = make_host(
+        host_xml(
+            pool_volumes=image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)], domains=[forged]
+        )
+    )
     code, out, _ = run(capsys, "status", "--uri", uri)
     assert code == 0 and "UNTRUSTED: no record" in out and "strict" not in out
-    records.put(VmRecord(name="smoke", uuid=SMOKE_UUID, uri=uri, backend="emulated", policy=policy, manifest=str(m.path),
-                         manifest_sha256="00" * 32, trust_anchor_sha256=None, forwards=FORWARDS, agent_port=7300,
-                         ssh_port=22))  # fmt: skip
+    records.put(
+        VmRecord(
+            name="smoke",
+            uuid=SMOKE_UUID,
+            uri=uri,
+            backend="emulated",
+            policy=policy,
+            manifest=str(m.path),
+            manifest_sha256="00" * 32,
+            trust_anchor_sha256=None,
+            forwards=FORWARDS,
+            agent_port=7300,
+            ssh_port=22,
+        )
+    )
     code, out, _ = run(capsys, "status", "--uri", uri)
     assert code == 0 and "UNTRUSTED: record mismatch" in out
     code, out, _ = run(capsys, "status", "smoke", "--uri", uri)
-    assert "UNTRUSTED" in out and "backend: metadata says 'tdx', the record 'emulated'" in out and "EXCEPTIONS" not in out
+    assert (
+        "UNTRUSTED" in out and "backend: metadata says 'tdx', the record 'emulated'" in out and "EXCEPTIONS" not in out
+    )
     code, out, _ = run(capsys, "status", "smoke", "--uri", uri, "-o", "json")
     doc = json.loads(out)
     assert doc["record"] == "mismatch" and doc["policy"] is None and doc["attestation"] is None
@@ -186,7 +243,10 @@ def test_destroy_needs_yes_without_a_terminal(capsys, host_uri):
     code, out, _ = run(capsys, "destroy", "smoke", "--uri", host_uri, "--yes", "-o", "json")
     assert code == 0
     doc = json.loads(out)
-    assert doc["was_running"] is True and [p.rsplit("/", 1)[1] for p in doc["deleted_volumes"]] == ["smoke.qcow2", "smoke.serial.log"]
+    assert doc["was_running"] is True and [p.rsplit("/", 1)[1] for p in doc["deleted_volumes"]] == [
+        "smoke.qcow2",
+        "smoke.serial.log",
+    ]
     code, _, err = run(capsys, "destroy", "theirs", "--uri", host_uri, "--yes")
     assert code == 2 and "not created by tdxvm" in err
 

@@ -40,19 +40,28 @@ def test_unknown_driver_and_missing_test_file(tmp_path):
         open_connection("localhost")
 
 
-@pytest.mark.parametrize(("uri", "problem"), [
-    ("http://host/system", "the driver must be qemu"),
-    ("qemu+ftp://host/system", "the driver must be qemu"),
-    ("qemu+ssh:///system", "names no host to reach over ssh"),
-    ("qemu+tls:///system", "names no host to reach over tls"),
-    ("qemu:///bogus", "ends in /system or /session"),
-    ("qemu://", "ends in /system or /session"),
-    ("localhost", "not a libvirt URI"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("http://host/system", "the driver must be qemu"),
+        ("qemu+ftp://host/system", "the driver must be qemu"),
+        ("qemu+ssh:///system", "names no host to reach over ssh"),
+        ("qemu+tls:///system", "names no host to reach over tls"),
+        ("qemu:///bogus", "ends in /system or /session"),
+        ("qemu://", "ends in /system or /session"),
+        ("localhost", "not a libvirt URI"),
+    ],
+)
 def test_one_uri_check_for_specs_fleets_and_the_command_line(uri, problem):
     assert problem in uri_problem(uri)
-    for good in ("qemu:///system", "qemu+ssh://root@h.example/system", "qemu:///session", "test:///default",
-                 "qemu+unix:///system", "qemu+tcp://10.0.0.2/system"):  # fmt: skip
+    for good in (
+        "qemu:///system",
+        "qemu+ssh://root@h.example/system",
+        "qemu:///session",
+        "test:///default",
+        "qemu+unix:///system",
+        "qemu+tcp://10.0.0.2/system",
+    ):
         assert uri_problem(good) is None, good
 
 
@@ -61,16 +70,24 @@ def test_permission_error_type_is_a_connect_error():
 
 
 def test_libvirt_prints_nothing_to_stderr(tmp_path):
-    code = ("from tdxvm.launch.connection import open_connection\n"
-            "try:\n    open_connection('qemu:///system?socket=/nonexistent/sock')\nexcept Exception:\n    pass\n")  # fmt: skip
+    code = (
+        "from tdxvm.launch.connection import open_connection\n"
+        "try:\n    open_connection('qemu:///system?socket=/nonexistent/sock')\nexcept Exception:\n    pass\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
 
 
 @pytest.mark.parametrize(
     ("uri", "local"),
-    [("qemu:///system", True), ("qemu+unix:///system", True), ("test:///default", True),
-     ("qemu+ssh://user@host/system", False), ("qemu+ssh://localhost/system", False), ("qemu+tcp://h/system", False)],
-)  # fmt: skip
+    [
+        ("qemu:///system", True),
+        ("qemu+unix:///system", True),
+        ("test:///default", True),
+        ("qemu+ssh://user@host/system", False),
+        ("qemu+ssh://localhost/system", False),
+        ("qemu+tcp://h/system", False),
+    ],
+)
 def test_is_local(uri, local):
     assert is_local(uri) is local

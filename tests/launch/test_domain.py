@@ -99,7 +99,9 @@ def libvirt_12_8_schema() -> Path:
 def test_validates_against_libvirt_schema(libvirt_12_8_schema, spec, tmp_path):
     xml = tmp_path / "domain.xml"
     xml.write_text(domain_xml(spec))
-    proc = subprocess.run(["xmllint", "--noout", "--relaxng", str(libvirt_12_8_schema), str(xml)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["xmllint", "--noout", "--relaxng", str(libvirt_12_8_schema), str(xml)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -107,7 +109,9 @@ def test_schema_check_can_fail(libvirt_12_8_schema, tmp_path):
     """The validation is real: a misspelt TDX element is refused by the same schema."""
     xml = tmp_path / "domain.xml"
     xml.write_text(domain_xml(TDX).replace("mrConfigId", "mrConfigID"))
-    proc = subprocess.run(["xmllint", "--noout", "--relaxng", str(libvirt_12_8_schema), str(xml)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["xmllint", "--noout", "--relaxng", str(libvirt_12_8_schema), str(xml)], capture_output=True, text=True
+    )
     assert proc.returncode != 0
 
 

@@ -25,7 +25,12 @@ def test_td_with_overlay_and_forwards_fits_libvirt_12_8(libvirt_12_8_schema, tmp
     root = ET.fromstring(xml)
     assert root.find("devices/disk/driver").get("type") == "qcow2"
     args = [a.get("value") for a in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
-    assert args == ["-netdev", "user,id=tdxvm0,hostfwd=tcp:127.0.0.1:20001-:7300", "-device", "virtio-net-pci,netdev=tdxvm0,bus=pcie.0,addr=0x10"]
+    assert args == [
+        "-netdev",
+        "user,id=tdxvm0,hostfwd=tcp:127.0.0.1:20001-:7300",
+        "-device",
+        "virtio-net-pci,netdev=tdxvm0,bus=pcie.0,addr=0x10",
+    ]
     proc = validate(libvirt_12_8_schema, tmp_path, xml)
     assert proc.returncode == 0, proc.stderr
 
@@ -61,6 +66,10 @@ def test_emulated_firmware_record_is_what_the_emulated_quote_service_reads(libvi
     assert "<loader" not in xml  # an emulated guest does not boot the TDVF
     proc = validate(libvirt_12_8_schema, tmp_path, xml)
     assert proc.returncode == 0, proc.stderr
-    files = {"/srv/smoke/vmlinuz": b"kernel", "/srv/smoke/initrd.img": b"initrd", "/srv/smoke/OVMF.inteltdx.fd": b"tdvf"}
+    files = {
+        "/srv/smoke/vmlinuz": b"kernel",
+        "/srv/smoke/initrd.img": b"initrd",
+        "/srv/smoke/OVMF.inteltdx.fd": b"tdvf",
+    }
     launch = LaunchArtifacts.from_domain_xml(xml, read=files.__getitem__)
     assert launch.firmware == b"tdvf" and launch.kernel == b"kernel" and launch.cmdline == EMULATED.cmdline

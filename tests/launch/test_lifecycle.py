@@ -35,9 +35,17 @@ def test_prepare_defines_vm_with_metadata_and_reuses_image_volumes(image, host):
     handle = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn, events.append)
     manifest = image.manifest()
     # Image volumes were there (named by hash, right size): skipped; the VM's own were created.
-    assert [e.status for e in events if isinstance(e, VolumeEvent) and e.role in ("kernel", "initrd", "disk")] == ["skip"] * 3
-    assert volume_names(conn) == sorted([n for n, _ in image_volumes(manifest)] + ["smoke.qcow2", "smoke.serial.log", "smoke.scratch.img"])
-    assert [e.step for e in events if isinstance(e, StepEvent) and e.status == "done"] == ["preflight", "volumes", "define"]
+    assert [e.status for e in events if isinstance(e, VolumeEvent) and e.role in ("kernel", "initrd", "disk")] == [
+        "skip"
+    ] * 3
+    assert volume_names(conn) == sorted(
+        [n for n, _ in image_volumes(manifest)] + ["smoke.qcow2", "smoke.serial.log", "smoke.scratch.img"]
+    )
+    assert [e.step for e in events if isinstance(e, StepEvent) and e.status == "done"] == [
+        "preflight",
+        "volumes",
+        "define",
+    ]
     dom = conn.lookupByName("smoke")
     assert not dom.isActive() and dom.UUIDString() == handle.uuid
     xml = dom.XMLDesc(0)
@@ -64,8 +72,14 @@ def test_full_lifecycle(image, host):
     # without the controller's records, status takes no policy from the metadata the host writes
     assert st.policy is None and st.policy_exceptions == [] and st.record == "unchecked"
     assert st.manifest == str(image.manifest_path)
-    verdict = {"verdict": "reject", "tcb_status": "OutOfDate", "reasons": [{"code": "tcb-status", "message": "m"}],
-               "verified_at": "2026-01-15T00:00:00Z", "quote_version": 4, "measurements": {"mrtd": "00"}}  # fmt: skip
+    verdict = {
+        "verdict": "reject",
+        "tcb_status": "OutOfDate",
+        "reasons": [{"code": "tcb-status", "message": "m"}],
+        "verified_at": "2026-01-15T00:00:00Z",
+        "quote_version": 4,
+        "measurements": {"mrtd": "00"},
+    }
     lifecycle.record_attestation(handle.domain(), verdict)
     got = from_domain_xml(handle.domain().XMLDesc(0)).attestation  # the display copy
     assert got["verdict"] == "reject" and got["reasons"][0]["code"] == "tcb-status" and got["recorded_at"]
@@ -77,7 +91,11 @@ def test_full_lifecycle(image, host):
     assert lifecycle.stop(conn, "smoke", timeout=5) == "shut down"
     assert lifecycle.stop(conn, "smoke") == "was not running"
     report = lifecycle.destroy(conn, "smoke")
-    assert report.deleted_volumes == (f"{POOL_PATH}/smoke.qcow2", f"{POOL_PATH}/smoke.serial.log", f"{POOL_PATH}/smoke.scratch.img")
+    assert report.deleted_volumes == (
+        f"{POOL_PATH}/smoke.qcow2",
+        f"{POOL_PATH}/smoke.serial.log",
+        f"{POOL_PATH}/smoke.scratch.img",
+    )
     assert lifecycle.status(conn) == []
     assert volume_names(conn) == sorted(n for n, _ in image_volumes(image.manifest()))  # shared volumes stay
     with pytest.raises(NoSuchVmError, match="no VM named smoke"):
@@ -176,7 +194,9 @@ def test_ports_avoid_other_tdxvm_vms(image, host):
     conn = open_connection(host)
     first = lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
     taken = {f.host_port for f in first.forwards}
-    second = lifecycle.prepare_domain(spec_for(image, host).model_copy(update={"name": "smoke2"}), image.manifest(), conn)
+    second = lifecycle.prepare_domain(
+        spec_for(image, host).model_copy(update={"name": "smoke2"}), image.manifest(), conn
+    )
     assert not taken & {f.host_port for f in second.forwards}
     assert lifecycle.ports_in_use(conn) == taken | {f.host_port for f in second.forwards}
 
@@ -187,4 +207,8 @@ def test_another_pool(image, make_host):
     handle = lifecycle.prepare_domain(spec_for(image, uri), image.manifest(), conn, pool="vms", pool_path="/srv/vms")
     assert handle.volumes.overlay == "/srv/vms/smoke.qcow2" and handle.volumes.pool == "vms"
     assert "tdxvm" not in [p.name() for p in conn.listAllStoragePools()]
-    assert lifecycle.destroy(conn, "smoke").deleted_volumes == ("/srv/vms/smoke.qcow2", "/srv/vms/smoke.serial.log", "/srv/vms/smoke.scratch.img")
+    assert lifecycle.destroy(conn, "smoke").deleted_volumes == (
+        "/srv/vms/smoke.qcow2",
+        "/srv/vms/smoke.serial.log",
+        "/srv/vms/smoke.scratch.img",
+    )

@@ -20,8 +20,13 @@ def spec(image, forwards: str = ""):
 
 
 def test_agent_and_ssh_get_free_ports_unless_given(image):
-    got = choose_forwards(spec(image, "    - {guest: 22, host: 2222}\n"), image.manifest(), taken={25000}, local=False,
-                          rng=random.Random(1))  # fmt: skip
+    got = choose_forwards(
+        spec(image, "    - {guest: 22, host: 2222}\n"),
+        image.manifest(),
+        taken={25000},
+        local=False,
+        rng=random.Random(1),
+    )
     assert got[0] == PortForward(host_port=2222, guest_port=22)
     assert [f.guest_port for f in got] == [22, 7300]
     assert got[1].host_port in AUTO_PORTS and got[1].host_port not in (25000, 2222)
@@ -36,10 +41,16 @@ def test_taken_and_busy_ports_refused(image):
         s.listen()
         busy = s.getsockname()[1]
         with pytest.raises(LaunchError, match=f"127.0.0.1:{busy} is in use on this host"):
-            choose_forwards(spec(image, f"    - {{guest: 22, host: {busy}}}\n"), image.manifest(), taken=set(), local=True)
+            choose_forwards(
+                spec(image, f"    - {{guest: 22, host: {busy}}}\n"), image.manifest(), taken=set(), local=True
+            )
         # On a remote host a local listener is irrelevant.
-        assert choose_forwards(spec(image, f"    - {{guest: 22, host: {busy}}}\n"), image.manifest(), taken=set(),
-                               local=False)[0].host_port == busy  # fmt: skip
+        assert (
+            choose_forwards(
+                spec(image, f"    - {{guest: 22, host: {busy}}}\n"), image.manifest(), taken=set(), local=False
+            )[0].host_port
+            == busy
+        )
 
 
 def test_auto_ports_skip_busy_local_ports(image):
@@ -53,13 +64,27 @@ def test_auto_ports_skip_busy_local_ports(image):
 
 
 def test_metadata_round_trip():
-    meta = VmMetadata(backend="tdx", labels={"image": "llama2", "forwards": "0.0.0.0:8443-8443,127.0.0.1:20001-7300"},
-                      attestation={"verdict": "accept", "recorded_at": "2026-01-01T00:00:00Z", "tcb_status": "UpToDate",
-                                   "reasons": [], "quote_version": 4})  # fmt: skip
+    meta = VmMetadata(
+        backend="tdx",
+        labels={"image": "llama2", "forwards": "0.0.0.0:8443-8443,127.0.0.1:20001-7300"},
+        attestation={
+            "verdict": "accept",
+            "recorded_at": "2026-01-01T00:00:00Z",
+            "tcb_status": "UpToDate",
+            "reasons": [],
+            "quote_version": 4,
+        },
+    )
     back = from_element_xml(to_element_xml(meta))
     assert back.backend == "tdx" and back.labels == meta.labels
-    assert back.attestation == {"verdict": "accept", "recorded_at": "2026-01-01T00:00:00Z", "tcb_status": "UpToDate",
-                                "reasons": []}  # fmt: skip
-    assert back.forwards() == (PortForward(host_port=8443, guest_port=8443, host_address="0.0.0.0"),
-                               PortForward(host_port=20001, guest_port=7300))  # fmt: skip
+    assert back.attestation == {
+        "verdict": "accept",
+        "recorded_at": "2026-01-01T00:00:00Z",
+        "tcb_status": "UpToDate",
+        "reasons": [],
+    }
+    assert back.forwards() == (
+        PortForward(host_port=8443, guest_port=8443, host_address="0.0.0.0"),
+        PortForward(host_port=20001, guest_port=7300),
+    )
     assert parse_forwards("garbage,,1.2.3.4:x-1") == ()

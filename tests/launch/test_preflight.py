@@ -26,14 +26,18 @@ DATA = Path(__file__).parent / "data"
 KVM_9 = (DATA / "domcaps-qemu-7.2-libvirt-9.0-kvm.xml").read_text()
 TCG_9 = (DATA / "domcaps-qemu-7.2-libvirt-9.0-tcg.xml").read_text()
 TDX_FEATURE = "    <tdx supported='yes'/>\n"
-LAUNCH_SECURITY = ("    <launchSecurity supported='yes'>\n      <enum name='sectype'>\n        <value>tdx</value>\n"
-                   "      </enum>\n    </launchSecurity>\n")  # fmt: skip
+LAUNCH_SECURITY = (
+    "    <launchSecurity supported='yes'>\n      <enum name='sectype'>\n        <value>tdx</value>\n"
+    "      </enum>\n    </launchSecurity>\n"
+)
 
 
 def with_tdx(xml: str, *, feature: bool = True, launch_security: bool = True, supported: str = "yes") -> str:
     """A libvirt 12.x shape: <tdx/> before <sev/>, <launchSecurity/> last in <features>."""
     if feature:
-        xml = xml.replace("    <sev supported='no'/>\n", TDX_FEATURE.replace("yes", supported) + "    <sev supported='no'/>\n")
+        xml = xml.replace(
+            "    <sev supported='no'/>\n", TDX_FEATURE.replace("yes", supported) + "    <sev supported='no'/>\n"
+        )
     if launch_security:
         ls = LAUNCH_SECURITY if supported == "yes" else "    <launchSecurity supported='no'/>\n"
         xml = xml.replace("  </features>", ls + "  </features>")
@@ -43,13 +47,29 @@ def with_tdx(xml: str, *, feature: bool = True, launch_security: bool = True, su
 V = {"libvirt-9.0": 9_000_000, "libvirt-12.8": 12_008_000, "qemu-7.2": 7_002_022, "qemu-10.1": 10_001_000}
 
 
-def facts(*, domcaps: dict[str, str] | None = None, errors: dict[str, str] | None = None, libvirt: int = V["libvirt-12.8"],
-          qemu: int = V["qemu-10.1"], local: bool = True, memory_mib: int | None = 65536, driver: str = "QEMU",
-          kvm_group: str | None = None) -> HostFacts:  # fmt: skip
-    return HostFacts(uri="qemu:///system" if local else "qemu+ssh://admin@tdx-host/system", driver=driver, local=local,
-                     libvirt_version=libvirt, hypervisor_version=qemu, domcaps=domcaps or {}, domcaps_errors=errors or {},
-                     available_memory=None if memory_mib is None else memory_mib << 20, memory_source="free",
-                     kvm_group=kvm_group)  # fmt: skip
+def facts(
+    *,
+    domcaps: dict[str, str] | None = None,
+    errors: dict[str, str] | None = None,
+    libvirt: int = V["libvirt-12.8"],
+    qemu: int = V["qemu-10.1"],
+    local: bool = True,
+    memory_mib: int | None = 65536,
+    driver: str = "QEMU",
+    kvm_group: str | None = None,
+) -> HostFacts:
+    return HostFacts(
+        uri="qemu:///system" if local else "qemu+ssh://admin@tdx-host/system",
+        driver=driver,
+        local=local,
+        libvirt_version=libvirt,
+        hypervisor_version=qemu,
+        domcaps=domcaps or {},
+        domcaps_errors=errors or {},
+        available_memory=None if memory_mib is None else memory_mib << 20,
+        memory_source="free",
+        kvm_group=kvm_group,
+    )
 
 
 def sysfs(tmp_path: Path, tdx: str | None, *, module: str = "kvm_intel") -> Path:
@@ -99,17 +119,23 @@ def test_tdx_advertised_by_either_element():
 
 
 def test_tdx_host_that_is_ready(tmp_path, image, qgs):
-    found = evaluate(tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}),
-                     sysfs_root=sysfs(tmp_path, "Y"))  # fmt: skip
+    found = evaluate(
+        tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=sysfs(tmp_path, "Y")
+    )
     assert [f.check for f in found] == ["measurements", "kvm-tdx", "libvirt-tdx", "firmware", "qgs", "memory"]
     assert [f.status for f in found] == ["ok"] * 6, [str(f) for f in found]
     assert require(found) == found
 
 
 def test_this_hosts_libvirt_9_and_qemu_7_2_refused_with_versions(tmp_path, image, qgs):
-    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(),
-                              facts(domcaps={"kvm": KVM_9}, libvirt=V["libvirt-9.0"], qemu=V["qemu-7.2"]),
-                              sysfs_root=sysfs(tmp_path, "N")))  # fmt: skip
+    found = by_check(
+        evaluate(
+            tdx_spec(image, qgs),
+            image.manifest(),
+            facts(domcaps={"kvm": KVM_9}, libvirt=V["libvirt-9.0"], qemu=V["qemu-7.2"]),
+            sysfs_root=sysfs(tmp_path, "N"),
+        )
+    )
     lv = found["libvirt-tdx"]
     assert lv.status == "fail"
     assert "libvirt 9.0.0 is older than 11.8.0" in lv.message and "QEMU 7.2.22 is older than 10.1.0" in lv.message
@@ -119,16 +145,28 @@ def test_this_hosts_libvirt_9_and_qemu_7_2_refused_with_versions(tmp_path, image
 
 
 def test_new_stack_without_kernel_tdx_blames_the_kernel(image, qgs, tmp_path):
-    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(),
-                              facts(domcaps={"kvm": with_tdx(KVM_9, supported="no")}), sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    found = by_check(
+        evaluate(
+            tdx_spec(image, qgs),
+            image.manifest(),
+            facts(domcaps={"kvm": with_tdx(KVM_9, supported="no")}),
+            sysfs_root=sysfs(tmp_path, "Y"),
+        )
+    )
     assert found["libvirt-tdx"].status == "fail"
     assert "kernel's KVM does not offer TDX" in found["libvirt-tdx"].message
 
 
 def test_canonical_vsock_form_only_warns_when_tdx_not_advertised(image, tmp_path):
     spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nqgs_form: vsock\n")
-    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"kvm": KVM_9}, libvirt=10_000_000, qemu=8_002_002),
-                              sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    found = by_check(
+        evaluate(
+            spec,
+            image.manifest(),
+            facts(domcaps={"kvm": KVM_9}, libvirt=10_000_000, qemu=8_002_002),
+            sysfs_root=sysfs(tmp_path, "Y"),
+        )
+    )
     assert found["libvirt-tdx"].status == "warn" and "Canonical" in found["libvirt-tdx"].message
     assert found["qgs"].status == "skip" and "vsock" in found["qgs"].message
 
@@ -142,32 +180,53 @@ def test_canonical_vsock_form_only_warns_when_tdx_not_advertised(image, tmp_path
     ],
 )
 def test_kvm_tdx_sysfs_cases(tmp_path, image, qgs, setup, needle, fix):
-    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}),
-                              sysfs_root=setup(tmp_path)))  # fmt: skip
+    found = by_check(
+        evaluate(
+            tdx_spec(image, qgs), image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=setup(tmp_path)
+        )
+    )
     f = found["kvm-tdx"]
     assert f.status == "fail" and needle in f.message and fix in f.fix
 
 
 def test_remote_host_skips_local_files_and_sysfs(tmp_path, image):
     spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nqgs_socket: /nonexistent/qgs\n")
-    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}, local=False),
-                              sysfs_root=tmp_path / "nothing"))  # fmt: skip
+    found = by_check(
+        evaluate(
+            spec,
+            image.manifest(),
+            facts(domcaps={"kvm": with_tdx(KVM_9)}, local=False),
+            sysfs_root=tmp_path / "nothing",
+        )
+    )
     assert found["kvm-tdx"].status == "skip" and "remote" in found["kvm-tdx"].message
     assert found["qgs"].status == "skip" and found["libvirt-tdx"].status == "ok"
     assert found["firmware"].status == "warn" and "build machine" in found["firmware"].message
 
 
 def test_all_failures_raised_together_each_with_its_fix(tmp_path, image):
-    spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nmemory: 64GiB\nfirmware: /nonexistent/TDVF.fd\n"
-                         f"qgs_socket: {tmp_path / 'no-qgs'}\n")  # fmt: skip
-    found = evaluate(spec, image.manifest(), facts(domcaps={"kvm": KVM_9}, libvirt=V["libvirt-9.0"], memory_mib=8192),
-                     sysfs_root=sysfs(tmp_path, "N"))  # fmt: skip
+    spec = parse_vm_spec(
+        f"name: td\nimage: {image.manifest_path}\nmemory: 64GiB\nfirmware: /nonexistent/TDVF.fd\n"
+        f"qgs_socket: {tmp_path / 'no-qgs'}\n"
+    )
+    found = evaluate(
+        spec,
+        image.manifest(),
+        facts(domcaps={"kvm": KVM_9}, libvirt=V["libvirt-9.0"], memory_mib=8192),
+        sysfs_root=sysfs(tmp_path, "N"),
+    )
     with pytest.raises(PreflightError) as info:
         require(found, vm="td")
     text = str(info.value)
     assert text.startswith("host preflight refused VM td (5 problems):")
-    for needle in ("TDX is not enabled in KVM", "does not offer TDX", "TDVF firmware /nonexistent/TDVF.fd does not exist",
-                   "QGS socket", "needs 65536 MiB", "fix: lower memory"):  # fmt: skip
+    for needle in (
+        "TDX is not enabled in KVM",
+        "does not offer TDX",
+        "TDVF firmware /nonexistent/TDVF.fd does not exist",
+        "QGS socket",
+        "needs 65536 MiB",
+        "fix: lower memory",
+    ):
         assert needle in text, text
     assert text.count("fix: ") == 5
     assert {f.check for f in info.value.findings} == {"kvm-tdx", "libvirt-tdx", "firmware", "qgs", "memory"}
@@ -175,39 +234,62 @@ def test_all_failures_raised_together_each_with_its_fix(tmp_path, image):
 
 def test_qgs_path_that_is_not_a_socket(tmp_path, image):
     spec = parse_vm_spec(f"name: td\nimage: {image.manifest_path}\nqgs_socket: {image.manifest_path}\n")
-    found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=sysfs(tmp_path, "Y")))
+    found = by_check(
+        evaluate(spec, image.manifest(), facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=sysfs(tmp_path, "Y"))
+    )
     assert found["qgs"].status == "fail" and "not a socket" in found["qgs"].message
 
 
 def test_firmware_other_than_the_predicted_one_warns(tmp_path, image, qgs):
     other = tmp_path / "other.fd"
     other.write_bytes(b"another TDVF")
-    found = by_check(evaluate(tdx_spec(image, qgs, firmware=str(other)), image.manifest(),
-                              facts(domcaps={"kvm": with_tdx(KVM_9)}), sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    found = by_check(
+        evaluate(
+            tdx_spec(image, qgs, firmware=str(other)),
+            image.manifest(),
+            facts(domcaps={"kvm": with_tdx(KVM_9)}),
+            sysfs_root=sysfs(tmp_path, "Y"),
+        )
+    )
     assert found["firmware"].status == "warn" and "MRTD" in found["firmware"].message
 
 
 def test_kvm_unusable(tmp_path, image, qgs):
-    found = by_check(evaluate(tdx_spec(image, qgs), image.manifest(),
-                              facts(errors={"kvm": "unsupported configuration: KVM is not supported on this host"}),
-                              sysfs_root=sysfs(tmp_path, "Y")))  # fmt: skip
+    found = by_check(
+        evaluate(
+            tdx_spec(image, qgs),
+            image.manifest(),
+            facts(errors={"kvm": "unsupported configuration: KVM is not supported on this host"}),
+            sysfs_root=sysfs(tmp_path, "Y"),
+        )
+    )
     assert found["libvirt-tdx"].status == "fail" and "KVM is not supported" in found["libvirt-tdx"].message
 
 
 def test_emulated_on_this_host(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     found = evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, memory_mib=4096))
-    assert [(f.check, f.status) for f in found] == [("measurements", "ok"), ("qemu-tcg", "ok"), ("kvm-device", "skip"),
-                                                     ("firmware", "ok"), ("memory", "ok")]  # fmt: skip
+    assert [(f.check, f.status) for f in found] == [
+        ("measurements", "ok"),
+        ("qemu-tcg", "ok"),
+        ("kvm-device", "skip"),
+        ("firmware", "ok"),
+        ("memory", "ok"),
+    ]
     assert "/usr/bin/qemu-system-x86_64" in found[1].message and "pc-q35-7.2" in found[1].message
 
 
 def test_a_kvm_device_in_another_group_is_a_warning_with_the_fix(image, tmp_path):
     """/dev/kvm in another group than kvm: libvirt re-probes QEMU on every lookup (issue 15)."""
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
-    slow = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, kvm_group="ssl-cert")))["kvm-device"]
+    slow = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, kvm_group="ssl-cert")))[
+        "kvm-device"
+    ]
     assert slow.status == "warn" and "group ssl-cert, not kvm" in slow.message and slow.fix == "chgrp kvm /dev/kvm"
-    assert by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, kvm_group="kvm")))["kvm-device"].status == "ok"
+    assert (
+        by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9}, kvm_group="kvm")))["kvm-device"].status
+        == "ok"
+    )
     device = tmp_path / "kvm"
     device.write_text("")
     os.chown(device, -1, 0)
@@ -222,7 +304,9 @@ def test_emulated_firmware_record(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\n")
     found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9})))
     assert found["firmware"].status == "skip" and "zero MRTD" in found["firmware"].message
-    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nfirmware: /nonexistent/TDVF.fd\n")
+    spec = parse_vm_spec(
+        f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nfirmware: /nonexistent/TDVF.fd\n"
+    )
     found = by_check(evaluate(spec, image.manifest(), facts(domcaps={"qemu": TCG_9})))
     assert found["firmware"].status == "fail" and "emulated quote service" in found["firmware"].message
 
@@ -321,6 +405,8 @@ def test_floor_failure_stops_the_launch(image, host, backend):
     with pytest.raises(PreflightError) as info:
         lifecycle.prepare_domain(spec, manifest, conn, events.append)
     assert [f.check for f in info.value.findings] == ["measurements"]
-    assert "refused VM smoke" in str(info.value) and "fix: rebuild the image with a Linux >= 6.9 kernel" in str(info.value)
+    assert "refused VM smoke" in str(info.value) and "fix: rebuild the image with a Linux >= 6.9 kernel" in str(
+        info.value
+    )
     assert conn.listAllDomains() == []
     assert sorted(v.name() for v in conn.storagePoolLookupByName("tdxvm").listAllVolumes()) == before

@@ -37,7 +37,11 @@ class _Uri:
 @pytest.mark.parametrize(
     ("uri", "backend", "why"),
     [
-        ("qemu:///system", "tdx", "not predicted for the tdx backend yet: that needs the controller's own QEMU >= 10.1"),
+        (
+            "qemu:///system",
+            "tdx",
+            "not predicted for the tdx backend yet: that needs the controller's own QEMU >= 10.1",
+        ),
         ("test:///default", "emulated", "not predicted on test:///default"),
         ("qemu+ssh://root@host/system", "emulated", "only for emulated guests on this machine's qemu:///system"),
         ("qemu:///session", "emulated", "not predicted on qemu:///session"),
@@ -52,7 +56,9 @@ def test_no_firmware_or_an_unknown_build_pins_nothing():
     local = _Uri("qemu:///system")
     assert "names no TDVF" in rtmr0pin.predict(local, "<domain/>", backend="emulated", firmware=None).reason
     unknown = rtmr0pin.predict(local, "<domain/>", backend="emulated", firmware=b"not a known TDVF build")
-    assert unknown.value is None and re.search(r"firmware with SHA-256 [0-9a-f]{64} is not a known TDVF build", unknown.reason)
+    assert unknown.value is None and re.search(
+        r"firmware with SHA-256 [0-9a-f]{64} is not a known TDVF build", unknown.reason
+    )
 
 
 def test_a_missing_qemu_is_named_with_the_fix(monkeypatch, tdvf_image):  # noqa: F811
@@ -63,7 +69,7 @@ def test_a_missing_qemu_is_named_with_the_fix(monkeypatch, tdvf_image):  # noqa:
 
 
 @needs_qemu
-def test_the_pin_is_what_the_emulated_td_reports_and_the_host_cannot_change_the_machine_unseen(conn, boot_files, tdvf_image):  # noqa: F811
+def test_the_pin_matches_the_emulated_td_and_catches_a_changed_machine(conn, boot_files, tdvf_image):  # noqa: F811
     base = domain_xml(_spec(boot_files))
     pin = rtmr0pin.predict(conn, base, backend="emulated", firmware=tdvf_image)
     assert pin.value is not None and re.fullmatch(r"[0-9a-f]{96}", pin.value) and "profile local-qemu" in pin.reason

@@ -48,25 +48,46 @@ def test_minimal_spec_defaults_and_relative_image(tmp_path):
         ("name: bad name\nimage: m.json\n", 1, "name", "letters, digits"),
         ("name: smoke\nimage: m.json\nuri: /var/run/libvirt\n", 3, "uri", "not a libvirt URI"),
         ("name: smoke\nimage: m.json\nbackend: sev\n", 3, "backend", "'tdx' or 'emulated'"),
-        ("name: smoke\nimage: m.json\nvcpus: 2\npinning:\n  vcpus: [\"1\"]\n", 5, "pinning", "1 host cpusets for 2"),
-        ("name: smoke\nimage: m.json\npinning:\n  vcpus: [\"1\", \"x\"]\n", 4, "pinning.vcpus", "not a host cpuset"),
-        ("name: smoke\nimage: m.json\nnetwork:\n  forwards:\n    - {guest: 22, host: 70000}\n", 5,
-         "network.forwards.0.host", "less than or equal to 65535"),
-        ("name: smoke\nimage: m.json\nnetwork:\n  forwards:\n    - {guest: 22, address: localhost}\n", 5,
-         "network.forwards.0.address", "not an IPv4 address"),
-        ("name: smoke\nimage: m.json\nnetwork:\n  forwards:\n    - {guest: 22}\n    - {guest: 22}\n", 5,
-         "network.forwards", "forwarded twice"),
+        ('name: smoke\nimage: m.json\nvcpus: 2\npinning:\n  vcpus: ["1"]\n', 5, "pinning", "1 host cpusets for 2"),
+        ('name: smoke\nimage: m.json\npinning:\n  vcpus: ["1", "x"]\n', 4, "pinning.vcpus", "not a host cpuset"),
+        (
+            "name: smoke\nimage: m.json\nnetwork:\n  forwards:\n    - {guest: 22, host: 70000}\n",
+            5,
+            "network.forwards.0.host",
+            "less than or equal to 65535",
+        ),
+        (
+            "name: smoke\nimage: m.json\nnetwork:\n  forwards:\n    - {guest: 22, address: localhost}\n",
+            5,
+            "network.forwards.0.address",
+            "not an IPv4 address",
+        ),
+        (
+            "name: smoke\nimage: m.json\nnetwork:\n  forwards:\n    - {guest: 22}\n    - {guest: 22}\n",
+            5,
+            "network.forwards",
+            "forwarded twice",
+        ),
         ("name: smoke\nimage: m.json\nfirmware: OVMF.fd\n", 3, "firmware", "absolute path on the libvirt host"),
         ("name: smoke\nimage: m.json\nmr_owner: abcd\n", 3, "mr_owner", "expected 48 bytes"),
-        ("name: smoke\nimage: m.json\nbackend: emulated\nqgs_socket: /run/qgs\n", 4, "qgs_socket", "TDX launch setting"),
+        (
+            "name: smoke\nimage: m.json\nbackend: emulated\nqgs_socket: /run/qgs\n",
+            4,
+            "qgs_socket",
+            "TDX launch setting",
+        ),
         ("name: smoke\nimage: m.json\npolicy:\n  allow_debug: false\n  mrtd: zz\n", 5, "policy.mrtd", "is not hex"),
         ("name: smoke\nimage: m.json\npolicy:\n  alow_debug: true\n", 4, "policy.alow_debug", "unknown key"),
-        ("name: smoke\nimage: m.json\npolicy:\n  allow_debug: false\n  rtmr2: " + "0" * 96 + "\n", 5, "policy.rtmr2",
-         "all-zero RTMR2"),
+        (
+            "name: smoke\nimage: m.json\npolicy:\n  allow_debug: false\n  rtmr2: " + "0" * 96 + "\n",
+            5,
+            "policy.rtmr2",
+            "all-zero RTMR2",
+        ),
         ("name: smoke\nimage: m.json\nvcpu: 4\n", 3, "vcpu", "unknown key"),
         ("image: m.json\n", 1, "name", "Field required"),
     ],
-)  # fmt: skip
+)
 def test_errors_name_file_line_field(tmp_path, text, line, field, needle):
     lines = problems(tmp_path, text)
     want = f"{tmp_path / 'vm.yaml'}:{line}: {field}: "
@@ -117,7 +138,9 @@ def test_effective_policy_expects_launch_mr_values_for_tdx_only(image):
     tdx = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nmr_config_id: {HEX48}\n")
     assert effective_policy(tdx, manifest).mr_config_id == (HEX48,)
     other = "cd" * 48
-    given = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nmr_config_id: {HEX48}\npolicy:\n  mr_config_id: {other}\n")
+    given = parse_vm_spec(
+        f"name: a\nimage: {image.manifest_path}\nmr_config_id: {HEX48}\npolicy:\n  mr_config_id: {other}\n"
+    )
     assert effective_policy(given, manifest).mr_config_id == (other,)
 
 
@@ -147,12 +170,20 @@ def test_effective_policy_pins_the_launched_td_attributes(image, backend):
         assert policy.td_attributes_mask is None
     # The user's own value wins; a mask alone keeps the launched value and compares fewer bits.
     other = (TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS).to_bytes(8, "little").hex()
-    given = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\npolicy:\n  td_attributes: {other}\n")
+    given = parse_vm_spec(
+        f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\npolicy:\n  td_attributes: {other}\n"
+    )
     assert effective_policy(given, manifest).td_attributes == (other,)
     mask = (~TD_ATTR_PKS & (1 << 64) - 1).to_bytes(8, "little").hex()
-    masked = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\npolicy:\n  td_attributes_mask: {mask}\n")
+    masked = parse_vm_spec(
+        f"name: a\nimage: {image.manifest_path}\nbackend: {backend}\npolicy:\n  td_attributes_mask: {mask}\n"
+    )
     p = effective_policy(masked, manifest)
-    assert p.td_attributes == (launched,) and p.td_attributes_mask == mask and "TD attributes not compared: PKS" in p.loosened()[0]
+    assert (
+        p.td_attributes == (launched,)
+        and p.td_attributes_mask == mask
+        and "TD attributes not compared: PKS" in p.loosened()[0]
+    )
 
 
 def test_effective_policy_refuses_a_manifest_predicting_zero_rtmr2(image):
@@ -160,10 +191,16 @@ def test_effective_policy_refuses_a_manifest_predicting_zero_rtmr2(image):
     data["measurements"]["rtmr2"] = "00" * 48
     image.write(data)
     spec = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\n")
-    with pytest.raises(LaunchPolicyError, match="predicts an all-zero RTMR2: the image's kernel does not measure") as info:
+    with pytest.raises(
+        LaunchPolicyError, match="predicts an all-zero RTMR2: the image's kernel does not measure"
+    ) as info:
         effective_policy(spec, image.manifest())
     message = str(info.value)
-    assert str(image.manifest_path) in message and "kernel >= 6.9" in message and "kernel.suite: bookworm-backports" in message
+    assert (
+        str(image.manifest_path) in message
+        and "kernel >= 6.9" in message
+        and "kernel.suite: bookworm-backports" in message
+    )
     allowed = parse_vm_spec(f"name: a\nimage: {image.manifest_path}\npolicy:\n  allow_zero_rtmrs: true\n")
     policy = effective_policy(allowed, image.manifest())
     assert policy.rtmr2 == ("00" * 48,) and any(line.startswith("allow_zero_rtmrs: true") for line in policy.loosened())
@@ -185,7 +222,10 @@ def test_manifest_loads_from_folder_or_file(image):
         (lambda d: d["artifacts"]["vmlinuz"].update(sha256="12"), "artifacts.vmlinuz.sha256"),
         (lambda d: d["measurements"].update(rtmr1="ab"), "measurements.rtmr1"),
         (lambda d: d.update(format="something/2"), "format 'something/2'"),
-        (lambda d: d.update(format="tdxvm-image-manifest/1"), "built by an older tdxvm, whose root filesystem is not verified"),
+        (
+            lambda d: d.update(format="tdxvm-image-manifest/1"),
+            "built by an older tdxvm, whose root filesystem is not verified",
+        ),
         (lambda d: d.update(guest_agent_port=0), "guest_agent_port"),
     ],
 )
@@ -222,8 +262,11 @@ def test_model_short_form_is_a_path_beside_the_spec(tmp_path):
 
 
 def test_model_long_form(tmp_path):
-    spec = load(tmp_path, "name: smoke\nimage: m.json\nmodel:\n  path: enc/tiny\n  name: org/tiny:v1\n  key: tiny-key\n"
-                          "  dtype: bfloat16\n  threads: 8\n")  # fmt: skip
+    spec = load(
+        tmp_path,
+        "name: smoke\nimage: m.json\nmodel:\n  path: enc/tiny\n  name: org/tiny:v1\n  key: tiny-key\n"
+        "  dtype: bfloat16\n  threads: 8\n",
+    )
     assert spec.model.path == (tmp_path / "enc" / "tiny").resolve()
     assert (spec.model.served_name, spec.model.key_name) == ("org/tiny:v1", "tiny-key")
     assert (spec.model.dtype, spec.model.threads) == ("bfloat16", 8)
@@ -237,13 +280,13 @@ def test_model_long_form(tmp_path):
         ("model:\n  path: enc/tiny\n  nmae: tiny\n", 5, "model.nmae", "unknown key"),
         ("model: {path: enc/tiny, dtype: int8}\n", 3, "model.dtype", "'float32', 'bfloat16' or 'float16'"),
         ("model: {path: enc/tiny, name: my model}\n", 3, "model.name", "should match pattern"),
-        ("model: {path: enc/tiny, name: \"tiny\\n\"}\n", 3, "model.name", "should match pattern"),
+        ('model: {path: enc/tiny, name: "tiny\\n"}\n', 3, "model.name", "should match pattern"),
         ("model: {path: enc/tiny, key: ../other}\n", 3, "model.key", "should match pattern"),
         ("model: {path: enc/tiny, threads: 0}\n", 3, "model.threads", "greater than or equal to 1"),
         ("model: {name: tiny}\n", 3, "model.path", "Field required"),
-        ("model: \"\"\n", 3, "model.path", "expected a path"),
+        ('model: ""\n', 3, "model.path", "expected a path"),
     ],
-)  # fmt: skip
+)
 def test_model_errors_name_file_line_field(tmp_path, text, line, field, needle):
     lines = problems(tmp_path, "name: smoke\nimage: m.json\n" + text)
     want = f"{tmp_path / 'vm.yaml'}:{line}: {field}: "
@@ -251,7 +294,9 @@ def test_model_errors_name_file_line_field(tmp_path, text, line, field, needle):
 
 
 def test_null_and_duplicate_keys_in_a_vm_spec_and_its_policy(tmp_path):
-    text = "name: smoke\nimage: m.json\nvcpus: 2\npolicy:\n  mrtd:\n  allow_debug: false\n  allow_debug: true\nvcpus: 4\n"
+    text = (
+        "name: smoke\nimage: m.json\nvcpus: 2\npolicy:\n  mrtd:\n  allow_debug: false\n  allow_debug: true\nvcpus: 4\n"
+    )
     assert problems(tmp_path, text) == [
         f"{tmp_path / 'vm.yaml'}:5: policy.mrtd: null is not allowed; remove the key to allow any value",
         f"{tmp_path / 'vm.yaml'}:7: policy.allow_debug: duplicate key (first at line 6)",

@@ -51,8 +51,12 @@ def test_upload_reuse_overlay_and_log(image, pool):
             assert f.read() == art.path.read_bytes()
     assert [e.status for e in events if e.role == "disk"][-1] == "done"
     assert sum(e.status == "upload" for e in events if e.role == "disk") == 1  # 64 KiB: one chunk
-    info = subprocess.run(["qemu-img", "info", "--output=json", vols.overlay], capture_output=True, text=True, check=True)
-    assert f'"backing-filename": "{vols.base_disk}"' in info.stdout and '"backing-filename-format": "raw"' in info.stdout
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", vols.overlay], capture_output=True, text=True, check=True
+    )
+    assert (
+        f'"backing-filename": "{vols.base_disk}"' in info.stdout and '"backing-filename-format": "raw"' in info.stdout
+    )
     # A second VM of the same image uploads nothing.
     events.clear()
     prepare_volumes(conn, manifest, "smoke2", events.append, pool_name=name, pool_target=str(target))

@@ -91,7 +91,9 @@ class TlsProxy:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         ctx = server_context(identity)
-        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=ctx), self.loop).result(10)
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=ctx), self.loop
+        ).result(10)
         self.url = f"https://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

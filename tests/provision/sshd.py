@@ -47,7 +47,10 @@ class LocalSshd:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tdxvm-sshd-"))
-        self.user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+        self.user = (
+            os.environ.get("USER")
+            or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+        )
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -92,7 +95,9 @@ class LocalSshd:
                 "LogLevel ERROR\n"
             )
             log = (self.dir / "sshd.log").open("ab")
-            self.proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
             log.close()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -110,12 +115,31 @@ class LocalSshd:
         c = paramiko.SSHClient()
         c.set_missing_host_key_policy(paramiko.RejectPolicy())
         c.load_host_keys(str(self.known_hosts))
-        c.connect("127.0.0.1", port=self.port, username=self.user, key_filename=str(self.client_key), allow_agent=False, look_for_keys=False, timeout=10)
+        c.connect(
+            "127.0.0.1",
+            port=self.port,
+            username=self.user,
+            key_filename=str(self.client_key),
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=10,
+        )
         return c
 
     def ssh_options(self) -> list[str]:
         """OpenSSH client options (``ssh``, ``scp``) for this server, host key pinned."""
-        return ["-i", str(self.client_key), "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"]
+        return [
+            "-i",
+            str(self.client_key),
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

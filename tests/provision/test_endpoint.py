@@ -16,7 +16,15 @@ import pytest
 from tdxvm.attest.binding import report_data
 from tdxvm.emulate import EmulatedPlatform
 from tdxvm.guest.tls import ensure_identity
-from tdxvm.provision.endpoint import AttestationDocument, EndpointError, EndpointRefused, base_url, binding_reasons, fp, verify_endpoint
+from tdxvm.provision.endpoint import (
+    AttestationDocument,
+    EndpointError,
+    EndpointRefused,
+    base_url,
+    binding_reasons,
+    fp,
+    verify_endpoint,
+)
 
 from .servers import HttpsServer
 
@@ -33,7 +41,15 @@ def test_base_url(url, want):
     assert base_url(url) == want
 
 
-@pytest.mark.parametrize(("url", "words"), [("http://h:1", "must be https://"), ("https://h:1/?a=b", "no query"), ("https://h:99999", "port"), ("https:///x", "HOST")])
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://h:1", "must be https://"),
+        ("https://h:1/?a=b", "no query"),
+        ("https://h:99999", "port"),
+        ("https:///x", "HOST"),
+    ],
+)
 def test_unusable_urls(url, words):
     with pytest.raises(EndpointError, match=words):
         base_url(url)
@@ -58,7 +74,9 @@ def test_binding_reasons_tell_each_case_apart():
     assert [r.code for r in got] == ["report-data-binding"] and "matches neither" in got[0].message
 
     # A replay: right key, a quote for an old nonce.
-    got = binding_reasons(report_data(old, {"tls": ours}), nonce=nonce, presented_spki=ours, document=doc({"tls": ours}, old))
+    got = binding_reasons(
+        report_data(old, {"tls": ours}), nonce=nonce, presented_spki=ours, document=doc({"tls": ours}, old)
+    )
     assert [r.code for r in got] == ["report-data-binding"] and "another nonce" in got[0].message
 
     # Extra attested keys are bound too; keys.tls is replaced by the presented key.
@@ -86,13 +104,37 @@ def b64(data: bytes) -> str:
     ("body", "status", "code", "words"),
     [
         (b"<html>hello</html>", 200, "attestation-format", "not a JSON object"),
-        (b'{"error": {"message": "model still loading"}}', 503, "attestation-unavailable", "HTTP 503: model still loading"),
-        (json.dumps({"quote": "!!", "keys": {"tls": "AA=="}}).encode(), 200, "attestation-format", "quote: not valid base64"),
+        (
+            b'{"error": {"message": "model still loading"}}',
+            503,
+            "attestation-unavailable",
+            "HTTP 503: model still loading",
+        ),
+        (
+            json.dumps({"quote": "!!", "keys": {"tls": "AA=="}}).encode(),
+            200,
+            "attestation-format",
+            "quote: not valid base64",
+        ),
         (json.dumps({"quote": "AAAA", "keys": "x"}).encode(), 200, "attestation-format", "keys: expected an object"),
-        (json.dumps({"quote": "AAAA", "keys": {"tls": "AA=="}, "event_log": 5}).encode(), 200, "attestation-format", "event_log"),
-        (json.dumps({"quote": "AAAA", "keys": {"tls": "AA=="}, "rtmr3_log": {"imr": 3}}).encode(), 200, "attestation-format",
-         "rtmr3_log: expected a JSON list"),
-        (json.dumps({"quote": b64(b"\x04\x00" + bytes(100)), "keys": {"tls": "AA=="}}).encode(), 200, "quote-format", "malformed"),
+        (
+            json.dumps({"quote": "AAAA", "keys": {"tls": "AA=="}, "event_log": 5}).encode(),
+            200,
+            "attestation-format",
+            "event_log",
+        ),
+        (
+            json.dumps({"quote": "AAAA", "keys": {"tls": "AA=="}, "rtmr3_log": {"imr": 3}}).encode(),
+            200,
+            "attestation-format",
+            "rtmr3_log: expected a JSON list",
+        ),
+        (
+            json.dumps({"quote": b64(b"\x04\x00" + bytes(100)), "keys": {"tls": "AA=="}}).encode(),
+            200,
+            "quote-format",
+            "malformed",
+        ),
     ],
 )
 def test_malformed_answers_are_refusals(tmp_path_factory, platform, body, status, code, words):

@@ -22,7 +22,18 @@ from tdxvm.provision.handshake import (
     attest_guest,
 )
 
-from ..attested_guest import AT, CONTROLLER, LineProxy, agent_thread, anchor, artifacts, forger, platform, policy_for, silent_server
+from ..attested_guest import (
+    AT,
+    CONTROLLER,
+    LineProxy,
+    agent_thread,
+    anchor,
+    artifacts,
+    forger,
+    platform,
+    policy_for,
+    silent_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +50,15 @@ def guest(tmp_path):
 
 
 def attest(address, qgs, **kw):
-    options = {"collateral": platform().collateral(), "policy": policy_for(artifacts()), "at": AT, "trust_anchor": anchor(),
-               "qgs_address": qgs.address, "timeout": 10, **kw}  # fmt: skip
+    options = {
+        "collateral": platform().collateral(),
+        "policy": policy_for(artifacts()),
+        "at": AT,
+        "trust_anchor": anchor(),
+        "qgs_address": qgs.address,
+        "timeout": 10,
+        **kw,
+    }
     return attest_guest(address, **options)
 
 
@@ -95,7 +113,10 @@ def test_wrong_mrtd_is_refused_before_any_secret(guest, qgs):
 
 
 def test_changed_initrd_shows_in_rtmr2(guest):
-    with QuoteService(platform(), artifacts(initrd=b"070701 another initrd")) as booted, pytest.raises(AttestationRefused) as exc:
+    with (
+        QuoteService(platform(), artifacts(initrd=b"070701 another initrd")) as booted,
+        pytest.raises(AttestationRefused) as exc,
+    ):
         attest(guest, booted)
     assert codes(exc) == ["measurement-mismatch"]
     assert exc.value.reasons[0].message.startswith("quote field RTMR2 is ")
@@ -171,7 +192,14 @@ def test_required_keys(guest, qgs):
 
 def test_guest_that_never_answers_times_out():
     with silent_server() as address, pytest.raises(HandshakeTimeout) as exc:
-        attest_guest(address, collateral=platform().collateral(), policy=policy_for(artifacts()), at=AT, trust_anchor=anchor(), timeout=0.3)
+        attest_guest(
+            address,
+            collateral=platform().collateral(),
+            policy=policy_for(artifacts()),
+            at=AT,
+            trust_anchor=anchor(),
+            timeout=0.3,
+        )
     assert exc.value.phase == "attest" and exc.value.address == f"127.0.0.1:{address[1]}"
     assert exc.value.code == "handshake-timeout"
     assert str(exc.value) == f"guest agent 127.0.0.1:{address[1]}: attest: no answer within 0.3 s"

@@ -20,7 +20,9 @@ def test_unknown_vm(capsys, tmp_path):
 
 
 def test_bad_names_are_refused_with_the_option_that_carries_them(capsys, tmp_path):
-    code, _, err = run(capsys, "provision", "vm", "--model", tmp_path, "--model-name", "two words", "--uri", "test:///default")
+    code, _, err = run(
+        capsys, "provision", "vm", "--model", tmp_path, "--model-name", "two words", "--uri", "test:///default"
+    )
     assert code == 2 and "--model-name" in err
     code, _, err = run(capsys, "provision", "vm", "--model", tmp_path / "a b", "--uri", "test:///default")
     assert code == 2 and "set name:" in err

@@ -26,8 +26,12 @@ def _client_key(sshd: LocalSshd):
 
 def test_login_with_the_attested_host_key():
     with LocalSshd() as sshd:
-        client = ssh.connect(("127.0.0.1", sshd.port), host_key=_blob(Path(f"{sshd.host_key}.pub")),
-                             client_key=_client_key(sshd), user=sshd.user)  # fmt: skip
+        client = ssh.connect(
+            ("127.0.0.1", sshd.port),
+            host_key=_blob(Path(f"{sshd.host_key}.pub")),
+            client_key=_client_key(sshd),
+            user=sshd.user,
+        )
         with client:
             assert ssh.run(client, "echo attested").strip() == "attested"
             with pytest.raises(ssh.SshError, match="exited 3"):
@@ -39,5 +43,6 @@ def test_another_host_key_is_refused_before_login(tmp_path):
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     with LocalSshd() as sshd, pytest.raises(ssh.HostKeyMismatch, match="not the key this guest bound"):
-        ssh.connect(("127.0.0.1", sshd.port), host_key=_blob(Path(f"{other}.pub")), client_key=_client_key(sshd),
-                    user=sshd.user)  # fmt: skip
+        ssh.connect(
+            ("127.0.0.1", sshd.port), host_key=_blob(Path(f"{other}.pub")), client_key=_client_key(sshd), user=sshd.user
+        )

@@ -157,9 +157,25 @@ def test_full_upload_then_install(client, encrypted, tmp_path, via, streams):
         assert not upload_path(dest, upload_id).exists()  # never visible before it is complete
         seen.append((held, total))
 
-    report = upload(enc, ssh_client=client, guest_address="127.0.0.1", via=via, streams=streams, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK, progress=progress)
+    report = upload(
+        enc,
+        ssh_client=client,
+        guest_address="127.0.0.1",
+        via=via,
+        streams=streams,
+        dest=str(dest),
+        python=GUEST_PYTHON,
+        block_size=BLOCK,
+        progress=progress,
+    )
     total = sum(p.stat().st_size for p in enc.rglob("*.tdxw"))
-    assert (report.via, report.streams, report.total_bytes, report.sent_bytes, report.resumed_bytes) == (via, streams, total, total, 0)
+    assert (report.via, report.streams, report.total_bytes, report.sent_bytes, report.resumed_bytes) == (
+        via,
+        streams,
+        total,
+        total,
+        0,
+    )
     assert report.upload_id == upload_id and report.remote_path == str(dest / upload_id)
     assert report.bytes_per_second > 0 and report.to_dict()["bytes_per_second"] > 0
     assert seen[0] == (0, total) and seen[-1] == (total, total) and [h for h, _ in seen] == sorted(h for h, _ in seen)
@@ -167,14 +183,25 @@ def test_full_upload_then_install(client, encrypted, tmp_path, via, streams):
     install_model(dest / upload_id, tmp_path / "served", key)
     assert same_tree(model, tmp_path / "served")
 
-    again = upload(enc, ssh_client=client, guest_address="127.0.0.1", via=via, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK)
+    again = upload(
+        enc,
+        ssh_client=client,
+        guest_address="127.0.0.1",
+        via=via,
+        dest=str(dest),
+        python=GUEST_PYTHON,
+        block_size=BLOCK,
+    )
     assert (again.sent_bytes, again.resumed_bytes, again.streams) == (0, total, 0)
 
 
 def test_receiver_on_the_guests_python(client, encrypted, tmp_path):
     """Debian 12's python3 with its cryptography 38, as in the guest image: interrupted, resumed."""
     system = "/usr/bin/python3"
-    if not Path(system).exists() or subprocess.run([system, "-c", "import cryptography"], capture_output=True).returncode:
+    if (
+        not Path(system).exists()
+        or subprocess.run([system, "-c", "import cryptography"], capture_output=True).returncode
+    ):
         pytest.skip(f"{system} with cryptography is not installed")
     guest = ["env", f"PYTHONPATH={REPO}", system]
     enc, dest = encrypted[1], tmp_path / "uploads"
@@ -186,7 +213,15 @@ def test_receiver_on_the_guests_python(client, encrypted, tmp_path):
             raise Interrupted()
 
     with pytest.raises(Interrupted):
-        upload(enc, ssh_client=client, guest_address="127.0.0.1", dest=str(dest), python=guest, block_size=BLOCK, progress=stop)
+        upload(
+            enc,
+            ssh_client=client,
+            guest_address="127.0.0.1",
+            dest=str(dest),
+            python=guest,
+            block_size=BLOCK,
+            progress=stop,
+        )
     wait_for(lambda: not receiver_pids(dest), "the receiver to exit")
     report = upload(enc, ssh_client=client, guest_address="127.0.0.1", dest=str(dest), python=guest, block_size=BLOCK)
     assert report.resumed_bytes > 0 and same_tree(enc, Path(report.remote_path))
@@ -206,7 +241,16 @@ def test_interrupted_upload_resumes_with_only_the_rest(client, encrypted, tmp_pa
             raise Interrupted()
 
     with pytest.raises(Interrupted):
-        upload(enc, ssh_client=client, guest_address="127.0.0.1", streams=1, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK, progress=stop_half_way)
+        upload(
+            enc,
+            ssh_client=client,
+            guest_address="127.0.0.1",
+            streams=1,
+            dest=str(dest),
+            python=GUEST_PYTHON,
+            block_size=BLOCK,
+            progress=stop_half_way,
+        )
     assert not upload_path(dest, upload_id).exists()
     wait_for(lambda: not receiver_pids(dest), "the receiver to exit")
     manifest = build_manifest(enc, block_size=BLOCK)
@@ -218,12 +262,23 @@ def test_interrupted_upload_resumes_with_only_the_rest(client, encrypted, tmp_pa
     port = free_port()
     proxy = Proxy(("127.0.0.1", port))  # counts what really crosses the wire
     try:
-        report = upload(enc, ssh_client=client, guest_address=("127.0.0.1", proxy.port), listen=f"127.0.0.1:{port}", streams=1, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK)
+        report = upload(
+            enc,
+            ssh_client=client,
+            guest_address=("127.0.0.1", proxy.port),
+            listen=f"127.0.0.1:{port}",
+            streams=1,
+            dest=str(dest),
+            python=GUEST_PYTHON,
+            block_size=BLOCK,
+        )
     finally:
         proxy.close()
     assert report.resumed_bytes == held and report.sent_bytes == manifest.total_bytes - held
     blocks = -(-report.sent_bytes // BLOCK) + len(manifest.files)
-    assert report.sent_bytes <= proxy.forwarded <= report.sent_bytes + 40 + blocks * (16 + 16)  # + hello, segments, tags
+    assert (
+        report.sent_bytes <= proxy.forwarded <= report.sent_bytes + 40 + blocks * (16 + 16)
+    )  # + hello, segments, tags
     assert same_tree(enc, dest / upload_id)
 
 
@@ -241,11 +296,28 @@ def test_receiver_killed_mid_stream_then_resumed(client, encrypted, tmp_path):
                 killed.append(pid)
 
     with pytest.raises(TransferError) as e:
-        upload(enc, ssh_client=client, guest_address="127.0.0.1", streams=2, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK, progress=kill_receiver)
+        upload(
+            enc,
+            ssh_client=client,
+            guest_address="127.0.0.1",
+            streams=2,
+            dest=str(dest),
+            python=GUEST_PYTHON,
+            block_size=BLOCK,
+            progress=kill_receiver,
+        )
     assert killed and e.value.code in ("stream", "receiver")
     assert not upload_path(dest, upload_id).exists()
 
-    report = upload(enc, ssh_client=client, guest_address="127.0.0.1", streams=2, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK)
+    report = upload(
+        enc,
+        ssh_client=client,
+        guest_address="127.0.0.1",
+        streams=2,
+        dest=str(dest),
+        python=GUEST_PYTHON,
+        block_size=BLOCK,
+    )
     assert report.resumed_bytes > 0 and report.sent_bytes == report.total_bytes - report.resumed_bytes
     assert same_tree(enc, dest / upload_id)
 
@@ -261,7 +333,16 @@ def test_damaged_partial_data_is_sent_again(client, encrypted, tmp_path):
             raise Interrupted()
 
     with pytest.raises(Interrupted):
-        upload(enc, ssh_client=client, guest_address="127.0.0.1", streams=1, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK, progress=stop)
+        upload(
+            enc,
+            ssh_client=client,
+            guest_address="127.0.0.1",
+            streams=1,
+            dest=str(dest),
+            python=GUEST_PYTHON,
+            block_size=BLOCK,
+            progress=stop,
+        )
     wait_for(lambda: not receiver_pids(dest), "the receiver to exit")
     st = Staging.open(dest, manifest)
     held = st.have_bytes()
@@ -275,7 +356,9 @@ def test_damaged_partial_data_is_sent_again(client, encrypted, tmp_path):
         f.seek(BLOCK + 5000)
         f.write(bytes([byte[0] ^ 0xFF]))
 
-    report = upload(enc, ssh_client=client, guest_address="127.0.0.1", dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK)
+    report = upload(
+        enc, ssh_client=client, guest_address="127.0.0.1", dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK
+    )
     assert report.resumed_bytes == held - BLOCK  # everything but the damaged block
     assert same_tree(enc, dest / manifest.upload_id)
 
@@ -288,13 +371,24 @@ def test_tampered_stream_is_refused(client, encrypted, tmp_path):
     proxy = Proxy(("127.0.0.1", port), flip_at=3 * BLOCK + 1000)  # one bit, in the third block or so
     try:
         with pytest.raises(TransferError) as e:
-            upload(enc, ssh_client=client, guest_address=("127.0.0.1", proxy.port), listen=f"127.0.0.1:{port}", streams=1, dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK)
+            upload(
+                enc,
+                ssh_client=client,
+                guest_address=("127.0.0.1", proxy.port),
+                listen=f"127.0.0.1:{port}",
+                streams=1,
+                dest=str(dest),
+                python=GUEST_PYTHON,
+                block_size=BLOCK,
+            )
     finally:
         proxy.close()
     assert e.value.code == "refused" and "fails its tag" in str(e.value)
     assert not upload_path(dest, upload_id).exists()
 
-    report = upload(enc, ssh_client=client, guest_address="127.0.0.1", dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK)
+    report = upload(
+        enc, ssh_client=client, guest_address="127.0.0.1", dest=str(dest), python=GUEST_PYTHON, block_size=BLOCK
+    )
     assert 0 < report.resumed_bytes < 3 * BLOCK + 1000  # only what came before the altered block was kept
     assert same_tree(enc, dest / upload_id)
 
@@ -306,13 +400,26 @@ def test_not_an_encrypted_folder(client, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(TransferError, match="not an encrypted model folder") as e:
-        upload(tmp_path / "model", ssh_client=client, guest_address="127.0.0.1", dest=str(tmp_path / "d"), python=GUEST_PYTHON)
+        upload(
+            tmp_path / "model",
+            ssh_client=client,
+            guest_address="127.0.0.1",
+            dest=str(tmp_path / "d"),
+            python=GUEST_PYTHON,
+        )
     assert e.value.code == "bad-folder"
 
 
 def test_receiver_that_cannot_start(client, encrypted, tmp_path):
     with pytest.raises(TransferError, match="No such file") as e:
-        upload(encrypted[1], ssh_client=client, guest_address="127.0.0.1", dest=str(tmp_path), python=["/nonexistent/python3"], timeout=10)
+        upload(
+            encrypted[1],
+            ssh_client=client,
+            guest_address="127.0.0.1",
+            dest=str(tmp_path),
+            python=["/nonexistent/python3"],
+            timeout=10,
+        )
     assert e.value.code == "receiver"
     with pytest.raises(ValueError, match="guest_address"):
         upload(encrypted[1], ssh_client=client, guest_address=None, dest=str(tmp_path))

@@ -23,532 +23,31 @@ others reconcile. On Ctrl-C (or ``cancel``), nothing new starts, VMs being broug
 are powered off and removed (none had been brought up to the end), and the state file
 says what happened; the next apply converges.
 
-The plan comes from :mod:`tdxvm.fleet.planner`; what happened is reported with the types
-of :mod:`tdxvm.fleet.outcome`.
+The plan comes from :mod:`tdxvm.fleet.planner`, :mod:`tdxvm.fleet.executor` carries it out,
+and what happened is reported with the types of :mod:`tdxvm.fleet.outcome`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import libvirt
-
-from tdxvm.errors import TdxvmError
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet.outcome import FleetEvent, Outcome, Progress, Report, quiet
+from tdxvm.fleet.executor import DEFAULT_PARALLEL, ApplyOptions, FleetError, Run, trust_cache
+from tdxvm.fleet.outcome import Progress, Report, quiet
 from tdxvm.fleet.plan import Action, Plan, make_plan
 from tdxvm.fleet.planner import Images, build_plan, survey_hosts
-from tdxvm.fleet.spec import Fleet, spec_document
+from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetLock, FleetState, default_state_dir, now
-from tdxvm.fleet.sweep import sweep_volumes
-from tdxvm.launch.connection import is_test_driver, libvirt_message
-from tdxvm.launch.errors import LaunchError, NoSuchVmError
-from tdxvm.launch.lifecycle import destroy, lookup, set_labels
 from tdxvm.launch.records import VmRecords
-from tdxvm.provision import bringup, handshake
-from tdxvm.provision.trust import Trust, for_backend
+from tdxvm.provision.trust import Trust
 from tdxvm.secretstore import SecretStore
 
-DEFAULT_PARALLEL = 10  # as terraform's -parallelism
-VOLATILE_MEASUREMENTS = ("report_data",)  # differs per attestation (nonce)
+__all__ = ["DEFAULT_PARALLEL", "ApplyOptions", "FleetError", "apply", "destroy_fleet"]
 
-
-class FleetError(TdxvmError):
-    """A fleet operation refused; ``code`` is stable."""
-
-    code = "fleet"
-
-
-class ApplyInterrupted(FleetError):
-    code = "interrupted"
-
-
-@dataclass(frozen=True)
-class ApplyOptions:
-    parallel: int = DEFAULT_PARALLEL
-    destroy_refused: bool = False
-    boot_timeout: float = bringup.BOOT_TIMEOUT
-    ready_timeout: float = bringup.READY_TIMEOUT
-    poll: float = 1.0  # the guest agent's readiness checks
-
-
-def measurements_digest(verdict: dict[str, Any] | None) -> str | None:
-    """SHA-256 of the quote's measurement registers (canonical JSON, REPORTDATA left out)."""
-    m = (verdict or {}).get("measurements")
-    if not isinstance(m, dict):
-        return None
-    kept = {k: v for k, v in m.items() if k not in VOLATILE_MEASUREMENTS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-class _Unit:
-    def __init__(self, action: Action, *, after: list[_Unit], rolling: bool = False) -> None:
-        self.action, self.after, self.rolling = action, after, rolling
-        self.done = False
-
-
-class _Run:
-    """One apply or destroy: the units, the workers, the bookkeeping."""
-
-    def __init__(
-        self,
-        fleet: Fleet,
-        plan: Plan,
-        state: FleetState,
-        *,
-        connector: inv.Connector,
-        secrets: SecretStore,
-        trust_for: Callable[[str], Trust],
-        images: Images,
-        options: ApplyOptions,
-        progress: Progress,
-        cancel: threading.Event,
-    ) -> None:
-        self.fleet, self.plan, self.state = fleet, plan, state
-        self.connector, self.secrets, self.trust_for = connector, secrets, trust_for
-        self.images, self.options, self.progress, self.cancel = images, options, progress, cancel
-        self.outcomes: dict[tuple[str, str], Outcome] = {}
-        self.interrupted = False
-        self._guard = threading.Lock()
-        self._define_locks: dict[str, threading.Lock] = {}
-        self._inflight: dict[str, str] = {}  # VMs being brought up: name -> URI
-        self._serving: dict[str, set[str]] = {}
-        for a in plan.actions:
-            if a.desired is not None and a.serving and a.kind in ("keep", "replace"):
-                self._serving.setdefault(a.desired.deployment, set()).add(a.vm)
-
-    # -- bookkeeping -------------------------------------------------------------------------
-
-    def record(self, outcome: Outcome) -> None:
-        with self._guard:
-            self.outcomes[(outcome.vm, outcome.host)] = outcome
-        self.progress(
-            FleetEvent(
-                outcome.vm,
-                outcome.host,
-                "result",
-                outcome.result,
-                detail="; ".join(e["message"].splitlines()[0] for e in outcome.errors),
-            )
-        )
-
-    def _define_lock(self, uri: str) -> threading.Lock:
-        with self._guard:
-            return self._define_locks.setdefault(uri, threading.Lock())
-
-    def _serving_now(self, deployment: str) -> set[str]:
-        with self._guard:
-            return set(self._serving.get(deployment, set()))
-
-    def _mark(self, deployment: str, vm: str, serving: bool) -> None:
-        with self._guard:
-            group = self._serving.setdefault(deployment, set())
-            (group.add if serving else group.discard)(vm)
-
-    # -- scheduling --------------------------------------------------------------------------
-
-    def units(self) -> list[_Unit]:
-        """Creates and repairs at once; per deployment a chain of rolling replacements; its deletes last."""
-        out: list[_Unit] = []
-        by_dep: dict[str, list[Action]] = {}
-        for a in self.plan.actions:
-            if a.kind in ("create", "replace", "delete"):
-                by_dep.setdefault(a.deployment or "", []).append(a)
-        live = set(self.fleet.deployments)
-        for dep, actions in sorted(by_dep.items()):
-            first = [
-                _Unit(a, after=[]) for a in actions if a.kind == "create" or (a.kind == "replace" and not a.serving)
-            ]
-            chain: list[_Unit] = []
-            for a in (a for a in actions if a.kind == "replace" and a.serving):
-                chain.append(_Unit(a, after=[*(chain[-1:] or first)], rolling=True))
-            gate = chain[-1:] or first
-            deletes = [
-                _Unit(a, after=list(gate) if dep in live and a.host in self.fleet.hosts else [])
-                for a in actions
-                if a.kind == "delete"
-            ]
-            out += first + chain + deletes
-        return out
-
-    def _may_roll(self, unit: _Unit) -> str | None:
-        """Why the rolling replacement ``unit`` must not start now (None: it may)."""
-        a = unit.action
-        dep = self.fleet.deployments.get(a.deployment or "")
-        if dep is None:
-            return None
-        serving = self._serving_now(a.deployment or "")
-        wanted = dep.count
-        left = len(serving - {a.vm})
-        if left < wanted - 1:
-            return (
-                f"rollout of deployment {a.deployment} halted: {len(serving)} of {wanted} replicas serve, so replacing "
-                f"{a.vm} now would leave {left} (fewer than N-1 = {wanted - 1}); fix the failing replicas first"
-            )
-        return None
-
-    def execute(self) -> None:
-        units = self.units()
-        pending = list(units)
-        running: dict[Future[None], _Unit] = {}
-        with ThreadPoolExecutor(max_workers=max(1, self.options.parallel), thread_name_prefix="tdxvm-fleet") as pool:
-            while pending or running:
-                try:
-                    if self.cancel.is_set() and not self.interrupted:
-                        self.interrupt()
-                    if self.interrupted:
-                        for u in pending:
-                            self._not_started(u)
-                        pending = []
-                    for u in [u for u in pending if all(p.done for p in u.after)]:
-                        pending.remove(u)
-                        why = self._may_roll(u) if u.rolling else None
-                        if why is not None:
-                            a = u.action
-                            self.record(
-                                Outcome(
-                                    a.vm,
-                                    a.host,
-                                    a.kind,
-                                    "halted",
-                                    a.reasons,
-                                    errors=[{"code": "rollout-halted", "message": why}],
-                                )
-                            )
-                            u.done = True
-                            continue
-                        running[pool.submit(self.run_unit, u.action)] = u
-                    if not running:
-                        if pending and not any(all(p.done for p in u.after) for u in pending):
-                            raise FleetError("internal: units wait on each other")  # pragma: no cover
-                        continue
-                    done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        u = running.pop(f)
-                        u.done = True
-                        if f.exception() is not None:  # not an Exception (those are reported by the worker)
-                            a = u.action
-                            self.record(
-                                Outcome(
-                                    a.vm,
-                                    a.host,
-                                    a.kind,
-                                    "failed",
-                                    a.reasons,
-                                    errors=[
-                                        {
-                                            "code": "internal",
-                                            "message": f"{type(f.exception()).__name__}: {f.exception()}",
-                                        }
-                                    ],
-                                )
-                            )
-                except KeyboardInterrupt:
-                    self.interrupt()
-
-    def _not_started(self, u: _Unit) -> None:
-        a = u.action
-        self.record(
-            Outcome(
-                a.vm,
-                a.host,
-                a.kind,
-                "interrupted",
-                a.reasons,
-                errors=[{"code": "interrupted", "message": "not started: the apply was interrupted"}],
-            )
-        )
-        u.done = True
-
-    def interrupt(self) -> None:
-        """Stop: nothing new starts; VMs being brought up are powered off (their workers remove them)."""
-        self.interrupted = True
-        self.cancel.set()
-        with self._guard:
-            inflight = list(self._inflight.items())
-        for vm, uri in inflight:
-            with suppress(LaunchError, libvirt.libvirtError):
-                dom = self.connector.get(uri).lookupByName(vm)
-                if dom.isActive():
-                    dom.destroy()
-
-    # -- one VM ------------------------------------------------------------------------------
-
-    def run_unit(self, a: Action) -> None:
-        started = time.monotonic()
-        try:
-            if self.cancel.is_set():
-                raise ApplyInterrupted("not started: the apply was interrupted")
-            conn = self.connector.get(a.uri)
-            if a.kind == "delete":
-                self._delete(conn, a)
-                self.record(
-                    Outcome(a.vm, a.host, a.kind, "deleted", a.reasons, timings={"delete": time.monotonic() - started})
-                )
-                return
-            if a.kind == "replace":
-                self._mark(a.deployment or "", a.vm, False)
-                self.destroy_owned(conn, a.vm, a.host)
-            self._launch(conn, a)
-        except ApplyInterrupted as exc:
-            self.record(
-                Outcome(
-                    a.vm, a.host, a.kind, "interrupted", a.reasons, errors=[{"code": exc.code, "message": str(exc)}]
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - one VM's failure is reported; the others go on
-            code = getattr(exc, "code", None)
-            self.record(
-                Outcome(
-                    a.vm,
-                    a.host,
-                    a.kind,
-                    "failed",
-                    a.reasons,
-                    errors=[{"code": code if isinstance(code, str) else type(exc).__name__, "message": str(exc)}],
-                )
-            )
-            if a.kind != "delete":
-                self.state.update_vm(
-                    a.vm, phase="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                )
-
-    def destroy_owned(self, conn: libvirt.virConnect, name: str, host: str) -> bool:
-        """Destroy ``name`` if it is this fleet's VM (checked again now); False when it is not there."""
-        try:
-            _, meta = lookup(conn, name)
-        except NoSuchVmError:
-            return False
-        if meta.labels.get(inv.FLEET) != self.fleet.name:
-            raise FleetError(
-                f"domain {name} on {host} is no longer fleet {self.fleet.name}'s VM; it is not touched",
-                code="not-fleet-vm",
-            )
-        self.state.update_vm(name, phase="deleting")
-        destroy(conn, name, records=VmRecords.beside(self.secrets))
-        return True
-
-    def _delete(self, conn: libvirt.virConnect, a: Action) -> None:
-        if not self.destroy_owned(conn, a.vm, a.host):
-            sweep_volumes(conn, a.vm)
-        record = self.state.vm(a.vm)
-        if record is not None and record.get("host") in (a.host, None):
-            self.state.drop_vm(a.vm)
-
-    def _launch(self, conn: libvirt.virConnect, a: Action) -> None:
-        d = a.desired
-        assert d is not None
-        manifest = self.images.manifests[str(d.spec.image)]
-        image_sha = self.images.shas[str(d.spec.image)]
-        assert isinstance(image_sha, str)  # the plan skips VMs whose manifest cannot be read
-        labels = {
-            inv.FLEET: self.fleet.name,
-            inv.DEPLOYMENT: d.deployment,
-            inv.REPLICA: str(d.index),
-            inv.TEMPLATE: d.template,
-            inv.HOST: d.host,
-            inv.SPEC_HASH: d.spec_hash,
-            inv.IMAGE_SHA: image_sha,
-        }
-        self.state.remember_host(d.host, d.uri)
-        self.state.replace_vm(
-            d.name,
-            {
-                "phase": "creating",
-                "host": d.host,
-                "uri": d.uri,
-                "deployment": d.deployment,
-                "replica": d.index,
-                "template": d.template,
-                inv.SPEC_HASH: d.spec_hash,
-                inv.IMAGE_SHA: image_sha,
-                "spec": spec_document(d.spec),
-                "started_at": now(),
-            },
-        )
-        with self._guard:
-            self._inflight[d.name] = d.uri
-
-        def progress(event: bringup.PhaseEvent) -> None:
-            self.progress(FleetEvent(d.name, d.host, event.phase, event.status, event.seconds, event.detail))
-            if self.cancel.is_set():
-                raise ApplyInterrupted(f"interrupted during {event.phase}")
-
-        try:
-            result = bringup.bring_up(
-                d.spec,
-                manifest,
-                conn,
-                trust=self.trust_for(d.spec.backend),
-                secrets=self.secrets,
-                progress=progress,
-                boot_timeout=self.options.boot_timeout,
-                ready_timeout=self.options.ready_timeout,
-                labels=labels,
-                define_lock=self._define_lock(d.uri),
-                login_check=not is_test_driver(d.uri),
-                poll=self.options.poll,
-            )
-        except handshake.AttestationRefused as refused:
-            self._refused(conn, a, refused)
-            return
-        except BaseException as exc:
-            if self.cancel.is_set():  # never brought up to the end: remove it
-                with suppress(Exception):
-                    self.destroy_owned(conn, d.name, d.host)
-                self.state.update_vm(d.name, phase="interrupted", error="the apply was interrupted")
-                what = (
-                    str(exc)
-                    if isinstance(exc, ApplyInterrupted)
-                    else f"interrupted ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                )
-                raise ApplyInterrupted(f"{what}; the VM was removed") from None
-            raise
-        finally:
-            with self._guard:
-                self._inflight.pop(d.name, None)
-        verdict = result.verdict or {}
-        endpoint = result.service or result.ssh
-        where = f"{endpoint[0]}:{endpoint[1]}" if endpoint else ""
-        digest = measurements_digest(verdict) or ""
-        ready_at = now()
-        try:
-            set_labels(
-                conn.lookupByName(d.name), {inv.READY_AT: ready_at, inv.MEASUREMENTS: digest, inv.ENDPOINT: where}
-            )
-        except libvirt.libvirtError as exc:
-            raise FleetError(
-                f"VM {d.name} on {d.host} is up, but its labels cannot be written: {libvirt_message(exc)}"
-            ) from None
-        self.state.update_vm(
-            d.name,
-            phase="ready",
-            ready_at=ready_at,
-            last_attested=verdict.get("verified_at"),
-            tcb_status=verdict.get("tcb_status"),
-            measurements_digest=digest,
-            endpoint=where,
-            reasons=[],
-            error=None,
-        )
-        self._mark(d.deployment, d.name, True)
-        self.record(
-            Outcome(
-                a.vm,
-                a.host,
-                a.kind,
-                "created" if a.kind == "create" else "replaced",
-                a.reasons,
-                verdict=verdict,
-                endpoint=where,
-                timings=dict(result.timings),
-            )
-        )
-
-    def _refused(self, conn: libvirt.virConnect, a: Action, refused: handshake.AttestationRefused) -> None:
-        reasons = [{"code": r.code, "message": r.message} for r in refused.reasons]
-        destroyed = False
-        if self.options.destroy_refused:
-            with suppress(LaunchError, FleetError):
-                destroyed = self.destroy_owned(conn, a.vm, a.host)
-        self.state.update_vm(
-            a.vm,
-            phase="refused",
-            reasons=[f"[{r['code']}] {r['message']}" for r in reasons],
-            error=None,
-            destroyed=destroyed,
-        )
-        note = "destroyed (--destroy-refused)" if destroyed else "left stopped"
-        self.record(
-            Outcome(
-                a.vm,
-                a.host,
-                a.kind,
-                "refused",
-                a.reasons,
-                errors=[
-                    *reasons,
-                    {
-                        "code": "vm-" + ("destroyed" if destroyed else "stopped"),
-                        "message": f"nothing was released; the VM is {note}",
-                    },
-                ],
-                verdict=refused.verdict.to_dict() if refused.verdict else None,
-            )
-        )
-
-    # -- the rest ----------------------------------------------------------------------------
-
-    def report_untouched(self) -> None:
-        for a in self.plan.actions:
-            if a.kind == "keep":
-                endpoint = (a.actual.labels.get(inv.ENDPOINT) if a.actual else None) or None
-                self.outcomes[(a.vm, a.host)] = Outcome(
-                    a.vm,
-                    a.host,
-                    "keep",
-                    "unchanged",
-                    a.reasons,
-                    endpoint=endpoint,
-                    verdict=a.actual.attestation if a.actual else None,
-                )
-            elif a.kind == "skip":
-                self.outcomes[(a.vm, a.host)] = Outcome(
-                    a.vm,
-                    a.host,
-                    "skip",
-                    "skipped",
-                    a.reasons,
-                    errors=[{"code": "skipped", "message": r} for r in a.reasons],
-                )
-
-    def tidy_state(self) -> None:
-        """Forget records of VMs that are neither asked for nor on their (reachable) host, and
-        hosts that are out of the file and hold nothing of the fleet."""
-        wanted = {d.name for d in self.fleet.desired()}
-        views = self.plan.hosts
-        for name, record in self.state.vms().items():
-            host = record.get("host")
-            view = views.get(host) if isinstance(host, str) else None
-            if name in wanted or view is None or not view.reachable:
-                continue
-            outcome = self.outcomes.get((name, host))
-            if name not in view.vms or (outcome is not None and outcome.result == "deleted"):
-                self.state.drop_vm(name)
-        records = self.state.vms()
-        for host, view in views.items():
-            if host in self.fleet.hosts or not view.reachable or any(r.get("host") == host for r in records.values()):
-                continue
-            outcomes = [self.outcomes.get((vm, host)) for vm in view.vms]
-            if all(o is not None and o.result == "deleted" for o in outcomes):
-                self.state.forget_host(host)
-
-    def ordered_outcomes(self) -> list[Outcome]:
-        order = {(a.vm, a.host): i for i, a in enumerate(self.plan.actions)}
-        return sorted(self.outcomes.values(), key=lambda o: order.get((o.vm, o.host), len(order)))
-
-
-def _trust_cache(trust_for: Callable[[str], Trust] | None) -> Callable[[str], Trust]:
-    made: dict[str, Trust] = {}
-    lock = threading.Lock()
-    make = trust_for or for_backend
-
-    def get(backend: str) -> Trust:
-        with lock:
-            if backend not in made:
-                made[backend] = make(backend)
-            return made[backend]
-
-    return get
+DEFAULT_OPTIONS = ApplyOptions()
 
 
 def apply(
@@ -558,7 +57,7 @@ def apply(
     secrets: SecretStore | None = None,
     trust_for: Callable[[str], Trust] | None = None,
     state_dir: Path | None = None,
-    options: ApplyOptions = ApplyOptions(),
+    options: ApplyOptions = DEFAULT_OPTIONS,
     progress: Progress = quiet,
     cancel: threading.Event | None = None,
     confirm: Callable[[Plan], bool] | None = None,
@@ -576,13 +75,13 @@ def apply(
         plan_now, images = build_plan(fleet, connector, state, secrets=secrets, parallel=max(options.parallel, 8))
         if confirm is not None and not confirm(plan_now):
             raise FleetError("apply cancelled: nothing was changed", code="cancelled")
-        run = _Run(
+        run = Run(
             fleet,
             plan_now,
             state,
             connector=connector,
             secrets=secrets,
-            trust_for=_trust_cache(trust_for),
+            trust_for=trust_cache(trust_for),
             images=images,
             options=options,
             progress=progress,
@@ -632,13 +131,13 @@ def destroy_fleet(
         plan_now = Plan(plan_now.fleet, tuple(_destroy_reason(a) for a in plan_now.actions), plan_now.hosts)
         if confirm is not None and not confirm(plan_now):
             raise FleetError("destroy cancelled: nothing was changed", code="cancelled")
-        run = _Run(
+        run = Run(
             empty,
             plan_now,
             state,
             connector=connector,
             secrets=secrets,
-            trust_for=_trust_cache(None),
+            trust_for=trust_cache(None),
             images=Images({}, {}),
             options=ApplyOptions(parallel=parallel),
             progress=progress,

@@ -27,7 +27,7 @@ from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
 from tdxvm.provision import attestation, bringup, handshake, ssh
-from tdxvm.provision.trust import Trust, for_backend
+from tdxvm.provision.trust import EmulatedTrust, for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
@@ -262,10 +262,11 @@ def test_a_machine_the_host_changed_after_definition_is_refused(conn, trust, smo
     _never_unlocked(conn, vm_name)
 
 
-def test_quote_from_another_signer_is_refused(conn, trust, smoke_build, vm_name):
+def test_quote_from_another_signer_is_refused(conn, trust, smoke_build, vm_name, tmp_path):
     """The host runs its own quote service (another root): a forged quote."""
     forger = EmulatedPlatform()
-    forged = Trust("emulated", trust.collateral, trust.trust_anchor, platform=forger)
+    forger.save(tmp_path / "forger")
+    forged = EmulatedTrust(forger, tmp_path / "forger", trust.collateral, trust.trust_anchor)
     assert TrustAnchor.from_der(forger.root_ca_der) != trust.trust_anchor
     store = SecretStore(directory=smoke_build.secrets)
     with pytest.raises(handshake.AttestationRefused) as refused:

@@ -75,6 +75,7 @@ REFUSED = [
     "tdxvm.provision.ssh.HostKeyMismatch",
     "tdxvm.provision.client.ApiRefused",
     "tdxvm.guest.agent.SecretRefused",
+    "tdxvm.launch.sshtarget.HostKeyRefused",
 ]
 UNREACHABLE = [
     "tdxvm.launch.errors.LibvirtUnreachable",
@@ -90,6 +91,7 @@ UNREACHABLE = [
     "tdxvm.provision.model.ProvisionUnreachable",
     "tdxvm.provision.transfer.TransferUnreachable",
     "tdxvm.provision.client.ApiUnreachable",
+    "tdxvm.launch.sshtarget.HostSshUnreachable",
 ]
 INPUT = [  # the user's to fix; among them the bases the unreachable and refused ones split from
     "tdxvm.launch.errors.ConnectError",
@@ -104,6 +106,9 @@ INPUT = [  # the user's to fix; among them the bases the unreachable and refused
     "tdxvm.attest.errors.CollateralError",
     "tdxvm.yamlfile.SpecError",
     "tdxvm.cli.output.CliError",
+    "tdxvm.launch.sshtarget.HostSshError",
+    "tdxvm.launch.sshtarget.HostSshAuthError",
+    "tdxvm.launch.sshtarget.TransportUnsupported",
 ]
 
 

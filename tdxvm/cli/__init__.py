@@ -10,12 +10,19 @@ handle some hosts or VMs; see ``cli/fleet.py``), 130 interrupted, 143 terminated
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
 from tdxvm import __version__
 from tdxvm.cli.lazy import LazyCommands
 from tdxvm.cli.output import run_guarded
+from tdxvm.textsafe import safe_text
+
+PACKAGE = Path(__file__).resolve().parents[1]
 
 # Each command's module is imported when the command is looked up (tdxvm.cli.lazy), so
 # that `tdxvm verify-quote` imports neither libvirt, paramiko nor the builders.
@@ -63,8 +70,28 @@ def cli() -> None:
 cli.commands = LazyCommands(COMMANDS)
 
 
+def _warnings_shown(fallback: Callable[..., None]) -> Callable[..., None]:
+    """tdxvm's own warnings (e.g. a host key accepted unchecked under ``no_verify=1``) as
+    one ``warning:`` line on standard error; anyone else's through ``fallback``."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+        if Path(filename).resolve().is_relative_to(PACKAGE):
+            click.echo(f"warning: {safe_text(str(message))}", err=True)
+        else:
+            fallback(message, category, filename, lineno, *rest)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_guarded(cli, argv if argv is not None else sys.argv[1:])
+    with warnings.catch_warnings():
+        warnings.showwarning = _warnings_shown(warnings.showwarning)
+        try:
+            return run_guarded(cli, argv if argv is not None else sys.argv[1:])
+        finally:
+            tunnels = sys.modules.get("tdxvm.launch.tunnel")  # imported only by commands that reach guests
+            if tunnels is not None:
+                tunnels.close_all()
 
 
 if __name__ == "__main__":  # pragma: no cover

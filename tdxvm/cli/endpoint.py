@@ -127,8 +127,9 @@ def verify_endpoint_cmd(
     sources: list[str] = []
     collateral: Collateral | Any
     trust = None
+    published: str | None = None  # --vm: the URL clients use, when the check went through the host's SSH
     if vm_name is not None:
-        url, vm_policy, trust, recorded = _vm_endpoint(vm_name, uri)
+        url, published, vm_policy, trust, recorded = _vm_endpoint(vm_name, uri)
         policy = policy if policy_path else vm_policy
         anchor = anchor or trust.trust_anchor
         digest = digest or recorded
@@ -152,7 +153,7 @@ def verify_endpoint_cmd(
             url, collateral=collateral, policy=policy, trust_anchor=anchor, at=at, timeout=timeout, model_digest=digest
         )
     except EndpointRefused as exc:
-        _report_refused(exc, sources, output)
+        _report_refused(exc, sources, output, published)
         sys.exit(EXIT_REFUSED)
     except EndpointUnreachable as exc:
         _error(exc, output)
@@ -161,12 +162,20 @@ def verify_endpoint_cmd(
         raise CliError(str(exc)) from None
     if output == "json":
         answer = _talk(endpoint, prompt, chat, max_tokens, output) if (prompt or chat) else {}
-        emit_json({**endpoint.to_dict(), "reasons": [], "collateral": sources[0] if sources else None, **answer})
+        emit_json(
+            {
+                **endpoint.to_dict(),
+                **_through(endpoint.url, published),
+                "reasons": [],
+                "collateral": sources[0] if sources else None,
+                **answer,
+            }
+        )
     else:
         _print_verdict(endpoint.verdict, sources[0] if sources else "-")
         for line in endpoint.verdict.to_dict()["checked_by_event_log"]:
             click.echo(click.style(f"checked: {line}", fg="green"))
-        _print_endpoint(endpoint.url, endpoint.tls_spki_sha256, endpoint.provider, pinned=True)
+        _print_endpoint(_shown(endpoint.url, published), endpoint.tls_spki_sha256, endpoint.provider, pinned=True)
         _print_model(endpoint)
         log = endpoint.event_log_check()
         if log is not None:
@@ -194,18 +203,30 @@ def _digest(text: str) -> bytes:
         raise CliError(f"--model-digest: {exc}") from None
 
 
-def _vm_endpoint(name: str, uri: str | None) -> tuple[str, Policy, Any, bytes | None]:
-    """URL, policy, trust and provisioned model digest of VM ``name`` from the controller's
-    record of it (never from the domain's metadata, which its host writes)."""
+def _vm_endpoint(name: str, uri: str | None) -> tuple[str, str | None, Policy, Any, bytes | None]:
+    """The URL to check, the published URL when that is another (a tunnel through the
+    host's SSH to its loopback), policy, trust and provisioned model digest of VM
+    ``name``, from the controller's record of it (never the domain's metadata, which its
+    host writes)."""
     from tdxvm.launch.connection import connection
     from tdxvm.launch.records import VmRecords
     from tdxvm.provision.attestation import trusted_vm
-    from tdxvm.provision.model import recorded_digest, service_url
+    from tdxvm.provision.model import checked_service_url, recorded_digest, service_url
     from tdxvm.secretstore import SecretStore
 
     with connection(uri or "qemu:///system") as conn:
         record, trust = trusted_vm(conn, name, VmRecords.beside(SecretStore()))
-    return service_url(record), record.policy, trust, recorded_digest(record)
+    checked, published = checked_service_url(record), service_url(record)
+    return checked, (published if published != checked else None), record.policy, trust, recorded_digest(record)
+
+
+def _through(checked: str, published: str | None) -> dict[str, str]:
+    """For -o json: the published URL as ``url``, and where it was checked, when they differ."""
+    return {"url": published, "checked_at": checked} if published else {}
+
+
+def _shown(checked: str, published: str | None) -> str:
+    return f"{published} (checked through the host's SSH, at {checked})" if published else checked
 
 
 def _print_model(endpoint: Any) -> None:
@@ -263,7 +284,7 @@ def _print_endpoint(url: str, spki_sha256: str | None, provider: str | None, *, 
     click.echo(f"quote provider: {safe_text(provider or '?')}")
 
 
-def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> None:
+def _report_refused(exc: EndpointRefused, sources: list[str], output: str, published: str | None = None) -> None:
     """The refusal; in text a verified quote's whole verdict (its reasons included), and
     the key the endpoint presented."""
     if output == "text" and exc.verdict is not None:
@@ -271,6 +292,7 @@ def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> No
     else:
         document = {
             "url": exc.url,
+            **_through(exc.url, published),
             "verdict": "reject",
             "tls_spki_sha256": exc.tls_spki_sha256,
             "provider": exc.provider,
@@ -280,7 +302,7 @@ def _report_refused(exc: EndpointRefused, sources: list[str], output: str) -> No
         }
         print_refusal("the endpoint gave no quote to verify", exc.reasons, output, document=document)
     if output == "text":
-        _print_endpoint(exc.url, exc.tls_spki_sha256, exc.provider, pinned=False)
+        _print_endpoint(_shown(exc.url, published), exc.tls_spki_sha256, exc.provider, pinned=False)
 
 
 def _error(exc: EndpointError, output: str) -> None:

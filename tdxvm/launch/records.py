@@ -36,6 +36,7 @@ from typing import Any
 from tdxvm.attest.policy import Policy
 from tdxvm.errors import Refused
 from tdxvm.fileio import write_atomic
+from tdxvm.launch import tunnel
 from tdxvm.launch.domain import PortForward
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.metadata import VmMetadata
@@ -89,6 +90,11 @@ class VmRecord:
                 f"VM {self.name} has no port forward to its {what} (guest port {guest_port})", code="no-forward"
             )
         return f.host_address, f.host_port
+
+    def reach(self, guest_port: int | None, what: str) -> tuple[str, int]:
+        """Where the controller connects to ``guest_port``: the forward itself on a local
+        host, a tunnel through the host's SSH on a ``qemu+ssh://`` one (:func:`tunnel.reach`)."""
+        return tunnel.reach(self.uri, *self.address(guest_port, what))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

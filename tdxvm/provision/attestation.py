@@ -21,6 +21,7 @@ import libvirt
 
 from tdxvm.attest.policy import Policy
 from tdxvm.errors import TdxvmError, Unreachable
+from tdxvm.launch import tunnel
 from tdxvm.launch.connection import is_test_driver
 from tdxvm.launch.console import read_host_file
 from tdxvm.launch.errors import ConsoleError
@@ -177,14 +178,14 @@ def reattest(
     if policy is None:
         record, trust = trusted_vm(conn, name, records, trust=trust)
         policy = record.policy
-        address = record.address(record.agent_port, "guest agent")
+        address = record.reach(record.agent_port, "guest agent")
     else:
         trust = trust or for_backend(backend)
         agent_port = int(meta.labels.get("agent_port") or 7300)
         fwd = next((f for f in meta.forwards() if f.guest_port == agent_port), None)
         if fwd is None:
             raise BringUpError(f"{name} has no forward to its agent port {agent_port}", phase="attest")
-        address = (fwd.host_address, fwd.host_port)
+        address = tunnel.reach(conn.getURI(), fwd.host_address, fwd.host_port)
     manifest = None
     if is_test_driver(conn.getURI()):  # no files on such a host: the emulated quote service measures the build's
         manifest = load_manifest(record.manifest if record is not None else meta.labels.get("manifest", ""))

@@ -29,6 +29,7 @@ from typing import Any
 
 import libvirt
 
+from tdxvm.launch import tunnel
 from tdxvm.launch.connection import is_test_driver
 from tdxvm.launch.console import serial_log_tail
 from tdxvm.launch.errors import LaunchError
@@ -125,9 +126,11 @@ def _wait_for_agent(
     deadline: float,
     phase: str,
     poll: float = 1.0,
+    where: str = "",
 ) -> None:
     """Until the agent at ``address`` answers and would bind ``needs`` (the initramfs'
-    unlock step binds only x25519; the booted system's agent also its SSH host key)."""
+    unlock step binds only x25519; the booted system's agent also its SSH host key);
+    ``where`` names it in errors (the forward on its host, when ``address`` is a tunnel)."""
     dom = conn.lookupByName(name)
     last: Exception | str = "no answer"
     while time.monotonic() < deadline:
@@ -142,7 +145,7 @@ def _wait_for_agent(
             last = exc
         time.sleep(poll)
     raise BringUpTimeout(
-        f"the guest agent at {address[0]}:{address[1]} did not answer in time ({last})",
+        f"the guest agent at {where or f'{address[0]}:{address[1]}'} did not answer in time ({last})",
         phase=phase,
         serial_tail=_tail(conn, name),
     )
@@ -249,6 +252,7 @@ def bring_up(
             )
         secrets.get(f"weights/{spec.model.key_name}")  # the model key too
 
+    tunnel.prepare(conn.getURI())  # a host whose guests cannot be reached, or whose SSH refuses us: stop here
     t = phases.begin("define")
     with define_lock if define_lock is not None else nullcontext():
         handle: DomainHandle = prepare_domain(spec, manifest, conn, labels=labels)
@@ -264,11 +268,19 @@ def bring_up(
 
     t = phases.begin("boot")
     start(handle)
-    agent = handle.agent
-    result.agent = agent
+    result.agent = handle.agent  # on the host; the controller connects through `agent` (a tunnel for a remote host)
     try:
+        agent = tunnel.reach(handle.uri, *handle.agent)
+        where = "" if agent == handle.agent else f"{handle.agent[0]}:{handle.agent[1]} of {handle.uri} (through SSH)"
         _wait_for_agent(
-            conn, spec.name, agent, needs="x25519", deadline=time.monotonic() + boot_timeout, phase="boot", poll=poll
+            conn,
+            spec.name,
+            agent,
+            needs="x25519",
+            deadline=time.monotonic() + boot_timeout,
+            phase="boot",
+            poll=poll,
+            where=where,
         )
         phases.end("boot", t, "the unlock step answers")
         t = phases.begin("quote")
@@ -300,6 +312,7 @@ def bring_up(
             deadline=time.monotonic() + ready_timeout,
             phase="ready",
             poll=poll,
+            where=where,
         )
         system = attest(
             conn, spec.name, agent, trust, handle.policy, require_keys=("x25519", "ssh-host"), manifest=manifest
@@ -320,7 +333,8 @@ def bring_up(
     if ssh_forward is not None:
         result.ssh = (ssh_forward.host_address, ssh_forward.host_port)
         if login_check:
-            client = _ssh_until(result.ssh, host_key, secrets, deadline=time.monotonic() + ready_timeout)
+            address = tunnel.reach(handle.uri, *result.ssh)
+            client = _ssh_until(address, host_key, secrets, deadline=time.monotonic() + ready_timeout)
             with client:
                 ssh.run(client, "true")
     if manifest.service_port and (fwd := handle.forward(manifest.service_port)) is not None:

@@ -47,6 +47,7 @@ from tdxvm.guest.install import key_secret_name
 from tdxvm.guest.modeldigest import show
 from tdxvm.guest.transferwire import WireError, build_manifest
 from tdxvm.guest.weights import WeightsError, model_digest, read_index
+from tdxvm.launch import tunnel
 from tdxvm.launch.lifecycle import lookup, set_labels
 from tdxvm.launch.records import VmRecord, VmRecords
 from tdxvm.launch.spec import ModelRef
@@ -144,7 +145,12 @@ def _journal(client: Any, lines: int = 25) -> str:
         return f"(journal unavailable: {exc})"
 
 
-def service_url(vm: VmRecord) -> str:
+def _url(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+def _service_forward(vm: VmRecord) -> tuple[str, int]:
     fwd = _forward(vm, vm.service_port)
     if fwd is None:
         raise ProvisionError(
@@ -152,7 +158,27 @@ def service_url(vm: VmRecord) -> str:
             phase="check",
             code="no-service",
         )
-    return f"https://{fwd[0]}:{fwd[1]}"
+    return fwd
+
+
+def service_url(vm: VmRecord) -> str:
+    """The service's URL for clients: its forward as the host publishes it
+    (:func:`tunnel.published`), what the record and ``status`` show."""
+    return _url(tunnel.published(vm.uri, *_service_forward(vm)))
+
+
+def controller_service_url(vm: VmRecord) -> str:
+    """Where this controller reaches the service: :func:`service_url` on a local host, a
+    tunnel through the host's SSH on a ``qemu+ssh://`` one (:func:`tunnel.reach`)."""
+    return _url(tunnel.reach(vm.uri, *_service_forward(vm)))
+
+
+def checked_service_url(vm: VmRecord) -> str:
+    """Where ``verify-endpoint --vm`` checks the service as its clients reach it: the
+    published URL, except that a service the host publishes on its own loopback (which
+    only the host reaches) is checked through the host's SSH (:func:`tunnel.reach`)."""
+    host, _ = _service_forward(vm)
+    return controller_service_url(vm) if tunnel.is_loopback(host) else service_url(vm)
 
 
 def recorded_digest(vm: VmRecord) -> bytes | None:
@@ -167,7 +193,7 @@ def attest_service(
     """The VM's inference endpoint, attested against the policy it was launched with (its record's),
     serving the model ``model_digest`` names if given."""
     return verify_endpoint(
-        service_url(vm),
+        controller_service_url(vm),
         collateral=trust.collateral,
         policy=vm.policy,
         trust_anchor=trust.trust_anchor,
@@ -217,9 +243,9 @@ def _upload(
             phase="upload",
             code="no-forward",
         )
-    kwargs: dict[str, Any] = (
-        {"guest_address": fwd, "listen": f"0.0.0.0:{transfer.GUEST_PORT}"}
-        if chosen == "tcp"
+    kwargs: dict[str, Any] = (  # a remote host's forward through its SSH (tunnel.reach), streams and all
+        {"guest_address": tunnel.reach(vm.uri, *fwd), "listen": f"0.0.0.0:{transfer.GUEST_PORT}"}
+        if chosen == "tcp" and fwd is not None
         else {"guest_address": None}
     )
     started = time.monotonic()
@@ -293,7 +319,9 @@ def provision(
     with (
         guest,
         contextlib.closing(
-            ssh.connect(ssh_addr, host_key=guest.keys["ssh-host"], client_key=controller_key(secrets))
+            ssh.connect(
+                tunnel.reach(vm.uri, *ssh_addr), host_key=guest.keys["ssh-host"], client_key=controller_key(secrets)
+            )
         ) as client,
     ):
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
@@ -336,11 +364,12 @@ def provision(
                 f"{SERVICE_UNIT} did not come up: {exc}; its log:\n{_journal(client)}", phase="service", code=exc.code
             ) from None
     result.timings["service"] = time.monotonic() - t
-    result.endpoint, result.url, result.model_digest = endpoint.to_dict(), endpoint.url, show(expected)
+    # what clients use is the published URL; the endpoint was attested where this controller reaches it
+    result.endpoint, result.url, result.model_digest = {**endpoint.to_dict(), "url": url}, url, show(expected)
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     served = {
         "name": model.served_name,
-        "url": endpoint.url,
+        "url": url,
         "tls_spki_sha256": endpoint.tls_spki_sha256,
         "at": at,
         "digest": show(expected),
@@ -351,7 +380,7 @@ def provision(
         conn.lookupByUUIDString(vm.uuid),
         {
             "model": model.served_name,
-            "model_url": endpoint.url,  # display copy
+            "model_url": url,  # display copy
             "model_tls_spki": endpoint.tls_spki_sha256,
             "model_at": at,
             "model_digest": show(expected),

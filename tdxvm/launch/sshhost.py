@@ -1,0 +1,237 @@
+"""One SSH session per libvirt host, shared by every tunnel to that host's guest ports.
+
+:func:`session` returns the process-wide :class:`HostSession` of an
+:class:`~tdxvm.launch.sshtarget.SshTarget` (thread-safe). It connects the way ``ssh``
+does for libvirt's ``qemu+ssh://`` transport: the host key first, checked against the
+target's known_hosts files (:mod:`tdxvm.launch.knownhosts`; an unknown, changed or revoked
+key is :class:`~tdxvm.launch.sshtarget.HostKeyRefused` before any key or byte of ours is
+sent, except that ``no_verify=1`` accepts an unknown key with an
+:class:`InsecureHostKeyWarning`), then public-key authentication with the target's key
+file, ssh-agent's keys and the default identities (:mod:`tdxvm.launch.sshauth`).
+Nothing here trusts the host: the session only transports, and everything sent through
+it to a guest is authenticated end to end to keys the guest's quote binds.
+
+:meth:`HostSession.open_channel` opens a ``direct-tcpip`` channel with a large window
+(bulk uploads go through it); a session whose connection died reconnects on the next
+channel, once per channel asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import warnings
+from pathlib import Path
+
+import paramiko
+
+from tdxvm.errors import TdxvmError
+from tdxvm.launch import knownhosts
+from tdxvm.launch.sshauth import authenticate
+from tdxvm.launch.sshtarget import HostKeyRefused, HostSshUnreachable, SshTarget
+
+WINDOW = 16 << 20  # per channel: the upload streams push gigabytes (tdxvm.provision.transfer.SSH_WINDOW)
+MAX_PACKET = 256 << 10  # what the host may send us per packet (OpenSSH's limit): fewer, larger packets
+CONNECT_TIMEOUT = 20.0
+CHANNEL_TIMEOUT = 30.0
+KEEPALIVE = 15  # seconds between keepalives: a dead connection is noticed, and reconnected
+_KINDS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
+_SIGNATURES = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}  # host key type -> algorithms
+
+
+class InsecureHostKeyWarning(TdxvmError, UserWarning):
+    """A host key accepted without being in known_hosts, because the URI says ``no_verify=1``:
+    a warning (``warnings.warn``; the CLI prints it as one ``warning:`` line), never raised."""
+
+    code = "host-key-unverified"
+
+
+def _kind(key_type: str) -> str:
+    return _KINDS.get(key_type) or ("ECDSA" if key_type.startswith("ecdsa") else key_type)
+
+
+def _prefer(transport: paramiko.Transport, known: list[str]) -> None:
+    """Ask for the host key types known_hosts holds first, as ``ssh`` does; and for AES-GCM
+    where paramiko has it (one pass instead of AES-CTR plus HMAC: bench/tunnel.py)."""
+    options = transport.get_security_options()
+    ciphers = list(options.ciphers)
+    options.ciphers = [c for c in ciphers if "-gcm@" in c] + [c for c in ciphers if "-gcm@" not in c]
+    supported = list(options.key_types)
+    wanted = [a for t in known for a in _SIGNATURES.get(t, (t,)) if a in supported]
+    wanted = list(dict.fromkeys(wanted))
+    options.key_types = wanted + [a for a in supported if a not in wanted]
+
+
+def _check_host_key(target: SshTarget, entries: list[knownhosts.Entry], key: paramiko.PKey) -> None:
+    blob, key_type = key.asbytes(), key.get_name()
+    found = knownhosts.check(entries, target.known_name, key_type, blob)
+    if found.status == "known":
+        return
+    name, kind, fp = target.known_name, _kind(key_type), knownhosts.fingerprint(blob)
+    files = ", ".join(target.known_hosts)
+    first = target.known_hosts[0] if target.known_hosts else "~/.ssh/known_hosts"
+    add = f"ssh-keyscan -t {key_type} -p {target.port} {target.key_alias or target.host} >> {first}"
+    if found.status == "unknown" and target.no_verify:
+        warnings.warn(
+            InsecureHostKeyWarning(
+                f"host {name}: its {kind} key {fp} is not in {files}; accepted unchecked because the libvirt URI "
+                f"says no_verify=1 (whoever answered at {target.host}:{target.port} is trusted to transport); "
+                f"check the fingerprint on the host, add it (`{add}`) and drop no_verify"
+            ),
+            stacklevel=2,
+        )
+        return
+    if found.status == "revoked":
+        e = found.entries[0]
+        why = f"its {kind} key {fp} is marked @revoked in {e.source}:{e.line}"
+        fix = "the host must get a new key; add that one to known_hosts once its fingerprint is checked"
+    elif found.status == "changed":
+        held = "; ".join(f"{e.source}:{e.line} ({knownhosts.fingerprint(e.blob)})" for e in found.entries)
+        why = (
+            f"REMOTE HOST IDENTIFICATION HAS CHANGED: it presented the {kind} key {fp}, but known_hosts holds "
+            f"another {kind} key for it at {held}; someone could be intercepting the connection (a man in "
+            "the middle), or the host's key was replaced"
+        )
+        fix = (
+            f"only if the key was replaced on purpose (check {fp} on the host: `ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_{kind.lower()}_key.pub`), remove the old entry (`ssh-keygen -R '{name}' -f "
+            f"{found.entries[0].source}`) and add the new one (`{add}`)"
+        )
+    else:
+        others = f" (known_hosts holds only its {', '.join(found.other_types)} key)" if found.other_types else ""
+        why = f"its authenticity can't be established: its {kind} key {fp} is not in {files}{others}"
+        fix = (
+            f"check the fingerprint on the host (`ssh-keygen -lf /etc/ssh/ssh_host_{kind.lower()}_key.pub`), "
+            f"then add it (`{add}`, or `{target.ssh_command()}` once and answer yes)"
+        )
+    raise HostKeyRefused(
+        f"host {name}: {why}; refused, nothing was sent\nfix: {fix}",
+        host=name,
+        key_type=key_type,
+        fingerprint=fp,
+        files=target.known_hosts,
+    )
+
+
+def connect(target: SshTarget) -> paramiko.Transport:
+    """A new authenticated transport to ``target`` (see the module doc)."""
+    try:
+        sock = socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise HostSshUnreachable(
+            f"cannot reach {target.where}: {exc.strerror or exc}\nfix: check that {target.host} is reachable and "
+            f"runs sshd (`{target.ssh_command()} true`)"
+        ) from None
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = paramiko.Transport(sock, default_window_size=WINDOW)
+    try:
+        entries = knownhosts.read_files([Path(p) for p in target.known_hosts])
+        _prefer(transport, knownhosts.known_types(entries, target.known_name))
+        try:
+            transport.start_client(timeout=CONNECT_TIMEOUT)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostSshUnreachable(f"ssh {target.where}: no SSH session: {exc}") from None
+        _check_host_key(target, entries, transport.get_remote_server_key())
+        authenticate(transport, target)
+    except BaseException:
+        transport.close()
+        raise
+    transport.set_keepalive(KEEPALIVE)
+    return transport
+
+
+class HostSession:
+    """The shared, reconnecting SSH session to one host (see the module doc)."""
+
+    def __init__(self, target: SshTarget) -> None:
+        self.target = target
+        self.connects = 0  # how many transports were opened: 1 plus the reconnects
+        self._lock = threading.Lock()
+        self._transport: paramiko.Transport | None = None
+
+    def _live(self) -> tuple[paramiko.Transport, bool]:
+        """The transport, and whether it was opened now (held under the lock: one connect at a time)."""
+        with self._lock:
+            if self._transport is not None and self._transport.is_active():
+                return self._transport, False
+            self._reconnect(self._transport)
+            assert self._transport is not None
+            return self._transport, True
+
+    def _reconnect(self, dead: paramiko.Transport | None) -> None:
+        if dead is not None:
+            dead.close()
+        self._transport = None
+        self._transport = connect(self.target)
+        self.connects += 1
+
+    def ensure(self) -> paramiko.Transport:
+        """The live transport, connecting if there is none or it died (typed errors if that fails)."""
+        return self._live()[0]
+
+    def open_channel(self, dest: tuple[str, int], *, timeout: float = CHANNEL_TIMEOUT) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to ``dest`` as the host sees it; reconnects once if the
+        session died. :class:`HostSshUnreachable` if nothing answers there or no session."""
+        transport, fresh = self._live()
+        try:
+            return self._direct(transport, dest, timeout)
+        except paramiko.ChannelException as exc:  # the host answered: nothing listens at dest
+            raise self._refused(dest, exc) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if fresh:
+                raise HostSshUnreachable(f"ssh {self.target.where}: no channel to {dest[0]}:{dest[1]}: {exc}") from None
+        with self._lock:
+            if self._transport is transport:  # no other thread replaced it meanwhile
+                self._reconnect(transport)
+            transport = self._transport
+            assert transport is not None
+        try:
+            return self._direct(transport, dest, timeout)
+        except paramiko.ChannelException as exc:
+            raise self._refused(dest, exc) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostSshUnreachable(f"ssh {self.target.where}: no channel to {dest[0]}:{dest[1]}: {exc}") from None
+
+    @staticmethod
+    def _direct(transport: paramiko.Transport, dest: tuple[str, int], timeout: float) -> paramiko.Channel:
+        return transport.open_channel(
+            "direct-tcpip", dest, ("127.0.0.1", 0), window_size=WINDOW, max_packet_size=MAX_PACKET, timeout=timeout
+        )
+
+    def _refused(self, dest: tuple[str, int], exc: paramiko.ChannelException) -> HostSshUnreachable:
+        return HostSshUnreachable(f"{self.target.host} could not connect to {dest[0]}:{dest[1]}: {exc.text}")
+
+    @property
+    def transport(self) -> paramiko.Transport | None:
+        """The current transport (None before the first connect)."""
+        return self._transport
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+
+
+_sessions: dict[SshTarget, HostSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def session(target: SshTarget) -> HostSession:
+    """The process-wide session of ``target`` (created unconnected on first use)."""
+    with _sessions_lock:
+        found = _sessions.get(target)
+        if found is None:
+            found = _sessions[target] = HostSession(target)
+        return found
+
+
+def close_sessions() -> None:
+    """Close every host session (the CLI's exit, tests)."""
+    with _sessions_lock:
+        sessions = list(_sessions.values())
+        _sessions.clear()
+    for s in sessions:
+        s.close()

@@ -124,3 +124,21 @@ def _remove_uploaded_volumes(manifest: dict) -> None:
         pass
     finally:
         conn.close()
+
+
+# -- a second libvirt host, reached only over SSH (tests/nshost.py) ----------------------
+@pytest.fixture(scope="session")
+def ns_host():
+    """A libvirt host in namespaces of its own on this machine, as
+    ``qemu+ssh://root@10.231.N.2/system?...``; skipped where namespaces are not usable
+    (not root), torn down at the session's end."""
+    from .nshost import NamespaceHost, Unavailable
+
+    try:
+        host = NamespaceHost().start()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield host
+    finally:
+        host.close()

@@ -140,7 +140,7 @@ def _report_refused(name: str, state: str, message: str, reasons: Any, output: s
 
 def _dry_run(vm: Any, output: str) -> None:
     from tdxvm.launch.connection import is_local
-    from tdxvm.launch.lifecycle import render_domain
+    from tdxvm.launch.lifecycle import firmware_upload, render_domain
     from tdxvm.launch.manifest import load_manifest
     from tdxvm.launch.ports import choose_forwards
     from tdxvm.launch.spec import effective_policy, filled_from_manifest
@@ -149,7 +149,7 @@ def _dry_run(vm: Any, output: str) -> None:
     manifest = load_manifest(vm.image)
     policy = effective_policy(vm, manifest)
     forwards = choose_forwards(vm, manifest, taken=set(), local=is_local(vm.uri))
-    volumes = planned(manifest, vm.name)
+    volumes = planned(manifest, vm.name, firmware=firmware_upload(vm, manifest, vm.uri))
     xml = render_domain(vm, manifest, volumes=volumes, forwards=forwards, policy=policy)
     filled = list(filled_from_manifest(vm, manifest))
     policy_doc = policy.model_dump(mode="json", exclude_none=True)

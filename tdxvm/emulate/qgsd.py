@@ -11,13 +11,21 @@ the one-shot service does), listens on 127.0.0.1 (the guest reaches it at
 no longer running. It stands in for hardware only where the host is trusted, like the
 rest of the emulated platform.
 
+It always runs on the controller, where the platform's keys are. For a domain on a
+remote ``qemu+ssh://`` host it opens its own SSH session to the host (the URI's identity
+and known_hosts) and keeps a port of the host's loopback offered for its whole life
+(:func:`tdxvm.launch.tunnel.offer`, ``ssh -R``): PORT is then that port on the host,
+and a dropped session is reconnected and the same port asked for again at each poll.
+
 It also keeps the emulated TD's RTMR3 (the guest's extend requests, in memory only), so
 it serves one *boot* of the domain, not the domain: libvirt gives a running domain a new
 ID each time it starts, and :class:`DomainWatch` remembers the ID it started with. Once
 the domain stops or runs under another ID (a reboot: tdxvm's domains stop on a guest
 reboot, ``on_reboot=destroy``, and start again only through a new launch or provision),
 every request is refused and the daemon exits; the next ``ensure`` starts a fresh one
-whose RTMR3 is zero, as a rebooted TD's is.
+whose RTMR3 is zero, as a rebooted TD's is. A libvirt connection that breaks is opened
+again (the domain counts as the same boot for up to :data:`OUTAGE_LIMIT` seconds
+without libvirt).
 
 :func:`ensure` starts one for a domain unless one already runs for it, and returns its
 port; its pid and port live in ``<emulated dir>/qgsd/<uuid>.json``.
@@ -33,8 +41,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +53,7 @@ from tdxvm.emulate.qgs import GUEST_GATEWAY, LaunchArtifacts, QuoteService, Quot
 
 POLL_SECONDS = 2.0
 START_TIMEOUT = 30.0
+OUTAGE_LIMIT = 120.0  # seconds without libvirt (an SSH or libvirtd restart) before the daemon gives up
 log = logging.getLogger("tdxvm.emulate.qgsd")
 
 
@@ -137,22 +147,70 @@ def ensure(uri: str, uuid: str, emulated_dir: Path, *, boot_id: int | None = Non
 
 class DomainWatch:
     """Whether domain ``uuid`` is still the boot this daemon started for: running, under the
-    libvirt domain ID it had then."""
+    libvirt domain ID it had then.
 
-    def __init__(self, conn: libvirt.virConnect, uuid: str) -> None:
-        self.conn, self.uuid = conn, uuid
+    With ``reopen`` (a new connection to the same libvirt), a connection that breaks (a
+    remote host's SSH dropped, its libvirtd restarted) is opened again at the next check,
+    and the domain counts as the same boot meanwhile, for at most ``outage_limit``
+    seconds; without it, a broken connection counts as a stopped domain."""
+
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        uuid: str,
+        *,
+        reopen: Callable[[], libvirt.virConnect] | None = None,
+        outage_limit: float = OUTAGE_LIMIT,
+    ) -> None:
+        self.conn, self.uuid, self.reopen, self.outage_limit = conn, uuid, reopen, outage_limit
+        self.reopened = 0  # connections opened again after one broke
+        self._lock = threading.Lock()  # the serving thread and the poll both ask
+        self._lost_since: float | None = None
         self.boot_id = self._running_id()
 
     def _running_id(self) -> int | None:
         try:
             dom = self.conn.lookupByUUIDString(self.uuid)
             return int(dom.ID()) if dom.isActive() else None
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
+            if self.reopen is None or exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _lost(self, exc: libvirt.libvirtError) -> str | None:
+        """The connection broke: open another; None (the same boot) until ``outage_limit``."""
+        assert self.reopen is not None
+        now = time.monotonic()
+        if self._lost_since is None:
+            self._lost_since = now
+            log.warning("lost libvirt while watching domain %s: %s", self.uuid, exc)
+        try:
+            conn = self.reopen()
+        except Exception as again:  # noqa: BLE001 - any failure to connect: try again at the next check
+            if now - self._lost_since > self.outage_limit:
+                return (
+                    f"libvirt unreachable for {now - self._lost_since:.0f} s ({again}): whether domain {self.uuid} "
+                    "still runs the boot this emulated quote service measured is unknown, so it has stopped"
+                )
             return None
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+        self.conn, self._lost_since = conn, None
+        self.reopened += 1
+        log.info("libvirt connection opened again (domain %s)", self.uuid)
+        return None  # the next check asks the new connection
 
     def gone(self) -> str | None:
         """None while it is the same boot; else why not (a refusal for the guest)."""
-        now = self._running_id()
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> str | None:
+        try:
+            now = self._running_id()
+        except libvirt.libvirtError as exc:
+            return self._lost(exc)
+        self._lost_since = None
         if self.boot_id is None or now is None:
             return f"domain {self.uuid} is not running: this emulated quote service has stopped"
         if now != self.boot_id:
@@ -171,14 +229,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--emulated-dir", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # a failed reconnect is logged once, below, not traced
     from tdxvm.emulate import EmulatedPlatform
+    from tdxvm.launch import tunnel
     from tdxvm.launch.connection import open_connection
     from tdxvm.launch.console import read_host_file
     from tdxvm.launch.rtmr0pin import running_argv
+    from tdxvm.launch.sshtarget import HostSshError
 
+    offered = contextlib.ExitStack()
     try:
         conn = open_connection(args.uri)
-        watch = DomainWatch(conn, args.uuid)
+        watch = DomainWatch(conn, args.uuid, reopen=lambda: open_connection(args.uri))
         if (why := watch.gone()) is not None:
             raise QuoteServiceError(why, code="qgsd")
         dom = conn.lookupByUUIDString(args.uuid)
@@ -189,18 +251,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         service = QuoteService(platform, artifacts, port=args.port, guard=watch.gone)
         service.start()
+        port = offered.enter_context(tunnel.offer(args.uri, "127.0.0.1", service.port))  # the port on the host
     except Exception as exc:  # any failure to stand up is reported on the line ensure() reads
+        offered.close()
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
-    print(json.dumps({"port": service.port, "boot_id": watch.boot_id}), flush=True)
+    print(json.dumps({"port": port, "boot_id": watch.boot_id}), flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the starter has read its line; nothing more goes there
-    log.info("serving quotes for domain %s (ID %s) on %s", args.uuid, watch.boot_id, service.address)
+    where = "" if port == service.port else f", offered on the host's loopback at port {port}"
+    log.info("serving quotes for domain %s (ID %s) on %s%s", args.uuid, watch.boot_id, service.address, where)
     try:
         while (why := watch.gone()) is None:
             time.sleep(POLL_SECONDS)
+            try:
+                tunnel.prepare(args.uri)  # a remote host's session: reconnected (and the port offered again)
+            except HostSshError as exc:
+                log.warning("%s", exc)
         log.info("%s", why)
     finally:
+        offered.close()
         service.close()
         record = _record(args.emulated_dir, args.uuid)
         with contextlib.suppress(OSError, ValueError, TypeError):

@@ -63,7 +63,11 @@ def read_host_file(conn: libvirt.virConnect, path: str) -> bytes:
                 return Path(path).read_bytes()
             except OSError as exc:
                 raise ConsoleError(f"{path}: {exc.strerror or exc}") from None
-        raise ConsoleError(f"{path} is not a volume libvirt on {uri} knows") from None
+        raise ConsoleError(
+            f"{path} is not a volume libvirt on {uri} knows: tdxvm reads another host's files only through "
+            "libvirt's storage pools (an emulated guest's firmware: leave the VM spec's firmware: out and the "
+            "image's TDVF goes into tdxvm's pool, or name a file in a pool of the host)"
+        ) from None
     return _download(conn, vol, 0, size, path)
 
 

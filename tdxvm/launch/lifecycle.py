@@ -31,8 +31,8 @@ from tdxvm.launch import metadata as md
 from tdxvm.launch import preflight as pf
 from tdxvm.launch.connection import is_local, libvirt_message
 from tdxvm.launch.domain import TDXVM_NS, DomainSpec, PortForward, domain_xml
-from tdxvm.launch.errors import DomainError, LaunchError, NoSuchVmError, NotOurDomainError, VmExistsError
-from tdxvm.launch.manifest import ImageManifest
+from tdxvm.launch.errors import DomainError, LaunchError, NoSuchVmError, NotOurDomainError, VmExistsError, VolumeError
+from tdxvm.launch.manifest import Artifact, ImageManifest
 from tdxvm.launch.ports import choose_forwards
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 from tdxvm.launch.rtmr0pin import Rtmr0Pin
@@ -196,7 +196,7 @@ def build_domain_spec(
         cmdline=manifest.cmdline,
         disk=volumes.overlay,
         disk_format="qcow2",
-        firmware=firmware_path(spec, manifest),
+        firmware=volumes.firmware or firmware_path(spec, manifest),
         vcpu_pins=tuple(pins),
         numa_nodeset=numa,
         port_forwards=forwards,
@@ -298,7 +298,14 @@ def prepare_domain(
     forwards = choose_forwards(spec, manifest, taken=ports_in_use(conn), local=is_local(uri))
     progress(StepEvent("volumes", "start"))
     volumes = prepare_volumes(
-        conn, manifest, spec.name, progress, pool_name=pool, pool_target=pool_path, scratch_bytes=spec.scratch << 20
+        conn,
+        manifest,
+        spec.name,
+        progress,
+        pool_name=pool,
+        pool_target=pool_path,
+        scratch_bytes=spec.scratch << 20,
+        firmware=firmware_upload(spec, manifest, uri),
     )
     progress(StepEvent("volumes", "done"))
     dom: libvirt.virDomain | None = None
@@ -342,6 +349,29 @@ def prepare_domain(
         xml=xml,
         rtmr0=rtmr0,
     )
+
+
+def firmware_upload(spec: VmSpec, manifest: ImageManifest, uri: str) -> Artifact | None:
+    """The TDVF to put into the host's pool with the image, or None (the domain names its path as it is).
+
+    An emulated guest boots no TDVF: the controller's quote service reads the one it
+    stands for back through libvirt and reports its MRTD. On this machine that is the
+    manifest's file itself; a remote host has no such file (the manifest's path is the
+    build machine's), so the manifest's TDVF goes into the host's pool like the kernel
+    (checked against the manifest's SHA-256 as it streams). A VM spec's own
+    ``firmware:`` is a path on the host and is named as it is."""
+    if spec.backend != "emulated" or spec.firmware is not None or manifest.firmware is None or is_local(uri):
+        return None
+    path = Path(manifest.firmware.path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise VolumeError(
+            f"TDVF {path}, which image {manifest.name}'s MRTD was predicted for and which the emulated guest on "
+            f"{uri} stands for, cannot be read on this machine: {exc.strerror or exc}"
+            "\nfix: restore it, or set firmware: in the VM spec to a TDVF that is a volume on the host"
+        ) from None
+    return Artifact(name=path.name, path=path, sha256=manifest.firmware.sha256, size=size)
 
 
 def local_firmware(spec: VmSpec, manifest: ImageManifest) -> bytes | None:

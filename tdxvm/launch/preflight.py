@@ -350,7 +350,10 @@ def _firmware(spec: VmSpec, manifest: ImageManifest, facts: HostFacts) -> Findin
             "set firmware: to the TDVF on the host, e.g. "
             "/usr/share/ovmf/OVMF.inteltdx.ms.fd (Debian/Ubuntu package ovmf-inteltdx)",
         )
-    if not facts.local and spec.firmware is None:
+    # an emulated guest on a remote host: the manifest's TDVF goes into the host's pool
+    # (tdxvm.launch.lifecycle.firmware_upload), so it is this machine's file that matters
+    uploaded = spec.backend == "emulated" and spec.firmware is None and not facts.local and not _test_driver(facts)
+    if not facts.local and spec.firmware is None and not uploaded:
         return Finding(
             check,
             "warn",
@@ -358,7 +361,7 @@ def _firmware(spec: VmSpec, manifest: ImageManifest, facts: HostFacts) -> Findin
             f"{facts.uri} is another host",
             "set firmware: to the TDVF's path on that host",
         )
-    if _test_driver(facts) or not facts.local:
+    if _test_driver(facts) or (not facts.local and not uploaded):
         return Finding(
             check,
             "skip",
@@ -367,10 +370,11 @@ def _firmware(spec: VmSpec, manifest: ImageManifest, facts: HostFacts) -> Findin
     p = Path(path)
     if not p.is_file():
         role = "" if spec.backend == "tdx" else " (the emulated quote service computes the MRTD from it)"
+        where = f"on this machine, which puts it into {facts.uri}'s pool" if uploaded else "on this host"
         return Finding(
             check,
             "fail",
-            f"TDVF firmware {path} does not exist on this host{role}",
+            f"TDVF firmware {path} does not exist {where}{role}",
             "install the TDVF (package ovmf-inteltdx) or set firmware: to where it is",
         )
     if manifest.firmware_sha256 is not None:
@@ -378,12 +382,22 @@ def _firmware(spec: VmSpec, manifest: ImageManifest, facts: HostFacts) -> Findin
         if digest != manifest.firmware_sha256:
             return Finding(
                 check,
-                "warn",
+                "fail" if uploaded else "warn",
                 f"TDVF {path} is not the firmware the image's MRTD was predicted for "
-                f"(sha256 {digest}, manifest {manifest.firmware_sha256}): attestation will "
-                "refuse the MRTD",
+                f"(sha256 {digest}, manifest {manifest.firmware_sha256}): "
+                + (
+                    "it cannot be put into the host's pool as the image's"
+                    if uploaded
+                    else "attestation will refuse the MRTD"
+                ),
                 f"boot the manifest's firmware, or rebuild the image with --firmware {path}",
             )
+    if uploaded:
+        return Finding(
+            check,
+            "ok",
+            f"TDVF firmware {path} exists here and goes into {facts.uri}'s pool (the emulated TD stands for it)",
+        )
     return Finding(check, "ok", f"TDVF firmware {path} exists")
 
 

@@ -14,6 +14,14 @@ it to a guest is authenticated end to end to keys the guest's quote binds.
 :meth:`HostSession.open_channel` opens a ``direct-tcpip`` channel with a large window
 (bulk uploads go through it); a session whose connection died reconnects on the next
 channel, once per channel asked for.
+
+:meth:`HostSession.offer` is the other direction (``ssh -R``): the host's sshd listens on
+a port of the host's loopback and hands each connection made there to the controller as
+a ``forwarded-tcpip`` channel (how a remote host's emulated guests reach the controller's
+emulated quote service, :func:`tdxvm.launch.tunnel.offer`). paramiko keeps one handler
+per transport, so the session dispatches every forwarded channel by the port it came
+in on; a reconnect asks for every offer again, on the same port (the guests were told
+it).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import socket
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -29,7 +38,7 @@ import paramiko
 from tdxvm.errors import TdxvmError
 from tdxvm.launch import knownhosts
 from tdxvm.launch.sshauth import authenticate
-from tdxvm.launch.sshtarget import HostKeyRefused, HostSshUnreachable, SshTarget
+from tdxvm.launch.sshtarget import HostForwardRefused, HostKeyRefused, HostSshUnreachable, SshTarget
 
 WINDOW = 16 << 20  # per channel: the upload streams push gigabytes (tdxvm.provision.transfer.SSH_WINDOW)
 MAX_PACKET = 256 << 10  # what the host may send us per packet (OpenSSH's limit): fewer, larger packets
@@ -38,6 +47,8 @@ CHANNEL_TIMEOUT = 30.0
 KEEPALIVE = 15  # seconds between keepalives: a dead connection is noticed, and reconnected
 _KINDS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
 _SIGNATURES = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}  # host key type -> algorithms
+
+Accept = Callable[[paramiko.Channel], None]  # takes one forwarded connection (runs in a thread of its own)
 
 
 class InsecureHostKeyWarning(TdxvmError, UserWarning):
@@ -150,6 +161,7 @@ class HostSession:
         self.connects = 0  # how many transports were opened: 1 plus the reconnects
         self._lock = threading.Lock()
         self._transport: paramiko.Transport | None = None
+        self._offers: dict[int, tuple[str, Accept]] = {}  # port on the host -> (its bind address, taker)
 
     def _live(self) -> tuple[paramiko.Transport, bool]:
         """The transport, and whether it was opened now (held under the lock: one connect at a time)."""
@@ -166,6 +178,9 @@ class HostSession:
         self._transport = None
         self._transport = connect(self.target)
         self.connects += 1
+        for port, (bind, _accept) in list(self._offers.items()):  # same ports: the guests were told them
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+                self._transport.request_port_forward(bind, port, handler=self._forwarded)
 
     def ensure(self) -> paramiko.Transport:
         """The live transport, connecting if there is none or it died (typed errors if that fails)."""
@@ -203,6 +218,55 @@ class HostSession:
     def _refused(self, dest: tuple[str, int], exc: paramiko.ChannelException) -> HostSshUnreachable:
         return HostSshUnreachable(f"{self.target.host} could not connect to {dest[0]}:{dest[1]}: {exc.text}")
 
+    def offer(self, accept: Accept, *, bind: str = "127.0.0.1", port: int = 0) -> int:
+        """Ask the host's sshd to listen on ``bind:port`` of the host (``port`` 0: a free port
+        it picks) and hand each connection made there to ``accept``, as ``ssh -R`` does;
+        returns the port on the host. Asked again on the same port after a reconnect, until
+        :meth:`withdraw`. :class:`HostForwardRefused` if the sshd says no."""
+        with self._lock:
+            if self._transport is None or not self._transport.is_active():
+                self._reconnect(self._transport)
+            transport = self._transport
+            assert transport is not None
+            try:
+                got = transport.request_port_forward(bind, port, handler=self._forwarded)
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if not transport.is_active():
+                    raise HostSshUnreachable(f"ssh {self.target.where}: the session ended: {exc}") from None
+                raise HostForwardRefused(
+                    f"{self.target.where} refused to listen on {bind}:{port or '<any port>'} for the controller (an "
+                    f"SSH remote forward, as `ssh -R`): {exc}\nfix: the host's sshd must allow remote forwards "
+                    "(`AllowTcpForwarding yes` or `remote` in sshd_config, the default; no `DisableForwarding`, "
+                    "and no `restrict`/`permitlisten` on the key in authorized_keys)"
+                ) from None
+            self._offers[got] = (bind, accept)
+        return got
+
+    def withdraw(self, port: int) -> None:
+        """End the offer of ``port`` (:meth:`offer`): the host's sshd stops listening there."""
+        with self._lock:
+            found = self._offers.pop(port, None)
+            transport = self._transport
+        if found is not None and transport is not None and transport.is_active():
+            # not Transport.cancel_port_forward: it drops the handler of every other offer too
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
+                transport.global_request("cancel-tcpip-forward", (found[0], port), wait=True)
+
+    @property
+    def offered(self) -> list[int]:
+        """The ports on the host offered now (:meth:`offer`)."""
+        with self._lock:
+            return sorted(self._offers)
+
+    def _forwarded(self, chan: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]) -> None:
+        """paramiko's one handler of forwarded connections (in its transport's thread: hand on, never block)."""
+        found = self._offers.get(server[1])
+        if found is None:  # withdrawn meanwhile
+            chan.close()
+            return
+        name = f"tdxvm-offer {self.target.where} {server[0]}:{server[1]}"
+        threading.Thread(target=found[1], args=(chan,), name=name, daemon=True).start()
+
     @property
     def transport(self) -> paramiko.Transport | None:
         """The current transport (None before the first connect)."""
@@ -210,6 +274,7 @@ class HostSession:
 
     def close(self) -> None:
         with self._lock:
+            self._offers.clear()
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None

@@ -71,6 +71,13 @@ class HostKeyRefused(HostSshError, Refused):
         self.host, self.key_type, self.fingerprint, self.files = host, key_type, fingerprint, files
 
 
+class HostForwardRefused(HostSshError):
+    """The host's sshd refused to listen for us (a ``tcpip-forward`` request, as ``ssh -R``):
+    its configuration forbids remote forwards, or the port is taken (exit 2, with the fix)."""
+
+    code = "host-ssh-forward"
+
+
 class TransportUnsupported(HostSshError):
     """A remote libvirt URI whose transport is not ssh: its guests' ports cannot be reached."""
 

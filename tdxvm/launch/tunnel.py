@@ -14,6 +14,12 @@ whose channel cannot be opened (nothing listens on the host, or the one reconnec
 failed) is closed. Other remote transports are refused
 (:class:`~tdxvm.launch.sshtarget.TransportUnsupported`).
 
+:func:`offer` is the other direction: a port on the remote host's loopback whose every
+connection is relayed, through the same session (``ssh -R``), to a port on this
+machine's loopback, for as long as its context lasts. The emulated backend offers its
+quote service to a remote host's guests this way: the platform's keys stay on the
+controller, the guest (QEMU user networking) asks ``10.0.2.2:<offered port>``.
+
 The tunnels only transport. What the controller sends a guest through them is
 authenticated end to end to keys its quote binds (the agent's X25519 key, the attested
 SSH host key and TLS key, the upload's session MAC key), so neither the host nor another
@@ -26,7 +32,7 @@ import contextlib
 import ipaddress
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -140,6 +146,35 @@ def reach(uri: str, host_address: str, host_port: int) -> tuple[str, int]:
         if listener is None or listener.closed:
             listener = _listeners[key] = _Listener(host, key[1:])
         return listener.address
+
+
+@contextlib.contextmanager
+def offer(uri: str, local_address: str, local_port: int) -> Iterator[int]:
+    """The port on the loopback of ``uri``'s host whose connections reach
+    ``local_address:local_port`` on this machine, while the context lasts (see the module
+    doc); for a host that is this machine, ``local_port`` itself. Raises
+    :class:`~tdxvm.launch.sshtarget.HostForwardRefused` when the host's sshd allows no
+    remote forwards."""
+    if not needs_ssh(uri):
+        yield local_port
+        return
+    host = sshhost.session(ssh_target(uri))
+    port = host.offer(lambda chan: _relay_to((local_address, local_port), chan))
+    try:
+        yield port
+    finally:
+        host.withdraw(port)
+
+
+def _relay_to(local: tuple[str, int], chan: paramiko.Channel) -> None:
+    """One connection the host forwarded to us: relayed to ``local``, or closed if nothing answers there."""
+    try:
+        sock = socket.create_connection(local, timeout=sshhost.CONNECT_TIMEOUT)
+    except OSError:
+        chan.close()
+        return
+    sock.settimeout(None)
+    relay(sock, chan)
 
 
 def prepare(uri: str) -> None:

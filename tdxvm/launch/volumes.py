@@ -6,7 +6,9 @@ Local and remote hosts are handled the same way: a directory pool named ``tdxvm`
 * the kernel, initramfs and encrypted disk image, each uploaded once through a
   ``virStream`` and named by its SHA-256 (``vmlinuz-<sha256>``, ``initrd-<sha256>.img``,
   ``disk-<sha256>.img``), so VMs of one image share them and a second launch uploads
-  nothing;
+  nothing; for an emulated guest on a remote host also the TDVF its emulated TD stands
+  for (``tdvf-<sha256>.fd``: never booted, read back through libvirt by the controller's
+  quote service, :func:`tdxvm.launch.lifecycle.firmware_upload`);
 * per VM, a qcow2 overlay ``<vm>.qcow2`` whose backing store is the shared raw disk
   (the LUKS image is never written), the serial console log ``<vm>.serial.log``, and a
   sparse raw scratch disk ``<vm>.scratch.img`` that the TD formats once per boot (when first used) with
@@ -40,7 +42,7 @@ COPY_CHUNK = 4 << 20
 CHUNK = 256 * 1024  # libvirt's RPC stream messages carry at most 256 KiB
 
 
-Role = Literal["kernel", "initrd", "disk", "overlay", "serial-log", "scratch"]
+Role = Literal["kernel", "initrd", "disk", "firmware", "overlay", "serial-log", "scratch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +74,16 @@ class VmVolumes:
     overlay: str
     serial_log: str
     scratch: str
+    firmware: str | None = None  # the TDVF uploaded for an emulated guest on a remote host, if one was
 
 
 def content_name(role: str, sha256: str) -> str:
-    return {"kernel": f"vmlinuz-{sha256}", "initrd": f"initrd-{sha256}.img", "disk": f"disk-{sha256}.img"}[role]
+    return {
+        "kernel": f"vmlinuz-{sha256}",
+        "initrd": f"initrd-{sha256}.img",
+        "disk": f"disk-{sha256}.img",
+        "firmware": f"tdvf-{sha256}.fd",
+    }[role]
 
 
 def overlay_name(vm_name: str) -> str:
@@ -90,7 +98,14 @@ def scratch_name(vm_name: str) -> str:
     return f"{vm_name}.scratch.img"
 
 
-def planned(manifest: ImageManifest, vm_name: str, *, pool: str = POOL_NAME, pool_path: str = POOL_PATH) -> VmVolumes:
+def planned(
+    manifest: ImageManifest,
+    vm_name: str,
+    *,
+    pool: str = POOL_NAME,
+    pool_path: str = POOL_PATH,
+    firmware: Artifact | None = None,
+) -> VmVolumes:
     """The paths a launch will use, computed without asking libvirt (for --dry-run)."""
     base = pool_path.rstrip("/")
     return VmVolumes(
@@ -101,6 +116,7 @@ def planned(manifest: ImageManifest, vm_name: str, *, pool: str = POOL_NAME, poo
         overlay=f"{base}/{overlay_name(vm_name)}",
         serial_log=f"{base}/{serial_log_name(vm_name)}",
         scratch=f"{base}/{scratch_name(vm_name)}",
+        firmware=f"{base}/{content_name('firmware', firmware.sha256)}" if firmware is not None else None,
     )
 
 
@@ -335,8 +351,10 @@ def prepare_volumes(
     pool_name: str = POOL_NAME,
     pool_target: str = POOL_PATH,
     scratch_bytes: int = 2 << 30,
+    firmware: Artifact | None = None,
 ) -> VmVolumes:
-    """Upload what is missing and create the VM's overlay, serial log and (sparse) scratch disk.
+    """Upload what is missing (``firmware`` too, when given) and create the VM's overlay,
+    serial log and (sparse) scratch disk.
 
     On failure, the VM's own volumes this call created are deleted again; complete
     content volumes stay (they are a cache keyed by hash, and other VMs may use them),
@@ -348,7 +366,7 @@ def prepare_volumes(
         ("kernel", manifest.kernel),
         ("initrd", manifest.initrd),
         ("disk", manifest.disk),
-    )
+    ) + ((("firmware", firmware),) if firmware is not None else ())
     try:
         paths = {}
         for role, artifact in uploads:
@@ -377,6 +395,7 @@ def prepare_volumes(
             overlay=overlay.path(),
             serial_log=log.path(),
             scratch=scratch.path(),
+            firmware=paths.get("firmware"),
         )
     except BaseException:
         for vol in reversed(created):

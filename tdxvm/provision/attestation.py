@@ -75,7 +75,7 @@ def attest(
         read = _test_driver_reader(manifest)
     else:
         read = lambda path: read_host_file(conn, path)  # noqa: E731
-    with trust.quote_service(xml, read, guest_on_host=test_host, argv=running_argv(conn, name)) as qgs:
+    with trust.quote_service(xml, read, guest_on_host=test_host, argv=running_argv(conn, name), uri=uri) as qgs:
         return handshake.attest_guest(
             address,
             collateral=trust.collateral,

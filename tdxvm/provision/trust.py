@@ -15,7 +15,10 @@ the one for a backend name:
 For an emulated guest the trust also starts the quote service for one attestation:
 it measures the kernel, initramfs and command line the domain really boots (read back
 through libvirt) and the firmware named in the domain's tdxvm metadata; and, for the
-guest's inference service, a per-domain quote daemon (:mod:`tdxvm.emulate.qgsd`). This
+guest's inference service, a per-domain quote daemon (:mod:`tdxvm.emulate.qgsd`). Both
+run on the controller, which keeps the emulated platform's keys; a guest of a remote
+``qemu+ssh://`` host reaches them through a port the host's SSH offers on its loopback
+(:func:`tdxvm.launch.tunnel.offer`, ``ssh -R`` over the host's shared session). This
 is the only module of ``provision/`` and ``fleet/`` that reaches :mod:`tdxvm.emulate`.
 """
 
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 from tdxvm.attest import Collateral, TrustAnchor
 from tdxvm.attest.collateral import CollateralOrigin
 from tdxvm.attest.quote import Quote
+from tdxvm.launch import tunnel
 from tdxvm.xdg import data_home
 
 if TYPE_CHECKING:
@@ -64,12 +68,15 @@ class Trust(Protocol):
         *,
         guest_on_host: bool = False,
         argv: list[str] | None = None,
+        uri: str | None = None,
     ) -> AbstractContextManager[str | None]:
         """For one attestation: yields the address the guest asks for its quote (None: the
         guest uses its own TDX). ``read`` reads a file of the domain's host; ``argv``: the
-        QEMU libvirt runs for the domain (the emulated TD's RTMR0 describes its machine).
+        QEMU libvirt runs for the domain (the emulated TD's RTMR0 describes its machine);
+        ``uri``: the domain's libvirt host (None: this machine).
 
-        A guest on QEMU user networking reaches the service at the gateway address;
+        A guest on QEMU user networking reaches the service at the gateway address (on a
+        remote host: a port the host's SSH offers there, relayed to the controller);
         ``guest_on_host`` (libvirt's test driver, where the guest's agent runs on this
         machine) gives its loopback address instead."""
         ...
@@ -99,6 +106,7 @@ class TdxTrust:
         *,
         guest_on_host: bool = False,
         argv: list[str] | None = None,
+        uri: str | None = None,
     ) -> Iterator[str | None]:
         yield None
 
@@ -138,12 +146,17 @@ class EmulatedTrust:
         *,
         guest_on_host: bool = False,
         argv: list[str] | None = None,
+        uri: str | None = None,
     ) -> Iterator[str | None]:
-        from tdxvm.emulate.qgs import LaunchArtifacts, QuoteService
+        from tdxvm.emulate.qgs import GUEST_GATEWAY, LaunchArtifacts, QuoteService
 
         artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read, argv=argv)
         with QuoteService(self.platform, artifacts) as service:
-            yield service.address if guest_on_host else service.guest_address()
+            if guest_on_host:
+                yield service.address
+                return
+            with tunnel.offer(uri or "qemu:///system", "127.0.0.1", service.port) as port:
+                yield f"{GUEST_GATEWAY}:{port}"
 
     def ensure_quote_daemon(self, uri: str, uuid: str, *, boot_id: int | None = None) -> str | None:
         from tdxvm.emulate.qgsd import ensure

@@ -55,3 +55,41 @@ def test_domain_watch_tells_one_boot_from_the_next():
         assert DomainWatch(conn, uuid).gone() is None  # a daemon for the new boot
     finally:
         conn.close()
+
+
+def test_domain_watch_opens_a_broken_connection_again():
+    """A broken connection (a remote host's SSH dropped) is not a stopped domain: the watch
+    opens another and the boot goes on; past its outage limit without libvirt it gives up."""
+    import libvirt
+
+    from tdxvm.emulate.qgsd import DomainWatch
+
+    keeper = libvirt.open("test:///default")  # the default test driver's state is shared by its connections
+    try:
+        dom = keeper.lookupByName("test")
+        if not dom.isActive():
+            dom.create()
+        conn = libvirt.open("test:///default")
+        watch = DomainWatch(conn, dom.UUIDString(), reopen=lambda: libvirt.open("test:///default"))
+        conn.close()  # every call on it fails now, as on a remote connection whose SSH died
+        assert watch.gone() is None and watch.reopened == 1 and watch.conn is not conn
+        assert watch.gone() is None and watch.reopened == 1  # the new connection answers
+        dom.destroy()
+        assert "is not running" in (watch.gone() or "")
+        dom.create()
+
+        def unreachable() -> libvirt.virConnect:
+            raise libvirt.libvirtError("Cannot recv data: Connection reset by peer")
+
+        patient = DomainWatch(libvirt.open("test:///default"), dom.UUIDString(), reopen=unreachable)
+        impatient = DomainWatch(libvirt.open("test:///default"), dom.UUIDString(), reopen=unreachable, outage_limit=-1)
+        for w in (patient, impatient):
+            w.conn.close()
+        assert patient.gone() is None and patient.gone() is None  # within its limit: serving on
+        assert "libvirt unreachable" in (impatient.gone() or "") and "has stopped" in impatient.gone()
+        no_reopen = libvirt.open("test:///default")
+        plain = DomainWatch(no_reopen, dom.UUIDString())
+        no_reopen.close()
+        assert "is not running" in (plain.gone() or "")  # without reopen: a broken connection is the end
+    finally:
+        keeper.close()

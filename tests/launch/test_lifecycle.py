@@ -212,3 +212,22 @@ def test_another_pool(image, make_host):
         "/srv/vms/smoke.serial.log",
         "/srv/vms/smoke.scratch.img",
     )
+
+
+def test_the_tdvf_goes_into_the_pool_only_for_an_emulated_guest_on_a_remote_host(image):
+    """An emulated guest boots no TDVF; the controller's quote service reads the one it stands
+    for back through libvirt: on this machine the manifest's file, on a remote host a copy in
+    its pool (a path of the build machine means nothing there). A spec's own firmware: is a
+    host path, and a TD boots its TDVF from the host."""
+    remote = "qemu+ssh://root@tdx-host/system"
+    manifest = image.manifest()
+    upload = lifecycle.firmware_upload(spec_for(image, remote), manifest, remote)
+    assert upload is not None and (upload.path, upload.sha256) == (image.firmware, manifest.firmware_sha256)
+    assert upload.size == image.firmware.stat().st_size
+    assert lifecycle.firmware_upload(spec_for(image, "qemu:///system"), manifest, "qemu:///system") is None
+    assert lifecycle.firmware_upload(spec_for(image, remote, firmware="/usr/share/ovmf/T.fd"), manifest, remote) is None
+    tdx = parse_vm_spec(f"name: td\nuri: {remote}\nimage: {image.manifest_path}\nfirmware: /usr/share/ovmf/T.fd\n")
+    assert lifecycle.firmware_upload(tdx, manifest, remote) is None
+    image.firmware.unlink()
+    with pytest.raises(VolumeError, match=r"cannot be read on this machine.*\nfix: "):
+        lifecycle.firmware_upload(spec_for(image, remote), manifest, remote)

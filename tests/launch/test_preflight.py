@@ -311,6 +311,25 @@ def test_emulated_firmware_record(image):
     assert found["firmware"].status == "fail" and "emulated quote service" in found["firmware"].message
 
 
+def test_emulated_on_a_remote_host_checks_the_tdvf_it_puts_into_the_hosts_pool(image):
+    """The emulated TD's TDVF is never booted; on a remote host the manifest's file goes into
+    the host's pool (tdxvm.launch.lifecycle.firmware_upload), so this machine's copy is checked."""
+    spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
+    remote = facts(domcaps={"qemu": TCG_9}, local=False)
+    found = by_check(evaluate(spec, image.manifest(), remote))
+    assert (
+        found["firmware"].status == "ok"
+        and "goes into qemu+ssh://admin@tdx-host/system's pool" in found["firmware"].message
+    )
+    firmware = Path(image.manifest().firmware_path)
+    firmware.write_bytes(firmware.read_bytes() + b"changed")
+    found = by_check(evaluate(spec, image.manifest(), remote))
+    assert found["firmware"].status == "fail" and "cannot be put into the host's pool" in found["firmware"].message
+    firmware.unlink()
+    found = by_check(evaluate(spec, image.manifest(), remote))
+    assert found["firmware"].status == "fail" and "does not exist on this machine" in found["firmware"].message
+
+
 def test_emulated_without_qemu(image):
     spec = parse_vm_spec(f"name: smoke\nimage: {image.manifest_path}\nbackend: emulated\nmemory: 1GiB\n")
     err = "invalid argument: unable to find any emulator to serve 'x86_64' architecture"

@@ -25,6 +25,7 @@ from tdxvm.launch import sshhost, tunnel
 from tdxvm.launch.knownhosts import fingerprint
 from tdxvm.launch.sshhost import InsecureHostKeyWarning
 from tdxvm.launch.sshtarget import (
+    HostForwardRefused,
     HostKeyRefused,
     HostSshAuthError,
     HostSshError,
@@ -321,6 +322,87 @@ def test_a_restarted_sshd_is_reconnected_on_the_next_connection(sshd, echo):
     assert connections_to(sshd.port) == 1
 
 
+# -- offers: a port on the host relayed to this machine (ssh -R) -------------------------------
+
+
+def listens(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port`` (here: the "host"'s sshd)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("uri", ["qemu:///system", "test:///default"])
+def test_a_local_host_is_offered_the_port_itself(uri):
+    with tunnel.offer(uri, "127.0.0.1", 22347) as port:
+        assert port == 22347
+    assert tunnel.tunnels() == [] and sshhost._sessions == {}
+
+
+def test_an_offered_port_on_the_host_relays_to_this_machine_both_ways(sshd, echo):
+    uri = sshd.uri()
+    other = TcpServer(lambda conn: conn.sendall(b"the other one"))
+    try:
+        with tunnel.offer(uri, "127.0.0.1", echo.port) as port, tunnel.offer(uri, "127.0.0.1", other.port) as second:
+            assert port not in (echo.port, second, other.port)  # the sshd's own listener, a port it chose
+            assert session_of(uri).offered == sorted([port, second])
+            payload = os.urandom(24 << 20)
+            assert round_trip(("127.0.0.1", port), payload) == payload + TRAILER  # half-close passed on
+            with socket.create_connection(("127.0.0.1", second), timeout=30) as s:  # dispatched by port
+                assert read_all(s) == b"the other one"
+            assert tunnel.reach(uri, "127.0.0.1", echo.port)  # the same session carries both directions
+            assert session_of(uri).connects == 1 and connections_to(sshd.port) == 1
+        assert session_of(uri).offered == []
+        deadline = time.monotonic() + 5
+        while (listens(port) or listens(second)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not listens(port) and not listens(second)  # withdrawn: the sshd listens there no more
+    finally:
+        other.close()
+
+
+def test_an_offer_to_nothing_closes_the_hosts_connection(sshd):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with (
+        tunnel.offer(sshd.uri(), "127.0.0.1", closed_port) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=30) as s,
+    ):
+        assert s.recv(1) == b""
+
+
+def test_an_offer_is_asked_again_on_the_same_port_after_a_reconnect(sshd, echo):
+    uri = sshd.uri()
+    with tunnel.offer(uri, "127.0.0.1", echo.port) as port:
+        first = session_of(uri).transport
+        sshd.kill()
+        deadline = time.monotonic() + 10
+        while first.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not listens(port)
+        sshd.start_again()
+        session_of(uri).ensure()  # what a long-lived holder (the quote daemon) calls now and then
+        assert session_of(uri).connects == 2
+        assert round_trip(("127.0.0.1", port), b"again") == b"again" + TRAILER
+
+
+def test_a_host_that_allows_no_remote_forwards_is_an_input_error_with_the_fix(sshd, echo):
+    config = sshd.dir / "sshd_config"
+    config.write_text(config.read_text().replace("AllowTcpForwarding yes", "AllowTcpForwarding local"))
+    sshd.kill()
+    sshd.start_again()
+    uri = sshd.uri()
+    with pytest.raises(HostForwardRefused) as e, tunnel.offer(uri, "127.0.0.1", echo.port):
+        pass
+    assert e.value.exit_status == EXIT_INPUT
+    assert "AllowTcpForwarding" in str(e.value) and "fix:" in str(e.value)
+    assert session_of(uri).offered == []
+    assert round_trip(tunnel.reach(uri, "127.0.0.1", echo.port), b"local") == b"local" + TRAILER  # -L still works
+
+
 # -- host keys -------------------------------------------------------------------------------
 
 
@@ -556,3 +638,39 @@ def test_a_remote_vms_service_is_checked_through_the_tunnel_and_published_as_the
         assert service_url(bind_all) == f"https://127.0.0.1:{server.port}" == checked_service_url(bind_all)
     finally:
         server.stop()
+
+
+def test_the_emulated_quote_service_is_offered_on_a_remote_hosts_loopback(sshd, tmp_path):
+    """An emulated guest on a qemu+ssh:// host asks 10.0.2.2:<port>, the host's loopback: the
+    controller's quote service (its keys stay here) is offered there through the host's SSH
+    for the length of the attestation."""
+    import base64
+    import json
+
+    from tdxvm.attest.quote import parse_quote
+    from tdxvm.provision.trust import EmulatedTrust
+
+    from ..attested_guest import CMDLINE, INITRD, kernel
+
+    trust = EmulatedTrust.load(tmp_path / "emulated")
+    files = {"/pool/vmlinuz": kernel(), "/pool/initrd.img": INITRD}
+    xml = (
+        "<domain><name>remote-vm</name><os><kernel>/pool/vmlinuz</kernel><initrd>/pool/initrd.img</initrd>"
+        f"<cmdline>{CMDLINE}</cmdline></os></domain>"
+    )
+    uri = sshd.uri()
+    with trust.quote_service(xml, files.__getitem__, uri=uri) as address:
+        gateway, port = address.rsplit(":", 1)
+        assert gateway == "10.0.2.2" and session_of(uri).offered == [int(port)]
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as s:  # as QEMU's slirp does on the host
+            s.sendall(json.dumps({"report_data": "ef" * 64}).encode() + b"\n")
+            answer = json.loads(s.makefile().readline())
+        quote = parse_quote(base64.b64decode(answer["quote"]))
+        assert quote.body.report_data == bytes.fromhex("ef" * 64)
+    assert session_of(uri).offered == []
+    deadline = time.monotonic() + 5
+    while listens(int(port)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not listens(int(port))
+    with trust.quote_service(xml, files.__getitem__, uri="qemu:///system") as local:  # this machine: the port itself
+        assert local.startswith("10.0.2.2:") and sshhost._sessions.keys() == {ssh_target(uri)}

@@ -12,6 +12,7 @@ import pytest
 
 from tdxvm.cli import main
 from tdxvm.secretstore import SecretStore
+from tests.clirun import run
 
 V4_AT = "2025-06-20T00:00:00Z"
 MEASUREMENT_KEYS = {
@@ -28,12 +29,6 @@ MEASUREMENT_KEYS = {
     "xfam",
     "report_data",
 }
-
-
-def run(capsys, *argv):
-    code = main(list(map(str, argv)))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_verify_quote_accepts_real_v4_json(capsys, testdata):

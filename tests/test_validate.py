@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tdxvm.cli import main
+from tests.clirun import run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(

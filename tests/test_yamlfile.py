@@ -14,8 +14,8 @@ import json
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from tdxvm.cli import main
 from tdxvm.yamlfile import NULL_ITEM, NULL_VALUE, SpecError, load_yaml, parse_yaml
+from tests.clirun import run
 
 V4_AT = "2025-06-20T00:00:00Z"
 
@@ -153,12 +153,6 @@ def test_syntax_errors_are_unchanged():
 
 
 # -- through the CLI: exit 2 with file:line --------------------------------------------
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""Exit statuses through ``tdxvm.cli.main``: 1 refused, 2 unusable input, 3 unreachable
-(libvirt, SSH, PCS, a guest that does not answer), 4 a bug."""
+"""Exit statuses through ``tdxvm.cli.main``: 2 unusable input, 3 unreachable (libvirt,
+SSH, PCS, a guest that does not answer), 4 a bug. Exit 1 (refused): tests/test_cli.py
+and tests/cli/test_refusal.py."""
 
 from __future__ import annotations
 
@@ -7,15 +8,9 @@ import json
 
 import click
 
-from tdxvm.cli import main
 from tdxvm.cli.output import OUTPUT_OPTION, run_guarded
 from tdxvm.errors import Refused, TdxvmError, Unreachable
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.clirun import run
 
 
 def test_libvirt_that_does_not_answer_is_exit_3(capsys):
@@ -44,23 +39,6 @@ def test_a_pcs_that_refuses_connections_is_exit_3(capsys, testdata, tmp_path, mo
     )
     assert code == 3 and err.startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "bundle.json").exists()
-
-
-def test_a_refusal_is_exit_1(capsys, testdata):
-    """Expired collateral: the verifier's answer is no."""
-    d = testdata / "dcap-qvl-v4"
-    code, out, _ = run(
-        capsys,
-        "verify-quote",
-        d / "quote.bin",
-        "--collateral",
-        d / "collateral.json",
-        "--at",
-        "2025-07-21T00:00:00Z",
-        "-o",
-        "json",
-    )
-    assert code == 1 and json.loads(out)["verdict"] == "reject"
 
 
 def test_an_exception_not_ours_is_exit_4_internal_error(capsys, tmp_path, monkeypatch):

@@ -11,16 +11,10 @@ import json
 import pytest
 
 from tdxvm.attest import pcs
-from tdxvm.cli import main
+from tests.clirun import run
 
 EMPTY = "the quote file is empty (0 bytes)"
 BASE64 = "the quote file is base64 text (of what starts like a v4 quote)"
-
-
-def run(capsys, *argv):
-    code = main(list(map(str, argv)))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -10,20 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from tdxvm.attest.result import Reason
-from tdxvm.cli import main
 from tdxvm.cli.refusal import print_refusal, reason_dicts, reason_fields, reason_lines
 from tdxvm.provision.handshake import AttestationRefused
+from tests.clirun import run
 
 REASONS = (
     Reason("measurement-mismatch", "quote field RTMR2 is 00, expected 11"),
     Reason("tcb-status", "TCB OutOfDate"),
 )
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_text_names_every_reason(capsys):

@@ -14,11 +14,11 @@ import os
 import pytest
 import yaml
 
-from tdxvm.cli import main
 from tdxvm.fleet.inventory import reset_shared_connector, shared_connector
 from tdxvm.fleet.state import FleetLock
 from tdxvm.launch import lifecycle
 from tdxvm.secretstore import SecretStore
+from tests.clirun import run
 
 from ..launch.test_lifecycle import FOREIGN
 from .guests import put_test_secrets
@@ -37,12 +37,6 @@ def cli_lab(lab, tmp_path, monkeypatch):
     lab.store = SecretStore()
     yield lab
     reset_shared_connector()
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_partial_apply_then_the_next_finishes_then_nothing_to_do(cli_lab, capsys):

@@ -28,7 +28,6 @@ uvicorn = pytest.importorskip("uvicorn")
 from tdxvm.attest.chain import TrustAnchor  # noqa: E402
 from tdxvm.attest.policy import Policy  # noqa: E402
 from tdxvm.attest.quote import parse_quote  # noqa: E402
-from tdxvm.cli import main as tdxvm_main  # noqa: E402
 from tdxvm.emulate import EmulatedPlatform  # noqa: E402
 from tdxvm.guest.attestation import Attester  # noqa: E402
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
@@ -41,6 +40,7 @@ from tdxvm.provision.endpoint import (  # noqa: E402
     verify_endpoint,
 )
 from tdxvm.provision.pinning import PinMismatchError  # noqa: E402
+from tests.clirun import run  # noqa: E402
 
 from ..conftest import TESTDATA  # noqa: E402
 from ..provision.servers import HttpsServer, TlsProxy, free_port  # noqa: E402
@@ -375,12 +375,6 @@ def trust_files(td, tmp_path_factory) -> list[str]:
         "--policy",
         str(d / "policy.yaml"),
     ]
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = tdxvm_main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_verify_endpoint(capsys, td, keys, service, trust_files):

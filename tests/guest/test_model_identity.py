@@ -49,6 +49,7 @@ from tdxvm.guest.tls import ensure_identity  # noqa: E402
 from tdxvm.guest.weights import decrypt_model, encrypt_model, generate_model_key, model_digest, read_index  # noqa: E402
 from tdxvm.provision.client import ApiClient, ApiError  # noqa: E402
 from tdxvm.provision.endpoint import AttestedEndpoint, EndpointRefused, verify_endpoint  # noqa: E402
+from tests.clirun import run
 
 from ..attested_guest import AT, anchor, artifacts, platform, policy_for  # noqa: E402
 from ..provision.servers import free_port  # noqa: E402
@@ -378,12 +379,6 @@ def test_pinned_client_holds_the_endpoint_to_the_model(tmp_path, service):
             trust_anchor=anchor(),
             at=AT,
         )
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = tdxvm_main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_verify_endpoint_model_digest(tmp_path, capsys, service):

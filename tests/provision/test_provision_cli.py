@@ -3,15 +3,7 @@ end to end in tests/e2e/test_provision.py)."""
 
 from __future__ import annotations
 
-import pytest
-
-from tdxvm.cli import main as tdxvm_main
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = tdxvm_main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.clirun import run
 
 
 def test_unknown_vm(capsys, tmp_path):

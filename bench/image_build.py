@@ -9,9 +9,9 @@ Debian mirror). Cached: the same cache again, so only configure, ext4, encrypt a
 measure run: what a rebuild after a change to the recipe's files or command line costs.
 Targets: cached build <= 3 min; verity hashing >= 500 MB/s (the ext4 image over the
 verity step's time, which includes the measurement prediction); encryption >= 200 MB/s
-(MB = 1e6 bytes; the payload, ext4 and tree, over the encrypt step's time, copying
-included). Needs root. Not part of
-the test run.
+(MB = 1e6 bytes; the payload, ext4 and tree, over the encrypt step's time: the payload
+is encrypted where the ext4 step wrote it, at the LUKS2 payload offset of the disk file).
+Needs root. Not part of the test run.
 """
 
 from __future__ import annotations

@@ -17,15 +17,17 @@ Steps, each reported to ``progress`` with its time:
    :func:`tdxvm.image.normalize.normalize` and timestamps clamped to the epoch (the
    lock's date unless the recipe sets one). The kernel that ships is checked again.
 4. ``ext4``: the tree's listing (``rootfs.list.gz``), then ``mkfs.ext4 -d`` of the
-   folder, reproducible (pinned UUID, hash seed, times).
-5. ``verity``: the dm-verity hash tree appended to the ext4 image
+   folder, reproducible (pinned UUID, hash seed, times), written sparse straight into
+   the disk file at the LUKS2 payload offset (16 MiB).
+5. ``verity``: the dm-verity hash tree after the ext4 image in the disk file
    (:mod:`tdxvm.image.verity`); its root hash goes on the kernel command line, and the
    measurements are predicted with that command line, so unusable input fails before a
    disk key exists.
-6. ``encrypt``: a fresh volume key into the secret store (``disk/<LUKS UUID>``), LUKS2
-   header and payload (ext4 and hash tree) written offline on the file. The guest never
-   reads that header: the controller releases the volume key itself, and the measured
-   initramfs maps the payload with fixed parameters (:mod:`tdxvm.guest.rootdisk`).
+6. ``encrypt``: a fresh volume key into the secret store (``disk/<LUKS UUID>``), the
+   payload (ext4 and hash tree) encrypted offline where it lies in the disk file, no copy,
+   and the LUKS2 header written before it; the step reports MB/s of payload. The guest
+   never reads that header: the controller releases the volume key itself, and the
+   measured initramfs maps the payload with fixed parameters (:mod:`tdxvm.guest.rootdisk`).
 7. ``measure``: artifact hashes, the verity tree, the predicted MRTD/RTMRs and the
    build's provenance (:mod:`tdxvm.image.provenance`) into ``manifest.json``.
 
@@ -38,7 +40,10 @@ end: a failed or interrupted build leaves no half-written image in the output fo
 (an older build there stays as it was), and no disk key of its own in the secret store.
 SIGINT and SIGTERM unwind the same way (the CLI turns SIGTERM into an exit); a work
 folder left by a build that was killed outright is removed by the next build of the same
-output, once its process (``owner.pid`` in it) is gone.
+output, once its process (``owner.pid`` in it) is gone. A work folder never exists
+without its owner: it is made under another name (``.<output>.claim-*``), the owner
+written in it, and only then renamed into place, so a concurrent build of the same output
+cannot take a folder being made for one whose process is gone.
 The volume key exists only in memory and in the secret store; the tests scan every file
 the build writes for it.
 """
@@ -48,6 +53,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import tempfile
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -66,6 +72,7 @@ from tdxvm.sshkey import controller_key, public_line
 __all__ = ["OWNER_FILE", "STEPS", "Progress", "StepEvent", "build"]
 
 OWNER_FILE = "owner.pid"  # in a work folder: the building process (stale folders are removed)
+_ORPHAN_CLAIM_SECONDS = 600  # a claim folder with no owner this old: its build died making it
 
 
 def build(
@@ -116,12 +123,23 @@ def build(
 
 def _work_folder(output: Path) -> Path:
     """A new work folder beside ``output``, owned by this process; those of builds that
-    were killed are removed first."""
+    were killed are removed first.
+
+    The folder appears with its owner file in it: made as a claim folder (a name that
+    :func:`_remove_stale_work` never takes while it has no owner), the owner written,
+    then renamed into place. (Made under its own name with the owner written after, it
+    could be seen ownerless in between by another build's cleanup, and removed.)
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work(output)
-    work = output.with_name(f".{output.name}.work-{uuidlib.uuid4().hex[:8]}")
-    work.mkdir(mode=0o700)
-    (work / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    claim = Path(tempfile.mkdtemp(prefix=f".{output.name}.claim-", dir=output.parent))  # mode 0700
+    try:
+        (claim / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        work = output.with_name(f".{output.name}.work-{uuidlib.uuid4().hex[:8]}")
+        claim.rename(work)  # fails, rather than replaces, should that name be taken (never empty)
+    except BaseException:
+        shutil.rmtree(claim, ignore_errors=True)
+        raise
     return work
 
 
@@ -135,21 +153,21 @@ def _encrypt_step(
     timings: dict[str, float],
 ) -> manifest.Luks:
     """Step 6: a fresh volume key into the secret store (its name appended to ``stored``
-    at once), the ext4 image and its tree encrypted into ``disk.img``."""
+    at once), the ext4 image and its tree encrypted in place in the disk file, which
+    then moves to ``disk.img`` in the staging folder."""
     t = Timer(progress, "encrypt")
     luks_uuid = str(uuidlib.uuid4())
     volume_key = disk_secrets.generate_volume_key()
-    payload_bytes = image.ext4_image.stat().st_size
-    header = luks.encrypt_image(
-        payload=image.ext4_image,
-        output=image.staging / "disk.img",
+    payload_bytes = image.disk_image.stat().st_size - luks.DATA_OFFSET
+    header = luks.encrypt_in_place(
+        image.disk_image,
         volume_key=volume_key,
         passphrase=disk_secrets.keyslot_passphrase(volume_key),
         uuid=luks_uuid,
         engine=engine,
     )
+    image.disk_image.rename(image.staging / "disk.img")
     seconds = time.monotonic() - t.start
-    image.ext4_image.unlink()
     disk_secrets.store(luks_uuid, volume_key, directory=store.directory)
     stored.append(f"{disk_secrets.KIND}/{luks_uuid}")
     del volume_key
@@ -204,17 +222,36 @@ def _identity(store: SecretStore) -> Identity:
 
 def _remove_stale_work(output: Path) -> None:
     """Work folders of earlier builds of ``output`` whose process is gone (killed before
-    it could clean up): removed. A folder of a build still running is left alone."""
+    it could clean up): removed. A folder of a build still running is left alone.
+
+    A claim folder (:func:`_work_folder`) with no owner file yet is a build making its
+    work folder right now: left alone, unless it is older than a build takes for that
+    (its build died in between)."""
     for folder in output.parent.glob(f".{output.name}.work-*"):
+        if not _owner_running(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder in output.parent.glob(f".{output.name}.claim-*"):
         try:
-            pid = int((folder / OWNER_FILE).read_text())
-            os.kill(pid, 0)
-            continue  # that build is still running
-        except PermissionError:
-            continue  # running, as another user
-        except (OSError, ValueError):
-            pass  # no owner file, or its process is gone
-        shutil.rmtree(folder, ignore_errors=True)
+            if (folder / OWNER_FILE).exists():
+                stale = not _owner_running(folder)
+            else:
+                stale = time.time() - folder.stat().st_mtime > _ORPHAN_CLAIM_SECONDS
+        except OSError:
+            continue  # renamed into place or removed meanwhile
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner_running(folder: Path) -> bool:
+    """Whether the process named by ``folder``'s owner file is running (False when there
+    is no owner file or it names no process)."""
+    try:
+        os.kill(int((folder / OWNER_FILE).read_text()), 0)
+    except PermissionError:
+        return True  # running, as another user
+    except (OSError, ValueError):
+        return False  # no owner file, or its process is gone
+    return True
 
 
 def _publish(staging: Path, output: Path) -> None:

@@ -133,12 +133,18 @@ def used_inodes(dumpe2fs_output: str) -> list[int]:
     ]
 
 
-def make_ext4(*, source: Path, output: Path, size_bytes: int, uuid: str, label: str = "rootfs", epoch: int) -> None:
-    """Write a reproducible ext4 image of ``source`` to ``output`` (a sparse file of ``size_bytes``)."""
+def make_ext4(
+    *, source: Path, output: Path, size_bytes: int, uuid: str, label: str = "rootfs", epoch: int, offset: int = 0
+) -> None:
+    """Write a reproducible ext4 image of ``source`` to ``output``: a sparse file of
+    ``offset + size_bytes`` bytes, the filesystem at ``offset`` (mke2fs's ``-E offset=``,
+    the same bytes as at 0) and a hole before it, where the disk's LUKS2 header goes."""
     output = Path(output)
     fs_uuid = str(uuidlib.UUID(uuid))
     if size_bytes <= 0 or size_bytes % BLOCK_SIZE:
         raise ValueError(f"ext4 image size {size_bytes} must be a positive multiple of {BLOCK_SIZE}")
+    if offset < 0 or offset % BLOCK_SIZE:
+        raise ValueError(f"ext4 image offset {offset} must be a multiple of {BLOCK_SIZE}")
     if len(label.encode()) > 16:
         raise ValueError(f"ext4 label {label!r} is longer than 16 bytes")
     mkfs = tool("mkfs.ext4", step="mkfs.ext4", package="e2fsprogs")
@@ -147,6 +153,7 @@ def make_ext4(*, source: Path, output: Path, size_bytes: int, uuid: str, label: 
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
     tmp = Path(tmp_name)
+    at = f"{tmp}?offset={offset}"  # for dumpe2fs and debugfs: ext2fs_open2's I/O options
     try:
         with tempfile.TemporaryDirectory(prefix="tdxvm-mke2fs-") as conf_dir:
             conf = Path(conf_dir) / "mke2fs.conf"
@@ -158,7 +165,7 @@ def make_ext4(*, source: Path, output: Path, size_bytes: int, uuid: str, label: 
                 "SOURCE_DATE_EPOCH": str(epoch),
                 "LC_ALL": "C",
             }
-            os.ftruncate(fd, size_bytes)
+            os.ftruncate(fd, offset + size_bytes)
             os.close(fd)
             fd = -1
             extended = f"hash_seed={hash_seed_for(fs_uuid)},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0"
@@ -179,16 +186,17 @@ def make_ext4(*, source: Path, output: Path, size_bytes: int, uuid: str, label: 
                     "-L",
                     label,
                     "-E",
-                    extended,
+                    f"{extended},offset={offset}",
                     "-d",
                     str(source),
                     str(tmp),
+                    str(size_bytes // BLOCK_SIZE),  # the filesystem's size, not the file's
                 ],
                 env=env,
             )
-            inodes = used_inodes(run_step("dumpe2fs", [dumpe2fs, str(tmp)], env=env))
+            inodes = used_inodes(run_step("dumpe2fs", [dumpe2fs, at], env=env))
             script = "".join(f"sif <{i}> atime @{epoch}\nsif <{i}> ctime @{epoch}\n" for i in inodes)
-            command = [debugfs, "-w", "-f", "-", str(tmp)]
+            command = [debugfs, "-w", "-f", "-", at]
             proc = subprocess.run(command, input=script.encode(), capture_output=True, env=env, check=False)
             errors = [
                 line

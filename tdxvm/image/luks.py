@@ -1,9 +1,11 @@
 """LUKS2 disk images made offline on a file: no device-mapper, no loop devices, no mounts.
 
 One file: the LUKS2 header ``cryptsetup luksFormat`` writes (binary headers, JSON areas,
-keyslots area: the first 16 MiB), then the payload (an ext4 image) in aes-xts-plain64, as
-the guest's dm-crypt reads it. The volume key reaches cryptsetup through a pipe, the
-passphrase through its stdin: neither is ever written to a file.
+keyslots area: the first 16 MiB), then the payload (an ext4 image and its verity tree) in
+aes-xts-plain64, as the guest's dm-crypt reads it. The build writes the payload at its
+place in that file itself and encrypts it there (:func:`encrypt_in_place`); no copy.
+The volume key reaches cryptsetup through a pipe, the passphrase through its stdin:
+neither is ever written to a file.
 
 Reproducible: the payload, a function of the ext4 image and the volume key. Not: the
 header, whose binary-header, keyslot and digest salts, AF stripes and keyslots-area fill
@@ -22,7 +24,6 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from typing import Any
 
 from tdxvm.errors import TdxvmError
 from tdxvm.image.ext4 import run_step, tool
+from tdxvm.image.sparse import copy_data
 from tdxvm.image.xts import SECTOR, XtsPlain64
 
 DATA_OFFSET = 16 << 20  # payload offset (cryptsetup's LUKS2 default, pinned with --offset)
@@ -151,16 +153,20 @@ def open_keyslot(image: Path, passphrase: bytes) -> bytes:
     raise LuksError(f"{image}: no keyslot opens with this passphrase")
 
 
-def _python_encrypt(*, payload: Path, image: Path, volume_key: bytes) -> None:
-    """Encrypt ``payload`` into ``image`` at DATA_OFFSET with :class:`XtsPlain64`, 4 MiB at a time."""
+def _python_encrypt(image: Path, *, volume_key: bytes) -> None:
+    """Encrypt the payload of ``image`` (from DATA_OFFSET to its end) in place with
+    :class:`XtsPlain64`, 4 MiB at a time."""
     xts, step = XtsPlain64(volume_key), 4 << 20
-    with open(payload, "rb") as src, open(image, "r+b") as dst:
-        at = 0
-        while chunk := src.read(step):
-            if len(chunk) % SECTOR:
-                raise LuksError(f"{payload} changed while it was being encrypted")
-            os.pwrite(dst.fileno(), xts.encrypt(chunk, at // SECTOR), DATA_OFFSET + at)
-            at += len(chunk)
+    with open(image, "r+b") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size - DATA_OFFSET
+        for at in range(0, size, step):
+            chunk = os.pread(fd, min(step, size - at), DATA_OFFSET + at)
+            if len(chunk) != min(step, size - at):
+                raise LuksError(f"{image} changed while it was being encrypted")
+            ciphertext, written = xts.encrypt(chunk, at // SECTOR), 0
+            while written < len(ciphertext):
+                written += os.pwrite(fd, memoryview(ciphertext)[written:], DATA_OFFSET + at + written)
 
 
 def _cryptsetup(
@@ -205,13 +211,11 @@ def _cryptsetup(
         os.close(read_end)
 
 
-def _cryptsetup_encrypt(*, payload: Path, image: Path, volume_key: bytes) -> None:
-    """The payload copied to ``image`` at DATA_OFFSET and encrypted there by cryptsetup's
-    offline reencryption (C; the same bytes as :class:`XtsPlain64`). Its detached header
-    is a throwaway in memory (memfd) with a random passphrase; the real one comes after."""
-    with open(payload, "rb") as src, open(image, "r+b") as dst:
-        dst.seek(DATA_OFFSET)
-        shutil.copyfileobj(src, dst, 4 << 20)
+def _cryptsetup_encrypt(image: Path, *, volume_key: bytes) -> None:
+    """The payload of ``image`` (from DATA_OFFSET to its end) encrypted in place by
+    cryptsetup's offline reencryption (C; the same bytes as :class:`XtsPlain64`). Its
+    detached header is a throwaway in memory (memfd) with a random passphrase; the real
+    one comes after."""
     header = os.memfd_create("tdxvm-throwaway-luks-header")
     try:
         os.ftruncate(header, DATA_OFFSET)
@@ -228,17 +232,65 @@ def _cryptsetup_encrypt(*, payload: Path, image: Path, volume_key: bytes) -> Non
         os.close(header)
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ("python", "cryptsetup"):
+        raise ValueError(f"unknown encryption engine {engine!r} (python or cryptsetup)")
+
+
+def encrypt_in_place(
+    image: Path, *, volume_key: bytes, passphrase: bytes, uuid: str, engine: str = "cryptsetup"
+) -> LuksHeader:
+    """Make ``image``, whose payload (an ext4 image and its hash tree) already lies at
+    DATA_OFFSET up to its end, a LUKS2 image: the payload encrypted with ``volume_key``
+    where it is, the header written over the first DATA_OFFSET bytes (never read).
+
+    Nothing is copied: the build writes the filesystem at DATA_OFFSET of the disk file
+    (:func:`tdxvm.image.ext4.make_ext4`'s ``offset``). The holes of a sparse payload do
+    not stay holes: every sector is encrypted, zeros included, as the guest's dm-crypt
+    reads the disk (a hole would decrypt to garbage, and the host would learn which
+    blocks the filesystem uses). ``engine`` "cryptsetup" (its offline reencryption, in
+    C: the default) or "python" (:class:`~tdxvm.image.xts.XtsPlain64`) give the same
+    bytes. Should a step fail, ``image`` is left half-encrypted: the caller removes it.
+    """
+    _check_engine(engine)
+    image = Path(image)
+    size = image.stat().st_size - DATA_OFFSET
+    if size <= 0 or size % SECTOR:
+        raise LuksError(f"{image}: payload size {size} is not a positive multiple of {SECTOR}")
+    XtsPlain64(volume_key)  # refuse a malformed key before running anything
+    if engine == "cryptsetup":  # first: luksFormat then writes only the first DATA_OFFSET bytes
+        _cryptsetup_encrypt(image, volume_key=volume_key)
+    _cryptsetup(
+        "cryptsetup luksFormat",
+        ["luksFormat", "--uuid", uuid],
+        target=image,
+        volume_key=volume_key,
+        passphrase=passphrase,
+    )
+    header = read_header(image)
+    if (header.payload_offset, header.sector_size, header.cipher) != (DATA_OFFSET, SECTOR, "aes-xts-plain64"):
+        raise LuksError(
+            f"cryptsetup wrote an unexpected segment: offset {header.payload_offset}, "
+            f"sector {header.sector_size}, {header.cipher}"
+        )
+    if engine == "python":
+        _python_encrypt(image, volume_key=volume_key)
+    with open(image, "rb") as f:
+        os.fsync(f.fileno())
+    return header
+
+
 def encrypt_image(
     *, payload: Path, output: Path, volume_key: bytes, passphrase: bytes, uuid: str, engine: str = "cryptsetup"
 ) -> LuksHeader:
     """Write ``output``: a LUKS2 header, then ``payload`` encrypted with ``volume_key``.
 
-    ``engine`` "cryptsetup" (its offline reencryption, in C: the default, ~270 MB/s here)
-    or "python" (:class:`~tdxvm.image.xts.XtsPlain64`, ~110 MB/s) give the same bytes.
-    Nothing is left at ``output`` if a step fails.
+    ``payload`` is copied to DATA_OFFSET of a new file (its holes stay holes, not
+    written), then encrypted there (:func:`encrypt_in_place`). The image build has no
+    such copy: it writes its payload in place. Nothing is left at ``output`` if a step
+    fails.
     """
-    if engine not in ("python", "cryptsetup"):
-        raise ValueError(f"unknown encryption engine {engine!r} (python or cryptsetup)")
+    _check_engine(engine)
     size = Path(payload).stat().st_size
     if size == 0 or size % SECTOR:
         raise LuksError(f"{payload}: payload size {size} is not a positive multiple of {SECTOR}")
@@ -248,26 +300,10 @@ def encrypt_image(
     fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "r+b") as f:
-            f.truncate(DATA_OFFSET + size)
-            if engine == "cryptsetup":  # first: luksFormat then writes only the first DATA_OFFSET bytes
-                _cryptsetup_encrypt(payload=payload, image=tmp, volume_key=volume_key)
-            _cryptsetup(
-                "cryptsetup luksFormat",
-                ["luksFormat", "--uuid", uuid],
-                target=tmp,
-                volume_key=volume_key,
-                passphrase=passphrase,
-            )
-            header = read_header(tmp)
-            if (header.payload_offset, header.sector_size, header.cipher) != (DATA_OFFSET, SECTOR, "aes-xts-plain64"):
-                raise LuksError(
-                    f"cryptsetup wrote an unexpected segment: offset {header.payload_offset}, "
-                    f"sector {header.sector_size}, {header.cipher}"
-                )
-            if engine == "python":
-                _python_encrypt(payload=payload, image=tmp, volume_key=volume_key)
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "r+b") as dst, open(payload, "rb") as src:
+            dst.truncate(DATA_OFFSET + size)
+            copy_data(src.fileno(), dst.fileno(), size=size, dst_offset=DATA_OFFSET)
+        header = encrypt_in_place(tmp, volume_key=volume_key, passphrase=passphrase, uuid=uuid, engine=engine)
         os.replace(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -12,8 +12,10 @@ encrypted here. Each step is one function:
    once, before any slow step.
 3. :func:`_configure_step`: the tree configured and normalized; the boot files staged,
    the kernel that ships checked again.
-4. :func:`_ext4_step`: the tree's listing and its reproducible ext4 image.
-5. :func:`_verity_step`: the hash tree, the pinned command line, the measurements.
+4. :func:`_ext4_step`: the tree's listing and its reproducible ext4 image, written
+   straight into the disk file at the LUKS2 payload offset (:data:`~tdxvm.image.luks.DATA_OFFSET`;
+   a hole before it, where the encrypt step puts the header), so the payload is never copied.
+5. :func:`_verity_step`: the hash tree after it, the pinned command line, the measurements.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tdxvm.image import configure, debian, debpins, listing, lockfile, locking, 
 from tdxvm.image.cache import FileDigest, StepCache, step_key
 from tdxvm.image.ext4 import make_ext4
 from tdxvm.image.lockfile import Lock
+from tdxvm.image.luks import DATA_OFFSET
 from tdxvm.image.progress import Progress, Timer, quiet
 from tdxvm.image.recipe import LoadedRecipe, RecipeError
 
@@ -62,8 +65,9 @@ class Inputs:
 @dataclass
 class RootImage:
     """The reproducible part of a build, in ``work``: the boot files (in ``staging``), the
-    ext4 image with its verity tree appended, the command line that pins its root hash,
-    the predicted measurements and the root filesystem's listing."""
+    disk file (``disk_image``: the ext4 image at DATA_OFFSET with its verity tree after
+    it, to be encrypted in place), the command line that pins its root hash, the
+    predicted measurements and the root filesystem's listing."""
 
     lock: Lock
     lock_file: Path
@@ -71,7 +75,7 @@ class RootImage:
     firmware_path: Path | None
     firmware_locked: bool
     staging: Path
-    ext4_image: Path
+    disk_image: Path
     fs_uuid: str
     boot_version: str
     verity_tree: verity.VerityTree
@@ -100,8 +104,8 @@ def root_image(
     inputs = resolve_inputs(loaded, firmware=firmware, lock_file=lock_file)
     tar, digest = _base_tarball(run, inputs)
     configured = _configure_step(run, inputs, tar, digest, identity)
-    ext4_image, fs_uuid, lines = _ext4_step(run, inputs, configured.tree)
-    verity_tree, cmdline, predicted = _verity_step(run, inputs, configured, ext4_image)
+    disk_image, fs_uuid, lines = _ext4_step(run, inputs, configured.tree)
+    verity_tree, cmdline, predicted = _verity_step(run, inputs, configured, disk_image)
     return RootImage(
         lock=inputs.lock,
         lock_file=inputs.lock_file,
@@ -109,7 +113,7 @@ def root_image(
         firmware_path=inputs.firmware_path,
         firmware_locked=inputs.firmware_locked,
         staging=configured.staging,
-        ext4_image=ext4_image,
+        disk_image=disk_image,
         fs_uuid=fs_uuid,
         boot_version=configured.version,
         verity_tree=verity_tree,
@@ -331,25 +335,33 @@ def filesystem_uuid(loaded: LoadedRecipe) -> str:
 
 
 def _ext4_step(run: _Run, inputs: Inputs, tree: Path) -> tuple[Path, str, list[str]]:
-    """The tree's listing, then its ext4 image (the tree is removed)."""
+    """The tree's listing, then its ext4 image at DATA_OFFSET of the disk file (the tree
+    is removed)."""
     recipe = run.loaded.recipe
     t = run.start("ext4")
-    ext4_image = run.work / "rootfs.ext4"
+    disk_image = run.work / "disk.img"
     fs_uuid = filesystem_uuid(run.loaded)
     lines = listing.tree_listing(tree)
-    make_ext4(source=tree, output=ext4_image, size_bytes=recipe.disk_size, uuid=fs_uuid, epoch=inputs.epoch)
+    make_ext4(
+        source=tree,
+        output=disk_image,
+        size_bytes=recipe.disk_size,
+        uuid=fs_uuid,
+        epoch=inputs.epoch,
+        offset=DATA_OFFSET,
+    )
     shutil.rmtree(tree)
     run.done(t, detail=f"{recipe.disk_size >> 20} MiB")
-    return ext4_image, fs_uuid, lines
+    return disk_image, fs_uuid, lines
 
 
 def _verity_step(
-    run: _Run, inputs: Inputs, configured: _Configured, ext4_image: Path
+    run: _Run, inputs: Inputs, configured: _Configured, disk_image: Path
 ) -> tuple[verity.VerityTree, str, measure.Measurements]:
-    """The hash tree appended to ``ext4_image``, the command line that pins its root hash,
-    and the measurements predicted with that command line."""
+    """The hash tree of the ext4 image in ``disk_image``, appended to it; the command line
+    that pins its root hash, and the measurements predicted with that command line."""
     t = run.start("verity")
-    verity_tree = verity.format_tree(ext4_image)
+    verity_tree = verity.format_tree(disk_image, offset=DATA_OFFSET)
     cmdline = verity.pinned_cmdline(run.loaded.recipe.cmdline, verity_tree)
     firmware = inputs.firmware_path.read_bytes() if inputs.firmware_path else None
     predicted = measure.predict(

@@ -173,6 +173,13 @@ def build_tdvf(sections: list[tuple[int, int, int, int, int, int]], *, size: int
     return bytes(fw)
 
 
+def fake_ext4(*, output: Path, offset: int = 0, **_) -> None:
+    """Stands in for :func:`tdxvm.image.ext4.make_ext4`: 16 zero blocks at ``offset`` of
+    a sparse ``output``."""
+    with open(output, "wb") as f:
+        f.truncate(offset + (16 << 12))
+
+
 def write_lock_for(recipe_path: Path) -> Path:
     """A lock beside ``recipe_path`` taken for its inputs, listing no packages: for tests
     that replace the package steps (a real lock comes from ``tdxvm image lock``)."""

@@ -32,7 +32,7 @@ from tdxvm.image.recipe import load_recipe
 from tdxvm.image.rootimage import check_kernel, kernel_in_rootfs
 from tdxvm.secretstore import SecretStore
 
-from .conftest import build_pe, write_lock_for
+from .conftest import build_pe, fake_ext4, write_lock_for
 
 TCG2, CC = EFI_TCG2_PROTOCOL_GUID.bytes_le, EFI_CC_MEASUREMENT_PROTOCOL_GUID.bytes_le
 FIX = "use a Linux >= 6.9 kernel, e.g. `kernel: {package: linux-image-cloud-amd64, suite: bookworm-backports}`"
@@ -138,7 +138,7 @@ def later_steps(monkeypatch):
     monkeypatch.setattr(rootimage, "_python_step", steps["python"])
     monkeypatch.setattr(rootimage.configure, "configure", steps["configure"])
     monkeypatch.setattr(rootimage, "make_ext4", steps["ext4"])
-    monkeypatch.setattr(build_mod.luks, "encrypt_image", steps["encrypt"])
+    monkeypatch.setattr(build_mod.luks, "encrypt_in_place", steps["encrypt"])
     return steps
 
 
@@ -192,7 +192,7 @@ def test_the_kernel_that_ships_is_checked_again_before_a_disk_key_exists(tmp_pat
     configure_ships(tmp_path, monkeypatch, OLD_KERNEL, "6.1.0-x")
     ext4, encrypt = Forbidden("ext4"), Forbidden("encrypt")
     monkeypatch.setattr(rootimage, "make_ext4", ext4)
-    monkeypatch.setattr(build_mod.luks, "encrypt_image", encrypt)
+    monkeypatch.setattr(build_mod.luks, "encrypt_in_place", encrypt)
     secrets = tmp_path / "secrets"
     (tmp_path / "build").mkdir()
     with pytest.raises(UnmeasuredKernelError, match=r"^kernel 6\.1\.0-x \(linux-image-cloud-amd64 from bookworm\): "):
@@ -211,16 +211,16 @@ def test_a_failure_after_the_disk_key_is_stored_removes_it(tmp_path, fake_rootfs
     """The build's key goes with the build: a failure before the image is published leaves none."""
     fake_rootfs["kernel"] = NEW_KERNEL
     configure_ships(tmp_path, monkeypatch, NEW_KERNEL, "6.12.0-x")
-    monkeypatch.setattr(rootimage, "make_ext4", lambda *, output, **k: output.write_bytes(bytes(16 << 12)))
+    monkeypatch.setattr(rootimage, "make_ext4", fake_ext4)
 
     class Header:
         cipher = "aes-xts-plain64"
 
-    def encrypt_image(*, output, **k):
-        output.write_bytes(b"LUKS")
+    def encrypt_in_place(image, **k):
+        image.write_bytes(b"LUKS")
         return Header()
 
-    monkeypatch.setattr(build_mod.luks, "encrypt_image", encrypt_image)
+    monkeypatch.setattr(build_mod.luks, "encrypt_in_place", encrypt_in_place)
 
     def broken(path):
         raise OSError("disk full")

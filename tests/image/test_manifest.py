@@ -33,7 +33,7 @@ from tdxvm.releasekey import public_hex, release_key
 from tdxvm.secretstore import SecretStore
 
 from ..attested_guest import firmware, kernel
-from .conftest import write_lock_for
+from .conftest import fake_ext4, write_lock_for
 from .test_kernel_floor import rootfs_tar
 
 GOLDEN = Path(__file__).parent / "data" / "manifest-v2.json"
@@ -64,8 +64,8 @@ def fake_steps(tmp_path, monkeypatch):
     class Header:
         cipher = "aes-xts-plain64"
 
-    def encrypt_image(*, output, **_):
-        output.write_bytes(b"LUKS")
+    def encrypt_in_place(image, **_):
+        image.write_bytes(b"LUKS")
         return Header()
 
     monkeypatch.setattr(rootimage, "_rootfs_step", rootfs_step)
@@ -74,8 +74,8 @@ def fake_steps(tmp_path, monkeypatch):
         "configure",
         lambda *a, **kw: BootFiles(kernel=boot / "vmlinuz", initrd=boot / "initrd.img", version="6.12.0-x"),
     )
-    monkeypatch.setattr(rootimage, "make_ext4", lambda *, output, **_: output.write_bytes(bytes(16 << 12)))
-    monkeypatch.setattr(build_mod.luks, "encrypt_image", encrypt_image)
+    monkeypatch.setattr(rootimage, "make_ext4", fake_ext4)
+    monkeypatch.setattr(build_mod.luks, "encrypt_in_place", encrypt_in_place)
 
 
 @pytest.fixture

@@ -54,6 +54,11 @@ def test_outputs_and_manifest(smoke_build):
     ]
     assert manifest.verify_artifacts(manifest.read(smoke_build.folder), smoke_build.folder) == []
     assert [e.status for e in smoke_build.events if e.step == "encrypt"] == ["start", "done"]
+    (encrypted,) = [e for e in smoke_build.events if e.step == "encrypt" and e.status == "done"]
+    payload = (smoke_build.folder / "disk.img").stat().st_size - luks.DATA_OFFSET
+    assert payload == m["verity"]["data_bytes"] + m["verity"]["hash_bytes"]  # ext4 and tree, nothing else
+    rate, unit = encrypted.detail.split()  # payload over the step's time (a moment before its end)
+    assert unit == "MB/s" and int(rate) == pytest.approx(payload / encrypted.seconds / 1e6, rel=0.02, abs=1)
     firmware = Path(m["firmware"]["path"]).read_bytes()
     again = measure.predict(
         firmware=firmware,

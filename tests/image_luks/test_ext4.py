@@ -154,3 +154,21 @@ def test_creation_order_of_the_source_does_not_matter(tmp_path):
             os.utime(tree / name, (EPOCH, EPOCH))
         os.utime(tree, (EPOCH, EPOCH))
     assert sha256(build(tmp_path / "fwd", tmp_path / "a")) == sha256(build(tmp_path / "rev", tmp_path / "b"))
+
+
+def test_at_an_offset_the_same_filesystem_follows_a_hole(tmp_path):
+    """The build writes the filesystem straight at the LUKS2 payload offset of the disk
+    file: the same bytes as at 0 (debugfs's atime and ctime pass included), and a hole
+    before them, where the header goes."""
+    tree = make_tree(tmp_path / "tree")
+    plain = build(tree, tmp_path / "plain.ext4")
+    offset = 16 << 20
+    placed = build(tree, tmp_path / "disk.img", offset=offset)
+    assert placed.stat().st_size == offset + SIZE
+    with open(placed, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_DATA) >= offset  # nothing written before the filesystem
+        f.seek(offset)
+        assert f.read() == plain.read_bytes()
+    assert placed.stat().st_blocks * 512 < SIZE  # sparse: only what mke2fs wrote
+    with pytest.raises(ValueError, match="offset"):
+        build(tree, tmp_path / "odd.img", offset=1000)

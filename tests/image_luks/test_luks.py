@@ -1,5 +1,6 @@
 """LUKS2 images made offline: bulk XTS against a per-sector reference, the header, the
-keyslot opened in user space, cryptsetup's own encryption, and no key in any file."""
+keyslot opened in user space, cryptsetup's own encryption, in place as the build does it,
+and no key in any file."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tdxvm.image.luks import (
     af_merge,
     decrypt_payload,
     encrypt_image,
+    encrypt_in_place,
     open_keyslot,
     parse_header,
     read_header,
@@ -186,6 +188,42 @@ def test_python_and_cryptsetup_engines_write_the_same_payload_header_differs(bui
             uuid=LUKS_UUID,
             engine="gpu",
         )
+
+
+@pytest.mark.parametrize("engine", ["cryptsetup", "python"])
+def test_in_place_the_payload_where_it_lies_becomes_the_same_image(built, tmp_path, engine):
+    """The build's way: the (sparse) ext4 image already at DATA_OFFSET of the disk file,
+    junk before it; encrypted where it is, the header over the junk. The payload bytes are
+    encrypt_image's (so the guest reads the same disk), every sector of it encrypted, the
+    holes too: none is left reading as zeros."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f, open(built["ext4"], "rb") as ext4:
+        f.write(b"junk" * (DATA_OFFSET // 4))
+        f.truncate(DATA_OFFSET + EXT4_SIZE)
+        assert os.lseek(ext4.fileno(), 0, os.SEEK_HOLE) < EXT4_SIZE  # the ext4 image has holes
+        ext4.seek(0)
+        for start in range(0, EXT4_SIZE, 1 << 20):
+            if (chunk := ext4.read(1 << 20)).strip(b"\0"):
+                f.seek(DATA_OFFSET + start)
+                f.write(chunk)
+    header = encrypt_in_place(disk, volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID, engine=engine)
+    assert (header.uuid, header.payload_offset) == (LUKS_UUID, DATA_OFFSET)
+    assert disk.stat().st_size == DATA_OFFSET + EXT4_SIZE
+    data = disk.read_bytes()
+    assert data[DATA_OFFSET:] == built["image"].read_bytes()[DATA_OFFSET:]
+    assert not any(data[at : at + 512] == bytes(512) for at in range(DATA_OFFSET, len(data), 512))
+    assert b"junk" * 64 not in data[:DATA_OFFSET]
+    assert open_keyslot(disk, PASSPHRASE) == VOLUME_KEY
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]
+
+
+def test_in_place_refuses_a_file_with_no_payload(tmp_path):
+    short = tmp_path / "short.img"
+    short.write_bytes(bytes(DATA_OFFSET))
+    with pytest.raises(LuksError, match="payload size 0"):
+        encrypt_in_place(short, volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID)
+    with pytest.raises(ValueError, match="engine"):
+        encrypt_in_place(short, volume_key=VOLUME_KEY, passphrase=PASSPHRASE, uuid=LUKS_UUID, engine="gpu")
 
 
 def test_no_key_or_passphrase_bytes_in_any_file_written(built):

@@ -258,7 +258,8 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -266,12 +267,20 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def cmdline(pid: int) -> str:
+    """Process ``pid``'s command line, spaces between its arguments ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if alive(p)]
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [p for p in left if _alive(p)]
+        left = [p for p in left if alive(p)]
     return left
 
 
@@ -295,7 +304,7 @@ class _Daemon:
         self.name, self.popen, self.pid, self.log = name, popen, pid, log
 
     def running(self) -> bool:
-        return self.popen.poll() is None and _alive(self.pid)
+        return self.popen.poll() is None and alive(self.pid)
 
     def stop(self, timeout: float = 10) -> None:
         if self.running():
@@ -406,7 +415,7 @@ class NamespaceHost:
         return found
 
     def _kill_all(self) -> list[int]:
-        if self.holder_pid and _alive(self.holder_pid):
+        if self.holder_pid and alive(self.holder_pid):
             os.kill(self.holder_pid, signal.SIGKILL)  # init of the PID namespace: the kernel kills the rest
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
@@ -622,6 +631,10 @@ class NamespaceHost:
         """Stop libvirtd (SIGTERM; its QEMU processes keep running, as under systemd) and start it again."""
         self.stop_libvirtd()
         self.start_libvirtd()
+
+    @property
+    def sshd_running(self) -> bool:
+        return "sshd" in self._daemons and self._daemons["sshd"].running()
 
     def start_sshd(self) -> None:
         config = self.path(f"{INSIDE}/sshd_config")

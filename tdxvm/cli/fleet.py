@@ -63,8 +63,13 @@ def _echo_lines(lines: list[str], *, err: bool = False) -> None:
         click.echo(safe_text(line), err=err)  # names, hosts and details as the hosts report them
 
 
+def exit_code(status: str) -> int:
+    """The exit status of an apply or destroy whose report says ``status``."""
+    return {"ok": EXIT_OK, "refused": EXIT_REFUSED, "partial": EXIT_PARTIAL, "interrupted": EXIT_INTERRUPTED}[status]
+
+
 def _exit_for(status: str) -> None:
-    code = {"ok": EXIT_OK, "refused": EXIT_REFUSED, "partial": EXIT_PARTIAL, "interrupted": EXIT_INTERRUPTED}[status]
+    code = exit_code(status)
     if code:
         sys.exit(code)
 

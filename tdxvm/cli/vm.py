@@ -355,9 +355,11 @@ def stop_cmd(name: str, timeout: float, uri: str | None, output: str) -> None:
     """Shut VM NAME down (ACPI), power it off if it does not stop in time; it stays defined."""
     from tdxvm.launch.connection import connection
     from tdxvm.launch.lifecycle import stop
+    from tdxvm.launch.ownership import Controller
+    from tdxvm.secretstore import SecretStore
 
     with connection(uri or DEFAULT_URI) as conn:
-        result = stop(conn, name, timeout=timeout)
+        result = stop(conn, name, timeout=timeout, controller=Controller.of(SecretStore()))
     if output == "json":
         emit_json({"name": name, "result": result})
     else:
@@ -376,12 +378,14 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
     """
     from tdxvm.launch.connection import connection
     from tdxvm.launch.lifecycle import destroy, lookup
+    from tdxvm.launch.ownership import Controller
     from tdxvm.launch.records import VmRecords
     from tdxvm.secretstore import SecretStore
 
     target = uri or DEFAULT_URI
+    controller = Controller.of(SecretStore())  # another controller's VM is refused (exit 1)
     with connection(target) as conn:
-        lookup(conn, name)  # refuse unknown and foreign domains before asking
+        lookup(conn, name, controller=controller, verb="destroy")  # refuse unknown and foreign domains before asking
         if not yes:
             if not sys.stdin.isatty():
                 raise CliError(
@@ -389,7 +393,7 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
                     "(there is no terminal to ask on)"
                 )
             click.confirm(f"Destroy VM {name} on {target} (power off, undefine, delete its disk overlay)?", abort=True)
-        report = destroy(conn, name, records=VmRecords.beside(SecretStore()))
+        report = destroy(conn, name, records=VmRecords.beside(SecretStore()), controller=controller)
     if output == "json":
         emit_json({"name": name, "was_running": report.was_running, "deleted_volumes": list(report.deleted_volumes)})
         return

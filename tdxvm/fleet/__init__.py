@@ -4,6 +4,5 @@
 :mod:`~tdxvm.fleet.plan` (the difference, pure), :mod:`~tdxvm.fleet.planner` (reads
 what a plan needs), :mod:`~tdxvm.fleet.state` (state file, lock),
 :mod:`~tdxvm.fleet.reconcile` (apply, destroy), :mod:`~tdxvm.fleet.outcome` (events,
-outcomes, reports), :mod:`~tdxvm.fleet.sweep` (volumes left by crashes),
-:mod:`~tdxvm.fleet.report` (status, text).
+outcomes, reports), :mod:`~tdxvm.fleet.report` (status, text).
 """

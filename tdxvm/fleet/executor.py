@@ -2,7 +2,8 @@
 out, and the bookkeeping (outcomes, state, rolling replacement), as
 :mod:`tdxvm.fleet.reconcile` describes. Each unit creates, replaces or deletes one VM;
 a VM is created through :func:`tdxvm.provision.bringup.bring_up`, the path of
-``tdxvm launch``.
+``tdxvm launch``, labelled with this controller's id; a VM is destroyed only after its
+labels are read again and still say it is this fleet's and this controller's.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from tdxvm.fleet.plan import Action, Plan
 from tdxvm.fleet.planner import Images
 from tdxvm.fleet.spec import Fleet, spec_document
 from tdxvm.fleet.state import FleetState, now
-from tdxvm.fleet.sweep import sweep_volumes
 from tdxvm.launch.connection import is_test_driver, libvirt_message
-from tdxvm.launch.errors import LaunchError, NoSuchVmError
+from tdxvm.launch.errors import LaunchError, LibvirtUnreachable, NoSuchVmError
 from tdxvm.launch.lifecycle import destroy, lookup, set_labels
+from tdxvm.launch.metadata import CONTROLLER
+from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
+from tdxvm.launch.volumes import sweep_vm_volumes
 from tdxvm.provision import bringup, handshake
 from tdxvm.provision.trust import Trust, for_backend
 from tdxvm.secretstore import SecretStore
@@ -84,6 +87,7 @@ class Run:
         *,
         connector: inv.Connector,
         secrets: SecretStore,
+        controller: Controller,
         trust_for: Callable[[str], Trust],
         images: Images,
         options: ApplyOptions,
@@ -91,7 +95,7 @@ class Run:
         cancel: threading.Event,
     ) -> None:
         self.fleet, self.plan, self.state = fleet, plan, state
-        self.connector, self.secrets, self.trust_for = connector, secrets, trust_for
+        self.connector, self.secrets, self.controller, self.trust_for = connector, secrets, controller, trust_for
         self.images, self.options, self.progress, self.cancel = images, options, progress, cancel
         self.outcomes: dict[tuple[str, str], Outcome] = {}
         self.interrupted = False
@@ -292,6 +296,7 @@ class Run:
                     "failed",
                     a.reasons,
                     errors=[{"code": code if isinstance(code, str) else type(exc).__name__, "message": str(exc)}],
+                    host_lost=str(exc) if isinstance(exc, LibvirtUnreachable) else None,
                 )
             )
             if a.kind != "delete":
@@ -300,9 +305,10 @@ class Run:
                 )
 
     def destroy_owned(self, conn: libvirt.virConnect, name: str, host: str) -> bool:
-        """Destroy ``name`` if it is this fleet's VM (checked again now); False when it is not there."""
+        """Destroy ``name`` if it is this fleet's VM and this controller's (both checked again
+        now); False when it is not there."""
         try:
-            _, meta = lookup(conn, name)
+            dom, meta = lookup(conn, name)
         except NoSuchVmError:
             return False
         if meta.labels.get(inv.FLEET) != self.fleet.name:
@@ -310,13 +316,17 @@ class Run:
                 f"domain {name} on {host} is no longer fleet {self.fleet.name}'s VM; it is not touched",
                 code="not-fleet-vm",
             )
+        records = VmRecords.beside(self.secrets)
+        whose = self.controller.claim(meta, has_record=lambda: inv.has_record(records, dom.UUIDString()))
+        if whose is not None:
+            raise FleetError(f"VM {name} on {host} is {whose} now; it is not touched", code="other-controller")
         self.state.update_vm(name, phase="deleting")
-        destroy(conn, name, records=VmRecords.beside(self.secrets))
+        destroy(conn, name, records=records)
         return True
 
     def _delete(self, conn: libvirt.virConnect, a: Action) -> None:
         if not self.destroy_owned(conn, a.vm, a.host):
-            sweep_volumes(conn, a.vm)
+            sweep_vm_volumes(conn, a.vm)
         record = self.state.vm(a.vm)
         if record is not None and record.get("host") in (a.host, None):
             self.state.drop_vm(a.vm)
@@ -327,7 +337,9 @@ class Run:
         manifest = self.images.manifests[str(d.spec.image)]
         image_sha = self.images.shas[str(d.spec.image)]
         assert isinstance(image_sha, str)  # the plan skips VMs whose manifest cannot be read
+        assert self.controller.id is not None  # an apply makes the key before it plans
         labels = {
+            CONTROLLER: self.controller.id,
             inv.FLEET: self.fleet.name,
             inv.DEPLOYMENT: d.deployment,
             inv.REPLICA: str(d.index),
@@ -428,6 +440,7 @@ class Run:
                 verdict=verdict,
                 endpoint=where,
                 timings=dict(result.timings),
+                provision=result.provision,
             )
         )
 
@@ -479,13 +492,15 @@ class Run:
                     verdict=a.actual.attestation if a.actual else None,
                 )
             elif a.kind == "skip":
+                view = self.plan.hosts.get(a.host)
+                code = "other-controller" if view is not None and a.vm in view.contested else "skipped"
                 self.outcomes[(a.vm, a.host)] = Outcome(
                     a.vm,
                     a.host,
                     "skip",
                     "skipped",
                     a.reasons,
-                    errors=[{"code": "skipped", "message": r} for r in a.reasons],
+                    errors=[{"code": code, "message": r} for r in a.reasons],
                 )
 
     def tidy_state(self) -> None:

@@ -7,6 +7,12 @@ Every other domain on a host — tdxvm's own single VMs, another fleet's, anythi
 created by tdxvm — is *foreign*: listed only so that a name clash is reported, never
 touched.
 
+One controller owns a fleet (:mod:`tdxvm.launch.ownership`). A domain with the fleet's
+label is the fleet's only when it is this controller's too: its ``controller`` label is
+this controller's id, or it has no such label (an older tdxvm) and the controller keeps
+a record of it. Any other is *contested*: foreign, and also listed on its own so that
+plans and reports say that another controller acts on the fleet's hosts.
+
 :class:`Connector` opens one connection per URI and keeps it for the life of the process
 (a long-running controller reuses them; libvirt's test driver keeps a host's state only
 while a connection to it is open). A host that does not answer within ``timeout`` is
@@ -20,6 +26,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import libvirt
@@ -28,6 +35,7 @@ from tdxvm.launch import metadata as md
 from tdxvm.launch.connection import libvirt_message, open_connection
 from tdxvm.launch.errors import LaunchError, LibvirtUnreachable
 from tdxvm.launch.lifecycle import STATES
+from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 
 CONNECT_TIMEOUT = 30.0
@@ -155,6 +163,17 @@ class ActualVm:
 
 
 @dataclass(frozen=True)
+class ContestedVm:
+    """A domain with the fleet's label that is not this controller's: never touched."""
+
+    name: str
+    host: str
+    state: str
+    deployment: str
+    owner: str  # whose it is, a phrase (Controller.claim)
+
+
+@dataclass(frozen=True)
 class HostView:
     """One host: reachable with the fleet's VMs on it and the names of foreign domains, or not."""
 
@@ -164,18 +183,30 @@ class HostView:
     error_code: str | None = None
     vms: dict[str, ActualVm] = field(default_factory=dict)
     foreign: dict[str, str] = field(default_factory=dict)  # name -> whose ("not tdxvm's", "fleet x", "tdxvm VM")
+    contested: dict[str, ContestedVm] = field(default_factory=dict)  # also in foreign: the fleet's label, not ours
 
     @property
     def reachable(self) -> bool:
         return self.error is None
 
 
-def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records: VmRecords) -> HostView:
+def has_record(records: VmRecords, uuid: str) -> bool:
+    """Whether the controller keeps a record of the domain ``uuid`` (an unreadable one counts)."""
+    try:
+        return records.get(uuid) is not None
+    except RecordError:
+        return True
+
+
+def read_host(
+    conn: libvirt.virConnect, fleet: str, host: str, uri: str, records: VmRecords, *, controller: Controller
+) -> HostView:
     """The fleet's VMs on ``conn`` and the names of every other domain there.
 
-    A VM's attestation and forwards come from the controller's record of it (``records``),
-    never from its metadata; a VM without a record, or whose metadata disagrees with it,
-    counts as refused (the reasons say why), so an apply replaces it."""
+    Only ``controller``'s VMs are the fleet's (see the module doc). A VM's attestation and
+    forwards come from the controller's record of it (``records``), never from its
+    metadata; a VM of this controller without a record, or whose metadata disagrees with
+    it, counts as refused (the reasons say why), so an apply replaces it."""
     try:
         domains = conn.listAllDomains(0)
     except libvirt.libvirtError as exc:
@@ -184,11 +215,13 @@ def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records
         )
     vms: dict[str, ActualVm] = {}
     foreign: dict[str, str] = {}
+    contested: dict[str, ContestedVm] = {}
     for dom in domains:
         try:
             name = dom.name()
             meta = md.from_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             state = STATES.get(dom.state()[0], "unknown")
+            uuid = dom.UUIDString()
         except libvirt.libvirtError:
             continue  # undefined while we looked
         if meta is None:
@@ -196,9 +229,12 @@ def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records
         elif meta.labels.get(FLEET) != fleet:
             owner = meta.labels.get(FLEET)
             foreign[name] = f"fleet {owner}'s" if owner else "a tdxvm VM outside any fleet"
+        elif (whose := controller.claim(meta, has_record=partial(has_record, records, uuid))) is not None:
+            foreign[name] = whose
+            contested[name] = ContestedVm(name, host, state, meta.labels.get(DEPLOYMENT, ""), whose)
         else:
             try:
-                record = records.trusted(name=name, uuid=dom.UUIDString(), uri=conn.getURI(), meta=meta)
+                record = records.trusted(name=name, uuid=uuid, uri=conn.getURI(), meta=meta)
                 attestation, forwards = record.attestation, record.forwards
             except (RecordError, RecordMismatch, libvirt.libvirtError) as exc:
                 code = getattr(exc, "code", "vm-record")
@@ -213,13 +249,20 @@ def read_host(conn: libvirt.virConnect, fleet: str, host: str, uri: str, records
                 attestation=attestation,
                 forwards=forwards,
             )
-    return HostView(host, uri, vms=vms, foreign=foreign)
+    return HostView(host, uri, vms=vms, foreign=foreign, contested=contested)
 
 
 def survey(
-    connector: Connector, fleet: str, hosts: dict[str, str], *, records: VmRecords, parallel: int = 8
+    connector: Connector,
+    fleet: str,
+    hosts: dict[str, str],
+    *,
+    records: VmRecords,
+    controller: Controller,
+    parallel: int = 8,
 ) -> dict[str, HostView]:
-    """Every host of ``hosts`` (name -> URI) read at once; unreachable ones carry the error."""
+    """Every host of ``hosts`` (name -> URI) read at once, as ``controller`` owns the fleet;
+    unreachable ones carry the error."""
 
     def one(item: tuple[str, str]) -> HostView:
         host, uri = item
@@ -227,7 +270,7 @@ def survey(
             conn = connector.get(uri)
         except LaunchError as exc:
             return HostView(host, uri, error=str(exc), error_code=exc.code)
-        return read_host(conn, fleet, host, uri, records)
+        return read_host(conn, fleet, host, uri, records, controller=controller)
 
     items: Iterable[tuple[str, str]] = sorted(hosts.items())
     with ThreadPoolExecutor(

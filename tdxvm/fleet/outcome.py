@@ -43,6 +43,8 @@ class Outcome:
     verdict: dict[str, Any] | None = None
     endpoint: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    host_lost: str | None = None  # its host's libvirt stopped answering during the work: why
+    provision: dict[str, Any] | None = None  # what provisioning its model did (ProvisionResult.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class Outcome:
             "errors": self.errors,
             "tcb_status": (self.verdict or {}).get("tcb_status"),
             "endpoint": self.endpoint,
+            "model_digest": (self.provision or {}).get("model_digest"),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -78,9 +81,14 @@ class Report:
             return "interrupted"
         if any(o.result == "refused" for o in self.outcomes):
             return "refused"
-        if any(o.result not in SUCCESS for o in self.outcomes) or self.plan.unreachable():
+        if any(o.result not in SUCCESS for o in self.outcomes) or self.unreachable():
             return "partial"
         return "ok"
+
+    def unreachable(self) -> dict[str, str]:
+        """Hosts that did not answer (host -> why): at the survey, or lost during the work."""
+        lost = {o.host: o.host_lost for o in self.outcomes if o.host_lost}
+        return {**lost, **self.plan.unreachable()}
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -95,6 +103,6 @@ class Report:
             "status": self.status,
             "seconds": round(self.seconds, 3),
             "summary": self.counts(),
-            "unreachable_hosts": self.plan.unreachable(),
+            "unreachable_hosts": self.unreachable(),
             "vms": [o.to_dict() for o in self.outcomes],
         }

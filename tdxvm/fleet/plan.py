@@ -16,7 +16,9 @@ manifests' digests, and returns one :class:`Action` per VM:
 ``keep``     as asked, serving;
 ``skip``     cannot be handled now: its host is unreachable, a domain that is not the
              fleet's holds the name, or the image manifest cannot be read. Nothing is
-             done to it; a later apply handles it.
+             done to it; a later apply handles it. A VM with the fleet's label that
+             another controller owns (:attr:`HostView.contested`) is a ``skip`` too,
+             asked for or not: never replaced or deleted, and always reported.
 
 A VM *serves* when it is running, its last attestation was accepted, and an apply
 finished bringing it up (:attr:`ActualVm.serving`); rolling replacement counts those.
@@ -28,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tdxvm.fleet.inventory import IMAGE_SHA, READY_AT, SPEC_HASH, ActualVm, HostView
+from tdxvm.fleet.inventory import IMAGE_SHA, READY_AT, SPEC_HASH, ActualVm, ContestedVm, HostView
 from tdxvm.fleet.spec import DesiredVm, spec_document
 
 Kind = Literal["create", "replace", "delete", "keep", "skip"]
@@ -172,6 +174,13 @@ def _delete_reason(a: ActualVm, wanted: dict[str, DesiredVm], deployments: set[s
     return f"deployment {dep} has fewer replicas now"
 
 
+def contested_reason(fleet: str, c: ContestedVm) -> str:
+    return (
+        f"{c.name} on {c.host} carries fleet {fleet}'s label but is {c.owner}; never touched: one controller "
+        "owns a fleet, apply it from the one that owns this VM (docs/fleet.md, 'One controller per fleet')"
+    )
+
+
 def make_plan(
     fleet: str,
     desired: list[DesiredVm],
@@ -192,6 +201,9 @@ def make_plan(
         if view is None or not view.reachable:
             error = view.error if view is not None else "not surveyed"
             actions.append(Action("skip", reasons=(f"host {d.host} unreachable: {error}",), **base))
+            continue
+        if d.name in view.contested:
+            actions.append(Action("skip", reasons=(contested_reason(fleet, view.contested[d.name]),), **base))
             continue
         if d.name in view.foreign:
             actions.append(
@@ -247,11 +259,26 @@ def make_plan(
                     actual=a,
                 )
             )
+        for vm_name, c in sorted(view.contested.items()):
+            d = wanted.get(vm_name)
+            if d is None or d.host != name:
+                actions.append(
+                    Action(
+                        "skip",
+                        vm=vm_name,
+                        host=name,
+                        uri=view.uri,
+                        deployment=c.deployment or None,
+                        reasons=(contested_reason(fleet, c),),
+                    )
+                )
     seen = {(a.vm, a.host) for a in actions}
     for vm_name, record in sorted(records.items()):
         host = record.get("host", "")
         view = hosts.get(host)
         if (vm_name, host) in seen or view is None or not view.reachable or vm_name in view.vms:
+            continue
+        if vm_name in view.foreign:  # another domain has the name now: its volumes are its own
             continue
         if vm_name in wanted and wanted[vm_name].host == host:
             continue

@@ -1,7 +1,10 @@
 """Reading what a plan needs: the hosts (every host of the file and every host the state
 file still knows the fleet has VMs on), the VM records and the image manifests, handed
 to the pure :func:`tdxvm.fleet.plan.make_plan`. ``tdxvm plan`` and ``tdxvm status -f``
-stop here; an apply (:mod:`tdxvm.fleet.reconcile`) goes on to carry the plan out."""
+stop here; an apply (:mod:`tdxvm.fleet.reconcile`) goes on to carry the plan out.
+
+The fleet's VMs are those of this controller (the secret store's key,
+:class:`~tdxvm.launch.ownership.Controller`); reading a plan never makes that key."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState, default_state_dir
 from tdxvm.launch.errors import LaunchError
 from tdxvm.launch.manifest import ImageManifest, load_manifest
+from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
 from tdxvm.secretstore import SecretStore
 
@@ -46,10 +50,22 @@ def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
 
 
 def build_plan(
-    fleet: Fleet, connector: inv.Connector, state: FleetState, *, secrets: SecretStore, parallel: int = 8
+    fleet: Fleet,
+    connector: inv.Connector,
+    state: FleetState,
+    *,
+    secrets: SecretStore,
+    controller: Controller | None = None,
+    parallel: int = 8,
 ) -> tuple[Plan, Images]:
+    """The plan of ``controller`` (by default the one of ``secrets``) and the images it read."""
     views = inv.survey(
-        connector, fleet.name, survey_hosts(fleet, state), records=VmRecords.beside(secrets), parallel=parallel
+        connector,
+        fleet.name,
+        survey_hosts(fleet, state),
+        records=VmRecords.beside(secrets),
+        controller=controller or Controller.of(secrets),
+        parallel=parallel,
     )
     images = Images.read(fleet)
     plan = make_plan(

@@ -23,6 +23,10 @@ others reconcile. On Ctrl-C (or ``cancel``), nothing new starts, VMs being broug
 are powered off and removed (none had been brought up to the end), and the state file
 says what happened; the next apply converges.
 
+One controller owns a fleet: every VM an apply creates carries its id (label
+``controller``), and a VM with the fleet's label that another controller owns is never
+replaced or deleted, only reported as skipped (:mod:`tdxvm.fleet.inventory`).
+
 The plan comes from :mod:`tdxvm.fleet.planner`, :mod:`tdxvm.fleet.executor` carries it out,
 and what happened is reported with the types of :mod:`tdxvm.fleet.outcome`.
 """
@@ -41,9 +45,11 @@ from tdxvm.fleet.plan import Action, Plan, make_plan
 from tdxvm.fleet.planner import Images, build_plan, survey_hosts
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetLock, FleetState, default_state_dir, now
+from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
 from tdxvm.provision.trust import Trust
 from tdxvm.secretstore import SecretStore
+from tdxvm.sshkey import controller_id
 
 __all__ = ["DEFAULT_PARALLEL", "ApplyOptions", "FleetError", "apply", "destroy_fleet"]
 
@@ -72,7 +78,10 @@ def apply(
     secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "apply"):
         state = FleetState.load(folder, fleet.name)
-        plan_now, images = build_plan(fleet, connector, state, secrets=secrets, parallel=max(options.parallel, 8))
+        controller = Controller(controller_id(secrets))  # the key is made here on a first apply: VMs carry its id
+        plan_now, images = build_plan(
+            fleet, connector, state, secrets=secrets, controller=controller, parallel=max(options.parallel, 8)
+        )
         if confirm is not None and not confirm(plan_now):
             raise FleetError("apply cancelled: nothing was changed", code="cancelled")
         run = Run(
@@ -81,6 +90,7 @@ def apply(
             state,
             connector=connector,
             secrets=secrets,
+            controller=controller,
             trust_for=trust_cache(trust_for),
             images=images,
             options=options,
@@ -112,18 +122,21 @@ def destroy_fleet(
     secrets: SecretStore | None = None,
 ) -> Report:
     """Destroy every VM of the fleet (found by its labels, on the file's hosts and those the
-    state file knows), and the volumes interrupted applies left. Other domains are never
-    touched. The state file goes once nothing of the fleet is left."""
+    state file knows), and the volumes interrupted applies left. Other domains, and the
+    fleet's VMs of another controller, are never touched (those are reported as skipped).
+    The state file goes once nothing of the fleet is left."""
     started = time.monotonic()
     folder = state_dir or default_state_dir()
     secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "destroy"):
         state = FleetState.load(folder, fleet.name)
+        controller = Controller.of(secrets)
         views = inv.survey(
             connector,
             fleet.name,
             survey_hosts(fleet, state),
             records=VmRecords.beside(secrets),
+            controller=controller,
             parallel=max(parallel, 8),
         )
         empty = Fleet(name=fleet.name, source=fleet.source, hosts={}, templates={}, deployments={})
@@ -137,6 +150,7 @@ def destroy_fleet(
             state,
             connector=connector,
             secrets=secrets,
+            controller=controller,
             trust_for=trust_cache(None),
             images=Images({}, {}),
             options=ApplyOptions(parallel=parallel),

@@ -3,7 +3,9 @@
 Per VM: host, state, the last attestation's verdict and TCB status, the digest of the
 measurements its quote reported, its endpoint, when it was last attested, and whether it
 is as the file asks (``in sync``) or what an apply would do. VMs on a host that does not
-answer show what the state file last recorded, marked as such.
+answer show what the state file last recorded, marked as such. A VM with the fleet's
+label that another controller owns is listed with its state and ``other controller``:
+an apply never touches it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet.outcome import Report
+from tdxvm.fleet.outcome import SUCCESS, Report
 from tdxvm.fleet.plan import Action, Plan
 from tdxvm.fleet.planner import build_plan
 from tdxvm.fleet.spec import Fleet
@@ -32,7 +34,7 @@ class VmRow:
     measurements_digest: str | None
     endpoint: str | None
     last_attested: str | None
-    sync: str  # "in sync", or the plan's action (create, replace, delete), or "unknown"
+    sync: str  # "in sync", or the plan's action (create, replace, delete), "unknown", or "other controller"
     reasons: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,7 +53,28 @@ class FleetStatus:
         return {"fleet": self.fleet, "unreachable_hosts": self.unreachable, "vms": [r.to_dict() for r in self.rows]}
 
 
-def _row(a: Action, record: dict[str, Any] | None) -> VmRow:
+OTHER_CONTROLLER = "other controller"
+
+
+def _contested_row(a: Action, c: inv.ContestedVm) -> VmRow:
+    return VmRow(
+        vm=a.vm,
+        deployment=a.deployment,
+        host=a.host,
+        state=c.state,
+        verdict=None,
+        tcb_status=None,
+        measurements_digest=None,
+        endpoint=None,
+        last_attested=None,
+        sync=OTHER_CONTROLLER,
+        reasons=a.reasons,
+    )
+
+
+def _row(a: Action, record: dict[str, Any] | None, view: inv.HostView | None) -> VmRow:
+    if a.kind == "skip" and view is not None and a.vm in view.contested:
+        return _contested_row(a, view.contested[a.vm])
     sync = {"keep": "in sync", "skip": "unknown"}.get(a.kind, a.kind)
     if a.actual is not None:
         att = a.actual.attestation or {}
@@ -93,7 +116,11 @@ def fleet_status(
     state = FleetState.load(state_dir or default_state_dir(), fleet.name)
     plan, _ = build_plan(fleet, connector, state, secrets=secrets or SecretStore())
     records = state.vms()
-    rows = tuple(_row(a, records.get(a.vm)) for a in plan.actions if not (a.kind == "delete" and a.actual is None))
+    rows = tuple(
+        _row(a, records.get(a.vm), plan.hosts.get(a.host))
+        for a in plan.actions
+        if not (a.kind == "delete" and a.actual is None)
+    )
     return FleetStatus(fleet.name, rows, plan.unreachable())
 
 
@@ -163,11 +190,19 @@ def report_lines(report: Report) -> list[str]:
             out.append("  " + line)
             if o.result != "created" and o.result != "replaced" and o.result != "deleted":
                 out += [f"      - [{e['code']}] {e['message']}".replace("\n", "\n        ") for e in o.errors]
-    for host, error in report.plan.unreachable().items():
+    for host, error in report.unreachable().items():
         out.append(f"host {host} unreachable: {error.splitlines()[0]}")
     if report.status == "interrupted":
         out.append("interrupted: VMs being brought up were removed; run the apply again to finish (it converges)")
-    if report.status == "partial":
+    theirs = [o for o in report.outcomes if any(e["code"] == "other-controller" for e in o.errors)]
+    if theirs:
+        out.append(
+            f"VMs with fleet {report.fleet}'s label that another controller owns were left untouched: one "
+            "controller owns a fleet (docs/fleet.md, 'One controller per fleet')"
+        )
+    if report.status == "partial" and (
+        report.unreachable() or any(o.result not in SUCCESS and o not in theirs for o in report.outcomes)
+    ):
         out.append(
             "not everything was handled; run the apply again once the hosts answer (it finishes the job)"
             if report.command == "apply"

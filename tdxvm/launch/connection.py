@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
 from tdxvm.launch.errors import (
     ConnectError,
     LibvirtdNotRunningError,
+    LibvirtHostKeyRefused,
     LibvirtPermissionError,
     LibvirtUnreachable,
     SshTransportError,
@@ -95,11 +96,13 @@ def explain_connect_error(uri: str, exc: libvirt.libvirtError) -> ConnectError:
     host = urlsplit(uri).hostname or "the host"
     where = f"cannot connect to libvirt at {uri}: {text}"
     if transport == "ssh":
-        if "permission denied" in low or "host key verification failed" in low:
+        if "host key verification failed" in low:
+            return LibvirtHostKeyRefused(f"{where}\nfix: {_host_key_fix(uri, low)}")
+        if "permission denied" in low:
             fix = (
-                f"libvirt runs ssh without a terminal, so it cannot ask for a password or to trust a host key: "
-                f"check that `ssh {urlsplit(uri).netloc} true` works without prompting (key loaded in ssh-agent, "
-                f"host key in ~/.ssh/known_hosts)"
+                f"libvirt runs ssh without a terminal, so it cannot ask for a password: check that "
+                f"`ssh {urlsplit(uri).netloc} true` works without prompting (a key loaded in ssh-agent, or "
+                "keyfile= in the URI)"
             )
         elif "could not resolve" in low or "connection refused" in low or "timed out" in low or "no route" in low:
             fix = f"check that {host} is reachable and runs sshd (`ssh {urlsplit(uri).netloc} true`)"
@@ -129,3 +132,21 @@ def explain_connect_error(uri: str, exc: libvirt.libvirtError) -> ConnectError:
             "qemu+ssh://user@host/system or test:///default"
         )
     return LibvirtUnreachable(where)
+
+
+def _host_key_fix(uri: str, low: str) -> str:
+    """What to do about a host key libvirt's ssh refused (``low``: its message, lowercased)."""
+    parts = urlsplit(uri)
+    host = parts.hostname or "the host"
+    files = parse_qs(parts.query).get("known_hosts") or ["~/.ssh/known_hosts"]
+    check = (
+        f"check the key's fingerprint out of band (on {host}'s console: `ssh-keygen -lf "
+        "/etc/ssh/ssh_host_ed25519_key.pub`)"
+    )
+    if "has changed" in low:
+        return (
+            f"{host}'s SSH key is not the one {files[0]} holds for it. If the host was reinstalled or its key "
+            f"rotated, {check}, then remove the old line (`ssh-keygen -R {host} -f {files[0]}`) and add the new "
+            "key; otherwise something between you and the host answers in its place: do not connect"
+        )
+    return f"{files[0]} holds no key for {host}: {check}, then add it (`ssh-keyscan {host} >> {files[0]}`)"

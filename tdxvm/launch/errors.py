@@ -8,7 +8,7 @@ refusal (:class:`tdxvm.launch.records.RecordMismatch`, exit 1); the rest is exit
 
 from __future__ import annotations
 
-from tdxvm.errors import TdxvmError, Unreachable
+from tdxvm.errors import Refused, TdxvmError, Unreachable
 
 
 class LaunchError(TdxvmError):
@@ -42,6 +42,20 @@ class LibvirtUnreachable(ConnectError, Unreachable):
 
 class LibvirtdNotRunningError(LibvirtUnreachable):
     code = "libvirtd-not-running"
+
+
+class LibvirtConnectionLost(LibvirtUnreachable):
+    """The connection ended in the middle of an operation (the host's libvirtd restarted, or
+    the SSH session to it ended); the message says what was left on the host."""
+
+    code = "libvirt-connection-lost"
+
+
+class LibvirtHostKeyRefused(ConnectError, Refused):
+    """libvirt's ``ssh`` transport refused the host's key: unknown, or not the one in
+    known_hosts (exit 1, as for tdxvm's own SSH: :class:`tdxvm.launch.sshtarget.HostKeyRefused`)."""
+
+    code = "host-key"
 
 
 class LibvirtPermissionError(ConnectError):

@@ -7,7 +7,9 @@ caller's progress callback raises, e.g. on Ctrl-C), nothing it created stays beh
 domain is undefined and the VM's overlay and log volumes are deleted.
 
 Every other verb finds the domain by name and first checks tdxvm's metadata in it: a
-domain tdxvm did not create is never stopped, undefined or deleted. The metadata also
+domain tdxvm did not create is never stopped, undefined or deleted; given this
+controller (:class:`~tdxvm.launch.ownership.Controller`), neither is a VM another
+controller launched (its ``controller`` label). The metadata also
 keeps what a later ``tdxvm attest NAME`` needs without the VM spec: the agent's host
 port, the image manifest's path and the effective attestation policy.
 """
@@ -33,6 +35,7 @@ from tdxvm.launch.connection import is_local, libvirt_message
 from tdxvm.launch.domain import TDXVM_NS, DomainSpec, PortForward, domain_xml
 from tdxvm.launch.errors import DomainError, LaunchError, NoSuchVmError, NotOurDomainError, VmExistsError, VolumeError
 from tdxvm.launch.manifest import Artifact, ImageManifest
+from tdxvm.launch.ownership import Controller
 from tdxvm.launch.ports import choose_forwards
 from tdxvm.launch.records import RecordError, RecordMismatch, VmRecords
 from tdxvm.launch.rtmr0pin import Rtmr0Pin
@@ -276,12 +279,15 @@ def prepare_domain(
     pool: str = POOL_NAME,
     pool_path: str = POOL_PATH,
     labels: dict[str, str] | None = None,
+    uuid: str | None = None,
 ) -> DomainHandle:
     """Preflight, upload volumes and define (not start) the VM; all or nothing.
 
     ``progress`` gets :class:`StepEvent` and :class:`~tdxvm.launch.volumes.VolumeEvent`
     values; if it raises, the launch is undone and the exception propagates. ``labels``
-    are extra metadata labels defined with the domain (a fleet's ownership).
+    are extra metadata labels defined with the domain (a fleet's ownership); ``uuid`` the
+    domain's UUID (new when None), known to a caller that must find the domain again
+    after losing its connection mid-define.
     """
     progress = progress or _quiet
     uri = conn.getURI()
@@ -311,7 +317,7 @@ def prepare_domain(
     dom: libvirt.virDomain | None = None
     try:
         progress(StepEvent("define", "start"))
-        vm_uuid = str(uuidlib.uuid4())
+        vm_uuid = uuid or str(uuidlib.uuid4())
         xml = render_domain(
             spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid, extra_labels=labels
         )
@@ -421,8 +427,12 @@ def _state(dom: libvirt.virDomain) -> str:
         return "unknown"
 
 
-def lookup(conn: libvirt.virConnect, name: str) -> tuple[libvirt.virDomain, md.VmMetadata]:
-    """The tdxvm domain ``name``; refuses unknown names and domains tdxvm did not create."""
+def lookup(
+    conn: libvirt.virConnect, name: str, *, controller: Controller | None = None, verb: str = "change"
+) -> tuple[libvirt.virDomain, md.VmMetadata]:
+    """The tdxvm domain ``name``; refuses unknown names and domains tdxvm did not create,
+    and, given ``controller``, VMs another controller launched (``verb`` says what the
+    caller would do, for the message)."""
     uri = conn.getURI()
     try:
         dom = conn.lookupByName(name)
@@ -436,6 +446,8 @@ def lookup(conn: libvirt.virConnect, name: str) -> tuple[libvirt.virDomain, md.V
             f"domain {name} on {uri} was not created by tdxvm (no tdxvm metadata); tdxvm never "
             "stops, changes or deletes it — use virsh for it"
         )
+    if controller is not None:
+        controller.require(name, uri, meta, verb)
     return dom, meta
 
 
@@ -464,9 +476,17 @@ def start(handle: DomainHandle, *, cleanup_on_failure: bool = True) -> None:
         _write_metadata(dom, meta)
 
 
-def stop(conn: libvirt.virConnect, name: str, *, timeout: float = 60.0, poll: float = 0.5) -> str:
-    """ACPI shutdown, then power off after ``timeout`` s. Returns what happened."""
-    dom, _ = lookup(conn, name)
+def stop(
+    conn: libvirt.virConnect,
+    name: str,
+    *,
+    timeout: float = 60.0,
+    poll: float = 0.5,
+    controller: Controller | None = None,
+) -> str:
+    """ACPI shutdown, then power off after ``timeout`` s. Returns what happened. Given
+    ``controller``, another controller's VM is refused."""
+    dom, _ = lookup(conn, name, controller=controller, verb="stop")
     if not dom.isActive():
         return "was not running"
     try:
@@ -498,14 +518,17 @@ class DestroyReport:
     deleted_volumes: tuple[str, ...]
 
 
-def destroy(conn: libvirt.virConnect, name: str, *, records: VmRecords | None = None) -> DestroyReport:
+def destroy(
+    conn: libvirt.virConnect, name: str, *, records: VmRecords | None = None, controller: Controller | None = None
+) -> DestroyReport:
     """Power off (if running), undefine, and delete the VM's overlay and log volumes (and
     its controller record, from ``records``).
 
     The shared image volumes (kernel, initramfs, base disk) stay for other VMs and later
-    launches. Refuses domains tdxvm did not create.
+    launches. Refuses domains tdxvm did not create, and, given ``controller``, VMs
+    another controller launched.
     """
-    dom, meta = lookup(conn, name)
+    dom, meta = lookup(conn, name, controller=controller, verb="destroy")
     vm_uuid = dom.UUIDString()
     uri = conn.getURI()
     paths = [p for p in (meta.labels.get("overlay"), meta.labels.get("serial_log"), meta.labels.get("scratch")) if p]

@@ -26,7 +26,12 @@ from typing import Any
 from tdxvm.launch.domain import TDXVM_NS, PortForward
 
 KEY = "tdxvm"  # the namespace prefix libvirt writes
+CONTROLLER = "controller"
 LABELS = {
+    CONTROLLER: (
+        "id of the controller that launched the VM (SHA-256 of its SSH public key, 16 hex digits); "
+        "another controller never stops, replaces or deletes it"
+    ),
     "image": "image name from its manifest",
     "manifest": "path of the image manifest on the controller",
     "pool": "the storage pool holding the VM's volumes",

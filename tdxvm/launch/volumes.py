@@ -421,3 +421,28 @@ def delete_vm_volume(conn: libvirt.virConnect, path: str, *, pool_name: str = PO
         return True
     except libvirt.libvirtError:
         return False
+
+
+def sweep_vm_volumes(conn: libvirt.virConnect, vm: str, *, pool: str = POOL_NAME) -> list[str]:
+    """Volumes an interrupted launch left behind: the VM's overlay, serial log and scratch
+    disk in tdxvm's pool, deleted when no domain has its name (a domain that has it owns
+    them); the paths deleted."""
+    try:
+        conn.lookupByName(vm)
+        return []
+    except libvirt.libvirtError:
+        pass
+    try:
+        p = conn.storagePoolLookupByName(pool)
+    except libvirt.libvirtError:
+        return []
+    deleted = []
+    for name in (overlay_name(vm), serial_log_name(vm), scratch_name(vm)):
+        try:
+            vol = p.storageVolLookupByName(name)
+            path = vol.path()
+            vol.delete(0)
+            deleted.append(path)
+        except libvirt.libvirtError:
+            continue
+    return deleted

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
+import uuid as uuidlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -30,13 +31,15 @@ from typing import Any
 import libvirt
 
 from tdxvm.launch import tunnel
-from tdxvm.launch.connection import is_test_driver
+from tdxvm.launch.connection import is_test_driver, libvirt_message, open_connection
 from tdxvm.launch.console import serial_log_tail
-from tdxvm.launch.errors import LaunchError
+from tdxvm.launch.errors import LaunchError, LibvirtConnectionLost
 from tdxvm.launch.lifecycle import DomainHandle, destroy, prepare_domain, record_attestation, start
 from tdxvm.launch.manifest import ImageManifest
+from tdxvm.launch.ownership import controller_label
 from tdxvm.launch.records import VmRecord, VmRecords, manifest_sha256
 from tdxvm.launch.spec import VmSpec
+from tdxvm.launch.volumes import sweep_vm_volumes
 from tdxvm.provision import handshake, ssh
 from tdxvm.provision.attestation import (
     BringUpError,
@@ -106,8 +109,10 @@ def _quiet(_: PhaseEvent) -> None:
 class _Phases:
     def __init__(self, progress: Progress, timings: dict[str, float]) -> None:
         self.progress, self.timings = progress, timings
+        self.current = "define"
 
     def begin(self, phase: str) -> float:
+        self.current = phase
         self.progress(PhaseEvent(phase, "start"))
         return time.monotonic()
 
@@ -241,6 +246,7 @@ def bring_up(
     volume_key = secrets.get(disk_secret)  # refuse before defining anything if the key is not here
     check_release_key(manifest, secrets)
     records = VmRecords.beside(secrets)
+    labels = {**controller_label(secrets), **(labels or {})}  # whose VM it is (tdxvm.launch.ownership)
     if spec.model is not None:
         if manifest.service_port is None:
             raise BringUpError(
@@ -252,10 +258,55 @@ def bring_up(
             )
         secrets.get(f"weights/{spec.model.key_name}")  # the model key too
 
-    tunnel.prepare(conn.getURI())  # a host whose guests cannot be reached, or whose SSH refuses us: stop here
+    tunnel.prepare(result.uri)  # a host whose guests cannot be reached, or whose SSH refuses us: stop here
+    vm_uuid = str(uuidlib.uuid4())
+    try:
+        return _bring_up(
+            spec,
+            manifest,
+            conn,
+            result=result,
+            phases=phases,
+            uuid=vm_uuid,
+            volume_key=volume_key,
+            records=records,
+            trust=trust,
+            secrets=secrets,
+            boot_timeout=boot_timeout,
+            ready_timeout=ready_timeout,
+            labels=labels,
+            define_lock=define_lock,
+            login_check=login_check,
+            poll=poll,
+        )
+    except Exception as exc:
+        if _alive(conn):
+            raise
+        raise connection_lost(result.uri, spec.name, vm_uuid, phases.current, exc, records) from None
+
+
+def _bring_up(
+    spec: VmSpec,
+    manifest: ImageManifest,
+    conn: libvirt.virConnect,
+    *,
+    result: LaunchResult,
+    phases: _Phases,
+    uuid: str,
+    volume_key: bytes,
+    records: VmRecords,
+    trust: Trust,
+    secrets: SecretStore,
+    boot_timeout: float,
+    ready_timeout: float,
+    labels: dict[str, str] | None,
+    define_lock: AbstractContextManager[Any] | None,
+    login_check: bool,
+    poll: float,
+) -> LaunchResult:
     t = phases.begin("define")
     with define_lock if define_lock is not None else nullcontext():
-        handle: DomainHandle = prepare_domain(spec, manifest, conn, labels=labels)
+        handle: DomainHandle = prepare_domain(spec, manifest, conn, labels=labels, uuid=uuid)
         try:
             records.put(_record(handle, manifest, trust))
         except BaseException:
@@ -347,6 +398,64 @@ def bring_up(
         result.provision = served.to_dict()
         phases.end("provision", t, f"{served.model} at {served.url}")
     return result
+
+
+def _alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
+def connection_lost(
+    uri: str, name: str, uuid: str, phase: str, cause: BaseException, records: VmRecords
+) -> LibvirtConnectionLost:
+    """The error for a launch whose libvirt connection ended during ``phase``, after
+    undoing what a fresh connection can reach: a VM caught in ``define`` is removed whole
+    (domain, volumes, record), a later one powered off as any failed launch is; a domain
+    of that name that is not this launch's (``uuid``) is not touched."""
+    why = libvirt_message(cause) if isinstance(cause, libvirt.libvirtError) else str(cause).splitlines()[0]
+    try:
+        fresh = open_connection(uri)
+    except LaunchError as exc:
+        left = (
+            f"the host does not answer now ({str(exc).splitlines()[0]}), so VM {name} may still be on it: "
+            f"`tdxvm destroy {name} --uri {uri}` removes it once the host answers"
+        )
+    else:
+        try:
+            left = _undo(fresh, name, uuid, phase, records)
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                fresh.close()
+    return LibvirtConnectionLost(
+        f"lost the connection to libvirt at {uri} during {phase} ({why}): the host's libvirtd restarted or the SSH "
+        f"session to it ended; {left}\nfix: check the host (`virsh -c {uri} list --all`), then launch again"
+    )
+
+
+def _undo(conn: libvirt.virConnect, name: str, uuid: str, phase: str, records: VmRecords) -> str:
+    """Undo a launch on a fresh connection (see :func:`connection_lost`); what is left, in words."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        swept = sweep_vm_volumes(conn, name)
+        records.delete(uuid)
+        return "nothing of VM " + name + " is left on the host" + (f" ({len(swept)} volumes removed)" if swept else "")
+    try:
+        ours = dom.UUIDString() == uuid
+    except libvirt.libvirtError:
+        ours = False
+    if not ours:
+        return f"a domain named {name} that this launch did not define is there; it was not touched"
+    if phase == "define":
+        try:
+            destroy(conn, name, records=records)
+        except LaunchError as exc:
+            return f"VM {name} could not be removed ({str(exc).splitlines()[0]}): `tdxvm destroy {name}` removes it"
+        return f"the VM it was defining ({name}) was removed, volumes and record too"
+    _power_off(conn, name)
+    return f"VM {name} is defined and powered off (its serial log kept): `tdxvm destroy {name}` removes it"
 
 
 def _ssh_until(address: tuple[str, int], host_key: bytes, secrets: SecretStore, *, deadline: float) -> Any:

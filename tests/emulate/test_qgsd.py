@@ -1,6 +1,6 @@
 """The per-VM emulated quote daemon: start-up failures are reported, stale records ignored.
-(Serving quotes for a running domain, and exiting with it, is covered end to end in
-tests/e2e/test_provision.py.)"""
+(Serving quotes for a running domain, and exiting with it, is covered end to end by
+tests/e2e/test_fleet.py.)"""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def test_stale_or_foreign_records_are_not_a_running_daemon(tmp_path):
 
 def test_domain_watch_tells_one_boot_from_the_next():
     """The daemon serves one boot: a stopped domain, or one started again (a new libvirt
-    domain ID), is gone, and its RTMR3 with it (the real daemon: tests/e2e/test_provision.py)."""
+    domain ID), is gone, and its RTMR3 with it (the real daemon:
+    tests/e2e/test_fleet.py)."""
     import libvirt
 
     from tdxvm.emulate.qgsd import DomainWatch

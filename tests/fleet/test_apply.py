@@ -18,6 +18,7 @@ from tdxvm.fleet.reconcile import ApplyOptions
 from tdxvm.fleet.state import FleetLock, FleetLocked, FleetState
 from tdxvm.launch import lifecycle
 from tdxvm.launch.manifest import load_manifest
+from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.volumes import overlay_name
@@ -178,7 +179,14 @@ def test_template_change_rolls_one_replica_at_a_time(lab):
         def watch(event):
             events.append(event)
             views = [
-                inv.read_host(lab.connector.get(lab.hosts[h]), "demo", h, lab.hosts[h], VmRecords.beside(lab.store))
+                inv.read_host(
+                    lab.connector.get(lab.hosts[h]),
+                    "demo",
+                    h,
+                    lab.hosts[h],
+                    VmRecords.beside(lab.store),
+                    controller=Controller.of(lab.store),
+                )
                 for h in ("a", "b")
             ]
             serving_seen.append(sum(v.serving for view in views for v in view.vms.values()))
@@ -215,7 +223,12 @@ def test_rollout_halts_when_a_replacement_is_refused(lab):
         halted = next(o for o in report.outcomes if o.vm == "demo-web-1")
         assert halted.errors[0]["message"].startswith("rollout of deployment web halted: 2 of 3 replicas serve")
         views = inv.read_host(
-            lab.connector.get(lab.hosts["a"]), "demo", "a", lab.hosts["a"], VmRecords.beside(lab.store)
+            lab.connector.get(lab.hosts["a"]),
+            "demo",
+            "a",
+            lab.hosts["a"],
+            VmRecords.beside(lab.store),
+            controller=Controller.of(lab.store),
         )
         assert sorted(n for n, v in views.vms.items() if v.serving) == [
             "demo-web-1",
@@ -383,3 +396,16 @@ def test_test_driver_host_measures_only_the_manifests_bytes(lab, tmp_path):
     assert results(report) == {"demo-web-0": "failed"}
     assert "initrd.img differs from its manifest" in report.outcomes[0].errors[0]["message"]
     assert domains(lab, "a")["demo-web-0"][1] == 0 and guests.by_name("demo-web-0")[0].unlocked is None
+
+
+def test_a_host_lost_during_the_work_is_reported_unreachable():
+    """A host that answered the survey but whose libvirt went away under a VM's launch is
+    listed with the hosts the survey could not reach, and the apply is partial."""
+    from tdxvm.fleet.outcome import Outcome, Report
+    from tdxvm.fleet.plan import Plan
+
+    plan = Plan("demo", (), {"a": inv.HostView("a", "test:///a"), "c": inv.HostView("c", "qemu+ssh://c/system", "no")})
+    lost = Outcome("demo-web-1", "b", "create", "failed", host_lost="lost the connection to libvirt at b")
+    report = Report("demo", "apply", plan, [Outcome("demo-web-0", "a", "create", "created"), lost])
+    assert report.unreachable() == {"b": "lost the connection to libvirt at b", "c": "no"}
+    assert report.status == "partial" and report.to_dict()["unreachable_hosts"] == report.unreachable()

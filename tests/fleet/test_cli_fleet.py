@@ -18,6 +18,7 @@ from tdxvm.fleet.inventory import reset_shared_connector, shared_connector
 from tdxvm.fleet.state import FleetLock
 from tdxvm.launch import lifecycle
 from tdxvm.secretstore import SecretStore
+from tdxvm.sshkey import controller_id
 from tests.clirun import run
 
 from ..launch.test_lifecycle import FOREIGN
@@ -172,6 +173,43 @@ def test_concurrent_apply_is_refused_with_the_holder(cli_lab, capsys, tmp_path):
         )
         code, out, _ = run(capsys, "destroy", "-f", path, "--yes", "-o", "json")
         assert code == 2 and json.loads(out)["error"]["code"] == "fleet-locked"
+
+
+def test_a_second_controller_is_told_and_touches_nothing(cli_lab, capsys, tmp_path, monkeypatch):
+    """Another controller (its own secret store and state folder) with the same fleet file:
+    plan, apply and destroy exit 5 naming the VMs' controller; status lists them."""
+    cli_lab.host("a")
+    path = cli_lab.write("    web:\n      template: small\n      replicas: 1\n      placement: [a]\n")
+    with cli_lab.guests():
+        assert run(capsys, "apply", "-f", path, "--yes")[0] == 0
+    first = controller_id(SecretStore())
+    conn = shared_connector().get(cli_lab.hosts["a"])
+    uuid = conn.lookupByName("demo-web-0").UUIDString()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "second"))
+    monkeypatch.setenv("TDXVM_STATE_DIR", str(tmp_path / "second-state"))
+    put_test_secrets(SecretStore())
+    code, out, _ = run(capsys, "plan", "-f", path)
+    assert code == 5 and "0 to create, 0 to replace, 0 to delete, 0 unchanged, 1 cannot be handled now" in out
+    assert (
+        f"!  demo-web-0  on a  skip  demo-web-0 on a carries fleet demo's label but is controller {first}'s "
+        "(this controller has no key yet); never touched" in out
+    )
+    assert not SecretStore().exists("ssh/controller")  # a plan makes no key
+    with cli_lab.guests():
+        code, out, _ = run(capsys, "apply", "-f", path, "--yes")
+    second = controller_id(SecretStore())
+    assert code == 5 and "fleet demo: apply partial" in out and "1 skipped" in out
+    assert f"- [other-controller] demo-web-0 on a carries fleet demo's label but is controller {first}'s (this " in out
+    assert f"(this controller is {second}); never touched" in out
+    assert "VMs with fleet demo's label that another controller owns were left untouched" in out
+    assert "run the apply again" not in out  # it would not help
+    doc = json.loads(run(capsys, "status", "-f", path, "-o", "json")[1])
+    assert [(v["vm"], v["state"], v["sync"]) for v in doc["vms"]] == [("demo-web-0", "running", "other controller")]
+    code, out, _ = run(capsys, "destroy", "-f", path, "--yes", "-o", "json")
+    doc = json.loads(out)
+    assert code == 5 and doc["status"] == "partial" and doc["vms"][0]["errors"][0]["code"] == "other-controller"
+    dom = conn.lookupByName("demo-web-0")
+    assert dom.UUIDString() == uuid and dom.isActive()  # never replaced, never destroyed
 
 
 def test_file_errors_and_help(cli_lab, capsys, tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet.inventory import ActualVm, HostView
+from tdxvm.fleet.inventory import ActualVm, ContestedVm, HostView
 from tdxvm.fleet.plan import make_plan
 from tdxvm.fleet.spec import parse_fleet, spec_document
 
@@ -180,6 +182,30 @@ def test_a_name_held_by_another_domain_is_never_touched():
         p.actions[0].kind == "skip"
         and "f-web-0 on a is not created by tdxvm, not this fleet's: never touched" in p.actions[0].reasons[0]
     )
+
+
+def test_the_fleets_vms_of_another_controller_are_skipped_whether_asked_for_or_not():
+    ds = desired()
+    theirs = {
+        n: ContestedVm(n, "a", "running", dep, "controller 0123456789abcdef's (this controller is fedcba9876543210)")
+        for n, dep in (("f-web-0", "web"), ("f-api-0", "api"), ("f-old-0", ""))
+    }
+    hosts = views(actual(ds[1]), foreign={"a": {n: c.owner for n, c in theirs.items()}})
+    hosts["a"] = dataclasses.replace(hosts["a"], contested=theirs)
+    records = {"f-old-0": {"host": "a", "phase": "creating"}}  # a leftover whose name another's VM holds now
+    p = plan(ds, hosts, records=records)
+    assert kinds(p) == [
+        ("skip", "f-web-0", "a"),
+        ("keep", "f-web-1", "b"),
+        ("skip", "f-api-0", "a"),
+        ("skip", "f-old-0", "a"),
+    ]  # never replaced or deleted, and no sweep of the leftover's volumes either
+    assert p.actions[0].reasons == (
+        "f-web-0 on a carries fleet f's label but is controller 0123456789abcdef's (this controller is "
+        "fedcba9876543210); never touched: one controller owns a fleet, apply it from the one that owns this VM "
+        "(docs/fleet.md, 'One controller per fleet')",
+    )
+    assert [a.deployment for a in p.actions] == ["web", "web", "api", None]
 
 
 def test_unreadable_image_skips_its_vms():

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from tdxvm.launch import metadata as md
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.spec import VmSpec
 from tdxvm.provision import bringup
 from tdxvm.provision.trust import for_backend
 from tdxvm.releasekey import SECRET as RELEASE_SECRET
 from tdxvm.secretstore import SecretStore, SecretStoreError
+from tdxvm.sshkey import controller_id
 
 from ..attested_guest import CONTROLLER
 
@@ -40,6 +42,8 @@ def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path
     assert err.value.exit_status == 3  # unreachable, not the user's input
     assert [e.phase for e in events if e.status == "done"] == ["define"]  # never reached quote/unlock
     assert not conn.lookupByName("silent").isActive()  # powered off, still defined for its log
+    meta = md.from_domain_xml(conn.lookupByName("silent").XMLDesc(0))
+    assert meta.labels[md.CONTROLLER] == controller_id(store)  # a single launch says whose VM it is too
 
 
 def test_missing_disk_key_is_refused_before_defining(image, host, tmp_path):

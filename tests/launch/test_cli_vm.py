@@ -282,3 +282,15 @@ def test_image_measure_takes_either_a_vm_or_files(capsys, vm_file, image):
     assert code != 0 and "give either --vm or --kernel" in err
     code, _, err = run(capsys, "image", "measure")
     assert code != 0 and "give --kernel (with --initrd, --cmdline, --firmware) or --vm VM.yaml" in err
+
+
+def test_stop_and_destroy_refuse_a_vm_of_another_controller(capsys, image, make_host, records):
+    dom, _ = smoke_domain(image, controller="0123456789abcdef")
+    uri = make_host(host_xml(pool_volumes=image_volumes(image.manifest()), domains=[dom]))
+    for argv in (("stop", "smoke"), ("destroy", "smoke", "--yes")):
+        code, out, _ = run(capsys, *argv, "--uri", uri, "-o", "json")
+        error = json.loads(out)["error"]
+        assert code == 1 and error["code"] == "other-controller", out
+        assert "was launched by controller 0123456789abcdef (this controller has no key yet)" in error["message"]
+    code, _, err = run(capsys, "destroy", "smoke", "--uri", uri)  # refused before asking
+    assert code == 1 and "tdxvm does not destroy another controller's VM" in err

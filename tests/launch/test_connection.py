@@ -6,10 +6,17 @@ import shutil
 import subprocess
 import sys
 
+import libvirt
 import pytest
 
-from tdxvm.launch.connection import is_local, open_connection
-from tdxvm.launch.errors import ConnectError, LibvirtdNotRunningError, LibvirtPermissionError, SshTransportError
+from tdxvm.launch.connection import explain_connect_error, is_local, open_connection
+from tdxvm.launch.errors import (
+    ConnectError,
+    LibvirtdNotRunningError,
+    LibvirtHostKeyRefused,
+    LibvirtPermissionError,
+    SshTransportError,
+)
 from tdxvm.launch.uris import uri_problem
 
 
@@ -91,3 +98,41 @@ def test_libvirt_prints_nothing_to_stderr(tmp_path):
 )
 def test_is_local(uri, local):
     assert is_local(uri) is local
+
+
+class _SshSaid(libvirt.libvirtError):
+    """What libvirt raises when its ssh transport exits, with ssh's own words."""
+
+    def __init__(self, text: str) -> None:
+        Exception.__init__(self, text)
+        self.text = text
+
+    def get_error_message(self) -> str:
+        return self.text
+
+    def get_error_code(self) -> int:
+        return libvirt.VIR_ERR_SYSTEM_ERROR
+
+
+@pytest.mark.parametrize(
+    ("ssh_said", "says"),
+    [
+        (
+            "End of file while reading data: @@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\n"
+            "Offending ED25519 key in /k/known_hosts:1\nHost key verification failed.: Input/output error",
+            ["not the one /k/known_hosts holds", "ssh-keygen -R h.example -f /k/known_hosts", "do not connect"],
+        ),
+        (
+            "End of file while reading data: No ED25519 host key is known for h.example and you have requested "
+            "strict checking.\nHost key verification failed.: Input/output error",
+            ["/k/known_hosts holds no key for h.example", "ssh-keyscan h.example >> /k/known_hosts"],
+        ),
+    ],
+)
+def test_a_host_key_ssh_refused_is_a_refusal_with_what_to_do(ssh_said, says):
+    uri = "qemu+ssh://root@h.example/system?known_hosts=/k/known_hosts&no_tty=1"
+    err = explain_connect_error(uri, _SshSaid(ssh_said))
+    assert isinstance(err, LibvirtHostKeyRefused) and err.exit_status == 1 and err.code == "host-key"
+    assert all(s in str(err) for s in says) and "ssh-keygen -lf" in str(err)
+    # without known_hosts= in the URI, ssh's own file is the one to fix
+    assert "~/.ssh/known_hosts" in str(explain_connect_error("qemu+ssh://root@h.example/system", _SshSaid(ssh_said)))

@@ -1,5 +1,5 @@
 """``tdxvm provision`` refuses bad input before it contacts a guest (the whole flow runs
-end to end in tests/e2e/test_provision.py)."""
+end to end in tests/e2e/test_fleet.py, with tests/e2e/served.py's checks)."""
 
 from __future__ import annotations
 

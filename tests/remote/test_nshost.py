@@ -11,17 +11,16 @@ import subprocess
 import sys
 import uuid
 import xml.etree.ElementTree as ET
-from contextlib import suppress
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from tdxvm.launch.connection import connection, open_connection
-from tdxvm.launch.errors import SshTransportError
+from tdxvm.launch.errors import LibvirtHostKeyRefused, SshTransportError
 from tdxvm.launch.volumes import POOL_NAME, POOL_PATH, ensure_pool
 
-from ..nshost import NamespaceHost, Unavailable
+from ..nshost import NamespaceHost, Unavailable, alive, cmdline
 
 TDXVM = Path(sys.executable).with_name("tdxvm")
 
@@ -133,7 +132,7 @@ def test_an_unknown_or_changed_host_key_is_refused(ns_host, tmp_path):
         (empty, "No ED25519 host key is known"),
         (wrong, "REMOTE HOST IDENTIFICATION HAS CHANGED"),
     ):
-        with pytest.raises(SshTransportError) as info:
+        with pytest.raises(LibvirtHostKeyRefused) as info:  # refused (exit 1), not unreachable
             open_connection(ns_host.uri_with(known_hosts=known_hosts))
         assert says in str(info.value) and "Host key verification failed" in str(info.value)
     # A key the host does not know is refused too (no other way in).
@@ -178,19 +177,19 @@ def test_faults_and_a_teardown_that_leaves_nothing():
         with connection(host.uri) as conn:
             conn.defineXML(probe_domain("kept"))
             conn.createXML(probe_domain("running"))  # a real (TCG) QEMU, with nothing to boot
-            qemu = [p for p in host.pids() if "guest=running" in _cmdline(p)]
+            qemu = [p for p in host.pids() if "guest=running" in cmdline(p)]
             assert len(qemu) == 1 and _owner(qemu[0]) == "libvirt-qemu"
             host.restart_libvirtd()
             with pytest.raises(libvirt.libvirtError):
                 conn.listAllDomains()  # the old connection ended with the daemon
-        assert host.libvirtd_pid != libvirtd and not _alive(libvirtd) and _alive(qemu[0])
+        assert host.libvirtd_pid != libvirtd and not alive(libvirtd) and alive(qemu[0])
         # The domains survive the restart, the running one still running (libvirtd found its QEMU again).
         assert sorted(virsh(host.uri, "list", "--all", "--name").stdout.split()) == ["kept", "running"]
         assert virsh(host.uri, "domstate", "running").stdout.strip() == "running"
 
         old = host.host_key
         assert host.replace_host_key() != old
-        with pytest.raises(SshTransportError, match="REMOTE HOST IDENTIFICATION HAS CHANGED"):
+        with pytest.raises(LibvirtHostKeyRefused, match="REMOTE HOST IDENTIFICATION HAS CHANGED"):
             open_connection(host.uri)
         host.trust_host_key()
         virsh(host.uri, "uri")
@@ -198,24 +197,12 @@ def test_faults_and_a_teardown_that_leaves_nothing():
         folder = host.folder
     finally:
         host.close()
-    assert [p for p in pids if _alive(p)] == [] and not _alive(holder) and not _alive(qemu[0])
+    assert [p for p in pids if alive(p)] == [] and not alive(holder) and not alive(qemu[0])
     assert host.pids() == []
     assert (mounts(), links(), netns_list()) == before
     assert not folder.exists()
     host.close()  # twice is fine
 
 
-def _cmdline(pid: int) -> str:
-    with suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return ""
-
-
 def _owner(pid: int) -> str:
     return pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
-
-
-def _alive(pid: int) -> bool:
-    with suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False

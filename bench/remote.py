@@ -3,7 +3,7 @@
 same launch on this machine, and the volume upload over the libvirt connection next to
 ``scp`` of the same file to that host.
 
-    .venv/bin/python bench/remote.py [--image DIR --secrets DIR] [--runs 3] [--launches 1]
+    .venv/bin/python bench/remote.py [--image DIR --secrets DIR] [--runs 3] [--launches 1] [--fleet 2]
 
 The remote host is :class:`tests.nshost.NamespaceHost`: a libvirtd, virtlogd and sshd of
 its own in network, mount and PID namespaces on this machine, reached only as
@@ -20,6 +20,10 @@ root and this machine's libvirtd (qemu:///system) for the local launches.
   re-attestation, for --launches launches on this machine, then on the remote host: the
   first remote launch uploads the image's volumes (``define`` includes it), later ones
   find them in the pool. Each VM is destroyed after it.
+* fleet: one ``tdxvm apply`` of a fleet of --fleet VMs, one deployment placed round-robin
+  over this machine and the remote host (``placement: [local, remote]``), its wall time
+  next to the sum of as many single launches (the medians above: local for the VMs on
+  this machine, remote warm for the others); then the fleet is destroyed. 0 skips it.
 
 Without ``--image``, images/smoke.yaml is built into a temporary folder (default step
 cache) with a secret store of its own, and the volumes it put into this machine's pool
@@ -43,6 +47,9 @@ sys.path.insert(0, str(REPO))
 
 import libvirt  # noqa: E402
 
+from tdxvm.fleet import reconcile  # noqa: E402
+from tdxvm.fleet.inventory import Connector  # noqa: E402
+from tdxvm.fleet.spec import parse_fleet  # noqa: E402
 from tdxvm.launch import tunnel  # noqa: E402
 from tdxvm.launch.connection import open_connection  # noqa: E402
 from tdxvm.launch.lifecycle import destroy  # noqa: E402
@@ -145,6 +152,42 @@ def launch(uri: str, name: str, image: Path, trust: Trust, store: SecretStore) -
         tunnel.close_all()
 
 
+def fleet_apply(host: NamespaceHost, image: Path, trust: Trust, store: SecretStore, vms: int, state: Path) -> float:
+    """Wall seconds of one apply of ``vms`` VMs over this machine and ``host``; the fleet destroyed after."""
+    fleet = parse_fleet(f"""\
+apiVersion: tdxvm/v1
+kind: Fleet
+metadata: {{name: bench{os.getpid()}}}
+spec:
+  hosts: {{local: "{LOCAL}", remote: "{host.uri}"}}
+  templates:
+    smoke: {{image: {image / "manifest.json"}, backend: emulated, vcpus: 1, memory: 1GiB, scratch: 256MiB}}
+  deployments:
+    web: {{template: smoke, replicas: {vms}, placement: [local, remote]}}
+""")
+    connector = Connector()
+    try:
+        started = time.monotonic()
+        report = reconcile.apply(
+            fleet,
+            connector=connector,
+            secrets=store,
+            trust_for=lambda _b: trust,
+            state_dir=state,
+            options=reconcile.ApplyOptions(parallel=vms),
+        )
+        seconds = time.monotonic() - started
+        for o in report.outcomes:
+            print(f"  {o.vm} on {o.host}: {o.result}, " + ", ".join(f"{k} {v:.1f} s" for k, v in o.timings.items()))
+        if report.status != "ok":
+            raise SystemExit(f"the fleet apply ended {report.status}: {[o.to_dict() for o in report.outcomes]}")
+        return seconds
+    finally:
+        reconcile.destroy_fleet(fleet, connector=connector, state_dir=state, secrets=store)
+        connector.close()
+        tunnel.close_all()
+
+
 def remove_local_volumes(manifest: ImageManifest) -> None:
     """The volumes this run's throwaway image put into this machine's tdxvm pool."""
     conn = open_connection(LOCAL)
@@ -178,6 +221,7 @@ def main() -> int:
     ap.add_argument("--secrets", type=Path, help="the secret store --image was built with")
     ap.add_argument("--runs", type=int, default=3, help="upload rounds")
     ap.add_argument("--launches", type=int, default=1, help="launches per column")
+    ap.add_argument("--fleet", type=int, default=2, help="VMs of the fleet apply over both hosts (0: none)")
     args = ap.parse_args()
     if (args.image is None) != (args.secrets is None):
         ap.error("--image and --secrets go together")
@@ -207,6 +251,9 @@ def main() -> int:
                     timings = launch(host.uri, f"bench-remote-{os.getpid()}-{i}", image, trust, store)
                     columns["remote, cold" if i == 0 else "remote, warm"].append(timings)
                     print(f"  remote launch {i + 1}: {timings}", flush=True)
+                if args.fleet:
+                    print(f"fleet apply of {args.fleet} VMs over this machine and {host.name}:", flush=True)
+                    fleet_wall = fleet_apply(host, image, trust, store, args.fleet, work / "state")
         finally:
             if args.image is None:
                 remove_local_volumes(manifest)
@@ -218,6 +265,16 @@ def main() -> int:
     )
     print(f"launch phases, median of {args.launches} (remote, cold: the image's volumes uploaded in define):")
     table(columns)
+    if args.fleet:
+
+        def bring_up_total(column: str) -> float:
+            return statistics.median(sum(v for k, v in r.items() if k != "re-attest") for r in columns[column])
+
+        singles = (args.fleet + 1) // 2 * bring_up_total("local") + args.fleet // 2 * bring_up_total("remote, warm")
+        print(
+            f"fleet apply, {args.fleet} VMs over 2 hosts: {fleet_wall:.1f} s wall; the sum of {args.fleet} single "
+            f"launches (local / remote warm medians): {singles:.1f} s ({fleet_wall / singles:.2f}x)"
+        )
     return 0
 
 

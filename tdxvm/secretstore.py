@@ -78,3 +78,10 @@ class SecretStore:
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def names(self, kind: str) -> list[str]:
+        """The names of the secrets of ``kind`` (``kind/NAME``), sorted."""
+        folder = self._path(f"{kind}/x").parent
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and _NAME.match(f"{kind}/{p.name}"))

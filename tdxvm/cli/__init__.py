@@ -43,6 +43,7 @@ COMMANDS = {
     "apply": "tdxvm.cli.fleet:apply_cmd",
     "console": "tdxvm.cli.vm:console_cmd",
     "weights": "tdxvm.cli.weights:weights",
+    "apikey": "tdxvm.cli.apikey:apikey",
     "validate": "tdxvm.cli.validate:validate_cmd",
 }
 

@@ -85,6 +85,13 @@ from tdxvm.textsafe import safe_text
 @click.option(
     "--max-tokens", type=click.IntRange(1, 4096), default=32, show_default=True, help="For --complete and --chat."
 )
+@click.option(
+    "--api-key",
+    "api_key_name",
+    metavar="NAME",
+    help="For --complete and --chat: send API key api-keys/NAME from the secret store [default: $TDXVM_API_KEY, "
+    "else with --vm the first key tdxvm provisioned it with].",
+)
 @OUTPUT_OPTION
 def verify_endpoint_cmd(
     url: str | None,
@@ -100,6 +107,7 @@ def verify_endpoint_cmd(
     prompt: str | None,
     chat: str | None,
     max_tokens: int,
+    api_key_name: str | None,
     output: str,
 ) -> None:
     """Attest the inference endpoint at URL (https://HOST:PORT) and print the TLS key to pin.
@@ -112,7 +120,8 @@ def verify_endpoint_cmd(
     RTMR3 event log must replay to the quote's RTMR3; with --model-digest (or --vm, for
     a VM tdxvm provisioned) its latest model event must name that model digest, so a
     service serving another model is refused before any prompt is sent. Then
-    --complete / --chat talk to the API only on the attested key. Exit 0 when accepted,
+    --complete / --chat talk to the API only on the attested key, with an API key
+    (--api-key) sent only once the endpoint is accepted. Exit 0 when accepted,
     1 when refused, 2 when the input is unusable, 3 when the endpoint or collateral
     cannot be reached.
     """
@@ -128,12 +137,14 @@ def verify_endpoint_cmd(
     collateral: Collateral | Any
     trust = None
     published: str | None = None  # --vm: the URL clients use, when the check went through the host's SSH
+    key_names: list[str] = []  # --vm: the API keys it was provisioned with
     if vm_name is not None:
-        url, published, vm_policy, trust, recorded = _vm_endpoint(vm_name, uri)
+        url, published, vm_policy, trust, recorded, key_names = _vm_endpoint(vm_name, uri)
         policy = policy if policy_path else vm_policy
         anchor = anchor or trust.trust_anchor
         digest = digest or recorded
     assert url is not None
+    api_key = _api_key(api_key_name, key_names) if (prompt or chat) else None
     if trust is not None and trust.backend == "emulated" and not (bundle or pccs):
         collateral = trust.collateral
         sources.append("the emulated platform's")
@@ -161,7 +172,7 @@ def verify_endpoint_cmd(
     except EndpointError as exc:  # a URL we cannot use
         raise CliError(str(exc)) from None
     if output == "json":
-        answer = _talk(endpoint, prompt, chat, max_tokens, output) if (prompt or chat) else {}
+        answer = _talk(endpoint, prompt, chat, max_tokens, output, api_key) if (prompt or chat) else {}
         emit_json(
             {
                 **endpoint.to_dict(),
@@ -190,7 +201,7 @@ def verify_endpoint_cmd(
                 )
             )
         if prompt or chat:
-            _talk(endpoint, prompt, chat, max_tokens, output)
+            _talk(endpoint, prompt, chat, max_tokens, output, api_key)
     sys.exit(EXIT_OK)
 
 
@@ -203,11 +214,22 @@ def _digest(text: str) -> bytes:
         raise CliError(f"--model-digest: {exc}") from None
 
 
-def _vm_endpoint(name: str, uri: str | None) -> tuple[str, str | None, Policy, Any, bytes | None]:
+def _api_key(name: str | None, recorded: list[str]) -> str | None:
+    from tdxvm.guest.apikeys import ApiKeysError
+    from tdxvm.provision.apikeys import client_key
+    from tdxvm.secretstore import SecretStore, SecretStoreError
+
+    try:
+        return client_key(SecretStore(), name, recorded)
+    except (ApiKeysError, SecretStoreError) as exc:
+        raise CliError(f"--api-key: {exc}") from None
+
+
+def _vm_endpoint(name: str, uri: str | None) -> tuple[str, str | None, Policy, Any, bytes | None, list[str]]:
     """The URL to check, the published URL when that is another (a tunnel through the
-    host's SSH to its loopback), policy, trust and provisioned model digest of VM
-    ``name``, from the controller's record of it (never the domain's metadata, which its
-    host writes)."""
+    host's SSH to its loopback), policy, trust, provisioned model digest and API key
+    names of VM ``name``, from the controller's record of it (never the domain's
+    metadata, which its host writes)."""
     from tdxvm.launch.connection import connection
     from tdxvm.launch.records import VmRecords
     from tdxvm.provision.attestation import trusted_vm
@@ -217,7 +239,8 @@ def _vm_endpoint(name: str, uri: str | None) -> tuple[str, str | None, Policy, A
     with connection(uri or "qemu:///system") as conn:
         record, trust = trusted_vm(conn, name, VmRecords.beside(SecretStore()))
     checked, published = checked_service_url(record), service_url(record)
-    return checked, (published if published != checked else None), record.policy, trust, recorded_digest(record)
+    keys = list((record.model or {}).get("api_keys") or [])
+    return checked, (published if published != checked else None), record.policy, trust, recorded_digest(record), keys
 
 
 def _through(checked: str, published: str | None) -> dict[str, str]:
@@ -246,12 +269,14 @@ def _print_model(endpoint: Any) -> None:
     )
 
 
-def _talk(endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, output: str) -> dict[str, Any]:
+def _talk(
+    endpoint: Any, prompt: str | None, chat: str | None, max_tokens: int, output: str, api_key: str | None
+) -> dict[str, Any]:
     """--complete / --chat on the pinned session; printed as it streams for people."""
     from tdxvm.provision.client import ApiClient
 
     out: dict[str, Any] = {}
-    with ApiClient(endpoint) as client:
+    with ApiClient(endpoint, api_key=api_key) as client:
         if prompt is not None:
             doc = client.complete(prompt, max_tokens=max_tokens)
             out["completion"] = doc["choices"][0]["text"]

@@ -26,6 +26,9 @@ def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
             printer.note("upload", f"interrupted ({details['error']}); resuming (try {details['attempt'] + 1})")
         elif phase == "scratch":
             printer.note("scratch", "waiting for the guest to format its scratch disk (done once per boot)")
+        elif phase == "api-keys":
+            made = ", ".join(details["made"])
+            printer.note("api-keys", f"made API key {made} in {details['store']} (`tdxvm apikey show {made}`)")
         elif phase == "install" and details.get("skipped"):
             printer.note("install", "this model is already installed in the guest; skipping the upload")
         elif phase == "service":
@@ -55,6 +58,14 @@ def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
 )
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads in the guest [default: torch's choice].")
 @click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    metavar="NAME",
+    help="An API key the service accepts, api-keys/NAME in the secret store (repeat; the set replaces the "
+    "service's) [default: default, made on first use].",
+)
+@click.option(
     "--via",
     type=click.Choice(["tcp", "ssh"]),
     help="Bulk streams on plain TCP through the VM's forward, or inside "
@@ -78,6 +89,7 @@ def provision_cmd(
     key_name: str | None,
     dtype: str,
     threads: int | None,
+    api_keys: tuple[str, ...],
     via: str | None,
     streams: int,
     service_timeout: float,
@@ -86,8 +98,8 @@ def provision_cmd(
 ) -> None:
     """Give running VM NAME the model in ENC_DIR and start its inference service.
 
-    Attests NAME again, releases the model key sealed to its attested key, uploads the
-    encrypted weights (resumable: run it again after an interruption), has the guest
+    Attests NAME again, releases the API key set (hashes) and the model key sealed to
+    its attested key, uploads the encrypted weights (resumable: run it again after an interruption), has the guest
     decrypt and verify them all or nothing, starts the service and attests it on its TLS
     key. Exit 0 when serving, 1 when an attestation was refused, 2 on bad input or a
     failed step, 3 when the guest or its service does not answer.
@@ -101,11 +113,10 @@ def provision_cmd(
     from tdxvm.provision.model import provision
 
     try:
-        spec = ModelRef.model_validate(
-            {"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads}
-        )
+        fields = {"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads}
+        spec = ModelRef.model_validate(fields | ({"api_keys": api_keys} if api_keys else {}))
     except ValidationError as exc:
-        options = {"path": "--model", "name": "--model-name", "key": "--key-name"}
+        options = {"path": "--model", "name": "--model-name", "key": "--key-name", "api_keys": "--api-key"}
         where = [options.get(str(e["loc"][0]), str(e["loc"][0])) if e["loc"] else "--model" for e in exc.errors()]
         raise CliError(
             "; ".join(
@@ -150,4 +161,5 @@ def provision_cmd(
     click.echo(
         f"model digest {result.model_digest}: the service measured it into RTMR3 (checked, and recorded for --vm)"
     )
+    click.echo(f"API keys it accepts: {', '.join(result.api_keys)} (`tdxvm apikey show NAME` prints one)")
     click.echo(f"try: tdxvm verify-endpoint --vm {name} --complete 'Once upon a time'")

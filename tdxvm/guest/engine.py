@@ -61,7 +61,7 @@ class EngineConfig:
     name: str
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    max_waiting: int = 64  # queued requests beyond the running one; more are refused (503)
+    max_waiting: int = 64  # queued requests beyond the running one; more are refused (429)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,9 +309,10 @@ class Engine:
         """Queue a request; ``sink`` then receives its Token events, and one Done or Failed."""
         if self._queue.qsize() >= self.config.max_waiting:
             raise RequestError(
-                f"server busy: {self.config.max_waiting} requests are already waiting",
-                status=503,
-                type="server_overloaded",
+                f"server busy: {self.config.max_waiting} requests are already waiting; retry later",
+                status=429,
+                type="requests",
+                code="rate_limit_exceeded",
             )
         job = Job(prompt, params, sink)
         self._queue.put(job)

@@ -17,26 +17,37 @@ if the latest model event already names exactly that), keeping the RTMR3 log in
 ``--rtmr3-log``, which ``/v1/attestation`` returns. Where RTMR3 cannot be extended (a
 kernel older than Linux 6.16 has no interface for it) it exits with status 2 and says
 so: it never serves a model clients could not check.
+
+With ``--api-keys FILE`` (the set ``tdxvm provision`` releases, :mod:`tdxvm.guest.apikeys`)
+every route but ``/health`` and ``/v1/attestation`` needs one of those keys, read again
+whenever the file changes. Every request passes :mod:`tdxvm.guest.gate` (requests in
+flight, body size); TLS is 1.3, or 1.2 with ECDHE and AEAD ciphers only.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
+from tdxvm.guest.apikeys import KeyFile
 from tdxvm.guest.attestation import CCEL_DATA, Attester
 from tdxvm.guest.engine import DTYPES, Engine, EngineConfig
+from tdxvm.guest.gate import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Limits
 from tdxvm.guest.modeldigest import show
 from tdxvm.guest.rtmr3 import DEFAULT_LOG, measure_model
 from tdxvm.guest.server import ModelHolder, create_app
 from tdxvm.guest.tls import TlsIdentity, ensure_identity
 
 log = logging.getLogger("tdxvm.guest.serve")
+# TLS 1.2 suites allowed beside TLS 1.3's (all AEAD): forward-secret ECDHE with AES-GCM or ChaCha20-Poly1305
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def load_in_background(
@@ -70,7 +81,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 503")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 429")
+    p.add_argument(
+        "--max-requests",
+        type=int,
+        default=DEFAULT_MAX_REQUESTS,
+        help=f"HTTP requests in flight beyond which new ones get 429 (default {DEFAULT_MAX_REQUESTS})",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY,
+        help=f"largest request body; larger ones get 413 (default {DEFAULT_MAX_BODY})",
+    )
+    p.add_argument(
+        "--api-keys",
+        type=Path,
+        metavar="FILE",
+        help="the released API key set (hashes); every route but /health and /v1/attestation then needs a key",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--tls-dir", type=Path, help="serve HTTPS with the attested key kept here (made on first start)")
     p.add_argument(
@@ -119,6 +148,28 @@ def measure(args: argparse.Namespace, attester: Attester) -> None:
         log.info("%s is what the latest model event in %s already names; RTMR3 unchanged", what, args.rtmr3_log)
 
 
+def uvicorn_config(app: Any, args: argparse.Namespace, identity: TlsIdentity | None) -> uvicorn.Config:
+    """uvicorn's settings: TLS 1.2 (ECDHE with AEAD ciphers only) or 1.3 on ``identity``'s key,
+    and a hard cap on open connections above the gate's bound on requests (kept-alive
+    idle connections count too; uvicorn answers those beyond it with a bare 503)."""
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        ssl_keyfile=identity.key_path if identity else None,
+        ssl_certfile=identity.cert_path if identity else None,
+        ssl_ciphers=TLS12_CIPHERS,
+        limit_concurrency=2 * args.max_requests,
+    )
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        config.ssl.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -144,20 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         log.info("HTTPS with TLS key SPKI SHA-256 %s; quotes from %s", identity.spki_sha256, attester.provider.name)
+    keys = KeyFile(args.api_keys) if args.api_keys else None
+    if keys is None:
+        log.warning("no --api-keys: every route is open to anyone who reaches port %d", args.port)
     holder = ModelHolder(args.name)
-    app = create_app(holder, attester=attester)
-    keyfile, certfile = (identity.key_path, identity.cert_path) if identity else (None, None)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            access_log=False,
-            ssl_keyfile=keyfile,
-            ssl_certfile=certfile,
-        )
-    )
+    limits = Limits(max_body=args.max_body_bytes, max_requests=args.max_requests)
+    app = create_app(holder, attester=attester, keys=keys, limits=limits)
+    server = uvicorn.Server(uvicorn_config(app, args, identity))
     failed = threading.Event()
     config = EngineConfig(
         model_dir=args.model, name=args.name, dtype=args.dtype, threads=args.threads, max_waiting=args.max_waiting

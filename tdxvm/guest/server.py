@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tdxvm.guest.apikeys import KeyFile
 from tdxvm.guest.attestation import Attester
 from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, SamplingParams, Token
+from tdxvm.guest.gate import RETRY_AFTER, Gate, Limits
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics")
 _UNSUPPORTED = (
@@ -85,7 +87,11 @@ class ChatRequest(_Body):
 def error(
     status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": type, "param": param, "code": code}},
+        status_code=status,
+        headers={"Retry-After": str(RETRY_AFTER)} if status == 429 else None,
+    )
 
 
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -278,16 +284,21 @@ def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
     return out
 
 
-def create_app(holder: ModelHolder, *, attester: Attester | None = None) -> FastAPI:
+def create_app(
+    holder: ModelHolder, *, attester: Attester | None = None, keys: KeyFile | None = None, limits: Limits | None = None
+) -> FastAPI:
     """The API for ``holder``'s model; whoever loads the model sets ``holder.engine``.
 
     With ``attester`` (a service on an attested TLS key) ``GET /v1/attestation`` answers
-    quotes; without, it is a 404 that says so."""
+    quotes; without, it is a 404 that says so. Every request passes
+    :class:`~tdxvm.guest.gate.Gate` first: ``limits``, and with ``keys`` an API key on
+    every route but ``/health`` and ``/v1/attestation``."""
     metrics = Metrics(waiting=lambda: holder.engine.waiting() if holder.engine else 0)
     app = FastAPI(title="tdxvm inference", docs_url=None, redoc_url=None)
     for kind, handler in _handlers().items():
         app.add_exception_handler(kind, handler)
-    app.add_middleware(metrics.middleware)  # type: ignore[arg-type]
+    app.add_middleware(Gate, keys=keys, limits=limits or Limits())  # type: ignore[arg-type]
+    app.add_middleware(metrics.middleware)  # type: ignore[arg-type]  # outermost: counts what the gate refuses
 
     @app.get("/health")
     def health() -> JSONResponse:

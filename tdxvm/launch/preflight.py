@@ -82,21 +82,21 @@ class HostFacts:
     domcaps_errors: dict[str, str] = field(default_factory=dict)
     available_memory: int | None = None  # bytes: free + buffers + page cache
     memory_source: str = ""
-    kvm_group: str | None = None  # the group of /dev/kvm, when the host is this machine and has one
+    kvm_device: tuple[str, int] | None = None  # /dev/kvm's group and permission bits, when the host is this machine
 
 
-def kvm_device_group(path: Path = Path("/dev/kvm")) -> str | None:
-    """The name (else the number) of ``path``'s group; None when there is no such device."""
+def kvm_device(path: Path = Path("/dev/kvm")) -> tuple[str, int] | None:
+    """The name (else the number) of ``path``'s group and its permission bits; None when there is no such device."""
     import grp
 
     try:
-        gid = path.stat().st_gid
+        st = path.stat()
     except OSError:
         return None
     try:
-        return grp.getgrgid(gid).gr_name
+        return grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o7777
     except KeyError:
-        return str(gid)
+        return str(st.st_gid), st.st_mode & 0o7777
 
 
 def version_text(v: int | None) -> str:
@@ -142,7 +142,7 @@ def collect(conn: libvirt.virConnect, *, backend: str) -> HostFacts:
         domcaps_errors=errors,
         available_memory=memory,
         memory_source=source,
-        kvm_group=kvm_device_group() if is_local(uri) else None,
+        kvm_device=kvm_device() if is_local(uri) else None,
     )
 
 
@@ -449,21 +449,22 @@ def _qemu_tcg(facts: HostFacts) -> Finding:
 
 
 def _kvm_device(facts: HostFacts) -> Finding:
-    """The slow state: /dev/kvm in another group than ``kvm``. libvirt then finds KVM gone
-    after each QEMU probe and probes again (~4 s) on every capability lookup, so a define
-    takes a minute, and libvirtd was seen to hang. Emulated guests use TCG, not KVM, but
-    libvirt still probes."""
+    """The slow state: /dev/kvm that the ``kvm`` group cannot open (another group, or mode
+    0600 as on some fresh machines). libvirt then finds KVM gone after each QEMU probe and
+    probes again (~4 s) on every capability lookup, so a define takes a minute, and
+    libvirtd was seen to hang. Emulated guests use TCG, not KVM, but libvirt still probes."""
     check = "kvm-device"
-    if _test_driver(facts) or facts.kvm_group is None:
+    if _test_driver(facts) or facts.kvm_device is None:
         return Finding(check, "skip", "no /dev/kvm on this machine, or the host is not this machine")
-    if facts.kvm_group == "kvm":
-        return Finding(check, "ok", "/dev/kvm belongs to group kvm")
+    group, mode = facts.kvm_device
+    if group == "kvm" and mode & 0o060 == 0o060:
+        return Finding(check, "ok", f"/dev/kvm belongs to group kvm, mode {mode:04o}")
     return Finding(
         check,
         "warn",
-        f"/dev/kvm belongs to group {facts.kvm_group}, not kvm: libvirt probes QEMU again on "
+        f"/dev/kvm is group {group}, mode {mode:04o}, so group kvm cannot open it: libvirt probes QEMU again on "
         "every capability lookup (~4 s each; a define takes a minute, and libvirtd can hang)",
-        "chgrp kvm /dev/kvm",
+        "chgrp kvm /dev/kvm && chmod 660 /dev/kvm",
     )
 
 

@@ -77,7 +77,7 @@ class VmRecord:
     defined_at: str = ""
     ssh_host_key: str | None = None  # base64 OpenSSH blob, as last attested
     attestation: dict[str, Any] | None = None  # the latest verdict (verdict, tcb_status, reasons, …, recorded_at)
-    model: dict[str, str] | None = None  # what `tdxvm provision` serves: name, url, tls_spki_sha256, at, digest, dtype
+    model: dict[str, Any] | None = None  # `tdxvm provision`: name, url, tls_spki_sha256, at, digest, dtype, api_keys
 
     def forward(self, guest_port: int | None) -> PortForward | None:
         return next((f for f in self.forwards if f.guest_port == guest_port), None) if guest_port is not None else None

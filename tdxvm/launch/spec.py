@@ -39,6 +39,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from tdxvm.attest.errors import PolicyFileError
 from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_KL, TD_ATTR_PERFMON, TD_ATTR_PKS
+from tdxvm.guest.apikeys import MAX_KEYS
+from tdxvm.guest.apikeys import NAME_PATTERN as API_KEY_NAME
 from tdxvm.launch.connection import DEFAULT_URI
 from tdxvm.launch.domain import td_policy
 from tdxvm.launch.errors import LaunchPolicyError
@@ -63,6 +65,7 @@ _UNMEASURED = {
 _TDX_ONLY = ("qgs_socket", "qgs_form", "qgs_vsock_port", "mr_config_id", "mr_owner", "mr_owner_config")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+DEFAULT_API_KEY = "default"
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CPUSET = re.compile(r"^\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
@@ -205,6 +208,21 @@ class ModelRef(BaseModel):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # secrets api-keys/NAME whose hashes the service accepts (tdxvm apikey create NAME); unset: [default], made on
+    # first use (None rather than the default itself, so that specs written before keep their fleet spec hash)
+    api_keys: (
+        Annotated[
+            tuple[Annotated[str, Field(pattern=API_KEY_NAME.pattern)], ...], Field(min_length=1, max_length=MAX_KEYS)
+        ]
+        | None
+    ) = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _distinct(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("each API key name once")
+        return names
 
     @model_validator(mode="after")
     def _defaults_usable(self) -> ModelRef:
@@ -224,6 +242,10 @@ class ModelRef(BaseModel):
     @property
     def key_name(self) -> str:
         return self.key or self.path.name
+
+    @property
+    def api_key_names(self) -> tuple[str, ...]:
+        return self.api_keys or (DEFAULT_API_KEY,)
 
 
 class VmSpec(BaseModel):

@@ -1,7 +1,7 @@
 """Talk to an attested endpoint's OpenAI-compatible API through its pinned session.
 
-    client = ApiClient.attest(url, model_digest=DIGEST, collateral=..., policy=...)
-    # = ApiClient(verify_endpoint(url, model_digest=DIGEST, ...), model_digest=DIGEST)
+    client = ApiClient.attest(url, model_digest=DIGEST, api_key=KEY, collateral=..., policy=...)
+    # = ApiClient(verify_endpoint(url, model_digest=DIGEST, ...), model_digest=DIGEST, api_key=KEY)
     client.complete("Once upon a time", max_tokens=16)["choices"][0]["text"]
     for piece in client.chat_stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
 
@@ -11,6 +11,10 @@ service whose latest model event names another model. :class:`ApiClient` given a
 ``model_digest`` holds the endpoint to it too: it refuses, before any request, an
 endpoint whose replayed log does not name that digest. Without a ``model`` argument
 requests name the model the attested event names.
+
+``api_key`` (a service's key, :mod:`tdxvm.provision.apikeys`) goes in every request's
+``Authorization`` header, on the pinned session only: the key is never sent before the
+endpoint is attested, nor to any other TLS key.
 
 Errors the service answers (4xx/5xx with an OpenAI-style ``{"error": {...}}``) raise
 :class:`ApiError` with its message; no answer at all raises :class:`ApiUnreachable`; a
@@ -76,7 +80,12 @@ class ApiClient:
     """The API of one attested endpoint (its ``session`` is pinned to the attested TLS key)."""
 
     def __init__(
-        self, endpoint: AttestedEndpoint, *, timeout: Any = (10, 600), model_digest: bytes | None = None
+        self,
+        endpoint: AttestedEndpoint,
+        *,
+        timeout: Any = (10, 600),
+        model_digest: bytes | None = None,
+        api_key: str | None = None,
     ) -> None:
         if model_digest is not None:
             served = endpoint.model
@@ -89,14 +98,25 @@ class ApiClient:
                 )
         self.endpoint = endpoint
         self.session = endpoint.session(timeout=timeout)
+        if api_key is not None:  # sent only on the pinned session: never to a server that is not the attested one
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     @classmethod
     def attest(
-        cls, url: str, *, model_digest: bytes | None = None, timeout: Any = (10, 600), **verify: Any
+        cls,
+        url: str,
+        *,
+        model_digest: bytes | None = None,
+        api_key: str | None = None,
+        timeout: Any = (10, 600),
+        **verify: Any,
     ) -> ApiClient:
         """Attest ``url`` (:func:`verify_endpoint` with ``verify``'s arguments) and talk to it pinned."""
         return cls(
-            verify_endpoint(url, model_digest=model_digest, **verify), timeout=timeout, model_digest=model_digest
+            verify_endpoint(url, model_digest=model_digest, **verify),
+            timeout=timeout,
+            model_digest=model_digest,
+            api_key=api_key,
         )
 
     def _url(self, path: str) -> str:

@@ -5,9 +5,11 @@ For a running VM launched by tdxvm from a ``model-server`` image:
 1. attest: a fresh quote over a fresh nonce, the guest's X25519 key and its SSH host
    key, checked against the policy the VM was launched with, as the controller's own
    record of it keeps it (:func:`attestation.reattest`; never what libvirt's metadata says);
-2. release the model key (secret store ``weights/<name>``) sealed to that attested
-   X25519 key: the guest agent keeps it in ``/run/tdxvm/secrets/model-<upload id
-   prefix>``, in TD memory;
+2. release the service's API key set (the hashes of the keys the spec's ``api_keys``
+   name, :mod:`tdxvm.provision.apikeys`) and the model key (secret store
+   ``weights/<name>``) sealed to that attested X25519 key: the guest agent keeps them in
+   ``/run/tdxvm/secrets/api-keys`` and ``.../model-<upload id prefix>``, in TD memory;
+   the key set goes on every run, so a running service takes a new one without a restart;
 3. SSH in, with only the attested host key accepted, and upload the encrypted folder
    (:mod:`tdxvm.provision.transfer`: the bulk bytes on plain TCP through the VM's
    forward to the receiver port, else on ``direct-tcpip`` channels of that SSH
@@ -43,6 +45,8 @@ import libvirt
 import requests
 
 from tdxvm.errors import TdxvmError, Unreachable
+from tdxvm.guest.apikeys import SECRET_NAME as API_KEYS_SECRET
+from tdxvm.guest.apikeys import ApiKeysError
 from tdxvm.guest.install import key_secret_name
 from tdxvm.guest.modeldigest import show
 from tdxvm.guest.transferwire import WireError, build_manifest
@@ -51,7 +55,7 @@ from tdxvm.launch import tunnel
 from tdxvm.launch.lifecycle import lookup, set_labels
 from tdxvm.launch.records import VmRecord, VmRecords
 from tdxvm.launch.spec import ModelRef
-from tdxvm.provision import attestation, ssh, transfer
+from tdxvm.provision import apikeys, attestation, ssh, transfer
 from tdxvm.provision.endpoint import AttestedEndpoint, EndpointError, EndpointRefused, verify_endpoint
 from tdxvm.provision.trust import Trust
 from tdxvm.releasekey import release_key
@@ -86,6 +90,7 @@ class ProvisionResult:
     name: str
     model: str
     model_digest: str | None = None  # sha256:<hex>, what the service's RTMR3 model event names
+    api_keys: list[str] = field(default_factory=list)  # names of the keys the service accepts (secrets api-keys/NAME)
     upload: dict[str, Any] | None = None  # TransferReport.to_dict(); None when already installed
     install: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None  # AttestedEndpoint.to_dict()
@@ -97,6 +102,7 @@ class ProvisionResult:
             "name": self.name,
             "model": self.model,
             "model_digest": self.model_digest,
+            "api_keys": self.api_keys,
             "url": self.url,
             "upload": self.upload,
             "install": self.install,
@@ -284,7 +290,7 @@ def provision(
     """Provision ``model`` into the running VM ``name``; see the module doc."""
     secrets = secrets or SecretStore()
     records = VmRecords.beside(secrets)
-    result = ProvisionResult(name=name, model=model.served_name)
+    result = ProvisionResult(name=name, model=model.served_name, api_keys=list(model.api_key_names))
     vm, trust = attestation.trusted_vm(
         conn, name, records, trust=trust
     )  # policy, backend, forwards: the controller's own
@@ -295,6 +301,12 @@ def provision(
     if ssh_addr is None:
         raise ProvisionError(f"{name} forwards no SSH port", phase="check", code="no-ssh")
     key = secrets.get(f"weights/{model.key_name}")  # refuse before anything is sent if the key is not here
+    try:  # hashes only; a missing name is refused here, before anything is sent
+        api_key_set, made = apikeys.release_set(secrets, model.api_key_names)
+    except ApiKeysError as exc:
+        raise ProvisionError(str(exc), phase="check", code="api-keys") from None
+    if made:
+        progress("api-keys", {"made": made, "store": str(secrets.directory)})
     try:  # the key opens this folder's index, and the folder is a model: checked before anything is sent
         entries = read_index(model.path, key)
         files, expected = [e.path for e in entries], model_digest(entries)
@@ -324,6 +336,8 @@ def provision(
             )
         ) as client,
     ):
+        # every run: the service reads the set again when it changes, so this rotates keys without a restart
+        guest.release(API_KEYS_SECRET, api_key_set, sender=release_key(secrets))  # /run/tdxvm/secrets/api-keys
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
         serve_args += ["--threads", str(model.threads)] if model.threads else []
         serve_args += ["--qgs", qgs] if qgs else []
@@ -374,6 +388,7 @@ def provision(
         "at": at,
         "digest": show(expected),
         "dtype": model.dtype,
+        "api_keys": list(model.api_key_names),
     }
     records.update(vm.uuid, model=served)
     set_labels(

@@ -7,13 +7,17 @@ completion and a streamed chat through the pinned client, compared with the same
 run in this process; model identity (the service measured the model it loaded into
 RTMR3 through the VM's emulated quote daemon; ``verify-endpoint --model-digest`` accepts
 the model's digest and refuses another; ``status`` shows the recorded digest);
-provisioning the same model again uploads nothing and adds no RTMR3 event; the host's
-rewrites of the metadata (policy, backend) and its own sealed model key are refused."""
+API keys (the service answers nothing but ``/health`` and ``/v1/attestation`` without
+one; the guest holds their hashes only); provisioning the same model again with another
+key set uploads nothing, keeps the running service (same process) and rotates the keys,
+and adds no RTMR3 event; the host's rewrites of the metadata (policy, backend) and its
+own sealed model key and key set are refused."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest.modelevent import RTMR3
 from tdxvm.cli import main as tdxvm_main
+from tdxvm.guest import apikeys as guest_apikeys
 from tdxvm.guest.modeldigest import folder_digest, show
 from tdxvm.launch.lifecycle import _write_metadata, lookup, status
 from tdxvm.launch.records import RecordMismatch, VmRecords
 from tdxvm.launch.spec import ModelRef
-from tdxvm.provision import attestation, handshake, ssh
+from tdxvm.provision import apikeys, attestation, handshake, ssh
 from tdxvm.provision.client import ApiClient, ApiError
 from tdxvm.provision.endpoint import EndpointRefused
 from tdxvm.provision.model import attest_service, provision, recorded_digest
@@ -114,15 +119,36 @@ def check_served_model(
     with pytest.raises(EndpointRefused) as other:
         attest_service(vm, trust, model_digest=hashlib.sha256(b"another model").digest())
     assert {r.code for r in other.value.reasons} == {"model-digest-mismatch"}
-    code, doc = _verify_endpoint_cli(capsys, endpoint.url, trust, vm.policy, work, "--model-digest", show(digest))
+    key = apikeys.get(store, apikeys.DEFAULT)  # made by the first provision, which released its hash
+    assert served["api_keys"] == [apikeys.DEFAULT] == vm.model["api_keys"]
+    os.environ[apikeys.ENV] = key  # a client without the store gives the key in the environment
+    try:
+        code, doc = _verify_endpoint_cli(
+            capsys, endpoint.url, trust, vm.policy, work, "--model-digest", show(digest), "--complete", "hi"
+        )
+    finally:
+        del os.environ[apikeys.ENV]
     assert code == 0 and doc["model"]["digest"] == show(digest) and doc["rtmr3"]["model_checked"]
+    assert doc["usage"]["completion_tokens"] >= 1
     code, doc = _verify_endpoint_cli(
         capsys, endpoint.url, trust, vm.policy, work, "--model-digest", "ab" * 32, "--complete", "hi"
     )
     assert code == 1 and [r["code"] for r in doc["reasons"]] == ["model-digest-mismatch"] and "completion" not in doc
     assert status(conn, name, records=records)[0].model["digest"] == show(digest)  # what `tdxvm status NAME` shows
-    with ApiClient(endpoint) as api:
+    # without a key the service answers only /health and the attestation (token counts, models, metrics: 401)
+    with ApiClient(endpoint) as anonymous:
+        for call in (anonymous.models, lambda: anonymous.complete("hi", model=model.name)):
+            with pytest.raises(ApiError) as unauthorized:
+                call()
+            assert unauthorized.value.status == 401
+        assert anonymous.session.get(f"{endpoint.url}/metrics").status_code == 401
+        assert anonymous.session.get(f"{endpoint.url}/health").status_code == 200
+    with ApiClient(endpoint, api_key=guest_apikeys.generate()) as stranger, pytest.raises(ApiError) as wrong_key:
+        stranger.models()
+    assert wrong_key.value.status == 401 and "Incorrect API key" in str(wrong_key.value)
+    with ApiClient(endpoint, api_key=key) as api:
         assert api.models() == [model.name]
+        assert api.session.get(f"{endpoint.url}/metrics").status_code == 200
         prompt = "The quick brown fox"
         doc = api.complete(prompt, max_tokens=MAX_TOKENS, temperature=0)
         assert 0 < doc["usage"]["completion_tokens"] <= MAX_TOKENS
@@ -157,9 +183,19 @@ def check_served_model(
     meta.labels["policy_exceptions"] = "[]"
     _write_metadata(dom, meta)
 
-    # provisioning the same weights again: nothing uploaded, the running service kept
-    again = provision(conn, name, model, trust=trust, secrets=store)
+    # provisioning the same weights again with another key set: nothing uploaded, the running service kept
+    # (the same process), the keys rotated: the old one refused, the new one accepted
+    with attestation.reattest(conn, name, records=records, trust=trust) as guest:
+        pid_before = _service_pid(vm, guest.keys["ssh-host"], store)
+    apikeys.create(store, "rotated", replace=True)
+    again = provision(conn, name, model.model_copy(update={"api_keys": ("rotated",)}), trust=trust, secrets=store)
     assert again.upload is None and again.install["skipped"] and not again.install["changed"]
+    assert again.api_keys == ["rotated"]
+    with ApiClient(endpoint, api_key=key) as old, pytest.raises(ApiError) as rotated_out:
+        old.models()
+    assert rotated_out.value.status == 401
+    with ApiClient(endpoint, api_key=apikeys.get(store, "rotated")) as new:
+        assert new.models() == [model.name]
     assert again.endpoint["tls_spki_sha256"] == endpoint.tls_spki_sha256
     assert again.endpoint["rtmr3"]["events"] == 1 and again.model_digest == show(digest)  # no second model event
     assert again.endpoint["rtmr3"]["quoted"] == quoted_rtmr3.hex()
@@ -172,11 +208,25 @@ def check_served_model(
     hosts = attestation.attest(conn, name, agent, trust, vm.policy, require_keys=("x25519", "ssh-host"))
     with hosts, pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):
         hosts.release("model-0123456789abcdef", b"the host's model key", sender=X25519PrivateKey.generate())
+    # nor can it give the service a key set of its own (its own key's hash)
+    hosts_key = guest_apikeys.generate()
+    hosts = attestation.attest(conn, name, agent, trust, vm.policy, require_keys=("x25519", "ssh-host"))
+    with hosts, pytest.raises(handshake.GuestError, match="not sealed by the controller's release key"):
+        hosts.release(
+            guest_apikeys.SECRET_NAME, guest_apikeys.document({"host": hosts_key}), sender=X25519PrivateKey.generate()
+        )
+    with ApiClient(endpoint, api_key=hosts_key) as host_client, pytest.raises(ApiError) as host_refused:
+        host_client.models()
+    assert host_refused.value.status == 401
     # the guest holds no key file and no ciphertext once installed
     with ssh.connect(vm.reach(vm.ssh_port, "sshd"), host_key=host_key, client_key=controller_key(store)) as client:
         left = ssh.run(client, "ls -A /run/tdxvm/secrets /var/lib/tdxvm/uploads 2>/dev/null; true")
         assert not any(x.startswith("model") or len(x) == 64 for x in left.split())  # nothing of the host's either
         assert ssh.run(client, "systemctl is-active tdxvm-serve").strip() == "active"
+        assert ssh.run(client, "systemctl show -p MainPID --value tdxvm-serve").strip() == pid_before  # not restarted
+        held = ssh.run(client, "cat /run/tdxvm/secrets/api-keys")  # the key set the service reads: hashes only
+        rotated = apikeys.get(store, "rotated")
+        assert guest_apikeys.key_hash(rotated).hex() in held and rotated not in held and key not in held
         serve_log = ssh.run(client, "journalctl -u tdxvm-serve --no-pager -o cat")
         assert f"measured model {model.name} {show(digest)} (float32) into RTMR3" in serve_log
         journal = ssh.run(client, "journalctl -u tdxvm-agent --no-pager -o cat")
@@ -184,6 +234,11 @@ def check_served_model(
     dom, meta = lookup(conn, name)
     meta.labels.update({k: original[k] for k in ("policy", "policy_exceptions") if k in original})
     _write_metadata(dom, meta)  # the display copy as the launch wrote it
+
+
+def _service_pid(vm, host_key: str, store: SecretStore) -> str:
+    with ssh.connect(vm.reach(vm.ssh_port, "sshd"), host_key=host_key, client_key=controller_key(store)) as client:
+        return ssh.run(client, "systemctl show -p MainPID --value tdxvm-serve").strip()
 
 
 def check_a_rewritten_backend_is_refused(conn, name: str, model: ModelRef, *, trust, store: SecretStore) -> None:

@@ -27,7 +27,7 @@ from tdxvm.fleet.spec import parse_fleet
 from tdxvm.launch import tunnel
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import ModelRef
-from tdxvm.provision import attestation, bringup, ssh
+from tdxvm.provision import apikeys, attestation, bringup, ssh
 from tdxvm.provision.client import ApiClient
 from tdxvm.provision.model import attest_service, service_url
 from tdxvm.provision.trust import for_backend
@@ -121,7 +121,8 @@ spec:
             assert vm.uri == conn.getURI()
             created = [o for o in (*first.outcomes, *second.outcomes) if o.vm == vm_name and o.result == "created"]
             assert created[0].endpoint == service_url(vm).removeprefix("https://")  # the fleet reports the service
-            with ApiClient(attest_service(vm, trust)) as api:  # attested on its TLS key, then queried on it
+            key = apikeys.get(store, apikeys.DEFAULT)  # made by the fleet's first provision
+            with ApiClient(attest_service(vm, trust), api_key=key) as api:  # attested on its TLS key, then queried
                 assert api.complete("Hello", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
             # re-attested with a fresh nonce; SSH accepts only the key this quote binds; the root is the verified volume
             with attestation.reattest(conn, vm_name, records=records, trust=trust) as again:

@@ -430,3 +430,27 @@ def test_client_errors_through_openai_client(server):
     assert http("GET", server.url + "/v1/completions")[0] == 405
     assert http("GET", server.url + "/nope")[0] == 404
     assert client.completions.create(model=NAME, prompt="still fine", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_full_queue_is_a_429_with_retry_after(tiny_model):
+    """Backpressure in OpenAI's shape: the engine's queue is full (here: it takes none)."""
+    holder = ModelHolder(NAME)
+    holder.engine = Engine.load(EngineConfig(model_dir=tiny_model, name=NAME, threads=1, max_waiting=0))
+    s = Server(holder)
+    try:
+        req = urllib.request.Request(
+            s.url + "/v1/completions",
+            data=json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 2}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(HTTPError) as busy:
+            urllib.request.urlopen(req, timeout=30)
+        assert busy.value.code == 429 and busy.value.headers["Retry-After"] == "1"
+        assert json.loads(busy.value.read())["error"]["code"] == "rate_limit_exceeded"
+        with pytest.raises(openai.RateLimitError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+                model=NAME, prompt="hi"
+            )
+    finally:
+        s.stop()
+        holder.engine.close()

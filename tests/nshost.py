@@ -304,7 +304,10 @@ class _Daemon:
         self.name, self.popen, self.pid, self.log = name, popen, pid, log
 
     def running(self) -> bool:
-        return self.popen.poll() is None and alive(self.pid)
+        # the program itself, not nsenter: nsenter dies with the thread that started it
+        # (PR_SET_PDEATHSIG follows the forking thread), the program lives on in the host
+        self.popen.poll()  # reaps nsenter once it is gone
+        return self.pid > 0 and alive(self.pid)
 
     def stop(self, timeout: float = 10) -> None:
         if self.running():

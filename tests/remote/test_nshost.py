@@ -206,3 +206,21 @@ def test_faults_and_a_teardown_that_leaves_nothing():
 
 def _owner(pid: int) -> str:
     return pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
+
+
+def test_a_daemon_restarted_from_a_thread_is_still_stopped_later(ns_host):
+    """nsenter dies with the thread that started it (PR_SET_PDEATHSIG follows the forking
+    thread), the daemon does not: a later restart must still stop that daemon, or the new
+    libvirtd finds the pid file locked and exits (seen in CI: an e2e restarts libvirtd
+    from a thread, then tests/remote/test_remote_faults.py restarts it again)."""
+    import threading
+
+    worker = threading.Thread(target=ns_host.restart_libvirtd)
+    worker.start()
+    worker.join()
+    started_in_thread = ns_host._daemons["libvirtd"]
+    assert started_in_thread.popen.wait(10) == -9 and alive(started_in_thread.pid)  # nsenter gone, libvirtd not
+    ns_host.restart_libvirtd()
+    assert not alive(started_in_thread.pid)
+    with connection(ns_host.uri) as conn:
+        assert conn.getURI().startswith("qemu+ssh://")

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from tests.clirun import run  # noqa: E402
 
 from ..conftest import TESTDATA  # noqa: E402
 from ..provision.servers import HttpsServer, TlsProxy, free_port  # noqa: E402
+from .uvserver import Served  # noqa: E402
 
 NAME = "tiny-llama"
 CCEL = TESTDATA / "go-tdx-guest-ccel"
@@ -70,33 +68,11 @@ class BrokenProvider:
         raise OSError("/sys/kernel/config/tsm/report: No such file or directory")
 
 
-class TlsUvicorn:
+class TlsUvicorn(Served):
     """uvicorn serving HTTPS with ``identity`` in a thread, on a socket of 127.0.0.1."""
 
     def __init__(self, app: Any, identity: TlsIdentity, *, port: int = 0) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        self.port = sock.getsockname()[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            ssl_keyfile=str(identity.key_path),
-            ssl_certfile=str(identity.cert_path),
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(app, identity, port=port)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ and ciphers on the attested key. Tried as a client on the host's network would."
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,33 +22,19 @@ openai = pytest.importorskip("openai")
 from tdxvm.fileio import write_atomic  # noqa: E402
 from tdxvm.guest.apikeys import KeyFile, document, generate  # noqa: E402
 from tdxvm.guest.gate import Limits  # noqa: E402
-from tdxvm.guest.serve import uvicorn_config  # noqa: E402
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
 from tdxvm.guest.tls import ensure_identity  # noqa: E402
+
+from .uvserver import Served  # noqa: E402
 
 NAME = "m"
 
 
-class Running:
-    """uvicorn in a thread on a free port of 127.0.0.1, configured as the service configures it."""
+class Running(Served):
+    """The gate's service, as the service configures uvicorn; with ``tls_dir``, on a key made there."""
 
     def __init__(self, app: Any, *, tls_dir: Path | None = None, max_requests: int = 128) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        args = argparse.Namespace(host="127.0.0.1", port=self.port, log_level="warning", max_requests=max_requests)
-        identity = ensure_identity(tls_dir, ["127.0.0.1"]) if tls_dir else None
-        self.server = uvicorn.Server(uvicorn_config(app, args, identity))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(app, ensure_identity(tls_dir, ["127.0.0.1"]) if tls_dir else None, max_requests=max_requests)
 
 
 def raw(port: int, request: bytes, *, read: bool = True) -> tuple[int, dict[str, str], dict[str, Any] | str]:

@@ -82,6 +82,7 @@ def test_commands_load_on_lookup(capsys):
             "apply",
             "console",
             "weights",
+            "apikey",
             "validate",
         ]
     )

@@ -20,9 +20,9 @@ RSS by 1.2 GiB; now it is refused at the header.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tdxvm.guest.apikeys import KeyFile
@@ -39,14 +39,22 @@ class Limits:
     max_requests: int = DEFAULT_MAX_REQUESTS  # HTTP requests in flight at once
 
 
-async def _answer(
-    send: Send, status: int, message: str, *, type: str, code: str, headers: dict[str, str] | None = None
-) -> None:
-    body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body})
+def error(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The service's error answer in OpenAI's shape, ``{"error": {message, type, param, code}}``
+    (a 429 says when to retry); the gate's and the API's alike."""
+    return JSONResponse(
+        {"error": {"message": message, "type": type, "param": param, "code": code}},
+        status_code=status,
+        headers={**({"Retry-After": str(RETRY_AFTER)} if status == 429 else {}), **(headers or {})},
+    )
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -68,14 +76,13 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limits.max_requests:
-            return await _answer(
-                send,
+            answer = error(
                 429,
                 f"too many requests in flight ({self.limits.max_requests}); retry after {RETRY_AFTER} s",
                 type="requests",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(RETRY_AFTER)},
             )
+            return await answer(scope, receive, send)
         self.in_flight += 1
         try:
             await self._checked(scope, receive, send)
@@ -86,30 +93,28 @@ class Gate:
         if self.keys is not None and scope["path"] not in PUBLIC:
             token = _bearer(scope)
             if token is None:
-                return await _answer(
-                    send,
+                answer = error(
                     401,
                     "You didn't provide an API key: send it as `Authorization: Bearer KEY`.",
-                    type="invalid_request_error",
                     code="missing_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
+                return await answer(scope, receive, send)
             if self.keys.check(token) is None:
-                return await _answer(
-                    send,
+                answer = error(
                     401,
                     "Incorrect API key provided.",
-                    type="invalid_request_error",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
                 )
+                return await answer(scope, receive, send)
         length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.limits.max_body):
-            return await self._too_large(send)
+            return await self._too_large(scope, receive, send)
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             body = await self._body(receive)
             if body is None:
-                return await self._too_large(send)
+                return await self._too_large(scope, receive, send)
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
@@ -128,14 +133,9 @@ class Gate:
             if not msg.get("more_body", False):
                 return b"".join(parts)
 
-    async def _too_large(self, send: Send) -> None:
-        await _answer(
-            send,
-            413,
-            f"request body larger than {self.limits.max_body} bytes",
-            type="invalid_request_error",
-            code="request_too_large",
-        )
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = error(413, f"request body larger than {self.limits.max_body} bytes", code="request_too_large")
+        await answer(scope, receive, send)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

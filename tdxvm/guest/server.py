@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tdxvm.guest.apikeys import KeyFile
 from tdxvm.guest.attestation import Attester
 from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, SamplingParams, Token
-from tdxvm.guest.gate import RETRY_AFTER, Gate, Limits
+from tdxvm.guest.gate import Gate, Limits, error
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics")
 _UNSUPPORTED = (
@@ -82,16 +82,6 @@ class ChatRequest(_Body):
 
 
 # -- errors ------------------------------------------------------------------------------
-
-
-def error(
-    status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type, "param": param, "code": code}},
-        status_code=status,
-        headers={"Retry-After": str(RETRY_AFTER)} if status == 429 else None,
-    )
 
 
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -1,14 +1,20 @@
-"""The inference engine: one causal LM, one worker thread, one request at a time.
+"""The inference engine: one causal LM serving many requests at once (continuous batching).
 
 The engine loads a Hugging Face model folder with ``local_files_only`` (the guest never
-reaches a model hub). Requests queue for one worker thread that runs them in order
-through ``model.generate`` — the same code path, so the same tokens, as calling it
-directly — so concurrent requests are never interleaved into each other's output.
+reaches a model hub). One worker thread runs every request: it prefills each new prompt
+alone (its first token is exactly the one ``model.generate`` would give), then decodes
+all running requests together, one token each per forward pass, over a shared padded KV
+cache (:mod:`tdxvm.guest.kvcache`). Requests join and leave between steps; a request
+that ends (EOS, a stop string, ``max_tokens``, its client gone) frees its row at once.
+Decoding on a CPU is bound by reading the weights, so decoding 16 requests together
+costs little more than decoding one, and the service's aggregate tokens/s grows with the
+clients while each greedy request stays token for token what it would be alone.
 
-Each new token passes through a stopping criterion (``Hook``), which runs synchronously
-after every decoding step: it turns the token into text (:class:`Detokenizer`), applies
-the stop strings (:class:`StopMatcher`) and hands the text to the request's sink, so a
-stop string or a cancelled request ends generation with no extra token generated.
+Bounds: at most ``max_batch`` running requests, a KV cache whose worst case (every
+running request to its ``max_tokens``) fits ``kv_cache_mib``, and ``max_waiting`` queued
+requests; beyond that :meth:`Engine.submit` refuses with a 429. Each new token becomes
+text (:class:`~tdxvm.guest.text.Detokenizer`), passes the stop strings
+(:class:`~tdxvm.guest.text.StopMatcher`) and goes to the request's sink as it is made.
 torch and transformers are imported on first use, so the HTTP server (which imports
 this module) already listens, and answers 503 on ``/health``, while they load.
 """
@@ -19,24 +25,35 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from tdxvm.errors import TdxvmError
-
-if TYPE_CHECKING:
-    import torch
+from tdxvm.guest import int8
+from tdxvm.guest.kvcache import BatchKV
+from tdxvm.guest.sampling import Sampler, SamplingParams, choose_all
+from tdxvm.guest.text import Detokenizer, StopMatcher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads its settings
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16")
-_DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
-_PROMPT_CONTEXT = 5  # prompt tokens that open the first decoding window
+DTYPES = ("float32", "bfloat16", "int8")
+# what each dtype does to the weights, as the model event in RTMR3 names it
+QUANTIZATION = {"float32": "none", "bfloat16": "none", "int8": int8.NAME}
+__all__ = [
+    "DTYPES",
+    "QUANTIZATION",
+    "Done",
+    "Engine",
+    "EngineConfig",
+    "Failed",
+    "RequestError",
+    "SamplingParams",
+    "Token",
+]
 
 
 class RequestError(TdxvmError):
@@ -59,18 +76,11 @@ class RequestError(TdxvmError):
 class EngineConfig:
     model_dir: Path
     name: str
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    max_waiting: int = 64  # queued requests beyond the running one; more are refused (429)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    max_batch: int = 16  # requests decoding together
+    kv_cache_mib: int | None = None  # None: max_batch full contexts, at most half the memory free after loading
+    max_waiting: int = 64  # queued requests beyond the running ones; more are refused (429)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,83 +116,35 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
-        """Stop generating for this request (a client went away); harmless once done."""
+        """Stop generating for this request (a client went away); its row is freed at the next step."""
         self.cancelled.set()
 
 
-class Detokenizer:
-    """Token ids in, text out, one token at a time, as vLLM and TGI do it.
+class _Running:
+    """A request in the running batch: its sampler, text state and the token it feeds next."""
 
-    Decode a short window of recent tokens and emit what it adds, holding back text that
-    ends in an incomplete UTF-8 sequence (U+FFFD). The first window starts inside the
-    prompt, so a first token that begins with a space (SentencePiece's ``▁``) keeps it.
-    """
+    def __init__(self, job: Job, tokenizer: Any, eos: set[int]) -> None:
+        self.job, self.eos = job, eos
+        self.sampler = Sampler(job.params)
+        self.detok, self.stops = Detokenizer(tokenizer, job.prompt), StopMatcher(job.params.stop)
+        self.generated, self.last, self.finished = 0, -1, False
 
-    def __init__(self, tokenizer: Any, prompt: Sequence[int]) -> None:
-        self._tok = tokenizer
-        self._ids = list(prompt[-_PROMPT_CONTEXT:])
-        self._prefix, self._read = 0, len(self._ids)
-
-    def _window(self, end: int | None) -> str:
-        return str(self._tok.decode(self._ids[self._prefix : end], **_DECODE))
-
-    def push(self, token: int) -> str:
-        self._ids.append(token)
-        before, after = self._window(self._read), self._window(None)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        before, after = self._window(self._read), self._window(None)
-        self._prefix = self._read = len(self._ids)
-        return after[len(before) :]
-
-
-class StopMatcher:
-    """Cuts the output before the first stop string; holds back text that may start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops, self._held, self.hit = tuple(stops), "", False
-
-    def push(self, text: str) -> str:
-        if not self._stops or self.hit:
-            return "" if self.hit else text
-        buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit, self._held = True, ""
-            return buf[:cut]
-        keep = max(
-            (k for s in self._stops for k in range(min(len(s) - 1, len(buf)), 0, -1) if buf.endswith(s[:k])), default=0
+    def emit(self, token: int) -> None:
+        """Take the next token: text to the sink; finished on EOS, a stop string, the length or a cancel."""
+        self.generated, self.last = self.generated + 1, token
+        self.job.sink(Token(self.stops.push(self.detok.push(token))))
+        self.finished = (
+            token in self.eos
+            or self.stops.hit
+            or self.generated >= self.job.params.max_tokens
+            or self.job.cancelled.is_set()
         )
-        self._held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep]
 
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-
-@cache
-def _hook_class() -> type:
-    import torch
-    from transformers import StoppingCriteria
-
-    class Hook(StoppingCriteria):
-        """Runs after every decoding step: new token → text → sink; stops on a stop string or cancel."""
-
-        def __init__(self, job: Job, tokenizer: Any) -> None:
-            self.job = job
-            self.detok, self.stops = Detokenizer(tokenizer, job.prompt), StopMatcher(job.params.stop)
-
-        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-            self.job.sink(Token(self.stops.push(self.detok.push(int(input_ids[0, -1])))))
-            stop = self.stops.hit or self.job.cancelled.is_set()
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)  # type: ignore[return-value]
-
-    return Hook
+    def done(self) -> Done:
+        tail = self.stops.push(self.detok.flush())
+        tail += "" if self.stops.hit else self.stops.flush()
+        length = self.generated >= self.job.params.max_tokens and not self.stops.hit and self.last not in self.eos
+        return Done("length" if length else "stop", self.generated, tail)
 
 
 def _load(config: EngineConfig) -> tuple[Any, Any]:
@@ -200,9 +162,20 @@ def _load(config: EngineConfig) -> tuple[Any, Any]:
         torch.set_num_threads(config.threads)
     path = str(config.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, config.dtype)).eval()
+    weights = "auto" if config.dtype == "int8" else getattr(torch, config.dtype)  # int8: as stored, then quantized
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=weights).eval()
+    if config.dtype == "int8":
+        model = int8.quantize(model)
     log.info("loaded %s from %s (%s, %d threads)", config.name, path, config.dtype, torch.get_num_threads())
     return model, tokenizer
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 class Engine:
@@ -218,19 +191,40 @@ class Engine:
         """Called on the worker thread by :meth:`spawn`."""
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.name = config.name
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+        c = model.config
+        self.context_length = int(getattr(c, "max_position_embeddings", 0) or tokenizer.model_max_length)
         eos = model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        pad = model.generation_config.pad_token_id
-        self._pad = (
-            pad
-            if pad is not None
-            else tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else min(self._eos, default=0)
-        )
+        if getattr(c, "sliding_window", None) or any(
+            t != "full_attention" for t in getattr(c, "layer_types", None) or []
+        ):
+            raise ValueError(f"{c.model_type}: only full-attention decoder models (the Llama family) can be batched")
+        heads = c.num_attention_heads
+        kv_heads, head_dim = getattr(c, "num_key_value_heads", None) or heads, getattr(c, "head_dim", None)
+        head_dim = head_dim or c.hidden_size // heads
+        dtype = model.get_input_embeddings().weight.dtype
+        self._batch: BatchKV[_Running] = BatchKV(c.num_hidden_layers, kv_heads, head_dim, dtype, config.max_batch)
+        self.token_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+        self.kv_tokens = self._kv_budget()
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._held: Job | None = None  # taken from the queue, waiting for room in the batch
+        self._closing = False
         self._worker = threading.current_thread()
+
+    def _kv_budget(self) -> int:
+        """Tokens the batch's KV cache may hold at its worst: never less than one full context."""
+        if self.config.kv_cache_mib is not None:
+            tokens = self.config.kv_cache_mib * 2**20 // self.token_bytes
+            if tokens < self.context_length:
+                raise ValueError(
+                    f"kv_cache_mib {self.config.kv_cache_mib} holds {tokens} tokens, fewer than one context "
+                    f"({self.context_length} tokens, {self.token_bytes} bytes each)"
+                )
+            return int(tokens)
+        tokens = self.config.max_batch * self.context_length
+        if (free := _mem_available()) is not None:
+            tokens = min(tokens, free // 2 // self.token_bytes)
+        return max(tokens, self.context_length)
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -254,6 +248,12 @@ class Engine:
                 log.exception("loading %s failed", config.model_dir)
                 failed(exc)
                 return
+            log.info(
+                "batching up to %d requests, KV cache for %d tokens (%d MiB at most)",
+                config.max_batch,
+                engine.kv_tokens,
+                engine.kv_tokens * engine.token_bytes // 2**20,
+            )
             ready(engine)
             engine.run()
 
@@ -303,11 +303,16 @@ class Engine:
     # -- requests -----------------------------------------------------------------------
 
     def waiting(self) -> int:
-        return self._queue.qsize()
+        """Requests accepted but not yet running."""
+        return self._queue.qsize() + (self._held is not None)
+
+    def running(self) -> int:
+        """Requests in the running batch."""
+        return self._batch.rows
 
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Job:
         """Queue a request; ``sink`` then receives its Token events, and one Done or Failed."""
-        if self._queue.qsize() >= self.config.max_waiting:
+        if self.waiting() >= self.config.max_waiting:
             raise RequestError(
                 f"server busy: {self.config.max_waiting} requests are already waiting; retry later",
                 status=429,
@@ -319,48 +324,104 @@ class Engine:
         return job
 
     def close(self) -> None:
-        """Finish the queued requests, then stop the worker."""
+        """Finish the queued and running requests, then stop the worker."""
         self._queue.put(None)
         if self._worker is not threading.current_thread():
-            self._worker.join(timeout=30)
+            self._worker.join(timeout=60)
+
+    # -- the worker ---------------------------------------------------------------------
 
     def run(self) -> None:
-        """The worker loop: one request at a time, until :meth:`close`."""
+        """The worker loop: admit what fits, decode one step for the batch, until :meth:`close`."""
         import torch
 
-        while (job := self._queue.get()) is not None:
+        with torch.inference_mode():
+            while True:
+                self._admit()
+                if not self._batch.rows:
+                    if self._closing and self._held is None:
+                        return
+                    continue
+                try:
+                    self._step()
+                except Exception as exc:
+                    log.exception("a decoding step failed")
+                    for r in self._batch.leave(lambda _: True):
+                        r.job.sink(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _next_job(self, block: bool) -> Job | None:
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        try:
+            job = self._queue.get(block=block and not self._closing)
+        except queue.Empty:
+            return None
+        if job is None:
+            self._closing = True
+        return job
+
+    def _fits(self, job: Job) -> bool:
+        """Whether the batch's KV cache stays within budget with ``job`` added, at its worst."""
+        b = self._batch
+        if not b.rows:
+            return True
+        if b.rows >= self.config.max_batch:
+            return False
+        left = [r.job.params.max_tokens - r.generated for r in b.items]
+        width = max(b.width, len(job.prompt)) + max(*left, job.params.max_tokens)
+        return (b.rows + 1) * width <= self.kv_tokens
+
+    def _admit(self) -> None:
+        """Prefill queued requests into the batch while they fit; wait for one if the batch is idle."""
+        while (job := self._next_job(block=not self._batch.rows)) is not None:
             if job.cancelled.is_set():
                 continue
+            if not self._fits(job):
+                self._held = job
+                return
             try:
-                with torch.inference_mode():
-                    job.sink(self._generate(job))
+                self._prefill(job)
             except Exception as exc:
-                log.exception("generation failed")
+                log.exception("prefill failed")
                 job.sink(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _generate(self, job: Job) -> Done:
+    def _prefill(self, job: Job) -> None:
+        """Run the prompt alone; its first token, then its cache joins the batch (unless it is done)."""
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import DynamicCache
 
-        p = job.params
+        running = _Running(job, self.tokenizer, self._eos)
         ids = torch.tensor([job.prompt], dtype=torch.long)
-        sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if p.temperature > 0:
-            sampling = {"do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": None}
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
-        hook = _hook_class()(job, self.tokenizer)
-        criteria = StoppingCriteriaList([hook])
-        out = self.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=p.max_tokens,
-            stopping_criteria=criteria,
-            pad_token_id=self._pad,
-            **sampling,
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        running.emit(running.sampler.choose(out.logits[0, -1].float()))
+        if running.finished:
+            job.sink(running.done())
+            return
+        self._batch.join([(layer.keys, layer.values) for layer in cache.layers], running)
+
+    def _step(self) -> None:
+        """One forward pass for every running request: one more token each."""
+        import torch
+
+        b = self._batch
+        for r in b.leave(lambda r: r.job.cancelled.is_set()):
+            r.job.sink(r.done())
+        if not b.rows:
+            return
+        mask, positions = b.step_inputs()
+        ids = torch.tensor([[r.last] for r in b.items], dtype=torch.long)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=b.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
-        n = out.shape[1] - ids.shape[1]
-        tail = hook.stops.push(hook.detok.flush())
-        tail += hook.stops.flush() if not hook.stops.hit else ""
-        stopped = hook.stops.hit or (n > 0 and int(out[0, -1]) in self._eos) or n < p.max_tokens
-        return Done("stop" if stopped else "length", n, tail)
+        b.advance()
+        for r, token in zip(b.items, choose_all([r.sampler for r in b.items], out.logits[:, -1].float()), strict=True):
+            r.emit(token)
+        for r in b.leave(lambda r: r.finished):
+            r.job.sink(r.done())

@@ -39,6 +39,7 @@ from pathlib import Path
 from tdxvm.errors import TdxvmError
 from tdxvm.fileio import lock_exclusive, write_atomic
 from tdxvm.guest import scratch
+from tdxvm.guest.engine import DTYPES
 from tdxvm.guest.staging import StagingError, install_model
 from tdxvm.guest.weights import WeightsError
 
@@ -47,7 +48,6 @@ INSTALLED = Path("/var/lib/tdxvm/model.installed")  # the upload id of the model
 SECRETS_DIR = Path("/run/tdxvm/secrets")
 LOCK_TIMEOUT = 1800.0  # an install of 13B weights under a slow disk takes minutes
 SERVE_ENV = Path("/etc/tdxvm/serve.env")
-DTYPES = ("float32", "bfloat16", "float16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _QGS = re.compile(r"[A-Za-z0-9.-]+:[0-9]{1,5}")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -38,7 +38,7 @@ import uvicorn
 
 from tdxvm.guest.apikeys import KeyFile
 from tdxvm.guest.attestation import CCEL_DATA, Attester
-from tdxvm.guest.engine import DTYPES, Engine, EngineConfig
+from tdxvm.guest.engine import DTYPES, QUANTIZATION, Engine, EngineConfig
 from tdxvm.guest.gate import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Limits
 from tdxvm.guest.modeldigest import show
 from tdxvm.guest.rtmr3 import DEFAULT_LOG, measure_model
@@ -81,6 +81,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoding together (default 16)")
+    p.add_argument(
+        "--kv-cache-mib",
+        type=int,
+        default=None,
+        help="memory for the running batch's KV cache at its worst "
+        "(default: --max-batch full contexts, at most half the memory free after loading)",
+    )
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond which new ones get 429")
     p.add_argument(
         "--max-requests",
@@ -133,7 +141,12 @@ def attested_tls(args: argparse.Namespace) -> tuple[TlsIdentity, Attester]:
 def measure(args: argparse.Namespace, attester: Attester) -> None:
     """Measure the model this service is about to load into RTMR3 (see the module doc)."""
     digest, done = measure_model(
-        attester.provider, args.model, name=args.name, dtype=args.dtype, log_path=args.rtmr3_log
+        attester.provider,
+        args.model,
+        name=args.name,
+        dtype=args.dtype,
+        quantization=QUANTIZATION[args.dtype],
+        log_path=args.rtmr3_log,
     )
     what = f"model {args.name} {show(digest)} ({args.dtype})"
     if done.extended:
@@ -204,7 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn_config(app, args, identity))
     failed = threading.Event()
     config = EngineConfig(
-        model_dir=args.model, name=args.name, dtype=args.dtype, threads=args.threads, max_waiting=args.max_waiting
+        model_dir=args.model,
+        name=args.name,
+        dtype=args.dtype,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        kv_cache_mib=args.kv_cache_mib,
+        max_waiting=args.max_waiting,
     )
     load_in_background(holder, config, failed)
 

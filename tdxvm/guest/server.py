@@ -125,7 +125,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, waiting: Callable[[], int]) -> None:
+    def __init__(self, waiting: Callable[[], int], running: Callable[[], int]) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "tdxvm_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
@@ -157,7 +157,10 @@ class Metrics:
         self.completion_tokens = Counter(
             "tdxvm_completion_tokens", "Generated tokens of finished requests", ["endpoint"], registry=r
         )
-        Gauge("tdxvm_requests_waiting", "Requests queued behind the running one", registry=r).set_function(waiting)
+        Gauge("tdxvm_requests_waiting", "Requests queued for a place in the running batch", registry=r).set_function(
+            waiting
+        )
+        Gauge("tdxvm_requests_running", "Requests decoding in the running batch", registry=r).set_function(running)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -283,7 +286,10 @@ def create_app(
     quotes; without, it is a 404 that says so. Every request passes
     :class:`~tdxvm.guest.gate.Gate` first: ``limits``, and with ``keys`` an API key on
     every route but ``/health`` and ``/v1/attestation``."""
-    metrics = Metrics(waiting=lambda: holder.engine.waiting() if holder.engine else 0)
+    metrics = Metrics(
+        waiting=lambda: holder.engine.waiting() if holder.engine else 0,
+        running=lambda: holder.engine.running() if holder.engine else 0,
+    )
     app = FastAPI(title="tdxvm inference", docs_url=None, redoc_url=None)
     for kind, handler in _handlers().items():
         app.add_exception_handler(kind, handler)

@@ -206,7 +206,7 @@ class ModelRef(BaseModel):
     key: Annotated[str, Field(pattern=_KEY_NAME.pattern)] | None = (
         None  # secret weights/KEY; default: the folder's name
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     # secrets api-keys/NAME whose hashes the service accepts (tdxvm apikey create NAME); unset: [default], made on
     # first use (None rather than the default itself, so that specs written before keep their fleet spec hash)

@@ -134,11 +134,11 @@ def test_second_install_replaces_the_first(guest, tmp_path):
     _, upload_a, _ = make_upload(guest, tmp_path, ID_A, FILES_A)
     guest.install(upload_a, name="a")
     model_b, upload_b, _ = make_upload(guest, tmp_path, ID_B, FILES_B)
-    guest.install(upload_b, name="b", dtype="float16")
+    guest.install(upload_b, name="b", dtype="int8")
     assert tree(guest.model_dir) == tree(model_b)
     assert not (guest.model_dir / "model.safetensors").exists() and not (guest.model_dir / "sub").exists()
     assert guest.marker.read_text() == ID_B + "\n"
-    assert guest.env_file.read_text() == "TDXVM_SERVE_ARGS=--name b --dtype float16\n"
+    assert guest.env_file.read_text() == "TDXVM_SERVE_ARGS=--name b --dtype int8\n"
     assert guest.hidden_leftovers() == []
 
 
@@ -229,7 +229,7 @@ def test_missing_upload_folder(guest, tmp_path):
         ("", "float32", None, None, "model name"),
         ("-model", "float32", None, None, "model name"),
         ("m" * 129, "float32", None, None, "model name"),
-        ("model", "int8", None, None, "dtype 'int8'"),
+        ("model", "float16", None, None, "dtype 'float16'"),
         ("model", "float32", 0, None, "threads 0"),
         ("model", "float32", 1025, None, "threads 1025"),
         ("model", "float32", None, "localhost", "qgs 'localhost'"),
@@ -243,8 +243,8 @@ def test_serve_env_refuses(name, dtype, threads, qgs, needle):
 
 
 def test_serve_env_accepts():
-    assert serve_env("m" * 128, "float16", 1024, "qgs.local:1") == (
-        f"TDXVM_SERVE_ARGS=--name {'m' * 128} --dtype float16 --threads 1024 --qgs qgs.local:1\n".encode()
+    assert serve_env("m" * 128, "int8", 1024, "qgs.local:1") == (
+        f"TDXVM_SERVE_ARGS=--name {'m' * 128} --dtype int8 --threads 1024 --qgs qgs.local:1\n".encode()
     )
 
 

@@ -3,6 +3,7 @@ driven by the official ``openai`` client, checked token for token against ``mode
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import signal
 import socket
@@ -26,16 +27,15 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from tdxvm.guest.engine import Done, Engine, EngineConfig, SamplingParams, StopMatcher, Token  # noqa: E402
+from tdxvm.guest.engine import Done, Engine, EngineConfig, SamplingParams, Token  # noqa: E402
 from tdxvm.guest.serve import load_in_background  # noqa: E402
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
+from tdxvm.guest.text import StopMatcher  # noqa: E402
 
 NAME = "tiny-llama"
 PROMPT = "Hello, how are you today?"
 CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Tell me a story."}]
-DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
 
 
 class Server:
@@ -93,35 +93,6 @@ def server(tiny_model: Path) -> Iterator[Server]:
     yield s
     s.stop()
     holder.engine.close()
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_model: Path) -> Any:
-    """Direct ``model.generate`` on a separately loaded copy of the model."""
-
-    class Ref:
-        tok = AutoTokenizer.from_pretrained(tiny_model, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, local_files_only=True, dtype=torch.float32).eval()
-
-        def generate(self, ids: list[int], n: int, **kw: Any) -> list[int]:
-            t = torch.tensor([ids])
-            kw = kw or {"do_sample": False}
-            return self.model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, **kw)[
-                0, len(ids) :
-            ].tolist()
-
-        def text(self, new: list[int]) -> str:
-            return str(self.tok.decode(new, **DECODE))
-
-        def chat_ids(self, messages: list[dict]) -> list[int]:
-            return list(
-                self.tok(
-                    self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                    add_special_tokens=False,
-                )["input_ids"]
-            )
-
-    return Ref()
 
 
 # -- results equal direct generation -----------------------------------------------------
@@ -259,7 +230,7 @@ def test_generation_failure_is_a_500_in_openai_shape_not_a_crash(server, monkeyp
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(server.holder.engine.model, "generate", boom)
+    monkeypatch.setattr(server.holder.engine.model, "forward", boom)
     status, body = http("POST", server.url + "/v1/completions", {"model": NAME, "prompt": "hi"})
     assert status == 500 and body["error"]["type"] == "server_error" and "out of memory" in body["error"]["message"]
     status, text = http("POST", server.url + "/v1/chat/completions", {"model": NAME, "messages": CHAT, "stream": True})
@@ -368,7 +339,32 @@ def test_metrics_move(server):
     assert delta("tdxvm_completion_tokens_total", endpoint=ep) == r.usage.completion_tokens == 7
     assert delta("tdxvm_time_to_first_token_seconds_count", endpoint=ep) == 1
     assert delta("tdxvm_request_duration_seconds_count", endpoint=ep) == 2
-    assert ("tdxvm_requests_waiting", ()) in after
+    assert ("tdxvm_requests_waiting", ()) in after and ("tdxvm_requests_running", ()) in after
+
+
+def test_a_client_that_disconnects_frees_its_batch_row(server):
+    """Streaming clients hang up after a few chunks: their rows leave the batch at the next
+    step (far short of max_tokens), and the service goes on answering others."""
+    before = metrics(server.url)
+    body = json.dumps({"model": NAME, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True})
+    conns = []
+    for _ in range(3):
+        conn = http_client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=30)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: {")
+        conns.append((conn, resp))
+    for conn, _ in conns:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    engine: Engine = server.holder.engine
+    deadline = time.monotonic() + 30
+    while engine.running() or engine.waiting():
+        assert time.monotonic() < deadline, "the disconnected requests kept their rows"
+        time.sleep(0.01)
+    key = ("tdxvm_completion_tokens_total", (("endpoint", "/v1/completions"),))
+    assert metrics(server.url)[key] - before.get(key, 0) < 3 * 200
+    assert server.client().completions.create(model=NAME, prompt="hi", max_tokens=3).usage.completion_tokens == 3
 
 
 # -- client errors -----------------------------------------------------------------------

@@ -278,7 +278,7 @@ def test_model_long_form(tmp_path):
     ("text", "line", "field", "needle"),
     [
         ("model:\n  path: enc/tiny\n  nmae: tiny\n", 5, "model.nmae", "unknown key"),
-        ("model: {path: enc/tiny, dtype: int8}\n", 3, "model.dtype", "'float32', 'bfloat16' or 'float16'"),
+        ("model: {path: enc/tiny, dtype: float16}\n", 3, "model.dtype", "'float32', 'bfloat16' or 'int8'"),
         ("model: {path: enc/tiny, name: my model}\n", 3, "model.name", "should match pattern"),
         ('model: {path: enc/tiny, name: "tiny\\n"}\n', 3, "model.name", "should match pattern"),
         ("model: {path: enc/tiny, key: ../other}\n", 3, "model.key", "should match pattern"),

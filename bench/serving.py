@@ -1,28 +1,25 @@
 #!/usr/bin/env python3
-"""Serving: tokens/s and time to first token through the API vs direct ``model.generate``.
+"""Serving under load: tdxvm's service vs ``transformers serve`` at 1, 4 and 16 clients.
 
     .venv/bin/python bench/serving.py [--hidden 512] [--layers 8] [--tokens 128] [--threads 2]
+                                      [--clients 1,4,16] [--servers tdxvm,transformers-cb,transformers]
 
-Builds a random Llama-architecture model (no download; the tests' builder), starts the
-real service on it (``python -m tdxvm.guest.serve`` in a child process) and, in turns,
-times the same greedy generation of the same prompt:
+Builds one random Llama-architecture model (no download; the tests' builder) and picks
+prompts of about --prompt-tokens tokens whose greedy output runs the full --tokens (no
+early EOS), so every request generates the same number of tokens. Then, one server at
+a time in a child process with the same torch thread count (``OMP_NUM_THREADS``):
 
-* ``generate``           — ``model.generate`` in this process, the peer (TTFT from a streamer);
-* ``generate+HF-text``   — the same with transformers' ``TextIteratorStreamer``;
-* ``generate+tdxvm-text``— the same with the engine's per-token hook (incremental text, stops);
-* ``API (raw SSE)``      — ``stream: true`` to the service, read with ``http.client``;
-* ``API (streamed)``     — the same through the ``openai`` client (which costs CPU per chunk).
+* ``tdxvm``            — ``python -m tdxvm.guest.serve`` (continuous batching, HTTP);
+* ``transformers-cb``  — ``transformers serve --continuous-batching`` (the anchor);
+* ``transformers``     — ``transformers serve`` in its default mode;
 
-TTFT is from the call (or the HTTP request) to the first generated token's text;
-tokens/s is completion tokens over the whole request. Medians over --runs. The server
-and this process use the same torch thread count. Targets: API >= 0.97x the tokens/s of
-``generate`` and <= 20 ms extra TTFT. Not part of the test run.
-
-Every torch call in this process runs on the main thread: with libgomp (torch's OpenMP),
-each thread that runs parallel torch ops keeps a team of its own, and once two teams
-exist on a 2-core machine libgomp throttles its spin-waits and every team runs at about
-half speed. The service has the same property: all its torch work runs on the engine's
-single worker thread.
+and in this process, for one client, ``model.generate`` itself. Each of N clients
+(threads with their own connection) streams ``/v1/completions`` (greedy, ``stream:
+true``) for its requests one after another; per server and N: aggregate tokens/s (all
+completion tokens over the wall time), time to first token p50/p99, inter-token latency
+p50/p99 (gaps between content chunks). Targets: at 16 clients tdxvm >= 1.0x the anchor's
+tokens/s and >= 4x its own 1-client rate; at 1 client >= 0.97x ``model.generate``.
+Not part of the test run.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import argparse
 import http.client
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -40,7 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +44,27 @@ sys.path.insert(0, str(REPO))
 
 from tdxvm.emulate.tinyllama import SENTENCES, build_tiny_model  # noqa: E402
 
-Timing = tuple[float, float, int]  # TTFT seconds, total seconds, completion tokens
+SERVERS = ("tdxvm", "transformers-cb", "transformers")
+
+
+@dataclass
+class Sample:
+    """One request: seconds to the first content chunk, the gaps after it, completion tokens."""
+
+    ttft: float
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+@dataclass
+class Round:
+    clients: int
+    wall: float
+    samples: list[Sample]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall
 
 
 def free_port() -> int:
@@ -57,26 +73,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: Path, port: int, threads: int, dtype: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "tdxvm.guest.serve",
-        "--model",
-        str(model),
-        "--name",
-        "bench",
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-        "--dtype",
-        dtype,
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    deadline = time.monotonic() + 120
+def server_command(kind: str, model: Path, port: int, threads: int, max_batch: int) -> list[str]:
+    if kind == "tdxvm":
+        return [
+            sys.executable,
+            *("-m", "tdxvm.guest.serve", "--model", str(model), "--name", "bench", "--port", str(port)),
+            *("--threads", str(threads), "--max-batch", str(max_batch), "--log-level", "warning"),
+        ]
+    cli = str(Path(sys.executable).with_name("transformers"))
+    mode = ["--continuous-batching"] if kind == "transformers-cb" else []
+    return [cli, "serve", *mode, "--device", "cpu", "--dtype", "float32", "--port", str(port), str(model)]
+
+
+def start_server(cmd: list[str], port: int, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
@@ -85,31 +97,95 @@ def start_server(model: Path, port: int, threads: int, dtype: str) -> subprocess
         except OSError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        time.sleep(0.1)
+            raise SystemExit(f"{cmd[0]} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server did not become healthy in 120 s")
+    raise SystemExit(f"{' '.join(cmd)} did not become healthy in 300 s")
+
+
+def stream(port: int, model: str, prompt: str, tokens: int) -> Sample:
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise SystemExit(f"HTTP {resp.status}: {resp.read()[:500]!r}")
+    sample, last, chunks = None, 0.0, 0
+    for line in resp:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            (sample or Sample(0.0)).tokens = chunk["usage"]["completion_tokens"]
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            now, chunks = time.perf_counter(), chunks + 1
+            if sample is None:
+                sample = Sample(now - t0)
+            else:
+                sample.gaps.append(now - last)
+            last = now
+    conn.close()
+    if sample is None:
+        raise SystemExit("a response streamed no text")
+    sample.tokens = sample.tokens or chunks
+    return sample
+
+
+def load_round(port: int, model: str, prompts: list[str], clients: int, per_client: int, tokens: int) -> Round:
+    samples: list[Sample] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(per_client):
+            s = stream(port, model, prompts[(i + j * clients) % len(prompts)], tokens)
+            with lock:
+                samples.append(s)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Round(clients, time.perf_counter() - t0, samples)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] * 1e3 if values else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=128, help="tokens to generate")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens to generate per request")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--runs", type=int, default=12)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=32, help="requests per round (at least one per client)")
+    ap.add_argument("--servers", default=",".join(SERVERS))
     args = ap.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    servers = [s for s in args.servers.split(",") if s]
+    if unknown := set(servers) - set(SERVERS):
+        raise SystemExit(f"unknown servers {sorted(unknown)}; choose from {', '.join(SERVERS)}")
 
-    import openai
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, TextIteratorStreamer
-    from transformers.generation.streamers import BaseStreamer
-
-    from tdxvm.guest.engine import Job, SamplingParams, Token, _hook_class
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    results: dict[str, list[Round]] = {}
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
         model_dir = build_tiny_model(
             Path(tmp) / "model",
@@ -121,215 +197,86 @@ def main() -> None:
             vocab=1000,
         )
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=getattr(torch, args.dtype)
-        ).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
         params = sum(p.numel() for p in model.parameters())
 
-        def generate(ids: list[int], streamer: object = None) -> list[int]:
+        def generate(ids: list[int]) -> tuple[list[int], float]:
             t = torch.tensor([ids])
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(
-                    t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False, streamer=streamer
-                )
-            return list(out[0, len(ids) :].tolist())
+                out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False)
+            return out[0, len(ids) :].tolist(), time.perf_counter() - t0
 
-        # a prompt of about --prompt-tokens whose greedy output runs the full length and whose
-        # first token is whole text (so no side waits for the rest of a UTF-8 sequence)
-        for shift in range(50):
-            words = " ".join(SENTENCES * 20).split()[shift:]
-            prompt = " ".join(words[: args.prompt_tokens])
-            while len(tok(prompt)["input_ids"]) > args.prompt_tokens:
-                prompt = prompt.rsplit(" ", 1)[0]
-            ids = tok(prompt)["input_ids"]
-            out = generate(ids)
-            first = str(tok.decode(out[:1]))
-            if len(out) == args.tokens and first and not first.endswith("\ufffd"):
+        words, prompts = " ".join(SENTENCES * 40).split(), []
+        for shift in range(400):
+            if len(prompts) == 16:
                 break
+            text = " ".join(words[shift * 5 : shift * 5 + args.prompt_tokens])
+            while len(tok(text)["input_ids"]) > args.prompt_tokens:
+                text = text.rsplit(" ", 1)[0]
+            out, _ = generate(tok(text)["input_ids"])
+            if len(out) == args.tokens and not str(tok.decode(out[:1])).endswith("\ufffd"):
+                prompts.append(text)
+        if len(prompts) < 16:
+            raise SystemExit(f"found only {len(prompts)} prompts whose greedy output runs {args.tokens} tokens")
 
-        class Clock(BaseStreamer):
-            def __init__(self) -> None:
-                self.puts: list[float] = []
+        runs = [generate(tok(p)["input_ids"])[1] for p in prompts[: max(4, args.requests // 4)]]
+        direct = args.tokens / statistics.median(runs)
 
-            def put(self, value: object) -> None:
-                self.puts.append(time.perf_counter())
+        for kind in servers:
+            port = free_port()
+            proc = start_server(server_command(kind, model_dir, port, args.threads, max(levels)), port, args.threads)
+            name = "bench" if kind == "tdxvm" else str(model_dir)
+            try:
+                load_round(port, name, prompts, 2, 1, 8)  # warm-up
+                results[kind] = [
+                    load_round(port, name, prompts, n, max(1, args.requests // n), args.tokens) for n in levels
+                ]
+                print(f"  {kind}: done", file=sys.stderr)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    report(results, direct, args, params, levels)
 
-            def end(self) -> None:
-                pass
 
-        def run_generate() -> Timing:
-            clock, t0 = Clock(), time.perf_counter()
-            n = len(generate(tok(prompt)["input_ids"], clock))
-            return clock.puts[1] - t0, time.perf_counter() - t0, n  # puts[0] is the prompt
-
-        def run_hf_text() -> Timing:
-            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-            marks = {"first": 0.0}
-
-            def consume() -> None:  # the consumer thread runs no torch ops (see the docstring)
-                for text in streamer:
-                    marks["first"] = marks["first"] or (time.perf_counter() if text else 0.0)
-
-            consumer = threading.Thread(target=consume)
-            consumer.start()
-            t0 = time.perf_counter()
-            n = len(generate(tok(prompt)["input_ids"], streamer))
-            consumer.join()
-            return marks["first"] - t0, time.perf_counter() - t0, n
-
-        def run_hook() -> Timing:
-            marks = {"first": 0.0, "n": 0}
-
-            def sink(ev: object) -> None:
-                if isinstance(ev, Token) and ev.text and not marks["first"]:
-                    marks["first"] = time.perf_counter()
-
-            t0 = time.perf_counter()
-            ids = tok(prompt)["input_ids"]
-            hook = _hook_class()(Job(ids, SamplingParams(max_tokens=args.tokens, temperature=0), sink), tok)
-            t = torch.tensor([ids])
-            with torch.inference_mode():
-                out = model.generate(
-                    t,
-                    attention_mask=torch.ones_like(t),
-                    max_new_tokens=args.tokens,
-                    do_sample=False,
-                    stopping_criteria=StoppingCriteriaList([hook]),
-                )
-            return marks["first"] - t0, time.perf_counter() - t0, out.shape[1] - len(ids)
-
-        port = free_port()
-        server = start_server(model_dir, port, args.threads, args.dtype)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
-
-        def run_api() -> Timing:
-            t0, first, n = time.perf_counter(), 0.0, 0
-            stream = client.completions.create(
-                model="bench",
-                prompt=prompt,
-                max_tokens=args.tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
+def report(results: dict[str, list[Round]], direct: float, args: argparse.Namespace, params: int, levels: list) -> None:
+    print(
+        f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f} M parameters, float32, "
+        f"{args.threads} torch threads; prompts ~{args.prompt_tokens} tokens, {args.tokens} greedy tokens each, "
+        f"{args.requests} requests per round; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'server':<18} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+    )
+    print(f"{'model.generate':<18} {1:>7} {direct:9.1f}")
+    for kind, rounds in results.items():
+        for r in rounds:
+            ttft, gaps = [s.ttft for s in r.samples], [g for s in r.samples for g in s.gaps]
+            print(
+                f"{kind:<18} {r.clients:>7} {r.tokens_per_s:9.1f} {pct(ttft, 0.5):9.1f} {pct(ttft, 0.99):9.1f} "
+                f"{pct(gaps, 0.5):8.2f} {pct(gaps, 0.99):8.2f}"
             )
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].text and not first:
-                    first = time.perf_counter()
-                if chunk.usage:
-                    n = chunk.usage.completion_tokens
-            return first - t0, time.perf_counter() - t0, n
-
-        def run_sse() -> Timing:
-            body = json.dumps(
-                {
-                    "model": "bench",
-                    "prompt": prompt,
-                    "max_tokens": args.tokens,
-                    "temperature": 0,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                }
+    print("(TTFT and ITL in ms)")
+    if "tdxvm" not in results:
+        return
+    ours = {r.clients: r.tokens_per_s for r in results["tdxvm"]}
+    lines = []
+    if 1 in ours:
+        lines.append(f"tdxvm at 1 client vs model.generate: {ours[1] / direct:.2f}x (target >= 0.97)")
+    top = max(ours)
+    if 1 in ours and top > 1:
+        lines.append(f"tdxvm at {top} clients vs its own 1-client rate: {ours[top] / ours[1]:.2f}x (target >= 4)")
+    if "transformers-cb" in results:
+        anchor = {r.clients: r.tokens_per_s for r in results["transformers-cb"]}
+        for n in sorted(set(ours) & set(anchor)):
+            lines.append(
+                f"tdxvm at {n} clients vs transformers serve --continuous-batching: {ours[n] / anchor[n]:.2f}x"
+                + (" (target >= 1.0)" if n == top else "")
             )
-            t0, first, n = time.perf_counter(), 0.0, 0
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-            for line in conn.getresponse():
-                if line.startswith(b"data: {"):
-                    chunk = json.loads(line[6:])
-                    first = first or (time.perf_counter() if chunk["choices"] and chunk["choices"][0]["text"] else 0.0)
-                    n = chunk["usage"]["completion_tokens"] if chunk.get("usage") else n
-            conn.close()
-            return first - t0, time.perf_counter() - t0, n
-
-        runners: dict[str, Callable[[], Timing]] = {
-            "generate": run_generate,
-            "generate+HF-text": run_hf_text,
-            "generate+tdxvm-text": run_hook,
-            "API (raw SSE)": run_sse,
-            "API (streamed)": run_api,
-        }
-        try:
-            results: dict[str, list[Timing]] = {k: [] for k in runners}
-            cpus: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
-            for fn in runners.values():
-                fn()  # warm-up
-            for i in range(args.runs):
-                names = list(runners)[i % len(runners) :] + list(runners)[: i % len(runners)]  # rotate the order
-                for k in names:
-                    time.sleep(0.3)  # let the other process's OpenMP threads stop spinning
-                    before = self_cpu(), process_cpu(server.pid)
-                    results[k].append(runners[k]())
-                    cpus[k].append((self_cpu() - before[0], process_cpu(server.pid) - before[1]))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-
-    report(results, cpus, args, params, len(ids))
-
-
-def self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds of the live threads of ``pid`` (nanosecond schedstat counters)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total / 1e9
-
-
-def report(
-    results: dict[str, list[Timing]],
-    cpus: dict[str, list[tuple[float, float]]],
-    args: argparse.Namespace,
-    params: int,
-    prompt_tokens: int,
-) -> None:
-    """Medians per path; the ratios to ``generate`` are medians of per-round ratios, so that
-    load from other processes, which moves both runs of a round alike, cancels out. CPU
-    per token is that of the process that generates (this one, or the server) and, for the
-    API, of the client; it is less sensitive than wall time to other load on the machine."""
-    import importlib.util
-
-    fast = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)]
-    print(
-        f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f} M parameters, "
-        f"{args.dtype}, {args.threads} torch threads"
-    )
-    print(
-        f"prompt {prompt_tokens} tokens, {args.tokens} tokens generated (greedy), {args.runs} rounds; "
-        f"server uses {', '.join(fast) or 'asyncio and h11'}"
-    )
-    print(
-        f"{'path':<20} {'TTFT ms':>8} {'tokens/s':>9} {'best tok/s':>11} {'vs generate':>12} "
-        f"{'extra TTFT ms':>14} {'CPU ms/token':>13} {'client':>7}"
-    )
-    gen, rows = results["generate"], {}
-    for k, v in results.items():
-        ratio = statistics.median((r[2] / r[1]) / (g[2] / g[1]) for r, g in zip(v, gen, strict=True))
-        extra = statistics.median(r[0] - g[0] for r, g in zip(v, gen, strict=True)) * 1e3
-        tps = [t[2] / t[1] for t in v]
-        rows[k] = ratio, extra
-        api = k.startswith("API")
-        gen_cpu = statistics.median((c[1] if api else c[0]) / t[2] for c, t in zip(cpus[k], v, strict=True)) * 1e3
-        client = (
-            f"{statistics.median(c[0] / t[2] for c, t in zip(cpus[k], v, strict=True)) * 1e3:7.2f}"
-            if api
-            else f"{'':7}"
-        )
-        print(
-            f"{k:<20} {statistics.median(t[0] for t in v) * 1e3:8.1f} {statistics.median(tps):9.1f} {max(tps):11.1f} "
-            f"{ratio:11.3f}x {extra:+14.1f} {gen_cpu:13.2f} {client}"
-        )
-    ratio, extra = rows["API (streamed)"]
-    verdict = "OK" if ratio >= 0.97 and extra <= 20 else "MISSED"
-    print(
-        f"API vs generate: {ratio:.3f}x tokens/s (target >= 0.97), {extra:+.1f} ms TTFT (target <= 20): {verdict}; "
-        f"load average {os.getloadavg()[0]:.2f}"
-    )
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from contextlib import suppress
@@ -38,6 +39,8 @@ from tdxvm.launch.manifest import Artifact, ImageManifest
 
 POOL_NAME = "tdxvm"
 POOL_PATH = "/var/lib/tdxvm/pool"
+REFRESH_WAIT = 300.0  # seconds a refresh waits for other clients' volume builds in the pool
+ASYNC_JOBS = "has asynchronous jobs running"  # libvirt's refusal to refresh a pool mid-build
 COPY_CHUNK = 4 << 20
 CHUNK = 256 * 1024  # libvirt's RPC stream messages carry at most 256 KiB
 
@@ -151,11 +154,29 @@ def ensure_pool(conn: libvirt.virConnect, *, name: str = POOL_NAME, path: str = 
                 f"storage pool {name} on {uri} is defined but cannot be started: {libvirt_message(exc)}"
                 f"\nfix: check its folder ({pool_path(pool)}) exists, or `virsh pool-start {name}`"
             ) from None
-    try:
-        pool.refresh(0)
-    except libvirt.libvirtError as exc:
-        raise VolumeError(f"cannot refresh storage pool {name} on {uri}: {libvirt_message(exc)}") from None
+    refresh(pool, uri)
     return pool
+
+
+def refresh(pool: libvirt.virStoragePool, uri: str, *, wait: float = REFRESH_WAIT) -> None:
+    """Rescan the pool's folder. libvirt refuses while another client's volume is being built
+    in the pool (a concurrent launch creating its overlay or scratch disk, a clone): that
+    waits, up to ``wait`` seconds; any other failure is an error at once."""
+    deadline = time.monotonic() + wait
+    pause = 0.1
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as exc:
+            busy = ASYNC_JOBS in (exc.get_error_message() or "")
+            if not busy or time.monotonic() + pause > deadline:
+                waited = f" (still busy after {wait:.0f} s)" if busy else ""
+                raise VolumeError(
+                    f"cannot refresh storage pool {pool.name()} on {uri}: {libvirt_message(exc)}{waited}"
+                ) from None
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 def _define_pool(conn: libvirt.virConnect, name: str, path: str, uri: str) -> libvirt.virStoragePool:
@@ -284,7 +305,7 @@ def _copy_into(
                 f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest"
             )
         partial.rename(folder / name)
-        pool.refresh(0)
+        refresh(pool, _uri(pool.connect()))
         vol = _lookup(pool, name)
         if vol is None:
             raise VolumeError(f"libvirt does not see {folder / name} in pool {pool.name()} after a refresh")

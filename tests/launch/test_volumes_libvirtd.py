@@ -8,6 +8,8 @@ name and is removed afterwards. Skipped where no libvirtd answers (CI starts one
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 import uuid
 
 import libvirt
@@ -16,7 +18,7 @@ import pytest
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import _read_tail
 from tdxvm.launch.errors import ConnectError, VolumeError
-from tdxvm.launch.volumes import content_name, prepare_volumes
+from tdxvm.launch.volumes import ASYNC_JOBS, content_name, ensure_pool, prepare_volumes, refresh
 
 
 @pytest.fixture
@@ -78,3 +80,55 @@ def test_artifact_that_differs_from_its_manifest_is_refused(image, pool):
     names = [v.name() for v in conn.storagePoolLookupByName(name).listAllVolumes()]
     assert not [n for n in names if n.startswith("initrd-")]  # no partial volume left
     assert "smoke.qcow2" not in names
+
+
+def _busy_pool(conn, name: str, target) -> tuple[threading.Thread, list]:
+    """The pool with a volume being built by another client (a 1 GiB clone, a few seconds):
+    libvirt refuses to refresh a pool while that runs."""
+    pool = ensure_pool(conn, name=name, path=str(target))
+    raw = "<volume><name>{}</name><capacity>1073741824</capacity><target><format type='raw'/></target></volume>"
+    src = pool.createXML(raw.format("src"), 0)
+    done: list = []
+
+    def clone() -> None:
+        other = open_connection("qemu:///system")
+        try:
+            other.storagePoolLookupByName(name).createXMLFrom(raw.format("copy"), src, 0)
+        finally:
+            done.append(True)
+            other.close()
+
+    builder = threading.Thread(target=clone)
+    builder.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until libvirt reports the build under way
+        try:
+            pool.refresh(0)
+        except libvirt.libvirtError as exc:
+            assert ASYNC_JOBS in str(exc)
+            return builder, done
+        time.sleep(0.01)
+    builder.join()
+    pytest.skip("the clone finished before a refresh could see it running")
+
+
+def test_a_refresh_waits_for_another_clients_volume_build(pool):
+    """Two launches on one host at once: one creates its volumes while the other refreshes
+    the pool, which libvirt refuses mid-build; the refresh waits for the build to end."""
+    conn, name, target = pool
+    builder, done = _busy_pool(conn, name, target)
+    try:
+        ensure_pool(conn, name=name, path=str(target))
+        assert done  # it returned only once the other client's build had ended
+    finally:
+        builder.join()
+
+
+def test_a_pool_busy_for_longer_than_the_wait_is_a_clear_error(pool):
+    conn, name, target = pool
+    builder, _ = _busy_pool(conn, name, target)
+    try:
+        with pytest.raises(VolumeError, match=r"has asynchronous jobs running.*still busy after 0 s"):
+            refresh(conn.storagePoolLookupByName(name), "qemu:///system", wait=0)
+    finally:
+        builder.join()

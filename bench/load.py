@@ -3,10 +3,8 @@
 
     .venv/bin/python bench/load.py [--connections 200] [--seconds 60] [--hidden 512] [--layers 8]
 
-Starts the guest's service in a child process, built as ``python -m tdxvm.guest.serve``
-builds it (the same app, API key check, gate limits, engine and uvicorn TLS settings,
-on a TLS key made by :mod:`tdxvm.guest.tls`) but without the attestation step, which
-needs a quote device. Then N client connections (asyncio, each a TLS keep-alive
+Starts the guest's service in a child process as ``python -m tdxvm.guest.serve`` builds
+it, without the attestation step (bench/tlsservice.py). Then N client connections (asyncio, each a TLS keep-alive
 connection with a valid API key) send completions (greedy, 8 to 64 tokens) back to back
 for the given time. Counted: answers by status, connection errors, and the service's
 RSS (sampled every second). Targets: no 5xx and no connection error, every request
@@ -19,51 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import tlsservice  # noqa: E402
+
 from tdxvm.emulate.tinyllama import SENTENCES, build_tiny_model  # noqa: E402
-
-CHILD = r"""
-import sys, threading
-import uvicorn
-from pathlib import Path
-from tdxvm.guest.apikeys import KeyFile
-from tdxvm.guest.engine import EngineConfig
-from tdxvm.guest.gate import Limits
-from tdxvm.guest.serve import load_in_background, parse_args, uvicorn_config
-from tdxvm.guest.server import ModelHolder, create_app
-from tdxvm.guest.tls import ensure_identity
-
-args = parse_args(sys.argv[1:])
-identity = ensure_identity(args.tls_dir, ["127.0.0.1"])
-holder = ModelHolder(args.name)
-limits = Limits(max_body=args.max_body_bytes, max_requests=args.max_requests)
-app = create_app(holder, keys=KeyFile(args.api_keys), limits=limits)
-config = EngineConfig(
-    model_dir=args.model, name=args.name, threads=args.threads, max_batch=args.max_batch, max_waiting=args.max_waiting
-)
-load_in_background(holder, config)
-uvicorn.Server(uvicorn_config(app, args, identity)).run()
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:
@@ -136,8 +103,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from tdxvm.guest.apikeys import document, generate
-
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
         model = build_tiny_model(
             Path(tmp) / "model",
@@ -148,38 +113,16 @@ def main() -> None:
             context=4096,
             vocab=1000,
         )
-        key = generate()
-        keys = Path(tmp) / "api-keys"
-        keys.write_bytes(document({"bench": key}))
-        port = free_port()
-        cmd = [
-            sys.executable,
-            *("-c", CHILD, "--model", str(model), "--name", "bench", "--port", str(port)),
-            *("--threads", str(args.threads), "--tls-dir", str(Path(tmp) / "tls"), "--api-keys", str(keys)),
-            *("--log-level", "error"),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+        service = tlsservice.start(model, Path(tmp), name="bench", threads=args.threads)
         try:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=ctx) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise SystemExit("the service did not come up") from None
-                    time.sleep(0.2)
-            idle = rss_mib(proc.pid)
+            idle = rss_mib(service.proc.pid)
             words = " ".join(SENTENCES * 10).split()
             prompts = [" ".join(words[i : i + 40]) for i in range(0, 200, 10)]
-            tally, rss = asyncio.run(drive(port, key, prompts, args.connections, args.seconds, proc.pid))
+            tally, rss = asyncio.run(
+                drive(service.port, service.api_key, prompts, args.connections, args.seconds, service.proc.pid)
+            )
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            service.stop()
     answered = sum(v for k, v in tally.items() if isinstance(k, int))
     print(
         f"{args.connections} TLS connections for {args.seconds:.0f} s against the service "

@@ -29,6 +29,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -103,10 +104,37 @@ def start_server(cmd: list[str], port: int, threads: int) -> subprocess.Popen:
     raise SystemExit(f"{' '.join(cmd)} did not become healthy in 300 s")
 
 
-def stream(port: int, model: str, prompt: str, tokens: int) -> Sample:
+@dataclass(frozen=True)
+class Target:
+    """A service to load: where, the model name to ask for, and for HTTPS the SPKI SHA-256
+    its TLS key must have (checked on every connection) and the API key to send."""
+
+    host: str
+    port: int
+    model: str
+    pin: bytes | None = None
+    api_key: str | None = None
+
+    def connect(self) -> http.client.HTTPConnection:
+        if self.pin is None:
+            plain = http.client.HTTPConnection(self.host, self.port, timeout=900)
+            plain.connect()  # as for HTTPS: TTFT counts from the request, not the connection
+            return plain
+        from tdxvm.provision.pinning import spki_sha256, unverified_context
+
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=900, context=unverified_context())
+        conn.connect()
+        der = conn.sock.getpeercert(binary_form=True) if isinstance(conn.sock, ssl.SSLSocket) else None
+        if not der or spki_sha256(der) != self.pin:
+            conn.close()
+            raise SystemExit(f"{self.host}:{self.port} presented another TLS key than the pinned one")
+        return conn
+
+
+def stream(target: Target, prompt: str, tokens: int) -> Sample:
     body = json.dumps(
         {
-            "model": model,
+            "model": target.model,
             "prompt": prompt,
             "max_tokens": tokens,
             "temperature": 0,
@@ -114,9 +142,12 @@ def stream(port: int, model: str, prompt: str, tokens: int) -> Sample:
             "stream_options": {"include_usage": True},
         }
     )
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    headers = {"Content-Type": "application/json"}
+    if target.api_key:
+        headers["Authorization"] = f"Bearer {target.api_key}"
+    conn = target.connect()
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", body, headers)
     resp = conn.getresponse()
     if resp.status != 200:
         raise SystemExit(f"HTTP {resp.status}: {resp.read()[:500]!r}")
@@ -141,13 +172,13 @@ def stream(port: int, model: str, prompt: str, tokens: int) -> Sample:
     return sample
 
 
-def load_round(port: int, model: str, prompts: list[str], clients: int, per_client: int, tokens: int) -> Round:
+def load_round(target: Target, prompts: list[str], clients: int, per_client: int, tokens: int) -> Round:
     samples: list[Sample] = []
     lock = threading.Lock()
 
     def client(i: int) -> None:
         for j in range(per_client):
-            s = stream(port, model, prompts[(i + j * clients) % len(prompts)], tokens)
+            s = stream(target, prompts[(i + j * clients) % len(prompts)], tokens)
             with lock:
                 samples.append(s)
 
@@ -158,6 +189,22 @@ def load_round(port: int, model: str, prompts: list[str], clients: int, per_clie
     for t in threads:
         t.join()
     return Round(clients, time.perf_counter() - t0, samples)
+
+
+def pick_prompts(tok, generate, prompt_tokens: int, tokens: int, count: int = 16) -> list[str]:
+    """``count`` prompts of at most ``prompt_tokens`` tokens whose greedy output (``generate(ids)``
+    -> (ids, seconds)) runs the full ``tokens`` and starts on a whole character."""
+    words, prompts = " ".join(SENTENCES * 40).split(), []
+    for shift in range(400):
+        if len(prompts) == count:
+            return prompts
+        text = " ".join(words[shift * 5 : shift * 5 + prompt_tokens])
+        while len(tok(text)["input_ids"]) > prompt_tokens:
+            text = text.rsplit(" ", 1)[0]
+        out, _ = generate(tok(text)["input_ids"])
+        if len(out) == tokens and not str(tok.decode(out[:1])).endswith("\ufffd"):
+            prompts.append(text)
+    raise SystemExit(f"found only {len(prompts)} prompts whose greedy output runs {tokens} tokens")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -207,30 +254,18 @@ def main() -> None:
                 out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False)
             return out[0, len(ids) :].tolist(), time.perf_counter() - t0
 
-        words, prompts = " ".join(SENTENCES * 40).split(), []
-        for shift in range(400):
-            if len(prompts) == 16:
-                break
-            text = " ".join(words[shift * 5 : shift * 5 + args.prompt_tokens])
-            while len(tok(text)["input_ids"]) > args.prompt_tokens:
-                text = text.rsplit(" ", 1)[0]
-            out, _ = generate(tok(text)["input_ids"])
-            if len(out) == args.tokens and not str(tok.decode(out[:1])).endswith("\ufffd"):
-                prompts.append(text)
-        if len(prompts) < 16:
-            raise SystemExit(f"found only {len(prompts)} prompts whose greedy output runs {args.tokens} tokens")
-
+        prompts = pick_prompts(tok, generate, args.prompt_tokens, args.tokens)
         runs = [generate(tok(p)["input_ids"])[1] for p in prompts[: max(4, args.requests // 4)]]
         direct = args.tokens / statistics.median(runs)
 
         for kind in servers:
             port = free_port()
             proc = start_server(server_command(kind, model_dir, port, args.threads, max(levels)), port, args.threads)
-            name = "bench" if kind == "tdxvm" else str(model_dir)
+            target = Target("127.0.0.1", port, "bench" if kind == "tdxvm" else str(model_dir))
             try:
-                load_round(port, name, prompts, 2, 1, 8)  # warm-up
+                load_round(target, prompts, 2, 1, 8)  # warm-up
                 results[kind] = [
-                    load_round(port, name, prompts, n, max(1, args.requests // n), args.tokens) for n in levels
+                    load_round(target, prompts, n, max(1, args.requests // n), args.tokens) for n in levels
                 ]
                 print(f"  {kind}: done", file=sys.stderr)
             finally:

@@ -28,9 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import benchmodel  # noqa: E402
 import tlsservice  # noqa: E402
 
-from tdxvm.emulate.tinyllama import SENTENCES, build_tiny_model  # noqa: E402
+from tdxvm.emulate.tinyllama import SENTENCES  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -104,15 +105,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
-        model = build_tiny_model(
-            Path(tmp) / "model",
-            hidden=args.hidden,
-            layers=args.layers,
-            heads=args.hidden // 64,
-            intermediate=args.hidden * 8 // 3,
-            context=4096,
-            vocab=1000,
-        )
+        model = benchmodel.build(Path(tmp) / "model", hidden=args.hidden, layers=args.layers)
         service = tlsservice.start(model, Path(tmp), name="bench", threads=args.threads)
         try:
             idle = rss_mib(service.proc.pid)

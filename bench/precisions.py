@@ -26,7 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tdxvm.emulate.tinyllama import SENTENCES, build_tiny_model  # noqa: E402
+import benchmodel  # noqa: E402
+
+from tdxvm.emulate.tinyllama import SENTENCES  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, threading, time, warnings
@@ -85,15 +87,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
-        model = build_tiny_model(
-            Path(tmp) / "model",
-            hidden=args.hidden,
-            layers=args.layers,
-            heads=args.hidden // 64,
-            intermediate=args.hidden * 8 // 3,
-            context=4096,
-            vocab=1000,
-        )
+        model = benchmodel.build(Path(tmp) / "model", hidden=args.hidden, layers=args.layers)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model, local_files_only=True)

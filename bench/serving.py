@@ -43,7 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tdxvm.emulate.tinyllama import SENTENCES, build_tiny_model  # noqa: E402
+import benchmodel  # noqa: E402
+
+from tdxvm.emulate.tinyllama import SENTENCES  # noqa: E402
 
 SERVERS = ("tdxvm", "transformers-cb", "transformers")
 
@@ -234,15 +236,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results: dict[str, list[Round]] = {}
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
-        model_dir = build_tiny_model(
-            Path(tmp) / "model",
-            hidden=args.hidden,
-            layers=args.layers,
-            heads=args.hidden // 64,
-            intermediate=args.hidden * 8 // 3,
-            context=4096,
-            vocab=1000,
-        )
+        model_dir = benchmodel.build(Path(tmp) / "model", hidden=args.hidden, layers=args.layers)
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
         params = sum(p.numel() for p in model.parameters())

@@ -12,7 +12,7 @@ from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
 from tdxvm.cli.refusal import print_refusal, reason_dicts
 from tdxvm.cli.vm import DEFAULT_URI, _uri_option
-from tdxvm.guest.install import DTYPES
+from tdxvm.guest.engine import DTYPES, MAX_BATCH, MAX_KV_CACHE_MIB
 
 
 def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
@@ -58,6 +58,15 @@ def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
 )
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads in the guest [default: torch's choice].")
 @click.option(
+    "--max-batch", type=click.IntRange(1, MAX_BATCH), help="Requests the service decodes together [default: 16]."
+)
+@click.option(
+    "--kv-cache-mib",
+    type=click.IntRange(1, MAX_KV_CACHE_MIB),
+    help="KV cache for the running batch at its worst [default: --max-batch full contexts, at most half the "
+    "memory free after loading].",
+)
+@click.option(
     "--api-key",
     "api_keys",
     multiple=True,
@@ -89,6 +98,8 @@ def provision_cmd(
     key_name: str | None,
     dtype: str,
     threads: int | None,
+    max_batch: int | None,
+    kv_cache_mib: int | None,
     api_keys: tuple[str, ...],
     via: str | None,
     streams: int,
@@ -113,7 +124,15 @@ def provision_cmd(
     from tdxvm.provision.model import provision
 
     try:
-        fields = {"path": enc_dir, "name": model_name, "key": key_name, "dtype": dtype, "threads": threads}
+        fields = {
+            "path": enc_dir,
+            "name": model_name,
+            "key": key_name,
+            "dtype": dtype,
+            "threads": threads,
+            "max_batch": max_batch,
+            "kv_cache_mib": kv_cache_mib,
+        }
         spec = ModelRef.model_validate(fields | ({"api_keys": api_keys} if api_keys else {}))
     except ValidationError as exc:
         options = {"path": "--model", "name": "--model-name", "key": "--key-name", "api_keys": "--api-key"}

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "int8")
 # what each dtype does to the weights, as the model event in RTMR3 names it
 QUANTIZATION = {"float32": "none", "bfloat16": "none", "int8": int8.NAME}
+# the bounds a spec, provision and install accept for max_batch and kv_cache_mib
+MAX_BATCH, MAX_KV_CACHE_MIB = 256, 1 << 20
 __all__ = [
     "DTYPES",
     "QUANTIZATION",

@@ -1,7 +1,7 @@
 """Install a received model and set the inference service up: the guest's half of ``tdxvm provision``.
 
     python3 -m tdxvm.guest.install --upload DEST/<upload id> --name NAME [--dtype D]
-        [--threads N] [--qgs HOST:PORT]
+        [--threads N] [--max-batch N] [--kv-cache-mib N] [--qgs HOST:PORT]
 
 Run by the controller over its SSH session to the attested guest, after the model key
 arrived through the agent (sealed to this TD's attested key, kept in
@@ -34,12 +34,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tdxvm.errors import TdxvmError
 from tdxvm.fileio import lock_exclusive, write_atomic
 from tdxvm.guest import scratch
-from tdxvm.guest.engine import DTYPES
+from tdxvm.guest.engine import DTYPES, MAX_BATCH, MAX_KV_CACHE_MIB
 from tdxvm.guest.staging import StagingError, install_model
 from tdxvm.guest.weights import WeightsError
 
@@ -57,17 +58,35 @@ class InstallError(TdxvmError):
     code = "install"
 
 
-def serve_env(name: str, dtype: str, threads: int | None, qgs: str | None) -> bytes:
+@dataclass(frozen=True, kw_only=True)
+class Serving:
+    """How the service serves the installed model: its name for clients and the engine's settings."""
+
+    name: str
+    dtype: str = "float32"
+    threads: int | None = None
+    max_batch: int | None = None
+    kv_cache_mib: int | None = None
+
+
+def serve_env(serving: Serving, qgs: str | None) -> bytes:
     """The ``tdxvm-serve`` unit's environment file (every value checked: systemd splits on spaces)."""
+    name, dtype = serving.name, serving.dtype
     if not _NAME.fullmatch(name):
         raise InstallError(f"model name {name!r}: use letters, digits and . _ : / - (at most 128)", code="usage")
     if dtype not in DTYPES:
         raise InstallError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}", code="usage")
     args = ["--name", name, "--dtype", dtype]
-    if threads is not None:
-        if not 0 < threads <= 1024:
-            raise InstallError(f"threads {threads}: expected 1 to 1024", code="usage")
-        args += ["--threads", str(threads)]
+    for option, value, top in (
+        ("threads", serving.threads, 1024),
+        ("max-batch", serving.max_batch, MAX_BATCH),
+        ("kv-cache-mib", serving.kv_cache_mib, MAX_KV_CACHE_MIB),
+    ):
+        if value is None:
+            continue
+        if not 0 < value <= top:
+            raise InstallError(f"{option.replace('-', '_')} {value}: expected 1 to {top}", code="usage")
+        args += [f"--{option}", str(value)]
     if qgs is not None:
         if not _QGS.fullmatch(qgs):
             raise InstallError(f"qgs {qgs!r}: expected HOST:PORT", code="usage")
@@ -112,9 +131,7 @@ def installed_upload(marker: Path | None = None, model_dir: Path | None = None) 
 def install(
     upload: Path,
     *,
-    name: str,
-    dtype: str,
-    threads: int | None,
+    serving: Serving,
     qgs: str | None,
     key_file: Path | None = None,
     model_dir: Path | None = None,
@@ -123,7 +140,7 @@ def install(
     lock_timeout: float = LOCK_TIMEOUT,
 ) -> dict:
     """Install ``upload`` (see the module doc); paths default to the guest's."""
-    env = serve_env(name, dtype, threads, qgs)  # refuse bad arguments before touching anything
+    env = serve_env(serving, qgs)  # refuse bad arguments before touching anything
     key_file = key_file or SECRETS_DIR / key_secret_name(upload.name)
     model_dir, marker, env_file = model_dir or MODEL_DIR, marker or INSTALLED, env_file or SERVE_ENV
     with _exclusive(marker.with_name(".tdxvm-install.lock"), lock_timeout):
@@ -172,9 +189,9 @@ def _install(upload: Path, env: bytes, *, key_file: Path, model_dir: Path, marke
     }
 
 
-def configure(*, name: str, dtype: str, threads: int | None, qgs: str | None, env_file: Path | None = None) -> dict:
+def configure(*, serving: Serving, qgs: str | None, env_file: Path | None = None) -> dict:
     """Only rewrite the service's arguments (the installed model stays); ``changed`` says if they differ."""
-    env, env_file = serve_env(name, dtype, threads, qgs), env_file or SERVE_ENV
+    env, env_file = serve_env(serving, qgs), env_file or SERVE_ENV
     try:
         changed = env_file.read_bytes() != env
     except OSError:
@@ -194,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="model name clients pass as `model`")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int)
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--kv-cache-mib", type=int)
     p.add_argument("--qgs", help="emulated quote service for the service's attestations (emulated guests)")
     args = p.parse_args(argv)
     try:
@@ -203,12 +222,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             result: dict = {"ok": True, "installed": installed_upload() == args.check}
         elif args.name is None:
             raise InstallError("--name is required", code="usage")
-        elif args.upload is None:
-            if installed_upload() is None:
-                raise InstallError(f"no model is installed in {MODEL_DIR}", code="no-model")
-            result = configure(name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
         else:
-            result = install(args.upload, name=args.name, dtype=args.dtype, threads=args.threads, qgs=args.qgs)
+            serving = Serving(
+                name=args.name,
+                dtype=args.dtype,
+                threads=args.threads,
+                max_batch=args.max_batch,
+                kv_cache_mib=args.kv_cache_mib,
+            )
+            if args.upload is not None:
+                result = install(args.upload, serving=serving, qgs=args.qgs)
+            elif installed_upload() is None:
+                raise InstallError(f"no model is installed in {MODEL_DIR}", code="no-model")
+            else:
+                result = configure(serving=serving, qgs=args.qgs)
     except (InstallError, StagingError, WeightsError, scratch.ScratchError, OSError) as exc:
         code = (
             "weights"

@@ -41,6 +41,7 @@ from tdxvm.attest.policy import Policy, load_policy
 from tdxvm.attest.quote import LAUNCH_TD_ATTRIBUTES, TD_ATTR_KL, TD_ATTR_PERFMON, TD_ATTR_PKS
 from tdxvm.guest.apikeys import MAX_KEYS
 from tdxvm.guest.apikeys import NAME_PATTERN as API_KEY_NAME
+from tdxvm.guest.engine import MAX_BATCH, MAX_KV_CACHE_MIB
 from tdxvm.launch.connection import DEFAULT_URI
 from tdxvm.launch.domain import td_policy
 from tdxvm.launch.errors import LaunchPolicyError
@@ -208,6 +209,9 @@ class ModelRef(BaseModel):
     )
     dtype: Literal["float32", "bfloat16", "int8"] = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] | None = None  # requests decoding together [16]
+    # the running batch's KV cache at its worst [max_batch full contexts, at most half the memory free after loading]
+    kv_cache_mib: Annotated[int, Field(ge=1, le=MAX_KV_CACHE_MIB)] | None = None
     # secrets api-keys/NAME whose hashes the service accepts (tdxvm apikey create NAME); unset: [default], made on
     # first use (None rather than the default itself, so that specs written before keep their fleet spec hash)
     api_keys: (

@@ -340,6 +340,8 @@ def provision(
         guest.release(API_KEYS_SECRET, api_key_set, sender=release_key(secrets))  # /run/tdxvm/secrets/api-keys
         serve_args = ["--name", model.served_name, "--dtype", model.dtype]
         serve_args += ["--threads", str(model.threads)] if model.threads else []
+        serve_args += ["--max-batch", str(model.max_batch)] if model.max_batch else []
+        serve_args += ["--kv-cache-mib", str(model.kv_cache_mib)] if model.kv_cache_mib else []
         serve_args += ["--qgs", qgs] if qgs else []
         progress("scratch", {})  # the guest's install waits until its scratch disk is formatted and mounted
         installed = _guest_json(client, ["--check", upload_id], phase="install", timeout=SCRATCH_TIMEOUT)["installed"]

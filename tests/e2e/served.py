@@ -224,6 +224,9 @@ def check_served_model(
         assert not any(x.startswith("model") or len(x) == 64 for x in left.split())  # nothing of the host's either
         assert ssh.run(client, "systemctl is-active tdxvm-serve").strip() == "active"
         assert ssh.run(client, "systemctl show -p MainPID --value tdxvm-serve").strip() == pid_before  # not restarted
+        argv = ssh.run(client, f"tr '\\0' ' ' < /proc/{pid_before}/cmdline").split()  # the spec's engine bounds
+        assert argv[argv.index("--max-batch") + 1] == str(model.max_batch)
+        assert argv[argv.index("--kv-cache-mib") + 1] == str(model.kv_cache_mib)
         held = ssh.run(client, "cat /run/tdxvm/secrets/api-keys")  # the key set the service reads: hashes only
         rotated = apikeys.get(store, "rotated")
         assert guest_apikeys.key_hash(rotated).hex() in held and rotated not in held and key not in held

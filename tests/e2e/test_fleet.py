@@ -68,13 +68,13 @@ spec:
       vcpus: 1
       memory: 2GiB
       scratch: 256MiB
-      model: {{path: {tiny_encrypted[1]}, name: tiny, key: {TINY_KEY}}}
+      model: {{path: {tiny_encrypted[1]}, name: tiny, key: {TINY_KEY}, max_batch: 4, kv_cache_mib: 64}}
   deployments:
     web: {{template: tiny, replicas: 2, placement: [local, remote]}}
 """)
     store = SecretStore(directory=model_smoke_build.secrets)
     records = VmRecords.beside(store)
-    model = ModelRef(path=tiny_encrypted[1], name="tiny", key=TINY_KEY)  # the template's
+    model = ModelRef(path=tiny_encrypted[1], name="tiny", key=TINY_KEY, max_batch=4, kv_cache_mib=64)  # the template's
     trust = for_backend("emulated", emulated_dir=tmp_path / "emulated")
     state = tmp_path / "state"
     local = connector.get(URI)

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from tdxvm.guest import install as install_mod
-from tdxvm.guest.install import InstallError, configure, install, installed_upload, key_secret_name, main, serve_env
+from tdxvm.guest.install import (
+    InstallError,
+    Serving,
+    configure,
+    install,
+    installed_upload,
+    key_secret_name,
+    main,
+    serve_env,
+)
 from tdxvm.guest.weights import HEADER_SIZE, WeightsError, encrypt_model, generate_model_key
 
 CHUNK = 4096
@@ -45,9 +54,7 @@ class Guest:
     ) -> dict:
         return install(
             upload,
-            name=name,
-            dtype=dtype,
-            threads=threads,
+            serving=Serving(name=name, dtype=dtype, threads=threads),
             qgs=qgs,
             key_file=self.key_file,
             model_dir=self.model_dir,
@@ -221,44 +228,52 @@ def test_missing_upload_folder(guest, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "dtype", "threads", "qgs", "needle"),
+    ("serving", "qgs", "needle"),
     [
-        ("my model", "float32", None, None, "model name"),
-        ("model\n", "float32", None, None, "model name"),
-        ("a\nTDXVM_SERVE_ARGS=x", "float32", None, None, "model name"),
-        ("", "float32", None, None, "model name"),
-        ("-model", "float32", None, None, "model name"),
-        ("m" * 129, "float32", None, None, "model name"),
-        ("model", "float16", None, None, "dtype 'float16'"),
-        ("model", "float32", 0, None, "threads 0"),
-        ("model", "float32", 1025, None, "threads 1025"),
-        ("model", "float32", None, "localhost", "qgs 'localhost'"),
-        ("model", "float32", None, "host:4050 --x", "qgs"),
+        (Serving(name="my model"), None, "model name"),
+        (Serving(name="model\n"), None, "model name"),
+        (Serving(name="a\nTDXVM_SERVE_ARGS=x"), None, "model name"),
+        (Serving(name=""), None, "model name"),
+        (Serving(name="-model"), None, "model name"),
+        (Serving(name="m" * 129), None, "model name"),
+        (Serving(name="model", dtype="float16"), None, "dtype 'float16'"),
+        (Serving(name="model", threads=0), None, "threads 0"),
+        (Serving(name="model", threads=1025), None, "threads 1025"),
+        (Serving(name="model", max_batch=0), None, "max_batch 0: expected 1 to 256"),
+        (Serving(name="model", max_batch=257), None, "max_batch 257"),
+        (Serving(name="model", kv_cache_mib=-1), None, "kv_cache_mib -1"),
+        (Serving(name="model", kv_cache_mib=2**20 + 1), None, "kv_cache_mib 1048577"),
+        (Serving(name="model"), "localhost", "qgs 'localhost'"),
+        (Serving(name="model"), "host:4050 --x", "qgs"),
     ],
 )
-def test_serve_env_refuses(name, dtype, threads, qgs, needle):
+def test_serve_env_refuses(serving, qgs, needle):
     with pytest.raises(InstallError, match=needle) as info:
-        serve_env(name, dtype, threads, qgs)
+        serve_env(serving, qgs)
     assert info.value.code == "usage"
 
 
 def test_serve_env_accepts():
-    assert serve_env("m" * 128, "int8", 1024, "qgs.local:1") == (
-        f"TDXVM_SERVE_ARGS=--name {'m' * 128} --dtype int8 --threads 1024 --qgs qgs.local:1\n".encode()
+    serving = Serving(name="m" * 128, dtype="int8", threads=1024, max_batch=256, kv_cache_mib=2**20)
+    assert serve_env(serving, "qgs.local:1") == (
+        f"TDXVM_SERVE_ARGS=--name {'m' * 128} --dtype int8 --threads 1024 --max-batch 256 --kv-cache-mib 1048576 "
+        "--qgs qgs.local:1\n".encode()
     )
 
 
 def test_configure_reports_whether_the_arguments_changed(tmp_path):
     env_file = tmp_path / "etc" / "serve.env"
-    first = configure(name="m", dtype="float32", threads=None, qgs=None, env_file=env_file)
+    first = configure(serving=Serving(name="m"), qgs=None, env_file=env_file)
     assert first == {"ok": True, "configured": str(env_file), "changed": True}
     assert env_file.read_text() == "TDXVM_SERVE_ARGS=--name m --dtype float32\n"
-    assert configure(name="m", dtype="float32", threads=None, qgs=None, env_file=env_file)["changed"] is False
-    assert configure(name="m", dtype="float32", threads=4, qgs=None, env_file=env_file)["changed"] is True
+    assert configure(serving=Serving(name="m"), qgs=None, env_file=env_file)["changed"] is False
+    assert configure(serving=Serving(name="m", threads=4), qgs=None, env_file=env_file)["changed"] is True
     assert env_file.read_text() == "TDXVM_SERVE_ARGS=--name m --dtype float32 --threads 4\n"
+    assert configure(serving=Serving(name="m", threads=4, max_batch=4), qgs=None, env_file=env_file)["changed"] is True
+    assert env_file.read_text() == "TDXVM_SERVE_ARGS=--name m --dtype float32 --threads 4 --max-batch 4\n"
     with pytest.raises(InstallError):
-        configure(name="m", dtype="fp8", threads=4, qgs=None, env_file=env_file)
-    assert env_file.read_text() == "TDXVM_SERVE_ARGS=--name m --dtype float32 --threads 4\n"
+        configure(serving=Serving(name="m", dtype="fp8", threads=4), qgs=None, env_file=env_file)
+    assert env_file.read_text() == "TDXVM_SERVE_ARGS=--name m --dtype float32 --threads 4 --max-batch 4\n"
 
 
 def test_installed_upload_needs_marker_and_model(tmp_path):
@@ -311,6 +326,14 @@ def test_main_install_then_check_then_configure(as_guest, tmp_path, capsys):
     code, result = run_main(capsys, "--name", "tiny", "--dtype", "bfloat16")
     assert (code, result["changed"]) == (0, True)
     assert as_guest.env_file.read_text() == "TDXVM_SERVE_ARGS=--name tiny --dtype bfloat16\n"
+    code, result = run_main(capsys, "--name", "tiny", "--max-batch", "4", "--kv-cache-mib", "64")
+    assert (code, result["changed"]) == (0, True)
+    assert (
+        as_guest.env_file.read_text()
+        == "TDXVM_SERVE_ARGS=--name tiny --dtype float32 --max-batch 4 --kv-cache-mib 64\n"
+    )
+    code, result = run_main(capsys, "--name", "tiny", "--max-batch", "0")
+    assert (code, result["code"]) == (2, "usage") and "max_batch 0" in result["error"]
 
 
 def test_main_usage_error_without_name(as_guest, tmp_path, capsys):
@@ -361,9 +384,7 @@ def test_a_held_install_lock_is_reported(guest, tmp_path):
         with pytest.raises(InstallError) as err:
             install(
                 upload,
-                name="a",
-                dtype="float32",
-                threads=None,
+                serving=Serving(name="a"),
                 qgs=None,
                 key_file=guest.key_file,
                 model_dir=guest.model_dir,

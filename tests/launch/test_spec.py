@@ -265,11 +265,12 @@ def test_model_long_form(tmp_path):
     spec = load(
         tmp_path,
         "name: smoke\nimage: m.json\nmodel:\n  path: enc/tiny\n  name: org/tiny:v1\n  key: tiny-key\n"
-        "  dtype: bfloat16\n  threads: 8\n",
+        "  dtype: bfloat16\n  threads: 8\n  max_batch: 4\n  kv_cache_mib: 256\n",
     )
     assert spec.model.path == (tmp_path / "enc" / "tiny").resolve()
     assert (spec.model.served_name, spec.model.key_name) == ("org/tiny:v1", "tiny-key")
     assert (spec.model.dtype, spec.model.threads) == ("bfloat16", 8)
+    assert (spec.model.max_batch, spec.model.kv_cache_mib) == (4, 256)
     absolute = load(tmp_path, "name: smoke\nimage: m.json\nmodel: {path: /srv/models/tiny, key: k}\n").model
     assert absolute.path == Path("/srv/models/tiny") and absolute.served_name == "tiny" and absolute.key_name == "k"
 
@@ -283,6 +284,8 @@ def test_model_long_form(tmp_path):
         ('model: {path: enc/tiny, name: "tiny\\n"}\n', 3, "model.name", "should match pattern"),
         ("model: {path: enc/tiny, key: ../other}\n", 3, "model.key", "should match pattern"),
         ("model: {path: enc/tiny, threads: 0}\n", 3, "model.threads", "greater than or equal to 1"),
+        ("model: {path: enc/tiny, max_batch: 257}\n", 3, "model.max_batch", "less than or equal to 256"),
+        ("model: {path: enc/tiny, kv_cache_mib: 0}\n", 3, "model.kv_cache_mib", "greater than or equal to 1"),
         ("model: {name: tiny}\n", 3, "model.path", "Field required"),
         ('model: ""\n', 3, "model.path", "expected a path"),
     ],

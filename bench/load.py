@@ -124,10 +124,12 @@ def main() -> None:
     for k in sorted(tally, key=str):
         print(f"  {k}: {tally[k]}")
     half = [m for t, m in rss if t >= args.seconds / 2]
+    tenths = [max((m for t, m in rss if t <= args.seconds * i / 10), default=idle) for i in range(1, 11)]
     print(
         f"requests answered: {answered} ({tally[200] / args.seconds:.1f}/s served); RSS MiB: idle {idle:.0f}, "
         f"max {max(m for _, m in rss):.0f}, second half {min(half):.0f}..{max(half):.0f}"
     )
+    print(f"RSS MiB, highest by each tenth of the run: {' '.join(f'{m:.0f}' for m in tenths)}")
     bad = sum(v for k, v in tally.items() if (isinstance(k, int) and k >= 500) or str(k).startswith("error"))
     others = sum(v for k, v in tally.items() if isinstance(k, int) and k not in (200, 429))
     ok = bad == 0 and others == 0 and tally["429 with Retry-After"] == tally[429]

@@ -174,6 +174,7 @@ def configure(root: Path, loaded: LoadedRecipe, *, authorized_key: str, release_
     recipe = loaded.recipe
     omit_modules(root, recipe.kernel.omit_modules)
     apply_overlay(root, agent_port=recipe.agent_port, profile=recipe.profile, service_port=recipe.service_port)
+    rootfs.compile_python(root, [GUEST_PYTHON], step="compile")  # the initramfs hook copies these .pyc files too
     add_recipe_files(root, loaded)
     authorize(root, authorized_key)
     trust_controller(root, release_public)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -128,7 +129,8 @@ def pip_install(root: Path, *, wheels: Sequence[Wheel], index_url: str | None, f
     locked SHA-256 (``--require-hashes``), and only wheels are taken, so no package's
     setup code runs on the build host. The guest's Python must be this one's version
     (Debian 12 both). The scripts pip writes name this host's Python:
-    :func:`tdxvm.image.normalize.normalize` gives them the guest's."""
+    :func:`tdxvm.image.normalize.normalize` gives them the guest's. The modules are then
+    byte-compiled by the guest's Python (:func:`compile_python`), not by pip."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if not treepath.resolve(root, f"usr/lib/{version}").is_dir():
         raise ImageStepError("pip install", [], f"the guest has no {version} (the host's pip installs for {version})")
@@ -157,7 +159,33 @@ def pip_install(root: Path, *, wheels: Sequence[Wheel], index_url: str | None, f
         for link in find_links:
             command += ["--find-links", link]
         run_step("pip install", command)
+    compile_python(root, [f"/usr/local/lib/{version}/dist-packages"], step="pip install")
     return target
+
+
+# How compile_python writes .pyc files; part of the python step's cache key.
+BYTECODE = "unchecked-hash, PYTHONHASHSEED=0, one worker"
+# Byte-compiles the folders given as arguments; the guest's python3 runs it.
+COMPILE_SCRIPT = """\
+import compileall, py_compile, sys
+for folder in sys.argv[1:]:
+    compileall.compile_dir(folder, quiet=2, workers=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def compile_python(root: Path, folders: Sequence[str], *, step: str) -> None:
+    """Byte-compile the Python modules under ``folders`` (guest paths) with the guest's own
+    Python, so that no boot compiles them again: the root filesystem is read-only (verity)
+    and what Python would write goes to TD memory, on every boot (under TCG, compiling
+    torch's and transformers' modules at each service start takes minutes). The ``.pyc``
+    files are unchecked-hash ones (PEP 552): they hold no mtime, so two builds give the same
+    bytes (one worker, a fixed hash seed), and their sources cannot change under a verified
+    root. A file that does not compile (code for a newer Python that nothing imports here)
+    is left without one."""
+    present = [f for f in folders if treepath.resolve(root, f).is_dir()]
+    if present:
+        script = f"PYTHONHASHSEED=0 python3 - {' '.join(map(shlex.quote, present))} <<'EOF'\n{COMPILE_SCRIPT}EOF\n"
+        in_root(root, script, step=step)
 
 
 def clean(root: Path) -> None:

@@ -191,16 +191,20 @@ def rootfs_inputs(lock: Lock, epoch: int) -> dict[str, Any]:
 
 
 def python_inputs(lock: Lock, rootfs_key: str) -> dict[str, Any]:
-    """The python step's cache key inputs: the rootfs, the locked wheels, and the Python
-    and pip that install them (pip versions write different script bodies)."""
+    """The python step's cache key inputs: the rootfs, the locked wheels, the Python and
+    pip that install them (pip versions write different script bodies), and how the
+    modules are byte-compiled (:func:`tdxvm.image.rootfs.compile_python`)."""
     import sys
     from importlib.metadata import version
+
+    from tdxvm.image.rootfs import BYTECODE
 
     return {
         "rootfs": rootfs_key,
         "wheels": lock.wheels_digest(),
         "python": sys.version.split()[0],
         "pip": version("pip"),
+        "bytecode": BYTECODE,
     }
 
 

@@ -227,6 +227,9 @@ def check_served_model(
         argv = ssh.run(client, f"tr '\\0' ' ' < /proc/{pid_before}/cmdline").split()  # the spec's engine bounds
         assert argv[argv.index("--max-batch") + 1] == str(model.max_batch)
         assert argv[argv.index("--kv-cache-mib") + 1] == str(model.kv_cache_mib)
+        # the image's pip packages are byte-compiled (unchecked-hash): no service start compiles transformers
+        pyc = "/usr/local/lib/python3.11/dist-packages/transformers/__pycache__/__init__.cpython-311.pyc"
+        assert ssh.run(client, f"od -An -tu4 -j4 -N4 {pyc}").split() == ["1"]
         held = ssh.run(client, "cat /run/tdxvm/secrets/api-keys")  # the key set the service reads: hashes only
         rotated = apikeys.get(store, "rotated")
         assert guest_apikeys.key_hash(rotated).hex() in held and rotated not in held and key not in held

@@ -153,6 +153,9 @@ def test_image_has_the_unlock_and_root_steps_and_agent(rootfs_image):
     guest = _debugfs(rootfs_image, "ls /usr/lib/tdxvm/python/tdxvm/guest")
     for module in ("unlock.py", "rootdisk.py", "agent.py", "tdquote.py", "envelope.py"):
         assert module in guest
+    compiled = _debugfs(rootfs_image, "ls /usr/lib/tdxvm/python/tdxvm/guest/__pycache__")  # no boot compiles them
+    for module in ("unlock", "rootdisk", "agent", "tdquote", "envelope"):
+        assert f"{module}.cpython-311.pyc" in compiled
     wants = _debugfs(rootfs_image, "ls /etc/systemd/system/multi-user.target.wants")
     assert "tdxvm-agent.service" in wants and "tdxvm-ssh-keygen.service" in wants
 

@@ -1,10 +1,12 @@
 """The built initramfs's own unlock step, run from the unpacked initramfs itself (its
 Python, its `cryptography`, its tdxvm modules, under chroot), takes the volume key given
 to it through the real handshake and prints exactly that for the root step; the
-initramfs carries the root step, its tools and scripts, and no crypttab."""
+initramfs carries the root step, its tools and scripts, and no crypttab; every module the
+steps import is already byte-compiled there."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -54,6 +56,55 @@ def test_initramfs_carries_the_unlock_and_root_steps(initramfs_root, smoke_build
         assert list(initramfs_root.glob(f"usr/lib/modules/*/kernel/{module}.ko*")) or list(
             initramfs_root.glob(f"lib/modules/*/kernel/{module}.ko*")
         ), module
+
+
+# In the initramfs: how each module the unlock and root steps import would load (one JSON object)
+_BYTECODE_PROBE = """\
+import importlib.util, json, os, sys
+import tdxvm.guest.unlock, tdxvm.guest.rootdisk
+out = {}
+for name, module in sorted(sys.modules.items()):
+    source = getattr(module, "__file__", None) or ""
+    if not source.endswith(".py"):
+        continue
+    try:
+        with open(importlib.util.cache_from_source(source), "rb") as f:
+            head = f.read(16)
+    except OSError:
+        out[name] = "missing"
+        continue
+    flags = int.from_bytes(head[4:8], "little")
+    if flags == 1:
+        out[name] = "unchecked-hash"
+    elif flags:
+        out[name] = "checked-hash"
+    else:
+        st = os.stat(source)
+        fresh = head[8:16] == (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + st.st_size.to_bytes(4, "little")
+        out[name] = "timestamp" if fresh else "stale"
+print(json.dumps(out))
+"""
+
+
+def test_initramfs_steps_import_only_compiled_modules(initramfs_root):
+    """The initramfs is unpacked into memory at every boot: a module without a valid .pyc
+    there is compiled on every boot (seconds under TCG). tdxvm's own are unchecked-hash
+    .pyc files (no mtime: the same on every build); Debian's keep their sources' mtimes."""
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": "/usr/lib/tdxvm/python:/usr/lib/python3/dist-packages",
+    }
+    out = subprocess.run(
+        ["chroot", str(initramfs_root), "/usr/bin/python3", "-S", "-B", "-c", _BYTECODE_PROBE],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    modules = json.loads(out)
+    assert len(modules) > 50 and "tdxvm.guest.unlock" in modules and "json" in modules
+    assert {name: how for name, how in modules.items() if how not in ("unchecked-hash", "timestamp")} == {}
+    assert {how for name, how in modules.items() if name.startswith("tdxvm")} == {"unchecked-hash"}
 
 
 def _free_port() -> int:

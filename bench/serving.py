@@ -37,8 +37,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -209,6 +211,29 @@ def pick_prompts(tok, generate, prompt_tokens: int, tokens: int, count: int = 16
     raise SystemExit(f"found only {len(prompts)} prompts whose greedy output runs {tokens} tokens")
 
 
+def greedy_reference(model_dir: Path, tokens: int, threads: int) -> tuple[Any, Callable, int]:
+    """The model loaded in this process (float32, ``threads`` torch threads): its tokenizer, a
+    function running ``model.generate`` greedily for ``tokens`` tokens on prompt ids (the new
+    ids and the seconds it took), and its parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
+
+    def generate(ids: list[int]) -> tuple[list[int], float]:
+        t = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=tokens, do_sample=False)
+        return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+
+    return tok, generate, sum(p.numel() for p in model.parameters())
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] * 1e3 if values else float("nan")
@@ -230,24 +255,10 @@ def main() -> None:
     if unknown := set(servers) - set(SERVERS):
         raise SystemExit(f"unknown servers {sorted(unknown)}; choose from {', '.join(SERVERS)}")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(args.threads)
     results: dict[str, list[Round]] = {}
     with tempfile.TemporaryDirectory(prefix="tdxvm-bench-") as tmp:
         model_dir = benchmodel.build(Path(tmp) / "model", hidden=args.hidden, layers=args.layers)
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
-        params = sum(p.numel() for p in model.parameters())
-
-        def generate(ids: list[int]) -> tuple[list[int], float]:
-            t = torch.tensor([ids])
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False)
-            return out[0, len(ids) :].tolist(), time.perf_counter() - t0
-
+        tok, generate, params = greedy_reference(model_dir, args.tokens, args.threads)
         prompts = pick_prompts(tok, generate, args.prompt_tokens, args.tokens)
         runs = [generate(tok(p)["input_ids"])[1] for p in prompts[: max(4, args.requests // 4)]]
         direct = args.tokens / statistics.median(runs)

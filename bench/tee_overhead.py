@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import tlsservice  # noqa: E402
-from serving import Round, Target, load_round, pct, pick_prompts  # noqa: E402
+from serving import Round, Target, greedy_reference, load_round, pct, pick_prompts  # noqa: E402
 
 
 def vm_target(spec) -> tuple[Target, str, bytes]:
@@ -77,24 +76,8 @@ def vm_target(spec) -> tuple[Target, str, bytes]:
 def reference_prompts(plain: Path, threads: int, args: argparse.Namespace) -> tuple[list[str], int]:
     """Prompts whose greedy output (float32, in this process) runs the full --tokens, and the
     model's parameter count; the model is freed on return, before either service loads it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(threads)
-    hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(plain, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(plain, local_files_only=True, dtype=torch.float32).eval()
-
-    def generate(ids: list[int]) -> tuple[list[int], float]:
-        t = torch.tensor([ids])
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=args.tokens, do_sample=False)
-        return out[0, len(ids) :].tolist(), time.perf_counter() - t0
-
-    prompts = pick_prompts(tok, generate, args.prompt_tokens, args.tokens, count=8)
-    return prompts, sum(p.numel() for p in model.parameters())
+    tok, generate, params = greedy_reference(plain, args.tokens, threads)
+    return pick_prompts(tok, generate, args.prompt_tokens, args.tokens, count=8), params
 
 
 def latencies(r: Round) -> list[float]:

@@ -184,8 +184,8 @@ def compile_python(root: Path, folders: Sequence[str], *, step: str) -> None:
     is left without one."""
     present = [f for f in folders if treepath.resolve(root, f).is_dir()]
     if present:
-        script = f"PYTHONHASHSEED=0 python3 - {' '.join(map(shlex.quote, present))} <<'EOF'\n{COMPILE_SCRIPT}EOF\n"
-        in_root(root, script, step=step)
+        script = f"python3 - {' '.join(map(shlex.quote, present))} <<'EOF'\n{COMPILE_SCRIPT}EOF\n"
+        in_root(root, script, step=step, env=("PYTHONHASHSEED=0",))
 
 
 def clean(root: Path) -> None:

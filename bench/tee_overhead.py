@@ -139,9 +139,9 @@ def report(args, spec, backend: str, params: int, threads: int, dtype: str, host
         f"{'overhead':>9} {'TTFT p50':>9} {'ITL p50':>8}"
     )
     for h, g in zip(host, guest, strict=True):
+        base = pct(latencies(h), 0.5)
         for where, r in (("bare metal", h), (label, g)):
             lat = pct(latencies(r), 0.5)
-            base = pct(latencies(h), 0.5)
             reduction = f"{(1 - r.tokens_per_s / h.tokens_per_s) * 100:14.1f}%" if r is g else f"{'-':>15}"
             overhead = f"{(lat / base - 1) * 100:8.1f}%" if r is g else f"{'-':>9}"
             ttft, gaps = [s.ttft for s in r.samples], [x for s in r.samples for x in s.gaps]

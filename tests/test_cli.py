@@ -9,8 +9,9 @@ import sys
 from datetime import datetime, timezone
 
 import pytest
+from click.testing import CliRunner
 
-from tdxvm.cli import main
+from tdxvm.cli import cli, main
 from tdxvm.secretstore import SecretStore
 from tests.clirun import run
 
@@ -172,6 +173,15 @@ def test_eventlog_replay_names_differing_register(capsys, testdata):
     assert code == 1
     assert "RTMR2" in out and "DIFFERS" in out
     assert out.count("matches quote") == 3
+    assert "\x1b" not in out and "\\x1b" not in out  # off a terminal: no colour, and no escaped colour codes
+
+
+def test_eventlog_replay_colours_on_a_terminal(testdata):
+    d = testdata / "cc-api-preprod-root"
+    args = ["eventlog", "replay", str(d / "ccel_data.bin"), "--quote", str(d / "quote.bin")]
+    out = CliRunner().invoke(cli, args, color=True).output
+    assert "\x1b[31mDIFFERS from quote" in out and out.count("\x1b[32mmatches quote\x1b[0m") == 3
+    assert "\\x1b" not in out  # the codes themselves, not their escaped text
 
 
 def test_eventlog_replay_dstack_json(capsys, testdata):

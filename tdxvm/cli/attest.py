@@ -334,7 +334,7 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
     else:
         click.echo(f"{len(events)} events replayed")
         for i, value in enumerate(rtmrs):
-            line = f"RTMR{i}: {value.hex()}"
+            line = f"RTMR{i}: {value.hex()}"  # hex only: nothing to escape, and the colour codes must stay codes
             if comparison:
                 c = comparison[i]
                 line += "  " + (
@@ -342,5 +342,5 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
                     if c.matches
                     else click.style(f"DIFFERS from quote {c.quoted.hex()}", fg="red")
                 )
-            click.echo(safe_text(line))
+            click.echo(line)
     sys.exit(EXIT_OK if ok else EXIT_REFUSED)

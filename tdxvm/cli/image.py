@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,6 +13,9 @@ from tdxvm.cli.progress import Progress
 from tdxvm.guest.rootdisk import VERITY_BLOCK, VERITY_HASH, RootDiskError, parse_cmdline
 from tdxvm.image.measure import DEFAULT_PROFILE, MEASURING_KERNEL_FIX, PROFILES, REGISTERS, Measurements, predict
 from tdxvm.image.measureerrors import MeasureError
+
+if TYPE_CHECKING:
+    from tdxvm.launch.rtmr0pin import Rtmr0Pin
 
 
 def _read(path: str | None, what: str) -> bytes | None:
@@ -296,12 +300,11 @@ def measure(
 
 
 def _measure_vm(vm_path: str, output: str) -> None:
-    from tdxvm.launch.connection import open_connection
     from tdxvm.launch.errors import LaunchError
     from tdxvm.launch.lifecycle import local_firmware, render_domain
     from tdxvm.launch.manifest import load_manifest
     from tdxvm.launch.ports import choose_forwards
-    from tdxvm.launch.rtmr0pin import Rtmr0Pin, predict, profile_problem
+    from tdxvm.launch.rtmr0pin import Rtmr0Pin, profile_problem
     from tdxvm.launch.spec import effective_policy, load_vm_spec
     from tdxvm.launch.volumes import planned
 
@@ -324,11 +327,7 @@ def _measure_vm(vm_path: str, output: str) -> None:
         if problem is not None:
             pin = Rtmr0Pin(None, (), problem)
         else:
-            conn = open_connection(vm.uri)
-            try:
-                pin = predict(conn, xml, backend=vm.backend, firmware=local_firmware(vm, manifest))
-            finally:
-                conn.close()
+            pin = _predict_on(vm.uri, xml, backend=vm.backend, firmware=local_firmware(vm, manifest))
     except LaunchError as exc:
         raise CliError(str(exc)) from None
     values = {**manifest.measurements.registers(), "rtmr0": pin.value}
@@ -343,6 +342,29 @@ def _measure_vm(vm_path: str, output: str) -> None:
         click.echo(f"rtmr0 {pin.reason}; events in extend order:")
         for e in pin.events:
             click.echo(f"  {e.event_type:#010x} {e.digest}  {e.what}")
+
+
+def _predict_on(uri: str, xml: str, *, backend: str, firmware: bytes | None) -> Rtmr0Pin:
+    """:func:`~tdxvm.launch.rtmr0pin.predict` on ``uri``'s host. A remote host is asked
+    only its libvirt and QEMU versions (they select the profile); one that does not answer
+    leaves RTMR0 not predicted, with the reason, rather than failing the measurement."""
+    from tdxvm.launch.connection import is_local, open_connection
+    from tdxvm.launch.errors import ConnectError
+    from tdxvm.launch.rtmr0pin import Rtmr0Pin, predict  # noqa: F811  (the type's runtime name)
+
+    try:
+        conn = open_connection(uri)
+    except ConnectError as exc:
+        if is_local(uri):
+            raise
+        why = str(exc).split("\n", 1)[0]
+        return Rtmr0Pin(
+            None, (), f"not predicted on {uri}: its libvirt and QEMU versions select the profile, and {why}"
+        )
+    try:
+        return predict(conn, xml, backend=backend, firmware=firmware)
+    finally:
+        conn.close()
 
 
 def _verity_root(cmdline: str) -> dict[str, object] | None:

@@ -18,10 +18,12 @@ Register by register:
   (:mod:`tdxvm.image.rtmr0`): TD HOB, variable store, fw_cfg items, ACPI tables and SMBIOS
   table, the last three read over qtest from the QEMU libvirt actually runs with its
   real argv (:func:`emulated_rtmr0`; the caller passes the argv,
-  :func:`tdxvm.launch.rtmr0pin.running_argv`). So a device, vCPU or memory the host adds
-  to the domain changes it, as on hardware. 48 zero bytes where it cannot be computed:
-  no argv (libvirt's test driver runs no QEMU) or a firmware build whose events are not
-  known; the launch does not pin RTMR0 then either (:mod:`tdxvm.launch.rtmr0pin`).
+  :func:`tdxvm.launch.rtmr0pin.running_argv`; a remote host's argv runs on the
+  controller's own QEMU, with the kernel and initrd the host has). So a device, vCPU or
+  memory the host adds to the domain changes it, as on hardware. 48 zero bytes where it
+  cannot be computed: no argv (libvirt's test driver runs no QEMU) or a firmware build
+  whose events are not known; the launch does not pin RTMR0 then either
+  (:mod:`tdxvm.launch.rtmr0pin`).
 * RTMR3: what the guest extended it with, as a TD's TDX module keeps it: zero at the
   start, then ``SHA-384(RTMR3 ‖ digest)`` for each extend request, in order (the
   guest's inference service measures the model it serves, :mod:`tdxvm.guest.rtmr3`).
@@ -64,9 +66,10 @@ import hashlib
 import json
 import logging
 import socketserver
+import tempfile
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +99,17 @@ class QuoteServiceError(TdxvmError):
     code = "qgs"
 
 
-def emulated_rtmr0(firmware: bytes | None, argv: list[str] | None) -> bytes:
+def emulated_rtmr0(
+    firmware: bytes | None,
+    argv: list[str] | None,
+    qemu: str | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> bytes:
     """RTMR0 of a TD booting ``firmware`` in the QEMU started with ``argv`` (see the module
-    doc), computed with that argv's own binary; zeros where it cannot be computed."""
+    doc), computed with ``qemu`` (default: that argv's own binary); zeros where it cannot be
+    computed. A remote host's binary and files are not on this machine: ``files`` (a path
+    in ``argv`` -> the bytes the host has there: kernel, initrd) are put where ``qemu``
+    reads them instead."""
     if firmware is None or not argv:
         return bytes(48)
     try:
@@ -106,7 +117,13 @@ def emulated_rtmr0(firmware: bytes | None, argv: list[str] | None) -> bytes:
     except UnknownFirmwareError:
         return bytes(48)
     try:
-        value, _events = predict_for_argv(firmware, argv[0], argv, tdx=False)
+        with tempfile.TemporaryDirectory(prefix="tdxvm-machine-") as folder:
+            path_map = {}
+            for i, (path, data) in enumerate((files or {}).items()):
+                copy = Path(folder) / f"{i}-{Path(path).name}"
+                copy.write_bytes(data)
+                path_map[path] = str(copy)
+            value, _events = predict_for_argv(firmware, qemu or argv[0], argv, tdx=False, path_map=path_map)
     except PREDICTION_ERRORS as exc:
         raise QuoteServiceError(f"cannot compute the emulated TD's RTMR0 from its QEMU: {exc}", code="rtmr0") from None
     return bytes.fromhex(value)
@@ -151,10 +168,11 @@ class LaunchArtifacts:
         read: Callable[[str], bytes] = _read_local,
         profile: str = DEFAULT_PROFILE,
         argv: list[str] | None = None,
+        qemu: str | None = None,
     ) -> LaunchArtifacts:
         """The artifacts a libvirt domain boots; ``read(path)`` gives a file's bytes as the
         libvirt host has it (default: this machine's file); ``argv``: the QEMU libvirt runs
-        for it, whose machine RTMR0 describes (:func:`emulated_rtmr0`)."""
+        for it, whose machine RTMR0 describes, run with ``qemu`` (:func:`emulated_rtmr0`)."""
         try:
             dom = ET.fromstring(xml_text)
         except ET.ParseError as exc:
@@ -189,12 +207,15 @@ class LaunchArtifacts:
         sec = dom.find("launchSecurity")
         if sec is not None and sec.get("type") == "tdx":
             settings.update(_launch_security(sec, where))
+        kernel = file("<os><kernel>", kernel_path)
+        initrd = file("<os><initrd>", initrd_path) if initrd_path else b""
+        copies = None if qemu is None else {kernel_path: kernel, **({initrd_path: initrd} if initrd_path else {})}
         return cls(
-            kernel=file("<os><kernel>", kernel_path),
-            initrd=file("<os><initrd>", initrd_path) if initrd_path else b"",
+            kernel=kernel,
+            initrd=initrd,
             cmdline=dom.findtext("os/cmdline") or "",
             firmware=firmware,
-            rtmr0=emulated_rtmr0(firmware, argv),
+            rtmr0=emulated_rtmr0(firmware, argv, qemu, copies),
             profile=profile,
             **settings,
         )

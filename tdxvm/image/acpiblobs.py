@@ -120,8 +120,9 @@ def qemu_argv_for(conn: object, domain_xml: str) -> list[str]:
         hint = ""
         if "launchSecurity" in msg and "tdx" in msg:
             hint = (
-                "\nfix: this libvirt predates TDX (upstream libvirt >= 11.1 knows <launchSecurity "
-                "type='tdx'>); use the argv of a TDX-aware libvirt of the host's version"
+                "\nfix: this libvirt predates TDX (11.3 does not know <launchSecurity type='tdx'>; 12.9 "
+                "does, and converts it where its probe of QEMU finds a TDX-capable KVM); use the argv of a "
+                "TDX-aware libvirt of the host's version"
             )
         raise LibvirtArgvError(f"libvirt cannot convert the domain XML to a QEMU argv: {msg}{hint}") from None
     return argv_from_command_line(text)
@@ -137,10 +138,8 @@ def argv_from_command_line(text: str) -> list[str]:
     return words
 
 
-def argv_from_proc(pid: int) -> list[str]:
-    """The argv of a running QEMU (``/proc/PID/cmdline``), e.g. the one libvirt started."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        raw = f.read()
+def argv_from_cmdline(raw: bytes) -> list[str]:
+    """The argv in the bytes of a ``/proc/PID/cmdline`` (NUL-separated words)."""
     return [w.decode() for w in raw.split(b"\0") if w]
 
 

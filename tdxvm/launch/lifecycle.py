@@ -321,7 +321,8 @@ def prepare_domain(
         xml = render_domain(
             spec, manifest, volumes=volumes, forwards=forwards, policy=policy, uuid=vm_uuid, extra_labels=labels
         )
-        rtmr0 = predict_rtmr0(conn, xml, backend=spec.backend, firmware=local_firmware(spec, manifest))
+        copies = {volumes.kernel: str(manifest.kernel.path), volumes.initrd: str(manifest.initrd.path)}
+        rtmr0 = predict_rtmr0(conn, xml, backend=spec.backend, firmware=local_firmware(spec, manifest), files=copies)
         if rtmr0.value is not None and policy.rtmr0 is None:  # the machine of this XML; a spec's own rtmr0 stays
             policy = effective_policy(spec, manifest, rtmr0=rtmr0.value)
             xml = render_domain(

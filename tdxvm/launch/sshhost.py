@@ -27,6 +27,7 @@ it).
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
 import threading
 import warnings
@@ -38,7 +39,7 @@ import paramiko
 from tdxvm.errors import TdxvmError
 from tdxvm.launch import knownhosts
 from tdxvm.launch.sshauth import authenticate
-from tdxvm.launch.sshtarget import HostForwardRefused, HostKeyRefused, HostSshUnreachable, SshTarget
+from tdxvm.launch.sshtarget import HostForwardRefused, HostKeyRefused, HostSshError, HostSshUnreachable, SshTarget
 
 WINDOW = 16 << 20  # per channel: the upload streams push gigabytes (tdxvm.provision.transfer.SSH_WINDOW)
 MAX_PACKET = 256 << 10  # what the host may send us per packet (OpenSSH's limit): fewer, larger packets
@@ -208,6 +209,33 @@ class HostSession:
             raise self._refused(dest, exc) from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise HostSshUnreachable(f"ssh {self.target.where}: no channel to {dest[0]}:{dest[1]}: {exc}") from None
+
+    def read_file(self, path: str, *, limit: int = 1 << 20, timeout: float = CHANNEL_TIMEOUT) -> bytes:
+        """A small file of the host as its ``cat`` gives it over an exec channel, at most
+        ``limit`` bytes: for the emulated quote service, which reads the argv of the QEMU a
+        remote host runs (:func:`tdxvm.launch.rtmr0pin.running_argv`). :class:`HostSshError`
+        when it cannot be read."""
+        transport = self.ensure()
+        try:
+            chan = transport.open_session(timeout=timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostSshUnreachable(f"ssh {self.target.where}: no session to read {path}: {exc}") from None
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(shlex.join(["cat", "--", path]))
+            data = bytearray()
+            while chunk := chan.recv(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    raise HostSshError(f"{path} on {self.target.where} is larger than {limit} bytes")
+            if chan.recv_exit_status() != 0:
+                why = chan.recv_stderr(1024).decode(errors="replace").strip()
+                raise HostSshError(f"cannot read {path} on {self.target.where}: {why or 'cat failed'}")
+            return bytes(data)
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # socket.timeout included
+            raise HostSshUnreachable(f"ssh {self.target.where}: reading {path}: {exc}") from None
+        finally:
+            chan.close()
 
     @staticmethod
     def _direct(transport: paramiko.Transport, dest: tuple[str, int], timeout: float) -> paramiko.Channel:

@@ -68,12 +68,14 @@ class Trust(Protocol):
         *,
         guest_on_host: bool = False,
         argv: list[str] | None = None,
+        qemu: str | None = None,
         uri: str | None = None,
     ) -> AbstractContextManager[str | None]:
         """For one attestation: yields the address the guest asks for its quote (None: the
         guest uses its own TDX). ``read`` reads a file of the domain's host; ``argv``: the
-        QEMU libvirt runs for the domain (the emulated TD's RTMR0 describes its machine);
-        ``uri``: the domain's libvirt host (None: this machine).
+        QEMU libvirt runs for the domain (the emulated TD's RTMR0 describes its machine),
+        run with ``qemu`` (None: the argv's own binary); ``uri``: the domain's libvirt host
+        (None: this machine).
 
         A guest on QEMU user networking reaches the service at the gateway address (on a
         remote host: a port the host's SSH offers there, relayed to the controller);
@@ -106,6 +108,7 @@ class TdxTrust:
         *,
         guest_on_host: bool = False,
         argv: list[str] | None = None,
+        qemu: str | None = None,
         uri: str | None = None,
     ) -> Iterator[str | None]:
         yield None
@@ -146,11 +149,12 @@ class EmulatedTrust:
         *,
         guest_on_host: bool = False,
         argv: list[str] | None = None,
+        qemu: str | None = None,
         uri: str | None = None,
     ) -> Iterator[str | None]:
         from tdxvm.emulate.qgs import GUEST_GATEWAY, LaunchArtifacts, QuoteService
 
-        artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read, argv=argv)
+        artifacts = LaunchArtifacts.from_domain_xml(domain_xml, read=read, argv=argv, qemu=qemu)
         with QuoteService(self.platform, artifacts) as service:
             if guest_on_host:
                 yield service.address

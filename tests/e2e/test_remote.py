@@ -34,13 +34,13 @@ from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.sshtarget import ssh_target
 from tdxvm.launch.volumes import POOL_NAME, POOL_PATH, content_name
-from tdxvm.provision import attestation, bringup, ssh
+from tdxvm.provision import attestation, bringup, handshake, ssh
 from tdxvm.provision.trust import for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
 from ..nshost import alive, cmdline
-from .test_launch import _launch
+from .test_launch import _HostAddsAVcpu, _launch
 
 pytestmark = pytest.mark.vm
 
@@ -119,8 +119,11 @@ def test_launch_on_a_remote_host_attest_unlock_ssh_reattest(ns_host, remote, tru
         assert [e.phase for e in events if e.status == "done"] == list(bringup.PHASES)
         print(f"remote launch on {ns_host.name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
         assert result.verdict["verdict"] == "accept" and result.verdict["tcb_status"] == "UpToDate"
-        # RTMR0 has no profile for a remote host's QEMU: not pinned, and said so (never a guessed value)
-        assert result.rtmr0["value"] is None and "not predicted on qemu+ssh://" in result.rtmr0["reason"]
+        # the host runs this machine's libvirt and QEMU: RTMR0 predicted with the controller's own (never the
+        # host's converter) and pinned; the emulated TD's quote carried the same value, from the argv the host
+        # runs (read over its SSH session), or the launch would have been refused
+        assert result.rtmr0["value"] is not None and "profile same-versions" in result.rtmr0["reason"]
+        assert result.verdict["measurements"]["rtmr0"] == result.rtmr0["value"]
 
         # the image went into the host's own pool over the libvirt connection, the TDVF the
         # emulated TD stands for with it; the domain names those volumes
@@ -217,6 +220,31 @@ def test_launch_on_a_remote_host_attest_unlock_ssh_reattest(ns_host, remote, tru
     with pytest.raises(libvirt.libvirtError):
         remote.lookupByName(name)
     remote.close()
+
+
+def test_a_machine_the_remote_host_changed_after_definition_is_refused(ns_host, remote, trust, smoke_build):
+    """The same-versions profile: RTMR0 predicted from the XML the controller wrote, with
+    its own libvirt and QEMU; the host then gives the domain one more vCPU before starting
+    it. The emulated TD's quote describes the machine the host really runs (its QEMU argv,
+    read over the host's SSH session), so the first quote misses the pin: refused, the
+    disk key never sent."""
+    store = SecretStore(directory=smoke_build.secrets)
+    name = f"e2e-remote-vcpu-{secrets.token_hex(3)}"
+    events = _HostAddsAVcpu(remote, name)
+    try:
+        with pytest.raises(handshake.AttestationRefused) as refused:
+            _launch(remote, _smoke_spec(name, ns_host, smoke_build), trust, store, events)
+        [define] = [e.detail for e in events if e.phase == "define" and e.status == "done"]
+        assert "RTMR0 pinned" in define
+        assert [(r.code, r.message.split(" is ")[0]) for r in refused.value.reasons] == [
+            ("measurement-mismatch", "quote field RTMR0")
+        ]
+        tail = serial_log_tail(remote, name, lines=400)
+        assert "tdxvm-unlock: listening" in tail and "received secret" not in tail
+        assert not remote.lookupByName(name).isActive()  # stopped
+    finally:
+        with contextlib.suppress(LaunchError, libvirt.libvirtError):
+            destroy(remote, name)
 
 
 def test_libvirtd_restarted_while_the_guest_boots(ns_host, remote, trust, smoke_build, tmp_path):

@@ -21,7 +21,7 @@ from tdxvm.image.acpiblobs import (
     ExtractInfo,
     LibvirtArgvError,
     acpi_blobs,
-    argv_from_proc,
+    argv_from_cmdline,
     qemu_argv_for,
     sanitize_argv,
 )
@@ -233,7 +233,8 @@ def test_running_domain_argv_gives_the_same_rtmr0(conn, boot_files, tdvf_image):
     except libvirt.libvirtError as exc:
         pytest.skip(f"libvirtd cannot start a paused domain here: {exc.get_error_message()}")
     try:
-        live = argv_from_proc(int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip()))
+        pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+        live = argv_from_cmdline(Path(f"/proc/{pid}/cmdline").read_bytes())
         from_proc = predict_for_argv(tdvf_image, QEMU, live, tdx=False)
     finally:
         dom.destroy()

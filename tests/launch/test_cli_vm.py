@@ -263,14 +263,16 @@ def test_connection_refusal_through_cli(capsys):
 
 def test_image_measure_vm_names_what_the_launch_pins_and_why_rtmr0_is_not(capsys, vm_file, image):
     """``tdxvm image measure --vm``: MRTD/RTMR1/RTMR2 from the spec's image manifest; RTMR0
-    only where a profile predicts it (here: a remote host, so not, with the reason, and
-    without contacting it)."""
+    only where a profile predicts it (here: a remote host that does not answer, so its
+    versions cannot select one: not predicted, with the reason, and the rest measured)."""
     manifest = image.manifest()
     code, out, err = run(capsys, "image", "measure", "--vm", vm_file)
     assert code == 0, err
     lines = dict(line.split(None, 1) for line in out.splitlines())
     assert lines["mrtd"] == manifest.measurements.mrtd and lines["rtmr2"] == manifest.measurements.rtmr2
-    assert lines["rtmr0"].startswith(f"not predicted on {UNREACHABLE}: the controller predicts RTMR0 with its own QEMU")
+    assert lines["rtmr0"].startswith(
+        f"not predicted on {UNREACHABLE}: its libvirt and QEMU versions select the profile, and cannot connect to "
+    )
     code, out, _ = run(capsys, "image", "measure", "--vm", vm_file, "-o", "json")
     doc = json.loads(out)
     assert code == 0 and doc["vm"] == "smoke" and doc["measurements"]["rtmr0"] is None

@@ -40,10 +40,11 @@ class _Uri:
         (
             "qemu:///system",
             "tdx",
-            "not predicted for the tdx backend yet: that needs the controller's own QEMU >= 10.1",
+            "not predicted for the tdx backend yet: that needs the controller's own QEMU of the host's version",
         ),
         ("test:///default", "emulated", "not predicted on test:///default"),
-        ("qemu+ssh://root@host/system", "emulated", "only for emulated guests on this machine's qemu:///system"),
+        ("qemu+tcp://host/system", "emulated", "and on remote qemu+ssh://HOST/system hosts only"),
+        ("qemu+ssh://root@host/session", "emulated", "not predicted on qemu+ssh://root@host/session"),
         ("qemu:///session", "emulated", "not predicted on qemu:///session"),
     ],
 )
@@ -92,7 +93,70 @@ def test_the_pin_matches_the_emulated_td_and_catches_a_changed_machine(conn, boo
     assert rtmr0pin.predict(conn, nic, backend="emulated", firmware=tdvf_image).value not in values
 
 
-def test_running_argv_is_only_read_on_this_machines_system_libvirt():
+class _RemoteHost:
+    """A remote ``qemu+ssh`` host as :func:`rtmr0pin.predict` asks it: the versions it reports."""
+
+    def __init__(self, libvirt_version: int, qemu_version: int) -> None:
+        self.versions = (libvirt_version, qemu_version)
+
+    def getURI(self) -> str:  # noqa: N802
+        return "qemu+ssh://root@remote.example/system"
+
+    def getLibVersion(self) -> int:  # noqa: N802
+        return self.versions[0]
+
+    def getVersion(self) -> int:  # noqa: N802
+        return self.versions[1]
+
+
+@needs_qemu
+def test_a_remote_host_of_this_machines_versions_is_predicted_with_the_controllers_own_tools(
+    conn,  # noqa: F811
+    boot_files,  # noqa: F811
+    tdvf_image,  # noqa: F811
+):
+    xml = domain_xml(_spec(boot_files))
+    local = rtmr0pin.predict(conn, xml, backend="emulated", firmware=tdvf_image)
+    same = _RemoteHost(conn.getLibVersion(), conn.getVersion())
+    pin = rtmr0pin.predict(same, xml, backend="emulated", firmware=tdvf_image)
+    # converted by this machine's libvirt, run on this machine's QEMU: never the host's converter
+    assert pin.value == local.value and "profile same-versions" in pin.reason
+    assert rtmr0pin.qemu_version(QEMU) == conn.getVersion()
+
+
+@needs_qemu
+@pytest.mark.parametrize("which", ["libvirt", "QEMU"])
+def test_a_remote_host_of_other_versions_is_not_predicted(conn, boot_files, tdvf_image, which):  # noqa: F811
+    libvirt_version, qemu_version = conn.getLibVersion(), conn.getVersion()
+    if which == "libvirt":
+        libvirt_version += 1000  # one minor release on
+    else:
+        qemu_version = 11_001_003
+    pin = rtmr0pin.predict(
+        _RemoteHost(libvirt_version, qemu_version),
+        domain_xml(_spec(boot_files)),
+        backend="emulated",
+        firmware=tdvf_image,
+    )
+    assert pin.value is None and pin.events == ()
+    assert "not predicted on qemu+ssh://root@remote.example/system: the host reports libvirt" in pin.reason
+    assert "only with its own libvirt and QEMU of the host's versions" in pin.reason
+    if which == "QEMU":
+        assert "QEMU 11.1.3" in pin.reason
+
+
+def test_qemu_version_reads_the_binarys_own_word(tmp_path):
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-2~bpo13+1)'\n")
+    fake.chmod(0o755)
+    assert rtmr0pin.qemu_version(str(fake)) == 11_001_003
+    fake.write_text("#!/bin/sh\necho 'no version here'\n")
+    assert rtmr0pin.qemu_version(str(fake)) is None
+    assert rtmr0pin.qemu_version(str(tmp_path / "missing")) is None
+
+
+def test_running_argv_is_read_only_where_libvirt_runs_qemu_on_a_system_host():
     assert rtmr0pin.running_argv(_Uri("test:///default"), "vm") is None
-    assert rtmr0pin.running_argv(_Uri("qemu+ssh://root@host/system"), "vm") is None
+    assert rtmr0pin.running_argv(_Uri("qemu+tcp://host/system"), "vm") is None
     assert rtmr0pin.running_argv(_Uri("qemu:///system"), "no-such-domain-running") is None
+    assert rtmr0pin.machine_qemu(_Uri("qemu:///system")) is None  # the argv's own binary

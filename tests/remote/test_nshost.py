@@ -16,8 +16,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tdxvm.launch import sshhost
 from tdxvm.launch.connection import connection, open_connection
 from tdxvm.launch.errors import LibvirtHostKeyRefused, SshTransportError
+from tdxvm.launch.sshtarget import HostSshError, ssh_target
 from tdxvm.launch.volumes import POOL_NAME, POOL_PATH, ensure_pool
 
 from ..nshost import NamespaceHost, Unavailable, alive, cmdline
@@ -101,6 +103,25 @@ def test_its_domains_pools_and_files_are_its_own(ns_host):
             pool.destroy()
             pool.undefine()
         assert conn.listAllStoragePools() == []
+
+
+def test_a_hosts_file_is_read_over_its_ssh_session(ns_host):
+    """:meth:`HostSession.read_file` (how the emulated quote service reads the argv of the
+    QEMU a remote host runs): the host's own file, whole; a missing file, or one over the
+    limit, is a typed error that names it."""
+    host = sshhost.session(ssh_target(ns_host.uri))
+    name = f"/tmp/read-probe-{uuid.uuid4().hex[:8]}"
+    data = bytes(range(256)) * 300  # binary, and more than one channel read
+    ns_host.path(name).write_bytes(data)
+    try:
+        assert host.read_file(name) == data
+        assert not Path(name).exists()  # the host's /tmp, not the machine's
+        with pytest.raises(HostSshError, match=f"{name} on .* is larger than 1000 bytes"):
+            host.read_file(name, limit=1000)
+    finally:
+        ns_host.path(name).unlink()
+    with pytest.raises(HostSshError, match=f"cannot read {name} on .*No such file"):
+        host.read_file(name)
 
 
 def _machine_view() -> tuple[list[str], list[str]] | None:

@@ -30,8 +30,10 @@ size, ``rng-random``/``rng-egd`` by ``rng-builtin``, ``-cpu host`` by ``max`` (`
 needs KVM). Dropped (host side only): ``-name``, ``-S`` (added back), ``-accel`` and
 ``accel=``/``kernel_irqchip=``/``dump-guest-core=``/``mem-merge=`` (the accelerator is
 chosen by :func:`acpi_blobs`), ``-overcommit``, ``-sandbox``, ``-msg``, ``-display``,
-``-vnc``, ``-spice``, ``-no-shutdown``, ``-mon`` and the monitor's chardev, ``-add-fd``,
-``-daemonize``, ``-pidfile``, ``-object secret``, ``-object iothread``. For
+``-vnc``, ``-spice``, ``-no-shutdown``, ``-mon`` or ``-object monitor-qmp`` (newer
+libvirt) and the monitor's chardev, ``-add-fd``, ``-daemonize``, ``-pidfile``,
+``-watchdog-action`` (what the host does when a watchdog fires), ``-object secret``,
+``-object iothread``. For
 ``tdx=True`` (upstream QEMU's ``tdx_kvm_init`` in ``target/i386/kvm/tdx.c``): the
 ``tdx-guest`` object and ``confidential-guest-support=`` are dropped (they need KVM),
 ``smm=off`` and ``pic=off`` are forced (TDX turns both off when unset and refuses
@@ -211,6 +213,7 @@ _DROP_WITH_ARG = {
     "-mon",
     "-add-fd",
     "-pidfile",
+    "-watchdog-action",
 }
 _DROP_FLAG = {"-S", "-no-shutdown", "-daemonize", "-enable-kvm"}
 _KEEP_WITH_ARG = {
@@ -255,6 +258,10 @@ def sanitize_argv(argv: list[str], *, tdx: bool, path_map: Mapping[str, str] | N
         p.partition("chardev=")[2].split(",")[0]
         for i, p in enumerate(opts)
         if i and opts[i - 1] == "-mon" and "chardev=" in p
+    } | {
+        str(props.get("chardev", ""))
+        for i, p in enumerate(opts)
+        if i and opts[i - 1] == "-object" and (props := _props(p, "qom-type")).get("qom-type") == "monitor-qmp"
     }
     st = _State(
         tdx=tdx,
@@ -337,7 +344,7 @@ def _object(st: _State, arg: str) -> None:
     props = _props(arg, "qom-type")
     qom = props.get("qom-type")
     oid = str(props.get("id", ""))
-    if qom in ("secret", "iothread"):
+    if qom in ("secret", "iothread", "monitor-qmp"):  # host side only (the monitor's chardev is dropped too)
         return
     if qom == "tdx-guest":
         if not st.tdx:

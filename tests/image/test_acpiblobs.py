@@ -156,6 +156,27 @@ def test_sanitize_tdx_refuses_what_qemu_refuses(machine, needle):
         sanitize_argv(_tdx_argv(machine), tdx=True)
 
 
+NEWER_LIBVIRT = json.loads((Path(__file__).parent / "data" / "libvirt-argv.json").read_text())  # see data/README.md
+
+
+@pytest.mark.parametrize(("made_by", "tdx"), [("libvirt-11.3.0-emulated", False), ("libvirt-12.9.0-tdx", True)])
+def test_sanitize_takes_what_newer_libvirt_writes(made_by, tdx):
+    """Newer libvirt releases write a watchdog action (11.3, Debian 13's) and the QMP
+    monitor as an -object (12.9): host-side options, dropped with the monitor's chardev;
+    the machine's devices are kept as they are."""
+    argv = NEWER_LIBVIRT[made_by]
+    assert "-watchdog-action" in argv and ("-mon" in argv) != any("monitor-qmp" in a for a in argv)
+    out = sanitize_argv(argv, tdx=tdx)
+    assert "-watchdog-action" not in out and "-mon" not in out and "-sandbox" not in out
+    assert not any("monitor" in a for a in out)  # the monitor and its chardev
+    assert _opt_values(out, "-chardev") == ["null,id=charserial0"]
+    assert _opt_values(out, "-device") == _opt_values(argv, "-device")
+    assert _opt_values(out, "-smp") == ["2,sockets=2,cores=1,threads=1"] and out[-1] == "-S"
+    if tdx:
+        assert _opt_values(out, "-machine") == ["pc-q35-11.1,usb=off,memory-backend=pc.ram,acpi=on,smm=off,pic=off"]
+        assert not any("tdx-guest" in a or "confidential-guest-support" in a for a in out)
+
+
 # -- real QEMU -----------------------------------------------------------------------
 
 
@@ -243,6 +264,21 @@ def test_blobs_are_deterministic_and_well_formed(conn, boot_files):
     print(
         f"\none extraction: {', '.join(f'{i.seconds:.3f} s' for i in info)} (accel {info[0].accel}, DMA {info[0].dma})"
     )
+
+
+@needs_qemu
+def test_an_argv_of_libvirt_11_runs_under_qtest(boot_files):
+    """libvirt 11.3's argv (made with this machine's QEMU 7.2, data/README.md) runs here,
+    its kernel and initrd mapped to this machine's copies."""
+    argv = NEWER_LIBVIRT["libvirt-11.3.0-emulated"]
+    files = {
+        _opt_values(argv, "-kernel")[0]: boot_files["kernel"],
+        _opt_values(argv, "-initrd")[0]: boot_files["initrd"],
+    }
+    assert QEMU is not None
+    blobs = acpi_blobs(QEMU, sanitize_argv(argv, tdx=False, path_map=files))
+    assert set(ACPI_FILES) <= set(blobs) and blobs["etc/acpi/rsdp"][:8] == b"RSD PTR "
+    assert b"FACP" in _tables(blobs["etc/acpi/tables"])
 
 
 @needs_qemu

@@ -122,9 +122,9 @@ def qemu_argv_for(conn: object, domain_xml: str) -> list[str]:
         hint = ""
         if "launchSecurity" in msg and "tdx" in msg:
             hint = (
-                "\nfix: this libvirt predates TDX (11.3 does not know <launchSecurity type='tdx'>; 12.9 "
-                "does, and converts it where its probe of QEMU finds a TDX-capable KVM); use the argv of a "
-                "TDX-aware libvirt of the host's version"
+                "\nfix: this libvirt predates TDX (11.3 does not know <launchSecurity type='tdx'>); convert the "
+                "XML without <launchSecurity> and sanitize it with tdx=True (libvirt 12.9's argv of both "
+                "sanitize to the same machine)"
             )
         raise LibvirtArgvError(f"libvirt cannot convert the domain XML to a QEMU argv: {msg}{hint}") from None
     return argv_from_command_line(text)

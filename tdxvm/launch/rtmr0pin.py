@@ -22,10 +22,10 @@ is refused at the first quote):
 
 Everything else is not predicted, and :attr:`Rtmr0Pin.reason` says why and what it
 would take; the policy then lists RTMR0 as unpinned, never a guessed value: the tdx
-backend needs the controller's own QEMU of the host's version (TDX is in upstream QEMU
-since 10.1), a libvirt that converts TDX domain XML without TDX hardware (libvirt 11.3
-does not know ``<launchSecurity type='tdx'>``; 12.9 converts it only when its probe of
-QEMU finds a TDX-capable KVM) and the host CPU's SMBIOS processor ID; other remote
+backend needs the controller's own QEMU and libvirt of the host's versions (TDX is in
+upstream QEMU since 10.1; the XML converts without ``<launchSecurity>`` to the same
+machine, measured with libvirt 12.9), the SMBIOS processor ID the TD's vCPUs report, and
+a predicted value checked against a real TD's RTMR0 (docs/measurements.md); other remote
 versions and transports, and libvirt's test driver (which runs no QEMU), have no profile.
 A firmware whose build is not known (:data:`tdxvm.image.rtmr0.KNOWN_FIRMWARE`) is not
 predicted either.
@@ -100,10 +100,10 @@ def profile_problem(uri: str, backend: str) -> str | None:
     (``local-qemu``, or ``same-versions`` once the versions match: :func:`predict`)."""
     if backend != "emulated":
         return (
-            "not predicted for the tdx backend yet: that needs the controller's own QEMU of the host's version "
-            "(>= 10.1, with the qtest accelerator), a libvirt that converts TDX domain XML without TDX hardware, "
-            "and the host CPU's SMBIOS processor ID; pin `rtmr0:` under the VM spec's policy from a known-good boot "
-            "meanwhile"
+            "not predicted for the tdx backend yet: that needs the controller's own QEMU and libvirt of the host's "
+            "versions (QEMU >= 10.1, with the qtest accelerator), the SMBIOS processor ID the TD's vCPUs report, "
+            "and a prediction checked against a real TD's RTMR0; pin `rtmr0:` under the VM spec's policy from a "
+            "known-good boot meanwhile"
         )
     if not _local_system(uri) and not _ssh_system(uri):
         return (

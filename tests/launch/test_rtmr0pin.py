@@ -40,7 +40,7 @@ class _Uri:
         (
             "qemu:///system",
             "tdx",
-            "not predicted for the tdx backend yet: that needs the controller's own QEMU of the host's version",
+            "not predicted for the tdx backend yet: that needs the controller's own QEMU and libvirt of the host's",
         ),
         ("test:///default", "emulated", "not predicted on test:///default"),
         ("qemu+tcp://host/system", "emulated", "and on remote qemu+ssh://HOST/system hosts only"),

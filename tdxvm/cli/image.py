@@ -348,9 +348,9 @@ def _predict_on(uri: str, xml: str, *, backend: str, firmware: bytes | None) -> 
     """:func:`~tdxvm.launch.rtmr0pin.predict` on ``uri``'s host. A remote host is asked
     only its libvirt and QEMU versions (they select the profile); one that does not answer
     leaves RTMR0 not predicted, with the reason, rather than failing the measurement."""
+    from tdxvm.launch import rtmr0pin
     from tdxvm.launch.connection import is_local, open_connection
     from tdxvm.launch.errors import ConnectError
-    from tdxvm.launch.rtmr0pin import Rtmr0Pin, predict  # noqa: F811  (the type's runtime name)
 
     try:
         conn = open_connection(uri)
@@ -358,11 +358,10 @@ def _predict_on(uri: str, xml: str, *, backend: str, firmware: bytes | None) -> 
         if is_local(uri):
             raise
         why = str(exc).split("\n", 1)[0]
-        return Rtmr0Pin(
-            None, (), f"not predicted on {uri}: its libvirt and QEMU versions select the profile, and {why}"
-        )
+        reason = f"not predicted on {uri}: its libvirt and QEMU versions select the profile, and {why}"
+        return rtmr0pin.Rtmr0Pin(None, (), reason)
     try:
-        return predict(conn, xml, backend=backend, firmware=firmware)
+        return rtmr0pin.predict(conn, xml, backend=backend, firmware=firmware)
     finally:
         conn.close()
 

@@ -17,6 +17,13 @@ from tdxvm.image.measureerrors import MeasureError
 if TYPE_CHECKING:
     from tdxvm.launch.rtmr0pin import Rtmr0Pin
 
+# what `image build` prints for a register the image alone does not decide
+_UNPREDICTED = {
+    "rtmr0": "per VM (memory, vCPUs, devices): `tdxvm image measure --vm SPEC`; "
+    "a launch pins it where a profile predicts it",
+    "rtmr3": "at run time: the service measures the model it serves there",
+}
+
 
 def _read(path: str | None, what: str) -> bytes | None:
     if path is None:
@@ -94,7 +101,7 @@ def build_cmd(
     click.echo(f"built {folder}/ (disk.img, vmlinuz, initrd.img, manifest.json)")
     m = result["measurements"]
     for reg in REGISTERS:
-        click.echo(f"  {reg:<6} {m[reg] or 'not predicted'}")
+        click.echo(f"  {reg:<6} {m[reg] or _UNPREDICTED.get(reg, 'not predicted')}")
     v = result["verity"]
     click.echo(
         f"  rootfs verity root hash {v['root_hash']} ({v['hash_algorithm']}, {v['data_blocks']} x "

@@ -5,7 +5,8 @@ The HTTP server starts at once and loads the model in a background thread, so
 process exits with status 1 (for systemd to report or restart it).
 
 With ``--tls-dir DIR`` the service speaks HTTPS only, with a P-256 key made inside the
-guest on first start (:mod:`tdxvm.guest.tls`), and answers ``GET /v1/attestation``
+guest for the model it serves (:mod:`tdxvm.guest.tls`: a start that serves another
+model than the key was made for makes a new key), and answers ``GET /v1/attestation``
 with quotes that bind that key (:mod:`tdxvm.guest.attestation`). Quotes come from
 configfs-tsm or ``/dev/tdx_guest``, or in an emulated guest from the quote service at
 ``--qgs HOST:PORT`` (:func:`tdxvm.guest.tdquote.detect`).
@@ -32,7 +33,7 @@ import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -43,7 +44,10 @@ from tdxvm.guest.gate import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Limits
 from tdxvm.guest.modeldigest import show
 from tdxvm.guest.rtmr3 import DEFAULT_LOG, measure_model
 from tdxvm.guest.server import ModelHolder, create_app
-from tdxvm.guest.tls import TlsIdentity, ensure_identity
+from tdxvm.guest.tls import TlsError, TlsIdentity, ensure_identity
+
+if TYPE_CHECKING:
+    from tdxvm.guest.tdquote import QuoteProvider
 
 log = logging.getLogger("tdxvm.guest.serve")
 # TLS 1.2 suites allowed beside TLS 1.3's (all AEAD): forward-secret ECDHE with AES-GCM or ChaCha20-Poly1305
@@ -129,19 +133,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def attested_tls(args: argparse.Namespace) -> tuple[TlsIdentity, Attester]:
-    """The TLS identity in ``--tls-dir`` and an attester for it, with the quote provider this guest has."""
-    names = args.tls_name or [n for n in dict.fromkeys([args.host, "localhost"]) if n not in ("0.0.0.0", "::")]
-    identity = ensure_identity(args.tls_dir, names)
+def quote_provider(args: argparse.Namespace) -> QuoteProvider:
+    """The quote provider this guest has (a TDX device, or the emulated ``--qgs``)."""
     from tdxvm.guest.tdquote import detect  # the guest's quote devices; only an attested service needs them
 
-    return identity, Attester(detect(args.qgs), {"tls": identity.spki}, event_log=CCEL_DATA, rtmr3_log=args.rtmr3_log)
+    return detect(args.qgs)
 
 
-def measure(args: argparse.Namespace, attester: Attester) -> None:
-    """Measure the model this service is about to load into RTMR3 (see the module doc)."""
+def attested_tls(args: argparse.Namespace, provider: QuoteProvider, serves: bytes) -> tuple[TlsIdentity, Attester]:
+    """The TLS identity in ``--tls-dir`` for the measured model event ``serves``, and an attester for it."""
+    names = args.tls_name or [n for n in dict.fromkeys([args.host, "localhost"]) if n not in ("0.0.0.0", "::")]
+    identity = ensure_identity(args.tls_dir, names, serves=serves)
+    if identity.made:
+        log.info("made a new TLS key for this model: a client that pinned the key of another model must attest again")
+    return identity, Attester(provider, {"tls": identity.spki}, event_log=CCEL_DATA, rtmr3_log=args.rtmr3_log)
+
+
+def measure(args: argparse.Namespace, provider: QuoteProvider) -> bytes:
+    """Measure the model this service is about to load into RTMR3 (see the module doc); the
+    model event's payload."""
     digest, done = measure_model(
-        attester.provider,
+        provider,
         args.model,
         name=args.name,
         dtype=args.dtype,
@@ -159,6 +171,7 @@ def measure(args: argparse.Namespace, attester: Attester) -> None:
         )
     else:
         log.info("%s is what the latest model event in %s already names; RTMR3 unchanged", what, args.rtmr3_log)
+    return done.payload
 
 
 def uvicorn_config(app: Any, args: argparse.Namespace, identity: TlsIdentity | None) -> uvicorn.Config:
@@ -192,12 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     identity = attester = None
     if args.tls_dir is not None:
         try:
-            identity, attester = attested_tls(args)
-        except Exception as exc:  # TlsError, or the quote provider's typed error (no TDX device, no --qgs)
+            provider = quote_provider(args)
+        except Exception as exc:  # the quote provider's typed error (no TDX device, no --qgs)
             log.error("cannot serve on an attested TLS key: %s: %s", getattr(exc, "code", type(exc).__name__), exc)
             return 2
         try:
-            measure(args, attester)
+            serves = measure(args, provider)
         except Exception as exc:  # Rtmr3Error, ModelDigestError, the provider's QuoteError (no-rtmr-extend), OSError
             log.error(
                 "refusing to serve %s: it cannot be measured into RTMR3, so no client could check which model answers: "
@@ -206,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 getattr(exc, "code", type(exc).__name__),
                 exc,
             )
+            return 2
+        try:
+            identity, attester = attested_tls(args, provider, serves)
+        except TlsError as exc:
+            log.error("cannot serve on an attested TLS key: %s: %s", exc.code, exc)
             return 2
         log.info("HTTPS with TLS key SPKI SHA-256 %s; quotes from %s", identity.spki_sha256, attester.provider.name)
     keys = KeyFile(args.api_keys) if args.api_keys else None

@@ -1,9 +1,13 @@
 """The inference service's TLS identity, made inside the guest: an ECDSA P-256 key and a
 self-signed certificate.
 
-The key never leaves the TD: it is generated on the service's first start in a folder
-in TD memory (``/run/tdxvm/tls``, a tmpfs), as ``key.pem`` (PKCS#8, mode 0600, folder
-0700), and used again on every later start of this boot. Clients do not trust the
+The key never leaves the TD: it is generated in a folder in TD memory
+(``/run/tdxvm/tls``, a tmpfs), as ``key.pem`` (PKCS#8, mode 0600, folder 0700). A
+service start reuses it only to serve what it was made for: the model event the service
+measured into RTMR3 (model digest, name and output-changing settings), whose SHA-256 is
+kept beside it in ``serves``. Serving another model makes a new key, so that a client
+that attested one model and pinned its key can never reach another through that pin;
+it must attest again, and the attestation then names the new model. Clients do not trust the
 certificate through a CA: the service's attestation binds the certificate's
 SubjectPublicKeyInfo (:func:`spki_der`) into the quote's REPORTDATA under the key name
 ``tls``, and clients pin that key (:mod:`tdxvm.provision.endpoint`). The certificate
@@ -35,6 +39,7 @@ DEFAULT_DIR = Path(
 )  # TD memory; where the image's service unit keeps it; the agent reads the cert there
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
+SERVES_FILE = "serves"  # SHA-256 (hex) of what the key serves, see the module doc
 _VALIDITY = timedelta(days=10 * 365)
 
 
@@ -51,6 +56,7 @@ class TlsIdentity:
     key_path: Path
     cert_path: Path
     certificate: x509.Certificate
+    made: bool = False  # the key was made by this call (none there, or it served something else)
 
     @property
     def spki(self) -> bytes:
@@ -96,29 +102,43 @@ def subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def ensure_identity(
-    folder: str | os.PathLike[str], names: Sequence[str] = ("localhost",), *, at: datetime | None = None
+    folder: str | os.PathLike[str],
+    names: Sequence[str] = ("localhost",),
+    *,
+    serves: bytes | None = None,
+    at: datetime | None = None,
 ) -> TlsIdentity:
     """The TLS identity in ``folder``: the key found there, else a new P-256 key; its
-    certificate found there if it is for that key and these ``names``, else a new one."""
+    certificate found there if it is for that key and these ``names``, else a new one.
+
+    With ``serves`` (what the service serves: its measured model event's payload) the key
+    found there is used only if it was made to serve exactly that; otherwise a new key
+    replaces it (see the module doc)."""
     path = Path(folder)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise TlsError(f"{path}: cannot create the TLS folder: {exc.strerror or exc}") from None
-    key_path, cert_path = path / KEY_FILE, path / CERT_FILE
+    key_path, cert_path, serves_path = path / KEY_FILE, path / CERT_FILE, path / SERVES_FILE
+    served = None if serves is None else hashlib.sha256(serves).hexdigest().encode() + b"\n"
     key = _load_key(key_path) if key_path.exists() else None
+    if key is not None and served is not None and _read(serves_path) != served:
+        key = None  # made to serve another model: never reused for this one
+    made = key is None
     if key is None:
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         _write(key_path, pem, 0o600)
+    if served is not None and made:
+        _write(serves_path, served, 0o644)  # after the key: a crash in between makes a new key again
     sans = subject_alt_names(names)
     cert = _load_cert(cert_path) if cert_path.exists() else None
     if cert is None or not _fits(cert, key, sans):
         cert = _issue(key, sans, at or datetime.now(timezone.utc))
         _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return TlsIdentity(key_path=key_path, cert_path=cert_path, certificate=cert)
+    return TlsIdentity(key_path=key_path, cert_path=cert_path, certificate=cert, made=made)
 
 
 def load_identity(folder: str | os.PathLike[str]) -> TlsIdentity | None:
@@ -186,6 +206,15 @@ def _issue(key: ec.EllipticCurvePrivateKey, sans: list[x509.GeneralName], at: da
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(key, hashes.SHA256())
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TlsError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

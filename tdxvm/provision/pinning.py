@@ -86,7 +86,8 @@ class PinnedHTTPSConnection(HTTPSConnection):
             self.close()
             raise PinMismatchError(
                 f"https://{self.host}:{self.port} presented TLS key SPKI SHA-256 {presented.hex() or '(none)'}, "
-                f"not the attested key {self.pin.hex()}: refused, nothing sent",
+                f"not the attested key {self.pin.hex()}: refused, nothing sent (a tdxvm service makes a new key "
+                "when it starts serving another model: attest the endpoint again)",
                 presented=presented.hex(),
                 pinned=self.pin.hex(),
             )

@@ -49,6 +49,7 @@ from tdxvm.guest.tls import ensure_identity  # noqa: E402
 from tdxvm.guest.weights import decrypt_model, encrypt_model, generate_model_key, model_digest, read_index  # noqa: E402
 from tdxvm.provision.client import ApiClient, ApiError  # noqa: E402
 from tdxvm.provision.endpoint import AttestedEndpoint, EndpointRefused, verify_endpoint  # noqa: E402
+from tdxvm.provision.pinning import PinMismatchError  # noqa: E402
 from tests.clirun import run
 
 from ..attested_guest import AT, anchor, artifacts, platform, policy_for  # noqa: E402
@@ -476,10 +477,26 @@ def test_serve_measures_the_model_before_serving(tiny_model, tmp_path, qgs):
     assert f"measured model {NAME} {show(digest)} (float32) into RTMR3" in err
     proc = _start_serve(args, port, err_file)  # a restart (or the same model provisioned again): no second event
     try:
-        assert verify(f"https://127.0.0.1:{port}", model_digest=digest).rtmr3.events == 1 and len(load_log(log)) == 1
+        again = verify(f"https://127.0.0.1:{port}", model_digest=digest)
+        assert again.rtmr3.events == 1 and len(load_log(log)) == 1
+        assert again.tls_spki == ep.tls_spki  # the same model keeps its key: pinned clients keep working
+        with ApiClient(ep, model_digest=digest) as api:
+            assert api.models() == [NAME]
     finally:
         err = _stop(proc, err_file)
-    assert "already names; RTMR3 unchanged" in err
+    assert "already names; RTMR3 unchanged" in err and "made a new TLS key" not in err
+
+    other = [*args]
+    other[other.index(NAME)] = "other-model"  # another model event (as another model provisioned would be)
+    proc = _start_serve(other, port, err_file)
+    try:
+        with ApiClient(ep, model_digest=digest) as api, pytest.raises(PinMismatchError, match="attest the endpoint"):
+            api.models()  # the session pinned to the first model's key reaches nothing of the new one
+        now = verify(f"https://127.0.0.1:{port}", model_digest=digest)
+        assert now.tls_spki != ep.tls_spki and now.model.name == "other-model" and now.rtmr3.events == 2
+    finally:
+        err = _stop(proc, err_file)
+    assert "made a new TLS key for this model" in err
 
 
 def test_serve_refuses_to_start_when_it_cannot_measure(tiny_model, tmp_path):

@@ -1,4 +1,5 @@
-"""The service's TLS identity: made once inside the guest, private, reused, re-issued for new names."""
+"""The service's TLS identity: made inside the guest, private, reused for the same model,
+re-issued for new names, replaced for another model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tdxvm.guest.tls import CERT_FILE, KEY_FILE, TlsError, ensure_identity, load_identity, spki_der
+from tdxvm.guest.tls import CERT_FILE, KEY_FILE, SERVES_FILE, TlsError, ensure_identity, load_identity, spki_der
 
 
 def test_new_identity_is_private_p256_with_the_names(tmp_path):
@@ -41,6 +42,28 @@ def test_identity_is_reused_and_reissued_for_new_names(tmp_path):
     assert renamed.spki == first.spki and (tmp_path / CERT_FILE).read_bytes() != pem  # same key, new certificate
     assert load_identity(tmp_path).spki == first.spki
     assert load_identity(tmp_path / "none") is None
+
+
+def test_a_key_serves_one_model_only(tmp_path):
+    """A pinned session must never outlive a model change: another model event, another key."""
+    a = ensure_identity(tmp_path, serves=b'{"model":"a"}')
+    assert a.made and stat.S_IMODE((tmp_path / SERVES_FILE).stat().st_mode) == 0o644
+    again = ensure_identity(tmp_path, serves=b'{"model":"a"}')  # a restart serving the same model
+    assert not again.made and again.spki == a.spki
+    b = ensure_identity(tmp_path, serves=b'{"model":"b"}')
+    assert b.made and b.spki != a.spki and load_identity(tmp_path).spki == b.spki
+    back = ensure_identity(tmp_path, serves=b'{"model":"a"}')  # the first model again: not its old key either
+    assert back.made and back.spki not in (a.spki, b.spki)
+    assert not ensure_identity(tmp_path).made  # without a model to serve, the key there is kept
+
+
+def test_a_key_without_its_record_is_not_reused_for_a_model(tmp_path):
+    """A key made before it was bound to a model, or whose record was lost in a crash, is replaced."""
+    old = ensure_identity(tmp_path)
+    fresh = ensure_identity(tmp_path, serves=b"m")
+    assert fresh.made and fresh.spki != old.spki
+    (tmp_path / SERVES_FILE).unlink()
+    assert ensure_identity(tmp_path, serves=b"m").spki != fresh.spki
 
 
 def test_refusals(tmp_path):

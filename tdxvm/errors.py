@@ -12,7 +12,7 @@ the CLI returns, decided by ``isinstance`` and never guessed from attributes:
 3   unreachable: libvirt, SSH, PCS, a guest that does not answer (:class:`Unreachable`)
 4   internal error: a bug (any exception that is not a :class:`TdxvmError`)
 5   partial: a fleet command handled some hosts or VMs but not all
-130 interrupted (Ctrl-C); 143 terminated (SIGTERM)
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 stdout closed early (a broken pipe)
 ==  =====================================================================
 """
 
@@ -25,6 +25,7 @@ EXIT_UNREACHABLE = 3
 EXIT_INTERNAL = 4
 EXIT_PARTIAL = 5
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 class TdxvmError(Exception):

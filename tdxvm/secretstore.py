@@ -34,14 +34,18 @@ class SecretStore:
         self.directory = Path(directory) if directory is not None else default_directory()
 
     def _path(self, name: str) -> Path:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise SecretStoreError(f"secret name {name!r} must look like kind/name (letters, digits, '.', '_', '-')")
         return self.directory / name
 
     def _private_dir(self, path: Path) -> None:
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            for d in (self.directory, path):
+                d.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SecretStoreError(f"{exc.filename or path}: cannot make the secret folder: {exc.strerror}") from None
         for d in (self.directory, path):
-            d.mkdir(mode=0o700, exist_ok=True)
             mode = d.stat().st_mode
             if mode & 0o077:
                 raise SecretStoreError(
@@ -57,7 +61,10 @@ class SecretStore:
         self._private_dir(path.parent)
         if path.exists() and not replace:
             raise SecretStoreError(f"secret {name} already exists in {self.directory}")
-        write_atomic(path, value, mode=0o600)
+        try:
+            write_atomic(path, value, mode=0o600)
+        except OSError as exc:
+            raise SecretStoreError(f"secret {name}: cannot write {path}: {exc.strerror}") from None
         return path
 
     def get(self, name: str) -> bytes:
@@ -68,8 +75,11 @@ class SecretStore:
             raise SecretStoreError(f"secret {name} is not in {self.directory}") from None
         except OSError as exc:
             raise SecretStoreError(f"secret {name}: cannot open: {exc.strerror}") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise SecretStoreError(f"secret {name}: {path} is not a file")
         with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
             if mode & 0o077:
                 raise SecretStoreError(
                     f"secret {name}: file mode is {stat.filemode(mode)}; it must be private (chmod 600)"
@@ -84,4 +94,4 @@ class SecretStore:
         folder = self._path(f"{kind}/x").parent
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_file() and _NAME.match(f"{kind}/{p.name}"))
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and _NAME.fullmatch(f"{kind}/{p.name}"))

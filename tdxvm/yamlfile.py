@@ -24,10 +24,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps numbers as text; the schema converts what should be numbers.
+    """SafeLoader that keeps numbers and booleans as text; the schema converts each value
+    to its field's type.
 
     Without this, ``mr_config_id: 000…0`` would become the integer 0 and lose its width,
-    and a hex value of digits only would silently change meaning.
+    a hex value of digits only would silently change meaning, ``vcpus: true`` would be
+    one vCPU, and ``name: no`` (YAML 1.1's false) no name at all.
     """
 
 
@@ -35,7 +37,13 @@ _Loader.yaml_implicit_resolvers = {
     first: [
         (tag, rx)
         for tag, rx in resolvers
-        if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
+        if tag
+        not in (
+            "tag:yaml.org,2002:int",
+            "tag:yaml.org,2002:float",
+            "tag:yaml.org,2002:timestamp",
+            "tag:yaml.org,2002:bool",
+        )
     ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }

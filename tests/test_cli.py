@@ -408,6 +408,28 @@ def test_weights_encrypt_decrypt(capsys, tmp_path):
     blob.write_bytes(bytes(data))
     code, _, err = run(capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out3", "--secrets", store)
     assert code == 2 and "fails authentication" in err and not (tmp_path / "out3").exists()
+    code, out, _ = run(  # scripts tell tampering from a typo by its code
+        capsys, "weights", "decrypt", tmp_path / "enc", "--out", tmp_path / "out3", "--secrets", store, "-o", "json"
+    )
+    assert code == 2 and json.loads(out)["error"]["code"] == "weights-authentication"
+    code, _, err = run(capsys, "weights", "decrypt", model, "--out", tmp_path / "out4", "--secrets", store)
+    assert code == 2 and f"{model}: not an encrypted model folder (no index.tdxw" in err
+
+
+def test_weights_encrypt_names_a_file_it_cannot_read(capsys, tmp_path, monkeypatch):
+    import tdxvm.guest.weights as weights_mod
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(weights_mod, "_sha256_of", unreadable)
+    code, out, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "enc", "--secrets", tmp_path / "s")
+    assert code == 2 and f"{model / 'config.json'}: Permission denied" in err and "Traceback" not in err
+    assert not (tmp_path / "enc").exists() and not (tmp_path / "s" / "weights" / "enc").exists()
 
 
 # -- the refusal contract: a quote that cannot be read is a "no" (exit 1), never an error --
@@ -636,6 +658,14 @@ def test_an_unusable_output_path_is_exit_2_before_any_work(capsys, places, argv,
 def test_a_pccs_that_is_not_https_is_a_usage_error(capsys, testdata, url):
     code, out, err = run(capsys, "verify-quote", testdata / "dcap-qvl-v4" / "quote.bin", "--pccs", url, "-o", "json")
     assert code == 2 and "is not an https URL with a host" in err + out
+
+
+@pytest.mark.parametrize("url", ["https://[::1", "https://pccs.example:99999", "https://pccs.example:abc"])
+def test_a_pccs_that_is_not_a_url_is_a_usage_error(capsys, testdata, tmp_path, url):
+    quote = testdata / "dcap-qvl-v4" / "quote.bin"
+    for command in (["verify-quote", quote], ["collateral", "fetch", quote, "--out", tmp_path / "b.json"]):
+        code, out, err = run(capsys, *command, "--pccs", url, "-o", "json")
+        assert code == 2 and "is not a URL" in json.loads(out)["error"]["message"] and "Traceback" not in err
 
 
 def test_at_now_is_the_current_time(capsys, testdata):

@@ -28,7 +28,7 @@ def test_no_silent_overwrite(tmp_path):
     assert store.get("disk/a") == b"2"
 
 
-@pytest.mark.parametrize("name", ["noslash", "../x/y", "a/../b", "a/b/c", "/abs/x", "a/", "a/.hidden"])
+@pytest.mark.parametrize("name", ["noslash", "../x/y", "a/../b", "a/b/c", "/abs/x", "a/", "a/.hidden", "disk/a\n"])
 def test_bad_names(tmp_path, name):
     with pytest.raises(SecretStoreError, match="kind/name"):
         SecretStore(directory=tmp_path).put(name, b"x")
@@ -43,6 +43,20 @@ def test_refuses_readable_files_and_folders(tmp_path):
     os.chmod(tmp_path / "s", 0o755)
     with pytest.raises(SecretStoreError, match="chmod 700"):
         store.put("disk/b", b"k")
+
+
+def test_a_folder_or_an_unwritable_store_is_a_typed_error(tmp_path):
+    store = SecretStore(directory=tmp_path / "s")
+    store.put("disk/a", b"k")
+    (tmp_path / "s/disk/dir").mkdir()
+    with pytest.raises(SecretStoreError, match="secret disk/dir: .* is not a file"):
+        store.get("disk/dir")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    if os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere: nothing to refuse
+        return
+    with pytest.raises(SecretStoreError, match="cannot make the secret folder"):
+        SecretStore(directory=tmp_path / "ro/s").put("disk/a", b"k")
 
 
 def test_missing_secret_names_it_not_its_value(tmp_path):

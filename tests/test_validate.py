@@ -59,6 +59,18 @@ def test_each_file_is_judged_and_any_invalid_one_is_exit_2(capsys, tmp_path):
             "is an image recipe, not a VM spec: use `tdxvm image build images/smoke.yaml`",
         ),
         (["apply", "-f", "configs/smoke.yaml"], "is a VM spec, not a fleet: use `tdxvm launch configs/smoke.yaml`"),
+        (
+            ["image", "measure", "--vm", "configs/fleet-example.yaml"],
+            "is a fleet, not a VM spec: use `tdxvm apply -f configs/fleet-example.yaml`",
+        ),
+        (
+            ["verify-quote", "q.bin", "--policy", "configs/smoke.yaml"],
+            "is a VM spec, not an attestation policy: use `tdxvm launch configs/smoke.yaml`",
+        ),
+        (
+            ["verify-endpoint", "https://127.0.0.1:1", "--policy", "configs/smoke.yaml"],
+            "is a VM spec, not an attestation policy",
+        ),
     ],
 )
 def test_a_file_given_to_the_wrong_command_names_the_right_one(capsys, monkeypatch, argv, message):

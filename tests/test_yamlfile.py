@@ -14,6 +14,8 @@ import json
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from tdxvm.attest.policy import parse_policy
+from tdxvm.launch.spec import VmSpec
 from tdxvm.yamlfile import NULL_ITEM, NULL_VALUE, SpecError, load_yaml, parse_yaml
 from tests.clirun import run
 
@@ -56,13 +58,25 @@ def test_duplicate_key_names_both_lines_and_the_field_path():
         ("inner: {a: '1', a: '2'}\n", "f.yaml:1: inner.a: duplicate key (first at line 1)"),
         ("name: a\n'name': b\n", "f.yaml:2: name: duplicate key (first at line 1)"),  # quoting makes no other key
         (
-            "table:\n  yes: {}\n  true: {}\n",
-            "f.yaml:3: table.true: duplicate key (first at line 2)",
-        ),  # both load as True
+            "table:\n  '1': {}\n  1: {}\n",
+            "f.yaml:3: table.1: duplicate key (first at line 2)",
+        ),  # numbers stay text: both load as '1'
     ],
 )
 def test_duplicate_keys_at_any_depth(text, expected):
     assert problems(text) == [expected]
+
+
+def test_booleans_stay_text_until_a_field_reads_them(tmp_path):
+    """YAML 1.1's yes/no/on/off are not booleans unless the field is one; a count is never a boolean."""
+    p = tmp_path / "vm.yaml"
+    p.write_text("name: no\nimage: m.json\nvcpus: true\n")
+    with pytest.raises(SpecError) as err:
+        load_yaml(p, VmSpec)
+    assert str(err.value).splitlines() == [
+        f"{p}:3: vcpus: Input should be a valid integer, unable to parse string as an integer"
+    ]
+    assert parse_policy("allow_debug: yes\n").allow_debug is True
 
 
 def test_a_third_occurrence_points_at_the_first():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tdxvm.attest.chain import load_crl
 from tdxvm.attest.errors import CertificateError, CollateralError
+from tdxvm.attest.tcbinfo import parse_intel_time
 from tdxvm.fileio import write_atomic
 
 SIGNATURE_SIZE = 64
@@ -76,6 +77,8 @@ class Collateral:
             raise CollateralError(
                 f"{source}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
             ) from None
+        except (ValueError, RecursionError) as exc:  # an integer too long, absurd nesting
+            raise CollateralError(f"{source}: not usable JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise CollateralError(f"{source}: expected a JSON object, got {_kind(doc)}")
         known = {name for name, _ in _LAYOUT}
@@ -181,6 +184,8 @@ def raw_members(text: str) -> dict[str, str]:
             return decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{exc.msg} at offset {exc.pos}") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long, absurd nesting
+            raise ValueError(f"the value at offset {pos}: {exc}") from None
 
     out: dict[str, str] = {}
     pos = skip(expect(skip(0), "{", "'{'") + 1)
@@ -301,7 +306,7 @@ def summarize(collateral: Collateral) -> CollateralSummary:
 def _json_dates(text: str, key: str) -> tuple[datetime, datetime]:
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, an integer too long, absurd nesting
         raise CollateralError(f"collateral {key}: not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise CollateralError(f"collateral {key}: expected a JSON object, got {_kind(doc)}")
@@ -312,13 +317,7 @@ def _date(doc: dict[str, object], key: str, name: str) -> datetime:
     value = doc.get(name)
     if not isinstance(value, str):
         raise CollateralError(f"collateral {key}.{name}: missing or not a string")
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise CollateralError(f"collateral {key}.{name}: {value!r} is not an ISO 8601 time") from None
-    if when.tzinfo is None:
-        raise CollateralError(f"collateral {key}.{name}: {value!r} has no time zone (expected UTC, 'Z')")
-    return when.astimezone(timezone.utc)
+    return parse_intel_time(value, f"collateral {key}.{name}")
 
 
 def _crl_dates(der: bytes, key: str) -> tuple[datetime, datetime]:

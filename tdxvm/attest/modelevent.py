@@ -121,7 +121,7 @@ def parse_model_event(event: Event) -> ModelEvent:
         values = [doc[k] for k in ("name", "dtype", "quantization")]
         if not all(isinstance(v, str) for v in values):
             raise ValueError("name, dtype and quantization must be strings")
-    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, UnicodeDecodeError, RecursionError) as exc:
         raise EventLogError(f"{where}: malformed model event payload: {exc}") from None
     return ModelEvent(event.index, digest, values[0], values[1], values[2])
 

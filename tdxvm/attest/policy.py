@@ -21,6 +21,7 @@ policy there, :class:`~tdxvm.attest.policyrules.StrictPolicy`).
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,10 +85,32 @@ def _statuses(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"expected a non-empty list of TCB statuses ({', '.join(EVALUATED_TCB_STATUSES)})")
     for v in value:
+        if v == "Revoked":
+            raise ValueError("'Revoked' cannot be accepted: a revoked TCB is always refused (tcb-revoked)")
         if v not in EVALUATED_TCB_STATUSES:
-            raise ValueError(f"{v!r} is not a TCB status ({', '.join(EVALUATED_TCB_STATUSES)})")
+            raise ValueError(
+                f"{v!r} is not a TCB status ({', '.join(s for s in EVALUATED_TCB_STATUSES if s != 'Revoked')})"
+            )
     return tuple(value)
 
+
+_ADVISORY = re.compile(r"INTEL-SA-\d{5}")
+
+
+def _advisory_ids(value: Any) -> tuple[str, ...]:
+    """Intel advisory IDs (``INTEL-SA-00615``), written in any case; a typo would never match."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected a list of Intel advisory IDs like INTEL-SA-00615")
+    out = []
+    for v in value:
+        text = v.strip().upper() if isinstance(v, str) else ""
+        if not _ADVISORY.fullmatch(text):
+            raise ValueError(f"{v!r} is not an Intel advisory ID (INTEL-SA- and five digits, e.g. INTEL-SA-00615)")
+        out.append(text)
+    return tuple(out)
+
+
+AdvisoryIds = Annotated[tuple[str, ...], BeforeValidator(_advisory_ids)]
 
 _ZERO_RTMR = {
     "rtmr1": "an all-zero RTMR1 means the firmware measured no kernel, so any kernel would pass",
@@ -102,7 +125,7 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     accepted_tcb_statuses: Annotated[tuple[str, ...], BeforeValidator(_statuses)] = ("UpToDate",)
-    rejected_advisory_ids: tuple[str, ...] = ()
+    rejected_advisory_ids: AdvisoryIds = ()
     allow_debug: bool = False
     allow_migratable: bool = False
     require_sept_ve_disable: bool = True

@@ -189,7 +189,7 @@ def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
                     f"TCB status is {tcb.status}; the policy accepts {', '.join(policy.accepted_tcb_statuses)}",
                 )
             )
-        bad = [a for a in tcb.advisory_ids if a in policy.rejected_advisory_ids]
+        bad = [a for a in tcb.advisory_ids if a.upper() in policy.rejected_advisory_ids]
         if bad:
             out.append(Reason("advisory", f"advisories rejected by the policy apply: {', '.join(bad)}"))
     out += freshness_reasons(policy.min_tcb_evaluation_data_number, policy.max_collateral_age, result)

@@ -86,7 +86,7 @@ def diagnose(data: bytes) -> QuoteFormatError | None:
     if text[:1] in (b"{", b"["):
         try:
             return _error(_json_message(json.loads(text)))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             pass
     digits = text[2:] if text[:2].lower() == b"0x" else text
     if set(digits) <= _HEX | _SPACE:  # hex text: the error about its decoded bytes stands, unless it is cut

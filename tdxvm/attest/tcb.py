@@ -110,7 +110,15 @@ def match_tdx_module(
     minor, major = svn[0], svn[1]
     identity = tcb_info.tdx_module
     levels: tuple[ModuleTcbLevel, ...] = ()
-    if major > 0 and tcb_info.tdx_module_identities:
+    if major > 0:  # a module of major version 1 or later: its TCB levels decide (Intel's QVL)
+        if not tcb_info.tdx_module_identities:
+            raise TcbMismatch(
+                Reason(
+                    "tdx-module-unknown",
+                    f"TCB info lists no TDX module identities, so the TDX module of {field} byte 1 = {major} "
+                    "cannot be matched to a TCB level",
+                )
+            )
         wanted = f"TDX_{major:02X}"
         found = [m for m in tcb_info.tdx_module_identities if m.id.upper() == wanted]
         if not found:
@@ -121,6 +129,14 @@ def match_tdx_module(
             )
         identity = found[0]
         levels = identity.tcb_levels
+        if not levels:
+            raise TcbMismatch(
+                Reason(
+                    "tdx-module-tcb-level-not-found",
+                    f"TDX module {identity.id} has no TCB levels in the TCB info, so its SVN {minor} "
+                    f"({field} byte 0) matches none",
+                )
+            )
     if body.mr_signer_seam != identity.mrsigner:
         raise TcbMismatch(
             Reason(

@@ -17,6 +17,8 @@ dcap-qvl 0.7 implements them, so that the two verifiers agree
    OutOfDate on a platform whose current TCB is not out of date gives
    ``TDRelaunchAdvised`` (``…ConfigurationNeeded`` when configuration is needed).
    Advisory IDs, platform, module and QE statuses and the TCB date are the launch's.
+5. A Revoked status is a refusal (``tcb-revoked``), as in Intel's QVL (a terminal
+   result) and dcap-qvl: no policy can accept it.
 
 Where Intel's reference differs from dcap-qvl 0.7 (it compares TEE_TCB_SVN2 with the
 latest level only, advises a relaunch only when the launch-time *module* is OutOfDate,
@@ -101,8 +103,19 @@ def evaluate_tcb(
                 )
             ], None
     module = launch.module
+    status = launch.status if current is None else check_for_relaunch(launch.status, current.status)
+    if status == "Revoked":
+        parts = [f"platform {launch.level.status}", f"TDX module {module.status if module else 'unrated'}"]
+        parts += [f"QE {qe.status}"] + ([f"TDX module running now {current.status}"] if current else [])
+        return [
+            Reason(
+                "tcb-revoked",
+                f"the TCB is Revoked ({', '.join(parts)}): a revoked TCB ends Intel's quote verification "
+                "(a terminal status), so no policy accepts it",
+            )
+        ], None
     return [], TcbEvaluation(
-        status=launch.status if current is None else check_for_relaunch(launch.status, current.status),
+        status=status,
         advisory_ids=merge_advisories(
             launch.level.advisory_ids, module.advisory_ids if module else (), qe.advisory_ids
         ),

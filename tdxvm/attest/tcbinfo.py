@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from operator import itemgetter
 from typing import Any
 
@@ -26,8 +26,12 @@ TCB_STATUSES = (
 )
 
 
+_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9000, 1, 1, tzinfo=timezone.utc)
+
+
 def parse_intel_time(text: Any, where: str) -> datetime:
-    """Parse Intel's ``2025-06-19T10:16:03Z`` timestamps (RFC 3339, UTC)."""
+    """Parse Intel's ``2025-06-19T10:16:03Z`` timestamps (RFC 3339), in UTC; a date before
+    1970 or after 8999 is refused (no collateral has one, and arithmetic on it overflows)."""
     if not isinstance(text, str):
         raise CollateralError(f"{where}: expected an RFC 3339 date string")
     try:
@@ -35,7 +39,13 @@ def parse_intel_time(text: Any, where: str) -> datetime:
     except ValueError:
         raise CollateralError(f"{where}: {text!r} is not an RFC 3339 date") from None
     if value.tzinfo is None:
-        raise CollateralError(f"{where}: {text!r} has no time zone")
+        raise CollateralError(f"{where}: {text!r} has no time zone (expected UTC, 'Z')")
+    try:
+        value = value.astimezone(timezone.utc)
+    except OverflowError:  # year 1 or 9999 moved across midnight by its offset
+        value = None
+    if value is None or not _EARLIEST <= value < _LATEST:
+        raise CollateralError(f"{where}: {text!r} is out of range (1970 to 8999)")
     return value
 
 
@@ -127,6 +137,8 @@ def _load(text: str, what: str) -> _Obj:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CollateralError(f"{what}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer too long, absurd nesting
+        raise CollateralError(f"{what}: not usable JSON ({exc})") from None
     return _Obj(doc, what)
 
 

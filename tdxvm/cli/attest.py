@@ -152,9 +152,9 @@ def verify_quote(
         raise CliError("give either --collateral or --pccs, not both")
     at = parse_time(at_text)
     if policy_path:
-        from tdxvm.attest.policy import load_policy  # pydantic and the policy model: only for a policy file
+        from tdxvm.cli.filekinds import load_policy_file
 
-        policy = load_policy(policy_path)
+        policy = load_policy_file(policy_path)
     else:
         policy = StrictPolicy()  # Policy()'s values, without pydantic
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None

@@ -65,7 +65,13 @@ def emulate_init(folder: str, output: str) -> None:
 @click.option(
     "--out", "out", required=True, type=OUT_FILE, metavar="BUNDLE", help="Where to write the collateral bundle."
 )
-@click.option("--at", "at_text", metavar="ISO8601|UNIX", help="Issue the collateral around this time [default: now].")
+@click.option(
+    "--at",
+    "at_text",
+    metavar="ISO8601|UNIX",
+    help="Issue the collateral around this time [default: now]; the platform's CA certificates, made by "
+    "`emulate init` and valid from a year before then, must be valid at it.",
+)
 @OUTPUT_OPTION
 def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) -> None:
     """Write the platform's collateral (dcap-qvl QuoteCollateralV3 JSON), valid around --at."""
@@ -97,7 +103,11 @@ def emulate_collateral(folder: str, out: str, at_text: str | None, output: str) 
     help="16 bytes, TD report 1.5 only: the TDX module running now [default: --tee-tcb-svn].",
 )
 @click.option(
-    "--at", "at_text", metavar="ISO8601|UNIX", help="Issue the PCK certificates around this time [default: now]."
+    "--at",
+    "at_text",
+    metavar="ISO8601|UNIX",
+    help="Issue the PCK certificates around this time [default: now]; the platform's CA certificates, made by "
+    "`emulate init` and valid from a year before then, must be valid at it.",
 )
 @OUTPUT_OPTION
 def emulate_quote(
@@ -154,7 +164,8 @@ def emulate_quote(
 @click.option("--layers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(8, 8192), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def emulate_tiny_llama(out: str, layers: int, hidden: int, seed: int) -> None:
+@OUTPUT_OPTION
+def emulate_tiny_llama(out: str, layers: int, hidden: int, seed: int, output: str) -> None:
     """Write a tiny random Llama-architecture model (Hugging Face format) into OUT_DIR.
 
     Random weights and a small byte-level BPE tokenizer with a chat template: a stand-in
@@ -173,4 +184,7 @@ def emulate_tiny_llama(out: str, layers: int, hidden: int, seed: int) -> None:
         raise CliError("--hidden must be a multiple of 4 (4 attention heads)")
     hf_logging.disable_progress_bar()  # one tiny shard: no bar on the terminal
     build_tiny_model(Path(out), layers=layers, hidden=hidden, intermediate=2 * hidden, seed=seed)
-    click.echo(f"wrote a {layers}-layer Llama model (hidden size {hidden}) to {out}", err=True)
+    if output == "json":
+        emit_json({"wrote": out, "layers": layers, "hidden": hidden, "seed": seed})
+    else:
+        click.echo(f"wrote a {layers}-layer Llama model (hidden size {hidden}) to {out}", err=True)

@@ -10,9 +10,10 @@ import click
 from tdxvm.attest.chain import TrustAnchor
 from tdxvm.attest.collateral import Collateral, CollateralOrigin, load_bundle
 from tdxvm.attest.pcs import INTEL_PCS_URL, CollateralCache, PcsClient, get_collateral
-from tdxvm.attest.policy import Policy, load_policy
+from tdxvm.attest.policy import Policy
 from tdxvm.attest.quote import Quote
 from tdxvm.cli.attest import _print_verdict, read_file
+from tdxvm.cli.filekinds import load_policy_file
 from tdxvm.cli.output import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -131,7 +132,7 @@ def verify_endpoint_cmd(
         raise CliError("give the endpoint's URL or --vm NAME (one of them)")
     at = parse_time(at_text)
     digest = _digest(digest_text) if digest_text else None
-    policy = load_policy(policy_path) if policy_path else Policy()
+    policy = load_policy_file(policy_path) if policy_path else Policy()
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
     sources: list[str] = []
     collateral: Collateral | Any

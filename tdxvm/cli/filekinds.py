@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tdxvm.errors import TdxvmError
+
+if TYPE_CHECKING:
+    from tdxvm.attest.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,15 @@ def refuse_other_kind(path: str, wanted: str) -> None:
         raise WrongFileKind(
             f"{path} is {kind.what}, not {KINDS[wanted].what}: use `{kind.command.replace('FILE', path)}`"
         )
+
+
+def load_policy_file(path: str) -> Policy:
+    """``--policy FILE``: the policy in it; a VM spec, fleet or recipe given instead is
+    named as such (rather than every one of its keys reported unknown)."""
+    from tdxvm.attest.policy import load_policy  # pydantic and the policy model: only for a policy file
+
+    refuse_other_kind(path, "policy")
+    return load_policy(path)
 
 
 class WrongFileKind(TdxvmError):

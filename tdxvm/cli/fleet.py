@@ -40,6 +40,7 @@ STATE_OPTION = click.option(
 
 
 def _output_option(*choices: str) -> Any:
+    people = [c for c in choices if c not in ("json", "yaml")]
     return click.option(
         "-o",
         "--output",
@@ -47,7 +48,7 @@ def _output_option(*choices: str) -> Any:
         type=click.Choice(list(choices)),
         default=choices[0],
         show_default=True,
-        help="For people (text, table) or scripts (json, yaml: one document on stdout).",
+        help=f"For people ({' or '.join(people)}) or scripts (json, yaml: one document on stdout).",
     )
 
 
@@ -171,7 +172,7 @@ def apply_cmd(
 @click.command("status")
 @FILE_OPTION
 @STATE_OPTION
-@_output_option("table", "json", "yaml")
+@_output_option("text", "table", "json", "yaml")  # text and table: the same table, as `status` without -f
 def fleet_status_cmd(path: str, state_dir: Path | None, output: str) -> None:
     """Show each VM of FLEET.yaml: host, state, attestation verdict, TCB status,
     measurements digest, endpoint, last attested time, and whether it is in sync."""
@@ -180,7 +181,7 @@ def fleet_status_cmd(path: str, state_dir: Path | None, output: str) -> None:
 
     fleet = _load(path)
     st = report.fleet_status(fleet, connector=shared_connector(), state_dir=state_dir)
-    if output == "table":
+    if output in ("text", "table"):
         _echo_lines(report.status_lines(st))
     else:
         _emit(st.to_dict(), output)

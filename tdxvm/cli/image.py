@@ -307,6 +307,7 @@ def measure(
 
 
 def _measure_vm(vm_path: str, output: str) -> None:
+    from tdxvm.cli.filekinds import refuse_other_kind
     from tdxvm.launch.errors import LaunchError
     from tdxvm.launch.lifecycle import local_firmware, render_domain
     from tdxvm.launch.manifest import load_manifest
@@ -315,6 +316,7 @@ def _measure_vm(vm_path: str, output: str) -> None:
     from tdxvm.launch.spec import effective_policy, load_vm_spec
     from tdxvm.launch.volumes import planned
 
+    refuse_other_kind(vm_path, "vm")
     vm = load_vm_spec(vm_path)
     manifest = load_manifest(vm.image)
     # the domain a launch writes, with this machine's copies of the boot files (QEMU reads

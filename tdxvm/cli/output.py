@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import click
 
 from tdxvm.errors import (  # noqa: F401 - EXIT_REFUSED, EXIT_UNREACHABLE: for the commands
+    EXIT_BROKEN_PIPE,
     EXIT_INPUT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -112,7 +113,11 @@ def check_pccs(ctx: click.Context | None, param: click.Parameter | None, value: 
     """``--pccs``: an https URL with a host; plain http only to this machine (a local PCCS)."""
     if value is None:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a URL: {exc}") from None
     local = (parts.hostname or "") in ("localhost", "::1") or (parts.hostname or "").startswith("127.")
     if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and local)):
         raise click.BadParameter(f"{value!r} is not an https URL with a host (plain http only to this machine)")
@@ -143,7 +148,10 @@ def parse_time(value: str | None) -> datetime:
         at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except (ValueError, OverflowError, OSError):
         raise CliError(f"--at: {value!r} is neither now, an ISO 8601 time nor UNIX seconds") from None
-    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    if not 1970 <= at.year < 9000:  # certificates and collateral are dated in between; beyond, date arithmetic fails
+        raise CliError(f"--at: {value!r} is out of range (1970 to 8999)")
+    return at
 
 
 def _terminated(signum: int, _frame: object) -> None:
@@ -157,6 +165,7 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     want_json = _wants_json(argv)
     verdict = want_json and _verdict_command(cli, argv)
+    stdout = sys.stdout
     try:
         # NO_COLOR (https://no-color.org): no ANSI colours even on a terminal.
         color = False if os.environ.get("NO_COLOR") else None
@@ -178,6 +187,8 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
             emit_json(_error_doc("usage", exc.format_message(), verdict=verdict))
         return EXIT_INPUT
     except SystemExit as exc:  # commands exit with their verdict
+        if sys.stdout is not stdout:  # click swapped it on EPIPE: the reader left, not a refusal (exit 1)
+            return EXIT_BROKEN_PIPE
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT
     except TdxvmError as exc:  # ours: refused, unusable input or unreachable, as its class says
         if want_json:
@@ -188,8 +199,8 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
     except Exception as exc:  # a bug: say so plainly, keep the trace for the report
         click.echo("internal error (please report it with the lines below):", err=True)
         click.echo(safe_text(traceback.format_exc()), err=True)
-        if verdict:
-            emit_json(_error_doc("internal", f"internal error: {type(exc).__name__}: {exc}", verdict=True))
+        if want_json:  # scripts parse stdout: the error is there too
+            emit_json(_error_doc("internal", f"internal error: {type(exc).__name__}: {exc}", verdict=verdict))
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

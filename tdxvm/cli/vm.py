@@ -307,13 +307,13 @@ def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None
     policy to use. Exit 0 if accepted, 1 if refused (every reason is printed); the
     verdict is kept in the record and shown by `tdxvm status NAME`.
     """
-    from tdxvm.attest.policy import load_policy
+    from tdxvm.cli.filekinds import load_policy_file
     from tdxvm.launch.connection import connection
     from tdxvm.launch.records import VmRecords
     from tdxvm.provision import attestation, handshake
     from tdxvm.secretstore import SecretStore
 
-    policy = load_policy(policy_path) if policy_path else None
+    policy = load_policy_file(policy_path) if policy_path else None
     with connection(uri or DEFAULT_URI) as conn:
         try:
             guest = attestation.reattest(

@@ -11,7 +11,7 @@ import click
 
 from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
-from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
+from tdxvm.guest.modeldigest import folder_digest, show
 from tdxvm.guest.weights import (
     INDEX_NAME,
     WeightsError,
@@ -21,7 +21,7 @@ from tdxvm.guest.weights import (
     model_digest,
     read_index,
 )
-from tdxvm.secretstore import SecretStore, SecretStoreError
+from tdxvm.secretstore import SecretStore
 
 STORE_OPTION = click.option(
     "--secrets",
@@ -79,8 +79,8 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
         if dst.exists():
             dst.rmdir()  # empty, checked above
         stage.rename(dst)
-    except (WeightsError, SecretStoreError) as exc:
-        raise CliError(str(exc)) from None
+    except OSError as exc:  # a model file that cannot be read, a folder that cannot be written
+        raise CliError(f"{exc.filename or model_dir}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed
     seconds = time.monotonic() - started
@@ -129,10 +129,8 @@ def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, o
             digest, source = model_digest(read_index(path, store.get(name))), f"the encrypted index (key {name})"
         else:
             digest, source = folder_digest(path), "the files"
-    except (WeightsError, SecretStoreError, ModelDigestError) as exc:
-        raise CliError(str(exc)) from None
     except OSError as exc:
-        raise CliError(f"{folder}: {exc.strerror or exc}") from None
+        raise CliError(f"{exc.filename or folder}: {exc.strerror or exc}") from None
     if output == "json":
         emit_json({"folder": folder, "model_digest": show(digest), "from": source})
     else:
@@ -150,6 +148,10 @@ def weights_digest(folder: str, key_name: str | None, secrets_dir: str | None, o
 def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_dir: str | None, output: str) -> None:
     """Decrypt and authenticate ENC_DIR into OUT_DIR (all files or none)."""
     src = Path(enc_dir)
+    if not (src / INDEX_NAME).is_file():
+        raise WeightsError(
+            f"{enc_dir}: not an encrypted model folder (no {INDEX_NAME}; `tdxvm weights encrypt` makes one)"
+        )
     name = f"weights/{key_name or src.resolve().name}"
     store = SecretStore(directory=Path(secrets_dir) if secrets_dir else None)
     try:
@@ -157,8 +159,8 @@ def weights_decrypt(enc_dir: str, out_dir: str, key_name: str | None, secrets_di
         meter = Progress(output, width=10).counter("decrypting", _size(src))
         started = time.monotonic()
         entries = decrypt_model(src, Path(out_dir), key, progress=meter)
-    except (WeightsError, SecretStoreError) as exc:
-        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"{exc.filename or enc_dir}: {exc.strerror or exc}") from None
     seconds = time.monotonic() - started
     total = sum(e.size for e in entries)
     if output == "json":

@@ -191,7 +191,8 @@ def make_plan(
     records: dict[str, dict[str, Any]],
 ) -> Plan:
     """Compare (see the module doc). ``image_shas`` maps each manifest path to its digest
-    or the error reading it; ``records`` is the state file's ``vms``."""
+    or the error reading it (whose message names the manifest); ``records`` is the state
+    file's ``vms``."""
     actions: list[Action] = []
     wanted = {d.name: d for d in desired}
     deployments = {d.deployment for d in desired}
@@ -220,7 +221,7 @@ def make_plan(
         sha = image_shas.get(str(d.spec.image))
         actual = view.vms.get(d.name)
         if not isinstance(sha, str):
-            actions.append(Action("skip", reasons=(f"image manifest {d.spec.image}: {sha}",), actual=actual, **base))
+            actions.append(Action("skip", reasons=(str(sha),), actual=actual, **base))  # it names the manifest
             continue
         record = records.get(d.name)
         if actual is None:

@@ -16,7 +16,7 @@ from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.plan import Plan, make_plan
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState, default_state_dir
-from tdxvm.launch.errors import LaunchError
+from tdxvm.launch.errors import LaunchError, ManifestError
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
@@ -39,8 +39,10 @@ class Images:
                 manifest = load_manifest(path)
                 shas[path] = hashlib.sha256(manifest.path.read_bytes()).hexdigest()
                 manifests[path] = manifest
-            except (LaunchError, OSError) as exc:
+            except LaunchError as exc:  # its message names the manifest
                 shas[path] = exc
+            except OSError as exc:
+                shas[path] = ManifestError(f"image manifest {path}: {exc.strerror or exc}")
         return cls(shas, manifests)
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from tdxvm.launch.spec import VmSpec
@@ -103,7 +103,7 @@ def _resolve_paths(data: Any) -> Any:
 
 
 def _dns_label(value: str, what: str) -> str:
-    if not _DNS_LABEL.match(value) or len(value) > 40:
+    if not _DNS_LABEL.fullmatch(value) or len(value) > 40:
         raise ValueError(
             f"{value!r}: a {what} name is lowercase letters, digits and '-' (not at either end), at most 40 characters"
         )
@@ -161,12 +161,30 @@ def model_input(model: BaseModel) -> dict[str, Any]:
     }
 
 
+def _placement(value: Any) -> tuple[str, ...] | dict[str, int]:
+    """A list of host names (round-robin) or a mapping of host name to replica count."""
+    shape = "a list of host names ([a, b]: round-robin) or a mapping of host name to replica count ({a: 2, b: 1})"
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(host, str) for host in value):
+            raise ValueError(f"expected {shape}")
+        return tuple(value)
+    if isinstance(value, dict):
+        counts = {}
+        for host, n in value.items():
+            text = str(n) if isinstance(n, (str, int)) and not isinstance(n, bool) else ""
+            if not text.isdigit() or int(text) > MAX_REPLICAS:
+                raise ValueError(f"{host}: {n!r} is not a replica count (a whole number from 0 to {MAX_REPLICAS})")
+            counts[str(host)] = int(text)
+        return counts
+    raise ValueError(f"expected {shape}")
+
+
 class Deployment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     template: str
     replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] | None = None
-    placement: tuple[str, ...] | dict[str, Annotated[int, Field(ge=0, le=MAX_REPLICAS)]]
+    placement: Annotated[tuple[str, ...] | dict[str, int], BeforeValidator(_placement)]
     overrides: dict[str, Override] = {}
 
     @field_validator("template")

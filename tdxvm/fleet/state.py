@@ -117,6 +117,39 @@ def _read_holder(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# the JSON types of the entry fields tdxvm writes (tdxvm/fleet/executor.py); others are kept as read
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "phase": str,
+    "host": str,
+    "uri": str,
+    "deployment": str,
+    "replica": int,
+    "template": str,
+    "spec": dict,
+    "reasons": list,
+    "error": str,
+    "endpoint": str,
+    "tcb_status": str,
+    "measurements_digest": str,
+    "spec_hash": str,
+    "image_sha": str,
+}
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a state file's ``hosts`` and ``vms`` (None: nothing)."""
+    hosts, vms = data["hosts"], data["vms"]
+    if not isinstance(hosts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hosts.items()):
+        return '"hosts" is not an object of host names and URIs'
+    if not isinstance(vms, dict) or not all(isinstance(v, dict) for v in vms.values()):
+        return '"vms" is not an object of VM names and their entries'
+    for name, entry in vms.items():
+        for key, value in entry.items():
+            if value is not None and not isinstance(value, _FIELD_TYPES.get(key, object)):
+                return f'"vms.{name}.{key}" is a JSON {type(value).__name__}, not what tdxvm writes there'
+    return None
+
+
 class FleetState:
     """The state file of one fleet; thread-safe (the reconcile's workers update it)."""
 
@@ -141,6 +174,12 @@ class FleetState:
             raise FleetStateError(f"fleet state {path} is not the state of fleet {fleet} (format {FORMAT})")
         data.setdefault("hosts", {})
         data.setdefault("vms", {})
+        problem = _shape_problem(data)
+        if problem is not None:
+            raise FleetStateError(
+                f"fleet state {path}: {problem}; move it away to start from what libvirt holds "
+                "(VMs that are still defined are found by their labels)"
+            )
         return cls(path, data)
 
     # -- reading ---------------------------------------------------------------------------

@@ -185,6 +185,12 @@ class Agent:
         self.controller_key = controller_key
         self.provider, self.root, self.default_qgs = provider, Path(root), default_qgs
         self._quote_lock = threading.Lock()  # the device paths take one request at a time
+        # Secrets are taken in the order of the attests they were sealed to: a release sealed
+        # to an older attest than the one that last delivered the same name is a replay (the
+        # host kept an old connection open), and would undo a rotation (an API key set).
+        self._attests = 0  # attests completed, all connections together
+        self._order_lock = threading.Lock()
+        self._delivered: dict[str, int] = {}  # secret name -> number of the attest it last came with
         self._event_log: bytes | None = None
         self._event_log_read = False
 
@@ -205,14 +211,22 @@ class Agent:
     def session(self) -> Session:
         return Session(self)
 
+    def _next_attest(self) -> int:
+        with self._order_lock:
+            self._attests += 1
+            return self._attests
+
 
 class Session:
-    """One connection's state: the X25519 key and nonce of its latest attest."""
+    """One connection's state: the X25519 key, nonce and number of its latest attest, and the
+    secrets taken with it (each name once: another one of the same name needs a new attest)."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._key: X25519PrivateKey | None = None
         self._nonce: bytes | None = None
+        self._number = 0
+        self._taken: set[str] = set()
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -241,7 +255,7 @@ class Session:
         provider = self.agent.quote_provider(qgs)
         with self.agent._quote_lock:
             quote = provider.quote(report_data(nonce, keys))
-        self._key, self._nonce = key, nonce
+        self._key, self._nonce, self._number, self._taken = key, nonce, self.agent._next_attest(), set()
         log.info("attested with %s for nonce %s… (keys: %s)", provider.name, nonce_hex[:16], ", ".join(sorted(keys)))
         events = self.agent.event_log()
         return {
@@ -266,7 +280,20 @@ class Session:
         except EnvelopeError as exc:
             log.warning("refused secret %r: %s", name, exc)
             raise SecretRefused(f"secret {name!r}: {exc}") from None
-        self.agent.on_secret(name, plaintext)
+        agent = self.agent
+        with agent._order_lock:  # held while it is kept, so that two releases are kept in attest order
+            if name in self._taken:
+                log.warning("refused secret %r: a second one on the same attest (a replay?)", name)
+                raise SecretRefused(f"secret {name!r}: already received with this attest; attest again to send another")
+            if self._number < agent._delivered.get(name, 0):
+                log.warning("refused secret %r: sealed to an older attest than the one it last came with", name)
+                raise SecretRefused(
+                    f"secret {name!r}: sealed to an older attest than the one it last came with (a replay on a "
+                    "connection kept open?)"
+                )
+            agent.on_secret(name, plaintext)
+            self._taken.add(name)
+            agent._delivered[name] = self._number
         log.info("received secret %r (%d bytes)", name, len(plaintext))
         return {"ok": True}
 

@@ -45,7 +45,7 @@ def secret_info(name: str, nonce: bytes) -> bytes:
 
 def check_secret_name(name: Any) -> str:
     """``name`` if it is a usable secret name (a file name: letters, digits, ``.``, ``_``, ``-``)."""
-    if not isinstance(name, str) or not _SECRET_NAME.match(name):
+    if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
         raise WireError(
             f"secret name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -60,7 +60,7 @@ def decode(line: bytes) -> dict[str, Any]:
     """One request or answer line as a JSON object."""
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurd nesting
         raise WireError("the line is not UTF-8 JSON") from None
     if not isinstance(obj, dict):
         raise WireError("the line is not a JSON object")

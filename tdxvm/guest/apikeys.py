@@ -56,13 +56,13 @@ def generate() -> str:
 
 def check_key(key: str, where: str) -> str:
     """``key`` if it has :func:`generate`'s form (``where`` names it in the error)."""
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise ApiKeysError(f"{where}: not a tdxvm API key (tdxvm- and 43 base64url characters)")
     return key
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ApiKeysError(f"API key name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return name
 
@@ -101,9 +101,9 @@ def parse(data: bytes, where: str) -> dict[bytes, str]:
             not isinstance(entry, dict)
             or set(entry) != {"name", "sha256"}
             or not isinstance(entry["name"], str)
-            or not NAME_PATTERN.match(entry["name"])
+            or not NAME_PATTERN.fullmatch(entry["name"])
             or not isinstance(entry["sha256"], str)
-            or not _HEX.match(entry["sha256"])
+            or not _HEX.fullmatch(entry["sha256"])
         ):
             raise ApiKeysError(f"{where}: keys.{i}: {{name, sha256: 64 lowercase hex}}")
         out[bytes.fromhex(entry["sha256"])] = entry["name"]

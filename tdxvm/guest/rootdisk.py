@@ -82,7 +82,7 @@ def parse_cmdline(cmdline: str) -> VerityRoot:
     if len(values) != 1:
         raise RootDiskError(f"the kernel command line has {len(values)} {CMDLINE_KEY}= arguments, expected exactly one")
     blocks, _, root_hash = values[0].partition(":")
-    if not blocks.isdigit() or int(blocks) == 0 or not _HEX64.match(root_hash):
+    if not blocks.isdigit() or int(blocks) == 0 or not _HEX64.fullmatch(root_hash):
         raise RootDiskError(f"{CMDLINE_KEY}={values[0]!r} is not <data blocks>:<64 hex digits of root hash>")
     return VerityRoot(data_blocks=int(blocks), root_hash=root_hash)
 

@@ -216,7 +216,8 @@ def decrypt_chunks(src: BinaryIO, *, key: bytes, path: str, where: str) -> tuple
             except InvalidTag:
                 raise WeightsError(
                     f"{where}: chunk {i} (byte {offset}) fails authentication: "
-                    "tampered, reordered, truncated, or the wrong key"
+                    "tampered, reordered, truncated, or the wrong key",
+                    code="weights-authentication",
                 ) from None
         if src.read(1):
             raise WeightsError(f"{where}: unexpected bytes after the last chunk")

@@ -158,7 +158,7 @@ def kernel_version(root: Path) -> str:
 def make_initramfs(root: Path, *, epoch: int) -> BootFiles:
     """Run ``mkinitramfs`` in the rootfs (reproducible with ``SOURCE_DATE_EPOCH``)."""
     version = kernel_version(root)
-    if not re.match(r"^[0-9A-Za-z.+_-]+$", version):
+    if not re.fullmatch(r"[0-9A-Za-z.+_-]+", version):
         raise ImageStepError("mkinitramfs", [], f"unexpected kernel version {version!r}")
     initrd = f"/boot/initrd.img-{version}"
     depmod = f"depmod -a {version}\n"  # modules may have been omitted: refresh the index first

@@ -117,12 +117,12 @@ def package_files(
 
 
 def is_reference(reference: str) -> bool:
-    return _REF.match(reference) is not None
+    return _REF.fullmatch(reference) is not None
 
 
 def split_reference(reference: str) -> tuple[str, str]:
     """``debian:PACKAGE/PATH`` → (PACKAGE, PATH)."""
-    match = _REF.match(reference)
+    match = _REF.fullmatch(reference)
     if not match:
         raise ValueError(f"{reference!r} is not debian:PACKAGE/PATH")
     return match.group(1), match.group(2)

@@ -274,7 +274,7 @@ class _Reader:
 
     def _match(self, obj: Any, key: str, at: str, pattern: re.Pattern[str], what: str) -> str:
         v = self.text(obj, key, at)
-        if not pattern.match(v):
+        if not pattern.fullmatch(v):
             raise LockError(f"{self.source}: {at}.{key}: {v!r} is not {what}")
         return v
 

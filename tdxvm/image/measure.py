@@ -175,7 +175,7 @@ def load_options(cmdline: str, *, has_initrd: bool, initrd_option: str = "prefix
     (``UnicodeSPrintAsciiFormat``). Empty options (no command line, no initrd) are
     NULL, which the stub does not measure: the result is then ``b""``.
     """
-    raw = cmdline.encode("utf-8")
+    raw = cmdline.encode("utf-8", "surrogateescape")  # a command-line argument's bytes as they were given
     if b"\x00" in raw:
         raise MeasureError(
             "kernel command line contains a NUL byte (QEMU would cut it there)",

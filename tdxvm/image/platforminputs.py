@@ -89,7 +89,7 @@ class PlatformInputs:
 
 
 def _size(text: str, *, default_unit: str, what: str) -> int:
-    match = _SIZE.match(text.strip())
+    match = _SIZE.fullmatch(text.strip())
     if not match:
         raise MemoryArgvError(f"{what}: size {text!r} is not a whole number with an optional b/k/M/G/T suffix")
     return int(match[1]) * _UNITS[(match[2] or default_unit).lower()]

@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from tdxvm.errors import TdxvmError
+from tdxvm.sizes import parse_size
 from tdxvm.yamlfile import SpecError, load_yaml
 
 # What every image needs, whatever the recipe adds: systemd, the SSH server, Python with
@@ -44,8 +45,6 @@ BASE_PACKAGES = (
     "busybox",
     "ca-certificates",
 )
-_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
 # The default kernel.suite for a recipe's suite: where the Debian kernel is Linux >= 6.9,
@@ -74,25 +73,17 @@ class RecipeError(TdxvmError):
     code = "recipe"
 
 
-def parse_size(value: object) -> int:
-    """``"2GiB"`` → bytes. Binary units only, so a size means one thing."""
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a size like 512MiB or 2GiB")
-    return int(match.group(1)) * _UNITS[match.group(2)]
-
-
 def _packages(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError("expected a list of Debian package names")
     for name in value:
-        if not isinstance(name, str) or not _PACKAGE.match(name):
+        if not isinstance(name, str) or not _PACKAGE.fullmatch(name):
             raise ValueError(f"{name!r} is not a Debian package name")
     return tuple(value)
 
 
 def _suite(value: object) -> str:
-    if not isinstance(value, str) or not _SUITE.match(value):
+    if not isinstance(value, str) or not _SUITE.fullmatch(value):
         raise ValueError(f"{value!r} is not a Debian suite name (bookworm, bookworm-backports, …)")
     return value
 
@@ -128,7 +119,7 @@ class FileEntry(BaseModel):
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str) -> str:
-        if not re.match(r"^0?[0-7]{3,4}$", v):
+        if not re.fullmatch(r"0?[0-7]{3,4}", v):
             raise ValueError(f"{v!r} is not an octal file mode like 0644")
         return v
 
@@ -267,7 +258,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         raise RecipeError(f"image recipe is not valid:\n{exc}") from None
     loaded = LoadedRecipe(recipe=recipe, path=p.resolve(), sha256=hashlib.sha256(p.read_bytes()).hexdigest())
     for i, entry in enumerate(recipe.files):
-        if not loaded.file_source(entry).is_file():
+        source = loaded.file_source(entry)
+        if source.is_dir():
+            raise RecipeError(f"{p}: files.{i}.src: {entry.src} is a folder; list each file to copy")
+        if not source.is_file():
             raise RecipeError(f"{p}: files.{i}.src: {entry.src} does not exist (relative to {loaded.folder})")
     return loaded
 

@@ -288,7 +288,7 @@ def kernel_in_rootfs(tarball: Path) -> tuple[str, bytes] | None:
     """The rootfs tarball's ``/boot/vmlinuz-*`` (its name and bytes), read without
     unpacking the rest; None when there is not exactly one (the configure step says why)."""
     with tarfile.open(tarball, "r:") as tar:
-        found = [m for m in tar if m.isfile() and _BOOT_KERNEL.match(m.name)]
+        found = [m for m in tar if m.isfile() and _BOOT_KERNEL.fullmatch(m.name)]
         if len(found) != 1:
             return None
         f = tar.extractfile(found[0])

@@ -86,7 +86,7 @@ class DomainSpec:
     owner: dict[str, str] = field(default_factory=dict)  # tdxvm metadata (fleet, template…)
 
     def check(self) -> None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise DomainSpecError(f"domain name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 63)")
         try:
             uuidlib.UUID(self.uuid)

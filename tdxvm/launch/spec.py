@@ -47,6 +47,7 @@ from tdxvm.launch.domain import td_policy
 from tdxvm.launch.errors import LaunchPolicyError
 from tdxvm.launch.manifest import ImageManifest
 from tdxvm.launch.uris import uri_problem
+from tdxvm.sizes import parse_size
 from tdxvm.yamlfile import load_yaml, parse_yaml
 
 FILLED_FROM_MANIFEST = ("mrtd", "rtmr1", "rtmr2")
@@ -69,8 +70,6 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 DEFAULT_API_KEY = "default"
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CPUSET = re.compile(r"^\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(KiB|MiB|GiB|TiB)\s*$")
-_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 _base_dir: ContextVar[Path | None] = ContextVar("tdxvm_vm_spec_base", default=None)
 
@@ -92,10 +91,7 @@ def _memory_mib(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):  # from code: MiB
         return value
     text = str(value)
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a size: write e.g. 2GiB or 1024MiB (units KiB, MiB, GiB, TiB)")
-    size = int(m.group(1)) * _UNITS[m.group(2)]
+    size = parse_size(text)
     if size % (1 << 20):
         raise ValueError(f"{text} is not a whole number of MiB")
     return size >> 20
@@ -191,7 +187,7 @@ class Pinning(BaseModel):
     @classmethod
     def _cpusets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for cpus in value:
-            if not _CPUSET.match(cpus):
+            if not _CPUSET.fullmatch(cpus):
                 raise ValueError(f'{cpus!r} is not a host cpuset (e.g. "2", "2-3", "0-7,^4")')
         return value
 
@@ -231,11 +227,11 @@ class ModelRef(BaseModel):
     @model_validator(mode="after")
     def _defaults_usable(self) -> ModelRef:
         folder = self.path.name
-        if self.name is None and not _MODEL_NAME.match(folder):
+        if self.name is None and not _MODEL_NAME.fullmatch(folder):
             raise ValueError(
                 f"the folder name {folder!r} cannot be the model's name (letters, digits, . _ : / -); set name:"
             )
-        if self.key is None and not _KEY_NAME.match(folder):
+        if self.key is None and not _KEY_NAME.fullmatch(folder):
             raise ValueError(f"the folder name {folder!r} cannot be the key's name (letters, digits, . _ -); set key:")
         return self
 
@@ -279,7 +275,7 @@ class VmSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError(f"{value!r}: use letters, digits, '.', '_' and '-' (at most 63, first a letter or digit)")
         return value
 

@@ -282,7 +282,7 @@ def _document(status: int, body: bytes) -> AttestationDocument | Reason:
         return Reason("attestation-format", f"{where}: answer larger than {MAX_DOCUMENT} bytes")
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         obj = None
     if status != 200:
         msg = (

@@ -127,7 +127,7 @@ def _guest_json(client: Any, args: list[str], *, phase: str, timeout: float) -> 
     code = stdout.channel.recv_exit_status()
     try:
         doc = json.loads(out.splitlines()[-1]) if out else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurd nesting
         doc = {}
     if code != 0 or not doc.get("ok"):
         err = doc.get("error") or stderr.read().decode(errors="replace").strip()[-1500:] or out[-500:]
@@ -266,7 +266,7 @@ def _upload(
                 enc_dir, ssh_client=client, via=chosen, streams=streams, python=GUEST_PYTHON, progress=report, **kwargs
             )
         except transfer.TransferError as exc:
-            if exc.code in ("bad-folder", "changed", "refused"):
+            if exc.code in ("bad-folder", "changed"):  # this machine's folder: a retry cannot help
                 raise
             last = exc
             progress("retry", {"attempt": attempt, "error": str(exc)})

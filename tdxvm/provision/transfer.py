@@ -172,7 +172,7 @@ class _RemoteReceiver:
             self.chan.settimeout(timeout or self.timeout)
             raw = _read_line(self.chan, self._buf)
             doc = json.loads(raw)
-        except (OSError, EOFError, ValueError) as exc:
+        except (OSError, EOFError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             time.sleep(0.1)
             kind = (
                 TransferUnreachable if isinstance(exc, OSError) else TransferError
@@ -276,18 +276,17 @@ class _Sender:
 
 
 def _stream_error(conn: _Conn, exc: BaseException) -> TransferError:
-    """The guest's own reason when it closed the stream on us, else what broke."""
-    with contextlib.suppress(OSError, EOFError, ValueError, TransferError):
+    """What broke the stream, with the reason given on it when there is one. A bulk stream
+    may pass through the host's forward, so what it says never decides more than a retry:
+    only the SSH channel's answers end an upload (a host that answers "the local file
+    changed" must not stop the provision as if it had)."""
+    why = ""
+    with contextlib.suppress(OSError, EOFError, ValueError, RecursionError, TransferError):
         conn.settimeout(2.0)
         doc = json.loads(_read_line(conn, bytearray()))
-        if not doc.get("ok"):
-            return TransferError(
-                f"guest refused the stream: {doc.get('error')}",
-                code="refused"
-                if doc.get("code") in ("refused", "protocol", "header-mismatch")
-                else str(doc.get("code")),
-            )
-    return TransferUnreachable(f"bulk stream broke: {exc!r}", code="stream")
+        if isinstance(doc, dict) and not doc.get("ok"):
+            why = f"; the stream's answer: {str(doc.get('error'))[:300]}"
+    return TransferUnreachable(f"bulk stream broke: {exc!r}{why}", code="stream")
 
 
 def upload(
@@ -420,10 +419,11 @@ def _run_streams(
             conn = _open_conn(via, remote, guest_address, port, timeout)
             try:
                 reply = sender.run(conn)
-            except (OSError, EOFError, ValueError, paramiko.SSHException) as exc:
+            except (OSError, EOFError, ValueError, RecursionError, paramiko.SSHException) as exc:
                 raise _stream_error(conn, exc) from None
-            if not reply.get("ok"):
-                raise TransferError(f"guest refused the stream: {reply.get('error')}", code="refused")
+            if not isinstance(reply, dict) or not reply.get("ok"):  # said on the stream: a retry at most
+                why = str(reply.get("error") if isinstance(reply, dict) else reply)[:300]
+                raise TransferUnreachable(f"bulk stream refused: {why}", code="stream")
         except BaseException as exc:  # handed to the caller's thread below
             sender.failed.set()
             errors.append(exc)
@@ -442,8 +442,8 @@ def _run_streams(
         sender.failed.set()
         raise
     if errors:
-        first = next((e for e in errors if isinstance(e, TransferError) and e.code == "refused"), errors[0])
-        if isinstance(first, TransferError) and first.code in ("stream", "refused"):
+        first = errors[0]
+        if isinstance(first, TransferError) and first.code == "stream":
             tail = remote.stderr_tail()
             if tail:
                 raise type(first)(f"{first}; guest receiver says: {tail}", code=first.code) from None

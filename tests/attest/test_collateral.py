@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from dataclasses import replace
 
@@ -171,8 +172,11 @@ def test_validity_errors_name_the_item(testdata):
     del tcb["nextUpdate"]
     with pytest.raises(CollateralError, match=r"tcb_info\.nextUpdate: missing"):
         validity(replace(c, tcb_info=json.dumps(tcb)))
-    with pytest.raises(CollateralError, match=r"qe_identity\.issueDate: 'yesterday' is not an ISO 8601"):
+    with pytest.raises(CollateralError, match=r"qe_identity\.issueDate: 'yesterday' is not an RFC 3339 date"):
         validity(replace(c, qe_identity=c.qe_identity.replace('"2025-06-19T10:32:27Z"', '"yesterday"', 1)))
+    for when in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1969-12-31T23:59:59Z"):
+        with pytest.raises(CollateralError, match=rf"qe_identity\.issueDate: '{re.escape(when)}' is out of range"):
+            validity(replace(c, qe_identity=c.qe_identity.replace("2025-06-19T10:32:27Z", when, 1)))
     with pytest.raises(CollateralError, match="pck_crl: not a usable DER CRL"):
         validity(replace(c, pck_crl=b"\x30\x00"))
     with pytest.raises(CollateralError, match="qe_identity: expected a JSON object"):

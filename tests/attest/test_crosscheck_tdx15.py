@@ -147,6 +147,16 @@ CASES: dict[str, tuple[Change | None, bytes, bytes, int, str | None]] = {
     "TEE_TCB_SVN2 below every level's microcode": (None, OLD, svn(5, 1, 1), 3, None),
     "TEE_TCB_SVN2 of a major version 0 module": (None, OLD, svn(5, 0, 2), 3, None),
     "TEE_TCB_SVN2 on a revoked module": (_current_module_revoked, svn(7, 1, 2), svn(5, 1, 2), 3, None),
+    "platform level revoked": (lambda p: _levels("Revoked", "OutOfDate"), NEW, NEW, 3, None),
+    # a module of major version 1 whose TCB info says nothing of its levels: not evaluated, refused
+    "TCB info without TDX module identities": (lambda p: {"tdx_module_identities": ()}, NEW, NEW, 3, None),
+    "TDX module identity without TCB levels": (
+        lambda p: {"tdx_module_identities": (TdxModuleIdentity(version=1, tcb_levels=()),)},
+        NEW,
+        NEW,
+        3,
+        None,
+    ),
 }
 
 
@@ -186,6 +196,21 @@ def test_unmatched_tee_tcb_svn2_names_the_field(platform, name):
     )
     assert [r.code for r in v.reasons] == ["current-tcb-not-supported"]
     assert f"TEE_TCB_SVN2 {current.hex()}" in v.reasons[0].message
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("platform level revoked", "tcb-revoked"),
+        ("TCB info without TDX module identities", "tdx-module-unknown"),
+        ("TDX module identity without TCB levels", "tdx-module-tcb-level-not-found"),
+    ],
+)
+def test_a_tcb_that_cannot_be_accepted_says_why(platform, name, code):
+    change, launch, current, body_type, _ = CASES[name]
+    p = platform.variant(**change(platform))
+    _, _, v = both(p, p.sign_quote(version=5, body_type=body_type, tee_tcb_svn=launch, tee_tcb_svn2=current))
+    assert [r.code for r in v.reasons] == [code]
 
 
 def test_revoked_trust_anchor_refused_by_both(platform):

@@ -82,6 +82,16 @@ def test_rejected_advisory(quote):
     assert "INTEL-SA-00615" in reasons[0].message and "INTEL-SA-00001" not in reasons[0].message
 
 
+def test_an_advisory_written_in_lower_case_still_rejects(quote):
+    """A typo of case must not fail open: the IDs are Intel's, upper-cased on load."""
+    p = parse_policy(
+        "accepted_tcb_statuses: [UpToDate, SWHardeningNeeded]\nrejected_advisory_ids: [' intel-sa-00615']\n"
+    )
+    assert p.rejected_advisory_ids == ("INTEL-SA-00615",)
+    reasons = evaluate(p, result_for(quote, status="SWHardeningNeeded", advisories=["INTEL-SA-00615"]))
+    assert codes(reasons) == ["advisory"]
+
+
 def test_debug_and_sept_ve(quote):
     attrs = (TD_ATTR_DEBUG).to_bytes(8, "little")
     reasons = evaluate(Policy(), result_for(quote, td_attributes=attrs))
@@ -275,6 +285,8 @@ def test_policy_file_roundtrip(tmp_path, quote):
         ("allow_debug: false\nmrdt: " + "00" * 48 + "\n", 2, "mrdt: unknown key"),
         ("mrtd: abcd\n", 1, "mrtd: expected 48 bytes"),
         ("accepted_tcb_statuses:\n  - UpToDate\n  - Fine\n", 2, "'Fine' is not a TCB status"),
+        ("accepted_tcb_statuses: [UpToDate, Revoked]\n", 1, "'Revoked' cannot be accepted"),
+        ("rejected_advisory_ids: [intel-sa-615]\n", 1, "'intel-sa-615' is not an Intel advisory ID"),
         ("rtmr1:\n  - " + "00" * 48 + "\n  - zz\n", 2, "rtmr1"),
         ("allow_debug: [\n", 2, "not valid YAML"),
         ("- a\n- b\n", 1, "expected a mapping"),

@@ -5,6 +5,9 @@ and tests/cli/test_refusal.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import click
 
@@ -51,6 +54,9 @@ def test_an_exception_not_ours_is_exit_4_internal_error(capsys, tmp_path, monkey
     (tmp_path / "x.yaml").write_text("a: 1\n")
     code, _, err = run(capsys, "validate", tmp_path / "x.yaml")
     assert code == 4 and "internal error" in err and "RuntimeError: boom" in err
+    code, out, err = run(capsys, "validate", tmp_path / "x.yaml", "-o", "json")  # scripts read stdout
+    assert code == 4 and "RuntimeError: boom" in err
+    assert json.loads(out) == {"error": {"code": "internal", "message": "internal error: RuntimeError: boom"}}
 
 
 class _LooksTyped(Exception):
@@ -91,3 +97,22 @@ def test_the_class_decides_never_the_attributes(capsys):
     assert json.loads(capsys.readouterr().out) == {"error": {"code": "no", "message": "not this one"}}
     assert run_guarded(cli, ["raise", "input"]) == 2 and capsys.readouterr().err == "error: bad file\n"
     assert run_guarded(cli, ["raise", "typed"]) == 4 and "internal error" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_a_refusal(testdata):
+    """``tdxvm verify-quote … | head -c0``: an accepted quote whose output nobody reads is
+    exit 141 (a broken pipe, as a shell reports for a tool SIGPIPE killed), never 1 (refused)."""
+    d = testdata / "dcap-qvl-v4"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from tdxvm.cli import main; sys.exit(main())", "verify-quote"]
+            + [d / "quote.bin", "--collateral", d / "collateral.json", "--at", "2025-06-20T00:00:00Z"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr

@@ -8,6 +8,7 @@ from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.inventory import ActualVm, ContestedVm, HostView
 from tdxvm.fleet.plan import make_plan
 from tdxvm.fleet.spec import parse_fleet, spec_document
+from tdxvm.launch.errors import ManifestError
 
 FLEET = """\
 apiVersion: tdxvm/v1
@@ -209,7 +210,8 @@ def test_the_fleets_vms_of_another_controller_are_skipped_whether_asked_for_or_n
 
 
 def test_unreadable_image_skips_its_vms():
-    p = plan(desired(), views(), shas={"/img/manifest.json": FileNotFoundError("no such file")})
+    unreadable = ManifestError("image manifest /img/manifest.json: no such file")  # Images.read names the manifest
+    p = plan(desired(), views(), shas={"/img/manifest.json": unreadable})
     assert [a.kind for a in p.actions] == ["skip", "skip"] and p.actions[0].reasons == (
         "image manifest /img/manifest.json: no such file",
     )

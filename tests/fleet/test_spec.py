@@ -126,6 +126,15 @@ def test_override_is_checked_with_its_template():
             "fleet.yaml:17: spec.deployments.web: replicas is 3 but the placement puts 2",
         ),
         (
+            ("placement: [a, b]", "placement: {a: -1, b: 4}"),
+            "fleet.yaml:19: spec.deployments.web.placement: a: '-1' is not a replica count (a whole number",
+        ),
+        (
+            ("placement: [a, b]", "placement: a"),
+            "fleet.yaml:19: spec.deployments.web.placement: expected a list of host names ([a, b]: round-robin) "
+            "or a mapping of host name to replica count",
+        ),
+        (
             ("placement: [a, b]", "placement: []"),
             "fleet.yaml:19: spec.deployments.web.placement: expected at least one host",
         ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,4 +80,22 @@ def test_unusable_state_file_says_what_to_do(tmp_path):
         FleetState.load(tmp_path, "demo")
     (tmp_path / "demo.json").write_text(json.dumps({"format": "tdxvm-fleet-state/1", "fleet": "other"}))
     with pytest.raises(FleetStateError, match="is not the state of fleet demo"):
+        FleetState.load(tmp_path, "demo")
+
+
+@pytest.mark.parametrize(
+    ("top", "said"),
+    [
+        ({"vms": []}, '"vms" is not an object'),
+        ({"vms": {"x": 5}}, '"vms" is not an object'),
+        ({"hosts": "x"}, '"hosts" is not an object'),
+        ({"hosts": {"a": 1}}, '"hosts" is not an object'),
+        ({"vms": {"demo-web-0": {"host": ["a"]}}}, '"vms.demo-web-0.host" is a JSON list'),
+        ({"vms": {"demo-web-0": {"replica": "0"}}}, '"vms.demo-web-0.replica" is a JSON str'),
+    ],
+)
+def test_a_state_file_of_another_shape_is_refused_with_what_to_do(tmp_path, top, said):
+    """Hand-edited or damaged state: a typed error naming the field, never a traceback later."""
+    (tmp_path / "demo.json").write_text(json.dumps({"format": "tdxvm-fleet-state/1", "fleet": "demo", **top}))
+    with pytest.raises(FleetStateError, match=f"demo.json: {re.escape(said)}.*move it away"):
         FleetState.load(tmp_path, "demo")

@@ -224,6 +224,37 @@ def test_secret_opens_only_with_the_latest_attest_of_its_connection(tmp_path, qg
     assert (tmp_path / "secrets/disk").read_bytes() == b"k1"
 
 
+def test_an_old_release_replayed_on_a_connection_kept_open_is_refused(tmp_path, qgs):
+    """The host keeps the connection of an earlier provision open, holding back (or keeping a
+    copy of) its API key set, and delivers it after the controller rotated the keys on a new
+    attest: refused, the rotation stands. Nor is a release taken twice on one attest."""
+    (tmp_path / "root").mkdir()
+    with agent_thread(tmp_path / "secrets", tmp_path / "root") as server:
+        old, new = Conn(server.port), Conn(server.port)
+        try:
+            sealed = {}
+            for conn, nonce, content in ((old, "01", b"leaked set"), (new, "02", b"rotated set")):
+                key = wire.unb64(conn.ask(op="attest", nonce=nonce * 32, qgs=qgs.address)["keys"]["x25519"], "k")
+                info = wire.secret_info("api-keys", bytes.fromhex(nonce * 32))
+                sealed[conn] = wire.b64(seal(content, key, info=info, sender=CONTROLLER))
+            assert new.ask(op="secret", name="api-keys", sealed=sealed[new]) == {"ok": True}
+            assert old.ask(op="hello")["ok"]  # kept alive
+            replayed = old.ask(op="secret", name="api-keys", sealed=sealed[old])
+            assert not replayed["ok"] and "older attest than the one it last came with" in replayed["error"]
+            assert (tmp_path / "secrets/api-keys").read_bytes() == b"rotated set"
+            again = new.ask(op="secret", name="api-keys", sealed=sealed[new])  # the same release twice
+            assert not again["ok"] and "attest again to send another" in again["error"]
+            # a new attest on the old connection is as new as any: the controller's next release is taken
+            key = wire.unb64(old.ask(op="attest", nonce="03" * 32, qgs=qgs.address)["keys"]["x25519"], "k")
+            info = wire.secret_info("api-keys", bytes.fromhex("03" * 32))
+            newest = wire.b64(seal(b"newest set", key, info=info, sender=CONTROLLER))
+            assert old.ask(op="secret", name="api-keys", sealed=newest) == {"ok": True}
+            assert (tmp_path / "secrets/api-keys").read_bytes() == b"newest set"
+        finally:
+            old.close()
+            new.close()
+
+
 def test_unlock_prints_exactly_the_key(tmp_path, qgs):
     (tmp_path / "root").mkdir()
     passphrase = b"0f" * 32

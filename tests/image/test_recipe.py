@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tdxvm.image.cache import StepCache, step_key
-from tdxvm.image.recipe import KERNEL_SUITES, Recipe, RecipeError, load_recipe, parse_size
+from tdxvm.image.recipe import KERNEL_SUITES, Recipe, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,12 +108,14 @@ def test_recipe_errors_name_file_line_field(tmp_path, text, where):
 def test_missing_file_named(tmp_path):
     with pytest.raises(RecipeError, match=r"files\.0\.src: nothere does not exist"):
         load_recipe(_write(tmp_path, "name: x\nfiles:\n  - {src: nothere, dest: /etc/x}\n"))
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(RecipeError, match=r"files\.0\.src: adir is a folder; list each file to copy"):
+        load_recipe(_write(tmp_path, "name: x\nfiles:\n  - {src: adir, dest: /etc/x}\n"))
 
 
-def test_sizes():
-    assert parse_size("512MiB") == 512 << 20 and parse_size("2GiB") == 2 << 30
-    with pytest.raises(ValueError):
-        parse_size("2G")
+def test_an_absurd_disk_size_is_refused_with_its_line(tmp_path):
+    with pytest.raises(RecipeError, match=r":2: disk_size: .*99999999999999999999TiB is more than 64TiB"):
+        load_recipe(_write(tmp_path, "name: x\ndisk_size: 99999999999999999999TiB\n"))
 
 
 def test_step_cache_publishes_only_finished_entries(tmp_path):

@@ -159,6 +159,8 @@ def test_load_options_encoding():
     assert load_options("", has_initrd=False) == b""  # NULL LoadOptions: the stub measures nothing
     assert load_options("", has_initrd=True) == "initrd=initrd ".encode("utf-16-le") + b"\0\0"
     assert load_options("é", has_initrd=False) == b"\xc3\x00\xa9\x00\x00\x00"  # one CHAR16 per byte
+    # a command line given in argv that is not UTF-8 (os.fsdecode): its bytes, as QEMU passes them
+    assert load_options(os.fsdecode(b"a\xffb"), has_initrd=False) == b"a\x00\xff\x00b\x00\x00\x00"
     with pytest.raises(MeasureError, match="NUL"):
         load_options("a\0b", has_initrd=False)
 

@@ -383,7 +383,8 @@ def test_tampered_stream_is_refused(client, encrypted, tmp_path):
             )
     finally:
         proxy.close()
-    assert e.value.code == "refused" and "fails its tag" in str(e.value)
+    # what the stream says only explains: it may be the host's forward speaking, so it asks for a retry at most
+    assert e.value.code == "stream" and "fails its tag" in str(e.value)
     assert not upload_path(dest, upload_id).exists()
 
     report = upload(

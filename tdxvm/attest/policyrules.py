@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from tdxvm.attest.freshness import freshness_reasons
-from tdxvm.attest.quote import Quote, td_attribute_names
+from tdxvm.attest.quote import TD_ATTR_DEBUG, TD_ATTR_TUD_MASK, Quote, td_attribute_names
 from tdxvm.attest.result import Reason, VerificationResult
 
 ZERO48 = "00" * 48
@@ -176,6 +176,22 @@ def _service_td(policy: Any, q: Quote) -> Reason | None:
     return None
 
 
+def _under_debug(attributes: int) -> list[Reason]:
+    """The TD attributes of the TUD group (bits 7:0) that are set: each makes a TD untrusted."""
+    if attributes & TD_ATTR_DEBUG:
+        return [Reason("debug-td", "the TD has the DEBUG attribute: its memory and state are readable by the host")]
+    others = attributes & TD_ATTR_TUD_MASK
+    if not others:
+        return []
+    return [
+        Reason(
+            "debug-td",
+            f"the TD has {', '.join(td_attribute_names(others))} of the TD-under-debug attributes (bits 7:0: "
+            "profiling and debug features that expose the TD to the host): TDX treats such a TD as untrusted",
+        )
+    ]
+
+
 def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
     """Every way in which a verified quote breaks ``policy`` (empty: accepted)."""
     out: list[Reason] = []
@@ -193,8 +209,8 @@ def evaluate(policy: Any, result: VerificationResult) -> list[Reason]:
         if bad:
             out.append(Reason("advisory", f"advisories rejected by the policy apply: {', '.join(bad)}"))
     out += freshness_reasons(policy.min_tcb_evaluation_data_number, policy.max_collateral_age, result)
-    if q.body.debug and not policy.allow_debug:
-        out.append(Reason("debug-td", "the TD has the DEBUG attribute: its memory and state are readable by the host"))
+    if not policy.allow_debug:
+        out += _under_debug(q.body.td_attributes_u64)
     if q.body.migratable and not policy.allow_migratable:
         out.append(
             Reason(

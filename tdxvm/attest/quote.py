@@ -49,6 +49,11 @@ CERT_TYPE_QE_REPORT = 6
 # numbers as Linux names them (arch/x86/include/asm/shared/tdx.h, TDX_ATTR_*).
 TD_ATTR_DEBUG = 1 << 0
 TD_ATTR_HGS_PLUS = 1 << 4
+TD_ATTR_PERF_PROF = 1 << 5
+TD_ATTR_PMT_PROF = 1 << 6
+# The TUD ("TD under debug") group, bits 7:0: a TD with any of them set is untrusted (TDX
+# module ABI, ATTRIBUTES): DEBUG, the profiling bits, and bits reserved for more of them.
+TD_ATTR_TUD_MASK = 0xFF
 TD_ATTR_ICSSD = 1 << 16
 TD_ATTR_LASS = 1 << 27
 TD_ATTR_SEPT_VE_DISABLE = 1 << 28
@@ -60,6 +65,8 @@ TD_ATTR_PERFMON = 1 << 63
 TD_ATTR_NAMES = {
     TD_ATTR_DEBUG: "DEBUG",
     TD_ATTR_HGS_PLUS: "HGS_PLUS",
+    TD_ATTR_PERF_PROF: "PERF_PROF",
+    TD_ATTR_PMT_PROF: "PMT_PROF",
     TD_ATTR_ICSSD: "ICSSD",
     TD_ATTR_LASS: "LASS",
     TD_ATTR_SEPT_VE_DISABLE: "SEPT_VE_DISABLE",

@@ -6,7 +6,8 @@ In this order (an ASGI middleware, :class:`Gate`):
    ``Retry-After``, in OpenAI's error shape, without reading its body;
 2. the API key, on every route except :data:`PUBLIC` (``/health``, which says only
    whether the model is loaded, and ``/v1/attestation``, which clients need before they
-   trust the service with a key): ``Authorization: Bearer KEY``, checked against the
+   trust the service with a key; these take GET only, so a client without a key never
+   has a body read): ``Authorization: Bearer KEY``, checked against the
    released key hashes (:class:`~tdxvm.guest.apikeys.KeyFile`); no key or another key is
    a 401 that names neither the keys nor their count, and token counts, the model list and
    the metrics are never answered without one;
@@ -90,6 +91,9 @@ class Gate:
             self.in_flight -= 1
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in PUBLIC and scope.get("method") not in ("GET", "HEAD"):
+            answer = error(405, f"{scope['path']} takes GET only", code="method_not_allowed", headers={"Allow": "GET"})
+            return await answer(scope, receive, send)
         if self.keys is not None and scope["path"] not in PUBLIC:
             token = _bearer(scope)
             if token is None:

@@ -13,8 +13,9 @@ end; a second one waits for it, then finds the model installed), it
    (:func:`tdxvm.guest.staging.install_model`; a model already there is swapped out
    only once the new one is complete), and records the upload id in
    :data:`INSTALLED` so a repeated provision of the same weights skips the work;
-2. removes the key file and the upload (the decrypted model is on the encrypted root
-   filesystem; the ciphertext is not needed again);
+2. removes the key file and the upload (the decrypted model is on the scratch disk,
+   under authenticated encryption with a key drawn in the TD, :mod:`tdxvm.guest.scratch`;
+   the ciphertext is not needed again);
 3. writes ``/etc/tdxvm/serve.env``, the arguments of the ``tdxvm-serve`` unit.
 
 It prints one JSON line, ``{"ok": true, "installed": ..., "files": N, "bytes": N,

@@ -63,6 +63,11 @@ from tdxvm.guest.transferwire import (
 )
 
 MAX_CONNECTIONS = 16  # each holds one block buffer (at most 64 MiB)
+# Anyone who reaches the port may connect (the host's forward): what its connections make
+# the receiver say is bounded, so they cannot fill the SSH channel's stderr (which the
+# controller reads only at the end) nor the commit reply.
+MAX_NOTES = 64
+MAX_REFUSALS = 16
 HELLO_TIMEOUT = 10.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -86,7 +91,9 @@ class Receiver:
         self.idle_timeout = idle_timeout
         self.last_activity = time.monotonic()
         self.received = 0
-        self.refusals: list[str] = []
+        self.refusals: list[str] = []  # the first MAX_REFUSALS reasons; ``refused`` counts them all
+        self.refused = 0
+        self._notes = 0
         self._log = log
         self._listener: socket.socket | None = None
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -107,9 +114,15 @@ class Receiver:
         return int(sock.getsockname()[1])
 
     def note(self, message: str) -> None:
-        if self._log is not None:
-            self._log.write(f"tdxvm receiver: {message}\n".encode())
-            self._log.flush()
+        with self._lock:
+            self._notes += 1
+            count = self._notes
+        if self._log is None or count > MAX_NOTES:
+            return
+        if count == MAX_NOTES:
+            message = f"{message} (further notes left out)"
+        self._log.write(f"tdxvm receiver: {message}\n".encode())
+        self._log.flush()
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -148,7 +161,10 @@ class Receiver:
                 blocks = self._receive(conn)
                 self._reply(conn, {"ok": True, "blocks": blocks})
             except (WireError, StagingError) as exc:
-                self.refusals.append(str(exc))
+                with self._lock:
+                    self.refused += 1
+                    if len(self.refusals) < MAX_REFUSALS:
+                        self.refusals.append(str(exc))
                 self.note(f"stream from {peer}: {exc}")
                 self._reply(conn, {"ok": False, "code": exc.code, "error": str(exc)})
             except (EOFError, OSError) as exc:
@@ -349,7 +365,13 @@ def serve(staging: Staging, mac_key: bytes, listen: tuple[str, int], control: _L
                 receiver.stop()
                 path = staging.commit()
                 _emit(
-                    {"ok": True, "committed": str(path), "received": receiver.received, "refusals": receiver.refusals}
+                    {
+                        "ok": True,
+                        "committed": str(path),
+                        "received": receiver.received,
+                        "refusals": receiver.refusals,
+                        "refused": receiver.refused,
+                    }
                 )
                 return EXIT_OK
             if op == "abort":

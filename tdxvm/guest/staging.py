@@ -1,6 +1,8 @@
 """An upload being received, on the guest's disk; and installing a received model.
 
-Layout under the receiving folder ``DEST`` (on the guest's encrypted root filesystem)::
+Layout under the receiving folder ``DEST`` (in a TD, on the scratch disk mounted at
+``/var/lib/tdxvm``: authenticated encryption under a key drawn in the TD,
+:mod:`tdxvm.guest.scratch`)::
 
     DEST/<upload id>/                 a complete upload: index.tdxw, files/*.tdxw
     DEST/.partial/<upload id>.lock    held (flock) by the one receiver working on that upload
@@ -16,8 +18,8 @@ file). Nothing depends on either: after a crash, a kill or a
 torn write, the next receiver re-checks every block on disk against its stored tag and
 keeps only those that match, so the resume point never rests on a journal that could
 disagree with the data. The
-local key never leaves the guest and lives in its writable root (TD memory, over the
-verified read-only image); it authenticates ciphertext, not a secret.
+local key never leaves the guest and lives in ``state/`` beside the data, on the same
+scratch disk; it authenticates ciphertext, not a secret.
 
 When every block is in, :meth:`Staging.commit` truncates, fsyncs and renames
 ``data/`` to ``DEST/<upload id>`` in one ``rename``: that folder exists complete or not

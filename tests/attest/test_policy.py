@@ -104,6 +104,19 @@ def test_debug_and_sept_ve(quote):
     ]
 
 
+@pytest.mark.parametrize(
+    ("bit", "named"), [(4, "HGS_PLUS"), (5, "PERF_PROF"), (6, "PMT_PROF"), (1, "bit 1"), (7, "bit 7")]
+)
+def test_every_td_under_debug_attribute_is_refused(quote, bit, named):
+    """Bits 7:0 are TDX's TUD group (debug and profiling): any of them makes the TD untrusted."""
+    reasons = evaluate(Policy(), result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | 1 << bit)))
+    assert codes(reasons) == ["debug-td"] and f"has {named} of the TD-under-debug attributes" in reasons[0].message
+    assert (
+        evaluate(Policy(allow_debug=True), result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | 1 << bit)))
+        == []
+    )
+
+
 def test_debug_refused_even_with_sept_ve_disable(quote):
     reasons = evaluate(Policy(), result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_DEBUG)))
     assert codes(reasons) == ["debug-td"]
@@ -139,9 +152,9 @@ def test_td_attributes_mask_compares_only_its_bits(quote):
     p = parse_policy(f"td_attributes: {attrs(TD_ATTR_SEPT_VE_DISABLE).hex()}\ntd_attributes_mask: {mask}\n")
     for bits in (TD_ATTR_SEPT_VE_DISABLE, TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | TD_ATTR_PERFMON):
         assert evaluate(p, result_for(quote, td_attributes=attrs(bits))) == []
-    reasons = evaluate(p, result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | 1 << 5)))
+    reasons = evaluate(p, result_for(quote, td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE | TD_ATTR_PKS | 1 << 20)))
     assert codes(reasons) == ["td-attributes"]
-    assert f"under mask {mask}" in reasons[0].message and reasons[0].message.endswith("set but not expected: bit 5")
+    assert f"under mask {mask}" in reasons[0].message and reasons[0].message.endswith("set but not expected: bit 20")
     assert "td_attributes_mask: TD attributes not compared: PKS, PERFMON" in p.loosened()
     full = Policy(td_attributes=attrs(TD_ATTR_SEPT_VE_DISABLE).hex(), td_attributes_mask="ff" * 8)
     assert not any("mask" in line for line in full.loosened())

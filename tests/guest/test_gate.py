@@ -151,6 +151,10 @@ def test_a_large_body_is_refused_before_it_is_read(keyed):
     # an unauthenticated huge body is refused for its key first, unread
     status, _, _ = raw(running.port, f"POST /v1/completions HTTP/1.1\r\nContent-Length: {2**30}\r\n\r\n".encode())
     assert status == 401
+    # and the routes open to anyone take GET only: no body of a client without a key is ever read
+    for path in ("/health", "/v1/attestation"):
+        status, headers, body = raw(running.port, f"POST {path} HTTP/1.1\r\nContent-Length: 2000\r\n\r\n".encode())
+        assert status == 405 and headers["allow"] == "GET" and body["error"]["code"] == "method_not_allowed"
 
 
 def test_requests_beyond_the_bound_get_429_with_retry_after(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tdxvm.guest.receiver import MAX_NOTES, MAX_REFUSALS
 from tdxvm.guest.staging import PARTIAL, Staging, StagingError, install_model, upload_path
 from tdxvm.guest.transferwire import (
     END_OF_STREAM,
@@ -319,6 +320,25 @@ def test_stream_without_the_token_is_dropped(encrypted, manifest, tmp_path):
         assert answer == b""  # closed without a word
     assert s.stop() == 3
     assert Session(manifest, encrypted[1], tmp_path / "uploads").ready["have"] == 0
+
+
+def test_what_strangers_make_the_receiver_say_is_bounded(encrypted, manifest, tmp_path):
+    """The port is open to anyone the host lets reach it: connections without the token and
+    streams of nonsense cost a bounded number of stderr lines and reasons, never more."""
+    s = Session(manifest, encrypted[1], tmp_path / "uploads")
+    for _ in range(MAX_NOTES + 20):
+        with s.stream(token=bytes(16)) as conn, contextlib.suppress(OSError):
+            conn.recv(1)  # closed without a word
+    for _ in range(MAX_REFUSALS + 4):
+        with s.stream() as conn:
+            conn.sendall(SEGMENT.pack(9, 1, 0))
+            assert json.loads(conn.makefile("rb").readline())["code"] == "protocol"
+    assert s.send(s.all_blocks())["ok"]
+    done = s.control("commit")
+    assert done["ok"] and done["refused"] == MAX_REFUSALS + 4 and len(done["refusals"]) == MAX_REFUSALS
+    assert s.proc.wait(10) == 0 and s.proc.stderr is not None
+    said = s.proc.stderr.read().decode().splitlines()
+    assert len(said) == MAX_NOTES and said[-1].endswith("(further notes left out)")
 
 
 def test_manifest_mismatch_and_busy_upload(encrypted, manifest, tmp_path):

@@ -243,8 +243,8 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
                     else "not recorded (provisioned before models were measured)",
                 )
             )
-        for key, value in rows:
-            click.echo(f"{key:<12} {value}")
+        for key, value in rows:  # names, labels and paths come from the host's libvirt
+            click.echo(f"{key:<12} {safe_text(value)}")
         for line in reason_lines((v.attestation or {}).get("reasons") or [], indent=" " * 13):
             click.echo(line)
         if v.record != "ok":
@@ -400,7 +400,7 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
     done = ("powered off, " if report.was_running else "") + "undefined"
     if report.deleted_volumes:
         done += "; deleted " + ", ".join(report.deleted_volumes)
-    click.echo(f"{name}: {done}")
+    click.echo(safe_text(f"{name}: {done}"))  # volume paths come from the host's libvirt
 
 
 @click.command("console")

@@ -71,8 +71,11 @@ def measurements_digest(verdict: dict[str, Any] | None) -> str | None:
 
 
 class _Unit:
-    def __init__(self, action: Action, *, after: list[_Unit], rolling: bool = False) -> None:
+    def __init__(
+        self, action: Action, *, after: list[_Unit], rolling: bool = False, replaced_by: _Unit | None = None
+    ) -> None:
         self.action, self.after, self.rolling = action, after, rolling
+        self.replaced_by = replaced_by  # a moved replica's delete: the create of its new copy, which must be up
         self.done = False
 
 
@@ -99,6 +102,7 @@ class Run:
         self.images, self.options, self.progress, self.cancel = images, options, progress, cancel
         self.outcomes: dict[tuple[str, str], Outcome] = {}
         self.interrupted = False
+        self.terminated: SystemExit | None = None  # SIGTERM (run_guarded's SystemExit(143)) during execute
         self._guard = threading.Lock()
         self._define_locks: dict[str, threading.Lock] = {}
         self._inflight: dict[str, str] = {}  # VMs being brought up: name -> URI
@@ -153,8 +157,13 @@ class Run:
             for a in (a for a in actions if a.kind == "replace" and a.serving):
                 chain.append(_Unit(a, after=[*(chain[-1:] or first)], rolling=True))
             gate = chain[-1:] or first
+            new_copy = {u.action.vm: u for u in first + chain}
             deletes = [
-                _Unit(a, after=list(gate) if dep in live and a.host in self.fleet.hosts else [])
+                _Unit(
+                    a,
+                    after=list(gate) if dep in live and a.host in self.fleet.hosts else [],
+                    replaced_by=new_copy.get(a.vm),
+                )
                 for a in actions
                 if a.kind == "delete"
             ]
@@ -177,6 +186,22 @@ class Run:
             )
         return None
 
+    def _may_delete(self, unit: _Unit) -> str | None:
+        """Why the delete ``unit`` of a moved replica must not run now (None: it may): its new
+        copy on the other host did not come up, and the old one still serves."""
+        new = unit.replaced_by
+        if new is None:
+            return None
+        with self._guard:
+            outcome = self.outcomes.get((new.action.vm, new.action.host))
+        result = outcome.result if outcome is not None else "not run"
+        if result in ("created", "replaced"):
+            return None
+        return (
+            f"{unit.action.vm} was not deleted from {unit.action.host}: its new copy on {new.action.host} did not "
+            f"come up ({result}); the old replica keeps serving"
+        )
+
     def execute(self) -> None:
         units = self.units()
         pending = list(units)
@@ -192,7 +217,7 @@ class Run:
                         pending = []
                     for u in [u for u in pending if all(p.done for p in u.after)]:
                         pending.remove(u)
-                        why = self._may_roll(u) if u.rolling else None
+                        why = self._may_roll(u) if u.rolling else self._may_delete(u)
                         if why is not None:
                             a = u.action
                             self.record(
@@ -202,7 +227,9 @@ class Run:
                                     a.kind,
                                     "halted",
                                     a.reasons,
-                                    errors=[{"code": "rollout-halted", "message": why}],
+                                    errors=[
+                                        {"code": "rollout-halted" if u.rolling else "new-copy-not-up", "message": why}
+                                    ],
                                 )
                             )
                             u.done = True
@@ -233,7 +260,9 @@ class Run:
                                     ],
                                 )
                             )
-                except KeyboardInterrupt:
+                except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM: stop as Ctrl-C does
+                    if isinstance(exc, SystemExit):
+                        self.terminated = exc
                     self.interrupt()
 
     def _not_started(self, u: _Unit) -> None:

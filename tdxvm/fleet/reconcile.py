@@ -101,6 +101,8 @@ def apply(
         run.execute()
         run.tidy_state()
         state.save(file=fleet.source, last_apply={"at": now(), "status": "interrupted" if run.interrupted else "done"})
+    if run.terminated is not None:  # SIGTERM: the work is unwound and recorded; exit as terminated (143)
+        raise run.terminated
     return Report(
         fleet.name,
         "apply",

@@ -172,7 +172,7 @@ def _placement(value: Any) -> tuple[str, ...] | dict[str, int]:
         counts = {}
         for host, n in value.items():
             text = str(n) if isinstance(n, (str, int)) and not isinstance(n, bool) else ""
-            if not text.isdigit() or int(text) > MAX_REPLICAS:
+            if not re.fullmatch(r"[0-9]{1,4}", text) or int(text) > MAX_REPLICAS:
                 raise ValueError(f"{host}: {n!r} is not a replica count (a whole number from 0 to {MAX_REPLICAS})")
             counts[str(host)] = int(text)
         return counts
@@ -237,6 +237,8 @@ class Deployment(BaseModel):
     def _replicas(self) -> Deployment:
         if isinstance(self.placement, dict):
             total = sum(self.placement.values())
+            if total > MAX_REPLICAS:
+                raise ValueError(f"the placement puts {total} replicas on hosts; at most {MAX_REPLICAS}")
             if self.replicas is not None and self.replicas != total:
                 raise ValueError(
                     f"replicas is {self.replicas} but the placement puts {total} on hosts; make them agree "
@@ -286,11 +288,15 @@ class FleetSpec(BaseModel):
             raise ValueError(
                 "expected at least one host: name -> libvirt URI (qemu:///system, qemu+ssh://user@host/system)"
             )
+        seen: dict[str, str] = {}
         for name, uri in value.items():
             _dns_label(name, "host")
             problem = uri_problem(uri)
             if problem is not None:
                 raise ValueError(f"host {name}: {problem}")
+            if uri in seen:  # each host owns what it holds: one libvirt under two names would delete its own VMs
+                raise ValueError(f"hosts {seen[uri]} and {name} are the same libvirt ({uri}): name it once")
+            seen[uri] = name
         return value
 
     @field_validator("templates", mode="wrap")

@@ -175,6 +175,8 @@ def load(path: Path) -> Lock:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LockError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # an integer too long, absurd nesting
+        raise LockError(f"{path}: not usable JSON: {exc}") from None
     return parse(data, source=str(path))
 
 

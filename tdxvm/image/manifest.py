@@ -32,6 +32,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     model_serializer,
+    model_validator,
 )
 
 from tdxvm.errors import TdxvmError
@@ -98,9 +99,17 @@ class Verity(_Section):
 
 
 class Luks(_Section):
-    uuid: Text
+    uuid: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     cipher: Text
-    key_secret: Text  # the secret-store name of the volume key, never the key
+    key_secret: Text  # the secret-store name of the volume key, never the key: always disk/<uuid>
+
+    @model_validator(mode="after")
+    def _disk_key_of_this_volume(self) -> Luks:
+        # The launch releases the secret named here to the attested TD: a manifest naming any
+        # other secret (the controller's release or SSH key, a model key) would have it sent.
+        if self.key_secret != f"disk/{self.uuid}":
+            raise ValueError(f"key_secret must be disk/{self.uuid} (the volume key of this LUKS volume)")
+        return self
 
 
 class Firmware(_Section):
@@ -336,6 +345,8 @@ def read(path: str | Path) -> ImageManifest:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ImageManifestError(f"image manifest {p}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # an integer too long, absurd nesting
+        raise ImageManifestError(f"image manifest {p}: not usable JSON: {exc}") from None
     return parse(data, path=p)
 
 

@@ -102,12 +102,41 @@ class Kernel(BaseModel):
     omit_modules: tuple[str, ...] = ()
 
 
+def _requirement(value: object) -> str:
+    """A pip requirement (``name``, ``name==1.2``, ``name[extra]>=1``), never a pip option."""
+    if not isinstance(value, str) or not re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?"
+        r"([<>=!~]=?[A-Za-z0-9.*+!_-]+(,[<>=!~]=?[A-Za-z0-9.*+!_-]+)*)?",
+        value.replace(" ", ""),
+    ):
+        raise ValueError(f"{value!r} is not a requirement like torch==2.13.0 (pip options are not taken here)")
+    return value
+
+
+def _mirror(value: object) -> str:
+    """A Debian mirror: a plain http(s) URL (apt's options in brackets are not taken here)."""
+    if not isinstance(value, str) or not re.fullmatch(
+        r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%/+-]*)?", value
+    ):
+        raise ValueError(f"{value!r} is not a plain http(s) URL of a Debian mirror")
+    return value
+
+
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    src: str  # relative to the recipe's folder
+    src: str  # relative to the recipe's folder, and inside it
     dest: str
     mode: str = "0644"
+
+    @field_validator("src")
+    @classmethod
+    def _inside_the_recipe_folder(cls, v: str) -> str:
+        # the build runs as root: a recipe must not copy the build host's files (its secret
+        # store, keys) into an image its author can read
+        if not v or Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError(f"{v!r} must be a path inside the recipe's folder (relative, without '..')")
+        return v
 
     @field_validator("dest")
     @classmethod
@@ -129,7 +158,7 @@ class Python(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    requirements: tuple[str, ...] = ()
+    requirements: tuple[Annotated[str, BeforeValidator(_requirement)], ...] = ()
     index_url: str | None = None
     find_links: tuple[str, ...] = ()
 
@@ -139,9 +168,9 @@ class Recipe(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
     suite: Suite = "bookworm"
-    mirror: str = "http://deb.debian.org/debian"
+    mirror: Annotated[str, BeforeValidator(_mirror)] = "http://deb.debian.org/debian"
     # Where the release's -security suite is (UPDATE_SUITES); the others come from mirror.
-    security_mirror: str = "http://deb.debian.org/debian-security"
+    security_mirror: Annotated[str, BeforeValidator(_mirror)] = "http://deb.debian.org/debian-security"
     profile: Literal["smoke", "model-server"] = "smoke"
     kernel: Annotated[Kernel, Field(default_factory=Kernel, validate_default=True)]
     packages: Annotated[tuple[str, ...], BeforeValidator(_packages)] = ()

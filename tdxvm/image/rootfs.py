@@ -181,10 +181,12 @@ def compile_python(root: Path, folders: Sequence[str], *, step: str) -> None:
     files are unchecked-hash ones (PEP 552): they hold no mtime, so two builds give the same
     bytes (one worker, a fixed hash seed), and their sources cannot change under a verified
     root. A file that does not compile (code for a newer Python that nothing imports here)
-    is left without one."""
+    is left without one. Python runs isolated and without ``site``: a wheel's ``.pth`` file
+    (which ``site`` executes) never runs here."""
     present = [f for f in folders if treepath.resolve(root, f).is_dir()]
     if present:
-        script = f"python3 - {' '.join(map(shlex.quote, present))} <<'EOF'\n{COMPILE_SCRIPT}EOF\n"
+        # -I -S: no site, so no .pth file of an installed wheel runs (as root, on the build host)
+        script = f"python3 -I -S - {' '.join(map(shlex.quote, present))} <<'EOF'\n{COMPILE_SCRIPT}EOF\n"
         in_root(root, script, step=step, env=("PYTHONHASHSEED=0",))
 
 

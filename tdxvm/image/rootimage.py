@@ -153,6 +153,15 @@ def resolve_inputs(loaded: LoadedRecipe, *, firmware: str | None = None, lock_fi
     stale = lockfile.stale_inputs(lock, recipe.lock_inputs(), path=lock_file, recipe_path=loaded.path)
     if stale is not None:
         raise stale
+    taken = [(s.uri, s.suite) for s in lock.sources]
+    if taken != recipe.apt_sources():  # apt installs from the lock's sources: they must be the recipe's
+        shown = ", ".join(f"{uri} {suite}" for uri, suite in taken)
+        raise lockfile.LockError(
+            f"{lock_file} lists other apt sources ({shown}) than {loaded.path} asks for: take a new lock with: "
+            f"tdxvm image lock {loaded.path}"
+        )
+    if lock.taken_at < 0:
+        raise lockfile.LockError(f"{lock_file}: taken_at is before 1970")
     epoch = recipe.epoch if recipe.epoch is not None else lock.taken_at
     if epoch > time.time():  # files the build makes would keep their own times: not reproducible
         raise RecipeError(f"{loaded.path}: epoch: {epoch} is in the future; it must be no later than the build")

@@ -8,7 +8,9 @@ in its output are removed before anything reaches the operator's terminal.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import xml.etree.ElementTree as ET
 from contextlib import suppress
 from pathlib import Path
@@ -18,6 +20,7 @@ import libvirt
 from tdxvm.launch.connection import is_local, is_test_driver, libvirt_message
 from tdxvm.launch.errors import ConsoleError
 from tdxvm.launch.lifecycle import lookup
+from tdxvm.launch.volumes import POOL_NAME, pool_path
 from tdxvm.textsafe import safe_text
 
 MAX_TAIL = 4 << 20
@@ -46,7 +49,8 @@ def serial_log_tail(conn: libvirt.virConnect, name: str, *, lines: int = 50) -> 
     path = meta.labels.get("serial_log") or serial_path(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     if not path:
         raise ConsoleError(f"VM {name} has no serial log file")
-    tail = clean(_read_tail(conn, path, lines)).splitlines()[-lines:] if lines > 0 else []
+    pool = meta.labels.get("pool", POOL_NAME)
+    tail = clean(_read_tail(conn, path, lines, pool_name=pool)).splitlines()[-lines:] if lines > 0 else []
     return "".join(line + "\n" for line in tail)
 
 
@@ -71,7 +75,30 @@ def read_host_file(conn: libvirt.virConnect, path: str) -> bytes:
     return _download(conn, vol, 0, size, path)
 
 
-def _read_tail(conn: libvirt.virConnect, path: str, lines: int) -> bytes:
+def _local_tail(conn: libvirt.virConnect, path: str, pool_name: str = POOL_NAME) -> bytes:
+    """The end of a serial log that libvirt's pool has not listed yet (QEMU made it after the
+    pool's last refresh): only a regular file directly in tdxvm's pool folder, never through a
+    symlink. The path is a metadata label, which the host writes: it must not make the
+    controller read (or hang on) any other file of this machine."""
+    try:
+        folder = pool_path(conn.storagePoolLookupByName(pool_name))
+    except libvirt.libvirtError as exc:
+        raise ConsoleError(f"serial log {path}: no tdxvm pool: {libvirt_message(exc)}") from None
+    if os.path.dirname(os.path.normpath(path)) != os.path.normpath(folder):
+        raise ConsoleError(f"serial log {path} is not in tdxvm's pool {folder}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConsoleError(f"serial log {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno())
+        if not stat.S_ISREG(size.st_mode):
+            raise ConsoleError(f"serial log {path} is not a regular file")
+        f.seek(max(0, size.st_size - MAX_TAIL))
+        return f.read(MAX_TAIL)
+
+
+def _read_tail(conn: libvirt.virConnect, path: str, lines: int, *, pool_name: str = POOL_NAME) -> bytes:
     uri = conn.getURI()
     try:
         vol = conn.storageVolLookupByPath(path)
@@ -79,11 +106,7 @@ def _read_tail(conn: libvirt.virConnect, path: str, lines: int) -> bytes:
         vol = None
     if vol is None:
         if is_local(uri) and not is_test_driver(uri):
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                raise ConsoleError(f"serial log {path}: {exc.strerror or exc}") from None
-            return data[-MAX_TAIL:]
+            return _local_tail(conn, path, pool_name)
         raise ConsoleError(f"serial log {path} is not a volume libvirt on {uri} knows")
     want = max(lines, 1) * 160
     while True:

@@ -441,6 +441,8 @@ def lookup(
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise NoSuchVmError(f"no VM named {name} on {uri} (`tdxvm status --uri {uri}` lists tdxvm's VMs)") from None
         raise DomainError(f"cannot look up {name} on {uri}: {libvirt_message(exc)}") from None
+    if dom.name() != name:  # libvirt answers for the host: another domain is not this one
+        raise DomainError(f"{uri} answered the lookup of {name} with domain {dom.name()!r}: refused")
     meta = md.from_domain_xml(_xml(dom, inactive=True))
     if meta is None:
         raise NotOurDomainError(
@@ -547,7 +549,9 @@ def destroy(
     pool = meta.labels.get("pool", POOL_NAME)
     deleted = tuple(p for p in paths if delete_vm_volume(conn, p, pool_name=pool))
     if records is not None:
-        records.delete(vm_uuid)
+        record = records.get(vm_uuid)
+        if record is not None and (record.name, record.uri) == (name, uri):  # the host reports the UUID: another
+            records.delete(vm_uuid)  # VM's record, on another host or under another name, is not this one's
     return DestroyReport(name=name, was_running=was_running, deleted_volumes=deleted)
 
 
@@ -603,7 +607,7 @@ def _status(
     started = meta.labels.get("started_at")
     uptime = None
     if state == "running" and started:
-        with suppress(ValueError):
+        with suppress(ValueError, TypeError, OverflowError):  # the host writes the label: no zone, out of range
             uptime = int(
                 (datetime.now(timezone.utc) - datetime.fromisoformat(started.replace("Z", "+00:00"))).total_seconds()
             )
@@ -616,7 +620,7 @@ def _status(
         backend=meta.backend,
         image=meta.labels.get("image"),
         forwards=meta.forwards(),
-        agent_port=int(agent) if agent.isdigit() else None,
+        agent_port=md.port_number(agent),
         started_at=started,
         uptime_s=uptime,
         attestation=None,

@@ -19,6 +19,7 @@ using ``virsh``; every trust decision reads the controller's own record instead
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,7 @@ def _from_element(owner: ET.Element) -> VmMetadata:
         elif tag == "attestation":
             try:
                 data = json.loads(child.text or "{}")
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # the host writes it: not JSON, absurd nesting, huge numbers
                 data = {}
             meta.attestation = {
                 **(data if isinstance(data, dict) else {}),
@@ -128,11 +129,20 @@ def forwards_label(forwards: tuple[PortForward, ...]) -> str:
     return ",".join(f"{f.host_address}:{f.host_port}-{f.guest_port}" for f in forwards)
 
 
+def port_number(text: str) -> int | None:
+    """A TCP port written in a label (1..65535, ASCII digits), else None."""
+    if not re.fullmatch(r"[0-9]{1,5}", text):
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
+
+
 def parse_forwards(text: str) -> tuple[PortForward, ...]:
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         address, _, ports = item.rpartition(":")
         host, _, guest = ports.partition("-")
-        if address and host.isdigit() and guest.isdigit():
-            out.append(PortForward(host_port=int(host), guest_port=int(guest), host_address=address))
+        host_port, guest_port = port_number(host), port_number(guest)
+        if address and host_port is not None and guest_port is not None:
+            out.append(PortForward(host_port=host_port, guest_port=guest_port, host_address=address))
     return tuple(out)

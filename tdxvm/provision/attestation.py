@@ -27,7 +27,7 @@ from tdxvm.launch.console import read_host_file
 from tdxvm.launch.errors import ConsoleError
 from tdxvm.launch.lifecycle import lookup, record_attestation
 from tdxvm.launch.manifest import ImageManifest, load_manifest
-from tdxvm.launch.metadata import ATTESTATION_KEYS
+from tdxvm.launch.metadata import ATTESTATION_KEYS, port_number
 from tdxvm.launch.records import RecordMismatch, VmRecord, VmRecords
 from tdxvm.launch.rtmr0pin import machine_qemu, running_argv
 from tdxvm.launch.volumes import content_name
@@ -183,7 +183,7 @@ def reattest(
         address = record.reach(record.agent_port, "guest agent")
     else:
         trust = trust or for_backend(backend)
-        agent_port = int(meta.labels.get("agent_port") or 7300)
+        agent_port = port_number(meta.labels.get("agent_port") or "7300") or 7300  # a VM of no record: the host's label
         fwd = next((f for f in meta.forwards() if f.guest_port == agent_port), None)
         if fwd is None:
             raise BringUpError(f"{name} has no forward to its agent port {agent_port}", phase="attest")

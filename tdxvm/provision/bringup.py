@@ -30,6 +30,7 @@ from typing import Any
 
 import libvirt
 
+from tdxvm.image import secrets as disk_secrets
 from tdxvm.launch import tunnel
 from tdxvm.launch.connection import is_test_driver, libvirt_message, open_connection
 from tdxvm.launch.console import serial_log_tail
@@ -240,10 +241,11 @@ def bring_up(
     """
     result = LaunchResult(name=spec.name, uri=conn.getURI())
     phases = _Phases(progress, result.timings)
-    disk_secret = manifest.luks.key_secret if manifest.luks is not None else None
-    if not disk_secret:
+    if manifest.luks is None:
         raise BringUpError("the image manifest names no disk key (luks.key_secret)", phase="define")
-    volume_key = secrets.get(disk_secret)  # refuse before defining anything if the key is not here
+    # disk/<the volume's uuid> (the manifest refuses any other name), 64 bytes: refused before
+    # defining anything if the key is not here
+    volume_key = disk_secrets.load(manifest.luks.uuid, directory=secrets.directory)
     check_release_key(manifest, secrets)
     records = VmRecords.beside(secrets)
     labels = {**controller_label(secrets), **(labels or {})}  # whose VM it is (tdxvm.launch.ownership)

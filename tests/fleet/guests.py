@@ -46,7 +46,7 @@ from tdxvm.secretstore import SecretStore
 from ..attested_guest import CMDLINE, CONTROLLER, CONTROLLER_PUBLIC, INITRD, firmware, kernel
 from ..launch.conftest import host_xml
 
-DISK_SECRET = "disk/fleet"
+DISK_SECRET = "disk/0f0e0d0c-0b0a-4908-8706-050403020100"  # disk/<the manifest's luks.uuid>
 
 
 def put_test_secrets(store: SecretStore) -> None:

@@ -6,6 +6,8 @@ side the real agent (``tests/fleet/guests.py``)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import threading
 
 import libvirt
@@ -24,7 +26,7 @@ from tdxvm.launch.spec import VmSpec
 from tdxvm.launch.volumes import overlay_name
 
 from ..launch.test_lifecycle import FOREIGN
-from .guests import DISK_SECRET, make_attestable_image
+from .guests import DISK_SECRET, make_attestable_image, write_host
 
 WEB3 = "    web:\n      template: small\n      replicas: 3\n      placement: [a, b]\n"
 
@@ -271,6 +273,25 @@ def test_image_drift_and_scaling(lab, tmp_path):
         assert apply(lab, path).status == "ok" and domains(lab, "b") == {}
 
 
+def test_a_moved_replica_whose_new_copy_fails_keeps_serving_where_it_was(lab):
+    """The replica moves to a host where its bring-up fails: the old copy is not deleted (the
+    new one is up first, or the old one stays)."""
+    lab.host("a")
+    path = lab.write("    web:\n      template: small\n      placement: {a: 1}\n")
+    with lab.guests():
+        assert apply(lab, path).status == "ok"
+        # host b holds none of the image's volumes, and the test driver cannot upload them
+        lab.hosts["b"] = write_host(lab.folder / "b.xml", [])
+        moved = lab.write("    web:\n      template: small\n      placement: {b: 1}\n")
+        report = apply(lab, moved)
+    by_host = {(o.vm, o.host): o for o in report.outcomes}
+    assert by_host[("demo-web-0", "b")].result == "failed"
+    kept = by_host[("demo-web-0", "a")]
+    assert kept.result == "halted" and kept.errors[0]["code"] == "new-copy-not-up"
+    assert "its new copy on b did not come up (failed); the old replica keeps serving" in kept.errors[0]["message"]
+    assert list(domains(lab, "a")) == ["demo-web-0"] and domains(lab, "a")["demo-web-0"][1]
+
+
 def test_host_removed_from_the_file_is_emptied(lab):
     lab.host("a")
     lab.host("b")
@@ -309,6 +330,37 @@ def test_interrupted_apply_leaves_nothing_half_done_and_the_next_converges(lab):
         report = apply(lab, path)
         assert report.status == "ok" and set(results(report).values()) == {"created"}
         assert not plan(lab, path).changes
+
+
+def _terminated(signum, _frame):
+    raise SystemExit(128 + signum)  # what the CLI's SIGTERM handler does (tdxvm.cli.output)
+
+
+def test_sigterm_during_apply_unwinds_like_ctrl_c_then_exits_terminated(lab):
+    """Under systemd or a CI cancel, SIGTERM comes first: nothing new starts, the VMs being
+    brought up are removed, the state is saved, and only then the apply exits 143."""
+    lab.host("a")
+    lab.host("b")
+    path = lab.write("    web:\n      template: small\n      replicas: 4\n      placement: [a, b]\n")
+    sent = threading.Event()
+
+    def sigterm(event):
+        if event.phase == "boot" and event.status == "start" and not sent.is_set():
+            sent.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with lab.guests() as guests:
+            with pytest.raises(SystemExit) as exc:
+                apply(lab, path, parallel=2, progress=sigterm)
+            assert exc.value.code == 143
+            assert domains(lab, "a") == {} and domains(lab, "b") == {}  # nothing left half made
+            assert all(g.unlocked is None for g in guests.guests.values())  # no secret went out
+            records = FleetState.load(lab.folder / "state", "demo").vms()
+            assert {r["phase"] for r in records.values()} <= {"interrupted"}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Crash(BaseException):

@@ -104,6 +104,10 @@ def test_override_is_checked_with_its_template():
         ),
         (("a: qemu:///system", "a: localhost"), "fleet.yaml:7: spec.hosts: host a: 'localhost' is not a libvirt URI"),
         (
+            ("b: qemu+ssh://admin@tdx-b/system", "b: qemu:///system"),
+            "fleet.yaml:7: spec.hosts: hosts a and b are the same libvirt (qemu:///system): name it once",
+        ),
+        (
             ("      vcpus: 1\n", "      vcpus: 1\n      name: x\n"),
             "fleet.yaml:14: spec.templates.small.name: a template has no name: "
             "VMs are named <fleet>-<deployment>-<index>",
@@ -128,6 +132,10 @@ def test_override_is_checked_with_its_template():
         (
             ("placement: [a, b]", "placement: {a: -1, b: 4}"),
             "fleet.yaml:19: spec.deployments.web.placement: a: '-1' is not a replica count (a whole number",
+        ),
+        (
+            ("placement: [a, b]", "placement: {a: 1000, b: 1}"),
+            "fleet.yaml:17: spec.deployments.web: the placement puts 1001 replicas on hosts; at most 1000",
         ),
         (
             ("placement: [a, b]", "placement: a"),

@@ -205,3 +205,18 @@ def test_apt_cache_records_are_read_per_paragraph():
     )
     records = debpins._records(text)
     assert [(r["Package"], r["SHA256"]) for r in records] == [("bash", "aa"), ("dash", "bb")]
+
+
+def test_a_lock_whose_apt_sources_are_not_the_recipes_is_refused(tmp_path):
+    """apt installs from the lock's sources: a lock whose inputs match but whose sources point
+    elsewhere (with apt options smuggled in) must not be built from."""
+    from tdxvm.image.rootimage import resolve_inputs
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\n")
+    lock_file = write_lock_for(recipe)
+    lock = lockfile.load(lock_file)
+    evil = "[trusted=yes] http://evil.example/debian"
+    lockfile.write(replace(lock, sources=(replace(lock.sources[0], uri=evil), *lock.sources[1:])), lock_file)
+    with pytest.raises(LockError, match=r"lists other apt sources \(\[trusted=yes\] http://evil.example/debian"):
+        resolve_inputs(load_recipe(recipe))

@@ -195,7 +195,7 @@ def test_every_error_is_listed_at_once(tmp_path):
     text = _errors(tmp_path, two)
     assert text.splitlines()[1:] == [
         "  cmdline: Field required",
-        "  luks.uuid: String should have at least 1 character",
+        "  luks.uuid: String should match pattern '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'",
     ]
 
 
@@ -246,6 +246,24 @@ def test_image_verify_refuses_a_manifest_without_provenance_or_unreadable(built)
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ReproduceError, match="records no provenance"):
         reproduce(out)
-    (out / "manifest.json").write_text(json.dumps({**data, "luks": {"uuid": "x"}}))
+    (out / "manifest.json").write_text(json.dumps({**data, "luks": {"uuid": "55aaab9b-c4c8-4534-932b-3cec680189d1"}}))
     with pytest.raises(ReproduceError, match=r"is not usable:\n  luks.cipher: Field required"):
         reproduce(out)
+
+
+@pytest.mark.parametrize("name", ["release/controller", "ssh/controller", "weights/llama", "disk/other", "disk/x"])
+def test_a_manifest_can_name_only_its_own_volume_key(tmp_path, name):
+    """The launch releases the secret the manifest names to the attested TD: an edited manifest
+    naming the controller's release key (or any other secret) is refused when read."""
+    doc = json.loads(GOLDEN.read_text())
+    doc["luks"]["key_secret"] = name
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ImageManifestError, match=r"key_secret must be disk/55aaab9b-c4c8-4534-932b-3cec680189d1"):
+        manifest.read(tmp_path / "manifest.json")
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, '{"name": ' + "9" * 5000 + "}"])
+def test_json_that_python_cannot_hold_is_a_manifest_error(tmp_path, text):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ImageManifestError, match="not usable JSON"):
+        manifest.read(tmp_path / "manifest.json")

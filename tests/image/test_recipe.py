@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,28 @@ def test_recipe_null_and_duplicate_keys_are_refused(tmp_path):
         f"{path}:5: kernel.omit_modules: null is not allowed; remove the key to allow any value",
         f"{path}:6: suite: duplicate key (first at line 2)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("python:\n  requirements: ['--no-binary=:all:', evilpkg]\n", "is not a requirement like torch==2.13.0"),
+        ("python:\n  requirements: ['torch==2.13.0 --index-url http://evil']\n", "is not a requirement"),
+        ("security_mirror: '[trusted=yes] http://evil.example/debian-security'\n", "is not a plain http(s) URL"),
+        ("mirror: 'http://deb.debian.org/debian main\\ndeb [trusted=yes] http://evil/ x'\n", "is not a plain http(s)"),
+        ("files:\n  - {src: /etc/hostname, dest: /etc/x}\n", "must be a path inside the recipe's folder"),
+        ("files:\n  - {src: ../../etc/passwd, dest: /etc/x}\n", "must be a path inside the recipe's folder"),
+    ],
+)
+def test_a_recipe_cannot_reach_outside_its_data(tmp_path, text, said):
+    """The build runs as root: a recipe's strings are data, never pip or apt options, and its
+    files come from its own folder (not the build host's secrets)."""
+    with pytest.raises(RecipeError, match=re.escape(said)):
+        load_recipe(_write(tmp_path, "name: x\n" + text))
+
+
+def test_requirements_in_their_usual_forms_are_taken(tmp_path):
+    text = (
+        "name: x\npython:\n  requirements: [torch==2.13.0+cpu, 'transformers>=4.40,<5', 'uvicorn[standard]', numpy]\n"
+    )
+    assert load_recipe(_write(tmp_path, text)).recipe.python.requirements[0] == "torch==2.13.0+cpu"

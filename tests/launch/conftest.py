@@ -61,7 +61,11 @@ def make_image(folder: Path, *, name: str = "smoke", service_port: int | None = 
         "cmdline": "console=ttyS0 root=/dev/mapper/root ro ip=dhcp panic=-1",
         "artifacts": artifacts,
         "rootfs_uuid": "8b1c6a52-7a0e-4c1b-9d8e-2f3a4b5c6d7e",
-        "luks": {"uuid": "0f0e0d0c-0b0a-4908-8706-050403020100", "cipher": "aes-xts-plain64", "key_secret": "disk/x"},
+        "luks": {
+            "uuid": "0f0e0d0c-0b0a-4908-8706-050403020100",
+            "cipher": "aes-xts-plain64",
+            "key_secret": "disk/0f0e0d0c-0b0a-4908-8706-050403020100",
+        },
         "release_key": CONTROLLER_PUBLIC.hex(),  # built by the tests' controller (tests/attested_guest.py)
         "firmware": {"path": str(firmware), "sha256": hashlib.sha256(firmware.read_bytes()).hexdigest()},
         "measurements": {

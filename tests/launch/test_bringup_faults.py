@@ -24,7 +24,7 @@ def _spec(image, uri: str) -> VmSpec:
 
 def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path):
     store = SecretStore(directory=tmp_path / "secrets")
-    store.put("disk/x", bytes(64))
+    store.put("disk/0f0e0d0c-0b0a-4908-8706-050403020100", bytes(64))
     store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
     conn = open_connection(host)
     events: list = []
@@ -48,7 +48,7 @@ def test_guest_that_never_answers_times_out_and_is_stopped(image, host, tmp_path
 
 def test_missing_disk_key_is_refused_before_defining(image, host, tmp_path):
     conn = open_connection(host)
-    with pytest.raises(SecretStoreError, match="disk/x is not in"):
+    with pytest.raises(SecretStoreError, match="disk/0f0e0d0c-0b0a-4908-8706-050403020100 is not in"):
         bringup.bring_up(
             _spec(image, host),
             image.manifest(),
@@ -69,7 +69,7 @@ def test_image_of_another_controller_is_refused_before_defining(image, host, tmp
         data["release_key"] = "ab" * 32
     image.write(data)
     store = SecretStore(directory=tmp_path / "secrets")
-    store.put("disk/x", bytes(64))
+    store.put("disk/0f0e0d0c-0b0a-4908-8706-050403020100", bytes(64))
     store.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
     conn = open_connection(host)
     with pytest.raises(bringup.BringUpError, match="accepts secrets only from the controller that built it") as err:
@@ -85,7 +85,7 @@ def test_image_of_another_controller_is_refused_before_defining(image, host, tmp
     )
     assert "silent" not in [d.name() for d in conn.listAllDomains()]
     empty = SecretStore(directory=tmp_path / "empty")
-    empty.put("disk/x", bytes(64))
+    empty.put("disk/0f0e0d0c-0b0a-4908-8706-050403020100", bytes(64))
     with pytest.raises(bringup.BringUpError, match="holds no release key"):
         bringup.bring_up(
             _spec(image, host),

@@ -159,6 +159,54 @@ def test_status_table_and_detail(capsys, host_uri):
     assert [line.split(" not pinned: ")[0] for line in doc["vms"][0]["policy_exceptions"]] == ["rtmr0", "rtmr3"]
 
 
+def test_status_of_one_vm_shows_what_the_host_wrote_inert(capsys, host_uri, monkeypatch):
+    """Labels, names and paths come from the host's libvirt: C1 controls and bidi overrides
+    (what XML can carry) reach the terminal escaped, in the detail view too."""
+    import dataclasses
+
+    import tdxvm.launch.lifecycle as lifecycle
+
+    real = lifecycle.status
+
+    def hostile(conn, name, **kw):
+        return [
+            dataclasses.replace(v, image="smoke\x9b2K\u202eexe", serial_log="/x\x9d52;c;\x9c")
+            for v in real(conn, name, **kw)
+        ]
+
+    monkeypatch.setattr(lifecycle, "status", hostile)
+    code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
+    assert code == 0 and "smoke\\x9b2K\\u202eexe" in out and "/x\\x9d52;c;\\x9c" in out
+    assert not any(c in out for c in ("\x9b", "\x9d", "\x9c", "\u202e"))
+
+
+def test_destroying_a_domain_that_carries_another_vms_uuid_keeps_that_vms_record(capsys, image, make_host, records):
+    """Another host presents a throwaway domain with the UUID of this controller's VM smoke:
+    destroying it must not delete smoke's record (its policy, pinned keys, model digest)."""
+    dom, policy = smoke_domain(image)
+    m = image.manifest()
+    vols = image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)]
+    uri = make_host(host_xml(pool_volumes=vols, domains=[dom]))
+    records.put(
+        VmRecord(
+            name="smoke",
+            uuid=SMOKE_UUID,
+            uri="qemu+ssh://root@prod.example/system",  # smoke runs elsewhere
+            backend="emulated",
+            policy=policy,
+            manifest=str(m.path),
+            manifest_sha256="00" * 32,
+            trust_anchor_sha256=None,
+            forwards=FORWARDS,
+            agent_port=7300,
+            ssh_port=22,
+        )
+    )
+    code, _, err = run(capsys, "destroy", "smoke", "--uri", uri, "--yes")
+    assert code == 0, err
+    assert records.get(SMOKE_UUID) is not None  # the record names another host: not this domain's
+
+
 def test_status_shows_the_attested_model_digest(capsys, host_uri, records):
     """What `tdxvm provision` recorded: the model digest its check of the service's RTMR3 model event named."""
     digest = "sha256:" + "ab" * 32
@@ -296,3 +344,10 @@ def test_stop_and_destroy_refuse_a_vm_of_another_controller(capsys, image, make_
         assert "was launched by controller 0123456789abcdef (this controller has no key yet)" in error["message"]
     code, _, err = run(capsys, "destroy", "smoke", "--uri", uri)  # refused before asking
     assert code == 1 and "tdxvm does not destroy another controller's VM" in err
+
+
+def test_destroying_a_vm_deletes_its_own_record(capsys, host_uri, records):
+    assert records.get(SMOKE_UUID) is not None
+    code, _, err = run(capsys, "destroy", "smoke", "--uri", host_uri, "--yes")
+    assert code == 0, err
+    assert records.get(SMOKE_UUID) is None

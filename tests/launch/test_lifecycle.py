@@ -231,3 +231,25 @@ def test_the_tdvf_goes_into_the_pool_only_for_an_emulated_guest_on_a_remote_host
     image.firmware.unlink()
     with pytest.raises(VolumeError, match=r"cannot be read on this machine.*\nfix: "):
         lifecycle.firmware_upload(spec_for(image, remote), manifest, remote)
+
+
+class _AnswersWithAnother:
+    """A host's libvirt that answers every lookup by name with the domain ``smoke``."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def getURI(self) -> str:  # noqa: N802 - libvirt's name
+        return self.conn.getURI()
+
+    def lookupByName(self, name: str):  # noqa: N802 - libvirt's name
+        return self.conn.lookupByName("smoke")
+
+
+def test_a_lookup_answered_with_another_domain_is_refused(image, host):
+    """attest, provision and destroy of VM b must never act on VM a because the host said so."""
+    conn = open_connection(host)
+    lifecycle.prepare_domain(spec_for(image, host), image.manifest(), conn)
+    with pytest.raises(DomainError, match="answered the lookup of other with domain 'smoke': refused"):
+        lifecycle.lookup(_AnswersWithAnother(conn), "other")
+    assert lifecycle.lookup(conn, "smoke")[0].name() == "smoke"

@@ -88,3 +88,15 @@ def test_metadata_round_trip():
         PortForward(host_port=20001, guest_port=7300),
     )
     assert parse_forwards("garbage,,1.2.3.4:x-1") == ()
+
+
+def test_what_the_host_writes_into_the_metadata_never_crashes_a_reader():
+    """Labels and the attestation element are the host's to write: odd numbers, absurd JSON."""
+    assert parse_forwards("127.0.0.1:\u00b2-7300,127.0.0.1:\u0663-22,127.0.0.1:99999-22,127.0.0.1:0-22") == ()
+    assert parse_forwards("127.0.0.1:" + "9" * 5000 + "-22,127.0.0.1:20001-7300") == (
+        PortForward(host_port=20001, guest_port=7300),
+    )
+    xml = to_element_xml(VmMetadata(backend="emulated", labels={"image": "x"}))
+    deep = xml.replace("</owner>", '<attestation verdict="accept">' + "[" * 100000 + "</attestation></owner>")
+    assert deep != xml
+    assert from_element_xml(deep).attestation == {"verdict": "accept", "recorded_at": None}

@@ -7,6 +7,7 @@ name and is removed afterwards. Skipped where no libvirtd answers (CI starts one
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import _read_tail
-from tdxvm.launch.errors import ConnectError, VolumeError
+from tdxvm.launch.errors import ConnectError, ConsoleError, VolumeError
 from tdxvm.launch.volumes import ASYNC_JOBS, content_name, ensure_pool, prepare_volumes, refresh
 
 
@@ -68,6 +69,24 @@ def test_upload_reuse_overlay_and_log(image, pool):
         f.write(b"".join(b"line %d\n" % i for i in range(1000)))
     tail = _read_tail(conn, vols.serial_log, 3)
     assert tail.endswith(b"line 997\nline 998\nline 999\n") and len(tail) < 2000
+
+
+def test_a_serial_log_label_cannot_make_the_controller_read_another_file(image, pool):
+    """The label is the host's to write: only a regular file in the pool's own folder is read
+    directly (one libvirt has not listed yet), never through a symlink, a FIFO or elsewhere."""
+    conn, name, target = pool
+    prepare_volumes(conn, image.manifest(), "smoke", pool_name=name, pool_target=str(target))
+    (target / "fresh.log").write_bytes(b"booting\n")  # made by QEMU after the pool's last refresh
+    assert _read_tail(conn, str(target / "fresh.log"), 5, pool_name=name) == b"booting\n"
+    os.mkfifo(target / "fifo.log")
+    (target / "link.log").symlink_to("/etc/hostname")
+    for path, said in (
+        ("/etc/hostname", "is not in tdxvm's pool"),
+        (str(target / "fifo.log"), "is not a regular file"),
+        (str(target / "link.log"), "Too many levels of symbolic links"),
+    ):
+        with pytest.raises(ConsoleError, match=said):
+            _read_tail(conn, path, 5, pool_name=name)
 
 
 def test_artifact_that_differs_from_its_manifest_is_refused(image, pool):

@@ -31,7 +31,7 @@ from ..launch.conftest import make_image
 @pytest.fixture
 def store(tmp_path) -> SecretStore:
     s = SecretStore(directory=tmp_path / "secrets")
-    s.put("disk/x", bytes(64))
+    s.put("disk/0f0e0d0c-0b0a-4908-8706-050403020100", bytes(64))
     s.put(RELEASE_SECRET, CONTROLLER.private_bytes_raw())
     return s
 

@@ -158,15 +158,12 @@ class Run:
                 chain.append(_Unit(a, after=[*(chain[-1:] or first)], rolling=True))
             gate = chain[-1:] or first
             new_copy = {u.action.vm: u for u in first + chain}
-            deletes = [
-                _Unit(
-                    a,
-                    after=list(gate) if dep in live and a.host in self.fleet.hosts else [],
-                    replaced_by=new_copy.get(a.vm),
+            deletes = []
+            for a in (a for a in actions if a.kind == "delete"):
+                gated = dep in live and a.host in self.fleet.hosts  # a host left out of the file is emptied at once
+                deletes.append(
+                    _Unit(a, after=list(gate) if gated else [], replaced_by=new_copy.get(a.vm) if gated else None)
                 )
-                for a in actions
-                if a.kind == "delete"
-            ]
             out += first + chain + deletes
         return out
 

@@ -114,27 +114,30 @@ def smoke_domain(image, **labels: str) -> tuple[str, Any]:
     return dom, policy
 
 
+def smoke_record(uri: str, policy: Any, m: Any) -> VmRecord:
+    """The controller's record of the VM smoke (``smoke_domain``), launched on ``uri``."""
+    return VmRecord(
+        name="smoke",
+        uuid=SMOKE_UUID,
+        uri=uri,
+        backend="emulated",
+        policy=policy,
+        manifest=str(m.path),
+        manifest_sha256="00" * 32,
+        trust_anchor_sha256=None,
+        forwards=FORWARDS,
+        agent_port=7300,
+        ssh_port=22,
+    )
+
+
 @pytest.fixture
 def host_uri(image, make_host, records):
     dom, policy = smoke_domain(image)
     m = image.manifest()
     vols = image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)]
     uri = make_host(host_xml(pool_volumes=vols, domains=[dom, FOREIGN]))
-    records.put(
-        VmRecord(
-            name="smoke",
-            uuid=SMOKE_UUID,
-            uri=uri,
-            backend="emulated",
-            policy=policy,
-            manifest=str(m.path),
-            manifest_sha256="00" * 32,
-            trust_anchor_sha256=None,
-            forwards=FORWARDS,
-            agent_port=7300,
-            ssh_port=22,
-        )
-    )
+    records.put(smoke_record(uri, policy, m))
     return uri
 
 
@@ -187,21 +190,7 @@ def test_destroying_a_domain_that_carries_another_vms_uuid_keeps_that_vms_record
     m = image.manifest()
     vols = image_volumes(m) + [("smoke.qcow2", 1000), (serial_log_name("smoke"), 0)]
     uri = make_host(host_xml(pool_volumes=vols, domains=[dom]))
-    records.put(
-        VmRecord(
-            name="smoke",
-            uuid=SMOKE_UUID,
-            uri="qemu+ssh://root@prod.example/system",  # smoke runs elsewhere
-            backend="emulated",
-            policy=policy,
-            manifest=str(m.path),
-            manifest_sha256="00" * 32,
-            trust_anchor_sha256=None,
-            forwards=FORWARDS,
-            agent_port=7300,
-            ssh_port=22,
-        )
-    )
+    records.put(smoke_record("qemu+ssh://root@prod.example/system", policy, m))  # smoke runs elsewhere
     code, _, err = run(capsys, "destroy", "smoke", "--uri", uri, "--yes")
     assert code == 0, err
     assert records.get(SMOKE_UUID) is not None  # the record names another host: not this domain's
@@ -244,21 +233,7 @@ def test_status_says_when_the_host_rewrote_the_metadata_or_no_record_exists(caps
     )
     code, out, _ = run(capsys, "status", "--uri", uri)
     assert code == 0 and "UNTRUSTED: no record" in out and "strict" not in out
-    records.put(
-        VmRecord(
-            name="smoke",
-            uuid=SMOKE_UUID,
-            uri=uri,
-            backend="emulated",
-            policy=policy,
-            manifest=str(m.path),
-            manifest_sha256="00" * 32,
-            trust_anchor_sha256=None,
-            forwards=FORWARDS,
-            agent_port=7300,
-            ssh_port=22,
-        )
-    )
+    records.put(smoke_record(uri, policy, m))
     code, out, _ = run(capsys, "status", "--uri", uri)
     assert code == 0 and "UNTRUSTED: record mismatch" in out
     code, out, _ = run(capsys, "status", "smoke", "--uri", uri)

@@ -103,27 +103,28 @@ def _remove_uploaded_volumes(manifest: dict) -> None:
     """The launches uploaded this build's kernel, initrd and 1 GiB disk into libvirt's
     tdxvm pool (content-addressed, kept for later launches); a test build is never
     launched again, so its volumes go (unless a domain still uses them)."""
-    import libvirt
+    from .poolclean import image_volumes, remove_unused
 
-    from tdxvm.launch.connection import open_connection
-    from tdxvm.launch.volumes import POOL_NAME, content_name
+    remove_unused(image_volumes(manifest))
 
-    try:
-        conn = open_connection("qemu:///system")
-    except Exception:  # noqa: BLE001 - no libvirtd: nothing was uploaded
-        return
-    try:
-        pool = conn.storagePoolLookupByName(POOL_NAME)
-        in_use = "".join(d.XMLDesc() for d in conn.listAllDomains())
-        artifacts = manifest["artifacts"]
-        for role, name in (("kernel", "vmlinuz"), ("initrd", "initrd.img"), ("disk", "disk.img")):
-            volume = content_name(role, artifacts[name]["sha256"])
-            if volume in pool.listVolumes() and volume not in in_use:
-                pool.storageVolLookupByName(volume).delete(0)
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
+
+@pytest.fixture(scope="session", autouse=True)
+def _libvirt_host_left_clean() -> Iterator[None]:
+    """What an earlier, killed session left on qemu:///system goes first; at the end, the
+    volumes this session added that no domain uses go too. Neither while another session
+    runs (see tests/poolclean.py)."""
+    from .poolclean import Session, remove_leftover_domains, remove_unused, volume_names
+
+    session = Session()
+    with session.alone() as alone:
+        if alone:
+            remove_leftover_domains()
+    before = volume_names()
+    yield
+    with session.alone() as alone:
+        if alone:
+            remove_unused(volume_names() - before)
+    session.close()
 
 
 # -- a second libvirt host, reached only over SSH (tests/nshost.py) ----------------------

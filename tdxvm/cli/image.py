@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from tdxvm.cli.imageprune import prune_cmd
 from tdxvm.cli.output import OUT_FILE, OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
 from tdxvm.guest.rootdisk import VERITY_BLOCK, VERITY_HASH, RootDiskError, parse_cmdline
@@ -36,7 +37,10 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 @click.group()
 def image() -> None:
-    """Guest images: build them from recipes, predict their TDX measurements."""
+    """Guest images: build them from recipes, predict their TDX measurements, prune a host's unused ones."""
+
+
+image.add_command(prune_cmd)
 
 
 @image.command("build")

@@ -11,7 +11,7 @@ import click
 from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
 from tdxvm.cli.refusal import print_refusal, reason_dicts
-from tdxvm.cli.vm import DEFAULT_URI, _uri_option
+from tdxvm.cli.vm import DEFAULT_URI, uri_option
 from tdxvm.guest.engine import DTYPES, MAX_BATCH, MAX_KV_CACHE_MIB
 
 
@@ -89,7 +89,7 @@ def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
     show_default=True,
     help="Seconds to wait for the service to load the model.",
 )
-@_uri_option(DEFAULT_URI)
+@uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def provision_cmd(
     name: str,

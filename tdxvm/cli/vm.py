@@ -35,7 +35,7 @@ def check_uri(ctx: click.Context | None, param: click.Parameter | None, value: s
     return value
 
 
-def _uri_option(default_note: str) -> Any:
+def uri_option(default_note: str) -> Any:
     return click.option(
         "--uri",
         "uri",
@@ -49,7 +49,7 @@ def _uri_option(default_note: str) -> Any:
 @click.command("launch")
 @click.argument("spec_path", metavar="VM.yaml", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Print the domain XML and the effective policy; contact nothing.")
-@_uri_option("else the spec's uri")
+@uri_option("else the spec's uri")
 @OUTPUT_OPTION
 def launch_cmd(spec_path: str, dry_run: bool, uri: str | None, output: str) -> None:
     """Launch the VM described by VM.yaml: preflight, define, boot, attest, provision.
@@ -199,7 +199,7 @@ def _attestation(att: dict[str, Any] | None) -> str:
 
 @click.command("status")
 @click.argument("name", required=False)
-@_uri_option(DEFAULT_URI)
+@uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def status_cmd(name: str | None, uri: str | None, output: str) -> None:
     """Show tdxvm's VMs on the host (or VM NAME in detail): state, ports, attestation."""
@@ -296,7 +296,7 @@ def status_cmd(name: str | None, uri: str | None, output: str) -> None:
     show_default=True,
     help="With --policy: whose root the quote must chain to (Intel's, or this controller's emulated platform).",
 )
-@_uri_option(DEFAULT_URI)
+@uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None, output: str) -> None:
     """Attest running VM NAME again with a fresh nonce, against its launch policy.
@@ -349,7 +349,7 @@ def attest_cmd(name: str, policy_path: str | None, backend: str, uri: str | None
     metavar="SECONDS",
     help="Wait this long for the guest to shut down before powering it off.",
 )
-@_uri_option(DEFAULT_URI)
+@uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def stop_cmd(name: str, timeout: float, uri: str | None, output: str) -> None:
     """Shut VM NAME down (ACPI), power it off if it does not stop in time; it stays defined."""
@@ -369,7 +369,7 @@ def stop_cmd(name: str, timeout: float, uri: str | None, output: str) -> None:
 @click.command("destroy")
 @click.argument("name")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
-@_uri_option(DEFAULT_URI)
+@uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
     """Power VM NAME off, undefine it, and delete its disk overlay and serial log.
@@ -406,7 +406,7 @@ def destroy_cmd(name: str, yes: bool, uri: str | None, output: str) -> None:
 @click.command("console")
 @click.argument("name")
 @click.option("--lines", "-n", default=50, show_default=True, type=click.IntRange(min=0), help="How many lines.")
-@_uri_option(DEFAULT_URI)
+@uri_option(DEFAULT_URI)
 @OUTPUT_OPTION
 def console_cmd(name: str, lines: int, uri: str | None, output: str) -> None:
     """Print the last lines of VM NAME's serial console log (escape sequences removed)."""

@@ -17,12 +17,17 @@ Local and remote hosts are handled the same way: a directory pool named ``tdxvm`
 An upload is hashed as it streams and refused (the volume deleted) if it does not match
 the manifest. Content volumes are created empty and grow with the upload, so one left by
 an interrupted upload is shorter than its name says and is replaced, never reused.
+
+Content volumes stay after the last VM of an image is destroyed (a relaunch uploads
+nothing); :func:`unused_volumes` finds those no domain uses any more, and the per-VM
+volumes an interrupted launch left, for ``tdxvm image prune``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -467,3 +472,105 @@ def sweep_vm_volumes(conn: libvirt.virConnect, vm: str, *, pool: str = POOL_NAME
         except libvirt.libvirtError:
             continue
     return deleted
+
+
+_CONTENT_NAME = re.compile(r"(?:vmlinuz-|initrd-|disk-|tdvf-)[0-9a-f]{64}(?:\.img|\.fd)?")
+_VM_SUFFIXES = (".qcow2", ".serial.log", ".scratch.img")
+_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a VM spec's name:
+
+
+@dataclass(frozen=True, slots=True)
+class UnusedVolume:
+    """A volume of tdxvm's pool that no domain on the host uses: ``image`` (an artifact of
+    an image no VM boots any more) or ``leftover`` (a VM's own volume, with no domain of
+    that VM's name)."""
+
+    name: str
+    path: str
+    allocation: int  # bytes it takes on the host's disk
+    kind: Literal["image", "leftover"]
+
+
+def unused_volumes(conn: libvirt.virConnect, *, pool: str = POOL_NAME) -> list[UnusedVolume]:
+    """tdxvm's volumes in ``pool`` that no domain defined on the host refers to, by name.
+
+    A domain refers to a volume when its path is a value in the domain's XML (live or
+    inactive: kernel, initrd, disk, serial log, an emulated guest's firmware), or backs
+    a volume the domain refers to (a VM's overlay backs onto its image's disk). Volumes
+    tdxvm did not name (other files in the pool) are never listed; no pool, none."""
+    uri = _uri(conn)
+    try:
+        p = conn.storagePoolLookupByName(pool)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+            return []
+        raise VolumeError(f"cannot look up storage pool {pool} on {uri}: {libvirt_message(exc)}") from None
+    try:
+        if not p.isActive():
+            return []
+        refresh(p, uri)
+        domains = conn.listAllDomains(0)
+        names = {d.name() for d in domains}
+        referenced: set[str] = set()
+        for domain in domains:
+            for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+                referenced |= _values(domain.XMLDesc(flags))
+        volumes = [(vol, vol.name(), vol.path()) for vol in p.listAllVolumes(0)]
+        for vol, _name, path in volumes:
+            if path in referenced:
+                backing = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")
+                if backing:
+                    referenced.add(backing)
+        unused = []
+        for vol, name, path in volumes:
+            if path in referenced:
+                continue
+            if _CONTENT_NAME.fullmatch(name):
+                kind: Literal["image", "leftover"] = "image"
+            elif (vm := _vm_of(name)) is not None and vm not in names:
+                kind = "leftover"
+            else:
+                continue
+            unused.append(UnusedVolume(name, path, vol.info()[2], kind))
+    except libvirt.libvirtError as exc:
+        raise VolumeError(f"cannot list what uses pool {pool} on {uri}: {libvirt_message(exc)}") from None
+    return sorted(unused, key=lambda u: u.name)
+
+
+def delete_unused(conn: libvirt.virConnect, chosen: list[UnusedVolume], *, pool: str = POOL_NAME) -> list[UnusedVolume]:
+    """Delete those of ``chosen`` that are still unused now (a launch may have taken one
+    since they were listed); the ones deleted."""
+    still = {u.name for u in unused_volumes(conn, pool=pool)}
+    try:
+        p = conn.storagePoolLookupByName(pool)
+    except libvirt.libvirtError:
+        return []
+    deleted = []
+    for u in chosen:
+        if u.name not in still:
+            continue
+        try:
+            p.storageVolLookupByName(u.name).delete(0)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                continue
+            raise VolumeError(f"cannot delete volume {u.name} in pool {pool}: {libvirt_message(exc)}") from None
+        deleted.append(u)
+    return deleted
+
+
+def _values(xml: str) -> set[str]:
+    """Every attribute value and text of a domain's XML."""
+    out: set[str] = set()
+    for el in ET.fromstring(xml).iter():
+        out.update(el.attrib.values())
+        if el.text and el.text.strip():
+            out.add(el.text.strip())
+    return out
+
+
+def _vm_of(volume: str) -> str | None:
+    for suffix in _VM_SUFFIXES:
+        if volume.endswith(suffix) and _VM_NAME.fullmatch(vm := volume[: -len(suffix)]):
+            return vm
+    return None

@@ -33,6 +33,7 @@ from tdxvm.provision.trust import EmulatedTrust, for_backend
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_key
 
+from ..poolclean import image_volumes, remove_unused
 from . import hostdisks
 
 pytestmark = pytest.mark.vm
@@ -301,9 +302,11 @@ PARALLEL = 2  # refused launches at once: one vCPU each, on this project's 2-cor
 def refused(conn, trust, smoke_build, tmp_path_factory):
     """Every launch that must be refused, launched two at a time (each boots only to the
     unlock step, or to the root's first block for the disk attacks), at the first test
-    that asks; each test then checks its own. Their VMs are removed at the end."""
+    that asks; each test then checks its own. Each VM is removed once its case is recorded,
+    with the disk or initramfs its attack changed."""
     store = SecretStore(directory=smoke_build.secrets)
     genuine = smoke_build.folder / "manifest.json"
+    genuine_volumes = set(image_volumes(smoke_build.manifest))
 
     keys = ("wrong-mrtd", "initramfs-modified", "machine-changed", "another-signer", *DISK_ATTACKS)
     works = {key: tmp_path_factory.mktemp(key) for key in keys}
@@ -337,14 +340,16 @@ def refused(conn, trust, smoke_build, tmp_path_factory):
             tail, active = serial_log_tail(conn, name, lines=400), bool(conn.lookupByName(name).isActive())
         except (LaunchError, libvirt.libvirtError):
             tail, active = "", False
+        with contextlib.suppress(LaunchError):
+            destroy(conn, name)
+        if spec.image != genuine:  # what it changed (a 1 GiB disk, an initramfs), here and in the pool, goes now
+            remove_unused(set(image_volumes(json.loads(spec.image.read_text()))) - genuine_volumes)
+        shutil.rmtree(work, ignore_errors=True)
         return Refusal(name, error, events, tail, active)
 
     with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="e2e-refused") as pool:
         results = dict(zip(keys, pool.map(case, keys), strict=True))
-    yield results
-    for r in results.values():
-        with contextlib.suppress(LaunchError):
-            destroy(conn, r.name)
+    return results
 
 
 def _refused_at_attestation(r: Refusal) -> handshake.AttestationRefused:

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -19,7 +20,17 @@ import pytest
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import _read_tail
 from tdxvm.launch.errors import ConnectError, ConsoleError, VolumeError
-from tdxvm.launch.volumes import ASYNC_JOBS, content_name, ensure_pool, prepare_volumes, refresh
+from tdxvm.launch.volumes import (
+    ASYNC_JOBS,
+    content_name,
+    delete_unused,
+    ensure_pool,
+    prepare_volumes,
+    refresh,
+    unused_volumes,
+)
+
+from .conftest import make_image
 
 
 @pytest.fixture
@@ -151,3 +162,31 @@ def test_a_pool_busy_for_longer_than_the_wait_is_a_clear_error(pool):
             refresh(conn.storagePoolLookupByName(name), "qemu:///system", wait=0)
     finally:
         builder.join()
+
+
+def test_prune_keeps_what_a_domain_took_after_the_listing(image, pool, tmp_path):
+    """Two VMs' volumes in the pool, no domain: both images and both VMs' own volumes are
+    unused. VM a is defined before the delete: its overlay, log, scratch disk and image
+    (kernel and initramfs in its XML, the disk behind its overlay) stay; b's go."""
+    conn, name, target = pool
+    other = make_image(tmp_path / "other", seed=b"other")
+    a, b = f"prune-a-{uuid.uuid4().hex[:6]}", f"prune-b-{uuid.uuid4().hex[:6]}"
+    va = prepare_volumes(conn, image.manifest(), a, pool_name=name, pool_target=str(target))
+    prepare_volumes(conn, other.manifest(), b, pool_name=name, pool_target=str(target))
+    listed = unused_volumes(conn, pool=name)
+    assert len(listed) == 12 and {u.kind for u in listed} == {"image", "leftover"}
+    dom = conn.defineXML(
+        f"<domain type='qemu'><name>{a}</name><memory unit='MiB'>64</memory>"
+        f"<os><type arch='x86_64'>hvm</type><kernel>{va.kernel}</kernel><initrd>{va.initrd}</initrd></os>"
+        f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{va.overlay}'/>"
+        f"<target dev='vda' bus='virtio'/></disk><disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source file='{va.scratch}'/><target dev='vdb' bus='virtio'/></disk>"
+        f"<serial type='file'><source path='{va.serial_log}'/><target port='0'/></serial></devices></domain>"
+    )
+    try:
+        deleted = delete_unused(conn, listed, pool=name)
+        kept = set(conn.storagePoolLookupByName(name).listVolumes())
+    finally:
+        dom.undefine()
+    assert {u.name for u in deleted} == {u.name for u in listed} - kept
+    assert kept == {Path(p).name for p in (va.kernel, va.initrd, va.base_disk, va.overlay, va.serial_log, va.scratch)}

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tdxvm.fleet.inventory import IMAGE_SHA, READY_AT, SPEC_HASH, ActualVm, ContestedVm, HostView
+from tdxvm.fleet.inventory import IMAGE_SHA, SPEC_HASH, ActualVm, ContestedVm, HostView
 from tdxvm.fleet.spec import DesiredVm, spec_document
 
 Kind = Literal["create", "replace", "delete", "keep", "skip"]
@@ -122,23 +122,29 @@ def _attestation_reasons(vm: ActualVm) -> list[str]:
 
 
 def drift(d: DesiredVm, a: ActualVm, image_sha: str, record: dict[str, Any] | None) -> list[str]:
-    """Why the VM ``a`` is not what ``d`` asks for (empty: it is)."""
+    """Why the VM ``a`` is not what ``d`` asks for (empty: it is).
+
+    What a VM was launched with (spec and image digests) and whether an apply brought it
+    up to the end are the controller's to know: they come from its state file (``record``),
+    never from the labels on the host, which the host can rewrite to make an old VM look
+    current. A VM the state file does not describe on this host is replaced."""
+    if record is None or record.get("host") not in (None, a.host):
+        where = "no entry" if record is None else f"its entry is for host {record.get('host')}"
+        return [f"not what this controller launched here ({where} in the fleet's state file)"]
     reasons = []
-    if a.labels.get(SPEC_HASH) != d.spec_hash:
-        keys = changed_keys(
-            (record or {}).get("spec") if (record or {}).get(SPEC_HASH) == a.labels.get(SPEC_HASH) else None,
-            spec_document(d.spec),
-        )
-        detail = "; ".join(keys) if keys else f"spec hash {_short(a.labels.get(SPEC_HASH))} -> {_short(d.spec_hash)}"
+    applied = record.get(SPEC_HASH)
+    if applied != d.spec_hash:
+        keys = changed_keys(record.get("spec"), spec_document(d.spec))
+        detail = "; ".join(keys) if keys else f"spec hash {_short(applied)} -> {_short(d.spec_hash)}"
         reasons.append(f"spec drift: {detail}")
-    if a.labels.get(IMAGE_SHA) != image_sha:
+    if record.get(IMAGE_SHA) != image_sha:
         reasons.append(
-            f"image drift: manifest {d.spec.image} changed (sha256 {_short(a.labels.get(IMAGE_SHA))} -> "
+            f"image drift: manifest {d.spec.image} changed (sha256 {_short(record.get(IMAGE_SHA))} -> "
             f"{_short(image_sha)})"
         )
     if a.verdict == "reject":
         reasons.append("failed attestation: " + ("; ".join(_attestation_reasons(a)) or "refused"))
-    elif a.verdict is None or not a.labels.get(READY_AT):
+    elif a.verdict is None or record.get("phase") != "ready":
         reasons.append("never brought up to the end (an earlier apply was interrupted or failed)")
     if a.state != "running" and a.verdict != "reject":
         reasons.append(f"not running ({a.state})")

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -257,11 +259,32 @@ def _send_all(stream: libvirt.virStream, data: bytes) -> None:
         view = view[sent:]
 
 
+_uploading: dict[tuple[str, str, str], threading.Lock] = {}
+_uploading_guard = threading.Lock()
+
+
 def upload_artifact(
     conn: libvirt.virConnect, pool: libvirt.virStoragePool, artifact: Artifact, role: Role, progress: Progress = _quiet
 ) -> tuple[libvirt.virStorageVol, bool]:
-    """Upload ``artifact`` as its content-named volume unless it is there; returns (volume, uploaded)."""
+    """Upload ``artifact`` as its content-named volume unless it is there; returns (volume, uploaded).
+
+    Launches of one image to one host at once (a fleet's replicas) upload it once: the
+    others wait for that upload, then find the volume there."""
     name = content_name(role, artifact.sha256)
+    with _uploading_guard:
+        lock = _uploading.setdefault((_uri(conn), pool.name(), name), threading.Lock())
+    with lock:
+        return _upload_once(conn, pool, artifact, role, name, progress)
+
+
+def _upload_once(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    artifact: Artifact,
+    role: Role,
+    name: str,
+    progress: Progress,
+) -> tuple[libvirt.virStorageVol, bool]:
     existing = _lookup(pool, name)
     if existing is not None:
         if existing.info()[1] == artifact.size:
@@ -292,7 +315,7 @@ def _copy_into(
     (checking its hash on the way) and let libvirt pick it up, instead of pushing it
     through libvirtd's RPC stream (~15 MB/s here)."""
     folder = Path(pool_path(pool))
-    partial = folder / f".{name}.partial-{os.getpid()}"
+    partial = folder / f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     digest = hashlib.sha256()
     done = 0
     try:

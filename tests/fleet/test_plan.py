@@ -69,9 +69,23 @@ def views(*vms: ActualVm, unreachable: dict[str, str] | None = None, foreign: di
     return out
 
 
+def applied(a: ActualVm) -> dict:
+    """The state file's entry of a VM an apply launched as ``a``'s labels say (the host's
+    labels themselves decide nothing: test_labels_the_host_rewrites_decide_nothing)."""
+    return {
+        "host": a.host,
+        inv.SPEC_HASH: a.labels.get(inv.SPEC_HASH),
+        inv.IMAGE_SHA: a.labels.get(inv.IMAGE_SHA),
+        "phase": "ready" if a.labels.get(inv.READY_AT) else "creating",
+    }
+
+
 def plan(ds, hosts, *, records=None, shas=None):
+    """The plan; without ``records``, the state file describes every VM on the hosts as launched."""
+    if records is None:
+        records = {name: applied(a) for view in hosts.values() for name, a in view.vms.items()}
     return make_plan(
-        "f", ds, hosts, file_hosts={"a", "b"}, image_shas=shas or {"/img/manifest.json": SHA}, records=records or {}
+        "f", ds, hosts, file_hosts={"a", "b"}, image_shas=shas or {"/img/manifest.json": SHA}, records=records
     )
 
 
@@ -95,13 +109,14 @@ def test_matching_fleet_keeps_everything():
 def test_spec_drift_names_the_changed_keys():
     old = desired(vcpus=1)
     new = desired(vcpus=2)
-    records = {d.name: {inv.SPEC_HASH: d.spec_hash, "spec": spec_document(d.spec), "host": d.host} for d in old}
-    p = plan(new, views(*(actual(d, spec_hash=o.spec_hash) for d, o in zip(new, old, strict=True))), records=records)
+    hosts = views(*(actual(d, spec_hash=o.spec_hash) for d, o in zip(new, old, strict=True)))
+    records = {d.name: {**applied(hosts[d.host].vms[d.name]), "spec": spec_document(d.spec)} for d in old}
+    p = plan(new, hosts, records=records)
     assert [a.kind for a in p.actions] == ["replace", "replace"]
     assert p.actions[0].reasons == ("spec drift: vcpus: 1 -> 2",)
     assert p.actions[0].serving  # rolling: it serves now
-    # without the record, the hashes say it
-    p = plan(new, views(*(actual(d, spec_hash=o.spec_hash) for d, o in zip(new, old, strict=True))))
+    # without the spec it was applied with, the hashes say it
+    p = plan(new, hosts)
     assert (
         p.actions[0].reasons[0].startswith(f"spec drift: spec hash {old[0].spec_hash[:12]} -> {new[0].spec_hash[:12]}")
     )
@@ -113,6 +128,36 @@ def test_image_drift():
     assert p.actions[0].kind == "replace"
     assert p.actions[0].reasons == (
         f"image drift: manifest /img/manifest.json changed (sha256 {'cd' * 6} -> {'ab' * 6})",
+    )
+
+
+def test_labels_the_host_rewrites_decide_nothing():
+    """The host relabels a VM of the old image as current (to keep it from being replaced
+    by a fixed image): the state file says what it was launched with, so it is replaced.
+    Labels that say "old" on a VM the state file calls current change nothing either."""
+    ds = desired()
+    hosts = views(*(actual(d) for d in ds))  # every label says: current spec, current image, ready
+    records = {name: {**applied(a), inv.IMAGE_SHA: "cd" * 32} for name, a in hosts["a"].vms.items()}
+    records |= {name: applied(a) for name, a in hosts["b"].vms.items()}
+    p = plan(ds, hosts, records=records)
+    assert kinds(p) == [("replace", "f-web-0", "a"), ("keep", "f-web-1", "b")]
+    assert p.actions[0].reasons == (
+        f"image drift: manifest /img/manifest.json changed (sha256 {'cd' * 6} -> {'ab' * 6})",
+    )
+    stale = views(*(actual(d, spec_hash="ee" * 32, image_sha="cd" * 32, ready=False) for d in ds))
+    assert [a.kind for a in plan(ds, stale, records={d.name: applied(actual(d)) for d in ds}).actions] == ["keep"] * 2
+
+
+def test_a_vm_the_state_file_does_not_describe_is_replaced():
+    """No entry (the state file was lost or is another's), or an entry for another host:
+    nothing the controller holds says what runs there."""
+    ds = desired()
+    hosts = views(*(actual(d) for d in ds))
+    p = plan(ds, hosts, records={ds[1].name: {**applied(hosts["b"].vms[ds[1].name]), "host": "a"}})
+    assert [a.kind for a in p.actions] == ["replace", "replace"]
+    assert p.actions[0].reasons == ("not what this controller launched here (no entry in the fleet's state file)",)
+    assert p.actions[1].reasons == (
+        "not what this controller launched here (its entry is for host a in the fleet's state file)",
     )
 
 
@@ -150,7 +195,7 @@ def test_deletes_say_why():
     p = plan(now, views(moved, actual(ds[1]), actual(ds[2]), actual(ds[3]), stray))
     got = {(a.kind, a.vm, a.host): a.reasons for a in p.actions}
     assert got == {
-        ("create", "f-web-0", "a"): ("new replica",),
+        ("create", "f-web-0", "a"): ("replica now placed on this host (was on b)",),
         ("delete", "f-web-0", "b"): ("moved: replica now placed on host a",),
         ("delete", "f-web-1", "b"): ("deployment web has fewer replicas now",),
         ("delete", "f-web-2", "a"): ("deployment web has fewer replicas now",),
@@ -161,7 +206,7 @@ def test_deletes_say_why():
 
 def test_unreachable_host_is_skipped_and_the_rest_planned():
     ds = desired(replicas=3)
-    records = {"f-gone-0": {"host": "b", "deployment": "gone", "phase": "ready"}}
+    records = {"f-gone-0": {"host": "b", "deployment": "gone", "phase": "ready"}, ds[0].name: applied(actual(ds[0]))}
     p = plan(
         ds, views(actual(ds[0]), unreachable={"b": "cannot connect to libvirt at test:///b.xml: no"}), records=records
     )
@@ -194,6 +239,7 @@ def test_the_fleets_vms_of_another_controller_are_skipped_whether_asked_for_or_n
     hosts = views(actual(ds[1]), foreign={"a": {n: c.owner for n, c in theirs.items()}})
     hosts["a"] = dataclasses.replace(hosts["a"], contested=theirs)
     records = {"f-old-0": {"host": "a", "phase": "creating"}}  # a leftover whose name another's VM holds now
+    records[ds[1].name] = applied(hosts["b"].vms[ds[1].name])
     p = plan(ds, hosts, records=records)
     assert kinds(p) == [
         ("skip", "f-web-0", "a"),

@@ -190,3 +190,31 @@ def test_prune_keeps_what_a_domain_took_after_the_listing(image, pool, tmp_path)
         dom.undefine()
     assert {u.name for u in deleted} == {u.name for u in listed} - kept
     assert kept == {Path(p).name for p in (va.kernel, va.initrd, va.base_disk, va.overlay, va.serial_log, va.scratch)}
+
+
+def test_two_launches_of_one_image_at_once_upload_it_once(image, pool):
+    """A fleet's replicas of one image on one host launch in parallel threads: the second
+    waits for the first's upload and finds the volume, where both once copied into one
+    partial file and the second's rename failed (ENOENT)."""
+    conn, name, target = pool
+    manifest = image.manifest()
+    ensure_pool(conn, name=name, path=str(target))
+    results: dict[str, object] = {}
+
+    def launch(vm: str) -> None:
+        c = open_connection("qemu:///system")
+        try:
+            events = []
+            prepare_volumes(c, manifest, vm, events.append, pool_name=name, pool_target=str(target))
+            results[vm] = [e.status for e in events if e.role == "disk"]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results[vm] = exc
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=launch, args=(f"twin{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r[-1] if isinstance(r, list) else repr(r) for r in results.values()) == ["done", "skip"]

@@ -173,7 +173,10 @@ def run_guarded(cli: click.Group, argv: list[str]) -> int:
         return EXIT_OK
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C at a prompt: click turns it into Abort
+            click.echo("interrupted", err=True)
+            return EXIT_INTERRUPTED
         click.echo("aborted", err=True)
         if want_json:
             emit_json(_error_doc("aborted", "aborted", verdict=verdict))

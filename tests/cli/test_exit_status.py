@@ -116,3 +116,24 @@ def test_a_reader_that_leaves_early_is_not_a_refusal(testdata):
     finally:
         os.close(write)
     assert done.returncode == 141, done.stderr
+
+
+def test_ctrl_c_at_a_confirmation_is_an_interrupt_and_no_is_a_refusal_to_go_on(capsys, monkeypatch):
+    """click turns Ctrl-C at a prompt into Abort, like an answer "no": the first exits 130
+    as every interrupt does, the second 2 ("aborted")."""
+
+    @click.group()
+    def cli() -> None:
+        pass
+
+    @cli.command("ask")
+    def ask_cmd() -> None:
+        click.confirm("Go on?", abort=True)
+
+    def ctrl_c(_prompt: str) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(click.termui, "visible_prompt_func", ctrl_c)
+    assert run_guarded(cli, ["ask"]) == 130 and capsys.readouterr().err.endswith("interrupted\n")
+    monkeypatch.setattr(click.termui, "visible_prompt_func", lambda _prompt: "n")
+    assert run_guarded(cli, ["ask"]) == 2 and capsys.readouterr().err.endswith("aborted\n")

@@ -301,7 +301,8 @@ PARALLEL = 2  # refused launches at once: one vCPU each, on this project's 2-cor
 @pytest.fixture(scope="module")
 def refused(conn, trust, smoke_build, tmp_path_factory):
     """Every launch that must be refused, launched two at a time (each boots only to the
-    unlock step, or to the root's first block for the disk attacks), at the first test
+    unlock step, or to the root's first block for the disk attacks; the one the host gives
+    a second vCPU alone), at the first test
     that asks; each test then checks its own. Each VM is removed once its case is recorded,
     with the disk or initramfs its attack changed."""
     store = SecretStore(directory=smoke_build.secrets)
@@ -348,7 +349,11 @@ def refused(conn, trust, smoke_build, tmp_path_factory):
         return Refusal(name, error, events, tail, active)
 
     with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="e2e-refused") as pool:
-        results = dict(zip(keys, pool.map(case, keys), strict=True))
+        together = [key for key in keys if key != "machine-changed"]
+        results = dict(zip(together, pool.map(case, together), strict=True))
+    # alone: the host's extra vCPU makes it two, which beside another guest starved it
+    # under TCG on 2 cores (an RCU stall, no agent within the boot timeout)
+    results["machine-changed"] = case("machine-changed")
     return results
 
 

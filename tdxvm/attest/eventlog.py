@@ -146,9 +146,9 @@ class _Reader:
         return int.from_bytes(self.take(4, what), "little")
 
 
-def _is_padding(data: bytes, pos: int) -> bool:
-    """True when everything from ``pos`` on is 0xFF/0x00 fill (the unused log area)."""
-    return not data[pos:].translate(None, b"\x00\xff")
+def _fill_starts(data: bytes) -> int:
+    """Where the 0xFF/0x00 fill (the unused log area) that ends ``data`` begins."""
+    return len(data.rstrip(b"\x00\xff"))
 
 
 def parse_spec_id_event(data: bytes) -> SpecIdEvent:
@@ -206,7 +206,8 @@ def parse_tcg_event_log(data: bytes | bytearray | memoryview) -> list[Event]:
     :class:`EventLogError` naming the event and the byte offset.
     """
     raw = bytes(data)
-    if _is_padding(raw, 0):
+    end = _fill_starts(raw)  # once: the events stop where the fill begins
+    if end == 0:
         raise EventLogError("event log at byte offset 0: empty (no Spec ID event)")
     # Legacy TCG_PCR_EVENT (PFP §10.2.1) carrying TCG_EfiSpecIdEvent.
     r = _Reader(raw, where="event 0 (Spec ID event, at byte offset 0): ")
@@ -226,7 +227,7 @@ def parse_tcg_event_log(data: bytes | bytearray | memoryview) -> list[Event]:
     events = [Event(0, None, EV_NO_ACTION, {ALG_SHA1: sha1}, r.take(size0, "event data"), 0, pcr0)]
 
     max_count = len(spec.digest_sizes)
-    while r.pos < len(raw) and not _is_padding(raw, r.pos):
+    while r.pos < end:
         # TCG_PCR_EVENT2 (PFP §10.2.2).
         start, n = r.pos, len(events)
         r.where = f"event {n} (at byte offset {start}): "

@@ -50,6 +50,7 @@ from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFet
 from tdxvm.attest.pck import parse_pck_extension, parse_pem_chain, pck_ca_type
 from tdxvm.attest.quote import Quote
 from tdxvm.fileio import write_atomic
+from tdxvm.textsafe import safe_text
 from tdxvm.xdg import cache_home
 
 CA_TYPES = ("platform", "processor")
@@ -164,9 +165,11 @@ class PcsClient:
             if resp.status_code != 200:
                 detail = "".join(
                     f", {h}: {unquote(resp.headers[h])}" for h in ("Error-Code", "Error-Message") if h in resp.headers
-                )
+                )  # the server's words, shown with their control characters escaped wherever they are printed
                 raise CollateralFetchError(
-                    f"{what}: GET {url} returned HTTP {resp.status_code} {resp.reason or ''}".rstrip() + detail
+                    safe_text(
+                        f"{what}: GET {url} returned HTTP {resp.status_code} {resp.reason or ''}".rstrip() + detail
+                    )
                 )
             body = bytearray()
             try:
@@ -333,7 +336,9 @@ def get_collateral(
     except CollateralFetchError as err:
         if cache is None:
             raise
-        return _cached(err, cache, client.base_url, fmspc, ca, at), CollateralOrigin("cache", client.base_url, str(err))
+        return _cached(err, cache, client.base_url, fmspc, ca, at), CollateralOrigin(
+            "cache", client.base_url, safe_text(err)
+        )
     if cache is not None:
         try:
             cache.store(collateral, base_url=client.base_url, fmspc=fmspc, ca=ca)

@@ -276,11 +276,17 @@ def _load_events(data: bytes, source: str) -> tuple[list, bytes | None]:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CliError(f"event log {source}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CliError(f"event log {source}: JSON nested too deeply") from None
         embedded = None
         if isinstance(doc, dict):
             if "event_log" not in doc:
                 raise CliError(f"event log {source}: JSON object has no 'event_log' key")
-            if isinstance(doc.get("quote"), str):
+            if "quote" in doc:  # present: it must be a quote, never silently nothing to compare with
+                if not isinstance(doc["quote"], str) or not doc["quote"].strip():
+                    raise CliError(
+                        f"event log {source}: 'quote' is not a quote's text (hex or base64, as a quote file holds it)"
+                    )
                 embedded = doc["quote"].encode()
             doc = doc["event_log"]
         return parse_json_event_log(doc), embedded
@@ -302,7 +308,9 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
 
     LOG is a binary CCEL/TCG2 crypto-agile log or JSON (a list of events with imr,
     event_type, digest, event, event_payload; or an object with event_log and quote).
-    Exit 0 when every register matches the quote, 1 when one differs.
+    Exit 0 when every register matches the quote, 1 when one differs. Without a quote
+    it prints the replayed registers, says nothing was compared, and exits 0. The quote
+    is compared, not verified: `tdxvm verify-quote` does that.
     """
     from tdxvm.attest.ccel import parse_ccel_table
     from tdxvm.attest.eventlog import compare_rtmrs, replay
@@ -343,4 +351,6 @@ def eventlog_replay(log: str, quote_path: str | None, ccel_table: str | None, ou
                     else click.style(f"DIFFERS from quote {c.quoted.hex()}", fg="red")
                 )
             click.echo(line)
+        if not comparison:
+            click.echo("no quote: nothing compared (give --quote QUOTE)")
     sys.exit(EXIT_OK if ok else EXIT_REFUSED)

@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tdxvm.launch import tunnel
     from tdxvm.launch.connection import open_connection
     from tdxvm.launch.console import read_host_file
-    from tdxvm.launch.rtmr0pin import machine_qemu, running_argv
+    from tdxvm.launch.rtmr0pin import running_machine
     from tdxvm.launch.sshtarget import HostSshError
 
     offered = contextlib.ExitStack()
@@ -246,11 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dom = conn.lookupByUUIDString(args.uuid)
         xml = dom.XMLDesc()
         platform = EmulatedPlatform.load(args.emulated_dir, at=datetime.now(timezone.utc))
+        argv, qemu = running_machine(conn, dom.name())
         artifacts = LaunchArtifacts.from_domain_xml(
-            xml,
-            read=lambda path: read_host_file(conn, path),
-            argv=running_argv(conn, dom.name()),
-            qemu=machine_qemu(conn),
+            xml, read=lambda path: read_host_file(conn, path), argv=argv, qemu=qemu
         )
         service = QuoteService(platform, artifacts, port=args.port, guard=watch.gone)
         service.start()

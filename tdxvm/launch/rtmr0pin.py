@@ -236,8 +236,17 @@ def _read_local(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def machine_qemu(conn: libvirt.virConnect) -> str | None:
-    """The QEMU binary that reads a running domain's tables for the emulated quote service:
-    None (the argv's own binary) on this machine; the controller's QEMU for a remote host,
-    whose binary is not here (the ``same-versions`` profile's copy)."""
-    return None if _local_system(conn.getURI()) else controller_qemu()
+def running_machine(conn: libvirt.virConnect, name: str) -> tuple[list[str] | None, str | None]:
+    """``(argv, qemu)`` for the emulated quote service to read a running domain's tables:
+    on this machine, the argv of the QEMU libvirt runs and None (run that argv's own
+    binary); on a remote host, its argv and the controller's own QEMU (the
+    ``same-versions`` profile's copy), or ``(None, None)`` when the controller has none
+    (RTMR0 is then not computed). The host's argv names a binary only on this machine:
+    on a remote host it is the host's answer, and running it would run what the host
+    chose."""
+    if _local_system(conn.getURI()):
+        return running_argv(conn, name), None
+    qemu = controller_qemu()
+    if qemu is None:
+        return None, None
+    return running_argv(conn, name), qemu

@@ -29,7 +29,7 @@ from tdxvm.launch.lifecycle import lookup, record_attestation
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.metadata import ATTESTATION_KEYS, port_number
 from tdxvm.launch.records import RecordMismatch, VmRecord, VmRecords
-from tdxvm.launch.rtmr0pin import machine_qemu, running_argv
+from tdxvm.launch.rtmr0pin import running_machine
 from tdxvm.launch.volumes import content_name
 from tdxvm.provision import handshake
 from tdxvm.provision.trust import Trust, for_backend
@@ -76,7 +76,7 @@ def attest(
     else:
         read = lambda path: read_host_file(conn, path)  # noqa: E731
     emulated = trust.backend == "emulated"  # only an emulated TD's quote service reads the QEMU the host runs
-    argv, qemu = (running_argv(conn, name), machine_qemu(conn)) if emulated else (None, None)
+    argv, qemu = running_machine(conn, name) if emulated else (None, None)
     with trust.quote_service(xml, read, guest_on_host=test_host, argv=argv, qemu=qemu, uri=uri) as qgs:
         return handshake.attest_guest(
             address,

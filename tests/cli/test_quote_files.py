@@ -68,3 +68,25 @@ def test_eventlog_replay_reads_hex_and_embedded_quotes_as_before(capsys, testdat
     assert (code, out) == binary[:2]
     code, out, _ = run(capsys, "eventlog", "replay", testdata / "dstack-eventlog" / "getquote.json", "-o", "json")
     assert code == 0 and json.loads(out)["matches"] is True
+
+
+@pytest.mark.parametrize("quote", [None, "", "  ", {"hex": "04"}, 4])
+def test_an_embedded_quote_that_is_not_a_quote_is_an_error_not_nothing_to_compare(capsys, testdata, tmp_path, quote):
+    """A JSON log whose RTMR0 the host changed, with a quote that is not a quote's text:
+    before, the quote was dropped, nothing compared, exit 0."""
+    doc = json.loads((testdata / "dstack-eventlog" / "getquote.json").read_text())
+    doc["quote"] = quote
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(doc))
+    code, out, _ = run(capsys, "eventlog", "replay", path, "-o", "json")
+    assert code == 2 and "'quote' is not a quote's text" in json.loads(out)["error"]["message"]
+
+
+def test_replay_without_a_quote_says_nothing_was_compared(capsys, testdata, tmp_path):
+    d = testdata / "go-tdx-guest-ccel"
+    code, out, _ = run(capsys, "eventlog", "replay", d / "ccel_data.bin")
+    assert code == 0 and out.endswith("no quote: nothing compared (give --quote QUOTE)\n")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run(capsys, "eventlog", "replay", deep)
+    assert code == 2 and "nested too deeply" in err

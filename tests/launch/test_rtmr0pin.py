@@ -159,4 +159,32 @@ def test_running_argv_is_read_only_where_libvirt_runs_qemu_on_a_system_host():
     assert rtmr0pin.running_argv(_Uri("test:///default"), "vm") is None
     assert rtmr0pin.running_argv(_Uri("qemu+tcp://host/system"), "vm") is None
     assert rtmr0pin.running_argv(_Uri("qemu:///system"), "no-such-domain-running") is None
-    assert rtmr0pin.machine_qemu(_Uri("qemu:///system")) is None  # the argv's own binary
+    assert rtmr0pin.running_machine(_Uri("test:///default"), "vm")[0] is None  # no argv to read there
+
+
+def test_a_remote_host_never_chooses_the_program_the_controller_runs(tdvf_image, tmp_path, monkeypatch):  # noqa: F811
+    """The emulated quote service reads a remote host's QEMU argv over SSH (its pid file,
+    then /proc/PID/cmdline: the host's answers). With no QEMU on the controller, the
+    argv's own binary was run: a host answering ``/bin/sh -rtc 'touch …'`` ran a command
+    of its choice on the controller. Now a remote argv runs only with the controller's
+    QEMU, and without one RTMR0 is not computed."""
+    from tdxvm.emulate.qgs import LaunchArtifacts
+    from tdxvm.launch import sshhost
+
+    mark = tmp_path / "ran"
+    cmdline = b"\0".join([b"/bin/sh", b"-rtc", f"touch {mark}".encode(), b"-machine", b"q35", b"-m", b"1024"]) + b"\0"
+    monkeypatch.setattr(
+        sshhost.HostSession, "read_file", lambda self, path, **kw: b"4242\n" if path.endswith(".pid") else cmdline
+    )
+    monkeypatch.setattr(sshhost.HostSession, "ensure", lambda self: None)
+    monkeypatch.setattr(rtmr0pin, "controller_qemu", lambda: None)  # a controller with no QEMU of its own
+    host = _Uri("qemu+ssh://root@tdx-host.example/system")
+    assert rtmr0pin.running_argv(host, "vm")[0] == "/bin/sh"  # what the host says it runs
+    argv, qemu = rtmr0pin.running_machine(host, "vm")
+    assert (argv, qemu) == (None, None)
+    xml = "<domain><name>vm</name><os><kernel>/pool/k</kernel><initrd>/pool/i</initrd><loader>/pool/fw.fd</loader></os></domain>"
+    files = {"/pool/k": b"K" * 64, "/pool/i": b"I" * 64, "/pool/fw.fd": tdvf_image}
+    launch = LaunchArtifacts.from_domain_xml(xml, read=files.__getitem__, argv=argv, qemu=qemu)
+    assert launch.rtmr0 == bytes(48) and not mark.exists()  # not computed, and nothing of the host's ran
+    monkeypatch.setattr(rtmr0pin, "controller_qemu", lambda: "/usr/bin/qemu-system-x86_64")
+    assert rtmr0pin.running_machine(host, "vm") == (cmdline.decode().split("\0")[:-1], "/usr/bin/qemu-system-x86_64")

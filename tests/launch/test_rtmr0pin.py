@@ -182,7 +182,10 @@ def test_a_remote_host_never_chooses_the_program_the_controller_runs(tdvf_image,
     assert rtmr0pin.running_argv(host, "vm")[0] == "/bin/sh"  # what the host says it runs
     argv, qemu = rtmr0pin.running_machine(host, "vm")
     assert (argv, qemu) == (None, None)
-    xml = "<domain><name>vm</name><os><kernel>/pool/k</kernel><initrd>/pool/i</initrd><loader>/pool/fw.fd</loader></os></domain>"
+    xml = (
+        "<domain><name>vm</name><os><kernel>/pool/k</kernel><initrd>/pool/i</initrd>"
+        "<loader>/pool/fw.fd</loader></os></domain>"
+    )
     files = {"/pool/k": b"K" * 64, "/pool/i": b"I" * 64, "/pool/fw.fd": tdvf_image}
     launch = LaunchArtifacts.from_domain_xml(xml, read=files.__getitem__, argv=argv, qemu=qemu)
     assert launch.rtmr0 == bytes(48) and not mark.exists()  # not computed, and nothing of the host's ran

@@ -20,6 +20,7 @@ Standard library only: the guest and the controller run the same code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -60,19 +61,27 @@ def digest_of_entries(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
     return h.digest()
 
 
-def file_sha256(path: Path) -> tuple[int, bytes]:
-    """``(size, SHA-256)`` of one file, read in large blocks."""
+def file_sha256(path: Path, copy_to: Path | None = None) -> tuple[int, bytes]:
+    """``(size, SHA-256)`` of one file, read in large blocks; with ``copy_to``, the bytes
+    hashed are also written there (a new file, mode 0600), so the copy is what was hashed."""
     h, size = hashlib.sha256(), 0
-    with open(path, "rb", buffering=0) as f:
+    with contextlib.ExitStack() as files:
+        f = files.enter_context(open(path, "rb", buffering=0))
+        out = None
+        if copy_to is not None:
+            out = files.enter_context(open(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb"))
         while block := f.read(_READ):
             h.update(block)
             size += len(block)
+            if out is not None:
+                out.write(block)
     return size, h.digest()
 
 
-def folder_entries(folder: Path) -> list[tuple[str, int, bytes]]:
+def folder_entries(folder: Path, copy_to: Path | None = None) -> list[tuple[str, int, bytes]]:
     """``(relative path, size, SHA-256)`` of every regular file under ``folder``; a symbolic
-    link or a special file anywhere is a :class:`ModelDigestError` (its target is not measured)."""
+    link or a special file anywhere is a :class:`ModelDigestError` (its target is not measured).
+    With ``copy_to`` (an empty folder), each file is copied there as it is hashed."""
     folder = Path(folder)
     if not folder.is_dir() or folder.is_symlink():
         raise ModelDigestError(f"{folder}: not a folder")
@@ -85,8 +94,11 @@ def folder_entries(folder: Path) -> list[tuple[str, int, bytes]]:
             if stat.S_ISLNK(mode):
                 raise ModelDigestError(f"{path}: a symbolic link in the model folder; only regular files are measured")
             if stat.S_ISREG(mode):
-                out.append((rel, *file_sha256(path)))
-            elif not stat.S_ISDIR(mode):
+                out.append((rel, *file_sha256(path, None if copy_to is None else copy_to / rel)))
+            elif stat.S_ISDIR(mode):
+                if copy_to is not None:
+                    (copy_to / rel).mkdir(mode=0o700)
+            else:
                 raise ModelDigestError(f"{path}: not a regular file")
     if not out:
         raise ModelDigestError(f"{folder}: no files")

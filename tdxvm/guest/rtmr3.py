@@ -15,8 +15,9 @@ The model event's payload is canonical JSON (sorted keys, no spaces)::
 
     {"digest":"sha256:<model digest>","dtype":"float32","name":"<served name>","quantization":"none"}
 
-where the model digest is :func:`tdxvm.guest.modeldigest.folder_digest` of the folder the
-service loads, taken just before it is measured. A client replays the log, compares the
+where the model digest is that of the bytes the service loads (the model folder's digest,
+:mod:`tdxvm.guest.modeldigest`, taken as the service copies the folder into the TD's
+memory, from where it loads it: :mod:`tdxvm.guest.inmemory`). A client replays the log, compares the
 result with the quote's RTMR3 and reads the *latest* model event (the log keeps the
 history of a TD that served several models).
 
@@ -45,7 +46,7 @@ from typing import Any, Protocol
 
 from tdxvm.errors import TdxvmError
 from tdxvm.fileio import lock_exclusive, write_atomic
-from tdxvm.guest.modeldigest import folder_digest, show
+from tdxvm.guest.modeldigest import show
 
 RTMR_INDEX = 3
 RTMR_SIZE = 48
@@ -204,16 +205,17 @@ def measure(
 
 def measure_model(
     provider: Extender,
-    model_dir: Path,
+    digest: bytes,
     *,
     name: str,
     dtype: str,
     quantization: str = QUANTIZATION_NONE,
     log_path: Path = DEFAULT_LOG,
-) -> tuple[bytes, Measured]:
-    """Take the model digest of the files in ``model_dir`` now and measure the model event
-    naming it, ``name`` and the output-changing settings; ``(model digest, outcome)``."""
-    digest = folder_digest(model_dir)
-    return digest, measure(
+) -> Measured:
+    """Measure the model event naming the model ``digest`` (of the bytes the service loads:
+    :func:`tdxvm.guest.inmemory.copy_into_memory`, or
+    :func:`~tdxvm.guest.modeldigest.folder_digest` of the folder it loads), ``name`` and
+    the output-changing settings."""
+    return measure(
         provider, model_payload(digest, name=name, dtype=dtype, quantization=quantization), log_path=log_path
     )

@@ -12,8 +12,9 @@ configfs-tsm or ``/dev/tdx_guest``, or in an emulated guest from the quote servi
 ``--qgs HOST:PORT`` (:func:`tdxvm.guest.tdquote.detect`).
 
 An attested service measures what it serves before it listens: it takes the model
-digest of the files in ``--model`` and extends RTMR3 with a model event naming that
-digest, ``--name`` and ``--dtype`` (:func:`tdxvm.guest.rtmr3.measure_model`; nothing new
+digest of the files in ``--model`` (with ``--in-memory DIR``, as it copies them into the
+TD's memory, from where it loads them: :mod:`tdxvm.guest.inmemory`) and extends RTMR3
+with a model event naming that digest, ``--name`` and ``--dtype`` (:func:`tdxvm.guest.rtmr3.measure_model`; nothing new
 if the latest model event already names exactly that), keeping the RTMR3 log in
 ``--rtmr3-log``, which ``/v1/attestation`` returns. Where RTMR3 cannot be extended (a
 kernel older than Linux 6.16 has no interface for it) it exits with status 2 and says
@@ -31,7 +32,7 @@ import argparse
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,8 @@ from tdxvm.guest.apikeys import KeyFile
 from tdxvm.guest.attestation import CCEL_DATA, Attester
 from tdxvm.guest.engine import DTYPES, QUANTIZATION, Engine, EngineConfig
 from tdxvm.guest.gate import DEFAULT_MAX_BODY, DEFAULT_MAX_REQUESTS, Limits
-from tdxvm.guest.modeldigest import show
+from tdxvm.guest.inmemory import InMemoryError, copy_into_memory, release
+from tdxvm.guest.modeldigest import ModelDigestError, folder_digest, show
 from tdxvm.guest.rtmr3 import DEFAULT_LOG, measure_model
 from tdxvm.guest.server import ModelHolder, create_app
 from tdxvm.guest.tls import TlsError, TlsIdentity, ensure_identity
@@ -55,15 +57,21 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def load_in_background(
-    holder: ModelHolder, config: EngineConfig, on_error: threading.Event | None = None
+    holder: ModelHolder,
+    config: EngineConfig,
+    on_error: threading.Event | None = None,
+    loaded: Callable[[], None] | None = None,
 ) -> threading.Thread:
-    """Load ``config``'s model into ``holder`` on the engine's own thread; set ``on_error`` on failure.
+    """Load ``config``'s model into ``holder`` on the engine's own thread; set ``on_error``
+    on failure, call ``loaded`` once it is loaded.
 
     The returned thread is the engine's worker: it lives until the engine is closed.
     """
 
     def ready(engine: Engine) -> None:
-        holder.engine = engine
+        if loaded is not None:
+            loaded()
+        holder.engine = engine  # healthy from here on
 
     def failed(exc: Exception) -> None:
         holder.error = f"{type(exc).__name__}: {exc}"
@@ -79,6 +87,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model", required=True, type=Path, help="Hugging Face model folder (config, safetensors, tokenizer)"
+    )
+    p.add_argument(
+        "--in-memory",
+        type=Path,
+        metavar="DIR",
+        help="a folder on a tmpfs: copy the model there, measure the bytes copied, and load that copy only "
+        "(the model's storage may change after it is measured; the TD's memory cannot)",
     )
     p.add_argument("--name", required=True, help="model name clients pass as `model`")
     p.add_argument("--host", default="127.0.0.1")
@@ -149,12 +164,12 @@ def attested_tls(args: argparse.Namespace, provider: QuoteProvider, serves: byte
     return identity, Attester(provider, {"tls": identity.spki}, event_log=CCEL_DATA, rtmr3_log=args.rtmr3_log)
 
 
-def measure(args: argparse.Namespace, provider: QuoteProvider) -> bytes:
-    """Measure the model this service is about to load into RTMR3 (see the module doc); the
-    model event's payload."""
-    digest, done = measure_model(
+def measure(args: argparse.Namespace, provider: QuoteProvider, digest: bytes) -> bytes:
+    """Measure the model this service is about to load (its model ``digest``) into RTMR3
+    (see the module doc); the model event's payload."""
+    done = measure_model(
         provider,
-        args.model,
+        digest,
         name=args.name,
         dtype=args.dtype,
         quantization=QUANTIZATION[args.dtype],
@@ -196,12 +211,29 @@ def uvicorn_config(app: Any, args: argparse.Namespace, identity: TlsIdentity | N
     return config
 
 
+def _release(copy: Path) -> None:
+    """The copy in memory is loaded: its files go (pages the model maps stay while mapped)."""
+    try:
+        release(copy)
+    except OSError as exc:
+        log.warning("cannot delete the model's copy in %s once loaded: %s", copy, exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.model.is_dir():
         log.error("%s: not a folder", args.model)
         return 2
+    model_dir, digest = args.model, None
+    if args.in_memory is not None:
+        try:
+            digest = copy_into_memory(args.model, args.in_memory)
+        except (InMemoryError, ModelDigestError, OSError) as exc:
+            log.error("cannot copy the model %s into memory at %s: %s", args.model, args.in_memory, exc)
+            return 2
+        model_dir = args.in_memory
+        log.info("copied %s into memory at %s (%s)", args.model, model_dir, show(digest))
     identity = attester = None
     if args.tls_dir is not None:
         try:
@@ -210,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot serve on an attested TLS key: %s: %s", getattr(exc, "code", type(exc).__name__), exc)
             return 2
         try:
-            serves = measure(args, provider)
+            serves = measure(args, provider, digest if digest is not None else folder_digest(model_dir))
         except Exception as exc:  # Rtmr3Error, ModelDigestError, the provider's QuoteError (no-rtmr-extend), OSError
             log.error(
                 "refusing to serve %s: it cannot be measured into RTMR3, so no client could check which model answers: "
@@ -235,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn_config(app, args, identity))
     failed = threading.Event()
     config = EngineConfig(
-        model_dir=args.model,
+        model_dir=model_dir,
         name=args.name,
         dtype=args.dtype,
         threads=args.threads,
@@ -243,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_cache_mib=args.kv_cache_mib,
         max_waiting=args.max_waiting,
     )
-    load_in_background(holder, config, failed)
+    load_in_background(holder, config, failed, loaded=None if args.in_memory is None else lambda: _release(model_dir))
 
     def stop_on_failure() -> None:
         failed.wait()

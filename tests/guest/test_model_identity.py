@@ -59,6 +59,13 @@ from .test_attested_endpoint import TlsUvicorn  # noqa: E402
 NAME = "tiny-llama"
 
 
+def measure_folder(provider, folder, **settings):
+    """``(model digest, outcome)``: the digest of the files in ``folder``, measured (what the
+    service does with the copy it loads)."""
+    digest = folder_digest(folder)
+    return digest, measure_model(provider, digest, **settings)
+
+
 def write_model(folder: Path, seed: str) -> Path:
     """A small model-like folder: a config, a tokenizer, weights in a subfolder."""
     (folder / "shards").mkdir(parents=True)
@@ -172,19 +179,21 @@ def test_measure_extends_rtmr3_once_per_model_and_quotes_carry_it(tmp_path, qgs)
     log = tmp_path / "run/rtmr3.json"
     a, b = write_model(tmp_path / "a", "a"), write_model(tmp_path / "b", "b")
     assert qgs.rtmr(3) == bytes(48)
-    digest, done = measure_model(provider(qgs), a, name=NAME, dtype="float32", log_path=log)
+    digest, done = measure_folder(provider(qgs), a, name=NAME, dtype="float32", log_path=log)
     assert digest == folder_digest(a) and done.extended and done.events == 1
     assert qgs.rtmr(3) == done.rtmr3 == replay(load_log(log)) != bytes(48)
     assert parse_quote(provider(qgs).quote(bytes(64))).body.rtmrs[3] == done.rtmr3  # later quotes carry it
 
-    _, again = measure_model(provider(qgs), a, name=NAME, dtype="float32", log_path=log)  # re-provisioned, or restarted
+    _, again = measure_folder(
+        provider(qgs), a, name=NAME, dtype="float32", log_path=log
+    )  # re-provisioned, or restarted
     assert not again.extended and again.events == 1 and qgs.rtmr(3) == done.rtmr3
 
-    _, other = measure_model(
+    _, other = measure_folder(
         provider(qgs), a, name=NAME, dtype="bfloat16", log_path=log
     )  # another output-changing setting
-    _, swapped = measure_model(provider(qgs), b, name=NAME, dtype="bfloat16", log_path=log)  # another model, same TD
-    _, back = measure_model(provider(qgs), a, name=NAME, dtype="float32", log_path=log)
+    _, swapped = measure_folder(provider(qgs), b, name=NAME, dtype="bfloat16", log_path=log)  # another model, same TD
+    _, back = measure_folder(provider(qgs), a, name=NAME, dtype="float32", log_path=log)
     assert other.extended and swapped.extended and back.extended and back.events == 4
     history = [json.loads(bytes.fromhex(e["event_payload"])) for e in load_log(log)]
     assert [(h["digest"], h["dtype"]) for h in history] == [
@@ -250,7 +259,7 @@ def test_td_providers_extend_through_the_kernel_measurement_registers(tmp_path):
 def test_a_kernel_without_the_extend_interface_refuses_to_measure(tmp_path):
     older = ConfigfsTsm(tmp_path / "report", measurements=tmp_path / "sys/class/misc/tdx_guest/measurements")
     with pytest.raises(QuoteError, match="Linux >= 6.16") as err:
-        measure_model(
+        measure_folder(
             older, write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=tmp_path / "log.json"
         )
     assert err.value.code == "no-rtmr-extend" and not (tmp_path / "log.json").exists()
@@ -285,7 +294,7 @@ def test_attestation_answer_carries_the_rtmr3_log(tmp_path, service):
     url, log = service["url"], service["log"]
     doc = requests.get(f"{url}/v1/attestation?nonce={'00' * 32}", verify=False, timeout=30).json()
     assert doc["rtmr3_log"] == []  # nothing measured yet
-    measure_model(provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=log)
+    measure_folder(provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=log)
     doc = requests.get(f"{url}/v1/attestation?nonce={'00' * 32}", verify=False, timeout=30).json()
     assert doc["rtmr3_log"] == load_log(log) and len(doc["rtmr3_log"]) == 1
     log.write_text("not json")
@@ -295,7 +304,7 @@ def test_attestation_answer_carries_the_rtmr3_log(tmp_path, service):
 
 def test_verify_endpoint_accepts_the_expected_model_and_says_rtmr3_is_checked(tmp_path, service):
     model = write_model(tmp_path / "m", "m")
-    digest, _ = measure_model(provider(service["qgs"]), model, name=NAME, dtype="float32", log_path=service["log"])
+    digest, _ = measure_folder(provider(service["qgs"]), model, name=NAME, dtype="float32", log_path=service["log"])
     unchecked = verify(service["url"])  # no digest expected: the model is reported, RTMR3 still an exception
     assert unchecked.model is not None and unchecked.model.digest == digest and unchecked.model.name == NAME
     assert any(line.startswith("rtmr3 not pinned") for line in unchecked.verdict.to_dict()["policy_exceptions"])
@@ -325,7 +334,7 @@ def test_verify_endpoint_refuses_another_model_or_none(tmp_path, service):
     with pytest.raises(EndpointRefused) as err:
         verify(service["url"], model_digest=expected)
     assert codes(err.value) == {"model-not-measured"}
-    measure_model(
+    measure_folder(
         provider(service["qgs"]),
         write_model(tmp_path / "other", "other"),
         name=NAME,
@@ -340,8 +349,8 @@ def test_verify_endpoint_refuses_another_model_or_none(tmp_path, service):
 
 def test_the_latest_model_event_decides(tmp_path, service):
     first, second = write_model(tmp_path / "first", "1"), write_model(tmp_path / "second", "2")
-    d1, _ = measure_model(provider(service["qgs"]), first, name=NAME, dtype="float32", log_path=service["log"])
-    d2, _ = measure_model(provider(service["qgs"]), second, name=NAME, dtype="float32", log_path=service["log"])
+    d1, _ = measure_folder(provider(service["qgs"]), first, name=NAME, dtype="float32", log_path=service["log"])
+    d2, _ = measure_folder(provider(service["qgs"]), second, name=NAME, dtype="float32", log_path=service["log"])
     assert verify(service["url"], model_digest=d2).verdict.accepted
     with pytest.raises(EndpointRefused) as err:
         verify(service["url"], model_digest=d1)  # served once, no longer
@@ -350,7 +359,7 @@ def test_the_latest_model_event_decides(tmp_path, service):
 
 def test_a_log_that_does_not_replay_to_the_quote_is_refused(tmp_path, service):
     real, claimed = write_model(tmp_path / "real", "real"), write_model(tmp_path / "claimed", "claimed")
-    measure_model(provider(service["qgs"]), real, name=NAME, dtype="float32", log_path=service["log"])
+    measure_folder(provider(service["qgs"]), real, name=NAME, dtype="float32", log_path=service["log"])
     # the service's log now claims another model than the one RTMR3 was extended with
     forged = [make_event(MODEL_EVENT, model_payload(folder_digest(claimed), name=NAME, dtype="float32"))]
     service["log"].write_text(json.dumps(forged))
@@ -363,7 +372,7 @@ def test_a_log_that_does_not_replay_to_the_quote_is_refused(tmp_path, service):
 
 
 def test_pinned_client_holds_the_endpoint_to_the_model(tmp_path, service):
-    digest, _ = measure_model(
+    digest, _ = measure_folder(
         provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=service["log"]
     )
     with ApiClient(verify(service["url"]), model_digest=digest) as api:
@@ -397,7 +406,7 @@ def test_cli_verify_endpoint_model_digest(tmp_path, capsys, service):
         "--at",
         AT.isoformat(),
     ]
-    digest, _ = measure_model(
+    digest, _ = measure_folder(
         provider(service["qgs"]), write_model(tmp_path / "m", "m"), name=NAME, dtype="float32", log_path=service["log"]
     )
 
@@ -537,3 +546,46 @@ def test_serve_refuses_to_start_when_it_cannot_measure(tiny_model, tmp_path):
     )
     with pytest.raises(requests.ConnectionError):
         requests.get(f"https://127.0.0.1:{port}/health", verify=False, timeout=5)
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_a_service_in_memory_never_reads_the_model_again(tiny_model, tmp_path, qgs):
+    """The host rolls the scratch disk's sectors of the model back (zeros: valid since the
+    format) after the service measured it. Loaded from the disk, the weights stay mapped
+    from the files there, so what answers is no longer what was measured; copied into
+    memory first (--in-memory), nothing maps the disk's files and the answers do not
+    change."""
+    import shutil as _shutil
+
+    from .test_inmemory import SHM
+
+    model = tmp_path / "scratch" / "model"
+    _shutil.copytree(tiny_model, model)
+    memory = SHM / f"tdxvm-test-{os.getpid()}-{time.monotonic_ns()}"
+    memory.mkdir(mode=0o700)
+    port, err_file = free_port(), tmp_path / "serve.err"
+    base = [*("--model", str(model), "--name", NAME, "--port", str(port), "--threads", "1")]
+    base += [*("--tls-dir", str(tmp_path / "tls"), "--qgs", qgs.address, "--rtmr3-log", str(tmp_path / "rtmr3.json"))]
+
+    def maps_of(proc: subprocess.Popen) -> str:
+        return Path(f"/proc/{proc.pid}/maps").read_text()
+
+    proc = _start_serve(base, port, err_file)  # from the disk: the control
+    try:
+        assert str(model / "model.safetensors") in maps_of(proc)
+    finally:
+        _stop(proc, err_file)
+    digest = folder_digest(model)
+    proc = _start_serve([*base, "--in-memory", str(memory)], port, err_file)
+    try:
+        assert str(model) not in maps_of(proc) and list(memory.iterdir()) == []  # loaded, and the copy's files gone
+        ep = verify(f"https://127.0.0.1:{port}", model_digest=digest)
+        with ApiClient(ep, model_digest=digest) as api:
+            before = api.complete("the host", max_tokens=6, temperature=0)["choices"][0]["text"]
+            weights = model / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:4096] + bytes(weights.stat().st_size - 4096))  # rolled back
+            assert api.complete("the host", max_tokens=6, temperature=0)["choices"][0]["text"] == before
+    finally:
+        err = _stop(proc, err_file)
+        _shutil.rmtree(memory, ignore_errors=True)
+    assert f"into memory at {memory} ({show(digest)})" in err

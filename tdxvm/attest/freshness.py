@@ -10,7 +10,9 @@ the recovery marks OutOfDate still passes as UpToDate. Two rules close that wind
   this;
 - ``max_collateral_age`` (``7d``, ``36h``, …; :mod:`tdxvm.attest.duration`): each of the
   two must have been issued (``issueDate``) at most this long before the verification
-  time.
+  time, and so must the PCK CRL (``thisUpdate``): Intel issues all three daily, and an
+  old PCK CRL from a fresh-looking set would hide a revocation since. The root CA's CRL,
+  issued yearly, is not held to it.
 
 Both read the verified items (:class:`~tdxvm.attest.result.CollateralFacts`); a rule
 that has nothing verified to read refuses.
@@ -91,6 +93,25 @@ def freshness_reasons(minimum: int | None, max_age: timedelta | None, result: Ve
                     f"the {what} was issued at {_iso(item.issue_date)}, {age} before the "
                     f"verification time; the policy accepts collateral at most "
                     f"{format_duration(max_age)} old (max_collateral_age)",
+                )
+            )
+    if max_age is not None:
+        crl = facts.pck_crl if facts else None
+        if crl is None:
+            out.append(
+                Reason(
+                    "collateral-freshness-unknown",
+                    "the policy limits how old the collateral may be, but the PCK CRL was not verified, "
+                    "so its date is unknown",
+                )
+            )
+        elif (age := result.at - crl.this_update) > max_age:
+            out.append(
+                Reason(
+                    "collateral-too-old",
+                    f"the PCK CRL was issued at {_iso(crl.this_update)}, {format_duration(age)} "
+                    f"before the verification time; the policy accepts collateral at most "
+                    f"{format_duration(max_age)} old (max_collateral_age): a revocation since would not show",
                 )
             )
     return out

@@ -97,12 +97,22 @@ class IssuedItem:
 
 
 @dataclass(frozen=True, slots=True)
+class CrlDates:
+    """When a verified CRL was issued (``thisUpdate``) and its next update."""
+
+    this_update: datetime
+    next_update: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class CollateralFacts:
     """The dated items of the collateral a quote was verified with (``None``: the item's
-    signature did not verify, so nothing in it is reported)."""
+    signature did not verify, so nothing in it is reported). ``pck_crl``: the PCK CRL's
+    dates, once it verified against the quote's PCK CA."""
 
     tcb_info: IssuedItem | None
     qe_identity: IssuedItem | None
+    pck_crl: CrlDates | None = None
 
     def _items(self) -> list[IssuedItem]:
         return [i for i in (self.tcb_info, self.qe_identity) if i is not None]

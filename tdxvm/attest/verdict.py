@@ -28,7 +28,7 @@ from tdxvm.attest.collateral import Collateral, CollateralOrigin
 from tdxvm.attest.errors import QuoteFormatError
 from tdxvm.attest.policyrules import StrictPolicy, evaluate
 from tdxvm.attest.quote import Quote
-from tdxvm.attest.result import CollateralFacts, IssuedItem, Reason, VerificationResult
+from tdxvm.attest.result import CollateralFacts, CrlDates, IssuedItem, Reason, VerificationResult
 from tdxvm.attest.verify import QuoteVerifier
 
 if TYPE_CHECKING:
@@ -58,6 +58,16 @@ def collateral_dict(facts: CollateralFacts | None, origin: CollateralOrigin | No
         "next_update": _iso(facts.next_update) if facts else None,
         "tcb_info": _item(facts.tcb_info) if facts else None,
         "qe_identity": _item(facts.qe_identity) if facts else None,
+        "pck_crl": _crl(facts.pck_crl) if facts else None,
+    }
+
+
+def _crl(dates: CrlDates | None) -> dict[str, Any] | None:
+    if dates is None:
+        return None
+    return {
+        "this_update": _iso(dates.this_update),
+        "next_update": _iso(dates.next_update) if dates.next_update else None,
     }
 
 

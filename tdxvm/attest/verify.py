@@ -24,6 +24,7 @@ cheap; the time checks always run again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,7 +48,7 @@ from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.errors import AttestError, CertificateError
 from tdxvm.attest.pck import PckExtension, parse_pck_extension
 from tdxvm.attest.quote import INTEL_QE_VENDOR_ID, Quote, parse_quote
-from tdxvm.attest.result import CollateralFacts, IssuedItem, Reason, VerificationResult
+from tdxvm.attest.result import CollateralFacts, CrlDates, IssuedItem, Reason, VerificationResult
 from tdxvm.attest.tcbeval import evaluate_tcb
 from tdxvm.attest.tcbinfo import QeIdentity, TcbInfo, parse_qe_identity, parse_tcb_info
 from tdxvm.attest.verifiedcache import PCK_CHAIN, QE_REPORT, VerifiedCache, Window, pck_chain_key, qe_report_key
@@ -148,6 +149,13 @@ def _facts(t: TcbInfo | None, q: QeIdentity | None) -> CollateralFacts:
         tcb_info=None if t is None else IssuedItem(t.issue_date, t.next_update, t.tcb_evaluation_data_number),
         qe_identity=None if q is None else IssuedItem(q.issue_date, q.next_update, q.tcb_evaluation_data_number),
     )
+
+
+def _with_pck_crl(facts: CollateralFacts, crl: CheckedCrl) -> CollateralFacts:
+    """``facts`` with the PCK CRL's dates, when it verified."""
+    if crl.reasons or crl.window is None:
+        return facts
+    return dataclasses.replace(facts, pck_crl=CrlDates(crl.window[0], crl.window[1]))
 
 
 def _check_signed_json(
@@ -426,7 +434,12 @@ class QuoteVerifier:
             tcb_reasons, tcb = evaluate_tcb(coll.tcb_info, coll.qe_identity, pck.extension, q)
             reasons += tcb_reasons
         return VerificationResult(
-            quote=q, at=at, fmspc=fmspc, tcb=tcb if not reasons else None, reasons=tuple(reasons), collateral=coll.facts
+            quote=q,
+            at=at,
+            fmspc=fmspc,
+            tcb=tcb if not reasons else None,
+            reasons=tuple(reasons),
+            collateral=_with_pck_crl(coll.facts, pck.pck_crl),
         )
 
 

@@ -131,6 +131,10 @@ def _launch(spec: Any, output: str) -> int:
                 f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
                 f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'"
             )
+        exceptions = list((result.verdict or {}).get("policy_exceptions") or [])
+        exceptions += [e for e in (result.provision or {}).get("policy_exceptions") or [] if e not in exceptions]
+        for line in exceptions:  # the cache's line quotes what the PCS or PCCS answered
+            click.echo(click.style(safe_text(f"policy exception: {line}"), fg="yellow"))
     return 0
 
 

@@ -639,5 +639,8 @@ def _status(
         return vm
     vm.record, vm.backend, vm.forwards, vm.agent_port = "ok", record.backend, record.forwards, record.agent_port
     vm.policy, vm.policy_exceptions = record.policy, record.policy.loosened()
+    kept = (record.attestation or {}).get("policy_exceptions")  # the last verdict's: collateral from the cache too
+    if isinstance(kept, list):
+        vm.policy_exceptions += [e for e in kept if isinstance(e, str) and e not in vm.policy_exceptions]
     vm.attestation, vm.model, vm.manifest = record.attestation, record.model, record.manifest
     return vm

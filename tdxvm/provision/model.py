@@ -96,6 +96,8 @@ class ProvisionResult:
     endpoint: dict[str, Any] | None = None  # AttestedEndpoint.to_dict()
     url: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # what the verdicts of the agent and the service accepted beyond strict (loosening, cached collateral)
+    policy_exceptions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +110,7 @@ class ProvisionResult:
             "install": self.install,
             "endpoint": self.endpoint,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "policy_exceptions": self.policy_exceptions,
         }
 
 
@@ -328,6 +331,7 @@ def provision(
     progress("attest", {})
     guest = attestation.reattest(conn, name, records=records, trust=trust)
     result.timings["attest"] = time.monotonic() - t
+    result.policy_exceptions = guest.verdict.exceptions()
     with (
         guest,
         contextlib.closing(
@@ -382,6 +386,7 @@ def provision(
     result.timings["service"] = time.monotonic() - t
     # what clients use is the published URL; the endpoint was attested where this controller reaches it
     result.endpoint, result.url, result.model_digest = {**endpoint.to_dict(), "url": url}, url, show(expected)
+    result.policy_exceptions += [e for e in endpoint.verdict.exceptions() if e not in result.policy_exceptions]
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     served = {
         "name": model.served_name,

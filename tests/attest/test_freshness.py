@@ -26,6 +26,7 @@ from ..conftest import utc
 
 V4_TCB_ISSUED = utc("2025-06-19T10:16:03Z")
 V4_QE_ISSUED = utc("2025-06-19T10:32:27Z")
+V4_PCK_CRL_ISSUED = utc("2025-06-19T10:00:35Z")  # its thisUpdate
 V4_AT = utc("2025-06-20T00:00:00Z")
 V5_AT = utc("2026-02-19T00:00:00Z")
 
@@ -131,15 +132,21 @@ def test_minimum_evaluation_data_number(testdata):
 def test_maximum_collateral_age(testdata):
     quote, coll = _v4(testdata)
     policy = Policy(max_collateral_age="1d")
-    assert appraise(quote, coll, at=V4_TCB_ISSUED + timedelta(hours=23), policy=policy).accepted
-    # 1d after the TCB info's issue date but not yet after the QE identity's: only the TCB info is too old
-    v = appraise(quote, coll, at=V4_TCB_ISSUED + timedelta(days=1, minutes=1), policy=policy)
+    assert appraise(quote, coll, at=V4_PCK_CRL_ISSUED + timedelta(hours=23), policy=policy).accepted
+    # 1d after the PCK CRL's thisUpdate but not yet after the TCB info's: only the CRL is too old (a PCCS
+    # serving fresh TCB info beside an old CRL would hide a revocation since)
+    v = appraise(quote, coll, at=V4_PCK_CRL_ISSUED + timedelta(days=1, minutes=1), policy=policy)
     assert codes(v) == ["collateral-too-old"]
+    assert v.reasons[0].message.startswith(
+        "the PCK CRL was issued at 2025-06-19T10:00:35Z, 1d1m before the verification time"
+    )
+    v = appraise(quote, coll, at=V4_TCB_ISSUED + timedelta(days=1, minutes=1), policy=policy)
+    assert codes(v) == ["collateral-too-old"] * 2
     assert v.reasons[0].message.startswith(
         "the TCB info was issued at 2025-06-19T10:16:03Z, 1d1m before the verification time"
     )
     v = appraise(quote, coll, at=V4_QE_ISSUED + timedelta(days=2), policy=policy)
-    assert codes(v) == ["collateral-too-old", "collateral-too-old"]
+    assert codes(v) == ["collateral-too-old"] * 3
     assert "the QE identity was issued at 2025-06-19T10:32:27Z" in v.reasons[1].message
     # without the rule the same collateral passes: it is inside its nextUpdate window
     assert appraise(quote, coll, at=V4_QE_ISSUED + timedelta(days=2)).accepted
@@ -159,7 +166,7 @@ def test_rules_without_verified_collateral_refuse(testdata):
     )
     result = VerificationResult(quote=q, at=V4_AT, fmspc="B0C06F000000", tcb=tcb)
     assert evaluate(Policy(), result) == []
-    assert [r.code for r in evaluate(Policy(max_collateral_age="7d"), result)] == ["collateral-freshness-unknown"] * 2
+    assert [r.code for r in evaluate(Policy(max_collateral_age="7d"), result)] == ["collateral-freshness-unknown"] * 3
     assert freshness_reasons(None, None, result) == []
 
 
@@ -199,6 +206,7 @@ def test_verdict_reports_collateral(testdata):
             "next_update": "2025-07-19T10:32:27Z",
             "tcb_evaluation_data_number": 17,
         },
+        "pck_crl": {"this_update": "2025-06-19T10:00:35Z", "next_update": "2025-07-19T10:00:35Z"},
     }
     refused = appraise(quote, coll, at=V4_AT + timedelta(days=40)).to_dict()  # expired: refused, still reported
     assert refused["verdict"] == "reject" and refused["collateral"]["issue_date"] == "2025-06-19T10:16:03Z"

@@ -462,7 +462,7 @@ def test_cli_cached_collateral_is_listed_and_max_age_refuses_it(pcs, testdata, t
     policy.write_text("max_collateral_age: 7d\n")  # INSIDE is 11 days after the TCB info's issue date
     assert main([*args, "--policy", str(policy)]) == 1
     refused = json.loads(capsys.readouterr().out)
-    assert [r["code"] for r in refused["reasons"]] == ["collateral-too-old", "collateral-too-old"]
+    assert [r["code"] for r in refused["reasons"]] == ["collateral-too-old"] * 3  # TCB info, QE identity, PCK CRL
     assert main([*args[:-2], "--policy", str(policy)]) == 1  # the text form says it too
     text = capsys.readouterr().out
     assert "policy exception: collateral from the cache:" in text

@@ -217,6 +217,22 @@ def test_status_shows_the_attested_model_digest(capsys, host_uri, records):
     assert json.loads(out)["model"]["digest"] == digest
 
 
+def test_status_lists_the_last_verdicts_exceptions_such_as_collateral_from_the_cache(capsys, host_uri, records):
+    """The PCS was blocked at the last attestation: the verdict accepted on cached collateral
+    (a policy exception it lists). status says so beside the policy's own exceptions, where
+    it said "strict defaults" before."""
+    cached = "collateral from the cache: https://pccs.example could not be reached (HTTP 503)"
+    rtmr0 = records.get(SMOKE_UUID).policy.loosened()
+    records.update(
+        SMOKE_UUID,
+        attestation={"verdict": "accept", "verified_at": "2025-07-01T12:00:00Z", "policy_exceptions": [cached, *rtmr0]},
+    )
+    code, out, _ = run(capsys, "status", "smoke", "--uri", host_uri)
+    assert code == 0 and "EXCEPTIONS:" in out and f"- {cached}" in out and "strict defaults" not in out
+    code, out, _ = run(capsys, "status", "--uri", host_uri)
+    assert f"{len(rtmr0) + 1} exceptions" in out
+
+
 def test_status_says_when_the_host_rewrote_the_metadata_or_no_record_exists(capsys, image, make_host, records):
     """The host rewrites the domain's metadata (its own policy, another backend): status shows
     no policy from it, and says the VM is untrusted; a VM with no record is untrusted too."""

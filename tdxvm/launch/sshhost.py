@@ -30,6 +30,7 @@ import contextlib
 import shlex
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -143,8 +144,8 @@ def connect(target: SshTarget) -> paramiko.Transport:
         _prefer(transport, knownhosts.known_types(entries, target.known_name))
         try:
             transport.start_client(timeout=CONNECT_TIMEOUT)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise HostSshUnreachable(f"ssh {target.where}: no SSH session: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - paramiko re-raises whatever its thread hit on the host's bytes
+            raise HostSshUnreachable(f"ssh {target.where}: no SSH session: {type(exc).__name__}: {exc}") from None
         _check_host_key(target, entries, transport.get_remote_server_key())
         authenticate(transport, target)
     except BaseException:
@@ -220,6 +221,7 @@ class HostSession:
             chan = transport.open_session(timeout=timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise HostSshUnreachable(f"ssh {self.target.where}: no session to read {path}: {exc}") from None
+        deadline = time.monotonic() + timeout  # for the whole read: a host sending a byte at a time stops there
         try:
             chan.settimeout(timeout)
             chan.exec_command(shlex.join(["cat", "--", path]))
@@ -228,6 +230,11 @@ class HostSession:
                 data += chunk
                 if len(data) > limit:
                     raise HostSshError(f"{path} on {self.target.where} is larger than {limit} bytes")
+                chan.settimeout(max(deadline - time.monotonic(), 0.001))
+            if not chan.status_event.wait(max(deadline - time.monotonic(), 0.001)):
+                raise HostSshUnreachable(
+                    f"ssh {self.target.where}: reading {path}: no exit status within {timeout:g} s"
+                )
             if chan.recv_exit_status() != 0:
                 why = chan.recv_stderr(1024).decode(errors="replace").strip()
                 raise HostSshError(f"cannot read {path} on {self.target.where}: {why or 'cat failed'}")

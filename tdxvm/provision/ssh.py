@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import io
-import socket
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -88,9 +87,9 @@ def connect(
     except paramiko.AuthenticationException as exc:  # it answered, and did not take the controller's key
         client.close()
         raise SshError(f"ssh {user}@{where}: {exc}") from None
-    except (paramiko.SSHException, OSError, socket.timeout) as exc:
+    except Exception as exc:  # noqa: BLE001 - paramiko re-raises what its thread hit on the peer's bytes (EOFError…)
         client.close()
-        raise SshUnreachable(f"ssh {user}@{where}: {exc}") from None
+        raise SshUnreachable(f"ssh {user}@{where}: {str(exc) or type(exc).__name__}") from None
     return client
 
 

@@ -111,3 +111,63 @@ def test_plain_http_and_proxies_are_refused(keys):
     assert s.trust_env is False
     with pytest.raises(ValueError, match="32-byte"):
         PinnedAdapter(b"short")
+
+
+def test_a_certificate_only_openssl_can_read_is_a_pin_mismatch_not_a_crash(tmp_path):
+    """A man in the middle presents a certificate OpenSSL accepts and cryptography cannot
+    parse (basicConstraints' critical flag BER-encoded as 0x01): refused as any other key,
+    nothing sent; before, a ValueError escaped the session (exit 4, a traceback)."""
+    import datetime
+    import socket
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1234567)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    der = bytearray(cert.public_bytes(serialization.Encoding.DER))
+    der[der.find(b"\x01\x01\xff", der.find(bytes.fromhex("0603551d13"))) + 2] = 0x01
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(bytes(der))
+    (tmp_path / "c.pem").write_text(ssl.DER_cert_to_PEM_cert(bytes(der)))
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    server = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(2)
+                received.append(tls.recv(65536))
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    session = pinned_session(hashlib.sha256(b"the attested key").digest(), timeout=(5, 5))
+    with pytest.raises(PinMismatchError, match=r"presented TLS key SPKI SHA-256 \(none\)"):
+        session.post(f"https://127.0.0.1:{server.getsockname()[1]}/v1/completions", json={"prompt": "secret"})
+    thread.join(5)
+    server.close()
+    assert received in ([], [b""])  # nothing was sent

@@ -23,6 +23,7 @@ from tdxvm.launch.lifecycle import lookup
 from tdxvm.launch.volumes import POOL_NAME, pool_path
 from tdxvm.textsafe import safe_text
 
+MAX_HOST_FILE = 1 << 30  # what read_host_file takes at most (a host reports the size)
 MAX_TAIL = 4 << 20
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -72,6 +73,8 @@ def read_host_file(conn: libvirt.virConnect, path: str) -> bytes:
             "libvirt's storage pools (an emulated guest's firmware: leave the VM spec's firmware: out and the "
             "image's TDVF goes into tdxvm's pool, or name a file in a pool of the host)"
         ) from None
+    if size > MAX_HOST_FILE:
+        raise ConsoleError(f"{path} on {uri} is {size} bytes: more than a kernel, initramfs or firmware")
     return _download(conn, vol, 0, size, path)
 
 
@@ -127,10 +130,14 @@ def _download(conn: libvirt.virConnect, vol: libvirt.virStorageVol, offset: int,
     stream = conn.newStream(0)
     try:
         vol.download(stream, offset, length, 0)
-        chunks = []
+        chunks, received = [], 0
         while chunk := stream.recv(256 * 1024):
             if isinstance(chunk, int):  # -2: would block; a blocking stream does not
                 break
+            received += len(chunk)
+            if received > length:  # the host's libvirt streams what it likes: never more than was asked
+                stream.abort()
+                raise ConsoleError(f"{path} on {conn.getURI()}: libvirt sent more than the {length} bytes asked for")
             chunks.append(chunk)
         stream.finish()
         return b"".join(chunks)

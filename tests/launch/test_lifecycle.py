@@ -8,7 +8,7 @@ import pytest
 from tdxvm.launch import lifecycle
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import serial_log_tail
-from tdxvm.launch.errors import DomainError, NoSuchVmError, NotOurDomainError, VmExistsError, VolumeError
+from tdxvm.launch.errors import ConsoleError, DomainError, NoSuchVmError, NotOurDomainError, VmExistsError, VolumeError
 from tdxvm.launch.lifecycle import StepEvent
 from tdxvm.launch.metadata import from_domain_xml
 from tdxvm.launch.spec import parse_vm_spec
@@ -253,3 +253,52 @@ def test_a_lookup_answered_with_another_domain_is_refused(image, host):
     with pytest.raises(DomainError, match="answered the lookup of other with domain 'smoke': refused"):
         lifecycle.lookup(_AnswersWithAnother(conn), "other")
     assert lifecycle.lookup(conn, "smoke")[0].name() == "smoke"
+
+
+class _FloodingStream:
+    """A hostile host's libvirt: its download stream sends on past the length asked for."""
+
+    def recv(self, n: int) -> bytes:
+        return b"\n" * n
+
+    def finish(self) -> None:
+        raise AssertionError("a flooding stream is aborted, never finished")
+
+    def abort(self) -> None:
+        pass
+
+
+class _HostsVolume:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def info(self) -> list[int]:
+        return [0, self.size, self.size]
+
+    def download(self, stream: object, offset: int, length: int, flags: int) -> None:
+        pass
+
+
+class _HostsLibvirt:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def getURI(self) -> str:  # noqa: N802  (libvirt's name)
+        return "qemu+ssh://root@host.example/system"
+
+    def newStream(self, flags: int) -> _FloodingStream:  # noqa: N802
+        return _FloodingStream()
+
+    def storageVolLookupByPath(self, path: str) -> _HostsVolume:  # noqa: N802
+        return _HostsVolume(self.size)
+
+
+def test_a_host_cannot_make_the_controller_keep_more_than_it_asked_for():
+    """Before, a serial log said to be 10 bytes long took whatever the stream sent (64 MiB
+    and on), and a "kernel" the host called 100 GiB was downloaded whole."""
+    from tdxvm.launch.console import _read_tail, read_host_file
+
+    with pytest.raises(ConsoleError, match="libvirt sent more than the 10 bytes asked for"):
+        _read_tail(_HostsLibvirt(10), "/var/lib/tdxvm/pool/vm.serial.log", 50)
+    with pytest.raises(ConsoleError, match="more than a kernel, initramfs or firmware"):
+        read_host_file(_HostsLibvirt(100 << 30), "/var/lib/tdxvm/pool/vmlinuz-x")

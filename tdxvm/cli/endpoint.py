@@ -72,7 +72,7 @@ from tdxvm.textsafe import safe_text
     type=click.FloatRange(min=0.1),
     default=30.0,
     show_default=True,
-    help="Seconds to wait for the endpoint.",
+    help="Seconds the attestation exchange may take in all (connect, TLS, the answer).",
 )
 @click.option(
     "--complete",

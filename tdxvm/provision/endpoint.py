@@ -25,11 +25,14 @@ SHA-256 on every new connection (:mod:`tdxvm.provision.pinning`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import secrets
+import socket
 import ssl
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -173,8 +176,18 @@ def fetch_attestation(url: str, nonce: bytes, *, timeout: float = 30.0) -> tuple
     and body of ``GET /v1/attestation?nonce=HEX`` sent on that same connection."""
     _, host, port, prefix = base_url(url)
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=unverified_context())
+    expired = threading.Event()
+
+    def expire() -> None:  # ``timeout`` bounds the whole exchange: a server sending a byte at a time stops here
+        expired.set()
+        with contextlib.suppress(OSError, AttributeError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
     try:
         conn.connect()
+        watchdog.start()
         sock = conn.sock
         cert = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
         if not cert:
@@ -182,10 +195,15 @@ def fetch_attestation(url: str, nonce: bytes, *, timeout: float = 30.0) -> tuple
         conn.request("GET", f"{prefix}{ATTESTATION_PATH}?nonce={nonce.hex()}", headers={"Accept": "application/json"})
         resp = conn.getresponse()
         body = resp.read(MAX_DOCUMENT + 1)
+        if expired.is_set():
+            raise EndpointUnreachable(f"{url}: no complete answer within {timeout:g} s")
         return cert, resp.status, body
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if expired.is_set():
+            raise EndpointUnreachable(f"{url}: no complete answer within {timeout:g} s") from None
         raise EndpointUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
     finally:
+        watchdog.cancel()
         conn.close()
 
 

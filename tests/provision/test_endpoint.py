@@ -20,8 +20,10 @@ from tdxvm.provision.endpoint import (
     AttestationDocument,
     EndpointError,
     EndpointRefused,
+    EndpointUnreachable,
     base_url,
     binding_reasons,
+    fetch_attestation,
     fp,
     verify_endpoint,
 )
@@ -146,3 +148,44 @@ def test_malformed_answers_are_refusals(tmp_path_factory, platform, body, status
         assert err.value.code == "endpoint-refused" and len(err.value.tls_spki_sha256 or "") == 64
     finally:
         server.stop()
+
+
+def test_a_server_answering_a_byte_at_a_time_cannot_hold_the_client_past_its_timeout(tmp_path):
+    """Each byte comes within the per-read timeout, so before, the client waited on forever
+    (and provision's wait for the service with it); the timeout now bounds the exchange."""
+    import socket
+    import ssl
+    import threading
+    import time
+
+    ident = ensure_identity(tmp_path, ["127.0.0.1"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(ident.cert_path, ident.key_path)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{" + b" " * 100:
+                try:
+                    tls.send(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+    threading.Thread(target=drip, daemon=True).start()
+    outcome: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            fetch_attestation(f"https://127.0.0.1:{server.getsockname()[1]}", b"\0" * 32, timeout=1.0)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=client, daemon=True)
+    worker.start()
+    worker.join(60)  # it returns at its timeout; before, it never did
+    server.close()
+    assert not worker.is_alive() and len(outcome) == 1 and isinstance(outcome[0], EndpointUnreachable)
+    assert "no complete answer within 1 s" in str(outcome[0])

@@ -185,9 +185,9 @@ def fetch_attestation(url: str, nonce: bytes, *, timeout: float = 30.0) -> tuple
 
     watchdog = threading.Timer(timeout, expire)
     watchdog.daemon = True
+    watchdog.start()
     try:
         conn.connect()
-        watchdog.start()
         sock = conn.sock
         cert = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
         if not cert:

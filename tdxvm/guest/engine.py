@@ -33,6 +33,7 @@ from typing import Any, Literal
 from tdxvm.errors import TdxvmError
 from tdxvm.guest import int8
 from tdxvm.guest.kvcache import BatchKV
+from tdxvm.guest.meminfo import available_memory
 from tdxvm.guest.sampling import Sampler, SamplingParams, choose_all
 from tdxvm.guest.text import Detokenizer, StopMatcher
 
@@ -172,14 +173,6 @@ def _load(config: EngineConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 class Engine:
     """A loaded model and its worker thread. Thread-safe: :meth:`submit` from any thread.
 
@@ -224,7 +217,7 @@ class Engine:
                 )
             return int(tokens)
         tokens = self.config.max_batch * self.context_length
-        if (free := _mem_available()) is not None:
+        if (free := available_memory()) is not None:
             tokens = min(tokens, free // 2 // self.token_bytes)
         return max(tokens, self.context_length)
 

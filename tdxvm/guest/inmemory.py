@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from tdxvm.errors import TdxvmError
+from tdxvm.guest.meminfo import available_memory
 from tdxvm.guest.modeldigest import digest_of_entries, folder_entries
 
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
@@ -51,14 +52,6 @@ def filesystem_of(path: Path, mountinfo: str | None = None) -> str:
     return kind
 
 
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def _folder_size(folder: Path) -> int:
     return sum(p.lstat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -72,7 +65,7 @@ def copy_into_memory(source: Path, target: Path) -> bytes:
             f"{target} is on a {kind} filesystem, not in memory (tmpfs): the model would be read again from "
             "storage the host can roll back after it was measured"
         )
-    size, available = _folder_size(source), _available_memory()
+    size, available = _folder_size(source), available_memory()
     if available is not None and size > available:
         raise InMemoryError(
             f"the model in {source} is {size / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory "

@@ -67,7 +67,7 @@ def test_a_folder_that_is_not_in_memory_is_refused(tmp_path):
 
 def test_a_model_larger_than_the_memory_available_is_refused(tmp_path, memory_dir, monkeypatch):
     source = _model(tmp_path / "model")
-    monkeypatch.setattr(inmemory, "_available_memory", lambda: 4096)
+    monkeypatch.setattr(inmemory, "available_memory", lambda: 4096)
     with pytest.raises(InMemoryError, match="more than the 0.0 GiB of memory the TD has available"):
         copy_into_memory(source, memory_dir)
     assert list(memory_dir.iterdir()) == []

@@ -9,10 +9,10 @@ tmpfs (the TD's private memory, which the host can neither read nor change), tak
 model digest of the bytes as it copies them (:func:`tdxvm.guest.modeldigest.folder_entries`),
 measures that digest, and loads the copy only.
 
-Memory: the copy's pages are the loaded weights when the dtype is the stored one (the
-loader maps the files); for another dtype the copy is deleted once the model is loaded
-(:func:`release`). A model larger than the memory the TD has available is refused before
-anything is copied.
+Memory: the copy's files are deleted once the model is loaded (:func:`release`). In the
+stored dtype the loader maps them, so their pages are the weights and stay; for another
+dtype they are freed then. A model larger than the memory the TD has available is
+refused before anything is copied.
 """
 
 from __future__ import annotations

@@ -499,7 +499,7 @@ def sweep_vm_volumes(conn: libvirt.virConnect, vm: str, *, pool: str = POOL_NAME
 
 _CONTENT_NAME = re.compile(r"(?:vmlinuz-|initrd-|disk-|tdvf-)[0-9a-f]{64}(?:\.img|\.fd)?")
 _VM_SUFFIXES = (".qcow2", ".serial.log", ".scratch.img")
-_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a VM spec's name:
+_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # what a VM spec's name may be
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +557,8 @@ def unused_volumes(conn: libvirt.virConnect, *, pool: str = POOL_NAME) -> list[U
             unused.append(UnusedVolume(name, path, vol.info()[2], kind))
     except libvirt.libvirtError as exc:
         raise VolumeError(f"cannot list what uses pool {pool} on {uri}: {libvirt_message(exc)}") from None
+    except ET.ParseError as exc:  # the host's libvirt wrote it
+        raise VolumeError(f"cannot list what uses pool {pool} on {uri}: unreadable XML from libvirt ({exc})") from None
     return sorted(unused, key=lambda u: u.name)
 
 

@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -52,7 +53,7 @@ import libvirt
 from tdxvm.emulate.qgs import GUEST_GATEWAY, LaunchArtifacts, QuoteService, QuoteServiceError
 
 POLL_SECONDS = 2.0
-START_TIMEOUT = 30.0
+START_TIMEOUT = 120.0  # for the daemon to read the domain (over SSH on a remote host), compute RTMR0, offer a port
 OUTAGE_LIMIT = 120.0  # seconds without libvirt (an SSH or libvirtd restart) before the daemon gives up
 log = logging.getLogger("tdxvm.emulate.qgsd")
 
@@ -127,8 +128,18 @@ def ensure(uri: str, uuid: str, emulated_dir: Path, *, boot_id: int | None = Non
                 start_new_session=True,
             )
         assert proc.stdout is not None
-        line = proc.stdout.readline()  # the daemon's one line, then it closes stdout
+        # the daemon's one line, then it closes stdout; within START_TIMEOUT (a host that never
+        # answers its libvirt or SSH calls must not hold the attestation that waits for it)
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+        line = proc.stdout.readline() if ready else b""
         proc.stdout.close()
+        if not ready:
+            proc.kill()
+            raise QuoteServiceError(
+                f"the emulated quote daemon for {uuid} did not start within {START_TIMEOUT:g} s "
+                f"(its log: {record.with_suffix('.log')})",
+                code="qgsd",
+            )
         try:
             started = json.loads(line)
             port, started_id = int(started["port"]), started.get("boot_id")

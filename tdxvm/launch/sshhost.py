@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import paramiko
 
@@ -46,6 +47,7 @@ WINDOW = 16 << 20  # per channel: the upload streams push gigabytes (tdxvm.provi
 MAX_PACKET = 256 << 10  # what the host may send us per packet (OpenSSH's limit): fewer, larger packets
 CONNECT_TIMEOUT = 20.0
 CHANNEL_TIMEOUT = 30.0
+T = TypeVar("T")
 KEEPALIVE = 15  # seconds between keepalives: a dead connection is noticed, and reconnected
 _KINDS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
 _SIGNATURES = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}  # host key type -> algorithms
@@ -264,7 +266,15 @@ class HostSession:
             transport = self._transport
             assert transport is not None
             try:
-                got = transport.request_port_forward(bind, port, handler=self._forwarded)
+                got = _within(
+                    CHANNEL_TIMEOUT, lambda: transport.request_port_forward(bind, port, handler=self._forwarded)
+                )
+            except _NoAnswer:  # paramiko waits for the answer as long as the session lives: end it
+                transport.close()
+                raise HostSshUnreachable(
+                    f"ssh {self.target.where}: no answer to the request to listen on {bind}:{port or '<any port>'} "
+                    f"within {CHANNEL_TIMEOUT:g} s"
+                ) from None
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 if not transport.is_active():
                     raise HostSshUnreachable(f"ssh {self.target.where}: the session ended: {exc}") from None
@@ -284,8 +294,8 @@ class HostSession:
             transport = self._transport
         if found is not None and transport is not None and transport.is_active():
             # not Transport.cancel_port_forward: it drops the handler of every other offer too
-            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
-                transport.global_request("cancel-tcpip-forward", (found[0], port), wait=True)
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError, _NoAnswer):
+                _within(CHANNEL_TIMEOUT, lambda: transport.global_request("cancel-tcpip-forward", (found[0], port)))
 
     @property
     def offered(self) -> list[int]:
@@ -313,6 +323,32 @@ class HostSession:
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
+
+
+class _NoAnswer(Exception):
+    """A request to the host's sshd got no answer in time."""
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T:
+    """``call()``, run on a thread and waited for at most ``seconds`` (paramiko's global
+    requests wait for the host's answer without a limit); :class:`_NoAnswer` after that."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name="tdxvm-ssh-request", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        raise _NoAnswer
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 _sessions: dict[SshTarget, HostSession] = {}

@@ -94,3 +94,23 @@ def test_domain_watch_opens_a_broken_connection_again():
         assert "is not running" in (plain.gone() or "")  # without reopen: a broken connection is the end
     finally:
         keeper.close()
+
+
+def test_a_daemon_held_by_a_host_that_never_answers_is_given_up(tmp_path, monkeypatch):
+    """The daemon's libvirt accepts and never answers (a host stalling its libvirtd): its
+    start line never comes. Before, the attestation that waited for it waited forever."""
+    import socket
+
+    from tdxvm.emulate import qgsd
+
+    path = tmp_path / "libvirt-sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    monkeypatch.setattr(qgsd, "START_TIMEOUT", 2.0)
+    try:
+        with pytest.raises(QuoteServiceError, match="did not start within 2 s"):
+            ensure(f"qemu+unix:///system?socket={path}", NO_SUCH_UUID, tmp_path)
+    finally:
+        listener.close()
+    assert running_port(tmp_path, NO_SUCH_UUID) is None

@@ -41,6 +41,10 @@ class _Sshd(paramiko.ServerInterface):
     def check_channel_request(self, kind: str, chanid: int) -> int:
         return paramiko.OPEN_SUCCEEDED
 
+    def check_port_forward_request(self, address: str, port: int) -> int:
+        time.sleep(3600)  # a host that holds the request: no answer, the session stays up
+        return port
+
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         def answer() -> None:
             time.sleep(0.2)  # after paramiko has told the client its exec was taken, as sshd's program would
@@ -119,3 +123,15 @@ def test_a_host_that_never_sends_the_exit_status_cannot_hold_a_read(host):
         error = raised_by(lambda s=session: s.read_file("/run/libvirt/qemu/vm.pid", timeout=1.5))
         session.close()
         assert isinstance(error, HostSshUnreachable) and "reading /run/libvirt/qemu/vm.pid" in str(error)
+
+
+def test_a_host_that_never_answers_a_port_offer_cannot_hold_the_session(host, monkeypatch):
+    """paramiko waits for the answer to a remote-forward request as long as the session
+    lives, holding the session's lock (every tunnel to that host) all along; now the
+    offer ends at the channel timeout, and with it the session (the next use reconnects)."""
+    monkeypatch.setattr(sshhost, "CHANNEL_TIMEOUT", 1.5)
+    session = sshhost.HostSession(ssh_target(host(lambda channel: None)))
+    error = raised_by(lambda: session.offer(lambda chan: chan.close()))
+    assert isinstance(error, HostSshUnreachable) and "no answer to the request to listen on 127.0.0.1" in str(error)
+    assert session.transport is not None and not session.transport.is_active()
+    session.close()

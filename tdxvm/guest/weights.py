@@ -12,12 +12,12 @@ plaintext bytes, each sealed with AES-256-GCM (16-byte tag):
 offset   size   field
 =======  =====  ==========================================================
 0        8      magic ``b"TDXVMW\\x00\\x01"``
-8        2      format version (1), u16 LE
+8        2      format version (2), u16 LE
 10       2      flags (0), u16 LE
 12       4      chunk size, u32 LE
 16       16     file id (random)
 32       8      plaintext size, u64 LE
-40       32     plaintext SHA-256
+40       32     digest tag: HMAC-SHA256(digest key, plaintext SHA-256)
 72       24     reserved (zero)
 =======  =====  ==========================================================
 
@@ -30,9 +30,14 @@ Bindings (why reordering, truncation, substitution and tampering are all detecte
 * every chunk's associated data is SHA-256 of the header, so the header (size, digest,
   id) cannot be edited; bytes after the final chunk are refused.
 
-The SHA-256 in the header identifies the plaintext (the controller computes it once
-while encrypting); decryption relies on the tags, which already authenticate every
-byte, and so runs at AES-GCM speed. The index also records the *model digest*
+The header is read by anyone who holds the folder (the host, as the upload passes its
+port forward), so it never carries the plaintext's SHA-256, which would let it confirm
+a guess of a small file (a ``config.json`` names the architecture): its digest tag is
+an HMAC of that SHA-256 under a key derived like the file key (info ``tdxvm weights
+digest v2``), which only the model key's holder can check. The SHA-256 itself is in
+the index, which is encrypted. A format 1 folder (the plain SHA-256 in its headers) is
+refused with the fix: encrypt the model again. Decryption relies on the tags, which already authenticate every byte, and
+so runs at AES-GCM speed. The index also records the *model digest*
 (:mod:`tdxvm.guest.modeldigest`, over every file's path, size and SHA-256), which
 ``tdxvm weights encrypt`` prints and the controller expects the served model's RTMR3
 event to name; :func:`model_digest` gives it from an index's entries. Memory use is
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -68,7 +74,7 @@ from tdxvm.fileio import write_atomic_with
 from tdxvm.guest.modeldigest import digest_of_entries, parse_digest, show
 
 MAGIC = b"TDXVMW\x00\x01"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 96
 TAG_SIZE = 16
 KEY_SIZE = 32
@@ -78,6 +84,7 @@ INDEX_NAME = "index.tdxw"
 FILES_DIR = "files"
 _HEADER = struct.Struct("<8sHHI16sQ32s24s")
 _KDF_INFO = b"tdxvm weights v1\x00"
+_DIGEST_INFO = b"tdxvm weights digest v2\x00"
 _INDEX_PATH = ""  # the index's own key-derivation path; no model file may have it
 
 Progress = Callable[[int], None]  # called with the number of plaintext bytes just done
@@ -109,10 +116,10 @@ class Header:
     chunk_size: int
     file_id: bytes
     size: int
-    sha256: bytes
+    digest_tag: bytes  # digest_tag() of the plaintext's SHA-256
 
     def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, VERSION, 0, self.chunk_size, self.file_id, self.size, self.sha256, bytes(24))
+        return _HEADER.pack(MAGIC, VERSION, 0, self.chunk_size, self.file_id, self.size, self.digest_tag, bytes(24))
 
     @classmethod
     def unpack(cls, raw: bytes, where: str) -> Header:
@@ -121,11 +128,16 @@ class Header:
         magic, version, flags, chunk, file_id, size, digest, reserved = _HEADER.unpack(raw)
         if magic != MAGIC:
             raise WeightsError(f"{where}: not a tdxvm encrypted-weights file (bad magic at byte 0)")
+        if version == 1:
+            raise WeightsError(
+                f"{where}: encrypted-weights format 1, from an earlier tdxvm (its headers show each file's "
+                "SHA-256 to whoever holds the folder); encrypt the model again: tdxvm weights encrypt"
+            )
         if version != VERSION or flags != 0 or reserved != bytes(24):
             raise WeightsError(f"{where}: unsupported format version {version} / flags {flags} (byte 8)")
         if not 0 < chunk <= MAX_CHUNK_SIZE:
             raise WeightsError(f"{where}: chunk size {chunk} out of range (byte 12)")
-        return cls(chunk_size=chunk, file_id=file_id, size=size, sha256=digest)
+        return cls(chunk_size=chunk, file_id=file_id, size=size, digest_tag=digest)
 
     def chunks(self) -> int:
         return max(1, -(-self.size // self.chunk_size))
@@ -136,6 +148,12 @@ def file_key(model_key: bytes, file_id: bytes, path: str) -> AESGCM:
         raise WeightsError(f"the model key must be {KEY_SIZE} bytes")
     hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=file_id, info=_KDF_INFO + path.encode("utf-8"))
     return AESGCM(hkdf.derive(model_key))
+
+
+def digest_tag(model_key: bytes, file_id: bytes, path: str, sha256: bytes) -> bytes:
+    """What a header carries for the plaintext's ``sha256``: an HMAC only the model key's holder can check."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=file_id, info=_DIGEST_INFO + path.encode("utf-8"))
+    return hmac.new(hkdf.derive(model_key), sha256, hashlib.sha256).digest()
 
 
 def _nonce(index: int, last: bool) -> bytes:
@@ -172,7 +190,8 @@ def encrypt_stream(
     progress: Progress | None = None,
 ) -> Header:
     """Encrypt ``size`` bytes of ``src`` (whose SHA-256 is ``sha256``) into ``dst``."""
-    header = Header(chunk_size=chunk_size, file_id=file_id or secrets.token_bytes(16), size=size, sha256=sha256)
+    fid = file_id or secrets.token_bytes(16)
+    header = Header(chunk_size=chunk_size, file_id=fid, size=size, digest_tag=digest_tag(key, fid, path, sha256))
     raw = header.pack()
     aad = hashlib.sha256(raw).digest()
     aead = file_key(key, header.file_id, path)
@@ -372,8 +391,7 @@ def decrypt_model(enc_dir: Path, out_dir: Path, key: bytes, *, progress: Progres
     try:
         for e in entries:
             _decrypt_entry(enc_dir, e, staging, key, progress)
-        staging.chmod(0o755)
-        os.rename(staging, out_dir)
+        os.rename(staging, out_dir)  # the plaintext stays its owner's: 0700 folders, 0600 files
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -382,15 +400,17 @@ def decrypt_model(enc_dir: Path, out_dir: Path, key: bytes, *, progress: Progres
 
 def _decrypt_entry(enc_dir: Path, e: FileEntry, staging: Path, key: bytes, progress: Progress | None) -> None:
     target = staging / _safe_relative(e.path, str(enc_dir / INDEX_NAME))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(target.relative_to(staging).parents[:-1]):
+        (staging / folder).mkdir(mode=0o700, exist_ok=True)
     where = str(enc_dir / e.blob)
     try:
         src = (enc_dir / e.blob).open("rb")
     except FileNotFoundError:
         raise WeightsError(f"{where}: missing (listed in the index as {e.path})") from None
-    with src, target.open("xb") as out:
+    with src, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
         header, chunks = decrypt_chunks(src, key=key, path=e.path, where=where)
-        if (header.file_id, header.size, header.sha256) != (e.file_id, e.size, e.sha256):
+        tag = digest_tag(key, header.file_id, e.path, e.sha256)
+        if (header.file_id, header.size) != (e.file_id, e.size) or not hmac.compare_digest(header.digest_tag, tag):
             raise WeightsError(f"{where}: header does not match the index entry for {e.path}")
         for block in chunks:
             out.write(block)

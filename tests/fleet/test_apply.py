@@ -19,6 +19,7 @@ from tdxvm.fleet.outcome import FleetEvent, quiet
 from tdxvm.fleet.reconcile import ApplyOptions
 from tdxvm.fleet.state import FleetLock, FleetLocked, FleetState
 from tdxvm.launch import lifecycle
+from tdxvm.launch import metadata as md
 from tdxvm.launch.manifest import load_manifest
 from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
@@ -97,6 +98,12 @@ def test_unreachable_host_and_refused_vm(lab):
         assert domains(lab, "a")["theirs"][1] == 1  # the foreign domain runs on, untouched
         [vm] = lifecycle.status(lab.connector.get(lab.hosts["b"]), "demo-bad-0", records=VmRecords.beside(lab.store))
         assert vm.attestation["verdict"] == "reject" and vm.labels[inv.FLEET] == "demo"
+        # The host writes an accepted verdict into the refused VM's metadata: nothing reads it (the
+        # plan below takes the verdict from the controller's record and still replaces the VM).
+        forged = {"verdict": "accept", "tcb_status": "UpToDate", "reasons": []}
+        bad_dom = lab.connector.get(lab.hosts["b"]).lookupByName("demo-bad-0")
+        lifecycle.record_attestation(bad_dom, forged)
+        assert md.from_domain_xml(bad_dom.XMLDesc(0)).attestation["verdict"] == "accept"
 
         # c answers now: a later apply finishes the job; the refused VM is tried again and refused again.
         lab.host("c")

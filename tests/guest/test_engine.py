@@ -167,6 +167,18 @@ def test_a_kv_cache_smaller_than_one_context_is_refused_at_load(long_context_mod
         Engine.load(EngineConfig(model_dir=long_context_model, name=NAME, threads=1, kv_cache_mib=1))
 
 
+def test_an_int8_row_is_the_same_alone_and_beside_another_clients_row():
+    """Activations are quantized per row (one scale per token): a row batched beside a much
+    larger one (another client's request decoding with it) gives exactly what it gives
+    alone. With one scale for the whole batch, the large row would set the small one's
+    rounding: its output would change, and tell it what its neighbour holds."""
+    torch.manual_seed(0)
+    layer = int8_linear_class()(torch.nn.Linear(64, 32))
+    mine, theirs = torch.randn(1, 64) * 0.01, torch.randn(1, 64) * 100
+    assert torch.equal(layer(mine), layer(torch.cat([mine, theirs]))[:1])
+    assert torch.equal(layer(mine), layer(torch.cat([theirs, mine, theirs * 3]))[1:2])
+
+
 def test_int8_weights_serve_batched(tiny_model):
     e = Engine.load(EngineConfig(model_dir=tiny_model, name=NAME, threads=1, dtype="int8"))
     try:

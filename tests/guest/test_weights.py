@@ -183,7 +183,8 @@ def test_header_edits(enc, key, tmp_path):
     original = big.read_bytes()
     for offset, value, needle in [
         (0, b"X", "bad magic"),
-        (8, b"\x02", "unsupported format"),
+        (8, b"\x03", "unsupported format"),
+        (8, b"\x01", "format 1, from an earlier tdxvm .* encrypt the model again"),
         (12, b"\x00\x00\x00\x00", "chunk size"),
         (40, b"\x00", "does not match the index"),
     ]:
@@ -191,6 +192,29 @@ def test_header_edits(enc, key, tmp_path):
         data[offset : offset + len(value)] = value
         big.write_bytes(bytes(data))
         expect_refused(enc, key, tmp_path, needle)
+
+
+def test_the_folder_shows_no_files_sha256_to_whoever_holds_it(model, enc):
+    """The host holds the encrypted folder (its upload passes the host's port forward): a
+    plaintext SHA-256 in a header would let it confirm guesses of small files (the
+    architecture in config.json). No file's SHA-256, raw or in hex, is anywhere in it."""
+    import hashlib
+
+    held = b"".join(p.read_bytes() for p in sorted(enc.rglob("*")) if p.is_file())
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).digest()
+        assert digest not in held and digest.hex().encode() not in held, path
+
+
+def test_decrypted_weights_are_their_owners_only(enc, key, tmp_path):
+    old = os.umask(0o022)
+    try:
+        decrypt_model(enc, tmp_path / "out", key)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")}
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o700
+    assert set(modes.values()) == {0o600, 0o700} and modes["out/sub"] == 0o700, modes
 
 
 def test_refuses_existing_targets(model, enc, key, tmp_path):

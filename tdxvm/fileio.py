@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], *, mode: int) -> None:
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], *, mode: int, exclusive: bool = False) -> None:
     """Call ``write`` on a new temporary file beside ``path``, fsync it, rename it over ``path``.
 
     The temporary file is created with ``O_EXCL | O_NOFOLLOW`` and ``mode`` (set again with
-    fchmod, so the umask cannot widen or narrow it); on any failure it is removed.
+    fchmod, so the umask cannot widen or narrow it); on any failure it is removed. With
+    ``exclusive``, ``path`` is made only if it does not exist (a hard link, which never
+    replaces: ``FileExistsError`` if another writer made it first).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -30,15 +32,19 @@ def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], *, mode: 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`write_atomic_with`)."""
-    write_atomic_with(path, lambda f: f.write(data), mode=mode)
+    write_atomic_with(path, lambda f: f.write(data), mode=mode, exclusive=exclusive)
 
 
 def lock_exclusive(path: Path, timeout: float) -> int:

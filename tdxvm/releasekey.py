@@ -23,10 +23,9 @@ GUEST_PATH = "/etc/tdxvm/controller-release.pub"  # hex of the 32-byte public ke
 
 def release_key(store: SecretStore) -> X25519PrivateKey:
     """The controller's release key (made and stored on first use)."""
-    if not store.exists(SECRET):
-        key = X25519PrivateKey.generate()
-        store.put(SECRET, key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
-    raw = store.get(SECRET)
+    raw = store.get_or_make(
+        SECRET, lambda: X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    )
     if len(raw) != 32:
         raise SecretStoreError(f"secret {SECRET} in {store.directory} is not a 32-byte X25519 key")
     return X25519PrivateKey.from_private_bytes(raw)

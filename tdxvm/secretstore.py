@@ -9,9 +9,11 @@ errors name the secret, never its value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from tdxvm.errors import TdxvmError
@@ -23,6 +25,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}
 
 class SecretStoreError(TdxvmError):
     code = "secret-store"
+
+
+class SecretExists(SecretStoreError):
+    """A secret of that name is already stored."""
 
 
 def default_directory() -> Path:
@@ -56,16 +62,27 @@ class SecretStore:
         return self._path(name).is_file()
 
     def put(self, name: str, value: bytes, *, replace: bool = False) -> Path:
-        """Store ``value`` under ``name`` (refused if it exists, unless ``replace``)."""
+        """Store ``value`` under ``name`` (refused if it exists, unless ``replace``: made
+        exclusively, so of two processes storing one name at once, one is refused)."""
         path = self._path(name)
         self._private_dir(path.parent)
         if path.exists() and not replace:
-            raise SecretStoreError(f"secret {name} already exists in {self.directory}")
+            raise SecretExists(f"secret {name} already exists in {self.directory}")
         try:
-            write_atomic(path, value, mode=0o600)
+            write_atomic(path, value, mode=0o600, exclusive=not replace)
+        except FileExistsError:
+            raise SecretExists(f"secret {name} already exists in {self.directory}") from None
         except OSError as exc:
             raise SecretStoreError(f"secret {name}: cannot write {path}: {exc.strerror}") from None
         return path
+
+    def get_or_make(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """The secret ``name``, made with ``make()`` and stored on first use. Processes that
+        make it at once all get the one stored (the others' are dropped, never used)."""
+        if not self.exists(name):
+            with contextlib.suppress(SecretExists):
+                self.put(name, make())
+        return self.get(name)
 
     def get(self, name: str) -> bytes:
         path = self._path(name)

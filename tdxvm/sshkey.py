@@ -27,13 +27,13 @@ ID_HEX = 16  # hex digits of a controller id
 
 def controller_key(store: SecretStore) -> Ed25519PrivateKey:
     """The controller's key (made and stored on first use)."""
-    if not store.exists(SECRET):
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
+    pem = store.get_or_make(
+        SECRET,
+        lambda: Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-        store.put(SECRET, pem)
-    loaded = serialization.load_ssh_private_key(store.get(SECRET), password=None)
+        ),
+    )
+    loaded = serialization.load_ssh_private_key(pem, password=None)
     if not isinstance(loaded, Ed25519PrivateKey):
         raise TypeError(f"{SECRET} in {store.directory} is not an Ed25519 key")
     return loaded

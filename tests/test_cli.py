@@ -432,6 +432,29 @@ def test_weights_encrypt_names_a_file_it_cannot_read(capsys, tmp_path, monkeypat
     assert not (tmp_path / "enc").exists() and not (tmp_path / "s" / "weights" / "enc").exists()
 
 
+def test_weights_encrypt_interrupted_at_the_last_step_leaves_no_key_without_its_folder(capsys, tmp_path, monkeypatch):
+    """Ctrl-C between storing the key and moving the folder into place: before, the key
+    stayed and its name was taken ("choose another --key-name"), with nothing it opens."""
+    from pathlib import Path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if Path(target).name == "enc":
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    code, _, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "enc", "--secrets", tmp_path / "s")
+    assert code == 130 and not (tmp_path / "enc").exists() and not (tmp_path / "s" / "weights" / "enc").exists()
+    monkeypatch.setattr(Path, "rename", real_rename)
+    code, _, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "enc", "--secrets", tmp_path / "s")
+    assert code == 0, err  # the name is free
+
+
 # -- the refusal contract: a quote that cannot be read is a "no" (exit 1), never an error --
 
 

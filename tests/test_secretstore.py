@@ -69,3 +69,27 @@ def test_default_directory(monkeypatch, tmp_path):
     assert default_directory() == tmp_path / "tdxvm" / "secrets"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert str(default_directory()).endswith(".local/share/tdxvm/secrets")
+
+
+def test_processes_making_a_key_at_once_all_get_the_one_stored(tmp_path):
+    """Two builds (or a build and a launch) on a fresh controller make the release key and
+    the controller's SSH key at the same moment. Before, each kept the key it made while
+    the store ended up with one of them: an image built with the other was refused on every
+    later launch, and its key was lost for good."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tdxvm.secretstore import SecretStore; from tdxvm.releasekey import release_key, public_hex;"
+        "from tdxvm.sshkey import controller_id;"
+        "s = SecretStore(directory=sys.argv[1]);"
+        "print(public_hex(release_key(s)), controller_id(s))"
+    )
+    for round_ in range(6):
+        store = tmp_path / f"store-{round_}"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        seen = {p.communicate(timeout=60)[0] for p in procs}
+        assert all(p.returncode == 0 for p in procs) and len(seen) == 1, seen

@@ -76,9 +76,13 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
         started = time.monotonic()
         entries = encrypt_model(src, stage, key, progress=meter)
         store.put(name, key)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        stage.rename(dst)
+        try:
+            if dst.exists():
+                dst.rmdir()  # empty, checked above
+            stage.rename(dst)
+        except BaseException:  # no folder the key opens: the key goes, so its name is free again
+            store.delete(name)
+            raise
     except OSError as exc:  # a model file that cannot be read, a folder that cannot be written
         raise CliError(f"{exc.filename or model_dir}: {exc.strerror or exc}") from None
     finally:

@@ -173,6 +173,8 @@ def destroy_fleet(
             state.path.unlink(missing_ok=True)
         else:
             run.tidy_state()
+    if run.terminated is not None:  # SIGTERM: unwound and recorded, as apply does; exit as terminated (143)
+        raise run.terminated
     return report
 
 

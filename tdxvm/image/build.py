@@ -56,6 +56,7 @@ import shutil
 import tempfile
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,7 @@ def build(
             image, store=store, engine=encryption_engine, stored=stored, progress=progress, timings=timings
         )
         result = _measure_step(loaded, image, disk, identity=identity(), progress=progress, timings=timings)
-        _publish(image.staging, output)
-        stored.clear()  # the image exists now: its key stays
+        _publish(image.staging, output, published=stored.clear)  # once the image exists, its key stays
         return {**result.to_data(), "timings": timings}
     finally:
         for name in stored:  # no image was published: its key would open nothing
@@ -254,12 +254,21 @@ def _owner_running(folder: Path) -> bool:
     return True
 
 
-def _publish(staging: Path, output: Path) -> None:
-    """Move the finished build into ``output``, replacing an older build as a whole."""
+def _publish(staging: Path, output: Path, *, published: Callable[[], object]) -> None:
+    """Move the finished build into ``output``, replacing an older build as a whole;
+    ``published()`` the moment the new build is in place (before the old one is deleted:
+    an interrupt there must not take the new image's key). If the new one cannot be moved
+    in, the old one is put back."""
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{uuidlib.uuid4().hex[:8]}")
         output.rename(old)
-    staging.rename(output)
+    try:
+        staging.rename(output)
+    except BaseException:
+        if old is not None and not output.exists():
+            old.rename(output)
+        raise
+    published()
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -121,7 +121,7 @@ class QtestSession:
         except OSError as exc:
             self.close()
             raise QemuStartError(f"cannot start {binary}: {exc}") from None
-        except QtestError:
+        except BaseException:  # QtestError, and Ctrl-C or SIGTERM: QEMU is in a session of its own, so it would run on
             self.close()
             raise
 

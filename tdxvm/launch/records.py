@@ -142,15 +142,19 @@ class VmRecords:
         return self.directory / f"{uuid.lower()}.json"
 
     def put(self, record: VmRecord) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = self.directory.stat().st_mode
-        if mode & 0o077:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mode = self.directory.stat().st_mode
+            if mode & 0o077:
+                raise RecordError(
+                    f"{self.directory}: VM record folder mode is {stat.filemode(mode)}; it must be private (chmod 700)"
+                )
+            text = json.dumps(record.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+            write_atomic(self._path(record.uuid), text, mode=0o600)
+        except OSError as exc:  # a full disk, a read-only folder
             raise RecordError(
-                f"{self.directory}: VM record folder mode is {stat.filemode(mode)}; it must be private (chmod 700)"
-            )
-        write_atomic(
-            self._path(record.uuid), json.dumps(record.to_dict(), indent=2, sort_keys=True).encode() + b"\n", mode=0o600
-        )
+                f"cannot keep the record of VM {record.name} in {self.directory}: {exc.strerror or exc}"
+            ) from None
 
     def get(self, uuid: str) -> VmRecord | None:
         path = self._path(uuid)

@@ -10,12 +10,13 @@ on first use; any other name must exist, so a misspelt name never makes a key no
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
 from tdxvm.guest.apikeys import ApiKeysError, check_key, check_name, document, generate
 from tdxvm.launch.spec import DEFAULT_API_KEY as DEFAULT
-from tdxvm.secretstore import SecretStore, SecretStoreError
+from tdxvm.secretstore import SecretExists, SecretStore, SecretStoreError
 
 KIND = "api-keys"
 ENV = "TDXVM_API_KEY"  # a client's key given as a value, where it has no secret store
@@ -51,8 +52,9 @@ def release_set(store: SecretStore, wanted: Sequence[str]) -> tuple[bytes, list[
     ``default`` is made if absent; any other missing name is refused with the command that makes it."""
     made = []
     if DEFAULT in wanted and not store.exists(secret_name(DEFAULT)):
-        create(store, DEFAULT)
-        made.append(DEFAULT)
+        with contextlib.suppress(SecretExists):  # another provision made it meanwhile: that one is the key
+            create(store, DEFAULT)
+            made.append(DEFAULT)
     keys = {}
     for name in wanted:
         try:

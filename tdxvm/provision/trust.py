@@ -24,6 +24,7 @@ is the only module of ``provision/`` and ``fleet/`` that reaches :mod:`tdxvm.emu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 from tdxvm.attest import Collateral, TrustAnchor
 from tdxvm.attest.collateral import CollateralOrigin
 from tdxvm.attest.quote import Quote
+from tdxvm.fileio import lock_exclusive
 from tdxvm.launch import tunnel
 from tdxvm.xdg import data_home
 
@@ -134,11 +136,15 @@ class EmulatedTrust:
         from tdxvm.emulate import EmulatedPlatform
 
         now = datetime.now(timezone.utc)
-        if (folder / "root-ca.pem").is_file():
-            platform = EmulatedPlatform.load(folder, at=now)
-        else:
-            platform = EmulatedPlatform(at=now)
-            platform.save(folder)
+        if not (folder / "root-ca.pem").is_file():  # made once: two processes at once must not mix two platforms
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            lock = lock_exclusive(folder.parent / f".{folder.name}.lock", timeout=60)
+            try:
+                if not (folder / "root-ca.pem").is_file():
+                    EmulatedPlatform(at=now).save(folder)
+            finally:
+                os.close(lock)
+        platform = EmulatedPlatform.load(folder, at=now)
         return cls(platform, folder, platform.collateral(), TrustAnchor.from_der(platform.root_ca_der))
 
     @contextmanager

@@ -370,6 +370,37 @@ def test_sigterm_during_apply_unwinds_like_ctrl_c_then_exits_terminated(lab):
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_sigterm_during_destroy_exits_terminated_too(lab):
+    """As apply does: what was started is finished and recorded, nothing new starts, then 143
+    (before, destroy -f exited 130 on SIGTERM)."""
+    lab.host("a")
+    path = lab.write("    web:\n      template: small\n      replicas: 3\n      placement: [a]\n")
+    with lab.guests():
+        assert apply(lab, path).status == "ok"
+    sent = threading.Event()
+
+    def sigterm(event):
+        if event.phase == "result" and not sent.is_set():
+            sent.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            reconcile.destroy_fleet(
+                lab.load(path),
+                connector=lab.connector,
+                state_dir=lab.folder / "state",
+                secrets=lab.store,
+                parallel=1,
+                progress=sigterm,
+            )
+        assert exc.value.code == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert 0 < len(domains(lab, "a")) < 3  # one deleted, the rest left for the next destroy
+
+
 class Crash(BaseException):
     """The controller dies here (as under SIGKILL: nothing after it runs)."""
 

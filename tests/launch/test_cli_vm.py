@@ -342,3 +342,14 @@ def test_destroying_a_vm_deletes_its_own_record(capsys, host_uri, records):
     code, _, err = run(capsys, "destroy", "smoke", "--uri", host_uri, "--yes")
     assert code == 0, err
     assert records.get(SMOKE_UUID) is None
+
+
+def test_a_record_that_cannot_be_written_is_a_typed_error(tmp_path, image):
+    """A full disk, or a folder where tdxvm cannot write: before, an internal error (exit 4,
+    a traceback) in the middle of a launch."""
+    from tdxvm.launch.records import RecordError
+
+    (tmp_path / "vms").write_text("a file where the folder should be")
+    _, policy = smoke_domain(image)
+    with pytest.raises(RecordError, match=r"cannot keep the record of VM smoke in .*vms: "):
+        VmRecords(tmp_path / "vms").put(smoke_record("qemu:///system", policy, image.manifest()))

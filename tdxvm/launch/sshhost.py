@@ -269,7 +269,7 @@ class HostSession:
                 got = _within(
                     CHANNEL_TIMEOUT, lambda: transport.request_port_forward(bind, port, handler=self._forwarded)
                 )
-            except _NoAnswer:  # paramiko waits for the answer as long as the session lives: end it
+            except TimeoutError:  # paramiko waits for the answer as long as the session lives: end it
                 transport.close()
                 raise HostSshUnreachable(
                     f"ssh {self.target.where}: no answer to the request to listen on {bind}:{port or '<any port>'} "
@@ -294,7 +294,7 @@ class HostSession:
             transport = self._transport
         if found is not None and transport is not None and transport.is_active():
             # not Transport.cancel_port_forward: it drops the handler of every other offer too
-            with contextlib.suppress(paramiko.SSHException, EOFError, OSError, _NoAnswer):
+            with contextlib.suppress(paramiko.SSHException, EOFError, OSError):  # TimeoutError included
                 _within(CHANNEL_TIMEOUT, lambda: transport.global_request("cancel-tcpip-forward", (found[0], port)))
 
     @property
@@ -325,13 +325,9 @@ class HostSession:
                 self._transport = None
 
 
-class _NoAnswer(Exception):
-    """A request to the host's sshd got no answer in time."""
-
-
 def _within(seconds: float, call: Callable[[], T]) -> T:
     """``call()``, run on a thread and waited for at most ``seconds`` (paramiko's global
-    requests wait for the host's answer without a limit); :class:`_NoAnswer` after that."""
+    requests wait for the host's answer without a limit); ``TimeoutError`` after that."""
     outcome: list[tuple[bool, Any]] = []
 
     def run() -> None:
@@ -344,7 +340,7 @@ def _within(seconds: float, call: Callable[[], T]) -> T:
     worker.start()
     worker.join(seconds)
     if not outcome:
-        raise _NoAnswer
+        raise TimeoutError(f"no answer within {seconds:g} s")
     ok, value = outcome[0]
     if not ok:
         raise value

@@ -33,7 +33,7 @@ from tdxvm.cli.output import (
     parse_time,
     wrote,
 )
-from tdxvm.cli.refusal import print_refusal, reason_lines
+from tdxvm.cli.refusal import print_exceptions, print_refusal, reason_lines
 from tdxvm.textsafe import safe_text
 
 
@@ -67,8 +67,7 @@ def _print_verdict(v: Verdict, source: str) -> None:
         click.echo(f"advisories: {', '.join(d['advisory_ids'])}")
     if d["tcb_status"] in TD_RELAUNCH_STATUSES:
         click.echo(click.style(_relaunch_advice(d["tcb_status"], d["tcb"]), fg="yellow"))
-    for line in d["policy_exceptions"]:
-        click.echo(click.style(f"policy exception: {line}", fg="yellow"))
+    print_exceptions(d["policy_exceptions"])
     for line in reason_lines(d["reasons"]):
         click.echo(line)
     m = d["measurements"]

@@ -10,10 +10,9 @@ import click
 
 from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
-from tdxvm.cli.refusal import print_refusal, reason_dicts
+from tdxvm.cli.refusal import print_exceptions, print_refusal, reason_dicts
 from tdxvm.cli.vm import DEFAULT_URI, uri_option
 from tdxvm.guest.engine import DTYPES, MAX_BATCH, MAX_KV_CACHE_MIB
-from tdxvm.textsafe import safe_text
 
 
 def _progress(output: str) -> Callable[[str, dict[str, Any]], None]:
@@ -182,6 +181,5 @@ def provision_cmd(
         f"model digest {result.model_digest}: the service measured it into RTMR3 (checked, and recorded for --vm)"
     )
     click.echo(f"API keys it accepts: {', '.join(result.api_keys)} (`tdxvm apikey show NAME` prints one)")
-    for line in result.policy_exceptions:  # the cache's line quotes what the PCS or PCCS answered
-        click.echo(click.style(safe_text(f"policy exception: {line}"), fg="yellow"))
+    print_exceptions(result.policy_exceptions)
     click.echo(f"try: tdxvm verify-endpoint --vm {name} --complete 'Once upon a time'")

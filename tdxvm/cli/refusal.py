@@ -55,6 +55,13 @@ def reason_dicts(reasons: Iterable[Any]) -> list[dict[str, Any]]:
     return [dict(r) if isinstance(r, Mapping) else r.to_dict() for r in reasons]
 
 
+def print_exceptions(lines: Iterable[str]) -> None:
+    """A verdict's policy exceptions, one ``policy exception:`` line each (in yellow on a
+    terminal); the cache's line quotes what a PCS or PCCS answered, so each is escaped."""
+    for line in lines:
+        click.echo(click.style(safe_text(f"policy exception: {line}"), fg="yellow"))
+
+
 def refused_line(headline: str) -> str:
     """``REFUSED  headline``, the word in red on a terminal (not under NO_COLOR)."""
     return styled("REFUSED", fg="red", bold=True) + "  " + safe_text(headline)

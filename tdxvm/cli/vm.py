@@ -16,7 +16,7 @@ import yaml
 
 from tdxvm.cli.output import EXIT_REFUSED, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
-from tdxvm.cli.refusal import print_refusal, reason_dicts, reason_lines
+from tdxvm.cli.refusal import print_exceptions, print_refusal, reason_dicts, reason_lines
 from tdxvm.textsafe import safe_text
 
 DEFAULT_URI = "qemu:///system"
@@ -131,10 +131,9 @@ def _launch(spec: Any, output: str) -> int:
                 f"{spec.name} serves {result.provision['model']} at {result.provision['url']} (TLS key attested); "
                 f"try: tdxvm verify-endpoint --vm {spec.name} --complete 'Once upon a time'"
             )
-        exceptions = list((result.verdict or {}).get("policy_exceptions") or [])
-        exceptions += [e for e in (result.provision or {}).get("policy_exceptions") or [] if e not in exceptions]
-        for line in exceptions:  # the cache's line quotes what the PCS or PCCS answered
-            click.echo(click.style(safe_text(f"policy exception: {line}"), fg="yellow"))
+        at_launch = (result.verdict or {}).get("policy_exceptions") or []
+        at_provision = (result.provision or {}).get("policy_exceptions") or []
+        print_exceptions(dict.fromkeys([*at_launch, *at_provision]))
     return 0
 
 

@@ -638,9 +638,8 @@ def _status(
         vm.record_problem = str(exc)
         return vm
     vm.record, vm.backend, vm.forwards, vm.agent_port = "ok", record.backend, record.forwards, record.agent_port
-    vm.policy, vm.policy_exceptions = record.policy, record.policy.loosened()
     kept = (record.attestation or {}).get("policy_exceptions")  # the last verdict's: collateral from the cache too
-    if isinstance(kept, list):
-        vm.policy_exceptions += [e for e in kept if isinstance(e, str) and e not in vm.policy_exceptions]
+    last = [e for e in kept if isinstance(e, str)] if isinstance(kept, list) else []
+    vm.policy, vm.policy_exceptions = record.policy, list(dict.fromkeys([*record.policy.loosened(), *last]))
     vm.attestation, vm.model, vm.manifest = record.attestation, record.model, record.manifest
     return vm

@@ -47,7 +47,6 @@ WINDOW = 16 << 20  # per channel: the upload streams push gigabytes (tdxvm.provi
 MAX_PACKET = 256 << 10  # what the host may send us per packet (OpenSSH's limit): fewer, larger packets
 CONNECT_TIMEOUT = 20.0
 CHANNEL_TIMEOUT = 30.0
-T = TypeVar("T")
 KEEPALIVE = 15  # seconds between keepalives: a dead connection is noticed, and reconnected
 _KINDS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
 _SIGNATURES = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}  # host key type -> algorithms
@@ -323,6 +322,9 @@ class HostSession:
             if self._transport is not None:
                 self._transport.close()
                 self._transport = None
+
+
+T = TypeVar("T")
 
 
 def _within(seconds: float, call: Callable[[], T]) -> T:

@@ -386,7 +386,7 @@ def provision(
     result.timings["service"] = time.monotonic() - t
     # what clients use is the published URL; the endpoint was attested where this controller reaches it
     result.endpoint, result.url, result.model_digest = {**endpoint.to_dict(), "url": url}, url, show(expected)
-    result.policy_exceptions += [e for e in endpoint.verdict.exceptions() if e not in result.policy_exceptions]
+    result.policy_exceptions = list(dict.fromkeys([*result.policy_exceptions, *endpoint.verdict.exceptions()]))
     at = datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     served = {
         "name": model.served_name,

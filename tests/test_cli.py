@@ -538,6 +538,32 @@ def test_unreadable_quote_refused_before_fetching_collateral(capsys, tmp_path, m
     assert code == 1 and json.loads(out)["reasons"][0]["code"] == "quote-format"
 
 
+@pytest.mark.parametrize("source", ["offline", "online"])
+def test_a_quote_whose_pck_chain_cannot_be_read_is_refused_not_an_error(
+    capsys, testdata, tmp_path, monkeypatch, source
+):
+    """The quote parses, but its PCK certificate cannot: the relying party's answer is
+    "no" (exit 1, pck-chain) with collateral given or to be fetched; nothing is fetched
+    for such a quote (its FMSPC is in that certificate)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quote = _v4(testdata)
+    body = quote.index(b"-----BEGIN CERTIFICATE-----\n") + len(b"-----BEGIN CERTIFICATE-----\n")
+    bad = tmp_path / "bad-pck.quote"
+    bad.write_bytes(quote[:body] + b"!!!!" + quote[body + 4 :])  # same length: the quote still parses
+    where = (
+        ["--collateral", testdata / "dcap-qvl-v4" / "collateral.json"]
+        if source == "offline"
+        else ["--pccs", "https://127.0.0.1:1"]  # nobody listens: a fetch would be exit 3
+    )
+    code, out, err = run(capsys, "verify-quote", bad, *where, "--at", V4_AT, "-o", "json")
+    doc = json.loads(out)
+    assert code == 1, err
+    assert doc["verdict"] == "reject" and doc["fmspc"] is None and doc["tcb_status"] is None
+    assert "pck-chain" in [r["code"] for r in doc["reasons"]]
+    code, out, err = run(capsys, "verify-quote", bad, *where, "--at", V4_AT)
+    assert code == 1 and "REFUSED" in out and "[pck-chain]" in out and "Traceback" not in err
+
+
 def test_every_json_output_has_a_verdict(capsys, testdata, monkeypatch):
     d = testdata / "dcap-qvl-v4"
     base = ["verify-quote", d / "quote.bin", "--collateral", d / "collateral.json", "-o", "json"]

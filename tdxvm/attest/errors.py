@@ -58,6 +58,14 @@ class CertificateError(AttestError):
     code = "certificate"
 
 
+class PckChainError(CertificateError):
+    """The quote's own PCK certificate chain cannot be read, so the platform's FMSPC and
+    CA (whose collateral would be looked up) are unknown: a reason to refuse the quote
+    (``pck-chain``), not an unusable input of the verifier's."""
+
+    code = "pck-chain"
+
+
 class PolicyFileError(AttestError):
     """An attestation policy file is malformed; the message names file, line and key."""
 

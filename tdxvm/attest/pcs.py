@@ -46,7 +46,7 @@ from tdxvm.attest.collateral import (
     summarize,
     validity,
 )
-from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError
+from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError, PckChainError
 from tdxvm.attest.pck import parse_pck_extension, parse_pem_chain, pck_ca_type
 from tdxvm.attest.quote import Quote
 from tdxvm.fileio import write_atomic
@@ -87,11 +87,15 @@ def _check_key(fmspc: bytes, ca: str) -> None:
 
 
 def quote_fmspc_ca(quote: Quote) -> tuple[bytes, str]:
-    """FMSPC and PCK CA type (``"platform"``/``"processor"``) from the quote's PCK chain."""
-    chain = parse_pem_chain(quote.signature.pck_chain_pem, "PCK certificate chain")
-    if len(chain) < 2:
-        raise CertificateError("PCK certificate chain: needs the PCK certificate and its issuer")
-    return parse_pck_extension(chain[0]).fmspc, pck_ca_type(chain[1])
+    """FMSPC and PCK CA type (``"platform"``/``"processor"``) from the quote's PCK chain;
+    :class:`PckChainError` when that chain cannot be read."""
+    try:
+        chain = parse_pem_chain(quote.signature.pck_chain_pem, "PCK certificate chain in the quote")
+        if len(chain) < 2:
+            raise CertificateError("PCK certificate chain in the quote: needs the PCK certificate and its issuer")
+        return parse_pck_extension(chain[0]).fmspc, pck_ca_type(chain[1])
+    except CertificateError as exc:
+        raise PckChainError(str(exc)) from None
 
 
 def service_url(base_url: str) -> str:

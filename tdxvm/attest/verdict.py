@@ -19,17 +19,18 @@ what needs the quote (``quote_version``, ``body_type``, ``measurements``…) is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral, CollateralOrigin
-from tdxvm.attest.errors import QuoteFormatError
+from tdxvm.attest.collateral import Collateral, CollateralOrigin, resolve_collateral
+from tdxvm.attest.errors import PckChainError, QuoteFormatError
 from tdxvm.attest.policyrules import StrictPolicy, evaluate
-from tdxvm.attest.quote import Quote
+from tdxvm.attest.quote import Quote, parse_quote
 from tdxvm.attest.result import CollateralFacts, CrlDates, IssuedItem, Reason, VerificationResult
-from tdxvm.attest.verify import QuoteVerifier
+from tdxvm.attest.verify import QuoteVerifier, utc_time
 
 if TYPE_CHECKING:
     from tdxvm.attest.policy import Policy  # a policy file's; StrictPolicy: the default, without pydantic
@@ -148,9 +149,12 @@ class QuoteRefusal:
         }
 
 
+CollateralFor = Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
+
+
 def appraise(
     quote: bytes | Quote,
-    collateral: Collateral,
+    collateral: Collateral | CollateralFor,
     *,
     at: datetime,
     policy: Policy | StrictPolicy | None = None,
@@ -160,8 +164,13 @@ def appraise(
 ) -> Verdict:
     """Verify ``quote`` and apply ``policy`` (strict default). Reasons: verification first.
 
-    ``origin`` (where ``collateral`` came from) is reported in the verdict; collateral
-    from the cache is listed among its policy exceptions.
+    ``collateral`` is the collateral, or a function of the parsed quote that finds it
+    (returning it, or it and its origin, as :func:`tdxvm.attest.pcs.get_collateral`).
+    A quote whose own PCK chain cannot be read has no collateral to find (its FMSPC is
+    in that chain): it is refused with ``pck-chain``, as the verifier refuses it with
+    collateral in hand. ``origin`` (where ``collateral`` came from; the function's
+    own, when it gives one) is reported in the verdict; collateral from the cache is
+    listed among its policy exceptions.
     """
     if verifier is None:
         verifier = QuoteVerifier(trust_anchor=trust_anchor)
@@ -169,6 +178,15 @@ def appraise(
         from tdxvm.attest.policy import Policy  # pydantic: only for callers that give no policy at all
 
         policy = Policy()
+    if callable(collateral):
+        quote = quote if isinstance(quote, Quote) else parse_quote(quote)
+        try:
+            collateral, found_at = resolve_collateral(collateral, quote)
+        except PckChainError as exc:
+            reason = Reason(exc.code, str(exc))
+            result = VerificationResult(quote=quote, at=utc_time(at), fmspc=None, tcb=None, reasons=(reason,))
+            return Verdict(result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)))
+        origin = found_at or origin
     result = verifier.verify(quote, collateral, at=at)
     return Verdict(
         result=result, policy=policy, reasons=result.reasons + tuple(evaluate(policy, result)), origin=origin

@@ -60,6 +60,13 @@ def _raw_sig_to_der(raw: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
 
 
+def utc_time(at: datetime) -> datetime:
+    """A verification time in UTC; it must be timezone-aware."""
+    if at.tzinfo is None:
+        raise AttestError("verification time must be timezone-aware", code="usage")
+    return at.astimezone(timezone.utc)
+
+
 def _ecdsa_ok(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
     if len(raw_sig) != 64:
         return False
@@ -385,9 +392,7 @@ class QuoteVerifier:
 
     def verify(self, quote: bytes | Quote, collateral: Collateral, *, at: datetime) -> VerificationResult:
         """Verify ``quote`` against ``collateral`` as of ``at`` (timezone-aware)."""
-        if at.tzinfo is None:
-            raise AttestError("verification time must be timezone-aware", code="usage")
-        at = at.astimezone(timezone.utc)
+        at = utc_time(at)
         if max(len(self._collateral), len(self._pck), len(self._qe_reports)) >= self.cache_limit:
             self._reset()
         q = quote if isinstance(quote, Quote) else parse_quote(quote)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,7 +54,8 @@ def read_quote(path: str) -> Quote:
     return load_quote(read_file(path, "quote"))
 
 
-def _print_verdict(v: Verdict, source: str) -> None:
+def _print_verdict(v: Verdict, source: str | None = None) -> None:
+    """The verdict for people; ``source``: where its collateral came from [default: its origin]."""
     d = v.to_dict()
     word = "ACCEPTED" if v.accepted else "REFUSED"
     color = "green" if v.accepted else "red"
@@ -62,6 +64,8 @@ def _print_verdict(v: Verdict, source: str) -> None:
         click.style(word, fg=color, bold=True)
         + f"  TCB {status}, quote v{d['quote_version']}, FMSPC {d['fmspc'] or '?'}, at {d['verified_at']}"
     )
+    if source is None:
+        source = v.origin.describe() if v.origin else "none (not looked up: the quote's PCK chain names no platform)"
     click.echo(f"collateral: {source}" + _freshness(d["collateral"], v.result.at))
     if d["advisory_ids"]:
         click.echo(f"advisories: {', '.join(d['advisory_ids'])}")
@@ -98,13 +102,13 @@ def _relaunch_advice(status: str, tcb: dict) -> str:
     )
 
 
-def _answer(v: Verdict | QuoteRefusal, output: str, source: str) -> NoReturn:
+def _answer(v: Verdict | QuoteRefusal, output: str) -> NoReturn:
     if isinstance(v, QuoteRefusal):
         print_refusal("not a TDX quote tdxvm can read", v.to_dict()["reasons"], output, document=v.to_dict())
     elif output == "json":
         emit_json(v.to_dict())
     else:
-        _print_verdict(v, source)
+        _print_verdict(v)
     sys.exit(EXIT_OK if v.accepted else EXIT_REFUSED)
 
 
@@ -159,20 +163,18 @@ def verify_quote(
     anchor = TrustAnchor.from_pem(read_file(root_ca, "root CA")) if root_ca else None
     data = read_file(quote, "quote")
     coll = load_bundle(bundle) if bundle else None  # the verifier's inputs first: exit 2 before any verdict
-    source = f"bundle {bundle}"
-    origin = CollateralOrigin("bundle", bundle) if bundle else None
     try:
         q = load_quote(data)
     except QuoteFormatError as exc:
-        _answer(QuoteRefusal(error=exc, policy=policy, at=at), output, source)
+        _answer(QuoteRefusal(error=exc, policy=policy, at=at), output)
     if coll is None:
         from tdxvm.attest.pcs import CollateralCache, PcsClient, get_collateral  # the HTTP stack, only when needed
 
         client = PcsClient(base_url=pccs or INTEL_PCS_URL)
-        coll, origin = get_collateral(q, client=client, cache=CollateralCache(), at=at)
-        source = origin.describe()
+        coll = partial(get_collateral, client=client, cache=CollateralCache(), at=at)
     verifier = QuoteVerifier(trust_anchor=anchor, verified_cache=None if no_cache else VerifiedCache())
-    _answer(appraise(q, coll, at=at, policy=policy, verifier=verifier, origin=origin), output, source)
+    origin = CollateralOrigin("bundle", bundle) if bundle else None
+    _answer(appraise(q, coll, at=at, policy=policy, verifier=verifier, origin=origin), output)
 
 
 @click.group()

@@ -33,7 +33,7 @@ import secrets
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -45,14 +45,14 @@ from cryptography.hazmat.primitives import serialization
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, report_data
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral, CollateralOrigin, resolve_collateral
+from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.errors import EventLogError, QuoteFormatError
 from tdxvm.attest.eventlog import compare_rtmrs, parse_json_event_log, parse_tcg_event_log, replay
 from tdxvm.attest.modelevent import ModelEvent, Rtmr3Check, check_rtmr3_log, checked_verdict
 from tdxvm.attest.policy import Policy
-from tdxvm.attest.quote import Quote, parse_quote
+from tdxvm.attest.quote import parse_quote
 from tdxvm.attest.result import Reason
-from tdxvm.attest.verdict import Verdict, appraise
+from tdxvm.attest.verdict import CollateralFor, Verdict, appraise
 from tdxvm.errors import Refused, TdxvmError, Unreachable
 from tdxvm.guest.agentwire import unb64
 from tdxvm.provision.pinning import DEFAULT_TIMEOUT, pinned_session, unverified_context
@@ -60,8 +60,6 @@ from tdxvm.provision.pinning import DEFAULT_TIMEOUT, pinned_session, unverified_
 ATTESTATION_PATH = "/v1/attestation"
 MAX_DOCUMENT = 8 << 20  # quote (~5 KiB) + event log (64 KiB CCEL area, base64) with room to spare
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")  # firmware, kernel, initrd + command line
-
-CollateralSource = Collateral | Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
 
 
 class EndpointError(TdxvmError):
@@ -210,7 +208,7 @@ def fetch_attestation(url: str, nonce: bytes, *, timeout: float = 30.0) -> tuple
 def verify_endpoint(
     url: str,
     *,
-    collateral: CollateralSource,
+    collateral: Collateral | CollateralFor,
     policy: Policy | None = None,
     trust_anchor: TrustAnchor | None = None,
     at: datetime | None = None,
@@ -261,10 +259,7 @@ def verify_endpoint(
                 "give a policy with the image's measurements",
             )
         )
-    coll, origin = resolve_collateral(collateral, quote)
-    verdict = appraise(
-        quote, coll, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor, origin=origin
-    )
+    verdict = appraise(quote, collateral, at=at or datetime.now(timezone.utc), policy=policy, trust_anchor=trust_anchor)
     rtmr3 = check_rtmr3_log(doc.rtmr3_log, quote.body.rtmrs[3], expected_digest=model_digest)
     verdict = checked_verdict(verdict, rtmr3, reasons=reasons)
     if not verdict.accepted:

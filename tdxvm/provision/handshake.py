@@ -25,7 +25,7 @@ import dataclasses
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -33,20 +33,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tdxvm.attest.binding import NONCE_SIZE, BindingError, check_report_data
 from tdxvm.attest.chain import TrustAnchor
-from tdxvm.attest.collateral import Collateral, CollateralOrigin, resolve_collateral
+from tdxvm.attest.collateral import Collateral
 from tdxvm.attest.errors import QuoteFormatError
 from tdxvm.attest.policy import Policy
-from tdxvm.attest.quote import Quote, parse_quote
+from tdxvm.attest.quote import parse_quote
 from tdxvm.attest.result import Reason
-from tdxvm.attest.verdict import Verdict, appraise
+from tdxvm.attest.verdict import CollateralFor, Verdict, appraise
 from tdxvm.errors import Refused, TdxvmError, Unreachable
 from tdxvm.guest import agentwire as wire
 from tdxvm.guest.envelope import seal
 
 REQUIRED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")  # firmware; kernel; command line and initrd
 DEFAULT_TIMEOUT = 30.0
-
-CollateralSource = Collateral | Callable[[Quote], Collateral | tuple[Collateral, CollateralOrigin]]
 
 
 class HandshakeError(TdxvmError):
@@ -196,7 +194,7 @@ def hello(address: tuple[str, int], *, timeout: float = 10.0) -> list[str]:
 def attest_guest(
     address: tuple[str, int],
     *,
-    collateral: CollateralSource,
+    collateral: Collateral | CollateralFor,
     policy: Policy | None = None,
     at: datetime | None = None,
     trust_anchor: TrustAnchor | None = None,
@@ -232,7 +230,7 @@ def attest_guest(
 def _attest(
     channel: _Channel,
     *,
-    collateral: CollateralSource,
+    collateral: Collateral | CollateralFor,
     policy: Policy,
     at: datetime,
     trust_anchor: TrustAnchor | None,
@@ -278,8 +276,7 @@ def _attest(
                 "platform would pass; give a policy with the image's measurements",
             )
         )
-    coll, origin = resolve_collateral(collateral, quote)
-    verdict = appraise(quote, coll, at=at, policy=policy, trust_anchor=trust_anchor, origin=origin)
+    verdict = appraise(quote, collateral, at=at, policy=policy, trust_anchor=trust_anchor)
     verdict = dataclasses.replace(verdict, reasons=(*reasons, *verdict.reasons))
     if not verdict.accepted:
         raise refuse(*(verdict.reasons or (Reason("not-genuine", "the quote was not verified"),)), verdict=verdict)

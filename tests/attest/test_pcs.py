@@ -12,6 +12,7 @@ import stat
 import threading
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -21,7 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from tdxvm.attest.collateral import load_bundle
-from tdxvm.attest.errors import CertificateError, CollateralError, CollateralFetchError
+from tdxvm.attest.errors import CollateralError, CollateralFetchError, PckChainError
 from tdxvm.attest.pcs import (
     INTEL_PCS_URL,
     CollateralCache,
@@ -30,7 +31,9 @@ from tdxvm.attest.pcs import (
     get_collateral,
     quote_fmspc_ca,
 )
+from tdxvm.attest.policyrules import StrictPolicy
 from tdxvm.attest.quote import parse_quote
+from tdxvm.attest.verdict import appraise
 from tests.conftest import utc
 
 FMSPC = bytes.fromhex("B0C06F000000")
@@ -301,8 +304,25 @@ def test_quote_without_issuer(v4_quote):
     pem = v4_quote.signature.pck_chain_pem
     one = pem[: pem.index(b"-----END CERTIFICATE-----") + 25]
     q = replace(v4_quote, signature=replace(v4_quote.signature, pck_chain_pem=one))
-    with pytest.raises(CertificateError, match="needs the PCK certificate and its issuer"):
+    with pytest.raises(PckChainError, match="needs the PCK certificate and its issuer"):
         quote_fmspc_ca(q)
+
+
+def test_a_quote_whose_pck_chain_cannot_be_read_is_refused_before_anything_is_fetched(pcs, v4_quote):
+    """What verify-quote --pccs, verify-endpoint and the launch's attest all go through:
+    appraise with a function that finds the collateral. The quote's PCK chain is its
+    platform's name; without it the answer is no (pck-chain), not an error, and no
+    request is made."""
+    pem = v4_quote.signature.pck_chain_pem
+    one = pem[: pem.index(b"-----END CERTIFICATE-----") + 25]
+    q = replace(v4_quote, signature=replace(v4_quote.signature, pck_chain_pem=one))
+    find = partial(get_collateral, client=client(pcs), cache=None, at=INSIDE)
+    verdict = appraise(q, find, at=INSIDE, policy=StrictPolicy())
+    assert not verdict.accepted and verdict.origin is None
+    assert [r.code for r in verdict.reasons] == ["pck-chain"]
+    assert "needs the PCK certificate and its issuer" in verdict.reasons[0].message
+    assert verdict.to_dict()["verdict"] == "reject" and verdict.to_dict()["fmspc"] is None
+    assert pcs.seen == []
 
 
 # --- the cache and the fallback ---------------------------------------------------------

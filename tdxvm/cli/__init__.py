@@ -20,6 +20,7 @@ import click
 from tdxvm import __version__
 from tdxvm.cli.lazy import LazyCommands
 from tdxvm.cli.output import run_guarded
+from tdxvm.coredumps import forbid_core_dumps
 from tdxvm.textsafe import safe_text
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -85,6 +86,7 @@ def _warnings_shown(fallback: Callable[..., None]) -> Callable[..., None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    forbid_core_dumps()
     with warnings.catch_warnings():
         warnings.showwarning = _warnings_shown(warnings.showwarning)
         try:

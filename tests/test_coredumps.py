@@ -1,0 +1,58 @@
+"""A tdxvm command that crashes leaves no core file with the keys it held."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CRASH = """
+import os, signal, sys
+if sys.argv[1] == "tdxvm":
+    import tdxvm.cli
+    try:
+        tdxvm.cli.main(["--version"])
+    except SystemExit:
+        pass
+os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def _crash(folder: Path, how: str) -> list[Path]:
+    def allow_cores() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH, how], cwd=folder, preexec_fn=allow_cores, capture_output=True, check=False
+    )
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr
+    return list(folder.iterdir())
+
+
+def test_a_crashing_command_writes_no_core(tmp_path):
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    if pattern.startswith("|") or "/" in pattern:
+        pytest.skip(f"core_pattern {pattern!r} does not write into the working folder")
+    for name in ("plain", "tdxvm"):
+        (tmp_path / name).mkdir()
+    try:
+        control = _crash(tmp_path / "plain", "plain")
+    except subprocess.SubprocessError:  # preexec_fn failed: raising the hard limit needs root
+        pytest.skip("cannot raise RLIMIT_CORE here")
+    assert control, "the control (a plain Python crash) wrote no core: the test shows nothing here"
+    assert _crash(tmp_path / "tdxvm", "tdxvm") == []
+
+
+def test_no_other_process_may_read_its_memory():
+    """PR_GET_DUMPABLE after a command: 0, so ptrace and /proc/PID/mem are root's only."""
+    code = (
+        "import ctypes, tdxvm.cli\n"
+        "try:\n    tdxvm.cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "0"

@@ -507,7 +507,7 @@ class Run:
     def report_untouched(self) -> None:
         for a in self.plan.actions:
             if a.kind == "keep":
-                endpoint = (a.actual.labels.get(inv.ENDPOINT) if a.actual else None) or None
+                endpoint = (self.state.vm(a.vm) or {}).get("endpoint") or None  # the state file's, not a label
                 self.outcomes[(a.vm, a.host)] = Outcome(
                     a.vm,
                     a.host,

@@ -2,8 +2,10 @@
 
 Per VM: host, state, the last attestation's verdict and TCB status, the digest of the
 measurements its quote reported, its endpoint, when it was last attested, and whether it
-is as the file asks (``in sync``) or what an apply would do. VMs on a host that does not
-answer show what the state file last recorded, marked as such. A VM with the fleet's
+is as the file asks (``in sync``) or what an apply would do. The attestation comes from
+the controller's VM record, the measurements digest and endpoint from the fleet's state
+file: never from the labels in the domain's metadata, which the host can rewrite. VMs
+on a host that does not answer show what the state file last recorded, marked as such. A VM with the fleet's
 label that another controller owns is listed with its state and ``other controller``:
 an apply never touches it.
 """
@@ -76,7 +78,8 @@ def _row(a: Action, record: dict[str, Any] | None, view: inv.HostView | None) ->
     if a.kind == "skip" and view is not None and a.vm in view.contested:
         return _contested_row(a, view.contested[a.vm])
     sync = {"keep": "in sync", "skip": "unknown"}.get(a.kind, a.kind)
-    if a.actual is not None:
+    r = record or {}
+    if a.actual is not None:  # the attestation from the controller's VM record, the rest from the state file
         att = a.actual.attestation or {}
         return VmRow(
             vm=a.vm,
@@ -85,14 +88,13 @@ def _row(a: Action, record: dict[str, Any] | None, view: inv.HostView | None) ->
             state=a.actual.state,
             verdict=att.get("verdict"),
             tcb_status=att.get("tcb_status"),
-            measurements_digest=a.actual.labels.get(inv.MEASUREMENTS) or None,
-            endpoint=a.actual.labels.get(inv.ENDPOINT) or None,
+            measurements_digest=r.get("measurements_digest") or None,
+            endpoint=r.get("endpoint") or None,
             last_attested=att.get("recorded_at") or att.get("verified_at"),
             sync=sync,
             reasons=a.reasons,
         )
     view_state = "unknown" if a.kind == "skip" and "unreachable" in " ".join(a.reasons) else "missing"
-    r = record or {}
     verdict = {"ready": "accept", "refused": "reject"}.get(r.get("phase", ""))
     return VmRow(
         vm=a.vm,

@@ -2,7 +2,8 @@
 folder) applying the same fleet on the same hosts never replaces, deletes or counts the
 first's VMs, and says so; VMs of an older tdxvm (no ``controller`` label) are the
 fleet's only where the controller keeps their record; a VM relabelled between the plan
-and the destroy is not destroyed (docs/fleet.md, 'One controller per fleet')."""
+and the destroy is not destroyed (docs/fleet.md, 'One controller per fleet'); what a
+controller shows of its VMs is what it recorded, not the labels (docs/fleet.md, 'State')."""
 
 from __future__ import annotations
 
@@ -228,3 +229,23 @@ def test_a_vm_relabelled_after_the_plan_is_not_destroyed(lab, first):
         report = first.destroy(lab, fewer, confirm=relabel("demo-web-1"))
     assert results(report) == {"demo-web-0": "deleted", "demo-web-1": "failed", "demo-web-2": "skipped"}
     assert sorted(domains(lab, "a")) == ["demo-web-1", "demo-web-2"]
+
+
+def test_status_and_an_unchanged_apply_show_the_state_files_endpoint_not_the_labels(lab, first):
+    """The host rewrites a VM's endpoint and measurements labels (to send users who read
+    `tdxvm status -f` elsewhere): status and the report of an apply that keeps the VM show
+    what the controller recorded when it brought the VM up."""
+    lab.host("a")
+    path = fleet_file(lab, WEB.format(n=1), "web.yaml")
+    with lab.guests():
+        assert first.apply(lab, path).status == "ok"
+        recorded = {r.vm: (r.endpoint, r.measurements_digest) for r in first.status(lab, path).rows}
+        assert recorded["demo-web-0"][0] and recorded["demo-web-0"][1]
+        dom = lab.connector.get(lab.hosts["a"]).lookupByName("demo-web-0")
+        lifecycle.set_labels(dom, {inv.ENDPOINT: "203.0.113.9:443", inv.MEASUREMENTS: "ff" * 32})
+        [row] = first.status(lab, path).rows
+        assert (row.endpoint, row.measurements_digest) == recorded["demo-web-0"] and row.sync == "in sync"
+        report = first.apply(lab, path)
+        assert results(report) == {"demo-web-0": "unchanged"}
+        assert report.outcomes[0].endpoint == recorded["demo-web-0"][0]
+    assert results(first.destroy(lab, path)) == {"demo-web-0": "deleted"}

@@ -47,6 +47,30 @@ def write_atomic(path: Path, data: bytes, *, mode: int, exclusive: bool = False)
     write_atomic_with(path, lambda f: f.write(data), mode=mode, exclusive=exclusive)
 
 
+def claim_abandoned(path: Path) -> int | None:
+    """An fd of ``path`` holding its exclusive ``flock``, when no other open file holds it:
+    the file (or folder) of a writer that held its lock while it wrote and is gone, however
+    it ended (the kernel drops a dead process's locks). None while a writer holds it, or
+    when ``path`` is gone or names another file by the time the lock is taken. Closing the
+    fd releases the lock. Other failures to open ``path`` raise :class:`OSError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
 def lock_exclusive(path: Path, timeout: float) -> int:
     """An fd of ``path`` (created 0600) holding its exclusive ``flock``; closing it releases
     the lock. Waits up to ``timeout`` seconds, then raises :class:`TimeoutError`."""

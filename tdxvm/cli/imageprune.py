@@ -1,4 +1,5 @@
-"""``tdxvm image prune``: free the pool space of images no VM on a host uses any more."""
+"""``tdxvm image prune``: free the pool space of images no VM on a host uses any more,
+and what interrupted launches and killed uploads left."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ def prune_cmd(dry_run: bool, yes: bool, uri: str | None, output: str) -> None:
     A launch uploads an image's kernel, initramfs and disk into the host's tdxvm pool
     once, and keeps them when its VMs are destroyed, so a relaunch uploads nothing;
     each rebuilt image adds its own (a disk is 1 to 3 GiB). This deletes the image
-    volumes that no domain on the host uses (defined, running or shut off), and the
-    overlays, serial logs and scratch disks of VMs that no longer exist. Run it while
-    no launch to this host is under way: a launch's volumes are unused until it defines
-    its VM.
+    volumes that no domain on the host uses (defined, running or shut off), the
+    overlays, serial logs and scratch disks of VMs that no longer exist, and the
+    partial files (.NAME.partial-PID-XXXXXXXX) of uploads that were killed. A partial
+    file an upload is still writing is never deleted: on the host itself its lock
+    shows that; pruning from another machine, only one untouched for 24 hours goes.
+    Run it while no launch to this host is under way: a launch's volumes are unused
+    until it defines its VM.
     """
     from tdxvm.launch.connection import connection
     from tdxvm.launch.volumes import delete_unused, unused_volumes
@@ -70,7 +74,11 @@ def _report(volumes: list, target: str, output: str, *, deleted: bool) -> None:
 
 def _print(volumes: list, verb: str) -> None:
     for v in volumes:
-        why = "image no VM uses" if v.kind == "image" else "left by a VM that no longer exists"
+        why = {
+            "image": "image no VM uses",
+            "leftover": "left by a VM that no longer exists",
+            "partial": "partial file of an upload that was killed",
+        }[v.kind]
         # volume names and paths are the host's libvirt's to write
         click.echo(safe_text(f"{verb} {v.path}  {v.allocation / 2**20:,.0f} MiB  ({why})"))
 

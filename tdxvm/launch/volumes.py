@@ -19,12 +19,22 @@ the manifest. Content volumes are created empty and grow with the upload, so one
 an interrupted upload is shorter than its name says and is replaced, never reused.
 
 Content volumes stay after the last VM of an image is destroyed (a relaunch uploads
-nothing); :func:`unused_volumes` finds those no domain uses any more, and the per-VM
-volumes an interrupted launch left, for ``tdxvm image prune``.
+nothing); :func:`unused_volumes` finds those no domain uses any more, the per-VM
+volumes an interrupted launch left, and the partial files of killed uploads, for
+``tdxvm image prune``.
+
+Where the pool's folder is on the controller's machine, an upload copies the file
+there instead (:func:`_copy_into`): into a partial file
+``.<volume>.partial-<pid>-<8 hex>`` (unique per upload), renamed to the volume's name
+once complete and checked. The copying process holds an exclusive ``flock`` on that file
+from before its first byte until after the rename, so a partial file nobody holds a lock
+on is one whose writer is gone (killed, or the machine lost power: the kernel drops a
+dead process's locks); see :func:`_abandoned_partial`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -40,6 +50,7 @@ from typing import BinaryIO, Literal
 
 import libvirt
 
+from tdxvm.fileio import claim_abandoned
 from tdxvm.launch.connection import is_local, is_test_driver, libvirt_message
 from tdxvm.launch.errors import VolumeError
 from tdxvm.launch.manifest import Artifact, ImageManifest
@@ -50,6 +61,9 @@ REFRESH_WAIT = 300.0  # seconds a refresh waits for other clients' volume builds
 ASYNC_JOBS = "has asynchronous jobs running"  # libvirt's refusal to refresh a pool mid-build
 COPY_CHUNK = 4 << 20
 CHUNK = 256 * 1024  # libvirt's RPC stream messages carry at most 256 KiB
+# A partial file this long untouched is abandoned, judged from a machine that cannot see its lock
+# (a live upload writes to it every COPY_CHUNK; this is far beyond any clock skew between hosts).
+PARTIAL_STALE_AFTER = 24 * 3600.0
 
 
 Role = Literal["kernel", "initrd", "disk", "firmware", "overlay", "serial-log", "scratch"]
@@ -296,8 +310,7 @@ def _upload_once(
     except OSError as exc:
         raise VolumeError(f"image artifact {artifact.path}: {exc.strerror or exc}") from None
     with f:
-        uri = _uri(conn)
-        if is_local(uri) and not is_test_driver(uri) and Path(pool_path(pool)).is_dir():
+        if local_folder(pool) is not None:
             return _copy_into(pool, f, artifact, role, name, progress), True
         vol = _create(pool, _volume_xml(name, capacity=0, fmt="raw"), name)
         try:
@@ -308,18 +321,54 @@ def _upload_once(
     return vol, True
 
 
+def local_folder(pool: libvirt.virStoragePool) -> Path | None:
+    """The pool's folder when it is on this machine (the connection is to this machine's
+    libvirtd, not its test driver, and the folder is here), else None."""
+    uri = _uri(pool.connect())
+    if not is_local(uri) or is_test_driver(uri):
+        return None
+    folder = Path(pool_path(pool))
+    return folder if folder.is_dir() else None
+
+
+def _partial_name(name: str) -> str:
+    return f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _new_partial(folder: Path, name: str) -> tuple[Path, int]:
+    """A new partial file for volume ``name`` in ``folder`` and its fd, which holds the
+    file's exclusive lock (kept until the fd is closed, after the rename).
+
+    A prune may lock and delete the file in the instant between its creation and this
+    lock: then the locked file has no name left (``st_nlink`` 0), and another is made."""
+    while True:
+        partial = folder / _partial_name(name)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a prune deletes this very file
+            if os.fstat(fd).st_nlink:
+                return partial, fd
+        except BaseException:
+            os.close(fd)
+            partial.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+
 def _copy_into(
     pool: libvirt.virStoragePool, f: BinaryIO, artifact: Artifact, role: Role, name: str, progress: Progress
 ) -> libvirt.virStorageVol:
     """The local fast path: the pool's folder is on this machine, so copy the file there
     (checking its hash on the way) and let libvirt pick it up, instead of pushing it
-    through libvirtd's RPC stream (~15 MB/s here)."""
+    through libvirtd's RPC stream (~15 MB/s here). The partial file is locked while it is
+    written and renamed (see the module doc), so a prune can tell it from a killed one's."""
     folder = Path(pool_path(pool))
-    partial = folder / f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    partial: Path | None = None
     digest = hashlib.sha256()
     done = 0
     try:
-        with open(partial, "wb") as out:
+        partial, fd = _new_partial(folder, name)
+        with open(fd, "wb") as out:  # closing it drops the lock: after the rename
             while chunk := f.read(COPY_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
@@ -327,12 +376,12 @@ def _copy_into(
                 progress(VolumeEvent(name, role, "upload", min(done, artifact.size), artifact.size))
             out.flush()
             os.fsync(out.fileno())
-        if done != artifact.size or digest.hexdigest() != artifact.sha256:
-            raise VolumeError(
-                f"image artifact {artifact.path} differs from its manifest (expected {artifact.size} "
-                f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest"
-            )
-        partial.rename(folder / name)
+            if done != artifact.size or digest.hexdigest() != artifact.sha256:
+                raise VolumeError(
+                    f"image artifact {artifact.path} differs from its manifest (expected {artifact.size} "
+                    f"bytes with sha256 {artifact.sha256}); rebuild the image or fix the manifest"
+                )
+            partial.rename(folder / name)
         refresh(pool, _uri(pool.connect()))
         vol = _lookup(pool, name)
         if vol is None:
@@ -340,7 +389,8 @@ def _copy_into(
     except OSError as exc:
         raise VolumeError(f"cannot copy {artifact.path} into pool folder {folder}: {exc.strerror or exc}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     progress(VolumeEvent(name, role, "done", done, artifact.size))
     return vol
 
@@ -497,21 +547,27 @@ def sweep_vm_volumes(conn: libvirt.virConnect, vm: str, *, pool: str = POOL_NAME
     return deleted
 
 
-_CONTENT_NAME = re.compile(r"(?:vmlinuz-|initrd-|disk-|tdvf-)[0-9a-f]{64}(?:\.img|\.fd)?")
+_CONTENT = r"(?:vmlinuz-|initrd-|disk-|tdvf-)[0-9a-f]{64}(?:\.img|\.fd)?"
+_CONTENT_NAME = re.compile(_CONTENT)
+_PARTIAL_NAME = re.compile(rf"\.{_CONTENT}\.partial-[0-9]+-[0-9a-f]{{8}}")  # _partial_name's
 _VM_SUFFIXES = (".qcow2", ".serial.log", ".scratch.img")
 _VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # what a VM spec's name may be
+
+
+Kind = Literal["image", "leftover", "partial"]
 
 
 @dataclass(frozen=True, slots=True)
 class UnusedVolume:
     """A volume of tdxvm's pool that no domain on the host uses: ``image`` (an artifact of
-    an image no VM boots any more) or ``leftover`` (a VM's own volume, with no domain of
-    that VM's name)."""
+    an image no VM boots any more), ``leftover`` (a VM's own volume, with no domain of
+    that VM's name) or ``partial`` (the partial file of an upload that was killed; see
+    :func:`_abandoned_partial`)."""
 
     name: str
     path: str
     allocation: int  # bytes it takes on the host's disk
-    kind: Literal["image", "leftover"]
+    kind: Kind
 
 
 def unused_volumes(conn: libvirt.virConnect, *, pool: str = POOL_NAME) -> list[UnusedVolume]:
@@ -519,8 +575,10 @@ def unused_volumes(conn: libvirt.virConnect, *, pool: str = POOL_NAME) -> list[U
 
     A domain refers to a volume when its path is a value in the domain's XML (live or
     inactive: kernel, initrd, disk, serial log, an emulated guest's firmware), or backs
-    a volume the domain refers to (a VM's overlay backs onto its image's disk). Volumes
-    tdxvm did not name (other files in the pool) are never listed; no pool, none."""
+    a volume the domain refers to (a VM's overlay backs onto its image's disk). The
+    partial files of uploads that were killed are listed too, never one an upload is
+    still writing (:func:`_abandoned_partial`). Volumes tdxvm did not name (other files
+    in the pool) are never listed; no pool, none."""
     uri = _uri(conn)
     try:
         p = conn.storagePoolLookupByName(pool)
@@ -544,12 +602,20 @@ def unused_volumes(conn: libvirt.virConnect, *, pool: str = POOL_NAME) -> list[U
                 backing = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")
                 if backing:
                     referenced.add(backing)
+        folder, now = local_folder(p), time.time()
         unused = []
         for vol, name, path in volumes:
             if path in referenced:
                 continue
+            if _PARTIAL_NAME.fullmatch(name):
+                try:
+                    if _abandoned_partial(folder, name, vol.XMLDesc(0), now=now):
+                        unused.append(UnusedVolume(name, path, vol.info()[2], "partial"))
+                except libvirt.libvirtError:
+                    pass  # renamed into place (or deleted) since the refresh: not a partial any more
+                continue
             if _CONTENT_NAME.fullmatch(name):
-                kind: Literal["image", "leftover"] = "image"
+                kind: Kind = "image"
             elif (vm := _vm_of(name)) is not None and vm not in names:
                 kind = "leftover"
             else:
@@ -564,24 +630,67 @@ def unused_volumes(conn: libvirt.virConnect, *, pool: str = POOL_NAME) -> list[U
 
 def delete_unused(conn: libvirt.virConnect, chosen: list[UnusedVolume], *, pool: str = POOL_NAME) -> list[UnusedVolume]:
     """Delete those of ``chosen`` that are still unused now (a launch may have taken one
-    since they were listed); the ones deleted."""
+    since they were listed); the ones deleted. A partial file is deleted while this holds
+    its lock (where the pool's folder is on this machine), so no upload can be writing it."""
     still = {u.name for u in unused_volumes(conn, pool=pool)}
     try:
         p = conn.storagePoolLookupByName(pool)
     except libvirt.libvirtError:
         return []
+    folder = local_folder(p)
     deleted = []
     for u in chosen:
         if u.name not in still:
             continue
+        held = None
+        if u.kind == "partial" and folder is not None:
+            try:
+                held = claim_abandoned(folder / u.name)
+            except OSError:
+                held = -1  # not openable here: listed by its age, as from another machine
+            if held is None:
+                continue  # an upload holds it (or it is gone)
         try:
             p.storageVolLookupByName(u.name).delete(0)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 continue
             raise VolumeError(f"cannot delete volume {u.name} in pool {pool}: {libvirt_message(exc)}") from None
+        finally:
+            if held is not None and held >= 0:
+                os.close(held)
         deleted.append(u)
     return deleted
+
+
+def _abandoned_partial(folder: Path | None, name: str, xml: str, *, now: float) -> bool:
+    """Whether the partial file ``name`` (volume XML ``xml``) is one no upload will finish.
+
+    Only :func:`_copy_into` makes partial files, and only in a pool whose folder is on its
+    own machine; it holds the file's ``flock`` from before its first byte until after
+    the rename (:func:`_new_partial`). So where the folder is on this machine too
+    (``folder``), the lock tells: a file whose lock can be taken has no writer, since
+    the kernel drops a process's locks when it dies, however it died, and the lock is
+    held by file (not process id), so a writer in another PID namespace counts and a
+    reused pid cannot fool it. A controller elsewhere (pruning over SSH) cannot take the
+    lock: there a partial file counts as abandoned once the host's own ``mtime`` for it
+    (libvirt's volume XML) is :data:`PARTIAL_STALE_AFTER` old; a live upload writes to
+    it every :data:`COPY_CHUNK`. No ``mtime`` (libvirt's test driver): kept."""
+    if folder is not None:
+        try:
+            fd = claim_abandoned(folder / name)
+        except OSError:
+            pass  # cannot open it here (another user's): judge by age, as from elsewhere
+        else:
+            if fd is None:
+                return False
+            os.close(fd)
+            return True
+    mtime = ET.fromstring(xml).findtext("target/timestamps/mtime")
+    try:
+        return mtime is not None and now - float(mtime) > PARTIAL_STALE_AFTER
+    except ValueError:
+        return False
 
 
 def _values(xml: str) -> set[str]:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -54,6 +58,39 @@ def test_an_interrupted_put_leaves_no_entry(tmp_path):
     assert cache.get("rootfs", KEY) is None and os.listdir(tmp_path / "cache") == []
     (tmp_path / "cache" / (cache.path("rootfs", KEY).name + ".partial-1")).mkdir()  # a killed build's
     assert cache.get("rootfs", KEY) is None
+
+
+_PUTTER = """
+import sys
+from pathlib import Path
+from tdxvm.image.cache import StepCache
+with StepCache(Path(sys.argv[1])).put("rootfs", sys.argv[2], {}) as staging:
+    (staging / "rootfs.tar").write_bytes(b"half a tarball")
+    print(staging, flush=True)
+    sys.stdin.readline()  # a build still running: until the test kills it
+"""
+
+
+def test_a_killed_builds_partial_folder_is_removed_by_the_next_put_and_a_running_ones_kept(tmp_path):
+    cache = StepCache(tmp_path / "cache")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PUTTER, str(tmp_path / "cache"), KEY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        running = Path(child.stdout.readline().strip())
+        assert running.name.startswith(cache.path("rootfs", KEY).name + ".partial-")
+        filled(cache)  # another build of the same step meanwhile
+        assert (running / "rootfs.tar").exists()  # kept: its build holds it
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate()
+    assert (running / "rootfs.tar").exists()  # what the kill left
+    filled(cache)
+    assert not running.exists()
+    assert sorted(os.listdir(tmp_path / "cache")) == [cache.path("rootfs", KEY).name]
 
 
 def test_a_tampered_file_is_refused_with_both_digests(tmp_path):

@@ -66,6 +66,17 @@ def test_prune_asks_without_yes_and_deletes_with_it(capsys, host):
     assert lines[-1] == f"{uri}: freed 0 MiB"  # a few KiB
 
 
+def test_a_partial_file_whose_writer_cannot_be_seen_is_kept(capsys, image, make_host):
+    """The test driver's pool folder is not on this machine (no lock to try) and its
+    volumes carry no mtime: an upload may still be writing the file, so it stays.
+    Killed and running uploads on a real daemon: test_volumes_libvirtd.py."""
+    partial = f".{content_name('disk', image.manifest().disk.sha256)}.partial-4242-0123abcd"
+    uri = make_host(host_xml(pool_volumes=[(partial, 4096)]))
+    code, out, err = run(capsys, "image", "prune", "--uri", uri, "--dry-run", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["volumes"] == []
+
+
 def test_a_host_with_nothing_unused(capsys, image, make_host):
     dom, _ = smoke_domain(image)
     uri = make_host(host_xml(domains=[dom]))

@@ -7,21 +7,29 @@ name and is removed afterwards. Skipped where no libvirtd answers (CI starts one
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 import libvirt
 import pytest
 
+from tdxvm.cli.imageprune import _report
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import _read_tail
 from tdxvm.launch.errors import ConnectError, ConsoleError, VolumeError
 from tdxvm.launch.volumes import (
     ASYNC_JOBS,
+    COPY_CHUNK,
+    PARTIAL_STALE_AFTER,
+    _abandoned_partial,
     content_name,
     delete_unused,
     ensure_pool,
@@ -218,3 +226,100 @@ def test_two_launches_of_one_image_at_once_upload_it_once(image, pool):
     for t in threads:
         t.join()
     assert sorted(r[-1] if isinstance(r, list) else repr(r) for r in results.values()) == ["done", "skip"]
+
+
+_UPLOADER = """
+import sys
+from pathlib import Path
+from tdxvm.image.manifest import Artifact
+from tdxvm.launch.connection import open_connection
+from tdxvm.launch.volumes import ensure_pool, upload_artifact
+pool, target, source, sha256, size = sys.argv[1:]
+conn = open_connection("qemu:///system")
+p = ensure_pool(conn, name=pool, path=target)
+upload_artifact(conn, p, Artifact("disk.img", Path(source), sha256, int(size)), "disk")
+print("uploaded")
+"""
+
+
+class _Upload:
+    """Another controller process uploading a disk into the pool from a FIFO: it has copied
+    the first 4 MiB (one copy chunk) into its partial file and waits for the rest."""
+
+    def __init__(self, pool, tmp_path: Path) -> None:
+        conn, name, target = pool
+        ensure_pool(conn, name=name, path=str(target))
+        self.data = os.urandom(COPY_CHUNK) + b"the rest"
+        self.volume = content_name("disk", hashlib.sha256(self.data).hexdigest())
+        fifo = tmp_path / "disk.fifo"
+        os.mkfifo(fifo)
+        args = [name, str(target), str(fifo), hashlib.sha256(self.data).hexdigest(), str(len(self.data))]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _UPLOADER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.fifo = open(fifo, "wb")  # noqa: SIM115 - closed by finish() or kill()
+        self.fifo.write(self.data[:COPY_CHUNK])
+        self.fifo.flush()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            partials = list(target.glob(f".{self.volume}.partial-*"))
+            if partials and partials[0].stat().st_size == COPY_CHUNK:
+                self.partial = partials[0]
+                return
+            time.sleep(0.01)
+        self.proc.kill()
+        pytest.fail(f"the upload never wrote its first chunk: {self.proc.communicate()}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        with suppress(BrokenPipeError):
+            self.fifo.close()
+
+    def finish(self) -> tuple[int, str, str]:
+        self.fifo.write(self.data[COPY_CHUNK:])
+        self.fifo.close()
+        out, err = self.proc.communicate(timeout=120)
+        return self.proc.returncode, out, err
+
+
+def test_prune_removes_the_partial_file_of_a_killed_upload(pool, tmp_path, capsys):
+    """An upload killed mid-copy (SIGKILL: no cleanup runs) leaves its partial file in the
+    pool's folder; prune lists it with its size and deletes it."""
+    conn, name, target = pool
+    upload = _Upload(pool, tmp_path)
+    upload.kill()
+    assert upload.partial.exists()  # what the kill left
+    listed = unused_volumes(conn, pool=name)
+    assert [(u.name, u.kind) for u in listed] == [(upload.partial.name, "partial")]
+    assert listed[0].path == str(upload.partial) and listed[0].allocation >= COPY_CHUNK
+    _report(listed, "qemu:///system", "text", deleted=False)  # what prune --dry-run prints of it
+    out = capsys.readouterr().out
+    assert f"would delete {upload.partial}  4 MiB  (partial file of an upload that was killed)" in out
+    assert out.endswith("qemu:///system: would free 4 MiB\n")
+    # A controller on another machine cannot take the lock: it goes by the host's mtime.
+    xml = conn.storagePoolLookupByName(name).storageVolLookupByName(upload.partial.name).XMLDesc(0)
+    assert not _abandoned_partial(None, upload.partial.name, xml, now=time.time())
+    day_old = time.time() - PARTIAL_STALE_AFTER - 60
+    os.utime(upload.partial, (day_old, day_old))
+    xml = conn.storagePoolLookupByName(name).storageVolLookupByName(upload.partial.name).XMLDesc(0)
+    assert _abandoned_partial(None, upload.partial.name, xml, now=time.time())
+    assert delete_unused(conn, listed, pool=name) == listed
+    assert not upload.partial.exists()
+    assert conn.storagePoolLookupByName(name).listVolumes() == []
+
+
+def test_prune_keeps_the_partial_file_of_an_upload_in_progress(pool, tmp_path):
+    """The partial file of an upload still running (here blocked on its input) is neither
+    listed nor deleted, and that upload then completes."""
+    conn, name, target = pool
+    upload = _Upload(pool, tmp_path)
+    try:
+        assert unused_volumes(conn, pool=name) == []
+        assert delete_unused(conn, unused_volumes(conn, pool=name), pool=name) == []
+        assert upload.partial.exists()
+    finally:
+        code, out, err = upload.finish()
+    assert (code, out) == (0, "uploaded\n"), err
+    assert (target / upload.volume).read_bytes() == upload.data
+    assert not upload.partial.exists()

@@ -23,7 +23,7 @@ import libvirt
 from tdxvm.errors import TdxvmError
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.outcome import FleetEvent, Outcome, Progress
-from tdxvm.fleet.plan import Action, Plan
+from tdxvm.fleet.plan import Action, Plan, model_ref
 from tdxvm.fleet.planner import Images
 from tdxvm.fleet.spec import Fleet, spec_document
 from tdxvm.fleet.state import FleetState, now
@@ -386,6 +386,7 @@ class Run:
                 "template": d.template,
                 inv.SPEC_HASH: d.spec_hash,
                 inv.IMAGE_SHA: image_sha,
+                inv.MODEL_DIGEST: None if d.spec.model is None else self.images.models.get(model_ref(d.spec.model)),
                 "spec": spec_document(d.spec),
                 "started_at": now(),
             },
@@ -454,6 +455,7 @@ class Run:
             endpoint=where,
             reasons=[],
             error=None,
+            **({inv.MODEL_DIGEST: result.provision.get("model_digest")} if result.provision else {}),  # what it serves
         )
         self._mark(d.deployment, d.name, True)
         self.record(

@@ -48,6 +48,7 @@ TEMPLATE = "template"
 HOST = "fleet_host"
 SPEC_HASH = "spec_hash"
 IMAGE_SHA = "image_sha"
+MODEL_DIGEST = "model_digest"  # a state file entry's, never a label
 READY_AT = "ready_at"
 MEASUREMENTS = "measurements_digest"
 ENDPOINT = "endpoint"

@@ -1,22 +1,23 @@
 """The plan: what the file asks for against what exists, and why each VM changes.
 
 Pure: :func:`make_plan` takes the desired VMs (:meth:`tdxvm.fleet.spec.Fleet.desired`),
-each host's view (:mod:`tdxvm.fleet.inventory`), the state file's record and the image
-manifests' digests, and returns one :class:`Action` per VM:
+each host's view (:mod:`tdxvm.fleet.inventory`), the state file's record and the digests
+of the image manifests and models, and returns one :class:`Action` per VM:
 
 ``create``   asked for and not on its host (new replica, removed outside tdxvm, or an
              earlier apply did not finish it);
-``replace``  on its host but not what the file asks for: its spec or image changed
-             (drift), its last attestation failed, it is not running, or it was never
-             brought up to the end. Replacing destroys the VM and launches it again
-             through the whole attested path;
+``replace``  on its host but not what the file asks for: its spec, image or model
+             changed (drift; images and models by their contents, not their place),
+             its last attestation failed, it is not running, or it was never brought
+             up to the end. Replacing destroys the VM and launches it again through
+             the whole attested path;
 ``delete``   the fleet's VM is no longer asked for (deployment removed, fewer replicas,
              moved to another host, host removed), or an interrupted apply left its
              volumes with no domain;
 ``keep``     as asked, serving;
 ``skip``     cannot be handled now: its host is unreachable, a domain that is not the
-             fleet's holds the name, or the image manifest cannot be read. Nothing is
-             done to it; a later apply handles it. A VM with the fleet's label that
+             fleet's holds the name, or the image manifest or model cannot be read.
+             Nothing is done to it; a later apply handles it. A VM with the fleet's label that
              another controller owns (:attr:`HostView.contested`) is a ``skip`` too,
              asked for or not: never replaced or deleted, and always reported.
 
@@ -30,8 +31,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tdxvm.fleet.inventory import IMAGE_SHA, SPEC_HASH, ActualVm, ContestedVm, HostView
+from tdxvm.fleet.inventory import IMAGE_SHA, MODEL_DIGEST, SPEC_HASH, ActualVm, ContestedVm, HostView
 from tdxvm.fleet.spec import DesiredVm, spec_document
+from tdxvm.launch.spec import ModelRef
 
 Kind = Literal["create", "replace", "delete", "keep", "skip"]
 KINDS: tuple[Kind, ...] = ("create", "replace", "delete", "keep", "skip")
@@ -110,6 +112,20 @@ def changed_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     return out
 
 
+def _moved(old: dict[str, Any] | None, new: dict[str, Any], *, image: bool, model: bool) -> dict[str, Any] | None:
+    """``old`` (the spec an entry was launched with) with the new places of its image
+    manifest and model folder where their contents are the same (``image``, ``model``):
+    moving a folder changes no VM."""
+    if not old:
+        return old
+    old = dict(old)
+    if image and "image" in new:
+        old["image"] = new["image"]
+    if model and isinstance(old.get("model"), dict) and isinstance(new.get("model"), dict):
+        old["model"] = {**old["model"], "path": new["model"].get("path")}
+    return old
+
+
 def _brief(value: Any) -> str:
     text = "unset" if value is None else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -121,26 +137,47 @@ def _attestation_reasons(vm: ActualVm) -> list[str]:
     return reasons
 
 
-def drift(d: DesiredVm, a: ActualVm, image_sha: str, record: dict[str, Any] | None) -> list[str]:
+def model_ref(model: ModelRef) -> str:
+    """The key of a served model in :func:`make_plan`'s ``model_digests``: its folder and key."""
+    return f"{model.path} (key weights/{model.key_name})"
+
+
+def drift(
+    d: DesiredVm, a: ActualVm, image_sha: str, record: dict[str, Any] | None, *, model_digest: str | None = None
+) -> list[str]:
     """Why the VM ``a`` is not what ``d`` asks for (empty: it is).
 
-    What a VM was launched with (spec and image digests) and whether an apply brought it
-    up to the end are the controller's to know: they come from its state file (``record``),
-    never from the labels on the host, which the host can rewrite to make an old VM look
-    current. A VM the state file does not describe on this host is replaced."""
+    What a VM was launched with (spec, image and model digests) and whether an apply
+    brought it up to the end are the controller's to know: they come from its state file
+    (``record``), never from the labels on the host, which the host can rewrite to make
+    an old VM look current. A VM the state file does not describe on this host is
+    replaced. The image and the model are known by their contents: a manifest or model
+    folder moved elsewhere with the same digest is no drift, and a model encrypted again
+    in place with other contents is (``model_digest``: the desired model's; entries
+    written before tdxvm recorded it have none, and count as unchanged)."""
     if record is None or record.get("host") not in (None, a.host):
         where = "no entry" if record is None else f"its entry is for host {record.get('host')}"
         return [f"not what this controller launched here ({where} in the fleet's state file)"]
     reasons = []
     applied = record.get(SPEC_HASH)
+    image_same = record.get(IMAGE_SHA) == image_sha
+    launched_model = record.get(MODEL_DIGEST)
+    model_same = model_digest is not None and launched_model == model_digest
     if applied != d.spec_hash:
-        keys = changed_keys(record.get("spec"), spec_document(d.spec))
-        detail = "; ".join(keys) if keys else f"spec hash {_short(applied)} -> {_short(d.spec_hash)}"
-        reasons.append(f"spec drift: {detail}")
-    if record.get(IMAGE_SHA) != image_sha:
+        new = spec_document(d.spec)
+        keys = changed_keys(_moved(record.get("spec"), new, image=image_same, model=model_same), new)
+        if keys or not record.get("spec"):
+            detail = "; ".join(keys) if keys else f"spec hash {_short(applied)} -> {_short(d.spec_hash)}"
+            reasons.append(f"spec drift: {detail}")
+    if not image_same:
         reasons.append(
             f"image drift: manifest {d.spec.image} changed (sha256 {_short(record.get(IMAGE_SHA))} -> "
             f"{_short(image_sha)})"
+        )
+    if d.spec.model is not None and model_digest is not None and launched_model not in (None, model_digest):
+        reasons.append(
+            f"model drift: {d.spec.model.path} holds another model (digest "
+            f"{_short(launched_model.removeprefix('sha256:'))} -> {_short(model_digest.removeprefix('sha256:'))})"
         )
     if a.verdict == "reject":
         reasons.append("failed attestation: " + ("; ".join(_attestation_reasons(a)) or "refused"))
@@ -195,10 +232,13 @@ def make_plan(
     file_hosts: set[str],
     image_shas: dict[str, str | Exception],
     records: dict[str, dict[str, Any]],
+    model_digests: dict[str, str | Exception] | None = None,
 ) -> Plan:
     """Compare (see the module doc). ``image_shas`` maps each manifest path to its digest
-    or the error reading it (whose message names the manifest); ``records`` is the state
-    file's ``vms``."""
+    or the error reading it (whose message names the manifest), ``model_digests`` each
+    served model (:func:`model_ref`) to its digest or the error reading it; ``records``
+    is the state file's ``vms``."""
+    model_digests = model_digests or {}
     actions: list[Action] = []
     wanted = {d.name: d for d in desired}
     deployments = {d.deployment for d in desired}
@@ -225,15 +265,19 @@ def make_plan(
             )
             continue
         sha = image_shas.get(str(d.spec.image))
+        model = None if d.spec.model is None else model_digests.get(model_ref(d.spec.model))
         actual = view.vms.get(d.name)
         if not isinstance(sha, str):
             actions.append(Action("skip", reasons=(str(sha),), actual=actual, **base))  # it names the manifest
+            continue
+        if d.spec.model is not None and not isinstance(model, str):
+            actions.append(Action("skip", reasons=(str(model),), actual=actual, **base))  # it names the folder
             continue
         record = records.get(d.name)
         if actual is None:
             actions.append(Action("create", reasons=(_create_reason(record, d.host),), **base))
             continue
-        reasons = drift(d, actual, sha, record)
+        reasons = drift(d, actual, sha, record, model_digest=model)
         actions.append(Action("replace" if reasons else "keep", reasons=tuple(reasons), actual=actual, **base))
     for name, view in sorted(hosts.items()):
         if not view.reachable:

@@ -9,29 +9,32 @@ The fleet's VMs are those of this controller (the secret store's key,
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet.plan import Plan, make_plan
+from tdxvm.fleet.plan import Plan, make_plan, model_ref
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState, default_state_dir
 from tdxvm.launch.errors import LaunchError, ManifestError
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.ownership import Controller
 from tdxvm.launch.records import VmRecords
-from tdxvm.secretstore import SecretStore
+from tdxvm.secretstore import SecretStore, SecretStoreError
 
 
 @dataclass(frozen=True)
 class Images:
-    """The fleet's image manifests, read once per plan: digest (SHA-256 of the file) and contents."""
+    """The fleet's image manifests and encrypted models, read once per plan: each
+    manifest's digest (SHA-256 of the file) and contents, and each model's digest (see
+    :func:`model_digests`)."""
 
     shas: dict[str, str | Exception]
     manifests: dict[str, ImageManifest]
+    models: dict[str, str | Exception] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, fleet: Fleet) -> Images:
+    def read(cls, fleet: Fleet, secrets: SecretStore) -> Images:
         shas: dict[str, str | Exception] = {}
         manifests: dict[str, ImageManifest] = {}
         for path in sorted({str(d.spec.image) for d in fleet.desired()}):
@@ -43,7 +46,27 @@ class Images:
                 shas[path] = exc
             except OSError as exc:
                 shas[path] = ManifestError(f"image manifest {path}: {exc.strerror or exc}")
-        return cls(shas, manifests)
+        return cls(shas, manifests, model_digests(fleet, secrets))
+
+
+def model_digests(fleet: Fleet, secrets: SecretStore) -> dict[str, str | Exception]:
+    """Each model the fleet serves (by :func:`~tdxvm.fleet.plan.model_ref`): the digest
+    of its files (``sha256:…``, what the service measures into RTMR3), read from the
+    folder's authenticated index with its key, or the error saying why it cannot be. The
+    folder's contents, not its place: a model encrypted again in place is the same model,
+    and a folder moved elsewhere too."""
+    from tdxvm.guest.modeldigest import show
+    from tdxvm.guest.weights import WeightsError, model_digest, read_index
+
+    out: dict[str, str | Exception] = {}
+    for m in sorted({d.spec.model for d in fleet.desired() if d.spec.model is not None}, key=model_ref):
+        try:
+            out[model_ref(m)] = show(model_digest(read_index(m.path, secrets.get(f"weights/{m.key_name}"))))
+        except (WeightsError, SecretStoreError) as exc:
+            out[model_ref(m)] = ManifestError(f"model {m.path} (key weights/{m.key_name}): {exc}")
+        except OSError as exc:
+            out[model_ref(m)] = ManifestError(f"model {m.path}: {exc.strerror or exc}")
+    return out
 
 
 def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
@@ -69,9 +92,15 @@ def build_plan(
         controller=controller or Controller.of(secrets),
         parallel=parallel,
     )
-    images = Images.read(fleet)
+    images = Images.read(fleet, secrets)
     plan = make_plan(
-        fleet.name, fleet.desired(), views, file_hosts=set(fleet.hosts), image_shas=images.shas, records=state.vms()
+        fleet.name,
+        fleet.desired(),
+        views,
+        file_hosts=set(fleet.hosts),
+        image_shas=images.shas,
+        model_digests=images.models,
+        records=state.vms(),
     )
     return plan, images
 

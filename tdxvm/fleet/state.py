@@ -133,6 +133,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "measurements_digest": str,
     "spec_hash": str,
     "image_sha": str,
+    "model_digest": str,
 }
 
 

@@ -24,6 +24,7 @@ from tdxvm.fleet import reconcile
 from tdxvm.fleet.inventory import Connector
 from tdxvm.fleet.report import fleet_status, report_lines
 from tdxvm.fleet.spec import parse_fleet
+from tdxvm.fleet.state import FleetState
 from tdxvm.launch import tunnel
 from tdxvm.launch.records import VmRecords
 from tdxvm.launch.spec import ModelRef
@@ -134,6 +135,10 @@ spec:
         assert sorted(h for h, _ in uuids) == ["local", "remote"]
         third = run_apply()
         assert third.status == "ok" and [o.result for o in third.outcomes] == ["unchanged"] * 2
+        # the state file knows which model each VM serves (what a model encrypted again in place is compared with)
+        served_digest = by_host["local"].provision["model_digest"]
+        assert served_digest.startswith("sha256:")
+        assert [e["model_digest"] for e in FleetState.load(state, name).vms().values()] == [served_digest] * 2
         assert {(h, d.name()): d.UUIDString() for h, c in _hosts(connector, ns_host) for d in _fleet_vms(c, name)} == (
             uuids
         )

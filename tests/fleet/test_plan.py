@@ -6,7 +6,7 @@ import dataclasses
 
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.inventory import ActualVm, ContestedVm, HostView
-from tdxvm.fleet.plan import make_plan
+from tdxvm.fleet.plan import make_plan, model_ref
 from tdxvm.fleet.spec import parse_fleet, spec_document
 from tdxvm.launch.errors import ManifestError
 
@@ -278,3 +278,66 @@ def test_interrupted_leftovers():
         ("create", "f-web-1"): ("an earlier apply was refused at attestation ([x] y)",),
         ("delete", "f-old-0"): ("left by an interrupted apply with no domain: its volumes are removed",),
     }
+
+
+# -- where images and models lie, and what they hold -----------------------------------------
+
+MODEL_FLEET = FLEET.replace("memory: 1GiB}", "memory: 1GiB, model: {path: MODEL}}")
+M1, M2 = "sha256:" + "11" * 32, "sha256:" + "22" * 32
+
+
+def with_model(path: str = "/models/m", image: str = "/img/manifest.json"):
+    text = MODEL_FLEET.replace("MODEL", path).replace("/img/manifest.json", image).replace("VCPUS", "1")
+    return parse_fleet(text.replace("REPLICAS", "1")).desired()
+
+
+def launched(d, model_digest: str | None = M1) -> dict:
+    """The state file's entry of ``d`` as an apply launched it (spec document included)."""
+    entry = {**applied(actual(d)), "spec": spec_document(d.spec)}
+    return entry if model_digest is None else {**entry, inv.MODEL_DIGEST: model_digest}
+
+
+def model_plan(ds, entry, *, models, image_sha=SHA):
+    hosts = views(*(actual(d) for d in ds))
+    shas = {str(d.spec.image): image_sha for d in ds}
+    return make_plan(
+        "f", ds, hosts, file_hosts={"a", "b"}, image_shas=shas, records={ds[0].name: entry}, model_digests=models
+    )
+
+
+def test_an_image_or_model_folder_moved_with_the_same_contents_changes_nothing():
+    """Moving the build or the encrypted weights elsewhere (and editing the file to match)
+    would have replaced every VM: the spec's paths changed. Their contents decide."""
+    [before] = with_model()
+    [after] = with_model(path="/srv/models/m", image="/srv/img/manifest.json")
+    assert after.spec_hash != before.spec_hash
+    p = model_plan([after], launched(before), models={model_ref(after.spec.model): M1})
+    assert [(a.kind, a.reasons) for a in p.actions] == [("keep", ())]
+
+
+def test_a_model_encrypted_again_in_place_with_other_weights_is_rolled_out():
+    [d] = with_model()
+    p = model_plan([d], launched(d), models={model_ref(d.spec.model): M2})
+    assert [a.kind for a in p.actions] == ["replace"]
+    assert p.actions[0].reasons == (f"model drift: /models/m holds another model (digest {'11' * 6} -> {'22' * 6})",)
+    # the same weights encrypted again (new key, new ciphertext): the same model
+    assert [a.kind for a in model_plan([d], launched(d), models={model_ref(d.spec.model): M1}).actions] == ["keep"]
+
+
+def test_a_moved_folder_with_other_contents_is_drift_and_older_entries_stay_put():
+    [before] = with_model()
+    [after] = with_model(path="/srv/models/m")
+    p = model_plan([after], launched(before), models={model_ref(after.spec.model): M2})
+    assert [a.kind for a in p.actions] == ["replace"]
+    assert p.actions[0].reasons[0].startswith("spec drift: model: {")
+    assert p.actions[0].reasons[1].startswith("model drift: /srv/models/m holds another model")
+    # an entry of an earlier tdxvm records no model digest: the folder in place is taken as unchanged
+    p = model_plan([before], launched(before, model_digest=None), models={model_ref(before.spec.model): M2})
+    assert [a.kind for a in p.actions] == ["keep"]
+
+
+def test_a_model_that_cannot_be_read_skips_its_vms():
+    [d] = with_model()
+    error = ManifestError("model /models/m (key weights/m): secret weights/m is not in /s")
+    p = model_plan([d], launched(d), models={model_ref(d.spec.model): error})
+    assert [(a.kind, a.reasons) for a in p.actions] == [("skip", (str(error),))]

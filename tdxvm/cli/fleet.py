@@ -119,10 +119,23 @@ def plan_cmd(path: str, state_dir: Path | None, output: str) -> None:
 @click.option(
     "--destroy-refused", is_flag=True, help="Destroy VMs refused at attestation instead of leaving them stopped."
 )
+@click.option(
+    "--forget-host",
+    "forget_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Host NAME, out of the file, is gone for good: stop looking for its VMs (it must not answer). Repeatable.",
+)
 @STATE_OPTION
 @_output_option("text", "json", "yaml")
 def apply_cmd(
-    path: str, yes: bool, parallel: int | None, destroy_refused: bool, state_dir: Path | None, output: str
+    path: str,
+    yes: bool,
+    parallel: int | None,
+    destroy_refused: bool,
+    forget_hosts: tuple[str, ...],
+    state_dir: Path | None,
+    output: str,
 ) -> None:
     """Make the hosts match FLEET.yaml: create, replace and delete the fleet's VMs.
 
@@ -131,7 +144,9 @@ def apply_cmd(
     every reason (left stopped, or destroyed with --destroy-refused). Replicas of a
     deployment are replaced one at a time so that at least N-1 keep serving. Exit 0 when
     everything is as the file asks, 1 when a VM was refused, 5 when some hosts or VMs
-    could not be handled (a later apply finishes the job), 130 when interrupted.
+    could not be handled (a later apply finishes the job), 130 when interrupted. A host
+    taken out of the file that will never answer again keeps the apply at 5 until it is
+    forgotten with --forget-host.
     """
     from tdxvm.fleet import reconcile, report
     from tdxvm.fleet.inventory import shared_connector
@@ -158,7 +173,9 @@ def apply_cmd(
         if event.phase == "result":  # each VM's outcome as it comes; the launch phases stay quiet
             printer.done(f"{event.vm} on {event.host}:", event.status, detail=event.detail)
 
-    options = reconcile.ApplyOptions(parallel=parallel or reconcile.DEFAULT_PARALLEL, destroy_refused=destroy_refused)
+    options = reconcile.ApplyOptions(
+        parallel=parallel or reconcile.DEFAULT_PARALLEL, destroy_refused=destroy_refused, forget_hosts=forget_hosts
+    )
     result = reconcile.apply(
         fleet, connector=shared_connector(), state_dir=state_dir, options=options, progress=progress, confirm=confirm
     )

@@ -27,7 +27,7 @@ from tdxvm.fleet.plan import Action, Plan, model_ref
 from tdxvm.fleet.planner import Images
 from tdxvm.fleet.spec import Fleet, spec_document
 from tdxvm.fleet.state import FleetState, now
-from tdxvm.launch.connection import is_test_driver, libvirt_message
+from tdxvm.launch.connection import is_test_driver, libvirt_message, lost_to_keepalive
 from tdxvm.launch.errors import LaunchError, LibvirtUnreachable, NoSuchVmError
 from tdxvm.launch.lifecycle import destroy, lookup, set_labels
 from tdxvm.launch.metadata import CONTROLLER
@@ -59,6 +59,7 @@ class ApplyOptions:
     boot_timeout: float = bringup.BOOT_TIMEOUT
     ready_timeout: float = bringup.READY_TIMEOUT
     poll: float = 1.0  # the guest agent's readiness checks
+    forget_hosts: tuple[str, ...] = ()  # hosts gone for good, out of the file (tdxvm.fleet.forget)
 
 
 def measurements_digest(verdict: dict[str, Any] | None) -> str | None:
@@ -292,6 +293,7 @@ class Run:
 
     def run_unit(self, a: Action) -> None:
         started = time.monotonic()
+        conn: libvirt.virConnect | None = None
         try:
             if self.cancel.is_set():
                 raise ApplyInterrupted("not started: the apply was interrupted")
@@ -312,7 +314,8 @@ class Run:
                     a.vm, a.host, a.kind, "interrupted", a.reasons, errors=[{"code": exc.code, "message": str(exc)}]
                 )
             )
-        except Exception as exc:  # noqa: BLE001 - one VM's failure is reported; the others go on
+        except Exception as failure:  # noqa: BLE001 - one VM's failure is reported; the others go on
+            exc = lost_to_keepalive(conn, failure)  # its host stopped answering: say so
             code = getattr(exc, "code", None)
             self.record(
                 Outcome(

@@ -32,7 +32,7 @@ from typing import Any
 import libvirt
 
 from tdxvm.launch import metadata as md
-from tdxvm.launch.connection import libvirt_message, open_connection
+from tdxvm.launch.connection import libvirt_message, open_connection, stalled
 from tdxvm.launch.errors import LaunchError, LibvirtUnreachable
 from tdxvm.launch.lifecycle import STATES
 from tdxvm.launch.ownership import Controller
@@ -211,6 +211,9 @@ def read_host(
     try:
         domains = conn.listAllDomains(0)
     except libvirt.libvirtError as exc:
+        lost = stalled(conn)  # its host stopped answering
+        if lost is not None:
+            return HostView(host, uri, error=str(lost), error_code=lost.code)
         return HostView(
             host, uri, error=f"cannot list domains on {uri}: {libvirt_message(exc)}", error_code="libvirt-domain"
         )

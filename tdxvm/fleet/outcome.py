@@ -72,6 +72,7 @@ class Report:
     outcomes: list[Outcome]
     interrupted: bool = False
     seconds: float = 0.0
+    forgotten: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> {"uri", "vms"} (--forget-host)
 
     @property
     def status(self) -> str:
@@ -104,5 +105,6 @@ class Report:
             "seconds": round(self.seconds, 3),
             "summary": self.counts(),
             "unreachable_hosts": self.unreachable(),
+            "forgotten_hosts": self.forgotten,
             "vms": [o.to_dict() for o in self.outcomes],
         }

@@ -290,7 +290,10 @@ def make_plan(
                         host=name,
                         uri=view.uri,
                         deployment=records[vm].get("deployment"),
-                        reasons=(f"not asked for any more, but host {name} is unreachable: {view.error}",),
+                        reasons=(
+                            f"not asked for any more, but host {name} is unreachable: {view.error} (gone for "
+                            f"good? `tdxvm apply -f FLEET.yaml --forget-host {name}`)",
+                        ),
                     )
                 )
             continue

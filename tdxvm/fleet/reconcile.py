@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.executor import DEFAULT_PARALLEL, ApplyOptions, FleetError, Run, trust_cache
+from tdxvm.fleet.forget import forget_gone_hosts
 from tdxvm.fleet.outcome import Progress, Report, quiet
 from tdxvm.fleet.plan import Action, Plan, make_plan
 from tdxvm.fleet.planner import Images, build_plan, survey_hosts
@@ -78,6 +79,7 @@ def apply(
     secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "apply"):
         state = FleetState.load(folder, fleet.name)
+        forgotten = forget_gone_hosts(fleet, state, options.forget_hosts, connector)
         controller = Controller(controller_id(secrets))  # the key is made here on a first apply: VMs carry its id
         plan_now, images = build_plan(
             fleet, connector, state, secrets=secrets, controller=controller, parallel=max(options.parallel, 8)
@@ -110,6 +112,7 @@ def apply(
         run.ordered_outcomes(),
         interrupted=run.interrupted,
         seconds=time.monotonic() - started,
+        forgotten=forgotten,
     )
 
 

@@ -194,6 +194,11 @@ def report_lines(report: Report) -> list[str]:
                 out += [f"      - [{e['code']}] {e['message']}".replace("\n", "\n        ") for e in o.errors]
     for host, error in report.unreachable().items():
         out.append(f"host {host} unreachable: {error.splitlines()[0]}")
+    for host, gone in report.forgotten.items():
+        out.append(
+            f"forgot host {host} ({gone['uri']}) and its VMs {', '.join(gone['vms']) or '(none)'}: "
+            f"if it comes back, they run there untracked (`tdxvm destroy NAME --uri {gone['uri']}` removes one)"
+        )
     if report.status == "interrupted":
         out.append("interrupted: VMs being brought up were removed; run the apply again to finish (it converges)")
     theirs = [o for o in report.outcomes if any(e["code"] == "other-controller" for e in o.errors)]

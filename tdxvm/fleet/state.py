@@ -213,6 +213,16 @@ class FleetState:
             if self._data["hosts"].pop(name, None) is not None:
                 self._save()
 
+    def drop_host(self, name: str) -> list[str]:
+        """Forget host ``name`` and the entries of the VMs on it; their names."""
+        with self._lock:
+            vms = sorted(vm for vm, entry in self._data["vms"].items() if entry.get("host") == name)
+            for vm in vms:
+                del self._data["vms"][vm]
+            self._data["hosts"].pop(name, None)
+            self._save()
+            return vms
+
     def update_vm(self, name: str, **fields: Any) -> None:
         with self._lock:
             entry = self._data["vms"].setdefault(name, {})

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tdxvm.fleet.inventory import reset_shared_connector, shared_connector
-from tdxvm.fleet.state import FleetLock
+from tdxvm.fleet.state import FleetLock, FleetState
 from tdxvm.launch import lifecycle
 from tdxvm.secretstore import SecretStore
 from tdxvm.sshkey import controller_id
@@ -296,3 +296,28 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     assert doc["left"] and all(vm["ready"] and vm["active"] for vm in doc["left"].values())  # only finished VMs stay
     assert len(doc["left"]) < 6
     assert set(doc["unlocked"]) >= set(doc["left"])
+
+
+def test_apply_forget_host_says_what_it_forgot(cli_lab, capsys, tmp_path):
+    """tests/fleet/test_forget.py has the rules; here the CLI's report, in text and JSON."""
+    cli_lab.host("a")
+    uri = cli_lab.unreachable("c")
+    path = cli_lab.write(
+        "    web:\n      template: small\n      replicas: 1\n      placement: [a]\n", hosts={"a": cli_lab.hosts["a"]}
+    )
+    state = FleetState.load(tmp_path / "state", "demo")
+    state.remember_host("c", uri)
+    state.replace_vm("demo-old-0", {"phase": "ready", "host": "c", "uri": uri, "deployment": "old", "replica": 0})
+    with cli_lab.guests():
+        code, out, err = run(capsys, "apply", "-f", path, "--yes")
+        assert code == 5 and "--forget-host c" in out + err
+        code, out, err = run(capsys, "apply", "-f", path, "--yes", "--forget-host", "c", "-o", "json")
+        assert code == 0, err
+        assert json.loads(out)["forgotten_hosts"] == {"c": {"uri": uri, "vms": ["demo-old-0"]}}
+    state.remember_host("c", uri)
+    state.replace_vm("demo-old-0", {"phase": "ready", "host": "c", "uri": uri, "deployment": "old", "replica": 0})
+    with cli_lab.guests():
+        code, out, err = run(capsys, "apply", "-f", path, "--yes", "--forget-host", "c")
+    assert code == 0 and f"forgot host c ({uri}) and its VMs demo-old-0: if it comes back" in out
+    code, _, err = run(capsys, "apply", "-f", path, "--yes", "--forget-host", "a")
+    assert code == 2 and "still names host a" in err

@@ -2,7 +2,8 @@
 
 A folder under the user's data directory (``$XDG_DATA_HOME/tdxvm/secrets``, else
 ``~/.local/share/tdxvm/secrets``) or one the user names; folders are mode 0700 and
-files 0600, written atomically. Names are ``kind/name`` (``disk/smoke``,
+files 0600, written atomically (a put killed mid-write leaves a ``.NAME.<hex>.tmp`` copy
+of the key, 0600 too: the next put of that name, or its delete, removes it). Names are ``kind/name`` (``disk/smoke``,
 ``weights/llama2-7b``) so one store holds every kind of key. Keys are never logged;
 errors name the secret, never its value.
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tdxvm.errors import TdxvmError
-from tdxvm.fileio import write_atomic
+from tdxvm.fileio import remove_abandoned_temporaries, write_atomic
 from tdxvm.xdg import data_home
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -104,7 +105,11 @@ class SecretStore:
             return f.read()
 
     def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        """Remove the secret ``name``, and the temporary copies of it that puts killed
+        mid-write left (never one of a put at work)."""
+        path = self._path(name)
+        path.unlink(missing_ok=True)
+        remove_abandoned_temporaries(path)
 
     def names(self, kind: str) -> list[str]:
         """The names of the secrets of ``kind`` (``kind/NAME``), sorted."""

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from tdxvm.cli import cli, main
 from tdxvm.secretstore import SecretStore
 from tests.clirun import run
+from tests.killedwriter import Writer
 
 V4_AT = "2025-06-20T00:00:00Z"
 MEASUREMENT_KEYS = {
@@ -453,6 +454,55 @@ def test_weights_encrypt_interrupted_at_the_last_step_leaves_no_key_without_its_
     monkeypatch.setattr(Path, "rename", real_rename)
     code, _, err = run(capsys, "weights", "encrypt", model, "--out", tmp_path / "enc", "--secrets", tmp_path / "s")
     assert code == 0, err  # the name is free
+
+
+_ENCRYPT = """
+import sys
+import tdxvm.cli.weights as weights
+from tdxvm.cli import main
+encrypt = weights.encrypt_model
+def encrypt_then_wait(model, stage, *args, **kwargs):
+    entries = encrypt(model, stage, *args, **kwargs)  # the real encryption, into the partial folder
+    print(stage, flush=True)
+    sys.stdin.readline()  # an encrypt still at work: until the test kills it
+    return entries
+weights.encrypt_model = encrypt_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(100_000))
+    return model
+
+
+def test_weights_encrypt_removes_the_partial_folder_a_killed_encrypt_of_that_folder_left(capsys, tmp_path):
+    """An encrypt killed outright (SIGKILL, power loss) leaves its model-sized partial
+    folder beside ENC_DIR; the next encrypt into ENC_DIR removes it."""
+    model, out = _model(tmp_path), tmp_path / "out"
+    with Writer(_ENCRYPT, "weights", "encrypt", model, "--out", out / "enc", "--secrets", tmp_path / "s") as killed:
+        killed.kill()
+    assert killed.path.parent == out and killed.path.name.startswith(".enc.partial-")
+    assert (killed.path / "index.tdxw").is_file()  # what the kill left: a whole encrypted copy
+    other = out / ".other.partial-1-0123abcd"  # an abandoned partial of another folder: not this run's to judge
+    other.mkdir()
+    code, _, err = run(capsys, "weights", "encrypt", model, "--out", out / "enc", "--secrets", tmp_path / "s")
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == [other.name, "enc"]
+
+
+def test_weights_encrypt_keeps_the_partial_folder_of_an_encrypt_still_running(capsys, tmp_path):
+    model, out = _model(tmp_path), tmp_path / "out"
+    with Writer(_ENCRYPT, "weights", "encrypt", model, "--out", out / "enc", "--secrets", tmp_path / "s") as running:
+        code, _, err = run(
+            capsys, "weights", "encrypt", model, "--out", out / "enc", "--secrets", tmp_path / "s2", "-o", "json"
+        )
+        assert code == 0, err
+        assert (running.path / "index.tdxw").is_file()  # kept: its encrypt holds it
+        assert sorted(os.listdir(out)) == [running.path.name, "enc"]
 
 
 # -- the refusal contract: a quote that cannot be read is a "no" (exit 1), never an error --

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from tdxvm.secretstore import SecretStore, SecretStoreError, default_directory
+from tests.killedwriter import Writer
 
 
 def test_put_get_modes(tmp_path):
@@ -93,3 +94,28 @@ def test_processes_making_a_key_at_once_all_get_the_one_stored(tmp_path):
         ]
         seen = {p.communicate(timeout=60)[0] for p in procs}
         assert all(p.returncode == 0 for p in procs) and len(seen) == 1, seen
+
+
+_KILLED_PUT = """
+import os, sys
+from pathlib import Path
+from tdxvm.fileio import write_atomic_with
+def write(f):
+    f.write(sys.argv[2].encode())
+    f.flush()
+    print(os.readlink(f"/proc/self/fd/{f.fileno()}"), flush=True)
+    sys.stdin.readline()  # a put still at work: until the test kills it
+write_atomic_with(Path(sys.argv[1]), write, mode=0o600)
+"""
+
+
+def test_deleting_a_secret_also_removes_the_copy_a_killed_put_of_it_left(tmp_path):
+    """A put killed mid-write leaves its temporary file (the key in the clear, 0600) beside
+    the secret; deleting the secret must not keep that copy of it."""
+    store = SecretStore(directory=tmp_path / "s")
+    store.put("disk/a", b"old key")
+    with Writer(_KILLED_PUT, tmp_path / "s" / "disk" / "a", "new key") as put:
+        put.kill()
+    assert put.path.read_bytes() == b"new key"
+    store.delete("disk/a")
+    assert os.listdir(tmp_path / "s" / "disk") == []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import click
 
 from tdxvm.cli.output import OUT_FOLDER, OUTPUT_OPTION, CliError, emit_json
 from tdxvm.cli.progress import Progress
+from tdxvm.fileio import partial_folder
 from tdxvm.guest.modeldigest import folder_digest, show
 from tdxvm.guest.weights import (
     INDEX_NAME,
@@ -54,7 +53,9 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
 
     The files go to a hidden folder beside ENC_DIR, which takes ENC_DIR's name only once
     the key is stored: an interrupted run leaves no encrypted folder without its key, and
-    no half-written one.
+    no half-written one. The hidden folder of a run that was killed outright (SIGKILL,
+    power loss) is removed by the next encrypt into ENC_DIR; never one a run still
+    writes.
     """
     src, dst = Path(model_dir), Path(enc_dir)
     name = f"weights/{key_name or dst.resolve().name}"
@@ -66,27 +67,26 @@ def weights_encrypt(model_dir: str, enc_dir: str, key_name: str | None, secrets_
     if dst.exists() and any(dst.iterdir()):
         raise CliError(f"{enc_dir}: exists and is not empty")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    stage.chmod(0o755)  # what a new folder gets: the files in it are ciphertext
     try:
-        if store.exists(name):
-            raise CliError(f"secret {name} already exists; choose another --key-name")
-        key = generate_model_key()
-        meter = Progress(output, width=10).counter("encrypting", _size(src))
-        started = time.monotonic()
-        entries = encrypt_model(src, stage, key, progress=meter)
-        store.put(name, key)
-        try:
-            if dst.exists():
-                dst.rmdir()  # empty, checked above
-            stage.rename(dst)
-        except BaseException:  # no folder the key opens: the key goes, so its name is free again
-            store.delete(name)
-            raise
+        # The partial folders of encrypts of ENC_DIR that were killed (a model's size each) go first.
+        with partial_folder(dst.parent, f".{dst.name}.partial-") as stage:
+            stage.chmod(0o755)  # what a new folder gets: the files in it are ciphertext
+            if store.exists(name):
+                raise CliError(f"secret {name} already exists; choose another --key-name")
+            key = generate_model_key()
+            meter = Progress(output, width=10).counter("encrypting", _size(src))
+            started = time.monotonic()
+            entries = encrypt_model(src, stage, key, progress=meter)
+            store.put(name, key)
+            try:
+                if dst.exists():
+                    dst.rmdir()  # empty, checked above
+                stage.rename(dst)
+            except BaseException:  # no folder the key opens: the key goes, so its name is free again
+                store.delete(name)
+                raise
     except OSError as exc:  # a model file that cannot be read, a folder that cannot be written
         raise CliError(f"{exc.filename or model_dir}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed
     seconds = time.monotonic() - started
     total = sum(e.size for e in entries)
     digest = show(model_digest(entries))

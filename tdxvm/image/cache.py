@@ -2,14 +2,15 @@
 
 An entry is a folder ``<root>/<step>-<key>`` holding the step's files (plain files, no
 folders) and ``entry.json``: the step, its full key, its inputs, and the SHA-256 and
-size of every file. It is built in a ``.partial`` folder beside it and renamed into
-place when the step has finished, so an interrupted build never leaves an entry that a
-later build would take for complete. The building process holds that folder's ``flock``
-until the rename; a ``.partial`` folder of the same entry nobody holds (its build was
-killed) is removed when the step is next put. An entry without ``entry.json`` (one from an older
-tdxvm), or whose files are missing, extra or of another size, is a miss and is rebuilt.
-The root is ``$TDXVM_CACHE`` (else ``$XDG_CACHE_HOME/tdxvm``, else ``~/.cache/tdxvm``),
-then ``image/``.
+size of every file. It is built in a ``.partial-<pid>-<8 hex>`` folder beside it and
+renamed into place when the step has finished, so an interrupted build never leaves an
+entry that a later build would take for complete. The building process holds that
+folder's ``flock`` until the rename; a ``.partial`` folder of the same entry nobody
+holds (its build was killed) is removed when the step is next put
+(:func:`tdxvm.fileio.partial_folder`). An entry without ``entry.json`` (one from an
+older tdxvm), or whose files are missing, extra or of another size, is a miss and is
+rebuilt. The root is ``$TDXVM_CACHE`` (else ``$XDG_CACHE_HOME/tdxvm``, else
+``~/.cache/tdxvm``), then ``image/``.
 
 The build unpacks a cached tarball as root and runs programs from it, so whoever can
 write the cache owns the build host and the image. Every use therefore checks the root
@@ -27,7 +28,6 @@ what keeps others out.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tdxvm.errors import TdxvmError
-from tdxvm.fileio import claim_abandoned
+from tdxvm.fileio import partial_folder
 from tdxvm.image.recipe import canonical
 from tdxvm.xdg import cache_home
 
@@ -211,11 +211,7 @@ class StepCache:
         with ``entry.json`` recording the digest of every file the block wrote there."""
         private_folder(self.root, top=self._top)
         entry = self.path(step, key)
-        staging = entry.with_name(entry.name + f".partial-{os.getpid()}")
-        _remove(staging)
-        _remove_abandoned(entry)
-        held = _new_staging(staging)
-        try:
+        with partial_folder(entry.parent, f"{entry.name}.partial-") as staging:
             yield staging
             files = {name: file_digest(staging / name) for name in _plain_files(staging)}
             record = {
@@ -228,39 +224,6 @@ class StepCache:
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
             _remove(entry)
             staging.rename(entry)
-        finally:
-            _remove(staging)
-            os.close(held)
-
-
-def _new_staging(staging: Path) -> int:
-    """Make the folder ``staging``; an fd of it holding its lock (see the module doc). A put
-    elsewhere may remove it between mkdir and lock as abandoned: then it is made again."""
-    while True:
-        staging.mkdir(mode=0o700)
-        try:
-            fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:  # removed before it was even opened
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink:
-            return fd
-        os.close(fd)
-
-
-def _remove_abandoned(entry: Path) -> None:
-    """The ``.partial`` folders of ``entry`` whose build is gone (no lock held): removed,
-    under their lock so no build can be writing them. Those of live builds stay."""
-    for staging in entry.parent.glob(f"{entry.name}.partial-*"):
-        try:
-            fd = claim_abandoned(staging)
-        except OSError:
-            continue
-        if fd is not None:
-            try:
-                _remove(staging)
-            finally:
-                os.close(fd)
 
 
 def _plain_files(staging: Path) -> list[str]:

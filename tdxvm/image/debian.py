@@ -4,19 +4,22 @@ Debian 12 lacks TDX-aware packages; unstable's ``ovmf-inteltdx`` carries a real 
 (``OVMF.inteltdx.ms.fd``). :func:`package_files` downloads the locked version of a
 package with ``apt-get download`` through a private sources list and lists folder (the
 host's apt state is not touched), checks the ``.deb`` against the lock's SHA-256,
-unpacks it with ``dpkg-deb -x`` into a cache folder and reuses it after.
+unpacks it with ``dpkg-deb -x`` into a cache folder and reuses it after. The unpack
+writes a partial folder beside it first; one left by an unpack that was killed is
+removed by the next unpack of that package version.
 A recipe names such a file as ``debian:PACKAGE/PATH`` (from unstable).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+from tdxvm.fileio import partial_folder
 from tdxvm.image.cache import base_folder, private_folder
 from tdxvm.image.ext4 import ImageStepError, run_step, tool
 from tdxvm.image.lockfile import LockError
@@ -106,14 +109,20 @@ def package_files(
         digest = hashlib.sha256(debs[0].read_bytes()).hexdigest()
         if digest != sha256:
             raise LockError(f"{debs[0].name}: SHA-256 {digest}, not {sha256} as locked")
-        staging = root.with_name(root.name + f".partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        run_step("dpkg-deb -x", [dpkg_deb, "-x", str(debs[0]), str(staging)])
-        (staging / ".complete").write_text(sha256 + "\n")
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)
+        with _unpacking(root) as staging:
+            run_step("dpkg-deb -x", [dpkg_deb, "-x", str(debs[0]), str(staging)])
+            (staging / ".complete").write_text(sha256 + "\n")
+            shutil.rmtree(root, ignore_errors=True)
+            staging.rename(root)
     return root
+
+
+def _unpacking(root: Path) -> AbstractContextManager[Path]:
+    """The folder a package is unpacked in before it becomes ``root``:
+    ``<root>.partial-<pid>-<8 hex>``, locked while it is written
+    (:func:`tdxvm.fileio.partial_folder`). Those of unpacks of ``root`` that were killed
+    are removed first (``dpkg-deb -x`` mounts nothing: a plain tree)."""
+    return partial_folder(root.parent, f"{root.name}.partial-", mode=0o777)
 
 
 def is_reference(reference: str) -> bool:

@@ -6,7 +6,9 @@ a relying party's measurements depend on: the kernel, the initramfs, the root
 filesystem (its verity root hash, and the listing of every file), the command line and
 the predicted MRTD, RTMR1 and RTMR2. When the root filesystem differs, the listings
 name the first file that does. Nothing is encrypted and no key is made: the rebuild
-never becomes an image.
+never becomes an image. The rebuild works in a folder beside the image's
+(``.<image>.verify-*``): removed when it ends, and by the next verify of that image when
+the rebuild was killed outright.
 
 A rebuild is only meaningful from the same inputs: the recipe and lock files must have
 the SHA-256 the manifest records, and this tdxvm must ship the same guest code.
@@ -14,14 +16,14 @@ the SHA-256 the manifest records, and this tdxvm must ship the same guest code.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tdxvm.errors import TdxvmError
+from tdxvm.fileio import partial_folder
 from tdxvm.image import listing, lockfile, manifest, provenance
 from tdxvm.image.cache import StepCache
 from tdxvm.image.progress import Progress, quiet
@@ -132,10 +134,8 @@ def reproduce(
     identity = Identity(authorized_key=prov.authorized_key, release_public=built.release_key)
     loaded = load_recipe(recipe_path)
     folder = m.folder
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.verify-", dir=folder.parent))
     report = Report(manifest=m.path)
-    try:
-        work.chmod(0o700)
+    with _verify_folder(folder) as work:
         start = time.monotonic()
         step_cache = StepCache(cache) if cache is not None else StepCache(work / "cache")
         image = root_image(
@@ -163,9 +163,16 @@ def reproduce(
         ]
         if not report.identical:
             report.first_difference = _first_difference(folder / prov.listing.file, image.listing, report)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _verify_folder(image: Path) -> AbstractContextManager[Path]:
+    """The rebuild's work folder beside the image folder ``image``:
+    ``.<image>.verify-<pid>-<8 hex>``, 0700, locked while the rebuild runs and removed
+    after it (:func:`tdxvm.fileio.partial_folder`). Those of verifies that were killed
+    are removed first; one with something still mounted in it (a killed debootstrap's
+    ``/proc``) stays, with a warning."""
+    return partial_folder(image.parent, f".{image.name}.verify-")
 
 
 def _first_difference(original: Path, rebuilt: list[str], report: Report) -> str:

@@ -34,7 +34,6 @@ dead process's locks); see :func:`_abandoned_partial`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -50,7 +49,7 @@ from typing import BinaryIO, Literal
 
 import libvirt
 
-from tdxvm.fileio import claim_abandoned
+from tdxvm.fileio import claim_abandoned, create_locked
 from tdxvm.launch.connection import is_local, is_test_driver, libvirt_message
 from tdxvm.launch.errors import VolumeError
 from tdxvm.launch.manifest import Artifact, ImageManifest
@@ -337,22 +336,9 @@ def _partial_name(name: str) -> str:
 
 def _new_partial(folder: Path, name: str) -> tuple[Path, int]:
     """A new partial file for volume ``name`` in ``folder`` and its fd, which holds the
-    file's exclusive lock (kept until the fd is closed, after the rename).
-
-    A prune may lock and delete the file in the instant between its creation and this
-    lock: then the locked file has no name left (``st_nlink`` 0), and another is made."""
-    while True:
-        partial = folder / _partial_name(name)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a prune deletes this very file
-            if os.fstat(fd).st_nlink:
-                return partial, fd
-        except BaseException:
-            os.close(fd)
-            partial.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+    file's exclusive lock (kept until the fd is closed, after the rename); a prune that
+    deleted it before it was locked is made up for (:func:`tdxvm.fileio.create_locked`)."""
+    return create_locked(lambda: folder / _partial_name(name), mode=0o666)
 
 
 def _copy_into(

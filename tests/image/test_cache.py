@@ -19,6 +19,7 @@ from tdxvm.cli.output import run_guarded
 from tdxvm.errors import TdxvmError
 from tdxvm.image import debian
 from tdxvm.image.cache import ENTRY_FILE, CacheError, FileDigest, StepCache, private_folder, step_key, verify_file
+from tests.killedwriter import Writer
 
 INPUTS = {"suite": "bookworm", "packages": ["a", "b"]}
 KEY = step_key("rootfs", INPUTS)
@@ -91,6 +92,32 @@ def test_a_killed_builds_partial_folder_is_removed_by_the_next_put_and_a_running
     filled(cache)
     assert not running.exists()
     assert sorted(os.listdir(tmp_path / "cache")) == [cache.path("rootfs", KEY).name]
+
+
+_UNPACKING = """
+import sys
+from pathlib import Path
+from tdxvm.image import debian
+with debian._unpacking(Path(sys.argv[1])) as staging:
+    (staging / "usr" / "share").mkdir(parents=True)
+    (staging / "usr" / "share" / "OVMF.fd").write_bytes(b"half a firmware")
+    print(staging, flush=True)
+    sys.stdin.readline()  # an unpack still at work: until the test kills it
+"""
+
+
+def test_a_killed_debian_unpacks_partial_folder_is_removed_by_the_next_unpack_and_a_running_ones_kept(tmp_path):
+    root = debian.cache_folder(tmp_path / "debian") / "ovmf_2024.11-1"
+    with Writer(_UNPACKING, root) as killed:
+        killed.kill()
+    assert killed.path.parent == root.parent and killed.path.name.startswith("ovmf_2024.11-1.partial-")
+    assert (killed.path / "usr" / "share" / "OVMF.fd").is_file()  # what the kill left
+    with Writer(_UNPACKING, root) as running:
+        with debian._unpacking(root) as staging:
+            (staging / ".complete").write_text("done\n")
+            staging.rename(root)
+        assert sorted(os.listdir(root.parent)) == ["ovmf_2024.11-1", running.path.name]  # the killed one's: gone
+        assert (running.path / "usr" / "share" / "OVMF.fd").is_file()  # kept: its unpack holds it
 
 
 def test_a_tampered_file_is_refused_with_both_digests(tmp_path):

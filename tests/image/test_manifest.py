@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from tdxvm.releasekey import public_hex, release_key
 from tdxvm.secretstore import SecretStore
 
 from ..attested_guest import firmware, kernel
+from ..killedwriter import Writer
 from .conftest import fake_ext4, write_lock_for
 from .test_kernel_floor import rootfs_tar
 
@@ -237,6 +239,39 @@ def test_image_verify_reads_the_manifest_and_rebuilds_the_same(built, tmp_path):
     (out / "manifest.json").write_text(json.dumps(data))
     report = reproduce(out, cache=tmp_path / "verify-cache")
     assert [i.name for i in report.items if not i.same] == ["RTMR2"]
+
+
+_VERIFYING = """
+import sys
+from pathlib import Path
+from tdxvm.image.reproduce import _verify_folder
+with _verify_folder(Path(sys.argv[1])) as work:
+    (work / "debootstrap" / "etc").mkdir(parents=True)
+    (work / "debootstrap" / "etc" / "hostname").write_text("a rebuild under way")
+    print(work, flush=True)
+    sys.stdin.readline()  # a verify still at work: until the test kills it
+"""
+
+
+def test_image_verify_removes_the_work_folder_a_killed_verify_left(built, tmp_path):
+    """A verify killed outright (SIGKILL, power loss) leaves its work folder, a whole
+    rebuild's tree, beside the image; the next verify of that image removes it."""
+    out, _, _ = built
+    with Writer(_VERIFYING, out) as killed:
+        killed.kill()
+    assert killed.path.parent == out.parent and killed.path.name.startswith(".floor.verify-")
+    assert (killed.path / "debootstrap" / "etc" / "hostname").is_file()  # what the kill left
+    before = set(os.listdir(out.parent)) - {killed.path.name}
+    assert reproduce(out, cache=tmp_path / "verify-cache").identical
+    assert set(os.listdir(out.parent)) == before
+
+
+def test_image_verify_keeps_the_work_folder_of_a_verify_still_running(built, tmp_path):
+    out, _, _ = built
+    with Writer(_VERIFYING, out) as running:
+        assert reproduce(out, cache=tmp_path / "verify-cache").identical
+        assert (running.path / "debootstrap" / "etc" / "hostname").is_file()  # kept: its verify holds it
+        assert [n for n in os.listdir(out.parent) if ".verify-" in n] == [running.path.name]
 
 
 def test_image_verify_refuses_a_manifest_without_provenance_or_unreadable(built):

@@ -21,6 +21,7 @@ this module) already listens, and answers 503 on ``/health``, while they load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tdxvm import __version__
 from tdxvm.errors import TdxvmError
 from tdxvm.guest import int8
 from tdxvm.guest.kvcache import BatchKV
@@ -184,8 +186,14 @@ class Engine:
 
     def __init__(self, config: EngineConfig, model: Any, tokenizer: Any) -> None:
         """Called on the worker thread by :meth:`spawn`."""
+        import torch
+        import transformers
+
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.name = config.name
+        # OpenAI's system_fingerprint: what decides the numbers, so a seeded client sees when they may change
+        backend = (__version__, torch.__version__, transformers.__version__, config.dtype, torch.get_num_threads())
+        self.fingerprint = "fp_" + hashlib.sha256(repr(backend).encode()).hexdigest()[:12]
         c = model.config
         self.context_length = int(getattr(c, "max_position_embeddings", 0) or tokenizer.model_max_length)
         eos = model.generation_config.eos_token_id

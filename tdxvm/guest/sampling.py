@@ -20,13 +20,13 @@ if TYPE_CHECKING:
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # 0 keeps only the most likely token: greedy
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature <= 0 or self.top_p <= 0
 
 
 class Sampler:

@@ -2,14 +2,22 @@
 
 Endpoints, as vLLM and llama.cpp's server have them: ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events in OpenAI's
-chunk format, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503
-until the model is loaded), ``GET /metrics`` (Prometheus text) and, on an attested TLS
-key, ``GET /v1/attestation?nonce=HEX`` (:mod:`tdxvm.guest.attestation`).
+chunk format, ending with ``data: [DONE]``), ``GET /v1/models`` and
+``GET /v1/models/{id}``, ``GET /health`` (503 until the model is loaded), ``GET
+/metrics`` (Prometheus text) and, on an attested TLS key, ``GET
+/v1/attestation?nonce=HEX`` (:mod:`tdxvm.guest.attestation`).
 
 Every client error is a 4xx in OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``: bad JSON, missing or ill-typed fields, out-of-range or unsupported values
 (400), an unknown model (404), a prompt plus ``max_tokens`` beyond the context (400,
 ``context_length_exceeded``). Bodies are validated strictly (no ``"5"`` for 5).
+
+Every parameter of OpenAI's API reference is honoured, or ignored because it cannot
+change what is generated (:data:`_IGNORED`), or refused with a 400 naming it unless it
+is sent at the value that turns its feature off (:data:`_OFF_CHAT`,
+:data:`_OFF_COMPLETION`: ``logprobs: false``, ``response_format: {"type": "text"}``);
+an unknown parameter is a 400 too, as OpenAI answers it. Nothing a client asks for is
+silently dropped where it would change the output.
 """
 
 from __future__ import annotations
@@ -35,22 +43,65 @@ from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, Sampli
 from tdxvm.guest.gate import Gate, Limits, error
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics")
-_UNSUPPORTED = (
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "suffix",
-    "logit_bias",
-    "presence_penalty",
-    "frequency_penalty",
-    "tools",
-    "functions",
-    "response_format",
+# OpenAI parameters accepted and ignored: none of them changes what is generated
+_IGNORED = frozenset(
+    {
+        "user",
+        "safety_identifier",
+        "store",
+        "metadata",
+        "service_tier",
+        "prompt_cache_key",
+        "prediction",  # a latency hint: the output is the model's own either way
+        "parallel_tool_calls",  # no tools, so no calls
+    }
 )
+# features this server does not have, each with the values that turn it off (a client may
+# send those); any other value is a 400 that names the parameter
+_OFF_COMMON: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    # vLLM's and transformers serve's sampling extensions
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+}
+_OFF_CHAT: dict[str, tuple[Any, ...]] = {
+    **_OFF_COMMON,
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+_OFF_COMPLETION: dict[str, tuple[Any, ...]] = {
+    **_OFF_COMMON,
+    "logprobs": (None,),  # 0 asks for the chosen tokens' log probabilities
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 # -- request bodies ----------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")  # vLLM's continuous_usage_stats: not done here
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # padding against length side channels; none is sent
 
 
 class _Body(BaseModel):
@@ -58,20 +109,20 @@ class _Body(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: int | None = Field(None, ge=1)
     stream: bool = False
-    stream_options: dict[str, bool] | None = None
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id: the template may use them
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -97,13 +148,28 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         )
     if not loc:
         return error(400, "request body must be a JSON object", code="invalid_body")
+    msgs = [first["msg"]]
+    union = [e for e in errs[1:] if e.get("loc", ())[:2] == first["loc"][:2]]
+    if union:  # a value that fits no member of a union: one error per member, under the member's name
+        prefix = tuple(first["loc"])
+        for e in union:
+            prefix = _common_prefix(prefix, tuple(e["loc"]))
+            msgs += [] if e["msg"] in msgs else [e["msg"]]
+        loc = [str(x) for x in prefix if x != "body"]
     field = ".".join(loc)
     return error(
         400,
-        f"{field}: {first['msg']}",
+        f"{field}: {' or '.join(msgs)}",
         param=field,
         code="missing_field" if first.get("type") == "missing" else "invalid_value",
     )
+
+
+def _common_prefix(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def _handlers() -> dict[type[Exception], Callable[[Request, Any], Response]]:
@@ -216,7 +282,7 @@ class ModelHolder:
         self.engine: Engine | None = None
         self.error: str | None = None
 
-    def require(self, body: _Body) -> Engine:
+    def require(self, body: _Body, off: dict[str, tuple[Any, ...]]) -> Engine:
         if self.engine is None:
             raise RequestError(
                 f"model {self.name} is {'not loaded: ' + self.error if self.error else 'still loading'}",
@@ -231,10 +297,33 @@ class ModelHolder:
                 code="model_not_found",
                 type="not_found_error",
             )
-        for name in _UNSUPPORTED:
-            if (body.model_extra or {}).get(name) not in (None, False, 0, "", [], {}):
-                raise RequestError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        _check_parameters(body, off)
         return self.engine
+
+
+def _check_parameters(body: _Body, off: dict[str, tuple[Any, ...]]) -> None:
+    """Refuse what this server cannot do: ``n`` > 1, a feature of ``off`` turned on, an unknown parameter."""
+    if body.n not in (None, 1):
+        raise RequestError("n: only one choice per request is supported (n=1)", param="n", code="unsupported_parameter")
+    extra = body.model_extra or {}
+    for name, values in off.items():
+        if name in extra and not any(_same(extra[name], v) for v in values):
+            alt = " or ".join(json.dumps(v) for v in values if v is not None)
+            raise RequestError(
+                f"{name} is not supported by this server; leave it out{f' or send {alt}' if alt else ''}",
+                param=name,
+                code="unsupported_parameter",
+            )
+    for name in extra:
+        if name not in off and name not in _IGNORED:
+            raise RequestError(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
+
+
+def _same(value: Any, off: Any) -> bool:
+    """``value`` equals ``off`` as JSON values do: ``0`` is ``0.0``, but ``false`` is not ``0``."""
+    if isinstance(value, bool) or isinstance(off, bool):
+        return value is off
+    return bool(value == off)
 
 
 def _params(body: _Body, engine: Engine, prompt: list[int], max_tokens: int | None, param: str) -> SamplingParams:
@@ -251,22 +340,35 @@ def _params(body: _Body, engine: Engine, prompt: list[int], max_tokens: int | No
     )
 
 
-def _completion_ids(engine: Engine, prompt: str | list[int] | list[str]) -> list[int]:
+def _completion_ids(engine: Engine, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+    """One prompt's token ids: a string, token ids, or a batch of one of either."""
     if isinstance(prompt, str):
         return engine.encode(prompt)
-    if prompt and all(isinstance(x, str) for x in prompt):
+    ids: list[Any] = prompt
+    if prompt and all(isinstance(x, (str, list)) for x in prompt):
         if len(prompt) != 1:
             raise RequestError("prompt: batched prompts are not supported; send one prompt per request", param="prompt")
-        return engine.encode(str(prompt[0]))
-    if not prompt or not all(isinstance(t, int) and 0 <= t < len(engine.tokenizer) for t in prompt):
+        if isinstance(one := prompt[0], str):
+            return engine.encode(one)
+        ids = one
+    if not ids or not all(isinstance(t, int) and 0 <= t < len(engine.tokenizer) for t in ids):
         raise RequestError("prompt: token ids must be a non-empty list of ids in the vocabulary", param="prompt")
-    return [int(t) for t in prompt]
+    return [int(t) for t in ids]
 
 
 def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(body.messages):
-        content = m.content or ""
+        for name in ("tool_calls", "function_call"):
+            if (m.model_extra or {}).get(name):
+                raise RequestError(
+                    f"messages.{i}.{name}: tool calls are not supported by this server", param=f"messages.{i}.{name}"
+                )
+        content = m.content
+        if content is None:
+            raise RequestError(
+                f"messages.{i}.content: Field required", param=f"messages.{i}.content", code="missing_field"
+            )
         if isinstance(content, list):
             if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
                 raise RequestError(
@@ -319,32 +421,42 @@ def create_app(
             )
         return JSONResponse(attester.attest(nonce), headers={"Cache-Control": "no-store"})
 
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def model_card() -> dict[str, Any]:
         ctx = holder.engine.context_length if holder.engine else None
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": holder.name,
-                    "object": "model",
-                    "created": holder.created,
-                    "owned_by": "tdxvm",
-                    "max_model_len": ctx,
-                }
-            ],
+            "id": holder.name,
+            "object": "model",
+            "created": holder.created,
+            "owned_by": "tdxvm",
+            "max_model_len": ctx,
         }
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    def model(model: str) -> dict[str, Any]:
+        if model != holder.name:
+            raise RequestError(
+                f"The model `{model}` does not exist.",
+                status=404,
+                param="model",
+                code="model_not_found",
+                type="not_found_error",
+            )
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
-        engine = holder.require(body)
+        engine = holder.require(body, _OFF_COMPLETION)
         ids = _completion_ids(engine, body.prompt)
         params = _params(body, engine, ids, 16 if body.max_tokens is None else body.max_tokens, "prompt")
         return await _respond(engine, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Response:
-        engine = holder.require(body)
+        engine = holder.require(body, _OFF_CHAT)
         ids = engine.encode_chat(_chat_messages(body))
         params = _params(body, engine, ids, body.max_completion_tokens or body.max_tokens, "messages")
         return await _respond(engine, body, ids, params, chat=True)
@@ -354,7 +466,7 @@ def create_app(
         gen = _Generation(engine, ids, params, chat=chat, observe=observe)  # refused here if the queue is full
         if not body.stream:
             return await gen.whole()
-        usage = bool((body.stream_options or {}).get("include_usage"))
+        usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             gen.sse(usage),
             media_type="text/event-stream",
@@ -370,13 +482,14 @@ class _Generation:
     def __init__(
         self, engine: Engine, ids: list[int], params: SamplingParams, *, chat: bool, observe: Callable[[Event], None]
     ) -> None:
-        self.chat, self.prompt_tokens = chat, len(ids)
+        self.chat, self.prompt_tokens, self.stream_usage = chat, len(ids), False
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.head = {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": engine.name,
+            "system_fingerprint": engine.fingerprint,
         }
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
@@ -428,12 +541,15 @@ class _Generation:
         head = {**self.head, "object": "chat.completion.chunk"} if self.chat else self.head
         if usage is not None:
             return _data({**head, "choices": [], "usage": self.usage(usage)})
+        if self.stream_usage:  # OpenAI: with include_usage every other chunk has "usage": null
+            head = {**head, "usage": None}
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             return _data({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
         return _data({**head, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]})
 
     async def sse(self, usage: bool) -> AsyncIterator[bytes]:
+        self.stream_usage = usage
         if self.chat:
             yield self._chunk(None, role=True)
         async for ev in self.events():

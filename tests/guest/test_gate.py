@@ -75,7 +75,7 @@ def keyed(tmp_path: Path) -> Iterator[tuple[Running, Path, str]]:
 
 def test_every_route_but_health_and_attestation_needs_a_key(keyed):
     running, _, key = keyed
-    for path in ("/v1/models", "/metrics", "/v1/completions", "/nope"):
+    for path in ("/v1/models", f"/v1/models/{NAME}", "/metrics", "/v1/completions", "/nope"):
         status, headers, body = get(running.port, path)
         assert status == 401 and body["error"]["code"] == "missing_api_key", (path, body)
         assert headers["www-authenticate"] == "Bearer"
@@ -87,6 +87,7 @@ def test_every_route_but_health_and_attestation_needs_a_key(keyed):
     status, _, body = get(running.port, "/v1/models", key)
     assert status == 200 and body["data"][0]["id"] == NAME
     assert get(running.port, "/metrics", key)[0] == 200
+    assert get(running.port, f"/v1/models/{NAME}", key)[2]["id"] == NAME
     assert get(running.port, "/v1/models", f"{key}x")[0] == 401
     lower = raw(running.port, f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: bearer {key}\r\n\r\n".encode())
     assert lower[0] == 200  # the scheme is case-insensitive (RFC 9110)

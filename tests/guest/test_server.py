@@ -382,7 +382,7 @@ COMPLETION_ERRORS = [
     ({"model": NAME, "prompt": LONG}, 400, "prompt"),
     ({"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": NAME, "prompt": "hi", "temperature": 2.5}, 400, "temperature"),
-    ({"model": NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": NAME, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ({"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
     ({"model": NAME, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": NAME, "prompt": "hi", "stop": [""]}, 400, "stop"),

@@ -41,6 +41,7 @@ from tdxvm.guest.apikeys import KeyFile
 from tdxvm.guest.attestation import Attester
 from tdxvm.guest.engine import Done, Engine, Event, Failed, RequestError, SamplingParams, Token
 from tdxvm.guest.gate import Gate, Limits, error
+from tdxvm.guest.padding import padded
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics")
 # OpenAI parameters accepted and ignored: none of them changes what is generated
@@ -101,7 +102,9 @@ _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")  # vLLM's continuous_usage_stats: not done here
     include_usage: bool | None = None
-    include_obfuscation: bool | None = None  # padding against length side channels; none is sent
+    include_obfuscation: bool | None = (
+        None  # false: events not padded (tdxvm.guest.padding); OpenAI's switch for its own
+    )
 
 
 class _Body(BaseModel):
@@ -467,6 +470,7 @@ def create_app(
         if not body.stream:
             return await gen.whole()
         usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen.pad = not (body.stream_options and body.stream_options.include_obfuscation is False)
         return StreamingResponse(
             gen.sse(usage),
             media_type="text/event-stream",
@@ -482,7 +486,7 @@ class _Generation:
     def __init__(
         self, engine: Engine, ids: list[int], params: SamplingParams, *, chat: bool, observe: Callable[[Event], None]
     ) -> None:
-        self.chat, self.prompt_tokens, self.stream_usage = chat, len(ids), False
+        self.chat, self.prompt_tokens, self.stream_usage, self.pad = chat, len(ids), False, True
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.head = {
             "id": rid,
@@ -526,13 +530,12 @@ class _Generation:
             if isinstance(ev, Done):
                 text = "".join(parts)
                 choice = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-                return JSONResponse(
-                    {
-                        **self.head,
-                        "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": ev.finish_reason}],
-                        "usage": self.usage(ev.completion_tokens),
-                    }
-                )
+                doc = {
+                    **self.head,
+                    "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": ev.finish_reason}],
+                    "usage": self.usage(ev.completion_tokens),
+                }
+                return Response(padded(json.dumps(doc, ensure_ascii=False).encode()), media_type="application/json")
         return error(500, "generation ended without a result", type="server_error")
 
     def _chunk(
@@ -540,13 +543,22 @@ class _Generation:
     ) -> bytes:
         head = {**self.head, "object": "chat.completion.chunk"} if self.chat else self.head
         if usage is not None:
-            return _data({**head, "choices": [], "usage": self.usage(usage)})
+            return self._data({**head, "choices": [], "usage": self.usage(usage)})
         if self.stream_usage:  # OpenAI: with include_usage every other chunk has "usage": null
             head = {**head, "usage": None}
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            return _data({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
-        return _data({**head, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]})
+            return self._data(
+                {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            )
+        return self._data(
+            {**head, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+        )
+
+    def _data(self, obj: dict[str, Any]) -> bytes:
+        """One server-sent event, ``data: JSON``, padded (:mod:`tdxvm.guest.padding`) unless turned off."""
+        event = b"data: " + json.dumps(obj, ensure_ascii=False).encode()
+        return (padded(event, end=b"\n\n") if self.pad else event) + b"\n\n"
 
     async def sse(self, usage: bool) -> AsyncIterator[bytes]:
         self.stream_usage = usage
@@ -554,7 +566,9 @@ class _Generation:
             yield self._chunk(None, role=True)
         async for ev in self.events():
             if isinstance(ev, Failed):
-                yield _data({"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}})
+                yield self._data(
+                    {"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}}
+                )
             elif ev.text:
                 yield self._chunk(ev.text)
             if isinstance(ev, Done):
@@ -562,7 +576,3 @@ class _Generation:
                 if usage:
                     yield self._chunk(None, usage=ev.completion_tokens)
         yield b"data: [DONE]\n\n"
-
-
-def _data(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"

@@ -33,7 +33,16 @@ from typing import Any
 import requests
 
 from tdxvm.errors import Refused, TdxvmError, Unreachable
+from tdxvm.guest.padding import padded
 from tdxvm.provision.endpoint import AttestedEndpoint, verify_endpoint
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def request_body(doc: dict[str, Any]) -> bytes:
+    """A request's JSON, padded so that its size shows the prompt's length only to within
+    :data:`~tdxvm.guest.padding.PAD` bytes (the host sees each TLS record's size)."""
+    return padded(json.dumps(doc, ensure_ascii=False).encode())
 
 
 class ApiError(TdxvmError):
@@ -141,7 +150,7 @@ class ApiClient:
     def complete(self, prompt: str, *, model: str | None = None, max_tokens: int = 32, **params: Any) -> dict[str, Any]:
         body = {"model": self.model(model), "prompt": prompt, "max_tokens": max_tokens, **params}
         with _answered("POST /v1/completions"):
-            r = self.session.post(self._url("/v1/completions"), json=body)
+            r = self.session.post(self._url("/v1/completions"), data=request_body(body), headers=_JSON)
         _raise_for(r, "POST /v1/completions")
         return r.json()
 
@@ -151,7 +160,8 @@ class ApiClient:
         """The streamed chat completion's text pieces as they arrive (server-sent events)."""
         body = {"model": self.model(model), "messages": messages, "max_tokens": max_tokens, "stream": True, **params}
         url = self._url("/v1/chat/completions")
-        with _answered("POST /v1/chat/completions"), self.session.post(url, json=body, stream=True) as r:
+        data = request_body(body)
+        with _answered("POST /v1/chat/completions"), self.session.post(url, data=data, headers=_JSON, stream=True) as r:
             _raise_for(r, "POST /v1/chat/completions")
             for raw in r.iter_lines():
                 line = raw.decode("utf-8", "replace")

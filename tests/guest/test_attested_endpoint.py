@@ -27,6 +27,7 @@ from tdxvm.attest.policy import Policy  # noqa: E402
 from tdxvm.attest.quote import parse_quote  # noqa: E402
 from tdxvm.emulate import EmulatedPlatform  # noqa: E402
 from tdxvm.guest.attestation import Attester  # noqa: E402
+from tdxvm.guest.padding import PAD  # noqa: E402
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
 from tdxvm.guest.tls import TlsIdentity, ensure_identity  # noqa: E402
 from tdxvm.provision.endpoint import (  # noqa: E402
@@ -413,8 +414,14 @@ def test_api_client_talks_only_on_the_attested_key(td, keys, serving):
 
     with ApiClient(verify(td, serving.url)) as api:
         assert api.models() == [NAME]
+        sent: list[int] = []  # the size of each request body, as the host sees it (tdxvm.guest.padding)
+        api.session.hooks["response"].append(
+            lambda r, *_, **__: sent.append(len(r.request.body)) if r.request.method == "POST" else None
+        )
         done = api.complete("Hello, how are you", max_tokens=6, temperature=0)  # model: the one served
         assert done["model"] == NAME and 1 <= done["usage"]["completion_tokens"] <= 6
+        assert api.complete("Hi", max_tokens=6, temperature=0)["usage"]["completion_tokens"] >= 1
+        assert sent[-2:] == [PAD, PAD]  # two prompts of different lengths, one size
         body = {"model": NAME, "messages": CHAT, "max_tokens": 20, "temperature": 0}
         whole = api.session.post(serving.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"][
             "content"

@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tdxvm.guest.engine import Done, Engine, EngineConfig, SamplingParams, Token  # noqa: E402
+from tdxvm.guest.padding import PAD  # noqa: E402
 from tdxvm.guest.serve import load_in_background  # noqa: E402
 from tdxvm.guest.server import ModelHolder, create_app  # noqa: E402
 from tdxvm.guest.text import StopMatcher  # noqa: E402
@@ -450,3 +451,37 @@ def test_a_full_queue_is_a_429_with_retry_after(tiny_model):
     finally:
         s.stop()
         holder.engine.close()
+
+
+# -- what the host sees of a response: its size -----------------------------------------
+
+
+def _raw(server: Server, path: str, body: dict) -> bytes:
+    req = urllib.request.Request(
+        server.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read()
+
+
+def test_streamed_events_do_not_show_the_tokens_lengths(server):
+    """The host sees the size of every TLS record; one event per token would show each
+    token's length (enough to guess the text: Weiss et al., "What Was Your Prompt?",
+    2024). Every event is padded to one size, and the JSON reads the same."""
+    for path, body in (
+        ("/v1/chat/completions", {"model": NAME, "messages": CHAT, "max_tokens": 40, "temperature": 0}),
+        ("/v1/completions", {"model": NAME, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}),
+    ):
+        raw = _raw(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        events = [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]\n\n"
+        padded = events[:-1]
+        texts = {json.dumps(json.loads(e[len(b"data: ") :])["choices"][:1]) for e in padded}
+        assert len(padded) > 10 and len(texts) > 5  # tokens of several lengths
+        assert {len(e) for e in padded} == {PAD}, sorted({len(e) for e in padded})
+        whole = _raw(server, path, body)
+        assert len(whole) % PAD == 0 and json.loads(whole)["choices"]
+        unpadded = _raw(
+            server, path, {**body, "stream": True, "stream_options": {"include_obfuscation": False}}
+        )  # OpenAI's switch for its padding
+        assert len({len(e) for e in unpadded.split(b"\n\n") if e}) > 2

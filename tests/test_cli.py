@@ -729,6 +729,7 @@ def places(tmp_path):
         (["emulate", "collateral", "{t}/plat", "--out", "{t}"], "{t}: is a folder, not a file"),
         (["emulate", "collateral", "{t}/plat", "--out", "{t}/missing/c.json"], "its folder {t}/missing does not exist"),
         (["emulate", "quote", "{t}/plat", "--out", "{t}/missing/q.bin"], "its folder {t}/missing does not exist"),
+        (["emulate", "quote", "{t}/plat", "--out", "{t}/afile/q.bin"], "its folder {t}/afile is a file, not a folder"),
         (["emulate", "tiny-llama", "{t}/afile"], "{t}/afile: exists and is not a folder"),
         (["collateral", "fetch", "{t}/afile", "--out", "{t}/plat"], "{t}/plat: is a folder, not a file"),
         (

@@ -94,7 +94,8 @@ class WritablePath(click.ParamType):
             if path.is_dir():
                 self.fail(f"{text}: is a folder, not a file", param, ctx)
             if not path.parent.is_dir():
-                self.fail(f"{text}: its folder {path.parent} does not exist", param, ctx)
+                what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+                self.fail(f"{text}: its folder {path.parent} {what}", param, ctx)
             where = path.parent
         else:
             if path.exists() and not path.is_dir():

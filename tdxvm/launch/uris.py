@@ -23,7 +23,7 @@ def uri_problem(uri: object) -> str | None:
     if driver not in ("qemu", "test") or transport not in (*_LOCAL_TRANSPORTS, *_REMOTE_TRANSPORTS):
         return (
             f"{uri!r} is not a libvirt URI tdxvm uses: the driver must be qemu (or test), "
-            f"over ssh, tcp, tls or locally ({URI_EXAMPLES})"
+            f"over ssh, libssh, libssh2, tcp, tls or locally ({URI_EXAMPLES})"
         )
     if transport in _REMOTE_TRANSPORTS and not parts.hostname:
         return f"{uri!r} names no host to reach over {transport} (e.g. qemu+ssh://user@host/system)"

@@ -4,11 +4,24 @@ Any libvirt URI works: ``qemu:///system``, ``qemu+ssh://user@host/system``,
 ``test:///abs/path/host.xml`` (libvirt's test driver, for tests). Importing this module
 registers a libvirt error handler that keeps libvirt from printing to stderr; every
 libvirt failure reaches the caller as an exception and is reported once, by tdxvm.
+
+A remote host that accepted the connection and then stops answering (a dead network, a
+frozen libvirtd) must not hold its caller forever. libvirt's client only runs keepalive
+with an event loop, so the first :func:`open_connection` registers libvirt's default one
+(once per process, a daemon thread runs it); every remote connection then sends a
+keepalive every :data:`KEEPALIVE_INTERVAL` s, and after :data:`KEEPALIVE_COUNT` of them
+go unanswered libvirt closes it: the pending call and every later one fail. Such a
+failure reaches the user as :class:`LibvirtHostStalled` (exit 3) naming the URI, through
+:func:`lost_to_keepalive` where errors leave a connection's work (:func:`connection`, a
+fleet's worker, a launch). Opening a remote connection waits at most
+:data:`OPEN_TIMEOUT` s (libvirt's open has no limit of its own, and no keepalive yet).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from urllib.parse import parse_qs, urlsplit
@@ -17,8 +30,10 @@ import libvirt
 
 from tdxvm.launch.errors import (
     ConnectError,
+    LibvirtConnectionLost,
     LibvirtdNotRunningError,
     LibvirtHostKeyRefused,
+    LibvirtHostStalled,
     LibvirtPermissionError,
     LibvirtUnreachable,
     SshTransportError,
@@ -26,6 +41,12 @@ from tdxvm.launch.errors import (
 from tdxvm.launch.uris import uri_problem
 
 DEFAULT_URI = "qemu:///system"
+# A remote connection whose host does not answer KEEPALIVE_COUNT keepalives sent
+# KEEPALIVE_INTERVAL s apart is closed by libvirt (libvirtd's own defaults are 5 and 5):
+# its calls fail after about (KEEPALIVE_COUNT + 1) * KEEPALIVE_INTERVAL = 35 s of silence.
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 6
+OPEN_TIMEOUT = 30.0  # seconds for opening a remote connection (as a fleet's inventory.CONNECT_TIMEOUT)
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -58,8 +79,102 @@ def is_test_driver(uri: str) -> bool:
     return urlsplit(uri).scheme == "test"
 
 
+_events_lock = threading.Lock()
+_events_running = False
+_keepalive: weakref.WeakKeyDictionary[libvirt.virConnect, tuple[int, int]] = weakref.WeakKeyDictionary()
+_stalled: weakref.WeakSet[libvirt.virConnect] = weakref.WeakSet()  # closed by their keepalive
+
+
+def _run_events() -> None:  # pragma: no cover - runs for the life of the process
+    while True:
+        with suppress(libvirt.libvirtError):
+            libvirt.virEventRunDefaultImpl()
+
+
+def ensure_event_loop() -> None:
+    """Register libvirt's default event loop and run it on a daemon thread, once per process
+    (before any connection is opened, or those opened earlier get no keepalive)."""
+    global _events_running
+    with _events_lock:
+        if _events_running:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_events, name="tdxvm-libvirt-events", daemon=True).start()
+        _events_running = True
+
+
+def _closed(conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+    """libvirt's close callback (on the event loop's thread): remember a keepalive's close."""
+    if reason == libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE:
+        _stalled.add(conn)
+
+
+def _keep_alive(conn: libvirt.virConnect) -> None:
+    with suppress(libvirt.libvirtError):  # a peer without keepalive support: nothing to enable
+        conn.registerCloseCallback(_closed, None)
+        conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        _keepalive[conn] = (KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+
+
+def stalled(conn: libvirt.virConnect | None) -> LibvirtHostStalled | None:
+    """The error for ``conn`` if its keepalive closed it (its host stopped answering), else None."""
+    if conn is None or conn not in _stalled:
+        return None
+    interval, count = _keepalive.get(conn, (KEEPALIVE_INTERVAL, KEEPALIVE_COUNT))
+    try:
+        uri = conn.getURI()
+    except libvirt.libvirtError:
+        uri = "the remote host"
+    return LibvirtHostStalled(
+        f"libvirt at {uri} stopped answering: {count} keepalive messages sent {interval} s apart went unanswered, "
+        "so the connection was closed and its calls failed (a dead network, or a frozen libvirtd on the host)\n"
+        f"fix: check the host and its network (`virsh -c {uri} list --all`), then try again"
+    )
+
+
+def lost_to_keepalive(conn: libvirt.virConnect | None, exc: BaseException) -> BaseException:
+    """``exc`` as the user should see it: a failure on a connection its keepalive closed is
+    :class:`LibvirtHostStalled`, unless ``exc`` already says the connection was lost."""
+    error = stalled(conn)
+    if error is None or isinstance(exc, LibvirtConnectionLost):
+        return exc
+    return error
+
+
+def _open(uri: str) -> libvirt.virConnect:
+    """``libvirt.open``; for a remote URI on a thread, waited for at most OPEN_TIMEOUT s."""
+    if is_local(uri) or is_test_driver(uri):
+        return libvirt.open(uri)
+    box: dict[str, object] = {}
+    late = threading.Event()
+
+    def run() -> None:
+        try:
+            box["conn"] = libvirt.open(uri)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        if late.is_set() and "conn" in box:  # opened after the caller gave up: nobody will close it
+            with suppress(libvirt.libvirtError):
+                box["conn"].close()  # type: ignore[attr-defined]
+
+    worker = threading.Thread(target=run, name=f"tdxvm-open {uri}", daemon=True)
+    worker.start()
+    worker.join(OPEN_TIMEOUT)
+    late.set()
+    if worker.is_alive():
+        raise LibvirtUnreachable(
+            f"cannot connect to libvirt at {uri}: no answer within {OPEN_TIMEOUT:g} s (the host accepted the "
+            f"connection, then said nothing: a dead network, or a frozen libvirtd)\nfix: check the host and its "
+            f"network (`virsh -c {uri} list --all`)"
+        )
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["conn"]  # type: ignore[return-value]
+
+
 def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
-    """Open ``uri`` read-write; raise a :class:`ConnectError` subclass with the fix."""
+    """Open ``uri`` read-write; raise a :class:`ConnectError` subclass with the fix. A remote
+    connection gets keepalive (see the module doc)."""
     parts = urlsplit(uri)
     problem = uri_problem(uri)
     if problem is not None:
@@ -69,23 +184,41 @@ def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
             f"libvirt test driver {uri}: no such file {parts.path} (give test:///default or the "
             "absolute path of a test driver XML file)"
         )
+    ensure_event_loop()
     try:
-        conn = libvirt.open(uri)
+        conn = _open(uri)
     except libvirt.libvirtError as exc:
         raise explain_connect_error(uri, exc) from None
     if conn is None:  # pragma: no cover - older bindings returned None instead of raising
         raise LibvirtUnreachable(f"cannot connect to libvirt at {uri}")
+    if not is_local(uri) and not is_test_driver(uri):
+        _keep_alive(conn)
     return conn
+
+
+def close(conn: libvirt.virConnect) -> None:
+    """Close ``conn`` (and drop its close callback, which holds it); libvirt's errors ignored."""
+    if conn in _keepalive:
+        with suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+    with suppress(libvirt.libvirtError):
+        conn.close()
 
 
 @contextmanager
 def connection(uri: str = DEFAULT_URI) -> Iterator[libvirt.virConnect]:
+    """An open connection to ``uri``, closed at the end; an error raised inside because the
+    host stopped answering comes out as :class:`LibvirtHostStalled`."""
     conn = open_connection(uri)
     try:
         yield conn
+    except Exception as exc:
+        error = lost_to_keepalive(conn, exc)
+        if error is exc:
+            raise
+        raise error from None
     finally:
-        with suppress(libvirt.libvirtError):
-            conn.close()
+        close(conn)
 
 
 def explain_connect_error(uri: str, exc: libvirt.libvirtError) -> ConnectError:

@@ -51,6 +51,14 @@ class LibvirtConnectionLost(LibvirtUnreachable):
     code = "libvirt-connection-lost"
 
 
+class LibvirtHostStalled(LibvirtConnectionLost):
+    """The host accepted the connection, then stopped answering (a dead network, a frozen
+    libvirtd): its keepalive went unanswered, libvirt closed the connection and its calls
+    failed (:data:`tdxvm.launch.connection.KEEPALIVE_INTERVAL`)."""
+
+    code = "libvirt-host-stalled"
+
+
 class LibvirtHostKeyRefused(ConnectError, Refused):
     """libvirt's ``ssh`` transport refused the host's key: unknown, or not the one in
     known_hosts (exit 1, as for tdxvm's own SSH: :class:`tdxvm.launch.sshtarget.HostKeyRefused`)."""

@@ -21,7 +21,10 @@ a ``forwarded-tcpip`` channel (how a remote host's emulated guests reach the con
 emulated quote service, :func:`tdxvm.launch.tunnel.offer`). paramiko keeps one handler
 per transport, so the session dispatches every forwarded channel by the port it came
 in on; a reconnect asks for every offer again, on the same port (the guests were told
-it).
+it). The host opens only what the controller asked for: a channel to an offered port, at
+most :data:`MAX_FORWARDED` at a time per host (each is relayed by two threads and a
+connection on this machine); any other channel, of any kind, and each one past the cap is
+refused as the host sends it (:mod:`tdxvm.launch.sshadmit`), never queued.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any, TypeVar
 import paramiko
 
 from tdxvm.errors import TdxvmError
-from tdxvm.launch import knownhosts
+from tdxvm.launch import knownhosts, sshadmit
 from tdxvm.launch.sshauth import authenticate
 from tdxvm.launch.sshtarget import HostForwardRefused, HostKeyRefused, HostSshError, HostSshUnreachable, SshTarget
 
@@ -48,6 +51,7 @@ MAX_PACKET = 256 << 10  # what the host may send us per packet (OpenSSH's limit)
 CONNECT_TIMEOUT = 20.0
 CHANNEL_TIMEOUT = 30.0
 KEEPALIVE = 15  # seconds between keepalives: a dead connection is noticed, and reconnected
+MAX_FORWARDED = 64  # forwarded connections the host may have relayed to the controller at once; more are refused
 _KINDS = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA", "ssh-dss": "DSA"}
 _SIGNATURES = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}  # host key type -> algorithms
 
@@ -85,7 +89,8 @@ def _check_host_key(target: SshTarget, entries: list[knownhosts.Entry], key: par
     name, kind, fp = target.known_name, _kind(key_type), knownhosts.fingerprint(blob)
     files = ", ".join(target.known_hosts)
     first = target.known_hosts[0] if target.known_hosts else "~/.ssh/known_hosts"
-    add = f"ssh-keyscan -t {key_type} -p {target.port} {target.key_alias or target.host} >> {first}"
+    add = f"ssh-keyscan -t {key_type} -p {target.port} {target.host}"
+    add += f" | sed 's/^[^ ]*/{target.key_alias}/' >> {first}" if target.key_alias else f" >> {first}"
     if found.status == "unknown" and target.no_verify:
         warnings.warn(
             InsecureHostKeyWarning(
@@ -139,7 +144,7 @@ def connect(target: SshTarget) -> paramiko.Transport:
         ) from None
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport = paramiko.Transport(sock, default_window_size=WINDOW)
+    transport = sshadmit.Transport(sock, default_window_size=WINDOW)
     try:
         entries = knownhosts.read_files([Path(p) for p in target.known_hosts])
         _prefer(transport, knownhosts.known_types(entries, target.known_name))
@@ -165,6 +170,8 @@ class HostSession:
         self._lock = threading.Lock()
         self._transport: paramiko.Transport | None = None
         self._offers: dict[int, tuple[str, Accept]] = {}  # port on the host -> (its bind address, taker)
+        self._relaying = 0  # forwarded channels being relayed now (at most MAX_FORWARDED)
+        self._relaying_lock = threading.Lock()  # never self._lock: the transport's thread takes it
 
     def _live(self) -> tuple[paramiko.Transport, bool]:
         """The transport, and whether it was opened now (held under the lock: one connect at a time)."""
@@ -180,6 +187,7 @@ class HostSession:
             dead.close()
         self._transport = None
         self._transport = connect(self.target)
+        self._transport.admit = self._admit
         self.connects += 1
         for port, (bind, _accept) in list(self._offers.items()):  # same ports: the guests were told them
             with contextlib.suppress(paramiko.SSHException, EOFError, OSError):
@@ -302,14 +310,30 @@ class HostSession:
         with self._lock:
             return sorted(self._offers)
 
+    def _admit(self, kind: str, port: int) -> bool:
+        """Whether to open a channel the host opens (in the transport's thread): only a
+        forwarded connection to an offered port, and only while fewer than MAX_FORWARDED are relayed."""
+        return kind == "forwarded-tcpip" and port in self._offers and self._relaying < MAX_FORWARDED
+
     def _forwarded(self, chan: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]) -> None:
         """paramiko's one handler of forwarded connections (in its transport's thread: hand on, never block)."""
         found = self._offers.get(server[1])
-        if found is None:  # withdrawn meanwhile
+        with self._relaying_lock:
+            room = found is not None and self._relaying < MAX_FORWARDED
+            if room:
+                self._relaying += 1
+        if not room:  # withdrawn, or the cap reached, since it was admitted
             chan.close()
             return
         name = f"tdxvm-offer {self.target.where} {server[0]}:{server[1]}"
-        threading.Thread(target=found[1], args=(chan,), name=name, daemon=True).start()
+        threading.Thread(target=self._relay, args=(found[1], chan), name=name, daemon=True).start()
+
+    def _relay(self, accept: Accept, chan: paramiko.Channel) -> None:
+        try:
+            accept(chan)
+        finally:
+            with self._relaying_lock:
+                self._relaying -= 1
 
     @property
     def transport(self) -> paramiko.Transport | None:

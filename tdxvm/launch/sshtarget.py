@@ -104,7 +104,9 @@ class SshTarget:
 
     @property
     def known_name(self) -> str:
-        return lookup_name(self.key_alias or self.host, self.port)
+        """The name known_hosts holds the key under: the ``HostKeyAlias`` as it is (``ssh``
+        adds no port to an alias), else the host, ``[host]:port`` off port 22."""
+        return self.key_alias or lookup_name(self.host, self.port)
 
     def ssh_command(self) -> str:
         """The ``ssh`` command line that should log in to this host without a prompt."""

@@ -42,6 +42,7 @@ from tdxvm.launch import sshhost
 from tdxvm.launch.sshtarget import HostSshError, SshTarget, needs_ssh, ssh_target
 
 CHUNK = 256 << 10
+CLOSED_POLL = 1.0  # seconds: how soon a relay notices its channel was closed while it waits on the socket
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # bind-all forwards, connected to on loopback
 
 
@@ -56,7 +57,8 @@ class Tunnel:
 
 def relay(sock: socket.socket, chan: paramiko.Channel) -> None:
     """Copy bytes both ways between ``sock`` and ``chan`` until both sides have ended; an end
-    of one direction (EOF) is passed on as a half-close; an error closes both."""
+    of one direction (EOF) is passed on as a half-close; an error, or the channel closed by
+    the other side, closes both (so a relay lasts no longer than its channel)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     chan.settimeout(None)
@@ -71,7 +73,10 @@ def relay(sock: socket.socket, chan: paramiko.Channel) -> None:
     )
     outbound.start()
     _pump(chan.recv, sock.sendall, lambda: sock.shutdown(socket.SHUT_WR), abort)
-    outbound.join()
+    while outbound.is_alive():  # a channel the other side closed (not only half) ends the relay
+        outbound.join(CLOSED_POLL)
+        if chan.closed:
+            abort()
     chan.close()
     sock.close()
 

@@ -32,9 +32,9 @@ import libvirt
 
 from tdxvm.image import secrets as disk_secrets
 from tdxvm.launch import tunnel
-from tdxvm.launch.connection import is_test_driver, libvirt_message, open_connection
+from tdxvm.launch.connection import is_test_driver, libvirt_message, open_connection, stalled
 from tdxvm.launch.console import serial_log_tail
-from tdxvm.launch.errors import LaunchError, LibvirtConnectionLost
+from tdxvm.launch.errors import LaunchError, LibvirtConnectionLost, LibvirtHostStalled
 from tdxvm.launch.lifecycle import DomainHandle, destroy, prepare_domain, record_attestation, start
 from tdxvm.launch.manifest import ImageManifest
 from tdxvm.launch.ownership import controller_label
@@ -284,7 +284,8 @@ def bring_up(
     except Exception as exc:
         if _alive(conn):
             raise
-        raise connection_lost(result.uri, spec.name, vm_uuid, phases.current, exc, records) from None
+        lost = connection_lost(result.uri, spec.name, vm_uuid, phases.current, exc, records, stalled=stalled(conn))
+        raise lost from None
 
 
 def _bring_up(
@@ -410,12 +411,20 @@ def _alive(conn: libvirt.virConnect) -> bool:
 
 
 def connection_lost(
-    uri: str, name: str, uuid: str, phase: str, cause: BaseException, records: VmRecords
+    uri: str,
+    name: str,
+    uuid: str,
+    phase: str,
+    cause: BaseException,
+    records: VmRecords,
+    *,
+    stalled: LibvirtHostStalled | None = None,
 ) -> LibvirtConnectionLost:
     """The error for a launch whose libvirt connection ended during ``phase``, after
     undoing what a fresh connection can reach: a VM caught in ``define`` is removed whole
     (domain, volumes, record), a later one powered off as any failed launch is; a domain
-    of that name that is not this launch's (``uuid``) is not touched."""
+    of that name that is not this launch's (``uuid``) is not touched. ``stalled``: the
+    connection's keepalive closed it (the host stopped answering), so it is that error."""
     why = libvirt_message(cause) if isinstance(cause, libvirt.libvirtError) else str(cause).splitlines()[0]
     try:
         fresh = open_connection(uri)
@@ -430,6 +439,11 @@ def connection_lost(
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 fresh.close()
+    if stalled is not None:
+        return LibvirtHostStalled(
+            f"libvirt at {uri} stopped answering during {phase} ({str(stalled).splitlines()[0].partition(': ')[2]}); "
+            f"{left}\nfix: check the host and its network (`virsh -c {uri} list --all`), then launch again"
+        )
     return LibvirtConnectionLost(
         f"lost the connection to libvirt at {uri} during {phase} ({why}): the host's libvirtd restarted or the SSH "
         f"session to it ended; {left}\nfix: check the host (`virsh -c {uri} list --all`), then launch again"

@@ -513,6 +513,17 @@ def test_a_host_alias_of_ssh_config(sshd, echo, tmp_path):
     )
     address = tunnel.reach("qemu+ssh://tdx-host/system", "127.0.0.1", echo.port)
     assert round_trip(address, b"alias") == b"alias" + TRAILER
+    # HostKeyAlias: known_hosts holds the key under the alias as it is, with no port (as ssh looks it up)
+    aliased = dot_ssh / "known_hosts_alias"
+    aliased.write_text(
+        "".join("tdx-alias " + line.split(" ", 1)[1] for line in sshd.known_hosts.read_text().splitlines(True))
+    )
+    (dot_ssh / "config").write_text(
+        f"Host tdx-host\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n  HostKeyAlias tdx-alias\n"
+        f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {aliased}\n"
+    )
+    address = tunnel.reach("qemu+ssh://tdx-host/system", "127.0.0.1", echo.port)
+    assert round_trip(address, b"alias") == b"alias" + TRAILER
     (dot_ssh / "config").write_text("Host tdx-host\n  ProxyJump bastion\n")
     with pytest.raises(HostSshError, match="ProxyJump|proxyjump"):
         tunnel.reach("qemu+ssh://tdx-host/system", "127.0.0.1", echo.port)

@@ -18,11 +18,11 @@ PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 def forbid_core_dumps() -> None:
-    """No core file, for this process and the programs it starts (``RLIMIT_CORE`` 0, hard
-    too), and on Linux not dumpable (``PR_SET_DUMPABLE`` 0): no core through a
-    ``core_pattern`` pipe either, and no ptrace or ``/proc/PID/mem`` for other processes
-    of the same user. Programs it starts become dumpable again when they exec, but keep
-    the limit."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    """No core file, for this process and the programs it starts (``RLIMIT_CORE`` 0), and
+    on Linux not dumpable (``PR_SET_DUMPABLE`` 0): no core at all, through a
+    ``core_pattern`` pipe either, whatever the limit (which another process of the user
+    could raise again), and no ptrace or ``/proc/PID/mem`` for other processes of the same
+    user. Programs it starts become dumpable again when they exec, but keep the limit."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)

@@ -11,7 +11,9 @@ name, and the model digest the service's RTMR3 model event was checked to name, 
 the record; the domain's metadata is a display copy for people using ``virsh``.
 
 Records are JSON files ``<folder>/<domain UUID>.json`` (folder 0700, files 0600, written
-atomically), the folder beside the secret store (``$XDG_DATA_HOME/tdxvm/vms``), and
+atomically; changed and deleted under the folder's ``.lock``, so commands changing one
+record at once take turns), the folder beside the secret store
+(``$XDG_DATA_HOME/tdxvm/vms``), and
 :meth:`VmRecords.trusted` finds the record of a libvirt domain by its UUID and refuses:
 
 - a domain with no record (not launched by this controller: attest it with an explicit
@@ -29,13 +31,15 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tdxvm.attest.policy import Policy
 from tdxvm.errors import Refused
-from tdxvm.fileio import write_atomic
+from tdxvm.fileio import lock_exclusive, write_atomic
 from tdxvm.launch import tunnel
 from tdxvm.launch.domain import PortForward
 from tdxvm.launch.errors import LaunchError
@@ -43,6 +47,7 @@ from tdxvm.launch.metadata import VmMetadata
 from tdxvm.secretstore import SecretStore
 
 FORMAT = 1
+LOCK_TIMEOUT = 60.0  # seconds a change waits for another command's change of the records
 
 
 class RecordError(LaunchError):
@@ -176,15 +181,36 @@ class VmRecords:
         return VmRecord.from_dict(data, source=str(path))
 
     def update(self, uuid: str, **changes: Any) -> VmRecord:
-        record = self.get(uuid)
-        if record is None:
-            raise RecordError(f"no VM record for domain {uuid} in {self.directory}")
-        record = replace(record, **changes)
-        self.put(record)
-        return record
+        """Change fields of the record of ``uuid`` (read, changed and written under the
+        folder's lock: :meth:`_locked`); :class:`RecordError` if there is none (any more)."""
+        with self._locked():
+            record = self.get(uuid)
+            if record is None:
+                raise RecordError(f"no VM record for domain {uuid} in {self.directory}")
+            record = replace(record, **changes)
+            self.put(record)
+            return record
 
     def delete(self, uuid: str) -> None:
-        self._path(uuid).unlink(missing_ok=True)
+        path = self._path(uuid)
+        if not self.directory.is_dir():
+            return
+        with self._locked():
+            path.unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The folder's lock (``.lock``, an exclusive ``flock``): commands changing one record
+        at once (``attest`` beside ``provision``, ``destroy`` beside ``attest``) take turns,
+        so no change is lost and no record is written back after its deletion."""
+        try:
+            fd = lock_exclusive(self.directory / ".lock", LOCK_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
+            raise RecordError(f"cannot lock the VM records in {self.directory}: {exc}") from None
+        try:
+            yield
+        finally:
+            os.close(fd)
 
     def trusted(self, *, name: str, uuid: str, uri: str, meta: VmMetadata | None) -> VmRecord:
         """The record of the domain ``uuid`` called ``name`` on ``uri``, checked against what

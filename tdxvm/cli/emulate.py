@@ -49,10 +49,15 @@ def emulate() -> None:
 def emulate_init(folder: str, output: str) -> None:
     """Create a new emulated platform in DIR (keys mode 0600, folder 0700)."""
     path = Path(folder)
+    taken = CliError(f"{folder}: exists and is not empty; choose a new folder")
     if path.exists() and any(path.iterdir()):
-        raise CliError(f"{folder}: exists and is not empty; choose a new folder")
-    platform = EmulatedPlatform()
-    platform.save(path)
+        raise taken
+    try:
+        EmulatedPlatform().create(path)  # one of two inits at once wins; the other finds DIR taken
+    except FileExistsError:
+        raise taken from None
+    except OSError as exc:
+        raise CliError(f"{folder}: cannot create the emulated platform: {exc}") from None
     root = path / ROOT_CA_FILE
     if output == "json":
         emit_json({"folder": str(path), "root_ca": str(root)})

@@ -15,6 +15,7 @@ in that one thing.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from tdxvm.emulate.tcb import (
     TdxModuleIdentity,
     module_identities_for,
 )
+from tdxvm.fileio import lock_exclusive, partial_folder
 
 _DAY = timedelta(days=1)
 # Default windows relative to ``at``: (days before, days after).
@@ -363,10 +365,53 @@ class EmulatedPlatform:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Save the keys and the root CA certificate (all files 0600) so that a restarted
-        quote service keeps the same trust anchor; see :meth:`load`."""
-        path = self.keys.save(folder)
-        write_private_file(path / ROOT_CA_CERT_FILE, self.root_ca_pem.encode("ascii"))
+        quote service keeps the same trust anchor; see :meth:`load`.
+
+        A missing or empty ``folder`` gets the whole platform at once: it is written in a
+        partial folder beside it (0700) and renamed into place, so a reader sees no
+        platform there or all of one; :class:`FileExistsError` if another one got there
+        meanwhile (a rename never replaces a folder that is not empty). Into a folder that
+        holds other files (or is a symlink, or an empty mount point), each file is replaced
+        on its own, the root CA certificate last. Where several processes may make one
+        platform folder at once, use :meth:`create`."""
+        path = Path(folder)
+        if not path.is_symlink() and _missing_or_empty(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with partial_folder(path.parent, f".{path.name}.partial-") as staging:
+                self._write(staging)
+                try:
+                    os.rename(staging, path)  # replaces an empty folder, never a full one
+                    return path
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise FileExistsError(
+                            errno.EEXIST, "another emulated platform was saved there meanwhile", str(path)
+                        ) from None
+                    if exc.errno not in (errno.EBUSY, errno.EXDEV):  # an empty mount point stays
+                        raise
+        self._write(path)
         return path
+
+    def create(self, folder: str | os.PathLike[str], *, timeout: float = 60) -> Path:
+        """:meth:`save` into ``folder`` only if it is missing or empty, else
+        :class:`FileExistsError`: of several processes creating one folder at once, one
+        wins and the others find it taken. They take turns on the lock file
+        ``.<name>.lock`` beside ``folder`` (waiting up to ``timeout`` seconds, then
+        :class:`TimeoutError`) and look at the folder again holding it: the lock
+        :meth:`tdxvm.provision.trust.EmulatedTrust.load` takes to make its platform."""
+        path = Path(folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_exclusive(path.parent / f".{path.name}.lock", timeout=timeout)
+        try:
+            if not _missing_or_empty(path):
+                raise FileExistsError(errno.EEXIST, "exists and is not empty", str(path))
+            return self.save(path)
+        finally:
+            os.close(lock)
+
+    def _write(self, folder: Path) -> None:
+        self.keys.save(folder)
+        write_private_file(folder / ROOT_CA_CERT_FILE, self.root_ca_pem.encode("ascii"))
 
     @classmethod
     def load(
@@ -382,3 +427,11 @@ class EmulatedPlatform:
         keys = PlatformKeys.load(path)
         root = x509.load_pem_x509_certificate((path / ROOT_CA_CERT_FILE).read_bytes())
         return cls(options, at=at, keys=keys, root_ca_cert=root)
+
+
+def _missing_or_empty(path: Path) -> bool:
+    """Whether ``path`` names nothing, or a folder with nothing in it."""
+    try:
+        return not os.listdir(path)
+    except FileNotFoundError:
+        return not os.path.lexists(path)  # a dangling symlink is not missing

@@ -4,9 +4,10 @@ An entry is a folder ``<root>/<step>-<key>`` holding the step's files (plain fil
 folders) and ``entry.json``: the step, its full key, its inputs, and the SHA-256 and
 size of every file. It is built in a ``.partial-<pid>-<8 hex>`` folder beside it and
 renamed into place when the step has finished, so an interrupted build never leaves an
-entry that a later build would take for complete. The building process holds that
-folder's ``flock`` until the rename; a ``.partial`` folder of the same entry nobody
-holds (its build was killed) is removed when the step is next put
+entry that a later build would take for complete; of builds of one entry at once, the
+first to finish publishes it and the others use it (:meth:`StepCache.put`). The
+building process holds that folder's ``flock`` until the rename; a ``.partial`` folder
+of the same entry nobody holds (its build was killed) is removed when the step is next put
 (:func:`tdxvm.fileio.partial_folder`). An entry without ``entry.json`` (one from an
 older tdxvm), or whose files are missing, extra or of another size, is a miss and is
 rebuilt. The root is ``$TDXVM_CACHE`` (else ``$XDG_CACHE_HOME/tdxvm``, else
@@ -28,11 +29,14 @@ what keeps others out.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +51,8 @@ from tdxvm.xdg import cache_home
 ENTRY_FILE = "entry.json"
 FORMAT = 1
 CHUNK = 1 << 20
+_LOCK_WAIT = 60.0  # seconds a put waits for another's publishing
+_PUBLISH_TRIES = 8
 
 
 class CacheError(TdxvmError):
@@ -176,20 +182,11 @@ class StepCache:
 
     def get(self, step: str, key: str) -> Path | None:
         """The entry for ``step`` and ``key`` if a build finished it and its files are all
-        there with their recorded sizes, else None. Contents are checked on use."""
+        there with their recorded sizes, else None. Contents are checked on use. An entry
+        that vanishes or is replaced while this looks is a miss, never an error."""
         private_folder(self.root, top=self._top)
         entry = self.path(step, key)
-        record = _read_record(entry)
-        if record is None or record.get("step") != step or record.get("key") != key:
-            return None
-        files = _recorded_files(record)
-        if files is None or set(os.listdir(entry)) != {*files, ENTRY_FILE}:
-            return None
-        for name, digest in files.items():
-            st = os.lstat(entry / name)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != digest.size:
-                return None
-        return entry
+        return entry if _complete(entry, step, key) else None
 
     def digest(self, entry: Path, name: str) -> FileDigest:
         """What ``entry.json`` of ``entry`` records for its file ``name``."""
@@ -208,7 +205,17 @@ class StepCache:
     @contextmanager
     def put(self, step: str, key: str, inputs: Mapping[str, Any]) -> Iterator[Path]:
         """A fresh folder to build the entry in; published only if the block succeeds,
-        with ``entry.json`` recording the digest of every file the block wrote there."""
+        with ``entry.json`` recording the digest of every file the block wrote there.
+
+        Builds of the same step at once each build their own folder; the first to finish
+        publishes it, and the others keep that entry (the same key means the same inputs)
+        and drop theirs, so an entry another build returned from :meth:`get` or just
+        published is never removed under it. Only an entry :meth:`get` would not return (an
+        older tdxvm's, a damaged one) is replaced: renamed aside, the new one renamed into
+        place, then the old one removed, so a reader sees the old entry or the new one,
+        never none or a part of one. A reader still reading such an entry loses it (its
+        files are gone, or :meth:`verified_file` finds they changed): the one case left,
+        and one :meth:`get` had already called a miss."""
         private_folder(self.root, top=self._top)
         entry = self.path(step, key)
         with partial_folder(entry.parent, f"{entry.name}.partial-") as staging:
@@ -222,8 +229,103 @@ class StepCache:
                 "files": {name: {"sha256": d.sha256, "size": d.size} for name, d in files.items()},
             }
             (staging / ENTRY_FILE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-            _remove(entry)
-            staging.rename(entry)
+            self._publish(staging, entry, step, key, trash=f"{staging.name}.old")
+
+    def _publish(self, staging: Path, entry: Path, step: str, key: str, *, trash: str) -> None:
+        """Rename ``staging`` to ``entry`` unless a complete entry of ``key`` is there, under
+        the root folder's ``flock`` (held by publishers only, for these renames): two
+        builds cannot both find the entry missing, or replace each other's. The old entry
+        goes aside to ``trash`` (a partial name: a put killed before it removed it leaves
+        it to the next put's sweep). A folder something other than a put made meanwhile
+        (``ENOTEMPTY``) is looked at again."""
+        old = entry.with_name(trash)
+        for _ in range(_PUBLISH_TRIES):
+            with _locked_folder(self.root):
+                if _complete(entry, step, key):
+                    return  # another build's, of the same inputs: kept; staging is dropped
+                moved = _rename_if_there(entry, old)
+                try:
+                    os.rename(staging, entry)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    continue
+                finally:
+                    if moved:
+                        _remove(old)
+            return
+        raise CacheError(entry, f"cache entry {entry} keeps changing while this build publishes it; build again")
+
+
+def _complete(entry: Path, step: str, key: str) -> bool:
+    """Whether ``entry`` is a finished entry of ``step`` and ``key`` with every recorded
+    file there at its recorded size: read through one open handle of the folder, so the
+    answer is about one folder even while another replaces it, and False when it is
+    gone or replaced before the look ends."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # missing, a symlink, not a folder
+        return False
+    try:
+        record = _read_record_at(fd)
+        if record is None or record.get("step") != step or record.get("key") != key:
+            return False
+        files = _recorded_files(record)
+        if files is None or set(os.listdir(fd)) != {*files, ENTRY_FILE}:
+            return False
+        for name, digest in files.items():
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != digest.size:
+                return False
+        return True
+    except OSError:  # removed, or replaced, while this looked
+        return False
+    finally:
+        os.close(fd)
+
+
+def _read_record_at(folder_fd: int) -> dict[str, Any] | None:
+    try:
+        fd = os.open(ENTRY_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            record = json.loads(f.read())
+        except ValueError:
+            return None
+    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+
+
+@contextmanager
+def _locked_folder(folder: Path) -> Iterator[None]:
+    """The exclusive ``flock`` of ``folder`` itself while the block runs, waited for at
+    most :data:`_LOCK_WAIT` seconds (a publisher holds it for a few renames)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CacheError(
+                        folder, f"cache folder {folder} stays locked by another build ({_LOCK_WAIT:.0f} s); build again"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _rename_if_there(path: Path, to: Path) -> bool:
+    """Rename ``path`` to ``to``; False if there was nothing to rename."""
+    try:
+        os.rename(path, to)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _plain_files(staging: Path) -> list[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -161,6 +163,7 @@ def test_a_damaged_or_old_entry_is_a_miss(tmp_path, damage):
     assert cache.get("rootfs", KEY) is None
     assert filled(cache) == entry  # rebuilt over it
     assert cache.verified_file(entry, "rootfs.tar").read_bytes() == TAR
+    assert os.listdir(tmp_path / "cache") == [entry.name]  # the old one, renamed aside, is gone
 
 
 def test_a_step_writes_plain_files_only(tmp_path):
@@ -254,3 +257,96 @@ def test_the_cli_reports_a_cache_error_as_one_line(tmp_path, capsys):
         "chmod 700 " + str(tmp_path / "cache")
     )
     assert isinstance(CacheError(tmp_path, "x"), TdxvmError)
+
+
+def test_a_put_keeps_the_entry_another_build_published_meanwhile(tmp_path):
+    """Same key, same inputs: the first build to finish publishes, the later one drops its
+    folder and uses that entry, which a reader may already hold."""
+    cache = StepCache(tmp_path / "cache")
+    with cache.put("rootfs", KEY, INPUTS) as staging:
+        (staging / "rootfs.tar").write_bytes(b"later build\n")
+        first = filled(cache)  # another build finishes first
+    assert cache.get("rootfs", KEY) == first == cache.path("rootfs", KEY)
+    assert cache.verified_file(first, "rootfs.tar").read_bytes() == TAR
+    assert os.listdir(tmp_path / "cache") == [first.name]
+
+
+def test_get_is_a_miss_when_the_entry_goes_while_it_looks(tmp_path, monkeypatch):
+    from tdxvm.image import cache as module
+
+    cache = StepCache(tmp_path / "cache")
+    entry = filled(cache)
+    recorded = module._recorded_files
+
+    def then_removed(record):
+        shutil.rmtree(entry)  # another build renamed it aside and removed it
+        return recorded(record)
+
+    monkeypatch.setattr(module, "_recorded_files", then_removed)
+    assert cache.get("rootfs", KEY) is None
+
+
+ROUNDS = 8
+FORK = multiprocessing.get_context("fork")
+DATA = bytes(range(256)) * 1024  # 256 KiB
+
+
+def _build(root: Path, go: object, results: object) -> None:
+    """One image build's use of the step (rootimage._rootfs_step): put it, then read the
+    entry it published (or found published)."""
+    cache = StepCache(root)
+    go.wait()  # type: ignore[attr-defined]
+    try:
+        with cache.put("rootfs", KEY, INPUTS) as staging:
+            (staging / "rootfs.tar").write_bytes(DATA)
+        entry = cache.path("rootfs", KEY)
+        cache.digest(entry, "rootfs.tar")
+        cache.verified_file(entry, "rootfs.tar")
+        results.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - what the test reports
+        results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def _read(root: Path, go: object, stop: object, results: object) -> None:
+    """A build that found the entry cached (get) and reads it."""
+    cache = StepCache(root)
+    go.wait()  # type: ignore[attr-defined]
+    seen = []
+    while not stop.is_set():  # type: ignore[attr-defined]
+        try:
+            entry = cache.get("rootfs", KEY)
+            if entry is not None:
+                cache.verified_file(entry, "rootfs.tar")
+        except Exception as exc:  # noqa: BLE001 - what the test reports
+            seen.append(f"{type(exc).__name__}: {exc}")
+        stop.wait(0.0005)  # type: ignore[attr-defined]
+    results.put(seen)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("before", ["missing", "cached", "damaged"])
+def test_builds_of_one_entry_at_once_all_use_it_and_a_reader_keeps_it(tmp_path, before):
+    for n in range(ROUNDS):
+        root = tmp_path / f"cache{n}"
+        cache = StepCache(root)
+        if before != "missing":
+            with cache.put("rootfs", KEY, INPUTS) as staging:
+                (staging / "rootfs.tar").write_bytes(DATA)
+        if before == "damaged":
+            (cache.path("rootfs", KEY) / "rootfs.tar").write_bytes(DATA[:-1])  # a miss: rebuilt
+        go, stop, results, seen = FORK.Event(), FORK.Event(), FORK.Queue(), FORK.Queue()
+        builds = [FORK.Process(target=_build, args=(root, go, results)) for _ in range(3)]
+        reader = FORK.Process(target=_read, args=(root, go, stop, seen))
+        for p in [*builds, reader]:
+            p.start()
+        go.set()
+        outcomes = [results.get(timeout=120) for _ in builds]
+        stop.set()
+        problems = seen.get(timeout=60)
+        for p in [*builds, reader]:
+            p.join(60)
+        assert outcomes == ["ok"] * 3
+        if before != "damaged":  # a damaged entry is replaced: a reader of it may lose it
+            assert problems == []
+        entry = cache.get("rootfs", KEY)
+        assert entry is not None and cache.verified_file(entry, "rootfs.tar").read_bytes() == DATA
+        assert os.listdir(root) == [entry.name]  # no partial or old folder left

@@ -30,19 +30,29 @@ once complete and checked. The copying process holds an exclusive ``flock`` on t
 from before its first byte until after the rename, so a partial file nobody holds a lock
 on is one whose writer is gone (killed, or the machine lost power: the kernel drops a
 dead process's locks); see :func:`_abandoned_partial`.
+
+Several launches may set up one host at once: threads of one process (a fleet's
+replicas), processes of one controller (two ``tdxvm launch``, two fleets' applies), and
+controllers on different machines. :func:`ensure_pool` makes the pool whichever of them
+comes first, and the others use it (:func:`_define_pool`); the uploads of one volume take
+turns on a controller (a thread lock, then a ``flock`` in its state folder:
+:func:`_controller_lock`), and an upload finding another controller's under way waits for
+it to finish instead of replacing it (:func:`_complete_volume`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import re
 import secrets
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -53,6 +63,7 @@ from tdxvm.fileio import claim_abandoned, create_locked
 from tdxvm.launch.connection import is_local, is_test_driver, libvirt_message
 from tdxvm.launch.errors import VolumeError
 from tdxvm.launch.manifest import Artifact, ImageManifest
+from tdxvm.xdg import state_home
 
 POOL_NAME = "tdxvm"
 POOL_PATH = "/var/lib/tdxvm/pool"
@@ -63,6 +74,14 @@ CHUNK = 256 * 1024  # libvirt's RPC stream messages carry at most 256 KiB
 # A partial file this long untouched is abandoned, judged from a machine that cannot see its lock
 # (a live upload writes to it every COPY_CHUNK; this is far beyond any clock skew between hosts).
 PARTIAL_STALE_AFTER = 24 * 3600.0
+POOL_LOCK_WAIT = 60.0  # seconds a pool setup waits for this controller's others (then goes on without)
+POOL_START_WAIT = 5.0  # seconds a pool another client defined gets to be built and started
+UPLOAD_LOCK_WAIT = 3600.0  # seconds an upload waits for this controller's other upload of the volume
+# A short content volume that has not grown for this long is an interrupted upload's: a live
+# one writes every stream chunk, and a remote connection silent for ~35 s is closed by its keepalive.
+UPLOAD_STALL = 60.0
+UPLOAD_POLL = 1.0  # seconds between looks at a volume another upload is growing
+UPLOAD_TRIES = 3  # creates of a volume that another upload (then failed or interrupted) took first
 
 
 Role = Literal["kernel", "initrd", "disk", "firmware", "overlay", "serial-log", "scratch"]
@@ -70,11 +89,13 @@ Role = Literal["kernel", "initrd", "disk", "firmware", "overlay", "serial-log", 
 
 @dataclass(frozen=True, slots=True)
 class VolumeEvent:
-    """Progress of one volume: ``skip`` (already there), ``upload`` (bytes sent so far), ``done``."""
+    """Progress of one volume: ``skip`` (already there), ``wait`` (another upload of it
+    is under way: the bytes on the host so far, 0 where not seen), ``upload`` (bytes sent
+    so far), ``done``."""
 
     volume: str
     role: Role
-    status: Literal["skip", "upload", "done"]
+    status: Literal["skip", "wait", "upload", "done"]
     done: int
     total: int
 
@@ -158,24 +179,59 @@ def pool_path(pool: libvirt.virStoragePool) -> str:
 
 
 def ensure_pool(conn: libvirt.virConnect, *, name: str = POOL_NAME, path: str = POOL_PATH) -> libvirt.virStoragePool:
-    """The ``tdxvm`` directory pool, defined, built and started if needed (autostarted)."""
+    """The ``tdxvm`` directory pool, defined, built and started if needed (autostarted).
+
+    Safe when several processes make the first use of a host at once, of this controller
+    (they take turns, :func:`_controller_lock`) or of others: the one whose define comes
+    second uses the pool the first defined, and "already active" from a start means
+    another client started it (:func:`_define_pool`, :func:`_start_pool`)."""
     uri = _uri(conn)
+    with _controller_lock(("pool", uri, name), wait=POOL_LOCK_WAIT):
+        pool = _lookup_pool(conn, name, uri)
+        defined = False
+        if pool is None:
+            pool, defined = _define_pool(conn, name, path, uri)
+        _start_pool(pool, uri, wait=0.0 if defined else POOL_START_WAIT)
+    refresh(pool, uri)
+    return pool
+
+
+def _lookup_pool(conn: libvirt.virConnect, name: str, uri: str) -> libvirt.virStoragePool | None:
     try:
-        pool = conn.storagePoolLookupByName(name)
+        return conn.storagePoolLookupByName(name)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
             raise VolumeError(f"cannot look up storage pool {name} on {uri}: {libvirt_message(exc)}") from None
-        pool = _define_pool(conn, name, path, uri)
-    if not pool.isActive():
+        return None
+
+
+def _active(pool: libvirt.virStoragePool) -> bool:
+    try:
+        return bool(pool.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def _start_pool(pool: libvirt.virStoragePool, uri: str, *, wait: float) -> None:
+    """Start ``pool`` unless it runs. A failure while another client is still setting up a
+    pool it defined (its folder not built yet) is tried again for ``wait`` seconds; a
+    start that fails because the pool is active by then (another client started it) is
+    success."""
+    deadline = time.monotonic() + wait
+    while not _active(pool):
         try:
             pool.create(0)
+            return
         except libvirt.libvirtError as exc:
-            raise VolumeError(
-                f"storage pool {name} on {uri} is defined but cannot be started: {libvirt_message(exc)}"
-                f"\nfix: check its folder ({pool_path(pool)}) exists, or `virsh pool-start {name}`"
-            ) from None
-    refresh(pool, uri)
-    return pool
+            if _active(pool):
+                return  # "is already active": another client started it meanwhile
+            if time.monotonic() >= deadline:
+                raise VolumeError(
+                    f"storage pool {pool.name()} on {uri} is defined but cannot be started: {libvirt_message(exc)}"
+                    f"\nfix: check its folder ({pool_path(pool)}) exists (`virsh pool-build {pool.name()}` makes "
+                    f"it), or `virsh pool-start {pool.name()}`"
+                ) from None
+        time.sleep(0.1)
 
 
 def refresh(pool: libvirt.virStoragePool, uri: str, *, wait: float = REFRESH_WAIT) -> None:
@@ -199,7 +255,18 @@ def refresh(pool: libvirt.virStoragePool, uri: str, *, wait: float = REFRESH_WAI
         pause = min(pause * 2, 2.0)
 
 
-def _define_pool(conn: libvirt.virConnect, name: str, path: str, uri: str) -> libvirt.virStoragePool:
+def _define_pool(conn: libvirt.virConnect, name: str, path: str, uri: str) -> tuple[libvirt.virStoragePool, bool]:
+    """Define and build the pool (autostarted, not started); returns it and whether this
+    call defined it. When another client defined it since the lookup, libvirt refuses the
+    define ("operation failed: pool 'tdxvm' already exists with uuid …", as for any define
+    of a name it has under another UUID): that pool is returned, for the caller to start.
+
+    Nothing is undone on failure: a pool is never destroyed or undefined here. From the
+    moment it is defined every client of the host sees it, and another launch (of this
+    controller or another) may already have looked it up, started it and be uploading
+    into it; undoing it would pull the pool from under that launch, which did happen
+    while this undid its own define. A pool left defined but not built is harmless: the
+    next launch finds it and says how to start it."""
     root = ET.Element("pool", {"type": "dir"})
     ET.SubElement(root, "name").text = name
     target = ET.SubElement(root, "target")
@@ -209,22 +276,91 @@ def _define_pool(conn: libvirt.virConnect, name: str, path: str, uri: str) -> li
     try:
         pool = conn.storagePoolDefineXML(ET.tostring(root, encoding="unicode"), 0)
     except libvirt.libvirtError as exc:
+        other = _lookup_pool(conn, name, uri)
+        if other is not None:
+            return other, False  # another client defined it first
         raise VolumeError(f"cannot define storage pool {name} at {path} on {uri}: {libvirt_message(exc)}") from None
     try:
-        pool.build(0)
-        pool.create(0)
+        try:
+            pool.build(0)
+        except libvirt.libvirtError:
+            if not _active(pool):  # libvirt refuses to build a pool another client started: it is built
+                raise
         pool.setAutostart(1)
     except libvirt.libvirtError as exc:
-        message = libvirt_message(exc)
-        with suppress(libvirt.libvirtError):
-            if pool.isActive():
-                pool.destroy()
-            pool.undefine()
         raise VolumeError(
-            f"cannot create storage pool {name} at {path} on {uri}: {message}\nfix: the libvirt "
+            f"cannot create storage pool {name} at {path} on {uri}: {libvirt_message(exc)}\nfix: the libvirt "
             f"daemon must be able to create {path} (it runs as root for qemu:///system)"
         ) from None
-    return pool
+    return pool, True
+
+
+@contextmanager
+def _controller_lock(key: tuple[str, ...], *, wait: float, waiting: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Held by one process of this controller at a time for ``key`` while the block runs
+    (yields True): a ``flock`` on ``<state>/locks/<kind>-<hash of key>.lock``, so that its
+    launches take turns at a host's pool or at one volume's upload. ``waiting`` is called
+    about once a second while another process holds it.
+
+    Only a help: what it guards is safe without it too, as it must be, since controllers
+    on other machines share no lock. So where the folder cannot be made or locks are not
+    supported, or after ``wait`` seconds, the block runs without it (yields False). The
+    holder removes the file before it lets go (none is left per volume ever uploaded, but
+    for a killed holder's: empty, and locked again by the next); a waiter that then gets
+    the lock of the removed file opens the path again. ``key`` is (kind, URI, …); a
+    test-driver URI names a host private to its process: no lock."""
+    if is_test_driver(key[1]):
+        yield False
+        return
+    path = state_home() / "locks" / f"{key[0]}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}.lock"
+    deadline = time.monotonic() + wait
+    told = time.monotonic()
+    fd = _open_lock(path)
+    try:
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= deadline:
+                    os.close(fd)
+                    fd = None
+                elif waiting is not None and now - told >= 1.0:
+                    told = now
+                    waiting()
+                time.sleep(0.05)
+                continue
+            except OSError:  # no flock on this filesystem
+                os.close(fd)
+                fd = None
+                break
+            try:
+                held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+                if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the file its last holder removed: lock the one there now
+            fd = _open_lock(path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            with suppress(OSError):
+                path.unlink()
+            os.close(fd)
+
+
+def _open_lock(path: Path) -> int | None:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
 
 
 def _lookup(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
@@ -281,13 +417,29 @@ def upload_artifact(
 ) -> tuple[libvirt.virStorageVol, bool]:
     """Upload ``artifact`` as its content-named volume unless it is there; returns (volume, uploaded).
 
-    Launches of one image to one host at once (a fleet's replicas) upload it once: the
-    others wait for that upload, then find the volume there."""
+    Launches of one image to one host at once upload it once: those of this controller
+    take turns (the threads of a process on a lock, its processes on a ``flock``,
+    :func:`_controller_lock`; ``wait`` events while another's upload runs), and the later
+    ones find the volume there; one that finds another controller's upload under way
+    waits for it (:func:`_complete_volume`)."""
     name = content_name(role, artifact.sha256)
+    key = (_uri(conn), pool.name(), name)
     with _uploading_guard:
-        lock = _uploading.setdefault((_uri(conn), pool.name(), name), threading.Lock())
-    with lock:
+        lock = _uploading.setdefault(key, threading.Lock())
+
+    def waiting() -> None:
+        progress(VolumeEvent(name, role, "wait", _size_on_host(pool, name), artifact.size))
+
+    with lock, _controller_lock(("upload", *key), wait=UPLOAD_LOCK_WAIT, waiting=waiting):
         return _upload_once(conn, pool, artifact, role, name, progress)
+
+
+def _size_on_host(pool: libvirt.virStoragePool, name: str) -> int:
+    """The size of volume ``name`` now, 0 where there is none (yet)."""
+    try:
+        return int(pool.storageVolLookupByName(name).info()[1])
+    except libvirt.libvirtError:
+        return 0
 
 
 def _upload_once(
@@ -298,26 +450,78 @@ def _upload_once(
     name: str,
     progress: Progress,
 ) -> tuple[libvirt.virStorageVol, bool]:
-    existing = _lookup(pool, name)
-    if existing is not None:
-        if existing.info()[1] == artifact.size:
+    for _ in range(UPLOAD_TRIES):
+        existing = _complete_volume(pool, name, artifact, role, progress)
+        if existing is not None:
             progress(VolumeEvent(name, role, "skip", artifact.size, artifact.size))
             return existing, False
-        delete_volume(existing)  # shorter: left by an interrupted upload
-    try:
-        f = open(artifact.path, "rb")  # noqa: SIM115 - closed below, after the volume exists
-    except OSError as exc:
-        raise VolumeError(f"image artifact {artifact.path}: {exc.strerror or exc}") from None
-    with f:
-        if local_folder(pool) is not None:
-            return _copy_into(pool, f, artifact, role, name, progress), True
-        vol = _create(pool, _volume_xml(name, capacity=0, fmt="raw"), name)
         try:
-            _stream_into(conn, vol, f, artifact, role, name, progress)
-        except BaseException:
+            f = open(artifact.path, "rb")  # noqa: SIM115 - closed below, after the volume exists
+        except OSError as exc:
+            raise VolumeError(f"image artifact {artifact.path}: {exc.strerror or exc}") from None
+        with f:
+            if local_folder(pool) is not None:
+                return _copy_into(pool, f, artifact, role, name, progress), True
+            try:
+                vol = pool.createXML(_volume_xml(name, capacity=0, fmt="raw"), 0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_STORAGE_VOL_EXIST:
+                    continue  # another controller's upload created it since the look: wait for that one
+                raise VolumeError(
+                    f"cannot create volume {name} in pool {pool.name()}: {libvirt_message(exc)}"
+                ) from None
+            try:
+                _stream_into(conn, vol, f, artifact, role, name, progress)
+            except BaseException:
+                delete_volume(vol)
+                raise
+        return vol, True
+    raise VolumeError(
+        f"cannot upload {artifact.path} to volume {name} in pool {pool.name()}: {UPLOAD_TRIES} times another "
+        "client's upload of it created the volume first and then failed or stopped; try again"
+    )
+
+
+def _complete_volume(
+    pool: libvirt.virStoragePool, name: str, artifact: Artifact, role: Role, progress: Progress
+) -> libvirt.virStorageVol | None:
+    """Volume ``name`` once it is complete (``artifact``'s size); None when there is none,
+    deleting first one that will never be complete.
+
+    A shorter one is an upload's, under way or interrupted: content volumes are created
+    empty and grow as the stream writes them (:func:`_upload_once`). An upload of this
+    controller cannot be under way (the caller holds the volume's locks), but another
+    controller's can, and nothing on the host tells the two apart at once. So it is
+    watched, its size compared across polls of :data:`UPLOAD_POLL` seconds (the host's
+    sizes and this machine's clock only: no clocks of two machines compared, unlike the
+    partial files' ``mtime`` in :func:`_abandoned_partial`): while it grows it is waited
+    for (``wait`` events with its size), until it is complete, or gone (that upload failed
+    and removed it); one that has not grown for :data:`UPLOAD_STALL` seconds is an
+    interrupted upload's and is deleted (a live upload writes every stream chunk). A
+    volume longer than the artifact is no upload of it, and on libvirt's test driver
+    no upload can be under way (it cannot upload): both are deleted at once."""
+    can_grow = not is_test_driver(_uri(pool.connect()))
+    seen, since = -1, time.monotonic()
+    while True:
+        vol = _lookup(pool, name)
+        if vol is None:
+            return None
+        try:
+            size = int(vol.info()[1])
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                continue  # deleted since the lookup
+            raise VolumeError(f"cannot read volume {name} in pool {pool.name()}: {libvirt_message(exc)}") from None
+        if size == artifact.size:
+            return vol
+        now = time.monotonic()
+        if size > artifact.size or not can_grow or (size == seen and now - since >= UPLOAD_STALL):
             delete_volume(vol)
-            raise
-    return vol, True
+            return None
+        if size != seen:
+            seen, since = size, now
+            progress(VolumeEvent(name, role, "wait", size, artifact.size))
+        time.sleep(UPLOAD_POLL)
 
 
 def local_folder(pool: libvirt.virStoragePool) -> Path | None:

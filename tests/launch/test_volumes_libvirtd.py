@@ -22,9 +22,11 @@ import libvirt
 import pytest
 
 from tdxvm.cli.imageprune import _report
+from tdxvm.launch import volumes
 from tdxvm.launch.connection import open_connection
 from tdxvm.launch.console import _read_tail
 from tdxvm.launch.errors import ConnectError, ConsoleError, VolumeError
+from tdxvm.launch.manifest import Artifact
 from tdxvm.launch.volumes import (
     ASYNC_JOBS,
     COPY_CHUNK,
@@ -323,3 +325,151 @@ def test_prune_keeps_the_partial_file_of_an_upload_in_progress(pool, tmp_path):
     assert (code, out) == (0, "uploaded\n"), err
     assert (target / upload.volume).read_bytes() == upload.data
     assert not upload.partial.exists()
+
+
+class _Workers:
+    """Controller processes that each run ``script`` once per line written to them (the
+    line is the script's input, its one output line the result), started together: the
+    parent writes a round's line to every worker before reading any answer. ``shared``:
+    one controller (one state folder, so its locks are shared), else one per worker."""
+
+    def __init__(self, script: str, args: list[str], tmp_path: Path, *, count: int = 2, shared: bool) -> None:
+        self.procs = []
+        for i in range(count):
+            env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / ("state" if shared else f"state{i}")))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", script, *args],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+            )
+
+    def round(self, line: str) -> list[str]:
+        for p in self.procs:
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+        return [p.stdout.readline().strip() or f"exit {p.wait()}" for p in self.procs]
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+            p.wait(timeout=60)
+            p.stdout.close()
+
+
+_ENSURE_POOL = """
+import sys
+from tdxvm.launch.connection import open_connection
+from tdxvm.launch.volumes import ensure_pool
+conn = open_connection("qemu:///system")
+for line in sys.stdin:
+    name, path = line.split()
+    try:
+        ensure_pool(conn, name=name, path=path)
+        print("ok", flush=True)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}".replace("\\n", " "), flush=True)
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-controller", "two-controllers"])
+def test_two_first_launches_on_a_host_at_once_both_get_the_pool(pool, tmp_path, shared):
+    """Two processes make the first use of a host at once (two launches, two fleets'
+    applies): both define, build and start the pool. Each must get it, and neither may
+    remove the pool the other got (one's define failed with "already exists", its start
+    with "already active", and its error path undefined the pool the other had)."""
+    conn, name, _target = pool
+    workers = _Workers(_ENSURE_POOL, [], tmp_path, shared=shared)
+    failures = []
+    try:
+        for i in range(10):
+            round_name = f"{name}-{i}"
+            results = workers.round(f"{round_name} {tmp_path / f'pool{i}'}")
+            try:
+                p = conn.storagePoolLookupByName(round_name)
+            except libvirt.libvirtError:
+                failures.append(f"round {i}: {results}; the pool is gone")
+                continue
+            if results != ["ok", "ok"] or not p.isActive():
+                failures.append(f"round {i}: {results}; active: {p.isActive()}")
+            if p.isActive():
+                p.destroy()
+            p.undefine()
+    finally:
+        workers.close()
+    assert not failures, f"{len(failures)} of 10 rounds failed:\n" + "\n".join(failures)
+
+
+_UPLOAD = """
+import sys
+from pathlib import Path
+from tdxvm.launch import volumes
+from tdxvm.launch.connection import open_connection
+from tdxvm.launch.manifest import Artifact
+volumes.local_folder = lambda pool: None  # a remote host's path: the virStream upload
+volumes.UPLOAD_POLL = 0.05  # look at the other's upload often: short rounds
+name, source, sha256, size = sys.argv[1:]
+conn = open_connection("qemu:///system")
+pool = conn.storagePoolLookupByName(name)
+artifact = Artifact("disk.img", Path(source), sha256, int(size))
+for _ in sys.stdin:
+    try:
+        _vol, uploaded = volumes.upload_artifact(conn, pool, artifact, "disk")
+        print("uploaded" if uploaded else "found", flush=True)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}".replace("\\n", " "), flush=True)
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-controller", "two-controllers"])
+def test_two_processes_uploading_one_volume_to_a_remote_host_at_once(pool, tmp_path, shared):
+    """Two launches of one image to one (remote: virStream) host at once from two
+    processes: one uploads, the other waits for that upload and finds the volume. Once,
+    the second deleted the first's volume mid-upload as "left by an interrupted upload",
+    or its create failed ("exists already")."""
+    conn, name, target = pool
+    p = ensure_pool(conn, name=name, path=str(target))
+    data = os.urandom(3 << 20)
+    source = tmp_path / "disk.img"
+    source.write_bytes(data)
+    sha256 = hashlib.sha256(data).hexdigest()
+    volume = target / content_name("disk", sha256)
+    workers = _Workers(_UPLOAD, [name, str(source), sha256, str(len(data))], tmp_path, shared=shared)
+    failures = []
+    try:
+        for i in range(10):
+            for vol in p.listAllVolumes():
+                vol.delete(0)
+            results = workers.round("go")
+            if sorted(results) != ["found", "uploaded"] or volume.read_bytes() != data:
+                failures.append(f"round {i}: {results}")
+    finally:
+        workers.close()
+    assert not failures, f"{len(failures)} of 10 rounds failed:\n" + "\n".join(failures)
+
+
+def test_a_short_volume_that_stops_growing_is_replaced(pool, tmp_path, monkeypatch):
+    """A content volume shorter than its artifact that does not grow (a remote upload
+    that was killed, or another controller's that stopped) is waited for while it may
+    still grow, then deleted and uploaded again."""
+    conn, name, target = pool
+    p = ensure_pool(conn, name=name, path=str(target))
+    monkeypatch.setattr(volumes, "local_folder", lambda _pool: None)  # the virStream upload
+    monkeypatch.setattr(volumes, "UPLOAD_STALL", 0.2, raising=False)
+    monkeypatch.setattr(volumes, "UPLOAD_POLL", 0.05, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    data = os.urandom(300_000)
+    (tmp_path / "disk.img").write_bytes(data)
+    artifact = Artifact("disk.img", tmp_path / "disk.img", hashlib.sha256(data).hexdigest(), len(data))
+    volume = content_name("disk", artifact.sha256)
+    p.createXML(f"<volume><name>{volume}</name><capacity>1000</capacity><target><format type='raw'/></target></volume>")
+    events = []
+    _vol, uploaded = volumes.upload_artifact(conn, p, artifact, "disk", events.append)
+    assert uploaded and (target / volume).read_bytes() == data
+    statuses = [e.status for e in events]
+    assert statuses[0] == "wait" and events[0].done == 1000 and statuses[-1] == "done"
+    assert "skip" not in statuses
+    assert not list((tmp_path / "state" / "tdxvm" / "locks").iterdir())  # the lock file is removed

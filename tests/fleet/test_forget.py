@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tdxvm.fleet import reconcile
-from tdxvm.fleet.executor import ApplyOptions, FleetError
+from tdxvm.fleet.executor import FleetError
 from tdxvm.fleet.state import FleetState
+
+from .test_apply import apply
 
 WEB = "    web:\n      template: small\n      replicas: 1\n      placement: [a]\n"
 
@@ -24,17 +25,6 @@ def gone(lab):
     return path, uri
 
 
-def apply(lab, path, *forget: str):
-    return reconcile.apply(
-        lab.load(path),
-        connector=lab.connector,
-        secrets=lab.store,
-        trust_for=lambda _b: lab.trust,
-        state_dir=lab.folder / "state",
-        options=ApplyOptions(poll=0.05, forget_hosts=forget),
-    )
-
-
 def test_a_host_gone_for_good_keeps_apply_partial_until_forgotten(lab, gone):
     path, uri = gone
     with lab.guests():
@@ -42,7 +32,7 @@ def test_a_host_gone_for_good_keeps_apply_partial_until_forgotten(lab, gone):
         assert first.status == "partial" and "c" in first.unreachable()
         [skipped] = [o for o in first.outcomes if o.vm == "demo-old-0"]
         assert "--forget-host c" in skipped.errors[0]["message"]
-        second = apply(lab, path, "c")
+        second = apply(lab, path, forget_hosts=("c",))
     assert second.status == "ok" and second.forgotten == {"c": {"uri": uri, "vms": ["demo-old-0"]}}
     assert second.to_dict()["forgotten_hosts"] == {"c": {"uri": uri, "vms": ["demo-old-0"]}}
     state = FleetState.load(lab.folder / "state", "demo")
@@ -61,6 +51,6 @@ def test_only_a_host_out_of_the_file_that_does_not_answer_is_forgotten(lab, gone
         ("b", "answers: an apply without --forget-host deletes its VMs"),
     ):
         with pytest.raises(FleetError, match="forget") as refused:
-            apply(lab, path, "c", name)
+            apply(lab, path, forget_hosts=("c", name))
         assert words in str(refused.value) and refused.value.code == "forget-host"
     assert "c" in FleetState.load(lab.folder / "state", "demo").hosts  # nothing was forgotten: each name first

@@ -128,7 +128,12 @@ def create_locked(name: Callable[[], Path], *, mode: int, folder: bool = False) 
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep removes this very partial
             except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                if exc.errno not in (
+                    errno.ENOLCK,
+                    errno.EOPNOTSUPP,
+                    errno.ENOTSUP,
+                    errno.EBADF,
+                ):  # EBADF: NFS, read-only fd
                     raise
             if os.fstat(fd).st_nlink:
                 return path, fd

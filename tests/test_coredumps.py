@@ -48,11 +48,13 @@ def test_a_crashing_command_writes_no_core(tmp_path):
 
 
 def test_no_other_process_may_read_its_memory():
-    """PR_GET_DUMPABLE after a command: 0, so ptrace and /proc/PID/mem are root's only."""
+    """After a command: PR_GET_DUMPABLE 0, so ptrace and /proc/PID/mem are root's only
+    and no core is written whatever the limit; and the core limit 0 for what it starts
+    (checked wherever core_pattern sends cores elsewhere than the working folder)."""
     code = (
-        "import ctypes, tdxvm.cli\n"
+        "import ctypes, resource, tdxvm.cli\n"
         "try:\n    tdxvm.cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
-        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+        "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[-1] == "0"
+    assert out.splitlines()[-1] == "0 0"

@@ -362,7 +362,7 @@ def _predict_on(uri: str, xml: str, *, backend: str, firmware: bytes | None) -> 
     only its libvirt and QEMU versions (they select the profile); one that does not answer
     leaves RTMR0 not predicted, with the reason, rather than failing the measurement."""
     from tdxvm.launch import rtmr0pin
-    from tdxvm.launch.connection import is_local, open_connection
+    from tdxvm.launch.connection import close, is_local, open_connection
     from tdxvm.launch.errors import ConnectError
 
     try:
@@ -376,7 +376,7 @@ def _predict_on(uri: str, xml: str, *, backend: str, firmware: bytes | None) -> 
     try:
         return rtmr0pin.predict(conn, xml, backend=backend, firmware=firmware)
     finally:
-        conn.close()
+        close(conn)
 
 
 def _verity_root(cmdline: str) -> dict[str, object] | None:

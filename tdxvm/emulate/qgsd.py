@@ -50,6 +50,7 @@ from pathlib import Path
 
 import libvirt
 
+from tdxvm.coredumps import forbid_core_dumps
 from tdxvm.emulate.qgs import GUEST_GATEWAY, LaunchArtifacts, QuoteService, QuoteServiceError
 
 POLL_SECONDS = 2.0
@@ -204,8 +205,9 @@ class DomainWatch:
                     "still runs the boot this emulated quote service measured is unknown, so it has stopped"
                 )
             return None
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.close()
+        from tdxvm.launch.connection import close  # frees a remote connection's socket and ssh too
+
+        close(self.conn)
         self.conn, self._lost_since = conn, None
         self.reopened += 1
         log.info("libvirt connection opened again (domain %s)", self.uuid)
@@ -239,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--emulated-dir", type=Path, required=True)
     args = p.parse_args(argv)
+    forbid_core_dumps()  # it holds the emulated platform's keys
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # a failed reconnect is logged once, below, not traced
     from tdxvm.emulate import EmulatedPlatform

@@ -5,7 +5,8 @@ file is still emptied. A host that will never answer again (decommissioned, its 
 wiped) keeps every apply at exit 5 ("not asked for any more, but host … is
 unreachable"). Forgetting it drops the host and its VMs' entries from the state file,
 under the fleet's lock, before the plan. Only a host that is out of the file and does not
-answer can be forgotten: a host that answers is emptied by the apply itself. The VM
+answer can be forgotten: a host that answers is emptied by the apply itself, and one
+that answers but refuses (its SSH key changed, a permission) is not gone. The VM
 records stay (``tdxvm destroy NAME --uri URI`` still works if the host comes back,
 whose VMs then run untracked).
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tdxvm.errors import TdxvmError
+from tdxvm.errors import TdxvmError, Unreachable
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.executor import FleetError
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState
+from tdxvm.launch.connection import is_test_driver
 
 
 def forget_gone_hosts(
@@ -42,8 +44,16 @@ def forget_gone_hosts(
             )
         try:
             connector.get(known[name])
-        except TdxvmError:
-            continue  # gone
+        except Unreachable:
+            continue  # no answer: gone
+        except TdxvmError as exc:  # it answered, and refused (its key changed, a permission): not gone
+            if is_test_driver(known[name]):  # libvirt's test driver: a host file that is gone is a host gone
+                continue
+            raise FleetError(
+                f"--forget-host {name}: host {name} ({known[name]}) answers, but refused the connection: "
+                f"{str(exc).splitlines()[0]}; forget only a host that is gone for good",
+                code="forget-host",
+            ) from None
         raise FleetError(
             f"--forget-host {name}: host {name} ({known[name]}) answers: an apply without --forget-host deletes "
             "its VMs; forget only a host that is gone for good",

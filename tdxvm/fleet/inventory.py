@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import libvirt
 
 from tdxvm.launch import metadata as md
-from tdxvm.launch.connection import libvirt_message, open_connection, stalled
+from tdxvm.launch.connection import close, libvirt_message, open_connection, stalled
 from tdxvm.launch.errors import LaunchError, LibvirtUnreachable
 from tdxvm.launch.lifecycle import STATES
 from tdxvm.launch.ownership import Controller
@@ -78,6 +77,8 @@ class Connector:
             conn = self._conns.get(uri)
             if conn is not None and _alive(conn):
                 return conn
+            if conn is not None:  # dead: its socket (and ssh) freed before another is opened
+                close(conn)
             conn = self._open(uri)
             self._conns[uri] = conn
             return conn
@@ -104,8 +105,7 @@ class Connector:
         with self._guard:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
-            with suppress(libvirt.libvirtError):
-                conn.close()
+            close(conn)
 
 
 def _alive(conn: libvirt.virConnect) -> bool:

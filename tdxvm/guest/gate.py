@@ -21,12 +21,14 @@ RSS by 1.2 GiB; now it is refused at the header.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tdxvm.guest.apikeys import KeyFile
+from tdxvm.guest.padding import padded
 
 PUBLIC = frozenset({"/health", "/v1/attestation"})
 DEFAULT_MAX_BODY = 2 * 2**20
@@ -48,12 +50,15 @@ def error(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
-) -> JSONResponse:
+) -> Response:
     """The service's error answer in OpenAI's shape, ``{"error": {message, type, param, code}}``
-    (a 429 says when to retry); the gate's and the API's alike."""
-    return JSONResponse(
-        {"error": {"message": message, "type": type, "param": param, "code": code}},
+    (a 429 says when to retry); the gate's and the API's alike. Padded as completions are
+    (:mod:`tdxvm.guest.padding`): a message may name a count, such as a prompt's tokens."""
+    doc = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return Response(
+        padded(json.dumps(doc, ensure_ascii=False).encode()),
         status_code=status,
+        media_type="application/json",
         headers={**({"Retry-After": str(RETRY_AFTER)} if status == 429 else {}), **(headers or {})},
     )
 

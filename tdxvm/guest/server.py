@@ -124,6 +124,9 @@ class CompletionRequest(_Body):
     prompt: str | list[int] | list[str] | list[list[int]]
 
 
+_TEMPLATE_KEYS = ("name", "tool_call_id")  # message keys a chat template may read, passed on as they come
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id: the template may use them
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -138,7 +141,7 @@ class ChatRequest(_Body):
 # -- errors ------------------------------------------------------------------------------
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _validation_error(_: Request, exc: Exception) -> Response:
     errs = exc.errors() if isinstance(exc, RequestValidationError) else []
     first = errs[0] if errs else {"loc": (), "msg": str(exc), "type": ""}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -152,7 +155,8 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     if not loc:
         return error(400, "request body must be a JSON object", code="invalid_body")
     msgs = [first["msg"]]
-    union = [e for e in errs[1:] if e.get("loc", ())[:2] == first["loc"][:2]]
+    base = tuple(first["loc"])[:-1]  # the field, when the first error is under a union member's tag
+    union = [e for e in errs[1:] if len(base) >= 2 and tuple(e.get("loc", ()))[: len(base)] == base]
     if union:  # a value that fits no member of a union: one error per member, under the member's name
         prefix = tuple(first["loc"])
         for e in union:
@@ -378,7 +382,8 @@ def _chat_messages(body: ChatRequest) -> list[dict[str, str]]:
                     f"messages.{i}.content: only text parts are supported", param=f"messages.{i}.content"
                 )
             content = "".join(part["text"] for part in content)
-        out.append({"role": m.role, "content": content})
+        extra = {k: v for k, v in (m.model_extra or {}).items() if k in _TEMPLATE_KEYS and isinstance(v, str)}
+        out.append({"role": m.role, "content": content, **extra})  # what the model's chat template may read
     return out
 
 

@@ -7,10 +7,11 @@ libvirt failure reaches the caller as an exception and is reported once, by tdxv
 
 A remote host that accepted the connection and then stops answering (a dead network, a
 frozen libvirtd) must not hold its caller forever. libvirt's client only runs keepalive
-with an event loop, so the first :func:`open_connection` registers libvirt's default one
-(once per process, a daemon thread runs it); every remote connection then sends a
-keepalive every :data:`KEEPALIVE_INTERVAL` s, and after :data:`KEEPALIVE_COUNT` of them
-go unanswered libvirt closes it: the pending call and every later one fail. Such a
+with an event loop, so the first :func:`open_connection` of a remote URI registers
+libvirt's default one (once per process, a daemon thread runs it); every remote
+connection then sends a keepalive every :data:`KEEPALIVE_INTERVAL` s, and after
+:data:`KEEPALIVE_COUNT` of them go unanswered libvirt closes it: the pending call and
+every later one fail (close such a connection with :func:`close`). Such a
 failure reaches the user as :class:`LibvirtHostStalled` (exit 3) naming the URI, through
 :func:`lost_to_keepalive` where errors leave a connection's work (:func:`connection`, a
 fleet's worker, a launch). Opening a remote connection waits at most
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -82,13 +84,16 @@ def is_test_driver(uri: str) -> bool:
 _events_lock = threading.Lock()
 _events_running = False
 _keepalive: weakref.WeakKeyDictionary[libvirt.virConnect, tuple[int, int]] = weakref.WeakKeyDictionary()
+_watched: weakref.WeakSet[libvirt.virConnect] = weakref.WeakSet()  # a close callback registered (close() drops it)
 _stalled: weakref.WeakSet[libvirt.virConnect] = weakref.WeakSet()  # closed by their keepalive
 
 
 def _run_events() -> None:  # pragma: no cover - runs for the life of the process
     while True:
-        with suppress(libvirt.libvirtError):
+        try:
             libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError:
+            time.sleep(0.1)  # never a busy loop
 
 
 def ensure_event_loop() -> None:
@@ -110,8 +115,12 @@ def _closed(conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
 
 
 def _keep_alive(conn: libvirt.virConnect) -> None:
-    with suppress(libvirt.libvirtError):  # a peer without keepalive support: nothing to enable
+    """Keepalive for ``conn``, and a close callback that notes a keepalive's close. The
+    callback holds the connection: only :func:`close` (which drops it first) frees it."""
+    with suppress(libvirt.libvirtError):
         conn.registerCloseCallback(_closed, None)
+        _watched.add(conn)
+    with suppress(libvirt.libvirtError):  # a peer without keepalive support: nothing to enable
         conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
         _keepalive[conn] = (KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
 
@@ -146,22 +155,29 @@ def _open(uri: str) -> libvirt.virConnect:
     if is_local(uri) or is_test_driver(uri):
         return libvirt.open(uri)
     box: dict[str, object] = {}
-    late = threading.Event()
+    handover = threading.Lock()  # the result is the caller's, or (once it gave up) the worker closes it
 
     def run() -> None:
         try:
-            box["conn"] = libvirt.open(uri)
+            conn = libvirt.open(uri)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-        if late.is_set() and "conn" in box:  # opened after the caller gave up: nobody will close it
-            with suppress(libvirt.libvirtError):
-                box["conn"].close()  # type: ignore[attr-defined]
+            with handover:
+                box["error"] = exc
+            return
+        with handover:
+            if "late" not in box:
+                box["conn"] = conn
+                return
+        with suppress(libvirt.libvirtError):  # opened after the caller gave up: nobody else will close it
+            conn.close()
 
     worker = threading.Thread(target=run, name=f"tdxvm-open {uri}", daemon=True)
     worker.start()
     worker.join(OPEN_TIMEOUT)
-    late.set()
-    if worker.is_alive():
+    with handover:
+        if "conn" not in box and "error" not in box:
+            box["late"] = True
+    if "late" in box:
         raise LibvirtUnreachable(
             f"cannot connect to libvirt at {uri}: no answer within {OPEN_TIMEOUT:g} s (the host accepted the "
             f"connection, then said nothing: a dead network, or a frozen libvirtd)\nfix: check the host and its "
@@ -184,25 +200,33 @@ def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
             f"libvirt test driver {uri}: no such file {parts.path} (give test:///default or the "
             "absolute path of a test driver XML file)"
         )
-    ensure_event_loop()
+    remote = not is_local(uri) and not is_test_driver(uri)
+    if remote:
+        ensure_event_loop()  # local connections stay as libvirt makes them: no keepalive to lose
     try:
         conn = _open(uri)
     except libvirt.libvirtError as exc:
         raise explain_connect_error(uri, exc) from None
     if conn is None:  # pragma: no cover - older bindings returned None instead of raising
         raise LibvirtUnreachable(f"cannot connect to libvirt at {uri}")
-    if not is_local(uri) and not is_test_driver(uri):
+    if remote:
         _keep_alive(conn)
     return conn
 
 
-def close(conn: libvirt.virConnect) -> None:
-    """Close ``conn`` (and drop its close callback, which holds it); libvirt's errors ignored."""
-    if conn in _keepalive:
+def close(conn: libvirt.virConnect) -> int | None:
+    """Close ``conn`` (and drop its close callback, which holds it: a plain ``conn.close()``
+    of a remote connection frees neither its socket nor its ``ssh``); libvirt's errors
+    ignored. Every connection :func:`open_connection` made is closed here. Returns what
+    libvirt's close does: the references left (0: freed), or None on an error."""
+    if conn in _watched:
+        _watched.discard(conn)
         with suppress(libvirt.libvirtError):
             conn.unregisterCloseCallback()
-    with suppress(libvirt.libvirtError):
-        conn.close()
+    try:
+        return int(conn.close())
+    except libvirt.libvirtError:
+        return None
 
 
 @contextmanager

@@ -63,8 +63,12 @@ def relay(sock: socket.socket, chan: paramiko.Channel) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     chan.settimeout(None)
 
+    def close_channel() -> None:  # the transport may be gone already: then so is the channel
+        with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
+            chan.close()
+
     def abort() -> None:
-        chan.close()
+        close_channel()
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
 
@@ -77,7 +81,7 @@ def relay(sock: socket.socket, chan: paramiko.Channel) -> None:
         outbound.join(CLOSED_POLL)
         if chan.closed:
             abort()
-    chan.close()
+    close_channel()
     sock.close()
 
 

@@ -32,7 +32,7 @@ import libvirt
 
 from tdxvm.image import secrets as disk_secrets
 from tdxvm.launch import tunnel
-from tdxvm.launch.connection import is_test_driver, libvirt_message, open_connection, stalled
+from tdxvm.launch.connection import close, is_test_driver, libvirt_message, open_connection, stalled
 from tdxvm.launch.console import serial_log_tail
 from tdxvm.launch.errors import LaunchError, LibvirtConnectionLost, LibvirtHostStalled
 from tdxvm.launch.lifecycle import DomainHandle, destroy, prepare_domain, record_attestation, start
@@ -437,8 +437,7 @@ def connection_lost(
         try:
             left = _undo(fresh, name, uuid, phase, records)
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                fresh.close()
+            close(fresh)
     if stalled is not None:
         return LibvirtHostStalled(
             f"libvirt at {uri} stopped answering during {phase} ({str(stalled).splitlines()[0].partition(': ')[2]}); "

@@ -397,6 +397,11 @@ CHAT_ERRORS = [
     ({"model": NAME}, 400, "messages"),
     ({"model": NAME, "messages": []}, 400, "messages"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    (  # two unrelated errors: the first is named, not their common prefix
+        {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}, {"role": "user", "content": 5}]},
+        400,
+        "messages.0.role",
+    ),
     (
         {"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
@@ -416,6 +421,11 @@ def test_client_errors_are_4xx_in_openai_shape(server, path, body, status, param
     assert got == status, doc
     err = doc["error"]
     assert err["message"] and err["type"] and err["param"] == param
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    with pytest.raises(HTTPError) as answer:
+        urllib.request.urlopen(req, timeout=30)
+    assert len(answer.value.read()) % PAD == 0  # its size shows no count it names (tdxvm.guest.padding)
 
 
 def test_client_errors_through_openai_client(server):
@@ -457,9 +467,8 @@ def test_a_full_queue_is_a_429_with_retry_after(tiny_model):
 
 
 def _raw(server: Server, path: str, body: dict) -> bytes:
-    req = urllib.request.Request(
-        server.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return r.read()
 

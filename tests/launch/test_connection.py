@@ -136,3 +136,22 @@ def test_a_host_key_ssh_refused_is_a_refusal_with_what_to_do(ssh_said, says):
     assert all(s in str(err) for s in says) and "ssh-keygen -lf" in str(err)
     # without known_hosts= in the URI, ssh's own file is the one to fix
     assert "~/.ssh/known_hosts" in str(explain_connect_error("qemu+ssh://root@h.example/system", _SshSaid(ssh_said)))
+
+
+def test_close_frees_a_connection_kept_alive():
+    """A remote connection's close callback holds it: ``conn.close()`` alone leaves its
+    socket (and, over ssh, its ssh) open; :func:`close` frees it. Shown on the local
+    libvirtd with what a remote connection gets (the control leaks, the fix does not)."""
+    from tdxvm.launch import connection
+
+    def kept_alive() -> libvirt.virConnect:
+        try:
+            conn = libvirt.open("qemu:///system")
+        except libvirt.libvirtError as exc:
+            pytest.skip(f"no libvirtd: {exc}")
+        connection.ensure_event_loop()
+        connection._keep_alive(conn)  # what open_connection does for a remote URI
+        return conn
+
+    assert kept_alive().close() == 1  # the control: a plain close leaves a reference (the callback's)
+    assert connection.close(kept_alive()) == 0  # freed: socket closed

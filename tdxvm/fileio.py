@@ -28,7 +28,7 @@ import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -93,16 +93,24 @@ def claim_abandoned(path: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
-        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+        if _names(path, fd):
             return fd
-    except (BlockingIOError, FileNotFoundError):
+    except BlockingIOError:
         pass
     except BaseException:
         os.close(fd)
         raise
     os.close(fd)
     return None
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` names the file open at ``fd`` now (not removed, nor replaced)."""
+    try:
+        held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def create_locked(name: Callable[[], Path], *, mode: int, folder: bool = False) -> tuple[Path, int]:
@@ -260,17 +268,41 @@ def _is_hex(text: str, length: int) -> bool:
     return len(text) == length and all(c in "0123456789abcdef" for c in text)
 
 
-def lock_exclusive(path: Path, timeout: float) -> int:
+def lock_exclusive(path: Path, timeout: float, *, waiting: Callable[[], object] | None = None) -> int:
     """An fd of ``path`` (created 0600) holding its exclusive ``flock``; closing it releases
-    the lock. Waits up to ``timeout`` seconds, then raises :class:`TimeoutError`."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
-    deadline = time.monotonic() + timeout
+    the lock (:func:`unlock_removing` removes the file too). Waits up to ``timeout``
+    seconds, calling ``waiting`` about once a second meanwhile, then raises
+    :class:`TimeoutError`. The lock is always that of the file ``path`` names: one its last
+    holder removed while this waited is let go, and ``path`` opened again."""
+    told = time.monotonic()
+    deadline = told + timeout
     while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise TimeoutError(f"{path}: locked (waited {timeout:.0f} s)") from None
-            time.sleep(0.05)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise TimeoutError(f"{path}: locked (waited {timeout:.0f} s)") from None
+                    if waiting is not None and now - told >= 1.0:
+                        told = now
+                        waiting()
+                    time.sleep(0.05)
+            if _names(path, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def unlock_removing(path: Path, fd: int) -> None:
+    """Let go of the lock ``fd`` holds on ``path`` (:func:`lock_exclusive`), removing the
+    file first so that none is left behind: a waiter that then holds the removed file's
+    lock opens ``path`` again."""
+    with suppress(OSError):
+        path.unlink()
+    os.close(fd)

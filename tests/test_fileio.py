@@ -9,10 +9,12 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from tdxvm.fileio import remove_abandoned, write_atomic
+from tdxvm.fileio import lock_exclusive, remove_abandoned, unlock_removing, write_atomic
 from tests.killedwriter import Writer
 
 _WRITER = """
@@ -105,3 +107,24 @@ def test_an_abandoned_folder_with_a_mount_in_it_is_kept_with_a_warning(tmp_path)
         "the next run then removes the folder)"
     )
     assert after == "True False"
+
+
+def test_a_lock_whose_file_its_holder_removed_is_taken_on_the_file_there_now(tmp_path):
+    """lock_exclusive waits (calling ``waiting``), and when the holder lets go with
+    unlock_removing the waiter locks the file the path names, not the removed one."""
+    path = tmp_path / "x.lock"
+    held = lock_exclusive(path, 1)
+    calls: list[int] = []
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(lock_exclusive(path, 30, waiting=lambda: calls.append(1))))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:  # it waits, and says so
+        time.sleep(0.05)
+    unlock_removing(path, held)
+    waiter.join(30)
+    assert calls and got
+    assert os.fstat(got[0]).st_ino == os.stat(path).st_ino  # the lock of the file there now
+    with pytest.raises(TimeoutError):
+        lock_exclusive(path, 0.1)
+    os.close(got[0])

@@ -42,7 +42,6 @@ it to finish instead of replacing it (:func:`_complete_volume`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -59,7 +58,7 @@ from typing import BinaryIO, Literal
 
 import libvirt
 
-from tdxvm.fileio import claim_abandoned, create_locked
+from tdxvm.fileio import claim_abandoned, create_locked, lock_exclusive, unlock_removing
 from tdxvm.launch.connection import is_local, is_test_driver, libvirt_message
 from tdxvm.launch.errors import VolumeError
 from tdxvm.launch.manifest import Artifact, ImageManifest
@@ -305,62 +304,26 @@ def _controller_lock(key: tuple[str, ...], *, wait: float, waiting: Callable[[],
     Only a help: what it guards is safe without it too, as it must be, since controllers
     on other machines share no lock. So where the folder cannot be made or locks are not
     supported, or after ``wait`` seconds, the block runs without it (yields False). The
-    holder removes the file before it lets go (none is left per volume ever uploaded, but
-    for a killed holder's: empty, and locked again by the next); a waiter that then gets
-    the lock of the removed file opens the path again. ``key`` is (kind, URI, …); a
-    test-driver URI names a host private to its process: no lock."""
+    holder removes the file before it lets go (:func:`tdxvm.fileio.unlock_removing`: none
+    is left per volume ever uploaded, but for a killed holder's, empty and locked again
+    by the next). ``key`` is (kind, URI, …); a test-driver URI names a host private to
+    its process: no lock."""
     if is_test_driver(key[1]):
         yield False
         return
     path = state_home() / "locks" / f"{key[0]}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}.lock"
-    deadline = time.monotonic() + wait
-    told = time.monotonic()
-    fd = _open_lock(path)
-    try:
-        while fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                now = time.monotonic()
-                if now >= deadline:
-                    os.close(fd)
-                    fd = None
-                elif waiting is not None and now - told >= 1.0:
-                    told = now
-                    waiting()
-                time.sleep(0.05)
-                continue
-            except OSError:  # no flock on this filesystem
-                os.close(fd)
-                fd = None
-                break
-            try:
-                held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
-                if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the file its last holder removed: lock the one there now
-            fd = _open_lock(path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            with suppress(OSError):
-                path.unlink()
-            os.close(fd)
-
-
-def _open_lock(path: Path) -> int | None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None
+        fd: int | None = lock_exclusive(path, wait, waiting=waiting)
+    except (TimeoutError, OSError):  # waited long enough, no folder, or no flock here: go on without it
+        fd = None
+    if fd is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        unlock_removing(path, fd)
 
 
 def _lookup(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:

@@ -31,7 +31,7 @@ from typing import Any
 import libvirt
 
 from tdxvm.launch import metadata as md
-from tdxvm.launch.connection import close, libvirt_message, open_connection, stalled
+from tdxvm.launch.connection import close, is_alive, libvirt_message, open_connection, stalled
 from tdxvm.launch.errors import LaunchError, LibvirtUnreachable
 from tdxvm.launch.lifecycle import STATES
 from tdxvm.launch.ownership import Controller
@@ -75,7 +75,7 @@ class Connector:
             lock = self._locks.setdefault(uri, threading.Lock())
         with lock:
             conn = self._conns.get(uri)
-            if conn is not None and _alive(conn):
+            if conn is not None and is_alive(conn):
                 return conn
             if conn is not None:  # dead: its socket (and ssh) freed before another is opened
                 close(conn)
@@ -106,13 +106,6 @@ class Connector:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             close(conn)
-
-
-def _alive(conn: libvirt.virConnect) -> bool:
-    try:
-        return bool(conn.isAlive())
-    except libvirt.libvirtError:
-        return False
 
 
 _shared: Connector | None = None

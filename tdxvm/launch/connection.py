@@ -77,6 +77,14 @@ def is_local(uri: str) -> bool:
     return host in ("", "localhost") and transport in ("", "unix")
 
 
+def is_alive(conn: libvirt.virConnect) -> bool:
+    """Whether ``conn`` still reaches its libvirt (False once it broke or was closed)."""
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 def is_test_driver(uri: str) -> bool:
     return urlsplit(uri).scheme == "test"
 

@@ -32,7 +32,7 @@ import libvirt
 
 from tdxvm.image import secrets as disk_secrets
 from tdxvm.launch import tunnel
-from tdxvm.launch.connection import close, is_test_driver, libvirt_message, open_connection, stalled
+from tdxvm.launch.connection import close, is_alive, is_test_driver, libvirt_message, open_connection, stalled
 from tdxvm.launch.console import serial_log_tail
 from tdxvm.launch.errors import LaunchError, LibvirtConnectionLost, LibvirtHostStalled
 from tdxvm.launch.lifecycle import DomainHandle, destroy, prepare_domain, record_attestation, start
@@ -282,7 +282,7 @@ def bring_up(
             poll=poll,
         )
     except Exception as exc:
-        if _alive(conn):
+        if is_alive(conn):
             raise
         lost = connection_lost(result.uri, spec.name, vm_uuid, phases.current, exc, records, stalled=stalled(conn))
         raise lost from None
@@ -401,13 +401,6 @@ def _bring_up(
         result.provision = served.to_dict()
         phases.end("provision", t, f"{served.model} at {served.url}")
     return result
-
-
-def _alive(conn: libvirt.virConnect) -> bool:
-    try:
-        return bool(conn.isAlive())
-    except libvirt.libvirtError:
-        return False
 
 
 def connection_lost(

@@ -26,7 +26,7 @@ from tdxvm.fleet.outcome import FleetEvent, Outcome, Progress
 from tdxvm.fleet.plan import Action, Plan, model_ref
 from tdxvm.fleet.planner import Images
 from tdxvm.fleet.spec import Fleet, spec_document
-from tdxvm.fleet.state import FleetState, now
+from tdxvm.fleet.state import FleetState, moved_from, now
 from tdxvm.launch.connection import is_test_driver, libvirt_message, lost_to_keepalive
 from tdxvm.launch.errors import LaunchError, LibvirtUnreachable, NoSuchVmError
 from tdxvm.launch.lifecycle import destroy, lookup, set_labels
@@ -161,7 +161,12 @@ class Run:
             new_copy = {u.action.vm: u for u in first + chain}
             deletes = []
             for a in (a for a in actions if a.kind == "delete"):
-                gated = dep in live and a.host in self.fleet.hosts  # a host left out of the file is emptied at once
+                # a host left out of the file is emptied at once; the old URI of a host of the
+                # file (X@A) is a moved replica's old place: its new copy comes up first
+                moved = moved_from(a.host)
+                gated = dep in live and (
+                    a.host in self.fleet.hosts or (moved is not None and moved[0] in self.fleet.hosts)
+                )
                 deletes.append(
                     _Unit(a, after=list(gate) if gated else [], replaced_by=new_copy.get(a.vm) if gated else None)
                 )
@@ -441,9 +446,9 @@ class Run:
         digest = measurements_digest(verdict) or ""
         ready_at = now()
         try:
-            set_labels(
-                conn.lookupByName(d.name), {inv.READY_AT: ready_at, inv.MEASUREMENTS: digest, inv.ENDPOINT: where}
-            )
+            dom = conn.lookupByName(d.name)
+            set_labels(dom, {inv.READY_AT: ready_at, inv.MEASUREMENTS: digest, inv.ENDPOINT: where})
+            uuid = dom.UUIDString()
         except libvirt.libvirtError as exc:
             raise FleetError(
                 f"VM {d.name} on {d.host} is up, but its labels cannot be written: {libvirt_message(exc)}"
@@ -451,6 +456,7 @@ class Run:
         self.state.update_vm(
             d.name,
             phase="ready",
+            uuid=uuid,  # the domain's: tells a host's new URI from another libvirt (FleetState.relocate_moved)
             ready_at=ready_at,
             last_attested=verdict.get("verified_at"),
             tcb_status=verdict.get("tcb_status"),

@@ -141,6 +141,7 @@ class ActualVm:
     labels: dict[str, str]
     attestation: dict[str, Any] | None
     forwards: tuple[Any, ...] = ()
+    uuid: str = ""  # the domain's: the same domain seen through two URIs is one libvirt
 
     @property
     def deployment(self) -> str:
@@ -245,6 +246,7 @@ def read_host(
                 labels=dict(meta.labels),
                 attestation=attestation,
                 forwards=forwards,
+                uuid=uuid,
             )
     return HostView(host, uri, vms=vms, foreign=foreign, contested=contested)
 

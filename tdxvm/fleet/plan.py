@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from tdxvm.fleet.inventory import IMAGE_SHA, MODEL_DIGEST, SPEC_HASH, ActualVm, ContestedVm, HostView
 from tdxvm.fleet.spec import DesiredVm, spec_document
+from tdxvm.fleet.state import moved_from
 from tdxvm.launch.spec import ModelRef
 
 Kind = Literal["create", "replace", "delete", "keep", "skip"]
@@ -206,6 +207,9 @@ def _create_reason(record: dict[str, Any] | None, host: str) -> str:
 
 
 def _delete_reason(a: ActualVm, wanted: dict[str, DesiredVm], deployments: set[str], host_in_file: bool) -> str:
+    moved = moved_from(a.host)
+    if moved is not None:
+        return f"host {moved[0]} has another URI in the file now: its VMs at {moved[1]} go"
     if not host_in_file:
         return f"host {a.host} is no longer in the file"
     d = wanted.get(a.name)

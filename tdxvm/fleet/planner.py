@@ -15,7 +15,7 @@ from pathlib import Path
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.plan import Plan, make_plan, model_ref
 from tdxvm.fleet.spec import Fleet
-from tdxvm.fleet.state import FleetState, default_state_dir
+from tdxvm.fleet.state import FleetState, default_state_dir, moved_from
 from tdxvm.launch.errors import LaunchError, ManifestError
 from tdxvm.launch.manifest import ImageManifest, load_manifest
 from tdxvm.launch.ownership import Controller
@@ -70,8 +70,41 @@ def model_digests(fleet: Fleet, secrets: SecretStore) -> dict[str, str | Excepti
 
 
 def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
-    """The file's hosts and the hosts the state file still knows the fleet has VMs on."""
+    """The file's hosts and the hosts the state file still knows the fleet has VMs on
+    (a host whose URI changed leaves its old URI as a host of its own:
+    :meth:`FleetState.relocate_moved`, done here)."""
+    state.relocate_moved(fleet.hosts)
     return {**state.hosts, **fleet.hosts}
+
+
+def settle_moved(views: dict[str, inv.HostView], state: FleetState) -> dict[str, inv.HostView]:
+    """``views`` less each moved host (``X@A``) that is the libvirt host X has now: a
+    domain of the fleet at A, or one the state file recorded there, is among X's. One
+    that cannot be told apart yet (X does not answer) is held back, as unreachable, so
+    that nothing of it is deleted; its entries go back to X in ``state`` when merged."""
+    out = dict(views)
+    entries = state.vms()
+    for name, view in views.items():
+        moved = moved_from(name)
+        now = views.get(moved[0]) if moved is not None else None
+        if now is None:
+            continue
+        there = {a.uuid for a in view.vms.values() if a.uuid}
+        there |= {e["uuid"] for e in entries.values() if e.get("host") == name and e.get("uuid")}
+        if not now.reachable:
+            if view.reachable and view.vms:
+                out[name] = inv.HostView(
+                    name,
+                    view.uri,
+                    error=f"cannot tell yet whether {view.uri} reaches the libvirt host {moved[0]} has now "
+                    f"({now.uri}), which does not answer: {now.error}",
+                    error_code=now.error_code,
+                )
+            continue
+        if there & {a.uuid for a in now.vms.values()}:
+            del out[name]
+            state.merge_moved(name)
+    return out
 
 
 def build_plan(
@@ -92,6 +125,7 @@ def build_plan(
         controller=controller or Controller.of(secrets),
         parallel=parallel,
     )
+    views = settle_moved(views, state)
     images = Images.read(fleet, secrets)
     plan = make_plan(
         fleet.name,
@@ -109,5 +143,5 @@ def plan(
     fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None
 ) -> Plan:
     """What an apply would do now (reads only); VM records are read beside ``secrets``."""
-    state = FleetState.load(state_dir or default_state_dir(), fleet.name)
+    state = FleetState.load(state_dir or default_state_dir(), fleet.name, read_only=True)
     return build_plan(fleet, connector, state, secrets=secrets or SecretStore())[0]

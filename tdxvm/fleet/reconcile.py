@@ -43,7 +43,7 @@ from tdxvm.fleet.executor import DEFAULT_PARALLEL, ApplyOptions, FleetError, Run
 from tdxvm.fleet.forget import forget_gone_hosts
 from tdxvm.fleet.outcome import Progress, Report, quiet
 from tdxvm.fleet.plan import Action, Plan, make_plan
-from tdxvm.fleet.planner import Images, build_plan, survey_hosts
+from tdxvm.fleet.planner import Images, build_plan, settle_moved, survey_hosts
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetLock, FleetState, default_state_dir, now
 from tdxvm.launch.ownership import Controller
@@ -79,6 +79,7 @@ def apply(
     secrets = secrets or SecretStore()
     with FleetLock(folder, fleet.name, "apply"):
         state = FleetState.load(folder, fleet.name)
+        state.relocate_moved(fleet.hosts)  # a host whose URI changed: its old URI can be forgotten too
         forgotten = forget_gone_hosts(fleet, state, options.forget_hosts, connector)
         controller = Controller(controller_id(secrets))  # the key is made here on a first apply: VMs carry its id
         plan_now, images = build_plan(
@@ -144,6 +145,7 @@ def destroy_fleet(
             controller=controller,
             parallel=max(parallel, 8),
         )
+        views = settle_moved(views, state)
         empty = Fleet(name=fleet.name, source=fleet.source, hosts={}, templates={}, deployments={})
         plan_now = make_plan(fleet.name, [], views, file_hosts=set(), image_shas={}, records=state.vms())
         plan_now = Plan(plan_now.fleet, tuple(_destroy_reason(a) for a in plan_now.actions), plan_now.hosts)

@@ -115,7 +115,7 @@ def fleet_status(
     fleet: Fleet, *, connector: inv.Connector, state_dir: Path | None = None, secrets: SecretStore | None = None
 ) -> FleetStatus:
     """Each VM of the fleet as the hosts and the controller's records (beside ``secrets``) have it."""
-    state = FleetState.load(state_dir or default_state_dir(), fleet.name)
+    state = FleetState.load(state_dir or default_state_dir(), fleet.name, read_only=True)
     plan, _ = build_plan(fleet, connector, state, secrets=secrets or SecretStore())
     records = state.vms()
     rows = tuple(

@@ -5,7 +5,9 @@ The fleet's VMs carry their ownership in libvirt's domain metadata (labels ``fle
 state file keeps what libvirt cannot:
 
 * the URI of every host the fleet has VMs on, so that a host removed from the file is
-  still found and emptied;
+  still found and emptied; a host of the file whose URI changed leaves its old URI
+  behind as host ``NAME@OLD-URI`` (:meth:`FleetState.relocate_moved`), emptied the same
+  way unless it turns out to be the same libvirt;
 * VMs an apply started and did not finish (``phase: creating``): a crash can leave one
   with no domain but with volumes, which the next apply removes;
 * the spec each VM was last applied with, so a plan can say which keys changed;
@@ -134,6 +136,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "spec_hash": str,
     "image_sha": str,
     "model_digest": str,
+    "uuid": str,
 }
 
 
@@ -151,21 +154,37 @@ def _shape_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
-class FleetState:
-    """The state file of one fleet; thread-safe (the reconcile's workers update it)."""
+def moved_name(host: str, old_uri: str) -> str:
+    """The name of the place a host of the file left when its URI changed (host names are
+    DNS labels: no file host is named so)."""
+    return f"{host}@{old_uri}"
 
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+
+def moved_from(name: str) -> tuple[str, str] | None:
+    """(host, old URI) of a name :func:`moved_name` made; None for a host's own name."""
+    host, at, uri = name.partition("@")
+    return (host, uri) if at else None
+
+
+class FleetState:
+    """The state file of one fleet; thread-safe (the reconcile's workers update it).
+
+    ``read_only``: changes stay in memory (``tdxvm plan`` and ``status`` read the fleet
+    as an apply would, and write nothing)."""
+
+    def __init__(self, path: Path, data: dict[str, Any], *, read_only: bool = False) -> None:
         self.path = path
         self._data = data
         self._lock = threading.Lock()
+        self.read_only = read_only
 
     @classmethod
-    def load(cls, folder: Path, fleet: str) -> FleetState:
+    def load(cls, folder: Path, fleet: str, *, read_only: bool = False) -> FleetState:
         path = Path(folder) / f"{fleet}.json"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return cls(path, {"format": FORMAT, "fleet": fleet, "hosts": {}, "vms": {}})
+            return cls(path, {"format": FORMAT, "fleet": fleet, "hosts": {}, "vms": {}}, read_only=read_only)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise FleetStateError(
                 f"fleet state {path} cannot be read ({exc}); move it away to start from what libvirt "
@@ -181,7 +200,7 @@ class FleetState:
                 f"fleet state {path}: {problem}; move it away to start from what libvirt holds "
                 "(VMs that are still defined are found by their labels)"
             )
-        return cls(path, data)
+        return cls(path, data, read_only=read_only)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -223,6 +242,52 @@ class FleetState:
             self._save()
             return vms
 
+    def relocate_moved(self, file_hosts: dict[str, str]) -> None:
+        """Make the old URI of each host of the file whose URI changed a host of its own.
+
+        A VM entry on host X at URI A, where the file now gives X the URI B, moves to the
+        host that has A now: a host of the file named with A, a host out of the file
+        remembered with A, or else ``X@A`` (:func:`moved_name`), a host out of the file
+        from now on. Its VMs are then deleted as those of any host that left the file,
+        or forgotten with ``--forget-host X@A``; one libvirt reached through both URIs
+        is put back together once both answer (:meth:`merge_moved`). Idempotent."""
+        with self._lock:
+            hosts, vms, changed = self._data["hosts"], self._data["vms"], False
+            by_uri = {uri: name for name, uri in hosts.items() if name not in file_hosts}
+            by_uri.update({uri: name for name, uri in file_hosts.items()})
+
+            def place(host: str, uri: str) -> str:
+                name = by_uri.get(uri)
+                if name is None:
+                    name = by_uri[uri] = moved_name(host, uri)
+                    hosts[name] = uri
+                return name
+
+            for entry in vms.values():
+                host, uri = entry.get("host"), entry.get("uri")
+                if isinstance(host, str) and host in file_hosts and isinstance(uri, str) and uri != file_hosts[host]:
+                    entry["host"], changed = place(host, uri), True
+            for name, uri in list(hosts.items()):
+                if name in file_hosts and uri != file_hosts[name]:
+                    place(name, uri)
+                    hosts[name], changed = file_hosts[name], True
+            if changed:
+                self._save()
+
+    def merge_moved(self, name: str) -> None:
+        """Put back moved host ``name`` (``X@A``): A reaches the libvirt host X has now."""
+        moved = moved_from(name)
+        with self._lock:
+            hosts = self._data["hosts"]
+            if moved is None or name not in hosts:
+                return
+            host = moved[0]
+            for entry in self._data["vms"].values():
+                if entry.get("host") == name:
+                    entry["host"], entry["uri"] = host, hosts.get(host, entry.get("uri"))
+            del hosts[name]
+            self._save()
+
     def update_vm(self, name: str, **fields: Any) -> None:
         with self._lock:
             entry = self._data["vms"].setdefault(name, {})
@@ -246,6 +311,8 @@ class FleetState:
             self._save()
 
     def _save(self) -> None:
+        if self.read_only:
+            return
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._data["updated_at"] = now()

@@ -73,10 +73,17 @@ def measurements_digest(verdict: dict[str, Any] | None) -> str | None:
 
 class _Unit:
     def __init__(
-        self, action: Action, *, after: list[_Unit], rolling: bool = False, replaced_by: _Unit | None = None
+        self,
+        action: Action,
+        *,
+        after: list[_Unit],
+        rolling: bool = False,
+        replaced_by: _Unit | None = None,
+        held: str | None = None,
     ) -> None:
         self.action, self.after, self.rolling = action, after, rolling
         self.replaced_by = replaced_by  # a moved replica's delete: the create of its new copy, which must be up
+        self.held = held  # a moved replica's delete whose new copy is not brought up at all: why
         self.done = False
 
 
@@ -150,6 +157,7 @@ class Run:
             if a.kind in ("create", "replace", "delete"):
                 by_dep.setdefault(a.deployment or "", []).append(a)
         live = set(self.fleet.deployments)
+        wanted = {a.vm: a for a in self.plan.actions if a.desired is not None}  # each wanted VM's own action
         for dep, actions in sorted(by_dep.items()):
             first = [
                 _Unit(a, after=[]) for a in actions if a.kind == "create" or (a.kind == "replace" and not a.serving)
@@ -167,8 +175,20 @@ class Run:
                 gated = dep in live and (
                     a.host in self.fleet.hosts or (moved is not None and moved[0] in self.fleet.hosts)
                 )
+                new = wanted.get(a.vm)
+                held = None
+                if gated and a.vm not in new_copy and new is not None and new.kind == "skip":
+                    held = (
+                        f"{a.vm} was not deleted from {a.host}: its new copy on {new.host} is skipped "
+                        f"({new.reasons[0] if new.reasons else 'no reason given'}); the old replica is left where it is"
+                    )
                 deletes.append(
-                    _Unit(a, after=list(gate) if gated else [], replaced_by=new_copy.get(a.vm) if gated else None)
+                    _Unit(
+                        a,
+                        after=list(gate) if gated else [],
+                        replaced_by=new_copy.get(a.vm) if gated else None,
+                        held=held,
+                    )
                 )
             out += first + chain + deletes
         return out
@@ -191,7 +211,9 @@ class Run:
 
     def _may_delete(self, unit: _Unit) -> str | None:
         """Why the delete ``unit`` of a moved replica must not run now (None: it may): its new
-        copy on the other host did not come up, and the old one still serves."""
+        copy on the other host did not come up, or is not brought up at all, and the old one still serves."""
+        if unit.held is not None:
+            return unit.held
         new = unit.replaced_by
         if new is None:
             return None
@@ -338,13 +360,23 @@ class Run:
                     a.vm, phase="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 )
 
-    def destroy_owned(self, conn: libvirt.virConnect, name: str, host: str) -> bool:
+    def destroy_owned(self, conn: libvirt.virConnect, name: str, host: str, *, planned: Action | None = None) -> bool:
         """Destroy ``name`` if it is this fleet's VM and this controller's (both checked again
-        now); False when it is not there."""
+        now); False when it is not there. For the delete ``planned``, only the very domain
+        its plan saw (by UUID), and none when it saw no domain: a domain named so since is
+        another one (the same libvirt reached through another URI, or a VM made meanwhile)."""
         try:
             dom, meta = lookup(conn, name)
         except NoSuchVmError:
             return False
+        if planned is not None:
+            seen = planned.actual.uuid if planned.actual is not None else None
+            if seen is None or (seen and dom.UUIDString() != seen):
+                raise FleetError(
+                    f"domain {name} on {host} ({dom.UUIDString()}) is not the one the plan saw there "
+                    f"({seen or 'none'}): neither it nor its volumes are touched",
+                    code="not-the-planned-vm",
+                )
         if meta.labels.get(inv.FLEET) != self.fleet.name:
             raise FleetError(
                 f"domain {name} on {host} is no longer fleet {self.fleet.name}'s VM; it is not touched",
@@ -359,7 +391,7 @@ class Run:
         return True
 
     def _delete(self, conn: libvirt.virConnect, a: Action) -> None:
-        if not self.destroy_owned(conn, a.vm, a.host):
+        if not self.destroy_owned(conn, a.vm, a.host, planned=a):
             sweep_vm_volumes(conn, a.vm)
         record = self.state.vm(a.vm)
         if record is not None and record.get("host") in (a.host, None):
@@ -518,7 +550,10 @@ class Run:
     def report_untouched(self) -> None:
         for a in self.plan.actions:
             if a.kind == "keep":
-                endpoint = (self.state.vm(a.vm) or {}).get("endpoint") or None  # the state file's, not a label
+                entry = self.state.vm(a.vm) or {}
+                endpoint = entry.get("endpoint") or None  # the state file's, not a label
+                if entry and not entry.get("uuid") and a.actual is not None and a.actual.uuid:
+                    self.state.update_vm(a.vm, uuid=a.actual.uuid)  # an entry an older tdxvm wrote
                 self.outcomes[(a.vm, a.host)] = Outcome(
                     a.vm,
                     a.host,

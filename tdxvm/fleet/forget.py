@@ -13,13 +13,14 @@ whose VMs then run untracked).
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from tdxvm.errors import TdxvmError, Unreachable
 from tdxvm.fleet import inventory as inv
 from tdxvm.fleet.executor import FleetError
 from tdxvm.fleet.spec import Fleet
-from tdxvm.fleet.state import FleetState
+from tdxvm.fleet.state import FleetState, moved_from
 from tdxvm.launch.connection import is_test_driver
 
 
@@ -31,8 +32,10 @@ def forget_gone_hosts(
     known = state.hosts
     for name in names:
         if name in fleet.hosts:
+            old = sorted(h for h in known if (moved_from(h) or ("",))[0] == name)
+            also = f" (its old URI is host {', '.join(shlex.quote(h) for h in old)})" if old else ""
             raise FleetError(
-                f"--forget-host {name}: {fleet.source} still names host {name}; take it out of the file first",
+                f"--forget-host {name}: {fleet.source} still names host {name}; take it out of the file first{also}",
                 code="forget-host",
             )
         if name not in known:

@@ -179,6 +179,7 @@ class HostView:
     vms: dict[str, ActualVm] = field(default_factory=dict)
     foreign: dict[str, str] = field(default_factory=dict)  # name -> whose ("not tdxvm's", "fleet x", "tdxvm VM")
     contested: dict[str, ContestedVm] = field(default_factory=dict)  # also in foreign: the fleet's label, not ours
+    domains: frozenset[str] = frozenset()  # the UUID of every domain listed, the fleet's or not
 
     @property
     def reachable(self) -> bool:
@@ -214,12 +215,14 @@ def read_host(
     vms: dict[str, ActualVm] = {}
     foreign: dict[str, str] = {}
     contested: dict[str, ContestedVm] = {}
+    uuids: set[str] = set()
     for dom in domains:
         try:
+            uuid = dom.UUIDString()
+            uuids.add(uuid)
             name = dom.name()
             meta = md.from_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             state = STATES.get(dom.state()[0], "unknown")
-            uuid = dom.UUIDString()
         except libvirt.libvirtError:
             continue  # undefined while we looked
         if meta is None:
@@ -248,7 +251,7 @@ def read_host(
                 forwards=forwards,
                 uuid=uuid,
             )
-    return HostView(host, uri, vms=vms, foreign=foreign, contested=contested)
+    return HostView(host, uri, vms=vms, foreign=foreign, contested=contested, domains=frozenset(uuids))
 
 
 def survey(

@@ -27,6 +27,7 @@ finished bringing it up (:attr:`ActualVm.serving`); rolling replacement counts t
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -206,6 +207,9 @@ def _create_reason(record: dict[str, Any] | None, host: str) -> str:
     return f"an earlier apply did not finish it ({phase or 'unknown'})"
 
 
+MOVED_UNDECIDED = "moved-host-undecided"  # the error code of a moved host held back (planner.settle_moved)
+
+
 def _delete_reason(a: ActualVm, wanted: dict[str, DesiredVm], deployments: set[str], host_in_file: bool) -> str:
     moved = moved_from(a.host)
     if moved is not None:
@@ -285,7 +289,17 @@ def make_plan(
         actions.append(Action("replace" if reasons else "keep", reasons=tuple(reasons), actual=actual, **base))
     for name, view in sorted(hosts.items()):
         if not view.reachable:
-            stranded = sorted(vm for vm, r in records.items() if r.get("host") == name and vm not in wanted)
+            moved = moved_from(name)  # its entries are those at a file host's old URI, wanted there or not
+            stranded = sorted(
+                vm for vm, r in records.items() if r.get("host") == name and (vm not in wanted or moved is not None)
+            )
+            forget = f" (gone for good? `tdxvm apply -f FLEET.yaml --forget-host {shlex.quote(name)}`)"
+            if moved is None:
+                reason = f"not asked for any more, but host {name} is unreachable: {view.error}{forget}"
+            elif view.error_code == MOVED_UNDECIDED:
+                reason = f"left at host {moved[0]}'s old URI for now: {view.error}"
+            else:
+                reason = f"at host {moved[0]}'s old URI {moved[1]}, which is unreachable: {view.error}{forget}"
             for vm in stranded:
                 actions.append(
                     Action(
@@ -294,10 +308,7 @@ def make_plan(
                         host=name,
                         uri=view.uri,
                         deployment=records[vm].get("deployment"),
-                        reasons=(
-                            f"not asked for any more, but host {name} is unreachable: {view.error} (gone for "
-                            f"good? `tdxvm apply -f FLEET.yaml --forget-host {name}`)",
-                        ),
+                        reasons=(reason,),
                     )
                 )
             continue

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdxvm.fleet import inventory as inv
-from tdxvm.fleet.plan import Plan, make_plan, model_ref
+from tdxvm.fleet.plan import MOVED_UNDECIDED, Plan, make_plan, model_ref
 from tdxvm.fleet.spec import Fleet
 from tdxvm.fleet.state import FleetState, default_state_dir, moved_from
 from tdxvm.launch.errors import LaunchError, ManifestError
@@ -78,10 +78,15 @@ def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
 
 
 def settle_moved(views: dict[str, inv.HostView], state: FleetState) -> dict[str, inv.HostView]:
-    """``views`` less each moved host (``X@A``) that is the libvirt host X has now: a
-    domain of the fleet at A, or one the state file recorded there, is among X's. One
-    that cannot be told apart yet (X does not answer) is held back, as unreachable, so
-    that nothing of it is deleted; its entries go back to X in ``state`` when merged."""
+    """``views`` less each moved host (``X@A``, :meth:`FleetState.relocate_moved`) that is
+    the libvirt host X has now, whose entries go back to X in ``state``.
+
+    One libvirt lists the same domains through any URI, two list none in common (domain
+    UUIDs are random): A is X's libvirt when a domain is listed at both, when neither
+    lists any (nothing at A could be told from X's own, so nothing there is deleted), or,
+    A not answering, when a domain the state file recorded at A is listed at X. While X
+    does not answer, a moved host that does is held back as unreachable: nothing of it is
+    deleted before the two can be told apart."""
     out = dict(views)
     entries = state.vms()
     for name, view in views.items():
@@ -89,21 +94,24 @@ def settle_moved(views: dict[str, inv.HostView], state: FleetState) -> dict[str,
         now = views.get(moved[0]) if moved is not None else None
         if now is None:
             continue
-        there = {a.uuid for a in view.vms.values() if a.uuid}
-        there |= {e["uuid"] for e in entries.values() if e.get("host") == name and e.get("uuid")}
         if not now.reachable:
-            if view.reachable and view.vms:
+            if view.reachable:
                 out[name] = inv.HostView(
                     name,
                     view.uri,
                     error=f"cannot tell yet whether {view.uri} reaches the libvirt host {moved[0]} has now "
                     f"({now.uri}), which does not answer: {now.error}",
-                    error_code=now.error_code,
+                    error_code=MOVED_UNDECIDED,
                 )
             continue
-        if there & {a.uuid for a in now.vms.values()}:
+        if view.reachable:
+            same = bool(view.domains & now.domains) or not (view.domains or now.domains)
+        else:
+            recorded = {e["uuid"] for e in entries.values() if e.get("host") == name and e.get("uuid")}
+            same = bool(recorded & now.domains)
+        if same:
             del out[name]
-            state.merge_moved(name)
+            state.merge_moved(name, now.uri)
     return out
 
 

@@ -243,50 +243,58 @@ class FleetState:
             return vms
 
     def relocate_moved(self, file_hosts: dict[str, str]) -> None:
-        """Make the old URI of each host of the file whose URI changed a host of its own.
+        """Give each VM entry the host that has its URI now, the file's hosts first.
 
-        A VM entry on host X at URI A, where the file now gives X the URI B, moves to the
-        host that has A now: a host of the file named with A, a host out of the file
-        remembered with A, or else ``X@A`` (:func:`moved_name`), a host out of the file
-        from now on. Its VMs are then deleted as those of any host that left the file,
-        or forgotten with ``--forget-host X@A``; one libvirt reached through both URIs
-        is put back together once both answer (:meth:`merge_moved`). Idempotent."""
+        * A host out of the file whose URI a host of the file has (renamed, or a URI put
+          back as it was) is that host: its entries go to it.
+        * An entry of host X at URI A, where the file now gives X another URI, goes to
+          the host out of the file remembered with A, or else to ``X@A``
+          (:func:`moved_name`), a host out of the file from now on: its VMs are deleted as
+          those of any host that left the file (or forgotten with ``--forget-host X@A``),
+          unless A turns out to be the libvirt X has now (:meth:`merge_moved`).
+
+        Idempotent. Kept in memory until the next change is saved (an apply's first
+        outcome, or its end): a cancelled apply changes nothing."""
         with self._lock:
-            hosts, vms, changed = self._data["hosts"], self._data["vms"], False
-            by_uri = {uri: name for name, uri in hosts.items() if name not in file_hosts}
-            by_uri.update({uri: name for name, uri in file_hosts.items()})
-
-            def place(host: str, uri: str) -> str:
-                name = by_uri.get(uri)
-                if name is None:
-                    name = by_uri[uri] = moved_name(host, uri)
-                    hosts[name] = uri
-                return name
-
+            hosts, vms = self._data["hosts"], self._data["vms"]
+            in_file = {uri: name for name, uri in file_hosts.items()}
+            for name, uri in list(hosts.items()):
+                if name not in file_hosts and uri in in_file:
+                    del hosts[name]
+                    hosts[in_file[uri]] = uri
+                    for entry in vms.values():
+                        if entry.get("host") == name:
+                            entry["host"] = in_file[uri]
+            out_of_file = {uri: name for name, uri in hosts.items() if name not in file_hosts}
             for entry in vms.values():
                 host, uri = entry.get("host"), entry.get("uri")
-                if isinstance(host, str) and host in file_hosts and isinstance(uri, str) and uri != file_hosts[host]:
-                    entry["host"], changed = place(host, uri), True
-            for name, uri in list(hosts.items()):
-                if name in file_hosts and uri != file_hosts[name]:
-                    place(name, uri)
-                    hosts[name], changed = file_hosts[name], True
-            if changed:
-                self._save()
+                if not (isinstance(host, str) and isinstance(uri, str) and host in file_hosts):
+                    continue
+                if uri == file_hosts[host]:
+                    continue
+                place = in_file.get(uri) or out_of_file.get(uri)
+                if place is None:
+                    place = out_of_file[uri] = moved_name(host, uri)
+                    hosts[place] = uri
+                entry["host"] = place
+            for name, uri in file_hosts.items():
+                if name in hosts:
+                    hosts[name] = uri
 
-    def merge_moved(self, name: str) -> None:
-        """Put back moved host ``name`` (``X@A``): A reaches the libvirt host X has now."""
+    def merge_moved(self, name: str, uri: str) -> None:
+        """Put back moved host ``name`` (``X@A``): A reaches the libvirt that host X has
+        now at ``uri``; its entries are X's at ``uri``. In memory until the next save, as
+        :meth:`relocate_moved`."""
         moved = moved_from(name)
         with self._lock:
             hosts = self._data["hosts"]
             if moved is None or name not in hosts:
                 return
-            host = moved[0]
+            del hosts[name]
+            hosts[moved[0]] = uri
             for entry in self._data["vms"].values():
                 if entry.get("host") == name:
-                    entry["host"], entry["uri"] = host, hosts.get(host, entry.get("uri"))
-            del hosts[name]
-            self._save()
+                    entry["host"], entry["uri"] = moved[0], uri
 
     def update_vm(self, name: str, **fields: Any) -> None:
         with self._lock:

@@ -333,7 +333,7 @@ class Run:
                 return
             if a.kind == "replace":
                 self._mark(a.deployment or "", a.vm, False)
-                self.destroy_owned(conn, a.vm, a.host)
+                self.destroy_owned(conn, a.vm, a.host, planned=a)
             self._launch(conn, a)
         except ApplyInterrupted as exc:
             self.record(
@@ -386,7 +386,9 @@ class Run:
         whose = self.controller.claim(meta, has_record=lambda: inv.has_record(records, dom.UUIDString()))
         if whose is not None:
             raise FleetError(f"VM {name} on {host} is {whose} now; it is not touched", code="other-controller")
-        self.state.update_vm(name, phase="deleting")
+        entry = self.state.vm(name)
+        if entry is None or entry.get("host") in (host, None):  # after a move it is the new copy's entry
+            self.state.update_vm(name, phase="deleting")
         destroy(conn, name, records=records)
         return True
 
@@ -595,6 +597,9 @@ class Run:
             outcomes = [self.outcomes.get((vm, host)) for vm in view.vms]
             if all(o is not None and o.result == "deleted" for o in outcomes):
                 self.state.forget_host(host)
+                moved = moved_from(host)
+                if moved is not None and moved[0] in self.fleet.hosts:  # the old URI is emptied: the file's is its
+                    self.state.remember_host(moved[0], self.fleet.hosts[moved[0]])
 
     def ordered_outcomes(self) -> list[Outcome]:
         order = {(a.vm, a.host): i for i, a in enumerate(self.plan.actions)}

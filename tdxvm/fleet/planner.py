@@ -77,24 +77,27 @@ def survey_hosts(fleet: Fleet, state: FleetState) -> dict[str, str]:
     return {**state.hosts, **fleet.hosts}
 
 
-def settle_moved(views: dict[str, inv.HostView], state: FleetState) -> dict[str, inv.HostView]:
-    """``views`` less each moved host (``X@A``, :meth:`FleetState.relocate_moved`) that is
-    the libvirt host X has now, whose entries go back to X in ``state``.
+def settle_moved(views: dict[str, inv.HostView], state: FleetState, file_hosts: set[str]) -> dict[str, inv.HostView]:
+    """``views`` less each host out of the file that is the libvirt of a host of the file,
+    whose entries go to that host in ``state`` (:meth:`FleetState.fold_host`).
 
     One libvirt lists the same domains through any URI, two list none in common (domain
-    UUIDs are random): A is X's libvirt when a domain is listed at both, when neither
-    lists any (nothing at A could be told from X's own, so nothing there is deleted), or,
-    A not answering, when a domain the state file recorded at A is listed at X. While X
-    does not answer, a moved host that does is held back as unreachable: nothing of it is
-    deleted before the two can be told apart."""
+    UUIDs are random). So a host out of the file that lists a domain a host of the file
+    lists is that host, under another name or URI. For ``X@A``, the old URI of host X
+    (:meth:`FleetState.relocate_moved`), A is also X's libvirt when neither lists any
+    domain (nothing at A could be told from X's own, so nothing there is deleted), or, A
+    not answering, when a domain the state file recorded at A is listed at X. While X
+    does not answer, ``X@A`` is held back as unreachable: nothing of it is deleted before
+    the two can be told apart."""
     out = dict(views)
     entries = state.vms()
+    reachable = {n: v for n, v in views.items() if n in file_hosts and v.reachable}
     for name, view in views.items():
-        moved = moved_from(name)
-        now = views.get(moved[0]) if moved is not None else None
-        if now is None:
+        if name in file_hosts:
             continue
-        if not now.reachable:
+        moved = moved_from(name)
+        now = views.get(moved[0]) if moved is not None and moved[0] in file_hosts else None
+        if now is not None and not now.reachable:
             if view.reachable:
                 out[name] = inv.HostView(
                     name,
@@ -104,14 +107,16 @@ def settle_moved(views: dict[str, inv.HostView], state: FleetState) -> dict[str,
                     error_code=MOVED_UNDECIDED,
                 )
             continue
-        if view.reachable:
-            same = bool(view.domains & now.domains) or not (view.domains or now.domains)
-        else:
-            recorded = {e["uuid"] for e in entries.values() if e.get("host") == name and e.get("uuid")}
-            same = bool(recorded & now.domains)
-        if same:
+        into = next((n for n, v in sorted(reachable.items()) if view.domains & v.domains), None)
+        if into is None and now is not None:
+            if view.reachable:
+                into = moved[0] if not (view.domains or now.domains) else None
+            else:
+                recorded = {e["uuid"] for e in entries.values() if e.get("host") == name and e.get("uuid")}
+                into = moved[0] if recorded & now.domains else None
+        if into is not None:
             del out[name]
-            state.merge_moved(name, now.uri)
+            state.fold_host(name, into, views[into].uri)
     return out
 
 
@@ -133,7 +138,7 @@ def build_plan(
         controller=controller or Controller.of(secrets),
         parallel=parallel,
     )
-    views = settle_moved(views, state)
+    views = settle_moved(views, state, set(fleet.hosts))
     images = Images.read(fleet, secrets)
     plan = make_plan(
         fleet.name,

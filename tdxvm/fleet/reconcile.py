@@ -145,7 +145,7 @@ def destroy_fleet(
             controller=controller,
             parallel=max(parallel, 8),
         )
-        views = settle_moved(views, state)
+        views = settle_moved(views, state, set(fleet.hosts))
         empty = Fleet(name=fleet.name, source=fleet.source, hosts={}, templates={}, deployments={})
         plan_now = make_plan(fleet.name, [], views, file_hosts=set(), image_shas={}, records=state.vms())
         plan_now = Plan(plan_now.fleet, tuple(_destroy_reason(a) for a in plan_now.actions), plan_now.hosts)

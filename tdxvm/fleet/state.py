@@ -4,10 +4,11 @@ The fleet's VMs carry their ownership in libvirt's domain metadata (labels ``fle
 ``deployment``, ``spec_hash``, ``image_sha``…), which is the record of what exists. The
 state file keeps what libvirt cannot:
 
-* the URI of every host the fleet has VMs on, so that a host removed from the file is
-  still found and emptied; a host of the file whose URI changed leaves its old URI
-  behind as host ``NAME@OLD-URI`` (:meth:`FleetState.relocate_moved`), emptied the same
-  way unless it turns out to be the same libvirt;
+* the URI of every host the fleet has VMs on (the one it last launched on), so that a
+  host removed from the file is still found and emptied; a host of the file whose URI
+  changed leaves its old URI behind as host ``NAME@OLD-URI``
+  (:meth:`FleetState.relocate_moved`), emptied the same way unless it turns out to be
+  the same libvirt;
 * VMs an apply started and did not finish (``phase: creating``): a crash can leave one
   with no domain but with volumes, which the next apply removes;
 * the spec each VM was last applied with, so a plan can say which keys changed;
@@ -243,15 +244,17 @@ class FleetState:
             return vms
 
     def relocate_moved(self, file_hosts: dict[str, str]) -> None:
-        """Give each VM entry the host that has its URI now, the file's hosts first.
+        """Give each VM entry, and each URI the fleet launched on, the host that has its
+        URI now, the file's hosts first.
 
         * A host out of the file whose URI a host of the file has (renamed, or a URI put
           back as it was) is that host: its entries go to it.
-        * An entry of host X at URI A, where the file now gives X another URI, goes to
-          the host out of the file remembered with A, or else to ``X@A``
-          (:func:`moved_name`), a host out of the file from now on: its VMs are deleted as
-          those of any host that left the file (or forgotten with ``--forget-host X@A``),
-          unless A turns out to be the libvirt X has now (:meth:`merge_moved`).
+        * Host X of the file, last launched on (``remember_host``) or with entries at a URI
+          A the file no longer gives it: A goes to the host out of the file remembered
+          with it, or else to ``X@A`` (:func:`moved_name`), a host out of the file from
+          now on. Its VMs are deleted as those of any host that left the file (or
+          forgotten with ``--forget-host X@A``), unless A turns out to be a libvirt of the
+          file's hosts (:meth:`fold_host`).
 
         Idempotent. Kept in memory until the next change is saved (an apply's first
         outcome, or its end): a cancelled apply changes nothing."""
@@ -260,41 +263,39 @@ class FleetState:
             in_file = {uri: name for name, uri in file_hosts.items()}
             for name, uri in list(hosts.items()):
                 if name not in file_hosts and uri in in_file:
-                    del hosts[name]
-                    hosts[in_file[uri]] = uri
-                    for entry in vms.values():
-                        if entry.get("host") == name:
-                            entry["host"] = in_file[uri]
+                    self._fold(name, in_file[uri], uri)
             out_of_file = {uri: name for name, uri in hosts.items() if name not in file_hosts}
+
+            def place(host: str, uri: str) -> str:
+                if uri in in_file:
+                    return in_file[uri]
+                if uri not in out_of_file:
+                    out_of_file[uri] = moved_name(host, uri)
+                    hosts[out_of_file[uri]] = uri
+                return out_of_file[uri]
+
+            for name, uri in list(hosts.items()):
+                if name in file_hosts and uri != file_hosts[name]:
+                    place(name, uri)  # the URI it was launched on: VMs may run there without an entry
             for entry in vms.values():
                 host, uri = entry.get("host"), entry.get("uri")
-                if not (isinstance(host, str) and isinstance(uri, str) and host in file_hosts):
-                    continue
-                if uri == file_hosts[host]:
-                    continue
-                place = in_file.get(uri) or out_of_file.get(uri)
-                if place is None:
-                    place = out_of_file[uri] = moved_name(host, uri)
-                    hosts[place] = uri
-                entry["host"] = place
-            for name, uri in file_hosts.items():
-                if name in hosts:
-                    hosts[name] = uri
+                if isinstance(host, str) and isinstance(uri, str) and host in file_hosts and uri != file_hosts[host]:
+                    entry["host"] = place(host, uri)
 
-    def merge_moved(self, name: str, uri: str) -> None:
-        """Put back moved host ``name`` (``X@A``): A reaches the libvirt that host X has
-        now at ``uri``; its entries are X's at ``uri``. In memory until the next save, as
+    def fold_host(self, name: str, into: str, uri: str) -> None:
+        """Make host ``name``, out of the file, the host ``into`` of the file: the same
+        libvirt, which ``into`` reaches at ``uri``. In memory until the next save, as
         :meth:`relocate_moved`."""
-        moved = moved_from(name)
         with self._lock:
-            hosts = self._data["hosts"]
-            if moved is None or name not in hosts:
-                return
-            del hosts[name]
-            hosts[moved[0]] = uri
-            for entry in self._data["vms"].values():
-                if entry.get("host") == name:
-                    entry["host"], entry["uri"] = moved[0], uri
+            self._fold(name, into, uri)
+
+    def _fold(self, name: str, into: str, uri: str) -> None:
+        hosts = self._data["hosts"]
+        hosts.pop(name, None)
+        hosts[into] = uri
+        for entry in self._data["vms"].values():
+            if entry.get("host") == name:
+                entry["host"], entry["uri"] = into, uri
 
     def update_vm(self, name: str, **fields: Any) -> None:
         with self._lock:

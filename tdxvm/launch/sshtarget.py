@@ -4,7 +4,8 @@ libvirt's ``ssh`` transport runs the system's ``ssh`` (https://libvirt.org/uri.h
 "ssh transport"), so a host's SSH identity is what ``ssh`` would use for it:
 
 - ``[user@]host[:port]`` from the URI, else ``User``/``HostName``/``Port`` from
-  ``~/.ssh/config``, else this user's login name and port 22;
+  ``~/.ssh/config`` (with the files it ``Include``s), else this user's login name and
+  port 22;
 - ``?keyfile=PATH`` (``ssh -i``), else the config's ``IdentityFile`` lines, else the
   default identities ``~/.ssh/id_ed25519``, ``id_ecdsa``, ``id_rsa``; keys in
   ``ssh-agent`` are offered too unless ``IdentitiesOnly yes``;
@@ -23,6 +24,7 @@ guest port on such a host cannot be reached, and :func:`needs_ssh` says so.
 from __future__ import annotations
 
 import getpass
+import glob
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +140,53 @@ def needs_ssh(uri: str) -> bool:
     )
 
 
+MAX_INCLUDE_DEPTH = 16  # OpenSSH's (readconf.c, READCONF_MAX_DEPTH)
+
+
+def _config_text(path: Path, host: str, depth: int = 0) -> str:
+    """``path``'s text for a lookup of ``host``, each ``Include`` expanded in place as
+    ``ssh`` reads it (ssh_config(5); paramiko ignores ``Include``): only where the block
+    it sits in applies to ``host`` (conditional inclusion), glob patterns with matches in
+    sorted order, relative paths from ``~/.ssh``, a pattern that matches nothing skipped;
+    after the included text, the block the ``Include`` sat in goes on."""
+    out: list[str] = []
+    block = ""  # the Host or Match line in force ("": the global section, for every host)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = line.strip().replace("=", " ", 1).split(None, 1)
+        key = words[0].lower() if words else ""
+        if key in ("host", "match"):
+            block = line
+        if key != "include":
+            out.append(line)
+            continue
+        if depth >= MAX_INCLUDE_DEPTH:
+            raise ValueError(f"Include nested more than {MAX_INCLUDE_DEPTH} deep")
+        if block and not _applies(block, host):
+            continue
+        for pattern in shlex.split(words[1]) if len(words) > 1 else []:
+            full = Path(pattern).expanduser()
+            if not full.is_absolute():
+                full = Path.home() / ".ssh" / full
+            for match in sorted(glob.glob(str(full))):
+                if Path(match).is_file():
+                    out.append(_config_text(Path(match), host, depth + 1))
+        out.append(block or "Host *")
+    return "\n".join(out) + "\n"
+
+
+def _applies(block: str, host: str) -> bool:
+    """Whether the ``Host`` or ``Match`` line ``block`` applies to ``host`` (paramiko's
+    matching, negated patterns included)."""
+    probe = paramiko.SSHConfig.from_text(f"{block}\n  HostName tdxvm-probe\n").lookup(host)
+    return probe.get("hostname") == "tdxvm-probe"
+
+
 def _ssh_config(host: str) -> dict[str, Any]:
     path = Path.home() / ".ssh" / "config"
     if not path.is_file():
         return {"hostname": host}
     try:
-        return dict(paramiko.SSHConfig.from_path(str(path)).lookup(host))
+        return dict(paramiko.SSHConfig.from_text(_config_text(path, host)).lookup(host))
     except (paramiko.SSHException, OSError, ValueError, ImportError) as exc:
         raise HostSshError(f"{path}: cannot read the SSH settings for {host}: {exc}") from None
 

@@ -529,6 +529,54 @@ def test_a_host_alias_of_ssh_config(sshd, echo, tmp_path):
         tunnel.reach("qemu+ssh://tdx-host/system", "127.0.0.1", echo.port)
 
 
+def test_ssh_config_includes_are_followed(sshd, echo):
+    """paramiko ignores ``Include``; the ``ssh`` that libvirt runs follows it, so tdxvm must
+    reach the same host with the same settings."""
+    dot_ssh = Path(os.environ["HOME"]) / ".ssh"
+    (dot_ssh / "conf.d").mkdir(parents=True, mode=0o700)
+    (dot_ssh / "conf.d" / "10-tdx").write_text(
+        f"Host tdx-host\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n"
+    )
+    (dot_ssh / "config").write_text("Include conf.d/*\nHost other\n  Include conf.d/none-*\n  Port 1\n")
+    address = tunnel.reach("qemu+ssh://tdx-host/system", "127.0.0.1", echo.port)
+    assert round_trip(address, b"included") == b"included" + TRAILER
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's ssh")
+def test_included_settings_are_those_ssh_resolves(tmp_path):
+    """The block an Include sits in goes on after it, and the first value wins, as
+    ``ssh -G`` resolves them (absolute paths: ssh takes ~ from the password database)."""
+    dot_ssh = Path(os.environ["HOME"]) / ".ssh"
+    dot_ssh.mkdir(mode=0o700)
+    extra = tmp_path / "extra.conf"
+    extra.write_text("Host b\n  Port 2202\n  User bee\nHost a\n  HostName from-extra\n")
+    config = dot_ssh / "config"
+    config.write_text(
+        f"Host a\n  Port 2201\n  Include {extra}\n  User ay\nHost *\n  HostName default-host\n"
+        f"Include {tmp_path}/missing-*.conf\nHost c\n  Port 2203\n"
+    )
+    for host in ("a", "b", "c", "d"):
+        ours = ssh_target(f"qemu+ssh://{host}/system")
+        theirs = dict(
+            line.split(" ", 1)
+            for line in subprocess.run(
+                ["ssh", "-G", "-F", str(config), host], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+        )
+        assert (ours.host, str(ours.port)) == (theirs["hostname"], theirs["port"]), host
+        if host != "d":
+            assert ours.user == theirs["user"], host
+
+
+def test_an_include_of_itself_is_refused(tmp_path):
+    dot_ssh = Path(os.environ["HOME"]) / ".ssh"
+    dot_ssh.mkdir(mode=0o700)
+    (dot_ssh / "config").write_text("Include config\n")
+    with pytest.raises(HostSshError, match="Include nested more than 16 deep"):
+        ssh_target("qemu+ssh://a/system")
+
+
 def test_keys_of_ssh_agent(sshd, echo, tmp_path):
     if shutil.which("ssh-agent") is None or shutil.which("ssh-add") is None:
         pytest.skip("ssh-agent is not installed")

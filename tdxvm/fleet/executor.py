@@ -552,10 +552,7 @@ class Run:
     def report_untouched(self) -> None:
         for a in self.plan.actions:
             if a.kind == "keep":
-                entry = self.state.vm(a.vm) or {}
-                endpoint = entry.get("endpoint") or None  # the state file's, not a label
-                if entry and not entry.get("uuid") and a.actual is not None and a.actual.uuid:
-                    self.state.update_vm(a.vm, uuid=a.actual.uuid)  # an entry an older tdxvm wrote
+                endpoint = (self.state.vm(a.vm) or {}).get("endpoint") or None  # the state file's, not a label
                 self.outcomes[(a.vm, a.host)] = Outcome(
                     a.vm,
                     a.host,
@@ -579,9 +576,14 @@ class Run:
 
     def tidy_state(self) -> None:
         """Forget records of VMs that are neither asked for nor on their (reachable) host, and
-        hosts that are out of the file and hold nothing of the fleet."""
+        hosts that are out of the file and hold nothing of the fleet; give kept VMs' entries
+        their domain's UUID where they lack it."""
         wanted = {d.name for d in self.fleet.desired()}
         views = self.plan.hosts
+        for a in self.plan.actions:  # a kept VM whose entry an older tdxvm wrote: its domain's UUID
+            entry = self.state.vm(a.vm) if a.kind == "keep" else None
+            if entry and not entry.get("uuid") and a.actual is not None and a.actual.uuid:
+                self.state.update_vm(a.vm, uuid=a.actual.uuid)
         for name, record in self.state.vms().items():
             host = record.get("host")
             view = views.get(host) if isinstance(host, str) else None

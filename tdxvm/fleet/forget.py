@@ -32,7 +32,7 @@ def forget_gone_hosts(
     known = state.hosts
     for name in names:
         if name in fleet.hosts:
-            old = sorted(h for h in known if (moved_from(h) or ("",))[0] == name)
+            old = sorted(h for h in known if (moved := moved_from(h)) is not None and moved[0] == name)
             also = f" (its old URI is host {', '.join(shlex.quote(h) for h in old)})" if old else ""
             raise FleetError(
                 f"--forget-host {name}: {fleet.source} still names host {name}; take it out of the file first{also}",
